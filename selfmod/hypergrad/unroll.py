@@ -1,0 +1,161 @@
+"""The inner training loop shared by every estimator, and the one result type they return.
+
+An inner step is ``(p, s) -> (p + u, s')`` with ``u, s' = optimizer.update(grad L_in(p), s, p, h)``.
+Estimators differ only in how they differentiate the outer loss through a sequence of steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfmod import tree
+from selfmod.errors import NonFiniteError
+from selfmod.optim.base import GradientTransformation
+
+Params = dict[str, Tensor]
+HParams = dict[str, Tensor]
+Loss = Callable[[Params, HParams, Any], Tensor]
+
+#: steps between two finiteness checks of the recorded losses and gradients (one sync each)
+CHECK_EVERY = 64
+
+
+@dataclass(frozen=True)
+class HypergradResult:
+    """What every estimator returns.
+
+    Attributes:
+        value: the outer loss after the unrolled training, 0-dim, detached.
+        hparams: ``d value / d hparams``, keyed like ``hparams``.
+        params: ``d value / d initial params``, keyed like ``params``; ``None`` where the
+            method cannot give it (truncated with ``window < K``, forward, implicit).
+        final_params: the trained params, detached.
+    """
+
+    value: Tensor
+    hparams: dict[str, Tensor]
+    params: dict[str, Tensor] | None
+    final_params: dict[str, Tensor]
+
+
+class FiniteMonitor:
+    """Records each step's loss and gradient sum, and checks them in batches.
+
+    Checking every ``CHECK_EVERY`` steps avoids a host sync per step; the error still names
+    the first bad step. A sum catches NaN and +/-inf in any coordinate.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self.start = start
+        self.losses: list[Tensor] = []
+        self.grad_sums: list[Tensor] = []
+
+    def record(self, loss: Tensor, grads: Sequence[Tensor]) -> None:
+        with torch.no_grad():
+            self.losses.append(loss.detach())
+            self.grad_sums.append(sum(g.detach().sum() for g in grads))
+        if len(self.losses) >= CHECK_EVERY:
+            self.check()
+
+    def check(self) -> None:
+        if not self.losses:
+            return
+        losses, sums = torch.stack(self.losses), torch.stack(self.grad_sums)
+        bad_loss, bad_grad = ~torch.isfinite(losses), ~torch.isfinite(sums)
+        if bool(bad_loss.any() | bad_grad.any()):
+            i = int(torch.nonzero(bad_loss | bad_grad)[0])
+            what = "inner loss" if bool(bad_loss[i]) else "gradient"
+            raise NonFiniteError(what, step=self.start + i,
+                                 hint="lower the learning rate or clip gradients")
+        self.start += len(self.losses)
+        self.losses, self.grad_sums = [], []
+
+
+def inner_step(inner_loss: Loss, optimizer: GradientTransformation, params: Params, state: Any,
+               hparams: HParams, batch: Any, *, create_graph: bool,
+               monitor: FiniteMonitor | None = None) -> tuple[Params, Any]:
+    """One optimizer step on ``inner_loss``. With ``create_graph`` the step is part of the
+    autograd graph (second order); without, it is a plain training step on detached tensors."""
+    if not create_graph:
+        params = tree.detach(params, requires_grad=True)
+    with torch.enable_grad():
+        loss = inner_loss(params, hparams, batch)
+        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph,
+                                    materialize_grads=True)
+    if monitor is not None:
+        monitor.record(loss, grads)
+    g = dict(zip(params.keys(), grads, strict=True))
+    if create_graph:
+        updates, state = optimizer.update(g, state, params, hparams)
+        return {k: p + updates[k] for k, p in params.items()}, state
+    with torch.no_grad():
+        updates, state = optimizer.update(g, state, params, hparams)
+        return {k: p.detach() + updates[k] for k, p in params.items()}, state
+
+
+def run(inner_loss: Loss, optimizer: GradientTransformation, params: Params, state: Any,
+        hparams: HParams, batches: Sequence[Any], *, create_graph: bool,
+        monitor: FiniteMonitor | None = None) -> tuple[Params, Any]:
+    """``len(batches)`` inner steps from ``(params, state)``."""
+    for batch in batches:
+        params, state = inner_step(inner_loss, optimizer, params, state, hparams, batch,
+                                   create_graph=create_graph, monitor=monitor)
+    return params, state
+
+
+def prepare(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
+            inner_batches: Sequence[Any]) -> tuple[Params, HParams, list[Any]]:
+    """Validate the common arguments; return detached leaf copies that require grad."""
+    for name, group in (("params", params), ("hparams", hparams)):
+        if not isinstance(group, Mapping):
+            raise TypeError(f"{name} must be a dict[str, Tensor] (got {type(group).__name__})")
+        for k, v in group.items():
+            if not (isinstance(v, Tensor) and v.is_floating_point()):
+                raise TypeError(f"{name}[{k!r}] must be a floating-point tensor "
+                                f"(got {type(v).__name__})")
+    batches = list(inner_batches)
+    return tree.detach(params, True), tree.detach(hparams, True), batches
+
+
+def outer_value(outer_loss: Loss, params: Params, hparams: HParams, batch: Any) -> Tensor:
+    with torch.enable_grad():
+        value = outer_loss(params, hparams, batch)
+    if value.dim() != 0:
+        raise ValueError(f"outer_loss must return a scalar (got shape {tuple(value.shape)})")
+    if not torch.isfinite(value):
+        raise NonFiniteError("outer loss", hint="the trained params give a NaN or inf loss")
+    return value
+
+
+def grads_or_zeros(outputs: Sequence[Tensor], inputs: Sequence[Tensor],
+                   grad_outputs: Sequence[Tensor] | None = None,
+                   retain_graph: bool | None = None) -> list[Tensor]:
+    """``torch.autograd.grad`` with zeros for inputs the outputs do not depend on."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs or [None] * len(outputs), strict=True)
+             if o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(x) for x in inputs]
+    outs, gouts = zip(*pairs, strict=True)
+    grads = torch.autograd.grad(outs, inputs, grad_outputs=None if grad_outputs is None else gouts,
+                                allow_unused=True, materialize_grads=True,
+                                retain_graph=retain_graph)
+    return list(grads)
+
+
+def result(value: Tensor, hparams: HParams, hgrads: Sequence[Tensor], params: Params | None,
+           pgrads: Sequence[Tensor] | None, final_params: Params) -> HypergradResult:
+    """Package gradients as dicts, checking that they are finite."""
+    h = {k: g.detach() for k, g in zip(hparams.keys(), hgrads, strict=True)}
+    p = None if pgrads is None or params is None else {
+        k: g.detach() for k, g in zip(params.keys(), pgrads, strict=True)}
+    for name, group in (("hparams", h), ("params", p or {})):
+        for k, g in group.items():
+            if not torch.isfinite(g).all():
+                raise NonFiniteError(f"meta-gradient for {name}[{k!r}]",
+                                     hint="for Adam or RMSprop pass eps_root > 0")
+    return HypergradResult(value.detach(), h, p, tree.detach(final_params))

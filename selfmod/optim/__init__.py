@@ -1,0 +1,70 @@
+"""Differentiable optimizers as pure ``(init, update)`` pairs over dicts of tensors.
+
+    opt = optim.sgd(lr=lambda h: h["log_lr"].exp(), momentum=0.9)
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params, hparams)
+    params = optim.apply_updates(params, updates)
+"""
+
+from selfmod.optim.aliases import adam, adamw, rmsprop, sgd
+from selfmod.optim.base import (
+    EmptyState,
+    GradientTransformation,
+    HParam,
+    apply_updates,
+    per_key,
+    resolve,
+)
+from selfmod.optim.hypergradient import (
+    HypergradientState,
+    adam_hd,
+    hypergradient_descent,
+    sgd_hd,
+)
+from selfmod.optim.transforms import (
+    AdamState,
+    RmsState,
+    TraceState,
+    add_decayed_weights,
+    chain,
+    clip,
+    clip_by_global_norm,
+    identity,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_rms,
+    trace,
+)
+from selfmod.optim.wrapper import Optimizer
+
+__all__ = [
+    "AdamState",
+    "EmptyState",
+    "GradientTransformation",
+    "HParam",
+    "HypergradientState",
+    "Optimizer",
+    "RmsState",
+    "TraceState",
+    "adam",
+    "adam_hd",
+    "adamw",
+    "add_decayed_weights",
+    "apply_updates",
+    "chain",
+    "clip",
+    "clip_by_global_norm",
+    "hypergradient_descent",
+    "identity",
+    "per_key",
+    "resolve",
+    "rmsprop",
+    "scale",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "scale_by_rms",
+    "sgd",
+    "sgd_hd",
+    "trace",
+]

@@ -1,0 +1,101 @@
+"""The optimizer contract: a pair of pure functions over trees, as in optax.
+
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params, hparams)
+    params = apply_updates(params, updates)
+
+Every hyperparameter is a :data:`HParam`: a float, a tensor, or a callable ``hparams -> value``
+whose value is a scalar tensor or a dict keyed like the params (per-tensor values). Callables are
+how hyperparameters become learnable, in any parameterisation::
+
+    sgd(lr=lambda h: h["log_lr"].exp())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+HParams = Mapping[str, Tensor]
+Scalar = float | Tensor
+HParam = float | Tensor | Callable[[HParams], "Tensor | Mapping[str, Tensor]"]
+
+
+class InitFn(Protocol):
+    def __call__(self, params: Params) -> Any: ...
+
+
+class UpdateFn(Protocol):
+    def __call__(
+        self, updates: Params, state: Any, params: Params | None = None, hparams: HParams | None = None
+    ) -> tuple[Params, Any]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """A pure ``(init, update)`` pair. ``update`` never mutates its inputs."""
+
+    init: InitFn
+    update: UpdateFn
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless transformation."""
+
+
+def resolve(value: HParam, hparams: HParams | None, name: str) -> Scalar | Mapping[str, Scalar]:
+    """Evaluate a hyperparameter: call it on ``hparams`` if it is a callable.
+
+    Returns a float, a 0-dim tensor, or a dict of those keyed by parameter name.
+    """
+    if callable(value):
+        if hparams is None:
+            raise ValueError(f"{name} is a callable of hparams but update() got hparams=None; "
+                             f"pass the hparams dict to update()")
+        value = value(hparams)
+    return value
+
+
+def per_key(value: Scalar | Mapping[str, Scalar], key: str, name: str) -> Scalar:
+    """The hyperparameter's value for the tensor named ``key``."""
+    if isinstance(value, Mapping):
+        try:
+            return value[key]
+        except KeyError:
+            raise KeyError(f"per-tensor {name} has no entry for parameter {key!r} "
+                           f"(has {sorted(value)})") from None
+    return value
+
+
+def check_range(name: str, value: HParam, low: float, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Validate a constant hyperparameter (callables and tensors are checked by their user)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        if callable(value) or isinstance(value, Tensor):
+            return
+        raise TypeError(f"{name} must be a float, a tensor or a callable of hparams "
+                        f"(got {type(value).__name__})")
+    ok_low = value > low if low_open else value >= low
+    ok_high = True if high is None else (value < high if high_open else value <= high)
+    if not (ok_low and ok_high):
+        lo = f"{'(' if low_open else '['}{low}"
+        hi = f"{high}{')' if high_open else ']'}" if high is not None else "inf)"
+        hint = "; pass a callable of hparams to learn it" if name in ("lr", "learning_rate") else ""
+        raise ValueError(f"{name} must be in {lo}, {hi} (got {value}){hint}")
+
+
+def apply_updates(params: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -> Params:
+    """``params + updates`` (out of place, so it stays differentiable)."""
+    return {k: p + updates[k] for k, p in params.items()}
+
+
+def is_zero(value: HParam) -> bool:
+    """True only for a constant 0 (a tensor or callable may become non-zero when learned)."""
+    return isinstance(value, int | float) and value == 0
+
+
+def as_tensor_like(value: Scalar, like: Tensor) -> Tensor:
+    return value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=like.dtype)
