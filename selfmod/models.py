@@ -6,6 +6,7 @@ differentiates through.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,7 +22,7 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Seque
     if len(sizes) < 2:
         raise ValueError(f"sizes needs at least 2 entries (got {list(sizes)})")
     layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(d_in, d_out))
         if i < len(sizes) - 2:
             layers.append(activation())
@@ -39,8 +40,10 @@ def functionalize(module: nn.Module) -> tuple[Callable[[Params, Tensor], Tensor]
     if isinstance(module, nn.Sequential) and all(
         isinstance(m, nn.Linear | nn.ReLU) for m in module
     ):
-        plan = [(f"{i}.weight", f"{i}.bias") if isinstance(m, nn.Linear) else None
-                for i, m in enumerate(module)]
+        plan = [
+            (f"{i}.weight", f"{i}.bias") if isinstance(m, nn.Linear) else None
+            for i, m in enumerate(module)
+        ]
 
         def apply_mlp(p: Params, x: Tensor) -> Tensor:
             for step in plan:
@@ -65,6 +68,8 @@ def cross_entropy_loss(apply: Callable[[Params, Tensor], Tensor]):
     return loss
 
 
-def accuracy(apply: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor, y: Tensor) -> float:
+def accuracy(
+    apply: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor, y: Tensor
+) -> float:
     with torch.no_grad():
         return (apply(params, x).argmax(-1) == y).float().mean().item()

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 Tree = dict[str, Tensor]
 
 
-def map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]) -> Tree:  # noqa: A001
+def map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]) -> Tree:
     """``{k: fn(tree[k], *(r[k] for r in rest))}``; every tree must have ``tree``'s keys."""
     return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
 

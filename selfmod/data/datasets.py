@@ -34,7 +34,11 @@ class Dataset:
 
     def to(self, dtype: torch.dtype) -> Dataset:
         return Dataset(
-            self.x_train.to(dtype), self.y_train, self.x_test.to(dtype), self.y_test, self.num_classes
+            self.x_train.to(dtype),
+            self.y_train,
+            self.x_test.to(dtype),
+            self.y_test,
+            self.num_classes,
         )
 
 
@@ -75,7 +79,9 @@ def load_mnist1d(
     )
 
 
-def load_digits(test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = torch.float32) -> Dataset:
+def load_digits(
+    test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images), pixels scaled to [0, 1], shape (N, 64)."""
     from sklearn.datasets import load_digits as _load
 
@@ -85,7 +91,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = 
     x = torch.as_tensor(bunch.data / 16.0, dtype=dtype)
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(test_fraction * len(x)))
+    n_test = round(test_fraction * len(x))
     test, train = perm[:n_test], perm[n_test:]
     return Dataset(x[train], y[train], x[test], y[test], num_classes=10)
 

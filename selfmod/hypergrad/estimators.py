@@ -11,6 +11,7 @@ gradients with respect to ``hparams`` and (where the method can) the initial ``p
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,22 +33,48 @@ from selfmod.hypergrad.unroll import (
 from selfmod.optim.base import GradientTransformation
 
 
-def reverse(inner_loss: Loss, outer_loss: Loss, optimizer: GradientTransformation,
-            params: Params, hparams: Params, inner_batches: Sequence[Any], outer_batch: Any,
-            *, state: Any = None) -> HypergradResult:
+def reverse(
+    inner_loss: Loss,
+    outer_loss: Loss,
+    optimizer: GradientTransformation,
+    params: Params,
+    hparams: Params,
+    inner_batches: Sequence[Any],
+    outer_batch: Any,
+    *,
+    state: Any = None,
+) -> HypergradResult:
     """Full reverse-mode unroll: keep the graph of all K steps, backpropagate once.
 
     Exact; time about that of 3 training steps per step, memory O(K).
     ``state``: initial optimizer state (default ``optimizer.init(params)``).
     """
     p0, h, batches = prepare(params, hparams, inner_batches)
-    return _reverse_tail(inner_loss, outer_loss, optimizer, p0, h, batches, outer_batch,
-                         window=len(batches), state=state)
+    return _reverse_tail(
+        inner_loss,
+        outer_loss,
+        optimizer,
+        p0,
+        h,
+        batches,
+        outer_batch,
+        window=len(batches),
+        state=state,
+    )
 
 
-def truncated(inner_loss: Loss, outer_loss: Loss, optimizer: GradientTransformation,
-              params: Params, hparams: Params, inner_batches: Sequence[Any], outer_batch: Any,
-              *, window: int, state: Any = None) -> HypergradResult:
+def truncated(
+    inner_loss: Loss,
+    outer_loss: Loss,
+    optimizer: GradientTransformation,
+    params: Params,
+    hparams: Params,
+    inner_batches: Sequence[Any],
+    outer_batch: Any,
+    *,
+    window: int,
+    state: Any = None,
+) -> HypergradResult:
     """Truncated backpropagation: differentiate only through the last ``window`` steps.
 
     The first ``K - window`` steps run without a graph and count as constants (biased, memory
@@ -57,30 +84,56 @@ def truncated(inner_loss: Loss, outer_loss: Loss, optimizer: GradientTransformat
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1 (got {window!r})")
     p0, h, batches = prepare(params, hparams, inner_batches)
-    return _reverse_tail(inner_loss, outer_loss, optimizer, p0, h, batches, outer_batch,
-                         window=window, state=state)
+    return _reverse_tail(
+        inner_loss, outer_loss, optimizer, p0, h, batches, outer_batch, window=window, state=state
+    )
 
 
-def _reverse_tail(inner_loss, outer_loss, optimizer, p0, h, batches, outer_batch, *, window,
-                  state) -> HypergradResult:
+def _reverse_tail(
+    inner_loss, outer_loss, optimizer, p0, h, batches, outer_batch, *, window, state
+) -> HypergradResult:
     state = optimizer.init(p0) if state is None else state
     head = max(len(batches) - window, 0)
     monitor = FiniteMonitor()
-    p, s = run(inner_loss, optimizer, p0, state, tree.detach(h), batches[:head],
-               create_graph=False, monitor=monitor)
+    p, s = run(
+        inner_loss,
+        optimizer,
+        p0,
+        state,
+        tree.detach(h),
+        batches[:head],
+        create_graph=False,
+        monitor=monitor,
+    )
     p_start = p0 if head == 0 else tree.detach(p, requires_grad=True)
-    p, s = run(inner_loss, optimizer, p_start, s, h, batches[head:], create_graph=True,
-               monitor=monitor)
+    p, s = run(
+        inner_loss, optimizer, p_start, s, h, batches[head:], create_graph=True, monitor=monitor
+    )
     monitor.check()
     value = outer_value(outer_loss, p, h, outer_batch)
     grads = grads_or_zeros([value], [*h.values(), *p_start.values()])
-    return result(value, h, grads[: len(h)], p_start if head == 0 else None,
-                  grads[len(h):] if head == 0 else None, p)
+    return result(
+        value,
+        h,
+        grads[: len(h)],
+        p_start if head == 0 else None,
+        grads[len(h) :] if head == 0 else None,
+        p,
+    )
 
 
-def checkpointed(inner_loss: Loss, outer_loss: Loss, optimizer: GradientTransformation,
-                 params: Params, hparams: Params, inner_batches: Sequence[Any], outer_batch: Any,
-                 *, segments: int, state: Any = None) -> HypergradResult:
+def checkpointed(
+    inner_loss: Loss,
+    outer_loss: Loss,
+    optimizer: GradientTransformation,
+    params: Params,
+    hparams: Params,
+    inner_batches: Sequence[Any],
+    outer_batch: Any,
+    *,
+    segments: int,
+    state: Any = None,
+) -> HypergradResult:
     """Reverse mode with recomputation: store params and state at ``segments`` boundaries
     only, and rebuild one segment's graph at a time in the backward pass.
 
@@ -99,43 +152,56 @@ def checkpointed(inner_loss: Loss, outer_loss: Loss, optimizer: GradientTransfor
     # Forward: plain training, keeping (params, state, RNG) at each segment start.
     monitor, snapshots = FiniteMonitor(), []
     p, s = tree.detach(p0), state
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         snapshots.append((p, s, torch.get_rng_state()))
-        p, s = run(inner_loss, optimizer, p, s, h_const, batches[a:b], create_graph=False,
-                   monitor=monitor)
+        p, s = run(
+            inner_loss, optimizer, p, s, h_const, batches[a:b], create_graph=False, monitor=monitor
+        )
     monitor.check()
     rng_after = torch.get_rng_state()
     p_final = tree.detach(p, requires_grad=True)
     value = outer_value(outer_loss, p_final, h, outer_batch)
     grads = grads_or_zeros([value], [*h.values(), *p_final.values()])
-    h_grad, adj_p = grads[: len(h)], grads[len(h):]
+    h_grad, adj_p = grads[: len(h)], grads[len(h) :]
     adj_s: list[Tensor] | None = None  # outer loss does not read the final optimizer state
 
     # Backward: rebuild each segment's graph and pull the adjoint through it.
     for (a, b), (p_snap, s_snap, rng) in zip(
-            reversed(list(zip(bounds[:-1], bounds[1:], strict=True))), reversed(snapshots),
-            strict=True):
+        reversed(list(itertools.pairwise(bounds))), reversed(snapshots), strict=True
+    ):
         torch.set_rng_state(rng)
         p_in = tree.detach(p_snap, requires_grad=True)
         s_leaves, rebuild = tree.partition(s_snap)
         s_in = [x.detach().requires_grad_(True) for x in s_leaves]
-        p_out, s_out = run(inner_loss, optimizer, p_in, rebuild(s_in), h, batches[a:b],
-                           create_graph=True)
+        p_out, s_out = run(
+            inner_loss, optimizer, p_in, rebuild(s_in), h, batches[a:b], create_graph=True
+        )
         s_out_leaves, _ = tree.partition(s_out)
         outs = [*p_out.values(), *s_out_leaves]
-        adj = [*adj_p, *(adj_s if adj_s is not None else [torch.zeros_like(x)
-                                                            for x in s_out_leaves])]
+        adj = [
+            *adj_p,
+            *(adj_s if adj_s is not None else [torch.zeros_like(x) for x in s_out_leaves]),
+        ]
         g = grads_or_zeros(outs, [*h.values(), *p_in.values(), *s_in], adj)
         h_grad = [x + y for x, y in zip(h_grad, g[: len(h)], strict=True)]
-        adj_p, adj_s = g[len(h): len(h) + len(p_in)], g[len(h) + len(p_in):]
+        adj_p, adj_s = g[len(h) : len(h) + len(p_in)], g[len(h) + len(p_in) :]
     torch.set_rng_state(rng_after)
     return result(value, h, h_grad, p0, adj_p, p_final)
 
 
-def finite_difference(inner_loss: Loss, outer_loss: Loss, optimizer: GradientTransformation,
-                      params: Params, hparams: Params, inner_batches: Sequence[Any],
-                      outer_batch: Any, *, eps: float = 1e-6, wrt_params: bool = True,
-                      state: Any = None) -> HypergradResult:
+def finite_difference(
+    inner_loss: Loss,
+    outer_loss: Loss,
+    optimizer: GradientTransformation,
+    params: Params,
+    hparams: Params,
+    inner_batches: Sequence[Any],
+    outer_batch: Any,
+    *,
+    eps: float = 1e-6,
+    wrt_params: bool = True,
+    state: Any = None,
+) -> HypergradResult:
     """Central differences ``(f(x + eps e_i) - f(x - eps e_i)) / 2 eps``, one coordinate at a
     time: 2 unrolls per scalar, so for checking small problems (use float64)."""
     if not eps > 0:

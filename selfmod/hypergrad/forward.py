@@ -31,9 +31,17 @@ from selfmod.hypergrad.unroll import (
 from selfmod.optim.base import GradientTransformation
 
 
-def forward(inner_loss: Loss, outer_loss: Loss, optimizer: GradientTransformation,
-            params: Params, hparams: Params, inner_batches: Sequence[Any], outer_batch: Any,
-            *, state: Any = None) -> HypergradResult:
+def forward(
+    inner_loss: Loss,
+    outer_loss: Loss,
+    optimizer: GradientTransformation,
+    params: Params,
+    hparams: Params,
+    inner_batches: Sequence[Any],
+    outer_batch: Any,
+    *,
+    state: Any = None,
+) -> HypergradResult:
     """Forward-mode (RTRL) hypergradient; ``result.params`` is ``None``."""
     p, h, batches = prepare(params, hparams, inner_batches)
     p, h = tree.detach(p), tree.detach(h)
@@ -45,40 +53,55 @@ def forward(inner_loss: Loss, outer_loss: Loss, optimizer: GradientTransformatio
 
     # The basis of hparam space, one row per scalar hyperparameter: (n, *h[k].shape) per key.
     eye = torch.eye(n, dtype=h[keys[0]].dtype) if keys else torch.zeros(0, 0)
-    basis = {k: block.reshape(n, *h[k].shape)
-             for k, block in zip(keys, eye.split(sizes, dim=1), strict=True)}
+    basis = {
+        k: block.reshape(n, *h[k].shape)
+        for k, block in zip(keys, eye.split(sizes, dim=1), strict=True)
+    }
     # Tangents of params and state: zero at the start (params_0 does not depend on hparams).
     tp = {k: v.new_zeros(n, *v.shape) for k, v in p.items()}
     ts = [x.new_zeros(n, *x.shape) for x in s_leaves]
 
     monitor = FiniteMonitor()
     for batch in batches:
-        new_structure = {}
-
-        def step(p_: Params, s_: list[Tensor], h_: Params, batch=batch, rebuild=rebuild,
-                 new_structure=new_structure):
-            grads, loss = grad_and_value(lambda q: inner_loss(q, h_, batch))(p_)
-            updates, s_new = optimizer.update(grads, rebuild(s_), p_, h_)
-            leaves, new_structure["rebuild"] = tree.partition(s_new)  # step counts, etc.
-            return {k: v + updates[k] for k, v in p_.items()}, leaves, loss, grads
-
-        def tangent(tp_, ts_, th_, s_=s_leaves, step=step):
-            (p_new, s_new, loss, grads), (dp, ds, _, _) = jvp(step, (p, s_, h), (tp_, ts_, th_))
-            return p_new, s_new, loss, grads, dp, ds
-
-        p_new, s_new, loss, grads, tp, ts = vmap(
-            tangent, out_dims=(None, None, None, None, 0, 0))(tp, ts, basis) if n else (
-            *step(p, s_leaves, h), tp, ts)
+        p, s_leaves, rebuild, tp, ts, loss, grads = _tangent_step(
+            inner_loss, optimizer, p, s_leaves, rebuild, h, batch, tp, ts, basis
+        )
         monitor.record(loss, list(grads.values()))
-        s_leaves, rebuild, p = s_new, new_structure["rebuild"], p_new
     monitor.check()
     p_final = tree.detach(p, requires_grad=True)
     h_req = tree.detach(h, requires_grad=True)
     value = outer_value(outer_loss, p_final, h_req, outer_batch)
     g = grads_or_zeros([value], [*h_req.values(), *p_final.values()])
-    g_h, g_p = g[: len(h)], dict(zip(p_final.keys(), g[len(h):], strict=True))
+    g_h, g_p = g[: len(h)], dict(zip(p_final.keys(), g[len(h) :], strict=True))
     # d value/d h = direct term + sum over params of <d value/d p_K, Z_K>, one entry per row.
     through = sum(torch.einsum("n...,...->n", tp[k], g_p[k]) for k in g_p)
     through = through.split(sizes) if n else []
     hgrads: list[Tensor] = [d + t.reshape(d.shape) for d, t in zip(g_h, through, strict=True)]
     return result(value, h, hgrads, None, None, p_final)
+
+
+def _tangent_step(inner_loss, optimizer, p, s_leaves, rebuild, h, batch, tp, ts, basis):
+    """One inner step and its Jacobian-vector products along every hparam direction.
+
+    Returns the new params, state leaves and state structure, the tangents
+    ``(n, *shape)``, and the step's loss and gradients (for the finiteness monitor).
+    """
+    structure = {}
+
+    def step(p_: Params, s_: list[Tensor], h_: Params):
+        grads, loss = grad_and_value(lambda q: inner_loss(q, h_, batch))(p_)
+        updates, s_new = optimizer.update(grads, rebuild(s_), p_, h_)
+        leaves, structure["rebuild"] = tree.partition(s_new)  # static leaves: step counts
+        return {k: v + updates[k] for k, v in p_.items()}, leaves, loss, grads
+
+    def tangent(tp_, ts_, th_):
+        (p_new, s_new, loss, grads), (dp, ds, _, _) = jvp(step, (p, s_leaves, h), (tp_, ts_, th_))
+        return p_new, s_new, loss, grads, dp, ds
+
+    if basis:  # at least one hyperparameter
+        p_new, s_new, loss, grads, tp, ts = vmap(tangent, out_dims=(None, None, None, None, 0, 0))(
+            tp, ts, basis
+        )
+    else:
+        p_new, s_new, loss, grads = step(p, s_leaves, h)
+    return p_new, s_new, structure["rebuild"], tp, ts, loss, grads

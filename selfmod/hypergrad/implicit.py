@@ -36,11 +36,22 @@ from selfmod.optim.base import GradientTransformation
 Hvp = Callable[[list[Tensor]], list[Tensor]]
 
 
-def implicit(inner_loss: Loss, outer_loss: Loss, optimizer: GradientTransformation,
-             params: Params, hparams: Params, inner_batches: Sequence[Any], outer_batch: Any,
-             *, solver: Literal["cg", "neumann"] = "cg", iters: int = 20, damping: float = 0.0,
-             alpha: float | None = None, hessian_batch: Any = None,
-             state: Any = None) -> HypergradResult:
+def implicit(
+    inner_loss: Loss,
+    outer_loss: Loss,
+    optimizer: GradientTransformation,
+    params: Params,
+    hparams: Params,
+    inner_batches: Sequence[Any],
+    outer_batch: Any,
+    *,
+    solver: Literal["cg", "neumann"] = "cg",
+    iters: int = 20,
+    damping: float = 0.0,
+    alpha: float | None = None,
+    hessian_batch: Any = None,
+    state: Any = None,
+) -> HypergradResult:
     """IFT hypergradient at the params reached after the K inner steps.
 
     Options:
@@ -66,22 +77,35 @@ def implicit(inner_loss: Loss, outer_loss: Loss, optimizer: GradientTransformati
         hessian_batch = batches[-1]
     state = optimizer.init(p0) if state is None else state
     monitor = FiniteMonitor()
-    pk, _ = run(inner_loss, optimizer, tree.detach(p0), state, tree.detach(h), batches,
-                create_graph=False, monitor=monitor)
+    pk, _ = run(
+        inner_loss,
+        optimizer,
+        tree.detach(p0),
+        state,
+        tree.detach(h),
+        batches,
+        create_graph=False,
+        monitor=monitor,
+    )
     monitor.check()
 
     w = tree.detach(pk, requires_grad=True)
     value = outer_value(outer_loss, w, h, outer_batch)
     g = grads_or_zeros([value], [*h.values(), *w.values()])
-    direct, g_w = g[: len(h)], g[len(h):]
+    direct, g_w = g[: len(h)], g[len(h) :]
 
     with torch.enable_grad():
-        grad_w = torch.autograd.grad(inner_loss(w, h, hessian_batch), tuple(w.values()),
-                                     create_graph=True, materialize_grads=True)
+        grad_w = torch.autograd.grad(
+            inner_loss(w, h, hessian_batch),
+            tuple(w.values()),
+            create_graph=True,
+            materialize_grads=True,
+        )
 
     def hvp(v: list[Tensor]) -> list[Tensor]:
-        hv = torch.autograd.grad(grad_w, tuple(w.values()), grad_outputs=v, retain_graph=True,
-                                 materialize_grads=True)
+        hv = torch.autograd.grad(
+            grad_w, tuple(w.values()), grad_outputs=v, retain_graph=True, materialize_grads=True
+        )
         return [a + damping * b for a, b in zip(hv, v, strict=True)] if damping else list(hv)
 
     if solver == "cg":

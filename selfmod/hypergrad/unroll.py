@@ -70,23 +70,33 @@ class FiniteMonitor:
         if bool(bad_loss.any() | bad_grad.any()):
             i = int(torch.nonzero(bad_loss | bad_grad)[0])
             what = "inner loss" if bool(bad_loss[i]) else "gradient"
-            raise NonFiniteError(what, step=self.start + i,
-                                 hint="lower the learning rate or clip gradients")
+            raise NonFiniteError(
+                what, step=self.start + i, hint="lower the learning rate or clip gradients"
+            )
         self.start += len(self.losses)
         self.losses, self.grad_sums = [], []
 
 
-def inner_step(inner_loss: Loss, optimizer: GradientTransformation, params: Params, state: Any,
-               hparams: HParams, batch: Any, *, create_graph: bool,
-               monitor: FiniteMonitor | None = None) -> tuple[Params, Any]:
+def inner_step(
+    inner_loss: Loss,
+    optimizer: GradientTransformation,
+    params: Params,
+    state: Any,
+    hparams: HParams,
+    batch: Any,
+    *,
+    create_graph: bool,
+    monitor: FiniteMonitor | None = None,
+) -> tuple[Params, Any]:
     """One optimizer step on ``inner_loss``. With ``create_graph`` the step is part of the
     autograd graph (second order); without, it is a plain training step on detached tensors."""
     if not create_graph:
         params = tree.detach(params, requires_grad=True)
     with torch.enable_grad():
         loss = inner_loss(params, hparams, batch)
-        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph,
-                                    materialize_grads=True)
+        grads = torch.autograd.grad(
+            loss, tuple(params.values()), create_graph=create_graph, materialize_grads=True
+        )
     if monitor is not None:
         monitor.record(loss, grads)
     g = dict(zip(params.keys(), grads, strict=True))
@@ -98,26 +108,44 @@ def inner_step(inner_loss: Loss, optimizer: GradientTransformation, params: Para
         return {k: p.detach() + updates[k] for k, p in params.items()}, state
 
 
-def run(inner_loss: Loss, optimizer: GradientTransformation, params: Params, state: Any,
-        hparams: HParams, batches: Sequence[Any], *, create_graph: bool,
-        monitor: FiniteMonitor | None = None) -> tuple[Params, Any]:
+def run(
+    inner_loss: Loss,
+    optimizer: GradientTransformation,
+    params: Params,
+    state: Any,
+    hparams: HParams,
+    batches: Sequence[Any],
+    *,
+    create_graph: bool,
+    monitor: FiniteMonitor | None = None,
+) -> tuple[Params, Any]:
     """``len(batches)`` inner steps from ``(params, state)``."""
     for batch in batches:
-        params, state = inner_step(inner_loss, optimizer, params, state, hparams, batch,
-                                   create_graph=create_graph, monitor=monitor)
+        params, state = inner_step(
+            inner_loss,
+            optimizer,
+            params,
+            state,
+            hparams,
+            batch,
+            create_graph=create_graph,
+            monitor=monitor,
+        )
     return params, state
 
 
-def prepare(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
-            inner_batches: Sequence[Any]) -> tuple[Params, HParams, list[Any]]:
+def prepare(
+    params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], inner_batches: Sequence[Any]
+) -> tuple[Params, HParams, list[Any]]:
     """Validate the common arguments; return detached leaf copies that require grad."""
     for name, group in (("params", params), ("hparams", hparams)):
         if not isinstance(group, Mapping):
             raise TypeError(f"{name} must be a dict[str, Tensor] (got {type(group).__name__})")
         for k, v in group.items():
             if not (isinstance(v, Tensor) and v.is_floating_point()):
-                raise TypeError(f"{name}[{k!r}] must be a floating-point tensor "
-                                f"(got {type(v).__name__})")
+                raise TypeError(
+                    f"{name}[{k!r}] must be a floating-point tensor (got {type(v).__name__})"
+                )
     batches = list(inner_batches)
     return tree.detach(params, True), tree.detach(hparams, True), batches
 
@@ -132,30 +160,51 @@ def outer_value(outer_loss: Loss, params: Params, hparams: HParams, batch: Any) 
     return value
 
 
-def grads_or_zeros(outputs: Sequence[Tensor], inputs: Sequence[Tensor],
-                   grad_outputs: Sequence[Tensor] | None = None,
-                   retain_graph: bool | None = None) -> list[Tensor]:
+def grads_or_zeros(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor] | None = None,
+    retain_graph: bool | None = None,
+) -> list[Tensor]:
     """``torch.autograd.grad`` with zeros for inputs the outputs do not depend on."""
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs or [None] * len(outputs), strict=True)
-             if o.requires_grad]
+    pairs = [
+        (o, g)
+        for o, g in zip(outputs, grad_outputs or [None] * len(outputs), strict=True)
+        if o.requires_grad
+    ]
     if not pairs:
         return [torch.zeros_like(x) for x in inputs]
     outs, gouts = zip(*pairs, strict=True)
-    grads = torch.autograd.grad(outs, inputs, grad_outputs=None if grad_outputs is None else gouts,
-                                allow_unused=True, materialize_grads=True,
-                                retain_graph=retain_graph)
+    grads = torch.autograd.grad(
+        outs,
+        inputs,
+        grad_outputs=None if grad_outputs is None else gouts,
+        allow_unused=True,
+        materialize_grads=True,
+        retain_graph=retain_graph,
+    )
     return list(grads)
 
 
-def result(value: Tensor, hparams: HParams, hgrads: Sequence[Tensor], params: Params | None,
-           pgrads: Sequence[Tensor] | None, final_params: Params) -> HypergradResult:
+def result(
+    value: Tensor,
+    hparams: HParams,
+    hgrads: Sequence[Tensor],
+    params: Params | None,
+    pgrads: Sequence[Tensor] | None,
+    final_params: Params,
+) -> HypergradResult:
     """Package gradients as dicts, checking that they are finite."""
     h = {k: g.detach() for k, g in zip(hparams.keys(), hgrads, strict=True)}
-    p = None if pgrads is None or params is None else {
-        k: g.detach() for k, g in zip(params.keys(), pgrads, strict=True)}
+    p = (
+        None
+        if pgrads is None or params is None
+        else {k: g.detach() for k, g in zip(params.keys(), pgrads, strict=True)}
+    )
     for name, group in (("hparams", h), ("params", p or {})):
         for k, g in group.items():
             if not torch.isfinite(g).all():
-                raise NonFiniteError(f"meta-gradient for {name}[{k!r}]",
-                                     hint="for Adam or RMSprop pass eps_root > 0")
+                raise NonFiniteError(
+                    f"meta-gradient for {name}[{k!r}]", hint="for Adam or RMSprop pass eps_root > 0"
+                )
     return HypergradResult(value.detach(), h, p, tree.detach(final_params))

@@ -1,9 +1,9 @@
 """Differentiable optimizers as pure ``(init, update)`` pairs over dicts of tensors.
 
-    opt = optim.sgd(lr=lambda h: h["log_lr"].exp(), momentum=0.9)
-    state = opt.init(params)
-    updates, state = opt.update(grads, state, params, hparams)
-    params = optim.apply_updates(params, updates)
+opt = optim.sgd(lr=lambda h: h["log_lr"].exp(), momentum=0.9)
+state = opt.init(params)
+updates, state = opt.update(grads, state, params, hparams)
+params = optim.apply_updates(params, updates)
 """
 
 from selfmod.optim.aliases import adam, adamw, rmsprop, sgd

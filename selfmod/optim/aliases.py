@@ -14,8 +14,9 @@ from selfmod.optim.transforms import (
 )
 
 
-def sgd(lr: HParam, momentum: HParam = 0.0, nesterov: bool = False,
-        weight_decay: HParam = 0.0) -> GradientTransformation:
+def sgd(
+    lr: HParam, momentum: HParam = 0.0, nesterov: bool = False, weight_decay: HParam = 0.0
+) -> GradientTransformation:
     """``torch.optim.SGD``: ``g <- g + wd p``; ``m <- mu m + g``; ``p <- p - lr m``
     (Nesterov: ``p <- p - lr (g + mu m)``)."""
     check_range("lr", lr, 0.0)
@@ -30,26 +31,47 @@ def sgd(lr: HParam, momentum: HParam = 0.0, nesterov: bool = False,
     return chain(*parts)
 
 
-def adam(lr: HParam = 1e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam = 1e-8,
-         weight_decay: HParam = 0.0, eps_root: float = 0.0) -> GradientTransformation:
+def adam(
+    lr: HParam = 1e-3,
+    b1: HParam = 0.9,
+    b2: HParam = 0.999,
+    eps: HParam = 1e-8,
+    weight_decay: HParam = 0.0,
+    eps_root: float = 0.0,
+) -> GradientTransformation:
     """``torch.optim.Adam`` (weight decay as an L2 term added to the gradient)."""
     check_range("lr", lr, 0.0)
     parts = [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]
     return chain(*parts, scale_by_adam(b1, b2, eps, eps_root), scale_by_learning_rate(lr))
 
 
-def adamw(lr: HParam = 1e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam = 1e-8,
-          weight_decay: HParam = 1e-2, eps_root: float = 0.0) -> GradientTransformation:
+def adamw(
+    lr: HParam = 1e-3,
+    b1: HParam = 0.9,
+    b2: HParam = 0.999,
+    eps: HParam = 1e-8,
+    weight_decay: HParam = 1e-2,
+    eps_root: float = 0.0,
+) -> GradientTransformation:
     """``torch.optim.AdamW``: decoupled decay, ``p <- p - lr (adam_dir + wd p)``.
     References: Loshchilov & Hutter 2019."""
     check_range("lr", lr, 0.0)
-    return chain(scale_by_adam(b1, b2, eps, eps_root), add_decayed_weights(weight_decay),
-                 scale_by_learning_rate(lr))
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root),
+        add_decayed_weights(weight_decay),
+        scale_by_learning_rate(lr),
+    )
 
 
-def rmsprop(lr: HParam = 1e-2, alpha: HParam = 0.99, eps: HParam = 1e-8,
-            weight_decay: HParam = 0.0, momentum: HParam = 0.0, centered: bool = False,
-            eps_root: float = 0.0) -> GradientTransformation:
+def rmsprop(
+    lr: HParam = 1e-2,
+    alpha: HParam = 0.99,
+    eps: HParam = 1e-8,
+    weight_decay: HParam = 0.0,
+    momentum: HParam = 0.0,
+    centered: bool = False,
+    eps_root: float = 0.0,
+) -> GradientTransformation:
     """``torch.optim.RMSprop``: ``p <- p - lr * m``, ``m <- mu m + g / (sqrt(v) + eps)``."""
     check_range("lr", lr, 0.0)
     parts = [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]

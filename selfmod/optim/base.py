@@ -31,7 +31,11 @@ class InitFn(Protocol):
 
 class UpdateFn(Protocol):
     def __call__(
-        self, updates: Params, state: Any, params: Params | None = None, hparams: HParams | None = None
+        self,
+        updates: Params,
+        state: Any,
+        params: Params | None = None,
+        hparams: HParams | None = None,
     ) -> tuple[Params, Any]: ...
 
 
@@ -53,8 +57,10 @@ def resolve(value: HParam, hparams: HParams | None, name: str) -> Scalar | Mappi
     """
     if callable(value):
         if hparams is None:
-            raise ValueError(f"{name} is a callable of hparams but update() got hparams=None; "
-                             f"pass the hparams dict to update()")
+            raise ValueError(
+                f"{name} is a callable of hparams but update() got hparams=None; "
+                f"pass the hparams dict to update()"
+            )
         value = value(hparams)
     return value
 
@@ -65,19 +71,28 @@ def per_key(value: Scalar | Mapping[str, Scalar], key: str, name: str) -> Scalar
         try:
             return value[key]
         except KeyError:
-            raise KeyError(f"per-tensor {name} has no entry for parameter {key!r} "
-                           f"(has {sorted(value)})") from None
+            raise KeyError(
+                f"per-tensor {name} has no entry for parameter {key!r} (has {sorted(value)})"
+            ) from None
     return value
 
 
-def check_range(name: str, value: HParam, low: float, high: float | None = None,
-                low_open: bool = False, high_open: bool = False) -> None:
+def check_range(
+    name: str,
+    value: HParam,
+    low: float,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """Validate a constant hyperparameter (callables and tensors are checked by their user)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         if callable(value) or isinstance(value, Tensor):
             return
-        raise TypeError(f"{name} must be a float, a tensor or a callable of hparams "
-                        f"(got {type(value).__name__})")
+        raise TypeError(
+            f"{name} must be a float, a tensor or a callable of hparams "
+            f"(got {type(value).__name__})"
+        )
     ok_low = value > low if low_open else value >= low
     ok_high = True if high is None else (value < high if high_open else value <= high)
     if not (ok_low and ok_high):

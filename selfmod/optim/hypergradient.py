@@ -25,9 +25,12 @@ class HypergradientState(NamedTuple):
     inner: Any  # state of the direction transform
 
 
-def hypergradient_descent(lr: float, hyper_lr: float,
-                          direction: GradientTransformation | None = None,
-                          per_tensor: bool = False) -> GradientTransformation:
+def hypergradient_descent(
+    lr: float,
+    hyper_lr: float,
+    direction: GradientTransformation | None = None,
+    per_tensor: bool = False,
+) -> GradientTransformation:
     """Descend along ``direction`` (default: the raw gradient) with a learning rate adapted by
     its own hypergradient. ``per_tensor`` keeps one learning rate per parameter tensor.
 
@@ -40,13 +43,18 @@ def hypergradient_descent(lr: float, hyper_lr: float,
     def init(params: Params) -> HypergradientState:
         like = next(iter(params.values()))
         lr0 = torch.tensor(float(lr), dtype=like.dtype, device=like.device)
-        return HypergradientState({k: lr0.clone() for k in params} if per_tensor else lr0,
-                                  tree.zeros_like(params), direction.init(params))
+        return HypergradientState(
+            {k: lr0.clone() for k in params} if per_tensor else lr0,
+            tree.zeros_like(params),
+            direction.init(params),
+        )
 
     def update(grads, state, params=None, hparams=None):
         if per_tensor:
-            rate = {k: a + hyper_lr * torch.sum(grads[k] * state.direction[k])
-                    for k, a in state.lr.items()}
+            rate = {
+                k: a + hyper_lr * torch.sum(grads[k] * state.direction[k])
+                for k, a in state.lr.items()
+            }
         else:
             rate = state.lr + hyper_lr * tree.vdot(grads, state.direction)
         d, inner = direction.update(grads, state.inner, params, hparams)
@@ -61,7 +69,13 @@ def sgd_hd(lr: float, hyper_lr: float = 1e-3, per_tensor: bool = False) -> Gradi
     return hypergradient_descent(lr, hyper_lr, None, per_tensor)
 
 
-def adam_hd(lr: float = 1e-3, hyper_lr: float = 1e-7, b1: float = 0.9, b2: float = 0.999,
-            eps: float = 1e-8, per_tensor: bool = False) -> GradientTransformation:
+def adam_hd(
+    lr: float = 1e-3,
+    hyper_lr: float = 1e-7,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    per_tensor: bool = False,
+) -> GradientTransformation:
     """Adam-HD (Baydin et al. 2018): hypergradient descent along Adam's direction."""
     return hypergradient_descent(lr, hyper_lr, scale_by_adam(b1, b2, eps), per_tensor)

@@ -17,7 +17,6 @@ from selfmod.optim.base import (
     EmptyState,
     GradientTransformation,
     HParam,
-
     Params,
     check_range,
     per_key,
@@ -43,8 +42,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 def identity() -> GradientTransformation:
     """Leave updates unchanged."""
-    return GradientTransformation(lambda params: EmptyState(),
-                                  lambda u, s, params=None, hparams=None: (u, s))
+    return GradientTransformation(
+        lambda params: EmptyState(), lambda u, s, params=None, hparams=None: (u, s)
+    )
 
 
 def _stateless(name: str, value: HParam, fn) -> GradientTransformation:
@@ -53,10 +53,13 @@ def _stateless(name: str, value: HParam, fn) -> GradientTransformation:
     def update(updates, state, params=None, hparams=None):
         v = resolve(value, hparams, name)
         if isinstance(v, Mapping):
-            return {k: fn(u, per_key(v, k, name), None if params is None else params[k])
-                    for k, u in updates.items()}, state
-        return {k: fn(u, v, None if params is None else params[k])
-                for k, u in updates.items()}, state
+            return {
+                k: fn(u, per_key(v, k, name), None if params is None else params[k])
+                for k, u in updates.items()
+            }, state
+        return {
+            k: fn(u, v, None if params is None else params[k]) for k, u in updates.items()
+        }, state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
@@ -132,8 +135,9 @@ class AdamState(NamedTuple):
     nu: Params  # second moment, shaped like params
 
 
-def scale_by_adam(b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam = 1e-8,
-                  eps_root: float = 0.0) -> GradientTransformation:
+def scale_by_adam(
+    b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam = 1e-8, eps_root: float = 0.0
+) -> GradientTransformation:
     """Adam's direction ``m_hat / (sqrt(v_hat + eps_root) + eps)`` with bias correction.
 
     ``eps_root > 0`` keeps the meta-gradient finite where a gradient coordinate is exactly 0
@@ -172,8 +176,9 @@ class RmsState(NamedTuple):
     mean: Params | None  # running mean of gradients (centered only)
 
 
-def scale_by_rms(alpha: HParam = 0.99, eps: HParam = 1e-8, centered: bool = False,
-                 eps_root: float = 0.0) -> GradientTransformation:
+def scale_by_rms(
+    alpha: HParam = 0.99, eps: HParam = 1e-8, centered: bool = False, eps_root: float = 0.0
+) -> GradientTransformation:
     """RMSprop's direction ``u / (sqrt(v) + eps)``, ``v <- alpha v + (1 - alpha) u^2``, as
     ``torch.optim.RMSprop`` (centered: ``v - mean^2`` under the root). References: Tieleman &
     Hinton 2012."""
@@ -199,7 +204,6 @@ def scale_by_rms(alpha: HParam = 0.99, eps: HParam = 1e-8, centered: bool = Fals
         return out, RmsState(nu, mean)
 
     return GradientTransformation(init, update)
-
 
 
 __all__ = [

@@ -25,8 +25,12 @@ class Optimizer(torch.optim.Optimizer):
     which skips it.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
-                 transform: GradientTransformation, hparams: HParams | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+        transform: GradientTransformation,
+        hparams: HParams | None = None,
+    ) -> None:
         items = list(params)
         if not items:
             raise ValueError("optimizer got an empty parameter list")
@@ -50,10 +54,12 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._params()
-        grads = {k: p.grad if p.grad is not None else torch.zeros_like(p)
-                 for k, p in params.items()}
+        grads = {
+            k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()
+        }
         updates, self.functional_state = self.transform.update(
-            grads, self.functional_state, params, self.hparams)
+            grads, self.functional_state, params, self.hparams
+        )
         for k, p in params.items():
             p.add_(updates[k])
         return loss

@@ -1,0 +1,294 @@
+"""selfmod.optim against torch.optim in float64, and differentiability of every update."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfmod import optim, tree
+from selfmod.data import batches, load_mnist1d
+from selfmod.models import functionalize, mlp
+
+# One table: (name, selfmod optimizer, torch optimizer factory). Every entry gets every check.
+CASES = [
+    ("sgd", lambda: optim.sgd(0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+    (
+        "sgd-momentum",
+        lambda: optim.sgd(0.05, momentum=0.9),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    ),
+    (
+        "sgd-nesterov-wd",
+        lambda: optim.sgd(0.05, momentum=0.8, nesterov=True, weight_decay=1e-2),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-2),
+    ),
+    ("adam", lambda: optim.adam(1e-2), lambda p: torch.optim.Adam(p, lr=1e-2)),
+    (
+        "adam-wd",
+        lambda: optim.adam(1e-2, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.1),
+        lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+    ),
+    (
+        "adamw",
+        lambda: optim.adamw(1e-2, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    ),
+    ("rmsprop", lambda: optim.rmsprop(1e-2), lambda p: torch.optim.RMSprop(p, lr=1e-2)),
+    (
+        "rmsprop-centered-momentum",
+        lambda: optim.rmsprop(1e-2, alpha=0.9, momentum=0.5, centered=True, weight_decay=1e-3),
+        lambda p: torch.optim.RMSprop(
+            p, lr=1e-2, alpha=0.9, momentum=0.5, centered=True, weight_decay=1e-3
+        ),
+    ),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _problem():
+    module = mlp([5, 7, 3]).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    return module, x, y
+
+
+@pytest.mark.parametrize(("name", "ours", "theirs"), CASES, ids=IDS)
+def test_matches_torch_optim_functional(name, ours, theirs):
+    module, x, y = _problem()
+    apply, params = functionalize(module)
+    reference = theirs(module.parameters())
+    opt = ours()
+    state = opt.init(params)
+    for _ in range(25):
+        reference.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+        reference.step()
+        p = tree.detach(params, requires_grad=True)
+        grads = torch.autograd.grad(F.cross_entropy(apply(p, x), y), list(p.values()))
+        updates, state = opt.update(dict(zip(p, grads, strict=True)), state, params)
+        params = optim.apply_updates(params, updates)
+    for k, v in module.named_parameters():
+        torch.testing.assert_close(params[k], v.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "ours", "theirs"), CASES, ids=IDS)
+def test_torch_optimizer_wrapper_trains_module_like_torch(name, ours, theirs):
+    module, x, y = _problem()
+    twin = mlp([5, 7, 3]).double()
+    twin.load_state_dict(module.state_dict())
+    wrapped, reference = (
+        optim.Optimizer(module.named_parameters(), ours()),
+        theirs(twin.parameters()),
+    )
+    for _ in range(10):
+        for net, opt in ((module, wrapped), (twin, reference)):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(module.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_wrapper_state_dict_round_trip_continues_identically():
+    module, x, y = _problem()
+    opt = optim.Optimizer(module.named_parameters(), optim.adam(1e-2))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+        opt.step()
+    saved, weights = opt.state_dict(), {k: v.clone() for k, v in module.state_dict().items()}
+    opt.zero_grad()
+    F.cross_entropy(module(x), y).backward()
+    opt.step()
+    expected = [p.detach().clone() for p in module.parameters()]
+    module.load_state_dict(weights)
+    fresh = optim.Optimizer(module.named_parameters(), optim.adam(1e-2))
+    fresh.load_state_dict(saved)
+    fresh.zero_grad()
+    F.cross_entropy(module(x), y).backward()
+    fresh.step()
+    for a, b in zip(module.parameters(), expected, strict=True):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
+def _hparam_forms():
+    """The same learning rate 0.1 given as float, tensor, callable and per-tensor dict."""
+    return {
+        "float": (optim.sgd(0.1, momentum=0.9), {}),
+        "tensor": (optim.sgd(torch.tensor(0.1, dtype=torch.float64), momentum=0.9), {}),
+        "callable": (
+            optim.sgd(lambda h: h["log_lr"].exp(), momentum=lambda h: h["mu"]),
+            {
+                "log_lr": torch.tensor(math.log(0.1), dtype=torch.float64),
+                "mu": torch.tensor(0.9, dtype=torch.float64),
+            },
+        ),
+        "per-tensor": (
+            optim.sgd(
+                lambda h: {k: h["lr"] for k in ("0.weight", "0.bias", "2.weight", "2.bias")},
+                momentum=0.9,
+            ),
+            {"lr": torch.tensor(0.1, dtype=torch.float64)},
+        ),
+    }
+
+
+def test_hyperparameter_forms_agree():
+    _, params = functionalize(mlp([5, 7, 3]).double())
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    results = {}
+    for form, (opt, hp) in _hparam_forms().items():
+        state = opt.init(params)
+        for _ in range(3):
+            updates, state = opt.update(grads, state, params, hp)
+        results[form] = updates
+    for form, updates in results.items():
+        for k in params:
+            torch.testing.assert_close(
+                updates[k],
+                results["float"][k],
+                rtol=1e-14,
+                atol=1e-14,
+                msg=f"{form} differs at {k}",
+            )
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "hd"])
+def test_updates_are_differentiable_in_hparams_params_and_state(name):
+    """gradcheck of two steps as a function of (hyperparameters, params, initial state)."""
+    hp_names = {
+        "sgd": ("lr", "momentum"),
+        "adam": ("lr", "b1", "b2"),
+        "adamw": ("lr", "wd"),
+        "rmsprop": ("lr", "alpha"),
+        "hd": (),
+    }[name]
+    make = {
+        "sgd": lambda h: optim.sgd(h["lr"], momentum=h["momentum"], weight_decay=0.1),
+        "adam": lambda h: optim.adam(h["lr"], b1=h["b1"], b2=h["b2"], eps_root=1e-12),
+        "adamw": lambda h: optim.adamw(h["lr"], weight_decay=h["wd"], eps_root=1e-12),
+        "rmsprop": lambda h: optim.rmsprop(h["lr"], alpha=h["alpha"], momentum=0.5, eps_root=1e-12),
+        "hd": lambda h: optim.sgd_hd(0.1, hyper_lr=0.01),
+    }[name]
+    values = {"lr": 0.1, "momentum": 0.9, "b1": 0.8, "b2": 0.95, "wd": 0.05, "alpha": 0.9}
+    w0 = torch.randn(3, 2, dtype=torch.float64)
+    g_first = torch.randn(3, 2, dtype=torch.float64)
+
+    def two_steps(w, *hvals):
+        h = dict(zip(hp_names, hvals, strict=True))
+        opt = make(h)
+        state = opt.init({"w": w})
+        p = {"w": w}
+        for g in (g_first, torch.sin(w) + w**2):  # second gradient depends on params
+            updates, state = opt.update({"w": g}, state, p)
+            p = optim.apply_updates(p, updates)
+        return p["w"]
+
+    inputs = (
+        w0.requires_grad_(),
+        *(torch.tensor(values[n], dtype=torch.float64, requires_grad=True) for n in hp_names),
+    )
+    assert torch.autograd.gradcheck(two_steps, inputs)
+
+
+def test_clip_by_global_norm_matches_torch():
+    grads = {
+        "a": torch.randn(4, 3, dtype=torch.float64) * 5,
+        "b": torch.randn(3, dtype=torch.float64),
+    }
+    clipped, _ = optim.clip_by_global_norm(1.0).update(grads, optim.EmptyState())
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads.values()]
+    for p, g in zip(params, grads.values(), strict=True):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    for (k, c), p in zip(clipped.items(), params, strict=True):
+        torch.testing.assert_close(c, p.grad, msg=k)
+    assert float(tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_chain_composes_in_order():
+    g = {"w": torch.tensor([3.0, -4.0])}
+    opt = optim.chain(optim.clip(1.0), optim.scale(2.0), optim.scale_by_learning_rate(0.5))
+    updates, _ = opt.update(g, opt.init(g))
+    torch.testing.assert_close(updates["w"], torch.tensor([-1.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: optim.sgd(-0.1), "lr must be in [0.0, inf) (got -0.1); pass a callable"),
+        (lambda: optim.sgd(0.1, momentum=1.5), "momentum must be in [0.0, 1.0] (got 1.5)"),
+        (lambda: optim.adam(b2=1.0), "b2 must be in [0.0, 1.0) (got 1.0)"),
+        (lambda: optim.sgd(0.1, nesterov=True), "nesterov=True needs momentum > 0"),
+        (lambda: optim.clip_by_global_norm(0.0), "max_norm must be in (0.0, inf)"),
+        (lambda: optim.sgd("fast"), "lr must be a float, a tensor or a callable"),
+    ],
+)
+def test_bad_hyperparameters_are_named(call, message):
+    with pytest.raises((ValueError, TypeError)) as err:
+        call()
+    assert message in str(err.value)
+
+
+def test_per_tensor_hparam_missing_key_is_named():
+    opt = optim.sgd(lambda h: {"w": h["lr"]})
+    params = {"w": torch.ones(2), "b": torch.ones(1)}
+    with pytest.raises(KeyError, match="no entry for parameter 'b'"):
+        opt.update(params, opt.init(params), params, {"lr": torch.tensor(0.1)})
+
+
+def test_callable_hparam_without_hparams_is_explained():
+    opt = optim.sgd(lambda h: h["lr"])
+    params = {"w": torch.ones(2)}
+    with pytest.raises(ValueError, match="pass the hparams dict"):
+        opt.update(params, opt.init(params), params)
+
+
+def test_sgd_hd_learning_rate_follows_its_hypergradient():
+    """alpha_t = alpha_{t-1} + beta g_t . g_{t-1} (Baydin et al. 2018, eq. for SGD-HD)."""
+    opt = optim.sgd_hd(lr=0.1, hyper_lr=0.01)
+    p = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    state = opt.init(p)
+    g1, g2 = (
+        torch.tensor([0.5, -1.0], dtype=torch.float64),
+        torch.tensor([0.2, -0.4], dtype=torch.float64),
+    )
+    u1, state = opt.update({"w": g1}, state, p)
+    torch.testing.assert_close(u1["w"], -0.1 * g1)  # no previous direction: lr unchanged
+    u2, state = opt.update({"w": g2}, state, p)
+    lr2 = 0.1 + 0.01 * float(g1 @ g2)
+    assert float(state.lr) == pytest.approx(lr2, rel=1e-14)
+    torch.testing.assert_close(u2["w"], -lr2 * g2)
+
+
+def _train(opt, steps: int, seed: int = 0):
+    data = load_mnist1d()
+    torch.manual_seed(seed)
+    apply, params = functionalize(mlp([40, 100, 10]))
+    state = opt.init(params)
+    stream = batches(data.x_train, data.y_train, 100, torch.Generator().manual_seed(seed))
+    for _ in range(steps):
+        x, y = next(stream)
+        p = tree.detach(params, requires_grad=True)
+        grads = torch.autograd.grad(F.cross_entropy(apply(p, x), y), list(p.values()))
+        with torch.no_grad():
+            updates, state = opt.update(dict(zip(p, grads, strict=True)), state, params)
+            params = optim.apply_updates(params, updates)
+    with torch.no_grad():
+        return F.cross_entropy(apply(params, data.x_train), data.y_train).item(), state
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sgd_hd_fixes_a_learning_rate_100x_too_small_on_mnist1d(seed):
+    good = 0.1
+    plain_loss, _ = _train(optim.sgd(good / 100), 600, seed)
+    hd_loss, state = _train(optim.sgd_hd(good / 100, hyper_lr=1e-2), 600, seed)
+    assert float(state.lr) > 10 * good / 100  # it raised its own learning rate >10x
+    assert hd_loss < plain_loss - 0.3
+
+
+def test_adam_hd_adapts_and_trains():
+    plain_loss, _ = _train(optim.adam(1e-5), 300)
+    hd_loss, state = _train(optim.adam_hd(1e-5, hyper_lr=1e-5), 300)
+    assert float(state.lr) > 1e-5
+    assert hd_loss < plain_loss
