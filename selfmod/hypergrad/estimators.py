@@ -145,7 +145,8 @@ def checkpointed(
         raise ValueError(f"segments must be an int >= 1 (got {segments!r})")
     p0, h, batches = prepare(params, hparams, inner_batches)
     K = len(batches)
-    bounds = [round(j * K / segments) for j in range(min(segments, max(K, 1)) + 1)]
+    n_seg = max(min(segments, K), 1)
+    bounds = [round(j * K / n_seg) for j in range(n_seg + 1)]  # segment edges, 0..K
     state = optimizer.init(p0) if state is None else state
     h_const = tree.detach(h)
 
