@@ -1,0 +1,68 @@
+"""Self-modifying architecture: gates that prune, growth that adds units, mixed operations
+that choose, and surgery that keeps the function and the optimizer state.
+
+    groups = arch.sequential_groups(model)                  # where each layer's units live
+    keep = ~model[2].closed()                               # gates that stayed open
+    plan = arch.prune_plan(groups[0], keep)
+    params = arch.apply_params(plan, params)                # functional
+    state = arch.apply_state(plan, state, old_params)       # selfmod.optim state
+    arch.operate(model, [plan], [torch_optimizer])          # stateful modules and torch.optim
+"""
+
+from selfmod.arch.gates import (
+    HardConcreteGate,
+    StraightThroughGate,
+    apply_gate,
+    expected_l0,
+    hard_concrete_eval,
+    hard_concrete_sample,
+    prob_nonzero,
+    straight_through_mask,
+)
+from selfmod.arch.models import GrowReLU, gated_cnn1d, gated_mlp
+from selfmod.arch.surgery import (
+    Slot,
+    Surgery,
+    UnitGroup,
+    apply_params,
+    apply_state,
+    apply_torch_optimizer,
+    drop_torch_params,
+    grow_plan,
+    map_state,
+    operate,
+    prune_plan,
+    rename_state,
+    sequential_groups,
+    swap_torch_params,
+    take_units,
+)
+
+__all__ = [
+    "GrowReLU",
+    "HardConcreteGate",
+    "Slot",
+    "StraightThroughGate",
+    "Surgery",
+    "UnitGroup",
+    "apply_gate",
+    "apply_params",
+    "apply_state",
+    "apply_torch_optimizer",
+    "drop_torch_params",
+    "expected_l0",
+    "gated_cnn1d",
+    "gated_mlp",
+    "grow_plan",
+    "hard_concrete_eval",
+    "hard_concrete_sample",
+    "map_state",
+    "operate",
+    "prob_nonzero",
+    "prune_plan",
+    "rename_state",
+    "sequential_groups",
+    "straight_through_mask",
+    "swap_torch_params",
+    "take_units",
+]
