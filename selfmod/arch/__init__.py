@@ -19,6 +19,16 @@ from selfmod.arch.gates import (
     prob_nonzero,
     straight_through_mask,
 )
+from selfmod.arch.growth import (
+    GrowthDecision,
+    LayerSignals,
+    gradmax_directions,
+    gradmax_plan,
+    growth_criterion,
+    linear_signals,
+    split_plan,
+    zero_plan,
+)
 from selfmod.arch.models import GrowReLU, gated_cnn1d, gated_mlp
 from selfmod.arch.surgery import (
     Slot,
@@ -40,7 +50,9 @@ from selfmod.arch.surgery import (
 
 __all__ = [
     "GrowReLU",
+    "GrowthDecision",
     "HardConcreteGate",
+    "LayerSignals",
     "Slot",
     "StraightThroughGate",
     "Surgery",
@@ -53,16 +65,22 @@ __all__ = [
     "expected_l0",
     "gated_cnn1d",
     "gated_mlp",
+    "gradmax_directions",
+    "gradmax_plan",
     "grow_plan",
+    "growth_criterion",
     "hard_concrete_eval",
     "hard_concrete_sample",
+    "linear_signals",
     "map_state",
     "operate",
     "prob_nonzero",
     "prune_plan",
     "rename_state",
     "sequential_groups",
+    "split_plan",
     "straight_through_mask",
     "swap_torch_params",
     "take_units",
+    "zero_plan",
 ]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from selfmod.arch.gates import HardConcreteGate, StraightThroughGate
+from selfmod.arch.models import GrowReLU
 
 Params = dict[str, Tensor]
 
@@ -251,7 +252,7 @@ def _slot(group: UnitGroup, key: str) -> Slot:
 
 _PASS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Dropout, nn.Identity,
          nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-         nn.AdaptiveAvgPool2d, nn.Flatten)
+         nn.AdaptiveAvgPool2d, nn.Flatten, GrowReLU)
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _GATES = {HardConcreteGate: "log_alpha", StraightThroughGate: "scores"}
 

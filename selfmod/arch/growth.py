@@ -1,0 +1,157 @@
+"""Growth: add units to a hidden layer without changing the network's function.
+
+GradMax (Evci et al. 2022). Between ``h_in (B, n_in)`` (the producer layer's input) and
+``delta (B, n_out)`` (the loss gradient at the consumer layer's output), new units with zero
+fan-in and fan-out columns ``W_new (n_out, k)`` leave the function unchanged, and with
+``f'(0) = 1`` (:class:`~selfmod.arch.models.GrowReLU`) their fan-in gradient is
+``W_new^T M`` with ``M = sum_b delta_b h_in_b^T  (n_out, n_in)`` (``delta`` the gradient of the
+batch-mean loss, so ``M`` is a mean over examples). Under the spectral-norm bound
+``||W_new||_2 <= c`` its norm is maximal for ``W_new = c U_k``, the top-``k`` left singular
+vectors of ``M``: ``||grad||_F^2 = c^2 sum_{i<=k} sigma_i^2``. (Under a Frobenius bound the
+maximiser is rank one, so ``k`` new units would be ``k`` copies of one direction.)
+
+Net2Net splitting (Chen et al. 2016): duplicate unit ``j`` (same fan-in) and split its fan-out
+between the two copies as ``(a, 1 - a)``; the sum is unchanged for any ``a``.
+
+References: Evci, van Merrienboer, Unterthiner, Vladymyrov & Pedregosa 2022, "GradMax: Growing
+Neural Networks using Gradient Information"; Chen, Goodfellow & Shlens 2016, "Net2Net".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from selfmod.arch.surgery import Surgery, UnitGroup, grow_plan
+
+Params = dict[str, Tensor]
+
+
+class LayerSignals(NamedTuple):
+    """What one ``nn.Linear`` saw on a batch."""
+
+    inputs: Tensor  # (B, n_in)
+    out_grad: Tensor  # (B, n_out): dL/d(layer output), L the batch-mean loss
+    weight_grad: Tensor  # (n_out, n_in)
+
+
+def linear_signals(model: nn.Module, params: Mapping[str, Tensor],
+                   loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> dict[str, LayerSignals]:
+    """Inputs, output gradients and weight gradients of every ``nn.Linear`` in ``model``,
+    evaluated at ``params`` on the batch ``x``; ``loss_fn(output) -> scalar``."""
+    seen: dict[str, list] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            def hook(mod, inp, out, name=name):
+                rec = [inp[0].detach(), None]
+                seen[name] = rec
+                if out.requires_grad:
+                    out.register_hook(lambda g: rec.__setitem__(1, g.detach()))
+            hooks.append(m.register_forward_hook(hook))
+    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    try:
+        loss = loss_fn(functional_call(model, p, (x,)))
+        weights = {n: p[f"{n}.weight"] for n in seen}
+        grads = torch.autograd.grad(loss, list(weights.values()))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: LayerSignals(seen[n][0], seen[n][1], g)
+            for (n, _), g in zip(weights.items(), grads, strict=True)}
+
+
+def gradmax_directions(out_grad: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U, sigma)``: left singular vectors ``U (n_out, r)`` and singular values ``sigma (r,)``
+    of ``M = out_grad^T inputs``, largest first.
+
+    ``out_grad (B, n_out)`` is the batch-mean loss's gradient at the consumer layer's output,
+    ``inputs (B, n_in)``
+    the producer layer's input. References: Evci et al. 2022, eq. 6.
+    """
+    m = out_grad.transpose(0, 1) @ inputs  # (n_out, n_in)
+    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    return u, s
+
+
+def gradmax_plan(group: UnitGroup, params: Mapping[str, Tensor], out_grad: Tensor,
+                 inputs: Tensor, k: int, scale: float = 1.0) -> Surgery:
+    """Add ``k`` units with zero fan-in and fan-out ``scale * U[:, :k]`` (GradMax).
+
+    The function is unchanged; the new fan-in weights' gradient norm is the largest possible
+    for fan-out weights of spectral norm ``scale``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (got {k})")
+    (cons,) = _linear_consumer(group, params)
+    u, _ = gradmax_directions(out_grad, inputs)
+    if k > u.shape[1]:
+        raise ValueError(f"GradMax can give at most rank(M) = {u.shape[1]} directions "
+                         f"(asked for {k}); grow by fewer units or use split_plan")
+    w_new = (u[:, :k] * scale).to(params[cons.key].dtype)  # (n_out, k)
+    return grow_plan(group, group.width(params), {cons.key: w_new})
+
+
+def zero_plan(group: UnitGroup, params: Mapping[str, Tensor], k: int, init_std: float = 1e-2,
+              generator: torch.Generator | None = None) -> Surgery:
+    """Add ``k`` units with zero fan-out and small random fan-in ``N(0, init_std^2)``: the
+    function is unchanged and the fan-out weights get the gradient ``delta h_new^T``."""
+    w = params[group.producers[0].key]
+    fan_in = torch.randn((k, *w.shape[1:]), generator=generator, dtype=w.dtype) * init_std
+    return grow_plan(group, group.width(params), {group.producers[0].key: fan_in})
+
+
+def split_plan(group: UnitGroup, params: Mapping[str, Tensor], units: Tensor,
+               noise: float = 0.1, generator: torch.Generator | None = None) -> Surgery:
+    """Net2Net: duplicate ``units`` (distinct indices); the fan-out of unit ``j`` is split as
+    ``a_j`` (original) and ``1 - a_j`` (copy), ``a_j = 1/2 + noise * U(-1/2, 1/2)``.
+
+    The copies' optimizer state is a copy of the originals' (the index repeats them).
+    """
+    units = torch.as_tensor(units, dtype=torch.long)
+    if units.unique().numel() != units.numel():
+        raise ValueError("split_plan needs distinct units; split again to make more copies")
+    width = group.width(params)
+    a = 0.5 + noise * (torch.rand(units.numel(), generator=generator, dtype=torch.float64) - 0.5)
+    index = torch.cat([torch.arange(width), units])
+    sc = torch.ones(width + units.numel(), dtype=torch.float64)
+    sc[units] = a
+    sc[width:] = 1.0 - a
+    return Surgery(group, index, {}, {s.key: sc for s in group.consumers})
+
+
+class GrowthDecision(NamedTuple):
+    k: int  # units to add
+    sigma: Tensor  # (r,) GradMax singular values
+    reference: float  # the existing units' mean normalised fan-in gradient norm
+
+
+def growth_criterion(signals_producer: LayerSignals, signals_consumer: LayerSignals,
+                     consumer_weight: Tensor, threshold: float = 1.0,
+                     max_new: int = 8) -> GrowthDecision:
+    """How many units to add to the layer between ``producer`` and ``consumer``.
+
+    An existing unit ``j`` gets a fan-in gradient of norm ``g_j = ||dL/dW_P[j]||`` for a fan-out
+    of norm ``||W_C[:, j]||``; per unit of fan-out norm that is ``r_j = g_j / ||W_C[:, j]||``.
+    A GradMax unit along the ``i``-th direction gets ``sigma_i`` per unit of fan-out norm. Grow
+    the directions with ``sigma_i > threshold * mean_j r_j`` (at most ``max_new``): new units
+    would learn faster than the average existing one.
+    """
+    _, sigma = gradmax_directions(signals_consumer.out_grad, signals_producer.inputs)
+    g = signals_producer.weight_grad.norm(dim=1)  # (width,)
+    fan_out = consumer_weight.norm(dim=0).clamp_min(1e-12)  # (width,)
+    ref = float((g / fan_out).mean())
+    k = int((sigma > threshold * ref).sum())
+    return GrowthDecision(min(k, max_new), sigma, ref)
+
+
+def _linear_consumer(group: UnitGroup, params: Mapping[str, Tensor]):
+    if len(group.consumers) != 1 or group.consumers[0].repeat != 1 or \
+            params[group.consumers[0].key].dim() != 2:
+        raise ValueError("GradMax growth is implemented for Linear -> Linear groups (one 2-D "
+                         "consumer, repeat 1); use zero_plan or split_plan for convolutions")
+    return group.consumers
