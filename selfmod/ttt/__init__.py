@@ -1,0 +1,47 @@
+"""Test-time training: layers whose forward pass trains an inner model on the input sequence.
+
+Functional primitives (attention formulas, ``ttt_linear``, ``ttt_mlp``) live in
+:mod:`selfmod.ttt.functional`; ``nn.Module`` layers and small models wrap them.
+
+References: Sun et al., arXiv 2310.13807 (MTTT); Sun et al., arXiv 2407.04620 (TTT layers).
+"""
+
+from selfmod.ttt.functional import (
+    init_mlp,
+    linear_attention,
+    nadaraya_watson,
+    softmax_attention,
+    ttt_inner_loop,
+    ttt_linear,
+    ttt_mlp,
+)
+from selfmod.ttt.layers import (
+    MTTTMLP,
+    TTTMLP,
+    LinearAttention,
+    MTTTLinear,
+    SoftmaxAttention,
+    TTTLinear,
+)
+from selfmod.ttt.models import MIXERS, Block, CausalLM, SequenceClassifier, make_mixer
+
+__all__ = [
+    "MIXERS",
+    "MTTTMLP",
+    "TTTMLP",
+    "Block",
+    "CausalLM",
+    "LinearAttention",
+    "MTTTLinear",
+    "SequenceClassifier",
+    "SoftmaxAttention",
+    "TTTLinear",
+    "init_mlp",
+    "linear_attention",
+    "make_mixer",
+    "nadaraya_watson",
+    "softmax_attention",
+    "ttt_inner_loop",
+    "ttt_linear",
+    "ttt_mlp",
+]

@@ -1,0 +1,458 @@
+"""Functional core of test-time training: attention formulas and inner loops as pure functions.
+
+Every function here is a composition of differentiable torch ops; nothing is updated in place,
+so the outer loop can differentiate through an inner loop to any order (second order by
+default). Shapes follow attention: ``q, k (..., N, d)``, ``v (..., N, d_v)``, where ``...`` is
+any batch of leading dims, typically ``(B, H)``.
+
+The inner model is a chain of affine layers with GELU between them, held as
+``[(W (..., d_in, d_out), b (..., d_out) | None), ...]``. Its per-token gradient is written out
+by hand (no ``autograd.grad`` inside the forward pass) because the gradient of layer ``l`` for
+token ``s`` is the outer product ``a_s^T g_s`` of the layer's input ``a_s`` and its output
+error ``g_s``; keeping ``(a, g)`` instead of the product is what allows the dual form.
+
+References: Sun et al., "Learning to (Learn at Test Time)", arXiv 2310.13807 (MTTT);
+Sun et al., "Learning to (Learn at Test Time): RNNs with Expressive Hidden States",
+arXiv 2407.04620 (TTT layers, mini-batch TTT, dual form); Katharopoulos et al. 2020
+(linear attention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# One affine layer of an inner model: weight (..., d_in, d_out) and optional bias (..., d_out).
+Layer = tuple[Tensor, Tensor | None]
+InnerParams = list[Layer]
+# A learning rate: a float, a tensor broadcastable to (..., N) (one rate per token), or a
+# sequence of those with one entry per inner update.
+LR = float | Tensor | Sequence[float | Tensor]
+# objective(y, x, target) -> (error at y (..., n, d_out), loss per token (..., n))
+Objective = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+# readout(y, x) -> output of the layer for queries x whose inner-model output is y
+Readout = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = [
+    "init_mlp",
+    "layer_norm_backward",
+    "linear_attention",
+    "nadaraya_watson",
+    "softmax_attention",
+    "ttt_inner_loop",
+    "ttt_linear",
+    "ttt_mlp",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention formulas
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, chunk_size: int | None = 128
+) -> Tensor:
+    """Unnormalised linear attention ``q (k^T v)``; causal: ``tril(q k^T) v``.
+
+    The causal form is evaluated in chunks of ``chunk_size`` tokens, which is exact and costs
+    ``O(N (C + d) d_v)`` instead of ``O(N^2)``: for chunk ``c``,
+    ``out_c = q_c S_{<c} + tril(q_c k_c^T) v_c`` with the prefix state ``S_{<c} = sum k^T v``.
+    ``chunk_size=None`` forms the full ``N x N`` matrix (the reference).
+
+    Shapes: ``q, k (..., N, d)``, ``v (..., N, d_v)`` -> ``(..., N, d_v)``.
+
+    References: Katharopoulos et al., "Transformers are RNNs", ICML 2020.
+    """
+    if not causal:
+        return q @ (k.mT @ v)  # (..., N, d) @ (..., d, d_v)
+    n = q.shape[-2]
+    if chunk_size is None or chunk_size >= n:
+        return (q @ k.mT).tril() @ v  # (..., N, N) @ (..., N, d_v)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None (got {chunk_size})")
+    pad = (-n) % chunk_size
+    if pad:  # zero keys/values add nothing; padded queries are dropped at the end
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    c = chunk_size
+    qc = q.unflatten(-2, (-1, c))  # (..., n_chunks, C, d)
+    kc = k.unflatten(-2, (-1, c))  # (..., n_chunks, C, d)
+    vc = v.unflatten(-2, (-1, c))  # (..., n_chunks, C, d_v)
+    states = kc.mT @ vc  # (..., n_chunks, d, d_v)
+    prefix = states.cumsum(-3) - states  # exclusive prefix sum, (..., n_chunks, d, d_v)
+    out = qc @ prefix + (qc @ kc.mT).tril() @ vc  # (..., n_chunks, C, d_v)
+    return out.flatten(-3, -2)[..., :n, :]
+
+
+def softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None
+) -> Tensor:
+    """``softmax(scale * q k^T) v`` (PyTorch SDPA); ``scale`` defaults to ``1 / sqrt(d)``.
+
+    Shapes: ``q, k (..., N, d)``, ``v (..., N, d_v)`` -> ``(..., N, d_v)``.
+
+    References: Vaswani et al., "Attention Is All You Need", 2017.
+    """
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def nadaraya_watson(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
+    """Kernel regression ``out_t = sum_s w(q_t, k_s) v_s / sum_s w(q_t, k_s)``, ``w = exp(q.k)``.
+
+    Written as an explicit weighted average. A row-wise max is subtracted from the exponent
+    for stability; it cancels between numerator and denominator. This is the inner loop of
+    MTTT with a kernel estimator and equals ``softmax_attention(q, k, v, causal, scale=1)``.
+
+    Shapes: ``q, k (..., N, d)``, ``v (..., N, d_v)`` -> ``(..., N, d_v)``.
+
+    References: Nadaraya 1964, Watson 1964; arXiv 2310.13807, section 3.
+    """
+    logits = q @ k.mT  # (..., N, N)
+    if causal:
+        n, m = logits.shape[-2:]
+        future = torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1)
+        logits = logits.masked_fill(future, float("-inf"))
+    logits = logits - logits.amax(-1, keepdim=True).detach()
+    w = logits.exp()  # (..., N, N) kernel weights, 0 on the future
+    return (w @ v) / w.sum(-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inner model: affine layers with GELU between them, and its hand-written backward pass
+# ----------------------------------------------------------------------------------------------
+
+
+def _gelu_grad(z: Tensor) -> Tensor:
+    """d/dz of exact GELU ``z Phi(z)``: ``Phi(z) + z phi(z)``."""
+    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return cdf + z * pdf
+
+
+def _forward(params: InnerParams, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``y = f(x; params)``, plus each layer's input ``a_l`` and each hidden pre-activation."""
+    acts: list[Tensor] = []
+    pres: list[Tensor] = []
+    h = x  # (..., n, d_in)
+    for i, (W, b) in enumerate(params):
+        if i > 0:
+            pres.append(h)
+            h = F.gelu(h)
+        acts.append(h)
+        h = h @ W if b is None else h @ W + b.unsqueeze(-2)  # (..., n, d_out_l)
+    return h, acts, pres
+
+
+def _backward(params: InnerParams, acts: list[Tensor], pres: list[Tensor], g_y: Tensor):
+    """Per-token gradient factors ``[(a_l, g_l)]``: ``grad_W l_s = a_s^T g_s``, ``grad_b = g_s``."""
+    factors: list[tuple[Tensor, Tensor]] = []
+    g = g_y  # (..., n, d_out)
+    for i in range(len(params) - 1, -1, -1):
+        factors.append((acts[i], g))
+        if i > 0:
+            g = (g @ params[i][0].mT) * _gelu_grad(pres[i - 1])  # (..., n, d_hidden)
+    return factors[::-1]
+
+
+def _weight_rows(x: Tensor, eta: float | Tensor) -> Tensor:
+    """``eta_s * x_s`` for a scalar rate or per-token rates ``eta (..., n)``."""
+    return x * eta if not isinstance(eta, Tensor) or eta.ndim == 0 else x * eta.unsqueeze(-1)
+
+
+def _step(params: InnerParams, factors, eta: float | Tensor) -> InnerParams:
+    """``W_l <- W_l - sum_s eta_s a_s^T g_s`` and ``b_l <- b_l - sum_s eta_s g_s``."""
+    new: InnerParams = []
+    for (W, b), (a, g) in zip(params, factors, strict=True):
+        ge = _weight_rows(g, eta)  # (..., n, d_out)
+        new.append((W - a.mT @ ge, None if b is None else b - ge.sum(-2)))
+    return new
+
+
+def _dual_forward(params: InnerParams, x: Tensor, factors, eta: float | Tensor) -> Tensor:
+    """Causal mini-batch output without materialising per-token weights (the dual form).
+
+    Token ``t`` sees ``W_t = W - sum_{s<=t} eta_s a_s^T g_s``, so for layer input ``h_t``
+    ``h_t W_t = h_t W - sum_{s<=t} eta_s (h_t . a_s) g_s = h W - (tril(h a^T) * eta) g``.
+    """
+    n = x.shape[-2]
+    mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    h = x  # (..., n, d_in)
+    for i, ((W, b), (a, g)) in enumerate(zip(params, factors, strict=True)):
+        if i > 0:
+            h = F.gelu(h)
+        ge = _weight_rows(g, eta)  # (..., n, d_out)
+        scores = (h @ a.mT).masked_fill(~mask, 0.0)  # (..., n, n)
+        out = h @ W - scores @ ge
+        if b is not None:
+            out = out + b.unsqueeze(-2) - ge.cumsum(-2)  # b_t = b - sum_{s<=t} eta_s g_s
+        h = out
+    return h
+
+
+def _primal_forward(params: InnerParams, x: Tensor, factors, eta: float | Tensor) -> Tensor:
+    """The same outputs as :func:`_dual_forward`, materialising ``W_t (..., n, d_in, d_out)``."""
+    h = x  # (..., n, d_in)
+    for i, ((W, b), (a, g)) in enumerate(zip(params, factors, strict=True)):
+        if i > 0:
+            h = F.gelu(h)
+        ge = _weight_rows(g, eta)  # (..., n, d_out)
+        W_t = W.unsqueeze(-3) - (a.unsqueeze(-1) * ge.unsqueeze(-2)).cumsum(-3)  # (..., n, i, o)
+        out = (h.unsqueeze(-2) @ W_t).squeeze(-2)  # (..., n, d_out)
+        if b is not None:
+            out = out + b.unsqueeze(-2) - ge.cumsum(-2)
+        h = out
+    return h
+
+
+def layer_norm_backward(y: Tensor, g: Tensor, weight: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """Gradient w.r.t. ``y`` of ``<g, LN(y)>`` over the last dim, ``LN(y) = w * y_hat + b``.
+
+    ``dy = (g_hat - mean(g_hat) - y_hat * mean(g_hat * y_hat)) / sigma`` with ``g_hat = w g``.
+    """
+    mu = y.mean(-1, keepdim=True)
+    sigma = torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + eps)
+    y_hat = (y - mu) / sigma
+    g_hat = g if weight is None else g * weight
+    return (
+        g_hat - g_hat.mean(-1, keepdim=True) - y_hat * (g_hat * y_hat).mean(-1, keepdim=True)
+    ) / sigma
+
+
+def _ln(y: Tensor, ln: tuple[Tensor, Tensor] | None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dim with an affine ``(w, b)`` that may differ per head."""
+    y_hat = F.layer_norm(y, y.shape[-1:], eps=eps)
+    return y_hat if ln is None else y_hat * ln[0] + ln[1]
+
+
+def _reconstruction(ln: tuple[Tensor, Tensor] | None) -> tuple[Objective, Readout]:
+    """``l_s = 1/2 ||f(k_s) - v_s||^2`` with ``f(x) = y`` or, with ``ln``, ``f(x) = x + LN(y)``."""
+    if ln is None:
+
+        def objective(y: Tensor, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+            err = y - target  # (..., n, d_out)
+            return err, 0.5 * err.pow(2).sum(-1)
+
+        def readout(y: Tensor, x: Tensor) -> Tensor:
+            return y
+
+        return objective, readout
+
+    def objective_ln(y: Tensor, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        err = x + _ln(y, ln) - target  # (..., n, d)
+        return layer_norm_backward(y, err, ln[0]), 0.5 * err.pow(2).sum(-1)
+
+    def readout_ln(y: Tensor, x: Tensor) -> Tensor:
+        return x + _ln(y, ln)
+
+    return objective_ln, readout_ln
+
+
+# ----------------------------------------------------------------------------------------------
+# The inner loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _rates(lr: LR, n_updates: int) -> list[float | Tensor]:
+    if isinstance(lr, float | int | Tensor):
+        return [lr] * n_updates
+    rates = list(lr)
+    if len(rates) != n_updates:
+        raise ValueError(
+            f"lr has {len(rates)} entries but the inner loop makes {n_updates} updates; pass one "
+            "rate per update (steps * number of mini-batches) or a single rate"
+        )
+    return rates
+
+
+def _slice_rate(eta: float | Tensor, start: int, stop: int) -> float | Tensor:
+    if isinstance(eta, Tensor) and eta.ndim > 0:
+        return eta[..., start:stop]  # (..., n_block) token-dependent rates
+    return eta
+
+
+def ttt_inner_loop(
+    params: InnerParams,
+    q: Tensor,
+    k: Tensor,
+    target: Tensor,
+    objective: Objective,
+    readout: Readout,
+    lr: LR = 1.0,
+    steps: int = 1,
+    mini_batch: int | None = None,
+    causal: bool = False,
+    first_order: bool = False,
+    form: Literal["dual", "primal"] = "dual",
+    return_losses: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Train the inner model on ``(k, target)`` by gradient steps and read it out at ``q``.
+
+    A step on a set ``B`` of tokens is ``theta <- theta - sum_{s in B} lr_s grad l_s(theta)``.
+    Non-causal: ``steps`` passes over the tokens in mini-batches of ``mini_batch`` (``None``:
+    one full batch, i.e. batch GD; otherwise SGD over the mini-batches in order); every query
+    reads the final model. Causal (mini-batch TTT of 2407.04620): one step per mini-batch, all
+    gradients of a mini-batch taken at the model it started from, and token ``t`` reads the
+    model updated with the gradients of tokens ``<= t`` only (``form="dual"`` evaluates that
+    without per-token weights; ``"primal"`` materialises them, for checking).
+
+    ``first_order=True`` evaluates the inner gradients at detached inner weights, dropping the
+    second-derivative terms ``d grad / d theta``; their dependence on ``k``, ``target`` and
+    ``lr`` is kept, so the outer loop still trains the projections.
+
+    Shapes: ``q, k (..., N, d_in)``, ``target (..., N, d_t)``; returns ``(..., N, d_out)`` and,
+    with ``return_losses``, the mean inner loss per token: non-causal ``(..., updates + 1)``
+    over all tokens at each iterate; causal ``(..., n_blocks, 2)`` on each mini-batch before
+    and after its update.
+
+    References: arXiv 2310.13807 (MTTT, section 4); arXiv 2407.04620 (sections 2.4-2.5).
+    """
+    n = k.shape[-2]
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0 (got {steps})")
+    if mini_batch is not None and mini_batch < 1:
+        raise ValueError(f"mini_batch must be >= 1 or None for full batch (got {mini_batch})")
+    if causal and steps > 1:
+        raise ValueError(
+            f"causal TTT makes one step per mini-batch (got steps={steps}); use steps=1 and a "
+            "smaller mini_batch for more updates"
+        )
+    if form not in ("dual", "primal"):
+        raise ValueError(f"form must be 'dual' or 'primal' (got {form!r})")
+    b = n if mini_batch is None else min(mini_batch, n)
+    blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
+    rates = _rates(lr, steps * len(blocks))
+
+    def factors_at(p: InnerParams, kb: Tensor, tb: Tensor):
+        if first_order:
+            p = [(W.detach(), None if bb is None else bb.detach()) for W, bb in p]
+        y, acts, pres = _forward(p, kb)
+        g_y, loss = objective(y, kb, tb)
+        return _backward(p, acts, pres, g_y), loss
+
+    def loss_at(p: InnerParams, kb: Tensor, tb: Tensor) -> Tensor:
+        return objective(_forward(p, kb)[0], kb, tb)[1].mean(-1)
+
+    if not causal or steps == 0:
+        losses = [loss_at(params, k, target)] if return_losses else []
+        i = 0
+        for _ in range(steps):
+            for s, e in blocks:
+                factors, _ = factors_at(params, k[..., s:e, :], target[..., s:e, :])
+                params = _step(params, factors, _slice_rate(rates[i], s, e))
+                i += 1
+                if return_losses:
+                    losses.append(loss_at(params, k, target))
+        out = readout(_forward(params, q)[0], q)
+        return (out, torch.stack(losses, -1)) if return_losses else out
+
+    outs: list[Tensor] = []
+    block_losses: list[Tensor] = []
+    read = _dual_forward if form == "dual" else _primal_forward
+    for i, (s, e) in enumerate(blocks):
+        kb, tb, qb = k[..., s:e, :], target[..., s:e, :], q[..., s:e, :]
+        eta = _slice_rate(rates[i], s, e)
+        factors, loss = factors_at(params, kb, tb)
+        outs.append(readout(read(params, qb, factors, eta), qb))  # (..., n_block, d_out)
+        params = _step(params, factors, eta)
+        if return_losses:
+            block_losses.append(torch.stack([loss.mean(-1), loss_at(params, kb, tb)], -1))
+    out = torch.cat(outs, -2)  # (..., N, d_out)
+    return (out, torch.stack(block_losses, -2)) if return_losses else out
+
+
+def ttt_linear(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    W0: Tensor | None = None,
+    lr: LR = 1.0,
+    steps: int = 1,
+    mini_batch: int | None = None,
+    causal: bool = False,
+    *,
+    b0: Tensor | None = None,
+    ln: tuple[Tensor, Tensor] | None = None,
+    first_order: bool = False,
+    form: Literal["dual", "primal"] = "dual",
+    return_losses: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """TTT with a linear inner model ``f(x; W) = x W`` on ``l_s(W) = 1/2 ||k_s W - v_s||^2``.
+
+    A step on tokens ``B`` is ``W <- W - lr sum_{s in B} k_s^T (k_s W - v_s)``; the output is
+    ``q_t W`` with the ``W`` token ``t`` may see (see :func:`ttt_inner_loop`). With ``W0 = 0``
+    one full-batch step gives ``W = lr k^T v``, so the output is ``lr * linear_attention``
+    (causal: ``lr * tril(q k^T) v``). Optional ``b0 (..., d_v)`` adds a bias; ``ln=(w, b)``
+    makes ``f(x) = x + LN(x W)`` as in TTT-Linear (needs ``d == d_v``).
+
+    Shapes: ``q, k (..., N, d)``, ``v (..., N, d_v)``, ``W0 (..., d, d_v)`` -> ``(..., N, d_v)``.
+
+    References: arXiv 2310.13807 (Theorem 1); arXiv 2407.04620 (TTT-Linear, dual form).
+    """
+    if W0 is None:
+        W0 = q.new_zeros(q.shape[-1], v.shape[-1])
+    objective, readout = _reconstruction(ln)
+    return ttt_inner_loop(
+        [(W0, b0)], q, k, v, objective, readout, lr, steps, mini_batch, causal,
+        first_order, form, return_losses,
+    )
+
+
+def init_mlp(
+    d_in: int,
+    d_out: int | None = None,
+    hidden: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(W1 (d_in, hidden), b1, W2 (hidden, d_out), b2)``, Gaussian ``1/sqrt(fan_in)`` weights.
+
+    ``hidden`` defaults to ``4 * d_in`` and ``d_out`` to ``d_in``; biases start at zero.
+    """
+    d_out = d_in if d_out is None else d_out
+    hidden = 4 * d_in if hidden is None else hidden
+    W1 = torch.randn(d_in, hidden, generator=generator, dtype=dtype) / math.sqrt(d_in)
+    W2 = torch.randn(hidden, d_out, generator=generator, dtype=dtype) / math.sqrt(hidden)
+    return W1, W1.new_zeros(hidden), W2, W2.new_zeros(d_out)
+
+
+def ttt_mlp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    W0: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    lr: LR = 1.0,
+    steps: int = 1,
+    mini_batch: int | None = None,
+    causal: bool = False,
+    *,
+    ln: tuple[Tensor, Tensor] | None = None,
+    first_order: bool = False,
+    form: Literal["dual", "primal"] = "dual",
+    return_losses: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """TTT with a 2-layer MLP ``f(x) = GELU(x W1 + b1) W2 + b2`` on ``1/2 ||f(k_s) - v_s||^2``.
+
+    As :func:`ttt_linear` with the MLP's four tensors ``W0 = (W1, b1, W2, b2)`` as the inner
+    weights (hidden width 4x by :func:`init_mlp`); the causal mini-batch form is still exact
+    in dual form because each layer is affine in its own weights.
+
+    Shapes: ``q, k (..., N, d)``, ``v (..., N, d_v)``, ``W1 (..., d, h)``, ``W2 (..., h, d_v)``.
+
+    References: arXiv 2310.13807 (MTTT-MLP); arXiv 2407.04620 (TTT-MLP).
+    """
+    if W0 is None:
+        raise ValueError(
+            "ttt_mlp needs initial weights: an all-zero MLP has zero gradient in its first "
+            "layer; pass W0=init_mlp(d, d_v)"
+        )
+    W1, b1, W2, b2 = W0
+    objective, readout = _reconstruction(ln)
+    return ttt_inner_loop(
+        [(W1, b1), (W2, b2)], q, k, v, objective, readout, lr, steps, mini_batch, causal,
+        first_order, form, return_losses,
+    )
