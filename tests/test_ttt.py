@@ -1,0 +1,349 @@
+"""Checks of selfmod.ttt against the attention formulas, autograd and finite differences.
+
+All equivalence checks run in float64 (the ``float64`` fixture sets the default dtype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from selfmod.ttt import (
+    MTTTMLP,
+    TTTMLP,
+    CausalLM,
+    MTTTLinear,
+    SequenceClassifier,
+    TTTLinear,
+    init_mlp,
+    linear_attention,
+    make_mixer,
+    nadaraya_watson,
+    softmax_attention,
+    ttt_linear,
+    ttt_mlp,
+)
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def qkv(*shape: int, scale: float = 1.0):
+    return tuple(scale * torch.randn(*shape) for _ in range(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention formulas
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lr", [1.0, 0.37])
+def test_ttt_linear_one_full_batch_step_from_zero_is_linear_attention(float64, causal, lr):
+    q, k, v = qkv(2, 3, 19, 5)
+    out = ttt_linear(q, k, v, W0=None, lr=lr, steps=1, causal=causal)
+    ref = lr * (q @ k.mT).tril() @ v if causal else lr * q @ (k.mT @ v)  # the formula itself
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(out, lr * linear_attention(q, k, v, causal), **TOL)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 16, 64])
+def test_chunked_causal_linear_attention_equals_tril_form(float64, chunk):
+    q, k, v = qkv(2, 37, 6)
+    ref = (q @ k.mT).tril() @ v
+    torch.testing.assert_close(linear_attention(q, k, v, True, chunk_size=chunk), ref, **TOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nadaraya_watson_equals_softmax_attention(float64, causal):
+    q, k, v = qkv(2, 2, 23, 4, scale=3.0)  # large logits: needs the max-subtraction
+    out = nadaraya_watson(q, k, v, causal)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, softmax_attention(q, k, v, causal, scale=1.0), **TOL)
+    # and against the textbook weighted average, written independently
+    w = torch.exp(q @ k.mT - 50.0)
+    if causal:
+        w = w.tril()
+    torch.testing.assert_close(out, (w @ v) / w.sum(-1, keepdim=True), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inner loops: dual vs primal vs a naive autograd reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _inner(kind: str, d: int):
+    """(fn, W0, ln) for an inner-model kind."""
+    ln = (1.0 + 0.1 * torch.randn(d), 0.1 * torch.randn(d)) if kind.endswith("_ln") else None
+    if kind.startswith("linear"):
+        W0 = 0.3 * torch.randn(d, d)
+        return (lambda *a, **kw: ttt_linear(*a, b0=0.1 * torch.ones(d), ln=ln, **kw)), W0, ln
+    return (lambda *a, **kw: ttt_mlp(*a, ln=ln, **kw)), init_mlp(d), ln
+
+
+def _f(kind: str, params, x, ln):
+    """The inner model written directly with autograd-friendly ops (no hand-written grads)."""
+    if kind.startswith("linear"):
+        W, b = params
+        y = x @ W + b
+    else:
+        W1, b1, W2, b2 = params
+        y = F.gelu(x @ W1 + b1) @ W2 + b2
+    return y if ln is None else x + F.layer_norm(y, y.shape[-1:], ln[0], ln[1], 1e-5)
+
+
+def _naive_causal(kind, q, k, v, params, eta, mini_batch, ln):
+    """Token by token with autograd: W_t = W_b - sum_{s<=t, same block} eta_s grad l_s(W_b)."""
+    n = q.shape[-2]
+    outs = []
+    for s0 in range(0, n, mini_batch):
+        start = [p.detach().requires_grad_() for p in params]
+        grads = []
+        for s in range(s0, min(s0 + mini_batch, n)):
+            loss = 0.5 * (_f(kind, start, k[s], ln) - v[s]).pow(2).sum()
+            grads.append(torch.autograd.grad(loss, start))
+        cum = [torch.zeros_like(p) for p in params]
+        for i, s in enumerate(range(s0, min(s0 + mini_batch, n))):
+            cum = [c + eta[s] * g for c, g in zip(cum, grads[i], strict=True)]
+            outs.append(_f(kind, [p - c for p, c in zip(start, cum, strict=True)], q[s], ln))
+        params = [p - c for p, c in zip(start, cum, strict=True)]
+    return torch.stack(outs).detach()
+
+
+KINDS = ["linear", "linear_ln", "mlp", "mlp_ln"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mini_batch", [1, 4, 11])
+def test_dual_form_equals_primal_form(float64, kind, mini_batch):
+    q, k, v = qkv(2, 2, 11, 4)
+    eta = 0.05 * torch.rand(2, 2, 11)  # token-dependent rates
+    fn, W0, _ = _inner(kind, 4)
+    dual = fn(q, k, v, W0, lr=eta, mini_batch=mini_batch, causal=True, form="dual")
+    primal = fn(q, k, v, W0, lr=eta, mini_batch=mini_batch, causal=True, form="primal")
+    torch.testing.assert_close(dual, primal, **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_mini_batch_ttt_matches_token_by_token_autograd(float64, kind):
+    n, d, b = 9, 3, 4
+    q, k, v = qkv(n, d)
+    eta = 0.1 * torch.rand(n)
+    fn, W0, ln = _inner(kind, d)
+    out = fn(q, k, v, W0, lr=eta, mini_batch=b, causal=True)
+    params = [W0, 0.1 * torch.ones(d)] if kind.startswith("linear") else list(W0)
+    torch.testing.assert_close(out, _naive_causal(kind, q, k, v, params, eta, b, ln), **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("steps", "mini_batch"), [(3, None), (2, 4)])
+def test_noncausal_gd_and_sgd_match_autograd(float64, kind, steps, mini_batch):
+    n, d = 10, 3
+    q, k, v = qkv(n, d)
+    fn, W0, ln = _inner(kind, d)
+    out = fn(q, k, v, W0, lr=0.05, steps=steps, mini_batch=mini_batch)
+    params = [W0, 0.1 * torch.ones(d)] if kind.startswith("linear") else list(W0)
+    b = n if mini_batch is None else mini_batch
+    for _ in range(steps):
+        for s in range(0, n, b):
+            p = [t.detach().requires_grad_() for t in params]
+            loss = 0.5 * (_f(kind, p, k[s : s + b], ln) - v[s : s + b]).pow(2).sum()
+            params = [t - 0.05 * g for t, g in zip(p, torch.autograd.grad(loss, p), strict=True)]
+    torch.testing.assert_close(out, _f(kind, params, q, ln).detach(), **TOL)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_inner_loss_falls_over_inner_steps(float64, kind):
+    q, k, v = qkv(2, 16, 4)
+    fn, W0, _ = _inner(kind, 4)
+    _, losses = fn(q, k, v, W0, lr=0.01, steps=4, return_losses=True)
+    curve = losses.mean(0)  # (steps + 1,)
+    assert curve.shape == (5,)
+    assert (curve.diff() < 0).all(), curve
+    assert curve[-1] < 0.9 * curve[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Outer gradients through the inner loop
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(kind="linear", steps=3),
+        dict(kind="mlp_ln", steps=2, mini_batch=3),
+        dict(kind="linear_ln", causal=True, mini_batch=3),
+        dict(kind="mlp", causal=True, mini_batch=2),
+    ],
+    ids=["linear-gd3", "mlp_ln-sgd", "linear_ln-causal", "mlp-causal"],
+)
+def test_outer_gradients_match_finite_differences(float64, config):
+    config = dict(config)
+    kind = config.pop("kind")
+    q, k, v = qkv(6, 3)
+    fn, W0, _ = _inner(kind, 3)
+    W0 = [W0] if isinstance(W0, torch.Tensor) else list(W0)
+    lr = torch.tensor(0.1)
+
+    def outer(q, k, v, lr, *W):
+        init = W[0] if len(W) == 1 else tuple(W)
+        return fn(q, k, v, init, lr=lr, **config).pow(2).sum()
+
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v, lr, *W0))
+    assert torch.autograd.gradcheck(outer, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_second_order_differs_from_first_order_and_agrees_when_it_should(float64):
+    q, k, v = qkv(8, 3)
+    W0 = (0.3 * torch.randn(3, 3)).requires_grad_()
+
+    def grads(steps, first_order, W):
+        out = ttt_linear(q, k, v, W, lr=0.05, steps=steps, first_order=first_order)
+        return torch.autograd.grad(out.pow(2).sum(), W)[0]
+
+    # several steps from W0 != 0: the Hessian terms matter
+    assert not torch.allclose(grads(3, False, W0), grads(3, True, W0), atol=1e-6)
+    # zero steps: no inner gradient at all, both orders coincide
+    torch.testing.assert_close(grads(0, False, W0), grads(0, True, W0), **TOL)
+    # first order still trains keys and values
+    kk = k.clone().requires_grad_()
+    out = ttt_linear(q, kk, v, W0.detach(), lr=0.05, steps=2, first_order=True)
+    assert torch.autograd.grad(out.sum(), kk)[0].abs().sum() > 0
+
+
+def test_misuse_raises_with_fix(float64):
+    q, k, v = qkv(8, 3)
+    with pytest.raises(ValueError, match="one step per mini-batch"):
+        ttt_linear(q, k, v, steps=2, causal=True)
+    with pytest.raises(ValueError, match="one rate per update"):
+        ttt_linear(q, k, v, lr=[0.1, 0.2], steps=3)
+    with pytest.raises(ValueError, match="init_mlp"):
+        ttt_mlp(q, k, v)
+    with pytest.raises(ValueError, match="causal only"):
+        make_mixer("ttt_linear", 8, 2, causal=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_mttt_linear_as_in_paper_is_linear_attention(float64, heads):
+    dim, N, lr = 12, 10, 0.7
+    layer = MTTTLinear(dim, heads, steps=1, inner="gd", lr=lr, learn_init=False)
+    x = torch.randn(2, N, dim)
+    dh = dim // heads
+    split = lambda t: t.view(2, N, heads, dh).transpose(1, 2)  # noqa: E731  (B, H, N, d_h)
+    q, k = split(x @ layer.psi.weight.T), split(x @ layer.phi.weight.T)
+    v = x.unsqueeze(1) @ layer.decoder.mT  # (B, H, N, d_h): values from the decoder
+    z = (lr / N) * linear_attention(q, k, v)  # the layer takes the mean inner loss
+    ref = layer.out(z.transpose(1, 2).reshape(2, N, dim))
+    torch.testing.assert_close(layer(x), ref, **TOL)
+
+
+@pytest.mark.parametrize("decoder_ln", [False, True])
+@pytest.mark.parametrize("inner", ["gd", "sgd"])
+def test_mttt_mlp_inner_loop_matches_autograd(float64, decoder_ln, inner):
+    dim, heads, N, T = 8, 2, 6, 2
+    layer = MTTTMLP(dim, heads, steps=T, inner=inner, lr=0.5, decoder_ln=decoder_ln)
+    with torch.no_grad():
+        layer.lr.copy_(torch.tensor([0.5, 0.3]))
+    x = torch.randn(1, N, dim)
+    dh = dim // heads
+    split = lambda t: t.view(1, N, heads, dh).transpose(1, 2)  # noqa: E731
+    q, k = split(x @ layer.psi.weight.T), split(x @ layer.phi.weight.T)
+    params = [layer.W1, layer.b1, layer.W2, layer.b2]
+    mlp = lambda p, z: F.gelu(z @ p[0] + p[1].unsqueeze(-2)) @ p[2] + p[3].unsqueeze(-2)  # noqa: E731
+    ln = lambda y: (  # noqa: E731
+        F.layer_norm(y, (dh,)) * layer.decoder_ln[0] + layer.decoder_ln[1] if decoder_ln else y
+    )
+    b = N if inner == "gd" else math.ceil(N / T)
+    blocks = [slice(0, N)] * T if inner == "gd" else [slice(s, s + b) for s in range(0, N, b)]
+    p = [t.detach() for t in params]
+    for t, blk in enumerate(blocks):
+        p = [u.detach().requires_grad_() for u in p]
+        recon = ln(mlp(p, k[..., blk, :])) @ layer.decoder  # (1, H, n, dim)
+        loss = 0.5 * (recon - x[:, None, blk]).pow(2).sum()
+        step = layer.lr[t].item() / b
+        p = [u - step * g for u, g in zip(p, torch.autograd.grad(loss, p), strict=True)]
+    z = mlp(p, q).detach()
+    ref = layer.out(z.transpose(1, 2).reshape(1, N, dim))
+    torch.testing.assert_close(layer(x), ref, **TOL)
+
+
+def test_mttt_layer_tracks_falling_inner_loss(float64):
+    layer = MTTTMLP(8, 2, steps=4, lr=0.1, decoder_ln=True)
+    layer.track_inner_loss = True
+    layer(torch.randn(3, 16, 8))
+    curve = layer.inner_losses
+    assert curve.shape == (5,)
+    assert (curve.diff() < 0).all(), curve
+
+
+@pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])
+def test_ttt_layers_are_causal_and_dual_equals_primal(float64, cls):
+    layer = cls(8, 2, mini_batch=4)
+    x = torch.randn(2, 10, 8)
+    y = layer(x)
+    x2 = x.clone()
+    x2[:, 6:] += torch.randn(2, 4, 8)  # change the future of token 5
+    torch.testing.assert_close(layer(x2)[:, :6], y[:, :6], **TOL)
+    assert not torch.allclose(layer(x2)[:, 6:], y[:, 6:])
+    layer.form = "primal"
+    torch.testing.assert_close(layer(x), y, **TOL)
+
+
+@pytest.mark.parametrize("cls", [MTTTLinear, MTTTMLP, TTTLinear])
+def test_layer_parameter_gradients_match_finite_differences(float64, cls):
+    kwargs = dict(mini_batch=3) if cls is TTTLinear else dict(steps=2, learn_init=True)
+    layer = cls(4, 2, **kwargs)
+    x = torch.randn(1, 6, 4)
+    names = [n for n, _ in layer.named_parameters()]
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+
+    def f(*values):
+        return functional_call(layer, dict(zip(names, values, strict=True)), (x,)).pow(2).sum()
+
+    inputs = tuple(params[n].clone().requires_grad_() for n in names)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mixer", ["mttt_linear", "mttt_mlp", "linear_attention",
+                                   "softmax_attention"])
+def test_sequence_classifier_runs_and_learns_a_step(mixer):
+    model = SequenceClassifier(16, 3, mixer, dim=8, depth=1, heads=2)
+    x, y = torch.randn(4, 16), torch.tensor([0, 1, 2, 0])
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert model(x).shape == (4, 3)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "linear_attention",
+                                   "softmax_attention"])
+def test_causal_lm_is_causal(mixer):
+    kwargs = dict(mini_batch=4) if mixer.startswith("ttt") else {}
+    model = CausalLM(mixer, dim=16, depth=2, heads=2, max_len=32, **kwargs)
+    idx = torch.randint(0, 256, (2, 12))
+    logits = model(idx)
+    assert logits.shape == (2, 12, 256)
+    idx2 = idx.clone()
+    idx2[:, 7:] = (idx2[:, 7:] + 1) % 256
+    torch.testing.assert_close(model(idx2)[:, :7], logits[:, :7])
+    assert torch.isfinite(model.loss(idx))
