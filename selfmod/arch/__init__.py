@@ -9,6 +9,7 @@ that choose, and surgery that keeps the function and the optimizer state.
     arch.operate(model, [plan], [torch_optimizer])          # stateful modules and torch.optim
 """
 
+from selfmod.arch.cost import Cost, compare, cost
 from selfmod.arch.gates import (
     HardConcreteGate,
     StraightThroughGate,
@@ -29,7 +30,23 @@ from selfmod.arch.growth import (
     split_plan,
     zero_plan,
 )
+from selfmod.arch.mixed import (
+    CollapseReport,
+    Connections,
+    MixedOp,
+    Pick,
+    Zero,
+    architecture_params,
+    collapse_report,
+    discretise,
+    diversity_penalty,
+    entropy,
+    entropy_penalty,
+    mixture_weights,
+    rename_params,
+)
 from selfmod.arch.models import GrowReLU, gated_cnn1d, gated_mlp
+from selfmod.arch.search import OPS, SearchCNN1d, candidate_op
 from selfmod.arch.surgery import (
     Slot,
     Surgery,
@@ -49,19 +66,36 @@ from selfmod.arch.surgery import (
 )
 
 __all__ = [
+    "OPS",
+    "CollapseReport",
+    "Connections",
+    "Cost",
     "GrowReLU",
     "GrowthDecision",
     "HardConcreteGate",
     "LayerSignals",
+    "MixedOp",
+    "Pick",
+    "SearchCNN1d",
     "Slot",
     "StraightThroughGate",
     "Surgery",
     "UnitGroup",
+    "Zero",
     "apply_gate",
     "apply_params",
     "apply_state",
     "apply_torch_optimizer",
+    "architecture_params",
+    "candidate_op",
+    "collapse_report",
+    "compare",
+    "cost",
+    "discretise",
+    "diversity_penalty",
     "drop_torch_params",
+    "entropy",
+    "entropy_penalty",
     "expected_l0",
     "gated_cnn1d",
     "gated_mlp",
@@ -73,9 +107,11 @@ __all__ = [
     "hard_concrete_sample",
     "linear_signals",
     "map_state",
+    "mixture_weights",
     "operate",
     "prob_nonzero",
     "prune_plan",
+    "rename_params",
     "rename_state",
     "sequential_groups",
     "split_plan",
