@@ -15,7 +15,7 @@ from torch import Tensor
 
 from selfmod import tree
 from selfmod.errors import NonFiniteError
-from selfmod.optim.base import GradientTransformation
+from selfmod.optim.base import FrozenHParams, GradientTransformation, apply_updates
 
 Params = dict[str, Tensor]
 HParams = dict[str, Tensor]
@@ -44,29 +44,30 @@ class HypergradResult:
 
 
 class FiniteMonitor:
-    """Records each step's loss and gradient sum, and checks them in batches.
+    """Records each step's loss and gradient norms, and checks them in batches.
 
     Checking every ``CHECK_EVERY`` steps avoids a host sync per step; the error still names
-    the first bad step. A sum catches NaN and +/-inf in any coordinate.
+    the first bad step. One fused ``foreach`` norm per step catches NaN and inf anywhere.
     """
 
     def __init__(self, start: int = 0) -> None:
         self.start = start
         self.losses: list[Tensor] = []
-        self.grad_sums: list[Tensor] = []
+        self.grad_norms: list[list[Tensor]] = []
 
     def record(self, loss: Tensor, grads: Sequence[Tensor]) -> None:
         with torch.no_grad():
             self.losses.append(loss.detach())
-            self.grad_sums.append(sum(g.detach().sum() for g in grads))
+            self.grad_norms.append(torch._foreach_norm([g.detach() for g in grads]))
         if len(self.losses) >= CHECK_EVERY:
             self.check()
 
     def check(self) -> None:
         if not self.losses:
             return
-        losses, sums = torch.stack(self.losses), torch.stack(self.grad_sums)
-        bad_loss, bad_grad = ~torch.isfinite(losses), ~torch.isfinite(sums)
+        losses = torch.stack(self.losses)
+        norms = torch.stack([torch.stack(n) for n in self.grad_norms])  # (steps, tensors)
+        bad_loss, bad_grad = ~torch.isfinite(losses), ~torch.isfinite(norms).all(dim=1)
         if bool(bad_loss.any() | bad_grad.any()):
             i = int(torch.nonzero(bad_loss | bad_grad)[0])
             what = "inner loss" if bool(bad_loss[i]) else "gradient"
@@ -74,7 +75,7 @@ class FiniteMonitor:
                 what, step=self.start + i, hint="lower the learning rate or clip gradients"
             )
         self.start += len(self.losses)
-        self.losses, self.grad_sums = [], []
+        self.losses, self.grad_norms = [], []
 
 
 def inner_step(
@@ -102,10 +103,10 @@ def inner_step(
     g = dict(zip(params.keys(), grads, strict=True))
     if create_graph:
         updates, state = optimizer.update(g, state, params, hparams)
-        return {k: p + updates[k] for k, p in params.items()}, state
+        return apply_updates(params, updates), state
     with torch.no_grad():
         updates, state = optimizer.update(g, state, params, hparams)
-        return {k: p.detach() + updates[k] for k, p in params.items()}, state
+        return apply_updates(tree.detach(params), updates), state
 
 
 def run(
@@ -119,7 +120,11 @@ def run(
     create_graph: bool,
     monitor: FiniteMonitor | None = None,
 ) -> tuple[Params, Any]:
-    """``len(batches)`` inner steps from ``(params, state)``."""
+    """``len(batches)`` inner steps from ``(params, state)``.
+
+    Hyperparameter callables are evaluated once for the whole run (:class:`FrozenHParams`).
+    """
+    hparams = FrozenHParams(hparams)
     for batch in batches:
         params, state = inner_step(
             inner_loss,

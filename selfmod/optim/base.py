@@ -50,19 +50,36 @@ class EmptyState(NamedTuple):
     """State of a stateless transformation."""
 
 
+class FrozenHParams(dict):
+    """Hyperparameters that stay fixed for one unroll, so each callable is evaluated once.
+
+    Estimators wrap ``hparams`` in this before unrolling K steps: ``lr=lambda h: h["log_lr"].exp()``
+    then costs one ``exp`` per unroll instead of one per step, and its backward node is shared.
+    """
+
+    def __init__(self, hparams: Mapping[str, Tensor]) -> None:
+        super().__init__(hparams)
+        self.resolved: dict[int, Any] = {}
+
+
 def resolve(value: HParam, hparams: HParams | None, name: str) -> Scalar | Mapping[str, Scalar]:
     """Evaluate a hyperparameter: call it on ``hparams`` if it is a callable.
 
     Returns a float, a 0-dim tensor, or a dict of those keyed by parameter name.
     """
-    if callable(value):
-        if hparams is None:
-            raise ValueError(
-                f"{name} is a callable of hparams but update() got hparams=None; "
-                f"pass the hparams dict to update()"
-            )
-        value = value(hparams)
-    return value
+    if not callable(value):
+        return value
+    if hparams is None:
+        raise ValueError(
+            f"{name} is a callable of hparams but update() got hparams=None; "
+            f"pass the hparams dict to update()"
+        )
+    if isinstance(hparams, FrozenHParams):
+        cached = hparams.resolved.get(id(value))
+        if cached is None:
+            cached = hparams.resolved[id(value)] = value(hparams)
+        return cached
+    return value(hparams)
 
 
 def per_key(value: Scalar | Mapping[str, Scalar], key: str, name: str) -> Scalar:
@@ -87,10 +104,10 @@ def check_range(
 ) -> None:
     """Validate a constant hyperparameter (callables and tensors are checked by their user)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
-        if callable(value) or isinstance(value, Tensor):
+        if callable(value) or isinstance(value, Tensor | Mapping):
             return
         raise TypeError(
-            f"{name} must be a float, a tensor or a callable of hparams "
+            f"{name} must be a float, a tensor, a per-tensor dict or a callable of hparams "
             f"(got {type(value).__name__})"
         )
     ok_low = value > low if low_open else value >= low
@@ -103,8 +120,10 @@ def check_range(
 
 
 def apply_updates(params: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -> Params:
-    """``params + updates`` (out of place, so it stays differentiable)."""
-    return {k: p + updates[k] for k, p in params.items()}
+    """``params + updates`` (out of place, so it stays differentiable; one fused op)."""
+    keys = list(params)
+    summed = torch._foreach_add([params[k] for k in keys], [updates[k] for k in keys])
+    return dict(zip(keys, summed, strict=True))
 
 
 def is_zero(value: HParam) -> bool:
