@@ -4,7 +4,15 @@ Layers, bottom to top: :mod:`selfmod.tree`, :mod:`selfmod.optim`, :mod:`selfmod.
 """
 
 from selfmod import hypergrad, optim, tree
-from selfmod.errors import NonFiniteError, SelfmodError
+from selfmod.errors import DivergenceError, NonFiniteError, SelfmodError
 
 __version__ = "0.1.0"
-__all__ = ["NonFiniteError", "SelfmodError", "__version__", "hypergrad", "optim", "tree"]
+__all__ = [
+    "DivergenceError",
+    "NonFiniteError",
+    "SelfmodError",
+    "__version__",
+    "hypergrad",
+    "optim",
+    "tree",
+]

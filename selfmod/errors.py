@@ -22,3 +22,7 @@ class NonFiniteError(SelfmodError, FloatingPointError):
         where = f" at inner step {step}" if step is not None else ""
         msg = f"non-finite {what}{where}"
         super().__init__(f"{msg}; {hint}" if hint else msg)
+
+
+class DivergenceError(SelfmodError):
+    """Training diverged: a loss far above its running average (finite, but exploding)."""

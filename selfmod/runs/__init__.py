@@ -1,0 +1,6 @@
+"""Runs: validated configs, atomic files and the HTML report."""
+
+from selfmod.runs.config import ConfigError, TrainConfig, load_config
+from selfmod.runs.files import atomic_write_bytes, atomic_write_text
+
+__all__ = ["ConfigError", "TrainConfig", "atomic_write_bytes", "atomic_write_text", "load_config"]
