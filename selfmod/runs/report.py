@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from selfmod.introspect.lr_tuning import History  # noqa: E402
-from selfmod.runs.files import atomic_write_text  # noqa: E402
+from selfmod.introspect.lr_tuning import History
+from selfmod.runs.files import atomic_write_text
 
 
 def _png(fig) -> str:
