@@ -242,7 +242,10 @@ def part_search(
         a_opt.step()
     search_cost = arch.cost(model, (40,))
     report = arch.collapse_report(model, warn=False)
-    arch.discretise(model, [w_opt])
+    # DARTS never derives "none"; if the guard flags a collapse, skip is excluded too
+    exclude = ("none", "skip") if report.collapsed else ("none",)
+    derived = [m.chosen(exclude) for m in model.cells]
+    arch.discretise(model, [w_opt], exclude=exclude)
     train(model, data, steps - search_steps, 3e-3, seed + 2, opt=w_opt)
     res = (
         accuracy(model, data.x_test, data.y_test),
@@ -256,6 +259,7 @@ def part_search(
         dict(
             choices=list(report.choices.values()),
             inputs=conns,
+            derived=derived,
             collapse=str(report),
             search_params=search_cost.params,
         ),
@@ -426,7 +430,8 @@ def main() -> None:
         emit()
         for s, o in zip(args.seeds, out, strict=True):
             emit(
-                f"- seed {s}: ops {o[2]['choices']}, inputs of cells 1.. {o[2]['inputs']}; "
+                f"- seed {s}: argmax ops {o[2]['choices']}, derived {o[2]['derived']}, "
+                f"inputs of cells 1.. {o[2]['inputs']}; "
                 f"{o[2]['collapse']}; params during search {o[2]['search_params']:,}"
             )
         emit()

@@ -137,3 +137,19 @@ def test_collapse_guard_detects_parameter_free_takeover():
                 m.alpha[0] = 3.0
     rep = arch.collapse_report(model, warn=False)
     assert not rep.collapsed and rep.fraction == 0.0 and "ok" in str(rep)
+
+
+def test_discretise_can_exclude_parameter_free_ops():
+    torch.manual_seed(0)
+    model = arch.SearchCNN1d(8, channels=2, cells=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, arch.MixedOp):
+                m.alpha.copy_(torch.tensor([0.1, 0.2, 0.3, 2.0, 3.0, 0.0]))  # none > skip > dil
+    assert model.cells[0].chosen() == "none"
+    assert model.cells[0].chosen(("none",)) == "skip"
+    mapping = arch.discretise(model, exclude=("none", "skip"))
+    assert all(isinstance(c, torch.nn.Sequential) for c in model.cells)  # dil_conv3
+    assert any(k.startswith("cells.0.ops.dil_conv3.") and v for k, v in mapping.items())
+    with pytest.raises(ValueError, match="no candidate"):
+        arch.MixedOp({"skip": torch.nn.Identity()}).chosen(("skip",))

@@ -25,12 +25,15 @@ class Cost(NamedTuple):
     activation_bytes: int  # per example
 
     def __str__(self) -> str:
-        return (f"params {self.params:,}  FLOPs/example {self.flops:,}  "
-                f"activations/example {self.activation_bytes / 1024:.1f} KiB")
+        return (
+            f"params {self.params:,}  FLOPs/example {self.flops:,}  "
+            f"activations/example {self.activation_bytes / 1024:.1f} KiB"
+        )
 
 
-def cost(model: nn.Module, input_shape: Sequence[int],
-         params: Mapping[str, Tensor] | None = None) -> Cost:
+def cost(
+    model: nn.Module, input_shape: Sequence[int], params: Mapping[str, Tensor] | None = None
+) -> Cost:
     """The :class:`Cost` of ``model`` (evaluated at ``params`` if given, e.g. after functional
     surgery) on one example of shape ``input_shape`` (no batch dim)."""
     params = dict(model.named_parameters()) if params is None else dict(params)
@@ -68,6 +71,9 @@ def compare(before: Cost, after: Cost) -> str:
     rows = []
     for name in Cost._fields:
         a, b = getattr(before, name), getattr(after, name)
-        rows.append(f"{name:>16}: {a:>12,} -> {b:>12,}  (x{b / a:.3f})" if a else
-                    f"{name:>16}: {a:>12,} -> {b:>12,}")
+        rows.append(
+            f"{name:>16}: {a:>12,} -> {b:>12,}  (x{b / a:.3f})"
+            if a
+            else f"{name:>16}: {a:>12,} -> {b:>12,}"
+        )
     return "\n".join(rows)

@@ -27,15 +27,21 @@ LIMIT_L = -0.1
 LIMIT_R = 1.1
 
 
-def hard_concrete_sample(log_alpha: Tensor, beta: float = BETA, l: float = LIMIT_L,
-                         r: float = LIMIT_R, generator: torch.Generator | None = None) -> Tensor:
+def hard_concrete_sample(
+    log_alpha: Tensor,
+    beta: float = BETA,
+    l: float = LIMIT_L,
+    r: float = LIMIT_R,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """One reparameterised sample ``z`` in ``[0, 1]`` per gate; differentiable in ``log_alpha``.
 
     ``log_alpha (C,) -> z (C,)``. Exact zeros and ones have positive probability.
     """
     _check(beta, l, r)
-    u = torch.rand(log_alpha.shape, dtype=log_alpha.dtype, device=log_alpha.device,
-                   generator=generator).clamp(1e-6, 1 - 1e-6)
+    u = torch.rand(
+        log_alpha.shape, dtype=log_alpha.dtype, device=log_alpha.device, generator=generator
+    ).clamp(1e-6, 1 - 1e-6)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)  # (C,)
     return (s * (r - l) + l).clamp(0.0, 1.0)
 
@@ -45,15 +51,17 @@ def hard_concrete_eval(log_alpha: Tensor, l: float = LIMIT_L, r: float = LIMIT_R
     return (torch.sigmoid(log_alpha) * (r - l) + l).clamp(0.0, 1.0)
 
 
-def prob_nonzero(log_alpha: Tensor, beta: float = BETA, l: float = LIMIT_L,
-                 r: float = LIMIT_R) -> Tensor:
+def prob_nonzero(
+    log_alpha: Tensor, beta: float = BETA, l: float = LIMIT_L, r: float = LIMIT_R
+) -> Tensor:
     """``P(z_j != 0) = sigmoid(log_alpha_j - beta log(-l / r))`` per gate, ``(C,)``."""
     _check(beta, l, r)
     return torch.sigmoid(log_alpha - beta * math.log(-l / r))
 
 
-def expected_l0(log_alpha: Tensor, beta: float = BETA, l: float = LIMIT_L,
-                r: float = LIMIT_R) -> Tensor:
+def expected_l0(
+    log_alpha: Tensor, beta: float = BETA, l: float = LIMIT_L, r: float = LIMIT_R
+) -> Tensor:
     """Expected number of open gates ``E[||z||_0] = sum_j P(z_j != 0)``, a 0-dim tensor.
 
     References: Louizos et al. 2018, eq. 12.
@@ -74,8 +82,10 @@ def straight_through_mask(scores: Tensor, threshold: float = 0.0) -> Tensor:
 def apply_gate(x: Tensor, z: Tensor) -> Tensor:
     """Multiply units (dimension 1) by the gate: ``x (B, C, *S) * z (C,) -> (B, C, *S)``."""
     if x.shape[1] != z.shape[0]:
-        raise ValueError(f"gate has {z.shape[0]} units but the input has {x.shape[1]} along "
-                         f"dim 1 (shape {tuple(x.shape)}); the gate must match the layer's width")
+        raise ValueError(
+            f"gate has {z.shape[0]} units but the input has {x.shape[1]} along "
+            f"dim 1 (shape {tuple(x.shape)}); the gate must match the layer's width"
+        )
     return x * z.reshape(z.shape[0], *([1] * (x.dim() - 2)))
 
 
@@ -87,8 +97,14 @@ class HardConcreteGate(nn.Module):
     ``sigmoid(log_alpha)`` (Louizos et al. initialise near open, e.g. 0.9).
     """
 
-    def __init__(self, num_units: int, init_open: float = 0.9, beta: float = BETA,
-                 l: float = LIMIT_L, r: float = LIMIT_R) -> None:
+    def __init__(
+        self,
+        num_units: int,
+        init_open: float = 0.9,
+        beta: float = BETA,
+        l: float = LIMIT_L,
+        r: float = LIMIT_R,
+    ) -> None:
         super().__init__()
         if not 0.0 < init_open < 1.0:
             raise ValueError(f"init_open must be in (0, 1) (got {init_open})")
@@ -132,5 +148,7 @@ def _check(beta: float, l: float, r: float) -> None:
     if beta <= 0:
         raise ValueError(f"beta must be > 0 (got {beta}); Louizos et al. use 2/3")
     if not (l < 0 and r > 1):
-        raise ValueError(f"the stretch interval must satisfy l < 0 < 1 < r (got l={l}, r={r}); "
-                         f"Louizos et al. use (-0.1, 1.1)")
+        raise ValueError(
+            f"the stretch interval must satisfy l < 0 < 1 < r (got l={l}, r={r}); "
+            f"Louizos et al. use (-0.1, 1.1)"
+        )

@@ -39,19 +39,22 @@ class LayerSignals(NamedTuple):
     weight_grad: Tensor  # (n_out, n_in)
 
 
-def linear_signals(model: nn.Module, params: Mapping[str, Tensor],
-                   loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> dict[str, LayerSignals]:
+def linear_signals(
+    model: nn.Module, params: Mapping[str, Tensor], loss_fn: Callable[[Tensor], Tensor], x: Tensor
+) -> dict[str, LayerSignals]:
     """Inputs, output gradients and weight gradients of every ``nn.Linear`` in ``model``,
     evaluated at ``params`` on the batch ``x``; ``loss_fn(output) -> scalar``."""
     seen: dict[str, list] = {}
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
+
             def hook(mod, inp, out, name=name):
                 rec = [inp[0].detach(), None]
                 seen[name] = rec
                 if out.requires_grad:
                     out.register_hook(lambda g: rec.__setitem__(1, g.detach()))
+
             hooks.append(m.register_forward_hook(hook))
     p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     try:
@@ -61,8 +64,10 @@ def linear_signals(model: nn.Module, params: Mapping[str, Tensor],
     finally:
         for h in hooks:
             h.remove()
-    return {n: LayerSignals(seen[n][0], seen[n][1], g)
-            for (n, _), g in zip(weights.items(), grads, strict=True)}
+    return {
+        n: LayerSignals(seen[n][0], seen[n][1], g)
+        for (n, _), g in zip(weights.items(), grads, strict=True)
+    }
 
 
 def gradmax_directions(out_grad: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,8 +83,14 @@ def gradmax_directions(out_grad: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor
     return u, s
 
 
-def gradmax_plan(group: UnitGroup, params: Mapping[str, Tensor], out_grad: Tensor,
-                 inputs: Tensor, k: int, scale: float = 1.0) -> Surgery:
+def gradmax_plan(
+    group: UnitGroup,
+    params: Mapping[str, Tensor],
+    out_grad: Tensor,
+    inputs: Tensor,
+    k: int,
+    scale: float = 1.0,
+) -> Surgery:
     """Add ``k`` units with zero fan-in and fan-out ``scale * U[:, :k]`` (GradMax).
 
     The function is unchanged; the new fan-in weights' gradient norm is the largest possible
@@ -90,14 +101,21 @@ def gradmax_plan(group: UnitGroup, params: Mapping[str, Tensor], out_grad: Tenso
     (cons,) = _linear_consumer(group, params)
     u, _ = gradmax_directions(out_grad, inputs)
     if k > u.shape[1]:
-        raise ValueError(f"GradMax can give at most rank(M) = {u.shape[1]} directions "
-                         f"(asked for {k}); grow by fewer units or use split_plan")
+        raise ValueError(
+            f"GradMax can give at most rank(M) = {u.shape[1]} directions "
+            f"(asked for {k}); grow by fewer units or use split_plan"
+        )
     w_new = (u[:, :k] * scale).to(params[cons.key].dtype)  # (n_out, k)
     return grow_plan(group, group.width(params), {cons.key: w_new})
 
 
-def zero_plan(group: UnitGroup, params: Mapping[str, Tensor], k: int, init_std: float = 1e-2,
-              generator: torch.Generator | None = None) -> Surgery:
+def zero_plan(
+    group: UnitGroup,
+    params: Mapping[str, Tensor],
+    k: int,
+    init_std: float = 1e-2,
+    generator: torch.Generator | None = None,
+) -> Surgery:
     """Add ``k`` units with zero fan-out and small random fan-in ``N(0, init_std^2)``: the
     function is unchanged and the fan-out weights get the gradient ``delta h_new^T``."""
     w = params[group.producers[0].key]
@@ -105,8 +123,13 @@ def zero_plan(group: UnitGroup, params: Mapping[str, Tensor], k: int, init_std: 
     return grow_plan(group, group.width(params), {group.producers[0].key: fan_in})
 
 
-def split_plan(group: UnitGroup, params: Mapping[str, Tensor], units: Tensor,
-               noise: float = 0.1, generator: torch.Generator | None = None) -> Surgery:
+def split_plan(
+    group: UnitGroup,
+    params: Mapping[str, Tensor],
+    units: Tensor,
+    noise: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Surgery:
     """Net2Net: duplicate ``units`` (distinct indices); the fan-out of unit ``j`` is split as
     ``a_j`` (original) and ``1 - a_j`` (copy), ``a_j = 1/2 + noise * U(-1/2, 1/2)``.
 
@@ -130,9 +153,13 @@ class GrowthDecision(NamedTuple):
     reference: float  # the existing units' mean normalised fan-in gradient norm
 
 
-def growth_criterion(signals_producer: LayerSignals, signals_consumer: LayerSignals,
-                     consumer_weight: Tensor, threshold: float = 1.0,
-                     max_new: int = 8) -> GrowthDecision:
+def growth_criterion(
+    signals_producer: LayerSignals,
+    signals_consumer: LayerSignals,
+    consumer_weight: Tensor,
+    threshold: float = 1.0,
+    max_new: int = 8,
+) -> GrowthDecision:
     """How many units to add to the layer between ``producer`` and ``consumer``.
 
     An existing unit ``j`` gets a fan-in gradient of norm ``g_j = ||dL/dW_P[j]||`` for a fan-out
@@ -150,8 +177,13 @@ def growth_criterion(signals_producer: LayerSignals, signals_consumer: LayerSign
 
 
 def _linear_consumer(group: UnitGroup, params: Mapping[str, Tensor]):
-    if len(group.consumers) != 1 or group.consumers[0].repeat != 1 or \
-            params[group.consumers[0].key].dim() != 2:
-        raise ValueError("GradMax growth is implemented for Linear -> Linear groups (one 2-D "
-                         "consumer, repeat 1); use zero_plan or split_plan for convolutions")
+    if (
+        len(group.consumers) != 1
+        or group.consumers[0].repeat != 1
+        or params[group.consumers[0].key].dim() != 2
+    ):
+        raise ValueError(
+            "GradMax growth is implemented for Linear -> Linear groups (one 2-D "
+            "consumer, repeat 1); use zero_plan or split_plan for convolutions"
+        )
     return group.consumers

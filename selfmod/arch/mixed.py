@@ -30,8 +30,13 @@ from selfmod.arch.surgery import drop_torch_params, rename_state
 MODES = ("darts", "gdas")
 
 
-def mixture_weights(alpha: Tensor, mode: str = "darts", tau: float = 1.0, training: bool = True,
-                    generator: torch.Generator | None = None) -> Tensor:
+def mixture_weights(
+    alpha: Tensor,
+    mode: str = "darts",
+    tau: float = 1.0,
+    training: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Weights ``(K,)`` over candidates: softmax (DARTS), or a straight-through one-hot Gumbel
     sample (GDAS; the one-hot of ``argmax(alpha)`` when not ``training``)."""
     if mode not in MODES:
@@ -70,8 +75,9 @@ class MixedOp(nn.Module):
     """A weighted choice among ``candidates`` (name -> module, same output shape); its
     architecture weights are ``alpha (K,)``, named ``alpha`` in the params."""
 
-    def __init__(self, candidates: Mapping[str, nn.Module], mode: str = "darts",
-                 tau: float = 1.0) -> None:
+    def __init__(
+        self, candidates: Mapping[str, nn.Module], mode: str = "darts", tau: float = 1.0
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
@@ -90,8 +96,12 @@ class MixedOp(nn.Module):
         ops = list(self.ops.values())
         return _combine(self.weights(), [lambda op=op: op(x) for op in ops])
 
-    def chosen(self) -> str:
-        return self.names[int(self.alpha.argmax())]
+    def chosen(self, exclude: Sequence[str] = ()) -> str:
+        """The candidate with the largest ``alpha``, ignoring those named in ``exclude``."""
+        allowed = [i for i, n in enumerate(self.names) if n not in exclude]
+        if not allowed:
+            raise ValueError(f"exclude={list(exclude)} leaves no candidate to choose")
+        return self.names[allowed[int(self.alpha.detach()[allowed].argmax())]]
 
 
 class Connections(nn.Module):
@@ -108,8 +118,9 @@ class Connections(nn.Module):
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         if len(inputs) != self.beta.numel():
-            raise ValueError(f"Connections has {self.beta.numel()} weights but got "
-                             f"{len(inputs)} inputs")
+            raise ValueError(
+                f"Connections has {self.beta.numel()} weights but got {len(inputs)} inputs"
+            )
         return _combine(self.weights(), [lambda t=t: t for t in inputs])
 
 
@@ -161,13 +172,19 @@ class CollapseReport(NamedTuple):
 
     def __str__(self) -> str:
         flag = "COLLAPSED" if self.collapsed else "ok"
-        return (f"[{flag}] {len(self.parameter_free)}/{len(self.choices)} mixed ops chose a "
-                f"parameter-free op ({', '.join(self.parameter_free) or '-'}); mean weight on "
-                f"parameter-free ops {self.mean_weight:.3f}")
+        return (
+            f"[{flag}] {len(self.parameter_free)}/{len(self.choices)} mixed ops chose a "
+            f"parameter-free op ({', '.join(self.parameter_free) or '-'}); mean weight on "
+            f"parameter-free ops {self.mean_weight:.3f}"
+        )
 
 
-def collapse_report(model: nn.Module, parameter_free: Sequence[str] = ("skip", "none"),
-                    threshold: float = 0.5, warn: bool = True) -> CollapseReport:
+def collapse_report(
+    model: nn.Module,
+    parameter_free: Sequence[str] = ("skip", "none"),
+    threshold: float = 0.5,
+    warn: bool = True,
+) -> CollapseReport:
     """Detect DARTS's collapse onto parameter-free ops (skip, none) among ``model``'s MixedOps.
 
     ``collapsed`` when more than ``threshold`` of the mixed ops choose one; with ``warn`` a
@@ -195,10 +212,17 @@ def collapse_report(model: nn.Module, parameter_free: Sequence[str] = ("skip", "
 # ----------------------------------------------------------------------------- discretise
 
 
-def discretise(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()
-               ) -> dict[str, str | None]:
+def discretise(
+    model: nn.Module,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    exclude: Sequence[str] = (),
+) -> dict[str, str | None]:
     """Replace every :class:`MixedOp` by its ``argmax(alpha)`` candidate and every
     :class:`Connections` by a :class:`Pick` of ``argmax(beta)``, in place.
+
+    ``exclude`` names candidates never chosen: DARTS derives its cells with ``("none",)``; after
+    :func:`collapse_report` flags a collapse, ``("none", "skip")`` is the guard's remedy. The
+    eval function is kept only when no argmax is excluded.
 
     Returns the key mapping ``old param name -> new name`` (``None``: removed: the
     architecture weights and the unchosen candidates). The chosen op's parameters are the same
@@ -211,7 +235,7 @@ def discretise(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, MixedOp | Connections)]
     for name, m in targets:
         if isinstance(m, MixedOp):
-            new: nn.Module = m.ops[m.chosen()]
+            new: nn.Module = m.ops[m.chosen(exclude)]
         else:
             new = Pick(int(m.beta.argmax()))
         parent_name, _, attr = name.rpartition(".")
@@ -223,8 +247,9 @@ def discretise(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (
     for opt in optimizers:
         if hasattr(opt, "functional_state"):
             before = opt.param_groups[0]["params"]
-            ren = {n: by_id[id(p)] for n, p in zip(opt.names, before, strict=True)
-                   if id(p) in by_id}
+            ren = {
+                n: by_id[id(p)] for n, p in zip(opt.names, before, strict=True) if id(p) in by_id
+            }
             drop_torch_params(opt, gone)
             opt.names = [ren[n] for n in opt.names]
             opt.functional_state = rename_state(opt.functional_state, ren)
@@ -233,13 +258,17 @@ def discretise(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (
     return mapping
 
 
-def rename_params(params: Mapping[str, Tensor], mapping: Mapping[str, str | None]
-                  ) -> dict[str, Tensor]:
+def rename_params(
+    params: Mapping[str, Tensor], mapping: Mapping[str, str | None]
+) -> dict[str, Tensor]:
     """Functional params after :func:`discretise`: renamed, removed ones dropped."""
     return {mapping.get(k, k): v for k, v in params.items() if mapping.get(k, k) is not None}
 
 
 def architecture_params(model: nn.Module) -> dict[str, Tensor]:
     """The architecture weights (``alpha`` of MixedOps, ``beta`` of Connections) by name."""
-    return {k: v for k, v in model.named_parameters()
-            if k.endswith(".alpha") or k.endswith(".beta") or k in ("alpha", "beta")}
+    return {
+        k: v
+        for k, v in model.named_parameters()
+        if k.endswith(".alpha") or k.endswith(".beta") or k in ("alpha", "beta")
+    }

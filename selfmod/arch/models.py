@@ -23,8 +23,12 @@ class GrowReLU(nn.Module):
         return x.clamp_min(0.0)
 
 
-def gated_mlp(sizes: Sequence[int], gate: type[nn.Module] | None = HardConcreteGate,
-              activation: type[nn.Module] = nn.ReLU, **gate_kwargs) -> nn.Sequential:
+def gated_mlp(
+    sizes: Sequence[int],
+    gate: type[nn.Module] | None = HardConcreteGate,
+    activation: type[nn.Module] = nn.ReLU,
+    **gate_kwargs,
+) -> nn.Sequential:
     """``Linear -> act -> gate -> ... -> Linear``; ``gate=None`` gives a plain MLP whose
     hidden layers can still be grown or pruned by surgery."""
     if len(sizes) < 2:
@@ -39,8 +43,13 @@ def gated_mlp(sizes: Sequence[int], gate: type[nn.Module] | None = HardConcreteG
     return nn.Sequential(*layers)
 
 
-def gated_cnn1d(length: int, channels: Sequence[int], num_classes: int, kernel_size: int = 5,
-                gate: type[nn.Module] | None = HardConcreteGate) -> nn.Sequential:
+def gated_cnn1d(
+    length: int,
+    channels: Sequence[int],
+    num_classes: int,
+    kernel_size: int = 5,
+    gate: type[nn.Module] | None = HardConcreteGate,
+) -> nn.Sequential:
     """``(B, C_0, L)`` -> ``Conv1d -> ReLU -> gate`` per entry of ``channels[1:]`` (same padding)
     -> ``Flatten -> Linear(num_classes)``."""
     layers: list[nn.Module] = []

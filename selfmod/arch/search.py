@@ -38,9 +38,18 @@ class SearchCNN1d(nn.Module):
     and applies a ``MixedOp`` over ``ops``. ``ops`` of length 1 gives a fixed network.
     """
 
-    def __init__(self, length: int, channels: int = 32, cells: int = 4, num_classes: int = 10,
-                 ops: Sequence[str] = OPS, mode: str = "darts", tau: float = 1.0,
-                 pool: int = 2, connections: bool = True) -> None:
+    def __init__(
+        self,
+        length: int,
+        channels: int = 32,
+        cells: int = 4,
+        num_classes: int = 10,
+        ops: Sequence[str] = OPS,
+        mode: str = "darts",
+        tau: float = 1.0,
+        pool: int = 2,
+        connections: bool = True,
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv1d(1, channels, 5, padding=2), nn.ReLU())
         self.cells = nn.ModuleList()
@@ -50,10 +59,12 @@ class SearchCNN1d(nn.Module):
                 self.cells.append(candidate_op(ops[0], channels))
             else:
                 self.cells.append(MixedOp({o: candidate_op(o, channels) for o in ops}, mode, tau))
-            self.inputs.append(Connections(i + 1, mode, tau) if connections and i > 0
-                               else nn.Identity())
-        self.head = nn.Sequential(nn.MaxPool1d(pool), nn.Flatten(),
-                                  nn.Linear(channels * (length // pool), num_classes))
+            self.inputs.append(
+                Connections(i + 1, mode, tau) if connections and i > 0 else nn.Identity()
+            )
+        self.head = nn.Sequential(
+            nn.MaxPool1d(pool), nn.Flatten(), nn.Linear(channels * (length // pool), num_classes)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2:

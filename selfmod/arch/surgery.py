@@ -71,8 +71,9 @@ class Surgery(NamedTuple):
 # ----------------------------------------------------------------------------- core maths
 
 
-def take_units(x: Tensor, slot: Slot, index: Tensor, fill: Tensor | None = None,
-               scale: Tensor | None = None) -> Tensor:
+def take_units(
+    x: Tensor, slot: Slot, index: Tensor, fill: Tensor | None = None, scale: Tensor | None = None
+) -> Tensor:
     """``x`` re-indexed along ``slot.dim`` by unit ``index`` (out of place, differentiable).
 
     ``x (..., n_old * repeat, ...) -> (..., len(index) * repeat, ...)``.
@@ -81,11 +82,14 @@ def take_units(x: Tensor, slot: Slot, index: Tensor, fill: Tensor | None = None,
     index = torch.as_tensor(index, dtype=torch.long, device=x.device)
     n_old = x.shape[dim] // r
     if x.shape[dim] % r:
-        raise ValueError(f"{slot.key}: size {x.shape[dim]} along dim {dim} is not a multiple of "
-                         f"repeat={r}; check the unit group")
+        raise ValueError(
+            f"{slot.key}: size {x.shape[dim]} along dim {dim} is not a multiple of "
+            f"repeat={r}; check the unit group"
+        )
     if index.numel() and int(index.max()) >= n_old:
-        raise IndexError(f"{slot.key}: unit index {int(index.max())} out of range for "
-                         f"{n_old} units")
+        raise IndexError(
+            f"{slot.key}: unit index {int(index.max())} out of range for {n_old} units"
+        )
     offs = torch.arange(r, device=x.device)
     full = (index.clamp(min=0)[:, None] * r + offs).reshape(-1)  # (n_new * r,)
     out = x.index_select(dim, full)
@@ -96,8 +100,10 @@ def take_units(x: Tensor, slot: Slot, index: Tensor, fill: Tensor | None = None,
             out = out.index_fill(dim, pos, 0.0)
         else:
             if fill.shape[dim] != pos.numel():
-                raise ValueError(f"fill for {slot.key} has size {fill.shape[dim]} along dim {dim}"
-                                 f"; the surgery adds {pos.numel() // r} units x repeat {r}")
+                raise ValueError(
+                    f"fill for {slot.key} has size {fill.shape[dim]} along dim {dim}"
+                    f"; the surgery adds {pos.numel() // r} units x repeat {r}"
+                )
             out = out.index_copy(dim, pos, fill.to(out.dtype))
     if scale is not None:
         s = scale.to(out.dtype).repeat_interleave(r)
@@ -111,8 +117,9 @@ def apply_params(surgery: Surgery, params: Mapping[str, Tensor]) -> Params:
     """The params after ``surgery``; keys outside the group are passed through."""
     out = dict(params)
     for s in surgery.group.slots():
-        out[s.key] = take_units(params[s.key], s, surgery.index, surgery.fill.get(s.key),
-                                surgery.scale.get(s.key))
+        out[s.key] = take_units(
+            params[s.key], s, surgery.index, surgery.fill.get(s.key), surgery.scale.get(s.key)
+        )
     return out
 
 
@@ -137,8 +144,14 @@ def map_state(state: Any, shapes: Mapping[str, torch.Size], fn) -> Any:
     """Rebuild ``state`` with ``fn(key, x)`` applied to each tensor ``x`` found under a dict key
     in ``shapes`` whose shape equals ``shapes[key]``."""
     if isinstance(state, Mapping):
-        return {k: (fn(k, v) if k in shapes and isinstance(v, Tensor) and v.shape == shapes[k]
-                    else map_state(v, shapes, fn)) for k, v in state.items()}
+        return {
+            k: (
+                fn(k, v)
+                if k in shapes and isinstance(v, Tensor) and v.shape == shapes[k]
+                else map_state(v, shapes, fn)
+            )
+            for k, v in state.items()
+        }
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         return type(state)(*(map_state(v, shapes, fn) for v in state))
     if isinstance(state, tuple | list):
@@ -151,8 +164,11 @@ def rename_state(state: Any, mapping: Mapping[str, str | None]) -> Any:
     include any key of ``mapping``; used when discretising renames or removes params."""
     if isinstance(state, Mapping):
         if any(k in mapping for k in state):
-            return {mapping.get(k, k): rename_state(v, mapping) for k, v in state.items()
-                    if mapping.get(k, k) is not None}
+            return {
+                mapping.get(k, k): rename_state(v, mapping)
+                for k, v in state.items()
+                if mapping.get(k, k) is not None
+            }
         return {k: rename_state(v, mapping) for k, v in state.items()}
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         return type(state)(*(rename_state(v, mapping) for v in state))
@@ -161,8 +177,12 @@ def rename_state(state: Any, mapping: Mapping[str, str | None]) -> Any:
     return state
 
 
-def apply_torch_optimizer(surgery: Surgery, optimizer: torch.optim.Optimizer,
-                          old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> None:
+def apply_torch_optimizer(
+    surgery: Surgery,
+    optimizer: torch.optim.Optimizer,
+    old: Mapping[str, Tensor],
+    new: Mapping[str, Tensor],
+) -> None:
     """Swap ``old[key]`` for ``new[key]`` in ``optimizer`` (a stateful wrapper: in place) and
     re-index its state to match.
 
@@ -172,22 +192,34 @@ def apply_torch_optimizer(surgery: Surgery, optimizer: torch.optim.Optimizer,
     slots = {s.key: s for s in surgery.group.slots()}
     if hasattr(optimizer, "functional_state"):
         # selfmod.optim.Optimizer: its state is keyed by its own names; match params by identity
-        name_of = {id(p): n for n, p in zip(optimizer.names, optimizer.param_groups[0]["params"],
-                                            strict=True)}
+        name_of = {
+            id(p): n
+            for n, p in zip(optimizer.names, optimizer.param_groups[0]["params"], strict=True)
+        }
         own = {name_of[id(old[k])]: k for k in slots if id(old[k]) in name_of}
-        group = UnitGroup(*(tuple(s._replace(key=n) for n in own for s in part if s.key == own[n])
-                            for part in (surgery.group.producers, surgery.group.consumers)))
+        group = UnitGroup(
+            *(
+                tuple(s._replace(key=n) for n in own for s in part if s.key == own[n])
+                for part in (surgery.group.producers, surgery.group.consumers)
+            )
+        )
         optimizer.functional_state = apply_state(
-            surgery._replace(group=group), optimizer.functional_state,
-            {n: old[k] for n, k in own.items()})
+            surgery._replace(group=group),
+            optimizer.functional_state,
+            {n: old[k] for n, k in own.items()},
+        )
     swap_torch_params(optimizer, {id(old[k]): new[k] for k in slots})
     for k, s in slots.items():
         st = optimizer.state.pop(old[k], None)
         if st:
             optimizer.state[new[k]] = {
-                name: (take_units(v, s, surgery.index)
-                       if isinstance(v, Tensor) and v.shape == old[k].shape else v)
-                for name, v in st.items()}
+                name: (
+                    take_units(v, s, surgery.index)
+                    if isinstance(v, Tensor) and v.shape == old[k].shape
+                    else v
+                )
+                for name, v in st.items()
+            }
 
 
 def swap_torch_params(optimizer: torch.optim.Optimizer, by_id: Mapping[int, Tensor]) -> None:
@@ -220,8 +252,9 @@ def prune_plan(group: UnitGroup, keep: Tensor) -> Surgery:
     """Keep the units where the boolean ``keep (C,)`` is true, in order."""
     keep = torch.as_tensor(keep)
     if keep.dtype != torch.bool:
-        raise TypeError(f"keep must be a boolean mask (got {keep.dtype}); use index_plan for "
-                        f"an index")
+        raise TypeError(
+            f"keep must be a boolean mask (got {keep.dtype}); use index_plan for an index"
+        )
     if not bool(keep.any()):
         raise ValueError("pruning would remove every unit of the layer; keep at least one")
     return Surgery(group, keep.nonzero().squeeze(1))
@@ -244,15 +277,31 @@ def _slot(group: UnitGroup, key: str) -> Slot:
     for s in group.slots():
         if s.key == key:
             return s
-    raise KeyError(f"{key!r} is not a slot of the unit group (slots: "
-                   f"{[s.key for s in group.slots()]})")
+    raise KeyError(
+        f"{key!r} is not a slot of the unit group (slots: {[s.key for s in group.slots()]})"
+    )
 
 
 # ----------------------------------------------------------------------------- modules
 
-_PASS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Dropout, nn.Identity,
-         nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-         nn.AdaptiveAvgPool2d, nn.Flatten, GrowReLU)
+_PASS = (
+    nn.ReLU,
+    nn.GELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.SiLU,
+    nn.LeakyReLU,
+    nn.Dropout,
+    nn.Identity,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    GrowReLU,
+)
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _GATES = {HardConcreteGate: "log_alpha", StraightThroughGate: "scores"}
 
@@ -275,10 +324,12 @@ def sequential_groups(model: nn.Sequential, prefix: str = "") -> list[UnitGroup]
             if producers:
                 fan_in = m.weight.shape[1]
                 if fan_in % width:
-                    raise ValueError(f"{full}: {fan_in} inputs is not a multiple of the "
-                                     f"{width} units before it")
-                groups.append(UnitGroup(tuple(producers), (Slot(f"{full}.weight", 1,
-                                                                fan_in // width),)))
+                    raise ValueError(
+                        f"{full}: {fan_in} inputs is not a multiple of the {width} units before it"
+                    )
+                groups.append(
+                    UnitGroup(tuple(producers), (Slot(f"{full}.weight", 1, fan_in // width),))
+                )
             producers = [Slot(f"{full}.weight", 0)]
             if m.bias is not None:
                 producers.append(Slot(f"{full}.bias", 0))
@@ -288,13 +339,16 @@ def sequential_groups(model: nn.Sequential, prefix: str = "") -> list[UnitGroup]
         elif isinstance(m, _PASS):
             continue
         else:
-            raise TypeError(f"{full}: {type(m).__name__} is not supported by sequential_groups; "
-                            f"build the UnitGroup by hand")
+            raise TypeError(
+                f"{full}: {type(m).__name__} is not supported by sequential_groups; "
+                f"build the UnitGroup by hand"
+            )
     return groups
 
 
-def operate(model: nn.Module, surgeries: Iterable[Surgery],
-            optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+def operate(
+    model: nn.Module, surgeries: Iterable[Surgery], optimizers: Iterable[torch.optim.Optimizer] = ()
+) -> None:
     """Apply ``surgeries`` in order to a stateful ``model`` (new ``nn.Parameter`` objects) and
     re-index the state of each optimizer over its parameters. The thin wrapper over
     :func:`apply_params` and :func:`apply_torch_optimizer`."""
@@ -307,8 +361,9 @@ def operate(model: nn.Module, surgeries: Iterable[Surgery],
         for s in surgery.group.slots():
             mod_name, _, attr = s.key.rpartition(".")
             mod = model.get_submodule(mod_name)
-            p = nn.Parameter(new_vals[s.key].detach().clone(),
-                             requires_grad=old[s.key].requires_grad)
+            p = nn.Parameter(
+                new_vals[s.key].detach().clone(), requires_grad=old[s.key].requires_grad
+            )
             setattr(mod, attr, p)
             new[s.key] = p
             _sync_sizes(mod)
