@@ -58,7 +58,7 @@ class FiniteMonitor:
     def record(self, loss: Tensor, grads: Sequence[Tensor]) -> None:
         with torch.no_grad():
             self.losses.append(loss.detach())
-            self.grad_norms.append(torch._foreach_norm([g.detach() for g in grads]))
+            self.grad_norms.append(torch._foreach_norm(list(grads)))
         if len(self.losses) >= CHECK_EVERY:
             self.check()
 

@@ -59,27 +59,43 @@ class FrozenHParams(dict):
 
     def __init__(self, hparams: Mapping[str, Tensor]) -> None:
         super().__init__(hparams)
-        self.resolved: dict[int, Any] = {}
+        self.resolved: dict[tuple[int, Any], Any] = {}
 
 
-def resolve(value: HParam, hparams: HParams | None, name: str) -> Scalar | Mapping[str, Scalar]:
-    """Evaluate a hyperparameter: call it on ``hparams`` if it is a callable.
+def resolve(
+    value: HParam,
+    hparams: HParams | None,
+    name: str,
+    then: Callable[[Any], Any] | None = None,
+) -> Scalar | Mapping[str, Scalar]:
+    """Evaluate a hyperparameter: call it on ``hparams`` if it is a callable, then ``then``.
 
-    Returns a float, a 0-dim tensor, or a dict of those keyed by parameter name.
+    Returns a float, a 0-dim tensor, or a dict of those keyed by parameter name. Under
+    :class:`FrozenHParams` the result (after ``then``) is computed once per unroll.
     """
     if not callable(value):
-        return value
+        return value if then is None else then(value)
     if hparams is None:
         raise ValueError(
             f"{name} is a callable of hparams but update() got hparams=None; "
             f"pass the hparams dict to update()"
         )
     if isinstance(hparams, FrozenHParams):
-        cached = hparams.resolved.get(id(value))
+        key = (id(value), then)
+        cached = hparams.resolved.get(key)
         if cached is None:
-            cached = hparams.resolved[id(value)] = value(hparams)
+            cached = value(hparams)
+            cached = hparams.resolved[key] = cached if then is None else then(cached)
         return cached
-    return value(hparams)
+    resolved = value(hparams)
+    return resolved if then is None else then(resolved)
+
+
+def negate(value: Scalar | Mapping[str, Scalar]) -> Scalar | dict[str, Scalar]:
+    """``-value`` for a scalar or every entry of a per-tensor dict."""
+    if isinstance(value, Mapping):
+        return {k: -v for k, v in value.items()}
+    return -value
 
 
 def per_key(value: Scalar | Mapping[str, Scalar], key: str, name: str) -> Scalar:

@@ -19,6 +19,7 @@ from selfmod.optim.base import (
     HParam,
     Params,
     check_range,
+    negate,
     per_key,
     resolve,
 )
@@ -64,27 +65,24 @@ def _stateless(name: str, value: HParam, fn) -> GradientTransformation:
     return GradientTransformation(lambda params: EmptyState(), update)
 
 
-def multiply(updates: Params, factor: Any, name: str, negate: bool = False) -> Params:
-    """``u_k <- (+/-) factor_k * u_k`` for every tensor in one fused ``foreach`` op.
+def multiply(updates: Params, factor: Any, name: str) -> Params:
+    """``u_k <- factor_k * u_k`` for every tensor in one fused ``foreach`` op.
 
     ``factor`` is a float, a 0-dim tensor, or a dict of those keyed like ``updates``. One
     autograd node for all tensors instead of one per tensor: this is on every inner step.
     """
     keys, us = list(updates), list(updates.values())
+    if not isinstance(factor, Mapping | Tensor):
+        return dict(zip(keys, torch._foreach_mul(us, factor), strict=True))
     factors = [per_key(factor, k, name) for k in keys] if isinstance(factor, Mapping) else None
-    if factors is None and not isinstance(factor, Tensor):
-        return dict(zip(keys, torch._foreach_mul(us, -factor if negate else factor), strict=True))
     if factors is None:
         factors = [factor] * len(keys)
-    if all(not isinstance(f, Tensor) for f in factors):
-        scalars = [-f if negate else f for f in factors]
-        return dict(zip(keys, torch._foreach_mul(us, scalars), strict=True))
+    elif all(not isinstance(f, Tensor) for f in factors):
+        return dict(zip(keys, torch._foreach_mul(us, factors), strict=True))
     tensors = [
         f if isinstance(f, Tensor) else torch.as_tensor(f, dtype=u.dtype)
         for f, u in zip(factors, us, strict=True)
     ]
-    if negate:
-        tensors = torch._foreach_neg(tensors)
     return dict(zip(keys, torch._foreach_mul(us, tensors), strict=True))
 
 
@@ -102,7 +100,7 @@ def scale_by_learning_rate(lr: HParam) -> GradientTransformation:
     check_range("lr", lr, 0.0)
 
     def update(updates, state, params=None, hparams=None):
-        return multiply(updates, resolve(lr, hparams, "lr"), "lr", negate=True), state
+        return multiply(updates, resolve(lr, hparams, "lr", then=negate), "lr"), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
