@@ -210,6 +210,8 @@ def result(
         for k, g in group.items():
             if not torch.isfinite(g).all():
                 raise NonFiniteError(
-                    f"meta-gradient for {name}[{k!r}]", hint="for Adam or RMSprop pass eps_root > 0"
+                    f"meta-gradient for {name}[{k!r}]",
+                    hint="a sqrt or division at 0 on the differentiable path? "
+                    "(Adam, RMSprop: pass eps_root > 0)",
                 )
     return HypergradResult(value.detach(), h, p, tree.detach(final_params))

@@ -19,6 +19,7 @@ from selfmod.optim.hypergradient import (
     HypergradientState,
     adam_hd,
     hypergradient_descent,
+    hyperoptimizer_stack,
     sgd_hd,
 )
 from selfmod.optim.transforms import (
@@ -56,6 +57,7 @@ __all__ = [
     "clip",
     "clip_by_global_norm",
     "hypergradient_descent",
+    "hyperoptimizer_stack",
     "identity",
     "per_key",
     "resolve",

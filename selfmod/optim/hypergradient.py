@@ -1,14 +1,18 @@
-"""Online hypergradient descent: an optimizer that tunes its own learning rate every step.
+"""Online hypergradient descent, and stacks of it where each level's step size is learned by
+the level above.
 
 With ``theta_t = theta_{t-1} - alpha d_{t-1}``, the derivative of the new loss with respect to
-the learning rate is ``df(theta_t)/dalpha = -g_t . d_{t-1}``, so one extra dot product per step
-gives ``alpha_t = alpha_{t-1} + beta g_t . d_{t-1}`` before stepping ``theta_{t+1} = theta_t -
-alpha_t d_t``. ``d`` is the raw gradient for SGD-HD and Adam's direction for Adam-HD.
-References: Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient Descent".
+the learning rate is ``h_t = dL(theta_t)/dalpha = -g_t . d_{t-1}``, so one extra dot product per
+step gives ``alpha_t = alpha_{t-1} - beta h_t`` (SGD-HD: ``d`` is the gradient; Adam-HD: Adam's
+direction). Stacking: ``beta`` itself moves by ``beta_t = beta_{t-1} - gamma h'_t`` with
+``h'_t = dL_t/dbeta = -h_t h_{t-1}``, and so on up to a fixed top step size.
+References: Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient Descent";
+Chandra et al. 2022, "Gradient Descent: The Ultimate Optimizer".
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -20,48 +24,83 @@ from selfmod.optim.transforms import identity, scale_by_adam
 
 
 class HypergradientState(NamedTuple):
-    lr: Tensor | Params  # current learning rate: 0-dim, or one 0-dim tensor per param tensor
+    lr: Tensor | Params  # level-0 learning rate: 0-dim, or one 0-dim tensor per param tensor
+    hyper_lrs: Tensor  # (height - 1,) rates r_1..r_{H-1}; the top rate r_H stays fixed
+    hypergrads: Tensor  # (height,) last step's hypergradients h_0..h_{H-1} of r_0..r_{H-1}
     direction: Params  # previous step direction d_{t-1}, shaped like params
     inner: Any  # state of the direction transform
 
 
-def hypergradient_descent(
-    lr: float,
-    hyper_lr: float,
-    direction: GradientTransformation | None = None,
-    per_tensor: bool = False,
-) -> GradientTransformation:
+def hyperoptimizer_stack(lr: float, hyper_lrs: Sequence[float],
+                         direction: GradientTransformation | None = None,
+                         per_tensor: bool = False) -> GradientTransformation:
     """Descend along ``direction`` (default: the raw gradient) with a learning rate adapted by
-    its own hypergradient. ``per_tensor`` keeps one learning rate per parameter tensor.
+    its hypergradient; ``hyper_lrs = [beta_1, ..., beta_H]``: ``beta_i`` is the step size of
+    level ``i-1``'s rate, adapted in turn by ``beta_{i+1}``; ``beta_H`` is fixed.
 
-    The current learning rate is ``state.lr``. ``grads`` must be the loss gradient.
+    Height 1 (``hyper_lrs=[beta]``) is hypergradient descent. ``per_tensor`` keeps one level-0
+    rate per parameter tensor. ``grads`` must be the loss gradient. Hypergradients multiply up
+    the stack (``h_i ~ h_{i-1}^2``), so keep ``g . d`` of order 1 or below, or the top levels
+    run away.
     """
     check_range("lr", lr, 0.0)
-    check_range("hyper_lr", hyper_lr, 0.0)
+    if len(hyper_lrs) < 1:
+        raise ValueError("hyper_lrs needs at least one step size (got none)")
+    for i, b in enumerate(hyper_lrs):
+        check_range(f"hyper_lrs[{i}]", b, 0.0)
     direction = direction or identity()
+    height = len(hyper_lrs)
+    if per_tensor and height > 1:
+        raise ValueError("per_tensor supports a stack of height 1 (got a height of "
+                         f"{height}); use one rate for all tensors in taller stacks")
+
+    def h_dtype(state: HypergradientState) -> torch.dtype:
+        return state.hypergrads.dtype
 
     def init(params: Params) -> HypergradientState:
         like = next(iter(params.values()))
         lr0 = torch.tensor(float(lr), dtype=like.dtype, device=like.device)
         return HypergradientState(
             {k: lr0.clone() for k in params} if per_tensor else lr0,
+            torch.tensor([float(b) for b in hyper_lrs[:-1]], dtype=like.dtype),
+            like.new_zeros(height),
             tree.zeros_like(params),
             direction.init(params),
         )
 
     def update(grads, state, params=None, hparams=None):
+        # Rates r_0 = lr, r_1..r_{H-1} = state.hyper_lrs (adapted), r_H = hyper_lrs[-1] (fixed);
+        # r_i <- r_i - r_{i+1} h_i with h_i = dL_t/dr_i.
         if per_tensor:
-            rate = {
-                k: a + hyper_lr * torch.sum(grads[k] * state.direction[k])
-                for k, a in state.lr.items()
-            }
+            h0 = {k: -torch.sum(grads[k] * state.direction[k]) for k in grads}
         else:
-            rate = state.lr + hyper_lr * tree.vdot(grads, state.direction)
+            h0 = -tree.vdot(grads, state.direction)
+        hs = [h0]  # h_0; then h_i = -h_{i-1, t} h_{i-1, t-1}
+        for i in range(1, height):
+            hs.append(-hs[i - 1] * state.hypergrads[i - 1])
+        rates = [*state.hyper_lrs, torch.as_tensor(float(hyper_lrs[-1]), dtype=h_dtype(state))]
+        if per_tensor:
+            lr_new = {k: a - rates[0] * h0[k] for k, a in state.lr.items()}
+        else:
+            lr_new = state.lr - rates[0] * h0
+        hyper_new = torch.stack([rates[i - 1] - rates[i] * hs[i] for i in range(1, height)]) \
+            if height > 1 else state.hyper_lrs
         d, inner = direction.update(grads, state.inner, params, hparams)
-        updates = {k: -(rate[k] if per_tensor else rate) * dk for k, dk in d.items()}
-        return updates, HypergradientState(rate, d, inner)
+        updates = {k: -(lr_new[k] if per_tensor else lr_new) * dk for k, dk in d.items()}
+        return updates, HypergradientState(lr_new, hyper_new, torch.stack(hs) if not per_tensor
+                                           else state.hypergrads, d, inner)
 
     return GradientTransformation(init, update)
+
+
+def hypergradient_descent(lr: float, hyper_lr: float,
+                          direction: GradientTransformation | None = None,
+                          per_tensor: bool = False) -> GradientTransformation:
+    """Hypergradient descent (a stack of height 1): ``alpha_t = alpha_{t-1} + beta g_t.d_{t-1}``.
+
+    The current learning rate is ``state.lr``.
+    """
+    return hyperoptimizer_stack(lr, [hyper_lr], direction, per_tensor)
 
 
 def sgd_hd(lr: float, hyper_lr: float = 1e-3, per_tensor: bool = False) -> GradientTransformation:
@@ -69,13 +108,7 @@ def sgd_hd(lr: float, hyper_lr: float = 1e-3, per_tensor: bool = False) -> Gradi
     return hypergradient_descent(lr, hyper_lr, None, per_tensor)
 
 
-def adam_hd(
-    lr: float = 1e-3,
-    hyper_lr: float = 1e-7,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    per_tensor: bool = False,
-) -> GradientTransformation:
+def adam_hd(lr: float = 1e-3, hyper_lr: float = 1e-7, b1: float = 0.9, b2: float = 0.999,
+            eps: float = 1e-8, per_tensor: bool = False) -> GradientTransformation:
     """Adam-HD (Baydin et al. 2018): hypergradient descent along Adam's direction."""
     return hypergradient_descent(lr, hyper_lr, scale_by_adam(b1, b2, eps), per_tensor)
