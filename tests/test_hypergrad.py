@@ -342,3 +342,38 @@ def test_inputs_are_not_modified(problem):
     _run(problem, "adam", "reverse")
     for k, v in problem["params"].items():
         assert torch.equal(v, before[k]) and not v.requires_grad
+
+
+@pytest.mark.parametrize("method", [*EXACT, "implicit", "finite_difference"])
+def test_final_state_continues_training_where_the_unroll_stopped(problem, method):
+    """Running K steps then K more from (final_params, final_state) equals 2K steps in one go."""
+    opt = problem["optimizers"]["adam"]
+    options = {
+        **EXACT.get(method, {}),
+        **({"wrt_params": False} if method == "finite_difference" else {}),
+    }
+    first = _run(problem, "adam", method, **options)
+    assert first.final_state is not None
+    second = hypergrad.reverse(
+        problem["inner"],
+        problem["outer"],
+        opt,
+        first.final_params,
+        problem["hparams"],
+        problem["batches"],
+        problem["outer_batch"],
+        state=first.final_state,
+    )
+    both = hypergrad.reverse(
+        problem["inner"],
+        problem["outer"],
+        opt,
+        problem["params"],
+        problem["hparams"],
+        problem["batches"] * 2,
+        problem["outer_batch"],
+    )
+    for k in problem["params"]:
+        torch.testing.assert_close(
+            second.final_params[k], both.final_params[k], rtol=1e-12, atol=1e-14
+        )

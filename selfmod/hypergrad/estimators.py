@@ -119,6 +119,7 @@ def _reverse_tail(
         p_start if head == 0 else None,
         grads[len(h) :] if head == 0 else None,
         p,
+        s,
     )
 
 
@@ -159,6 +160,7 @@ def checkpointed(
             inner_loss, optimizer, p, s, h_const, batches[a:b], create_graph=False, monitor=monitor
         )
     monitor.check()
+    final_state = s
     rng_after = torch.get_rng_state()
     p_final = tree.detach(p, requires_grad=True)
     value = outer_value(outer_loss, p_final, h, outer_batch)
@@ -187,7 +189,7 @@ def checkpointed(
         h_grad = [x + y for x, y in zip(h_grad, g[: len(h)], strict=True)]
         adj_p, adj_s = g[len(h) : len(h) + len(p_in)], g[len(h) + len(p_in) :]
     torch.set_rng_state(rng_after)
-    return result(value, h, h_grad, p0, adj_p, p_final)
+    return result(value, h, h_grad, p0, adj_p, p_final, final_state)
 
 
 def finite_difference(
@@ -236,7 +238,7 @@ def finite_difference(
     pgrads = gradient(p0, lambda p: f(p, h)) if wrt_params else None
     torch.set_rng_state(rng)
     s = optimizer.init(p0) if state is None else state
-    pk, _ = run(inner_loss, optimizer, p0, s, h, batches, create_graph=False)
+    pk, s = run(inner_loss, optimizer, p0, s, h, batches, create_graph=False)
     with torch.no_grad():
         value = outer_loss(pk, h, outer_batch)
-    return result(value, h, hgrads, p0 if wrt_params else None, pgrads, pk)
+    return result(value, h, hgrads, p0 if wrt_params else None, pgrads, pk, s)

@@ -77,7 +77,7 @@ def forward(
     through = sum(torch.einsum("n...,...->n", tp[k], g_p[k]) for k in g_p)
     through = through.split(sizes) if n else []
     hgrads: list[Tensor] = [d + t.reshape(d.shape) for d, t in zip(g_h, through, strict=True)]
-    return result(value, h, hgrads, None, None, p_final)
+    return result(value, h, hgrads, None, None, p_final, rebuild(s_leaves))
 
 
 def _tangent_step(inner_loss, optimizer, p, s_leaves, rebuild, h, batch, tp, ts, basis):

@@ -77,7 +77,7 @@ def implicit(
         hessian_batch = batches[-1]
     state = optimizer.init(p0) if state is None else state
     monitor = FiniteMonitor()
-    pk, _ = run(
+    pk, final_state = run(
         inner_loss,
         optimizer,
         tree.detach(p0),
@@ -114,7 +114,7 @@ def implicit(
         v = neumann(hvp, g_w, iters, alpha if alpha is not None else 1.0 / max_eigenvalue(hvp, g_w))
     mixed = grads_or_zeros(list(grad_w), list(h.values()), grad_outputs=v, retain_graph=False)
     hgrads = [d - m for d, m in zip(direct, mixed, strict=True)]
-    return result(value, h, hgrads, None, None, w)
+    return result(value, h, hgrads, None, None, w, final_state)
 
 
 def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:

@@ -35,12 +35,15 @@ class HypergradResult:
         params: ``d value / d initial params``, keyed like ``params``; ``None`` where the
             method cannot give it (truncated with ``window < K``, forward, implicit).
         final_params: the trained params, detached.
+        final_state: the optimizer state after the K steps, detached (to continue training,
+            e.g. in persistent truncated unrolls); ``None`` where a method does not track it.
     """
 
     value: Tensor
     hparams: dict[str, Tensor]
     params: dict[str, Tensor] | None
     final_params: dict[str, Tensor]
+    final_state: Any = None
 
 
 class FiniteMonitor:
@@ -198,6 +201,7 @@ def result(
     params: Params | None,
     pgrads: Sequence[Tensor] | None,
     final_params: Params,
+    final_state: Any = None,
 ) -> HypergradResult:
     """Package gradients as dicts, checking that they are finite."""
     h = {k: g.detach() for k, g in zip(hparams.keys(), hgrads, strict=True)}
@@ -214,4 +218,7 @@ def result(
                     hint="a sqrt or division at 0 on the differentiable path? "
                     "(Adam, RMSprop: pass eps_root > 0)",
                 )
-    return HypergradResult(value.detach(), h, p, tree.detach(final_params))
+    if final_state is not None:
+        leaves, rebuild = tree.partition(final_state)
+        final_state = rebuild([x.detach() for x in leaves])
+    return HypergradResult(value.detach(), h, p, tree.detach(final_params), final_state)

@@ -7,6 +7,7 @@ Labels are relabelled ``0..N-1`` within each episode.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -92,22 +93,30 @@ class TemplateTasks:
     """N-way K-shot episodes over MNIST-1D-style classes made from random templates.
 
     ``num_templates`` templates are drawn once from ``seed``; the first ``train_fraction`` of
-    them are meta-train classes, the rest are held out for meta-test. Each example is a template
-    passed through MNIST-1D's pipeline (padding, scaling, translation, correlated and iid noise,
-    shear, subsampling to 40 samples), standardised with MNIST-1D's own statistics.
+    them are meta-train classes, the rest are held out for meta-test. Each class gets a bank of
+    ``examples_per_class`` examples, made by passing its template through MNIST-1D's pipeline
+    (padding, scaling, translation, correlated and iid noise, shear, subsampling to 40 samples)
+    and standardised with MNIST-1D's own statistics; episodes draw from the banks.
+    ``bank``: ``(num_templates, examples_per_class, 40)``.
     """
 
-    def __init__(self, num_templates: int = 200, train_fraction: float = 0.8, seed: int = 0):
+    def __init__(self, num_templates: int = 200, train_fraction: float = 0.8,
+                 examples_per_class: int = 40, seed: int = 0):
         if num_templates < 4:
             raise ValueError(f"num_templates must be >= 4 (got {num_templates})")
         if not 0.0 < train_fraction < 1.0:
             raise ValueError(f"train_fraction must be in (0, 1) (got {train_fraction})")
+        if examples_per_class < 2:
+            raise ValueError(f"examples_per_class must be >= 2 (got {examples_per_class})")
         from mnist1d.data import get_dataset_args
 
         self.templates = random_templates(num_templates, seed)
         self.n_train = max(2, min(num_templates - 2, round(train_fraction * num_templates)))
-        self.args = get_dataset_args()
-        self.mean, self.std = _mnist1d_scale()
+        mean, std = _mnist1d_scale()
+        labels = np.repeat(np.arange(num_templates), examples_per_class)
+        x = (_transform(self.templates, labels, get_dataset_args(), seed) - mean) / std
+        self.bank = torch.as_tensor(x, dtype=torch.float32).reshape(
+            num_templates, examples_per_class, -1)
 
     def classes(self, split: Split) -> np.ndarray:
         n = len(self.templates)
@@ -117,14 +126,28 @@ class TemplateTasks:
                seed: int = 0) -> Episode:
         pool = self.classes(split)
         _check(n_way, k_shot, queries, len(pool))
-        rng = np.random.default_rng(seed)
-        chosen = rng.choice(pool, size=n_way, replace=False)
         per = k_shot + queries
-        labels = np.repeat(np.arange(n_way), per)
-        x = _transform(self.templates[chosen], labels, self.args, int(rng.integers(2**31)))
-        x = (x - self.mean) / self.std
-        return _split(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(labels),
-                      n_way, k_shot, per)
+        if per > self.bank.shape[1]:
+            raise ValueError(f"k_shot + queries must be <= examples_per_class "
+                             f"({self.bank.shape[1]}) (got {per})")
+        gen = torch.Generator().manual_seed(seed)
+        chosen = torch.as_tensor(pool)[torch.randperm(len(pool), generator=gen)[:n_way]]
+        rows = torch.stack([torch.randperm(self.bank.shape[1], generator=gen)[:per]
+                            for _ in range(n_way)])  # (n_way, per)
+        x = self.bank[chosen[:, None], rows].reshape(n_way * per, -1)
+        labels = torch.arange(n_way).repeat_interleave(per)
+        return _split(x, labels, n_way, k_shot, per)
+
+    def dataset(self, classes: Sequence[int], split_fraction: float = 0.5
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A classification task over ``classes`` (relabelled 0..n-1) from their banks:
+        ``(x_train, y_train, x_test, y_test)``, the first ``split_fraction`` of each bank for
+        training."""
+        n_tr = max(1, round(split_fraction * self.bank.shape[1]))
+        xs = self.bank[list(classes)]  # (n, per_class, 40)
+        labels = torch.arange(len(classes))[:, None].expand(-1, xs.shape[1])
+        return (xs[:, :n_tr].reshape(-1, xs.shape[-1]), labels[:, :n_tr].reshape(-1),
+                xs[:, n_tr:].reshape(-1, xs.shape[-1]), labels[:, n_tr:].reshape(-1))
 
 
 class DigitsTasks:
