@@ -257,22 +257,24 @@ def _reconstruction(ln: tuple[Tensor, Tensor] | None) -> tuple[Objective, Readou
 # ----------------------------------------------------------------------------------------------
 
 
-def _rates(lr: LR, n_updates: int) -> list[float | Tensor]:
+def _rates(lr: LR, n_updates: int, b: int, n_blocks: int) -> list[list[float | Tensor]]:
+    """``rates[i][j]``: the rate of update ``i`` for the tokens of mini-batch ``j``."""
     if isinstance(lr, float | int | Tensor):
-        return [lr] * n_updates
+        return [_split_rate(lr, b, n_blocks)] * n_updates  # split a shared rate only once
     rates = list(lr)
     if len(rates) != n_updates:
         raise ValueError(
             f"lr has {len(rates)} entries but the inner loop makes {n_updates} updates; pass one "
             "rate per update (steps * number of mini-batches) or a single rate"
         )
-    return rates
+    return [_split_rate(r, b, n_blocks) for r in rates]
 
 
-def _slice_rate(eta: float | Tensor, start: int, stop: int) -> float | Tensor:
-    if isinstance(eta, Tensor) and eta.ndim > 0:
-        return eta[..., start:stop]  # (..., n_block) token-dependent rates
-    return eta
+def _split_rate(eta: float | Tensor, b: int, n_blocks: int) -> list[float | Tensor]:
+    """One rate per mini-batch: token-dependent rates ``(..., N)`` split into ``(..., b)``."""
+    if isinstance(eta, Tensor) and eta.ndim > 0 and eta.shape[-1] > 1:
+        return list(eta.split(b, -1))
+    return [eta] * n_blocks
 
 
 def ttt_inner_loop(
@@ -324,8 +326,12 @@ def ttt_inner_loop(
     if form not in ("dual", "primal"):
         raise ValueError(f"form must be 'dual' or 'primal' (got {form!r})")
     b = n if mini_batch is None else min(mini_batch, n)
-    blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
-    rates = _rates(lr, steps * len(blocks))
+    # Split once rather than slicing per block: the backward of ``split`` concatenates the
+    # block gradients, where per-block slicing would scatter each into a full-length zero
+    # tensor (O(N^2) work over the sequence).
+    k_blocks, t_blocks = k.split(b, -2), target.split(b, -2)  # each (..., b, d)
+    n_blocks = len(k_blocks)
+    rates = _rates(lr, steps * n_blocks, b, n_blocks)
 
     def factors_at(p: InnerParams, kb: Tensor, tb: Tensor):
         if first_order:
@@ -341,9 +347,9 @@ def ttt_inner_loop(
         losses = [loss_at(params, k, target)] if return_losses else []
         i = 0
         for _ in range(steps):
-            for s, e in blocks:
-                factors, _ = factors_at(params, k[..., s:e, :], target[..., s:e, :])
-                params = _step(params, factors, _slice_rate(rates[i], s, e))
+            for j in range(n_blocks):
+                factors, _ = factors_at(params, k_blocks[j], t_blocks[j])
+                params = _step(params, factors, rates[i][j])
                 i += 1
                 if return_losses:
                     losses.append(loss_at(params, k, target))
@@ -353,11 +359,10 @@ def ttt_inner_loop(
     outs: list[Tensor] = []
     block_losses: list[Tensor] = []
     read = _dual_forward if form == "dual" else _primal_forward
-    for i, (s, e) in enumerate(blocks):
-        kb, tb, qb = k[..., s:e, :], target[..., s:e, :], q[..., s:e, :]
-        eta = _slice_rate(rates[i], s, e)
+    for j, (qb, kb, tb) in enumerate(zip(q.split(b, -2), k_blocks, t_blocks, strict=True)):
+        eta = rates[j][j]
         factors, loss = factors_at(params, kb, tb)
-        outs.append(readout(read(params, qb, factors, eta), qb))  # (..., n_block, d_out)
+        outs.append(readout(read(params, qb, factors, eta), qb))  # (..., b, d_out)
         params = _step(params, factors, eta)
         if return_losses:
             block_losses.append(torch.stack([loss.mean(-1), loss_at(params, kb, tb)], -1))
@@ -397,8 +402,19 @@ def ttt_linear(
         W0 = q.new_zeros(q.shape[-1], v.shape[-1])
     objective, readout = _reconstruction(ln)
     return ttt_inner_loop(
-        [(W0, b0)], q, k, v, objective, readout, lr, steps, mini_batch, causal,
-        first_order, form, return_losses,
+        [(W0, b0)],
+        q,
+        k,
+        v,
+        objective,
+        readout,
+        lr,
+        steps,
+        mini_batch,
+        causal,
+        first_order,
+        form,
+        return_losses,
     )
 
 
@@ -453,6 +469,17 @@ def ttt_mlp(
     W1, b1, W2, b2 = W0
     objective, readout = _reconstruction(ln)
     return ttt_inner_loop(
-        [(W1, b1), (W2, b2)], q, k, v, objective, readout, lr, steps, mini_batch, causal,
-        first_order, form, return_losses,
+        [(W1, b1), (W2, b2)],
+        q,
+        k,
+        v,
+        objective,
+        readout,
+        lr,
+        steps,
+        mini_batch,
+        causal,
+        first_order,
+        form,
+        return_losses,
     )

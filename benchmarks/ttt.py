@@ -1,0 +1,206 @@
+"""Forward+backward time and peak memory of token mixers against sequence length.
+
+Each (layer, N) runs in its own subprocess: one batch ``x (1, N, d)``, one forward+backward
+to warm up, then the median of up to 3 timed repeats (1 when a pass takes over 5 s). Peak
+memory is the growth of the process's peak resident set size (``ru_maxrss``) over the
+forward+backward, measured in that fresh process; the parent also watches ``VmHWM`` and
+kills a run that passes the memory cap. Once a layer passes the time or memory cap at some
+N, its larger N are skipped.
+
+    python benchmarks/ttt.py                      # N = 256 .. 32768, d = 64
+    python benchmarks/ttt.py --sizes 256 1024 --out /tmp/ttt.md
+
+Writes ``benchmarks/results/ttt.md`` and ``benchmarks/results/ttt.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LAYERS = {
+    "MTTT-Linear": "MTTTLinear(d, 1, steps=1)",
+    "MTTT-MLP": "MTTTMLP(d, 1, steps=1)",
+    "TTT-Linear (dual, b=16)": "TTTLinear(d, 1, mini_batch=16)",
+    "linear attention": "LinearAttention(d, 1)",
+    "linear attention (causal)": "LinearAttention(d, 1, causal=True)",
+    "softmax attention (SDPA)": "SoftmaxAttention(d, 1)",
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def worker(layer: str, n: int, d: int, threads: int) -> None:
+    import resource
+    import statistics
+
+    import torch
+
+    from selfmod.ttt import (  # noqa: F401  (used by eval)
+        MTTTMLP,
+        LinearAttention,
+        MTTTLinear,
+        SoftmaxAttention,
+        TTTLinear,
+    )
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    module = eval(LAYERS[layer])
+    x = torch.randn(1, n, d, requires_grad=True)
+
+    def run() -> float:
+        t = time.perf_counter()
+        module(x).square().mean().backward()
+        return time.perf_counter() - t
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    first = run()
+    peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    times = [run() for _ in range(1 if first > 5 else 3)]
+    print(json.dumps(dict(time_s=statistics.median(times), first_s=first, peak_mib=peak_mib)))
+
+
+def measure(layer: str, n: int, d: int, threads: int, time_cap: float, mem_cap_mib: float):
+    """Run one configuration in a subprocess; ``(result or None, why it failed)``."""
+    cmd = [sys.executable, __file__, "--worker", layer, str(n), str(d), str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start, hwm = time.monotonic(), 0.0
+    # budget: warm-up + up to 3 repeats, each capped at time_cap, plus start-up
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            hwm = max(hwm, next(int(line.split()[1]) for line in status.splitlines()
+                                if line.startswith("VmHWM")) / 1024)
+        except (OSError, StopIteration):
+            pass
+        if hwm > mem_cap_mib:
+            proc.kill()
+            proc.wait()
+            return None, f"> {mem_cap_mib / 1024:.0f} GiB"
+        if time.monotonic() - start > 2 * time_cap + 20:
+            proc.kill()
+            proc.wait()
+            return None, f"> {time_cap:.0f} s"
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        return None, f"error: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
+    result = json.loads(out.strip().splitlines()[-1])
+    if result["time_s"] > time_cap:
+        return result, f"> {time_cap:.0f} s"
+    if result["peak_mib"] > mem_cap_mib:
+        return result, f"> {mem_cap_mib / 1024:.0f} GiB"
+    return result, ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        default=[256 * 2**i for i in range(8)])  # 256 .. 32768
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS))
+    parser.add_argument("--time-cap", type=float, default=60.0)
+    parser.add_argument("--mem-cap-gib", type=float, default=8.0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "ttt.md")
+    args = parser.parse_args()
+
+    table: dict[str, dict[int, dict]] = {}
+    crossed: dict[str, str] = {}
+    for layer in args.layers:
+        table[layer] = {}
+        for n in args.sizes:
+            result, why = measure(layer, n, args.dim, args.threads, args.time_cap,
+                                  args.mem_cap_gib * 1024)
+            if result is not None:
+                table[layer][n] = result
+            print(f"{layer:28s} N={n:6d} "
+                  + (f"{result['time_s']:8.3f} s {result['peak_mib']:8.1f} MiB" if result else "")
+                  + (f"  [{why}]" if why else ""), flush=True)
+            if why:
+                crossed[layer] = f"N = {n} ({why})"
+                break
+    write_report(args, table, crossed)
+
+
+def write_report(args, table: dict[str, dict[int, dict]], crossed: dict[str, str]) -> None:
+    sizes = args.sizes
+    lines = [
+        "# TTT layers: forward+backward cost against sequence length",
+        "",
+        f"One sequence `x (1, N, {args.dim})`, one head of width {args.dim}, float32, CPU, "
+        f"`torch.set_num_threads({args.threads})`, on a 2-core machine **shared with other "
+        "jobs running at the same time** (timings are noisy and pessimistic; compare "
+        "within a row more than across runs). Time: median of up to 3 forward+backward "
+        "passes after a warm-up. Memory: growth of peak RSS (`ru_maxrss`) over the first "
+        "forward+backward in a fresh subprocess per configuration. `python benchmarks/ttt.py`",
+        "",
+        "## Time (s)",
+        "",
+        "| layer | " + " | ".join(str(n) for n in sizes) + " | crosses 60 s / 8 GiB at |",
+        "|---|" + "---|" * len(sizes) + "---|",
+    ]
+    for layer, row in table.items():
+        cells = [f"{row[n]['time_s']:.3g}" if n in row else "-" for n in sizes]
+        where = crossed.get(layer, "not reached")
+        lines.append(f"| {layer} | " + " | ".join(cells) + f" | {where} |")
+    lines += ["", "## Peak memory growth (MiB)", "",
+              "| layer | " + " | ".join(str(n) for n in sizes) + " |",
+              "|---|" + "---|" * len(sizes)]
+    for layer, row in table.items():
+        cells = [f"{row[n]['peak_mib']:.0f}" if n in row else "-" for n in sizes]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    # growth exponent between the two largest measured sizes >= 4096
+    lines += ["", "## Growth", "",
+              "Slope of log(time) against log(N) from N = 4096 to the largest N measured "
+              "(1 = linear, 2 = quadratic), and time relative to non-causal / causal linear "
+              "attention at the largest common N.", "",
+              "| layer | slope | x linear attn | x causal linear attn |", "|---|---|---|---|"]
+    import math
+
+    def ratio(layer: str, ref: str) -> str:
+        common = [n for n in sizes if n in table[layer] and n in table.get(ref, {})]
+        if not common:
+            return "-"
+        n = common[-1]
+        return f"{table[layer][n]['time_s'] / table[ref][n]['time_s']:.1f} (N={n})"
+
+    for layer, row in table.items():
+        ns = [n for n in sizes if n in row and n >= 4096]
+        slope = (math.log(row[ns[-1]]["time_s"] / row[ns[0]]["time_s"]) / math.log(ns[-1] / ns[0])
+                 if len(ns) >= 2 else float("nan"))
+        lines.append(f"| {layer} | {slope:.2f} | {ratio(layer, 'linear attention')} | "
+                     f"{ratio(layer, 'linear attention (causal)')} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for layer, row in table.items():
+        ns = [n for n in sizes if n in row]
+        axes[0].loglog(ns, [row[n]["time_s"] for n in ns], "o-", label=layer)
+        axes[1].loglog(ns, [max(row[n]["peak_mib"], 0.1) for n in ns], "o-", label=layer)
+    axes[0].set(xlabel="N (tokens)", ylabel="forward+backward time (s)", title="time")
+    axes[1].set(xlabel="N (tokens)", ylabel="peak RSS growth (MiB)", title="memory")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=120)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        os.environ.setdefault("OMP_NUM_THREADS", sys.argv[5])
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        main()
