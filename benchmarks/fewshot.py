@@ -15,7 +15,6 @@ Accuracy is the mean over ``--eval-episodes`` held-out episodes with a 95% confi
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import time
 from pathlib import Path
@@ -25,33 +24,16 @@ import torch.nn.functional as F
 
 from selfmod import optim
 from selfmod.meta import adapt, maml_step, meta_sgd_optimizer
+from selfmod.models import init_mlp_params, mlp_forward
 from selfmod.tasks import TemplateTasks
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("maml", "fo-maml", "meta-sgd")
 
 
-def init_mlp(sizes: list[int], seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    params = {}
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        params[f"w{i}"] = torch.randn(b, a, generator=gen) * math.sqrt(2.0 / a)
-        params[f"b{i}"] = torch.zeros(b)
-    return params
-
-
-def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    n = len(p) // 2
-    for i in range(n):
-        x = F.linear(x, p[f"w{i}"], p[f"b{i}"])
-        if i < n - 1:
-            x = torch.relu(x)
-    return x
-
-
 def loss(p, batch):
     x, y = batch
-    return F.cross_entropy(forward(p, x), y)
+    return F.cross_entropy(mlp_forward(p, x), y)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -67,7 +49,7 @@ def nearest_centroid(ep) -> float:
 
 
 def meta_train(method: str, tasks: TemplateTasks, args, shots: int):
-    params = init_mlp([40, 64, 64, args.way], args.seed)
+    params = init_mlp_params([40, 64, 64, args.way], torch.Generator().manual_seed(args.seed))
     opt, hparams = (meta_sgd_optimizer(params) if method == "meta-sgd"
                     else (optim.sgd(args.inner_lr), {}))
     meta = optim.adam(args.meta_lr)
@@ -92,7 +74,7 @@ def evaluate(params, opt, hparams, tasks, args, shots) -> list[float]:
         ep = tasks.sample(args.way, shots, args.queries, "test", seed=10**9 + i)
         adapted = adapt(loss, opt, params, hparams, ep.support, args.inner_steps)
         with torch.no_grad():
-            accs.append(float((forward(adapted, ep.x_query).argmax(1) == ep.y_query)
+            accs.append(float((mlp_forward(adapted, ep.x_query).argmax(1) == ep.y_query)
                               .float().mean()))
     return accs
 

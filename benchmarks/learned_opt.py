@@ -29,10 +29,10 @@ from selfmod.meta.train import (
     learned_optimizer,
     meta_train,
     minibatch,
-    mlp_init,
     new_task,
     task_loss,
 )
+from selfmod.models import init_mlp_params
 from selfmod.tasks import TemplateTasks
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,7 +44,7 @@ def train_curve(opt, hparams, width: int, task, seed: int, steps: int = 500) -> 
     """Full-train-set loss after each step count in ``CHECKPOINTS`` (inf if it diverged)."""
     train, _ = task
     gen = torch.Generator().manual_seed(seed)
-    params = mlp_init([40, width, 10], gen)
+    params = init_mlp_params([40, width, 10], gen)
     state = opt.init(params)
     out = {}
     for step in range(1, steps + 1):

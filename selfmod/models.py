@@ -7,6 +7,7 @@ differentiates through.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,6 +28,26 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Seque
         if i < len(sizes) - 2:
             layers.append(activation())
     return nn.Sequential(*layers)
+
+
+def init_mlp_params(sizes: Sequence[int], generator: torch.Generator) -> Params:
+    """He-initialised weights ``w{i} (sizes[i+1], sizes[i])`` and zero biases ``b{i}`` for
+    :func:`mlp_forward`, a plain-dict MLP for meta-learning loops that make many small nets."""
+    params = {}
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
+        params[f"w{i}"] = torch.randn(d_out, d_in, generator=generator) * math.sqrt(2.0 / d_in)
+        params[f"b{i}"] = torch.zeros(d_out)
+    return params
+
+
+def mlp_forward(params: Params, x: Tensor) -> Tensor:
+    """``x (B, sizes[0]) -> (B, sizes[-1])`` through ReLU layers of :func:`init_mlp_params`."""
+    n = len(params) // 2
+    for i in range(n):
+        x = F.linear(x, params[f"w{i}"], params[f"b{i}"])
+        if i < n - 1:
+            x = torch.relu(x)
+    return x
 
 
 def functionalize(module: nn.Module) -> tuple[Callable[[Params, Tensor], Tensor], Params]:

@@ -16,9 +16,7 @@ number of processes. Rank 0 writes the checkpoint (safetensors + JSON with sha25
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from torch import Tensor
 
 from selfmod import hypergrad, optim
 from selfmod.meta import distributed
+from selfmod.models import init_mlp_params, mlp_forward
 from selfmod.optim.learned import (
     init_lstm_optimizer,
     init_mlp_optimizer,
@@ -82,26 +81,9 @@ def learned_optimizer(kind: str, seed: int):
     return mlp_optimizer(), init_mlp_optimizer(seed=seed)
 
 
-def mlp_init(sizes: list[int], gen: torch.Generator) -> dict[str, Tensor]:
-    params = {}
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        params[f"w{i}"] = torch.randn(b, a, generator=gen) * math.sqrt(2.0 / a)
-        params[f"b{i}"] = torch.zeros(b)
-    return params
-
-
-def mlp_apply(p: dict[str, Tensor], x: Tensor) -> Tensor:
-    n = len(p) // 2
-    for i in range(n):
-        x = F.linear(x, p[f"w{i}"], p[f"b{i}"])
-        if i < n - 1:
-            x = torch.relu(x)
-    return x
-
-
 def task_loss(p, h, batch):
     x, y = batch
-    return F.cross_entropy(mlp_apply(p, x), y)
+    return F.cross_entropy(mlp_forward(p, x), y)
 
 
 def new_task(tasks: TemplateTasks, split: str, n_way: int, seed: int
@@ -123,7 +105,7 @@ def _reset(slot_index: int, episode: int, cfg: MetaTrainConfig, tasks, opt) -> S
     seed = hash((cfg.seed, slot_index, episode)) % 2**31
     gen = torch.Generator().manual_seed(seed)
     train, valid = new_task(tasks, "train", cfg.n_way, seed)
-    params = mlp_init([40, cfg.width, cfg.n_way], gen)
+    params = init_mlp_params([40, cfg.width, cfg.n_way], gen)
     return Slot(params, opt.init(params), 0, episode, train, valid, gen)
 
 
