@@ -1,25 +1,29 @@
 """``selfmod``: the command line.
 
-selfmod train [CONFIG.toml] [--set key=value ...]
+selfmod train [CONFIG.toml] [--set key=value ...]   a self-modifying run (and a fixed baseline)
+selfmod resume DIR                                  continue from the last complete checkpoint
+selfmod report DIR                                  (re)write DIR/report.html
+selfmod log DIR                                     the table of changes; verifies the ledger
+selfmod approve DIR ID                              approve a pending change (manual approval)
+selfmod rollback DIR --to CYCLE                     go back to the checkpoint of a cycle
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from safetensors.torch import save_file
 
 from selfmod.errors import SelfmodError
-from selfmod.runs.config import ConfigError, TrainConfig, load_config
+from selfmod.runs.config import ConfigError, TrainConfig, load_config, validate
 from selfmod.runs.files import atomic_write_text
 
 app = typer.Typer(
@@ -43,59 +47,206 @@ def train(
         list[str] | None, typer.Option("--set", help="override a field: --set steps=500")
     ] = None,
 ) -> None:
-    """Train an MNIST-1D MLP whose learning rates tune themselves, next to a fixed run."""
+    """Train an MNIST-1D MLP that modifies itself, next to a fixed-configuration run."""
     cfg = load_config(config, set_)
-    _run_train(cfg)
+    run_dir = Path(cfg.out) / time.strftime("train-%Y%m%d-%H%M%S")
+    suffix = 1
+    while run_dir.exists():
+        run_dir = Path(cfg.out) / f"{time.strftime('train-%Y%m%d-%H%M%S')}-{suffix}"
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
+    _drive(cfg, run_dir, resume=False)
 
 
-def _run_train(cfg: TrainConfig) -> Path:
+@app.command()
+def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Continue a run from its newest complete checkpoint (bitwise, in deterministic mode)."""
+    cfg = _config_of(run_dir)
+    _drive(cfg, run_dir, resume=True)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Write RUN_DIR/report.html from the run's history and ledger."""
+    from selfmod.runs.report import write_report
+
+    _config_of(run_dir)
+    history = _read_json(run_dir / "history.json")
+    path = write_report(run_dir, history, _ledger_rows(run_dir))
+    Console().print(f"report: {path}")
+
+
+@app.command("log")
+def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """The table of changes (proposals, decisions, rollbacks); verifies the hash chain."""
+    from selfmod.runs.ledger import Ledger
+
+    _config_of(run_dir)
+    with Ledger(run_dir / "ledger.sqlite") as ledger:
+        n = ledger.verify()
+        rows = [e for e in ledger.entries() if e.kind != "cycle"]
+    table = Table(title=f"{run_dir}: {n} ledger entries, hash chain verified")
+    for col in ("id", "cycle", "step", "kind", "modifier", "decision", "reason"):
+        table.add_column(col)
+    for e in rows:
+        table.add_row(str(e.seq), str(e.cycle), str(e.step), e.kind,
+                      str(e.payload.get("modifier", "")), e.decision, e.reason)
+    Console(width=200).print(table)
+
+
+@app.command()
+def approve(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    id_: Annotated[int, typer.Argument(metavar="ID", help="id of a pending change (selfmod log)")],
+) -> None:
+    """Approve a pending change of a manual-approval run; it is applied at the next cycle."""
+    from selfmod.runs.ledger import Ledger
+
+    _config_of(run_dir)
+    with Ledger(run_dir / "ledger.sqlite") as ledger:
+        ledger.verify()
+        pending = {e.seq: e for e in ledger.entries("proposal") if e.decision == "pending"}
+        if id_ not in pending:
+            ids = ", ".join(map(str, sorted(pending))) or "none"
+            raise SelfmodError(f"ID must be a pending change of {run_dir} (got {id_}); "
+                               f"pending: {ids}")
+        if any(e.payload.get("proposal") == id_ for e in ledger.entries("approval")):
+            raise SelfmodError(f"change {id_} is already approved")
+        e = pending[id_]
+        ledger.append("approval", cycle=e.cycle, step=e.step, decision="approved",
+                      reason=f"change {id_} approved", payload={"proposal": id_})
+    Console().print(f"approved change {id_}; it is applied at the next cycle "
+                    f"(selfmod resume {run_dir} if the run is not running)")
+
+
+@app.command()
+def rollback(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    to: Annotated[int, typer.Option("--to", help="cycle to go back to")],
+) -> None:
+    """Go back to the checkpoint taken at the start of cycle CYCLE; `resume` continues there."""
+    from selfmod.runs.checkpoint import FOLDER, list_checkpoints, load_checkpoint
+    from selfmod.runs.ledger import Ledger
+
+    _config_of(run_dir)
+    kept = {}
+    for path in list_checkpoints(run_dir):
+        _, manifest = load_checkpoint(path)
+        kept[manifest["meta"]["cycle"]] = (path, manifest)
+    if to not in kept:
+        cycles = ", ".join(map(str, sorted(kept))) or "none"
+        raise SelfmodError(f"--to must be a cycle with a kept checkpoint (got {to}); "
+                           f"kept: {cycles}")
+    target = kept[to][1]["step"]
+    aside = run_dir / FOLDER / "rolled-back"
+    aside.mkdir(exist_ok=True)
+    for cycle, (path, manifest) in kept.items():
+        if cycle > to:
+            for f in (path, path.parent / manifest["file"]):
+                shutil.move(f, aside / f.name)
+    for name in ("final.safetensors", "final.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    atomic_write_text(run_dir / "status.json", json.dumps({"state": "rolled back", "step": target}))
+    with Ledger(run_dir / "ledger.sqlite") as ledger:
+        ledger.append("rollback", cycle=to, step=target, decision="rollback",
+                      reason=f"manual rollback to cycle {to} (step {target})",
+                      payload={"modifier": "user", "to_cycle": to})
+    Console().print(f"rolled back to cycle {to} (step {target}); continue with "
+                    f"selfmod resume {run_dir}")
+
+
+# ----------------------------------------------------------------------------- driving a run
+
+
+def _config_of(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise SelfmodError(f"DIR must be a run directory with config.json (got {str(run_dir)!r})")
+    return validate(json.loads(path.read_text()))
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise SelfmodError(f"{path} does not exist; finish the run first (selfmod resume)")
+    return json.loads(path.read_text())
+
+
+def _ledger_rows(run_dir: Path) -> list[dict]:
+    from selfmod.runs.ledger import Ledger
+
+    with Ledger(run_dir / "ledger.sqlite") as ledger:
+        ledger.verify()
+        return [e.__dict__ for e in ledger.entries() if e.kind != "cycle"]
+
+
+def _drive(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:
     import torch
+    from safetensors.torch import save
 
-    from selfmod.data import load_mnist1d
-    from selfmod.introspect import train as train_run
+    from selfmod.introspect.controller import Introspector, default_sources, write_json
+    from selfmod.runs.checkpoint import list_checkpoints
     from selfmod.runs.report import summary_rows, write_report
 
     torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.out) / time.strftime("train-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
-    data = load_mnist1d(seed=42)
-    results = {}
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    sources = default_sources(cfg)
+    status = run_dir / "status.json"
+    if resume:
+        if not list_checkpoints(run_dir):
+            raise SelfmodError(f"{run_dir} has no checkpoint to resume from")
+        run = Introspector.resume(cfg, run_dir, sources=sources)
+    else:
+        run = Introspector(cfg, run_dir, sources=sources)
+    atomic_write_text(status, json.dumps({"state": "running", "step": run.step}))
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
         console=console,
     ) as progress:
-        for name, tune in (("self-tuned", True), ("fixed configuration", False)):
-            task = progress.add_task(name, total=cfg.steps)
-            results[name] = train_run(
-                cfg, data, tune=tune, on_step=lambda s, t=task: progress.update(t, completed=s + 1)
-            )
-    tuned, params = results["self-tuned"]
-    fixed, _ = results["fixed configuration"]
-    weights = run_dir / "final.safetensors"
-    save_file({k: v.contiguous() for k, v in params.items()}, str(weights))
-    manifest = {
-        "file": weights.name,
-        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-        "torch": torch.__version__,
-    }
-    atomic_write_text(run_dir / "final.json", json.dumps(manifest, indent=1))
-    atomic_write_text(
-        run_dir / "history.json", json.dumps({"tuned": tuned.to_dict(), "fixed": fixed.to_dict()})
-    )
-    report = write_report(run_dir, tuned, fixed, "selfmod train: self-tuning learning rates")
+        task = progress.add_task("self-modifying", total=cfg.steps, completed=run.step, info="")
 
-    table = Table(title="MNIST-1D, same budget and start")
-    for col in ("", "self-tuned", "fixed configuration"):
+        def tick(r: Introspector) -> None:
+            if r.step % 10 == 0 or r.step == cfg.steps:
+                last = r.history["log"][-1] if r.history["log"] else {}
+                info = (f"width {r.widths()} test acc {last.get('test_acc', float('nan')):.3f}"
+                        if last else "")
+                progress.update(task, completed=r.step, info=info)
+
+        run.run(on_step=tick)
+        fixed = None
+        if cfg.compare_fixed:
+            t2 = progress.add_task("fixed configuration", total=cfg.steps, info="")
+            fixed = Introspector(cfg, None, sources=sources, tune=False)
+            fixed.run(on_step=lambda r: r.step % 10 == 0 and progress.update(t2, completed=r.step))
+    data = save({k: v.contiguous() for k, v in run.params.items()})
+    import hashlib
+
+    from selfmod.runs.files import atomic_write_bytes
+
+    atomic_write_bytes(run_dir / "final.safetensors", data)
+    write_json(run_dir / "final.json", {"file": "final.safetensors", "step": run.step,
+                                        "sha256": hashlib.sha256(data).hexdigest(),
+                                        "torch": torch.__version__})
+    history = {"tuned": run.history, "tuned_summary": run.summary(),
+               "fixed": fixed.history if fixed else None,
+               "fixed_summary": fixed.summary() if fixed else None,
+               "shift_cycle": run.shift_cycle, "config": cfg.model_dump()}
+    write_json(run_dir / "history.json", history)
+    history = json.loads((run_dir / "history.json").read_text())
+    path = write_report(run_dir, history, _ledger_rows(run_dir))
+    atomic_write_text(status, json.dumps({"state": "complete", "step": run.step}))
+    table = Table(title="MNIST-1D, same steps and start" + (
+        f" (data shift at step {cfg.shift_step})" if cfg.shift_step else ""))
+    for col in ("", "self-modifying", "fixed configuration"):
         table.add_column(col)
-    for row in summary_rows(tuned, fixed):
+    for row in summary_rows(history):
         table.add_row(*row)
-    Console().print(table)
-    Console().print(f"report: {report}")
-    return run_dir
+    Console(width=120).print(table)
+    Console().print(f"run: {run_dir}\nreport: {path}")
 
 
 def main() -> None:

@@ -27,15 +27,45 @@ BAD_VALUES = {
     "depth": ("9", "depth must be an integer in [1, 8] (got 9)"),
     "lr": ("-0.1", "lr must be a number in (0, 10] (got -0.1)"),
     "momentum": ("1.0", "momentum must be a number in [0, 1) (got 1.0)"),
+    "weight_decay": ("2", "weight_decay must be a number in [0, 1] (got 2)"),
+    "dropout": ("1", "dropout must be a number in [0, 1) (got 1)"),
+    "modifiers": ('["lr","magic"]', "modifiers must be a list of 'lr', 'weight_decay'"),
+    "regularize": ("l1", "regularize must be one of 'gap', 'hypergradient' (got 'l1')"),
+    "gap_target": ("0", "gap_target must be a number in (0, 10] (got 0)"),
     "cycle": ("0", "cycle must be an integer in [1, 100000] (got 0)"),
     "lookahead": ("2000", "lookahead must be an integer in [1, 1000] (got 2000)"),
     "estimator": ("magic", "estimator must be one of 'reverse', 'checkpointed'"),
     "meta_lr": ("0", "meta_lr must be a number in (0, 10] (got 0)"),
     "trust_region": ("11", "trust_region must be a number in (0, 10] (got 11)"),
+    "grow_fraction": ("5", "grow_fraction must be a number in (0, 4] (got 5)"),
+    "prune_fraction": ("1", "prune_fraction must be a number in (0, 1) (got 1)"),
+    "max_width": ("0", "max_width must be an integer in [1, 8192] (got 0)"),
+    "max_params": ("0", "max_params must be an integer in [1, 1000000000] (got 0)"),
+    "min_batch": ("0", "min_batch must be an integer in [1, 4000] (got 0)"),
+    "max_batch": ("4001", "max_batch must be an integer in [1, 4000] (got 4001)"),
+    "epsilon": ("-1", "epsilon must be a number in [0, 1] (got -1)"),
+    "forgetting_delta": ("2", "forgetting_delta must be a number in [0, 1] (got 2)"),
+    "approval": ("sometimes", "approval must be one of 'auto', 'manual' (got 'sometimes')"),
     "guard_size": ("5", "guard_size must be an integer in [10, 2000] (got 5)"),
+    "replay_size": ("5", "replay_size must be an integer in [10, 100000] (got 5)"),
+    "checkpoint_every": ("0", "checkpoint_every must be an integer in [1, 100000] (got 0)"),
+    "keep_checkpoints": ("0", "keep_checkpoints must be an integer in [1, 1000] (got 0)"),
+    "shift_step": ("-1", "shift_step must be an integer in [0, 1000000] (got -1)"),
+    "shift_noise": ("-1", "shift_noise must be a number in [0, 10] (got -1)"),
+    "shift_translation": ("500", "shift_translation must be an integer in [0, 200] (got 500)"),
+    "compare_fixed": ("maybe", "compare_fixed must be true or false (got 'maybe')"),
+    "deterministic": ("maybe", "deterministic must be true or false (got 'maybe')"),
     "out": ('""', "out must be a string"),
     "threads": ("0", "threads must be an integer in [1, 256] (got 0)"),
 }
+
+# Values valid alone but inconsistent with another field.
+BAD_COMBINATIONS = [
+    (["lookahead=50", "cycle=20"], "lookahead must be <= cycle (20) (got 50)"),
+    (["min_batch=64", "max_batch=32", "batch_size=32"], "min_batch must be <= max_batch (32)"),
+    (["batch_size=300"], "batch_size must be in [min_batch, max_batch] = [32, 256] (got 300)"),
+    (["width=300"], "width must be <= max_width (256) (got 300)"),
+]
 
 
 def test_every_config_field_has_a_bad_value_case():
@@ -49,6 +79,28 @@ def test_bad_value_is_one_line_naming_the_field(field):
         load_config(None, [f"{field}={value}"])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_COMBINATIONS)
+def test_inconsistent_values_are_one_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("field", sorted(BAD_VALUES))
+def test_every_field_bad_value_exits_2_from_the_cli(field, tmp_path):
+    """Through the real command line: one line on stderr, exit code 2, no traceback."""
+    from typer.testing import CliRunner
+
+    from selfmod import cli
+
+    value, message = BAD_VALUES[field]
+    result = CliRunner().invoke(cli.app, ["train", "--set", f"{field}={value}"])
+    assert isinstance(result.exception, ConfigError) and message in str(result.exception)
+    out = _selfmod("train", "--set", f"{field}={value}", cwd=tmp_path) if field == "seed" else None
+    if out is not None:  # one real subprocess, to check the exit code path of main()
+        assert out.returncode == 2 and out.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -78,31 +130,40 @@ def test_toml_file_and_overrides(tmp_path):
         load_config(path)
 
 
-def test_train_writes_report_weights_and_fixes_a_small_learning_rate(tmp_path):
-    out = _selfmod("train", "--set", "steps=200", "--set", f"out={tmp_path}", "--set", "cycle=40")
+def test_train_writes_report_weights_ledger_and_summary(tmp_path):
+    out = _selfmod("train", "--set", "steps=200", "--set", f"out={tmp_path}", "--set", "cycle=40",
+                   "--set", "max_width=32")
     assert out.returncode == 0, out.stderr
     (run_dir,) = list(tmp_path.iterdir())
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 6
+    assert "Timeline of changes" in html and "Meta-metrics" in html
     manifest = json.loads((run_dir / "final.json").read_text())
     weights = run_dir / manifest["file"]
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == manifest["sha256"]
     assert set(load_file(str(weights))) == {"0.weight", "0.bias", "2.weight", "2.bias",
                                             "4.weight", "4.bias"}
     history = json.loads((run_dir / "history.json").read_text())
-    tuned, fixed = history["tuned"], history["fixed"]
-    assert max(tuned["lrs"][-1]) > 3 * max(fixed["lrs"][-1])  # it raised its own rates
-    assert tuned["final_test_loss"] < fixed["final_test_loss"]
-    commits = [c for c in tuned["cycles"] if c["decision"] == "commit"]
-    assert commits and all(c["guard_proposed"] < c["guard_current"] for c in commits)
-    assert "test accuracy" in out.stdout
+    tuned, fixed = history["tuned_summary"], history["fixed_summary"]
+    assert max(tuned["lr"]) > 2 * max(fixed["lr"])  # it raised its own rates
+    assert tuned["test_loss"] < fixed["test_loss"]
+    commits = [d for d in history["tuned"]["decisions"] if d["decision"] == "commit"]
+    assert commits and all(d["guard_proposed"] <= d["guard_current"] * 1.01 for d in commits)
+    assert "test accuracy" in out.stdout and "self-modifying" in out.stdout
+    log = _selfmod("log", str(run_dir))
+    assert log.returncode == 0 and "commit" in log.stdout
+    (run_dir / "report.html").unlink()
+    assert _selfmod("report", str(run_dir)).returncode == 0
+    assert (run_dir / "report.html").is_file()
+    bad = _selfmod("resume", str(tmp_path / "nope"))
+    assert bad.returncode == 2 and "DIR must be a run directory" in bad.stderr
 
 
 def test_divergence_in_base_training_rolls_back_and_halves_rates():
     from selfmod.data import load_mnist1d
     from selfmod.introspect import train
 
-    cfg = TrainConfig(steps=30, lr=10.0, momentum=0.9, guard_size=100)
+    cfg = TrainConfig(steps=30, lr=10.0, momentum=0.9, guard_size=100, width=128)
     history, params = train(cfg, load_mnist1d(), tune=False)
     rollbacks = [c for c in history.cycles if c.decision == "rollback"]
     assert rollbacks, "lr=10 with momentum should diverge on MNIST-1D"

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfmod.errors import SelfmodError
 
@@ -19,33 +19,78 @@ class ConfigError(SelfmodError, ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
-class TrainConfig(BaseModel):
-    """``selfmod train``: an MLP on MNIST-1D whose per-tensor learning rates tune themselves.
+MODIFIERS = ("lr", "weight_decay", "momentum", "dropout", "batch_size", "grow", "prune")
+Modifier = Literal["lr", "weight_decay", "momentum", "dropout", "batch_size", "grow", "prune"]
 
-    The defaults start deliberately poorly (learning rate 100x too small) so that the run has
-    something to fix.
+
+class TrainConfig(BaseModel):
+    """``selfmod train``: an MLP on MNIST-1D that tunes its own hyperparameters and width.
+
+    The defaults start deliberately poorly (learning rate 100x too small, 8 hidden units per
+    layer, no regularization) so that the run has something to fix.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = Field(0, ge=0, le=2**31 - 1, description="drives torch, numpy and Python RNGs")
-    steps: int = Field(3000, ge=1, le=1_000_000, description="base training steps")
-    batch_size: int = Field(128, ge=1, le=4000)
-    width: int = Field(128, ge=1, le=4096, description="hidden units per layer")
+    steps: int = Field(6000, ge=1, le=1_000_000, description="base training steps")
+    batch_size: int = Field(128, ge=1, le=4000, description="initial batch size")
+    width: int = Field(8, ge=1, le=4096, description="initial hidden units per layer")
     depth: int = Field(2, ge=1, le=8, description="hidden layers")
     lr: float = Field(1e-3, gt=0, le=10, description="initial learning rate of every tensor")
     momentum: float = Field(0.9, ge=0, lt=1)
-    cycle: int = Field(50, ge=1, le=100_000, description="base steps between meta-steps")
+    weight_decay: float = Field(1e-5, ge=0, le=1, description="initial L2 coefficient")
+    dropout: float = Field(0.02, ge=0, lt=1, description="initial concrete-dropout rate")
+    modifiers: list[Modifier] = Field(
+        default_factory=lambda: [m for m in MODIFIERS if m != "momentum"],
+        description="what the run may change",
+    )
+    regularize: Literal["gap", "hypergradient"] = Field(
+        "gap", description="dropout/weight decay steered by the generalization gap or by d/dh"
+    )
+    gap_target: float = Field(0.15, gt=0, le=10, description="wanted guard - train loss")
+    cycle: int = Field(100, ge=1, le=100_000, description="base steps between cycles")
     lookahead: int = Field(20, ge=1, le=1000, description="inner steps K of each meta-gradient")
     estimator: Literal["reverse", "checkpointed", "truncated", "forward"] = "reverse"
-    meta_lr: float = Field(0.3, gt=0, le=10, description="step on log learning rates")
-    trust_region: float = Field(0.7, gt=0, le=10, description="max |change of log lr| per cycle")
+    meta_lr: float = Field(0.5, gt=0, le=10, description="step on log hyperparameters")
+    trust_region: float = Field(0.7, gt=0, le=10, description="max |change of log h| per cycle")
+    grow_fraction: float = Field(0.5, gt=0, le=4, description="max units added per cycle, x width")
+    prune_fraction: float = Field(0.1, gt=0, lt=1, description="max units removed per cycle")
+    max_width: int = Field(256, ge=1, le=8192, description="growth stops here")
+    max_params: int = Field(1_000_000, ge=1, le=10**9, description="parameter budget")
+    min_batch: int = Field(32, ge=1, le=4000)
+    max_batch: int = Field(256, ge=1, le=4000)
+    epsilon: float = Field(0.01, ge=0, le=1, description="relative guard-loss tolerance")
+    forgetting_delta: float = Field(0.05, ge=0, le=1, description="max accuracy drop on old data")
+    approval: Literal["auto", "manual"] = "auto"
     guard_size: int = Field(500, ge=10, le=2000, description="train examples held out as guard")
+    replay_size: int = Field(1000, ge=10, le=100_000, description="replayed train examples kept")
+    checkpoint_every: int = Field(1, ge=1, le=100_000, description="cycles between checkpoints")
+    keep_checkpoints: int = Field(3, ge=1, le=1000)
+    shift_step: int = Field(0, ge=0, le=1_000_000, description="step of a data shift (0: none)")
+    shift_noise: float = Field(0.5, ge=0, le=10, description="noise scale after the shift")
+    shift_translation: int = Field(60, ge=0, le=200, description="max translation after shift")
+    compare_fixed: bool = Field(True, description="also train the fixed configuration")
+    deterministic: bool = Field(True, description="torch deterministic algorithms")
     out: str = Field("runs", min_length=1, description="folder for run directories")
     threads: int = Field(1, ge=1, le=256, description="torch CPU threads (small models: 1)")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.lookahead > self.cycle:
+            raise ValueError(f"lookahead must be <= cycle ({self.cycle}) (got {self.lookahead})")
+        if self.min_batch > self.max_batch:
+            raise ValueError(f"min_batch must be <= max_batch ({self.max_batch}) "
+                             f"(got {self.min_batch})")
+        if not self.min_batch <= self.batch_size <= self.max_batch:
+            raise ValueError(f"batch_size must be in [min_batch, max_batch] = "
+                             f"[{self.min_batch}, {self.max_batch}] (got {self.batch_size})")
+        if self.width > self.max_width:
+            raise ValueError(f"width must be <= max_width ({self.max_width}) (got {self.width})")
+        return self
 
-_KIND = {int: "an integer", float: "a number", str: "a string"}
+
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _allowed(name: str) -> str:
@@ -53,6 +98,8 @@ def _allowed(name: str) -> str:
     kind = _KIND.get(field.annotation, "")
     if getattr(field.annotation, "__origin__", None) is Literal:
         return "one of " + ", ".join(repr(a) for a in field.annotation.__args__)
+    if name == "modifiers":
+        return "a list of " + ", ".join(repr(m) for m in MODIFIERS)
     lo = hi = None
     lo_open = hi_open = False
     for m in field.metadata:
@@ -76,11 +123,14 @@ def validate(values: dict[str, Any]) -> TrainConfig:
         return TrainConfig(**values)
     except ValidationError as err:
         first = err.errors()[0]
-        name = ".".join(str(p) for p in first["loc"])
+        if not first["loc"]:  # a cross-field rule: its message already names the field
+            msg = str(first["msg"]).removeprefix("Value error, ")
+            raise ConfigError(msg) from None
+        name = str(first["loc"][0])
         if first["type"] == "extra_forbidden":
             known = ", ".join(TrainConfig.model_fields)
             raise ConfigError(f"unknown config field {name!r}; known fields: {known}") from None
-        got = first.get("input")
+        got = values.get(name, first.get("input"))
         raise ConfigError(f"{name} must be {_allowed(name)} (got {got!r})") from None
 
 

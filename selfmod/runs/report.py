@@ -1,4 +1,10 @@
-"""``report.html``: plots of a run (matplotlib, embedded as PNG) and its table of changes."""
+"""``report.html``: a self-contained page (matplotlib PNGs embedded as base64) of one run.
+
+Sections: summary table (self-modifying vs fixed configuration), meta-metrics, training curves,
+hyperparameter trajectories (learning rate per tensor, weight decay, dropout, momentum), layer
+widths and batch size over time, probes, a timeline of changes with commits, rejections and
+rollbacks marked, and the table of ledger entries.
+"""
 
 from __future__ import annotations
 
@@ -7,110 +13,235 @@ import html
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from selfmod.introspect.lr_tuning import History
+from selfmod.introspect.probes import meta_metrics
 from selfmod.runs.files import atomic_write_text
+
+MARKS = {"commit": ("#1a7f37", "^"), "applied": ("#1a7f37", "P"), "reject": ("0.55", "x"),
+         "pending": ("#bf8700", "o"), "rollback": ("#cf222e", "v")}
 
 
 def _png(fig) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _curves(tuned: History, fixed: History, attr: str, ylabel: str) -> str:
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.plot(tuned.steps, getattr(tuned, attr), label="self-tuned")
-    ax.plot(fixed.steps, getattr(fixed, attr), label="fixed configuration", linestyle="--")
-    ax.set_xlabel("base training step")
+def _axes(ylabel: str, xlabel: str = "base training step"):
+    fig, ax = plt.subplots(figsize=(6.2, 3.3))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    return fig, ax
+
+
+def _shift(ax, history: dict) -> None:
+    step = history.get("config", {}).get("shift_step", 0)
+    if step:
+        ax.axvline(step, color="#8250df", linestyle=":", label="data shift")
+
+
+def _compare(history: dict, key: str, ylabel: str) -> str:
+    fig, ax = _axes(ylabel)
+    for name, label, style in (("tuned", "self-modifying", "-"),
+                               ("fixed", "fixed configuration", "--")):
+        log = (history.get(name) or {}).get("log", [])
+        ax.plot([r["step"] for r in log], [r[key] for r in log], style, label=label)
+    _shift(ax, history)
+    ax.legend(fontsize=8)
     return _png(fig)
 
 
-def _learning_rates(tuned: History) -> str:
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for i, name in enumerate(tuned.tensor_names):
-        ax.plot(tuned.steps, [row[i] for row in tuned.lrs], label=name)
-    marks = {"commit": ("g", "^"), "reject": ("0.5", "x"), "rollback": ("r", "v")}
-    lo = min(min(row) for row in tuned.lrs) if tuned.lrs else 1e-3
-    for decision, (color, marker) in marks.items():
-        xs = [c.step for c in tuned.cycles if c.decision == decision]
-        if xs:
-            ax.scatter(xs, [lo / 1.6] * len(xs), color=color, marker=marker, s=14, label=decision)
+def _hyper(history: dict) -> str:
+    log = history["tuned"]["log"]
+    steps = [r["step"] for r in log]
+    fig, axes = plt.subplots(1, 2, figsize=(12.4, 3.3))
+    ax = axes[0]
+    names = history["tuned_summary"].get("tensor_names") or [
+        f"tensor {i}" for i in range(len(log[0]["lr"]))] if log else []
+    for i, name in enumerate(names):
+        ax.plot(steps, [r["lr"][i] for r in log], label=name)
+    ax.set_yscale("log")
+    ax.set_ylabel("learning rate")
+    ax.set_xlabel("base training step")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    ax = axes[1]
+    ax.plot(steps, [r["weight_decay"] for r in log], label="weight decay")
+    if log and "dropout" in log[0]:
+        for i in range(len(log[0]["dropout"])):
+            ax.plot(steps, [r["dropout"][i] for r in log], label=f"dropout, layer {i}")
+    ax.plot(steps, [1 - r["momentum"] for r in log], label="1 - momentum")
     ax.set_yscale("log")
     ax.set_xlabel("base training step")
-    ax.set_ylabel("learning rate")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7)
     return _png(fig)
 
 
-def summary_rows(tuned: History, fixed: History) -> list[tuple[str, str, str]]:
-    commits = sum(c.decision == "commit" for c in tuned.cycles)
-    rejects = sum(c.decision == "reject" for c in tuned.cycles)
-    rollbacks = sum(c.decision == "rollback" for c in tuned.cycles)
+def _widths(history: dict) -> str:
+    log = history["tuned"]["log"]
+    steps = [r["step"] for r in log]
+    fig, ax = _axes("hidden units")
+    if log:
+        for i in range(len(log[0]["widths"])):
+            ax.step(steps, [r["widths"][i] for r in log], where="post", label=f"layer {i}")
+    ax2 = ax.twinx()
+    ax2.step(steps, [r["batch_size"] for r in log], where="post", color="0.4", linestyle=":",
+             label="batch size")
+    ax2.set_ylabel("batch size")
+    ax.legend(fontsize=8, loc="upper left")
+    ax2.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def _probes(history: dict) -> str:
+    pr = history["tuned"]["probes"]
+    steps = [p["step"] for p in pr]
+    fig, axes = plt.subplots(1, 2, figsize=(12.4, 3.3))
+    ax = axes[0]
+    for key, label in (("guard_acc", "guard"), ("train_acc", "internal train"),
+                       ("robust_acc", "guard + input noise"), ("shifted_acc", "guard, shifted"),
+                       ("old_guard_acc", "older data (guard)"), ("test_acc", "test (external)")):
+        ys = [p.get(key, math.nan) for p in pr]
+        if any(math.isfinite(y) for y in ys):
+            ax.plot(steps, ys, label=label)
+    _shift(ax, history)
+    ax.set_ylabel("accuracy")
+    ax.set_xlabel("base training step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.plot(steps, [p["params"] for p in pr], label="parameters")
+    ax.plot(steps, [p["flops"] for p in pr], label="FLOPs / example")
+    ax.set_yscale("log")
+    ax.set_xlabel("base training step")
+    ax.grid(alpha=0.3, which="both")
+    ax3 = ax.twinx()
+    ax3.plot(steps, [p["gap"] for p in pr], color="#cf222e", label="gap: guard - train loss")
+    ax3.set_ylabel("internal generalization gap")
+    ax.legend(fontsize=7, loc="upper left")
+    ax3.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def _timeline(history: dict) -> str:
+    decisions = history["tuned"]["decisions"]
+    mods = sorted({d["modifier"] for d in decisions}) or ["-"]
+    fig, ax = plt.subplots(figsize=(12.4, 0.6 + 0.45 * len(mods)))
+    for decision, (color, marker) in MARKS.items():
+        pts = [(d["step"], mods.index(d["modifier"])) for d in decisions
+               if d["decision"] == decision]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), color=color, marker=marker, s=36, label=decision)
+    _shift(ax, history)
+    ax.set_yticks(range(len(mods)), mods)
+    ax.set_xlabel("base training step")
+    ax.set_xlim(0, history.get("config", {}).get("steps", None))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=6, loc="upper center",
+              bbox_to_anchor=(0.5, -0.35 - 0.05 * len(mods)))
+    return _png(fig)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "-"
+        return f"{x:.4g}"
+    if isinstance(x, list):
+        return ", ".join(_fmt(v) for v in x)
+    return str(x)
+
+
+def summary_rows(history: dict) -> list[tuple[str, str, str]]:
+    """``(quantity, self-modifying, fixed)`` rows for the console table and the report."""
+    t, f = history["tuned_summary"], history.get("fixed_summary") or {}
+
+    def row(label: str, key: str, fmt=_fmt) -> tuple[str, str, str]:
+        return label, fmt(t.get(key)), fmt(f[key]) if key in f else "-"
+
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
     return [
-        ("test accuracy", f"{tuned.final_test_accuracy:.3f}", f"{fixed.final_test_accuracy:.3f}"),
-        ("test loss", f"{tuned.final_test_loss:.3f}", f"{fixed.final_test_loss:.3f}"),
-        ("wall time (s)", f"{tuned.seconds:.1f}", f"{fixed.seconds:.1f}"),
-        ("changes committed / rejected / rolled back", f"{commits} / {rejects} / {rollbacks}",
-         "-"),
-        ("final learning rates", ", ".join(f"{x:.2g}" for x in tuned.lrs[-1]),
-         ", ".join(f"{x:.2g}" for x in fixed.lrs[-1])),
+        row("test accuracy", "test_accuracy", pct),
+        row("test loss", "test_loss", lambda x: f"{x:.3f}"),
+        row("wall time (s)", "seconds", lambda x: f"{x:.1f}"),
+        row("hidden widths", "widths"),
+        row("parameters", "params", lambda x: f"{x:,}"),
+        row("FLOPs / example", "flops", lambda x: f"{x:,}"),
+        row("final learning rates", "lr", lambda xs: ", ".join(f"{x:.2g}" for x in xs)),
+        row("momentum", "momentum", lambda x: f"{x:.3f}"),
+        row("weight decay", "weight_decay", lambda x: f"{x:.2g}"),
+        row("dropout", "dropout", lambda xs: ", ".join(f"{x:.2f}" for x in xs)),
+        row("batch size", "batch_size"),
+        ("changes committed / rejected / rolled back / pending",
+         f"{t['n_commit']} / {t['n_reject']} / {t['n_rollback']} / {t['n_pending']}", "-"),
     ]
 
 
-def write_report(run_dir: Path, tuned: History, fixed: History, title: str) -> Path:
+def write_report(run_dir: Path, history: dict, entries: list[dict]) -> Path:
     """Write ``run_dir/report.html`` atomically and return its path."""
-    rows = "".join(
+    summary = "".join(
         f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
-        for a, b, c in summary_rows(tuned, fixed)
+        for a, b, c in summary_rows(history)
     )
+    mm = meta_metrics(history["tuned"]["probes"], history.get("shift_cycle"))
+    meta = "".join(f"<tr><td>{k.replace('_', ' ')}</td><td>{_fmt(v)}</td></tr>"
+                   for k, v in mm.items())
     changes = "".join(
-        "<tr>"
-        f"<td>{c.step}</td><td class='{c.decision}'>{c.decision}</td>"
-        f"<td>{html.escape(c.reason)}</td><td>{_fmt(c.guard_current)}</td>"
-        f"<td>{_fmt(c.guard_proposed)}</td>"
-        f"<td>{', '.join(f'{x:.2g}' for x in c.lrs_after)}</td></tr>"
-        for c in tuned.cycles
+        f"<tr><td>{e['seq']}</td><td>{e['cycle']}</td><td>{e['step']}</td><td>{e['kind']}</td>"
+        f"<td>{html.escape(str(e['payload'].get('modifier', '')))}</td>"
+        f"<td class='{e['decision']}'>{e['decision']}</td><td>{html.escape(e['reason'])}</td></tr>"
+        for e in entries
     )
+
+    def fig(alt: str, png: str) -> str:
+        return f'<figure><img alt="{alt}" src="data:image/png;base64,{png}"></figure>'
+
+    cfg = history.get("config", {})
+    title = "selfmod train: a run that modifies itself"
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }}
-table {{ border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }}
-td, th {{ border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }}
-.commit {{ color: #1a7f37; }} .reject {{ color: #777; }} .rollback {{ color: #cf222e; }}
-figure {{ display: inline-block; margin: 0.5rem; }}
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 64rem; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.8rem 0; font-size: 0.85rem; }}
+td, th {{ border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: left; }}
+.commit, .applied {{ color: #1a7f37; }} .reject {{ color: #777; }}
+.rollback {{ color: #cf222e; }} .pending {{ color: #bf8700; }}
+figure {{ display: inline-block; margin: 0.3rem; }}
 </style></head><body>
-<h1>{html.escape(title)}</h1>
+<h1>{title}</h1>
+<p>{html.escape(str(run_dir))}: {cfg.get("steps")} steps, cycle every {cfg.get("cycle")} steps,
+modifiers {html.escape(", ".join(cfg.get("modifiers", [])))}, approval {cfg.get("approval")}.</p>
 <h2>Summary</h2>
-<table><tr><th></th><th>self-tuned</th><th>fixed configuration</th></tr>{rows}</table>
+<table><tr><th></th><th>self-modifying</th><th>fixed configuration</th></tr>{summary}</table>
 <h2>Training</h2>
-<figure><img alt="guard loss" src="data:image/png;base64,{_curves(tuned, fixed, "guard_loss",
-                                                                     "guard loss")}"></figure>
-<figure><img alt="test accuracy" src="data:image/png;base64,{_curves(tuned, fixed,
-                                                                     "test_accuracy",
-                                                                     "test accuracy")}"></figure>
-<h2>Learning rates per tensor</h2>
-<figure><img alt="learning rates" src="data:image/png;base64,{_learning_rates(tuned)}"></figure>
-<h2>Changes ({len(tuned.cycles)} cycles)</h2>
-<table><tr><th>step</th><th>decision</th><th>reason</th><th>guard loss, current</th>
-<th>guard loss, proposed</th><th>learning rates after</th></tr>{changes}</table>
+{fig("guard loss", _compare(history, "guard_loss", "guard loss"))}
+{fig("test accuracy", _compare(history, "test_acc", "test accuracy"))}
+<h2>Timeline of changes</h2>
+{fig("timeline", _timeline(history))}
+<h2>Hyperparameters</h2>
+{fig("learning rates and regularization", _hyper(history))}
+<h2>Architecture</h2>
+{fig("layer widths", _widths(history))}
+<h2>Probes</h2>
+{fig("probes", _probes(history))}
+<h2>Meta-metrics</h2>
+<table>{meta}</table>
+<h2>Ledger ({len(entries)} entries besides per-cycle probes; hash chain verified)</h2>
+<table><tr><th>id</th><th>cycle</th><th>step</th><th>kind</th><th>modifier</th>
+<th>decision</th><th>reason</th></tr>{changes}</table>
 </body></html>
 """
     path = Path(run_dir) / "report.html"
     atomic_write_text(path, page)
     return path
-
-
-def _fmt(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:.4f}"

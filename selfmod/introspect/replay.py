@@ -1,0 +1,121 @@
+"""Internal data: a replay buffer of seen examples with metadata, split into internal-train and
+guard entries, resampled so that the guard set keeps older data.
+
+Every entry carries ``step`` (when it was seen), ``loss`` (the model's loss on it at insertion),
+``source`` (which data distribution it came from) and ``split`` (``TRAIN`` or ``GUARD``).
+Guard entries come from each source's held-out pool and are never trained on; train entries are
+a reservoir sample of the examples the model did train on (for the internal generalization gap).
+
+Guard resampling keeps at most ``capacity // n_sources`` entries per source, evicting from
+the largest source first, so a new distribution never pushes the old one out of the guard set
+(the forgetting budget needs it). References: Vitter 1985 (reservoir sampling, algorithm R).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+TRAIN, GUARD = 0, 1
+
+
+class Replay(NamedTuple):
+    """The buffer as tensors, one row per entry (N entries, D features)."""
+
+    x: Tensor  # (N, D)
+    y: Tensor  # (N,) int64
+    step: Tensor  # (N,) int64, base step when seen
+    loss: Tensor  # (N,) float32, loss at insertion
+    source: Tensor  # (N,) int64
+    split: Tensor  # (N,) int64, TRAIN or GUARD
+    seen: Tensor  # () int64, train examples offered so far (reservoir counter)
+
+
+def empty(num_features: int) -> Replay:
+    z = torch.zeros(0, dtype=torch.int64)
+    return Replay(torch.zeros(0, num_features), z, z, torch.zeros(0), z, z, torch.tensor(0))
+
+
+def _cat(buf: Replay, x, y, step, loss, source, split) -> Replay:
+    n = len(y)
+    return Replay(
+        torch.cat([buf.x, x]),
+        torch.cat([buf.y, y]),
+        torch.cat([buf.step, torch.full((n,), step, dtype=torch.int64)]),
+        torch.cat([buf.loss, loss.float()]),
+        torch.cat([buf.source, torch.full((n,), source, dtype=torch.int64)]),
+        torch.cat([buf.split, torch.full((n,), split, dtype=torch.int64)]),
+        buf.seen,
+    )
+
+
+def _keep(buf: Replay, mask: Tensor) -> Replay:
+    return Replay(*(t[mask] for t in buf[:-1]), buf.seen)
+
+
+def add_guard(
+    buf: Replay, x: Tensor, y: Tensor, loss: Tensor, step: int, source: int, capacity: int,
+    generator: torch.Generator,
+) -> Replay:
+    """Add a source's held-out guard examples, then resample to at most ``capacity`` guard
+    entries with an equal share per source (evicting uniformly at random within a source)."""
+    buf = _cat(buf, x, y, step, loss, source, GUARD)
+    guard = buf.split == GUARD
+    sources = buf.source[guard].unique().tolist()
+    share = capacity // max(1, len(sources))
+    keep = torch.ones(len(buf.y), dtype=torch.bool)
+    for s in sources:
+        idx = torch.nonzero(guard & (buf.source == s)).squeeze(1)
+        if len(idx) > share:
+            drop = idx[torch.randperm(len(idx), generator=generator)[: len(idx) - share]]
+            keep[drop] = False
+    return _keep(buf, keep)
+
+
+def add_train(
+    buf: Replay, x: Tensor, y: Tensor, loss: Tensor, step: int, source: int, capacity: int,
+    generator: torch.Generator,
+) -> Replay:
+    """Offer trained-on examples to the train reservoir (algorithm R over all offered)."""
+    seen = int(buf.seen)
+    train_idx = torch.nonzero(buf.split == TRAIN).squeeze(1)
+    n_train = len(train_idx)
+    replace: dict[int, int] = {}  # buffer row -> offered row
+    append: list[int] = []
+    u = torch.rand(len(y), generator=generator, dtype=torch.float64)
+    for i in range(len(y)):
+        seen += 1
+        if n_train + len(append) < capacity:
+            append.append(i)
+        else:
+            j = int(u[i] * seen)
+            if j < capacity:
+                slot = j if j < n_train else None
+                if slot is None:
+                    append[j - n_train] = i
+                else:
+                    replace[int(train_idx[slot])] = i
+    x2, y2, loss2 = buf.x.clone(), buf.y.clone(), buf.loss.clone()
+    step2, source2 = buf.step.clone(), buf.source.clone()
+    for row, i in replace.items():
+        x2[row], y2[row], loss2[row] = x[i], y[i], loss[i].float()
+        step2[row], source2[row] = step, source
+    buf = Replay(x2, y2, step2, loss2, source2, buf.split, torch.tensor(seen))
+    if append:
+        a = torch.tensor(append)
+        buf = _cat(buf, x[a], y[a], step, loss[a], source, TRAIN)
+        buf = buf._replace(seen=torch.tensor(seen))
+    return buf
+
+
+def split(buf: Replay, which: int, source: int | None = None, exclude_source: int | None = None
+          ) -> tuple[Tensor, Tensor]:
+    """``(x (n, D), y (n,))`` of one split, optionally of one source or all but one."""
+    mask = buf.split == which
+    if source is not None:
+        mask &= buf.source == source
+    if exclude_source is not None:
+        mask &= buf.source != exclude_source
+    return buf.x[mask], buf.y[mask]

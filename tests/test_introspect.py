@@ -1,0 +1,166 @@
+"""The introspective loop's safeguards: harmful changes rejected with the run state bitwise
+unchanged, NaN anywhere rolls back and the run goes on, manual approval changes nothing."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+from selfmod import tree
+from selfmod.introspect import Faults, Introspector, replay
+from selfmod.introspect.controller import Stream, concrete_dropout, noise_scale
+from selfmod.runs.config import TrainConfig
+from selfmod.runs.ledger import Ledger
+
+FAST = dict(steps=60, cycle=20, lookahead=5, width=8, max_width=32, guard_size=100,
+            replay_size=200, compare_fixed=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _run_state(run: Introspector):
+    return (tree.clone(run.params), pytree.tree_leaves(run.state), tree.clone(run.hparams),
+            run.rng.get_state().clone(), torch.get_rng_state().clone(), run.stream.position(),
+            run.batch_size)
+
+
+def _equal(a, b) -> bool:
+    fa, fb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(fa) == len(fb) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        for x, y in zip(fa, fb, strict=True))
+
+
+def test_harmful_change_is_rejected_and_the_state_is_bitwise_unchanged():
+    run = Introspector(TrainConfig(**{**FAST, "lr": 0.1, "steps": 200}), None)
+    run.run()  # a trained run at a good learning rate
+    run.pending = [run._next_batch() for _ in range(run.cfg.lookahead)]
+    guard = run.guard()
+    current, _ = run._estimate(guard)
+    before = _run_state(run)
+    harmful = {"hparams": {"log_lr": run.hparams["log_lr"] + math.log(100.0)}}
+    run._verify_and_decide("hypergradient", harmful, current, guard, {})
+    d = run.history["decisions"][-1]
+    assert d["decision"] == "reject", d
+    assert _equal(before, _run_state(run))
+
+
+def test_trust_region_bounds_every_hyperparameter_step():
+    cfg = TrainConfig(**{**FAST, "trust_region": 0.1, "meta_lr": 10.0})
+    run = Introspector(cfg, None)
+    run.pending = [run._next_batch() for _ in range(cfg.lookahead)]
+    _, g = run._estimate(run.guard())
+    for modifier, change in run._propose(g, {"gap": 0.0}):
+        for k, v in change.get("hparams", {}).items():
+            assert (v - run.hparams[k]).abs().max() <= 0.1 + 1e-6, modifier
+        if modifier == "grow":
+            assert all(a <= math.ceil(cfg.grow_fraction * w)
+                       for a, w in zip(change["add"], run.widths(), strict=True))
+
+
+@pytest.mark.parametrize("where", ["loss", "grad", "hypergrad"])
+def test_nan_in_loss_gradient_or_hypergradient_rolls_back_and_the_run_goes_on(where):
+    faults = Faults(**{where: {1} if where == "hypergrad" else {25}})
+    run = Introspector(TrainConfig(**FAST), None, faults=faults)
+    run.run()
+    rollbacks = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
+    assert len(rollbacks) == 1, rollbacks
+    assert "non-finite" in rollbacks[0]["reason"]
+    assert rollbacks[0]["after"]["lr"][0] == pytest.approx(rollbacks[0]["before"]["lr"][0] / 2,
+                                                           rel=0.3) or where == "hypergrad"
+    assert run.meta_lr == pytest.approx(run.cfg.meta_lr / 2)
+    assert run.step == run.cfg.steps and tree.is_finite(run.params)
+    assert len(run.history["probes"]) == 3  # every cycle still ran
+
+
+def test_divergence_rolls_back_to_the_last_good_state():
+    run = Introspector(TrainConfig(**{**FAST, "lr": 10.0, "modifiers": []}), None)
+    run.run()
+    rollbacks = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
+    assert rollbacks and tree.is_finite(run.params)
+
+
+def test_growth_keeps_the_function_and_maps_the_optimizer_state():
+    run = Introspector(TrainConfig(**FAST), None)
+    run.run()
+    x = run.guard()[0]
+    before = run.apply(run.params, x)
+    params, state, _, _ = run.changed({"add": [4, 8], "seed": 3})
+    assert run.widths(params) == [run.widths()[0] + 4, run.widths()[1] + 8]
+    torch.testing.assert_close(run.apply(params, x), before, rtol=0, atol=1e-5)
+    assert state[1].trace["2.weight"].shape == params["2.weight"].shape
+
+
+def test_manual_approval_changes_nothing_until_approved(tmp_path):
+    cfg = TrainConfig(**{**FAST, "steps": 100, "approval": "manual"})
+    env = {**os.environ, "SELFMOD_CRASH_AT_STEP": "70"}
+    args = [f"--set={k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in {**FAST, "steps": 100, "approval": "manual", "out": tmp_path}.items()]
+    crashed = subprocess.run([sys.executable, "-m", "selfmod.cli", "train", *args],
+                             capture_output=True, text=True, env=env, check=False)
+    assert crashed.returncode == -9, crashed.stderr
+    (run_dir,) = tmp_path.iterdir()
+    with Ledger(run_dir / "ledger.sqlite") as ledger:
+        pending = [e for e in ledger.entries("proposal") if e.decision == "pending"]
+        assert pending and not [e for e in ledger.entries("proposal") if e.decision == "commit"]
+    # the run so far: hyperparameters and widths exactly the initial ones at every log point
+    run = Introspector.resume(cfg, run_dir)
+    first = run.history["log"][0]
+    for row in run.history["log"]:
+        assert (row["lr"], row["widths"], row["weight_decay"], row["batch_size"]) == (
+            first["lr"], first["widths"], first["weight_decay"], first["batch_size"])
+    run.ledger.close()
+    grow = next((e for e in pending if e.payload["modifier"] == "grow"), pending[0])
+    ok = subprocess.run([sys.executable, "-m", "selfmod.cli", "approve", str(run_dir),
+                         str(grow.seq)], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    again = subprocess.run([sys.executable, "-m", "selfmod.cli", "approve", str(run_dir),
+                            "99999"], capture_output=True, text=True, check=False)
+    assert again.returncode == 2 and "ID must be a pending change" in again.stderr
+    run = Introspector.resume(cfg, run_dir)
+    run.run()
+    applied = [d for d in run.history["decisions"] if d["decision"] == "applied"]
+    assert len(applied) == 1 and applied[0]["after"] == {**applied[0]["after"]}
+    assert applied[0]["after"] != applied[0]["before"]
+
+
+def test_stream_position_and_replay_buffer():
+    s = Stream(0, 10)
+    a = [s.next(4) for _ in range(5)]
+    t = Stream(0, 10, **{k: v for k, v in Stream(0, 10).position().items() if k != "n"})
+    assert torch.equal(a[0], t.next(4))
+    assert s.position()["epoch"] == 2
+    g = torch.Generator().manual_seed(0)
+    buf = replay.empty(3)
+    for i in range(10):
+        buf = replay.add_train(buf, torch.randn(20, 3), torch.arange(20), torch.zeros(20), i, 0,
+                               50, g)
+    assert int((buf.split == replay.TRAIN).sum()) == 50 and int(buf.seen) == 200
+    buf = replay.add_guard(buf, torch.randn(40, 3), torch.zeros(40, dtype=torch.long),
+                           torch.zeros(40), 0, 0, 40, g)
+    buf = replay.add_guard(buf, torch.randn(40, 3), torch.zeros(40, dtype=torch.long),
+                           torch.zeros(40), 5, 1, 40, g)
+    guard_sources = buf.source[buf.split == replay.GUARD]
+    assert int((guard_sources == 0).sum()) == 20 and int((guard_sources == 1).sum()) == 20
+
+
+def test_concrete_dropout_and_noise_scale():
+    h = torch.ones(20000, 1)
+    p = torch.tensor(0.3, requires_grad=True)
+    out = concrete_dropout(h, p, torch.rand(20000, 1, generator=torch.Generator().manual_seed(0)))
+    assert abs(float((out < 0.5).float().mean()) - 0.3) < 0.02  # about p of the units dropped
+    assert abs(float(out.mean()) - 1.0) < 0.03  # inverted scaling keeps the mean
+    (g,) = torch.autograd.grad(out.sum(), p)
+    assert torch.isfinite(g)
+    # gradients g_i = G + noise with per-example variance s: B_noise = s * D / |G|^2
+    gen = torch.Generator().manual_seed(1)
+    true, b = torch.full((100,), 0.1), 32
+    grads = [{"w": true + torch.randn(100, generator=gen) / b ** 0.5} for _ in range(64)]
+    assert noise_scale(grads, b) == pytest.approx(100 / (100 * 0.01), rel=0.3)
