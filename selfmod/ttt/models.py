@@ -104,8 +104,11 @@ class SequenceClassifier(nn.Module):
 
     def inner_losses(self) -> list[Tensor]:
         """Last tracked inner-loss curves ``(steps + 1,)`` of the MTTT mixers, one per block."""
-        return [b.mixer.inner_losses for b in self.blocks
-                if getattr(b.mixer, "inner_losses", None) is not None]
+        return [
+            b.mixer.inner_losses
+            for b in self.blocks
+            if getattr(b.mixer, "inner_losses", None) is not None
+        ]
 
 
 class CausalLM(nn.Module):
