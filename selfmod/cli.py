@@ -6,6 +6,7 @@ selfmod report DIR                                  (re)write DIR/report.html
 selfmod log DIR                                     the table of changes; verifies the ledger
 selfmod approve DIR ID                              approve a pending change (manual approval)
 selfmod rollback DIR --to CYCLE                     go back to the checkpoint of a cycle
+selfmod meta-train [CONFIG.toml] [--set k=v]        meta-train a learned optimizer
 """
 
 from __future__ import annotations
@@ -154,6 +155,20 @@ def rollback(
                       payload={"modifier": "user", "to_cycle": to})
     Console().print(f"rolled back to cycle {to} (step {target}); continue with "
                     f"selfmod resume {run_dir}")
+
+
+@app.command("meta-train")
+def meta_train(
+    config: Annotated[Path | None, typer.Argument(help="TOML config; defaults if omitted")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a field: --set meta_steps=50")
+    ] = None,
+    resume_: Annotated[bool, typer.Option("--resume", help="continue from its checkpoint")] = False,
+) -> None:
+    """Meta-train a learned optimizer (selfmod.meta); works under torchrun too."""
+    from selfmod.meta.command import run_meta_train
+
+    run_meta_train(config, set_, resume_)
 
 
 # ----------------------------------------------------------------------------- driving a run

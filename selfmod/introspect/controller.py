@@ -12,8 +12,9 @@ Modifiers:
 
 - ``lr``, ``weight_decay``, ``momentum`` (and ``dropout`` with ``regularize="hypergradient"``):
   one reverse-mode meta-gradient ``g = d guard_loss(params_K) / d h`` over
-  ``h = (log lr per tensor, log wd, logit mu, logit p)``; the proposal is
-  ``h' = h - meta_lr * g / rms(g)`` clipped to ``|h' - h| <= trust_region``.
+  ``h = (log lr per tensor, log wd, logit mu, logit p)``; the proposal is the Rprop step
+  ``h' = h - s * sign(g)`` with per-entry step sizes ``s <= min(meta_lr, trust_region)``
+  (:func:`rprop_step`: per-tensor hypergradients differ by orders of magnitude).
 - ``dropout`` and ``weight_decay`` with ``regularize="gap"``: steered by the internal
   generalization gap ``G = guard_loss - train_loss``: ``logit p`` and ``log wd`` move by
   ``+-trust_region / 2`` towards ``G = gap_target``.
@@ -21,9 +22,10 @@ Modifiers:
   per-batch gradients ``g_i`` (size B) and their mean (size BK):
   ``|G|^2 ~ (BK |g_mean|^2 - B E|g_i|^2) / (BK - B)``,
   ``tr(Sigma) ~ (E|g_i|^2 - |g_mean|^2) / (1/B - 1/(BK))``; new ``B`` within ``[B/2, 2B]``.
-- ``grow``: when the gap is below ``gap_target`` (capacity-limited), add
+- ``grow``: every cycle until ``max_width`` (and the parameter budget), propose adding
   ``ceil(grow_fraction * width)`` units to every hidden layer with zero fan-out
-  (:func:`selfmod.arch.zero_plan`: the function is unchanged, the optimizer state re-indexed).
+  (:func:`selfmod.arch.zero_plan`: the function is unchanged, the optimizer state re-indexed);
+  committed only if the grown network's guard loss after the lookahead passes the invariants.
 - ``prune``: remove units whose saliency ``||W_in[j]|| ||W_out[:, j]||`` is below 1e-3 of the
   median (dead units), at most ``prune_fraction`` per cycle (:func:`selfmod.arch.prune_plan`).
 
@@ -130,6 +132,23 @@ def noise_scale(grads: list[Params], batch_size: int) -> float:
     g2 = (bk * big - b * small) / (bk - b)
     s = (small - big) / (1.0 / b - 1.0 / bk)
     return s / g2 if g2 > 0 and s > 0 else math.nan
+
+
+def rprop_step(step: Tensor | None, prev: Tensor | None, g: Tensor, meta_lr: float,
+               trust_region: float) -> tuple[Tensor, Tensor]:
+    """Per-entry step sizes on the sign of the meta-gradient (Rprop): ``x1.2`` while the sign
+    repeats, ``x0.5`` when it flips, within ``[1e-3 meta_lr, min(meta_lr, trust_region)]``.
+
+    Each hyperparameter moves by a bounded amount whatever its gradient's scale (per-tensor
+    hypergradients differ by orders of magnitude), and oscillation damps itself.
+    Returns ``(step, sign)``, both shaped like ``g``. References: Riedmiller & Braun 1993.
+    """
+    hi = min(meta_lr, trust_region)
+    sign = torch.sign(g)
+    if step is None or prev is None:
+        return torch.full_like(g, hi), sign
+    factor = torch.where(sign * prev > 0, 1.2, torch.where(sign * prev < 0, 0.5, 1.0))
+    return (step * factor).clamp(1e-3 * hi, hi), sign
 
 
 # ----------------------------------------------------------------------------- data stream
@@ -260,6 +279,8 @@ class Introspector:
         self.state = self.opt.init(self.params)
         self.batch_size = cfg.batch_size
         self.meta_lr = cfg.meta_lr
+        self.hstep: Params = {}  # Rprop step sizes per hyperparameter entry
+        self.hsign: Params = {}  # and the meta-gradient signs of the last cycle
         self.step = 0
         self.cycle = 0
         self.average: float | None = None
@@ -383,6 +404,7 @@ class Introspector:
         self.stream = Stream(self.cfg.seed, len(self.sources[1].y), source=1)
         self._introduce_source(1)
         self.shift_cycle = self.cycle
+        self.hstep, self.hsign = {}, {}  # meta-steps restart at full size: adapt again
         self._ledger("event", "shift", f"data source 1 from step {self.step}", {})
 
     def base_step(self) -> None:
@@ -507,14 +529,14 @@ class Introspector:
                                 ("log_wd", "weight_decay"), ("drop_logit", "dropout"))
                  if m in self.active and k in self.hparams
                  and not (cfg.regularize == "gap" and m in ("weight_decay", "dropout"))]
-        if hyper:
-            flat = torch.cat([g[k].reshape(-1) for k in hyper])
-            rms = flat.pow(2).mean().sqrt()
-            if rms > 0:
-                new = dict(self.hparams)
-                for k in hyper:
-                    new[k] = self.hparams[k] + (-self.meta_lr * g[k] / rms).clamp(-tr, tr)
-                out.append(("hypergradient", {"hparams": {k: new[k] for k in hyper}}))
+        if hyper and any(bool(g[k].abs().sum() > 0) for k in hyper):
+            new = {}
+            for k in hyper:
+                step, sign = rprop_step(self.hstep.get(k), self.hsign.get(k), g[k],
+                                        self.meta_lr, tr)
+                self.hstep[k], self.hsign[k] = step, sign
+                new[k] = self.hparams[k] - step * sign
+            out.append(("hypergradient", {"hparams": new}))
         gap = probe["gap"]
         if cfg.regularize == "gap" and math.isfinite(gap):
             direction = 1.0 if gap > cfg.gap_target else -1.0
@@ -534,7 +556,7 @@ class Introspector:
                             2 * self.batch_size, cfg.max_batch))
                 if b != self.batch_size:
                     out.append(("batch_size", {"batch_size": b, "noise_scale": bn}))
-        if "grow" in self.active and math.isfinite(gap) and gap < cfg.gap_target:
+        if "grow" in self.active:
             widths = self.widths()
             add = [min(math.ceil(cfg.grow_fraction * w), self.max_width - w) for w in widths]
             if any(a > 0 for a in add):
@@ -713,6 +735,8 @@ class Introspector:
                     enumerate(pytree.tree_leaves(self.good[1]))})
         out.update({f"good/hparams/{k}": v for k, v in self.good[2].items()})
         out.update({f"replay/{k}": v for k, v in self.buffer._asdict().items()})
+        out.update({f"rprop/step/{k}": v for k, v in self.hstep.items()})
+        out.update({f"rprop/sign/{k}": v for k, v in self.hsign.items()})
         out["rng/controller"] = self.rng.get_state()
         out["rng/torch"] = torch.get_rng_state()
         return out
@@ -753,6 +777,7 @@ class Introspector:
         self.good = (good_params, _unflatten_state(self.opt.init(good_params), sub("good/opt/")),
                      {k: sub("good/hparams/")[k] for k in self.hparams})
         self.buffer = replay.Replay(**{f: tensors[f"replay/{f}"] for f in replay.Replay._fields})
+        self.hstep, self.hsign = sub("rprop/step/"), sub("rprop/sign/")
         self.rng.set_state(tensors["rng/controller"])
         torch.set_rng_state(tensors["rng/torch"])
         random.setstate(_tuples(meta["python_random"]))

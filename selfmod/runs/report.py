@@ -146,8 +146,7 @@ def _timeline(history: dict) -> str:
     ax.set_xlabel("base training step")
     ax.set_xlim(0, history.get("config", {}).get("steps", None))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=6, loc="upper center",
-              bbox_to_anchor=(0.5, -0.35 - 0.05 * len(mods)))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 
 
@@ -204,8 +203,9 @@ def write_report(run_dir: Path, history: dict, entries: list[dict]) -> Path:
         for e in entries
     )
 
-    def fig(alt: str, png: str) -> str:
-        return f'<figure><img alt="{alt}" src="data:image/png;base64,{png}"></figure>'
+    def fig(alt: str, png: str, half: bool = False) -> str:
+        cls = ' class="half"' if half else ""
+        return f'<figure{cls}><img alt="{alt}" src="data:image/png;base64,{png}"></figure>'
 
     cfg = history.get("config", {})
     title = "selfmod train: a run that modifies itself"
@@ -217,7 +217,9 @@ table {{ border-collapse: collapse; margin: 0.8rem 0; font-size: 0.85rem; }}
 td, th {{ border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: left; }}
 .commit, .applied {{ color: #1a7f37; }} .reject {{ color: #777; }}
 .rollback {{ color: #cf222e; }} .pending {{ color: #bf8700; }}
-figure {{ display: inline-block; margin: 0.3rem; }}
+figure {{ display: inline-block; margin: 0.3rem 0; max-width: 100%; }}
+figure.half {{ max-width: 49%; }}
+img {{ max-width: 100%; }}
 </style></head><body>
 <h1>{title}</h1>
 <p>{html.escape(str(run_dir))}: {cfg.get("steps")} steps, cycle every {cfg.get("cycle")} steps,
@@ -225,14 +227,14 @@ modifiers {html.escape(", ".join(cfg.get("modifiers", [])))}, approval {cfg.get(
 <h2>Summary</h2>
 <table><tr><th></th><th>self-modifying</th><th>fixed configuration</th></tr>{summary}</table>
 <h2>Training</h2>
-{fig("guard loss", _compare(history, "guard_loss", "guard loss"))}
-{fig("test accuracy", _compare(history, "test_acc", "test accuracy"))}
+{fig("guard loss", _compare(history, "guard_loss", "guard loss"), half=True)}
+{fig("test accuracy", _compare(history, "test_acc", "test accuracy"), half=True)}
 <h2>Timeline of changes</h2>
 {fig("timeline", _timeline(history))}
 <h2>Hyperparameters</h2>
 {fig("learning rates and regularization", _hyper(history))}
 <h2>Architecture</h2>
-{fig("layer widths", _widths(history))}
+{fig("layer widths", _widths(history), half=True)}
 <h2>Probes</h2>
 {fig("probes", _probes(history))}
 <h2>Meta-metrics</h2>
