@@ -164,3 +164,38 @@ def test_concrete_dropout_and_noise_scale():
     true, b = torch.full((100,), 0.1), 32
     grads = [{"w": true + torch.randn(100, generator=gen) / b ** 0.5} for _ in range(64)]
     assert noise_scale(grads, b) == pytest.approx(100 / (100 * 0.01), rel=0.3)
+
+
+def test_forgetting_budget_refuses_a_change_that_costs_accuracy_on_older_data():
+    from selfmod.data import load_mnist1d
+    from selfmod.introspect.controller import make_source
+
+    cfg = TrainConfig(**{**FAST, "lr": 0.05, "steps": 160, "shift_step": 80, "epsilon": 1.0,
+                         "forgetting_delta": 0.0})
+    sources = [make_source(load_mnist1d(seed=42, num_samples=1000), 100, 0),
+               make_source(load_mnist1d(seed=43, num_samples=1000, noise_scale=0.5), 100, 1)]
+    run = Introspector(cfg, None, sources=sources)
+    run.run()
+    assert run.source_id == 1 and run.shift_cycle == 4
+    old = replay.split(run.buffer, replay.GUARD, exclude_source=1)
+    assert len(old[1]) == 50  # the guard set kept half its room for the old distribution
+    run.pending = [run._next_batch() for _ in range(cfg.lookahead)]
+    current, _ = run._estimate(run.guard())
+    reasons = []
+    for factor in (0.05, 0.2, 2.0, 3.0):  # _check is pure: each starts from the same state
+        params, state, h, _ = run.changed({"hparams": {"log_lr": run.hparams["log_lr"]
+                                                       + math.log(factor)}})
+        reasons.append(run._check(params, state, h, current, run.guard(), 1.0)[0] or "")
+    assert any(r.startswith("forgetting budget: accuracy on older data") for r in reasons), reasons
+
+
+def test_meta_metrics():
+    from selfmod.introspect.probes import adaptation, convergence, meta_metrics, stability
+
+    assert convergence([2.0, 1.0, 0.5, 0.5])[1] == 2
+    assert adaptation([0.9, 0.9, 0.3, 0.5, 0.6, 0.62], 2) == 2.0  # 0.6 >= 0.95 * 0.62
+    std, osc = stability([1.0, 1.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0])
+    assert osc == 1.0 and std > 0.4
+    probes = [{"guard_loss": 2.0 - 0.1 * i, "guard_acc": 0.1 * i, "test_acc": 0.1 * i + 0.05}
+              for i in range(6)]
+    assert meta_metrics(probes)["internal_vs_external_acc_gap"] == pytest.approx(0.05)

@@ -10,8 +10,8 @@ Meta-metrics (over the probe history):
 
 - *meta-convergence rate*: the mean per-cycle decrease of ``log guard_loss`` until it first
   comes within 5% of its best value, and the cycle where that happens;
-- *adaptation speed*: cycles after a distribution shift until the guard accuracy on the new
-  source regains 95% of its pre-shift level;
+- *adaptation speed*: cycles after a distribution shift until the guard accuracy reaches 95%
+  of the best value it attains after the shift (the new source may be harder than the old);
 - *introspective stability*: the standard deviation of the guard loss over the last half of
   the cycles, and the fraction of sign changes of its successive differences (oscillation);
 - *internal vs external gap*: the mean absolute difference between guard accuracy (internal)
@@ -68,10 +68,10 @@ def convergence(guard_loss: Sequence[float]) -> tuple[float, int]:
 
 
 def adaptation(guard_acc: Sequence[float], shift_cycle: int | None) -> float:
-    """Cycles after ``shift_cycle`` until guard accuracy regains 95% of its pre-shift value."""
+    """Cycles after ``shift_cycle`` until guard accuracy reaches 95% of its post-shift best."""
     if shift_cycle is None or shift_cycle < 1 or shift_cycle >= len(guard_acc):
         return math.nan
-    target = 0.95 * guard_acc[shift_cycle - 1]
+    target = 0.95 * max(guard_acc[shift_cycle:])
     for i in range(shift_cycle, len(guard_acc)):
         if guard_acc[i] >= target:
             return float(i - shift_cycle)
