@@ -5,9 +5,12 @@ Workload (issue 2): MLP 40-256-256-10 on MNIST-1D, batch 128, one learnable lear
 parameter tensor (6, as log-learning-rates), K inner SGD steps, meta-gradient of the loss on
 512 test examples with respect to the learning rates and the initial weights.
 
-Each (method, K) runs in its own subprocess so that its peak resident memory (``ru_maxrss``
-above the baseline after set-up) is its own. Times are medians over repetitions after one
-warm-up. ``ratio`` is a meta-step's time over K plain ``torch.optim.SGD`` training steps.
+Timing: for each K one process builds every method, warms each up once, then runs the
+repetitions round-robin (method after method), so that all methods see the same machine
+conditions; times are medians. Memory: each (method, K) runs once more in its own subprocess,
+and after a warm-up and ``malloc_trim``, its peak resident memory above the resident memory before
+the meta-step (``VmHWM`` reset through ``/proc/self/clear_refs``) is its own.
+``ratio`` is a meta-step's time over K plain ``torch.optim.SGD`` training steps.
 
     python benchmarks/metagrad.py                  # K in {10, 100, 1000}
     python benchmarks/metagrad.py --ks 10,100 --reps 3
@@ -23,10 +26,11 @@ learning-rate gradient is 0 by construction: timings only).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -157,50 +161,68 @@ def _mlp(ps, x):
     return F.linear(h, ps[4], ps[5])
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def time_worker(K: int, methods: list[str], reps: int) -> list[dict]:
+    """Round-robin timing of every method at one K, in this process."""
+    steps = {m: make_step(m, K) for m in methods}
+    for step in steps.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(reps):
+        for m, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[m].append(time.perf_counter() - t)
+    return [
+        {"method": m, "K": K, "median_s": statistics.median(v), "min_s": min(v), "reps": reps}
+        for m, v in times.items()
+    ]
 
 
-def worker(method: str, K: int, reps: int) -> dict:
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def memory_worker(method: str, K: int) -> dict:
+    """Peak resident memory of one meta-step above the resident memory just before it: after a
+    warm-up and ``malloc_trim``, the kernel's high-water mark is reset through
+    ``/proc/self/clear_refs``."""
     step = make_step(method, K)
-    base_now, base_peak = _rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
-    for i in range(reps + 1):
-        t = time.perf_counter()
-        step()
-        if i:  # the first run is a warm-up
-            times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "method": method,
-        "K": K,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "peak_mb": max(peak, base_peak) - base_now,
-        "reps": reps,
-    }
+    step()  # warm-up: one-time allocations (thread pools, kernels) do not count
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so reuse is not free
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _status_mb("VmRSS")
+    step()
+    return {"method": method, "K": K, "peak_mb": _status_mb("VmHWM") - base}
+
+
+def _subprocess(*args: str) -> list[dict] | dict | None:
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        print(f"{' '.join(args)} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_all(ks: list[int], methods: list[str], reps: int | None) -> list[dict]:
     rows = []
     for K in ks:
-        n = reps if reps is not None else {10: 10, 100: 5}.get(K, 3)
-        for method in methods:
-            out = subprocess.run(
-                [sys.executable, __file__, "--worker", method, str(K), str(n)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if out.returncode != 0:
-                print(f"{method} K={K} failed: {out.stderr.strip().splitlines()[-1:]}")
-                continue
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+        n = reps if reps is not None else {10: 15, 100: 9}.get(K, 5)
+        timed = _subprocess("--time-worker", str(K), ",".join(methods), str(n)) or []
+        for row in timed:
+            mem = _subprocess("--memory-worker", row["method"], str(K)) or {"peak_mb": math.nan}
+            row["peak_mb"] = mem["peak_mb"]
             rows.append(row)
             print(
-                f"  {method:>14s}  K={K:<5d} {row['median_s']:.4f} s  {row['peak_mb']:.0f} MB",
+                f"  {row['method']:>14s}  K={K:<5d} {row['median_s']:.4f} s  "
+                f"{row['peak_mb']:.0f} MB",
                 file=sys.stderr,
             )
     return rows
@@ -229,13 +251,17 @@ def main() -> None:
     parser.add_argument("--ks", default="10,100,1000", help="comma-separated unroll lengths")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per config")
-    parser.add_argument(
-        "--worker", nargs=3, metavar=("METHOD", "K", "REPS"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--time-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        method, K, reps = args.worker
-        print(json.dumps(worker(method, int(K), int(reps))))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if args.time_worker:
+        K, methods, reps = args.time_worker
+        print(json.dumps(time_worker(int(K), methods.split(","), int(reps))))
+        return
+    if args.memory_worker:
+        method, K = args.memory_worker
+        print(json.dumps(memory_worker(method, int(K))))
         return
     ks = [int(k) for k in args.ks.split(",")]
     methods = args.methods.split(",")

@@ -136,8 +136,16 @@ def check_range(
 
 
 def apply_updates(params: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -> Params:
-    """``params + updates`` (out of place, so it stays differentiable; one fused op)."""
+    """``params + updates``, out of place so it stays differentiable.
+
+    Without a graph, one fused ``foreach`` op; with one, per-tensor adds, whose backward saves
+    nothing (``_foreach_add``'s autograd keeps both inputs alive, a copy of the params per step).
+    """
     keys = list(params)
+    if torch.is_grad_enabled() and any(
+        params[k].requires_grad or updates[k].requires_grad for k in keys
+    ):
+        return {k: params[k] + updates[k] for k in keys}
     summed = torch._foreach_add([params[k] for k in keys], [updates[k] for k in keys])
     return dict(zip(keys, summed, strict=True))
 
