@@ -78,3 +78,35 @@ def test_meta_train_config_errors_are_one_line(field, value, message):
     with pytest.raises(ConfigError) as err:
         validate(MetaTrainConfig, {field: value})
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _cli(*args, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "selfmod.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, check=False)
+
+
+def test_meta_train_cli_rejects_bad_values_with_exit_2(tmp_path):
+    out = _cli("meta-train", "--set", "meta_batch=0", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: meta_batch must be an integer in [1, 4096] (got 0)"
+
+
+@pytest.mark.slow
+def test_meta_train_under_torchrun_with_two_processes(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "selfmod.cli", "meta-train",
+         "--set", "meta_steps=2", "--set", "meta_batch=2", "--set", "unroll=2",
+         "--set", "width=8", "--set", f"out={tmp_path / 'meta'}"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    manifest = json.loads((tmp_path / "meta" / "checkpoint.json").read_text())
+    assert manifest["step"] == 2 and set(manifest["sha256"]) == {"weights.safetensors",
+                                                                 "meta_state.safetensors"}
