@@ -91,8 +91,15 @@ def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
     for col in ("id", "cycle", "step", "kind", "modifier", "decision", "reason"):
         table.add_column(col)
     for e in rows:
-        table.add_row(str(e.seq), str(e.cycle), str(e.step), e.kind,
-                      str(e.payload.get("modifier", "")), e.decision, e.reason)
+        table.add_row(
+            str(e.seq),
+            str(e.cycle),
+            str(e.step),
+            e.kind,
+            str(e.payload.get("modifier", "")),
+            e.decision,
+            e.reason,
+        )
     Console(width=200).print(table)
 
 
@@ -110,15 +117,24 @@ def approve(
         pending = {e.seq: e for e in ledger.entries("proposal") if e.decision == "pending"}
         if id_ not in pending:
             ids = ", ".join(map(str, sorted(pending))) or "none"
-            raise SelfmodError(f"ID must be a pending change of {run_dir} (got {id_}); "
-                               f"pending: {ids}")
+            raise SelfmodError(
+                f"ID must be a pending change of {run_dir} (got {id_}); pending: {ids}"
+            )
         if any(e.payload.get("proposal") == id_ for e in ledger.entries("approval")):
             raise SelfmodError(f"change {id_} is already approved")
         e = pending[id_]
-        ledger.append("approval", cycle=e.cycle, step=e.step, decision="approved",
-                      reason=f"change {id_} approved", payload={"proposal": id_})
-    Console().print(f"approved change {id_}; it is applied at the next cycle "
-                    f"(selfmod resume {run_dir} if the run is not running)")
+        ledger.append(
+            "approval",
+            cycle=e.cycle,
+            step=e.step,
+            decision="approved",
+            reason=f"change {id_} approved",
+            payload={"proposal": id_},
+        )
+    Console().print(
+        f"approved change {id_}; it is applied at the next cycle "
+        f"(selfmod resume {run_dir} if the run is not running)"
+    )
 
 
 @app.command()
@@ -137,8 +153,9 @@ def rollback(
         kept[manifest["meta"]["cycle"]] = (path, manifest)
     if to not in kept:
         cycles = ", ".join(map(str, sorted(kept))) or "none"
-        raise SelfmodError(f"--to must be a cycle with a kept checkpoint (got {to}); "
-                           f"kept: {cycles}")
+        raise SelfmodError(
+            f"--to must be a cycle with a kept checkpoint (got {to}); kept: {cycles}"
+        )
     target = kept[to][1]["step"]
     aside = run_dir / FOLDER / "rolled-back"
     aside.mkdir(exist_ok=True)
@@ -150,11 +167,17 @@ def rollback(
         (run_dir / name).unlink(missing_ok=True)
     atomic_write_text(run_dir / "status.json", json.dumps({"state": "rolled back", "step": target}))
     with Ledger(run_dir / "ledger.sqlite") as ledger:
-        ledger.append("rollback", cycle=to, step=target, decision="rollback",
-                      reason=f"manual rollback to cycle {to} (step {target})",
-                      payload={"modifier": "user", "to_cycle": to})
-    Console().print(f"rolled back to cycle {to} (step {target}); continue with "
-                    f"selfmod resume {run_dir}")
+        ledger.append(
+            "rollback",
+            cycle=to,
+            step=target,
+            decision="rollback",
+            reason=f"manual rollback to cycle {to} (step {target})",
+            payload={"modifier": "user", "to_cycle": to},
+        )
+    Console().print(
+        f"rolled back to cycle {to} (step {target}); continue with selfmod resume {run_dir}"
+    )
 
 
 @app.command("meta-train")
@@ -227,8 +250,11 @@ def _drive(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:
         def tick(r: Introspector) -> None:
             if r.step % 10 == 0 or r.step == cfg.steps:
                 last = r.history["log"][-1] if r.history["log"] else {}
-                info = (f"width {r.widths()} test acc {last.get('test_acc', float('nan')):.3f}"
-                        if last else "")
+                info = (
+                    f"width {r.widths()} test acc {last.get('test_acc', float('nan')):.3f}"
+                    if last
+                    else ""
+                )
                 progress.update(task, completed=r.step, info=info)
 
         run.run(on_step=tick)
@@ -243,19 +269,31 @@ def _drive(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:
     from selfmod.runs.files import atomic_write_bytes
 
     atomic_write_bytes(run_dir / "final.safetensors", data)
-    write_json(run_dir / "final.json", {"file": "final.safetensors", "step": run.step,
-                                        "sha256": hashlib.sha256(data).hexdigest(),
-                                        "torch": torch.__version__})
-    history = {"tuned": run.history, "tuned_summary": run.summary(),
-               "fixed": fixed.history if fixed else None,
-               "fixed_summary": fixed.summary() if fixed else None,
-               "shift_cycle": run.shift_cycle, "config": cfg.model_dump()}
+    write_json(
+        run_dir / "final.json",
+        {
+            "file": "final.safetensors",
+            "step": run.step,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "torch": torch.__version__,
+        },
+    )
+    history = {
+        "tuned": run.history,
+        "tuned_summary": run.summary(),
+        "fixed": fixed.history if fixed else None,
+        "fixed_summary": fixed.summary() if fixed else None,
+        "shift_cycle": run.shift_cycle,
+        "config": cfg.model_dump(),
+    }
     write_json(run_dir / "history.json", history)
     history = json.loads((run_dir / "history.json").read_text())
     path = write_report(run_dir, history, _ledger_rows(run_dir))
     atomic_write_text(status, json.dumps({"state": "complete", "step": run.step}))
-    table = Table(title="MNIST-1D, same steps and start" + (
-        f" (data shift at step {cfg.shift_step})" if cfg.shift_step else ""))
+    table = Table(
+        title="MNIST-1D, same steps and start"
+        + (f" (data shift at step {cfg.shift_step})" if cfg.shift_step else "")
+    )
     for col in ("", "self-modifying", "fixed configuration"):
         table.add_column(col)
     for row in summary_rows(history):

@@ -131,8 +131,17 @@ def test_toml_file_and_overrides(tmp_path):
 
 
 def test_train_writes_report_weights_ledger_and_summary(tmp_path):
-    out = _selfmod("train", "--set", "steps=200", "--set", f"out={tmp_path}", "--set", "cycle=40",
-                   "--set", "max_width=32")
+    out = _selfmod(
+        "train",
+        "--set",
+        "steps=200",
+        "--set",
+        f"out={tmp_path}",
+        "--set",
+        "cycle=40",
+        "--set",
+        "max_width=32",
+    )
     assert out.returncode == 0, out.stderr
     (run_dir,) = list(tmp_path.iterdir())
     html = (run_dir / "report.html").read_text()
@@ -141,8 +150,14 @@ def test_train_writes_report_weights_ledger_and_summary(tmp_path):
     manifest = json.loads((run_dir / "final.json").read_text())
     weights = run_dir / manifest["file"]
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == manifest["sha256"]
-    assert set(load_file(str(weights))) == {"0.weight", "0.bias", "2.weight", "2.bias",
-                                            "4.weight", "4.bias"}
+    assert set(load_file(str(weights))) == {
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+        "4.weight",
+        "4.bias",
+    }
     history = json.loads((run_dir / "history.json").read_text())
     tuned, fixed = history["tuned_summary"], history["fixed_summary"]
     assert max(tuned["lr"]) > 2 * max(fixed["lr"])  # it raised its own rates

@@ -23,13 +23,28 @@ from selfmod.runs.ledger import Ledger, LedgerTamperedError
 SELFMOD = [sys.executable, "-m", "selfmod.cli"]
 
 # A small, fast run: every cycle checkpointed, every modifier on.
-SMALL = ["steps=120", "cycle=20", "lookahead=5", "width=8", "max_width=32", "guard_size=100",
-         "replay_size=200", "compare_fixed=false", "keep_checkpoints=10"]
+SMALL = [
+    "steps=120",
+    "cycle=20",
+    "lookahead=5",
+    "width=8",
+    "max_width=32",
+    "guard_size=100",
+    "replay_size=200",
+    "compare_fixed=false",
+    "keep_checkpoints=10",
+]
 
 
 def _selfmod(*args, env=None):
-    return subprocess.run([*SELFMOD, *args], capture_output=True, text=True, check=False,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [*SELFMOD, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def _sets(items):
@@ -39,8 +54,14 @@ def _sets(items):
 def _ledger_with_entries(path, n=5):
     with Ledger(path) as ledger:
         for i in range(n):
-            ledger.append("proposal", cycle=i, step=10 * i, decision="commit",
-                          reason=f"entry {i}", payload={"x": i, "nan": float("nan")})
+            ledger.append(
+                "proposal",
+                cycle=i,
+                step=10 * i,
+                decision="commit",
+                reason=f"entry {i}",
+                payload={"x": i, "nan": float("nan")},
+            )
 
 
 def test_ledger_chain_verifies_and_detects_an_edited_row(tmp_path):
@@ -81,8 +102,10 @@ def test_ledger_detects_deleted_middle_row(tmp_path):
 def test_checkpoint_roundtrip_sha_and_keep_last(tmp_path):
     for step in range(5):
         save_checkpoint(tmp_path, step, {"a": torch.full((3,), float(step))}, {"s": step}, keep=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000003.json",
-                                                            "ckpt-00000004.json"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "ckpt-00000003.json",
+        "ckpt-00000004.json",
+    ]
     tensors, manifest = load_latest(tmp_path)
     assert manifest["meta"] == {"s": 4} and torch.equal(tensors["a"], torch.full((3,), 4.0))
     weights = tmp_path / "checkpoints" / manifest["file"]
@@ -102,15 +125,21 @@ for step in range(int(sys.argv[2])):
 
 def test_kill_9_during_a_checkpoint_write_leaves_the_last_complete_one(tmp_path):
     # deterministic worst moment: SIGKILL with half of checkpoint 3's tensors on disk
-    out = subprocess.run([sys.executable, "-c", WRITER, str(tmp_path), "5"], check=False,
-                         env={**os.environ, "SELFMOD_CRASH_DURING_WRITE": "ckpt-00000003.safe"})
+    out = subprocess.run(
+        [sys.executable, "-c", WRITER, str(tmp_path), "5"],
+        check=False,
+        env={**os.environ, "SELFMOD_CRASH_DURING_WRITE": "ckpt-00000003.safe"},
+    )
     assert out.returncode == -9
     tensors, manifest = load_latest(tmp_path)
     assert manifest["step"] == 2 and torch.equal(tensors["w"], torch.full((200_000,), 2.0))
     # and the manifest write of checkpoint 3: its tensors exist but it is not complete
     tmp2 = tmp_path / "b"
-    out = subprocess.run([sys.executable, "-c", WRITER, str(tmp2), "5"], check=False,
-                         env={**os.environ, "SELFMOD_CRASH_DURING_WRITE": "ckpt-00000003.json"})
+    out = subprocess.run(
+        [sys.executable, "-c", WRITER, str(tmp2), "5"],
+        check=False,
+        env={**os.environ, "SELFMOD_CRASH_DURING_WRITE": "ckpt-00000003.json"},
+    )
     assert out.returncode == -9
     assert load_latest(tmp2)[1]["step"] == 2
 
@@ -118,8 +147,9 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_last_complete_one(tmp_path)
 def test_crash_at_step_k_then_resume_is_bitwise_identical(tmp_path):
     full = _selfmod("train", *_sets([*SMALL, f"out={tmp_path / 'a'}"]))
     assert full.returncode == 0, full.stderr
-    crashed = _selfmod("train", *_sets([*SMALL, f"out={tmp_path / 'b'}"]),
-                       env={"SELFMOD_CRASH_AT_STEP": "77"})
+    crashed = _selfmod(
+        "train", *_sets([*SMALL, f"out={tmp_path / 'b'}"]), env={"SELFMOD_CRASH_AT_STEP": "77"}
+    )
     assert crashed.returncode == -9
     (run_b,) = (tmp_path / "b").iterdir()
     assert not (run_b / "final.safetensors").exists()
@@ -131,13 +161,15 @@ def test_crash_at_step_k_then_resume_is_bitwise_identical(tmp_path):
     assert (run_a / "final.safetensors").read_bytes() == (run_b / "final.safetensors").read_bytes()
     ha, hb = (json.loads((r / "history.json").read_text()) for r in (run_a, run_b))
     assert ha["tuned"]["log"] == hb["tuned"]["log"]
+
     def strip(ds):  # ledger ids differ: the resumed ledger also holds the superseded tail
         return [{k: v for k, v in d.items() if k != "id"} for d in ds]
 
     assert strip(ha["tuned"]["decisions"]) == strip(hb["tuned"]["decisions"])
     manifest = json.loads((run_b / "final.json").read_text())
-    assert manifest["sha256"] == hashlib.sha256((run_b / "final.safetensors").read_bytes()
-                                                ).hexdigest()
+    assert (
+        manifest["sha256"] == hashlib.sha256((run_b / "final.safetensors").read_bytes()).hexdigest()
+    )
     with Ledger(run_b / "ledger.sqlite") as ledger:
         ledger.verify()
         assert [e.decision for e in ledger.entries("resume")] == ["resume"]

@@ -15,20 +15,44 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_report_renders_in_headless_chromium(tmp_path):
     import matplotlib.image
 
-    args = ["steps=300", "cycle=30", "lookahead=5", "max_width=32", "shift_step=150",
-            f"out={tmp_path / 'runs'}"]
-    out = subprocess.run([sys.executable, "-m", "selfmod.cli", "train",
-                          *[a for s in args for a in ("--set", s)]],
-                         capture_output=True, text=True, check=False, timeout=300)
+    args = [
+        "steps=300",
+        "cycle=30",
+        "lookahead=5",
+        "max_width=32",
+        "shift_step=150",
+        f"out={tmp_path / 'runs'}",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "selfmod.cli", "train", *[a for s in args for a in ("--set", s)]],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     shot = tmp_path / "report.png"
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-         "--window-size=1100,1800", f"file://{(run_dir / 'report.html').resolve()}"],
-        capture_output=True, check=False, timeout=120, env={**os.environ, "HOME": str(tmp_path)},
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1100,1800",
+            f"file://{(run_dir / 'report.html').resolve()}",
+        ],
+        capture_output=True,
+        check=False,
+        timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)},
     )
     assert shot.is_file(), "chromium wrote no screenshot"
     img = matplotlib.image.imread(shot)[..., :3]  # (H, W, 3) in [0, 1]
@@ -39,4 +63,5 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert colour > 0.001, f"no coloured plot pixels ({colour:.3%})"
     shutil.copy(shot, run_dir / "report.png")
     os.environ.get("SELFMOD_KEEP_SCREENSHOT") and shutil.copy(
-        shot, os.environ["SELFMOD_KEEP_SCREENSHOT"])
+        shot, os.environ["SELFMOD_KEEP_SCREENSHOT"]
+    )

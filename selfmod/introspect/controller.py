@@ -95,8 +95,9 @@ def concrete_dropout(h: Tensor, p: Tensor, u: Tensor) -> Tensor:
     return h * (1.0 - drop) / (1.0 - p)
 
 
-def apply_mlp(params: Params, x: Tensor, depth: int, p: Tensor | None = None,
-              noise: Tensor | None = None) -> Tensor:
+def apply_mlp(
+    params: Params, x: Tensor, depth: int, p: Tensor | None = None, noise: Tensor | None = None
+) -> Tensor:
     """``x (B, D) -> logits (B, C)``; with ``p (depth,)`` and ``noise (depth, B, >=W)``,
     concrete dropout after every hidden ReLU. Param names as :func:`selfmod.models.mlp`."""
     h = x
@@ -134,8 +135,9 @@ def noise_scale(grads: list[Params], batch_size: int) -> float:
     return s / g2 if g2 > 0 and s > 0 else math.nan
 
 
-def rprop_step(step: Tensor | None, prev: Tensor | None, g: Tensor, meta_lr: float,
-               trust_region: float) -> tuple[Tensor, Tensor]:
+def rprop_step(
+    step: Tensor | None, prev: Tensor | None, g: Tensor, meta_lr: float, trust_region: float
+) -> tuple[Tensor, Tensor]:
     """Per-entry step sizes on the sign of the meta-gradient (Rprop): ``x1.2`` while the sign
     repeats, ``x0.5`` when it flips, within ``[1e-3 meta_lr, min(meta_lr, trust_region)]``.
 
@@ -193,16 +195,18 @@ class Source:
 def make_source(data: Dataset, guard_size: int, seed: int) -> Source:
     perm = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
     g, t = perm[:guard_size], perm[guard_size:]
-    return Source(data.x_train[t], data.y_train[t], data.x_train[g], data.y_train[g],
-                  data.x_test, data.y_test)
+    return Source(
+        data.x_train[t], data.y_train[t], data.x_train[g], data.y_train[g], data.x_test, data.y_test
+    )
 
 
 def default_sources(cfg: TrainConfig) -> list[Source]:
     """MNIST-1D; with ``shift_step`` a second source with more noise and translation."""
     out = [make_source(load_mnist1d(seed=42), cfg.guard_size, cfg.seed)]
     if cfg.shift_step:
-        shifted = load_mnist1d(seed=43, noise_scale=cfg.shift_noise,
-                               max_translation=cfg.shift_translation)
+        shifted = load_mnist1d(
+            seed=43, noise_scale=cfg.shift_noise, max_translation=cfg.shift_translation
+        )
         out.append(make_source(shifted, cfg.guard_size, cfg.seed + 1))
     return out
 
@@ -246,9 +250,15 @@ class Introspector:
     ``tune=False`` gives the fixed-configuration baseline: the same loop without cycles.
     """
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None, *,
-                 sources: list[Source] | None = None, tune: bool = True,
-                 faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path | None = None,
+        *,
+        sources: list[Source] | None = None,
+        tune: bool = True,
+        faults: Faults | None = None,
+    ) -> None:
         self.cfg, self.tune, self.faults = cfg, tune, faults or Faults()
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.ledger = None if self.run_dir is None else Ledger(self.run_dir / "ledger.sqlite")
@@ -351,8 +361,9 @@ class Introspector:
         src = self.sources[s]
         loss = self._per_example_loss(src.guard_x, src.guard_y)
         cap = self.cfg.guard_size
-        self.buffer = replay.add_guard(self.buffer, src.guard_x, src.guard_y, loss, self.step, s,
-                                       cap, self.rng)
+        self.buffer = replay.add_guard(
+            self.buffer, src.guard_x, src.guard_y, loss, self.step, s, cap, self.rng
+        )
 
     def _per_example_loss(self, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
@@ -362,8 +373,11 @@ class Introspector:
         src = self.sources[self.source_id]
         idx = self.stream.next(self.batch_size)
         b = len(idx)
-        noise = (torch.rand((self.depth, b, self.max_width), generator=self.rng)
-                 if self.use_dropout else torch.zeros(0))
+        noise = (
+            torch.rand((self.depth, b, self.max_width), generator=self.rng)
+            if self.use_dropout
+            else torch.zeros(0)
+        )
         return src.x[idx], src.y[idx], noise
 
     def guard(self) -> tuple[Tensor, Tensor]:
@@ -376,7 +390,10 @@ class Introspector:
 
     def _restore(self, snap) -> None:
         self.params, self.state, self.hparams = (
-            tree.clone(snap[0]), _clone_state(snap[1]), tree.clone(snap[2]))
+            tree.clone(snap[0]),
+            _clone_state(snap[1]),
+            tree.clone(snap[2]),
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -413,22 +430,33 @@ class Introspector:
         batch = self.pending.pop(0) if self.pending else self._next_batch()
         loss_fn = self._inner_loss
         if self.step in self.faults.loss:
+
             def loss_fn(p, h, b, f=self._inner_loss):
                 return f(p, h, b) * math.nan
         elif self.step in self.faults.grad:
+
             def loss_fn(p, h, b, f=self._inner_loss):
                 return f({k: _NanGrad.apply(v) for k, v in p.items()}, h, b)
+
         try:
             monitor = hypergrad.FiniteMonitor(start=self.step)
             with torch.no_grad():
                 params, state = hypergrad.inner_step(
-                    loss_fn, self.opt, self.params, self.state, self.hparams, batch,
-                    create_graph=False, monitor=monitor)
+                    loss_fn,
+                    self.opt,
+                    self.params,
+                    self.state,
+                    self.hparams,
+                    batch,
+                    create_graph=False,
+                    monitor=monitor,
+                )
             loss = monitor.losses[0].item()
             monitor.check()
             if self.average is not None and loss > DIVERGENCE_FACTOR * self.average:
                 raise DivergenceError(
-                    f"diverged at step {self.step}: loss {loss:.3g}, average {self.average:.3g}")
+                    f"diverged at step {self.step}: loss {loss:.3g}, average {self.average:.3g}"
+                )
         except (NonFiniteError, DivergenceError) as err:
             self._rollback(str(err))
             self.step += 1
@@ -447,17 +475,34 @@ class Introspector:
         self.good = self._snapshot()
         self.meta_lr *= 0.5
         self.pending = []
-        self._record(Decision(self.cycle, self.step, "safeguard", "rollback",
-                              f"{reason}; restored the last good state, halved learning rates "
-                              f"and meta_lr (now {self.meta_lr:.3g})", before, self.values()))
+        self._record(
+            Decision(
+                self.cycle,
+                self.step,
+                "safeguard",
+                "rollback",
+                f"{reason}; restored the last good state, halved learning rates "
+                f"and meta_lr (now {self.meta_lr:.3g})",
+                before,
+                self.values(),
+            )
+        )
 
     def log_point(self) -> None:
         src = self.sources[self.source_id]
         gl, ga = probes.loss_and_accuracy(self.apply, self.params, *self.guard())
         _, ta = probes.loss_and_accuracy(self.apply, self.params, src.x_test, src.y_test)
-        self.history["log"].append({"step": self.step, "guard_loss": gl, "guard_acc": ga,
-                                    "test_acc": ta, "train_loss": getattr(self, "last_loss", 0.0),
-                                    "meta_lr": self.meta_lr, **self.values()})
+        self.history["log"].append(
+            {
+                "step": self.step,
+                "guard_loss": gl,
+                "guard_acc": ga,
+                "test_acc": ta,
+                "train_loss": getattr(self, "last_loss", 0.0),
+                "meta_lr": self.meta_lr,
+                **self.values(),
+            }
+        )
 
     # ------------------------------------------------------------------ one cycle
 
@@ -473,16 +518,24 @@ class Introspector:
         _, test = probes.loss_and_accuracy(self.apply, self.params, src.x_test, src.y_test)
         c = self.cost()
         return {
-            "cycle": self.cycle, "step": self.step, "guard_loss": gl, "guard_acc": ga,
-            "train_loss": tl, "train_acc": ta,
+            "cycle": self.cycle,
+            "step": self.step,
+            "guard_loss": gl,
+            "guard_acc": ga,
+            "train_loss": tl,
+            "train_acc": ta,
             "gap": gl - tl if math.isfinite(tl) else math.nan,
-            "old_guard_acc": old, "test_acc": test,
-            "robust_acc": probes.robustness(self.apply, self.params, gx, gy, 0.25,
-                                            self.cfg.seed + self.cycle),
+            "old_guard_acc": old,
+            "test_acc": test,
+            "robust_acc": probes.robustness(
+                self.apply, self.params, gx, gy, 0.25, self.cfg.seed + self.cycle
+            ),
             "shifted_acc": probes.shifted(self.apply, self.params, gx, gy, 5),
-            "params": c.params, "flops": c.flops,
+            "params": c.params,
+            "flops": c.flops,
             "memory_bytes": c.activation_bytes + 4 * c.params,
-            "batch_size": self.batch_size, "meta_lr": self.meta_lr,
+            "batch_size": self.batch_size,
+            "meta_lr": self.meta_lr,
         }
 
     def run_cycle(self) -> None:
@@ -494,8 +547,16 @@ class Introspector:
         self._ledger("cycle", "evaluate", "probes", probe)
         # the reservoir sees the examples the model is about to train on, with current losses
         for x, y, _ in self.pending:
-            self.buffer = replay.add_train(self.buffer, x, y, self._per_example_loss(x, y),
-                                           self.step, self.source_id, cfg.replay_size, self.rng)
+            self.buffer = replay.add_train(
+                self.buffer,
+                x,
+                y,
+                self._per_example_loss(x, y),
+                self.step,
+                self.source_id,
+                cfg.replay_size,
+                self.rng,
+            )
         guard = self.guard()
         try:
             current, g = self._estimate(guard)
@@ -512,10 +573,21 @@ class Introspector:
     def _estimate(self, guard) -> tuple[float, Params]:
         est = hypergrad.ESTIMATORS[self.cfg.estimator]
         k = self.cfg.lookahead
-        opts = {"checkpointed": {"segments": max(1, round(math.sqrt(k)))},
-                "truncated": {"window": max(1, k // 2)}}.get(self.cfg.estimator, {})
-        res = est(self._inner_loss, self._outer_loss, self.opt, self.params, self.hparams,
-                  self.pending, guard, state=self.state, **opts)
+        opts = {
+            "checkpointed": {"segments": max(1, round(math.sqrt(k)))},
+            "truncated": {"window": max(1, k // 2)},
+        }.get(self.cfg.estimator, {})
+        res = est(
+            self._inner_loss,
+            self._outer_loss,
+            self.opt,
+            self.params,
+            self.hparams,
+            self.pending,
+            guard,
+            state=self.state,
+            **opts,
+        )
         g = dict(res.hparams)
         if self.cycle in self.faults.hypergrad:
             g = {k2: v * math.nan for k2, v in g.items()}
@@ -525,15 +597,24 @@ class Introspector:
 
     def _propose(self, g: Params, probe: dict[str, float]) -> list[tuple[str, dict]]:
         cfg, tr, out = self.cfg, self.cfg.trust_region, []
-        hyper = [k for k, m in (("log_lr", "lr"), ("mom_logit", "momentum"),
-                                ("log_wd", "weight_decay"), ("drop_logit", "dropout"))
-                 if m in self.active and k in self.hparams
-                 and not (cfg.regularize == "gap" and m in ("weight_decay", "dropout"))]
+        hyper = [
+            k
+            for k, m in (
+                ("log_lr", "lr"),
+                ("mom_logit", "momentum"),
+                ("log_wd", "weight_decay"),
+                ("drop_logit", "dropout"),
+            )
+            if m in self.active
+            and k in self.hparams
+            and not (cfg.regularize == "gap" and m in ("weight_decay", "dropout"))
+        ]
         if hyper and any(bool(g[k].abs().sum() > 0) for k in hyper):
             new = {}
             for k in hyper:
-                step, sign = rprop_step(self.hstep.get(k), self.hsign.get(k), g[k],
-                                        self.meta_lr, tr)
+                step, sign = rprop_step(
+                    self.hstep.get(k), self.hsign.get(k), g[k], self.meta_lr, tr
+                )
                 self.hstep[k], self.hsign[k] = step, sign
                 new[k] = self.hparams[k] - step * sign
             out.append(("hypergradient", {"hparams": new}))
@@ -543,17 +624,24 @@ class Introspector:
             new = {}
             if "dropout" in self.active and "drop_logit" in self.hparams:
                 new["drop_logit"] = (self.hparams["drop_logit"] + direction * tr / 2).clamp(
-                    -6.0, 0.0)  # p in [0.0025, 0.5]
+                    -6.0, 0.0
+                )  # p in [0.0025, 0.5]
             if "weight_decay" in self.active:
                 new["log_wd"] = (self.hparams["log_wd"] + direction * tr / 2).clamp(
-                    math.log(1e-7), math.log(1e-3))
+                    math.log(1e-7), math.log(1e-3)
+                )
             if new:
                 out.append(("regularize", {"hparams": new, "gap": gap}))
         if "batch_size" in self.active:
             bn = self._noise_scale()
             if math.isfinite(bn):
-                b = int(min(max(bn, self.batch_size / 2, cfg.min_batch),
-                            2 * self.batch_size, cfg.max_batch))
+                b = int(
+                    min(
+                        max(bn, self.batch_size / 2, cfg.min_batch),
+                        2 * self.batch_size,
+                        cfg.max_batch,
+                    )
+                )
                 if b != self.batch_size:
                     out.append(("batch_size", {"batch_size": b, "noise_scale": bn}))
         if "grow" in self.active:
@@ -616,13 +704,14 @@ class Introspector:
             if k > 0:
                 group = _group(i)
                 fan_in = params[f"{2 * i}.weight"].shape[1]
-                plan = arch.zero_plan(group, params, k, init_std=fan_in ** -0.5, generator=g)
+                plan = arch.zero_plan(group, params, k, init_std=fan_in**-0.5, generator=g)
                 state = arch.apply_state(plan, state, params)
                 params = arch.apply_params(plan, params)
         return params, state
 
-    def _verify_and_decide(self, modifier: str, change: dict, current: float, guard,
-                           probe: dict[str, float]) -> None:
+    def _verify_and_decide(
+        self, modifier: str, change: dict, current: float, guard, probe: dict[str, float]
+    ) -> None:
         """Apply ``change`` tentatively on a copy over the lookahead batches and check every
         invariant; commit (auto), queue (manual) or reject."""
         cfg = self.cfg
@@ -636,12 +725,15 @@ class Introspector:
         after = self._values_after(params, h, b)
         if reason is None:
             decision = "pending" if cfg.approval == "manual" else "commit"
-            reason = (f"guard loss {proposed:.4f} vs {current:.4f} "
-                      f"(tolerance x{1 + tol:g}); invariants hold")
+            reason = (
+                f"guard loss {proposed:.4f} vs {current:.4f} "
+                f"(tolerance x{1 + tol:g}); invariants hold"
+            )
         else:
             decision = "reject"
-        d = Decision(self.cycle, self.step, modifier, decision, reason, before, after,
-                     current, proposed)
+        d = Decision(
+            self.cycle, self.step, modifier, decision, reason, before, after, current, proposed
+        )
         self._record(d, change)
         if decision == "commit":
             self._commit(params, state, h, b)
@@ -653,8 +745,16 @@ class Introspector:
             return f"parameter budget: {c.params} > {cfg.max_params}", math.nan
         try:
             monitor = hypergrad.FiniteMonitor(start=self.step)
-            p_new, _ = hypergrad.run(self._inner_loss, self.opt, params, state, h,
-                                     self.pending, create_graph=False, monitor=monitor)
+            p_new, _ = hypergrad.run(
+                self._inner_loss,
+                self.opt,
+                params,
+                state,
+                h,
+                self.pending,
+                create_graph=False,
+                monitor=monitor,
+            )
             monitor.check()
         except NonFiniteError as err:
             return f"proposal diverged: {err}", math.nan
@@ -668,13 +768,22 @@ class Introspector:
             return f"guard loss {proposed:.4f} worse than {current:.4f}", proposed
         ox, oy = replay.split(self.buffer, replay.GUARD, exclude_source=self.source_id)
         if len(oy):
-            p_cur, _ = hypergrad.run(self._inner_loss, self.opt, self.params, self.state,
-                                     self.hparams, self.pending, create_graph=False)
+            p_cur, _ = hypergrad.run(
+                self._inner_loss,
+                self.opt,
+                self.params,
+                self.state,
+                self.hparams,
+                self.pending,
+                create_graph=False,
+            )
             _, old_cur = probes.loss_and_accuracy(self.apply, p_cur, ox, oy)
             _, old_new = probes.loss_and_accuracy(self.apply, p_new, ox, oy)
             if old_new < old_cur - cfg.forgetting_delta:
-                return (f"forgetting budget: accuracy on older data {old_new:.3f} vs "
-                        f"{old_cur:.3f} (delta {cfg.forgetting_delta})"), proposed
+                return (
+                    f"forgetting budget: accuracy on older data {old_new:.3f} vs "
+                    f"{old_cur:.3f} (delta {cfg.forgetting_delta})"
+                ), proposed
         return None, proposed
 
     def _values_after(self, params, h, b) -> dict[str, Any]:
@@ -697,21 +806,37 @@ class Introspector:
             if e.decision == "pending" and e.seq in approved and e.seq not in self.applied:
                 change = e.payload["change"]
                 if "hparams" in change:
-                    change = {**change, "hparams": {k: torch.tensor(v)
-                                                    for k, v in change["hparams"].items()}}
+                    change = {
+                        **change,
+                        "hparams": {k: torch.tensor(v) for k, v in change["hparams"].items()},
+                    }
                 before = self.values()
                 self._commit(*self.changed(change))
                 self.applied.add(e.seq)
-                self._record(Decision(self.cycle, self.step, e.payload["modifier"], "applied",
-                                      f"approved proposal {e.seq} applied", before,
-                                      self.values()), {"proposal": e.seq})
+                self._record(
+                    Decision(
+                        self.cycle,
+                        self.step,
+                        e.payload["modifier"],
+                        "applied",
+                        f"approved proposal {e.seq} applied",
+                        before,
+                        self.values(),
+                    ),
+                    {"proposal": e.seq},
+                )
 
     # ------------------------------------------------------------------ ledger
 
     def _record(self, d: Decision, change: dict | None = None) -> None:
-        payload = {"modifier": d.modifier, "before": d.before, "after": d.after,
-                   "guard_current": d.guard_current, "guard_proposed": d.guard_proposed,
-                   "change": _jsonable(change or {})}
+        payload = {
+            "modifier": d.modifier,
+            "before": d.before,
+            "after": d.after,
+            "guard_current": d.guard_current,
+            "guard_proposed": d.guard_proposed,
+            "change": _jsonable(change or {}),
+        }
         kind = "rollback" if d.decision == "rollback" else "proposal"
         e = self._ledger(kind, d.decision, d.reason, payload)
         d.id = e.seq if e is not None else len(self.history["decisions"]) + 1
@@ -720,19 +845,30 @@ class Introspector:
     def _ledger(self, kind: str, decision: str, reason: str, payload: dict):
         if self.ledger is None:
             return None
-        return self.ledger.append(kind, cycle=self.cycle, step=self.step, decision=decision,
-                                  reason=reason, payload=_jsonable(payload))
+        return self.ledger.append(
+            kind,
+            cycle=self.cycle,
+            step=self.step,
+            decision=decision,
+            reason=reason,
+            payload=_jsonable(payload),
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"params/{k}": v for k, v in self.params.items()}
         out.update({f"hparams/{k}": v for k, v in self.hparams.items()})
-        out.update({f"opt/{i}": torch.as_tensor(x) for i, x in
-                    enumerate(pytree.tree_leaves(self.state))})
+        out.update(
+            {f"opt/{i}": torch.as_tensor(x) for i, x in enumerate(pytree.tree_leaves(self.state))}
+        )
         out.update({f"good/params/{k}": v for k, v in self.good[0].items()})
-        out.update({f"good/opt/{i}": torch.as_tensor(x) for i, x in
-                    enumerate(pytree.tree_leaves(self.good[1]))})
+        out.update(
+            {
+                f"good/opt/{i}": torch.as_tensor(x)
+                for i, x in enumerate(pytree.tree_leaves(self.good[1]))
+            }
+        )
         out.update({f"good/hparams/{k}": v for k, v in self.good[2].items()})
         out.update({f"replay/{k}": v for k, v in self.buffer._asdict().items()})
         out.update({f"rprop/step/{k}": v for k, v in self.hstep.items()})
@@ -745,21 +881,29 @@ class Introspector:
         """Checkpoint the whole run state (atomic; keeps the last ``keep_checkpoints``)."""
         seq, head = self.ledger.head()
         meta = {
-            "step": self.step, "cycle": self.cycle, "batch_size": self.batch_size,
-            "meta_lr": self.meta_lr, "average": self.average, "stream": self.stream.position(),
-            "applied": sorted(self.applied), "shift_cycle": self.shift_cycle,
-            "seconds": self.seconds, "ledger_head": [seq, head],
+            "step": self.step,
+            "cycle": self.cycle,
+            "batch_size": self.batch_size,
+            "meta_lr": self.meta_lr,
+            "average": self.average,
+            "stream": self.stream.position(),
+            "applied": sorted(self.applied),
+            "shift_cycle": self.shift_cycle,
+            "seconds": self.seconds,
+            "ledger_head": [seq, head],
             "last_loss": getattr(self, "last_loss", 0.0),
             "python_random": _jsonable(random.getstate()),
             "numpy_random": _jsonable(np.random.get_state()),
             "history": _jsonable(self.history),
         }
-        return save_checkpoint(self.run_dir, self.step, self.state_tensors(), meta,
-                               keep=self.cfg.keep_checkpoints)
+        return save_checkpoint(
+            self.run_dir, self.step, self.state_tensors(), meta, keep=self.cfg.keep_checkpoints
+        )
 
     @classmethod
-    def resume(cls, cfg: TrainConfig, run_dir: str | Path, *, sources=None,
-               at_most: int | None = None) -> Introspector:
+    def resume(
+        cls, cfg: TrainConfig, run_dir: str | Path, *, sources=None, at_most: int | None = None
+    ) -> Introspector:
         """Rebuild a run from its newest complete checkpoint; the ledger chain is verified."""
         self = cls(cfg, run_dir, sources=sources)
         tensors, manifest = load_latest(run_dir, at_most)
@@ -767,15 +911,21 @@ class Introspector:
         self.ledger.verify(tuple(meta["ledger_head"]))
 
         def sub(prefix: str) -> Params:
-            return {k[len(prefix):]: v for k, v in tensors.items()
-                    if k.startswith(prefix) and "/" not in k[len(prefix):]}
+            return {
+                k[len(prefix) :]: v
+                for k, v in tensors.items()
+                if k.startswith(prefix) and "/" not in k[len(prefix) :]
+            }
 
         self.params = {k: sub("params/")[k] for k in self.names}
         self.hparams = {k: sub("hparams/")[k] for k in self.hparams}
         self.state = _unflatten_state(self.opt.init(self.params), sub("opt/"))
         good_params = {k: sub("good/params/")[k] for k in self.names}
-        self.good = (good_params, _unflatten_state(self.opt.init(good_params), sub("good/opt/")),
-                     {k: sub("good/hparams/")[k] for k in self.hparams})
+        self.good = (
+            good_params,
+            _unflatten_state(self.opt.init(good_params), sub("good/opt/")),
+            {k: sub("good/hparams/")[k] for k in self.hparams},
+        )
         self.buffer = replay.Replay(**{f: tensors[f"replay/{f}"] for f in replay.Replay._fields})
         self.hstep, self.hsign = sub("rprop/step/"), sub("rprop/sign/")
         self.rng.set_state(tensors["rng/controller"])
@@ -785,7 +935,10 @@ class Introspector:
         np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
         self.step, self.cycle = meta["step"], meta["cycle"]
         self.batch_size, self.meta_lr, self.average = (
-            meta["batch_size"], meta["meta_lr"], meta["average"])
+            meta["batch_size"],
+            meta["meta_lr"],
+            meta["average"],
+        )
         s = meta["stream"]
         self.stream = Stream(cfg.seed, s["n"], s["source"], s["epoch"], s["pos"])
         self.applied = set(meta["applied"])
@@ -794,10 +947,13 @@ class Introspector:
         self.last_loss = meta["last_loss"]
         self.history = meta["history"]
         superseded = self.ledger.head()[0] - meta["ledger_head"][0]
-        self._ledger("resume", "resume",
-                     f"resumed from checkpoint at step {self.step}; the {superseded} entries "
-                     f"after entry {meta['ledger_head'][0]} are superseded",
-                     {"from_seq": meta["ledger_head"][0] + 1})
+        self._ledger(
+            "resume",
+            "resume",
+            f"resumed from checkpoint at step {self.step}; the {superseded} entries "
+            f"after entry {meta['ledger_head'][0]} are superseded",
+            {"from_seq": meta["ledger_head"][0] + 1},
+        )
         return self
 
     def summary(self) -> dict[str, Any]:
@@ -805,13 +961,22 @@ class Introspector:
         tl, ta = probes.loss_and_accuracy(self.apply, self.params, src.x_test, src.y_test)
         c = self.cost()
         decisions = self.history["decisions"]
-        count = {k: sum(d["decision"] == k for d in decisions)
-                 for k in ("commit", "reject", "rollback", "pending")}
-        return {"test_accuracy": ta, "test_loss": tl, "seconds": self.seconds,
-                "params": c.params, "flops": c.flops, "widths": self.widths(),
-                "steps": self.step, "tensor_names": self.names,
-                **{f"n_{k}": v for k, v in count.items()},
-                **self.values()}
+        count = {
+            k: sum(d["decision"] == k for d in decisions)
+            for k in ("commit", "reject", "rollback", "pending")
+        }
+        return {
+            "test_accuracy": ta,
+            "test_loss": tl,
+            "seconds": self.seconds,
+            "params": c.params,
+            "flops": c.flops,
+            "widths": self.widths(),
+            "steps": self.step,
+            "tensor_names": self.names,
+            **{f"n_{k}": v for k, v in count.items()},
+            **self.values(),
+        }
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -820,8 +985,10 @@ class Introspector:
 def _group(i: int) -> arch.UnitGroup:
     """Hidden layer ``i`` of :func:`selfmod.models.mlp`: rows of ``2i.weight`` and ``2i.bias``,
     columns of ``(2i+2).weight``."""
-    return arch.UnitGroup((arch.Slot(f"{2 * i}.weight", 0), arch.Slot(f"{2 * i}.bias", 0)),
-                          (arch.Slot(f"{2 * i + 2}.weight", 1),))
+    return arch.UnitGroup(
+        (arch.Slot(f"{2 * i}.weight", 0), arch.Slot(f"{2 * i}.bias", 0)),
+        (arch.Slot(f"{2 * i + 2}.weight", 1),),
+    )
 
 
 def _clone_state(state: Any) -> Any:

@@ -30,8 +30,9 @@ from torch import Tensor
 Apply = Callable[[dict[str, Tensor], Tensor], Tensor]
 
 
-def loss_and_accuracy(apply: Apply, params: dict[str, Tensor], x: Tensor, y: Tensor
-                      ) -> tuple[float, float]:
+def loss_and_accuracy(
+    apply: Apply, params: dict[str, Tensor], x: Tensor, y: Tensor
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``apply(params, x (n, D))`` against ``y (n,)``."""
     if len(y) == 0:
         return math.nan, math.nan
@@ -40,8 +41,9 @@ def loss_and_accuracy(apply: Apply, params: dict[str, Tensor], x: Tensor, y: Ten
         return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
 
 
-def robustness(apply: Apply, params: dict[str, Tensor], x: Tensor, y: Tensor, sigma: float,
-               seed: int) -> float:
+def robustness(
+    apply: Apply, params: dict[str, Tensor], x: Tensor, y: Tensor, sigma: float, seed: int
+) -> float:
     """Accuracy on ``x + sigma * std(x) * eps``, ``eps ~ N(0, I)`` drawn from its own ``seed``
     (so probing never consumes the run's random stream)."""
     if len(y) == 0:
@@ -89,15 +91,19 @@ def stability(guard_loss: Sequence[float]) -> tuple[float, float]:
     return t.std().item(), flips
 
 
-def meta_metrics(probes: Sequence[dict[str, float]], shift_cycle: int | None = None
-                 ) -> dict[str, float]:
+def meta_metrics(
+    probes: Sequence[dict[str, float]], shift_cycle: int | None = None
+) -> dict[str, float]:
     """The meta-metrics above from a list of per-cycle probe dicts."""
     gl = [p["guard_loss"] for p in probes]
     ga = [p["guard_acc"] for p in probes]
     rate, at = convergence(gl)
     std, osc = stability(gl)
-    pairs = [(p["guard_acc"], p["test_acc"]) for p in probes
-             if math.isfinite(p.get("test_acc", math.nan))]
+    pairs = [
+        (p["guard_acc"], p["test_acc"])
+        for p in probes
+        if math.isfinite(p.get("test_acc", math.nan))
+    ]
     gap = sum(abs(a - b) for a, b in pairs) / len(pairs) if pairs else math.nan
     return {
         "meta_convergence_rate": rate,

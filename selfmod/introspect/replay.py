@@ -56,7 +56,13 @@ def _keep(buf: Replay, mask: Tensor) -> Replay:
 
 
 def add_guard(
-    buf: Replay, x: Tensor, y: Tensor, loss: Tensor, step: int, source: int, capacity: int,
+    buf: Replay,
+    x: Tensor,
+    y: Tensor,
+    loss: Tensor,
+    step: int,
+    source: int,
+    capacity: int,
     generator: torch.Generator,
 ) -> Replay:
     """Add a source's held-out guard examples, then resample to at most ``capacity`` guard
@@ -75,7 +81,13 @@ def add_guard(
 
 
 def add_train(
-    buf: Replay, x: Tensor, y: Tensor, loss: Tensor, step: int, source: int, capacity: int,
+    buf: Replay,
+    x: Tensor,
+    y: Tensor,
+    loss: Tensor,
+    step: int,
+    source: int,
+    capacity: int,
     generator: torch.Generator,
 ) -> Replay:
     """Offer trained-on examples to the train reservoir (algorithm R over all offered)."""
@@ -110,8 +122,9 @@ def add_train(
     return buf
 
 
-def split(buf: Replay, which: int, source: int | None = None, exclude_source: int | None = None
-          ) -> tuple[Tensor, Tensor]:
+def split(
+    buf: Replay, which: int, source: int | None = None, exclude_source: int | None = None
+) -> tuple[Tensor, Tensor]:
     """``(x (n, D), y (n,))`` of one split, optionally of one source or all but one."""
     mask = buf.split == which
     if source is not None:

@@ -80,11 +80,14 @@ class TrainConfig(BaseModel):
         if self.lookahead > self.cycle:
             raise ValueError(f"lookahead must be <= cycle ({self.cycle}) (got {self.lookahead})")
         if self.min_batch > self.max_batch:
-            raise ValueError(f"min_batch must be <= max_batch ({self.max_batch}) "
-                             f"(got {self.min_batch})")
+            raise ValueError(
+                f"min_batch must be <= max_batch ({self.max_batch}) (got {self.min_batch})"
+            )
         if not self.min_batch <= self.batch_size <= self.max_batch:
-            raise ValueError(f"batch_size must be in [min_batch, max_batch] = "
-                             f"[{self.min_batch}, {self.max_batch}] (got {self.batch_size})")
+            raise ValueError(
+                f"batch_size must be in [min_batch, max_batch] = "
+                f"[{self.min_batch}, {self.max_batch}] (got {self.batch_size})"
+            )
         if self.width > self.max_width:
             raise ValueError(f"width must be <= max_width ({self.max_width}) (got {self.width})")
         return self

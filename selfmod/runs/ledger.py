@@ -69,8 +69,9 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _digest(prev: str, seq: int, cycle: int, step: int, kind: str, decision: str, reason: str,
-            payload: str) -> str:
+def _digest(
+    prev: str, seq: int, cycle: int, step: int, kind: str, decision: str, reason: str, payload: str
+) -> str:
     body = json.dumps([seq, cycle, step, kind, decision, reason, payload], separators=(",", ":"))
     return hashlib.sha256((prev + body).encode("utf-8")).hexdigest()
 
@@ -129,8 +130,9 @@ class Ledger:
     def entries(self, kind: str | None = None) -> list[Entry]:
         query = "SELECT * FROM entries" + (" WHERE kind = ?" if kind else "") + " ORDER BY seq"
         rows = self._db.execute(query, (kind,) if kind else ()).fetchall()
-        return [Entry(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8])
-                for r in rows]
+        return [
+            Entry(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8]) for r in rows
+        ]
 
     def head(self) -> tuple[int, str]:
         """``(seq, hash)`` of the last entry (``(0, GENESIS)`` when empty)."""
@@ -153,9 +155,10 @@ class Ledger:
                 raise LedgerTamperedError(
                     f"ledger {self.path}: entry {expected_seq} is missing (next is {seq})"
                 )
-            if prev_hash != prev or _digest(
-                prev, seq, cycle, step, kind, decision, reason, payload
-            ) != h:
+            if (
+                prev_hash != prev
+                or _digest(prev, seq, cycle, step, kind, decision, reason, payload) != h
+            ):
                 raise LedgerTamperedError(
                     f"ledger {self.path}: entry {seq} does not match its hash chain "
                     "(edited or reordered)"

@@ -23,8 +23,13 @@ import matplotlib.pyplot as plt
 from selfmod.introspect.probes import meta_metrics
 from selfmod.runs.files import atomic_write_text
 
-MARKS = {"commit": ("#1a7f37", "^"), "applied": ("#1a7f37", "P"), "reject": ("0.55", "x"),
-         "pending": ("#bf8700", "o"), "rollback": ("#cf222e", "v")}
+MARKS = {
+    "commit": ("#1a7f37", "^"),
+    "applied": ("#1a7f37", "P"),
+    "reject": ("0.55", "x"),
+    "pending": ("#bf8700", "o"),
+    "rollback": ("#cf222e", "v"),
+}
 
 
 def _png(fig) -> str:
@@ -50,8 +55,10 @@ def _shift(ax, history: dict) -> None:
 
 def _compare(history: dict, key: str, ylabel: str) -> str:
     fig, ax = _axes(ylabel)
-    for name, label, style in (("tuned", "self-modifying", "-"),
-                               ("fixed", "fixed configuration", "--")):
+    for name, label, style in (
+        ("tuned", "self-modifying", "-"),
+        ("fixed", "fixed configuration", "--"),
+    ):
         log = (history.get(name) or {}).get("log", [])
         ax.plot([r["step"] for r in log], [r[key] for r in log], style, label=label)
     _shift(ax, history)
@@ -64,8 +71,12 @@ def _hyper(history: dict) -> str:
     steps = [r["step"] for r in log]
     fig, axes = plt.subplots(1, 2, figsize=(12.4, 3.3))
     ax = axes[0]
-    names = history["tuned_summary"].get("tensor_names") or [
-        f"tensor {i}" for i in range(len(log[0]["lr"]))] if log else []
+    names = (
+        history["tuned_summary"].get("tensor_names")
+        or [f"tensor {i}" for i in range(len(log[0]["lr"]))]
+        if log
+        else []
+    )
     for i, name in enumerate(names):
         ax.plot(steps, [r["lr"][i] for r in log], label=name)
     ax.set_yscale("log")
@@ -94,8 +105,14 @@ def _widths(history: dict) -> str:
         for i in range(len(log[0]["widths"])):
             ax.step(steps, [r["widths"][i] for r in log], where="post", label=f"layer {i}")
     ax2 = ax.twinx()
-    ax2.step(steps, [r["batch_size"] for r in log], where="post", color="0.4", linestyle=":",
-             label="batch size")
+    ax2.step(
+        steps,
+        [r["batch_size"] for r in log],
+        where="post",
+        color="0.4",
+        linestyle=":",
+        label="batch size",
+    )
     ax2.set_ylabel("batch size")
     ax.legend(fontsize=8, loc="upper left")
     ax2.legend(fontsize=8, loc="lower right")
@@ -107,9 +124,14 @@ def _probes(history: dict) -> str:
     steps = [p["step"] for p in pr]
     fig, axes = plt.subplots(1, 2, figsize=(12.4, 3.3))
     ax = axes[0]
-    for key, label in (("guard_acc", "guard"), ("train_acc", "internal train"),
-                       ("robust_acc", "guard + input noise"), ("shifted_acc", "guard, shifted"),
-                       ("old_guard_acc", "older data (guard)"), ("test_acc", "test (external)")):
+    for key, label in (
+        ("guard_acc", "guard"),
+        ("train_acc", "internal train"),
+        ("robust_acc", "guard + input noise"),
+        ("shifted_acc", "guard, shifted"),
+        ("old_guard_acc", "older data (guard)"),
+        ("test_acc", "test (external)"),
+    ):
         ys = [p.get(key, math.nan) for p in pr]
         if any(math.isfinite(y) for y in ys):
             ax.plot(steps, ys, label=label)
@@ -137,8 +159,9 @@ def _timeline(history: dict) -> str:
     mods = sorted({d["modifier"] for d in decisions}) or ["-"]
     fig, ax = plt.subplots(figsize=(12.4, 0.6 + 0.45 * len(mods)))
     for decision, (color, marker) in MARKS.items():
-        pts = [(d["step"], mods.index(d["modifier"])) for d in decisions
-               if d["decision"] == decision]
+        pts = [
+            (d["step"], mods.index(d["modifier"])) for d in decisions if d["decision"] == decision
+        ]
         if pts:
             ax.scatter(*zip(*pts, strict=True), color=color, marker=marker, s=36, label=decision)
     _shift(ax, history)
@@ -182,8 +205,11 @@ def summary_rows(history: dict) -> list[tuple[str, str, str]]:
         row("weight decay", "weight_decay", lambda x: f"{x:.2g}"),
         row("dropout", "dropout", lambda xs: ", ".join(f"{x:.2f}" for x in xs)),
         row("batch size", "batch_size"),
-        ("changes committed / rejected / rolled back / pending",
-         f"{t['n_commit']} / {t['n_reject']} / {t['n_rollback']} / {t['n_pending']}", "-"),
+        (
+            "changes committed / rejected / rolled back / pending",
+            f"{t['n_commit']} / {t['n_reject']} / {t['n_rollback']} / {t['n_pending']}",
+            "-",
+        ),
     ]
 
 
@@ -194,8 +220,9 @@ def write_report(run_dir: Path, history: dict, entries: list[dict]) -> Path:
         for a, b, c in summary_rows(history)
     )
     mm = meta_metrics(history["tuned"]["probes"], history.get("shift_cycle"))
-    meta = "".join(f"<tr><td>{k.replace('_', ' ')}</td><td>{_fmt(v)}</td></tr>"
-                   for k, v in mm.items())
+    meta = "".join(
+        f"<tr><td>{k.replace('_', ' ')}</td><td>{_fmt(v)}</td></tr>" for k, v in mm.items()
+    )
     changes = "".join(
         f"<tr><td>{e['seq']}</td><td>{e['cycle']}</td><td>{e['step']}</td><td>{e['kind']}</td>"
         f"<td>{html.escape(str(e['payload'].get('modifier', '')))}</td>"
