@@ -4,6 +4,8 @@ that names the field and what is allowed: ``steps must be an integer in [1, 1000
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -52,3 +54,38 @@ def validate(model: type[M], values: dict[str, Any]) -> M:
             raise ConfigError(f"unknown config field {name!r}; known fields: {known}") from None
         raise ConfigError(f"{name} must be {allowed(model, name)} (got {first.get('input')!r})"
                           ) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with ``value`` read as a TOML value (bare words are strings)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (got {text!r})")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value
+
+
+def load_values(path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
+    """The values of a TOML file (if any) with ``--set key=value`` overrides applied."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    for item in overrides or []:
+        key, value = parse_override(item)
+        values[key] = value
+    return values
+
+
+def load(model: type[M], path: str | Path | None = None,
+         overrides: list[str] | None = None) -> M:
+    """A validated ``model`` from a TOML file and ``--set`` overrides."""
+    return validate(model, load_values(path, overrides))

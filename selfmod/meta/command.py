@@ -7,37 +7,18 @@ group is created from torchrun's environment variables when they are set.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from selfmod.meta import distributed
 from selfmod.meta.train import MetaTrainConfig, meta_train
-from selfmod.validation import ConfigError, validate
+from selfmod.validation import load
 
 
 def load_meta_config(path: str | Path | None, overrides: list[str] | None) -> MetaTrainConfig:
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value (got {item!r})")
-        try:
-            values[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key.strip()] = raw.strip()
-    return validate(MetaTrainConfig, values)
+    return load(MetaTrainConfig, path, overrides)
 
 
 def run_meta_train(config: str | Path | None, overrides: list[str] | None,
