@@ -20,11 +20,11 @@ run: $(STAMP)
 	$(VENV)/bin/selfmod train
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check selfmod tests benchmarks
+	$(VENV)/bin/ruff check selfmod tests benchmarks examples
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check selfmod tests benchmarks
+	$(VENV)/bin/ruff check selfmod tests benchmarks examples
 	$(VENV)/bin/ruff format --check selfmod tests benchmarks
 
 bench: $(STAMP)

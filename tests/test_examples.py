@@ -1,0 +1,18 @@
+"""The examples run end to end and do what they say."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tune_learning_rates_lowers_the_validation_loss():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "tune_learning_rates.py")],
+                         capture_output=True, text=True, check=True, timeout=300)
+    losses = [float(x) for x in re.findall(r"val loss ([0-9.]+)", out.stdout)]
+    lrs = re.findall(r"lrs \[([0-9.e, -]+)\]", out.stdout)
+    assert len(losses) >= 2 and losses[-1] < losses[0] - 0.3
+    first, last = ([float(x) for x in row.split(",")] for row in (lrs[0], lrs[-1]))
+    assert min(last) > 5 * max(first)  # every tensor's rate moved up from 100x too small
