@@ -57,6 +57,8 @@ BAD_VALUES = {
     "deterministic": ("maybe", "deterministic must be true or false (got 'maybe')"),
     "out": ('""', "out must be a string"),
     "threads": ("0", "threads must be an integer in [1, 256] (got 0)"),
+    "schedule": ("{grow=0}", "schedule must be a table of modifier = N (every N-th cycle"),
+    "online_lr_step": ("0", "online_lr_step must be a number in (0, 1] (got 0)"),
 }
 
 # Values valid alone but inconsistent with another field.
@@ -79,6 +81,23 @@ def test_bad_value_is_one_line_naming_the_field(field):
         load_config(None, [f"{field}={value}"])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value", ['{grow="step"}', "{online_lr=2}", "{magic=1}", "{lr=1001}", "{lr=2.0}", "3"]
+)
+def test_bad_schedule_is_one_line_naming_what_is_allowed(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"schedule={value}"])
+    msg = str(err.value)
+    assert msg.startswith("schedule must be a table of modifier = N") and "\n" not in msg
+    assert 'online_lr = "step"' in msg
+
+
+def test_schedule_is_normalized():
+    cfg = load_config(None, ['schedule={lr="cycle", online_lr="step", grow=2}'])
+    assert cfg.schedule == {"lr": 1, "online_lr": "step", "grow": 2}
+    assert (cfg.every("lr"), cfg.every("grow"), cfg.every("prune")) == (1, 2, 1)
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_COMBINATIONS)

@@ -254,3 +254,83 @@ def test_meta_metrics():
         for i in range(6)
     ]
     assert meta_metrics(probes)["internal_vs_external_acc_gap"] == pytest.approx(0.05)
+
+
+ONLINE = dict(
+    steps=300,
+    cycle=300,  # one cycle (at step 0): the online modifier alone moves the rates
+    lookahead=5,
+    width=32,
+    max_width=32,
+    guard_size=100,
+    replay_size=200,
+    compare_fixed=False,
+    lr=1e-3,  # 100x too small
+    online_lr_step=0.05,
+)
+
+
+def test_online_lr_raises_a_learning_rate_100x_too_small_with_bounded_steps():
+    deltas = []
+
+    def watch(r, last=[None]):  # noqa: B006 - the previous step's log lr
+        if last[0] is not None:
+            deltas.append(float((r.hparams["log_lr"] - last[0]).abs().max()))
+        last[0] = r.hparams["log_lr"].clone()
+
+    run = Introspector(TrainConfig(**{**ONLINE, "modifiers": ["online_lr"]}), None)
+    run.run(watch)
+    fixed = Introspector(TrainConfig(**{**ONLINE, "modifiers": []}), None)
+    fixed.run()
+    lr = run.hparams["log_lr"].exp()
+    assert bool((lr > 1e-2).all()), lr  # every tensor's rate at least 10x higher
+    assert len(deltas) == 299 and max(deltas) <= 0.05 + 1e-6  # |delta log lr| per step
+    ours, theirs = run.summary(), fixed.summary()
+    assert ours["test_loss"] < theirs["test_loss"] - 0.5, (ours["test_loss"], theirs["test_loss"])
+    assert fixed.hparams["log_lr"].exp().tolist() == pytest.approx([1e-3] * 6)
+
+
+def test_nan_in_the_gradient_during_an_online_step_restores_the_online_state():
+    cfg = TrainConfig(**{**FAST, "modifiers": ["online_lr", "lr"]})
+    seen = {}
+
+    def watch(r):
+        if r.step == 25:  # the last good state, and the online rate just before the fault
+            seen["good"] = tree.clone(r.good[2]), tree.clone(r.good[3])
+            seen["lr"] = r.hparams["log_lr"].clone()
+        if r.step == 26:  # right after the rollback
+            seen["after"] = r.hparams["log_lr"].clone(), tree.clone(r.online_prev)
+
+    run = Introspector(cfg, None, faults=Faults(grad={25}))
+    run.run(watch)
+    (rollback,) = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
+    assert "non-finite gradient" in rollback["reason"] and rollback["step"] == 25
+    good_h, good_prev = seen["good"]
+    assert not torch.equal(seen["lr"], good_h["log_lr"])  # the online rates had moved ...
+    lr_after, prev_after = seen["after"]
+    torch.testing.assert_close(lr_after, good_h["log_lr"] - math.log(2.0), rtol=0, atol=0)
+    assert good_prev and _equal(prev_after, good_prev)  # ... and both came back
+    assert run.step == cfg.steps and tree.is_finite(run.params)
+    assert tree.is_finite(run.hparams) and run.online_prev  # online steps went on
+    assert len(run.history["probes"]) == 3
+
+
+def test_schedule_runs_each_modifier_on_exactly_its_cycles(tmp_path):
+    cfg = TrainConfig(
+        **{
+            **FAST,
+            "steps": 120,
+            "max_width": 256,
+            "modifiers": ["lr", "grow", "online_lr"],
+            "schedule": {"grow": 2, "lr": 3, "online_lr": "step"},
+        }
+    )
+    run = Introspector(cfg, tmp_path)
+    run.run()
+    cycles = {}
+    for e in run.ledger.entries("proposal"):
+        cycles.setdefault(e.payload["modifier"], []).append(e.cycle)
+    assert cycles["grow"] == [0, 2, 4]
+    assert cycles["hypergradient"] == [0, 3]  # the lr modifier's meta-gradient step
+    assert cycles["online_lr"] == [1, 2, 3, 4, 5]  # a record of the online steps per cycle
+    assert [p["cycle"] for p in run.history["probes"]] == [0, 1, 2, 3, 4, 5]

@@ -144,11 +144,21 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_last_complete_one(tmp_path)
     assert load_latest(tmp2)[1]["step"] == 2
 
 
-def test_crash_at_step_k_then_resume_is_bitwise_identical(tmp_path):
-    full = _selfmod("train", *_sets([*SMALL, f"out={tmp_path / 'a'}"]))
+# Every modifier plus the online one (per step) and a modifier every 2nd cycle.
+ONLINE = [
+    'modifiers=["lr","weight_decay","dropout","batch_size","grow","prune","online_lr"]',
+    'schedule={grow=2, online_lr="step"}',
+]
+
+
+@pytest.mark.parametrize("extra", [[], ONLINE], ids=["cycle", "online"])
+def test_crash_at_step_k_then_resume_is_bitwise_identical(tmp_path, extra):
+    full = _selfmod("train", *_sets([*SMALL, *extra, f"out={tmp_path / 'a'}"]))
     assert full.returncode == 0, full.stderr
     crashed = _selfmod(
-        "train", *_sets([*SMALL, f"out={tmp_path / 'b'}"]), env={"SELFMOD_CRASH_AT_STEP": "77"}
+        "train",
+        *_sets([*SMALL, *extra, f"out={tmp_path / 'b'}"]),
+        env={"SELFMOD_CRASH_AT_STEP": "77"},
     )
     assert crashed.returncode == -9
     (run_b,) = (tmp_path / "b").iterdir()
@@ -161,6 +171,10 @@ def test_crash_at_step_k_then_resume_is_bitwise_identical(tmp_path):
     assert (run_a / "final.safetensors").read_bytes() == (run_b / "final.safetensors").read_bytes()
     ha, hb = (json.loads((r / "history.json").read_text()) for r in (run_a, run_b))
     assert ha["tuned"]["log"] == hb["tuned"]["log"]
+    if extra:  # the online modifier moved the rates between cycles, also after the resume
+        online = [d for d in hb["tuned"]["decisions"] if d["modifier"] == "online_lr"]
+        assert [d["cycle"] for d in online] == [1, 2, 3, 4, 5]
+        assert all(d["before"]["lr"] != d["after"]["lr"] for d in online)
 
     def strip(ds):  # ledger ids differ: the resumed ledger also holds the superseded tail
         return [{k: v for k, v in d.items() if k != "id"} for d in ds]

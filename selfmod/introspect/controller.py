@@ -28,6 +28,16 @@ Modifiers:
   committed only if the grown network's guard loss after the lookahead passes the invariants.
 - ``prune``: remove units whose saliency ``||W_in[j]|| ||W_out[:, j]||`` is below 1e-3 of the
   median (dead units), at most ``prune_fraction`` per cycle (:func:`selfmod.arch.prune_plan`).
+- ``online_lr`` (every base step, not in a cycle): hypergradient descent on the per-tensor log
+  learning rates. With ``u_{t-1} = theta_t - theta_{t-1} = -alpha d_{t-1}``,
+  ``dL(theta_t)/d log alpha = g_t . u_{t-1} = -alpha g_t . d_{t-1}``; normalized per tensor,
+  ``log alpha_i += online_lr_step * cos(g_t, -u_{t-1})``, so no rate moves by more than
+  ``online_lr_step`` per step. The new rate applies from the next step. Its state (the
+  previous update) is part of the last good state, the checkpoints and the resume.
+
+``schedule`` decouples when modifiers run from the base training: a per-cycle modifier with
+``N`` runs on cycles ``0, N, 2N, ...``; ``online_lr`` runs every step. The cycle's tentative
+replay (verification) holds the hyperparameters fixed.
 
 Safeguards: each change is bounded (trust region, fractions of units); before commit the
 proposed run over the lookahead must be finite, its guard loss not worse than
@@ -73,6 +83,8 @@ from selfmod.runs.ledger import Ledger
 DIVERGENCE_FACTOR = 5.0
 #: concrete-dropout temperature (Gal et al. 2017 use 0.1)
 TEMPERATURE = 0.1
+#: online_lr keeps every learning rate in [1e-6, 10]
+LOG_LR_RANGE = (math.log(1e-6), math.log(10.0))
 
 Params = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor, Tensor]  # x (B, D), y (B,), dropout noise (depth, B, max_width)
@@ -118,6 +130,32 @@ class _NanGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g * math.nan
+
+
+class _GradTap(hypergrad.FiniteMonitor):
+    """A finiteness monitor that also keeps the last step's gradients (for ``online_lr``)."""
+
+    grads: tuple[Tensor, ...] = ()
+
+    def record(self, loss: Tensor, grads) -> None:
+        self.grads = tuple(g.detach() for g in grads)
+        super().record(loss, grads)
+
+
+def online_lr_update(log_lr: Tensor, grads: Params, prev: Params, max_step: float) -> Tensor:
+    """Normalized hypergradient descent on per-tensor log learning rates ``(T,)``:
+    ``log alpha_i + max_step * cos(g_i, -u_i)`` with ``g`` this step's gradient and ``u`` the
+    previous update (``theta_t - theta_{t-1}``), clamped to ``LOG_LR_RANGE``.
+
+    ``g . u < 0`` (the last step went downhill and the slope goes on) raises the rate;
+    ``g . u > 0`` (overshoot) lowers it. References: Baydin et al. 2018.
+    """
+    if not prev:
+        return log_lr
+    cos = torch.stack(
+        [-torch.sum(g * prev[k]) / (g.norm() * prev[k].norm() + 1e-30) for k, g in grads.items()]
+    )  # (T,)
+    return (log_lr + max_step * cos.clamp(-1.0, 1.0)).clamp(*LOG_LR_RANGE)
 
 
 def noise_scale(grads: list[Params], batch_size: int) -> float:
@@ -291,6 +329,7 @@ class Introspector:
         self.meta_lr = cfg.meta_lr
         self.hstep: Params = {}  # Rprop step sizes per hyperparameter entry
         self.hsign: Params = {}  # and the meta-gradient signs of the last cycle
+        self.online_prev: Params = {}  # online_lr: the last update theta_t - theta_{t-1}
         self.step = 0
         self.cycle = 0
         self.average: float | None = None
@@ -385,15 +424,26 @@ class Introspector:
 
     # ------------------------------------------------------------------ snapshots
 
-    def _snapshot(self) -> tuple[Params, Any, Params]:
-        return tree.clone(self.params), _clone_state(self.state), tree.clone(self.hparams)
+    def _snapshot(self) -> tuple[Params, Any, Params, Params]:
+        """``(params, optimizer state, hparams, online_lr's previous update)``."""
+        return (
+            tree.clone(self.params),
+            _clone_state(self.state),
+            tree.clone(self.hparams),
+            tree.clone(self.online_prev),
+        )
 
     def _restore(self, snap) -> None:
-        self.params, self.state, self.hparams = (
+        self.params, self.state, self.hparams, self.online_prev = (
             tree.clone(snap[0]),
             _clone_state(snap[1]),
             tree.clone(snap[2]),
+            tree.clone(snap[3]),
         )
+
+    def _due(self, modifier: str) -> bool:
+        """Whether a per-cycle ``modifier`` runs in this cycle (``active`` and ``schedule``)."""
+        return modifier in self.active and self.cycle % self.cfg.every(modifier) == 0
 
     # ------------------------------------------------------------------ the loop
 
@@ -438,8 +488,9 @@ class Introspector:
             def loss_fn(p, h, b, f=self._inner_loss):
                 return f({k: _NanGrad.apply(v) for k, v in p.items()}, h, b)
 
+        online = "online_lr" in self.active
         try:
-            monitor = hypergrad.FiniteMonitor(start=self.step)
+            monitor = _GradTap(start=self.step)
             with torch.no_grad():
                 params, state = hypergrad.inner_step(
                     loss_fn,
@@ -457,10 +508,20 @@ class Introspector:
                 raise DivergenceError(
                     f"diverged at step {self.step}: loss {loss:.3g}, average {self.average:.3g}"
                 )
+            if online:
+                grads = dict(zip(self.names, monitor.grads, strict=True))
+                log_lr = online_lr_update(
+                    self.hparams["log_lr"], grads, self.online_prev, self.cfg.online_lr_step
+                )
+                if not bool(torch.isfinite(log_lr).all()):
+                    raise NonFiniteError("online learning rate", step=self.step)
         except (NonFiniteError, DivergenceError) as err:
             self._rollback(str(err))
             self.step += 1
             return
+        if online:
+            self.hparams = {**self.hparams, "log_lr": log_lr}
+            self.online_prev = {k: params[k] - self.params[k] for k in self.names}
         self.params, self.state = params, state
         self.average = loss if self.average is None else 0.9 * self.average + 0.1 * loss
         self.last_loss = loss
@@ -541,6 +602,18 @@ class Introspector:
     def run_cycle(self) -> None:
         cfg = self.cfg
         self._apply_approved()
+        if "online_lr" in self.active and self.step > 0:
+            self._record(
+                Decision(
+                    self.cycle,
+                    self.step,
+                    "online_lr",
+                    "applied",
+                    "per-step hypergradient descent on log lr since the last good state",
+                    {"lr": self.good[2]["log_lr"].exp().tolist()},
+                    {"lr": self.hparams["log_lr"].exp().tolist()},
+                )
+            )
         self.pending = [self._next_batch() for _ in range(cfg.lookahead)]
         probe = self.probe()
         self.history["probes"].append(probe)
@@ -605,7 +678,7 @@ class Introspector:
                 ("log_wd", "weight_decay"),
                 ("drop_logit", "dropout"),
             )
-            if m in self.active
+            if self._due(m)
             and k in self.hparams
             and not (cfg.regularize == "gap" and m in ("weight_decay", "dropout"))
         ]
@@ -622,17 +695,17 @@ class Introspector:
         if cfg.regularize == "gap" and math.isfinite(gap):
             direction = 1.0 if gap > cfg.gap_target else -1.0
             new = {}
-            if "dropout" in self.active and "drop_logit" in self.hparams:
+            if self._due("dropout") and "drop_logit" in self.hparams:
                 new["drop_logit"] = (self.hparams["drop_logit"] + direction * tr / 2).clamp(
                     -6.0, 0.0
                 )  # p in [0.0025, 0.5]
-            if "weight_decay" in self.active:
+            if self._due("weight_decay"):
                 new["log_wd"] = (self.hparams["log_wd"] + direction * tr / 2).clamp(
                     math.log(1e-7), math.log(1e-3)
                 )
             if new:
                 out.append(("regularize", {"hparams": new, "gap": gap}))
-        if "batch_size" in self.active:
+        if self._due("batch_size"):
             bn = self._noise_scale()
             if math.isfinite(bn):
                 b = int(
@@ -644,12 +717,12 @@ class Introspector:
                 )
                 if b != self.batch_size:
                     out.append(("batch_size", {"batch_size": b, "noise_scale": bn}))
-        if "grow" in self.active:
+        if self._due("grow"):
             widths = self.widths()
             add = [min(math.ceil(cfg.grow_fraction * w), self.max_width - w) for w in widths]
             if any(a > 0 for a in add):
                 out.append(("grow", {"add": add}))
-        if "prune" in self.active:
+        if self._due("prune"):
             drop = self._dead_units()
             if any(len(d) for d in drop):
                 out.append(("prune", {"remove": drop}))
@@ -795,6 +868,8 @@ class Introspector:
             self.params, self.batch_size = saved
 
     def _commit(self, params, state, h, b) -> None:
+        if any(params[k].shape != self.params[k].shape for k in self.names):
+            self.online_prev = {}  # the last update no longer matches the architecture
         self.params, self.state, self.hparams, self.batch_size = params, state, h, b
 
     def _apply_approved(self) -> None:
@@ -870,6 +945,8 @@ class Introspector:
             }
         )
         out.update({f"good/hparams/{k}": v for k, v in self.good[2].items()})
+        out.update({f"good/online/{k}": v for k, v in self.good[3].items()})
+        out.update({f"online/prev/{k}": v for k, v in self.online_prev.items()})
         out.update({f"replay/{k}": v for k, v in self.buffer._asdict().items()})
         out.update({f"rprop/step/{k}": v for k, v in self.hstep.items()})
         out.update({f"rprop/sign/{k}": v for k, v in self.hsign.items()})
@@ -925,7 +1002,9 @@ class Introspector:
             good_params,
             _unflatten_state(self.opt.init(good_params), sub("good/opt/")),
             {k: sub("good/hparams/")[k] for k in self.hparams},
+            sub("good/online/"),
         )
+        self.online_prev = sub("online/prev/")
         self.buffer = replay.Replay(**{f: tensors[f"replay/{f}"] for f in replay.Replay._fields})
         self.hstep, self.hsign = sub("rprop/step/"), sub("rprop/sign/")
         self.rng.set_state(tensors["rng/controller"])

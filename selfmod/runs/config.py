@@ -10,7 +10,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from selfmod.errors import SelfmodError
 
@@ -19,8 +26,27 @@ class ConfigError(SelfmodError, ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
-MODIFIERS = ("lr", "weight_decay", "momentum", "dropout", "batch_size", "grow", "prune")
-Modifier = Literal["lr", "weight_decay", "momentum", "dropout", "batch_size", "grow", "prune"]
+MODIFIERS = (
+    "lr",
+    "weight_decay",
+    "momentum",
+    "dropout",
+    "batch_size",
+    "grow",
+    "prune",
+    "online_lr",
+)
+Modifier = Literal[
+    "lr", "weight_decay", "momentum", "dropout", "batch_size", "grow", "prune", "online_lr"
+]
+#: modifiers that run every base step rather than in a cycle
+PER_STEP = ("online_lr",)
+#: most cycles between two runs of a per-cycle modifier
+MAX_EVERY = 1000
+SCHEDULE_ALLOWED = (
+    f'a table of modifier = N (every N-th cycle, N in [1, {MAX_EVERY}]) or "cycle" (= 1), '
+    f'with online_lr = "step"; modifiers: ' + ", ".join(MODIFIERS)
+)
 
 
 class TrainConfig(BaseModel):
@@ -42,8 +68,16 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-5, ge=0, le=1, description="initial L2 coefficient")
     dropout: float = Field(0.02, ge=0, lt=1, description="initial concrete-dropout rate")
     modifiers: list[Modifier] = Field(
-        default_factory=lambda: [m for m in MODIFIERS if m != "momentum"],
+        default_factory=lambda: [m for m in MODIFIERS if m not in ("momentum", "online_lr")],
         description="what the run may change",
+    )
+    schedule: dict[str, int | str] = Field(
+        default_factory=dict,
+        description='when each modifier runs: N (every N-th cycle), "cycle" (= 1) or "step" '
+        "(online_lr); omitted: every cycle, online_lr every step",
+    )
+    online_lr_step: float = Field(
+        0.02, gt=0, le=1, description="online_lr: max |change of log lr| per base step"
     )
     regularize: Literal["gap", "hypergradient"] = Field(
         "gap", description="dropout/weight decay steered by the generalization gap or by d/dh"
@@ -75,6 +109,31 @@ class TrainConfig(BaseModel):
     out: str = Field("runs", min_length=1, description="folder for run directories")
     threads: int = Field(1, ge=1, le=256, description="torch CPU threads (small models: 1)")
 
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> dict[str, int | str]:
+        """Normalize to ``{modifier: N}`` (cycles) or ``{"online_lr": "step"}``."""
+        if not isinstance(value, dict):
+            raise ValueError(SCHEDULE_ALLOWED)
+        out: dict[str, int | str] = {}
+        for name, every in value.items():
+            if name not in MODIFIERS:
+                raise ValueError(SCHEDULE_ALLOWED)
+            if name in PER_STEP:
+                ok = every == "step"
+            else:
+                every = 1 if every == "cycle" else every
+                ok = type(every) is int and 1 <= every <= MAX_EVERY
+            if not ok:
+                raise ValueError(SCHEDULE_ALLOWED)
+            out[name] = every
+        return out
+
+    def every(self, modifier: str) -> int:
+        """Cycles between two runs of a per-cycle ``modifier`` (its ``schedule``; default 1)."""
+        every = self.schedule.get(modifier, 1)
+        return every if isinstance(every, int) else 1
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.lookahead > self.cycle:
@@ -103,6 +162,8 @@ def _allowed(name: str) -> str:
         return "one of " + ", ".join(repr(a) for a in field.annotation.__args__)
     if name == "modifiers":
         return "a list of " + ", ".join(repr(m) for m in MODIFIERS)
+    if name == "schedule":
+        return SCHEDULE_ALLOWED
     lo = hi = None
     lo_open = hi_open = False
     for m in field.metadata:
