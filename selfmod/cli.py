@@ -24,8 +24,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from selfmod.errors import SelfmodError
-from selfmod.runs.config import ConfigError, TrainConfig, load_config, validate
+from selfmod.runs.config import TrainConfig, load_config, validate
 from selfmod.runs.files import atomic_write_text
+from selfmod.validation import ConfigError
 
 app = typer.Typer(
     add_completion=False,

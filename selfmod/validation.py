@@ -5,6 +5,7 @@ that names the field and what is allowed: ``steps must be an integer in [1, 1000
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -20,8 +21,11 @@ class ConfigError(SelfmodError, ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
-def allowed(model: type[BaseModel], name: str) -> str:
-    """What ``name`` accepts, in words: ``an integer in [1, 100]``, ``one of 'a', 'b'``."""
+def allowed(model: type[BaseModel], name: str, described: Mapping[str, str] | None = None) -> str:
+    """What ``name`` accepts, in words: ``an integer in [1, 100]``, ``one of 'a', 'b'``;
+    ``described`` gives the words for fields whose type says too little (lists, dicts)."""
+    if described and name in described:
+        return described[name]
     field = model.model_fields[name]
     if getattr(field.annotation, "__origin__", None) is Literal:
         return "one of " + ", ".join(repr(a) for a in field.annotation.__args__)
@@ -42,17 +46,25 @@ def allowed(model: type[BaseModel], name: str) -> str:
     return f"{kind} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
-def validate(model: type[M], values: dict[str, Any]) -> M:
-    """``model(**values)``, or a :class:`ConfigError` with one line for the first problem."""
+def validate(model: type[M], values: dict[str, Any],
+             described: Mapping[str, str] | None = None) -> M:
+    """``model(**values)``, or a :class:`ConfigError` with one line for the first problem.
+
+    A cross-field rule (a ``model_validator`` raising ``ValueError``) is reported with its own
+    message, which should name the fields.
+    """
     try:
         return model(**values)
     except ValidationError as err:
         first = err.errors()[0]
-        name = ".".join(str(p) for p in first["loc"])
+        if not first["loc"]:
+            raise ConfigError(str(first["msg"]).removeprefix("Value error, ")) from None
+        name = str(first["loc"][0])
         if first["type"] == "extra_forbidden":
             known = ", ".join(model.model_fields)
             raise ConfigError(f"unknown config field {name!r}; known fields: {known}") from None
-        raise ConfigError(f"{name} must be {allowed(model, name)} (got {first.get('input')!r})"
+        got = values.get(name, first.get("input"))
+        raise ConfigError(f"{name} must be {allowed(model, name, described)} (got {got!r})"
                           ) from None
 
 

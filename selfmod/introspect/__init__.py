@@ -2,15 +2,11 @@
 back changes to their own hyperparameters and architecture."""
 
 from selfmod.introspect.controller import Decision, Faults, Introspector, Source, Stream
-from selfmod.introspect.lr_tuning import CycleRecord, History, train
 
 __all__ = [
-    "CycleRecord",
     "Decision",
     "Faults",
-    "History",
     "Introspector",
     "Source",
     "Stream",
-    "train",
 ]

@@ -6,7 +6,6 @@ allowed, e.g. ``steps must be an integer in [1, 1000000] (got -5)``.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,17 +13,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from selfmod.errors import SelfmodError
-
-
-class ConfigError(SelfmodError, ValueError):
-    """A configuration value is missing, unknown or out of range."""
-
+from selfmod.validation import load_values
+from selfmod.validation import validate as validate_model
 
 MODIFIERS = (
     "lr",
@@ -152,75 +146,16 @@ class TrainConfig(BaseModel):
         return self
 
 
-_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-
-
-def _allowed(name: str) -> str:
-    field = TrainConfig.model_fields[name]
-    kind = _KIND.get(field.annotation, "")
-    if getattr(field.annotation, "__origin__", None) is Literal:
-        return "one of " + ", ".join(repr(a) for a in field.annotation.__args__)
-    if name == "modifiers":
-        return "a list of " + ", ".join(repr(m) for m in MODIFIERS)
-    if name == "schedule":
-        return SCHEDULE_ALLOWED
-    lo = hi = None
-    lo_open = hi_open = False
-    for m in field.metadata:
-        if getattr(m, "ge", None) is not None:
-            lo = m.ge
-        if getattr(m, "gt", None) is not None:
-            lo, lo_open = m.gt, True
-        if getattr(m, "le", None) is not None:
-            hi = m.le
-        if getattr(m, "lt", None) is not None:
-            hi, hi_open = m.lt, True
-    if lo is None and hi is None:
-        return kind or "a valid value"
-    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    return f"{kind} in {interval}"
+DESCRIBED = {
+    "modifiers": "a list of " + ", ".join(repr(m) for m in MODIFIERS),
+    "schedule": SCHEDULE_ALLOWED,
+}
 
 
 def validate(values: dict[str, Any]) -> TrainConfig:
     """Build a config, turning the first validation error into one readable line."""
-    try:
-        return TrainConfig(**values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        if not first["loc"]:  # a cross-field rule: its message already names the field
-            msg = str(first["msg"]).removeprefix("Value error, ")
-            raise ConfigError(msg) from None
-        name = str(first["loc"][0])
-        if first["type"] == "extra_forbidden":
-            known = ", ".join(TrainConfig.model_fields)
-            raise ConfigError(f"unknown config field {name!r}; known fields: {known}") from None
-        got = values.get(name, first.get("input"))
-        raise ConfigError(f"{name} must be {_allowed(name)} (got {got!r})") from None
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with ``value`` read as a TOML value (bare words are strings)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value (got {text!r})")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.strip(), value
+    return validate_model(TrainConfig, values, DESCRIBED)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-    for item in overrides or []:
-        key, value = parse_override(item)
-        values[key] = value
-    return validate(values)
+    return validate(load_values(path, overrides))
