@@ -153,7 +153,3 @@ def apply_updates(params: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -
 def is_zero(value: HParam) -> bool:
     """True only for a constant 0 (a tensor or callable may become non-zero when learned)."""
     return isinstance(value, int | float) and value == 0
-
-
-def as_tensor_like(value: Scalar, like: Tensor) -> Tensor:
-    return value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=like.dtype)
