@@ -1,5 +1,6 @@
 """Self-modifying architecture: gates that prune, growth that adds units, mixed operations
-that choose, and surgery that keeps the function and the optimizer state.
+that choose, surgery that keeps the function and the optimizer state, and a controller that
+drives the expected parameter count to a budget.
 
     groups = arch.sequential_groups(model)                  # where each layer's units live
     keep = ~model[2].closed()                               # gates that stayed open
@@ -9,6 +10,15 @@ that choose, and surgery that keeps the function and the optimizer state.
     arch.operate(model, [plan], [torch_optimizer])          # stateful modules and torch.optim
 """
 
+from selfmod.arch.budget import (
+    BudgetState,
+    budget_init,
+    budget_penalty,
+    budget_update,
+    expected_mlp_params,
+    gated_mlp_expected_params,
+    ramp,
+)
 from selfmod.arch.cost import Cost, compare, cost
 from selfmod.arch.gates import (
     HardConcreteGate,
@@ -67,6 +77,7 @@ from selfmod.arch.surgery import (
 
 __all__ = [
     "OPS",
+    "BudgetState",
     "CollapseReport",
     "Connections",
     "Cost",
@@ -87,6 +98,9 @@ __all__ = [
     "apply_state",
     "apply_torch_optimizer",
     "architecture_params",
+    "budget_init",
+    "budget_penalty",
+    "budget_update",
     "candidate_op",
     "collapse_report",
     "compare",
@@ -97,8 +111,10 @@ __all__ = [
     "entropy",
     "entropy_penalty",
     "expected_l0",
+    "expected_mlp_params",
     "gated_cnn1d",
     "gated_mlp",
+    "gated_mlp_expected_params",
     "gradmax_directions",
     "gradmax_plan",
     "grow_plan",
@@ -111,6 +127,7 @@ __all__ = [
     "operate",
     "prob_nonzero",
     "prune_plan",
+    "ramp",
     "rename_params",
     "rename_state",
     "sequential_groups",
