@@ -13,7 +13,10 @@ Every row is a median over seeds; wall time includes search/growth/pruning. Usag
 from __future__ import annotations
 
 import argparse
+import copy
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfmod import arch
-from selfmod.data import batches, load_mnist1d
+from selfmod.data import Dataset, batches, load_mnist1d
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -44,14 +47,18 @@ def train(
     opt: torch.optim.Optimizer | None = None,
     hook=None,
     batch_size: int = 100,
+    loss_fn=None,
+    mode: str = "train",
 ):
-    """Adam on cross-entropy (+ ``extra_loss``); ``hook(step, opt)`` may operate on the model."""
+    """Adam on cross-entropy or ``loss_fn(out, x, y)`` (+ ``extra_loss``), the model in
+    ``mode`` ("eval" keeps gates deterministic); ``hook(step, opt)`` may operate on the model."""
     opt = opt or torch.optim.Adam(model.parameters(), lr)
     it = batches(data.x_train, data.y_train, batch_size, torch.Generator().manual_seed(seed))
-    model.train()
+    model.train(mode == "train")
     for step in range(steps):
         x, y = next(it)
-        loss = F.cross_entropy(model(x), y)
+        out = model(x)
+        loss = F.cross_entropy(out, y) if loss_fn is None else loss_fn(out, x, y)
         if extra_loss is not None:
             loss = loss + extra_loss()
         opt.zero_grad(set_to_none=True)
@@ -65,68 +72,115 @@ def train(
 # ----------------------------------------------------------------------------- (a) prune
 
 
-def part_prune(data, seed: int, steps: int, lam: float, gate_lr: float = 3e-2):
+def distill_loss(teacher: nn.Module, alpha: float, temperature: float):
+    """``(1 - alpha) CE(s, y) + alpha T^2 KL(softmax(t / T) || softmax(s / T))`` (Hinton et al.
+    2015), ``t`` the frozen teacher's logits on the same batch."""
+
+    def loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = teacher(x)  # (B, classes)
+        kd = F.kl_div(
+            F.log_softmax(out / temperature, -1),
+            F.log_softmax(t / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return (1 - alpha) * F.cross_entropy(out, y) + alpha * temperature**2 * kd
+
+    return loss
+
+
+def part_prune(
+    data,
+    seed: int,
+    steps: int,
+    target: float = 0.22,
+    gate_steps: int = 1000,
+    fine_steps: int = 1000,
+    gate_lr: float = 3e-2,
+    kd_alpha: float = 0.5,
+    temperature: float = 4.0,
+    dual_lr: float = 0.05,
+    kp: float = 20.0,
+):
+    """Dense for ``steps``; L0 gates from the dense weights under the budget controller
+    (``gate_steps``, target ramped 1 -> ``target`` over 60% of them); surgery; fine-tune
+    (``fine_steps``). Both phases distil from the dense net. Baselines: the dense net at
+    ``steps`` and a dense net trained for the same total ``steps + gate_steps + fine_steps``."""
     sizes = [40, 512, 512, 10]
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     dense = arch.gated_mlp(sizes, gate=None)
     train(dense, data, steps, 1e-3, seed)
-    base = (
-        accuracy(dense, data.x_test, data.y_test),
-        arch.cost(dense, (40,)),
+    t_dense = time.perf_counter() - t0
+    base = (accuracy(dense, data.x_test, data.y_test), arch.cost(dense, (40,)), t_dense)
+
+    total_steps = steps + gate_steps + fine_steps
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    long = arch.gated_mlp(sizes, gate=None)
+    train(long, data, total_steps, 1e-3, seed)
+    base_long = (
+        accuracy(long, data.x_test, data.y_test),
+        arch.cost(long, (40,)),
         time.perf_counter() - t0,
     )
 
-    torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model = arch.gated_mlp(sizes, init_open=0.9)
+    teacher = copy.deepcopy(dense).eval()
+    torch.manual_seed(seed)
+    model = arch.gated_mlp(sizes, init_open=0.95)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    for src, dst in zip([m for m in dense if isinstance(m, nn.Linear)], linears, strict=True):
+        dst.load_state_dict(src.state_dict())
     gates = [m for m in model if isinstance(m, arch.HardConcreteGate)]
-    total = base[1].params
-
-    def expected_params() -> torch.Tensor:
-        # E[#weights] with independent gates: 40 E[n1] + E[n1] E[n2] + 10 E[n2] (+ biases)
-        n1, n2 = gates[0].expected_l0(), gates[1].expected_l0()
-        return 40 * n1 + n1 * n2 + 10 * n2 + n1 + n2
-
+    total = float(arch.expected_mlp_params(sizes))
     gate_params = [g.log_alpha for g in gates]
     weights = [p for p in model.parameters() if all(p is not q for q in gate_params)]
     opt = torch.optim.Adam([{"params": weights}, {"params": gate_params, "lr": gate_lr}], 1e-3)
-    train(model, data, steps, 1e-3, seed, lambda: lam * expected_params() / total, opt=opt)
+    kd = distill_loss(teacher, kd_alpha, temperature)
+    ctrl = {"state": arch.budget_init(), "target": 1.0}
+    trace = []
+
+    def penalty() -> torch.Tensor:
+        frac = arch.gated_mlp_expected_params(model) / total
+        ctrl["frac"] = frac.item()
+        return arch.budget_penalty(frac, ctrl["target"], ctrl["state"])
+
+    def hook(step, opt):
+        ctrl["state"] = arch.budget_update(
+            ctrl["state"], ctrl["frac"], ctrl["target"], dual_lr, kp=kp
+        )
+        ctrl["target"] = arch.ramp(step + 1, int(0.6 * gate_steps), 1.0, target)
+        if (step + 1) % (gate_steps // 5) == 0:
+            trace.append(
+                (step + 1, round(ctrl["frac"], 3), round(float(ctrl["state"].multiplier), 2))
+            )
+
+    train(model, data, gate_steps, 1e-3, seed + 10, penalty, opt=opt, hook=hook, loss_fn=kd)
     # surgery: every closed gate's unit leaves the weights; Adam state follows
     model.eval()
     plans = []
     for g in arch.sequential_groups(model):
         keep = arch.hard_concrete_eval(dict(model.named_parameters())[g.producers[-1].key]) > 0
         plans.append(arch.prune_plan(g, keep))
-    before = arch.cost(model, (40,))
     acc_before = accuracy(model, data.x_test, data.y_test)
     arch.operate(model, plans, [opt])
     acc_after_surgery = accuracy(model, data.x_test, data.y_test)
-    # fine-tune with deterministic gates (eval mode keeps them fixed)
+    # fine-tune with deterministic gates (eval mode keeps them fixed), still distilling
     for g in gates:
         g.log_alpha.requires_grad_(False)
-    model.eval()
-    train_eval_mode(model, data, steps // 4, opt, seed + 1)
+    train(model, data, fine_steps, 1e-3, seed + 1, opt=opt, loss_fn=kd, mode="eval")
     after = arch.cost(model, (40,))
-    res = (accuracy(model, data.x_test, data.y_test), after, time.perf_counter() - t0)
+    res = (accuracy(model, data.x_test, data.y_test), after, t_dense + time.perf_counter() - t0)
     notes = dict(
         acc_gated=acc_before,
         acc_after_surgery=acc_after_surgery,
-        params_gated=before.params,
         widths=[p.index.numel() for p in plans],
+        trace=trace,
+        expected_frac=ctrl["frac"],
     )
-    return base, res, notes
-
-
-def train_eval_mode(model, data, steps, opt, seed):
-    """Train with the model in eval mode (deterministic gates); Adam state carries over."""
-    it = batches(data.x_train, data.y_train, 100, torch.Generator().manual_seed(seed))
-    for _ in range(steps):
-        x, y = next(it)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    return base, base_long, res, notes
 
 
 # ----------------------------------------------------------------------------- (b) grow
@@ -295,15 +349,31 @@ def main() -> None:
     ap.add_argument("--steps-a", type=int, default=2000)
     ap.add_argument("--steps-b", type=int, default=2000)
     ap.add_argument("--steps-c", type=int, default=3000)
-    ap.add_argument("--lam", type=float, default=1.0, help="(a) weight of E[params]/params")
+    ap.add_argument("--target", type=float, default=0.22, help="(a) E[params] budget fraction")
+    ap.add_argument("--gate-steps", type=int, default=1000, help="(a) steps with L0 gates")
+    ap.add_argument("--fine-steps", type=int, default=1000, help="(a) fine-tune after surgery")
     ap.add_argument("--gate-lr", type=float, default=3e-2, help="(a) Adam lr of log_alpha")
+    ap.add_argument("--kd-alpha", type=float, default=0.5, help="(a) weight of distillation")
+    ap.add_argument("--temperature", type=float, default=4.0, help="(a) distillation T")
+    ap.add_argument("--dual-lr", type=float, default=0.05, help="(a) multiplier step size")
+    ap.add_argument("--kp", type=float, default=20.0, help="(a) multiplier proportional gain")
     ap.add_argument("--threshold", type=float, default=0.3, help="(b) growth threshold")
     ap.add_argument("--mode", default="darts", choices=["darts", "gdas"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--val",
+        action="store_true",
+        help="tuning mode: train on the first 3500 training examples, report accuracy on the "
+        "other 500 (the test set is not touched)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_mnist1d()
+    if args.val:
+        data = Dataset(
+            data.x_train[:3500], data.y_train[:3500], data.x_train[3500:], data.y_train[3500:], 10
+        )
     header = (
         "| model | test acc % | params | FLOPs/example | wall s | d acc vs baseline | "
         "params vs baseline |\n|---|---|---|---|---|---|---|"
@@ -311,14 +381,17 @@ def main() -> None:
     lines = [
         f"# selfmod.arch on MNIST-1D (medians over seeds {args.seeds})",
         "",
-        f"Command: `python benchmarks/arch.py --seeds {' '.join(map(str, args.seeds))} "
-        f"--parts {' '.join(args.parts)} --steps-a {args.steps_a} --steps-b {args.steps_b} "
-        f"--steps-c {args.steps_c} --lam {args.lam} --gate-lr {args.gate_lr} "
-             f"--threshold {args.threshold} "
-        f"--mode {args.mode} --threads {args.threads}`",
+        f"Command: `python benchmarks/arch.py {shlex.join(sys.argv[1:])}`",
+        "",
+        "Options: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "out"),
         "",
         "Timings: CPU, torch threads as above, on a shared 2-core machine (other jobs "
-        "running); wall times are indicative only. Batch 100, Adam.",
+        "running); wall times are indicative only. Batch 100, Adam."
+        + (
+            " VALIDATION MODE: train on 3500, accuracy on the 500 held-out training examples."
+            if args.val
+            else ""
+        ),
         "",
     ]
 
@@ -329,22 +402,48 @@ def main() -> None:
     for line in lines:
         print(line)
     if "a" in args.parts:
-        out = [part_prune(data, s, args.steps_a, args.lam, args.gate_lr) for s in args.seeds]
+        out = [
+            part_prune(
+                data,
+                s,
+                args.steps_a,
+                args.target,
+                args.gate_steps,
+                args.fine_steps,
+                args.gate_lr,
+                args.kd_alpha,
+                args.temperature,
+                args.dual_lr,
+                args.kp,
+            )
+            for s in args.seeds
+        ]
+        total_a = args.steps_a + args.gate_steps + args.fine_steps
         emit(
-            f"## (a) prune MLP 40-512-512-10 ({args.steps_a} steps + {args.steps_a // 4} "
-            f"fine-tune; target <= 25% params, <= 1 point loss)"
+            f"## (a) prune MLP 40-512-512-10 (dense {args.steps_a} steps, then L0 gates under "
+            f"the budget controller {args.gate_steps} steps, target {args.target:.0%} of the "
+            f"parameters, surgery, fine-tune {args.fine_steps} steps; both phases distil from "
+            f"the dense net; target <= 25% params, <= 1 point loss)"
         )
         emit()
         emit(header)
-        base = [o[0] for o in out]
-        res = [o[1] for o in out]
-        ref = (med([b[0] for b in base]), med([b[1].params for b in base]))
-        emit(
-            row("dense baseline", [b[0] for b in base], [b[1] for b in base], [b[2] for b in base])
-        )
+        bases = {args.steps_a: [o[0] for o in out], total_a: [o[1] for o in out]}
+        best = max(bases, key=lambda k: med([b[0] for b in bases[k]]))
+        ref = (med([b[0] for b in bases[best]]), med([b[1].params for b in bases[best]]))
+        for k, b in bases.items():
+            emit(
+                row(
+                    f"dense baseline, {k} steps" + (" (ref)" if k == best else ""),
+                    [x[0] for x in b],
+                    [x[1] for x in b],
+                    [x[2] for x in b],
+                    None if k == best else ref,
+                )
+            )
+        res = [o[2] for o in out]
         emit(
             row(
-                "L0-gated, pruned by surgery",
+                f"L0 + budget + distillation, pruned by surgery ({total_a} steps)",
                 [r[0] for r in res],
                 [r[1] for r in res],
                 [r[2] for r in res],
@@ -353,13 +452,15 @@ def main() -> None:
         )
         emit()
         for s, o in zip(args.seeds, out, strict=True):
-            n = o[2]
+            n = o[3]
             emit(
-                f"- seed {s}: widths after pruning {n['widths']}, params {o[1][1].params:,} "
-                f"({o[1][1].params / o[0][1].params:.1%} of dense); acc gated "
-                f"{100 * n['acc_gated']:.1f}%, right after surgery "
-                f"{100 * n['acc_after_surgery']:.1f}% (same function), after fine-tune "
-                f"{100 * o[1][0]:.1f}%; dense {100 * o[0][0]:.1f}%"
+                f"- seed {s}: widths after pruning {n['widths']}, params {o[2][1].params:,} "
+                f"({o[2][1].params / o[0][1].params:.1%} of dense; E[params] at the end of the "
+                f"gate phase {n['expected_frac']:.1%}); acc gated {100 * n['acc_gated']:.1f}%, "
+                f"right after surgery {100 * n['acc_after_surgery']:.1f}% (same function), "
+                f"after fine-tune {100 * o[2][0]:.1f}%; dense {100 * o[0][0]:.1f}% "
+                f"({args.steps_a} steps), {100 * o[1][0]:.1f}% ({total_a} steps); "
+                f"(step, E[params] fraction, multiplier): {n['trace']}"
             )
         emit()
     if "b" in args.parts:
