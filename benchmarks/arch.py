@@ -194,6 +194,8 @@ def part_grow(
     threshold: float = 1.0,
     grow_every: int = 100,
     max_new: int = 16,
+    grow_until: float = 0.6,
+    max_width: int | None = None,
     scale: float = 0.3,
 ):
     fixed = {}
@@ -215,7 +217,7 @@ def part_grow(
     history = []
 
     def hook(step, opt):
-        if (step + 1) % grow_every or step > 0.6 * steps:
+        if (step + 1) % grow_every or step > grow_until * steps:
             return
         params = {k: v.detach() for k, v in model.named_parameters()}
         sig = arch.linear_signals(
@@ -226,7 +228,7 @@ def part_grow(
             prod = g.producers[0].key.split(".")[0]
             cons = g.consumers[0].key.split(".")[0]
             d = arch.growth_criterion(
-                sig[prod], sig[cons], params[f"{cons}.weight"], threshold, max_new
+                sig[prod], sig[cons], params[f"{cons}.weight"], threshold, max_new, max_width
             )
             if d.k:
                 plans.append(
@@ -358,6 +360,10 @@ def main() -> None:
     ap.add_argument("--dual-lr", type=float, default=0.05, help="(a) multiplier step size")
     ap.add_argument("--kp", type=float, default=20.0, help="(a) multiplier proportional gain")
     ap.add_argument("--threshold", type=float, default=0.3, help="(b) growth threshold")
+    ap.add_argument("--grow-every", type=int, default=100, help="(b) steps between decisions")
+    ap.add_argument("--max-new", type=int, default=16, help="(b) most units per layer per event")
+    ap.add_argument("--grow-until", type=float, default=0.6, help="(b) last growth, fraction")
+    ap.add_argument("--max-width", type=int, default=None, help="(b) cap on each grown layer")
     ap.add_argument("--mode", default="darts", choices=["darts", "gdas"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
@@ -464,10 +470,24 @@ def main() -> None:
             )
         emit()
     if "b" in args.parts:
-        out = [part_grow(data, s, args.steps_b, threshold=args.threshold) for s in args.seeds]
+        out = [
+            part_grow(
+                data,
+                s,
+                args.steps_b,
+                threshold=args.threshold,
+                grow_every=args.grow_every,
+                max_new=args.max_new,
+                grow_until=args.grow_until,
+                max_width=args.max_width,
+            )
+            for s in args.seeds
+        ]
         emit(
             f"## (b) grow MLP 40-w-w-10 from w = 8 ({args.steps_b} steps; GradMax, criterion "
-            f"threshold {args.threshold}) vs fixed widths"
+            f"threshold {args.threshold}, a decision every {args.grow_every} steps until "
+            f"{args.grow_until:.0%} of training, at most {args.max_new} new units per layer per "
+            f"decision, width cap {args.max_width}) vs fixed widths (same steps, optimizer, batch)"
         )
         emit()
         emit(header)

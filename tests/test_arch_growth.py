@@ -17,8 +17,9 @@ def _net(act=arch.GrowReLU):
 
 def _batch(n=16):
     g = torch.Generator().manual_seed(3)
-    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,),
-                                                                              generator=g)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=g
+    )
 
 
 def _loss(model, x, y):
@@ -49,8 +50,9 @@ def test_growth_keeps_function(kind, act):
     (plan,) = _plans(model, params, x, y, kind)
     new = arch.apply_params(plan, params)
     assert tree.size(new) > tree.size(params)
-    assert torch.allclose(functional_call(model, params, (x,)), functional_call(model, new, (x,)),
-                          atol=1e-6, rtol=0)
+    assert torch.allclose(
+        functional_call(model, params, (x,)), functional_call(model, new, (x,)), atol=1e-6, rtol=0
+    )
 
 
 def test_split_conv_keeps_function():
@@ -62,8 +64,12 @@ def test_split_conv_keeps_function():
         plan = arch.split_plan(g, params, torch.tensor([1]), generator=torch.Generator())
         new = arch.apply_params(plan, params)
         assert new[g.producers[0].key].shape[0] == params[g.producers[0].key].shape[0] + 1
-        assert torch.allclose(functional_call(model, params, (x,)),
-                              functional_call(model, new, (x,)), atol=1e-6, rtol=0)
+        assert torch.allclose(
+            functional_call(model, params, (x,)),
+            functional_call(model, new, (x,)),
+            atol=1e-6,
+            rtol=0,
+        )
 
 
 def test_gradmax_maximises_new_fan_in_gradient():
@@ -102,8 +108,11 @@ def test_growth_with_nn_relu_gets_no_fan_in_gradient_which_growrelu_fixes():
 
 
 @pytest.mark.parametrize("kind", ["gradmax", "zero", "split"])
-@pytest.mark.parametrize("opt", [lambda: optim.adam(1e-2), lambda: optim.sgd(0.1, momentum=0.9)],
-                         ids=["adam", "sgd-momentum"])
+@pytest.mark.parametrize(
+    "opt",
+    [lambda: optim.adam(1e-2), lambda: optim.sgd(0.1, momentum=0.9)],
+    ids=["adam", "sgd-momentum"],
+)
 def test_growth_extends_selfmod_state_and_keeps_next_step(kind, opt):
     model = _net()
     x, y = _batch()
@@ -128,8 +137,9 @@ def test_growth_extends_selfmod_state_and_keeps_next_step(kind, opt):
     up_new, _ = tx.update(torch.func.grad(loss)(new), new_state, new)
     for k, u in up_old.items():
         s = next((s for s in plan.group.slots() if s.key == k), None)
-        got = up_new[k] if s is None else arch.take_units(
-            up_new[k], s, old_idx.nonzero().squeeze(1))
+        got = (
+            up_new[k] if s is None else arch.take_units(up_new[k], s, old_idx.nonzero().squeeze(1))
+        )
         assert torch.allclose(got, u, atol=1e-10, rtol=1e-8), k
 
 
@@ -180,3 +190,18 @@ def test_growth_criterion():
     assert d.k == 3 and d.reference > 0 and (d.sigma[:-1] >= d.sigma[1:]).all()
     d = arch.growth_criterion(sig["0"], sig["2"], params["2.weight"], threshold=1e9)
     assert d.k == 0
+
+
+def test_growth_criterion_respects_max_width():
+    model = _net()  # hidden widths 5, 4
+    params = tree.clone(dict(model.named_parameters()))
+    x, y = _batch(64)
+    sig = _signals(model, params, x, y)
+    crit = lambda **kw: arch.growth_criterion(  # noqa: E731
+        sig["0"], sig["2"], params["2.weight"], threshold=0.0, max_new=3, **kw
+    )
+    assert crit().k == 3
+    assert crit(max_width=7).k == 2  # 5 + 2 = 7
+    assert crit(max_width=5).k == 0 and crit(max_width=4).k == 0  # at or over the cap
+    with pytest.raises(ValueError, match="max_width must be >= 1"):
+        crit(max_width=0)

@@ -159,6 +159,7 @@ def growth_criterion(
     consumer_weight: Tensor,
     threshold: float = 1.0,
     max_new: int = 8,
+    max_width: int | None = None,
 ) -> GrowthDecision:
     """How many units to add to the layer between ``producer`` and ``consumer``.
 
@@ -166,14 +167,19 @@ def growth_criterion(
     of norm ``||W_C[:, j]||``; per unit of fan-out norm that is ``r_j = g_j / ||W_C[:, j]||``.
     A GradMax unit along the ``i``-th direction gets ``sigma_i`` per unit of fan-out norm. Grow
     the directions with ``sigma_i > threshold * mean_j r_j`` (at most ``max_new``): new units
-    would learn faster than the average existing one.
+    would learn faster than the average existing one. ``max_width`` caps the layer's width
+    (``width + k <= max_width``).
     """
     _, sigma = gradmax_directions(signals_consumer.out_grad, signals_producer.inputs)
     g = signals_producer.weight_grad.norm(dim=1)  # (width,)
     fan_out = consumer_weight.norm(dim=0).clamp_min(1e-12)  # (width,)
     ref = float((g / fan_out).mean())
-    k = int((sigma > threshold * ref).sum())
-    return GrowthDecision(min(k, max_new), sigma, ref)
+    k = min(int((sigma > threshold * ref).sum()), max_new)
+    if max_width is not None:
+        if max_width < 1:
+            raise ValueError(f"max_width must be >= 1 (got {max_width}); None for no cap")
+        k = max(0, min(k, max_width - g.shape[0]))
+    return GrowthDecision(k, sigma, ref)
 
 
 def _linear_consumer(group: UnitGroup, params: Mapping[str, Tensor]):
