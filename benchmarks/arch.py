@@ -102,6 +102,7 @@ def part_prune(
     temperature: float = 4.0,
     dual_lr: float = 0.05,
     kp: float = 20.0,
+    fine_lr: float = 1e-3,
 ):
     """Dense for ``steps``; L0 gates from the dense weights under the budget controller
     (``gate_steps``, target ramped 1 -> ``target`` over 60% of them); surgery; fine-tune
@@ -170,7 +171,9 @@ def part_prune(
     # fine-tune with deterministic gates (eval mode keeps them fixed), still distilling
     for g in gates:
         g.log_alpha.requires_grad_(False)
-    train(model, data, fine_steps, 1e-3, seed + 1, opt=opt, loss_fn=kd, mode="eval")
+    for group in opt.param_groups:
+        group["lr"] = fine_lr  # the gates' group no longer moves (no grad)
+    train(model, data, fine_steps, fine_lr, seed + 1, opt=opt, loss_fn=kd, mode="eval")
     after = arch.cost(model, (40,))
     res = (accuracy(model, data.x_test, data.y_test), after, t_dense + time.perf_counter() - t0)
     notes = dict(
@@ -354,6 +357,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.22, help="(a) E[params] budget fraction")
     ap.add_argument("--gate-steps", type=int, default=1000, help="(a) steps with L0 gates")
     ap.add_argument("--fine-steps", type=int, default=1000, help="(a) fine-tune after surgery")
+    ap.add_argument("--fine-lr", type=float, default=1e-3, help="(a) Adam lr of the fine-tune")
     ap.add_argument("--gate-lr", type=float, default=3e-2, help="(a) Adam lr of log_alpha")
     ap.add_argument("--kd-alpha", type=float, default=0.5, help="(a) weight of distillation")
     ap.add_argument("--temperature", type=float, default=4.0, help="(a) distillation T")
@@ -421,6 +425,7 @@ def main() -> None:
                 args.temperature,
                 args.dual_lr,
                 args.kp,
+                args.fine_lr,
             )
             for s in args.seeds
         ]
@@ -428,7 +433,8 @@ def main() -> None:
         emit(
             f"## (a) prune MLP 40-512-512-10 (dense {args.steps_a} steps, then L0 gates under "
             f"the budget controller {args.gate_steps} steps, target {args.target:.0%} of the "
-            f"parameters, surgery, fine-tune {args.fine_steps} steps; both phases distil from "
+            f"parameters, surgery, fine-tune {args.fine_steps} steps at lr {args.fine_lr}; both "
+            f"phases distil from "
             f"the dense net; target <= 25% params, <= 1 point loss)"
         )
         emit()
