@@ -527,7 +527,9 @@ def main() -> None:
         emit()
         for s, o in zip(args.seeds, out, strict=True):
             emit(
-                f"- seed {s}: final widths {o[2]['widths']}; growth events (step, widths): "
+                f"- seed {s}: grown {100 * o[1][0]:.1f}% at {o[1][1].params:,} params, fixed "
+                + ", ".join(f"{w}: {100 * o[0][w][0]:.1f}%" for w in widths)
+                + f"; final widths {o[2]['widths']}; growth events (step, widths): "
                 f"{o[2]['history'][:6]}{' ...' if len(o[2]['history']) > 6 else ''}"
             )
         emit()
