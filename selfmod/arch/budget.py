@@ -20,6 +20,16 @@ widths, because ``E[n_i n_{i+1}] = E[n_i] E[n_{i+1}]``::
 
     E[#params] = sum_i (E[n_{i-1}] E[n_i] + E[n_i]),   n_0 = inputs, n_L = outputs (fixed)
 
+Usage, with ``total`` the dense parameter count::
+
+    state = budget_init()
+    for step in range(steps):
+        frac = gated_mlp_expected_params(model) / total      # () differentiable in log_alpha
+        target = ramp(step, ramp_steps, 1.0, 0.24)
+        loss = task_loss + budget_penalty(frac, target, state)
+        ...                                                  # backward, optimizer step
+        state = budget_update(state, frac.detach(), target, lr=0.05, kp=20.0)
+
 References: Gallego-Posada, Ramirez, Erraqabi, Bengio & Lacoste-Julien 2022, "Controlled
 Sparsity via Constrained Optimization"; Louizos, Welling & Kingma 2018 (L0 gates); Zhu &
 Gupta 2017, "To prune, or not to prune" (gradual schedule).
