@@ -157,8 +157,8 @@ def part_prune(
         ctrl["state"] = arch.budget_update(
             ctrl["state"], ctrl["frac"], ctrl["target"], dual_lr, kp=kp
         )
-        ctrl["target"] = arch.ramp(step + 1, int(0.6 * gate_steps), 1.0, target)
-        if (step + 1) % (gate_steps // 5) == 0:
+        ctrl["target"] = arch.ramp(step + 1, max(1, int(0.6 * gate_steps)), 1.0, target)
+        if (step + 1) % max(1, gate_steps // 5) == 0:
             trace.append(
                 (step + 1, round(ctrl["frac"], 3), round(float(ctrl["state"].multiplier), 2))
             )
