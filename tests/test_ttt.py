@@ -235,7 +235,9 @@ def test_misuse_raises_with_fix(float64):
 @pytest.mark.parametrize("heads", [1, 3])
 def test_mttt_linear_as_in_paper_is_linear_attention(float64, heads):
     dim, N, lr = 12, 10, 0.7
-    layer = MTTTLinear(dim, heads, steps=1, inner="gd", lr=lr, learn_init=False)
+    layer = MTTTLinear(
+        dim, heads, steps=1, inner="gd", lr=lr, learn_init=False, max_lr=1.0, inner_clip=None
+    )
     x = torch.randn(2, N, dim)
     dh = dim // heads
     split = lambda t: t.view(2, N, heads, dh).transpose(1, 2)  # noqa: E731  (B, H, N, d_h)
@@ -250,9 +252,11 @@ def test_mttt_linear_as_in_paper_is_linear_attention(float64, heads):
 @pytest.mark.parametrize("inner", ["gd", "sgd"])
 def test_mttt_mlp_inner_loop_matches_autograd(float64, decoder_ln, inner):
     dim, heads, N, T = 8, 2, 6, 2
-    layer = MTTTMLP(dim, heads, steps=T, inner=inner, lr=0.5, decoder_ln=decoder_ln)
+    layer = MTTTMLP(
+        dim, heads, steps=T, inner=inner, lr=0.5, decoder_ln=decoder_ln, max_lr=1.0, inner_clip=None
+    )
     with torch.no_grad():
-        layer.lr.copy_(torch.tensor([0.5, 0.3]))
+        layer.lr_logit.copy_(torch.logit(torch.tensor([0.5, 0.3])))  # max_lr = 1
     x = torch.randn(1, N, dim)
     dh = dim // heads
     split = lambda t: t.view(1, N, heads, dh).transpose(1, 2)  # noqa: E731
@@ -269,7 +273,7 @@ def test_mttt_mlp_inner_loop_matches_autograd(float64, decoder_ln, inner):
         p = [u.detach().requires_grad_() for u in p]
         recon = ln(mlp(p, k[..., blk, :])) @ layer.decoder  # (1, H, n, dim)
         loss = 0.5 * (recon - x[:, None, blk]).pow(2).sum()
-        step = layer.lr[t].item() / b
+        step = layer.inner_lr()[t].item() / b
         p = [u - step * g for u, g in zip(p, torch.autograd.grad(loss, p), strict=True)]
     z = mlp(p, q).detach()
     ref = layer.out(z.transpose(1, 2).reshape(1, N, dim))
@@ -277,7 +281,7 @@ def test_mttt_mlp_inner_loop_matches_autograd(float64, decoder_ln, inner):
 
 
 def test_mttt_layer_tracks_falling_inner_loss(float64):
-    layer = MTTTMLP(8, 2, steps=4, lr=0.1, decoder_ln=True)
+    layer = MTTTMLP(8, 2, steps=4, lr=0.1, decoder_ln=True, max_lr=0.3)
     layer.track_inner_loss = True
     layer(torch.randn(3, 16, 8))
     curve = layer.inner_losses
@@ -318,8 +322,9 @@ def test_layer_parameter_gradients_match_finite_differences(float64, cls):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mixer", ["mttt_linear", "mttt_mlp", "linear_attention",
-                                   "softmax_attention"])
+@pytest.mark.parametrize(
+    "mixer", ["mttt_linear", "mttt_mlp", "linear_attention", "softmax_attention"]
+)
 def test_sequence_classifier_runs_and_learns_a_step(mixer):
     model = SequenceClassifier(16, 3, mixer, dim=8, depth=1, heads=2)
     x, y = torch.randn(4, 16), torch.tensor([0, 1, 2, 0])
@@ -335,8 +340,9 @@ def test_sequence_classifier_runs_and_learns_a_step(mixer):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "linear_attention",
-                                   "softmax_attention"])
+@pytest.mark.parametrize(
+    "mixer", ["ttt_linear", "ttt_mlp", "linear_attention", "softmax_attention"]
+)
 def test_causal_lm_is_causal(mixer):
     kwargs = dict(mini_batch=4) if mixer.startswith("ttt") else {}
     model = CausalLM(mixer, dim=16, depth=2, heads=2, max_len=32, **kwargs)

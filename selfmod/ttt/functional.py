@@ -164,13 +164,31 @@ def _weight_rows(x: Tensor, eta: float | Tensor) -> Tensor:
     return x * eta if not isinstance(eta, Tensor) or eta.ndim == 0 else x * eta.unsqueeze(-1)
 
 
-def _step(params: InnerParams, factors, eta: float | Tensor) -> InnerParams:
-    """``W_l <- W_l - sum_s eta_s a_s^T g_s`` and ``b_l <- b_l - sum_s eta_s g_s``."""
-    new: InnerParams = []
-    for (W, b), (a, g) in zip(params, factors, strict=True):
+def _step(
+    params: InnerParams, factors, eta: float | Tensor, clip: float | None = None
+) -> InnerParams:
+    """``W_l <- W_l - sum_s eta_s a_s^T g_s`` and ``b_l <- b_l - sum_s eta_s g_s``.
+
+    ``clip``: scale the whole step ``u`` (all layers) by ``min(1, clip / ||u||)`` per batch
+    element ``...``, so one step moves the inner weights by at most ``clip``.
+    """
+    updates: list[tuple[Tensor, Tensor | None]] = []
+    for (_, b), (a, g) in zip(params, factors, strict=True):
         ge = _weight_rows(g, eta)  # (..., n, d_out)
-        new.append((W - a.mT @ ge, None if b is None else b - ge.sum(-2)))
-    return new
+        updates.append((a.mT @ ge, None if b is None else ge.sum(-2)))  # (..., i, o), (..., o)
+    if clip is not None:
+        sq = sum(
+            dW.pow(2).sum((-2, -1)) + (0 if db is None else db.pow(2).sum(-1)) for dW, db in updates
+        )  # (...,)
+        scale = clip / sq.sqrt().clamp_min(clip)  # (...,) 1 below the threshold
+        updates = [
+            (dW * scale[..., None, None], None if db is None else db * scale[..., None])
+            for dW, db in updates
+        ]
+    return [
+        (W - dW, None if b is None else b - db)
+        for (W, b), (dW, db) in zip(params, updates, strict=True)
+    ]
 
 
 def _dual_forward(params: InnerParams, x: Tensor, factors, eta: float | Tensor) -> Tensor:
@@ -291,6 +309,7 @@ def ttt_inner_loop(
     first_order: bool = False,
     form: Literal["dual", "primal"] = "dual",
     return_losses: bool = False,
+    clip: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Train the inner model on ``(k, target)`` by gradient steps and read it out at ``q``.
 
@@ -305,6 +324,10 @@ def ttt_inner_loop(
     ``first_order=True`` evaluates the inner gradients at detached inner weights, dropping the
     second-derivative terms ``d grad / d theta``; their dependence on ``k``, ``target`` and
     ``lr`` is kept, so the outer loop still trains the projections.
+
+    ``clip`` (non-causal only) bounds the norm of each step over all inner weights, per
+    sequence and head (see :func:`_step`): a safeguard that keeps a learned rate from
+    diverging when the outer loop sharpens the inner loss.
 
     Shapes: ``q, k (..., N, d_in)``, ``target (..., N, d_t)``; returns ``(..., N, d_out)`` and,
     with ``return_losses``, the mean inner loss per token: non-causal ``(..., updates + 1)``
@@ -322,6 +345,11 @@ def ttt_inner_loop(
         raise ValueError(
             f"causal TTT makes one step per mini-batch (got steps={steps}); use steps=1 and a "
             "smaller mini_batch for more updates"
+        )
+    if clip is not None and (causal or clip <= 0):
+        raise ValueError(
+            f"clip must be > 0 and is for non-causal inner loops (got clip={clip}, "
+            f"causal={causal}); bound a causal layer's rate instead"
         )
     if form not in ("dual", "primal"):
         raise ValueError(f"form must be 'dual' or 'primal' (got {form!r})")
@@ -349,7 +377,7 @@ def ttt_inner_loop(
         for _ in range(steps):
             for j in range(n_blocks):
                 factors, _ = factors_at(params, k_blocks[j], t_blocks[j])
-                params = _step(params, factors, rates[i][j])
+                params = _step(params, factors, rates[i][j], clip)
                 i += 1
                 if return_losses:
                     losses.append(loss_at(params, k, target))

@@ -60,9 +60,14 @@ class _MTTT(nn.Module):
     ``g(z) = [LN](z) theta_g``, ``l_s(W) = 1/2 ||g(f(k_s; W)) - x_s||^2``, taken as a mean over
     the tokens of each step (the step is ``lr_t / |B|`` times the summed gradient); the output
     is ``h(concat_heads f(q; W_T))``. ``inner="gd"``: ``steps`` full-batch steps; ``"sgd"``:
-    one pass over ``steps`` consecutive mini-batches of ``ceil(N / steps)`` tokens. The
-    default ``lr = 0.03`` keeps the inner loss falling for T <= 4 on layer-normed inputs at
-    the widths used here (0.3 diverges); the rates are learned from there.
+    one pass over ``steps`` consecutive mini-batches of ``ceil(N / steps)`` tokens.
+
+    Stability: a learned rate is bounded, ``lr_t = max_lr * sigmoid(theta_t)`` (as the TTT
+    layers' rate, 2407.04620), starting at ``lr``; and each inner step's norm over all inner
+    weights is clipped to ``inner_clip`` per sequence and head (``None``: no clipping). An
+    unbounded learned rate let the outer loop sharpen the inner loss until T = 4 steps
+    diverged to NaN; the defaults (``lr = 0.03``, ``max_lr = 0.1``, ``inner_clip = 1``) keep
+    it falling for T <= 4 on layer-normed inputs at the widths used here (0.3 diverges).
 
     References: arXiv 2310.13807, sections 4-5.
     """
@@ -79,22 +84,30 @@ class _MTTT(nn.Module):
         learn_init: bool = True,
         decoder_ln: bool = False,
         first_order: bool = False,
+        max_lr: float = 0.1,
+        inner_clip: float | None = 1.0,
     ) -> None:
         super().__init__()
+        if learn_lr and not 0 < lr < max_lr:
+            raise ValueError(
+                f"a learned inner rate starts inside (0, max_lr) (got lr={lr}, max_lr={max_lr});"
+                " raise max_lr or pass learn_lr=False for a fixed rate"
+            )
         if inner not in ("gd", "sgd"):
             raise ValueError(f"inner must be 'gd' (batch GD) or 'sgd' (got {inner!r})")
         if steps < 0:
             raise ValueError(f"steps must be >= 0 (got {steps})")
         dh = _head_dim(dim, heads, head_dim)
         self.heads, self.head_dim, self.steps, self.inner = heads, dh, steps, inner
-        self.first_order = first_order
+        self.first_order, self.max_lr, self.inner_clip = first_order, max_lr, inner_clip
         self.phi = nn.Linear(dim, heads * dh, bias=False)  # theta_phi: keys ("corruption")
         self.psi = nn.Linear(dim, heads * dh, bias=False)  # theta_psi: queries
         self.decoder = nn.Parameter(torch.randn(heads, dh, dim) / math.sqrt(dh))  # theta_g
         self.out = nn.Linear(heads * dh, dim)  # h
         rates = torch.full((steps,), float(lr))  # one inner learning rate per step
-        if learn_lr:
-            self.lr = nn.Parameter(rates)
+        self.learn_lr = learn_lr
+        if learn_lr:  # lr = max_lr * sigmoid(lr_logit)
+            self.lr_logit = nn.Parameter(torch.logit(rates / max_lr))
         else:
             self.register_buffer("lr", rates)
         self.decoder_ln = (
@@ -118,8 +131,13 @@ class _MTTT(nn.Module):
     def inner_params(self) -> InnerParams:
         raise NotImplementedError
 
+    def inner_lr(self) -> Tensor:
+        """The inner learning rate of each step, ``(steps,)``."""
+        return self.max_lr * torch.sigmoid(self.lr_logit) if self.learn_lr else self.lr
+
     def forward(self, x: Tensor) -> Tensor:
         N = x.shape[1]
+        lr = self.inner_lr()  # (steps,)
         k = _split_heads(self.phi(x), self.heads)  # (B, H, N, d_h)
         q = _split_heads(self.psi(x), self.heads)  # (B, H, N, d_h)
         target = x.unsqueeze(1)  # (B, 1, N, dim): every head reconstructs the whole token
@@ -134,11 +152,11 @@ class _MTTT(nn.Module):
 
         if self.inner == "gd":
             mini_batch, passes = None, self.steps
-            rates = [r / N for r in self.lr]
+            rates = [r / N for r in lr]
         else:
             mini_batch, passes = math.ceil(N / max(self.steps, 1)), min(self.steps, 1)
             n_blocks = math.ceil(N / mini_batch)
-            rates = [r / mini_batch for r in self.lr[:n_blocks]]
+            rates = [r / mini_batch for r in lr[:n_blocks]]
         result = ttt_inner_loop(
             self.inner_params(),
             q,
@@ -152,6 +170,7 @@ class _MTTT(nn.Module):
             causal=False,
             first_order=self.first_order,
             return_losses=self.track_inner_loss,
+            clip=self.inner_clip,
         )
         if self.track_inner_loss:
             result, losses = result
