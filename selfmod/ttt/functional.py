@@ -398,6 +398,155 @@ def ttt_inner_loop(
     return (out, torch.stack(block_losses, -2)) if return_losses else out
 
 
+# ----------------------------------------------------------------------------------------------
+# Causal TTT-Linear as a scan with a hand-written backward pass
+# ----------------------------------------------------------------------------------------------
+
+_LN_EPS = 1e-5
+
+
+def _ln_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(z_hat, mean, 1 / sigma)`` of a LayerNorm over the last dim, without affine."""
+    return torch.native_layer_norm(z, z.shape[-1:], None, None, _LN_EPS)
+
+
+def _ln_vjp(g: Tensor, z: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """``(g - mean(g) - z_hat mean(g z_hat)) / sigma``: the LayerNorm VJP (it is symmetric)."""
+    mask = [True, False, False]
+    return torch.ops.aten.native_layer_norm_backward(
+        g, z, z.shape[-1:], mean, rstd, None, None, mask
+    )[0]
+
+
+class _LinearScan(torch.autograd.Function):
+    """The sequential part of causal mini-batch TTT-Linear, forward and exact reverse loop.
+
+    For mini-batches ``j = 0..n-1`` with (bias-augmented) keys ``K_j (B, b, p)``:
+    ``Z_j = K_j W_j``; the inner-loss gradient at ``Z_j`` is ``G_j = e_j = Z_j + R_j`` (plain)
+    or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j`` (``f(x) = x + LN(x W)``, the
+    residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``; ``W_{j+1} = W_j - K_j^T E_j``.
+    Returns ``E (B, n, b, d)`` and ``W_j (B, n, p, d)``; everything else (the dual-form read)
+    is batched outside. The forward runs without a graph and keeps ``Z``, ``G``, ``W_j``; the
+    backward runs the loop in reverse with the hand-derived VJP of ``Z -> G`` (second
+    derivatives of the inner loss included), so it is exact but not itself differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, W0, K, R, eta, w, first_order: bool):
+        # W0 (B, p, d), K (B, n, b, p), R (B, n, b, d), eta (B, n, b), w (B, 1, d) | None
+        Ws, Zs, Gs, Es = [], [], [], []
+        W = W0  # (B, p, d)
+        for Kj, Rj, ej in zip(K.unbind(1), R.unbind(1), eta.unbind(1), strict=True):
+            Ws.append(W)
+            Z = torch.bmm(Kj, W)  # (B, b, d)
+            if w is None:
+                G = Z + Rj
+            else:
+                zh, mean, rstd = _ln_stats(Z)
+                G = _ln_vjp(torch.addcmul(Rj, zh, w) * w, Z, mean, rstd)  # (B, b, d)
+            E = G * ej.unsqueeze(-1)  # (B, b, d)
+            W = torch.baddbmm(W, Kj.mT, E, alpha=-1.0)  # (B, p, d)
+            Zs.append(Z)
+            Gs.append(G)
+            Es.append(E)
+        Ws, Es = torch.stack(Ws, 1), torch.stack(Es, 1)  # (B, n, p, d), (B, n, b, d)
+        # block-major, so that block j is contiguous for the LayerNorm kernels in backward
+        Zs, Gs = torch.stack(Zs), torch.stack(Gs)  # (n, B, b, d)
+        ctx.first_order = first_order
+        ctx.save_for_backward(K, R, eta, w, Ws, Zs, Gs, Es)
+        return Es, Ws
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gE, gW):
+        K, R, eta, w, Ws, Zs, Gs, Es = ctx.saved_tensors
+        n = K.shape[1]
+        if w is not None:  # per-row pieces of the VJP of Z -> G that do not depend on W
+            zh, mean, rstd = _ln_stats(Zs)  # (n, B, b, d), (n, B, b, 1) x2
+            err = torch.addcmul(R.transpose(0, 1), zh, w)  # (n, B, b, d)
+            gh = err * w
+            gh_zh = (gh * zh).mean(-1, keepdim=True)  # (n, B, b, 1)
+            gh_mean = gh.mean(-1, keepdim=True)
+            w2 = w * w  # (B, 1, d)
+        Wbar = torch.zeros_like(Ws[:, 0])  # d loss / d W_{j+1}, (B, p, d)
+        Wbars, dZs, dGs, dEs = [None] * n, [None] * n, [None] * n, [None] * n
+        for j in range(n - 1, -1, -1):
+            Kj = K[:, j]  # (B, b, p)
+            Wbars[j] = Wbar
+            dE = torch.baddbmm(gE[:, j], Kj, Wbar, alpha=-1.0)  # (B, b, d)
+            c = dE * eta[:, j].unsqueeze(-1)  # d loss / d G_j
+            if w is None:
+                dZ, dG = c, c
+            else:
+                Zj, mj, rj, zj, Gj = Zs[j], mean[j], rstd[j], zh[j], Gs[j]
+                dG = _ln_vjp(c, Zj, mj, rj)  # d loss / d (w * e_j) with the LN Jacobian fixed
+                q = (c * zj).mean(-1, keepdim=True)  # (B, b, 1)
+                a = (c * gh[j]).mean(-1, keepdim=True) - c.mean(-1, keepdim=True) * gh_mean[j]
+                B_ = gh_zh[j]
+                # through e_j = w LN(Z_j) + R_j, then through the Jacobian's own dependence on Z
+                dZ = _ln_vjp(dG * w2, Zj, mj, rj) + rj * (rj * (q * B_ - a) * zj - q * Gj - B_ * dG)
+            dZs[j], dGs[j], dEs[j] = dZ, dG, dE
+            Wbar = Wbar + gW[:, j]
+            if not ctx.first_order:
+                Wbar = torch.baddbmm(Wbar, Kj.mT, dZ)
+        Wbars, dZs, dGs, dEs = (torch.stack(t, 1) for t in (Wbars, dZs, dGs, dEs))
+        dK = dZs @ Ws.mT - Es @ Wbars.mT  # (B, n, b, p)
+        deta = (dEs * Gs.transpose(0, 1)).sum(-1)  # (B, n, b)
+        if w is None:
+            return Wbar, dK, dGs, deta, None, None
+        dR = dGs * w.unsqueeze(1)  # (B, n, b, d)
+        dw = (dGs.transpose(0, 1) * (err + w * zh)).sum((0, 2)).unsqueeze(1)  # (B, 1, d)
+        return Wbar, dK, dR, deta, dw, None
+
+
+def _ttt_linear_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    W0: Tensor,
+    b0: Tensor | None,
+    eta: float | Tensor,
+    mini_batch: int,
+    ln: tuple[Tensor, Tensor] | None,
+    first_order: bool,
+) -> Tensor:
+    """Causal mini-batch TTT-Linear in dual form through :class:`_LinearScan`.
+
+    Equals ``ttt_inner_loop`` with ``causal=True, form="dual"`` (the reference). A bias is a
+    weight row on a constant-1 input feature, so token ``t`` of a mini-batch reads
+    ``q_t W_j - sum_{s<=t} (q_t . k_s) E_s`` with ``q, k`` augmented by that 1; the tokens are
+    zero-padded to whole mini-batches (padded tokens get rate 0 and are dropped).
+    """
+    N, dv = k.shape[-2], v.shape[-1]
+    eta = torch.as_tensor(eta, dtype=q.dtype, device=q.device)
+    eta = eta.unsqueeze(-1) if eta.ndim == 0 else eta  # (..., N) or (..., 1)
+    R = -v if ln is None else k + ln[1] - v  # (..., N, d_v): error e = f(k) - v = Z + R
+    x, W = q, W0
+    if b0 is not None:  # fold the bias into W: x W + b = [x, 1] [W; b]
+        q, k = (torch.cat([t, t.new_ones((*t.shape[:-1], 1))], -1) for t in (q, k))
+        W = torch.cat([W0, b0.unsqueeze(-2)], -2)  # (..., p, d_v), p = d + 1
+    lead = torch.broadcast_shapes(
+        q.shape[:-2], k.shape[:-2], R.shape[:-2], W.shape[:-2], eta.shape[:-1]
+    )
+    b = min(mini_batch, N)
+    pad = (-N) % b
+    n, p = (N + pad) // b, W.shape[-2]
+
+    def blocks(t: Tensor, width: int) -> Tensor:  # (..., N, width) -> (B, n, b, width)
+        t = F.pad(t, (0, 0, 0, pad)) if pad else t
+        return t.expand(*lead, N + pad, width).reshape(-1, n, b, width)
+
+    Kb, Qb, Rb = blocks(k, p), blocks(q, p), blocks(R, dv)
+    eb = eta.expand(*lead, N)
+    eb = (F.pad(eb, (0, pad)) if pad else eb).reshape(-1, n, b)  # (B, n, b)
+    w = None if ln is None else ln[0].expand(*lead, 1, dv).reshape(-1, 1, dv)  # (B, 1, d_v)
+    E, Ws = _LinearScan.apply(W.expand(*lead, p, dv).reshape(-1, p, dv), Kb, Rb, eb, w, first_order)
+    # the dual-form read, batched over all mini-batches: (B, n, b, d_v)
+    Y = Qb @ Ws - (Qb @ Kb.mT).tril() @ E
+    Y = Y.reshape(*lead, N + pad, dv)[..., :N, :]
+    return Y if ln is None else x + _ln(Y, ln)
+
+
 def ttt_linear(
     q: Tensor,
     k: Tensor,
@@ -413,6 +562,7 @@ def ttt_linear(
     first_order: bool = False,
     form: Literal["dual", "primal"] = "dual",
     return_losses: bool = False,
+    impl: Literal["scan", "loop"] = "scan",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """TTT with a linear inner model ``f(x; W) = x W`` on ``l_s(W) = 1/2 ||k_s W - v_s||^2``.
 
@@ -422,12 +572,26 @@ def ttt_linear(
     (causal: ``lr * tril(q k^T) v``). Optional ``b0 (..., d_v)`` adds a bias; ``ln=(w, b)``
     makes ``f(x) = x + LN(x W)`` as in TTT-Linear (needs ``d == d_v``).
 
+    ``impl="scan"`` (default) runs the causal dual form (``causal=True, form="dual"``, a
+    single or per-token rate, no ``return_losses``) through a fused scan with a hand-written
+    backward pass: the same outputs and gradients as the autograd loop ``impl="loop"`` (the
+    reference), several times faster, but not differentiable twice. Every other case runs
+    the loop.
+
     Shapes: ``q, k (..., N, d)``, ``v (..., N, d_v)``, ``W0 (..., d, d_v)`` -> ``(..., N, d_v)``.
 
     References: arXiv 2310.13807 (Theorem 1); arXiv 2407.04620 (TTT-Linear, dual form).
     """
+    if impl not in ("scan", "loop"):
+        raise ValueError(f"impl must be 'scan' or 'loop' (got {impl!r})")
     if W0 is None:
         W0 = q.new_zeros(q.shape[-1], v.shape[-1])
+    scan = impl == "scan" and causal and form == "dual" and steps == 1 and not return_losses
+    if scan and isinstance(lr, float | int | Tensor):
+        b = k.shape[-2] if mini_batch is None else mini_batch
+        if b < 1:
+            raise ValueError(f"mini_batch must be >= 1 or None for full batch (got {b})")
+        return _ttt_linear_scan(q, k, v, W0, b0, lr, b, ln, first_order)
     objective, readout = _reconstruction(ln)
     return ttt_inner_loop(
         [(W0, b0)],

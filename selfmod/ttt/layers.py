@@ -22,6 +22,8 @@ from selfmod.ttt.functional import (
     linear_attention,
     softmax_attention,
     ttt_inner_loop,
+    ttt_linear,
+    ttt_mlp,
 )
 
 __all__ = [
@@ -245,49 +247,40 @@ class _TTT(nn.Module):
         self.ln_bias = nn.Parameter(torch.zeros(heads, 1, dh))
         self.out = nn.Linear(heads * dh, dim)
 
-    def inner_params(self) -> InnerParams:
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, ln: tuple[Tensor, Tensor]):
+        """The inner loop ``(B, H, N, d_h) -> (B, H, N, d_h)`` with rates ``eta (B, H, N)``."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, -1))  # (B,H,N,d_h)
         eta = self.base_lr * torch.sigmoid(self.lr_proj(x)).transpose(1, 2) / self.head_dim
-        ln = (self.ln_weight, self.ln_bias)
-
-        def objective(y: Tensor, kb: Tensor, tb: Tensor) -> tuple[Tensor, Tensor]:
-            err = kb + _ln(y, ln) - tb  # (B, H, n, d_h)
-            return layer_norm_backward(y, err, ln[0]), 0.5 * err.pow(2).sum(-1)
-
-        z = ttt_inner_loop(
-            self.inner_params(),
-            q,
-            k,
-            v,
-            objective,
-            lambda y, qb: qb + _ln(y, ln),
-            eta,
-            1,
-            self.mini_batch,
-            causal=True,
-            first_order=self.first_order,
-            form=self.form,
-        )  # (B, H, N, d_h)
+        z = self.mix(q, k, v, eta, (self.ln_weight, self.ln_bias))  # (B, H, N, d_h)
         return self.out(_merge_heads(z))  # (B, N, dim)
 
 
 class TTTLinear(_TTT):
     """Causal TTT-Linear: ``f_res(z) = z W + b`` per head, learned ``W0 ~ N(0, 0.02^2)``.
 
+    ``impl="scan"`` runs the fused scan of :func:`ttt_linear` (exact, not differentiable
+    twice); ``"loop"`` the autograd reference loop.
+
     References: arXiv 2407.04620 (TTT-Linear).
     """
 
-    def __init__(self, dim: int, heads: int = 4, **kwargs) -> None:
+    def __init__(
+        self, dim: int, heads: int = 4, impl: Literal["scan", "loop"] = "scan", **kwargs
+    ) -> None:
         super().__init__(dim, heads, **kwargs)
         dh = self.head_dim
+        self.impl = impl
         self.W0 = nn.Parameter(0.02 * torch.randn(heads, dh, dh))
         self.b0 = nn.Parameter(torch.zeros(heads, dh))
 
-    def inner_params(self) -> InnerParams:
-        return [(self.W0, self.b0)]
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, ln: tuple[Tensor, Tensor]):
+        return ttt_linear(
+            q, k, v, self.W0, eta, 1, self.mini_batch, True, b0=self.b0, ln=ln,
+            first_order=self.first_order, form=self.form, impl=self.impl,
+        )  # fmt: skip
 
 
 class TTTMLP(_TTT):
@@ -303,8 +296,11 @@ class TTTMLP(_TTT):
             nn.Parameter(t.expand(heads, *t.shape).clone()) for t in (W1, b1, W2, b2)
         )
 
-    def inner_params(self) -> InnerParams:
-        return [(self.W1, self.b1), (self.W2, self.b2)]
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, ln: tuple[Tensor, Tensor]):
+        return ttt_mlp(
+            q, k, v, (self.W1, self.b1, self.W2, self.b2), eta, 1, self.mini_batch, True, ln=ln,
+            first_order=self.first_order, form=self.form,
+        )  # fmt: skip
 
 
 class LinearAttention(nn.Module):
