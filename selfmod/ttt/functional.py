@@ -426,32 +426,36 @@ class _LinearScan(torch.autograd.Function):
     or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j`` (``f(x) = x + LN(x W)``, the
     residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``; ``W_{j+1} = W_j - K_j^T E_j``.
     Returns ``E (B, n, b, d)`` and ``W_j (B, n, p, d)``; everything else (the dual-form read)
-    is batched outside. The forward runs without a graph and keeps ``Z``, ``G``, ``W_j``; the
-    backward runs the loop in reverse with the hand-derived VJP of ``Z -> G`` (second
-    derivatives of the inner loss included), so it is exact but not itself differentiable.
+    is batched outside. Only the recurrence runs block by block: everything that does not
+    depend on ``W`` is computed for all blocks at once, before or after the loop. The forward
+    keeps ``Z``, ``G`` and ``W_j``; the backward runs the loop in reverse with the
+    hand-derived VJP of ``Z -> G`` (second derivatives of the inner loss included), so it is
+    exact but not itself differentiable.
     """
 
     @staticmethod
     def forward(ctx, W0, K, R, eta, w, first_order: bool):
         # W0 (B, p, d), K (B, n, b, p), R (B, n, b, d), eta (B, n, b), w (B, 1, d) | None
-        Ws, Zs, Gs, Es = [], [], [], []
+        KeT = (K * eta.unsqueeze(-1)).mT.unbind(1)  # K_j^T E_j = (eta_j K_j)^T G_j, (B, p, b)
+        if w is not None:  # w e = w R + w^2 LN(Z)
+            Rw, w2 = (R * w.unsqueeze(1)).unbind(1), w * w
+        Ws, Zs, Gs = [], [], []
         W = W0  # (B, p, d)
-        for Kj, Rj, ej in zip(K.unbind(1), R.unbind(1), eta.unbind(1), strict=True):
+        for j, Kj in enumerate(K.unbind(1)):
             Ws.append(W)
             Z = torch.bmm(Kj, W)  # (B, b, d)
             if w is None:
-                G = Z + Rj
+                G = Z + R[:, j]
             else:
                 zh, mean, rstd = _ln_stats(Z)
-                G = _ln_vjp(torch.addcmul(Rj, zh, w) * w, Z, mean, rstd)  # (B, b, d)
-            E = G * ej.unsqueeze(-1)  # (B, b, d)
-            W = torch.baddbmm(W, Kj.mT, E, alpha=-1.0)  # (B, p, d)
+                G = _ln_vjp(torch.addcmul(Rw[j], zh, w2), Z, mean, rstd)  # (B, b, d)
+            W = torch.baddbmm(W, KeT[j], G, alpha=-1.0)  # (B, p, d)
             Zs.append(Z)
             Gs.append(G)
-            Es.append(E)
-        Ws, Es = torch.stack(Ws, 1), torch.stack(Es, 1)  # (B, n, p, d), (B, n, b, d)
+        Ws = torch.stack(Ws, 1)  # (B, n, p, d)
         # block-major, so that block j is contiguous for the LayerNorm kernels in backward
         Zs, Gs = torch.stack(Zs), torch.stack(Gs)  # (n, B, b, d)
+        Es = Gs.transpose(0, 1) * eta.unsqueeze(-1)  # (B, n, b, d)
         ctx.first_order = first_order
         ctx.save_for_backward(K, R, eta, w, Ws, Zs, Gs, Es)
         return Es, Ws
@@ -461,42 +465,58 @@ class _LinearScan(torch.autograd.Function):
     def backward(ctx, gE, gW):
         K, R, eta, w, Ws, Zs, Gs, Es = ctx.saved_tensors
         n = K.shape[1]
-        if w is not None:  # per-row pieces of the VJP of Z -> G that do not depend on W
+        gE, gW = gE.unbind(1), gW.unbind(1)
+        etas = eta.unsqueeze(-1).unbind(1)  # (B, b, 1) each
+        if w is not None:
+            # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, P = s LN'(Z)):
+            # dZ = LN'^T (w^2 c') + q (s^-2 B z_hat - s^-1 G) - A s^-2 z_hat - s^-1 B c', with
+            # c' = LN'^T c, q = mean(c z_hat), A = mean(c (g_h - mean g_h)), g_h = w e,
+            # B = mean(g_h z_hat): all but c, c', q and A are computed here for all blocks.
+            d = Zs.shape[-1]
             zh, mean, rstd = _ln_stats(Zs)  # (n, B, b, d), (n, B, b, 1) x2
-            err = torch.addcmul(R.transpose(0, 1), zh, w)  # (n, B, b, d)
+            err = torch.addcmul(R.transpose(0, 1), zh, w)  # e, (n, B, b, d)
             gh = err * w
-            gh_zh = (gh * zh).mean(-1, keepdim=True)  # (n, B, b, 1)
-            gh_mean = gh.mean(-1, keepdim=True)
+            Bq = (gh * zh).mean(-1, keepdim=True)  # (n, B, b, 1)
+            r2 = rstd * rstd
+            per_block = list(zip(
+                Zs, mean, rstd,
+                zh / d,  # q = sum(c * .)
+                (gh - gh.mean(-1, keepdim=True)) / d,  # A = sum(c * .)
+                r2 * Bq * zh - rstd * Gs,  # times q
+                -r2 * zh,  # times A
+                rstd * Bq,  # times c'
+                strict=True,
+            ))  # fmt: skip
             w2 = w * w  # (B, 1, d)
-        Wbar = torch.zeros_like(Ws[:, 0])  # d loss / d W_{j+1}, (B, p, d)
-        Wbars, dZs, dGs, dEs = [None] * n, [None] * n, [None] * n, [None] * n
+        V = torch.zeros_like(Ws[:, 0])  # (B, p, d)
+        Ks, KTs = K.unbind(1), K.mT.unbind(1)
+        Vs, dZs, dGs, dEs = [None] * n, [None] * n, [None] * n, [None] * n
         for j in range(n - 1, -1, -1):
-            Kj = K[:, j]  # (B, b, p)
-            Wbars[j] = Wbar
-            dE = torch.baddbmm(gE[:, j], Kj, Wbar, alpha=-1.0)  # (B, b, d)
-            c = dE * eta[:, j].unsqueeze(-1)  # d loss / d G_j
+            Vs[j] = V
+            dE = torch.baddbmm(gE[j], Ks[j], V, alpha=-1.0)  # (B, b, d)
+            c = dE * etas[j]  # d loss / d G_j
             if w is None:
-                dZ, dG = c, c
+                dZ = dG = c
             else:
-                Zj, mj, rj, zj, Gj = Zs[j], mean[j], rstd[j], zh[j], Gs[j]
-                dG = _ln_vjp(c, Zj, mj, rj)  # d loss / d (w * e_j) with the LN Jacobian fixed
-                q = (c * zj).mean(-1, keepdim=True)  # (B, b, 1)
-                a = (c * gh[j]).mean(-1, keepdim=True) - c.mean(-1, keepdim=True) * gh_mean[j]
-                B_ = gh_zh[j]
-                # through e_j = w LN(Z_j) + R_j, then through the Jacobian's own dependence on Z
-                dZ = _ln_vjp(dG * w2, Zj, mj, rj) + rj * (rj * (q * B_ - a) * zj - q * Gj - B_ * dG)
-            dZs[j], dGs[j], dEs[j] = dZ, dG, dE
-            Wbar = Wbar + gW[:, j]
+                Zj, mj, rj, zq, za, Mq, Ma, rB = per_block[j]
+                dG = _ln_vjp(c, Zj, mj, rj)  # c', (B, b, d)
+                q, a = (c * zq).sum(-1, keepdim=True), (c * za).sum(-1, keepdim=True)
+                dZ = _ln_vjp(dG * w2, Zj, mj, rj)
+                dZ = dZ.addcmul_(q, Mq).addcmul_(a, Ma).addcmul_(rB, dG, value=-1.0)  # (B, b, d)
+            V = V + gW[j]
             if not ctx.first_order:
-                Wbar = torch.baddbmm(Wbar, Kj.mT, dZ)
-        Wbars, dZs, dGs, dEs = (torch.stack(t, 1) for t in (Wbars, dZs, dGs, dEs))
+                V = torch.baddbmm(V, KTs[j], dZ)
+            dZs[j], dGs[j], dEs[j] = dZ, dG, dE
+        Wbars = torch.stack(Vs, 1)  # d loss / d W_{j+1}, (B, n, p, d)
+        dZs, dGs, dEs = torch.stack(dZs, 1), torch.stack(dGs, 1), torch.stack(dEs, 1)
         dK = dZs @ Ws.mT - Es @ Wbars.mT  # (B, n, b, p)
         deta = (dEs * Gs.transpose(0, 1)).sum(-1)  # (B, n, b)
+        dW0 = V
         if w is None:
-            return Wbar, dK, dGs, deta, None, None
+            return dW0, dK, dGs, deta, None, None
         dR = dGs * w.unsqueeze(1)  # (B, n, b, d)
         dw = (dGs.transpose(0, 1) * (err + w * zh)).sum((0, 2)).unsqueeze(1)  # (B, 1, d)
-        return Wbar, dK, dR, deta, dw, None
+        return dW0, dK, dR, deta, dw, None
 
 
 def _ttt_linear_scan(
