@@ -464,9 +464,10 @@ class _LinearScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gE, gW):
         K, R, eta, w, Ws, Zs, Gs, Es = ctx.saved_tensors
-        n = K.shape[1]
-        gE, gW = gE.unbind(1), gW.unbind(1)
-        etas = eta.unsqueeze(-1).unbind(1)  # (B, b, 1) each
+        n, etas = K.shape[1], eta.unsqueeze(-1)  # (B, n, b, 1)
+        # c_j = eta_j dE_j = eta_j (gE_j - K_j Wbar_{j+1}): fold eta into gE and K once
+        cE, Ke = (gE * etas).unbind(1), (K * etas).unbind(1)
+        gW = gW.unbind(1)
         if w is not None:
             # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, P = s LN'(Z)):
             # dZ = LN'^T (w^2 c') + q (s^-2 B z_hat - s^-1 G) - A s^-2 z_hat - s^-1 B c', with
@@ -478,39 +479,40 @@ class _LinearScan(torch.autograd.Function):
             gh = err * w
             Bq = (gh * zh).mean(-1, keepdim=True)  # (n, B, b, 1)
             r2 = rstd * rstd
-            per_block = list(zip(
-                Zs, mean, rstd,
-                zh / d,  # q = sum(c * .)
-                (gh - gh.mean(-1, keepdim=True)) / d,  # A = sum(c * .)
-                r2 * Bq * zh - rstd * Gs,  # times q
-                -r2 * zh,  # times A
-                rstd * Bq,  # times c'
-                strict=True,
-            ))  # fmt: skip
+            per_block = list(
+                zip(
+                    Zs,
+                    mean,
+                    rstd,
+                    torch.stack([zh, gh - gh.mean(-1, keepdim=True)], -2) / d,  # [q, A] = sum(c .)
+                    torch.stack([r2 * Bq * zh - rstd * Gs, -r2 * zh], -2),  # times [q, A]
+                    rstd * Bq,  # times c'
+                    strict=True,
+                )
+            )  # fmt: skip  (n, B, b, d) x4 -> (B, b, 2, d) x2 per block
             w2 = w * w  # (B, 1, d)
         V = torch.zeros_like(Ws[:, 0])  # (B, p, d)
-        Ks, KTs = K.unbind(1), K.mT.unbind(1)
-        Vs, dZs, dGs, dEs = [None] * n, [None] * n, [None] * n, [None] * n
+        KTs = K.mT.unbind(1)
+        Vs, dZs, dGs = [None] * n, [None] * n, [None] * n
         for j in range(n - 1, -1, -1):
             Vs[j] = V
-            dE = torch.baddbmm(gE[j], Ks[j], V, alpha=-1.0)  # (B, b, d)
-            c = dE * etas[j]  # d loss / d G_j
+            c = torch.baddbmm(cE[j], Ke[j], V, alpha=-1.0)  # d loss / d G_j, (B, b, d)
             if w is None:
                 dZ = dG = c
             else:
-                Zj, mj, rj, zq, za, Mq, Ma, rB = per_block[j]
+                Zj, mj, rj, Z2, M2, rB = per_block[j]
                 dG = _ln_vjp(c, Zj, mj, rj)  # c', (B, b, d)
-                q, a = (c * zq).sum(-1, keepdim=True), (c * za).sum(-1, keepdim=True)
-                dZ = _ln_vjp(dG * w2, Zj, mj, rj)
-                dZ = dZ.addcmul_(q, Mq).addcmul_(a, Ma).addcmul_(rB, dG, value=-1.0)  # (B, b, d)
+                qa = (c.unsqueeze(-2) * Z2).sum(-1, keepdim=True)  # [q, A], (B, b, 2, 1)
+                dZ = _ln_vjp(dG * w2, Zj, mj, rj).add_((qa * M2).sum(-2))
+                dZ = dZ.addcmul_(rB, dG, value=-1.0)  # (B, b, d)
             V = V + gW[j]
             if not ctx.first_order:
                 V = torch.baddbmm(V, KTs[j], dZ)
-            dZs[j], dGs[j], dEs[j] = dZ, dG, dE
+            dZs[j], dGs[j] = dZ, dG
         Wbars = torch.stack(Vs, 1)  # d loss / d W_{j+1}, (B, n, p, d)
-        dZs, dGs, dEs = torch.stack(dZs, 1), torch.stack(dGs, 1), torch.stack(dEs, 1)
+        dZs, dGs = torch.stack(dZs, 1), torch.stack(dGs, 1)
         dK = dZs @ Ws.mT - Es @ Wbars.mT  # (B, n, b, p)
-        deta = (dEs * Gs.transpose(0, 1)).sum(-1)  # (B, n, b)
+        deta = ((gE - K @ Wbars) * Gs.transpose(0, 1)).sum(-1)  # dE . G, (B, n, b)
         dW0 = V
         if w is None:
             return dW0, dK, dGs, deta, None, None
