@@ -5,7 +5,8 @@ to warm up, then the median of up to 3 timed repeats (1 when a pass takes over 5
 memory is the growth of the process's peak resident set size (``ru_maxrss``) over the
 forward+backward, measured in that fresh process; the parent also watches ``VmHWM`` and
 kills a run that passes the memory cap. Once a layer passes the time or memory cap at some
-N, its larger N are skipped.
+N, its larger N are skipped. The runs are interleaved (for each N, every layer in turn), so
+that load from other jobs on a shared machine hits the layers compared at one N alike.
 
     python benchmarks/ttt.py                      # N = 256 .. 32768, d = 64
     python benchmarks/ttt.py --sizes 256 1024 --out /tmp/ttt.md
@@ -26,7 +27,8 @@ from pathlib import Path
 LAYERS = {
     "MTTT-Linear": "MTTTLinear(d, 1, steps=1)",
     "MTTT-MLP": "MTTTMLP(d, 1, steps=1)",
-    "TTT-Linear (dual, b=16)": "TTTLinear(d, 1, mini_batch=16)",
+    "TTT-Linear (scan, b=16)": "TTTLinear(d, 1, mini_batch=16)",
+    "TTT-Linear (autograd loop, b=16)": "TTTLinear(d, 1, mini_batch=16, impl='loop')",
     "linear attention": "LinearAttention(d, 1)",
     "linear attention (causal)": "LinearAttention(d, 1, causal=True)",
     "softmax attention (SDPA)": "SoftmaxAttention(d, 1)",
@@ -63,6 +65,62 @@ def worker(layer: str, n: int, d: int, threads: int) -> None:
     peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     times = [run() for _ in range(1 if first > 5 else 3)]
     print(json.dumps(dict(time_s=statistics.median(times), first_s=first, peak_mib=peak_mib)))
+
+
+def interleaved(sizes: list[int], layers: list[str], d: int, threads: int, rounds: int,
+                out: Path) -> None:
+    """Time ``layers`` in one process, one forward+backward each in turn per round.
+
+    On a shared machine, load changes over seconds; running the compared layers back to back
+    in every round and taking the median over rounds of each layer's time and of its ratio
+    to the first layer, per round, lets load hit them alike.
+    """
+    import statistics
+
+    import torch
+
+    from selfmod.ttt import MTTTMLP, LinearAttention, MTTTLinear, SoftmaxAttention, TTTLinear
+
+    torch.set_num_threads(threads)
+    ref = layers[0]
+    lines = [
+        "# TTT layers: interleaved timings in one process",
+        "",
+        f"One sequence `x (1, N, {d})`, one head, float32, CPU, `torch.set_num_threads("
+        f"{threads})`, 2-core machine shared with other jobs. Per round, one forward+backward "
+        f"of every layer in turn (after one warm-up each); median over {rounds} rounds of "
+        f"the time and of the per-round ratio to {ref}. "
+        f"`python benchmarks/ttt.py --threads {threads} --interleaved "
+        + " ".join(map(str, sizes)) + f" --rounds {rounds} --layers "
+        + " ".join(f"'{x}'" for x in layers) + "`",
+        "",
+        "| N | " + " | ".join(layers) + " | " + " | ".join(f"{x} / {ref}" for x in layers[1:])
+        + " |",
+        "|---|" + "---|" * (2 * len(layers) - 1),
+    ]
+    for n in sizes:
+        torch.manual_seed(0)
+        env = dict(d=d, MTTTMLP=MTTTMLP, LinearAttention=LinearAttention, MTTTLinear=MTTTLinear,
+                   SoftmaxAttention=SoftmaxAttention, TTTLinear=TTTLinear)
+        modules = {name: eval(LAYERS[name], env) for name in layers}
+        x = torch.randn(1, n, d, requires_grad=True)
+        times: dict[str, list[float]] = {name: [] for name in layers}
+        for r in range(rounds + 1):
+            for name, module in modules.items():
+                t = time.perf_counter()
+                module(x).square().mean().backward()
+                if r:  # round 0 warms up
+                    times[name].append(time.perf_counter() - t)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        ratios = {name: statistics.median(a / b for a, b in zip(times[name], times[ref],
+                                                                  strict=True))
+                  for name in layers[1:]}
+        row = (f"| {n} | " + " | ".join(f"{med[name]:.3g}" for name in layers) + " | "
+               + " | ".join(f"{ratios[name]:.2f}" for name in layers[1:]) + " |")
+        print(row, flush=True)
+        lines.append(row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
 
 
 def measure(layer: str, n: int, d: int, threads: int, time_cap: float, mem_cap_mib: float):
@@ -108,13 +166,22 @@ def main() -> None:
     parser.add_argument("--time-cap", type=float, default=60.0)
     parser.add_argument("--mem-cap-gib", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "ttt.md")
+    parser.add_argument("--interleaved", type=int, nargs="+", metavar="N",
+                        help="instead: time --layers in one process, interleaved, at these N "
+                             "(writes <out stem>_interleaved.md)")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    if args.interleaved:
+        out = args.out.with_name(args.out.stem + "_interleaved.md")
+        interleaved(args.interleaved, args.layers, args.dim, args.threads, args.rounds, out)
+        return
 
-    table: dict[str, dict[int, dict]] = {}
+    table: dict[str, dict[int, dict]] = {layer: {} for layer in args.layers}
     crossed: dict[str, str] = {}
-    for layer in args.layers:
-        table[layer] = {}
-        for n in args.sizes:
+    for n in args.sizes:
+        for layer in args.layers:
+            if layer in crossed:
+                continue
             result, why = measure(layer, n, args.dim, args.threads, args.time_cap,
                                   args.mem_cap_gib * 1024)
             if result is not None:
@@ -124,7 +191,6 @@ def main() -> None:
                   + (f"  [{why}]" if why else ""), flush=True)
             if why:
                 crossed[layer] = f"N = {n} ({why})"
-                break
     write_report(args, table, crossed)
 
 
@@ -135,10 +201,14 @@ def write_report(args, table: dict[str, dict[int, dict]], crossed: dict[str, str
         "",
         f"One sequence `x (1, N, {args.dim})`, one head of width {args.dim}, float32, CPU, "
         f"`torch.set_num_threads({args.threads})`, on a 2-core machine **shared with other "
-        "jobs running at the same time** (timings are noisy and pessimistic; compare "
-        "within a row more than across runs). Time: median of up to 3 forward+backward "
-        "passes after a warm-up. Memory: growth of peak RSS (`ru_maxrss`) over the first "
-        "forward+backward in a fresh subprocess per configuration. `python benchmarks/ttt.py`",
+        "jobs running at the same time** (timings are noisy and pessimistic; the layers are "
+        "interleaved, each N running every layer in turn, so compare within a column more "
+        "than across runs). Time: median of up to 3 forward+backward passes after a warm-up. "
+        "Memory: growth of peak RSS (`ru_maxrss`) over the first forward+backward in a fresh "
+        "subprocess per configuration. TTT-Linear (scan) is the default fused causal scan, "
+        "(autograd loop) the reference it is tested against. `python benchmarks/ttt.py "
+        f"--threads {args.threads}" + (f" --out {args.out}`" if args.out != RESULTS / "ttt.md"
+                                       else "`"),
         "",
         "## Time (s)",
         "",
@@ -159,7 +229,9 @@ def write_report(args, table: dict[str, dict[int, dict]], crossed: dict[str, str
     lines += ["", "## Growth", "",
               "Slope of log(time) against log(N) from N = 4096 to the largest N measured "
               "(1 = linear, 2 = quadratic), and time relative to non-causal / causal linear "
-              "attention at the largest common N.", "",
+              "attention at the largest common N. Causal linear attention is the like-for-like "
+              "reference for the causal TTT layers (the issue's \"within 3x of linear "
+              "attention\" is judged against it).", "",
               "| layer | slope | x linear attn | x causal linear attn |", "|---|---|---|---|"]
     import math
 

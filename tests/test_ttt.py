@@ -27,6 +27,7 @@ from selfmod.ttt import (
     ttt_linear,
     ttt_mlp,
 )
+from selfmod.ttt.functional import _reconstruction, ttt_inner_loop
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -228,6 +229,140 @@ def test_misuse_raises_with_fix(float64):
 
 
 # ---------------------------------------------------------------------------------------------
+# Fused causal scan of TTT-Linear against the autograd loop (the reference)
+# ---------------------------------------------------------------------------------------------
+
+SCAN_CASES = [  # (lead dims, N, mini_batch, bias, LN, first order, per-token rate)
+    ((2, 3), 19, 5, True, True, False, True),  # N not a multiple of b: padded last block
+    ((2,), 16, 4, False, False, False, False),
+    ((2,), 16, 4, False, True, False, True),
+    ((1, 2), 7, 16, True, True, True, True),  # one block shorter than b; first order
+    ((3,), 10, 3, True, True, True, False),
+    ((3,), 10, 3, True, False, False, True),
+]
+
+
+def _scan_inputs(lead, N, bias, ln, per_token, d=4):
+    q, k, v = qkv(*lead, N, d)
+    W0 = 0.3 * torch.randn(lead[-1], d, d)  # per head, broadcast over the batch
+    extra = [0.1 * torch.randn(lead[-1], d)] if bias else []
+    if ln:
+        extra += [1 + 0.1 * torch.randn(lead[-1], 1, d), 0.1 * torch.randn(lead[-1], 1, d)]
+    eta = 0.3 * torch.rand(*lead, N) if per_token else torch.tensor(0.2)
+    return [t.requires_grad_() for t in (q, k, v, W0, eta, *extra)]
+
+
+def _scan_fn(N, b, bias, ln, first_order, impl):
+    def fn(q, k, v, W0, eta, *extra):
+        b0 = extra[0] if bias else None
+        lnp = tuple(extra[-2:]) if ln else None
+        return ttt_linear(
+            q, k, v, W0, eta, 1, b, True, b0=b0, ln=lnp, first_order=first_order, impl=impl
+        )
+
+    return fn
+
+
+@pytest.mark.parametrize("case", SCAN_CASES)
+def test_scan_equals_autograd_loop_in_value_and_gradient(float64, case):
+    lead, N, b, bias, ln, first_order, per_token = case
+    inputs = _scan_inputs(lead, N, bias, ln, per_token)
+    scan = _scan_fn(N, b, bias, ln, first_order, "scan")(*inputs)
+    loop = _scan_fn(N, b, bias, ln, first_order, "loop")(*inputs)
+    torch.testing.assert_close(scan, loop, **TOL)
+    cotangent = torch.randn_like(loop)
+    for gs, gl in zip(
+        torch.autograd.grad(scan, inputs, cotangent),
+        torch.autograd.grad(loop, inputs, cotangent),
+        strict=True,
+    ):
+        torch.testing.assert_close(gs, gl, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "case",  # second order only: first order is by design not the true derivative
+    [((1,), 7, 3, True, True, False, True), ((1,), 8, 4, False, True, False, False),
+     ((1,), 7, 3, True, False, False, True)],
+)  # fmt: skip
+def test_scan_passes_gradcheck(float64, case):
+    lead, N, b, bias, ln, first_order, per_token = case
+    inputs = _scan_inputs(lead, N, bias, ln, per_token, d=3)
+    fn = _scan_fn(N, b, bias, ln, first_order, "scan")
+    weights = torch.randn_like(fn(*inputs))  # a scalar loss keeps the Jacobian one row
+
+    def loss(*args):
+        return (fn(*args) * weights).sum()
+
+    assert torch.autograd.gradcheck(loss, tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-5)
+
+
+def test_ttt_linear_layer_scan_equals_loop(float64):
+    layer = TTTLinear(8, 2, mini_batch=4)
+    x = torch.randn(2, 11, 8)
+    y = layer(x)
+    grads = torch.autograd.grad(y.pow(2).sum(), list(layer.parameters()))
+    layer.impl = "loop"
+    y_ref = layer(x)
+    grads_ref = torch.autograd.grad(y_ref.pow(2).sum(), list(layer.parameters()))
+    torch.testing.assert_close(y, y_ref, **TOL)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stability of the MTTT inner loop
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inner_step_clipping_bounds_each_step(float64):
+    q, k, v = qkv(3, 12, 4)
+    W0 = torch.zeros(4, 4)
+    big = ttt_linear(q, k, v, W0, lr=1.0, steps=1, return_losses=True)
+    # one step from W0 = 0 reads q W_1; the clipped step has norm <= clip in every sequence
+    W1 = k.mT @ v  # (3, 4, 4), the unclipped step's size
+    assert (W1.flatten(1).norm(dim=1) > 0.5).all()
+    objective, readout = _reconstruction(None)
+    clipped = ttt_inner_loop([(W0, None)], q, k, v, objective, readout, 1.0, 1, clip=0.5)
+    W1c = torch.linalg.lstsq(q, clipped).solution  # recover W_1 from q W_1
+    torch.testing.assert_close(W1c.flatten(1).norm(dim=1), torch.full((3,), 0.5))
+    torch.testing.assert_close(W1c, 0.5 * W1 / W1.flatten(1).norm(dim=1)[:, None, None])
+    same = ttt_inner_loop([(W0, None)], q, k, v, objective, readout, 1.0, 1, clip=1e6)
+    torch.testing.assert_close(same, big[0], **TOL)
+
+
+def test_bounded_rate_and_clipping_keep_a_sharp_inner_loss_finite():
+    x = F.layer_norm(torch.randn(3, 16, 8), (8,))
+    curves = {}
+    for clip in (None, 1.0):
+        torch.manual_seed(0)
+        layer = MTTTMLP(8, 2, steps=4, lr=0.099, max_lr=0.1, inner_clip=clip)
+        with torch.no_grad():
+            layer.decoder.mul_(10)  # what outer training can do: a much sharper inner loss
+        layer.track_inner_loss = True
+        out = layer(x)
+        curves[clip] = layer.inner_losses
+    # the rate at its bound still diverges on a sharp loss; clipping keeps every step bounded
+    assert not torch.isfinite(curves[None][-1]) or curves[None][-1] > 1e3 * curves[None][0]
+    assert torch.isfinite(out).all() and torch.isfinite(curves[1.0]).all()
+    assert curves[1.0].max() < 10 * curves[1.0][0]
+    # the learned rate stays inside (0, max_lr) whatever its parameter does
+    with torch.no_grad():
+        layer.lr_logit.fill_(50.0)
+    assert (layer.inner_lr() <= 0.1).all()
+
+
+def test_mttt_rate_outside_its_bound_raises():
+    with pytest.raises(ValueError, match="raise max_lr"):
+        MTTTMLP(8, 2, lr=0.3)
+    q, k, v = qkv(5, 3)
+    with pytest.raises(ValueError, match="non-causal"):
+        ttt_inner_loop([(torch.zeros(3, 3), None)], q, k, v, *_reconstruction(None), causal=True,
+                       clip=1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="impl must be"):
+        ttt_linear(*qkv(5, 3), causal=True, impl="fast")
+
+
+# ---------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------
 
@@ -235,7 +370,9 @@ def test_misuse_raises_with_fix(float64):
 @pytest.mark.parametrize("heads", [1, 3])
 def test_mttt_linear_as_in_paper_is_linear_attention(float64, heads):
     dim, N, lr = 12, 10, 0.7
-    layer = MTTTLinear(dim, heads, steps=1, inner="gd", lr=lr, learn_init=False)
+    layer = MTTTLinear(
+        dim, heads, steps=1, inner="gd", lr=lr, learn_init=False, max_lr=1.0, inner_clip=None
+    )
     x = torch.randn(2, N, dim)
     dh = dim // heads
     split = lambda t: t.view(2, N, heads, dh).transpose(1, 2)  # noqa: E731  (B, H, N, d_h)
@@ -250,9 +387,11 @@ def test_mttt_linear_as_in_paper_is_linear_attention(float64, heads):
 @pytest.mark.parametrize("inner", ["gd", "sgd"])
 def test_mttt_mlp_inner_loop_matches_autograd(float64, decoder_ln, inner):
     dim, heads, N, T = 8, 2, 6, 2
-    layer = MTTTMLP(dim, heads, steps=T, inner=inner, lr=0.5, decoder_ln=decoder_ln)
+    layer = MTTTMLP(
+        dim, heads, steps=T, inner=inner, lr=0.5, decoder_ln=decoder_ln, max_lr=1.0, inner_clip=None
+    )
     with torch.no_grad():
-        layer.lr.copy_(torch.tensor([0.5, 0.3]))
+        layer.lr_logit.copy_(torch.logit(torch.tensor([0.5, 0.3])))  # max_lr = 1
     x = torch.randn(1, N, dim)
     dh = dim // heads
     split = lambda t: t.view(1, N, heads, dh).transpose(1, 2)  # noqa: E731
@@ -269,7 +408,7 @@ def test_mttt_mlp_inner_loop_matches_autograd(float64, decoder_ln, inner):
         p = [u.detach().requires_grad_() for u in p]
         recon = ln(mlp(p, k[..., blk, :])) @ layer.decoder  # (1, H, n, dim)
         loss = 0.5 * (recon - x[:, None, blk]).pow(2).sum()
-        step = layer.lr[t].item() / b
+        step = layer.inner_lr()[t].item() / b
         p = [u - step * g for u, g in zip(p, torch.autograd.grad(loss, p), strict=True)]
     z = mlp(p, q).detach()
     ref = layer.out(z.transpose(1, 2).reshape(1, N, dim))
@@ -277,7 +416,7 @@ def test_mttt_mlp_inner_loop_matches_autograd(float64, decoder_ln, inner):
 
 
 def test_mttt_layer_tracks_falling_inner_loss(float64):
-    layer = MTTTMLP(8, 2, steps=4, lr=0.1, decoder_ln=True)
+    layer = MTTTMLP(8, 2, steps=4, lr=0.1, decoder_ln=True, max_lr=0.3)
     layer.track_inner_loss = True
     layer(torch.randn(3, 16, 8))
     curve = layer.inner_losses
@@ -318,8 +457,9 @@ def test_layer_parameter_gradients_match_finite_differences(float64, cls):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mixer", ["mttt_linear", "mttt_mlp", "linear_attention",
-                                   "softmax_attention"])
+@pytest.mark.parametrize(
+    "mixer", ["mttt_linear", "mttt_mlp", "linear_attention", "softmax_attention"]
+)
 def test_sequence_classifier_runs_and_learns_a_step(mixer):
     model = SequenceClassifier(16, 3, mixer, dim=8, depth=1, heads=2)
     x, y = torch.randn(4, 16), torch.tensor([0, 1, 2, 0])
@@ -335,8 +475,9 @@ def test_sequence_classifier_runs_and_learns_a_step(mixer):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "linear_attention",
-                                   "softmax_attention"])
+@pytest.mark.parametrize(
+    "mixer", ["ttt_linear", "ttt_mlp", "linear_attention", "softmax_attention"]
+)
 def test_causal_lm_is_causal(mixer):
     kwargs = dict(mini_batch=4) if mixer.startswith("ttt") else {}
     model = CausalLM(mixer, dim=16, depth=2, heads=2, max_len=32, **kwargs)

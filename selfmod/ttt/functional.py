@@ -164,13 +164,31 @@ def _weight_rows(x: Tensor, eta: float | Tensor) -> Tensor:
     return x * eta if not isinstance(eta, Tensor) or eta.ndim == 0 else x * eta.unsqueeze(-1)
 
 
-def _step(params: InnerParams, factors, eta: float | Tensor) -> InnerParams:
-    """``W_l <- W_l - sum_s eta_s a_s^T g_s`` and ``b_l <- b_l - sum_s eta_s g_s``."""
-    new: InnerParams = []
-    for (W, b), (a, g) in zip(params, factors, strict=True):
+def _step(
+    params: InnerParams, factors, eta: float | Tensor, clip: float | None = None
+) -> InnerParams:
+    """``W_l <- W_l - sum_s eta_s a_s^T g_s`` and ``b_l <- b_l - sum_s eta_s g_s``.
+
+    ``clip``: scale the whole step ``u`` (all layers) by ``min(1, clip / ||u||)`` per batch
+    element ``...``, so one step moves the inner weights by at most ``clip``.
+    """
+    updates: list[tuple[Tensor, Tensor | None]] = []
+    for (_, b), (a, g) in zip(params, factors, strict=True):
         ge = _weight_rows(g, eta)  # (..., n, d_out)
-        new.append((W - a.mT @ ge, None if b is None else b - ge.sum(-2)))
-    return new
+        updates.append((a.mT @ ge, None if b is None else ge.sum(-2)))  # (..., i, o), (..., o)
+    if clip is not None:
+        sq = sum(
+            dW.pow(2).sum((-2, -1)) + (0 if db is None else db.pow(2).sum(-1)) for dW, db in updates
+        )  # (...,)
+        scale = clip / sq.sqrt().clamp_min(clip)  # (...,) 1 below the threshold
+        updates = [
+            (dW * scale[..., None, None], None if db is None else db * scale[..., None])
+            for dW, db in updates
+        ]
+    return [
+        (W - dW, None if b is None else b - db)
+        for (W, b), (dW, db) in zip(params, updates, strict=True)
+    ]
 
 
 def _dual_forward(params: InnerParams, x: Tensor, factors, eta: float | Tensor) -> Tensor:
@@ -291,6 +309,7 @@ def ttt_inner_loop(
     first_order: bool = False,
     form: Literal["dual", "primal"] = "dual",
     return_losses: bool = False,
+    clip: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Train the inner model on ``(k, target)`` by gradient steps and read it out at ``q``.
 
@@ -305,6 +324,10 @@ def ttt_inner_loop(
     ``first_order=True`` evaluates the inner gradients at detached inner weights, dropping the
     second-derivative terms ``d grad / d theta``; their dependence on ``k``, ``target`` and
     ``lr`` is kept, so the outer loop still trains the projections.
+
+    ``clip`` (non-causal only) bounds the norm of each step over all inner weights, per
+    sequence and head (see :func:`_step`): a safeguard that keeps a learned rate from
+    diverging when the outer loop sharpens the inner loss.
 
     Shapes: ``q, k (..., N, d_in)``, ``target (..., N, d_t)``; returns ``(..., N, d_out)`` and,
     with ``return_losses``, the mean inner loss per token: non-causal ``(..., updates + 1)``
@@ -322,6 +345,11 @@ def ttt_inner_loop(
         raise ValueError(
             f"causal TTT makes one step per mini-batch (got steps={steps}); use steps=1 and a "
             "smaller mini_batch for more updates"
+        )
+    if clip is not None and (causal or clip <= 0):
+        raise ValueError(
+            f"clip must be > 0 and is for non-causal inner loops (got clip={clip}, "
+            f"causal={causal}); bound a causal layer's rate instead"
         )
     if form not in ("dual", "primal"):
         raise ValueError(f"form must be 'dual' or 'primal' (got {form!r})")
@@ -349,7 +377,7 @@ def ttt_inner_loop(
         for _ in range(steps):
             for j in range(n_blocks):
                 factors, _ = factors_at(params, k_blocks[j], t_blocks[j])
-                params = _step(params, factors, rates[i][j])
+                params = _step(params, factors, rates[i][j], clip)
                 i += 1
                 if return_losses:
                     losses.append(loss_at(params, k, target))
@@ -370,6 +398,177 @@ def ttt_inner_loop(
     return (out, torch.stack(block_losses, -2)) if return_losses else out
 
 
+# ----------------------------------------------------------------------------------------------
+# Causal TTT-Linear as a scan with a hand-written backward pass
+# ----------------------------------------------------------------------------------------------
+
+_LN_EPS = 1e-5
+
+
+def _ln_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(z_hat, mean, 1 / sigma)`` of a LayerNorm over the last dim, without affine."""
+    return torch.native_layer_norm(z, z.shape[-1:], None, None, _LN_EPS)
+
+
+def _ln_vjp(g: Tensor, z: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """``(g - mean(g) - z_hat mean(g z_hat)) / sigma``: the LayerNorm VJP (it is symmetric)."""
+    mask = [True, False, False]
+    return torch.ops.aten.native_layer_norm_backward(
+        g, z, z.shape[-1:], mean, rstd, None, None, mask
+    )[0]
+
+
+class _LinearScan(torch.autograd.Function):
+    """The sequential part of causal mini-batch TTT-Linear, forward and exact reverse loop.
+
+    For mini-batches ``j = 0..n-1`` with (bias-augmented) keys ``K_j (B, b, p)``:
+    ``Z_j = K_j W_j``; the inner-loss gradient at ``Z_j`` is ``G_j = e_j = Z_j + R_j`` (plain)
+    or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j`` (``f(x) = x + LN(x W)``, the
+    residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``; ``W_{j+1} = W_j - K_j^T E_j``.
+    Returns ``E (B, n, b, d)`` and ``W_j (B, n, p, d)``; everything else (the dual-form read)
+    is batched outside. Only the recurrence runs block by block: everything that does not
+    depend on ``W`` is computed for all blocks at once, before or after the loop. The forward
+    keeps ``Z``, ``G`` and ``W_j``; the backward runs the loop in reverse with the
+    hand-derived VJP of ``Z -> G`` (second derivatives of the inner loss included), so it is
+    exact but not itself differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, W0, K, R, eta, w, first_order: bool):
+        # W0 (B, p, d), K (B, n, b, p), R (B, n, b, d), eta (B, n, b), w (B, 1, d) | None
+        KeT = (K * eta.unsqueeze(-1)).mT.unbind(1)  # K_j^T E_j = (eta_j K_j)^T G_j, (B, p, b)
+        if w is not None:  # w e = w R + w^2 LN(Z)
+            Rw, w2 = (R * w.unsqueeze(1)).unbind(1), w * w
+        Ws, Zs, Gs = [], [], []
+        W = W0  # (B, p, d)
+        for j, Kj in enumerate(K.unbind(1)):
+            Ws.append(W)
+            Z = torch.bmm(Kj, W)  # (B, b, d)
+            if w is None:
+                G = Z + R[:, j]
+            else:
+                zh, mean, rstd = _ln_stats(Z)
+                G = _ln_vjp(torch.addcmul(Rw[j], zh, w2), Z, mean, rstd)  # (B, b, d)
+            W = torch.baddbmm(W, KeT[j], G, alpha=-1.0)  # (B, p, d)
+            Zs.append(Z)
+            Gs.append(G)
+        Ws = torch.stack(Ws, 1)  # (B, n, p, d)
+        # block-major, so that block j is contiguous for the LayerNorm kernels in backward
+        Zs, Gs = torch.stack(Zs), torch.stack(Gs)  # (n, B, b, d)
+        Es = Gs.transpose(0, 1) * eta.unsqueeze(-1)  # (B, n, b, d)
+        ctx.first_order = first_order
+        ctx.save_for_backward(K, R, eta, w, Ws, Zs, Gs, Es)
+        return Es, Ws
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gE, gW):
+        K, R, eta, w, Ws, Zs, Gs, Es = ctx.saved_tensors
+        n, etas = K.shape[1], eta.unsqueeze(-1)  # (B, n, b, 1)
+        # c_j = eta_j dE_j = eta_j (gE_j - K_j Wbar_{j+1}): fold eta into gE and K once
+        cE, Ke = (gE * etas).unbind(1), (K * etas).unbind(1)
+        gW = gW.unbind(1)
+        if w is not None:
+            # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, P = s LN'(Z)):
+            # dZ = LN'^T (w^2 c') + q (s^-2 B z_hat - s^-1 G) - A s^-2 z_hat - s^-1 B c', with
+            # c' = LN'^T c, q = mean(c z_hat), A = mean(c (g_h - mean g_h)), g_h = w e,
+            # B = mean(g_h z_hat): all but c, c', q and A are computed here for all blocks.
+            d = Zs.shape[-1]
+            zh, mean, rstd = _ln_stats(Zs)  # (n, B, b, d), (n, B, b, 1) x2
+            err = torch.addcmul(R.transpose(0, 1), zh, w)  # e, (n, B, b, d)
+            gh = err * w
+            Bq = (gh * zh).mean(-1, keepdim=True)  # (n, B, b, 1)
+            r2 = rstd * rstd
+            per_block = list(
+                zip(
+                    Zs,
+                    mean,
+                    rstd,
+                    torch.stack([zh, gh - gh.mean(-1, keepdim=True)], -2) / d,  # [q, A] = sum(c .)
+                    torch.stack([r2 * Bq * zh - rstd * Gs, -r2 * zh], -2),  # times [q, A]
+                    rstd * Bq,  # times c'
+                    strict=True,
+                )
+            )  # fmt: skip  (n, B, b, d) x4 -> (B, b, 2, d) x2 per block
+            w2 = w * w  # (B, 1, d)
+        V = torch.zeros_like(Ws[:, 0])  # (B, p, d)
+        KTs = K.mT.unbind(1)
+        Vs, dZs, dGs = [None] * n, [None] * n, [None] * n
+        for j in range(n - 1, -1, -1):
+            Vs[j] = V
+            c = torch.baddbmm(cE[j], Ke[j], V, alpha=-1.0)  # d loss / d G_j, (B, b, d)
+            if w is None:
+                dZ = dG = c
+            else:
+                Zj, mj, rj, Z2, M2, rB = per_block[j]
+                dG = _ln_vjp(c, Zj, mj, rj)  # c', (B, b, d)
+                qa = (c.unsqueeze(-2) * Z2).sum(-1, keepdim=True)  # [q, A], (B, b, 2, 1)
+                dZ = _ln_vjp(dG * w2, Zj, mj, rj).add_((qa * M2).sum(-2))
+                dZ = dZ.addcmul_(rB, dG, value=-1.0)  # (B, b, d)
+            V = V + gW[j]
+            if not ctx.first_order:
+                V = torch.baddbmm(V, KTs[j], dZ)
+            dZs[j], dGs[j] = dZ, dG
+        Wbars = torch.stack(Vs, 1)  # d loss / d W_{j+1}, (B, n, p, d)
+        dZs, dGs = torch.stack(dZs, 1), torch.stack(dGs, 1)
+        dK = dZs @ Ws.mT - Es @ Wbars.mT  # (B, n, b, p)
+        deta = ((gE - K @ Wbars) * Gs.transpose(0, 1)).sum(-1)  # dE . G, (B, n, b)
+        dW0 = V
+        if w is None:
+            return dW0, dK, dGs, deta, None, None
+        dR = dGs * w.unsqueeze(1)  # (B, n, b, d)
+        dw = (dGs.transpose(0, 1) * (err + w * zh)).sum((0, 2)).unsqueeze(1)  # (B, 1, d)
+        return dW0, dK, dR, deta, dw, None
+
+
+def _ttt_linear_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    W0: Tensor,
+    b0: Tensor | None,
+    eta: float | Tensor,
+    mini_batch: int,
+    ln: tuple[Tensor, Tensor] | None,
+    first_order: bool,
+) -> Tensor:
+    """Causal mini-batch TTT-Linear in dual form through :class:`_LinearScan`.
+
+    Equals ``ttt_inner_loop`` with ``causal=True, form="dual"`` (the reference). A bias is a
+    weight row on a constant-1 input feature, so token ``t`` of a mini-batch reads
+    ``q_t W_j - sum_{s<=t} (q_t . k_s) E_s`` with ``q, k`` augmented by that 1; the tokens are
+    zero-padded to whole mini-batches (padded tokens get rate 0 and are dropped).
+    """
+    N, dv = k.shape[-2], v.shape[-1]
+    eta = torch.as_tensor(eta, dtype=q.dtype, device=q.device)
+    eta = eta.unsqueeze(-1) if eta.ndim == 0 else eta  # (..., N) or (..., 1)
+    R = -v if ln is None else k + ln[1] - v  # (..., N, d_v): error e = f(k) - v = Z + R
+    x, W = q, W0
+    if b0 is not None:  # fold the bias into W: x W + b = [x, 1] [W; b]
+        q, k = (torch.cat([t, t.new_ones((*t.shape[:-1], 1))], -1) for t in (q, k))
+        W = torch.cat([W0, b0.unsqueeze(-2)], -2)  # (..., p, d_v), p = d + 1
+    lead = torch.broadcast_shapes(
+        q.shape[:-2], k.shape[:-2], R.shape[:-2], W.shape[:-2], eta.shape[:-1]
+    )
+    b = min(mini_batch, N)
+    pad = (-N) % b
+    n, p = (N + pad) // b, W.shape[-2]
+
+    def blocks(t: Tensor, width: int) -> Tensor:  # (..., N, width) -> (B, n, b, width)
+        t = F.pad(t, (0, 0, 0, pad)) if pad else t
+        return t.expand(*lead, N + pad, width).reshape(-1, n, b, width)
+
+    Kb, Qb, Rb = blocks(k, p), blocks(q, p), blocks(R, dv)
+    eb = eta.expand(*lead, N)
+    eb = (F.pad(eb, (0, pad)) if pad else eb).reshape(-1, n, b)  # (B, n, b)
+    w = None if ln is None else ln[0].expand(*lead, 1, dv).reshape(-1, 1, dv)  # (B, 1, d_v)
+    E, Ws = _LinearScan.apply(W.expand(*lead, p, dv).reshape(-1, p, dv), Kb, Rb, eb, w, first_order)
+    # the dual-form read, batched over all mini-batches: (B, n, b, d_v)
+    Y = Qb @ Ws - (Qb @ Kb.mT).tril() @ E
+    Y = Y.reshape(*lead, N + pad, dv)[..., :N, :]
+    return Y if ln is None else x + _ln(Y, ln)
+
+
 def ttt_linear(
     q: Tensor,
     k: Tensor,
@@ -385,6 +584,7 @@ def ttt_linear(
     first_order: bool = False,
     form: Literal["dual", "primal"] = "dual",
     return_losses: bool = False,
+    impl: Literal["scan", "loop"] = "scan",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """TTT with a linear inner model ``f(x; W) = x W`` on ``l_s(W) = 1/2 ||k_s W - v_s||^2``.
 
@@ -394,12 +594,26 @@ def ttt_linear(
     (causal: ``lr * tril(q k^T) v``). Optional ``b0 (..., d_v)`` adds a bias; ``ln=(w, b)``
     makes ``f(x) = x + LN(x W)`` as in TTT-Linear (needs ``d == d_v``).
 
+    ``impl="scan"`` (default) runs the causal dual form (``causal=True, form="dual"``, a
+    single or per-token rate, no ``return_losses``) through a fused scan with a hand-written
+    backward pass: the same outputs and gradients as the autograd loop ``impl="loop"`` (the
+    reference), several times faster, but not differentiable twice. Every other case runs
+    the loop.
+
     Shapes: ``q, k (..., N, d)``, ``v (..., N, d_v)``, ``W0 (..., d, d_v)`` -> ``(..., N, d_v)``.
 
     References: arXiv 2310.13807 (Theorem 1); arXiv 2407.04620 (TTT-Linear, dual form).
     """
+    if impl not in ("scan", "loop"):
+        raise ValueError(f"impl must be 'scan' or 'loop' (got {impl!r})")
     if W0 is None:
         W0 = q.new_zeros(q.shape[-1], v.shape[-1])
+    scan = impl == "scan" and causal and form == "dual" and steps == 1 and not return_losses
+    if scan and isinstance(lr, float | int | Tensor):
+        b = k.shape[-2] if mini_batch is None else mini_batch
+        if b < 1:
+            raise ValueError(f"mini_batch must be >= 1 or None for full batch (got {b})")
+        return _ttt_linear_scan(q, k, v, W0, b0, lr, b, ln, first_order)
     objective, readout = _reconstruction(ln)
     return ttt_inner_loop(
         [(W0, b0)],

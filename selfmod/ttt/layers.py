@@ -22,6 +22,8 @@ from selfmod.ttt.functional import (
     linear_attention,
     softmax_attention,
     ttt_inner_loop,
+    ttt_linear,
+    ttt_mlp,
 )
 
 __all__ = [
@@ -60,9 +62,16 @@ class _MTTT(nn.Module):
     ``g(z) = [LN](z) theta_g``, ``l_s(W) = 1/2 ||g(f(k_s; W)) - x_s||^2``, taken as a mean over
     the tokens of each step (the step is ``lr_t / |B|`` times the summed gradient); the output
     is ``h(concat_heads f(q; W_T))``. ``inner="gd"``: ``steps`` full-batch steps; ``"sgd"``:
-    one pass over ``steps`` consecutive mini-batches of ``ceil(N / steps)`` tokens. The
-    default ``lr = 0.03`` keeps the inner loss falling for T <= 4 on layer-normed inputs at
-    the widths used here (0.3 diverges); the rates are learned from there.
+    one pass over ``steps`` consecutive mini-batches of ``ceil(N / steps)`` tokens.
+
+    Stability: a learned rate is bounded, ``lr_t = max_lr * sigmoid(theta_t)`` (as the TTT
+    layers' rate, 2407.04620), starting at ``lr``; and each inner step's norm over all inner
+    weights is clipped to ``inner_clip`` per sequence and head (``None``: no clipping). An
+    unbounded learned rate let the outer loop sharpen the inner loss until T = 4 steps
+    diverged to NaN. With the defaults (``lr = 0.03``, ``max_lr = 0.1``, ``inner_clip = 1``;
+    a fixed 0.3 diverges at these widths) the inner loss falls with T and training at
+    T = 0..4 stays finite on 3 seeds (``benchmarks/results/ttt_repro.md``); at
+    initialisation a step's norm is 0.1-0.5, so the clip binds only on sharpened losses.
 
     References: arXiv 2310.13807, sections 4-5.
     """
@@ -79,22 +88,30 @@ class _MTTT(nn.Module):
         learn_init: bool = True,
         decoder_ln: bool = False,
         first_order: bool = False,
+        max_lr: float = 0.1,
+        inner_clip: float | None = 1.0,
     ) -> None:
         super().__init__()
+        if learn_lr and not 0 < lr < max_lr:
+            raise ValueError(
+                f"a learned inner rate starts inside (0, max_lr) (got lr={lr}, max_lr={max_lr});"
+                " raise max_lr or pass learn_lr=False for a fixed rate"
+            )
         if inner not in ("gd", "sgd"):
             raise ValueError(f"inner must be 'gd' (batch GD) or 'sgd' (got {inner!r})")
         if steps < 0:
             raise ValueError(f"steps must be >= 0 (got {steps})")
         dh = _head_dim(dim, heads, head_dim)
         self.heads, self.head_dim, self.steps, self.inner = heads, dh, steps, inner
-        self.first_order = first_order
+        self.first_order, self.max_lr, self.inner_clip = first_order, max_lr, inner_clip
         self.phi = nn.Linear(dim, heads * dh, bias=False)  # theta_phi: keys ("corruption")
         self.psi = nn.Linear(dim, heads * dh, bias=False)  # theta_psi: queries
         self.decoder = nn.Parameter(torch.randn(heads, dh, dim) / math.sqrt(dh))  # theta_g
         self.out = nn.Linear(heads * dh, dim)  # h
         rates = torch.full((steps,), float(lr))  # one inner learning rate per step
-        if learn_lr:
-            self.lr = nn.Parameter(rates)
+        self.learn_lr = learn_lr
+        if learn_lr:  # lr = max_lr * sigmoid(lr_logit)
+            self.lr_logit = nn.Parameter(torch.logit(rates / max_lr))
         else:
             self.register_buffer("lr", rates)
         self.decoder_ln = (
@@ -118,8 +135,13 @@ class _MTTT(nn.Module):
     def inner_params(self) -> InnerParams:
         raise NotImplementedError
 
+    def inner_lr(self) -> Tensor:
+        """The inner learning rate of each step, ``(steps,)``."""
+        return self.max_lr * torch.sigmoid(self.lr_logit) if self.learn_lr else self.lr
+
     def forward(self, x: Tensor) -> Tensor:
         N = x.shape[1]
+        lr = self.inner_lr()  # (steps,)
         k = _split_heads(self.phi(x), self.heads)  # (B, H, N, d_h)
         q = _split_heads(self.psi(x), self.heads)  # (B, H, N, d_h)
         target = x.unsqueeze(1)  # (B, 1, N, dim): every head reconstructs the whole token
@@ -134,11 +156,11 @@ class _MTTT(nn.Module):
 
         if self.inner == "gd":
             mini_batch, passes = None, self.steps
-            rates = [r / N for r in self.lr]
+            rates = [r / N for r in lr]
         else:
             mini_batch, passes = math.ceil(N / max(self.steps, 1)), min(self.steps, 1)
             n_blocks = math.ceil(N / mini_batch)
-            rates = [r / mini_batch for r in self.lr[:n_blocks]]
+            rates = [r / mini_batch for r in lr[:n_blocks]]
         result = ttt_inner_loop(
             self.inner_params(),
             q,
@@ -152,6 +174,7 @@ class _MTTT(nn.Module):
             causal=False,
             first_order=self.first_order,
             return_losses=self.track_inner_loss,
+            clip=self.inner_clip,
         )
         if self.track_inner_loss:
             result, losses = result
@@ -226,49 +249,40 @@ class _TTT(nn.Module):
         self.ln_bias = nn.Parameter(torch.zeros(heads, 1, dh))
         self.out = nn.Linear(heads * dh, dim)
 
-    def inner_params(self) -> InnerParams:
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, ln: tuple[Tensor, Tensor]):
+        """The inner loop ``(B, H, N, d_h) -> (B, H, N, d_h)`` with rates ``eta (B, H, N)``."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, -1))  # (B,H,N,d_h)
         eta = self.base_lr * torch.sigmoid(self.lr_proj(x)).transpose(1, 2) / self.head_dim
-        ln = (self.ln_weight, self.ln_bias)
-
-        def objective(y: Tensor, kb: Tensor, tb: Tensor) -> tuple[Tensor, Tensor]:
-            err = kb + _ln(y, ln) - tb  # (B, H, n, d_h)
-            return layer_norm_backward(y, err, ln[0]), 0.5 * err.pow(2).sum(-1)
-
-        z = ttt_inner_loop(
-            self.inner_params(),
-            q,
-            k,
-            v,
-            objective,
-            lambda y, qb: qb + _ln(y, ln),
-            eta,
-            1,
-            self.mini_batch,
-            causal=True,
-            first_order=self.first_order,
-            form=self.form,
-        )  # (B, H, N, d_h)
+        z = self.mix(q, k, v, eta, (self.ln_weight, self.ln_bias))  # (B, H, N, d_h)
         return self.out(_merge_heads(z))  # (B, N, dim)
 
 
 class TTTLinear(_TTT):
     """Causal TTT-Linear: ``f_res(z) = z W + b`` per head, learned ``W0 ~ N(0, 0.02^2)``.
 
+    ``impl="scan"`` runs the fused scan of :func:`ttt_linear` (exact, not differentiable
+    twice); ``"loop"`` the autograd reference loop.
+
     References: arXiv 2407.04620 (TTT-Linear).
     """
 
-    def __init__(self, dim: int, heads: int = 4, **kwargs) -> None:
+    def __init__(
+        self, dim: int, heads: int = 4, impl: Literal["scan", "loop"] = "scan", **kwargs
+    ) -> None:
         super().__init__(dim, heads, **kwargs)
         dh = self.head_dim
+        self.impl = impl
         self.W0 = nn.Parameter(0.02 * torch.randn(heads, dh, dh))
         self.b0 = nn.Parameter(torch.zeros(heads, dh))
 
-    def inner_params(self) -> InnerParams:
-        return [(self.W0, self.b0)]
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, ln: tuple[Tensor, Tensor]):
+        return ttt_linear(
+            q, k, v, self.W0, eta, 1, self.mini_batch, True, b0=self.b0, ln=ln,
+            first_order=self.first_order, form=self.form, impl=self.impl,
+        )  # fmt: skip
 
 
 class TTTMLP(_TTT):
@@ -284,8 +298,11 @@ class TTTMLP(_TTT):
             nn.Parameter(t.expand(heads, *t.shape).clone()) for t in (W1, b1, W2, b2)
         )
 
-    def inner_params(self) -> InnerParams:
-        return [(self.W1, self.b1), (self.W2, self.b2)]
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, ln: tuple[Tensor, Tensor]):
+        return ttt_mlp(
+            q, k, v, (self.W1, self.b1, self.W2, self.b2), eta, 1, self.mini_batch, True, ln=ln,
+            first_order=self.first_order, form=self.form,
+        )  # fmt: skip
 
 
 class LinearAttention(nn.Module):
