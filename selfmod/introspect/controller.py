@@ -97,17 +97,15 @@ Batch = tuple[Tensor, Tensor, Tensor]  # x (B, D), y (B,), dropout noise (depth,
 
 
 def concrete_dropout(h: Tensor, p: Tensor, u: Tensor) -> Tensor:
-    """Relaxed dropout, differentiable in the rate ``p``:
-    ``z = sigmoid((log p - log(1-p) + log u - log(1-u)) / t)`` (drop mask), ``h (1-z)/(1-p)``.
+    """Relaxed dropout, differentiable in the rate ``p``: the drop mask is
+    ``z = sigmoid((logit p + logit u) / t)``, the output ``h (1 - z) / (1 - p)``, with
+    ``1 - z = sigmoid(-(logit p + logit u) / t)``.
 
     ``h (B, W)``, ``p ()``, ``u (B, W)`` uniform noise. References: Gal, Hron & Kendall 2017.
     """
     eps = 1e-7
-    drop = torch.sigmoid(
-        (torch.log(p + eps) - torch.log1p(eps - p) + torch.log(u + eps) - torch.log1p(eps - u))
-        / TEMPERATURE
-    )  # (B, W)
-    return h * (1.0 - drop) / (1.0 - p)
+    keep = torch.sigmoid((torch.logit(p, eps) + torch.logit(u, eps)) / -TEMPERATURE)  # (B, W)
+    return h * keep / (1.0 - p)
 
 
 def apply_mlp(
