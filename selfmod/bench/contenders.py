@@ -350,7 +350,8 @@ def introspective(
     """One self-modifying run from ``point`` (``cycle`` 100, lookahead 20, growth up to the
     space's largest width); with ``safeguards=False`` every proposal is committed unchecked and
     a non-finite loss ends the run."""
-    cfg = work.config(point, modifiers=MODIFIERS, safeguards=safeguards, **overrides)
+    overrides = {"modifiers": MODIFIERS, **overrides}
+    cfg = work.config(point, safeguards=safeguards, **overrides)
     run = Introspector(cfg, None, sources=[work.source], lrs=_per_tensor(point.lr))
     name = "selfmod introspective" + ("" if safeguards else " (no safeguards)")
     out = Outcome(name, math.nan, math.nan, 0, 0.0)
