@@ -93,7 +93,7 @@ class Outcome:
     val_acc: float
     steps: int
     seconds: float
-    diverged: int = 0  # trials (or runs) that reached a non-finite loss
+    diverged: int = 0  # trials (or runs) whose loss went non-finite or jumped (see module doc)
     rollbacks: int = 0  # safeguard rollbacks (introspective runs)
     rejected: int = 0  # proposals the verification refused (introspective runs)
     trials: int = 1
@@ -107,6 +107,8 @@ class Outcome:
 
 @dataclass
 class Trial:
+    """One training of one point: accuracies of its final model and the compute it took."""
+
     point: Point
     val_acc: float
     test_acc: float

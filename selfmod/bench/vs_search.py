@@ -230,9 +230,10 @@ def markdown(summary: dict[str, Any], budget: Budget, command: str, seconds: flo
         "",
         "`wall s to 95% of best`: seconds of the contender's own compute until the model it "
         "would hand over first reached 95% of the best test accuracy any contender reached on "
-        "that seed. Diverged / rolled back / rejected: totals over seeds of trials that reached "
-        "a non-finite loss, safeguard rollbacks, and proposals the verification refused. TPE "
-        "(20) is the first 20 trials of the 50-trial study (TPE does not depend on the total).",
+        "that seed. Diverged / rolled back / rejected: totals over seeds of trials or runs whose "
+        "loss went non-finite or jumped above 5x its running average (nothing rolls those "
+        "back), safeguard rollbacks, and proposals the verification refused. TPE (20) is the "
+        "first 20 trials of the 50-trial study (TPE does not depend on the total).",
         "",
         f"## From a large initial learning rate (lr = {budget.large_lr:g} for every layer)",
         "",
