@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from test_introspect import FAST  # the tiny Introspector run shared with its tests
 
 from selfmod.bench import contenders as C
 from selfmod.bench.vs_search import load_budget, run_benchmark, verdict
@@ -15,17 +16,6 @@ from selfmod.errors import NonFiniteError
 from selfmod.introspect import Faults, Introspector
 from selfmod.runs.config import TrainConfig
 from selfmod.validation import ConfigError
-
-FAST = dict(
-    steps=60,
-    cycle=20,
-    lookahead=5,
-    width=8,
-    max_width=32,
-    guard_size=100,
-    replay_size=200,
-    compare_fixed=False,
-)
 
 
 @pytest.fixture(autouse=True)
