@@ -7,6 +7,7 @@ selfmod log DIR                                     the table of changes; verifi
 selfmod approve DIR ID                              approve a pending change (manual approval)
 selfmod rollback DIR --to CYCLE                     go back to the checkpoint of a cycle
 selfmod meta-train [CONFIG.toml] [--set k=v]        meta-train a learned optimizer
+selfmod bench vs-search [--set k=v]                 selfmod against search and self-tuning
 """
 
 from __future__ import annotations
@@ -193,6 +194,41 @@ def meta_train(
     from selfmod.meta.command import run_meta_train
 
     run_meta_train(config, set_, resume_)
+
+
+bench = typer.Typer(help="Benchmarks that compare selfmod with its peers.")
+app.add_typer(bench, name="bench")
+
+
+@bench.command("vs-search")
+def vs_search(
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="seeds=[0,1], steps, tpe_trials=[20,50], random_trials, "
+                     "grid_points, large_lr, guard_size, out"),
+    ] = None,
+) -> None:
+    """Self-modification against grid, random and Optuna TPE search, hypergradient descent and
+    a hyperoptimizer stack on MNIST-1D; writes vs_search.{md,json,png}."""
+    from selfmod.bench.vs_search import load_budget, run_benchmark
+
+    budget = load_budget(set_)
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise SelfmodError("optuna is needed for this benchmark: pip install 'selfmod[bench]'"
+                           ) from None
+    command = "selfmod bench vs-search" + "".join(f" --set {s}" for s in set_ or [])
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
+                  console=console) as progress:
+        task = progress.add_task("vs-search", total=None)
+
+        def tick(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"vs-search: {name}")
+
+        text = run_benchmark(budget, command, tick)
+    Console(width=140).print(text)
 
 
 # ----------------------------------------------------------------------------- driving a run

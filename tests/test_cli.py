@@ -54,6 +54,7 @@ BAD_VALUES = {
     "shift_noise": ("-1", "shift_noise must be a number in [0, 10] (got -1)"),
     "shift_translation": ("500", "shift_translation must be an integer in [0, 200] (got 500)"),
     "compare_fixed": ("maybe", "compare_fixed must be true or false (got 'maybe')"),
+    "safeguards": ("maybe", "safeguards must be true or false (got 'maybe')"),
     "deterministic": ("maybe", "deterministic must be true or false (got 'maybe')"),
     "out": ('""', "out must be a string"),
     "threads": ("0", "threads must be an integer in [1, 256] (got 0)"),

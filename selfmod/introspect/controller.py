@@ -46,6 +46,9 @@ older sources' guard data not lower by more than ``forgetting_delta``. A non-fin
 gradient or meta-gradient, or a loss above ``DIVERGENCE_FACTOR`` times its running average,
 rolls back to the last good state, halves the learning rates and the meta learning rate.
 ``approval="manual"``: verified changes wait in the ledger until ``selfmod approve``.
+``safeguards=False`` (for comparisons only) commits every proposal unchecked, counts a
+diverging loss without acting on it, and lets a non-finite loss, gradient or meta-gradient end
+the run with the error instead of a rollback.
 
 References: Baydin et al. 2018 (hypergradient descent); Gal, Hron & Kendall 2017 (concrete
 dropout); McCandlish et al. 2018 (gradient noise scale); Evci et al. 2022 (growth).
@@ -94,17 +97,15 @@ Batch = tuple[Tensor, Tensor, Tensor]  # x (B, D), y (B,), dropout noise (depth,
 
 
 def concrete_dropout(h: Tensor, p: Tensor, u: Tensor) -> Tensor:
-    """Relaxed dropout, differentiable in the rate ``p``:
-    ``z = sigmoid((log p - log(1-p) + log u - log(1-u)) / t)`` (drop mask), ``h (1-z)/(1-p)``.
+    """Relaxed dropout, differentiable in the rate ``p``: the drop mask is
+    ``z = sigmoid((logit p + logit u) / t)``, the output ``h (1 - z) / (1 - p)``, with
+    ``1 - z = sigmoid(-(logit p + logit u) / t)``.
 
     ``h (B, W)``, ``p ()``, ``u (B, W)`` uniform noise. References: Gal, Hron & Kendall 2017.
     """
     eps = 1e-7
-    drop = torch.sigmoid(
-        (torch.log(p + eps) - torch.log1p(eps - p) + torch.log(u + eps) - torch.log1p(eps - u))
-        / TEMPERATURE
-    )  # (B, W)
-    return h * (1.0 - drop) / (1.0 - p)
+    keep = torch.sigmoid((torch.logit(p, eps) + torch.logit(u, eps)) / -TEMPERATURE)  # (B, W)
+    return h * keep / (1.0 - p)
 
 
 def apply_mlp(
@@ -286,6 +287,8 @@ class Introspector:
 
     ``run_dir`` holds the ledger and checkpoints; ``None`` runs in memory (no resume).
     ``tune=False`` gives the fixed-configuration baseline: the same loop without cycles.
+    ``lrs`` starts each tensor (in :func:`selfmod.models.mlp`'s order) at its own learning
+    rate instead of ``cfg.lr``.
     """
 
     def __init__(
@@ -296,6 +299,7 @@ class Introspector:
         sources: list[Source] | None = None,
         tune: bool = True,
         faults: Faults | None = None,
+        lrs: list[float] | None = None,
     ) -> None:
         self.cfg, self.tune, self.faults = cfg, tune, faults or Faults()
         self.run_dir = None if run_dir is None else Path(run_dir)
@@ -314,8 +318,12 @@ class Introspector:
         self.names = list(self.params)
         self.active = set(cfg.modifiers) if tune else set()
         self.use_dropout = cfg.dropout > 0 or "dropout" in self.active
+        if lrs is not None and len(lrs) != len(self.names):
+            raise ValueError(f"lrs needs one rate per tensor ({len(self.names)}; got {len(lrs)})")
         h = {
-            "log_lr": torch.full((len(self.names),), math.log(cfg.lr)),
+            "log_lr": torch.full((len(self.names),), math.log(cfg.lr))
+            if lrs is None
+            else torch.tensor(lrs).log(),
             "mom_logit": torch.tensor(math.log(max(cfg.momentum, 1e-3) / (1 - cfg.momentum))),
             "log_wd": torch.tensor(math.log(max(cfg.weight_decay, 1e-7))),
         }
@@ -341,6 +349,7 @@ class Introspector:
         self.history: dict[str, list] = {"log": [], "probes": [], "decisions": []}
         self.shift_cycle: int | None = None
         self.seconds = 0.0
+        self.divergences = 0  # base steps whose loss jumped above DIVERGENCE_FACTOR x average
         self._introduce_source(0)
 
     # ------------------------------------------------------------------ model and optimizer
@@ -505,9 +514,13 @@ class Introspector:
             loss = monitor.losses[0].item()
             monitor.check()
             if self.average is not None and loss > DIVERGENCE_FACTOR * self.average:
-                raise DivergenceError(
+                self.divergences += 1
+                message = (
                     f"diverged at step {self.step}: loss {loss:.3g}, average {self.average:.3g}"
                 )
+                if self.cfg.safeguards:
+                    raise DivergenceError(message)
+                self._ledger("event", "divergence", f"{message}; safeguards off: goes on", {})
             if online:
                 grads = dict(zip(self.names, monitor.grads, strict=True))
                 log_lr = online_lr_update(
@@ -516,6 +529,8 @@ class Introspector:
                 if not bool(torch.isfinite(log_lr).all()):
                     raise NonFiniteError("online learning rate", step=self.step)
         except (NonFiniteError, DivergenceError) as err:
+            if not self.cfg.safeguards:
+                raise
             self._rollback(str(err))
             self.step += 1
             return
@@ -634,6 +649,8 @@ class Introspector:
         try:
             current, g = self._estimate(guard)
         except NonFiniteError as err:
+            if not cfg.safeguards:
+                raise
             self._rollback(f"meta-gradient: {err}")
             self.cycle += 1
             return
@@ -794,13 +811,18 @@ class Introspector:
         before = self.values()
         # a meta-gradient step must lower the guard loss; other changes may cost up to epsilon
         tol = 0.0 if modifier == "hypergradient" else cfg.epsilon
-        reason, proposed = self._check(params, state, h, current, guard, tol)
+        if cfg.safeguards:
+            reason, proposed = self._check(params, state, h, current, guard, tol)
+        else:
+            reason, proposed = None, math.nan
         after = self._values_after(params, h, b)
         if reason is None:
             decision = "pending" if cfg.approval == "manual" else "commit"
             reason = (
                 f"guard loss {proposed:.4f} vs {current:.4f} "
                 f"(tolerance x{1 + tol:g}); invariants hold"
+                if cfg.safeguards
+                else "committed unchecked (safeguards off)"
             )
         else:
             decision = "reject"
@@ -967,6 +989,7 @@ class Introspector:
             "applied": sorted(self.applied),
             "shift_cycle": self.shift_cycle,
             "seconds": self.seconds,
+            "divergences": self.divergences,
             "ledger_head": [seq, head],
             "last_loss": getattr(self, "last_loss", 0.0),
             "python_random": _jsonable(random.getstate()),
@@ -1023,6 +1046,7 @@ class Introspector:
         self.applied = set(meta["applied"])
         self.shift_cycle = meta["shift_cycle"]
         self.seconds = meta["seconds"]
+        self.divergences = meta.get("divergences", 0)
         self.last_loss = meta["last_loss"]
         self.history = meta["history"]
         superseded = self.ledger.head()[0] - meta["ledger_head"][0]
@@ -1052,6 +1076,7 @@ class Introspector:
             "flops": c.flops,
             "widths": self.widths(),
             "steps": self.step,
+            "divergences": self.divergences,
             "tensor_names": self.names,
             **{f"n_{k}": v for k, v in count.items()},
             **self.values(),

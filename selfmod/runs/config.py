@@ -91,6 +91,11 @@ class TrainConfig(BaseModel):
     epsilon: float = Field(0.01, ge=0, le=1, description="relative guard-loss tolerance")
     forgetting_delta: float = Field(0.05, ge=0, le=1, description="max accuracy drop on old data")
     approval: Literal["auto", "manual"] = "auto"
+    safeguards: bool = Field(
+        True,
+        description="verify changes and roll back on NaN/divergence; false: commit every "
+        "proposal unchecked and let a non-finite loss end the run (for comparisons only)",
+    )
     guard_size: int = Field(500, ge=10, le=2000, description="train examples held out as guard")
     replay_size: int = Field(1000, ge=10, le=100_000, description="replayed train examples kept")
     checkpoint_every: int = Field(1, ge=1, le=100_000, description="cycles between checkpoints")
