@@ -67,8 +67,9 @@ def worker(layer: str, n: int, d: int, threads: int) -> None:
     print(json.dumps(dict(time_s=statistics.median(times), first_s=first, peak_mib=peak_mib)))
 
 
-def interleaved(sizes: list[int], layers: list[str], d: int, threads: int, rounds: int,
-                out: Path) -> None:
+def interleaved(
+    sizes: list[int], layers: list[str], d: int, threads: int, rounds: int, out: Path
+) -> None:
     """Time ``layers`` in one process, one forward+backward each in turn per round.
 
     On a shared machine, load changes over seconds; running the compared layers back to back
@@ -91,17 +92,28 @@ def interleaved(sizes: list[int], layers: list[str], d: int, threads: int, round
         f"of every layer in turn (after one warm-up each); median over {rounds} rounds of "
         f"the time and of the per-round ratio to {ref}. "
         f"`python benchmarks/ttt.py --threads {threads} --interleaved "
-        + " ".join(map(str, sizes)) + f" --rounds {rounds} --layers "
-        + " ".join(f"'{x}'" for x in layers) + "`",
+        + " ".join(map(str, sizes))
+        + f" --rounds {rounds} --layers "
+        + " ".join(f"'{x}'" for x in layers)
+        + "`",
         "",
-        "| N | " + " | ".join(layers) + " | " + " | ".join(f"{x} / {ref}" for x in layers[1:])
+        "| N | "
+        + " | ".join(layers)
+        + " | "
+        + " | ".join(f"{x} / {ref}" for x in layers[1:])
         + " |",
         "|---|" + "---|" * (2 * len(layers) - 1),
     ]
     for n in sizes:
         torch.manual_seed(0)
-        env = dict(d=d, MTTTMLP=MTTTMLP, LinearAttention=LinearAttention, MTTTLinear=MTTTLinear,
-                   SoftmaxAttention=SoftmaxAttention, TTTLinear=TTTLinear)
+        env = dict(
+            d=d,
+            MTTTMLP=MTTTMLP,
+            LinearAttention=LinearAttention,
+            MTTTLinear=MTTTLinear,
+            SoftmaxAttention=SoftmaxAttention,
+            TTTLinear=TTTLinear,
+        )
         modules = {name: eval(LAYERS[name], env) for name in layers}
         x = torch.randn(1, n, d, requires_grad=True)
         times: dict[str, list[float]] = {name: [] for name in layers}
@@ -112,11 +124,17 @@ def interleaved(sizes: list[int], layers: list[str], d: int, threads: int, round
                 if r:  # round 0 warms up
                     times[name].append(time.perf_counter() - t)
         med = {name: statistics.median(v) for name, v in times.items()}
-        ratios = {name: statistics.median(a / b for a, b in zip(times[name], times[ref],
-                                                                  strict=True))
-                  for name in layers[1:]}
-        row = (f"| {n} | " + " | ".join(f"{med[name]:.3g}" for name in layers) + " | "
-               + " | ".join(f"{ratios[name]:.2f}" for name in layers[1:]) + " |")
+        ratios = {
+            name: statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
+            for name in layers[1:]
+        }
+        row = (
+            f"| {n} | "
+            + " | ".join(f"{med[name]:.3g}" for name in layers)
+            + " | "
+            + " | ".join(f"{ratios[name]:.2f}" for name in layers[1:])
+            + " |"
+        )
         print(row, flush=True)
         lines.append(row)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,8 +150,13 @@ def measure(layer: str, n: int, d: int, threads: int, time_cap: float, mem_cap_m
     while proc.poll() is None:
         try:
             status = Path(f"/proc/{proc.pid}/status").read_text()
-            hwm = max(hwm, next(int(line.split()[1]) for line in status.splitlines()
-                                if line.startswith("VmHWM")) / 1024)
+            hwm = max(
+                hwm,
+                next(
+                    int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")
+                )
+                / 1024,
+            )
         except (OSError, StopIteration):
             pass
         if hwm > mem_cap_mib:
@@ -158,17 +181,23 @@ def measure(layer: str, n: int, d: int, threads: int, time_cap: float, mem_cap_m
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+",
-                        default=[256 * 2**i for i in range(8)])  # 256 .. 32768
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[256 * 2**i for i in range(8)]
+    )  # 256 .. 32768
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", nargs="+", default=list(LAYERS))
     parser.add_argument("--time-cap", type=float, default=60.0)
     parser.add_argument("--mem-cap-gib", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "ttt.md")
-    parser.add_argument("--interleaved", type=int, nargs="+", metavar="N",
-                        help="instead: time --layers in one process, interleaved, at these N "
-                             "(writes <out stem>_interleaved.md)")
+    parser.add_argument(
+        "--interleaved",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="instead: time --layers in one process, interleaved, at these N "
+        "(writes <out stem>_interleaved.md)",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     if args.interleaved:
@@ -182,13 +211,17 @@ def main() -> None:
         for layer in args.layers:
             if layer in crossed:
                 continue
-            result, why = measure(layer, n, args.dim, args.threads, args.time_cap,
-                                  args.mem_cap_gib * 1024)
+            result, why = measure(
+                layer, n, args.dim, args.threads, args.time_cap, args.mem_cap_gib * 1024
+            )
             if result is not None:
                 table[layer][n] = result
-            print(f"{layer:28s} N={n:6d} "
-                  + (f"{result['time_s']:8.3f} s {result['peak_mib']:8.1f} MiB" if result else "")
-                  + (f"  [{why}]" if why else ""), flush=True)
+            print(
+                f"{layer:28s} N={n:6d} "
+                + (f"{result['time_s']:8.3f} s {result['peak_mib']:8.1f} MiB" if result else "")
+                + (f"  [{why}]" if why else ""),
+                flush=True,
+            )
             if why:
                 crossed[layer] = f"N = {n} ({why})"
     write_report(args, table, crossed)
@@ -207,8 +240,8 @@ def write_report(args, table: dict[str, dict[int, dict]], crossed: dict[str, str
         "Memory: growth of peak RSS (`ru_maxrss`) over the first forward+backward in a fresh "
         "subprocess per configuration. TTT-Linear (scan) is the default fused causal scan, "
         "(autograd loop) the reference it is tested against. `python benchmarks/ttt.py "
-        f"--threads {args.threads}" + (f" --out {args.out}`" if args.out != RESULTS / "ttt.md"
-                                       else "`"),
+        f"--threads {args.threads}"
+        + (f" --out {args.out}`" if args.out != RESULTS / "ttt.md" else "`"),
         "",
         "## Time (s)",
         "",
@@ -219,20 +252,30 @@ def write_report(args, table: dict[str, dict[int, dict]], crossed: dict[str, str
         cells = [f"{row[n]['time_s']:.3g}" if n in row else "-" for n in sizes]
         where = crossed.get(layer, "not reached")
         lines.append(f"| {layer} | " + " | ".join(cells) + f" | {where} |")
-    lines += ["", "## Peak memory growth (MiB)", "",
-              "| layer | " + " | ".join(str(n) for n in sizes) + " |",
-              "|---|" + "---|" * len(sizes)]
+    lines += [
+        "",
+        "## Peak memory growth (MiB)",
+        "",
+        "| layer | " + " | ".join(str(n) for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
     for layer, row in table.items():
         cells = [f"{row[n]['peak_mib']:.0f}" if n in row else "-" for n in sizes]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     # growth exponent between the two largest measured sizes >= 4096
-    lines += ["", "## Growth", "",
-              "Slope of log(time) against log(N) from N = 4096 to the largest N measured "
-              "(1 = linear, 2 = quadratic), and time relative to non-causal / causal linear "
-              "attention at the largest common N. Causal linear attention is the like-for-like "
-              "reference for the causal TTT layers (the issue's \"within 3x of linear "
-              "attention\" is judged against it).", "",
-              "| layer | slope | x linear attn | x causal linear attn |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Growth",
+        "",
+        "Slope of log(time) against log(N) from N = 4096 to the largest N measured "
+        "(1 = linear, 2 = quadratic), and time relative to non-causal / causal linear "
+        "attention at the largest common N. Causal linear attention is the like-for-like "
+        "reference for the causal TTT layers (the issue's \"within 3x of linear "
+        'attention" is judged against it).',
+        "",
+        "| layer | slope | x linear attn | x causal linear attn |",
+        "|---|---|---|---|",
+    ]
     import math
 
     def ratio(layer: str, ref: str) -> str:
@@ -244,10 +287,15 @@ def write_report(args, table: dict[str, dict[int, dict]], crossed: dict[str, str
 
     for layer, row in table.items():
         ns = [n for n in sizes if n in row and n >= 4096]
-        slope = (math.log(row[ns[-1]]["time_s"] / row[ns[0]]["time_s"]) / math.log(ns[-1] / ns[0])
-                 if len(ns) >= 2 else float("nan"))
-        lines.append(f"| {layer} | {slope:.2f} | {ratio(layer, 'linear attention')} | "
-                     f"{ratio(layer, 'linear attention (causal)')} |")
+        slope = (
+            math.log(row[ns[-1]]["time_s"] / row[ns[0]]["time_s"]) / math.log(ns[-1] / ns[0])
+            if len(ns) >= 2
+            else float("nan")
+        )
+        lines.append(
+            f"| {layer} | {slope:.2f} | {ratio(layer, 'linear attention')} | "
+            f"{ratio(layer, 'linear attention (causal)')} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -204,8 +204,11 @@ app.add_typer(bench, name="bench")
 def vs_search(
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="seeds=[0,1], steps, tpe_trials=[20,50], random_trials, "
-                     "grid_points, large_lr, guard_size, out"),
+        typer.Option(
+            "--set",
+            help="seeds=[0,1], steps, tpe_trials=[20,50], random_trials, "
+            "grid_points, large_lr, guard_size, out",
+        ),
     ] = None,
 ) -> None:
     """Self-modification against grid, random and Optuna TPE search, hypergradient descent and
@@ -216,12 +219,17 @@ def vs_search(
     try:
         import optuna  # noqa: F401
     except ImportError:
-        raise SelfmodError("optuna is needed for this benchmark: pip install 'selfmod[bench]'"
-                           ) from None
+        raise SelfmodError(
+            "optuna is needed for this benchmark: pip install 'selfmod[bench]'"
+        ) from None
     command = "selfmod bench vs-search" + "".join(f" --set {s}" for s in set_ or [])
-    with Progress(TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
-                  console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
         task = progress.add_task("vs-search", total=None)
 
         def tick(done: int, total: int, name: str) -> None:
