@@ -118,6 +118,23 @@ class Trial:
     pruned: bool
 
 
+class _Clock:
+    """Wall seconds of a contender's own compute: evaluations made only for its curve are not
+    counted."""
+
+    def __init__(self) -> None:
+        self.spent, self._start = 0.0, time.perf_counter()
+
+    def record(self, out: Outcome, step: int, test_acc: Callable[[], float]) -> None:
+        """Append ``(seconds so far, step, test_acc())`` to ``out.curve``, off the clock."""
+        self.spent += time.perf_counter() - self._start
+        out.curve.append((self.spent, step, test_acc()))
+        self._start = time.perf_counter()
+
+    def total(self) -> float:
+        return self.spent + time.perf_counter() - self._start
+
+
 class Workload:
     """The data split and budget every contender of one seed shares."""
 
@@ -229,8 +246,9 @@ def grid_points() -> list[Point]:
     ]
 
 
-def grid_search(work: Workload) -> list[Trial]:
-    return [train_point(work, p) for p in grid_points()]
+def grid_search(work: Workload, points: int | None = None) -> list[Trial]:
+    """The first ``points`` points of :func:`grid_points` (all of them by default)."""
+    return [train_point(work, p) for p in grid_points()[:points]]
 
 
 def sample_point(rng: random.Random) -> Point:
@@ -316,7 +334,7 @@ def online_hd(work: Workload, method: str, point: Point = DEFAULT) -> Outcome:
         return F.cross_entropy(apply(p, x), y)
 
     out = Outcome(method, math.nan, math.nan, 0, 0.0)
-    spent, start = 0.0, time.perf_counter()  # seconds, not counting the curve's evaluations
+    clock = _Clock()
     for step in range(1, work.steps + 1):
         idx = stream.next(BATCH)
         grads = torch.func.grad(loss_fn)(params, work.source.x[idx], work.source.y[idx])
@@ -327,10 +345,8 @@ def online_hd(work: Workload, method: str, point: Point = DEFAULT) -> Outcome:
         params = optim.apply_updates(params, updates)
         out.steps = step
         if step % work.eval_every == 0 and step < work.steps:
-            spent += time.perf_counter() - start
-            out.curve.append((spent, step, work.accuracies(apply, params)[1]))
-            start = time.perf_counter()
-    out.seconds = spent + time.perf_counter() - start
+            clock.record(out, step, lambda p=params: work.accuracies(apply, p)[1])
+    out.seconds = clock.total()
     out.val_acc, out.test_acc = work.accuracies(apply, params)
     out.curve.append((out.seconds, out.steps, out.test_acc))
     lr = state.lr
@@ -349,34 +365,30 @@ MODIFIERS = ["lr", "momentum", "weight_decay", "dropout", "grow", "prune"]
 def introspective(
     work: Workload, safeguards: bool, point: Point = DEFAULT, **overrides: Any
 ) -> Outcome:
-    """One self-modifying run from ``point`` (``cycle`` 100, lookahead 20, growth up to the
-    space's largest width); with ``safeguards=False`` every proposal is committed unchecked and
-    a non-finite loss ends the run."""
+    """One self-modifying run from ``point`` (the config's defaults, e.g. ``cycle`` 100 and
+    lookahead 20, unless ``overrides`` say otherwise; growth up to the space's largest width);
+    with ``safeguards=False`` every proposal is committed unchecked and a non-finite loss ends
+    the run."""
     overrides = {"modifiers": MODIFIERS, **overrides}
     cfg = work.config(point, safeguards=safeguards, **overrides)
     run = Introspector(cfg, None, sources=[work.source], lrs=_per_tensor(point.lr))
     name = "selfmod introspective" + ("" if safeguards else " (no safeguards)")
     out = Outcome(name, math.nan, math.nan, 0, 0.0)
-    start = time.perf_counter()
-    spent = 0.0  # seconds, not counting the curve's own evaluations
+    clock = _Clock()
 
     def on_step(r: Introspector) -> None:
-        nonlocal start, spent
         if r.step % work.eval_every == 0 and r.step < work.steps:
-            spent += time.perf_counter() - start
-            out.curve.append((spent, r.step, work.accuracies(r.apply, r.params)[1]))
-            start = time.perf_counter()
+            clock.record(out, r.step, lambda: work.accuracies(r.apply, r.params)[1])
 
     try:
         run.run(on_step=on_step)
     except (NonFiniteError, DivergenceError):
         out.diverged = 1
-    spent += time.perf_counter() - start
+    out.seconds, out.steps = clock.total(), run.step
     if not safeguards:
         out.diverged = max(out.diverged, int(run.divergences > 0))
-    out.seconds, out.steps = spent, run.step
     out.val_acc, out.test_acc = work.accuracies(run.apply, run.params)
-    out.curve.append((spent, run.step, out.test_acc))
+    out.curve.append((out.seconds, run.step, out.test_acc))
     decisions = run.history["decisions"]
     out.rollbacks = sum(d["decision"] == "rollback" for d in decisions)
     out.rejected = sum(d["decision"] == "reject" for d in decisions)

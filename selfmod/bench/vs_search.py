@@ -33,7 +33,8 @@ from selfmod.validation import load_values, validate
 
 #: the self-modifying run's settings in this benchmark beyond the defaults (chosen on the
 #: validation splits of seeds 0 and 1 among cycle 100/200, lookahead 20/50/100, regularize
-#: gap/hypergradient, lr/online_lr/none)
+#: gap/hypergradient, lr/online_lr/none, lr every 1st/2nd cycle, trust region 0.7/0.35,
+#: momentum tuned or fixed)
 SELFMOD_SETTINGS = {"cycle": 200}
 
 
@@ -93,7 +94,7 @@ def run_seed(budget: Budget, seed: int, tick: Callable[[str], None] = lambda _: 
     add(
         C.fold(
             f"grid search ({budget.grid_points})",
-            [C.train_point(work, p) for p in C.grid_points()[: budget.grid_points]],
+            C.grid_search(work, budget.grid_points),
         )
     )
     add(
