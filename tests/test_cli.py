@@ -32,6 +32,8 @@ BAD_VALUES = {
     "modifiers": ('["lr","magic"]', "modifiers must be a list of 'lr', 'weight_decay'"),
     "regularize": ("l1", "regularize must be one of 'gap', 'hypergradient' (got 'l1')"),
     "gap_target": ("0", "gap_target must be a number in (0, 10] (got 0)"),
+    "gap_gain": ("-1", "gap_gain must be a number in [0, 10] (got -1)"),
+    "lr_mean": ("mean", "lr_mean must be one of 'free', 'fixed' (got 'mean')"),
     "cycle": ("0", "cycle must be an integer in [1, 100000] (got 0)"),
     "lookahead": ("2000", "lookahead must be an integer in [1, 1000] (got 2000)"),
     "estimator": ("magic", "estimator must be one of 'reverse', 'checkpointed'"),

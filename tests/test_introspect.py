@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from selfmod import tree
 from selfmod.introspect import Faults, Introspector, replay
-from selfmod.introspect.controller import Stream, concrete_dropout, noise_scale
+from selfmod.introspect.controller import Stream, concrete_dropout, gap_step, noise_scale
 from selfmod.runs.config import TrainConfig
 from selfmod.runs.ledger import Ledger
 
@@ -80,6 +80,40 @@ def test_trust_region_bounds_every_hyperparameter_step():
                 a <= math.ceil(cfg.grow_fraction * w)
                 for a, w in zip(change["add"], run.widths(), strict=True)
             )
+
+
+def test_gap_rule_steps_by_sign_or_in_proportion_within_the_trust_region():
+    # gain 0: +-trust_region / 2 by the sign of gap - target, however far off
+    assert gap_step(10.0, 0.15, 0.0, 0.7) == 0.35
+    assert gap_step(0.151, 0.15, 0.0, 0.7) == 0.35
+    assert gap_step(0.01, 0.15, 0.0, 0.7) == -0.35
+    # gain > 0: gain * log(G / G*), clipped; a gap <= 0 is a full step down
+    assert gap_step(0.3, 0.15, 0.5, 0.7) == pytest.approx(0.5 * math.log(2.0))
+    assert gap_step(0.15, 0.15, 1.0, 0.7) == 0.0
+    assert gap_step(10.0, 0.15, 1.0, 0.7) == 0.7
+    assert gap_step(-0.2, 0.15, 1.0, 0.7) == -0.7
+    cfg = TrainConfig(**{**FAST, "gap_gain": 1.0, "dropout": 0.1})
+    run = Introspector(cfg, None)
+    zero = {k: torch.zeros_like(v) for k, v in run.hparams.items()}
+    (change,) = [c for m, c in run._propose(zero, {"gap": 0.3}) if m == "regularize"]
+    moved = change["hparams"]["log_wd"] - run.hparams["log_wd"]
+    assert float(moved) == pytest.approx(math.log(2.0), rel=1e-5)
+    moved = change["hparams"]["drop_logit"] - run.hparams["drop_logit"]
+    assert float(moved.max()) == pytest.approx(math.log(2.0), rel=1e-5)
+
+
+def test_fixed_lr_mean_redistributes_the_rates_at_the_same_geometric_mean():
+    proposals = {}
+    for mean in ("free", "fixed"):
+        run = Introspector(TrainConfig(**{**FAST, "lr_mean": mean, "modifiers": ["lr"]}), None)
+        run.pending = [run._next_batch() for _ in range(run.cfg.lookahead)]
+        _, g = run._estimate(run.guard())
+        (change,) = [c for m, c in run._propose(g, {"gap": 0.0}) if m == "hypergradient"]
+        proposals[mean] = change["hparams"]["log_lr"] - run.hparams["log_lr"]
+    free, fixed = proposals["free"], proposals["fixed"]
+    assert abs(float(free.mean())) > 1e-3  # the meta-gradient moves the mean here
+    assert float(fixed.mean()) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(fixed, free - free.mean())  # same relative move
 
 
 @pytest.mark.parametrize("where", ["loss", "grad", "hypergrad"])

@@ -31,11 +31,20 @@ from selfmod.introspect.controller import make_source
 from selfmod.runs.files import atomic_write_bytes, atomic_write_text
 from selfmod.validation import load_values, validate
 
-#: the self-modifying run's settings in this benchmark beyond the defaults (chosen on the
-#: validation splits of seeds 0 and 1 among cycle 100/200, lookahead 20/50/100, regularize
-#: gap/hypergradient, lr/online_lr/none, lr every 1st/2nd cycle, trust region 0.7/0.35,
-#: momentum tuned or fixed)
-SELFMOD_SETTINGS = {"cycle": 200}
+#: the self-modifying run's settings in this benchmark beyond the defaults. Chosen on the
+#: validation splits of seeds 10-13 (never the published seeds' test sets) among: cycle
+#: 100/200; gap rule by sign or proportional (gain 0.5/1/2); learning rates free, at a fixed
+#: geometric mean, or not tuned; momentum tuned or not. Earlier rounds (seeds 0, 1) had
+#: ruled out lookahead 50/100, regularize=hypergradient, online_lr, lr every 2nd cycle and
+#: trust region 0.35. Free rates collapse (the 20-step meta-gradient's short-horizon bias
+#: drives them 10-30x down, tuned momentum with them) and the sign rule cannot reach strong
+#: regularisation in 10 cycles.
+SELFMOD_SETTINGS = {
+    "cycle": 200,
+    "gap_gain": 1.0,
+    "lr_mean": "fixed",
+    "modifiers": ["lr", "weight_decay", "dropout", "grow", "prune"],
+}
 
 
 class Budget(BaseModel):

@@ -15,9 +15,14 @@ Modifiers:
   ``h = (log lr per tensor, log wd, logit mu, logit p)``; the proposal is the Rprop step
   ``h' = h - s * sign(g)`` with per-entry step sizes ``s <= min(meta_lr, trust_region)``
   (:func:`rprop_step`: per-tensor hypergradients differ by orders of magnitude).
+  With ``lr_mean="fixed"`` the step on the log learning rates is centred (its mean removed):
+  the meta-gradient only redistributes the rate between tensors at a fixed geometric mean,
+  which a short lookahead cannot drag down (its short-horizon bias favours small rates);
+  rollbacks still halve every rate.
 - ``dropout`` and ``weight_decay`` with ``regularize="gap"``: steered by the internal
   generalization gap ``G = guard_loss - train_loss``: ``logit p`` and ``log wd`` move by
-  ``+-trust_region / 2`` towards ``G = gap_target``.
+  ``+-trust_region / 2`` towards ``G = gap_target`` or, with ``gap_gain > 0``, by the
+  proportional ``gap_gain * log(G / gap_target)`` within ``+-trust_region`` (:func:`gap_step`).
 - ``batch_size``: from the gradient noise scale ``B_noise = tr(Sigma) / |G|^2``, estimated from
   per-batch gradients ``g_i`` (size B) and their mean (size BK):
   ``|G|^2 ~ (BK |g_mean|^2 - B E|g_i|^2) / (BK - B)``,
@@ -88,6 +93,7 @@ DIVERGENCE_FACTOR = 5.0
 TEMPERATURE = 0.1
 #: online_lr keeps every learning rate in [1e-6, 10]
 LOG_LR_RANGE = (math.log(1e-6), math.log(10.0))
+LOG_WD_RANGE = (math.log(1e-7), math.log(1e-3))  # the gap rule's weight decay range
 
 Params = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor, Tensor]  # x (B, D), y (B,), dropout noise (depth, B, max_width)
@@ -157,6 +163,21 @@ def online_lr_update(log_lr: Tensor, grads: Params, prev: Params, max_step: floa
         [-torch.sum(g * prev[k]) / (g.norm() * prev[k].norm() + 1e-30) for k, g in grads.items()]
     )  # (T,)
     return (log_lr + max_step * cos.clamp(-1.0, 1.0)).clamp(*LOG_LR_RANGE)
+
+
+def gap_step(gap: float, target: float, gain: float, trust_region: float) -> float:
+    """The gap rule's step on ``log wd`` and ``logit p`` towards the gap ``G* = target``.
+
+    ``gain > 0``: proportional control, ``gain * log(G / G*)`` clipped to ``+-trust_region``
+    (a gap at or below 0 takes the full step down): far from the target it moves at the trust
+    region's rate, near it in proportion. ``gain = 0``: a fixed ``+-trust_region / 2`` by the
+    sign of ``G - G*``, which in a long run hovers around the target but in a short one
+    cannot reach strong regularisation in time.
+    """
+    if gain == 0:
+        return trust_region / 2 if gap > target else -trust_region / 2
+    ratio = math.log(gap / target) if gap > 0 else -math.inf
+    return max(-trust_region, min(trust_region, gain * ratio))
 
 
 def noise_scale(grads: list[Params], batch_size: int) -> float:
@@ -707,19 +728,20 @@ class Introspector:
                 )
                 self.hstep[k], self.hsign[k] = step, sign
                 new[k] = self.hparams[k] - step * sign
+            if "log_lr" in new and cfg.lr_mean == "fixed":  # redistribute, keep the mean
+                move = new["log_lr"] - self.hparams["log_lr"]
+                new["log_lr"] = self.hparams["log_lr"] + move - move.mean()
             out.append(("hypergradient", {"hparams": new}))
         gap = probe["gap"]
         if cfg.regularize == "gap" and math.isfinite(gap):
-            direction = 1.0 if gap > cfg.gap_target else -1.0
+            step = gap_step(gap, cfg.gap_target, cfg.gap_gain, tr)
             new = {}
             if self._due("dropout") and "drop_logit" in self.hparams:
-                new["drop_logit"] = (self.hparams["drop_logit"] + direction * tr / 2).clamp(
+                new["drop_logit"] = (self.hparams["drop_logit"] + step).clamp(
                     -6.0, 0.0
                 )  # p in [0.0025, 0.5]
             if self._due("weight_decay"):
-                new["log_wd"] = (self.hparams["log_wd"] + direction * tr / 2).clamp(
-                    math.log(1e-7), math.log(1e-3)
-                )
+                new["log_wd"] = (self.hparams["log_wd"] + step).clamp(*LOG_WD_RANGE)
             if new:
                 out.append(("regularize", {"hparams": new, "gap": gap}))
         if self._due("batch_size"):

@@ -77,6 +77,16 @@ class TrainConfig(BaseModel):
         "gap", description="dropout/weight decay steered by the generalization gap or by d/dh"
     )
     gap_target: float = Field(0.15, gt=0, le=10, description="wanted guard - train loss")
+    gap_gain: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="regularize=gap: log step per unit of log(gap / target); 0: steps of "
+        "trust_region / 2",
+    )
+    lr_mean: Literal["free", "fixed"] = Field(
+        "free", description="lr modifier: 'fixed' keeps the rates' geometric mean (redistributes)"
+    )
     cycle: int = Field(100, ge=1, le=100_000, description="base steps between cycles")
     lookahead: int = Field(20, ge=1, le=1000, description="inner steps K of each meta-gradient")
     estimator: Literal["reverse", "checkpointed", "truncated", "forward"] = "reverse"
