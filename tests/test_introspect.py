@@ -141,6 +141,25 @@ def test_divergence_rolls_back_to_the_last_good_state():
     assert rollbacks and tree.is_finite(run.params)
 
 
+@pytest.mark.parametrize("safeguards", [True, False])
+def test_a_model_knocked_below_its_start_without_a_loss_spike_is_rolled_back(safeguards):
+    cfg = TrainConfig(**{**FAST, "lr": 0.05, "modifiers": [], "safeguards": safeguards})
+    run = Introspector(cfg, None)
+    run.run_cycle()  # the first probe: the untrained model, and the last good state
+    good, lr = tree.clone(run.params), run.hparams["log_lr"].clone()
+    last = list(run.params)[-1]  # the output bias: a constant, wrong prediction
+    dead = {k: v * 0 for k, v in run.params.items()}
+    run.params = {**dead, last: torch.nn.functional.one_hot(torch.tensor(0), 10) * 3.0}
+    run.run_cycle()
+    rollbacks = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
+    if not safeguards:
+        assert not rollbacks and run.params[last].abs().max() == 3.0
+        return
+    assert len(rollbacks) == 1 and "no progress since step 0" in rollbacks[0]["reason"]
+    assert _equal(run.params, good)
+    torch.testing.assert_close(run.hparams["log_lr"], lr - math.log(2.0))
+
+
 def test_growth_keeps_the_function_and_maps_the_optimizer_state():
     run = Introspector(TrainConfig(**FAST), None)
     run.run()

@@ -49,7 +49,9 @@ proposed run over the lookahead must be finite, its guard loss not worse than
 ``(1 + epsilon)`` times the current one, params and FLOPs within budget, and the accuracy on
 older sources' guard data not lower by more than ``forgetting_delta``. A non-finite loss,
 gradient or meta-gradient, or a loss above ``DIVERGENCE_FACTOR`` times its running average,
-rolls back to the last good state, halves the learning rates and the meta learning rate.
+rolls back to the last good state, halves the learning rates and the meta learning rate; so
+does a cycle whose probe finds the model worse than when training on its source began (guard
+loss up, accuracy not up: a step too large left it dead without a loss spike).
 ``approval="manual"``: verified changes wait in the ledger until ``selfmod approve``.
 ``safeguards=False`` (for comparisons only) commits every proposal unchecked, counts a
 diverging loss without acting on it, and lets a non-finite loss, gradient or meta-gradient end
@@ -93,6 +95,7 @@ DIVERGENCE_FACTOR = 5.0
 TEMPERATURE = 0.1
 #: online_lr keeps every learning rate in [1e-6, 10]
 LOG_LR_RANGE = (math.log(1e-6), math.log(10.0))
+STALL_MARGIN = 0.02  # see Introspector._stalled
 LOG_WD_RANGE = (math.log(1e-7), math.log(1e-3))  # the gap rule's weight decay range
 
 Params = dict[str, Tensor]
@@ -617,6 +620,7 @@ class Introspector:
         return {
             "cycle": self.cycle,
             "step": self.step,
+            "source": self.source_id,
             "guard_loss": gl,
             "guard_acc": ga,
             "train_loss": tl,
@@ -654,6 +658,11 @@ class Introspector:
         probe = self.probe()
         self.history["probes"].append(probe)
         self._ledger("cycle", "evaluate", "probes", probe)
+        stalled = self._stalled(probe)
+        if stalled and cfg.safeguards:
+            self._rollback(stalled)
+            self.cycle += 1
+            return
         # the reservoir sees the examples the model is about to train on, with current losses
         for x, y, _ in self.pending:
             self.buffer = replay.add_train(
@@ -680,6 +689,25 @@ class Introspector:
             self._verify_and_decide(modifier, change, current, guard, probe)
         self.good = self._snapshot()
         self.cycle += 1
+
+    def _stalled(self, probe: dict[str, float]) -> str | None:
+        """Why the model is worse than when training on this source began (``None``: it is
+        not): guard loss more than ``STALL_MARGIN`` (relative) above that first probe's and
+        accuracy less than ``STALL_MARGIN`` above it. This catches a run that a too-large step
+        knocked into a dead, chance-level state without a loss spike (so no divergence)."""
+        first = next(p for p in self.history["probes"] if p.get("source", 0) == probe["source"])
+        if first is probe:
+            return None
+        if (
+            probe["guard_loss"] > first["guard_loss"] * (1 + STALL_MARGIN)
+            and probe["guard_acc"] < first["guard_acc"] + STALL_MARGIN
+        ):
+            return (
+                f"no progress since step {first['step']}: guard loss {probe['guard_loss']:.3g} "
+                f"(was {first['guard_loss']:.3g}), accuracy {probe['guard_acc']:.3f} "
+                f"(was {first['guard_acc']:.3f})"
+            )
+        return None
 
     def _estimate(self, guard) -> tuple[float, Params]:
         est = hypergrad.ESTIMATORS[self.cfg.estimator]
