@@ -419,61 +419,71 @@ def _ln_vjp(g: Tensor, z: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
 
 
 class _LinearScan(torch.autograd.Function):
-    """The sequential part of causal mini-batch TTT-Linear, forward and exact reverse loop.
+    """Causal mini-batch TTT-Linear in dual form: the scan and its read, forward and reverse.
 
-    For mini-batches ``j = 0..n-1`` with (bias-augmented) keys ``K_j (B, b, p)``:
-    ``Z_j = K_j W_j``; the inner-loss gradient at ``Z_j`` is ``G_j = e_j = Z_j + R_j`` (plain)
-    or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j`` (``f(x) = x + LN(x W)``, the
-    residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``; ``W_{j+1} = W_j - K_j^T E_j``.
-    Returns ``E (B, n, b, d)`` and ``W_j (B, n, p, d)``; everything else (the dual-form read)
-    is batched outside. Only the recurrence runs block by block: everything that does not
-    depend on ``W`` is computed for all blocks at once, before or after the loop. The forward
-    keeps ``Z``, ``G`` and ``W_j``; the backward runs the loop in reverse with the
-    hand-derived VJP of ``Z -> G`` (second derivatives of the inner loss included), so it is
-    exact but not itself differentiable.
+    For mini-batches ``j = 0..n-1`` with (bias-augmented) keys ``K_j`` and queries ``Q_j``
+    ``(B, b, p)``: ``Z_j = K_j W_j``; the inner-loss gradient at ``Z_j`` is ``G_j = e_j =
+    Z_j + R_j`` (plain) or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j``
+    (``f(x) = x + LN(x W)``, the residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``;
+    ``W_{j+1} = W_j - K_j^T E_j``; the read is ``Y_j = Q_j W_j - tril(Q_j K_j^T) E_j``
+    ``(B, b, d)``. Only the recurrence runs block by block, and it also does the products
+    with ``W_j`` (``Q_j W_j`` in one product with ``K_j W_j``): at ``b = 16`` a product on
+    the block's weights while they are in cache costs less than one batched over all blocks,
+    and the ``n`` weights never need to be stacked. Everything elementwise is batched over
+    all blocks, before or after the loop. The forward keeps ``Z``, ``G`` and the ``W_j``;
+    the backward runs the loop in reverse with the hand-derived VJP of ``Z -> G`` (second
+    derivatives of the inner loss included), so it is exact but not itself differentiable.
     """
 
     @staticmethod
-    def forward(ctx, W0, K, R, eta, w, first_order: bool):
-        # W0 (B, p, d), K (B, n, b, p), R (B, n, b, d), eta (B, n, b), w (B, 1, d) | None
+    def forward(ctx, W0, K, Q, R, eta, w, first_order: bool):
+        # W0 (B, p, d), K, Q (B, n, b, p), R (B, n, b, d), eta (B, n, b), w (B, 1, d) | None
+        (B, n, b, _), d = K.shape, W0.shape[-1]
+        KQ = torch.cat([K, Q], 2)  # (B, n, 2b, p): one product gives Z_j and Q_j W_j
+        ZQ = W0.new_empty(B, n, 2 * b, d)  # [Z_j; Q_j W_j], written by the loop
         KeT = (K * eta.unsqueeze(-1)).mT.unbind(1)  # K_j^T E_j = (eta_j K_j)^T G_j, (B, p, b)
         if w is not None:  # w e = w R + w^2 LN(Z)
             Rw, w2 = (R * w.unsqueeze(1)).unbind(1), w * w
-        Ws, Zs, Gs = [], [], []
+        Ws, Gs = [], []
         W = W0  # (B, p, d)
-        for j, Kj in enumerate(K.unbind(1)):
+        for j, (KQj, ZQj, Z) in enumerate(
+            zip(KQ.unbind(1), ZQ.unbind(1), ZQ[:, :, :b].unbind(1), strict=True)
+        ):
             Ws.append(W)
-            Z = torch.bmm(Kj, W)  # (B, b, d)
+            torch.bmm(KQj, W, out=ZQj)  # Z = K_j W_j, (B, b, d), above Q_j W_j
             if w is None:
                 G = Z + R[:, j]
             else:
                 zh, mean, rstd = _ln_stats(Z)
                 G = _ln_vjp(torch.addcmul(Rw[j], zh, w2), Z, mean, rstd)  # (B, b, d)
             W = torch.baddbmm(W, KeT[j], G, alpha=-1.0)  # (B, p, d)
-            Zs.append(Z)
             Gs.append(G)
-        Ws = torch.stack(Ws, 1)  # (B, n, p, d)
-        # block-major, so that block j is contiguous for the LayerNorm kernels in backward
-        Zs, Gs = torch.stack(Zs), torch.stack(Gs)  # (n, B, b, d)
-        Es = Gs.transpose(0, 1) * eta.unsqueeze(-1)  # (B, n, b, d)
-        ctx.first_order = first_order
-        ctx.save_for_backward(K, R, eta, w, Ws, Zs, Gs, Es)
-        return Es, Ws
+        Gs = torch.stack(Gs, 1)  # (B, n, b, d)
+        Es = Gs * eta.unsqueeze(-1)  # (B, n, b, d)
+        A = (Q @ K.mT).tril()  # (B, n, b, b)
+        Y = ZQ[:, :, b:] - A @ Es  # the dual-form read, (B, n, b, d)
+        ctx.first_order, ctx.Ws = first_order, Ws  # Ws: n weights (B, p, d), never stacked
+        ctx.save_for_backward(KQ, R, eta, w, ZQ, Gs, Es, A)
+        return Y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gE, gW):
-        K, R, eta, w, Ws, Zs, Gs, Es = ctx.saved_tensors
-        n, etas = K.shape[1], eta.unsqueeze(-1)  # (B, n, b, 1)
-        # c_j = eta_j dE_j = eta_j (gE_j - K_j Wbar_{j+1}): fold eta into gE and K once
-        cE, Ke = (gE * etas).unbind(1), (K * etas).unbind(1)
-        gW = gW.unbind(1)
+    def backward(ctx, gY):
+        KQ, R, eta, w, ZQ, Gs, Es, A = ctx.saved_tensors
+        (B, n, b2, p), d, b = KQ.shape, Gs.shape[-1], Gs.shape[-2]
+        K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (B, n, b, 1)
+        gE = -(A.mT @ gY)  # the read's dE = -A^T dY, (B, n, b, d)
+        dA = -(gY @ Es.mT).tril()  # (B, n, b, b)
+        # dL/dW_j = U_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
+        DZY = gY.new_empty(B, n, b2, d)
+        DZY[:, :, b:] = gY
+        dzy, dz = DZY.unbind(1), DZY[:, :, :b].unbind(1)
+        Zs = ZQ[:, :, :b].transpose(0, 1)  # (n, B, b, d)
         if w is not None:
             # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, P = s LN'(Z)):
             # dZ = LN'^T (w^2 c') + q (s^-2 B z_hat - s^-1 G) - A s^-2 z_hat - s^-1 B c', with
             # c' = LN'^T c, q = mean(c z_hat), A = mean(c (g_h - mean g_h)), g_h = w e,
             # B = mean(g_h z_hat): all but c, c', q and A are computed here for all blocks.
-            d = Zs.shape[-1]
             zh, mean, rstd = _ln_stats(Zs)  # (n, B, b, d), (n, B, b, 1) x2
             err = torch.addcmul(R.transpose(0, 1), zh, w)  # e, (n, B, b, d)
             gh = err * w
@@ -481,44 +491,50 @@ class _LinearScan(torch.autograd.Function):
             r2 = rstd * rstd
             per_block = list(
                 zip(
-                    Zs,
+                    Zs.contiguous(),
                     mean,
                     rstd,
                     torch.stack([zh, gh - gh.mean(-1, keepdim=True)], -2) / d,  # [q, A] = sum(c .)
-                    torch.stack([r2 * Bq * zh - rstd * Gs, -r2 * zh], -2),  # times [q, A]
+                    torch.stack([r2 * Bq * zh - rstd * Gs.transpose(0, 1), -r2 * zh], -2),  # x [q, A]
                     rstd * Bq,  # times c'
                     strict=True,
                 )
             )  # fmt: skip  (n, B, b, d) x4 -> (B, b, 2, d) x2 per block
             w2 = w * w  # (B, 1, d)
-        V = torch.zeros_like(Ws[:, 0])  # (B, p, d)
-        KTs = K.mT.unbind(1)
-        Vs, dZs, dGs = [None] * n, [None] * n, [None] * n
+        U = Gs.new_zeros(B, p, d)  # dL/dW_{j+1}
+        gEs, Ks, etaj = gE.unbind(1), K.unbind(1), etas.unbind(1)
+        KQT, QT, gYs = KQ.mT.unbind(1), Q.mT.unbind(1), gY.unbind(1)
+        EsT, dzyT = Es.mT.unbind(1), DZY.mT.unbind(1)
+        dEs, dGs, WTs, EUs = [None] * n, [None] * n, [None] * n, [None] * n
         for j in range(n - 1, -1, -1):
-            Vs[j] = V
-            c = torch.baddbmm(cE[j], Ke[j], V, alpha=-1.0)  # d loss / d G_j, (B, b, d)
+            EUs[j] = torch.bmm(U, EsT[j])  # (E_j U^T)^T for dK_j, (B, p, b)
+            dE = torch.baddbmm(gEs[j], Ks[j], U, alpha=-1.0)  # dL/dE_j, (B, b, d)
             if w is None:
-                dZ = dG = c
+                dG = torch.mul(dE, etaj[j], out=dz[j])  # dZ = dG = d loss / d G_j
             else:
+                c = dE * etaj[j]  # d loss / d G_j
                 Zj, mj, rj, Z2, M2, rB = per_block[j]
                 dG = _ln_vjp(c, Zj, mj, rj)  # c', (B, b, d)
                 qa = (c.unsqueeze(-2) * Z2).sum(-1, keepdim=True)  # [q, A], (B, b, 2, 1)
                 dZ = _ln_vjp(dG * w2, Zj, mj, rj).add_((qa * M2).sum(-2))
-                dZ = dZ.addcmul_(rB, dG, value=-1.0)  # (B, b, d)
-            V = V + gW[j]
-            if not ctx.first_order:
-                V = torch.baddbmm(V, KTs[j], dZ)
-            dZs[j], dGs[j] = dZ, dG
-        Wbars = torch.stack(Vs, 1)  # d loss / d W_{j+1}, (B, n, p, d)
-        dZs, dGs = torch.stack(dZs, 1), torch.stack(dGs, 1)
-        dK = dZs @ Ws.mT - Es @ Wbars.mT  # (B, n, b, p)
-        deta = ((gE - K @ Wbars) * Gs.transpose(0, 1)).sum(-1)  # dE . G, (B, n, b)
-        dW0 = V
+                torch.addcmul(dZ, rB, dG, value=-1.0, out=dz[j])  # (B, b, d)
+            if ctx.first_order:
+                U = torch.baddbmm(U, QT[j], gYs[j])
+            else:
+                U = torch.baddbmm(U, KQT[j], dzy[j])  # U_j, (B, p, d)
+            WTs[j] = torch.bmm(ctx.Ws[j], dzyT[j])  # ([dZ_j; dY_j] W_j^T)^T, (B, p, 2b)
+            dEs[j], dGs[j] = dE, dG
+        WTs, EUs = torch.stack(WTs, 1).mT, torch.stack(EUs, 1).mT  # (B, n, 2b | b, p)
+        dEs, dGs = torch.stack(dEs, 1), torch.stack(dGs, 1)  # (B, n, b, d)
+        dK = WTs[:, :, :b] - EUs + dA.mT @ Q  # (B, n, b, p)
+        dQ = WTs[:, :, b:] + dA @ K  # (B, n, b, p)
+        deta = (dEs * Gs).sum(-1)  # dE . G, (B, n, b)
+        dW0 = U
         if w is None:
-            return dW0, dK, dGs, deta, None, None
+            return dW0, dK, dQ, dGs, deta, None, None
         dR = dGs * w.unsqueeze(1)  # (B, n, b, d)
         dw = (dGs.transpose(0, 1) * (err + w * zh)).sum((0, 2)).unsqueeze(1)  # (B, 1, d)
-        return dW0, dK, dR, deta, dw, None
+        return dW0, dK, dQ, dR, deta, dw, None
 
 
 def _ttt_linear_scan(
@@ -562,9 +578,8 @@ def _ttt_linear_scan(
     eb = eta.expand(*lead, N)
     eb = (F.pad(eb, (0, pad)) if pad else eb).reshape(-1, n, b)  # (B, n, b)
     w = None if ln is None else ln[0].expand(*lead, 1, dv).reshape(-1, 1, dv)  # (B, 1, d_v)
-    E, Ws = _LinearScan.apply(W.expand(*lead, p, dv).reshape(-1, p, dv), Kb, Rb, eb, w, first_order)
-    # the dual-form read, batched over all mini-batches: (B, n, b, d_v)
-    Y = Qb @ Ws - (Qb @ Kb.mT).tril() @ E
+    W = W.expand(*lead, p, dv).reshape(-1, p, dv)  # (B, p, d_v)
+    Y = _LinearScan.apply(W, Kb, Qb, Rb, eb, w, first_order)  # (B, n, b, d_v)
     Y = Y.reshape(*lead, N + pad, dv)[..., :N, :]
     return Y if ln is None else x + _ln(Y, ln)
 
