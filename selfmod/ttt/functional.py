@@ -472,68 +472,71 @@ class _LinearScan(torch.autograd.Function):
         KQ, R, eta, w, ZQ, Gs, Es, A = ctx.saved_tensors
         (B, n, b2, p), d, b = KQ.shape, Gs.shape[-1], Gs.shape[-2]
         K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (B, n, b, 1)
-        gE = -(A.mT @ gY)  # the read's dE = -A^T dY, (B, n, b, d)
+        gE = -(A.mT @ gY)  # the read's dL/dE = -A^T dY, (B, n, b, d)
         dA = -(gY @ Es.mT).tril()  # (B, n, b, b)
-        # dL/dW_j = U_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
+        # c_j = eta_j dE_j = eta_j (gE_j - K_j U_{j+1}): fold eta into gE and K once
+        cE, Ke = (gE * etas).unbind(1), (K * etas).unbind(1)
+        # U_j = dL/dW_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
         DZY = gY.new_empty(B, n, b2, d)
         DZY[:, :, b:] = gY
-        dzy, dz = DZY.unbind(1), DZY[:, :, :b].unbind(1)
-        Zs = ZQ[:, :, :b].transpose(0, 1)  # (n, B, b, d)
+        dzy, dzyT, dz = DZY.unbind(1), DZY.mT.unbind(1), DZY[:, :, :b].unbind(1)
         if w is not None:
-            # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, P = s LN'(Z)):
-            # dZ = LN'^T (w^2 c') + q (s^-2 B z_hat - s^-1 G) - A s^-2 z_hat - s^-1 B c', with
-            # c' = LN'^T c, q = mean(c z_hat), A = mean(c (g_h - mean g_h)), g_h = w e,
-            # B = mean(g_h z_hat): all but c, c', q and A are computed here for all blocks.
-            zh, mean, rstd = _ln_stats(Zs)  # (n, B, b, d), (n, B, b, 1) x2
-            err = torch.addcmul(R.transpose(0, 1), zh, w)  # e, (n, B, b, d)
-            gh = err * w
-            Bq = (gh * zh).mean(-1, keepdim=True)  # (n, B, b, 1)
+            # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, z_hat = LN(Z)):
+            # dZ = gam * c' + sum_k (c . u_k) v_k, c' = LN'(Z)^T c, gam = (w^2 - B) / s, with
+            # u_1 = z_hat / d, v_1 = B z_hat / s^2 - G / s;
+            # u_2 = -(LN'^T (w^2 z_hat) / s + (g_h - mean g_h) / s^2) / d, v_2 = z_hat;
+            # u_3 = LN'^T w^2 / d, v_3 = -1 / s; g_h = w e, B = mean(g_h z_hat). Everything
+            # but c and c' is computed here for all blocks; in the loop, the three dot
+            # products are one (b, d) x (d, 3b) product masked to its diagonals.
+            Zs = ZQ[:, :, :b]  # (B, n, b, d)
+            zh, mean, rstd = _ln_stats(Zs)  # (B, n, b, d), (B, n, b, 1) x2
+            err = torch.addcmul(R, zh, w.unsqueeze(1))  # e, (B, n, b, d)
+            gh = err * w.unsqueeze(1)
+            Bq = (gh * zh).mean(-1, keepdim=True)  # (B, n, b, 1)
+            w2 = (w * w).unsqueeze(1)  # (B, 1, 1, d)
+            Jw2 = _ln_vjp(w2.expand_as(zh), Zs, mean, rstd)
+            Jw2zh = _ln_vjp(w2 * zh, Zs, mean, rstd)
             r2 = rstd * rstd
-            per_block = list(
-                zip(
-                    Zs.contiguous(),
-                    mean,
-                    rstd,
-                    torch.stack([zh, gh - gh.mean(-1, keepdim=True)], -2) / d,  # [q, A] = sum(c .)
-                    torch.stack([r2 * Bq * zh - rstd * Gs.transpose(0, 1), -r2 * zh], -2),  # x [q, A]
-                    rstd * Bq,  # times c'
-                    strict=True,
-                )
-            )  # fmt: skip  (n, B, b, d) x4 -> (B, b, 2, d) x2 per block
-            w2 = w * w  # (B, 1, d)
+            us = torch.stack(
+                [zh, -(rstd * Jw2zh + r2 * (gh - gh.mean(-1, keepdim=True))), Jw2], 2
+            ).div_(d)  # (B, n, 3, b, d)
+            vs = torch.stack([r2 * Bq * zh - rstd * Gs, zh, (-rstd).expand_as(zh)], 2)
+            Uc, Vc = (
+                us.flatten(2, 3).mT.unbind(1),
+                vs.flatten(2, 3).unbind(1),
+            )  # (B, d | 3b, 3b | d)
+            mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 3)  # (b, 3b)
+            gam = (rstd * (w2 - Bq)).unbind(1)  # (B, b, d)
+            # the LayerNorm kernels want each block's stats contiguous
+            mj, rj = (t.transpose(0, 1).contiguous().unbind(0) for t in (mean, rstd))
+            Zj = Zs.unbind(1)
         U = Gs.new_zeros(B, p, d)  # dL/dW_{j+1}
-        gEs, Ks, etaj = gE.unbind(1), K.unbind(1), etas.unbind(1)
-        KQT, QT, gYs = KQ.mT.unbind(1), Q.mT.unbind(1), gY.unbind(1)
-        EsT, dzyT = Es.mT.unbind(1), DZY.mT.unbind(1)
-        dEs, dGs, WTs, EUs = [None] * n, [None] * n, [None] * n, [None] * n
+        KQT, GsT, Ws = KQ.mT.unbind(1), Gs.mT.unbind(1), ctx.Ws
+        if ctx.first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
+            KQT, dzy = Q.mT.unbind(1), gY.unbind(1)
+        dGs, WTs, GUs = [None] * n, [None] * n, [None] * n
         for j in range(n - 1, -1, -1):
-            EUs[j] = torch.bmm(U, EsT[j])  # (E_j U^T)^T for dK_j, (B, p, b)
-            dE = torch.baddbmm(gEs[j], Ks[j], U, alpha=-1.0)  # dL/dE_j, (B, b, d)
-            if w is None:
-                dG = torch.mul(dE, etaj[j], out=dz[j])  # dZ = dG = d loss / d G_j
+            GUs[j] = torch.bmm(U, GsT[j])  # (G_j U^T)^T, (B, p, b): dK_j, deta_j
+            if w is None:  # dZ = dG = c
+                dGs[j] = torch.baddbmm(cE[j], Ke[j], U, alpha=-1.0, out=dz[j])
             else:
-                c = dE * etaj[j]  # d loss / d G_j
-                Zj, mj, rj, Z2, M2, rB = per_block[j]
-                dG = _ln_vjp(c, Zj, mj, rj)  # c', (B, b, d)
-                qa = (c.unsqueeze(-2) * Z2).sum(-1, keepdim=True)  # [q, A], (B, b, 2, 1)
-                dZ = _ln_vjp(dG * w2, Zj, mj, rj).add_((qa * M2).sum(-2))
-                torch.addcmul(dZ, rB, dG, value=-1.0, out=dz[j])  # (B, b, d)
-            if ctx.first_order:
-                U = torch.baddbmm(U, QT[j], gYs[j])
-            else:
-                U = torch.baddbmm(U, KQT[j], dzy[j])  # U_j, (B, p, d)
-            WTs[j] = torch.bmm(ctx.Ws[j], dzyT[j])  # ([dZ_j; dY_j] W_j^T)^T, (B, p, 2b)
-            dEs[j], dGs[j] = dE, dG
-        WTs, EUs = torch.stack(WTs, 1).mT, torch.stack(EUs, 1).mT  # (B, n, 2b | b, p)
-        dEs, dGs = torch.stack(dEs, 1), torch.stack(dGs, 1)  # (B, n, b, d)
-        dK = WTs[:, :, :b] - EUs + dA.mT @ Q  # (B, n, b, p)
-        dQ = WTs[:, :, b:] + dA @ K  # (B, n, b, p)
-        deta = (dEs * Gs).sum(-1)  # dE . G, (B, n, b)
+                c = torch.baddbmm(cE[j], Ke[j], U, alpha=-1.0)  # d loss / d G_j, (B, b, d)
+                dGs[j] = dG = _ln_vjp(c, Zj[j], mj[j], rj[j])  # c', (B, b, d)
+                T = torch.bmm(c, Uc[j]).mul_(mask)  # (c . u_k) on the diagonals, (B, b, 3b)
+                torch.baddbmm(dG * gam[j], T, Vc[j], out=dz[j])  # dZ_j, (B, b, d)
+            U = torch.baddbmm(U, KQT[j], dzy[j])  # U_j, (B, p, d)
+            WTs[j] = torch.bmm(Ws[j], dzyT[j])  # ([dZ_j; dY_j] W_j^T)^T, (B, p, 2b)
+        WTs, GUs = torch.stack(WTs, 1).mT, torch.stack(GUs, 1).mT  # (B, n, 2b | b, p)
+        dGs = torch.stack(dGs, 1)  # (B, n, b, d)
+        dK = WTs[:, :, :b] - GUs * etas + dA.mT @ Q  # dZ W^T - E U^T + read, (B, n, b, p)
+        dQ = WTs[:, :, b:] + dA @ K  # dY W^T + read, (B, n, b, p)
+        # dE . G = (gE - K U) . G, with (K U) . G = K . (G U^T)
+        deta = (gE * Gs).sum(-1) - (K * GUs).sum(-1)  # (B, n, b)
         dW0 = U
         if w is None:
             return dW0, dK, dQ, dGs, deta, None, None
         dR = dGs * w.unsqueeze(1)  # (B, n, b, d)
-        dw = (dGs.transpose(0, 1) * (err + w * zh)).sum((0, 2)).unsqueeze(1)  # (B, 1, d)
+        dw = (dGs * (err + w.unsqueeze(1) * zh)).sum((1, 2)).unsqueeze(1)  # (B, 1, d)
         return dW0, dK, dQ, dR, deta, dw, None
 
 
