@@ -403,19 +403,8 @@ def ttt_inner_loop(
 # ----------------------------------------------------------------------------------------------
 
 _LN_EPS = 1e-5
-
-
-def _ln_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(z_hat, mean, 1 / sigma)`` of a LayerNorm over the last dim, without affine."""
-    return torch.native_layer_norm(z, z.shape[-1:], None, None, _LN_EPS)
-
-
-def _ln_vjp(g: Tensor, z: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
-    """``(g - mean(g) - z_hat mean(g z_hat)) / sigma``: the LayerNorm VJP (it is symmetric)."""
-    mask = [True, False, False]
-    return torch.ops.aten.native_layer_norm_backward(
-        g, z, z.shape[-1:], mean, rstd, None, None, mask
-    )[0]
+# native_layer_norm_backward(g, z, shape, mean, rstd, *_LN_ARGS)[0]: the input gradient only
+_LN_BWD, _LN_ARGS = torch.ops.aten.native_layer_norm_backward, (None, None, [True, False, False])
 
 
 class _LinearScan(torch.autograd.Function):
@@ -441,44 +430,49 @@ class _LinearScan(torch.autograd.Function):
         (B, n, b, _), d = K.shape, W0.shape[-1]
         KQ = torch.cat([K, Q], 2)  # (B, n, 2b, p): one product gives Z_j and Q_j W_j
         ZQ = W0.new_empty(B, n, 2 * b, d)  # [Z_j; Q_j W_j], written by the loop
-        KeT = (K * eta.unsqueeze(-1)).mT.unbind(1)  # K_j^T E_j = (eta_j K_j)^T G_j, (B, p, b)
+        Ken = K * -eta.unsqueeze(-1)  # -eta K: W_{j+1} = W_j + Ken_j^T G_j, (B, n, b, p)
         if w is not None:  # w e = w R + w^2 LN(Z)
-            Rw, w2 = (R * w.unsqueeze(1)).unbind(1), w * w
-        Ws, Gs = [], []
+            Rw, w2, shape = (R * w.unsqueeze(1)).unbind(1), w * w, (d,)
+        Ws, Gs = [None] * n, [None] * n
         W = W0  # (B, p, d)
-        for j, (KQj, ZQj, Z) in enumerate(
-            zip(KQ.unbind(1), ZQ.unbind(1), ZQ[:, :, :b].unbind(1), strict=True)
+        for j, (KQj, ZQj, Z, KeT) in enumerate(
+            zip(KQ.unbind(1), ZQ.unbind(1), ZQ[:, :, :b].unbind(1), Ken.mT.unbind(1), strict=True)
         ):
-            Ws.append(W)
+            Ws[j] = W
             torch.bmm(KQj, W, out=ZQj)  # Z = K_j W_j, (B, b, d), above Q_j W_j
             if w is None:
                 G = Z + R[:, j]
             else:
-                zh, mean, rstd = _ln_stats(Z)
-                G = _ln_vjp(torch.addcmul(Rw[j], zh, w2), Z, mean, rstd)  # (B, b, d)
-            W = torch.baddbmm(W, KeT[j], G, alpha=-1.0)  # (B, p, d)
-            Gs.append(G)
+                zh, mean, rstd = torch.native_layer_norm(Z, shape, None, None, _LN_EPS)
+                G = _LN_BWD(torch.addcmul(Rw[j], zh, w2), Z, shape, mean, rstd, *_LN_ARGS)[0]
+            W = torch.baddbmm(W, KeT, G)  # (B, p, d)
+            Gs[j] = G  # (B, b, d)
         Gs = torch.stack(Gs, 1)  # (B, n, b, d)
-        Es = Gs * eta.unsqueeze(-1)  # (B, n, b, d)
         A = (Q @ K.mT).tril()  # (B, n, b, b)
-        Y = ZQ[:, :, b:] - A @ Es  # the dual-form read, (B, n, b, d)
+        Y = ZQ[:, :, b:] - (A * eta.unsqueeze(-2)) @ Gs  # the read, Q W - A E, (B, n, b, d)
         ctx.first_order, ctx.Ws = first_order, Ws  # Ws: n weights (B, p, d), never stacked
-        ctx.save_for_backward(KQ, R, eta, w, ZQ, Gs, Es, A)
+        ctx.save_for_backward(KQ, Ken, R, eta, w, ZQ, Gs, A)
         return Y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY):
-        KQ, R, eta, w, ZQ, Gs, Es, A = ctx.saved_tensors
+        KQ, Ken, R, eta, w, ZQ, Gs, A = ctx.saved_tensors
         (B, n, b2, p), d, b = KQ.shape, Gs.shape[-1], Gs.shape[-2]
         K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (B, n, b, 1)
-        gE = -(A.mT @ gY)  # the read's dL/dE = -A^T dY, (B, n, b, d)
-        dA = -(gY @ Es.mT).tril()  # (B, n, b, b)
-        # c_j = eta_j dE_j = eta_j (gE_j - K_j U_{j+1}): fold eta into gE and K once
-        cE, Ke = (gE * etas).unbind(1), (K * etas).unbind(1)
-        # U_j = dL/dW_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
+        # the read Y = Q W - A E, E = eta G: with P = dY G^T, dA = -tril(P) eta (per column),
+        # dE = -A^T dY - K_j U_{j+1}, U_{j+1} = dL/dW_{j+1}, and -A^T dY . G = -colsum(A P)
+        P = gY @ Gs.mT  # (B, n, b, b)
+        dA = -(P * eta.unsqueeze(-2)).tril()
+        deta = -(A * P).sum(-2)  # the read's part of dE . G, (B, n, b)
+        # c_j = eta_j dE_j = cE_j + Ken_j U_{j+1}, cE = -eta A^T dY: d loss / d G_j
+        cE = (A.mT * -etas) @ gY  # (B, n, b, d)
+        # U_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
         DZY = gY.new_empty(B, n, b2, d)
         DZY[:, :, b:] = gY
+        if w is None:  # dZ = dG = c, computed in place in DZY
+            DZY[:, :, :b] = cE
+            cE = DZY[:, :, :b]
         dzy, dzyT, dz = DZY.unbind(1), DZY.mT.unbind(1), DZY[:, :, :b].unbind(1)
         if w is not None:
             # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, z_hat = LN(Z)):
@@ -487,56 +481,61 @@ class _LinearScan(torch.autograd.Function):
             # u_2 = -(LN'^T (w^2 z_hat) / s + (g_h - mean g_h) / s^2) / d, v_2 = z_hat;
             # u_3 = LN'^T w^2 / d, v_3 = -1 / s; g_h = w e, B = mean(g_h z_hat). Everything
             # but c and c' is computed here for all blocks; in the loop, the three dot
-            # products are one (b, d) x (d, 3b) product masked to its diagonals.
-            Zs = ZQ[:, :, :b]  # (B, n, b, d)
-            zh, mean, rstd = _ln_stats(Zs)  # (B, n, b, d), (B, n, b, 1) x2
-            err = torch.addcmul(R, zh, w.unsqueeze(1))  # e, (B, n, b, d)
-            gh = err * w.unsqueeze(1)
+            # products are one (b, d) x (d, 3b) product masked to its diagonals (the mask
+            # holds the 1 / d).
+            Zs, w1, shape = ZQ[:, :, :b], w.unsqueeze(1), (d,)  # (B, n, b, d), (B, 1, 1, d)
+            zh, mean, rstd = torch.native_layer_norm(Zs, shape, None, None, _LN_EPS)
+            err = torch.addcmul(R, zh, w1)  # e, (B, n, b, d)
+            gh, w2 = err * w1, w1 * w1
             Bq = (gh * zh).mean(-1, keepdim=True)  # (B, n, b, 1)
-            w2 = (w * w).unsqueeze(1)  # (B, 1, 1, d)
-            Jw2 = _ln_vjp(w2.expand_as(zh), Zs, mean, rstd)
-            Jw2zh = _ln_vjp(w2 * zh, Zs, mean, rstd)
-            r2 = rstd * rstd
-            us = torch.stack(
-                [zh, -(rstd * Jw2zh + r2 * (gh - gh.mean(-1, keepdim=True))), Jw2], 2
-            ).div_(d)  # (B, n, 3, b, d)
-            vs = torch.stack([r2 * Bq * zh - rstd * Gs, zh, (-rstd).expand_as(zh)], 2)
-            Uc, Vc = (
-                us.flatten(2, 3).mT.unbind(1),
-                vs.flatten(2, 3).unbind(1),
-            )  # (B, d | 3b, 3b | d)
-            mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 3)  # (b, 3b)
+            UV = Gs.new_empty(2, B, n, 3, b, d)  # [u_1, u_2, u_3], [v_1, v_2, v_3]
+            UV[0, :, :, 0] = zh
+            Jw2zh = _LN_BWD(w2 * zh, Zs, shape, mean, rstd, *_LN_ARGS)[0]
+            gh -= gh.mean(-1, keepdim=True)
+            torch.mul(Jw2zh.addcmul_(rstd, gh), -rstd, out=UV[0, :, :, 1])
+            UV[0, :, :, 2] = _LN_BWD(w2.expand_as(zh), Zs, shape, mean, rstd, *_LN_ARGS)[0]
+            torch.mul(Gs, -rstd, out=UV[1, :, :, 0]).addcmul_(zh, rstd * rstd * Bq)
+            UV[1, :, :, 1] = zh
+            UV[1, :, :, 2] = -rstd
+            Uc, Vc = UV[0].flatten(2, 3).mT.unbind(1), UV[1].flatten(2, 3).unbind(1)
+            mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 3) / d  # (b, 3b)
             gam = (rstd * (w2 - Bq)).unbind(1)  # (B, b, d)
             # the LayerNorm kernels want each block's stats contiguous
             mj, rj = (t.transpose(0, 1).contiguous().unbind(0) for t in (mean, rstd))
             Zj = Zs.unbind(1)
-        U = Gs.new_zeros(B, p, d)  # dL/dW_{j+1}
-        KQT, GsT, Ws = KQ.mT.unbind(1), Gs.mT.unbind(1), ctx.Ws
+        U = Gs.new_zeros(B, p, d)  # U_{j+1}, updated in place
+        KQT, GsT, Ws, cE, Ken = (
+            KQ.mT.unbind(1),
+            Gs.mT.unbind(1),
+            ctx.Ws,
+            cE.unbind(1),
+            Ken.unbind(1),
+        )
         if ctx.first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
             KQT, dzy = Q.mT.unbind(1), gY.unbind(1)
         dGs, WTs, GUs = [None] * n, [None] * n, [None] * n
         for j in range(n - 1, -1, -1):
             GUs[j] = torch.bmm(U, GsT[j])  # (G_j U^T)^T, (B, p, b): dK_j, deta_j
-            if w is None:  # dZ = dG = c
-                dGs[j] = torch.baddbmm(cE[j], Ke[j], U, alpha=-1.0, out=dz[j])
+            c = cE[j].baddbmm_(Ken[j], U)  # d loss / d G_j, (B, b, d)
+            if w is None:  # c lives in dz[j]
+                dGs[j] = c
             else:
-                c = torch.baddbmm(cE[j], Ke[j], U, alpha=-1.0)  # d loss / d G_j, (B, b, d)
-                dGs[j] = dG = _ln_vjp(c, Zj[j], mj[j], rj[j])  # c', (B, b, d)
+                dGs[j] = dG = _LN_BWD(c, Zj[j], shape, mj[j], rj[j], *_LN_ARGS)[0]  # c'
                 T = torch.bmm(c, Uc[j]).mul_(mask)  # (c . u_k) on the diagonals, (B, b, 3b)
-                torch.baddbmm(dG * gam[j], T, Vc[j], out=dz[j])  # dZ_j, (B, b, d)
-            U = torch.baddbmm(U, KQT[j], dzy[j])  # U_j, (B, p, d)
+                torch.mul(dG, gam[j], out=dz[j]).baddbmm_(T, Vc[j])  # dZ_j, (B, b, d)
+            U.baddbmm_(KQT[j], dzy[j])  # U_j, (B, p, d)
             WTs[j] = torch.bmm(Ws[j], dzyT[j])  # ([dZ_j; dY_j] W_j^T)^T, (B, p, 2b)
         WTs, GUs = torch.stack(WTs, 1).mT, torch.stack(GUs, 1).mT  # (B, n, 2b | b, p)
         dGs = torch.stack(dGs, 1)  # (B, n, b, d)
-        dK = WTs[:, :, :b] - GUs * etas + dA.mT @ Q  # dZ W^T - E U^T + read, (B, n, b, p)
-        dQ = WTs[:, :, b:] + dA @ K  # dY W^T + read, (B, n, b, p)
-        # dE . G = (gE - K U) . G, with (K U) . G = K . (G U^T)
-        deta = (gE * Gs).sum(-1) - (K * GUs).sum(-1)  # (B, n, b)
+        # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K; (K U) . G = K . (G U^T)
+        dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (B, n, b, p)
+        dQ = (dA @ K).add_(WTs[:, :, b:])  # (B, n, b, p)
+        deta -= (K * GUs).sum(-1)  # dE . G, (B, n, b)
         dW0 = U
         if w is None:
             return dW0, dK, dQ, dGs, deta, None, None
-        dR = dGs * w.unsqueeze(1)  # (B, n, b, d)
-        dw = (dGs * (err + w.unsqueeze(1) * zh)).sum((1, 2)).unsqueeze(1)  # (B, 1, d)
+        dR = dGs * w1  # (B, n, b, d)
+        dw = (dGs * err.addcmul_(zh, w1)).sum((1, 2)).unsqueeze(1)  # (B, 1, d)
         return dW0, dK, dQ, dR, deta, dw, None
 
 
