@@ -403,8 +403,12 @@ def ttt_inner_loop(
 # ----------------------------------------------------------------------------------------------
 
 _LN_EPS = 1e-5
-# native_layer_norm_backward(g, z, shape, mean, rstd, *_LN_ARGS)[0]: the input gradient only
-_LN_BWD, _LN_ARGS = torch.ops.aten.native_layer_norm_backward, (None, None, [True, False, False])
+# _LN_BWD(g, z, shape, mean, rstd, *_LN_ARGS)[0] = LN'(z)^T g = (g - mean(g) - z_hat
+# mean(g z_hat)) / sigma, the LayerNorm VJP (it is symmetric), from its native kernel; the
+# overload's underlying builtin skips a Python wrapper that costs about as much as the kernel
+# on one (b, d) block
+_LN_BWD = torch.ops.aten.native_layer_norm_backward.default
+_LN_BWD, _LN_ARGS = getattr(_LN_BWD, "_op", _LN_BWD), (None, None, [True, False, False])
 
 
 class _LinearScan(torch.autograd.Function):
