@@ -414,8 +414,9 @@ _LN_BWD, _LN_ARGS = getattr(_LN_BWD, "_op", _LN_BWD), (None, None, [True, False,
 class _LinearScan(torch.autograd.Function):
     """Causal mini-batch TTT-Linear in dual form: the scan and its read, forward and reverse.
 
-    For mini-batches ``j = 0..n-1`` with (bias-augmented) keys ``K_j`` and queries ``Q_j``
-    ``(B, b, p)``: ``Z_j = K_j W_j``; the inner-loss gradient at ``Z_j`` is ``G_j = e_j =
+    For mini-batches ``j = 0..n-1`` with keys ``K_j`` and queries ``Q_j`` ``(B, b, d)``,
+    augmented by a constant-1 feature when ``W`` has a bias row (``p = d + 1``, else ``p =
+    d``): ``Z_j = K_j W_j``; the inner-loss gradient at ``Z_j`` is ``G_j = e_j =
     Z_j + R_j`` (plain) or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j``
     (``f(x) = x + LN(x W)``, the residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``;
     ``W_{j+1} = W_j - K_j^T E_j``; the read is ``Y_j = Q_j W_j - tril(Q_j K_j^T) E_j``
@@ -430,9 +431,13 @@ class _LinearScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W0, K, Q, R, eta, w, first_order: bool):
-        # W0 (B, p, d), K, Q (B, n, b, p), R (B, n, b, d), eta (B, n, b), w (B, 1, d) | None
-        (B, n, b, _), d = K.shape, W0.shape[-1]
-        KQ = torch.cat([K, Q], 2)  # (B, n, 2b, p): one product gives Z_j and Q_j W_j
+        # W0 (B, p, d), K, Q (B, n, b, d), R (B, n, b, d), eta (B, n, b), w (B, 1, d) | None
+        (B, n, b, d), p = K.shape, W0.shape[-2]
+        KQ = K.new_empty(B, n, 2 * b, p)  # [K_j; Q_j]: one product gives Z_j and Q_j W_j
+        KQ[:, :, :b, :d], KQ[:, :, b:, :d] = K, Q
+        if p > d:
+            KQ[..., d] = 1.0  # the bias feature
+        K, Q = KQ[:, :, :b], KQ[:, :, b:]  # (B, n, b, p)
         ZQ = W0.new_empty(B, n, 2 * b, d)  # [Z_j; Q_j W_j], written by the loop
         Ken = K * -eta.unsqueeze(-1)  # -eta K: W_{j+1} = W_j + Ken_j^T G_j, (B, n, b, p)
         if w is not None:  # w e = w R + w^2 LN(Z)
@@ -531,10 +536,11 @@ class _LinearScan(torch.autograd.Function):
             WTs[j] = torch.bmm(Ws[j], dzyT[j])  # ([dZ_j; dY_j] W_j^T)^T, (B, p, 2b)
         WTs, GUs = torch.stack(WTs, 1).mT, torch.stack(GUs, 1).mT  # (B, n, 2b | b, p)
         dGs = torch.stack(dGs, 1)  # (B, n, b, d)
-        # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K; (K U) . G = K . (G U^T)
-        dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (B, n, b, p)
-        dQ = (dA @ K).add_(WTs[:, :, b:])  # (B, n, b, p)
-        deta -= (K * GUs).sum(-1)  # dE . G, (B, n, b)
+        deta -= (K * GUs).sum(-1)  # dE . G, (B, n, b); (K U) . G = K . (G U^T)
+        # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K, on the d input features
+        K, Q, WTs, GUs = K[..., :d], Q[..., :d], WTs[..., :d], GUs[..., :d]
+        dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (B, n, b, d)
+        dQ = (dA @ K).add_(WTs[:, :, b:])  # (B, n, b, d)
         dW0 = U
         if w is None:
             return dW0, dK, dQ, dGs, deta, None, None
@@ -558,8 +564,9 @@ def _ttt_linear_scan(
 
     Equals ``ttt_inner_loop`` with ``causal=True, form="dual"`` (the reference). A bias is a
     weight row on a constant-1 input feature, so token ``t`` of a mini-batch reads
-    ``q_t W_j - sum_{s<=t} (q_t . k_s) E_s`` with ``q, k`` augmented by that 1; the tokens are
-    zero-padded to whole mini-batches (padded tokens get rate 0 and are dropped).
+    ``q_t W_j - sum_{s<=t} (q_t . k_s) E_s`` with ``q, k`` augmented by that 1 (inside the
+    scan); the tokens are zero-padded to whole mini-batches (padded tokens get rate 0 and are
+    dropped).
     """
     N, dv = k.shape[-2], v.shape[-1]
     eta = torch.as_tensor(eta, dtype=q.dtype, device=q.device)
@@ -567,20 +574,19 @@ def _ttt_linear_scan(
     R = -v if ln is None else k + ln[1] - v  # (..., N, d_v): error e = f(k) - v = Z + R
     x, W = q, W0
     if b0 is not None:  # fold the bias into W: x W + b = [x, 1] [W; b]
-        q, k = (torch.cat([t, t.new_ones((*t.shape[:-1], 1))], -1) for t in (q, k))
         W = torch.cat([W0, b0.unsqueeze(-2)], -2)  # (..., p, d_v), p = d + 1
     lead = torch.broadcast_shapes(
         q.shape[:-2], k.shape[:-2], R.shape[:-2], W.shape[:-2], eta.shape[:-1]
     )
     b = min(mini_batch, N)
     pad = (-N) % b
-    n, p = (N + pad) // b, W.shape[-2]
+    n, d, p = (N + pad) // b, k.shape[-1], W.shape[-2]
 
     def blocks(t: Tensor, width: int) -> Tensor:  # (..., N, width) -> (B, n, b, width)
         t = F.pad(t, (0, 0, 0, pad)) if pad else t
         return t.expand(*lead, N + pad, width).reshape(-1, n, b, width)
 
-    Kb, Qb, Rb = blocks(k, p), blocks(q, p), blocks(R, dv)
+    Kb, Qb, Rb = blocks(k, d), blocks(q, d), blocks(R, dv)
     eb = eta.expand(*lead, N)
     eb = (F.pad(eb, (0, pad)) if pad else eb).reshape(-1, n, b)  # (B, n, b)
     w = None if ln is None else ln[0].expand(*lead, 1, dv).reshape(-1, 1, dv)  # (B, 1, d_v)
