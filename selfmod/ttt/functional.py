@@ -474,78 +474,77 @@ class _LinearScan(torch.autograd.Function):
         P = gY @ Gs.mT  # (B, n, b, b)
         dA = -(P * eta.unsqueeze(-2)).tril()
         deta = -(A * P).sum(-2)  # the read's part of dE . G, (B, n, b)
-        # c_j = eta_j dE_j = cE_j + Ken_j U_{j+1}, cE = -eta A^T dY: d loss / d G_j
+        # c_j = eta_j dE_j = cE_j + Ken_j U_{j+1}, cE = -eta A^T dY: d loss / d G_j, computed
+        # in place (in DZY without LayerNorm, where dZ = c)
         cE = (A.mT * -etas) @ gY  # (B, n, b, d)
         # U_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
         DZY = gY.new_empty(B, n, b2, d)
         DZY[:, :, b:] = gY
-        if w is None:  # dZ = dG = c, computed in place in DZY
+        if w is None:
             DZY[:, :, :b] = cE
             cE = DZY[:, :, :b]
-        dzy, dzyT, dz = DZY.unbind(1), DZY.mT.unbind(1), DZY[:, :, :b].unbind(1)
-        if w is not None:
-            # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, z_hat = LN(Z)):
-            # dZ = gam * c' + sum_k (c . u_k) v_k, c' = LN'(Z)^T c, gam = (w^2 - B) / s, with
-            # u_1 = z_hat / d, v_1 = B z_hat / s^2 - G / s;
-            # u_2 = -(LN'^T (w^2 z_hat) / s + (g_h - mean g_h) / s^2) / d, v_2 = z_hat;
-            # u_3 = LN'^T w^2 / d, v_3 = -1 / s; g_h = w e, B = mean(g_h z_hat). Everything
-            # but c and c' is computed here for all blocks; in the loop, the three dot
-            # products are one (b, d) x (d, 3b) product masked to its diagonals (the mask
-            # holds the 1 / d).
+        else:
+            # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, z_hat = LN(Z),
+            # g_h = w e, B = mean(g_h z_hat)): dZ = a * c + sum_k mean(c x_k) y_k, with
+            # a = (w^2 - B) / s^2 and [x_k] = [u, 1, LN'^T w^2, z_hat],
+            # [y_k] = [z_hat, -a, -1 / s, (2 B - w^2) z_hat / s^2 - G / s],
+            # u = -(LN'^T (w^2 z_hat) / s + (g_h - mean g_h) / s^2). All x, y are computed
+            # here for all blocks, in one buffer where x_4 = y_1; in the loop, the four means
+            # are one (b, d) x (d, 4b) product masked to its diagonals (the mask holds 1 / d).
             Zs, w1, shape = ZQ[:, :, :b], w.unsqueeze(1), (d,)  # (B, n, b, d), (B, 1, 1, d)
             zh, mean, rstd = torch.native_layer_norm(Zs, shape, None, None, _LN_EPS)
-            err = torch.addcmul(R, zh, w1)  # e, (B, n, b, d)
-            gh, w2 = err * w1, w1 * w1
+            r2, w2 = rstd * rstd, w1 * w1
+            gh = w1 * torch.addcmul(R, zh, w1)  # w e, (B, n, b, d)
             Bq = (gh * zh).mean(-1, keepdim=True)  # (B, n, b, 1)
-            UV = Gs.new_empty(2, B, n, 3, b, d)  # [u_1, u_2, u_3], [v_1, v_2, v_3]
-            UV[0, :, :, 0] = zh
-            Jw2zh = _LN_BWD(w2 * zh, Zs, shape, mean, rstd, *_LN_ARGS)[0]
+            XY = Gs.new_empty(B, n, 7, b, d)  # [x_1, x_2, x_3, x_4 = y_1, y_2, y_3, y_4]
             gh -= gh.mean(-1, keepdim=True)
-            torch.mul(Jw2zh.addcmul_(rstd, gh), -rstd, out=UV[0, :, :, 1])
-            UV[0, :, :, 2] = _LN_BWD(w2.expand_as(zh), Zs, shape, mean, rstd, *_LN_ARGS)[0]
-            torch.mul(Gs, -rstd, out=UV[1, :, :, 0]).addcmul_(zh, rstd * rstd * Bq)
-            UV[1, :, :, 1] = zh
-            UV[1, :, :, 2] = -rstd
-            Uc, Vc = UV[0].flatten(2, 3).mT.unbind(1), UV[1].flatten(2, 3).unbind(1)
-            mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 3) / d  # (b, 3b)
-            gam = (rstd * (w2 - Bq)).unbind(1)  # (B, b, d)
-            # the LayerNorm kernels want each block's stats contiguous
-            mj, rj = (t.transpose(0, 1).contiguous().unbind(0) for t in (mean, rstd))
-            Zj = Zs.unbind(1)
+            Jw2zh = _LN_BWD(w2 * zh, Zs, shape, mean, rstd, *_LN_ARGS)[0]
+            torch.mul(Jw2zh.addcmul_(rstd, gh), -rstd, out=XY[:, :, 0])
+            del gh, Jw2zh
+            XY[:, :, 1] = 1.0
+            XY[:, :, 2] = _LN_BWD(w2.expand_as(zh), Zs, shape, mean, rstd, *_LN_ARGS)[0]
+            XY[:, :, 3] = zh
+            a = r2 * (w2 - Bq)  # (B, n, b, d)
+            torch.neg(a, out=XY[:, :, 4])
+            XY[:, :, 5] = -rstd
+            torch.mul(Gs, -rstd, out=XY[:, :, 6]).addcmul_(zh, r2 * (2 * Bq - w2))
+            Xs, Ys = XY[:, :, :4].flatten(2, 3).mT.unbind(1), XY[:, :, 3:].flatten(2, 3).unbind(1)
+            mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 4) / d  # (b, 4b)
+            a = a.unbind(1)  # (B, b, d)
+        dzy, dzyT, dz = DZY.unbind(1), DZY.mT.unbind(1), DZY[:, :, :b].unbind(1)
         U = Gs.new_zeros(B, p, d)  # U_{j+1}, updated in place
-        KQT, GsT, Ws, cE, Ken = (
+        GUs = Gs.new_empty(B, n, p, b)  # (G_j U_{j+1}^T)^T: E U^T for dK, K U . G for deta
+        WTs = Gs.new_empty(B, n, p, b2)  # ([dZ_j; dY_j] W_j^T)^T: dK, dQ
+        KQT, GsT, cs, Ken, Ws = (
             KQ.mT.unbind(1),
             Gs.mT.unbind(1),
-            ctx.Ws,
             cE.unbind(1),
             Ken.unbind(1),
+            ctx.Ws,
         )
+        gu, wt = GUs.unbind(1), WTs.unbind(1)
         if ctx.first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
             KQT, dzy = Q.mT.unbind(1), gY.unbind(1)
-        dGs, WTs, GUs = [None] * n, [None] * n, [None] * n
         for j in range(n - 1, -1, -1):
-            GUs[j] = torch.bmm(U, GsT[j])  # (G_j U^T)^T, (B, p, b): dK_j, deta_j
-            c = cE[j].baddbmm_(Ken[j], U)  # d loss / d G_j, (B, b, d)
-            if w is None:  # c lives in dz[j]
-                dGs[j] = c
-            else:
-                dGs[j] = dG = _LN_BWD(c, Zj[j], shape, mj[j], rj[j], *_LN_ARGS)[0]  # c'
-                T = torch.bmm(c, Uc[j]).mul_(mask)  # (c . u_k) on the diagonals, (B, b, 3b)
-                torch.mul(dG, gam[j], out=dz[j]).baddbmm_(T, Vc[j])  # dZ_j, (B, b, d)
+            torch.bmm(U, GsT[j], out=gu[j])
+            c = cs[j].baddbmm_(Ken[j], U)  # d loss / d G_j, (B, b, d)
+            if w is not None:
+                T = torch.bmm(c, Xs[j]).mul_(mask)  # mean(c x_k) on the diagonals, (B, b, 4b)
+                torch.mul(c, a[j], out=dz[j]).baddbmm_(T, Ys[j])  # dZ_j, (B, b, d)
             U.baddbmm_(KQT[j], dzy[j])  # U_j, (B, p, d)
-            WTs[j] = torch.bmm(Ws[j], dzyT[j])  # ([dZ_j; dY_j] W_j^T)^T, (B, p, 2b)
-        WTs, GUs = torch.stack(WTs, 1).mT, torch.stack(GUs, 1).mT  # (B, n, 2b | b, p)
-        dGs = torch.stack(dGs, 1)  # (B, n, b, d)
+            torch.bmm(Ws[j], dzyT[j], out=wt[j])
+        WTs, GUs = WTs.mT, GUs.mT  # (B, n, 2b | b, p)
         deta -= (K * GUs).sum(-1)  # dE . G, (B, n, b); (K U) . G = K . (G U^T)
         # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K, on the d input features
         K, Q, WTs, GUs = K[..., :d], Q[..., :d], WTs[..., :d], GUs[..., :d]
         dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (B, n, b, d)
         dQ = (dA @ K).add_(WTs[:, :, b:])  # (B, n, b, d)
         dW0 = U
-        if w is None:
-            return dW0, dK, dQ, dGs, deta, None, None
-        dR = dGs * w1  # (B, n, b, d)
-        dw = (dGs * err.addcmul_(zh, w1)).sum((1, 2)).unsqueeze(1)  # (B, 1, d)
+        if w is None:  # dG = c
+            return dW0, dK, dQ, cE, deta, None, None
+        dG = _LN_BWD(cE, Zs, shape, mean, rstd, *_LN_ARGS)[0]  # LN'(Z)^T c, (B, n, b, d)
+        dR = dG * w1  # (B, n, b, d)
+        dw = (dG * torch.addcmul(R, zh, w1, value=2.0)).sum((1, 2)).unsqueeze(1)  # (B, 1, d)
         return dW0, dK, dQ, dR, deta, dw, None
 
 
