@@ -498,11 +498,14 @@ class _LinearScan(torch.autograd.Function):
             Bq = (gh * zh).mean(-1, keepdim=True)  # (B, n, b, 1)
             XY = Gs.new_empty(B, n, 7, b, d)  # [x_1, x_2, x_3, x_4 = y_1, y_2, y_3, y_4]
             gh -= gh.mean(-1, keepdim=True)
-            Jw2zh = _LN_BWD(w2 * zh, Zs, shape, mean, rstd, *_LN_ARGS)[0]
+            w2zh = w2 * zh
+            Jw2zh = _LN_BWD(w2zh, Zs, shape, mean, rstd, *_LN_ARGS)[0]
             torch.mul(Jw2zh.addcmul_(rstd, gh), -rstd, out=XY[:, :, 0])
-            del gh, Jw2zh
             XY[:, :, 1] = 1.0
-            XY[:, :, 2] = _LN_BWD(w2.expand_as(zh), Zs, shape, mean, rstd, *_LN_ARGS)[0]
+            # LN'^T w^2 = (w^2 - mean(w^2) - z_hat mean(w^2 z_hat)) / s
+            m = w2zh.mean(-1, keepdim=True)
+            torch.mul(zh, -rstd * m, out=XY[:, :, 2]).addcmul_(rstd, w2 - w2.mean(-1, True))
+            del gh, w2zh, Jw2zh, m
             XY[:, :, 3] = zh
             a = r2 * (w2 - Bq)  # (B, n, b, d)
             torch.neg(a, out=XY[:, :, 4])
