@@ -403,6 +403,7 @@ def ttt_inner_loop(
 # ----------------------------------------------------------------------------------------------
 
 _LN_EPS = 1e-5
+_XY_BYTES = 1 << 24  # the largest buffer of per-block vectors in the scan's backward
 # _LN_BWD(g, z, shape, mean, rstd, *_LN_ARGS)[0] = LN'(z)^T g = (g - mean(g) - z_hat
 # mean(g z_hat)) / sigma, the LayerNorm VJP (it is symmetric), from its native kernel; the
 # overload's underlying builtin skips a Python wrapper that costs about as much as the kernel
@@ -496,22 +497,31 @@ class _LinearScan(torch.autograd.Function):
             r2, w2 = rstd * rstd, w1 * w1
             gh = w1 * torch.addcmul(R, zh, w1)  # w e, (B, n, b, d)
             Bq = (gh * zh).mean(-1, keepdim=True)  # (B, n, b, 1)
-            XY = Gs.new_empty(B, n, 7, b, d)  # [x_1, x_2, x_3, x_4 = y_1, y_2, y_3, y_4]
             gh -= gh.mean(-1, keepdim=True)
             w2zh = w2 * zh
-            Jw2zh = _LN_BWD(w2zh, Zs, shape, mean, rstd, *_LN_ARGS)[0]
-            torch.mul(Jw2zh.addcmul_(rstd, gh), -rstd, out=XY[:, :, 0])
-            XY[:, :, 1] = 1.0
+            u = _LN_BWD(w2zh, Zs, shape, mean, rstd, *_LN_ARGS)[0].addcmul_(rstd, gh)  # -x_1 s
             # LN'^T w^2 = (w^2 - mean(w^2) - z_hat mean(w^2 z_hat)) / s
-            m = w2zh.mean(-1, keepdim=True)
-            torch.mul(zh, -rstd * m, out=XY[:, :, 2]).addcmul_(rstd, w2 - w2.mean(-1, True))
-            del gh, w2zh, Jw2zh, m
-            XY[:, :, 3] = zh
+            mw, cw = -rstd * w2zh.mean(-1, keepdim=True), w2 - w2.mean(-1, keepdim=True)
+            del gh, w2zh
             a = r2 * (w2 - Bq)  # (B, n, b, d)
-            torch.neg(a, out=XY[:, :, 4])
-            XY[:, :, 5] = -rstd
-            torch.mul(Gs, -rstd, out=XY[:, :, 6]).addcmul_(zh, r2 * (2 * Bq - w2))
-            Xs, Ys = XY[:, :, :4].flatten(2, 3).mT.unbind(1), XY[:, :, 3:].flatten(2, 3).unbind(1)
+            # [x_1, x_2, x_3, x_4 = y_1, y_2, y_3, y_4] per block, in buffers of at most
+            # _XY_BYTES: the allocator maps larger ones afresh on every call, and their page
+            # faults cost more than the arithmetic here
+            step = max(1, _XY_BYTES // (7 * b * d * B * Gs.element_size()))
+            Xs, Ys = [], []
+            for s in range(0, n, step):
+                t, XY = slice(s, s + step), Gs.new_empty(B, min(step, n - s), 7, b, d)
+                torch.mul(u[:, t], -rstd[:, t], out=XY[:, :, 0])
+                XY[:, :, 1] = 1.0
+                torch.mul(zh[:, t], mw[:, t], out=XY[:, :, 2]).addcmul_(rstd[:, t], cw)
+                XY[:, :, 3] = zh[:, t]
+                torch.neg(a[:, t], out=XY[:, :, 4])
+                XY[:, :, 5] = -rstd[:, t]
+                y4 = torch.mul(Gs[:, t], -rstd[:, t], out=XY[:, :, 6])
+                y4.addcmul_(zh[:, t], r2[:, t] * (2 * Bq[:, t] - w2))
+                Xs += XY[:, :, :4].flatten(2, 3).mT.unbind(1)  # (B, d, 4b)
+                Ys += XY[:, :, 3:].flatten(2, 3).unbind(1)  # (B, 4b, d)
+            del u
             mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 4) / d  # (b, 4b)
             a = a.unbind(1)  # (B, b, d)
         dzy, dzyT, dz = DZY.unbind(1), DZY.mT.unbind(1), DZY[:, :, :b].unbind(1)
