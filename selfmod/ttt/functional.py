@@ -421,13 +421,15 @@ class _LinearScan(torch.autograd.Function):
     Z_j + R_j`` (plain) or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j``
     (``f(x) = x + LN(x W)``, the residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``;
     ``W_{j+1} = W_j - K_j^T E_j``; the read is ``Y_j = Q_j W_j - tril(Q_j K_j^T) E_j``
-    ``(B, b, d)``. Only the recurrence runs block by block, and it also does the products
-    with ``W_j`` (``Q_j W_j`` in one product with ``K_j W_j``): at ``b = 16`` a product on
-    the block's weights while they are in cache costs less than one batched over all blocks,
-    and the ``n`` weights never need to be stacked. Everything elementwise is batched over
-    all blocks, before or after the loop. The forward keeps ``Z``, ``G`` and the ``W_j``;
-    the backward runs the loop in reverse with the hand-derived VJP of ``Z -> G`` (second
-    derivatives of the inner loss included), so it is exact but not itself differentiable.
+    ``(B, b, d)``. Only the recurrence runs block by block (5 ops per block forward, 8 in
+    reverse), and it also does the products with ``W_j`` (``Q_j W_j`` in one product with
+    ``K_j W_j``; ``W_j [dZ_j; dY_j]^T`` in reverse): at ``b = 16`` a product on the block's
+    weights while they are in cache costs less than one batched over all blocks, and the
+    ``n`` weights never need to be stacked. Everything elementwise is batched over all
+    blocks, before or after the loops. The forward keeps ``Z``, ``G`` and the ``W_j``; the
+    backward runs the loop in reverse with the hand-derived VJP of ``Z -> G`` (second
+    derivatives of the inner loss included: per token, a diagonal plus a rank-4 map), so
+    it is exact but not itself differentiable.
     """
 
     @staticmethod
@@ -490,8 +492,9 @@ class _LinearScan(torch.autograd.Function):
             # a = (w^2 - B) / s^2 and [x_k] = [u, 1, LN'^T w^2, z_hat],
             # [y_k] = [z_hat, -a, -1 / s, (2 B - w^2) z_hat / s^2 - G / s],
             # u = -(LN'^T (w^2 z_hat) / s + (g_h - mean g_h) / s^2). All x, y are computed
-            # here for all blocks, in one buffer where x_4 = y_1; in the loop, the four means
-            # are one (b, d) x (d, 4b) product masked to its diagonals (the mask holds 1 / d).
+            # here for all blocks (x_4 = y_1 stored once); in the loop, the four means are one
+            # (b, d) x (d, 4b) product masked to its diagonals (the mask holds the 1 / d), and
+            # c' = LN'^T c, needed for dR and dw only, is batched after it.
             Zs, w1, shape = ZQ[:, :, :b], w.unsqueeze(1), (d,)  # (B, n, b, d), (B, 1, 1, d)
             zh, mean, rstd = torch.native_layer_norm(Zs, shape, None, None, _LN_EPS)
             r2, w2 = rstd * rstd, w1 * w1
@@ -528,14 +531,8 @@ class _LinearScan(torch.autograd.Function):
         U = Gs.new_zeros(B, p, d)  # U_{j+1}, updated in place
         GUs = Gs.new_empty(B, n, p, b)  # (G_j U_{j+1}^T)^T: E U^T for dK, K U . G for deta
         WTs = Gs.new_empty(B, n, p, b2)  # ([dZ_j; dY_j] W_j^T)^T: dK, dQ
-        KQT, GsT, cs, Ken, Ws = (
-            KQ.mT.unbind(1),
-            Gs.mT.unbind(1),
-            cE.unbind(1),
-            Ken.unbind(1),
-            ctx.Ws,
-        )
-        gu, wt = GUs.unbind(1), WTs.unbind(1)
+        KQT, GsT, cs, Ken = KQ.mT.unbind(1), Gs.mT.unbind(1), cE.unbind(1), Ken.unbind(1)
+        gu, wt, Ws = GUs.unbind(1), WTs.unbind(1), ctx.Ws
         if ctx.first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
             KQT, dzy = Q.mT.unbind(1), gY.unbind(1)
         for j in range(n - 1, -1, -1):
