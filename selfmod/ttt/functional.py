@@ -462,14 +462,15 @@ class _LinearScan(torch.autograd.Function):
         Gs = torch.stack(Gs, 1)  # (B, n, b, d)
         A = (Q @ K.mT).tril()  # (B, n, b, b)
         Y = ZQ[:, :, b:] - (A * eta.unsqueeze(-2)) @ Gs  # the read, Q W - A E, (B, n, b, d)
-        ctx.first_order, ctx.Ws = first_order, Ws  # Ws: n weights (B, p, d), never stacked
-        ctx.save_for_backward(KQ, Ken, R, eta, w, ZQ, Gs, A)
+        # W_1..W_{n-1} (B, p, d), never stacked; W_0 = W0 is saved with its version check
+        ctx.first_order, ctx.Ws, Ws[0] = first_order, Ws, None
+        ctx.save_for_backward(W0, KQ, Ken, R, eta, w, ZQ, Gs, A)
         return Y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY):
-        KQ, Ken, R, eta, w, ZQ, Gs, A = ctx.saved_tensors
+        W0, KQ, Ken, R, eta, w, ZQ, Gs, A = ctx.saved_tensors
         (B, n, b2, p), d, b = KQ.shape, Gs.shape[-1], Gs.shape[-2]
         K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (B, n, b, 1)
         # the read Y = Q W - A E, E = eta G: with P = dY G^T, dA = -tril(P) eta (per column),
@@ -532,7 +533,7 @@ class _LinearScan(torch.autograd.Function):
         GUs = Gs.new_empty(B, n, p, b)  # (G_j U_{j+1}^T)^T: E U^T for dK, K U . G for deta
         WTs = Gs.new_empty(B, n, p, b2)  # ([dZ_j; dY_j] W_j^T)^T: dK, dQ
         KQT, GsT, cs, Ken = KQ.mT.unbind(1), Gs.mT.unbind(1), cE.unbind(1), Ken.unbind(1)
-        gu, wt, Ws = GUs.unbind(1), WTs.unbind(1), ctx.Ws
+        gu, wt, Ws = GUs.unbind(1), WTs.unbind(1), [W0, *ctx.Ws[1:]]
         if ctx.first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
             KQT, dzy = Q.mT.unbind(1), gY.unbind(1)
         for j in range(n - 1, -1, -1):
