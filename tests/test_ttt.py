@@ -27,6 +27,7 @@ from selfmod.ttt import (
     ttt_linear,
     ttt_mlp,
 )
+from selfmod.ttt import functional as ttt_functional
 from selfmod.ttt.functional import _reconstruction, ttt_inner_loop
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -270,6 +271,24 @@ def test_scan_equals_autograd_loop_in_value_and_gradient(float64, case):
     scan = _scan_fn(N, b, bias, ln, first_order, "scan")(*inputs)
     loop = _scan_fn(N, b, bias, ln, first_order, "loop")(*inputs)
     torch.testing.assert_close(scan, loop, **TOL)
+    cotangent = torch.randn_like(loop)
+    for gs, gl in zip(
+        torch.autograd.grad(scan, inputs, cotangent),
+        torch.autograd.grad(loop, inputs, cotangent),
+        strict=True,
+    ):
+        torch.testing.assert_close(gs, gl, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_scan_with_one_backward_buffer_per_block_equals_loop(float64, monkeypatch, first_order):
+    # the backward keeps its per-block LayerNorm vectors in buffers of at most _XY_BYTES;
+    # long sequences use several: force one per block
+    monkeypatch.setattr(ttt_functional, "_XY_BYTES", 1)
+    lead, N, b = (2, 3), 19, 5
+    inputs = _scan_inputs(lead, N, True, True, True)
+    scan = _scan_fn(N, b, True, True, first_order, "scan")(*inputs)
+    loop = _scan_fn(N, b, True, True, first_order, "loop")(*inputs)
     cotangent = torch.randn_like(loop)
     for gs, gl in zip(
         torch.autograd.grad(scan, inputs, cotangent),

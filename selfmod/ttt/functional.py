@@ -403,122 +403,160 @@ def ttt_inner_loop(
 # ----------------------------------------------------------------------------------------------
 
 _LN_EPS = 1e-5
-
-
-def _ln_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(z_hat, mean, 1 / sigma)`` of a LayerNorm over the last dim, without affine."""
-    return torch.native_layer_norm(z, z.shape[-1:], None, None, _LN_EPS)
-
-
-def _ln_vjp(g: Tensor, z: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
-    """``(g - mean(g) - z_hat mean(g z_hat)) / sigma``: the LayerNorm VJP (it is symmetric)."""
-    mask = [True, False, False]
-    return torch.ops.aten.native_layer_norm_backward(
-        g, z, z.shape[-1:], mean, rstd, None, None, mask
-    )[0]
+_XY_BYTES = 1 << 24  # the largest buffer of per-block vectors in the scan's backward
+# _LN_BWD(g, z, shape, mean, rstd, *_LN_ARGS)[0] = LN'(z)^T g = (g - mean(g) - z_hat
+# mean(g z_hat)) / sigma, the LayerNorm VJP (it is symmetric), from its native kernel; the
+# overload's underlying builtin skips a Python wrapper that costs about as much as the kernel
+# on one (b, d) block
+_LN_BWD = torch.ops.aten.native_layer_norm_backward.default
+_LN_BWD, _LN_ARGS = getattr(_LN_BWD, "_op", _LN_BWD), (None, None, [True, False, False])
 
 
 class _LinearScan(torch.autograd.Function):
-    """The sequential part of causal mini-batch TTT-Linear, forward and exact reverse loop.
+    """Causal mini-batch TTT-Linear in dual form: the scan and its read, forward and reverse.
 
-    For mini-batches ``j = 0..n-1`` with (bias-augmented) keys ``K_j (B, b, p)``:
-    ``Z_j = K_j W_j``; the inner-loss gradient at ``Z_j`` is ``G_j = e_j = Z_j + R_j`` (plain)
-    or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j`` (``f(x) = x + LN(x W)``, the
-    residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``; ``W_{j+1} = W_j - K_j^T E_j``.
-    Returns ``E (B, n, b, d)`` and ``W_j (B, n, p, d)``; everything else (the dual-form read)
-    is batched outside. Only the recurrence runs block by block: everything that does not
-    depend on ``W`` is computed for all blocks at once, before or after the loop. The forward
-    keeps ``Z``, ``G`` and ``W_j``; the backward runs the loop in reverse with the
-    hand-derived VJP of ``Z -> G`` (second derivatives of the inner loss included), so it is
-    exact but not itself differentiable.
+    For mini-batches ``j = 0..n-1`` with keys ``K_j`` and queries ``Q_j`` ``(B, b, d)``,
+    augmented by a constant-1 feature when ``W`` has a bias row (``p = d + 1``, else ``p =
+    d``): ``Z_j = K_j W_j``; the inner-loss gradient at ``Z_j`` is ``G_j = e_j =
+    Z_j + R_j`` (plain) or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j``
+    (``f(x) = x + LN(x W)``, the residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``;
+    ``W_{j+1} = W_j - K_j^T E_j``; the read is ``Y_j = Q_j W_j - tril(Q_j K_j^T) E_j``
+    ``(B, b, d)``. Only the recurrence runs block by block (5 ops per block forward, 8 in
+    reverse), and it also does the products with ``W_j`` (``Q_j W_j`` in one product with
+    ``K_j W_j``; ``W_j [dZ_j; dY_j]^T`` in reverse): at ``b = 16`` a product on the block's
+    weights while they are in cache costs less than one batched over all blocks, and the
+    ``n`` weights never need to be stacked. Everything elementwise is batched over all
+    blocks, before or after the loops. The forward keeps ``Z``, ``G`` and the ``W_j``; the
+    backward runs the loop in reverse with the hand-derived VJP of ``Z -> G`` (second
+    derivatives of the inner loss included: per token, a diagonal plus a rank-4 map), so
+    it is exact but not itself differentiable.
     """
 
     @staticmethod
-    def forward(ctx, W0, K, R, eta, w, first_order: bool):
-        # W0 (B, p, d), K (B, n, b, p), R (B, n, b, d), eta (B, n, b), w (B, 1, d) | None
-        KeT = (K * eta.unsqueeze(-1)).mT.unbind(1)  # K_j^T E_j = (eta_j K_j)^T G_j, (B, p, b)
+    def forward(ctx, W0, K, Q, R, eta, w, first_order: bool):
+        # W0 (B, p, d), K, Q (B, n, b, d), R (B, n, b, d), eta (B, n, b), w (B, 1, d) | None
+        (B, n, b, d), p = K.shape, W0.shape[-2]
+        KQ = K.new_empty(B, n, 2 * b, p)  # [K_j; Q_j]: one product gives Z_j and Q_j W_j
+        KQ[:, :, :b, :d], KQ[:, :, b:, :d] = K, Q
+        if p > d:
+            KQ[..., d] = 1.0  # the bias feature
+        K, Q = KQ[:, :, :b], KQ[:, :, b:]  # (B, n, b, p)
+        ZQ = W0.new_empty(B, n, 2 * b, d)  # [Z_j; Q_j W_j], written by the loop
+        Ken = K * -eta.unsqueeze(-1)  # -eta K: W_{j+1} = W_j + Ken_j^T G_j, (B, n, b, p)
         if w is not None:  # w e = w R + w^2 LN(Z)
-            Rw, w2 = (R * w.unsqueeze(1)).unbind(1), w * w
-        Ws, Zs, Gs = [], [], []
+            Rw, w2, shape = (R * w.unsqueeze(1)).unbind(1), w * w, (d,)
+        Ws, Gs = [None] * n, [None] * n
         W = W0  # (B, p, d)
-        for j, Kj in enumerate(K.unbind(1)):
-            Ws.append(W)
-            Z = torch.bmm(Kj, W)  # (B, b, d)
+        for j, (KQj, ZQj, Z, KeT) in enumerate(
+            zip(KQ.unbind(1), ZQ.unbind(1), ZQ[:, :, :b].unbind(1), Ken.mT.unbind(1), strict=True)
+        ):
+            Ws[j] = W
+            torch.bmm(KQj, W, out=ZQj)  # Z = K_j W_j, (B, b, d), above Q_j W_j
             if w is None:
                 G = Z + R[:, j]
             else:
-                zh, mean, rstd = _ln_stats(Z)
-                G = _ln_vjp(torch.addcmul(Rw[j], zh, w2), Z, mean, rstd)  # (B, b, d)
-            W = torch.baddbmm(W, KeT[j], G, alpha=-1.0)  # (B, p, d)
-            Zs.append(Z)
-            Gs.append(G)
-        Ws = torch.stack(Ws, 1)  # (B, n, p, d)
-        # block-major, so that block j is contiguous for the LayerNorm kernels in backward
-        Zs, Gs = torch.stack(Zs), torch.stack(Gs)  # (n, B, b, d)
-        Es = Gs.transpose(0, 1) * eta.unsqueeze(-1)  # (B, n, b, d)
-        ctx.first_order = first_order
-        ctx.save_for_backward(K, R, eta, w, Ws, Zs, Gs, Es)
-        return Es, Ws
+                zh, mean, rstd = torch.native_layer_norm(Z, shape, None, None, _LN_EPS)
+                G = _LN_BWD(torch.addcmul(Rw[j], zh, w2), Z, shape, mean, rstd, *_LN_ARGS)[0]
+            W = torch.baddbmm(W, KeT, G)  # (B, p, d)
+            Gs[j] = G  # (B, b, d)
+        Gs = torch.stack(Gs, 1)  # (B, n, b, d)
+        A = (Q @ K.mT).tril()  # (B, n, b, b)
+        Y = ZQ[:, :, b:] - (A * eta.unsqueeze(-2)) @ Gs  # the read, Q W - A E, (B, n, b, d)
+        # W_1..W_{n-1} (B, p, d), never stacked; W_0 = W0 is saved with its version check
+        ctx.first_order, ctx.Ws, Ws[0] = first_order, Ws, None
+        ctx.save_for_backward(W0, KQ, Ken, R, eta, w, ZQ, Gs, A)
+        return Y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gE, gW):
-        K, R, eta, w, Ws, Zs, Gs, Es = ctx.saved_tensors
-        n, etas = K.shape[1], eta.unsqueeze(-1)  # (B, n, b, 1)
-        # c_j = eta_j dE_j = eta_j (gE_j - K_j Wbar_{j+1}): fold eta into gE and K once
-        cE, Ke = (gE * etas).unbind(1), (K * etas).unbind(1)
-        gW = gW.unbind(1)
-        if w is not None:
-            # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, P = s LN'(Z)):
-            # dZ = LN'^T (w^2 c') + q (s^-2 B z_hat - s^-1 G) - A s^-2 z_hat - s^-1 B c', with
-            # c' = LN'^T c, q = mean(c z_hat), A = mean(c (g_h - mean g_h)), g_h = w e,
-            # B = mean(g_h z_hat): all but c, c', q and A are computed here for all blocks.
-            d = Zs.shape[-1]
-            zh, mean, rstd = _ln_stats(Zs)  # (n, B, b, d), (n, B, b, 1) x2
-            err = torch.addcmul(R.transpose(0, 1), zh, w)  # e, (n, B, b, d)
-            gh = err * w
-            Bq = (gh * zh).mean(-1, keepdim=True)  # (n, B, b, 1)
-            r2 = rstd * rstd
-            per_block = list(
-                zip(
-                    Zs,
-                    mean,
-                    rstd,
-                    torch.stack([zh, gh - gh.mean(-1, keepdim=True)], -2) / d,  # [q, A] = sum(c .)
-                    torch.stack([r2 * Bq * zh - rstd * Gs, -r2 * zh], -2),  # times [q, A]
-                    rstd * Bq,  # times c'
-                    strict=True,
-                )
-            )  # fmt: skip  (n, B, b, d) x4 -> (B, b, 2, d) x2 per block
-            w2 = w * w  # (B, 1, d)
-        V = torch.zeros_like(Ws[:, 0])  # (B, p, d)
-        KTs = K.mT.unbind(1)
-        Vs, dZs, dGs = [None] * n, [None] * n, [None] * n
-        for j in range(n - 1, -1, -1):
-            Vs[j] = V
-            c = torch.baddbmm(cE[j], Ke[j], V, alpha=-1.0)  # d loss / d G_j, (B, b, d)
-            if w is None:
-                dZ = dG = c
-            else:
-                Zj, mj, rj, Z2, M2, rB = per_block[j]
-                dG = _ln_vjp(c, Zj, mj, rj)  # c', (B, b, d)
-                qa = (c.unsqueeze(-2) * Z2).sum(-1, keepdim=True)  # [q, A], (B, b, 2, 1)
-                dZ = _ln_vjp(dG * w2, Zj, mj, rj).add_((qa * M2).sum(-2))
-                dZ = dZ.addcmul_(rB, dG, value=-1.0)  # (B, b, d)
-            V = V + gW[j]
-            if not ctx.first_order:
-                V = torch.baddbmm(V, KTs[j], dZ)
-            dZs[j], dGs[j] = dZ, dG
-        Wbars = torch.stack(Vs, 1)  # d loss / d W_{j+1}, (B, n, p, d)
-        dZs, dGs = torch.stack(dZs, 1), torch.stack(dGs, 1)
-        dK = dZs @ Ws.mT - Es @ Wbars.mT  # (B, n, b, p)
-        deta = ((gE - K @ Wbars) * Gs.transpose(0, 1)).sum(-1)  # dE . G, (B, n, b)
-        dW0 = V
+    def backward(ctx, gY):
+        W0, KQ, Ken, R, eta, w, ZQ, Gs, A = ctx.saved_tensors
+        (B, n, b2, p), d, b = KQ.shape, Gs.shape[-1], Gs.shape[-2]
+        K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (B, n, b, 1)
+        # the read Y = Q W - A E, E = eta G: with P = dY G^T, dA = -tril(P) eta (per column),
+        # dE = -A^T dY - K_j U_{j+1}, U_{j+1} = dL/dW_{j+1}, and -A^T dY . G = -colsum(A P)
+        P = gY @ Gs.mT  # (B, n, b, b)
+        dA = -(P * eta.unsqueeze(-2)).tril()
+        deta = -(A * P).sum(-2)  # the read's part of dE . G, (B, n, b)
+        # c_j = eta_j dE_j = cE_j + Ken_j U_{j+1}, cE = -eta A^T dY: d loss / d G_j, computed
+        # in place (in DZY without LayerNorm, where dZ = c)
+        cE = (A.mT * -etas) @ gY  # (B, n, b, d)
+        # U_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
+        DZY = gY.new_empty(B, n, b2, d)
+        DZY[:, :, b:] = gY
         if w is None:
-            return dW0, dK, dGs, deta, None, None
-        dR = dGs * w.unsqueeze(1)  # (B, n, b, d)
-        dw = (dGs.transpose(0, 1) * (err + w * zh)).sum((0, 2)).unsqueeze(1)  # (B, 1, d)
-        return dW0, dK, dR, deta, dw, None
+            DZY[:, :, :b] = cE
+            cE = DZY[:, :, :b]
+        else:
+            # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, z_hat = LN(Z),
+            # g_h = w e, B = mean(g_h z_hat)): dZ = a * c + sum_k mean(c x_k) y_k, with
+            # a = (w^2 - B) / s^2 and [x_k] = [u, 1, LN'^T w^2, z_hat],
+            # [y_k] = [z_hat, -a, -1 / s, (2 B - w^2) z_hat / s^2 - G / s],
+            # u = -(LN'^T (w^2 z_hat) / s + (g_h - mean g_h) / s^2). All x, y are computed
+            # here for all blocks (x_4 = y_1 stored once); in the loop, the four means are one
+            # (b, d) x (d, 4b) product masked to its diagonals (the mask holds the 1 / d), and
+            # c' = LN'^T c, needed for dR and dw only, is batched after it.
+            Zs, w1, shape = ZQ[:, :, :b], w.unsqueeze(1), (d,)  # (B, n, b, d), (B, 1, 1, d)
+            zh, mean, rstd = torch.native_layer_norm(Zs, shape, None, None, _LN_EPS)
+            r2, w2 = rstd * rstd, w1 * w1
+            gh = w1 * torch.addcmul(R, zh, w1)  # w e, (B, n, b, d)
+            Bq = (gh * zh).mean(-1, keepdim=True)  # (B, n, b, 1)
+            gh -= gh.mean(-1, keepdim=True)
+            w2zh = w2 * zh
+            u = _LN_BWD(w2zh, Zs, shape, mean, rstd, *_LN_ARGS)[0].addcmul_(rstd, gh)  # -x_1 s
+            # LN'^T w^2 = (w^2 - mean(w^2) - z_hat mean(w^2 z_hat)) / s
+            mw, cw = -rstd * w2zh.mean(-1, keepdim=True), w2 - w2.mean(-1, keepdim=True)
+            del gh, w2zh
+            a = r2 * (w2 - Bq)  # (B, n, b, d)
+            # [x_1, x_2, x_3, x_4 = y_1, y_2, y_3, y_4] per block, in buffers of at most
+            # _XY_BYTES: the allocator maps larger ones afresh on every call, and their page
+            # faults cost more than the arithmetic here
+            step = max(1, _XY_BYTES // (7 * b * d * B * Gs.element_size()))
+            Xs, Ys = [], []
+            for s in range(0, n, step):
+                t, XY = slice(s, s + step), Gs.new_empty(B, min(step, n - s), 7, b, d)
+                torch.mul(u[:, t], -rstd[:, t], out=XY[:, :, 0])
+                XY[:, :, 1] = 1.0
+                torch.mul(zh[:, t], mw[:, t], out=XY[:, :, 2]).addcmul_(rstd[:, t], cw)
+                XY[:, :, 3] = zh[:, t]
+                torch.neg(a[:, t], out=XY[:, :, 4])
+                XY[:, :, 5] = -rstd[:, t]
+                y4 = torch.mul(Gs[:, t], -rstd[:, t], out=XY[:, :, 6])
+                y4.addcmul_(zh[:, t], r2[:, t] * (2 * Bq[:, t] - w2))
+                Xs += XY[:, :, :4].flatten(2, 3).mT.unbind(1)  # (B, d, 4b)
+                Ys += XY[:, :, 3:].flatten(2, 3).unbind(1)  # (B, 4b, d)
+            del u
+            mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 4) / d  # (b, 4b)
+            a = a.unbind(1)  # (B, b, d)
+        dzy, dzyT, dz = DZY.unbind(1), DZY.mT.unbind(1), DZY[:, :, :b].unbind(1)
+        U = Gs.new_zeros(B, p, d)  # U_{j+1}, updated in place
+        GUs = Gs.new_empty(B, n, p, b)  # (G_j U_{j+1}^T)^T: E U^T for dK, K U . G for deta
+        WTs = Gs.new_empty(B, n, p, b2)  # ([dZ_j; dY_j] W_j^T)^T: dK, dQ
+        KQT, GsT, cs, Ken = KQ.mT.unbind(1), Gs.mT.unbind(1), cE.unbind(1), Ken.unbind(1)
+        gu, wt, Ws = GUs.unbind(1), WTs.unbind(1), [W0, *ctx.Ws[1:]]
+        if ctx.first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
+            KQT, dzy = Q.mT.unbind(1), gY.unbind(1)
+        for j in range(n - 1, -1, -1):
+            torch.bmm(U, GsT[j], out=gu[j])
+            c = cs[j].baddbmm_(Ken[j], U)  # d loss / d G_j, (B, b, d)
+            if w is not None:
+                T = torch.bmm(c, Xs[j]).mul_(mask)  # mean(c x_k) on the diagonals, (B, b, 4b)
+                torch.mul(c, a[j], out=dz[j]).baddbmm_(T, Ys[j])  # dZ_j, (B, b, d)
+            U.baddbmm_(KQT[j], dzy[j])  # U_j, (B, p, d)
+            torch.bmm(Ws[j], dzyT[j], out=wt[j])
+        WTs, GUs = WTs.mT, GUs.mT  # (B, n, 2b | b, p)
+        deta -= (K * GUs).sum(-1)  # dE . G, (B, n, b); (K U) . G = K . (G U^T)
+        # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K, on the d input features
+        K, Q, WTs, GUs = K[..., :d], Q[..., :d], WTs[..., :d], GUs[..., :d]
+        dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (B, n, b, d)
+        dQ = (dA @ K).add_(WTs[:, :, b:])  # (B, n, b, d)
+        dW0 = U
+        if w is None:  # dG = c
+            return dW0, dK, dQ, cE, deta, None, None
+        dG = _LN_BWD(cE, Zs, shape, mean, rstd, *_LN_ARGS)[0]  # LN'(Z)^T c, (B, n, b, d)
+        dR = dG * w1  # (B, n, b, d)
+        dw = (dG * torch.addcmul(R, zh, w1, value=2.0)).sum((1, 2)).unsqueeze(1)  # (B, 1, d)
+        return dW0, dK, dQ, dR, deta, dw, None
 
 
 def _ttt_linear_scan(
@@ -536,8 +574,9 @@ def _ttt_linear_scan(
 
     Equals ``ttt_inner_loop`` with ``causal=True, form="dual"`` (the reference). A bias is a
     weight row on a constant-1 input feature, so token ``t`` of a mini-batch reads
-    ``q_t W_j - sum_{s<=t} (q_t . k_s) E_s`` with ``q, k`` augmented by that 1; the tokens are
-    zero-padded to whole mini-batches (padded tokens get rate 0 and are dropped).
+    ``q_t W_j - sum_{s<=t} (q_t . k_s) E_s`` with ``q, k`` augmented by that 1 (inside the
+    scan); the tokens are zero-padded to whole mini-batches (padded tokens get rate 0 and are
+    dropped).
     """
     N, dv = k.shape[-2], v.shape[-1]
     eta = torch.as_tensor(eta, dtype=q.dtype, device=q.device)
@@ -545,26 +584,24 @@ def _ttt_linear_scan(
     R = -v if ln is None else k + ln[1] - v  # (..., N, d_v): error e = f(k) - v = Z + R
     x, W = q, W0
     if b0 is not None:  # fold the bias into W: x W + b = [x, 1] [W; b]
-        q, k = (torch.cat([t, t.new_ones((*t.shape[:-1], 1))], -1) for t in (q, k))
         W = torch.cat([W0, b0.unsqueeze(-2)], -2)  # (..., p, d_v), p = d + 1
     lead = torch.broadcast_shapes(
         q.shape[:-2], k.shape[:-2], R.shape[:-2], W.shape[:-2], eta.shape[:-1]
     )
     b = min(mini_batch, N)
     pad = (-N) % b
-    n, p = (N + pad) // b, W.shape[-2]
+    n, d, p = (N + pad) // b, k.shape[-1], W.shape[-2]
 
     def blocks(t: Tensor, width: int) -> Tensor:  # (..., N, width) -> (B, n, b, width)
         t = F.pad(t, (0, 0, 0, pad)) if pad else t
         return t.expand(*lead, N + pad, width).reshape(-1, n, b, width)
 
-    Kb, Qb, Rb = blocks(k, p), blocks(q, p), blocks(R, dv)
+    Kb, Qb, Rb = blocks(k, d), blocks(q, d), blocks(R, dv)
     eb = eta.expand(*lead, N)
     eb = (F.pad(eb, (0, pad)) if pad else eb).reshape(-1, n, b)  # (B, n, b)
     w = None if ln is None else ln[0].expand(*lead, 1, dv).reshape(-1, 1, dv)  # (B, 1, d_v)
-    E, Ws = _LinearScan.apply(W.expand(*lead, p, dv).reshape(-1, p, dv), Kb, Rb, eb, w, first_order)
-    # the dual-form read, batched over all mini-batches: (B, n, b, d_v)
-    Y = Qb @ Ws - (Qb @ Kb.mT).tril() @ E
+    W = W.expand(*lead, p, dv).reshape(-1, p, dv)  # (B, p, d_v)
+    Y = _LinearScan.apply(W, Kb, Qb, Rb, eb, w, first_order)  # (B, n, b, d_v)
     Y = Y.reshape(*lead, N + pad, dv)[..., :N, :]
     return Y if ln is None else x + _ln(Y, ln)
 
