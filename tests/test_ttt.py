@@ -264,9 +264,8 @@ def _scan_fn(N, b, bias, ln, first_order, impl):
     return fn
 
 
-@pytest.mark.parametrize("case", SCAN_CASES)
-def test_scan_equals_autograd_loop_in_value_and_gradient(float64, case):
-    lead, N, b, bias, ln, first_order, per_token = case
+def _assert_scan_equals_loop(lead, N, b, bias, ln, first_order, per_token) -> None:
+    """The fused scan and the autograd loop agree in value and in every input's gradient."""
     inputs = _scan_inputs(lead, N, bias, ln, per_token)
     scan = _scan_fn(N, b, bias, ln, first_order, "scan")(*inputs)
     loop = _scan_fn(N, b, bias, ln, first_order, "loop")(*inputs)
@@ -280,22 +279,18 @@ def test_scan_equals_autograd_loop_in_value_and_gradient(float64, case):
         torch.testing.assert_close(gs, gl, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("case", SCAN_CASES)
+def test_scan_equals_autograd_loop_in_value_and_gradient(float64, case):
+    lead, N, b, bias, ln, first_order, per_token = case
+    _assert_scan_equals_loop(lead, N, b, bias, ln, first_order, per_token)
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 def test_scan_with_one_backward_buffer_per_block_equals_loop(float64, monkeypatch, first_order):
     # the backward keeps its per-block LayerNorm vectors in buffers of at most _XY_BYTES;
     # long sequences use several: force one per block
     monkeypatch.setattr(ttt_functional, "_XY_BYTES", 1)
-    lead, N, b = (2, 3), 19, 5
-    inputs = _scan_inputs(lead, N, True, True, True)
-    scan = _scan_fn(N, b, True, True, first_order, "scan")(*inputs)
-    loop = _scan_fn(N, b, True, True, first_order, "loop")(*inputs)
-    cotangent = torch.randn_like(loop)
-    for gs, gl in zip(
-        torch.autograd.grad(scan, inputs, cotangent),
-        torch.autograd.grad(loop, inputs, cotangent),
-        strict=True,
-    ):
-        torch.testing.assert_close(gs, gl, rtol=1e-9, atol=1e-9)
+    _assert_scan_equals_loop((2, 3), 19, 5, True, True, first_order, True)
 
 
 @pytest.mark.parametrize(
