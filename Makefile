@@ -21,11 +21,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check selfmod tests benchmarks examples
+	$(VENV)/bin/ruff format --check selfmod tests benchmarks examples
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check selfmod tests benchmarks examples
-	$(VENV)/bin/ruff format --check selfmod tests benchmarks
+	$(VENV)/bin/ruff format --check selfmod tests benchmarks examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/metagrad.py

@@ -50,17 +50,32 @@ def nearest_centroid(ep) -> float:
 
 def meta_train(method: str, tasks: TemplateTasks, args, shots: int):
     params = init_mlp_params([40, 64, 64, args.way], torch.Generator().manual_seed(args.seed))
-    opt, hparams = (meta_sgd_optimizer(params) if method == "meta-sgd"
-                    else (optim.sgd(args.inner_lr), {}))
+    opt, hparams = (
+        meta_sgd_optimizer(params) if method == "meta-sgd" else (optim.sgd(args.inner_lr), {})
+    )
     meta = optim.adam(args.meta_lr)
     everything = {**params, **hparams}
     meta_state = meta.init(everything)
     for it in range(args.iterations):
-        episodes = [tasks.sample(args.way, shots, args.queries, "train",
-                                 seed=args.seed * 10**6 + it * args.meta_batch + j)
-                    for j in range(args.meta_batch)]
-        g = maml_step(loss, params, episodes, steps=args.inner_steps, optimizer=opt,
-                      hparams=hparams, first_order=method == "fo-maml")
+        episodes = [
+            tasks.sample(
+                args.way,
+                shots,
+                args.queries,
+                "train",
+                seed=args.seed * 10**6 + it * args.meta_batch + j,
+            )
+            for j in range(args.meta_batch)
+        ]
+        g = maml_step(
+            loss,
+            params,
+            episodes,
+            steps=args.inner_steps,
+            optimizer=opt,
+            hparams=hparams,
+            first_order=method == "fo-maml",
+        )
         updates, meta_state = meta.update({**g.params, **g.hparams}, meta_state, everything)
         everything = optim.apply_updates(everything, updates)
         params = {k: everything[k] for k in params}
@@ -74,8 +89,9 @@ def evaluate(params, opt, hparams, tasks, args, shots) -> list[float]:
         ep = tasks.sample(args.way, shots, args.queries, "test", seed=10**9 + i)
         adapted = adapt(loss, opt, params, hparams, ep.support, args.inner_steps)
         with torch.no_grad():
-            accs.append(float((mlp_forward(adapted, ep.x_query).argmax(1) == ep.y_query)
-                              .float().mean()))
+            accs.append(
+                float((mlp_forward(adapted, ep.x_query).argmax(1) == ep.y_query).float().mean())
+            )
     return accs
 
 
@@ -102,9 +118,10 @@ def main() -> None:
     tasks = TemplateTasks(num_templates=200, train_fraction=0.8, examples_per_class=40, seed=0)
     rows = []
     for shots in [int(s) for s in args.shots.split(",")]:
-        base = [nearest_centroid(tasks.sample(args.way, shots, args.queries, "test",
-                                              seed=10**9 + i))
-                for i in range(args.eval_episodes)]
+        base = [
+            nearest_centroid(tasks.sample(args.way, shots, args.queries, "test", seed=10**9 + i))
+            for i in range(args.eval_episodes)
+        ]
         rows.append((f"{args.way}-way {shots}-shot", "nearest centroid", *mean_ci(base), 0.0))
         for method in methods:
             start = time.perf_counter()
@@ -112,17 +129,20 @@ def main() -> None:
             seconds = time.perf_counter() - start
             accs = evaluate(params, opt, hparams, tasks, args, shots)
             rows.append((f"{args.way}-way {shots}-shot", method, *mean_ci(accs), seconds))
-            print(f"{rows[-1][0]:>14s} {method:>10s} {rows[-1][2]:.3f} +- {rows[-1][3]:.3f} "
-                  f"({seconds:.0f} s)", flush=True)
+            print(
+                f"{rows[-1][0]:>14s} {method:>10s} {rows[-1][2]:.3f} +- {rows[-1][3]:.3f} "
+                f"({seconds:.0f} s)",
+                flush=True,
+            )
     lines = ["| setting | method | accuracy (95% CI) | meta-training s |", "|---|---|---:|---:|"]
-    lines += [f"| {s} | {m} | {a * 100:.1f} +- {c * 100:.1f} | {t:.0f} |"
-              for s, m, a, c, t in rows]
+    lines += [f"| {s} | {m} | {a * 100:.1f} +- {c * 100:.1f} | {t:.0f} |" for s, m, a, c, t in rows]
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "fewshot.md").write_text(
         f"# benchmarks/fewshot.py ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
-        f"`{' '.join(['python', 'benchmarks/fewshot.py'])}` with {vars(args)}\n\n{table}\n")
+        f"`{' '.join(['python', 'benchmarks/fewshot.py'])}` with {vars(args)}\n\n{table}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 CHECKPOINTS = (100, 500)
 
 
-def train_curve(opt, hparams, width: int, task, seed: int, steps: int = 500
-                ) -> dict[int, tuple[float, float]]:
+def train_curve(
+    opt, hparams, width: int, task, seed: int, steps: int = 500
+) -> dict[int, tuple[float, float]]:
     """``(train loss, validation accuracy)`` after each step count in ``CHECKPOINTS``; the
     loss on the whole train split (inf if it diverged)."""
     train, valid = task
@@ -51,8 +52,7 @@ def train_curve(opt, hparams, width: int, task, seed: int, steps: int = 500
     out = {}
     for step in range(1, steps + 1):
         p = tree.detach(params, requires_grad=True)
-        grads = torch.autograd.grad(task_loss(p, None, minibatch(train, 64, gen)),
-                                    list(p.values()))
+        grads = torch.autograd.grad(task_loss(p, None, minibatch(train, 64, gen)), list(p.values()))
         with torch.no_grad():
             updates, state = opt.update(dict(zip(p, grads, strict=True)), state, params, hparams)
             params = optim.apply_updates(params, updates)
@@ -65,8 +65,10 @@ def train_curve(opt, hparams, width: int, task, seed: int, steps: int = 500
 
 
 def medians(curves: list[dict[int, tuple[float, float]]]) -> dict[int, tuple[float, float]]:
-    return {c: (statistics.median(x[c][0] for x in curves),
-                statistics.median(x[c][1] for x in curves)) for c in CHECKPOINTS}
+    return {
+        c: (statistics.median(x[c][0] for x in curves), statistics.median(x[c][1] for x in curves))
+        for c in CHECKPOINTS
+    }
 
 
 def main() -> None:
@@ -74,8 +76,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=9.5, help="meta-training per optimizer")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--eval-only", action="store_true",
-                        help="skip meta-training; use results/learned_*.safetensors")
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="skip meta-training; use results/learned_*.safetensors",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tasks = TemplateTasks(seed=0)
@@ -86,16 +91,26 @@ def main() -> None:
         if args.eval_only:  # keep the meta-training notes of the run that made the weights
             learned[kind] = (learned_optimizer(kind, 0)[0], load_file(str(path)))
             old = RESULTS / "learned_opt.md"
-            notes += [line[2:] for line in (old.read_text().splitlines() if old.exists() else [])
-                      if line.startswith("- ") and f"{kind}" in line and "meta-steps" in line]
+            notes += [
+                line[2:]
+                for line in (old.read_text().splitlines() if old.exists() else [])
+                if line.startswith("- ") and f"{kind}" in line and "meta-steps" in line
+            ]
             continue
-        cfg = MetaTrainConfig(optimizer=kind, meta_steps=10**7, time_limit=60 * args.minutes,
-                              out=f"/tmp/selfmod-learned-{kind}", checkpoint_every=500)
+        cfg = MetaTrainConfig(
+            optimizer=kind,
+            meta_steps=10**7,
+            time_limit=60 * args.minutes,
+            out=f"/tmp/selfmod-learned-{kind}",
+            checkpoint_every=500,
+        )
         start, log = time.perf_counter(), []
         weights = meta_train(cfg, tasks, on_step=lambda s, v, log=log: log.append(v))
         minutes = (time.perf_counter() - start) / 60
-        note = (f"meta-trained {kind}: {len(log)} meta-steps in {minutes:.1f} min, "
-                f"meta-loss {statistics.mean(log[:50]):.3f} -> {statistics.mean(log[-50:]):.3f}")
+        note = (
+            f"meta-trained {kind}: {len(log)} meta-steps in {minutes:.1f} min, "
+            f"meta-loss {statistics.mean(log[:50]):.3f} -> {statistics.mean(log[-50:]):.3f}"
+        )
         print(note, flush=True)
         notes.append(note)
         RESULTS.mkdir(exist_ok=True)
@@ -108,29 +123,42 @@ def main() -> None:
         results: dict[str, dict[int, tuple[float, float]]] = {}
         for kind, (opt, weights) in learned.items():
             results[f"learned {kind}"] = medians(
-                [train_curve(opt, weights, width, t, s) for s, t in enumerate(held_out)])
+                [train_curve(opt, weights, width, t, s) for s, t in enumerate(held_out)]
+            )
         for name, make in (("adam", optim.adam), ("sgd", optim.sgd)):
-            per_lr = {lr: medians([train_curve(make(lr), None, width, t, s)
-                                   for s, t in enumerate(held_out)]) for lr in GRID}
+            per_lr = {
+                lr: medians(
+                    [train_curve(make(lr), None, width, t, s) for s, t in enumerate(held_out)]
+                )
+                for lr in GRID
+            }
             best = {c: min(per_lr, key=lambda lr, c=c: per_lr[lr][c][0]) for c in CHECKPOINTS}
             results[f"{name} (lr {best[100]:g} / {best[500]:g})"] = {
-                c: per_lr[best[c]][c] for c in CHECKPOINTS}
+                c: per_lr[best[c]][c] for c in CHECKPOINTS
+            }
         for name, r in results.items():
             rows.append((f"40-{width}-10", name, r[100][0], r[500][0], r[100][1], r[500][1]))
-            print("{} {:>24s}  loss @100 {:.4f} @500 {:.4f}  val acc @100 {:.3f} @500 {:.3f}"
-                  .format(*rows[-1]), flush=True)
+            print(
+                "{} {:>24s}  loss @100 {:.4f} @500 {:.4f}  val acc @100 {:.3f} @500 {:.3f}".format(
+                    *rows[-1]
+                ),
+                flush=True,
+            )
 
-    lines = ["| held-out task, MLP | optimizer | train loss @100 | train loss @500 "
-             "| val acc @100 | val acc @500 |", "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {a} | {b} | {c:.4f} | {d:.4f} | {e:.3f} | {f:.3f} |"
-              for a, b, c, d, e, f in rows]
+    lines = [
+        "| held-out task, MLP | optimizer | train loss @100 | train loss @500 "
+        "| val acc @100 | val acc @500 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {a} | {b} | {c:.4f} | {d:.4f} | {e:.3f} | {f:.3f} |" for a, b, c, d, e, f in rows]
     text = "\n".join(lines)
     print(text)
     (RESULTS / "learned_opt.md").write_text(
         f"# benchmarks/learned_opt.py ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
         f"Options: {vars(args)}. Medians over {args.seeds} held-out tasks/seeds; Adam and SGD "
         f"use the grid learning rate with the lowest median train loss at each step count "
-        f"(shown as @100 / @500).\n\n" + "\n".join(f"- {n}" for n in notes) + f"\n\n{text}\n")
+        f"(shown as @100 / @500).\n\n" + "\n".join(f"- {n}" for n in notes) + f"\n\n{text}\n"
+    )
 
 
 if __name__ == "__main__":

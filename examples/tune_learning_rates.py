@@ -24,8 +24,7 @@ loss = cross_entropy_loss(apply)
 
 # One learnable log learning rate per parameter tensor, starting 100x too small.
 hparams = {"log_lr": torch.full((len(names),), math.log(1e-3))}
-inner = optim.sgd(lr=lambda h: {k: h["log_lr"][i].exp() for i, k in enumerate(names)},
-                  momentum=0.9)
+inner = optim.sgd(lr=lambda h: {k: h["log_lr"][i].exp() for i, k in enumerate(names)}, momentum=0.9)
 meta = optim.adam(0.2)
 meta_state = meta.init(hparams)
 
@@ -40,5 +39,6 @@ for step in range(30):
     if step % 5 == 0 or step == 29:
         lrs = ", ".join(f"{x:.3g}" for x in hparams["log_lr"].exp().tolist())
         acc = accuracy(apply, res.final_params, data.x_test, data.y_test)
-        print(f"meta-step {step:2d}  val loss {float(res.value):.3f}  test acc {acc:.3f}  "
-              f"lrs [{lrs}]")
+        print(
+            f"meta-step {step:2d}  val loss {float(res.value):.3f}  test acc {acc:.3f}  lrs [{lrs}]"
+        )

@@ -46,8 +46,9 @@ def allowed(model: type[BaseModel], name: str, described: Mapping[str, str] | No
     return f"{kind} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
-def validate(model: type[M], values: dict[str, Any],
-             described: Mapping[str, str] | None = None) -> M:
+def validate(
+    model: type[M], values: dict[str, Any], described: Mapping[str, str] | None = None
+) -> M:
     """``model(**values)``, or a :class:`ConfigError` with one line for the first problem.
 
     A cross-field rule (a ``model_validator`` raising ``ValueError``) is reported with its own
@@ -64,8 +65,9 @@ def validate(model: type[M], values: dict[str, Any],
             known = ", ".join(model.model_fields)
             raise ConfigError(f"unknown config field {name!r}; known fields: {known}") from None
         got = values.get(name, first.get("input"))
-        raise ConfigError(f"{name} must be {allowed(model, name, described)} (got {got!r})"
-                          ) from None
+        raise ConfigError(
+            f"{name} must be {allowed(model, name, described)} (got {got!r})"
+        ) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -97,7 +99,6 @@ def load_values(path: str | Path | None, overrides: list[str] | None) -> dict[st
     return values
 
 
-def load(model: type[M], path: str | Path | None = None,
-         overrides: list[str] | None = None) -> M:
+def load(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
     """A validated ``model`` from a TOML file and ``--set`` overrides."""
     return validate(model, load_values(path, overrides))

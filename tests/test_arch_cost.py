@@ -15,8 +15,14 @@ def test_mlp_cost_matches_hand_count():
 
 
 def test_conv_cost_matches_hand_count():
-    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2),
-                          nn.Conv1d(4, 3, 5, bias=False), nn.Flatten(), nn.Linear(3, 7))
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(4, 3, 5, bias=False),
+        nn.Flatten(),
+        nn.Linear(3, 7),
+    )
     c = arch.cost(model, (2, 10))
     # conv1: L_out 10, 2*2*3*4 MACs-as-FLOPs per position + 4 bias adds; pool -> L 5
     # conv2: L_out 1, 2*4*5*3 per position, no bias; linear 2*3*7 + 7

@@ -49,8 +49,11 @@ def test_discretise_keeps_gdas_eval_function_and_optimizer_state(opt_kind):
     model = arch.SearchCNN1d(12, channels=4, cells=3, mode="gdas").double()
     x = torch.randn(5, 12, dtype=torch.float64)
     y = torch.randint(0, 10, (5,))
-    opt = (torch.optim.Adam(model.parameters(), 1e-2) if opt_kind == "torch-adam"
-           else optim.Optimizer(list(model.named_parameters()), optim.adam(1e-2)))
+    opt = (
+        torch.optim.Adam(model.parameters(), 1e-2)
+        if opt_kind == "torch-adam"
+        else optim.Optimizer(list(model.named_parameters()), optim.adam(1e-2))
+    )
     for _ in range(3):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -69,17 +72,22 @@ def test_discretise_keeps_gdas_eval_function_and_optimizer_state(opt_kind):
     assert all(v is None for k, v in mapping.items() if k.endswith((".alpha", ".beta")))
     for name, op in choices.items():
         kept = [v for k, v in mapping.items() if k.startswith(f"{name}.ops.{op}.") and v]
-        gone = [k for k in mapping if k.startswith(f"{name}.ops.") and
-                not k.startswith(f"{name}.ops.{op}.")]
+        gone = [
+            k
+            for k in mapping
+            if k.startswith(f"{name}.ops.") and not k.startswith(f"{name}.ops.{op}.")
+        ]
         assert all(mapping[k] is None for k in gone)
         assert all(v.startswith(f"{name}.") for v in kept)
     # the optimizer holds exactly the surviving params, with their state
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     assert held == {id(p) for p in model.parameters()}
     if opt_kind == "torch-adam":
-        assert all(p in opt.state and opt.state[p]["exp_avg"].abs().sum() > 0
-                   for p in model.parameters() if p.requires_grad and
-                   opt.state.get(p, {}).get("step", 0))
+        assert all(
+            p in opt.state and opt.state[p]["exp_avg"].abs().sum() > 0
+            for p in model.parameters()
+            if p.requires_grad and opt.state.get(p, {}).get("step", 0)
+        )
     else:
         _, mu, _ = opt.functional_state[0]
         assert set(mu) == set(opt.names) == set(dict(model.named_parameters()))
@@ -96,8 +104,9 @@ def test_connections_choose_inputs():
     xs = [torch.full((2, 2), float(i)) for i in range(3)]
     with torch.no_grad():
         c.beta.copy_(torch.tensor([0.0, 1.0, 0.0]))
-    assert torch.allclose(c(xs), sum(w * t for w, t in zip(torch.softmax(c.beta, -1), xs,
-                                                              strict=True)))
+    assert torch.allclose(
+        c(xs), sum(w * t for w, t in zip(torch.softmax(c.beta, -1), xs, strict=True))
+    )
     c.mode = "gdas"
     c.eval()
     assert torch.equal(c(xs), xs[1])

@@ -81,9 +81,17 @@ def _cnn1d(dtype=torch.float64):
 
 def _cnn2d(dtype=torch.float64):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), arch.HardConcreteGate(6),
-                         nn.MaxPool2d(2), nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(),
-                         arch.HardConcreteGate(5), nn.Flatten(), nn.Linear(5 * 4 * 4, 3)).to(dtype)
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        arch.HardConcreteGate(6),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.ReLU(),
+        arch.HardConcreteGate(5),
+        nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 3),
+    ).to(dtype)
 
 
 MODELS = {

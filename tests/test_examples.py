@@ -9,8 +9,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tune_learning_rates_lowers_the_validation_loss():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "tune_learning_rates.py")],
-                         capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "tune_learning_rates.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     losses = [float(x) for x in re.findall(r"val loss ([0-9.]+)", out.stdout)]
     lrs = re.findall(r"lrs \[([0-9.e, -]+)\]", out.stdout)
     assert len(losses) >= 2 and losses[-1] < losses[0] - 0.3

@@ -43,8 +43,10 @@ def _mse(p, batch):
 def _sine_episodes(n, seed=0):
     tasks = SineTasks()
     eps = [tasks.sample(5, 10, seed=seed + i) for i in range(n)]
-    return [type(e)(*(t.double() for t in (e.x_support, e.y_support, e.x_query, e.y_query)))
-            for e in eps]
+    return [
+        type(e)(*(t.double() for t in (e.x_support, e.y_support, e.x_query, e.y_query)))
+        for e in eps
+    ]
 
 
 def test_maml_second_order_matches_an_independent_torch_func_maml():
@@ -127,8 +129,9 @@ def test_two_process_gloo_meta_gradient_equals_one_process(tmp_path):
 def test_preprocessing_is_log_and_sign():
     g = torch.tensor([1e-6, -2.0, 1e-3, 0.0], dtype=torch.float64)
     x = preprocess_gradients(g, p=10.0)
-    torch.testing.assert_close(x[1], torch.tensor([torch.log(torch.tensor(2.0)) / 10, -1.0],
-                                                  dtype=torch.float64))
+    torch.testing.assert_close(
+        x[1], torch.tensor([torch.log(torch.tensor(2.0)) / 10, -1.0], dtype=torch.float64)
+    )
     assert x[0, 0] == -1.0 and x[0, 1] == pytest.approx(torch.e**10 * 1e-6)  # tiny: (-1, e^p g)
     assert x[3].tolist() == [-1.0, 0.0]
 
@@ -136,8 +139,10 @@ def test_preprocessing_is_log_and_sign():
 @pytest.mark.parametrize("kind", ["lstm", "mlp"])
 def test_learned_optimizer_meta_gradient_matches_finite_differences(kind):
     """Directional check: <d value / d weights, v> against a central difference along v."""
-    make, init = {"lstm": (lstm_optimizer, init_lstm_optimizer),
-                  "mlp": (mlp_optimizer, init_mlp_optimizer)}[kind]
+    make, init = {
+        "lstm": (lstm_optimizer, init_lstm_optimizer),
+        "mlp": (mlp_optimizer, init_mlp_optimizer),
+    }[kind]
     opt = make()
     weights = {k: v.double() for k, v in init(seed=1).items()}
     params = _params(d_in=1, hidden=4)
@@ -148,12 +153,14 @@ def test_learned_optimizer_meta_gradient_matches_finite_differences(kind):
     direction = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in weights.items()}
 
     def value(w):
-        return float(hypergrad.reverse(inner, inner, opt, params, w, [ep.support] * 4,
-                                       ep.query).value)
+        return float(
+            hypergrad.reverse(inner, inner, opt, params, w, [ep.support] * 4, ep.query).value
+        )
 
     eps = 1e-5
     fd = (value(tree.add(weights, direction, eps)) - value(tree.add(weights, direction, -eps))) / (
-        2 * eps)
+        2 * eps
+    )
     assert float(tree.vdot(res.hparams, direction)) == pytest.approx(fd, rel=1e-6)
     assert all(float(g.abs().max()) > 0 for k, g in res.hparams.items() if "w_hh0" not in k)
 
@@ -184,14 +191,19 @@ def test_meta_training_the_lstm_optimizer_lowers_the_meta_loss():
     episodes = _sine_episodes(8, seed=100)
 
     def meta_loss(w):
-        return sum(hypergrad.reverse(inner, inner, opt, _params(seed=i), w, [ep.support] * 10,
-                                     ep.query).value for i, ep in enumerate(episodes))
+        return sum(
+            hypergrad.reverse(
+                inner, inner, opt, _params(seed=i), w, [ep.support] * 10, ep.query
+            ).value
+            for i, ep in enumerate(episodes)
+        )
 
     before = float(meta_loss(weights))
     for step in range(40):
         ep = _sine_episodes(1, seed=step)[0]
-        res = hypergrad.truncated(inner, inner, opt, _params(seed=step), weights,
-                                  [ep.support] * 10, ep.query, window=5)
+        res = hypergrad.truncated(
+            inner, inner, opt, _params(seed=step), weights, [ep.support] * 10, ep.query, window=5
+        )
         updates, meta_state = meta.update(res.hparams, meta_state, weights)
         weights = optim.apply_updates(weights, updates)
     assert float(meta_loss(weights)) < 0.8 * before
@@ -249,8 +261,10 @@ def test_digits_tasks_use_only_their_split_classes():
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    rows = {tuple((torch.as_tensor(r) / 16.0).float().tolist()): int(t)
-            for r, t in zip(bunch.data, bunch.target, strict=True)}
+    rows = {
+        tuple((torch.as_tensor(r) / 16.0).float().tolist()): int(t)
+        for r, t in zip(bunch.data, bunch.target, strict=True)
+    }
     assert {rows[tuple(r.tolist())] for r in ep.x_support} <= {7, 8, 9}
 
 

@@ -18,8 +18,17 @@ def _tasks():
 
 
 def _cfg(out, **kw):
-    base = dict(meta_steps=3, meta_batch=4, unroll=3, horizon=6, width=8, n_way=3,
-                inner_batch=16, out=str(out), checkpoint_every=100)
+    base = dict(
+        meta_steps=3,
+        meta_batch=4,
+        unroll=3,
+        horizon=6,
+        width=8,
+        n_way=3,
+        inner_batch=16,
+        out=str(out),
+        checkpoint_every=100,
+    )
     return MetaTrainConfig(**{**base, **kw})
 
 
@@ -38,8 +47,11 @@ def _rank_worker(rank, world, store, out_dir, result):
 
 def test_two_ranks_meta_train_like_one_process(tmp_path):
     result = tmp_path / "weights.pt"
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "dist"), str(result)),
-             nprocs=2)
+    mp.spawn(
+        _rank_worker,
+        args=(2, str(tmp_path / "store"), str(tmp_path / "dist"), str(result)),
+        nprocs=2,
+    )
     distributed = torch.load(result)
     single = meta_train(_cfg(tmp_path / "single"), _tasks())
     for k in single:
@@ -67,13 +79,16 @@ def test_checkpoint_is_verified_and_resume_continues(tmp_path):
         load_checkpoint(tmp_path, template)
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("optimizer", "rnn", "optimizer must be one of 'lstm', 'mlp' (got 'rnn')"),
-    ("meta_batch", 0, "meta_batch must be an integer in [1, 4096] (got 0)"),
-    ("meta_lr", 2.0, "meta_lr must be a number in (0, 1] (got 2.0)"),
-    ("n_way", 1, "n_way must be an integer in [2, 160] (got 1)"),
-    ("colour", 1, "unknown config field 'colour'"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("optimizer", "rnn", "optimizer must be one of 'lstm', 'mlp' (got 'rnn')"),
+        ("meta_batch", 0, "meta_batch must be an integer in [1, 4096] (got 0)"),
+        ("meta_lr", 2.0, "meta_lr must be a number in (0, 1] (got 2.0)"),
+        ("n_way", 1, "n_way must be an integer in [2, 160] (got 1)"),
+        ("colour", 1, "unknown config field 'colour'"),
+    ],
+)
 def test_meta_train_config_errors_are_one_line(field, value, message):
     with pytest.raises(ConfigError) as err:
         validate(MetaTrainConfig, {field: value})
@@ -84,8 +99,13 @@ def _cli(*args, cwd=None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "selfmod.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "selfmod.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+    )
 
 
 def test_meta_train_cli_rejects_bad_values_with_exit_2(tmp_path):
@@ -100,13 +120,35 @@ def test_meta_train_under_torchrun_with_two_processes(tmp_path):
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "selfmod.cli", "meta-train",
-         "--set", "meta_steps=2", "--set", "meta_batch=2", "--set", "unroll=2",
-         "--set", "width=8", "--set", f"out={tmp_path / 'meta'}"],
-        capture_output=True, text=True, check=False, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "selfmod.cli",
+            "meta-train",
+            "--set",
+            "meta_steps=2",
+            "--set",
+            "meta_batch=2",
+            "--set",
+            "unroll=2",
+            "--set",
+            "width=8",
+            "--set",
+            f"out={tmp_path / 'meta'}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     manifest = json.loads((tmp_path / "meta" / "checkpoint.json").read_text())
-    assert manifest["step"] == 2 and set(manifest["sha256"]) == {"weights.safetensors",
-                                                                 "meta_state.safetensors"}
+    assert manifest["step"] == 2 and set(manifest["sha256"]) == {
+        "weights.safetensors",
+        "meta_state.safetensors",
+    }

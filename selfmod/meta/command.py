@@ -21,8 +21,9 @@ def load_meta_config(path: str | Path | None, overrides: list[str] | None) -> Me
     return load(MetaTrainConfig, path, overrides)
 
 
-def run_meta_train(config: str | Path | None, overrides: list[str] | None,
-                   resume: bool = False) -> Path:
+def run_meta_train(
+    config: str | Path | None, overrides: list[str] | None, resume: bool = False
+) -> Path:
     """Meta-train; returns the output folder. Initialises ``torch.distributed`` under torchrun."""
     cfg = load_meta_config(config, overrides)
     started_group = False
@@ -39,8 +40,9 @@ def run_meta_train(config: str | Path | None, overrides: list[str] | None,
             task = progress.add_task("meta-training", total=cfg.meta_steps)
 
             def on_step(step: int, loss: float) -> None:
-                progress.update(task, completed=step + 1,
-                                description=f"meta-training (meta-loss {loss:.3f})")
+                progress.update(
+                    task, completed=step + 1, description=f"meta-training (meta-loss {loss:.3f})"
+                )
 
             meta_train(cfg, on_step=on_step, resume=resume)
         if main:

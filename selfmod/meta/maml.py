@@ -45,19 +45,40 @@ def meta_sgd_optimizer(params: Params) -> tuple[GradientTransformation, Params]:
     return optim.sgd(lr=lambda h: {k: h[META_SGD_PREFIX + k] for k in names}), alphas
 
 
-def adapt(loss: TaskLoss, optimizer: GradientTransformation, params: Params, hparams: Params,
-          support: Any, steps: int) -> Params:
+def adapt(
+    loss: TaskLoss,
+    optimizer: GradientTransformation,
+    params: Params,
+    hparams: Params,
+    support: Any,
+    steps: int,
+) -> Params:
     """``steps`` optimizer steps on the support loss, without a graph (for evaluation)."""
     state = optimizer.init(params)
-    final, _ = hypergrad.run(lambda p, h, b: loss(p, b), optimizer, params, state, hparams,
-                             [support] * steps, create_graph=False)
+    final, _ = hypergrad.run(
+        lambda p, h, b: loss(p, b),
+        optimizer,
+        params,
+        state,
+        hparams,
+        [support] * steps,
+        create_graph=False,
+    )
     return final
 
 
-def maml_step(loss: TaskLoss, params: Params, episodes: Sequence[Any], *, steps: int = 1,
-              inner_lr: float = 0.4, optimizer: GradientTransformation | None = None,
-              hparams: Params | None = None, first_order: bool = False,
-              total_tasks: int | None = None) -> MetaGradient:
+def maml_step(
+    loss: TaskLoss,
+    params: Params,
+    episodes: Sequence[Any],
+    *,
+    steps: int = 1,
+    inner_lr: float = 0.4,
+    optimizer: GradientTransformation | None = None,
+    hparams: Params | None = None,
+    first_order: bool = False,
+    total_tasks: int | None = None,
+) -> MetaGradient:
     """The MAML meta-gradient over ``episodes`` (each with ``.support`` and ``.query``).
 
     ``optimizer`` (default ``sgd(inner_lr)``) and its ``hparams`` define the inner loop; pass
@@ -83,11 +104,15 @@ def maml_step(loss: TaskLoss, params: Params, episodes: Sequence[Any], *, steps:
             gp = dict(zip(w, torch.autograd.grad(value, list(w.values())), strict=True))
             gh = tree.zeros_like(hparams)
         else:
-            res = hypergrad.reverse(inner, inner, optimizer, params, hparams,
-                                    [ep.support] * steps, ep.query)
+            res = hypergrad.reverse(
+                inner, inner, optimizer, params, hparams, [ep.support] * steps, ep.query
+            )
             value, gp, gh = res.value, res.params, res.hparams
         total_loss = total_loss + value.detach()
         g_params = {k: g_params[k] + gp[k] for k in g_params}
         g_hparams = {k: g_hparams[k] + gh[k] for k in g_hparams}
-    return MetaGradient(total_loss / n, {k: v / n for k, v in g_params.items()},
-                        {k: v / n for k, v in g_hparams.items()})
+    return MetaGradient(
+        total_loss / n,
+        {k: v / n for k, v in g_params.items()},
+        {k: v / n for k, v in g_hparams.items()},
+    )

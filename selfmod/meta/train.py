@@ -86,8 +86,9 @@ def task_loss(p, h, batch):
     return F.cross_entropy(mlp_forward(p, x), y)
 
 
-def new_task(tasks: TemplateTasks, split: str, n_way: int, seed: int
-             ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def new_task(
+    tasks: TemplateTasks, split: str, n_way: int, seed: int
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """A ``n_way``-class task from the ``split`` templates: (train set, validation set)."""
     gen = torch.Generator().manual_seed(seed)
     pool = torch.as_tensor(tasks.classes(split))
@@ -109,9 +110,12 @@ def _reset(slot_index: int, episode: int, cfg: MetaTrainConfig, tasks, opt) -> S
     return Slot(params, opt.init(params), 0, episode, train, valid, gen)
 
 
-def meta_train(cfg: MetaTrainConfig, tasks: TemplateTasks | None = None,
-               on_step: Callable[[int, float], None] | None = None,
-               resume: bool = False) -> dict[str, Tensor]:
+def meta_train(
+    cfg: MetaTrainConfig,
+    tasks: TemplateTasks | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    resume: bool = False,
+) -> dict[str, Tensor]:
     """Run meta-training; returns the learned optimizer's weights (same on every rank)."""
     torch.manual_seed(cfg.seed)
     tasks = tasks or TemplateTasks(seed=cfg.seed)
@@ -130,8 +134,16 @@ def meta_train(cfg: MetaTrainConfig, tasks: TemplateTasks | None = None,
         loss_sum = torch.zeros(1)
         for i, slot in slots.items():
             batches = [minibatch(slot.train, cfg.inner_batch, slot.gen) for _ in range(cfg.unroll)]
-            res = hypergrad.reverse(task_loss, task_loss, opt, slot.params, weights, batches,
-                                    slot.train, state=slot.state)
+            res = hypergrad.reverse(
+                task_loss,
+                task_loss,
+                opt,
+                slot.params,
+                weights,
+                batches,
+                slot.train,
+                state=slot.state,
+            )
             grads = {k: grads[k] + res.hparams[k] for k in grads}
             loss_sum += res.value
             slot.params, slot.state, slot.t = res.final_params, res.final_state, slot.t + cfg.unroll
@@ -144,7 +156,8 @@ def meta_train(cfg: MetaTrainConfig, tasks: TemplateTasks | None = None,
         if on_step is not None:
             on_step(step, float(summed["loss"]) / cfg.meta_batch)
         done = step + 1 == cfg.meta_steps or (
-            cfg.time_limit and time.perf_counter() - began > cfg.time_limit)
+            cfg.time_limit and time.perf_counter() - began > cfg.time_limit
+        )
         if distributed.is_main_process() and ((step + 1) % cfg.checkpoint_every == 0 or done):
             save_checkpoint(out, weights, meta_state, step + 1, cfg)
         if done:
@@ -168,8 +181,12 @@ def save_checkpoint(out: Path, weights, meta_state, step: int, cfg: MetaTrainCon
         tmp.unlink()
         atomic_write_bytes(out / name, data)
         digests[name] = hashlib.sha256(data).hexdigest()
-    manifest = {"step": step, "sha256": digests, "meta_state_scalars": scalars,
-                "config": cfg.model_dump()}
+    manifest = {
+        "step": step,
+        "sha256": digests,
+        "meta_state_scalars": scalars,
+        "config": cfg.model_dump(),
+    }
     atomic_write_text(out / "checkpoint.json", json.dumps(manifest, indent=1))
 
 
@@ -182,6 +199,8 @@ def load_checkpoint(out: Path, meta_state_template) -> tuple[dict[str, Tensor], 
     weights = load_file(str(out / "weights.safetensors"))
     tensors = load_file(str(out / "meta_state.safetensors"))
     leaves, spec = torch.utils._pytree.tree_flatten(meta_state_template)
-    restored = [tensors.get(f"leaf{i}", manifest["meta_state_scalars"].get(f"leaf{i}"))
-                for i in range(len(leaves))]
+    restored = [
+        tensors.get(f"leaf{i}", manifest["meta_state_scalars"].get(f"leaf{i}"))
+        for i in range(len(leaves))
+    ]
     return weights, torch.utils._pytree.tree_unflatten(restored, spec), manifest["step"]

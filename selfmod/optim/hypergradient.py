@@ -31,9 +31,12 @@ class HypergradientState(NamedTuple):
     inner: Any  # state of the direction transform
 
 
-def hyperoptimizer_stack(lr: float, hyper_lrs: Sequence[float],
-                         direction: GradientTransformation | None = None,
-                         per_tensor: bool = False) -> GradientTransformation:
+def hyperoptimizer_stack(
+    lr: float,
+    hyper_lrs: Sequence[float],
+    direction: GradientTransformation | None = None,
+    per_tensor: bool = False,
+) -> GradientTransformation:
     """Descend along ``direction`` (default: the raw gradient) with a learning rate adapted by
     its hypergradient; ``hyper_lrs = [beta_1, ..., beta_H]``: ``beta_i`` is the step size of
     level ``i-1``'s rate, adapted in turn by ``beta_{i+1}``; ``beta_H`` is fixed.
@@ -51,8 +54,10 @@ def hyperoptimizer_stack(lr: float, hyper_lrs: Sequence[float],
     direction = direction or identity()
     height = len(hyper_lrs)
     if per_tensor and height > 1:
-        raise ValueError("per_tensor supports a stack of height 1 (got a height of "
-                         f"{height}); use one rate for all tensors in taller stacks")
+        raise ValueError(
+            "per_tensor supports a stack of height 1 (got a height of "
+            f"{height}); use one rate for all tensors in taller stacks"
+        )
 
     def h_dtype(state: HypergradientState) -> torch.dtype:
         return state.hypergrads.dtype
@@ -83,19 +88,26 @@ def hyperoptimizer_stack(lr: float, hyper_lrs: Sequence[float],
             lr_new = {k: a - rates[0] * h0[k] for k, a in state.lr.items()}
         else:
             lr_new = state.lr - rates[0] * h0
-        hyper_new = torch.stack([rates[i - 1] - rates[i] * hs[i] for i in range(1, height)]) \
-            if height > 1 else state.hyper_lrs
+        hyper_new = (
+            torch.stack([rates[i - 1] - rates[i] * hs[i] for i in range(1, height)])
+            if height > 1
+            else state.hyper_lrs
+        )
         d, inner = direction.update(grads, state.inner, params, hparams)
         updates = {k: -(lr_new[k] if per_tensor else lr_new) * dk for k, dk in d.items()}
-        return updates, HypergradientState(lr_new, hyper_new, torch.stack(hs) if not per_tensor
-                                           else state.hypergrads, d, inner)
+        return updates, HypergradientState(
+            lr_new, hyper_new, torch.stack(hs) if not per_tensor else state.hypergrads, d, inner
+        )
 
     return GradientTransformation(init, update)
 
 
-def hypergradient_descent(lr: float, hyper_lr: float,
-                          direction: GradientTransformation | None = None,
-                          per_tensor: bool = False) -> GradientTransformation:
+def hypergradient_descent(
+    lr: float,
+    hyper_lr: float,
+    direction: GradientTransformation | None = None,
+    per_tensor: bool = False,
+) -> GradientTransformation:
     """Hypergradient descent (a stack of height 1): ``alpha_t = alpha_{t-1} + beta g_t.d_{t-1}``.
 
     The current learning rate is ``state.lr``.
@@ -108,7 +120,13 @@ def sgd_hd(lr: float, hyper_lr: float = 1e-3, per_tensor: bool = False) -> Gradi
     return hypergradient_descent(lr, hyper_lr, None, per_tensor)
 
 
-def adam_hd(lr: float = 1e-3, hyper_lr: float = 1e-7, b1: float = 0.9, b2: float = 0.999,
-            eps: float = 1e-8, per_tensor: bool = False) -> GradientTransformation:
+def adam_hd(
+    lr: float = 1e-3,
+    hyper_lr: float = 1e-7,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    per_tensor: bool = False,
+) -> GradientTransformation:
     """Adam-HD (Baydin et al. 2018): hypergradient descent along Adam's direction."""
     return hypergradient_descent(lr, hyper_lr, scale_by_adam(b1, b2, eps), per_tensor)

@@ -58,8 +58,9 @@ def preprocess_gradients(g: Tensor, p: float = 10.0) -> Tensor:
     return torch.stack([log_part, sign_part], dim=-1)
 
 
-def init_lstm_optimizer(hidden: int = 20, layers: int = 2, seed: int = 0,
-                        prefix: str = "lstm") -> dict[str, Tensor]:
+def init_lstm_optimizer(
+    hidden: int = 20, layers: int = 2, seed: int = 0, prefix: str = "lstm"
+) -> dict[str, Tensor]:
     """Initial weights of :func:`lstm_optimizer`, keyed ``{prefix}.w_ih{l}`` etc."""
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, Tensor] = {}
@@ -69,15 +70,17 @@ def init_lstm_optimizer(hidden: int = 20, layers: int = 2, seed: int = 0,
         w_hh, _ = _linear_init(hidden, 4 * hidden, gen)
         b = b.clone()
         b[hidden : 2 * hidden] = 1.0  # forget-gate bias 1: remember by default
-        out.update({f"{prefix}.w_ih{layer}": w_ih, f"{prefix}.w_hh{layer}": w_hh,
-                    f"{prefix}.b{layer}": b})
+        out.update(
+            {f"{prefix}.w_ih{layer}": w_ih, f"{prefix}.w_hh{layer}": w_hh, f"{prefix}.b{layer}": b}
+        )
     w_out, b_out = _linear_init(hidden, 1, gen)
     out[f"{prefix}.w_out"], out[f"{prefix}.b_out"] = w_out * 0.1, b_out * 0.0
     return out
 
 
-def lstm_optimizer(hidden: int = 20, layers: int = 2, output_scale: float = 0.1,
-                   prefix: str = "lstm") -> GradientTransformation:
+def lstm_optimizer(
+    hidden: int = 20, layers: int = 2, output_scale: float = 0.1, prefix: str = "lstm"
+) -> GradientTransformation:
     """Coordinate-wise LSTM optimizer: every scalar parameter is a batch row sharing weights.
 
     ``u_i = output_scale * W_out h_i``, ``h_i = LSTM(preprocess(g_i), state_i)``.
@@ -96,9 +99,11 @@ def lstm_optimizer(hidden: int = 20, layers: int = 2, output_scale: float = 0.1,
         x = preprocess_gradients(_cat(grads))  # (n, 2)
         hs, cs = [], []
         for layer in range(layers):
-            gates = (x @ hparams[f"{prefix}.w_ih{layer}"].T
-                     + state.h[layer] @ hparams[f"{prefix}.w_hh{layer}"].T
-                     + hparams[f"{prefix}.b{layer}"])  # (n, 4 * hidden)
+            gates = (
+                x @ hparams[f"{prefix}.w_ih{layer}"].T
+                + state.h[layer] @ hparams[f"{prefix}.w_hh{layer}"].T
+                + hparams[f"{prefix}.b{layer}"]
+            )  # (n, 4 * hidden)
             i, f, g, o = gates.chunk(4, dim=-1)
             c = torch.sigmoid(f) * state.c[layer] + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
@@ -116,20 +121,31 @@ class MLPOptState(NamedTuple):
     momenta: tuple[Params, ...]  # one EMA of the gradient per decay rate, shaped like params
 
 
-def init_mlp_optimizer(hidden: int = 32, decays: Sequence[float] = (0.5, 0.9, 0.99),
-                       seed: int = 0, prefix: str = "mlpopt") -> dict[str, Tensor]:
+def init_mlp_optimizer(
+    hidden: int = 32,
+    decays: Sequence[float] = (0.5, 0.9, 0.99),
+    seed: int = 0,
+    prefix: str = "mlpopt",
+) -> dict[str, Tensor]:
     """Initial weights of :func:`mlp_optimizer` (features: g, momenta, param)."""
     gen = torch.Generator().manual_seed(seed)
     n_features = 2 + len(decays)
     w0, b0 = _linear_init(n_features, hidden, gen)
     w1, b1 = _linear_init(hidden, hidden, gen)
     w2, b2 = _linear_init(hidden, 2, gen)
-    return {f"{prefix}.w0": w0, f"{prefix}.b0": b0, f"{prefix}.w1": w1, f"{prefix}.b1": b1,
-            f"{prefix}.w2": w2, f"{prefix}.b2": b2 * 0.0}
+    return {
+        f"{prefix}.w0": w0,
+        f"{prefix}.b0": b0,
+        f"{prefix}.w1": w1,
+        f"{prefix}.b1": b1,
+        f"{prefix}.w2": w2,
+        f"{prefix}.b2": b2 * 0.0,
+    }
 
 
-def mlp_optimizer(decays: Sequence[float] = (0.5, 0.9, 0.99), step_scale: float = 1e-3,
-                  prefix: str = "mlpopt") -> GradientTransformation:
+def mlp_optimizer(
+    decays: Sequence[float] = (0.5, 0.9, 0.99), step_scale: float = 1e-3, prefix: str = "mlpopt"
+) -> GradientTransformation:
     """Per-parameter MLP optimizer: ``u = d * exp(m * s) * s`` with ``(d, m) = MLP(features)``.
 
     Features per coordinate: gradient, its EMAs with ``decays``, and the parameter, each divided
@@ -137,14 +153,17 @@ def mlp_optimizer(decays: Sequence[float] = (0.5, 0.9, 0.99), step_scale: float 
     """
 
     def init(params: Params) -> MLPOptState:
-        return MLPOptState(tuple({k: torch.zeros_like(v) for k, v in params.items()}
-                                 for _ in decays))
+        return MLPOptState(
+            tuple({k: torch.zeros_like(v) for k, v in params.items()} for _ in decays)
+        )
 
     def update(grads, state, params=None, hparams: HParams | None = None):
         if hparams is None or params is None:
             raise ValueError("mlp_optimizer needs params and hparams (its weights)")
-        momenta = tuple({k: m[k] * b + grads[k] * (1 - b) for k in grads}
-                        for m, b in zip(state.momenta, decays, strict=True))
+        momenta = tuple(
+            {k: m[k] * b + grads[k] * (1 - b) for k in grads}
+            for m, b in zip(state.momenta, decays, strict=True)
+        )
         out = {}
         for k, g in grads.items():
             feats = [g, *(m[k] for m in momenta), params[k]]

@@ -100,8 +100,13 @@ class TemplateTasks:
     ``bank``: ``(num_templates, examples_per_class, 40)``.
     """
 
-    def __init__(self, num_templates: int = 200, train_fraction: float = 0.8,
-                 examples_per_class: int = 40, seed: int = 0):
+    def __init__(
+        self,
+        num_templates: int = 200,
+        train_fraction: float = 0.8,
+        examples_per_class: int = 40,
+        seed: int = 0,
+    ):
         if num_templates < 4:
             raise ValueError(f"num_templates must be >= 4 (got {num_templates})")
         if not 0.0 < train_fraction < 1.0:
@@ -116,38 +121,47 @@ class TemplateTasks:
         labels = np.repeat(np.arange(num_templates), examples_per_class)
         x = (_transform(self.templates, labels, get_dataset_args(), seed) - mean) / std
         self.bank = torch.as_tensor(x, dtype=torch.float32).reshape(
-            num_templates, examples_per_class, -1)
+            num_templates, examples_per_class, -1
+        )
 
     def classes(self, split: Split) -> np.ndarray:
         n = len(self.templates)
         return np.arange(self.n_train) if split == "train" else np.arange(self.n_train, n)
 
-    def sample(self, n_way: int, k_shot: int, queries: int, split: Split = "train",
-               seed: int = 0) -> Episode:
+    def sample(
+        self, n_way: int, k_shot: int, queries: int, split: Split = "train", seed: int = 0
+    ) -> Episode:
         pool = self.classes(split)
         _check(n_way, k_shot, queries, len(pool))
         per = k_shot + queries
         if per > self.bank.shape[1]:
-            raise ValueError(f"k_shot + queries must be <= examples_per_class "
-                             f"({self.bank.shape[1]}) (got {per})")
+            raise ValueError(
+                f"k_shot + queries must be <= examples_per_class ({self.bank.shape[1]}) (got {per})"
+            )
         gen = torch.Generator().manual_seed(seed)
         chosen = torch.as_tensor(pool)[torch.randperm(len(pool), generator=gen)[:n_way]]
-        rows = torch.stack([torch.randperm(self.bank.shape[1], generator=gen)[:per]
-                            for _ in range(n_way)])  # (n_way, per)
+        rows = torch.stack(
+            [torch.randperm(self.bank.shape[1], generator=gen)[:per] for _ in range(n_way)]
+        )  # (n_way, per)
         x = self.bank[chosen[:, None], rows].reshape(n_way * per, -1)
         labels = torch.arange(n_way).repeat_interleave(per)
         return _split(x, labels, n_way, k_shot, per)
 
-    def dataset(self, classes: Sequence[int], split_fraction: float = 0.5
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def dataset(
+        self, classes: Sequence[int], split_fraction: float = 0.5
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """A classification task over ``classes`` (relabelled 0..n-1) from their banks:
         ``(x_train, y_train, x_test, y_test)``, the first ``split_fraction`` of each bank for
         training."""
         n_tr = max(1, round(split_fraction * self.bank.shape[1]))
         xs = self.bank[list(classes)]  # (n, per_class, 40)
         labels = torch.arange(len(classes))[:, None].expand(-1, xs.shape[1])
-        return (xs[:, :n_tr].reshape(-1, xs.shape[-1]), labels[:, :n_tr].reshape(-1),
-                xs[:, n_tr:].reshape(-1, xs.shape[-1]), labels[:, n_tr:].reshape(-1))
+        return (
+            xs[:, :n_tr].reshape(-1, xs.shape[-1]),
+            labels[:, :n_tr].reshape(-1),
+            xs[:, n_tr:].reshape(-1, xs.shape[-1]),
+            labels[:, n_tr:].reshape(-1),
+        )
 
 
 class DigitsTasks:
@@ -163,8 +177,9 @@ class DigitsTasks:
         self.train_classes = np.asarray(train_classes)
         self.test_classes = np.setdiff1d(np.arange(10), self.train_classes)
 
-    def sample(self, n_way: int, k_shot: int, queries: int, split: Split = "train",
-               seed: int = 0) -> Episode:
+    def sample(
+        self, n_way: int, k_shot: int, queries: int, split: Split = "train", seed: int = 0
+    ) -> Episode:
         pool = self.train_classes if split == "train" else self.test_classes
         _check(n_way, k_shot, queries, len(pool))
         gen = torch.Generator().manual_seed(seed)
