@@ -12,7 +12,13 @@ from torch.utils import _pytree as pytree
 
 from selfmod import tree
 from selfmod.introspect import Faults, Introspector, replay
-from selfmod.introspect.controller import Stream, concrete_dropout, gap_step, noise_scale
+from selfmod.introspect.controller import (
+    Stream,
+    active_units,
+    concrete_dropout,
+    gap_step,
+    noise_scale,
+)
 from selfmod.runs.config import TrainConfig
 from selfmod.runs.ledger import Ledger
 
@@ -142,20 +148,22 @@ def test_divergence_rolls_back_to_the_last_good_state():
 
 
 @pytest.mark.parametrize("safeguards", [True, False])
-def test_a_model_knocked_below_its_start_without_a_loss_spike_is_rolled_back(safeguards):
+def test_a_dead_hidden_layer_is_rolled_back_though_the_loss_did_not_spike(safeguards):
     cfg = TrainConfig(**{**FAST, "lr": 0.05, "modifiers": [], "safeguards": safeguards})
     run = Introspector(cfg, None)
     run.run_cycle()  # the first probe: the untrained model, and the last good state
     good, lr = tree.clone(run.params), run.hparams["log_lr"].clone()
-    last = list(run.params)[-1]  # the output bias: a constant, wrong prediction
-    dead = {k: v * 0 for k, v in run.params.items()}
-    run.params = {**dead, last: torch.nn.functional.one_hot(torch.tensor(0), 10) * 3.0}
+    assert all(a > 0 for a in active_units(run.params, run.guard()[0], run.cfg.depth))
+    # the second hidden layer's units never fire: the output is the last layer's bias
+    dead = {**run.params, "2.bias": run.params["2.bias"] * 0 - 10.0}
+    run.params = dead
+    assert active_units(dead, run.guard()[0], run.cfg.depth)[1] == 0
     run.run_cycle()
     rollbacks = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
     if not safeguards:
-        assert not rollbacks and run.params[last].abs().max() == 3.0
+        assert not rollbacks and bool((run.params["2.bias"] == -10.0).all())
         return
-    assert len(rollbacks) == 1 and "no progress since step 0" in rollbacks[0]["reason"]
+    assert len(rollbacks) == 1 and "hidden layer 2 has no unit active" in rollbacks[0]["reason"]
     assert _equal(run.params, good)
     torch.testing.assert_close(run.hparams["log_lr"], lr - math.log(2.0))
 

@@ -50,8 +50,8 @@ proposed run over the lookahead must be finite, its guard loss not worse than
 older sources' guard data not lower by more than ``forgetting_delta``. A non-finite loss,
 gradient or meta-gradient, or a loss above ``DIVERGENCE_FACTOR`` times its running average,
 rolls back to the last good state, halves the learning rates and the meta learning rate; so
-does a cycle whose probe finds the model worse than when training on its source began (guard
-loss up, accuracy not up: a step too large left it dead without a loss spike).
+does a cycle that finds a hidden layer dead (no unit active on any guard example: a step too
+large can leave the network so without a loss spike).
 ``approval="manual"``: verified changes wait in the ledger until ``selfmod approve``.
 ``safeguards=False`` (for comparisons only) commits every proposal unchecked, counts a
 diverging loss without acting on it, and lets a non-finite loss, gradient or meta-gradient end
@@ -95,7 +95,6 @@ DIVERGENCE_FACTOR = 5.0
 TEMPERATURE = 0.1
 #: online_lr keeps every learning rate in [1e-6, 10]
 LOG_LR_RANGE = (math.log(1e-6), math.log(10.0))
-STALL_MARGIN = 0.02  # see Introspector._stalled
 LOG_WD_RANGE = (math.log(1e-7), math.log(1e-3))  # the gap rule's weight decay range
 
 Params = dict[str, Tensor]
@@ -128,6 +127,17 @@ def apply_mlp(
         if p is not None and noise is not None:
             h = concrete_dropout(h, p[i], noise[i, : h.shape[0], : h.shape[1]])
     return F.linear(h, params[f"{2 * depth}.weight"], params[f"{2 * depth}.bias"])
+
+
+def active_units(params: Params, x: Tensor, depth: int) -> list[int]:
+    """Per hidden layer of :func:`apply_mlp`, how many units are positive for at least one
+    row of ``x (B, D)`` (no dropout). A layer with none makes the output constant."""
+    h, out = x, []
+    with torch.no_grad():
+        for i in range(depth):
+            h = torch.relu(F.linear(h, params[f"{2 * i}.weight"], params[f"{2 * i}.bias"]))
+            out.append(int((h > 0).any(0).sum()))
+    return out
 
 
 class _NanGrad(torch.autograd.Function):
@@ -620,7 +630,6 @@ class Introspector:
         return {
             "cycle": self.cycle,
             "step": self.step,
-            "source": self.source_id,
             "guard_loss": gl,
             "guard_acc": ga,
             "train_loss": tl,
@@ -658,9 +667,9 @@ class Introspector:
         probe = self.probe()
         self.history["probes"].append(probe)
         self._ledger("cycle", "evaluate", "probes", probe)
-        stalled = self._stalled(probe)
-        if stalled and cfg.safeguards:
-            self._rollback(stalled)
+        dead = self._dead() if cfg.safeguards else None
+        if dead:
+            self._rollback(dead)
             self.cycle += 1
             return
         # the reservoir sees the examples the model is about to train on, with current losses
@@ -690,24 +699,15 @@ class Introspector:
         self.good = self._snapshot()
         self.cycle += 1
 
-    def _stalled(self, probe: dict[str, float]) -> str | None:
-        """Why the model is worse than when training on this source began (``None``: it is
-        not): guard loss more than ``STALL_MARGIN`` (relative) above that first probe's and
-        accuracy less than ``STALL_MARGIN`` above it. This catches a run that a too-large step
-        knocked into a dead, chance-level state without a loss spike (so no divergence)."""
-        first = next(p for p in self.history["probes"] if p.get("source", 0) == probe["source"])
-        if first is probe:
+    def _dead(self) -> str | None:
+        """Why the model no longer depends on its input (``None``: it does): a hidden layer
+        with no unit active on any guard example. A step too large can leave a ReLU network
+        so without a loss spike (no divergence to catch), and no learning rate revives it."""
+        active = active_units(self.params, self.guard()[0], self.depth)
+        dead = [i for i, a in enumerate(active) if a == 0]
+        if not dead:
             return None
-        if (
-            probe["guard_loss"] > first["guard_loss"] * (1 + STALL_MARGIN)
-            and probe["guard_acc"] < first["guard_acc"] + STALL_MARGIN
-        ):
-            return (
-                f"no progress since step {first['step']}: guard loss {probe['guard_loss']:.3g} "
-                f"(was {first['guard_loss']:.3g}), accuracy {probe['guard_acc']:.3f} "
-                f"(was {first['guard_acc']:.3f})"
-            )
-        return None
+        return f"dead: hidden layer {dead[0] + 1} has no unit active on the guard set"
 
     def _estimate(self, guard) -> tuple[float, Params]:
         est = hypergrad.ESTIMATORS[self.cfg.estimator]
