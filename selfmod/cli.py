@@ -206,13 +206,14 @@ def vs_search(
         list[str] | None,
         typer.Option(
             "--set",
-            help="seeds=[0,1], steps, tpe_trials=[20,50], random_trials, "
-            "grid_points, large_lr, guard_size, out",
+            help="model=mlp|cnn, seeds=[0,1], steps, tpe_trials=[20,50], random_trials, "
+            "grid_points, large_lr, guard_size, out, jobs",
         ),
     ] = None,
 ) -> None:
     """Self-modification against grid, random and Optuna TPE search, hypergradient descent and
-    a hyperoptimizer stack on MNIST-1D; writes vs_search.{md,json,png}."""
+    a hyperoptimizer stack on MNIST-1D (an MLP, or with model=cnn a 1-D CNN); writes
+    vs_search.{md,json,png} (vs_search_cnn.* for the CNN)."""
     from selfmod.bench.vs_search import load_budget, run_benchmark
 
     budget = load_budget(set_)

@@ -34,6 +34,7 @@ BAD_VALUES = {
     "gap_target": ("0", "gap_target must be a number in (0, 10] (got 0)"),
     "gap_gain": ("-1", "gap_gain must be a number in [0, 10] (got -1)"),
     "lr_mean": ("mean", "lr_mean must be one of 'free', 'fixed' (got 'mean')"),
+    "model": ("rnn", "model must be one of 'mlp', 'cnn' (got 'rnn')"),
     "cycle": ("0", "cycle must be an integer in [1, 100000] (got 0)"),
     "lookahead": ("2000", "lookahead must be an integer in [1, 1000] (got 2000)"),
     "estimator": ("magic", "estimator must be one of 'reverse', 'checkpointed'"),

@@ -12,13 +12,8 @@ from torch.utils import _pytree as pytree
 
 from selfmod import tree
 from selfmod.introspect import Faults, Introspector, replay
-from selfmod.introspect.controller import (
-    Stream,
-    active_units,
-    concrete_dropout,
-    gap_step,
-    noise_scale,
-)
+from selfmod.introspect.controller import Stream, gap_step, noise_scale
+from selfmod.introspect.network import concrete_dropout
 from selfmod.runs.config import TrainConfig
 from selfmod.runs.ledger import Ledger
 
@@ -153,11 +148,11 @@ def test_a_dead_hidden_layer_is_rolled_back_though_the_loss_did_not_spike(safegu
     run = Introspector(cfg, None)
     run.run_cycle()  # the first probe: the untrained model, and the last good state
     good, lr = tree.clone(run.params), run.hparams["log_lr"].clone()
-    assert all(a > 0 for a in active_units(run.params, run.guard()[0], run.cfg.depth))
+    assert all(a > 0 for a in run.net.active_units(run.params, run.guard()[0]))
     # the second hidden layer's units never fire: the output is the last layer's bias
     dead = {**run.params, "2.bias": run.params["2.bias"] * 0 - 10.0}
     run.params = dead
-    assert active_units(dead, run.guard()[0], run.cfg.depth)[1] == 0
+    assert run.net.active_units(dead, run.guard()[0])[1] == 0
     run.run_cycle()
     rollbacks = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
     if not safeguards:

@@ -46,14 +46,18 @@ def test_fold_hands_over_the_best_by_validation_never_by_test_or_a_pruned_trial(
 def test_grid_and_random_points_stay_inside_the_search_space():
     import random
 
-    points = C.grid_points() + [C.sample_point(random.Random(s)) for s in range(50)]
-    assert len(C.grid_points()) == 24 and len(set(C.grid_points())) == 24
-    for p in points:
-        assert len(p.lr) == C.DEPTH + 1
-        assert all(C.SPACE["lr"][0] <= v <= C.SPACE["lr"][1] for v in p.lr)
-        for k in ("weight_decay", "momentum", "dropout", "width"):
-            lo, hi = C.SPACE[k]
-            assert lo <= getattr(p, k) <= hi, (k, p)
+    for model in ("mlp", "cnn"):
+        space = C.space(model)
+        grid = C.grid_points(model)
+        points = grid + [C.sample_point(random.Random(s), space) for s in range(50)]
+        assert len(grid) == 24 and len(set(grid)) == 24
+        for p in points:
+            assert len(p.lr) == C.DEPTH + 1
+            assert all(space["lr"][0] <= v <= space["lr"][1] for v in p.lr)
+            for k in ("weight_decay", "momentum", "dropout", "width"):
+                lo, hi = space[k]
+                assert lo <= getattr(p, k) <= hi, (model, k, p)
+    assert C.space("cnn")["width"] != C.SPACE["width"]
 
 
 def test_without_safeguards_a_nan_ends_the_run_and_a_harmful_change_commits():
@@ -137,6 +141,7 @@ def test_harness_end_to_end_on_a_tiny_budget(tmp_path):
         ("tpe_trials=[0]", "tpe_trials must be a list of 1 to 5 integers in [1, 500]"),
         ("grid_points=25", "grid_points must be an integer in [1, 24] (got 25)"),
         ("large_lr=0", "large_lr must be a number in (0, 100] (got 0)"),
+        ("model=rnn", "model must be one of 'mlp', 'cnn' (got 'rnn')"),
         ("magic=1", "unknown config field 'magic'"),
     ],
 )
@@ -155,3 +160,17 @@ def test_cli_bad_budget_exits_2_with_one_line():
     )
     assert r.returncode == 2
     assert r.stderr.strip() == "error: steps must be an integer in [20, 100000] (got 5)"
+
+
+def test_harness_runs_the_cnn_workload(tmp_path):
+    overrides = ["model=cnn", "seeds=[3]", "steps=40", "tpe_trials=[2]", "random_trials=1"]
+    budget = load_budget([*overrides, "grid_points=1", "guard_size=200", f"out='{tmp_path}'"])
+    text = run_benchmark(budget, "test")
+    assert "1-D CNN" in text and "width [8, 64]" in text
+    raw = json.loads((tmp_path / "vs_search_cnn.json").read_text())
+    assert not (tmp_path / "vs_search.json").exists()
+    (seed,) = raw["seeds"]
+    me = next(o for o in seed["main"] if o["name"] == "selfmod introspective")
+    assert me["steps"] == 40 and len(me["best"]["widths"]) == 2
+    grid = next(o for o in seed["main"] if o["name"] == "grid search (1)")
+    assert grid["best"]["width"] == C.GRID_WIDTHS["cnn"][0]

@@ -1,10 +1,12 @@
-"""Ways to find a good MNIST-1D MLP, each run on one budget and recorded the same way.
+"""Ways to find a good MNIST-1D network, each run on one budget and recorded the same way.
 
-Every contender trains the same model family (an MLP ``40 -> w -> w -> 10``, SGD with momentum,
-weight decay and dropout, batch 128) from the same data split: the training pool, a validation
-set of ``guard_size`` training examples (the introspective run's guard set; search methods
-select on it), and the test set, which nobody selects on. The search space is
-:class:`Point`'s: a learning rate per layer, weight decay, momentum, dropout and width.
+Every contender trains the same model family (an MLP ``40 -> w -> w -> 10`` or a 1-D CNN with
+two conv layers of ``w`` channels, kernel 5, stride 2: :class:`~selfmod.introspect.network.Network`;
+SGD with momentum, weight decay and dropout, batch 128) from the same data split: the training
+pool, a validation set of ``guard_size`` training examples (the introspective run's guard set;
+search methods select on it), and the test set, which nobody selects on. The search space is
+:class:`Point`'s: a learning rate per layer, weight decay, momentum, dropout and width
+(:func:`space`: the CNN's width range is narrower, its trials cost ~3x an MLP's).
 
 - :func:`fixed`: the default point, trained once;
 - :func:`grid_search`, :func:`random_search`, :func:`tpe_search` (Optuna TPE with its median
@@ -37,8 +39,8 @@ import torch.nn.functional as F
 from selfmod import optim
 from selfmod.errors import DivergenceError, NonFiniteError
 from selfmod.introspect import probes
-from selfmod.introspect.controller import Introspector, Source, Stream, apply_mlp
-from selfmod.models import mlp
+from selfmod.introspect.controller import Introspector, Source, Stream
+from selfmod.introspect.network import Network
 from selfmod.runs.config import TrainConfig, validate
 
 DEPTH = 2
@@ -53,6 +55,13 @@ SPACE = {
     "dropout": (0.0, 0.5),
     "width": (16, 256),
 }
+#: hidden units (MLP) or channels (CNN) per layer
+WIDTHS = {"mlp": (16, 256), "cnn": (8, 64)}
+
+
+def space(model: str) -> dict[str, tuple[float, float]]:
+    """:data:`SPACE` with ``model``'s width range."""
+    return {**SPACE, "width": WIDTHS[model]}
 
 
 @dataclass(frozen=True)
@@ -136,11 +145,19 @@ class _Clock:
 
 
 class Workload:
-    """The data split and budget every contender of one seed shares."""
+    """The data split, model family and budget every contender of one seed shares."""
 
-    def __init__(self, source: Source, seed: int, steps: int, eval_every: int | None = None):
-        self.source, self.seed, self.steps = source, seed, steps
+    def __init__(
+        self,
+        source: Source,
+        seed: int,
+        steps: int,
+        eval_every: int | None = None,
+        model: str = "mlp",
+    ):
+        self.source, self.seed, self.steps, self.model = source, seed, steps, model
         self.eval_every = eval_every or max(1, steps // 20)
+        self.space = space(model)
 
     def config(self, point: Point, **overrides: Any) -> TrainConfig:
         values = {
@@ -148,7 +165,8 @@ class Workload:
             "steps": self.steps,
             "batch_size": BATCH,
             "width": point.width,
-            "max_width": max(point.width, SPACE["width"][1]),
+            "model": self.model,
+            "max_width": max(point.width, self.space["width"][1]),
             "depth": DEPTH,
             "lr": point.lr[0],
             "momentum": point.momentum,
@@ -199,7 +217,7 @@ def train_point(
 
 
 def _per_tensor(lr: Sequence[float]) -> list[float]:
-    """Per-layer rates -> one per tensor of :func:`selfmod.models.mlp` (weight, bias)."""
+    """Per-layer rates -> one per tensor of the network (weight, bias)."""
     return [v for v in lr for _ in range(2)]
 
 
@@ -234,41 +252,44 @@ GRID = {
     "dropout": (0.0, 0.2),
     "width": (64, 256),
 }
+#: the grid's widths per model (the upper half of its width range)
+GRID_WIDTHS = {"mlp": (64, 256), "cnn": (16, 64)}
 
 
-def grid_points() -> list[Point]:
+def grid_points(model: str = "mlp") -> list[Point]:
     """A 3 x 2 x 2 x 2 = 24-point grid (one rate for all layers, momentum 0.9): a full grid
     over all seven coordinates would need thousands of trials."""
-    keys = list(GRID)
+    grid = {**GRID, "width": GRID_WIDTHS[model]}
+    keys = list(grid)
     return [
         Point(lr=(v["lr"],) * (DEPTH + 1), **{k: v[k] for k in keys if k != "lr"})
-        for v in (dict(zip(keys, c, strict=True)) for c in itertools.product(*GRID.values()))
+        for v in (dict(zip(keys, c, strict=True)) for c in itertools.product(*grid.values()))
     ]
 
 
 def grid_search(work: Workload, points: int | None = None) -> list[Trial]:
     """The first ``points`` points of :func:`grid_points` (all of them by default)."""
-    return [train_point(work, p) for p in grid_points()[:points]]
+    return [train_point(work, p) for p in grid_points(work.model)[:points]]
 
 
-def sample_point(rng: random.Random) -> Point:
-    """A point drawn uniformly from :data:`SPACE` (log-uniform where the space is log)."""
+def sample_point(rng: random.Random, space: dict = SPACE) -> Point:
+    """A point drawn uniformly from ``space`` (log-uniform where the space is log)."""
 
     def log_uniform(lo: float, hi: float) -> float:
         return math.exp(rng.uniform(math.log(lo), math.log(hi)))
 
     return Point(
-        lr=tuple(log_uniform(*SPACE["lr"]) for _ in range(DEPTH + 1)),
-        weight_decay=log_uniform(*SPACE["weight_decay"]),
-        momentum=rng.uniform(*SPACE["momentum"]),
-        dropout=rng.uniform(*SPACE["dropout"]),
-        width=round(log_uniform(*SPACE["width"])),
+        lr=tuple(log_uniform(*space["lr"]) for _ in range(DEPTH + 1)),
+        weight_decay=log_uniform(*space["weight_decay"]),
+        momentum=rng.uniform(*space["momentum"]),
+        dropout=rng.uniform(*space["dropout"]),
+        width=round(log_uniform(*space["width"])),
     )
 
 
 def random_search(work: Workload, trials: int) -> list[Trial]:
     rng = random.Random(work.seed)
-    return [train_point(work, sample_point(rng)) for _ in range(trials)]
+    return [train_point(work, sample_point(rng, work.space)) for _ in range(trials)]
 
 
 def tpe_search(work: Workload, trials: int) -> list[Trial]:
@@ -282,16 +303,17 @@ def tpe_search(work: Workload, trials: int) -> list[Trial]:
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=work.steps // 4),
     )
     done: list[Trial] = []
+    space = work.space
 
     def objective(trial: optuna.Trial) -> float:
         point = Point(
             lr=tuple(
-                trial.suggest_float(f"lr{i}", *SPACE["lr"], log=True) for i in range(DEPTH + 1)
+                trial.suggest_float(f"lr{i}", *space["lr"], log=True) for i in range(DEPTH + 1)
             ),
-            weight_decay=trial.suggest_float("weight_decay", *SPACE["weight_decay"], log=True),
-            momentum=trial.suggest_float("momentum", *SPACE["momentum"]),
-            dropout=trial.suggest_float("dropout", *SPACE["dropout"]),
-            width=trial.suggest_int("width", *SPACE["width"], log=True),
+            weight_decay=trial.suggest_float("weight_decay", *space["weight_decay"], log=True),
+            momentum=trial.suggest_float("momentum", *space["momentum"]),
+            dropout=trial.suggest_float("dropout", *space["dropout"]),
+            width=trial.suggest_int("width", *space["width"], log=True),
         )
 
         def report(step: int, val: float) -> None:
@@ -322,13 +344,13 @@ def online_hd(work: Workload, method: str, point: Point = DEFAULT) -> Outcome:
         "stack": lambda: optim.hyperoptimizer_stack(point.lr[0], [1e-3, 1e-6], direction),
     }[method]()
     torch.manual_seed(work.seed)
-    sizes = [work.source.x.shape[1], point.width, point.width, 10]
-    params = {k: v.detach().clone() for k, v in mlp(sizes).named_parameters()}
+    net = Network(work.model, DEPTH, work.source.x.shape[1])
+    params = net.init(point.width)
     state = opt.init(params)
     stream = Stream(work.seed, len(work.source.y))
 
     def apply(p: dict, x: torch.Tensor) -> torch.Tensor:
-        return apply_mlp(p, x, DEPTH)
+        return net.apply(p, x)
 
     def loss_fn(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(apply(p, x), y)

@@ -8,7 +8,8 @@ any contender reached on that seed, and diverged trials / rolled-back changes. A
 starts the one-run contenders from a learning rate so large that plain training diverges.
 
 ``python benchmarks/vs_search.py [--set key=value ...]`` or ``selfmod bench vs-search`` writes
-``benchmarks/results/vs_search.{md,json,png}``; ``--set`` takes :class:`Budget`'s fields.
+``benchmarks/results/vs_search.{md,json,png}`` (``--set model=cnn``: the 1-D CNN workload,
+``vs_search_cnn.{md,json,png}``); ``--set`` takes :class:`Budget`'s fields.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +53,7 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    model: Literal["mlp", "cnn"] = Field("mlp", description="the workload's network")
     seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
         default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, max_length=100
     )
@@ -90,9 +92,8 @@ def run_seed(budget: Budget, seed: int, tick: Callable[[str], None] = lambda _: 
     """Every contender on one seed: ``{"main": [Outcome...], "large_lr": [Outcome...]}``."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    work = C.Workload(
-        make_source(load_mnist1d(seed=42), budget.guard_size, seed), seed, budget.steps
-    )
+    source = make_source(load_mnist1d(seed=42), budget.guard_size, seed)
+    work = C.Workload(source, seed, budget.steps, model=budget.model)
     main: list[C.Outcome] = []
 
     def add(outcome: C.Outcome) -> None:
@@ -209,19 +210,32 @@ def verdict(summary: dict[str, Any], tpe_trials: int = 20) -> list[str]:
     return out
 
 
+#: the workloads' networks, as the table describes them
+NETWORKS = {
+    "mlp": "MLP 40-w-w-10",
+    "cnn": "1-D CNN (2 conv layers of w channels, kernel 5, stride 2, then linear)",
+}
+
+
+def stem(model: str) -> str:
+    """The results' file name without extension: ``vs_search`` or ``vs_search_cnn``."""
+    return "vs_search" if model == "mlp" else f"vs_search_{model}"
+
+
 def markdown(summary: dict[str, Any], budget: Budget, command: str, seconds: float) -> str:
     n = len(budget.seeds)
+    lo, hi = C.WIDTHS[budget.model]
     lines = [
         "# selfmod against black-box search and other self-tuning methods",
         "",
         f"Command: `{command}`",
         "",
-        f"MNIST-1D (default generation: 4,000 train / 1,000 test), MLP 40-w-w-10, SGD with "
-        f"momentum, batch {C.BATCH}, {budget.steps} base steps per trial or run; validation = "
-        f"{budget.guard_size} training examples held out (searches select on it; nobody "
-        f"selects on test). Search space: a learning rate per layer in [1e-3, 1] (log), weight "
-        f"decay [1e-6, 1e-2] (log), momentum [0, 0.99], dropout [0, 0.5], width [16, 256] "
-        f"(log). One-run contenders start from the fixed default "
+        f"MNIST-1D (default generation: 4,000 train / 1,000 test), {NETWORKS[budget.model]}, "
+        f"SGD with momentum, batch {C.BATCH}, {budget.steps} base steps per trial or run; "
+        f"validation = {budget.guard_size} training examples held out (searches select on "
+        f"it; nobody selects on test). Search space: a learning rate per layer in [1e-3, 1] "
+        f"(log), weight decay [1e-6, 1e-2] (log), momentum [0, 0.99], dropout [0, 0.5], "
+        f"width [{lo}, {hi}] (log). One-run contenders start from the fixed default "
         f"({C.DEFAULT.describe()}). Medians over {n} seeds {list(budget.seeds)} with (min-max); "
         f"1 torch thread; total {seconds / 60:.1f} min.",
         "",
@@ -260,7 +274,7 @@ def markdown(summary: dict[str, Any], budget: Budget, command: str, seconds: flo
     return "\n".join(lines)
 
 
-def plot(per_seed: list[dict], path: Path) -> None:
+def plot(per_seed: list[dict], path: Path, model: str = "mlp") -> None:
     """Accuracy of the handed-over model against wall seconds spent, every seed."""
     import matplotlib
 
@@ -296,7 +310,7 @@ def plot(per_seed: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("wall seconds spent (1 thread)")
     ax.set_ylabel("test accuracy of the handed-over model (%)")
-    ax.set_title("MNIST-1D MLP: accuracy against compute, every seed")
+    ax.set_title(f"MNIST-1D {model.upper()}: accuracy against compute, every seed")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -313,8 +327,8 @@ def run_benchmark(
     command: str = "python benchmarks/vs_search.py",
     progress: Callable[[int, int, str], None] | None = None,
 ) -> str:
-    """Run every seed, write ``vs_search.{md,json,png}`` into ``budget.out``; returns the
-    markdown table."""
+    """Run every seed, write ``vs_search.{md,json,png}`` (:func:`stem`) into ``budget.out``;
+    returns the markdown table."""
     torch.set_num_threads(1)
     start = time.perf_counter()
     total = len(budget.seeds) * (9 + len(budget.tpe_trials))  # ticks of run_seed
@@ -344,14 +358,15 @@ def run_benchmark(
     text = markdown(summary, budget, command, seconds)
     out_dir = Path(budget.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "vs_search.md", text)
+    name = stem(budget.model)
+    atomic_write_text(out_dir / f"{name}.md", text)
     raw = {
         "budget": budget.model_dump(),
         "seeds": [{k: [asdict(o) for o in v] for k, v in s.items()} for s in per_seed],
         "summary": summary,
     }
-    atomic_write_text(out_dir / "vs_search.json", json.dumps(_finite(raw), indent=1))
-    plot(per_seed, out_dir / "vs_search.png")
+    atomic_write_text(out_dir / f"{name}.json", json.dumps(_finite(raw), indent=1))
+    plot(per_seed, out_dir / f"{name}.png", budget.model)
     return text
 
 

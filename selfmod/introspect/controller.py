@@ -84,15 +84,13 @@ from selfmod import arch, hypergrad, optim, tree
 from selfmod.data import Dataset, load_mnist1d
 from selfmod.errors import DivergenceError, NonFiniteError
 from selfmod.introspect import probes, replay
-from selfmod.models import mlp
+from selfmod.introspect.network import Network
 from selfmod.runs.checkpoint import load_latest, save_checkpoint
 from selfmod.runs.config import TrainConfig
 from selfmod.runs.ledger import Ledger
 
 #: a batch loss this many times its running average counts as divergence
 DIVERGENCE_FACTOR = 5.0
-#: concrete-dropout temperature (Gal et al. 2017 use 0.1)
-TEMPERATURE = 0.1
 #: online_lr keeps every learning rate in [1e-6, 10]
 LOG_LR_RANGE = (math.log(1e-6), math.log(10.0))
 LOG_WD_RANGE = (math.log(1e-7), math.log(1e-3))  # the gap rule's weight decay range
@@ -102,42 +100,6 @@ Batch = tuple[Tensor, Tensor, Tensor]  # x (B, D), y (B,), dropout noise (depth,
 
 
 # ----------------------------------------------------------------------------- pure pieces
-
-
-def concrete_dropout(h: Tensor, p: Tensor, u: Tensor) -> Tensor:
-    """Relaxed dropout, differentiable in the rate ``p``: the drop mask is
-    ``z = sigmoid((logit p + logit u) / t)``, the output ``h (1 - z) / (1 - p)``, with
-    ``1 - z = sigmoid(-(logit p + logit u) / t)``.
-
-    ``h (B, W)``, ``p ()``, ``u (B, W)`` uniform noise. References: Gal, Hron & Kendall 2017.
-    """
-    eps = 1e-7
-    keep = torch.sigmoid((torch.logit(p, eps) + torch.logit(u, eps)) / -TEMPERATURE)  # (B, W)
-    return h * keep / (1.0 - p)
-
-
-def apply_mlp(
-    params: Params, x: Tensor, depth: int, p: Tensor | None = None, noise: Tensor | None = None
-) -> Tensor:
-    """``x (B, D) -> logits (B, C)``; with ``p (depth,)`` and ``noise (depth, B, >=W)``,
-    concrete dropout after every hidden ReLU. Param names as :func:`selfmod.models.mlp`."""
-    h = x
-    for i in range(depth):
-        h = torch.relu(F.linear(h, params[f"{2 * i}.weight"], params[f"{2 * i}.bias"]))  # (B, W)
-        if p is not None and noise is not None:
-            h = concrete_dropout(h, p[i], noise[i, : h.shape[0], : h.shape[1]])
-    return F.linear(h, params[f"{2 * depth}.weight"], params[f"{2 * depth}.bias"])
-
-
-def active_units(params: Params, x: Tensor, depth: int) -> list[int]:
-    """Per hidden layer of :func:`apply_mlp`, how many units are positive for at least one
-    row of ``x (B, D)`` (no dropout). A layer with none makes the output constant."""
-    h, out = x, []
-    with torch.no_grad():
-        for i in range(depth):
-            h = torch.relu(F.linear(h, params[f"{2 * i}.weight"], params[f"{2 * i}.bias"]))
-            out.append(int((h > 0).any(0).sum()))
-    return out
 
 
 class _NanGrad(torch.autograd.Function):
@@ -317,12 +279,13 @@ class Faults:
 
 
 class Introspector:
-    """A run that trains an MLP and modifies it every cycle (see the module docstring).
+    """A run that trains a :class:`~selfmod.introspect.network.Network` (``cfg.model``: an MLP
+    or a 1-D CNN) and modifies it every cycle (see the module docstring).
 
     ``run_dir`` holds the ledger and checkpoints; ``None`` runs in memory (no resume).
     ``tune=False`` gives the fixed-configuration baseline: the same loop without cycles.
-    ``lrs`` starts each tensor (in :func:`selfmod.models.mlp`'s order) at its own learning
-    rate instead of ``cfg.lr``.
+    ``lrs`` starts each tensor (in the network's order: ``0.weight``, ``0.bias``, ...) at its
+    own learning rate instead of ``cfg.lr``.
     """
 
     def __init__(
@@ -342,13 +305,13 @@ class Introspector:
         self.depth = cfg.depth
         self.num_features = self.sources[0].x.shape[1]
         self.num_classes = 10
+        self.net = Network(cfg.model, cfg.depth, self.num_features, self.num_classes)
         self.max_width = max(cfg.max_width, cfg.width)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.rng = torch.Generator().manual_seed(cfg.seed)
-        sizes = [self.num_features] + [cfg.width] * cfg.depth + [self.num_classes]
-        self.params: Params = {k: v.detach().clone() for k, v in mlp(sizes).named_parameters()}
+        self.params: Params = self.net.init(cfg.width)
         self.names = list(self.params)
         self.active = set(cfg.modifiers) if tune else set()
         self.use_dropout = cfg.dropout > 0 or "dropout" in self.active
@@ -398,26 +361,21 @@ class Introspector:
 
     def apply(self, params: Params, x: Tensor) -> Tensor:
         """Logits without dropout (evaluation)."""
-        return apply_mlp(params, x, self.depth)
+        return self.net.apply(params, x)
 
     def _inner_loss(self, params: Params, hparams: Params, batch: Batch) -> Tensor:
         x, y, noise = batch
         p = torch.sigmoid(hparams["drop_logit"]) if self.use_dropout else None
-        return F.cross_entropy(apply_mlp(params, x, self.depth, p, noise), y)
+        return F.cross_entropy(self.net.apply(params, x, p, noise), y)
 
     def _outer_loss(self, params: Params, hparams: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
         return F.cross_entropy(self.apply(params, batch[0]), batch[1])
 
     def widths(self, params: Params | None = None) -> list[int]:
-        p = self.params if params is None else params
-        return [p[f"{2 * i}.weight"].shape[0] for i in range(self.depth)]
+        return self.net.widths(self.params if params is None else params)
 
     def cost(self, params: Params | None = None) -> arch.Cost:
-        p = self.params if params is None else params
-        sizes = [self.num_features, *self.widths(p), self.num_classes]
-        with torch.random.fork_rng():  # building the module must not consume the run's RNG
-            module = mlp(sizes)
-        return arch.cost(module, (self.num_features,), p)
+        return self.net.cost(self.params if params is None else params)
 
     def values(self, h: Params | None = None) -> dict[str, Any]:
         """The hyperparameters in natural units, for logs and the ledger."""
@@ -703,7 +661,7 @@ class Introspector:
         """Why the model no longer depends on its input (``None``: it does): a hidden layer
         with no unit active on any guard example. A step too large can leave a ReLU network
         so without a loss spike (no divergence to catch), and no learning rate revives it."""
-        active = active_units(self.params, self.guard()[0], self.depth)
+        active = self.net.active_units(self.params, self.guard()[0])
         dead = [i for i, a in enumerate(active) if a == 0]
         if not dead:
             return None
@@ -808,9 +766,7 @@ class Introspector:
     def _dead_units(self) -> list[list[int]]:
         out = []
         for i in range(self.depth):
-            w_in = self.params[f"{2 * i}.weight"]  # (W, n_in)
-            w_out = self.params[f"{2 * i + 2}.weight"]  # (n_out, W)
-            sal = w_in.norm(dim=1) * w_out.norm(dim=0)  # (W,)
+            sal = self.net.saliency(self.params, i)  # (W,)
             dead = torch.nonzero(sal < 1e-3 * sal.median()).squeeze(1)
             cap = int(self.cfg.prune_fraction * len(sal))
             out.append(dead[:cap].tolist())
@@ -830,7 +786,7 @@ class Introspector:
         if "remove" in change:
             for i, units in enumerate(change["remove"]):
                 if units:
-                    group = _group(i)
+                    group = self.net.group(i)
                     keep = torch.ones(params[f"{2 * i}.weight"].shape[0], dtype=torch.bool)
                     keep[torch.tensor(units)] = False
                     plan = arch.prune_plan(group, keep)
@@ -842,8 +798,8 @@ class Introspector:
         g = torch.Generator().manual_seed(seed)
         for i, k in enumerate(add):
             if k > 0:
-                group = _group(i)
-                fan_in = params[f"{2 * i}.weight"].shape[1]
+                group = self.net.group(i)
+                fan_in = self.net.fan_in(params, i)
                 plan = arch.zero_plan(group, params, k, init_std=fan_in**-0.5, generator=g)
                 state = arch.apply_state(plan, state, params)
                 params = arch.apply_params(plan, params)
@@ -1134,15 +1090,6 @@ class Introspector:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _group(i: int) -> arch.UnitGroup:
-    """Hidden layer ``i`` of :func:`selfmod.models.mlp`: rows of ``2i.weight`` and ``2i.bias``,
-    columns of ``(2i+2).weight``."""
-    return arch.UnitGroup(
-        (arch.Slot(f"{2 * i}.weight", 0), arch.Slot(f"{2 * i}.bias", 0)),
-        (arch.Slot(f"{2 * i + 2}.weight", 1),),
-    )
 
 
 def _clone_state(state: Any) -> Any:

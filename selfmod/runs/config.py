@@ -44,7 +44,8 @@ SCHEDULE_ALLOWED = (
 
 
 class TrainConfig(BaseModel):
-    """``selfmod train``: an MLP on MNIST-1D that tunes its own hyperparameters and width.
+    """``selfmod train``: an MLP or 1-D CNN on MNIST-1D that tunes its own hyperparameters and
+    width.
 
     The defaults start deliberately poorly (learning rate 100x too small, 8 hidden units per
     layer, no regularization) so that the run has something to fix.
@@ -55,6 +56,9 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="drives torch, numpy and Python RNGs")
     steps: int = Field(6000, ge=1, le=1_000_000, description="base training steps")
     batch_size: int = Field(128, ge=1, le=4000, description="initial batch size")
+    model: Literal["mlp", "cnn"] = Field(
+        "mlp", description="an MLP or a 1-D CNN (kernel 5, stride 2; width = channels)"
+    )
     width: int = Field(8, ge=1, le=4096, description="initial hidden units per layer")
     depth: int = Field(2, ge=1, le=8, description="hidden layers")
     lr: float = Field(1e-3, gt=0, le=10, description="initial learning rate of every tensor")
