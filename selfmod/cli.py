@@ -50,7 +50,8 @@ def train(
         list[str] | None, typer.Option("--set", help="override a field: --set steps=500")
     ] = None,
 ) -> None:
-    """Train an MNIST-1D MLP that modifies itself, next to a fixed-configuration run."""
+    """Train an MNIST-1D MLP (model=cnn: a 1-D CNN) that modifies itself, next to a
+    fixed-configuration run."""
     cfg = load_config(config, set_)
     run_dir = Path(cfg.out) / time.strftime("train-%Y%m%d-%H%M%S")
     suffix = 1
