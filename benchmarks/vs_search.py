@@ -1,10 +1,12 @@
 """selfmod against black-box search (grid, random, Optuna TPE) and other self-tuning methods
 (SGD-HD, Adam-HD, a hyperoptimizer stack) on MNIST-1D, with and without safeguards.
 
-    python benchmarks/vs_search.py                      # the published table: 5 seeds (~25 min)
+    python benchmarks/vs_search.py                  # the published MLP table: 5 seeds (~30 min)
+    python benchmarks/vs_search.py --set model=cnn  # the 1-D CNN table (~75 min; jobs=2 halves it)
     python benchmarks/vs_search.py --set seeds=[0] --set steps=500
 
-Same as ``selfmod bench vs-search``; writes benchmarks/results/vs_search.{md,json,png}.
+Same as ``selfmod bench vs-search``; writes benchmarks/results/vs_search.{md,json,png}
+(``vs_search_cnn.*`` for the CNN).
 """
 
 import sys
