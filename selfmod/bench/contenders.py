@@ -46,6 +46,8 @@ from selfmod.runs.config import TrainConfig, validate
 DEPTH = 2
 BATCH = 128
 
+#: hidden units (MLP) or channels (CNN) per layer
+WIDTHS = {"mlp": (16, 256), "cnn": (8, 64)}
 #: the search space: (low, high) per coordinate; learning rates, weight decay and width on a
 #: log scale
 SPACE = {
@@ -53,10 +55,8 @@ SPACE = {
     "weight_decay": (1e-6, 1e-2),
     "momentum": (0.0, 0.99),
     "dropout": (0.0, 0.5),
-    "width": (16, 256),
+    "width": WIDTHS["mlp"],
 }
-#: hidden units (MLP) or channels (CNN) per layer
-WIDTHS = {"mlp": (16, 256), "cnn": (8, 64)}
 
 
 def space(model: str) -> dict[str, tuple[float, float]]:
@@ -157,7 +157,10 @@ class Workload:
     ):
         self.source, self.seed, self.steps, self.model = source, seed, steps, model
         self.eval_every = eval_every or max(1, steps // 20)
-        self.space = space(model)
+
+    @property
+    def space(self) -> dict[str, tuple[float, float]]:
+        return space(self.model)
 
     def config(self, point: Point, **overrides: Any) -> TrainConfig:
         values = {
@@ -250,7 +253,6 @@ GRID = {
     "lr": (0.01, 0.05, 0.25),
     "weight_decay": (1e-5, 1e-3),
     "dropout": (0.0, 0.2),
-    "width": (64, 256),
 }
 #: the grid's widths per model (the upper half of its width range)
 GRID_WIDTHS = {"mlp": (64, 256), "cnn": (16, 64)}

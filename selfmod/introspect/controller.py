@@ -787,7 +787,7 @@ class Introspector:
             for i, units in enumerate(change["remove"]):
                 if units:
                     group = self.net.group(i)
-                    keep = torch.ones(params[f"{2 * i}.weight"].shape[0], dtype=torch.bool)
+                    keep = torch.ones(group.width(params), dtype=torch.bool)
                     keep[torch.tensor(units)] = False
                     plan = arch.prune_plan(group, keep)
                     state = arch.apply_state(plan, state, params)

@@ -16,6 +16,7 @@ Dropout is concrete dropout per unit (per channel in the CNN, the same mask alon
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,7 +80,7 @@ class Network:
         if self.kind == "mlp":
             return mlp([self.num_features, *widths, self.num_classes])
         layers: list[nn.Module] = []
-        for c_in, c_out in zip([1, *widths], widths, strict=False):
+        for c_in, c_out in itertools.pairwise([1, *widths]):
             conv = nn.Conv1d(c_in, c_out, self.kernel_size, self.stride, self.kernel_size // 2)
             layers += [conv, nn.ReLU()]
         layers.append(FlatLinear(widths[-1] * self.lengths()[-1], self.num_classes))
