@@ -6,9 +6,11 @@ differentiates through.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,80 @@ def functionalize(module: nn.Module) -> tuple[Callable[[Params, Tensor], Tensor]
         return functional_call(module, p, (x,))
 
     return apply, params
+
+
+class FunctionalModel:
+    """An ``nn.Module`` as a pure function of its parameters and buffers::
+
+        fm = FunctionalModel(module)
+        params, buffers = fm.init()
+        out, buffers = fm(params, buffers, x, train=True, update_buffers=True)
+
+    ``train`` puts every submodule in training or eval mode for the call (restored after).
+    ``update_buffers=True`` (with ``train``) lets BatchNorm update its running statistics, on
+    copies that are returned: the caller's ``buffers`` are never written. ``update_buffers=False``
+    runs BatchNorm on batch statistics without touching any buffer (safe inside ``vmap`` and
+    grad transforms) and returns ``buffers`` itself. ``extra`` substitutes further tensors by
+    name (e.g. :class:`selfmod.arch.dropout.ConcreteDropout`'s ``rate`` and ``noise``).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def init(self) -> tuple[Params, Params]:
+        """Detached copies of the parameters and the persistent buffers."""
+        params = {k: v.detach().clone() for k, v in self.module.named_parameters()}
+        return params, {k: v.detach().clone() for k, v in persistent_buffers(self.module).items()}
+
+    def __call__(
+        self,
+        params: Params,
+        buffers: Params,
+        *args: Any,
+        train: bool,
+        update_buffers: bool = False,
+        extra: Params | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Params]:
+        tracking = train and update_buffers
+        if tracking:
+            buffers = {k: v.clone() for k, v in buffers.items()}  # updated in place below
+        with _modes(self.module, train, tracking):
+            out = functional_call(self.module, {**params, **buffers, **(extra or {})}, args, kwargs)
+        return out, buffers
+
+
+def persistent_buffers(module: nn.Module) -> Params:
+    """The buffers that belong in a checkpoint (``state_dict``'s), by name."""
+    out = {}
+    for prefix, m in module.named_modules():
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and name not in m._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = b
+    return out
+
+
+@contextlib.contextmanager
+def _modes(module: nn.Module, train: bool, track: bool) -> Iterator[None]:
+    """``module.train(train)``; with ``train`` and not ``track``, BatchNorm layers use batch
+    statistics and leave their running statistics alone. Restores every flag on exit."""
+    saved = [(m, m.training) for m in module.modules()]
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    module.train(train)
+    if train and not track:
+        for m in norms:
+            m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+        for m in norms:
+            m.track_running_stats = True
 
 
 def cross_entropy_loss(apply: Callable[[Params, Tensor], Tensor]):

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from selfmod.arch.dropout import ConcreteDropout
 from selfmod.arch.gates import HardConcreteGate, StraightThroughGate
 from selfmod.arch.models import GrowReLU
 
@@ -301,6 +302,7 @@ _PASS = (
     nn.AdaptiveAvgPool2d,
     nn.Flatten,
     GrowReLU,
+    ConcreteDropout,
 )
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _GATES = {HardConcreteGate: "log_alpha", StraightThroughGate: "scores"}
