@@ -4,6 +4,10 @@ Carry the tangents ``Z_t = d(params_t, state_t) / d hparams`` along the unroll: 
 Jacobian-vector product per step and hyperparameter, ``Z_{t+1} = dPhi/dw Z_t + dPhi/dh``,
 batched over the hyperparameters with ``vmap``. Memory is independent of K (it holds H copies
 of params and state), time grows with H: for few hyperparameters.
+
+Random layers (dropout) draw one mask per step, shared by every tangent direction
+(``vmap(randomness="same")``): the directions differentiate one training run. The global RNG
+advances as in :func:`~selfmod.hypergrad.reverse`, so both see the same masks from one seed.
 References: Williams & Zipser 1989; Franceschi et al. 2017 ("Forward and Reverse
 Gradient-Based Hyperparameter Optimization").
 """
@@ -27,6 +31,7 @@ from selfmod.hypergrad.unroll import (
     outer_value,
     prepare,
     result,
+    second_order,
 )
 from selfmod.optim.base import GradientTransformation
 
@@ -98,10 +103,11 @@ def _tangent_step(inner_loss, optimizer, p, s_leaves, rebuild, h, batch, tp, ts,
         (p_new, s_new, loss, grads), (dp, ds, _, _) = jvp(step, (p, s_leaves, h), (tp_, ts_, th_))
         return p_new, s_new, loss, grads, dp, ds
 
-    if basis:  # at least one hyperparameter
-        p_new, s_new, loss, grads, tp, ts = vmap(tangent, out_dims=(None, None, None, None, 0, 0))(
-            tp, ts, basis
-        )
-    else:
-        p_new, s_new, loss, grads = step(p, s_leaves, h)
+    # jvp needs forward-mode rules for the step's backward pass: attention on the math backend.
+    with second_order(True):
+        if basis:  # at least one hyperparameter; one dropout mask for all n directions
+            batched = vmap(tangent, out_dims=(None, None, None, None, 0, 0), randomness="same")
+            p_new, s_new, loss, grads, tp, ts = batched(tp, ts, basis)
+        else:
+            p_new, s_new, loss, grads = step(p, s_leaves, h)
     return p_new, s_new, structure["rebuild"], tp, ts, loss, grads

@@ -30,6 +30,7 @@ from selfmod.hypergrad.unroll import (
     prepare,
     result,
     run,
+    second_order,
 )
 from selfmod.optim.base import GradientTransformation
 
@@ -94,7 +95,7 @@ def implicit(
     g = grads_or_zeros([value], [*h.values(), *w.values()])
     direct, g_w = g[: len(h)], g[len(h) :]
 
-    with torch.enable_grad():
+    with torch.enable_grad(), second_order(True):  # Hessian-vector products: double backward
         grad_w = torch.autograd.grad(
             inner_loss(w, h, hessian_batch),
             tuple(w.values()),

@@ -6,12 +6,14 @@ Estimators differ only in how they differentiate the outer loss through a sequen
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from selfmod import tree
 from selfmod.errors import NonFiniteError
@@ -81,6 +83,18 @@ class FiniteMonitor:
         self.losses, self.grad_norms = [], []
 
 
+def second_order(create_graph: bool) -> contextlib.AbstractContextManager[Any]:
+    """Where a step is differentiated again (``create_graph``, or under ``jvp``), run it with
+    ``sdpa_kernel([SDPBackend.MATH])``; otherwise change nothing.
+
+    The fused attention kernels (flash, memory-efficient, cuDNN) have a backward but no
+    derivative of that backward and no forward-mode rule, so a transformer fails under
+    double backward or ``jvp``; the math backend is plain matmuls and softmax, which have both.
+    The backend is chosen when the loss runs forward; the previous choice is restored on exit.
+    """
+    return sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext()
+
+
 def inner_step(
     inner_loss: Loss,
     optimizer: GradientTransformation,
@@ -93,10 +107,11 @@ def inner_step(
     monitor: FiniteMonitor | None = None,
 ) -> tuple[Params, Any]:
     """One optimizer step on ``inner_loss``. With ``create_graph`` the step is part of the
-    autograd graph (second order); without, it is a plain training step on detached tensors."""
+    autograd graph (second order, attention on the math backend: :func:`second_order`);
+    without, it is a plain training step on detached tensors."""
     if not create_graph:
         params = tree.detach(params, requires_grad=True)
-    with torch.enable_grad():
+    with torch.enable_grad(), second_order(create_graph):
         loss = inner_loss(params, hparams, batch)
         grads = torch.autograd.grad(
             loss, tuple(params.values()), create_graph=create_graph, materialize_grads=True
