@@ -296,7 +296,8 @@ def test_implicit_runs_and_trains_like_reverse(cases, model):
     reverse's and is not compared with it. What holds: the same training run (value and final
     params equal reverse's), finite hypergradients, exactly 0 for learning rates (they do not
     move a fixed point), and a non-zero one for the concrete-dropout rate, which enters the loss.
-    ``damping`` keeps CG well posed on these non-convex losses."""
+    ``damping`` keeps CG well posed on these non-convex losses. With ``nn.Dropout`` the Hessian
+    and mixed term see one more mask, drawn after training (a stochastic IFT estimate)."""
     case = cases[model]
     ref = _reverse(cases, model)
     res = _call(case, "implicit", iters=5, damping=1.0)

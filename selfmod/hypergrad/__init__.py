@@ -16,6 +16,13 @@ estimator              exact?                      memory             d/d params
 ``implicit``           at a fixed point            O(1)               no
 ``finite_difference``  O(eps^2)                    O(1)               yes
 =====================  ==========================  =================  ==============
+
+Common layers: run an ``nn.Module`` through :class:`selfmod.models.FunctionalModel` with
+``update_buffers=False`` (BatchNorm on batch statistics, no buffer written, safe under ``vmap``);
+dropout draws its masks from the global RNG, and from one ``torch.manual_seed`` every unrolled
+estimator trains with the same masks (``forward`` shares each step's mask across its tangents,
+``finite_difference`` replays them for each evaluation); steps that are differentiated again
+run attention on the math backend (:func:`unroll.second_order`).
 """
 
 from selfmod.hypergrad.estimators import checkpointed, finite_difference, reverse, truncated

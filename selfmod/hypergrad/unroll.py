@@ -90,7 +90,8 @@ def second_order(create_graph: bool) -> contextlib.AbstractContextManager[Any]:
     The fused attention kernels (flash, memory-efficient, cuDNN) have a backward but no
     derivative of that backward and no forward-mode rule, so a transformer fails under
     double backward or ``jvp``; the math backend is plain matmuls and softmax, which have both.
-    The backend is chosen when the loss runs forward; the previous choice is restored on exit.
+    The backend is chosen when the loss runs forward; the previous choice is restored on exit
+    (``sdpa_kernel`` sets process-wide flags: other threads see them during the step).
     """
     return sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext()
 
