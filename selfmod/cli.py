@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,22 +49,22 @@ def train(
         list[str] | None, typer.Option("--set", help="override a field: --set steps=500")
     ] = None,
 ) -> None:
-    """Train an MNIST-1D MLP (model=cnn: a 1-D CNN) that modifies itself, next to a
-    fixed-configuration run."""
+    """Train a model that modifies itself (default: an MNIST-1D MLP; model, data and loss may
+    be "package.module:callable"), next to a fixed-configuration run."""
+    from selfmod.runs.api import new_run_dir
+    from selfmod.runs.imports import build_problem
+
     cfg = load_config(config, set_)
-    run_dir = Path(cfg.out) / time.strftime("train-%Y%m%d-%H%M%S")
-    suffix = 1
-    while run_dir.exists():
-        run_dir = Path(cfg.out) / f"{time.strftime('train-%Y%m%d-%H%M%S')}-{suffix}"
-        suffix += 1
-    run_dir.mkdir(parents=True)
+    build_problem(cfg)  # every import and shape checked before a run directory exists
+    run_dir = new_run_dir(cfg.out)
     atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
     _drive(cfg, run_dir, resume=False)
 
 
 @app.command()
 def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
-    """Continue a run from its newest complete checkpoint (bitwise, in deterministic mode)."""
+    """Continue a run from its newest complete checkpoint (bitwise, in deterministic mode);
+    its model, data and loss are imported again from config.json."""
     cfg = _config_of(run_dir)
     _drive(cfg, run_dir, resume=True)
 
@@ -258,31 +257,24 @@ def _read_json(path: Path) -> Any:
 
 
 def _ledger_rows(run_dir: Path) -> list[dict]:
-    from selfmod.runs.ledger import Ledger
+    from selfmod.runs.api import ledger_rows
 
-    with Ledger(run_dir / "ledger.sqlite") as ledger:
-        ledger.verify()
-        return [e.__dict__ for e in ledger.entries() if e.kind != "cycle"]
+    return ledger_rows(run_dir)
 
 
-def _drive(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:
+def _drive(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # type: ignore[valid-type]
     import torch
-    from safetensors.torch import save
 
-    from selfmod.introspect.controller import Introspector, default_sources, write_json
-    from selfmod.runs.checkpoint import list_checkpoints
-    from selfmod.runs.report import summary_rows, write_report
+    from selfmod.introspect.builtin import sources_of
+    from selfmod.introspect.loop import Loop
+    from selfmod.runs.api import DTYPES, build_run, finish
+    from selfmod.runs.imports import build_problem
+    from selfmod.runs.report import summary_rows
 
     torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(cfg.deterministic)
-    sources = default_sources(cfg)
+    problem, splits = build_problem(cfg)
+    run, recorder = build_run(problem, sources_of(splits, cfg.seed), cfg, run_dir, resume=resume)
     status = run_dir / "status.json"
-    if resume:
-        if not list_checkpoints(run_dir):
-            raise SelfmodError(f"{run_dir} has no checkpoint to resume from")
-        run = Introspector.resume(cfg, run_dir, sources=sources)
-    else:
-        run = Introspector(cfg, run_dir, sources=sources)
     atomic_write_text(status, json.dumps({"state": "running", "step": run.step}))
     with Progress(
         TextColumn("{task.description}"),
@@ -294,11 +286,12 @@ def _drive(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:
     ) as progress:
         task = progress.add_task("self-modifying", total=cfg.steps, completed=run.step, info="")
 
-        def tick(r: Introspector) -> None:
+        def tick(r: Loop) -> None:
             if r.step % 10 == 0 or r.step == cfg.steps:
                 last = r.history["log"][-1] if r.history["log"] else {}
                 info = (
-                    f"width {r.widths()} test acc {last.get('test_acc', float('nan')):.3f}"
+                    f"width {r.widths()} guard {problem.metric} "
+                    f"{last.get('guard_acc', float('nan')):.3f}"
                     if last
                     else ""
                 )
@@ -308,45 +301,30 @@ def _drive(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:
         fixed = None
         if cfg.compare_fixed:
             t2 = progress.add_task("fixed configuration", total=cfg.steps, info="")
-            fixed = Introspector(cfg, None, sources=sources, tune=False)
+            fixed_problem, fixed_splits = build_problem(cfg)
+            fixed = Loop(
+                fixed_problem,
+                sources_of(fixed_splits, cfg.seed),
+                cfg,
+                tune=False,
+                device=run.device,
+                dtype=DTYPES[cfg.dtype],
+            )
             fixed.run(on_step=lambda r: r.step % 10 == 0 and progress.update(t2, completed=r.step))
-    data = save({k: v.contiguous() for k, v in run.params.items()})
-    import hashlib
-
-    from selfmod.runs.files import atomic_write_bytes
-
-    atomic_write_bytes(run_dir / "final.safetensors", data)
-    write_json(
-        run_dir / "final.json",
-        {
-            "file": "final.safetensors",
-            "step": run.step,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "torch": torch.__version__,
-        },
-    )
-    history = {
-        "tuned": run.history,
-        "tuned_summary": run.summary(),
-        "fixed": fixed.history if fixed else None,
-        "fixed_summary": fixed.summary() if fixed else None,
-        "shift_cycle": run.shift_cycle,
-        "config": cfg.model_dump(),
-    }
-    write_json(run_dir / "history.json", history)
-    history = json.loads((run_dir / "history.json").read_text())
-    path = write_report(run_dir, history, _ledger_rows(run_dir))
+    history = finish(run_dir, run, fixed, cfg)
+    if recorder is not None:
+        recorder.close()
     atomic_write_text(status, json.dumps({"state": "complete", "step": run.step}))
-    table = Table(
-        title="MNIST-1D, same steps and start"
-        + (f" (data shift at step {cfg.shift_step})" if cfg.shift_step else "")
+    title = f"{cfg.data}, {cfg.model}: same steps and start" + (
+        f" (data shift at step {cfg.shift_step})" if cfg.shift_step else ""
     )
+    table = Table(title=title)
     for col in ("", "self-modifying", "fixed configuration"):
         table.add_column(col)
     for row in summary_rows(history):
         table.add_row(*row)
     Console(width=120).print(table)
-    Console().print(f"run: {run_dir}\nreport: {path}")
+    Console().print(f"run: {run_dir}\nreport: {run_dir / 'report.html'}")
 
 
 def main() -> None:

@@ -155,6 +155,11 @@ def _modes(module: nn.Module, train: bool, track: bool) -> Iterator[None]:
             m.track_running_stats = True
 
 
+def eval_mode(module: nn.Module):
+    """A context in which ``module`` and its submodules are in eval mode (restored after)."""
+    return _modes(module, False, False)
+
+
 def cross_entropy_loss(apply: Callable[[Params, Tensor], Tensor]):
     """``loss(params, hparams, (x, y)) = CE(apply(params, x), y)``, the estimators' signature."""
 

@@ -2,20 +2,26 @@
 unchanged, NaN anywhere rolls back and the run goes on, manual approval changes nothing."""
 
 import math
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from faults import FaultyIntrospector
 from torch.utils import _pytree as pytree
 
 from selfmod import tree
-from selfmod.introspect import Faults, Introspector, replay
-from selfmod.introspect.controller import Stream, gap_step, noise_scale
-from selfmod.introspect.network import concrete_dropout
+from selfmod.arch.dropout import concrete_dropout
+from selfmod.data import Stream
+from selfmod.introspect import Introspector, Proposal, replay, verifier
+from selfmod.introspect.modifiers.batch_size import noise_scale
+from selfmod.introspect.modifiers.hyper import gap_step
 from selfmod.runs.config import TrainConfig
 from selfmod.runs.ledger import Ledger
+from selfmod.runs.recorder import RunRecorder
+
+CRASH_AT = str(Path(__file__).parent / "crash_at.py")  # kills the CLI at a base step
 
 FAST = dict(
     steps=60,
@@ -36,14 +42,29 @@ def _one_thread():
 
 def _run_state(run: Introspector):
     return (
-        tree.clone(run.params),
-        pytree.tree_leaves(run.state),
-        tree.clone(run.hparams),
+        run.state.clone(),
         run.rng.get_state().clone(),
         torch.get_rng_state().clone(),
-        run.stream.position(),
-        run.batch_size,
+        run.sources[run.source_id].train.position(),
     )
+
+
+def _lookahead(run: Introspector) -> float:
+    """Queue the lookahead batches and estimate, as a cycle does; the current guard loss."""
+    run.pending = [run._next_batch() for _ in range(run.config.lookahead)]
+    return run.estimate()[0]
+
+
+def _lr_step(run: Introspector, factor: float) -> Proposal:
+    h = run.hparams["log_lr"] + math.log(factor)
+    return Proposal("lr", {"log_lr": h}, strict=True, group="hypergradient")
+
+
+def _resumed(cfg, run_dir) -> Introspector:
+    recorder = RunRecorder(run_dir)
+    run = Introspector(cfg, recorder=recorder)
+    recorder.resume(run)
+    return run
 
 
 def _equal(a, b) -> bool:
@@ -55,14 +76,11 @@ def _equal(a, b) -> bool:
 
 
 def test_harmful_change_is_rejected_and_the_state_is_bitwise_unchanged():
-    run = Introspector(TrainConfig(**{**FAST, "lr": 0.1, "steps": 200}), None)
+    run = Introspector(TrainConfig(**{**FAST, "lr": 0.1, "steps": 200}))
     run.run()  # a trained run at a good learning rate
-    run.pending = [run._next_batch() for _ in range(run.cfg.lookahead)]
-    guard = run.guard()
-    current, _ = run._estimate(guard)
+    current = _lookahead(run)
     before = _run_state(run)
-    harmful = {"hparams": {"log_lr": run.hparams["log_lr"] + math.log(100.0)}}
-    run._verify_and_decide("hypergradient", harmful, current, guard, {})
+    run.verify_and_decide(_lr_step(run, 100.0), current)
     d = run.history["decisions"][-1]
     assert d["decision"] == "reject", d
     assert _equal(before, _run_state(run))
@@ -70,16 +88,18 @@ def test_harmful_change_is_rejected_and_the_state_is_bitwise_unchanged():
 
 def test_trust_region_bounds_every_hyperparameter_step():
     cfg = TrainConfig(**{**FAST, "trust_region": 0.1, "meta_lr": 10.0})
-    run = Introspector(cfg, None)
-    run.pending = [run._next_batch() for _ in range(cfg.lookahead)]
-    _, g = run._estimate(run.guard())
-    for modifier, change in run._propose(g, {"gap": 0.0}):
-        for k, v in change.get("hparams", {}).items():
-            assert (v - run.hparams[k]).abs().max() <= 0.1 + 1e-6, modifier
-        if modifier == "grow":
+    run = Introspector(cfg)
+    _lookahead(run)
+    _, g = run.estimate()
+    proposals = run.propose(g, {"gap": 0.0})
+    assert {p.modifier for p in proposals} >= {"hypergradient", "regularize", "grow"}
+    for p in proposals:
+        for k, v in p.hparams.items():
+            assert (v - run.hparams[k]).abs().max() <= 0.1 + 1e-6, p.modifier
+        if p.modifier == "grow":
             assert all(
                 a <= math.ceil(cfg.grow_fraction * w)
-                for a, w in zip(change["add"], run.widths(), strict=True)
+                for a, w in zip(p.surgery["add"], run.widths(), strict=True)
             )
 
 
@@ -94,23 +114,24 @@ def test_gap_rule_steps_by_sign_or_in_proportion_within_the_trust_region():
     assert gap_step(10.0, 0.15, 1.0, 0.7) == 0.7
     assert gap_step(-0.2, 0.15, 1.0, 0.7) == -0.7
     cfg = TrainConfig(**{**FAST, "gap_gain": 1.0, "dropout": 0.1})
-    run = Introspector(cfg, None)
+    run = Introspector(cfg)
+    _lookahead(run)
     zero = {k: torch.zeros_like(v) for k, v in run.hparams.items()}
-    (change,) = [c for m, c in run._propose(zero, {"gap": 0.3}) if m == "regularize"]
-    moved = change["hparams"]["log_wd"] - run.hparams["log_wd"]
+    (change,) = [p for p in run.propose(zero, {"gap": 0.3}) if p.modifier == "regularize"]
+    moved = change.hparams["log_wd"] - run.hparams["log_wd"]
     assert float(moved) == pytest.approx(math.log(2.0), rel=1e-5)
-    moved = change["hparams"]["drop_logit"] - run.hparams["drop_logit"]
+    moved = change.hparams["drop_logit"] - run.hparams["drop_logit"]
     assert float(moved.max()) == pytest.approx(math.log(2.0), rel=1e-5)
 
 
 def test_fixed_lr_mean_redistributes_the_rates_at_the_same_geometric_mean():
     proposals = {}
     for mean in ("free", "fixed"):
-        run = Introspector(TrainConfig(**{**FAST, "lr_mean": mean, "modifiers": ["lr"]}), None)
-        run.pending = [run._next_batch() for _ in range(run.cfg.lookahead)]
-        _, g = run._estimate(run.guard())
-        (change,) = [c for m, c in run._propose(g, {"gap": 0.0}) if m == "hypergradient"]
-        proposals[mean] = change["hparams"]["log_lr"] - run.hparams["log_lr"]
+        run = Introspector(TrainConfig(**{**FAST, "lr_mean": mean, "modifiers": ["lr"]}))
+        _lookahead(run)
+        _, g = run.estimate()
+        (change,) = [p for p in run.propose(g, {"gap": 0.0}) if p.modifier == "hypergradient"]
+        proposals[mean] = change.hparams["log_lr"] - run.hparams["log_lr"]
     free, fixed = proposals["free"], proposals["fixed"]
     assert abs(float(free.mean())) > 1e-3  # the meta-gradient moves the mean here
     assert float(fixed.mean()) == pytest.approx(0.0, abs=1e-6)
@@ -119,8 +140,8 @@ def test_fixed_lr_mean_redistributes_the_rates_at_the_same_geometric_mean():
 
 @pytest.mark.parametrize("where", ["loss", "grad", "hypergrad"])
 def test_nan_in_loss_gradient_or_hypergradient_rolls_back_and_the_run_goes_on(where):
-    faults = Faults(**{where: {1} if where == "hypergrad" else {25}})
-    run = Introspector(TrainConfig(**FAST), None, faults=faults)
+    faults = {where: {1} if where == "hypergrad" else {25}}
+    run = FaultyIntrospector(TrainConfig(**FAST), **faults)
     run.run()
     rollbacks = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
     assert len(rollbacks) == 1, rollbacks
@@ -130,13 +151,13 @@ def test_nan_in_loss_gradient_or_hypergradient_rolls_back_and_the_run_goes_on(wh
         == pytest.approx(rollbacks[0]["before"]["lr"][0] / 2, rel=0.3)
         or where == "hypergrad"
     )
-    assert run.meta_lr == pytest.approx(run.cfg.meta_lr / 2)
-    assert run.step == run.cfg.steps and tree.is_finite(run.params)
+    assert run.meta_lr == pytest.approx(run.config.meta_lr / 2)
+    assert run.step == run.config.steps and tree.is_finite(run.params)
     assert len(run.history["probes"]) == 3  # every cycle still ran
 
 
 def test_divergence_rolls_back_to_the_last_good_state():
-    run = Introspector(TrainConfig(**{**FAST, "lr": 10.0, "modifiers": []}), None)
+    run = Introspector(TrainConfig(**{**FAST, "lr": 10.0, "modifiers": []}))
     run.run()
     rollbacks = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
     assert rollbacks and tree.is_finite(run.params)
@@ -145,47 +166,45 @@ def test_divergence_rolls_back_to_the_last_good_state():
 @pytest.mark.parametrize("safeguards", [True, False])
 def test_a_dead_hidden_layer_is_rolled_back_though_the_loss_did_not_spike(safeguards):
     cfg = TrainConfig(**{**FAST, "lr": 0.05, "modifiers": [], "safeguards": safeguards})
-    run = Introspector(cfg, None)
+    run = Introspector(cfg)
     run.run_cycle()  # the first probe: the untrained model, and the last good state
     good, lr = tree.clone(run.params), run.hparams["log_lr"].clone()
-    assert all(a > 0 for a in run.net.active_units(run.params, run.guard()[0]))
+    assert verifier.dead(run) is None
     # the second hidden layer's units never fire: the output is the last layer's bias
     dead = {**run.params, "2.bias": run.params["2.bias"] * 0 - 10.0}
-    run.params = dead
-    assert run.net.active_units(dead, run.guard()[0])[1] == 0
+    run.state = run.state.with_(params=dead)
     run.run_cycle()
     rollbacks = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
     if not safeguards:
         assert not rollbacks and bool((run.params["2.bias"] == -10.0).all())
         return
-    assert len(rollbacks) == 1 and "hidden layer 2 has no unit active" in rollbacks[0]["reason"]
+    assert len(rollbacks) == 1 and "output is the same for every guard" in rollbacks[0]["reason"]
     assert _equal(run.params, good)
     torch.testing.assert_close(run.hparams["log_lr"], lr - math.log(2.0))
 
 
 def test_growth_keeps_the_function_and_maps_the_optimizer_state():
-    run = Introspector(TrainConfig(**FAST), None)
+    run = Introspector(TrainConfig(**FAST))
     run.run()
     x = run.guard()[0]
     before = run.apply(run.params, x)
-    params, state, _, _ = run.changed({"add": [4, 8], "seed": 3})
+    grown = run.apply_proposal(Proposal("grow", surgery={"add": [4, 8], "seed": 3}), run.state)
+    params = grown.params
     assert run.widths(params) == [run.widths()[0] + 4, run.widths()[1] + 8]
     torch.testing.assert_close(run.apply(params, x), before, rtol=0, atol=1e-5)
-    assert state[1].trace["2.weight"].shape == params["2.weight"].shape
+    assert grown.opt_state[1].trace["2.weight"].shape == params["2.weight"].shape
 
 
 def test_manual_approval_changes_nothing_until_approved(tmp_path):
     cfg = TrainConfig(**{**FAST, "steps": 100, "approval": "manual"})
-    env = {**os.environ, "SELFMOD_CRASH_AT_STEP": "70"}
     args = [
         f"--set={k}={str(v).lower() if isinstance(v, bool) else v}"
         for k, v in {**FAST, "steps": 100, "approval": "manual", "out": tmp_path}.items()
     ]
     crashed = subprocess.run(
-        [sys.executable, "-m", "selfmod.cli", "train", *args],
+        [sys.executable, CRASH_AT, "70", "train", *args],
         capture_output=True,
         text=True,
-        env=env,
         check=False,
     )
     assert crashed.returncode == -9, crashed.stderr
@@ -194,7 +213,7 @@ def test_manual_approval_changes_nothing_until_approved(tmp_path):
         pending = [e for e in ledger.entries("proposal") if e.decision == "pending"]
         assert pending and not [e for e in ledger.entries("proposal") if e.decision == "commit"]
     # the run so far: hyperparameters and widths exactly the initial ones at every log point
-    run = Introspector.resume(cfg, run_dir)
+    run = _resumed(cfg, run_dir)
     first = run.history["log"][0]
     for row in run.history["log"]:
         assert (row["lr"], row["widths"], row["weight_decay"], row["batch_size"]) == (
@@ -203,7 +222,7 @@ def test_manual_approval_changes_nothing_until_approved(tmp_path):
             first["weight_decay"],
             first["batch_size"],
         )
-    run.ledger.close()
+    run.recorder.close()
     grow = next((e for e in pending if e.payload["modifier"] == "grow"), pending[0])
     ok = subprocess.run(
         [sys.executable, "-m", "selfmod.cli", "approve", str(run_dir), str(grow.seq)],
@@ -219,7 +238,7 @@ def test_manual_approval_changes_nothing_until_approved(tmp_path):
         check=False,
     )
     assert again.returncode == 2 and "ID must be a pending change" in again.stderr
-    run = Introspector.resume(cfg, run_dir)
+    run = _resumed(cfg, run_dir)
     run.run()
     applied = [d for d in run.history["decisions"] if d["decision"] == "applied"]
     assert len(applied) == 1 and applied[0]["after"] == {**applied[0]["after"]}
@@ -233,7 +252,7 @@ def test_stream_position_and_replay_buffer():
     assert torch.equal(a[0], t.next(4))
     assert s.position()["epoch"] == 2
     g = torch.Generator().manual_seed(0)
-    buf = replay.empty(3)
+    buf = replay.empty(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
     for i in range(10):
         buf = replay.add_train(
             buf, torch.randn(20, 3), torch.arange(20), torch.zeros(20), i, 0, 50, g
@@ -265,8 +284,7 @@ def test_concrete_dropout_and_noise_scale():
 
 
 def test_forgetting_budget_refuses_a_change_that_costs_accuracy_on_older_data():
-    from selfmod.data import load_mnist1d
-    from selfmod.introspect.controller import make_source
+    from selfmod.data import hold_out, load_mnist1d
 
     cfg = TrainConfig(
         **{
@@ -278,23 +296,20 @@ def test_forgetting_budget_refuses_a_change_that_costs_accuracy_on_older_data():
             "forgetting_delta": 0.0,
         }
     )
-    sources = [
-        make_source(load_mnist1d(seed=42, num_samples=1000), 100, 0),
-        make_source(load_mnist1d(seed=43, num_samples=1000, noise_scale=0.5), 100, 1),
+    splits = [
+        hold_out(load_mnist1d(seed=42, num_samples=1000), 100, 0),
+        hold_out(load_mnist1d(seed=43, num_samples=1000, noise_scale=0.5), 100, 1),
     ]
-    run = Introspector(cfg, None, sources=sources)
+    run = Introspector(cfg, splits=splits)
     run.run()
     assert run.source_id == 1 and run.shift_cycle == 4
     old = replay.split(run.buffer, replay.GUARD, exclude_source=1)
     assert len(old[1]) == 50  # the guard set kept half its room for the old distribution
-    run.pending = [run._next_batch() for _ in range(cfg.lookahead)]
-    current, _ = run._estimate(run.guard())
+    current = _lookahead(run)
     reasons = []
-    for factor in (0.05, 0.2, 2.0, 3.0):  # _check is pure: each starts from the same state
-        params, state, h, _ = run.changed(
-            {"hparams": {"log_lr": run.hparams["log_lr"] + math.log(factor)}}
-        )
-        reasons.append(run._check(params, state, h, current, run.guard(), 1.0)[0] or "")
+    for factor in (0.05, 0.2, 2.0, 3.0):  # check is pure: each starts from the same state
+        proposed = run.apply_proposal(_lr_step(run, factor), run.state)
+        reasons.append(verifier.check(run, proposed, current, 1.0)[0] or "")
     assert any(r.startswith("forgetting budget: accuracy on older data") for r in reasons), reasons
 
 
@@ -334,9 +349,9 @@ def test_online_lr_raises_a_learning_rate_100x_too_small_with_bounded_steps():
             deltas.append(float((r.hparams["log_lr"] - last[0]).abs().max()))
         last[0] = r.hparams["log_lr"].clone()
 
-    run = Introspector(TrainConfig(**{**ONLINE, "modifiers": ["online_lr"]}), None)
+    run = Introspector(TrainConfig(**{**ONLINE, "modifiers": ["online_lr"]}))
     run.run(watch)
-    fixed = Introspector(TrainConfig(**{**ONLINE, "modifiers": []}), None)
+    fixed = Introspector(TrainConfig(**{**ONLINE, "modifiers": []}))
     fixed.run()
     lr = run.hparams["log_lr"].exp()
     assert bool((lr > 1e-2).all()), lr  # every tensor's rate at least 10x higher
@@ -352,12 +367,12 @@ def test_nan_in_the_gradient_during_an_online_step_restores_the_online_state():
 
     def watch(r):
         if r.step == 25:  # the last good state, and the online rate just before the fault
-            seen["good"] = tree.clone(r.good[2]), tree.clone(r.good[3])
+            seen["good"] = tree.clone(r.good.hparams), tree.clone(r.good.memory["online_lr"])
             seen["lr"] = r.hparams["log_lr"].clone()
         if r.step == 26:  # right after the rollback
-            seen["after"] = r.hparams["log_lr"].clone(), tree.clone(r.online_prev)
+            seen["after"] = r.hparams["log_lr"].clone(), tree.clone(r.state.memory["online_lr"])
 
-    run = Introspector(cfg, None, faults=Faults(grad={25}))
+    run = FaultyIntrospector(cfg, grad={25})
     run.run(watch)
     (rollback,) = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
     assert "non-finite gradient" in rollback["reason"] and rollback["step"] == 25
@@ -367,7 +382,7 @@ def test_nan_in_the_gradient_during_an_online_step_restores_the_online_state():
     torch.testing.assert_close(lr_after, good_h["log_lr"] - math.log(2.0), rtol=0, atol=0)
     assert good_prev and _equal(prev_after, good_prev)  # ... and both came back
     assert run.step == cfg.steps and tree.is_finite(run.params)
-    assert tree.is_finite(run.hparams) and run.online_prev  # online steps went on
+    assert tree.is_finite(run.hparams) and run.state.memory["online_lr"]  # online steps went on
     assert len(run.history["probes"]) == 3
 
 
@@ -381,10 +396,10 @@ def test_schedule_runs_each_modifier_on_exactly_its_cycles(tmp_path):
             "schedule": {"grow": 2, "lr": 3, "online_lr": "step"},
         }
     )
-    run = Introspector(cfg, tmp_path)
+    run = Introspector(cfg, recorder=RunRecorder(tmp_path))
     run.run()
     cycles = {}
-    for e in run.ledger.entries("proposal"):
+    for e in run.recorder.ledger.entries("proposal"):
         cycles.setdefault(e.payload["modifier"], []).append(e.cycle)
     assert cycles["grow"] == [0, 2, 4]
     assert cycles["hypergradient"] == [0, 3]  # the lr modifier's meta-gradient step

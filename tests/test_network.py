@@ -7,9 +7,11 @@ import torch
 from torch.func import functional_call
 
 from selfmod import tree
-from selfmod.introspect import Introspector
-from selfmod.introspect.network import Network, concrete_dropout
+from selfmod.arch.dropout import concrete_dropout
+from selfmod.introspect import Introspector, Proposal
+from selfmod.introspect.network import Network
 from selfmod.runs.config import TrainConfig
+from selfmod.runs.recorder import RunRecorder
 
 CNN = dict(
     model="cnn",
@@ -68,9 +70,10 @@ def test_channel_dropout_shares_one_mask_along_the_length():
 
 def _cnn_run(**overrides) -> Introspector:
     cfg = TrainConfig(**{**CNN, **overrides})
-    run = Introspector(cfg, None)
-    run.params = tree.map(lambda v: v.double(), run.params)
-    run.state = run.opt.init(run.params)
+    run = Introspector(cfg)
+    params = tree.map(lambda v: v.double(), run.params)
+    run.state = run.state.with_(params=params, opt_state=run.opt.init(params))
+    run.problem.module.double()
     return run
 
 
@@ -80,15 +83,17 @@ def test_growing_a_cnn_layer_keeps_its_function_and_optimizer_state(layer):
     x = _x(32)
     # one real momentum step so the state is not all zeros
     g = torch.func.grad(lambda p: run.apply(p, x).square().mean())(run.params)
-    _, run.state = run.opt.update(g, run.state, run.params, run.hparams)
+    _, opt_state = run.opt.update(g, run.state.opt_state, run.params, run.hparams)
+    run.state = run.state.with_(opt_state=opt_state)
     before = run.apply(run.params, x)
     add = [0, 0]
     add[layer] = 5
-    params, state, _, _ = run.changed({"add": add, "seed": 3})
-    assert run.net.widths(params)[layer] == 6 + 5
+    grown = run.apply_proposal(Proposal("grow", surgery={"add": add, "seed": 3}), run.state)
+    params, state = grown.params, grown.opt_state
+    assert run.widths(params)[layer] == 6 + 5
     assert (params[f"{2 * layer}.weight"][6:] != 0).any()  # new fan-in is random, not zero
     assert (before - run.apply(params, x)).abs().max() < 1e-6
-    old, new = tree.float_leaves(run.state), tree.float_leaves(state)
+    old, new = tree.float_leaves(run.state.opt_state), tree.float_leaves(state)
     moved = [(a, b) for a, b in zip(old, new, strict=True) if a.shape != b.shape]
     assert len(moved) == 3  # the grown layer's weight, bias and fan-out momenta
     for a, b in moved:  # old units keep their momenta, new units start at zero
@@ -106,11 +111,13 @@ def test_pruning_dead_cnn_channels_keeps_the_function():
     p["2.bias"] = p["2.bias"].clone()
     p["2.bias"][[1, 4]] = -1.0
     p["2.weight"][:, 2] = 0.0
-    run.params = p
+    run.state = run.state.with_(params=p)
     x = _x(32)
     before = run.apply(p, x)
-    params, _, _, _ = run.changed({"remove": [[2], [1, 4]]})
-    assert run.net.widths(params) == [5, 4]
+    params = run.apply_proposal(
+        Proposal("prune", surgery={"remove": [[2], [1, 4]]}), run.state
+    ).params
+    assert run.widths(params) == [5, 4]
     assert params["4.weight"].shape == (10, 4 * 10)  # the head lost both channels' 10 columns
     assert (before - run.apply(params, x)).abs().max() < 1e-6
 
@@ -136,13 +143,15 @@ def test_a_self_modifying_cnn_grows_learns_and_resumes(tmp_path):
         **{**CNN, "steps": 200, "cycle": 50, "lr": 0.05, "out": str(tmp_path)},
         modifiers=["lr", "weight_decay", "grow", "prune"],
     )
-    run = Introspector(cfg, tmp_path / "run")
+    run = Introspector(cfg, recorder=RunRecorder(tmp_path / "run"))
     run.run()
     assert run.widths()[0] > 6  # grew
     guard_x, guard_y = run.guard()
     acc = (run.apply(run.params, guard_x).argmax(1) == guard_y).float().mean()
     assert acc > 0.3  # 10 classes: chance is 0.1
-    back = Introspector.resume(cfg, tmp_path / "run")
+    recorder = RunRecorder(tmp_path / "run")
+    back = Introspector(cfg, recorder=recorder)
+    recorder.resume(back)
     assert back.step == 150  # the checkpoint before the last cycle
     back.run()
     assert all(torch.equal(back.params[k], run.params[k]) for k in run.params)

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,18 @@ def _selfmod(*args, env=None):
         text=True,
         check=False,
         env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def _crash_at(step, *args):
+    """The CLI killed with SIGKILL at base ``step`` (tests/crash_at.py)."""
+    harness = str(Path(__file__).parent / "crash_at.py")
+    return subprocess.run(
+        [sys.executable, harness, str(step), *args],
+        capture_output=True,
+        text=True,
+        check=False,
         timeout=300,
     )
 
@@ -155,11 +168,7 @@ ONLINE = [
 def test_crash_at_step_k_then_resume_is_bitwise_identical(tmp_path, extra):
     full = _selfmod("train", *_sets([*SMALL, *extra, f"out={tmp_path / 'a'}"]))
     assert full.returncode == 0, full.stderr
-    crashed = _selfmod(
-        "train",
-        *_sets([*SMALL, *extra, f"out={tmp_path / 'b'}"]),
-        env={"SELFMOD_CRASH_AT_STEP": "77"},
-    )
+    crashed = _crash_at(77, "train", *_sets([*SMALL, *extra, f"out={tmp_path / 'b'}"]))
     assert crashed.returncode == -9
     (run_b,) = (tmp_path / "b").iterdir()
     assert not (run_b / "final.safetensors").exists()

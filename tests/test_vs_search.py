@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import torch
+from faults import FaultyIntrospector
 from test_introspect import FAST  # the tiny Introspector run shared with its tests
 
 from selfmod.bench import contenders as C
 from selfmod.bench.vs_search import load_budget, run_benchmark, verdict
 from selfmod.errors import NonFiniteError
-from selfmod.introspect import Faults, Introspector
+from selfmod.introspect import Introspector, Proposal
 from selfmod.runs.config import TrainConfig
 from selfmod.validation import ConfigError
 
@@ -63,30 +64,29 @@ def test_grid_and_random_points_stay_inside_the_search_space():
 def test_without_safeguards_a_nan_ends_the_run_and_a_harmful_change_commits():
     cfg = TrainConfig(**{**FAST, "safeguards": False})
     with pytest.raises(NonFiniteError):
-        Introspector(cfg, None, faults=Faults(loss={7})).run()
-    guarded = Introspector(TrainConfig(**FAST), None, faults=Faults(loss={7}))
+        FaultyIntrospector(cfg, loss={7}).run()
+    guarded = FaultyIntrospector(TrainConfig(**FAST), loss={7})
     guarded.run()  # the same fault is rolled back and the run finishes
     assert guarded.step == FAST["steps"]
     assert [d["decision"] for d in guarded.history["decisions"]].count("rollback") == 1
 
     run = Introspector(TrainConfig(**{**FAST, "lr": 0.1, "steps": 100, "safeguards": False}))
     run.run()
-    run.pending = [run._next_batch() for _ in range(run.cfg.lookahead)]
-    guard = run.guard()
-    current, _ = run._estimate(guard)
-    harmful = {"hparams": {"log_lr": run.hparams["log_lr"] + math.log(100.0)}}
-    run._verify_and_decide("hypergradient", harmful, current, guard, {})
+    run.pending = [run._next_batch() for _ in range(run.config.lookahead)]
+    current, _ = run.estimate()
+    harmful = run.hparams["log_lr"] + math.log(100.0)
+    run.verify_and_decide(Proposal("lr", {"log_lr": harmful}, strict=True), current)
     assert run.history["decisions"][-1]["decision"] == "commit"
-    assert torch.allclose(run.hparams["log_lr"], harmful["hparams"]["log_lr"])
+    assert torch.allclose(run.hparams["log_lr"], harmful)
 
 
 def test_initial_learning_rates_per_tensor():
     cfg = TrainConfig(**FAST)
     lrs = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    run = Introspector(cfg, None, lrs=lrs)
+    run = Introspector(cfg, lrs=lrs)
     assert torch.allclose(run.hparams["log_lr"].exp(), torch.tensor(lrs))
     with pytest.raises(ValueError, match="lrs needs one rate per tensor"):
-        Introspector(cfg, None, lrs=[0.1])
+        Introspector(cfg, lrs=[0.1])
 
 
 def test_harness_end_to_end_on_a_tiny_budget(tmp_path):

@@ -314,6 +314,7 @@ def sequential_groups(model: nn.Sequential, prefix: str = "") -> list[UnitGroup]
 
     Each group: the layer's ``weight`` (dim 0), ``bias``, the following gate's parameter, and
     the next layer's ``weight`` (dim 1, ``repeat = in_features // channels`` after ``Flatten``).
+    Modules before the first layer (input reshaping, normalisation) are not part of any group.
     """
     groups: list[UnitGroup] = []
     producers: list[Slot] = []
@@ -338,8 +339,8 @@ def sequential_groups(model: nn.Sequential, prefix: str = "") -> list[UnitGroup]
             width = m.weight.shape[0]
         elif type(m) in _GATES:
             producers.append(Slot(f"{full}.{_GATES[type(m)]}", 0))
-        elif isinstance(m, _PASS):
-            continue
+        elif isinstance(m, _PASS) or not producers:
+            continue  # activations and such; anything before the first layer
         else:
             raise TypeError(
                 f"{full}: {type(m).__name__} is not supported by sequential_groups; "
@@ -368,12 +369,12 @@ def operate(
             )
             setattr(mod, attr, p)
             new[s.key] = p
-            _sync_sizes(mod)
+            sync_sizes(mod)
         for opt in optimizers:
             apply_torch_optimizer(surgery, opt, old, new)
 
 
-def _sync_sizes(mod: nn.Module) -> None:
+def sync_sizes(mod: nn.Module) -> None:
     """Keep ``in_features``/``out_channels``... consistent with the new weight (cosmetic)."""
     w = getattr(mod, "weight", None)
     if isinstance(mod, nn.Linear):

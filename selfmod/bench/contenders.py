@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from selfmod import optim
+from selfmod.data import Split, Stream
 from selfmod.errors import DivergenceError, NonFiniteError
-from selfmod.introspect import probes
-from selfmod.introspect.controller import Introspector, Source, Stream
+from selfmod.introspect import Introspector, probes
 from selfmod.introspect.network import Network
 from selfmod.runs.config import TrainConfig, validate
 
@@ -149,7 +149,7 @@ class Workload:
 
     def __init__(
         self,
-        source: Source,
+        source: Split,
         seed: int,
         steps: int,
         eval_every: int | None = None,
@@ -198,7 +198,7 @@ def train_point(
     """Train ``point`` for ``work.steps`` base steps, no safeguards; ``report(step, val_acc)``
     every ``eval_every`` steps may raise ``optuna.TrialPruned`` to stop early."""
     cfg = work.config(point, modifiers=[], safeguards=False)
-    run = Introspector(cfg, None, sources=[work.source], tune=False, lrs=_per_tensor(point.lr))
+    run = Introspector(cfg, splits=[work.source], tune=False, lrs=_per_tensor(point.lr))
 
     def on_step(r: Introspector) -> None:
         if report is not None and r.step % work.eval_every == 0 and r.step < work.steps:
@@ -395,7 +395,7 @@ def introspective(
     the run."""
     overrides = {"modifiers": MODIFIERS, **overrides}
     cfg = work.config(point, safeguards=safeguards, **overrides)
-    run = Introspector(cfg, None, sources=[work.source], lrs=_per_tensor(point.lr))
+    run = Introspector(cfg, splits=[work.source], lrs=_per_tensor(point.lr))
     name = "selfmod introspective" + ("" if safeguards else " (no safeguards)")
     out = Outcome(name, math.nan, math.nan, 0, 0.0)
     clock = _Clock()

@@ -27,8 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfmod.bench import contenders as C
-from selfmod.data import load_mnist1d
-from selfmod.introspect.controller import make_source
+from selfmod.data import hold_out, load_mnist1d
 from selfmod.runs.files import atomic_write_bytes, atomic_write_text
 from selfmod.validation import load_values, validate
 
@@ -92,7 +91,7 @@ def run_seed(budget: Budget, seed: int, tick: Callable[[str], None] = lambda _: 
     """Every contender on one seed: ``{"main": [Outcome...], "large_lr": [Outcome...]}``."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    source = make_source(load_mnist1d(seed=42), budget.guard_size, seed)
+    source = hold_out(load_mnist1d(seed=42), budget.guard_size, seed)
     work = C.Workload(source, seed, budget.steps, model=budget.model)
     main: list[C.Outcome] = []
 

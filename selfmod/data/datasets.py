@@ -42,6 +42,32 @@ class Dataset:
         )
 
 
+@dataclass(frozen=True)
+class Split:
+    """One data distribution split for a self-modifying run: a training pool, a guard set held
+    out of the training data, and the test set. ``x (N, ...)``, ``y (N, ...)``."""
+
+    x: Tensor
+    y: Tensor
+    guard_x: Tensor
+    guard_y: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def hold_out(data: Dataset, guard_size: int, seed: int) -> Split:
+    """``guard_size`` training examples (a permutation seeded by ``seed``) held out as guard."""
+    if not 0 < guard_size < len(data.x_train):
+        raise ValueError(
+            f"guard_size must be in [1, {len(data.x_train) - 1}] for this data (got {guard_size})"
+        )
+    perm = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
+    g, t = perm[:guard_size], perm[guard_size:]
+    return Split(
+        data.x_train[t], data.y_train[t], data.x_train[g], data.y_train[g], data.x_test, data.y_test
+    )
+
+
 @lru_cache(maxsize=8)
 def _mnist1d_arrays(seed: int, num_samples: int, noise_scale: float, max_translation: int):
     from mnist1d.data import get_dataset_args, make_dataset

@@ -24,8 +24,8 @@ TRAIN, GUARD = 0, 1
 class Replay(NamedTuple):
     """The buffer as tensors, one row per entry (N entries, D features)."""
 
-    x: Tensor  # (N, D)
-    y: Tensor  # (N,) int64
+    x: Tensor  # (N, ...) as the model's input
+    y: Tensor  # (N, ...) as the loss's target
     step: Tensor  # (N,) int64, base step when seen
     loss: Tensor  # (N,) float32, loss at insertion
     source: Tensor  # (N,) int64
@@ -33,9 +33,12 @@ class Replay(NamedTuple):
     seen: Tensor  # () int64, train examples offered so far (reservoir counter)
 
 
-def empty(num_features: int) -> Replay:
+def empty(x_like: Tensor, y_like: Tensor) -> Replay:
+    """An empty buffer for examples shaped and typed like ``x_like[i]`` and ``y_like[i]``."""
     z = torch.zeros(0, dtype=torch.int64)
-    return Replay(torch.zeros(0, num_features), z, z, torch.zeros(0), z, z, torch.tensor(0))
+    x = torch.zeros((0, *x_like.shape[1:]), dtype=x_like.dtype, device=x_like.device)
+    y = torch.zeros((0, *y_like.shape[1:]), dtype=y_like.dtype, device=y_like.device)
+    return Replay(x, y, z, torch.zeros(0), z, z, torch.tensor(0))
 
 
 def _cat(buf: Replay, x, y, step, loss, source, split) -> Replay:

@@ -89,7 +89,9 @@ def _hyper(history: dict) -> str:
     if log and "dropout" in log[0]:
         for i in range(len(log[0]["dropout"])):
             ax.plot(steps, [r["dropout"][i] for r in log], label=f"dropout, layer {i}")
-    ax.plot(steps, [1 - r["momentum"] for r in log], label="1 - momentum")
+    for key in ("momentum", "beta1", "beta2"):  # whichever the optimizer has
+        if log and key in log[0]:
+            ax.plot(steps, [1 - r[key] for r in log], label=f"1 - {key}")
     ax.set_yscale("log")
     ax.set_xlabel("base training step")
     ax.grid(alpha=0.3, which="both")
@@ -104,6 +106,9 @@ def _widths(history: dict) -> str:
     if log:
         for i in range(len(log[0]["widths"])):
             ax.step(steps, [r["widths"][i] for r in log], where="post", label=f"layer {i}")
+    if not (log and log[0]["widths"]):
+        ax.text(0.5, 0.5, "no unit groups: the architecture is fixed", ha="center",
+                transform=ax.transAxes)  # fmt: skip
     ax2 = ax.twinx()
     ax2.step(
         steps,
@@ -114,7 +119,8 @@ def _widths(history: dict) -> str:
         label="batch size",
     )
     ax2.set_ylabel("batch size")
-    ax.legend(fontsize=8, loc="upper left")
+    if log and log[0]["widths"]:
+        ax.legend(fontsize=8, loc="upper left")
     ax2.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
@@ -187,14 +193,19 @@ def summary_rows(history: dict) -> list[tuple[str, str, str]]:
     """``(quantity, self-modifying, fixed)`` rows for the console table and the report."""
     t, f = history["tuned_summary"], history.get("fixed_summary") or {}
 
-    def row(label: str, key: str, fmt=_fmt) -> tuple[str, str, str]:
-        return label, fmt(t.get(key)), fmt(f[key]) if key in f else "-"
+    def row(label: str, key: str, fmt=_fmt) -> tuple[str, str, str] | None:
+        if t.get(key) is None:
+            return None  # a quantity this run does not have (momentum under Adam, ...)
+        return label, fmt(t[key]), fmt(f[key]) if f.get(key) is not None else "-"
 
     def pct(x):
         return f"{100 * x:.1f}%"
 
-    return [
-        row("test accuracy", "test_accuracy", pct),
+    metric = t.get("metric_name", "accuracy")
+    rows = [
+        row("test accuracy", "test_accuracy", pct)
+        if metric == "accuracy"
+        else row(f"test {metric}", "test_metric", lambda x: f"{x:.4f}"),
         row("test loss", "test_loss", lambda x: f"{x:.3f}"),
         row("wall time (s)", "seconds", lambda x: f"{x:.1f}"),
         row("hidden widths", "widths"),
@@ -202,9 +213,13 @@ def summary_rows(history: dict) -> list[tuple[str, str, str]]:
         row("FLOPs / example", "flops", lambda x: f"{x:,}"),
         row("final learning rates", "lr", lambda xs: ", ".join(f"{x:.2g}" for x in xs)),
         row("momentum", "momentum", lambda x: f"{x:.3f}"),
+        row("beta1", "beta1", lambda x: f"{x:.4f}"),
+        row("beta2", "beta2", lambda x: f"{x:.4f}"),
         row("weight decay", "weight_decay", lambda x: f"{x:.2g}"),
         row("dropout", "dropout", lambda xs: ", ".join(f"{x:.2f}" for x in xs)),
         row("batch size", "batch_size"),
+    ]
+    return [r for r in rows if r is not None] + [
         (
             "changes committed / rejected / rolled back / pending",
             f"{t['n_commit']} / {t['n_reject']} / {t['n_rollback']} / {t['n_pending']}",
@@ -235,6 +250,7 @@ def write_report(run_dir: Path, history: dict, entries: list[dict]) -> Path:
         return f'<figure{cls}><img alt="{alt}" src="data:image/png;base64,{png}"></figure>'
 
     cfg = history.get("config", {})
+    modifiers = cfg.get("modifiers") or history["tuned_summary"].get("modifiers", [])
     title = "selfmod train: a run that modifies itself"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
@@ -250,7 +266,7 @@ img {{ max-width: 100%; }}
 </style></head><body>
 <h1>{title}</h1>
 <p>{html.escape(str(run_dir))}: {cfg.get("steps")} steps, cycle every {cfg.get("cycle")} steps,
-modifiers {html.escape(", ".join(cfg.get("modifiers", [])))}, approval {cfg.get("approval")}.</p>
+modifiers {html.escape(", ".join(modifiers))}, approval {cfg.get("approval")}.</p>
 <h2>Summary</h2>
 <table><tr><th></th><th>self-modifying</th><th>fixed configuration</th></tr>{summary}</table>
 <h2>Training</h2>

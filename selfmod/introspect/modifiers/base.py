@@ -1,0 +1,230 @@
+"""The modifier protocol: what every self-modification, built-in or third-party, provides.
+
+A modifier reads a :class:`Context` (the run's state, probes, this cycle's meta-gradient and
+lookahead batches) and returns :class:`Proposal`\\ s; its ``apply`` is a pure function
+``(proposal, state) -> state``. It never touches the run: the loop applies a proposal to a copy,
+replays the lookahead, checks every invariant, then commits, queues it for approval or rejects
+it. A modifier's own memory (e.g. Rprop step sizes) is a ``dict[str, Tensor]`` returned by
+``propose``: the loop keeps it in the run state, so checkpoints and resume need no code of its.
+
+    class ClipThreshold(Modifier):
+        name = "clip"
+        def propose(self, ctx, memory): ...
+            return [Proposal(self.name, hparams={...})], memory
+
+Register it with :func:`register` (the built-ins are registered on import of
+:mod:`selfmod.introspect.modifiers`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from selfmod.introspect.problem import Problem
+    from selfmod.introspect.state import RunState
+
+Params = dict[str, Tensor]
+
+
+class NoSettings(BaseModel):
+    """A modifier without settings of its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One change a modifier proposes.
+
+    ``hparams``: new values of some hyperparameters (unconstrained form); ``batch_size``: a new
+    batch size; ``surgery``: what the modifier's ``apply`` needs for an architecture change
+    (JSON-able). ``strict``: the change must lower the guard loss (no ``epsilon`` tolerance).
+    ``info``: extra figures for the ledger (e.g. the noise scale behind a batch size).
+    """
+
+    modifier: str
+    hparams: Params = field(default_factory=dict)
+    batch_size: int | None = None
+    surgery: dict[str, Any] = field(default_factory=dict)
+    strict: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    #: proposals of one group in a cycle are verified together, as one change named ``group``
+    group: str | None = None
+    parts: tuple[Proposal, ...] = ()  # the proposals a joint one was merged from
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able form that :meth:`from_json` reads back (the ledger's ``change``)."""
+        out: dict[str, Any] = {"modifier": self.modifier}
+        if self.hparams:
+            out["hparams"] = {k: v.tolist() for k, v in self.hparams.items()}
+        if self.batch_size is not None:
+            out["batch_size"] = self.batch_size
+        if self.surgery:
+            out["surgery"] = self.surgery
+        if self.strict:
+            out["strict"] = True
+        if self.parts:
+            out["parts"] = [p.to_json() for p in self.parts]
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], like: Params) -> Proposal:
+        """Read :meth:`to_json`'s form; ``like`` gives each hyperparameter's dtype and shape."""
+        h = {
+            k: torch.as_tensor(v, dtype=like[k].dtype).reshape(like[k].shape)
+            for k, v in d.get("hparams", {}).items()
+        }
+        return cls(
+            d["modifier"],
+            h,
+            d.get("batch_size"),
+            d.get("surgery", {}),
+            d.get("strict", False),
+            parts=tuple(cls.from_json(p, like) for p in d.get("parts", [])),
+        )
+
+
+def merge(name: str, proposals: list[Proposal]) -> Proposal:
+    """One joint proposal from several that set disjoint hyperparameters."""
+    if len(proposals) == 1 and proposals[0].modifier == name:
+        return proposals[0]
+    h: Params = {}
+    info: dict[str, Any] = {}
+    for p in proposals:
+        h.update(p.hparams)
+        info.update(p.info)
+    strict = any(p.strict for p in proposals)
+    return Proposal(name, h, strict=strict, info=info, parts=tuple(proposals))
+
+
+@dataclass
+class Context:
+    """What a modifier may read in a cycle (read-only by convention; tensors are the run's)."""
+
+    state: RunState
+    problem: Problem
+    cycle: int
+    probe: dict[str, float]
+    hypergrad: Params  # d guard loss / d hparams over the lookahead ({} when not estimated)
+    pending: list[Any]  # the lookahead batches
+    settings: Any  # the run's config (trust_region, meta_lr, epsilon, ...)
+    batch_grads: Callable[[int], list[Params]]  # per-batch gradients of the first n pending
+    rng: torch.Generator  # the run's generator (seeds for growth)
+
+    @property
+    def trust_region(self) -> float:
+        return self.settings.trust_region
+
+    @property
+    def meta_lr(self) -> float:
+        return self.state.meta_lr
+
+
+class Modifier:
+    """Base class of the modifiers. Subclasses set ``name`` and override ``propose``; those
+    with settings set ``Settings`` (a pydantic model whose fields join the run's config)."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+    #: proposals are made and verified in ascending order (built-ins: 10, 20, ..., 90)
+    order: ClassVar[int] = 100
+    #: on in a run that does not name its modifiers (where it applies)
+    default: ClassVar[bool] = True
+    #: runs every base step (``on_step``) instead of in a cycle
+    per_step: ClassVar[bool] = False
+    #: hyperparameters (unconstrained keys) this modifier needs in the space
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, settings: BaseModel | None = None, **values: Any) -> None:
+        self.settings = settings if settings is not None else self.Settings(**values)
+
+    @classmethod
+    def from_config(cls, config: Any) -> Modifier:
+        """Built from the run config's fields of the same names."""
+        names = cls.Settings.model_fields
+        return cls(cls.Settings(**{k: getattr(config, k) for k in names if hasattr(config, k)}))
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise ``ValueError`` naming the fields when settings disagree with each other."""
+
+    def applies(self, problem: Problem, hparams: Params, config: Any) -> str | None:
+        """``None`` if this modifier can act on the run, else why not (one line)."""
+        missing = [k for k in self.needs if k not in hparams]
+        if missing:
+            return f"{self.name} needs the hyperparameter {missing[0]}, which this run lacks"
+        return None
+
+    def propose(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:
+        """``(proposals, new memory)``."""
+        return [], memory
+
+    def apply(self, proposal: Proposal, state: RunState, problem: Problem) -> RunState:
+        """``state`` with ``proposal`` applied (pure). The default sets hyperparameters and the
+        batch size; architecture modifiers override it."""
+        return apply_plain(proposal, state)
+
+    def on_step(self, state: RunState, grads: Params, new_params: Params) -> RunState:
+        """Per-step modifiers: the state after one base step (default: unchanged)."""
+        return state
+
+    def reset(self, memory: Params) -> Params:
+        """Memory after a change of data distribution (default: kept)."""
+        return memory
+
+
+def apply_plain(proposal: Proposal, state: RunState) -> RunState:
+    """Set ``proposal.hparams`` and ``proposal.batch_size`` in ``state`` (pure)."""
+    h = dict(state.hparams)
+    for k, v in proposal.hparams.items():
+        h[k] = torch.as_tensor(v, dtype=state.hparams[k].dtype).reshape(state.hparams[k].shape)
+    b = state.batch_size if proposal.batch_size is None else int(proposal.batch_size)
+    return replace(state, hparams=h, batch_size=b)
+
+
+def rprop_step(
+    step: Tensor | None, prev: Tensor | None, g: Tensor, meta_lr: float, trust_region: float
+) -> tuple[Tensor, Tensor]:
+    """Per-entry step sizes on the sign of the meta-gradient (Rprop): ``x1.2`` while the sign
+    repeats, ``x0.5`` when it flips, within ``[1e-3 meta_lr, min(meta_lr, trust_region)]``.
+
+    Each hyperparameter moves by a bounded amount whatever its gradient's scale (per-tensor
+    hypergradients differ by orders of magnitude), and oscillation damps itself.
+    Returns ``(step, sign)``, both shaped like ``g``. References: Riedmiller & Braun 1993.
+    """
+    hi = min(meta_lr, trust_region)
+    sign = torch.sign(g)
+    if step is None or prev is None:
+        return torch.full_like(g, hi), sign
+    factor = torch.where(sign * prev > 0, 1.2, torch.where(sign * prev < 0, 0.5, 1.0))
+    return (step * factor).clamp(1e-3 * hi, hi), sign
+
+
+_REGISTRY: dict[str, type[Modifier]] = {}
+
+
+def register(cls: type[Modifier]) -> type[Modifier]:
+    """Add a modifier class to the registry (usable as a decorator)."""
+    if not getattr(cls, "name", None):
+        raise ValueError(f"{cls.__name__} must set a class attribute name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a modifier named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Modifier]]:
+    """Every registered modifier class by name, in their ``order``."""
+    return dict(sorted(_REGISTRY.items(), key=lambda item: item[1].order))
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, float | int) and math.isfinite(x)

@@ -1,0 +1,27 @@
+"""``dropout``: the rate of every :class:`~selfmod.arch.dropout.ConcreteDropout` site in the
+model, by the gap rule (``p`` in ``[0.0025, 0.5]``) or the meta-gradient of its logit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from selfmod.introspect.modifiers.base import register
+from selfmod.introspect.modifiers.hyper import RegularizerModifier
+
+
+@register
+class Dropout(RegularizerModifier):
+    name = "dropout"
+    order = 40
+    key = "drop_logit"
+    bounds = (-6.0, 0.0)
+
+    def applies(self, problem: Any, hparams: dict[str, Tensor], config: Any) -> str | None:
+        if not problem.dropout_sites:
+            return (
+                "dropout needs selfmod.arch.dropout.ConcreteDropout modules in the model "
+                "(the rates it learns are theirs)"
+            )
+        return super().applies(problem, hparams, config)

@@ -1,0 +1,17 @@
+"""``weight_decay``: the L2 (SGD, Adam) or decoupled (AdamW) coefficient, by the gap rule or
+the meta-gradient of its log."""
+
+from __future__ import annotations
+
+import math
+
+from selfmod.introspect.modifiers.base import register
+from selfmod.introspect.modifiers.hyper import RegularizerModifier
+
+
+@register
+class WeightDecay(RegularizerModifier):
+    name = "weight_decay"
+    order = 30
+    key = "log_wd"
+    bounds = (math.log(1e-7), math.log(1e-3))

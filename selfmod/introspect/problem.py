@@ -1,0 +1,172 @@
+"""What a self-modifying run trains: any ``nn.Module`` as a pure function of its parameters and
+buffers, a loss ``(output, target) -> scalar``, a metric, and where the architecture can change.
+
+    problem = Problem(model, F.cross_entropy)              # classification: accuracy reported
+    problem = Problem(model, F.mse_loss, metric="loss")    # regression: the loss is the metric
+    out, buffers = problem.forward(params, buffers, x, train=True, rates=p, noise=u)
+
+Units that can grow and be pruned are :class:`selfmod.arch.UnitGroup`\\ s, found by
+:func:`selfmod.arch.sequential_groups` for an ``nn.Sequential`` of supported layers or given as
+``groups=``. Learnable dropout sites are the model's
+:class:`~selfmod.arch.dropout.ConcreteDropout` modules; their rates and noise go in by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from selfmod import arch
+from selfmod.arch.dropout import ConcreteDropout
+from selfmod.arch.surgery import sync_sizes
+from selfmod.models import FunctionalModel, eval_mode
+
+Params = dict[str, Tensor]
+Loss = Callable[[Any, Tensor], Tensor]
+
+#: guard and test sets are evaluated in chunks of this many examples
+EVAL_CHUNK = 4096
+
+
+class Problem:
+    """A model, its loss and metric, and the structure the modifiers need.
+
+    ``metric``: ``"accuracy"`` (``argmax(-1) == target``; needs integer targets) or ``"loss"``
+    (regression, language modelling: lower is better). ``groups``: the unit groups of the hidden
+    layers (default: :func:`selfmod.arch.sequential_groups` where it applies, else none: growth
+    and pruning then do not apply).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss: Loss,
+        *,
+        metric: Literal["accuracy", "loss"] = "accuracy",
+        groups: Sequence[arch.UnitGroup] | None = None,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (got {type(module).__name__})")
+        if metric not in ("accuracy", "loss"):
+            raise ValueError(f"metric must be 'accuracy' or 'loss' (got {metric!r})")
+        self.module, self.loss, self.metric = module, loss, metric
+        self.model = FunctionalModel(module)
+        self.dropout_sites = [
+            n for n, m in module.named_modules() if isinstance(m, ConcreteDropout)
+        ]
+        self.groups_error: str | None = None
+        if groups is not None:
+            self.groups = list(groups)
+        else:
+            self.groups, self.groups_error = _find_groups(module)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+    def init(self) -> tuple[Params, Params]:
+        """Copies of the module's parameters and persistent buffers."""
+        return self.model.init()
+
+    def forward(
+        self,
+        params: Params,
+        buffers: Params,
+        x: Tensor,
+        *,
+        train: bool,
+        update_buffers: bool = False,
+        rates: Tensor | None = None,
+        noise: Tensor | None = None,
+    ) -> tuple[Any, Params]:
+        """``(output, buffers)``; with ``rates (S,)`` and ``noise (S, B, >=W)``, concrete
+        dropout at the S dropout sites (training mode only)."""
+        extra = None
+        if rates is not None and noise is not None and self.dropout_sites:
+            extra = {}
+            for i, site in enumerate(self.dropout_sites):
+                extra[f"{site}.rate"] = rates[i]
+                extra[f"{site}.noise"] = noise[i]
+        return self.model(
+            params, buffers, x, train=train, update_buffers=update_buffers, extra=extra
+        )
+
+    def predict(self, params: Params, buffers: Params, x: Tensor) -> Any:
+        """Eval-mode output (no dropout, running statistics), in chunks, without grad."""
+        with torch.no_grad():
+            if len(x) <= EVAL_CHUNK:
+                return self.forward(params, buffers, x, train=False)[0]
+            outs = [
+                self.forward(params, buffers, x[i : i + EVAL_CHUNK], train=False)[0]
+                for i in range(0, len(x), EVAL_CHUNK)
+            ]
+            return torch.cat(outs)
+
+    def evaluate(
+        self, params: Params, buffers: Params, x: Tensor, y: Tensor
+    ) -> tuple[float, float]:
+        """``(loss, metric)`` on ``x (n, ...)``, ``y (n, ...)``; NaN for an empty set."""
+        if len(y) == 0:
+            return math.nan, math.nan
+        out = self.predict(params, buffers, x)
+        with torch.no_grad():
+            loss = float(self.loss(out, y))
+            if self.metric == "loss":
+                return loss, loss
+            return loss, float((out.argmax(-1) == y).float().mean())
+
+    def cost(self, params: Params, input_shape: Sequence[int]) -> arch.Cost:
+        """Parameters, FLOPs and activation bytes per example at ``params`` (eval mode)."""
+        with eval_mode(self.module):
+            return arch.cost(self.module, input_shape, params)
+
+    def export(self, params: Params, buffers: Params) -> nn.Module:
+        r"""A copy of the module holding ``params`` and ``buffers`` (in their current shapes:
+        grown or pruned layers get new ``nn.Parameter``\ s and sizes)."""
+        module = copy.deepcopy(self.module)
+        for key, value in {**params, **buffers}.items():
+            owner, _, attr = key.rpartition(".")
+            mod = module.get_submodule(owner)
+            if key in params:
+                setattr(mod, attr, nn.Parameter(value.detach().clone()))
+            else:
+                mod.register_buffer(attr, value.detach().clone())
+            sync_sizes(mod)
+        return module
+
+    def widths(self, params: Params) -> list[int]:
+        """Units per unit group (hidden layer)."""
+        return [g.width(params) for g in self.groups]
+
+    def saliency(self, params: Params, i: int) -> Tensor:
+        """``(W,)``: ``||fan-in_j|| ||fan-out_j||`` per unit of group ``i`` (its first producer
+        slot and its consumer slots)."""
+        g = self.groups[i]
+        w = g.width(params)
+        first = g.producers[0]
+        fan_in = params[first.key].movedim(first.dim, 0).reshape(w, -1).norm(dim=1)
+        fan_out = torch.cat(
+            [params[s.key].movedim(s.dim, 0).reshape(w, -1) for s in g.consumers], dim=1
+        ).norm(dim=1)
+        return fan_in * fan_out
+
+
+def _find_groups(module: nn.Module) -> tuple[list[arch.UnitGroup], str | None]:
+    """``(groups, why none)``: :func:`selfmod.arch.sequential_groups` where it applies."""
+    if not isinstance(module, nn.Sequential):
+        return [], (
+            f"{type(module).__name__} is not an nn.Sequential; pass groups= "
+            "(selfmod.arch.UnitGroup) to grow or prune it"
+        )
+    try:
+        groups = arch.sequential_groups(module)
+    except (TypeError, ValueError) as err:
+        return [], f"{err}; pass groups= to grow or prune it"
+    if not groups:
+        return [], "the model has no hidden layer to grow or prune"
+    return groups, None

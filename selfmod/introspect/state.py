@@ -1,0 +1,150 @@
+"""The run's whole state in one named structure, and its generic flattening for checkpoints.
+
+:class:`RunState` is what a change transforms and a rollback restores: parameters, buffers,
+optimizer state, hyperparameters, batch size, every modifier's memory and the meta learning
+rate. :func:`flatten` turns any such structure (dataclasses, dicts, NamedTuples, tensors and
+JSON scalars) into ``{name: tensor}`` plus a JSON-able dict, by *name* (pytree key paths), never
+by position; :func:`unflatten` reads it back against a template of the same structure, so a
+new field or modifier needs no resume code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Everything a change may alter and a rollback restores."""
+
+    params: Params
+    buffers: Params  # BatchNorm running statistics and other persistent buffers
+    opt_state: Any  # the optimizer's state pytree (NamedTuples of dicts of tensors)
+    hparams: Params  # unconstrained hyperparameters (see HParamSpace)
+    batch_size: int
+    memory: dict[str, Params]  # each modifier's own tensors, by modifier name
+    meta_lr: float
+
+    def clone(self) -> RunState:
+        """A deep copy of every tensor (a snapshot that later in-place work cannot reach)."""
+        return pytree.tree_map(_clone, self)
+
+    def with_(self, **changes: Any) -> RunState:
+        return replace(self, **changes)
+
+
+def _clone(x: Any) -> Any:
+    return x.detach().clone() if isinstance(x, Tensor) else x
+
+
+def _flatten_dataclass(obj: Any) -> tuple[list[Any], pytree.Context]:
+    names = [f.name for f in fields(obj)]
+    return [getattr(obj, n) for n in names], names
+
+
+def _unflatten_dataclass(cls: type):
+    def build(values: list[Any], names: list[str]) -> Any:
+        return cls(**dict(zip(names, values, strict=True)))
+
+    return build
+
+
+def _flatten_with_keys(obj: Any):
+    values, names = _flatten_dataclass(obj)
+    return [(pytree.GetAttrKey(n), v) for n, v in zip(names, values, strict=True)], names
+
+
+pytree.register_pytree_node(
+    RunState,
+    _flatten_dataclass,
+    _unflatten_dataclass(RunState),
+    flatten_with_keys_fn=_flatten_with_keys,
+)
+
+
+def register_dataclass(cls: type) -> type:
+    """Make a frozen dataclass a pytree with named children (for :func:`flatten`)."""
+    if not is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} is not a dataclass")
+    pytree.register_pytree_node(
+        cls,
+        _flatten_dataclass,
+        _unflatten_dataclass(cls),
+        flatten_with_keys_fn=_flatten_with_keys,
+    )
+    return cls
+
+
+def flatten(obj: Any, prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, scalars)`` keyed by each leaf's path (``"params['0.weight']"``)."""
+    leaves, _ = pytree.tree_flatten_with_path(obj)
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for path, leaf in leaves:
+        name = prefix + pytree.keystr(path)
+        if isinstance(leaf, Tensor):
+            tensors[name] = leaf
+        else:
+            scalars[name] = leaf
+    return tensors, scalars
+
+
+def unflatten(
+    template: Any, tensors: dict[str, Tensor], scalars: dict[str, Any], prefix: str = ""
+) -> Any:
+    """The structure of ``template`` with every leaf read by name from :func:`flatten`'s output.
+
+    Dicts of tensors whose keys changed since the template was made (architecture changes
+    rename nothing, but a grown tensor has a new shape) are read as saved: shapes come from the
+    checkpoint, names from the template.
+    """
+    leaves, spec = pytree.tree_flatten_with_path(template)
+    out = []
+    for path, leaf in leaves:
+        name = prefix + pytree.keystr(path)
+        if isinstance(leaf, Tensor):
+            if name not in tensors:
+                raise KeyError(f"checkpoint has no tensor {name!r}")
+            out.append(tensors[name])
+        else:
+            if name not in scalars:
+                raise KeyError(f"checkpoint has no value {name!r}")
+            value = scalars[name]
+            out.append(type(leaf)(value) if isinstance(leaf, int | float | bool) else value)
+    return pytree.tree_unflatten(out, spec)
+
+
+def memory_template(saved: dict[str, Tensor], prefix: str) -> dict[str, Params]:
+    """Rebuild ``RunState.memory`` (modifier -> key -> tensor) from saved names such as
+    ``"{prefix}.memory['lr']['step']"``: a modifier's memory keys are not known in advance."""
+    out: dict[str, Params] = {}
+    head = f"{prefix}.memory["
+    for name, t in saved.items():
+        if name.startswith(head):
+            mod, key = _two_keys(name[len(head) - 1 :])
+            out.setdefault(mod, {})[key] = t
+    return out
+
+
+def _two_keys(text: str) -> tuple[str, str]:
+    """``"['a']['b']"`` -> ``("a", "b")``."""
+    parts = [p for p in text.replace("']['", "\0").strip("[]'").split("\0")]
+    if len(parts) != 2:
+        raise KeyError(f"unexpected memory entry {text!r}")
+    return parts[0], parts[1]
+
+
+def empty_like_memory(memory: dict[str, Params]) -> dict[str, Params]:
+    return {k: dict(v) for k, v in memory.items()}
+
+
+def as_tensor_state(x: Any) -> Any:
+    """Optimizer states may hold Python numbers (step counts); checkpoints store tensors."""
+    return pytree.tree_map(lambda v: torch.as_tensor(v) if isinstance(v, int | float) else v, x)

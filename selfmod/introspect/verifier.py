@@ -1,0 +1,93 @@
+"""The invariants a change must keep, and the rollback policy.
+
+A proposal commits only if, replayed over the lookahead batches from the current state,
+everything stays finite, the guard loss is not worse than ``(1 + epsilon)`` times the current
+one (a strict proposal, such as a meta-gradient step, must lower it), the parameter budget holds
+and the accuracy on older sources' guard data drops by at most ``forgetting_delta``.
+
+A non-finite loss, gradient or meta-gradient, a loss above ``DIVERGENCE_FACTOR`` times its
+running average, or a model whose output no longer depends on its input (a step too large can
+leave a ReLU network so without a loss spike) rolls back to the last good state and halves the
+learning rates and the meta learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfmod import hypergrad, tree
+from selfmod.errors import NonFiniteError
+from selfmod.introspect.state import RunState
+
+#: a batch loss this many times its running average counts as divergence
+DIVERGENCE_FACTOR = 5.0
+
+
+def check(
+    run: Any, proposed: RunState, current: float, tolerance: float
+) -> tuple[str | None, float]:
+    """``(why not, proposed guard loss)``: ``None`` when ``proposed`` keeps every invariant.
+
+    The guard loss after the lookahead may exceed ``current`` by the factor
+    ``1 + tolerance``; with ``tolerance = 0`` it must be strictly lower. ``run`` is the loop
+    (its problem, lookahead batches, guard data and config); nothing of it is changed.
+    """
+    cfg = run.config
+    n = run.cost(proposed.params).params
+    if n > cfg.max_params:
+        return f"parameter budget: {n} > {cfg.max_params}", math.nan
+    try:
+        monitor = hypergrad.FiniteMonitor(start=run.step)
+        p_new, _ = run.replay(proposed, monitor)
+        monitor.check()
+    except NonFiniteError as err:
+        return f"proposal diverged: {err}", math.nan
+    with torch.no_grad():
+        value = float(run.outer_loss(p_new, proposed.hparams, run.guard(), proposed.buffers))
+    if not math.isfinite(value):
+        return "proposal gives a non-finite guard loss", value
+    if not tree.is_finite(p_new):
+        return "proposal gives non-finite params", value
+    if value > current * (1 + tolerance) or (tolerance == 0 and value >= current):
+        return (
+            f"guard loss {value:.6g} worse than {current:.6g} (tolerance x{1 + tolerance:g})",
+            value,
+        )
+    ox, oy = run.older_guard()
+    if len(oy) and run.problem.metric == "accuracy":
+        p_cur, _ = run.replay(run.state, None)
+        _, old_cur = run.problem.evaluate(p_cur, run.state.buffers, ox, oy)
+        _, old_new = run.problem.evaluate(p_new, proposed.buffers, ox, oy)
+        if old_new < old_cur - cfg.forgetting_delta:
+            return (
+                f"forgetting budget: accuracy on older data {old_new:.3f} vs "
+                f"{old_cur:.3f} (delta {cfg.forgetting_delta})"
+            ), value
+    return None, value
+
+
+def dead(run: Any) -> str | None:
+    """Why the model no longer depends on its input (``None``: it does): the same output for
+    every guard example."""
+    x, _ = run.guard()
+    if len(x) < 2:
+        return None
+    out = run.problem.predict(run.state.params, run.state.buffers, x)
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        return None
+    if bool((out == out[:1]).all()):
+        return "dead: the model's output is the same for every guard example"
+    return None
+
+
+def rolled_back(good: RunState) -> RunState:
+    """The rollback policy: the last good state with every learning rate and the meta
+    learning rate halved."""
+    state = good.clone()
+    h = {**state.hparams, "log_lr": state.hparams["log_lr"] - math.log(2.0)}
+    return replace(state, hparams=h, meta_lr=state.meta_lr * 0.5)

@@ -1,0 +1,337 @@
+"""Self-modification for any PyTorch model, into a run directory.
+
+    result = fit(model, F.cross_entropy, (x_train, y_train), (x_guard, y_guard),
+                 test=(x_test, y_test), optimizer="adamw", config={"steps": 2000})
+    result.module       # the trained nn.Module, in its final shape
+    result.summary      # test metric and loss, params, FLOPs, widths, decisions
+    result.run_dir      # config.json, ledger.sqlite, checkpoints/, summary.json, report.html
+
+For a training loop you own (as with Accelerate), one call per batch::
+
+    sm = SelfModifier(model, F.cross_entropy, (x_guard, y_guard), optimizer="adamw")
+    for x, y in loader:
+        sm.step((x, y))    # cycles (evaluate, estimate, propose, verify, decide) happen inside
+    module = sm.module()
+
+Training data: a ``(X, Y)`` tensor pair, a map-style ``Dataset``, or any re-iterable of ``(x, y)``
+batches (see :mod:`selfmod.data.streams`). Guard and test data: a pair, a ``Dataset`` or batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+from torch import Tensor, nn
+
+from selfmod import arch
+from selfmod.data.streams import as_batches, materialize
+from selfmod.errors import SelfmodError
+from selfmod.introspect.config import TrainConfig
+from selfmod.introspect.loop import Loop, Recorder, Source, jsonable
+from selfmod.introspect.modifiers import Modifier
+from selfmod.introspect.problem import Problem
+from selfmod.runs.checkpoint import list_checkpoints
+from selfmod.runs.config import validate
+from selfmod.runs.files import atomic_write_bytes, atomic_write_text
+from selfmod.runs.recorder import RunRecorder
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns."""
+
+    module: nn.Module  # trained, in its final shape
+    summary: dict[str, Any]
+    run_dir: Path | None
+    run: Loop
+
+
+def make_config(config: Any = None, **defaults: Any) -> Any:
+    """A validated :class:`TrainConfig` from ``None``, a dict or a config (``defaults`` first,
+    then the given values)."""
+    if isinstance(config, TrainConfig):
+        return config
+    values = {**defaults, **(config or {})}
+    return validate(values)
+
+
+def device_of(cfg: Any) -> torch.device:
+    """``cfg.device`` (``"auto"``: CUDA when available), checked."""
+    name = cfg.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SelfmodError(
+            f"device must be 'cpu' or 'auto' here: CUDA is not available (got {name!r})"
+        )
+    return torch.device(name)
+
+
+def metric_for(y: Tensor, metric: str | None) -> str:
+    """``"accuracy"`` for integer targets, else ``"loss"`` (unless given)."""
+    if metric not in (None, "auto"):
+        return metric  # type: ignore[return-value]
+    return "accuracy" if not y.is_floating_point() and not y.is_complex() else "loss"
+
+
+def new_run_dir(out: str | Path) -> Path:
+    """A fresh ``out/train-YYYYmmdd-HHMMSS[-N]``."""
+    stamp = time.strftime("train-%Y%m%d-%H%M%S")
+    run_dir, suffix = Path(out) / stamp, 1
+    while run_dir.exists():
+        run_dir, suffix = Path(out) / f"{stamp}-{suffix}", suffix + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def build_run(
+    problem: Problem,
+    sources: Sequence[Source],
+    cfg: Any,
+    run_dir: Path | None,
+    *,
+    modifiers: Sequence[Modifier] | None = None,
+    resume: bool = False,
+) -> tuple[Loop, RunRecorder | None]:
+    """The loop with a recorder on ``run_dir`` (``None``: in memory), resumed if asked."""
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    recorder = RunRecorder(run_dir, cfg.keep_checkpoints) if run_dir is not None else None
+    loop = Loop(
+        problem,
+        sources,
+        cfg,
+        modifiers=modifiers,
+        recorder=recorder,
+        device=device_of(cfg),
+        dtype=DTYPES[cfg.dtype],
+    )
+    if resume:
+        if recorder is None or not list_checkpoints(run_dir):  # type: ignore[arg-type]
+            raise SelfmodError(f"{run_dir} has no checkpoint to resume from")
+        recorder.resume(loop)
+    return loop, recorder
+
+
+def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, Any]:
+    """Final weights, ``history.json``, ``summary.json`` and ``report.html``; returns the
+    history written."""
+    from selfmod.runs.report import write_report
+
+    data = save(
+        {k: v.detach().contiguous().cpu() for k, v in {**run.params, **run.state.buffers}.items()}
+    )
+    atomic_write_bytes(run_dir / "final.safetensors", data)
+    final = {
+        "file": "final.safetensors",
+        "step": run.step,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "torch": torch.__version__,
+    }
+    atomic_write_text(run_dir / "final.json", json.dumps(final, indent=1))
+    tuned = run.summary()
+    history = {
+        "tuned": run.history,
+        "tuned_summary": tuned,
+        "fixed": fixed.history if fixed else None,
+        "fixed_summary": fixed.summary() if fixed else None,
+        "shift_cycle": run.shift_cycle,
+        "config": cfg.model_dump(),
+    }
+    history = json.loads(json.dumps(jsonable(history)))
+    atomic_write_text(run_dir / "history.json", json.dumps(history, indent=1))
+    summary = summary_record(tuned, history["fixed_summary"])
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    write_report(run_dir, history, ledger_rows(run_dir))
+    return history
+
+
+SUMMARY_KEYS = (
+    "test_accuracy", "test_metric", "metric_name", "test_loss", "params", "flops", "seconds",
+    "widths", "decisions", "steps",
+)  # fmt: skip
+
+
+def summary_record(tuned: dict[str, Any], fixed: dict[str, Any] | None) -> dict[str, Any]:
+    """``summary.json``: the tuned run's figures and the fixed baseline's (or ``null``)."""
+    pick = lambda s: {k: s.get(k) for k in SUMMARY_KEYS}  # noqa: E731
+    return {**pick(tuned), "fixed": pick(fixed) if fixed else None}
+
+
+def ledger_rows(run_dir: Path) -> list[dict]:
+    from selfmod.runs.ledger import Ledger
+
+    with Ledger(run_dir / "ledger.sqlite") as ledger:
+        ledger.verify()
+        return [e.__dict__ for e in ledger.entries() if e.kind != "cycle"]
+
+
+def _problem(
+    model: nn.Module,
+    loss: Callable[[Any, Tensor], Tensor],
+    y_guard: Tensor,
+    metric: str | None,
+    groups: Sequence[arch.UnitGroup] | None,
+) -> Problem:
+    return Problem(model, loss, metric=metric_for(y_guard, metric), groups=groups)  # type: ignore[arg-type]
+
+
+def fit(
+    model: nn.Module,
+    loss: Callable[[Any, Tensor], Tensor],
+    train: Any,
+    guard: Any,
+    *,
+    test: Any = None,
+    optimizer: str = "sgd",
+    config: dict[str, Any] | Any = None,
+    modifiers: Sequence[Modifier] | None = None,
+    groups: Sequence[arch.UnitGroup] | None = None,
+    metric: str | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[Loop], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train`` while it modifies itself, verified on ``guard``.
+
+    ``loss(output, target) -> scalar``; ``metric``: ``"accuracy"`` or ``"loss"`` (default:
+    accuracy for integer targets). ``config``: :class:`TrainConfig` fields (``steps``, ``lr``,
+    ``cycle``, ``modifiers``, ...; ``compare_fixed`` defaults to false here). ``modifiers``:
+    modifier objects instead of the config's names (third-party ones too). ``run_dir``: where
+    the ledger, checkpoints, summary and report go (default: a new folder under
+    ``config.out``); ``resume=True`` continues the run in ``run_dir``.
+    """
+    cfg = make_config(config, optimizer=optimizer, compare_fixed=False)
+    gx, gy = materialize(guard)
+    tx, ty = materialize(test) if test is not None else (None, None)
+    problem = _problem(model, loss, gy, metric, groups)
+    initial = _copy(model) if cfg.compare_fixed else None
+    source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
+    if run_dir is None:
+        run_dir = new_run_dir(cfg.out)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
+    run, recorder = build_run(problem, [source], cfg, run_dir, modifiers=modifiers, resume=resume)
+    atomic_write_text(run_dir / "status.json", json.dumps({"state": "running", "step": run.step}))
+    run.run(on_step)
+    fixed = None
+    if initial is not None:
+        fixed_problem = _problem(initial, loss, gy, metric, groups)
+        fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
+        fixed = Loop(
+            fixed_problem, [fixed_source], cfg, tune=False, device=run.device, dtype=run.dtype
+        )
+        fixed.run()
+    finish(run_dir, run, fixed, cfg)
+    atomic_write_text(run_dir / "status.json", json.dumps({"state": "complete", "step": run.step}))
+    if recorder is not None:
+        recorder.close()
+        run.recorder = Recorder()  # the run directory is complete: nothing more goes in it
+    module = problem.export(run.params, run.state.buffers)
+    return FitResult(
+        module, summary_record(run.summary(), fixed.summary() if fixed else None), run_dir, run
+    )
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+class SelfModifier:
+    """The step-level API: ``step((x, y))`` once per batch of a loop you own.
+
+    At every ``cycle``-th step it queues ``lookahead`` batches, runs the cycle (evaluate,
+    estimate, propose, verify, commit / reject / roll back) and trains on them; checkpoints and
+    the ledger go to ``run_dir`` when given. ``SelfModifier(..., run_dir=d, resume=True)``
+    continues a run: feed it the batches from ``.steps_done`` on.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Callable[[Any, Tensor], Tensor],
+        guard: Any,
+        *,
+        test: Any = None,
+        optimizer: str = "sgd",
+        config: dict[str, Any] | Any = None,
+        modifiers: Sequence[Modifier] | None = None,
+        groups: Sequence[arch.UnitGroup] | None = None,
+        metric: str | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+    ) -> None:
+        cfg = make_config(config, optimizer=optimizer, compare_fixed=False)
+        gx, gy = materialize(guard)
+        tx, ty = materialize(test) if test is not None else (None, None)
+        self.problem = _problem(model, loss, gy, metric, groups)
+        source = Source(_NoStream(), gx, gy, tx, ty)
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        if self.run_dir is not None and not resume:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.json", cfg.model_dump_json(indent=1))
+        self.run, self.recorder = build_run(
+            self.problem, [source], cfg, self.run_dir, modifiers=modifiers, resume=resume
+        )
+
+    @property
+    def steps_done(self) -> int:
+        return self.run.step
+
+    def step(self, batch: tuple[Any, Tensor]) -> int:
+        """Take one batch ``(x, y)``; returns the base steps done so far."""
+        return self.run.push(batch)
+
+    def module(self) -> nn.Module:
+        """A copy of the model with the current parameters, in the current shape."""
+        return self.problem.export(self.run.params, self.run.state.buffers)
+
+    def summary(self) -> dict[str, Any]:
+        return self.run.summary()
+
+    def finish(self) -> dict[str, Any]:
+        """Train the batches still queued (without a cycle) and, with a run directory, write
+        its final weights, ``summary.json`` and report; returns the summary."""
+        run = self.run
+        run.cycled_at = run.step  # no new cycle for the leftovers
+        while run.inbox or run.pending:
+            run.base_step()
+        if self.run_dir is not None:
+            finish(self.run_dir, run, None, run.config)
+            atomic_write_text(
+                self.run_dir / "status.json", json.dumps({"state": "complete", "step": run.step})
+            )
+        self.close()
+        return summary_record(run.summary(), None)
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+
+class _NoStream:
+    """The step-level API's training "stream": batches come from the caller."""
+
+    resizable = False
+
+    def next(self, batch_size: int) -> tuple[Any, Any]:
+        raise SelfmodError("SelfModifier takes its batches from step(); none is queued")
+
+    def position(self) -> dict[str, int]:
+        return {"source": 0, "epoch": 0, "pos": 0, "n": -1}
+
+    def seek(self, position: dict[str, int]) -> None:
+        pass

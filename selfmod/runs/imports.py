@@ -1,0 +1,155 @@
+"""``model``, ``data`` and ``loss`` of a config: a built-in name or ``"package.module:callable"``
+imported from the current directory and ``PYTHONPATH``, checked to return the right thing.
+
+Every failure is one line naming the field and the fix (a :class:`ConfigError`, exit code 2 in
+the CLI): an import that fails, a callable that returns the wrong thing, shapes that do not fit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfmod.data import Dataset, Split, hold_out
+from selfmod.validation import ConfigError
+
+LOSSES: dict[str, Callable[[Any, Tensor], Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+}
+
+
+def load_object(field: str, spec: str) -> Any:
+    """The attribute named by ``"package.module:name"``; the current directory is searched."""
+    module_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any error while importing user code
+        raise ConfigError(
+            f"{field} = {spec!r}: cannot import {module_name!r} ({type(err).__name__}: {err}); "
+            "check the name and that its folder is the current directory or on PYTHONPATH"
+        ) from None
+    if not hasattr(module, attr):
+        raise ConfigError(f"{field} = {spec!r}: module {module_name!r} has no {attr!r}")
+    return getattr(module, attr)
+
+
+def _call(field: str, spec: str) -> Any:
+    fn = load_object(field, spec)
+    if not callable(fn):
+        raise ConfigError(f"{field} = {spec!r} is not callable; name a function of no arguments")
+    try:
+        return fn()
+    except Exception as err:
+        raise ConfigError(f"{field} = {spec!r} raised {type(err).__name__}: {err}") from None
+
+
+def load_model(spec: str) -> nn.Module:
+    """``"package.module:callable"`` -> the ``nn.Module`` it returns."""
+    model = _call("model", spec)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model = {spec!r} must return a torch.nn.Module (got {type(model).__name__})"
+        )
+    return model
+
+
+def load_loss(spec: str) -> Callable[[Any, Tensor], Tensor]:
+    """A built-in loss or the callable ``(output, target) -> scalar`` named by ``spec``."""
+    if spec in LOSSES:
+        return LOSSES[spec]
+    fn = load_object("loss", spec)
+    if not callable(fn):
+        raise ConfigError(f"loss = {spec!r} is not callable; name (output, target) -> scalar")
+    return fn
+
+
+def load_data(spec: str, guard_size: int, seed: int) -> Split:
+    """``"package.module:callable"`` returning ``(x_train, y_train, x_test, y_test)`` tensors or
+    a :class:`selfmod.data.Dataset`; ``guard_size`` training examples are held out as guard."""
+    data = _call("data", spec)
+    if (
+        isinstance(data, tuple | list)
+        and len(data) == 4
+        and all(isinstance(t, Tensor) for t in data)
+    ):
+        x, y, xt, yt = data
+        for name, a, b in (("train", x, y), ("test", xt, yt)):
+            if len(a) != len(b):
+                raise ConfigError(
+                    f"data = {spec!r}: {name} x and y differ in length ({len(a)} vs {len(b)})"
+                )
+        data = Dataset(x, y, xt, yt, num_classes=0)
+    if not isinstance(data, Dataset):
+        raise ConfigError(
+            f"data = {spec!r} must return (x_train, y_train, x_test, y_test) tensors or a "
+            f"selfmod.data.Dataset (got {type(data).__name__})"
+        )
+    if guard_size >= len(data.x_train):
+        raise ConfigError(
+            f"guard_size must be < the {len(data.x_train)} training examples of {spec!r} "
+            f"(got {guard_size})"
+        )
+    return hold_out(data, guard_size, seed)
+
+
+def build_problem(cfg: Any) -> tuple[Any, list[Split]]:
+    """``(problem, splits)`` of a config: its model, data and loss, built-in or imported
+    (the model is built after seeding torch with ``cfg.seed``)."""
+    from selfmod.introspect.builtin import builtin_module, builtin_splits
+    from selfmod.introspect.config import DATA, MODELS
+    from selfmod.introspect.problem import Problem
+
+    splits = (
+        builtin_splits(cfg) if cfg.data in DATA else [load_data(cfg.data, cfg.guard_size, cfg.seed)]
+    )
+    loss = load_loss(cfg.loss)
+    first = splits[0]
+    torch.manual_seed(cfg.seed)
+    if cfg.model in MODELS:
+        if first.x.dim() != 2 or first.y.is_floating_point():
+            raise ConfigError(
+                f"model = {cfg.model!r} needs (N, features) inputs and class labels; data "
+                f"{cfg.data!r} gives inputs of shape {tuple(first.x.shape)}: name your own model"
+            )
+        classes = int(max(int(first.y.max()), int(first.y_test.max()))) + 1
+        module = builtin_module(cfg.model, cfg.depth, first.x.shape[1], cfg.width, classes)
+    else:
+        module = load_model(cfg.model)
+    check_fit(module, loss, first, cfg)
+    metric = cfg.metric
+    if metric == "auto":
+        metric = "loss" if first.y.is_floating_point() else "accuracy"
+    return Problem(module, loss, metric=metric), splits
+
+
+def check_fit(model: nn.Module, loss: Callable, split: Split, cfg: Any) -> None:
+    """One forward and loss on two guard examples, or a one-line error naming the fields."""
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(split.guard_x[:2])
+            model.train(was)
+            value = loss(out, split.guard_y[:2])
+        if not (isinstance(value, Tensor) and value.dim() == 0):
+            raise ValueError(
+                f"the loss returned {type(value).__name__} of shape "
+                f"{tuple(getattr(value, 'shape', ()))}, not a scalar tensor"
+            )
+    except Exception as err:
+        raise ConfigError(
+            f"model {cfg.model!r}, data {cfg.data!r} and loss {cfg.loss!r} do not fit together: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+            "check the model's input and output shapes and the loss"
+        ) from None

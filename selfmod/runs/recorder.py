@@ -1,0 +1,63 @@
+"""The run directory's side of a self-modifying run: a :class:`~selfmod.introspect.Recorder`
+that writes every decision to the hash-chained ledger, checkpoints the run (safetensors plus a
+JSON manifest, atomically), reads manual approvals, and resumes a run from its newest complete
+checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from selfmod.introspect.loop import Loop, Recorder
+from selfmod.runs.checkpoint import load_latest, save_checkpoint
+from selfmod.runs.ledger import Ledger
+
+
+class RunRecorder(Recorder):
+    """Ledger and checkpoints in ``run_dir``; keeps the last ``keep`` checkpoints."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 3) -> None:
+        self.run_dir = Path(run_dir)
+        self.ledger = Ledger(self.run_dir / "ledger.sqlite")
+        self.keep = keep
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def record(
+        self, run: Loop, kind: str, decision: str, reason: str, payload: dict[str, Any]
+    ) -> int | None:
+        e = self.ledger.append(
+            kind, cycle=run.cycle, step=run.step, decision=decision, reason=reason, payload=payload
+        )
+        return e.seq
+
+    def checkpoint(self, run: Loop) -> None:
+        tensors, meta = run.checkpoint()
+        meta["ledger_head"] = list(self.ledger.head())
+        save_checkpoint(self.run_dir, run.step, tensors, meta, keep=self.keep)
+
+    def approved(self, run: Loop) -> list[tuple[int, dict[str, Any]]]:
+        approvals = {e.payload.get("proposal") for e in self.ledger.entries("approval")}
+        return [
+            (e.seq, e.payload["change"])
+            for e in self.ledger.entries("proposal")
+            if e.decision == "pending" and e.seq in approvals
+        ]
+
+    def resume(self, run: Loop, at_most: int | None = None) -> None:
+        """Restore ``run`` from the newest complete checkpoint (``step <= at_most``); the
+        ledger chain is verified against the head the checkpoint recorded."""
+        tensors, manifest = load_latest(self.run_dir, at_most)
+        meta = manifest["meta"]
+        self.ledger.verify(tuple(meta["ledger_head"]))
+        run.restore(tensors, meta)
+        seq = meta["ledger_head"][0]
+        superseded = self.ledger.head()[0] - seq
+        run._event(
+            "resume",
+            "resume",
+            f"resumed from checkpoint at step {run.step}; the {superseded} entries "
+            f"after entry {seq} are superseded",
+            {"from_seq": seq + 1},
+        )
