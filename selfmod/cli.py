@@ -51,11 +51,14 @@ def train(
 ) -> None:
     """Train a model that modifies itself (default: an MNIST-1D MLP; model, data and loss may
     be "package.module:callable"), next to a fixed-configuration run."""
+    from selfmod.introspect.builtin import sources_of
+    from selfmod.introspect.loop import Loop
     from selfmod.runs.api import new_run_dir
     from selfmod.runs.imports import build_problem
 
     cfg = load_config(config, set_)
-    build_problem(cfg)  # every import and shape checked before a run directory exists
+    problem, splits = build_problem(cfg)  # imports and shapes checked before a run directory
+    Loop(problem, sources_of(splits, cfg.seed), cfg)  # and the modifiers named
     run_dir = new_run_dir(cfg.out)
     atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
     _drive(cfg, run_dir, resume=False)

@@ -121,7 +121,10 @@ def test_a_harmful_change_is_rejected_and_the_state_is_bitwise_unchanged(name, d
     after = (run.state, run.rng.get_state(), torch.get_rng_state())
     a, b = (torch.utils._pytree.tree_leaves(t) for t in (before, after))
     assert len(a) == len(b)
-    assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+    assert all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -239,7 +242,7 @@ def test_cli_names_the_field_and_the_fix_in_one_line(sets, message, tmp_path):
     out = _cli("train", *args)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    assert not any(tmp_path.iterdir()) or "modifiers" in message or "grow" in message or True
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
 
 
 def test_beta2_is_a_modifier_in_one_file(digits, tmp_path):
