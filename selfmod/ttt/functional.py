@@ -426,8 +426,9 @@ class _LinearScan(torch.autograd.Function):
 
     For mini-batches ``j = 0..n-1`` with keys ``K_j`` and queries ``Q_j`` ``(B, b, d_k)``,
     augmented by a constant-1 feature when ``W (B, p, d)`` has a bias row (``p = d_k + 1``,
-    else ``p = d_k``; ``d = d_v`` is the value width, any width): ``Z_j = K_j W_j``; the inner-loss gradient at ``Z_j`` is ``G_j = e_j =
-    Z_j + R_j`` (plain) or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j``
+    else ``p = d_k``; ``d = d_v`` is the value width, any width): ``Z_j = K_j W_j``; the
+    inner-loss gradient at ``Z_j`` is ``G_j = e_j = Z_j + R_j`` (plain) or
+    ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j``
     (``f(x) = x + LN(x W)``, the residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``;
     ``W_{j+1} = W_j - K_j^T E_j``; the read is ``Y_j = Q_j W_j - tril(Q_j K_j^T) E_j``
     ``(B, b, d)``. Only the recurrence runs block by block (5 ops per block forward, 8 in
