@@ -98,7 +98,7 @@ def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
             if ledger.keyed
             else "unkeyed (anyone who can write the run directory can recompute it)"
         )
-    table = Table(title=f"{run_dir}: {n} ledger entries, hash chain verified, {keyed}")
+    table = Table(title=f"{run_dir}: {n} ledger entries, hash chain verified")
     for col in ("id", "cycle", "step", "kind", "modifier", "decision", "reason"):
         table.add_column(col)
     for e in rows:
@@ -112,6 +112,7 @@ def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
             e.reason,
         )
     Console(width=200).print(table)
+    Console(width=200).print(f"hash chain: {keyed}", soft_wrap=True)
 
 
 @app.command()
