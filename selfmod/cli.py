@@ -80,7 +80,14 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         history = _read_json(run_dir / "history.json")
         if not isinstance(history, dict):
             raise SelfmodError(f"{run_dir / 'history.json'} must hold a JSON object")
-        path = write_report(run_dir, history, _ledger_rows(run_dir))
+        rows = _ledger_rows(run_dir)
+        try:
+            path = write_report(run_dir, history, rows)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise SelfmodError(
+                f"{run_dir / 'history.json'} is not a history selfmod train writes "
+                f"({type(err).__name__}: {err}); rerun selfmod resume to rewrite it"
+            ) from None
     Console().print(f"report: {path}")
 
 

@@ -432,3 +432,28 @@ def test_the_lock_file_is_no_part_of_what_rollback_moves(run):
 
 def test_selfmod_error_is_the_base_of_every_new_error():
     assert issubclass(RunLockedError, SelfmodError) and issubclass(LedgerError, SelfmodError)
+
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def test_report_escapes_every_string_from_the_run(run):
+    history = json.loads((run / "history.json").read_text())
+    history["config"]["approval"] = SCRIPT  # a config value
+    history["config"]["modifiers"] = [SCRIPT]
+    for d in history["tuned"]["decisions"]:
+        d["modifier"] = SCRIPT  # a modifier name
+    (run / "history.json").write_text(json.dumps(history))
+    with Ledger(run / "ledger.sqlite") as ledger:  # a reason and a modifier in the ledger
+        ledger.append("event", cycle=0, step=0, decision=SCRIPT, reason=SCRIPT,
+                      payload={"modifier": SCRIPT})  # fmt: skip
+    res = _selfmod("report", str(run))
+    assert res.returncode == 0, res.stderr
+    page = (run / "report.html").read_text()
+    assert "<script" not in page.lower()
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 5  # all five places, as text
+
+
+def test_report_with_a_history_of_another_shape_is_one_line(run):
+    (run / "history.json").write_text('{"tuned": 1}')
+    _one_line_exit_2(_selfmod("report", str(run)), "not a history selfmod train writes")
