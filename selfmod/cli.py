@@ -13,7 +13,6 @@ selfmod bench vs-search [--set k=v]                 selfmod against search and s
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,10 +52,10 @@ def train(
     be "package.module:callable"), next to a fixed-configuration run."""
     from selfmod.introspect.builtin import sources_of
     from selfmod.introspect.loop import Loop
-    from selfmod.runs.api import new_run_dir
+    from selfmod.runs.api import new_run_dir, with_run_id
     from selfmod.runs.imports import build_problem
 
-    cfg = load_config(config, set_)
+    cfg = with_run_id(load_config(config, set_))
     problem, splits = build_problem(cfg)  # imports and shapes checked before a run directory
     Loop(problem, sources_of(splits, cfg.seed), cfg)  # and the modifiers named
     run_dir = new_run_dir(cfg.out)
@@ -75,11 +74,22 @@ def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Write RUN_DIR/report.html from the run's history and ledger."""
+    from selfmod.runs.lock import run_lock
     from selfmod.runs.report import write_report
 
     _config_of(run_dir)
-    history = _read_json(run_dir / "history.json")
-    path = write_report(run_dir, history, _ledger_rows(run_dir))
+    with run_lock(run_dir):
+        history = _read_json(run_dir / "history.json")
+        if not isinstance(history, dict):
+            raise SelfmodError(f"{run_dir / 'history.json'} must hold a JSON object")
+        rows = _ledger_rows(run_dir)
+        try:
+            path = write_report(run_dir, history, rows)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise SelfmodError(
+                f"{run_dir / 'history.json'} is not a history selfmod train writes "
+                f"({type(err).__name__}: {err}); rerun selfmod resume to rewrite it"
+            ) from None
     Console().print(f"report: {path}")
 
 
@@ -89,9 +99,14 @@ def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
     from selfmod.runs.ledger import Ledger
 
     _config_of(run_dir)
-    with Ledger(run_dir / "ledger.sqlite") as ledger:
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
         n = ledger.verify()
         rows = [e for e in ledger.entries() if e.kind != "cycle"]
+        keyed = (
+            "keyed (HMAC-SHA256)"
+            if ledger.keyed
+            else "unkeyed (anyone who can write the run directory can recompute it)"
+        )
     table = Table(title=f"{run_dir}: {n} ledger entries, hash chain verified")
     for col in ("id", "cycle", "step", "kind", "modifier", "decision", "reason"):
         table.add_column(col)
@@ -106,6 +121,7 @@ def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
             e.reason,
         )
     Console(width=200).print(table)
+    Console(width=200).print(f"hash chain: {keyed}", soft_wrap=True)
 
 
 @app.command()
@@ -115,9 +131,10 @@ def approve(
 ) -> None:
     """Approve a pending change of a manual-approval run; it is applied at the next cycle."""
     from selfmod.runs.ledger import Ledger
+    from selfmod.runs.lock import run_lock
 
     _config_of(run_dir)
-    with Ledger(run_dir / "ledger.sqlite") as ledger:
+    with run_lock(run_dir), Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
         ledger.verify()
         pending = {e.seq: e for e in ledger.entries("proposal") if e.decision == "pending"}
         if id_ not in pending:
@@ -147,31 +164,57 @@ def rollback(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     to: Annotated[int, typer.Option("--to", help="cycle to go back to")],
 ) -> None:
-    """Go back to the checkpoint taken at the start of cycle CYCLE; `resume` continues there."""
-    from selfmod.runs.checkpoint import FOLDER, list_checkpoints, load_checkpoint
-    from selfmod.runs.ledger import Ledger
+    """Go back to the checkpoint taken at the start of cycle CYCLE; `resume` continues there.
+
+    Verifies every kept checkpoint and the ledger (against the head each checkpoint recorded)
+    before it moves anything; moves only checkpoint files, within the checkpoints folder."""
+    from selfmod.runs.lock import run_lock
 
     _config_of(run_dir)
-    kept = {}
+    with run_lock(run_dir):
+        target = _rollback(run_dir, to)
+    Console().print(
+        f"rolled back to cycle {to} (step {target}); continue with selfmod resume {run_dir}"
+    )
+
+
+def _rollback(run_dir: Path, to: int) -> int:
+    """Move the checkpoints of cycles after ``to`` aside; return the target step."""
+    from selfmod.runs.checkpoint import FOLDER, CheckpointError, list_checkpoints, load_checkpoint
+    from selfmod.runs.ledger import Ledger
+
+    kept: dict[int, tuple[Path, dict[str, Any]]] = {}
     for path in list_checkpoints(run_dir):
-        _, manifest = load_checkpoint(path)
-        kept[manifest["meta"]["cycle"]] = (path, manifest)
+        _, manifest = load_checkpoint(path)  # every manifest verified before anything moves
+        cycle, head = manifest["meta"].get("cycle"), manifest["meta"].get("ledger_head")
+        if not isinstance(cycle, int) or isinstance(cycle, bool):
+            raise CheckpointError(f"checkpoint {path.name}: meta.cycle is missing or not an int")
+        if not _is_head(head):
+            raise CheckpointError(f"checkpoint {path.name}: meta.ledger_head is missing")
+        kept[cycle] = (path, manifest)
     if to not in kept:
         cycles = ", ".join(map(str, sorted(kept))) or "none"
         raise SelfmodError(
             f"--to must be a cycle with a kept checkpoint (got {to}); kept: {cycles}"
         )
-    target = kept[to][1]["step"]
-    aside = run_dir / FOLDER / "rolled-back"
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+        ledger.verify()
+        for _, manifest in kept.values():  # the target's head, and every later one's
+            ledger.verify(tuple(manifest["meta"]["ledger_head"]))
+    folder = run_dir / FOLDER
+    aside = folder / "rolled-back"
+    if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+        raise SelfmodError(f"{aside} must be a folder, not a link or file; remove it")
     aside.mkdir(exist_ok=True)
+    target = kept[to][1]["step"]
     for cycle, (path, manifest) in kept.items():
-        if cycle > to:
+        if cycle > to:  # the manifest first: a checkpoint without it is simply incomplete
             for f in (path, path.parent / manifest["file"]):
-                shutil.move(f, aside / f.name)
+                f.replace(aside / f.name)
     for name in ("final.safetensors", "final.json"):
         (run_dir / name).unlink(missing_ok=True)
     atomic_write_text(run_dir / "status.json", json.dumps({"state": "rolled back", "step": target}))
-    with Ledger(run_dir / "ledger.sqlite") as ledger:
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
         ledger.append(
             "rollback",
             cycle=to,
@@ -180,8 +223,17 @@ def rollback(
             reason=f"manual rollback to cycle {to} (step {target})",
             payload={"modifier": "user", "to_cycle": to},
         )
-    Console().print(
-        f"rolled back to cycle {to} (step {target}); continue with selfmod resume {run_dir}"
+    return target
+
+
+def _is_head(head: Any) -> bool:
+    """``[seq, hash]`` as a checkpoint manifest records the ledger head."""
+    return (
+        isinstance(head, list)
+        and len(head) == 2
+        and isinstance(head[0], int)
+        and not isinstance(head[0], bool)
+        and isinstance(head[1], str)
     )
 
 
@@ -250,13 +302,28 @@ def _config_of(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise SelfmodError(f"DIR must be a run directory with config.json (got {str(run_dir)!r})")
-    return validate(json.loads(path.read_text()))
+    values = _json_file(path)
+    if not isinstance(values, dict):
+        raise SelfmodError(f"{path} must hold a JSON object of config fields (got {values!r:.40})")
+    return validate(values)
+
+
+def _json_file(path: Path) -> Any:
+    """The JSON value in ``path``, or one line saying why it cannot be read."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise SelfmodError(f"{path} is unreadable: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise SelfmodError(f"{path} is not UTF-8 text; restore it from a copy") from None
+    except ValueError as err:
+        raise SelfmodError(f"{path} is not valid JSON ({err}); restore it from a copy") from None
 
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise SelfmodError(f"{path} does not exist; finish the run first (selfmod resume)")
-    return json.loads(path.read_text())
+    return _json_file(path)
 
 
 def _ledger_rows(run_dir: Path) -> list[dict]:
@@ -266,6 +333,14 @@ def _ledger_rows(run_dir: Path) -> list[dict]:
 
 
 def _drive(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # type: ignore[valid-type]
+    """Run (or resume) the run in ``run_dir``, holding its lock: one process per run."""
+    from selfmod.runs.lock import run_lock
+
+    with run_lock(run_dir):
+        _drive_locked(cfg, run_dir, resume=resume)
+
+
+def _drive_locked(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # type: ignore[valid-type]
     import torch
 
     from selfmod.introspect.builtin import sources_of
@@ -336,6 +411,10 @@ def main() -> None:
         app()
     except (ConfigError, SelfmodError) as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a file the run needs is unreadable or unwritable (permissions, disk)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,9 +1,16 @@
 """Build a pydantic config from plain values, turning the first error into one readable line
 that names the field and what is allowed: ``steps must be an integer in [1, 1000000] (got -5)``.
+
+Conversions are strict for every model: ``true`` is not an integer, ``1.0`` is not an integer,
+``inf`` and ``nan`` are not numbers, a list may not repeat an entry, and ``--set`` integers are
+written in decimal (``0x10`` is refused).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,16 +53,45 @@ def allowed(model: type[BaseModel], name: str, described: Mapping[str, str] | No
     return f"{kind} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
+def _lenient(name: str, value: Any) -> str | None:
+    """Why ``value`` of field ``name`` is refused before pydantic sees it (``None``: fine):
+    a non-finite number anywhere inside it, or a list that repeats an entry."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} must be a finite number (got {value!r})"
+    if isinstance(value, dict):
+        for v in value.values():
+            if (why := _lenient(name, v)) is not None:
+                return why
+    if isinstance(value, list):
+        for v in value:
+            if (why := _lenient(name, v)) is not None:
+                return why
+        seen: list[Any] = []
+        for v in value:
+            if any(type(v) is type(u) and v == u for u in seen):
+                return f"{name} must not repeat an entry (got {v!r} twice in {value!r})"
+            seen.append(v)
+    return None
+
+
 def validate(
     model: type[M], values: dict[str, Any], described: Mapping[str, str] | None = None
 ) -> M:
-    """``model(**values)``, or a :class:`ConfigError` with one line for the first problem.
+    """``model`` validated strictly from ``values``, or a :class:`ConfigError` with one line for
+    the first problem.
 
-    A cross-field rule (a ``model_validator`` raising ``ValueError``) is reported with its own
-    message, which should name the fields.
+    Strict: no conversions (``true`` or ``1.0`` is not an integer, ``"1"`` not a number), no
+    ``inf``/``nan``, no repeated list entries. A cross-field rule (a ``model_validator`` raising
+    ``ValueError``) or a field validator is reported with its own message, which should name
+    the field.
     """
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"a config must be a table of fields (got {type(values).__name__})")
+    for name, value in values.items():
+        if name in model.model_fields and (why := _lenient(name, value)) is not None:
+            raise ConfigError(why)
     try:
-        return model(**values)
+        return model.model_validate(dict(values), strict=True)
     except ValidationError as err:
         first = err.errors()[0]
         if not first["loc"]:
@@ -64,10 +100,53 @@ def validate(
         if first["type"] == "extra_forbidden":
             known = ", ".join(model.model_fields)
             raise ConfigError(f"unknown config field {name!r}; known fields: {known}") from None
+        if first["type"] == "value_error" and not (described and name in described):
+            msg = str(first["msg"]).removeprefix("Value error, ")
+            raise ConfigError(msg.splitlines()[0]) from None
         got = values.get(name, first.get("input"))
         raise ConfigError(
-            f"{name} must be {allowed(model, name, described)} (got {got!r})"
+            f"{name} must be {allowed(model, name, described)} (got {got!r:.200})"
         ) from None
+
+
+_NAME_MAX = 255  # bytes in one path component (ext4, xfs, btrfs, tmpfs)
+_PATH_MAX = 4096
+
+
+def check_out_dir(value: str, field: str = "out") -> str:
+    """``value`` if it can name an output folder, else ``ValueError`` naming ``field`` and why.
+
+    Refused: a NUL byte, a name longer than 255 bytes (or a path over 4096), an existing file,
+    and a path under a file. The folder itself need not exist. Use it as a pydantic
+    ``field_validator`` (``validate`` then reports the message as one line).
+    """
+    if "\0" in value:
+        raise ValueError(f"{field} must not contain a NUL byte (got {value!r:.80})")
+    encoded = os.fsencode(value) if value else b""
+    if len(encoded) > _PATH_MAX:
+        raise ValueError(f"{field} must be at most {_PATH_MAX} bytes (got {len(encoded)})")
+    for part in Path(value).parts:
+        if len(os.fsencode(part)) > _NAME_MAX:
+            raise ValueError(
+                f"{field} has a name of {len(os.fsencode(part))} bytes (got {part[:40]!r}...); "
+                f"a folder name may have at most {_NAME_MAX}"
+            )
+    path = Path(value)
+    for at in (path, *path.parents):
+        try:
+            is_dir = at.is_dir()
+            exists = is_dir or at.exists()
+        except OSError:  # e.g. a path under a file on some systems: ENOTDIR
+            continue
+        if exists and not is_dir:
+            where = "" if at == path else f"{str(path)!r} is under "
+            raise ValueError(
+                f"{field} must be a folder, but {where}{str(at)!r} is a file; "
+                f"choose another {field}"
+            )
+        if exists:
+            break
+    return value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -75,11 +154,31 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value (got {text!r})")
+    if "\n" in raw or "\r" in raw:
+        raise ConfigError(f"--set {key.strip()}= must be one line (got {raw!r:.80})")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    if _non_decimal(value, raw.strip()):
+        raise ConfigError(
+            f"--set {key.strip()}= integers must be written in decimal (got {raw.strip()!r})"
+        )
     return key.strip(), value
+
+
+_DECIMAL = re.compile(r"[+-]?(0|[1-9](_?[0-9])*)")
+_INT_TOKEN = re.compile(r"[+-]?0[xob][0-9a-fA-F_]+|[+-]?[0-9][0-9_]*")
+
+
+def _non_decimal(value: Any, raw: str) -> bool:
+    """Whether TOML read a hexadecimal, octal or binary integer (``0x10``) out of ``raw``."""
+    if isinstance(value, bool) or not isinstance(value, int | list | dict):
+        return False
+    if isinstance(value, int):
+        return not _DECIMAL.fullmatch(raw)
+    # inside a list or table: any integer token that is not decimal
+    return any(t.lower().lstrip("+-")[:2] in ("0x", "0o", "0b") for t in _INT_TOKEN.findall(raw))
 
 
 def load_values(path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
@@ -90,7 +189,11 @@ def load_values(path: str | Path | None, overrides: list[str] | None) -> dict[st
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            values = tomllib.loads(path.read_text())
+            values = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except OSError as err:
+            raise ConfigError(f"config file {str(path)!r} is unreadable: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
     for item in overrides or []:

@@ -14,3 +14,17 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+def _worktree_first_on_pythonpath() -> None:
+    """Subprocesses (``python -m selfmod.cli``) import this checkout, whatever their cwd."""
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if paths[:1] != [root]:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+
+
+_worktree_first_on_pythonpath()

@@ -42,6 +42,7 @@ BAD_VALUES = {
     "beta1": ("1", "beta1 must be a number in (0, 1) (got 1)"),
     "beta2": ("0", "beta2 must be a number in (0, 1) (got 0)"),
     "device": ("tpu", 'device must be "cpu", "cuda", "cuda:N", "auto" (got \'tpu\')'),
+    "run_id": ("xyz", "run_id must be"),
     "dtype": ("float16", "dtype must be one of 'float32', 'float64' (got 'float16')"),
     "cycle": ("0", "cycle must be an integer in [1, 100000] (got 0)"),
     "lookahead": ("2000", "lookahead must be an integer in [1, 1000] (got 2000)"),

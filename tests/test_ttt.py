@@ -33,8 +33,15 @@ from selfmod.ttt.functional import _reconstruction, ttt_inner_loop
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
-def qkv(*shape: int, scale: float = 1.0):
-    return tuple(scale * torch.randn(*shape) for _ in range(3))
+def qkv(*shape: int, scale: float = 1.0, dv: int | None = None):
+    """``q, k (*shape)`` and ``v`` of the same shape but width ``dv`` (default: the same)."""
+    q, k = (scale * torch.randn(*shape) for _ in range(2))
+    v = scale * torch.randn(*shape[:-1], shape[-1] if dv is None else dv)
+    return q, k, v
+
+
+# value widths other than the key width (d = 4 in most tests): wider and narrower
+UNEQUAL_DV = [5, 3]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,8 +51,9 @@ def qkv(*shape: int, scale: float = 1.0):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lr", [1.0, 0.37])
-def test_ttt_linear_one_full_batch_step_from_zero_is_linear_attention(float64, causal, lr):
-    q, k, v = qkv(2, 3, 19, 5)
+@pytest.mark.parametrize("dv", [5, 7, 2])
+def test_ttt_linear_one_full_batch_step_from_zero_is_linear_attention(float64, causal, lr, dv):
+    q, k, v = qkv(2, 3, 19, 5, dv=dv)
     out = ttt_linear(q, k, v, W0=None, lr=lr, steps=1, causal=causal)
     ref = lr * (q @ k.mT).tril() @ v if causal else lr * q @ (k.mT @ v)  # the formula itself
     torch.testing.assert_close(out, ref, **TOL)
@@ -53,15 +61,17 @@ def test_ttt_linear_one_full_batch_step_from_zero_is_linear_attention(float64, c
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 16, 64])
-def test_chunked_causal_linear_attention_equals_tril_form(float64, chunk):
-    q, k, v = qkv(2, 37, 6)
+@pytest.mark.parametrize("dv", [6, 9, 2])
+def test_chunked_causal_linear_attention_equals_tril_form(float64, chunk, dv):
+    q, k, v = qkv(2, 37, 6, dv=dv)
     ref = (q @ k.mT).tril() @ v
     torch.testing.assert_close(linear_attention(q, k, v, True, chunk_size=chunk), ref, **TOL)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_nadaraya_watson_equals_softmax_attention(float64, causal):
-    q, k, v = qkv(2, 2, 23, 4, scale=3.0)  # large logits: needs the max-subtraction
+@pytest.mark.parametrize("dv", [4, *UNEQUAL_DV])
+def test_nadaraya_watson_equals_softmax_attention(float64, causal, dv):
+    q, k, v = qkv(2, 2, 23, 4, scale=3.0, dv=dv)  # large logits: needs the max-subtraction
     out = nadaraya_watson(q, k, v, causal)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, softmax_attention(q, k, v, causal, scale=1.0), **TOL)
@@ -77,13 +87,19 @@ def test_nadaraya_watson_equals_softmax_attention(float64, causal):
 # ---------------------------------------------------------------------------------------------
 
 
-def _inner(kind: str, d: int):
-    """(fn, W0, ln) for an inner-model kind."""
+def _inner(kind: str, d: int, dv: int | None = None):
+    """(fn, W0, ln) for an inner-model kind from width ``d`` to ``dv`` (LN kinds: ``dv = d``)."""
+    dv = d if dv is None else dv
     ln = (1.0 + 0.1 * torch.randn(d), 0.1 * torch.randn(d)) if kind.endswith("_ln") else None
     if kind.startswith("linear"):
-        W0 = 0.3 * torch.randn(d, d)
-        return (lambda *a, **kw: ttt_linear(*a, b0=0.1 * torch.ones(d), ln=ln, **kw)), W0, ln
-    return (lambda *a, **kw: ttt_mlp(*a, ln=ln, **kw)), init_mlp(d), ln
+        W0 = 0.3 * torch.randn(d, dv)
+        return (lambda *a, **kw: ttt_linear(*a, b0=0.1 * torch.ones(dv), ln=ln, **kw)), W0, ln
+    return (lambda *a, **kw: ttt_mlp(*a, ln=ln, **kw)), init_mlp(d, dv), ln
+
+
+def _bias(kind: str, W0) -> list:
+    """The inner weights as a flat list, with the linear kinds' bias ``0.1`` of ``_inner``."""
+    return [W0, 0.1 * torch.ones(W0.shape[-1])] if kind.startswith("linear") else list(W0)
 
 
 def _f(kind: str, params, x, ln):
@@ -116,6 +132,8 @@ def _naive_causal(kind, q, k, v, params, eta, mini_batch, ln):
 
 
 KINDS = ["linear", "linear_ln", "mlp", "mlp_ln"]
+# (kind, d_v) with d_v != d = 4: LayerNorm kinds add the input x to LN(f(x)), so need d_v = d
+UNEQUAL = [(kind, dv) for kind in ("linear", "mlp") for dv in UNEQUAL_DV]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -129,25 +147,37 @@ def test_dual_form_equals_primal_form(float64, kind, mini_batch):
     torch.testing.assert_close(dual, primal, **TOL)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_causal_mini_batch_ttt_matches_token_by_token_autograd(float64, kind):
+@pytest.mark.parametrize(("kind", "dv"), UNEQUAL)
+@pytest.mark.parametrize("mini_batch", [1, 4, 11])
+def test_dual_form_equals_primal_form_with_unequal_widths(float64, kind, dv, mini_batch):
+    q, k, v = qkv(2, 2, 11, 4, dv=dv)
+    eta = 0.05 * torch.rand(2, 2, 11)
+    fn, W0, _ = _inner(kind, 4, dv)
+    dual = fn(q, k, v, W0, lr=eta, mini_batch=mini_batch, causal=True, form="dual")
+    primal = fn(q, k, v, W0, lr=eta, mini_batch=mini_batch, causal=True, form="primal")
+    assert dual.shape == (2, 2, 11, dv)
+    torch.testing.assert_close(dual, primal, **TOL)
+
+
+@pytest.mark.parametrize(("kind", "dv"), [(kind, 3) for kind in KINDS] + UNEQUAL)
+def test_causal_mini_batch_ttt_matches_token_by_token_autograd(float64, kind, dv):
     n, d, b = 9, 3, 4
-    q, k, v = qkv(n, d)
+    q, k, v = qkv(n, d, dv=dv)
     eta = 0.1 * torch.rand(n)
-    fn, W0, ln = _inner(kind, d)
+    fn, W0, ln = _inner(kind, d, dv)
     out = fn(q, k, v, W0, lr=eta, mini_batch=b, causal=True)
-    params = [W0, 0.1 * torch.ones(d)] if kind.startswith("linear") else list(W0)
+    params = _bias(kind, W0)
     torch.testing.assert_close(out, _naive_causal(kind, q, k, v, params, eta, b, ln), **TOL)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("kind", "dv"), [(kind, 3) for kind in KINDS] + UNEQUAL)
 @pytest.mark.parametrize(("steps", "mini_batch"), [(3, None), (2, 4)])
-def test_noncausal_gd_and_sgd_match_autograd(float64, kind, steps, mini_batch):
+def test_noncausal_gd_and_sgd_match_autograd(float64, kind, dv, steps, mini_batch):
     n, d = 10, 3
-    q, k, v = qkv(n, d)
-    fn, W0, ln = _inner(kind, d)
+    q, k, v = qkv(n, d, dv=dv)
+    fn, W0, ln = _inner(kind, d, dv)
     out = fn(q, k, v, W0, lr=0.05, steps=steps, mini_batch=mini_batch)
-    params = [W0, 0.1 * torch.ones(d)] if kind.startswith("linear") else list(W0)
+    params = _bias(kind, W0)
     b = n if mini_batch is None else mini_batch
     for _ in range(steps):
         for s in range(0, n, b):
@@ -227,6 +257,13 @@ def test_misuse_raises_with_fix(float64):
         ttt_mlp(q, k, v)
     with pytest.raises(ValueError, match="causal only"):
         make_mixer("ttt_linear", 8, 2, causal=False)
+    q, k, v = qkv(8, 3, dv=5)
+    ln = (torch.ones(5), torch.zeros(5))
+    for impl in ("scan", "loop"):
+        with pytest.raises(ValueError, match="d_v = d"):
+            ttt_linear(q, k, v, causal=True, ln=ln, impl=impl)
+    with pytest.raises(ValueError, match="d_v = d"):
+        ttt_mlp(q, k, v, init_mlp(3, 5), ln=ln)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,12 +278,24 @@ SCAN_CASES = [  # (lead dims, N, mini_batch, bias, LN, first order, per-token ra
     ((3,), 10, 3, True, True, True, False),
     ((3,), 10, 3, True, False, False, True),
 ]
+# without LayerNorm the value width d_v may differ from the key width d = 4
+SCAN_CASES_UNEQUAL = [  # (d_v, lead dims, N, mini_batch, bias, first order, per-token rate)
+    (dv, *case)
+    for dv in UNEQUAL_DV
+    for case in [
+        ((2, 3), 19, 5, True, False, True),
+        ((2,), 16, 4, False, False, False),
+        ((1, 2), 7, 16, True, True, True),
+        ((3,), 10, 3, False, True, False),
+    ]
+]
 
 
-def _scan_inputs(lead, N, bias, ln, per_token, d=4):
-    q, k, v = qkv(*lead, N, d)
-    W0 = 0.3 * torch.randn(lead[-1], d, d)  # per head, broadcast over the batch
-    extra = [0.1 * torch.randn(lead[-1], d)] if bias else []
+def _scan_inputs(lead, N, bias, ln, per_token, d=4, dv=None):
+    dv = d if dv is None else dv
+    q, k, v = qkv(*lead, N, d, dv=dv)
+    W0 = 0.3 * torch.randn(lead[-1], d, dv)  # per head, broadcast over the batch
+    extra = [0.1 * torch.randn(lead[-1], dv)] if bias else []
     if ln:
         extra += [1 + 0.1 * torch.randn(lead[-1], 1, d), 0.1 * torch.randn(lead[-1], 1, d)]
     eta = 0.3 * torch.rand(*lead, N) if per_token else torch.tensor(0.2)
@@ -264,9 +313,9 @@ def _scan_fn(N, b, bias, ln, first_order, impl):
     return fn
 
 
-def _assert_scan_equals_loop(lead, N, b, bias, ln, first_order, per_token) -> None:
+def _assert_scan_equals_loop(lead, N, b, bias, ln, first_order, per_token, dv=None) -> None:
     """The fused scan and the autograd loop agree in value and in every input's gradient."""
-    inputs = _scan_inputs(lead, N, bias, ln, per_token)
+    inputs = _scan_inputs(lead, N, bias, ln, per_token, dv=dv)
     scan = _scan_fn(N, b, bias, ln, first_order, "scan")(*inputs)
     loop = _scan_fn(N, b, bias, ln, first_order, "loop")(*inputs)
     torch.testing.assert_close(scan, loop, **TOL)
@@ -285,6 +334,30 @@ def test_scan_equals_autograd_loop_in_value_and_gradient(float64, case):
     _assert_scan_equals_loop(lead, N, b, bias, ln, first_order, per_token)
 
 
+@pytest.mark.parametrize("case", SCAN_CASES_UNEQUAL)
+def test_scan_equals_loop_with_unequal_key_and_value_widths(float64, case):
+    dv, lead, N, b, bias, first_order, per_token = case
+    _assert_scan_equals_loop(lead, N, b, bias, False, first_order, per_token, dv=dv)
+
+
+@pytest.mark.parametrize("dv", UNEQUAL_DV)
+def test_scan_default_call_with_unequal_widths_as_reported(float64, dv):
+    # issue 14 item 9: q, k of width 4, v of width 5, all defaults but causal=True
+    q, k, v = (t.requires_grad_() for t in qkv(2, 9, 4, dv=dv))
+    out = ttt_linear(q, k, v, causal=True)
+    ref = ttt_linear(q, k, v, causal=True, impl="loop")
+    assert out.shape == (2, 9, dv)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(out, (q @ k.mT).tril() @ v, **TOL)  # W0 = 0, one full batch
+    cot = torch.randn_like(out)
+    for gs, gl in zip(
+        torch.autograd.grad(out, (q, k, v), cot),
+        torch.autograd.grad(ref, (q, k, v), cot),
+        strict=True,
+    ):
+        torch.testing.assert_close(gs, gl, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 def test_scan_with_one_backward_buffer_per_block_equals_loop(float64, monkeypatch, first_order):
     # the backward keeps its per-block LayerNorm vectors in buffers of at most _XY_BYTES;
@@ -294,13 +367,14 @@ def test_scan_with_one_backward_buffer_per_block_equals_loop(float64, monkeypatc
 
 
 @pytest.mark.parametrize(
-    "case",  # second order only: first order is by design not the true derivative
-    [((1,), 7, 3, True, True, False, True), ((1,), 8, 4, False, True, False, False),
-     ((1,), 7, 3, True, False, False, True)],
+    ("case", "dv"),  # second order only: first order is by design not the true derivative
+    [(((1,), 7, 3, True, True, False, True), 3), (((1,), 8, 4, False, True, False, False), 3),
+     (((1,), 7, 3, True, False, False, True), 3), (((1,), 7, 3, True, False, False, True), 2),
+     (((1,), 8, 4, False, False, False, False), 4)],  # d = 3: the last two with d_v != d
 )  # fmt: skip
-def test_scan_passes_gradcheck(float64, case):
+def test_scan_passes_gradcheck(float64, case, dv):
     lead, N, b, bias, ln, first_order, per_token = case
-    inputs = _scan_inputs(lead, N, bias, ln, per_token, d=3)
+    inputs = _scan_inputs(lead, N, bias, ln, per_token, d=3, dv=dv)
     fn = _scan_fn(N, b, bias, ln, first_order, "scan")
     weights = torch.randn_like(fn(*inputs))  # a scalar loss keeps the Jacobian one row
 

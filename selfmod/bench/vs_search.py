@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfmod.bench import contenders as C
 from selfmod.data import hold_out, load_mnist1d
 from selfmod.runs.files import atomic_write_bytes, atomic_write_text
-from selfmod.validation import load_values, validate
+from selfmod.validation import check_out_dir, load_values, validate
 
 #: the self-modifying run's settings in this benchmark beyond the defaults. Chosen on the
 #: validation splits of seeds 10-13 (never the published seeds' test sets) among: cycle
@@ -74,6 +74,11 @@ class Budget(BaseModel):
     guard_size: int = Field(500, ge=10, le=2000, description="validation examples")
     out: str = Field("benchmarks/results", min_length=1, description="folder for the results")
     jobs: int = Field(1, ge=1, le=64, description="seeds run in parallel processes")
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, value: str) -> str:
+        return check_out_dir(value)
 
 
 DESCRIBED = {

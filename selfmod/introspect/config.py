@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from selfmod.introspect.hparams import OPTIMIZERS
 from selfmod.introspect.modifiers import registry
+from selfmod.validation import check_out_dir
 
 #: most cycles between two runs of a per-cycle modifier
 MAX_EVERY = 1000
@@ -115,7 +116,17 @@ class RunConfig(BaseModel):
     )
     dtype: Literal["float32", "float64"] = "float32"
     out: str = Field("runs", min_length=1, description="folder for run directories")
+    run_id: str = Field(
+        "",
+        pattern=r"^[0-9a-f]{0,32}$",
+        description="set when the run directory is made; binds its checkpoints to it",
+    )
     threads: int = Field(1, ge=1, le=256, description="torch CPU threads (small models: 1)")
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, value: str) -> str:
+        return check_out_dir(value)
 
     @field_validator("modifiers", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from selfmod.meta import distributed
-from selfmod.meta.train import MetaTrainConfig, meta_train
+from selfmod.meta.train import MetaTrainConfig, meta_train, read_checkpoint
 from selfmod.validation import load
 
 
@@ -26,6 +26,8 @@ def run_meta_train(
 ) -> Path:
     """Meta-train; returns the output folder. Initialises ``torch.distributed`` under torchrun."""
     cfg = load_meta_config(config, overrides)
+    if resume:  # a checkpoint that cannot be resumed is one line, before any progress output
+        read_checkpoint(Path(cfg.out), cfg)
     started_group = False
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -46,6 +46,16 @@ def all_reduce_sum(tree: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` on one rank."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def is_main_process() -> bool:
     """True on rank 0 (the one that writes checkpoints and logs)."""
     return rank_and_world()[0] == 0

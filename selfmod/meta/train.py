@@ -9,14 +9,20 @@ A slot starts a new task after ``horizon`` inner steps. Meta-gradients are avera
 (summed across ranks with ``all_reduce``), clipped and applied with Adam.
 
 Slots are seeded by ``(seed, slot, episode)``, not by rank, so the result does not depend on the
-number of processes. Rank 0 writes the checkpoint (safetensors + JSON with sha256) every
-``checkpoint_every`` meta-steps; ``resume`` continues from it with fresh inner tasks.
+number of processes. Every ``checkpoint_every`` meta-steps rank 0 writes a checkpoint of the
+whole state (the learned optimizer, Adam's moments, every slot's inner weights, inner state,
+position and RNG) as one set through :mod:`selfmod.runs.checkpoint` (``out/checkpoints``: the
+tensors, then one manifest with their sha256 and its own, written last; the previous set is
+kept until the new one is complete), and the learned optimizer alone to
+``out/weights.safetensors``. ``resume`` continues from the newest complete set exactly where
+it stopped: resuming any number of times gives the uninterrupted run's weights.
+
+State is flattened by name (``torch.utils._pytree.keystr`` paths such as ``[1][0].mu['b0']``),
+never by position, so the order of a dict's keys never matters.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,9 +31,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.torch import save
 from torch import Tensor
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
 
 from selfmod import hypergrad, optim
 from selfmod.meta import distributed
@@ -38,8 +45,16 @@ from selfmod.optim.learned import (
     lstm_optimizer,
     mlp_optimizer,
 )
-from selfmod.runs.files import atomic_write_bytes, atomic_write_text
+from selfmod.runs.checkpoint import CheckpointError, load_latest
+from selfmod.runs.checkpoint import save_checkpoint as save_checkpoint_set
+from selfmod.runs.files import atomic_write_bytes
 from selfmod.tasks import TemplateTasks
+from selfmod.validation import check_out_dir
+
+KIND = "selfmod meta-train"
+# fields that shape the saved state: a resume must use the checkpoint's values
+RESUME_FIXED = ("optimizer", "seed", "meta_batch", "unroll", "horizon", "width", "n_way")
+KEEP = 2  # checkpoint sets kept: the newest complete one and the one before it
 
 
 class MetaTrainConfig(BaseModel):
@@ -61,6 +76,11 @@ class MetaTrainConfig(BaseModel):
     checkpoint_every: int = Field(100, ge=1, le=10_000_000)
     time_limit: float = Field(0.0, ge=0, description="stop after this many seconds (0: none)")
     out: str = Field("runs/meta", min_length=1)
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, value: str) -> str:
+        return check_out_dir(value)
 
 
 @dataclass
@@ -124,10 +144,14 @@ def meta_train(
     meta_state = meta.init(weights)
     out = Path(cfg.out)
     start_step = 0
-    if resume:
-        weights, meta_state, start_step = load_checkpoint(out, meta_state)
     my_slots = distributed.shard(range(cfg.meta_batch))
-    slots = {i: _reset(i, 0, cfg, tasks, opt) for i in my_slots}
+    if resume:
+        weights, meta_state, start_step, slots = load_checkpoint(
+            out, cfg, weights, meta_state, lambda i, episode: _reset(i, episode, cfg, tasks, opt)
+        )
+        slots = {i: slots[i] for i in my_slots}
+    else:
+        slots = {i: _reset(i, 0, cfg, tasks, opt) for i in my_slots}
     began = time.perf_counter()
     for step in range(start_step, cfg.meta_steps):
         grads = {k: torch.zeros_like(v) for k, v in weights.items()}
@@ -158,49 +182,159 @@ def meta_train(
         done = step + 1 == cfg.meta_steps or (
             cfg.time_limit and time.perf_counter() - began > cfg.time_limit
         )
-        if distributed.is_main_process() and ((step + 1) % cfg.checkpoint_every == 0 or done):
-            save_checkpoint(out, weights, meta_state, step + 1, cfg)
+        if (step + 1) % cfg.checkpoint_every == 0 or done:
+            save_checkpoint(out, weights, meta_state, step + 1, cfg, slots)
         if done:
             break
     return weights
 
 
-def save_checkpoint(out: Path, weights, meta_state, step: int, cfg: MetaTrainConfig) -> None:
-    """``weights.safetensors`` (the learned optimizer), ``meta_state.safetensors`` (Adam's
-    moments) and ``checkpoint.json`` (step, config, sha256 of both), each written atomically."""
-    leaves, _ = torch.utils._pytree.tree_flatten(meta_state)
-    tensors = {f"leaf{i}": x for i, x in enumerate(leaves) if isinstance(x, Tensor)}
-    scalars = {f"leaf{i}": x for i, x in enumerate(leaves) if not isinstance(x, Tensor)}
-    files = {"weights.safetensors": weights, "meta_state.safetensors": tensors}
-    digests = {}
-    for name, tensors_ in files.items():
-        tmp = out / f".{name}.staging"
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors_.items()}, str(tmp))
-        data = tmp.read_bytes()
-        tmp.unlink()
-        atomic_write_bytes(out / name, data)
-        digests[name] = hashlib.sha256(data).hexdigest()
-    manifest = {
-        "step": step,
-        "sha256": digests,
-        "meta_state_scalars": scalars,
+def _flatten(tree: Any, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``({prefix + name: tensor}, {name: scalar})`` with each leaf named by its path."""
+    tensors, scalars = {}, {}
+    for path, leaf in tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, Tensor):
+            tensors[prefix + keystr(path)] = leaf
+        else:
+            scalars[keystr(path)] = leaf
+    return tensors, scalars
+
+
+def _unflatten(
+    template: Any, tensors: dict[str, Tensor], scalars: dict[str, Any], prefix: str
+) -> Any:
+    """Rebuild ``template``'s structure from leaves saved by :func:`_flatten` under the same
+    names; a missing name or another shape is a :class:`CheckpointError`."""
+    flat, spec = tree_flatten_with_path(template)
+    leaves = []
+    for path, leaf in flat:
+        name = keystr(path)
+        if isinstance(leaf, Tensor):
+            saved = tensors.get(prefix + name)
+            if saved is None or saved.shape != leaf.shape:
+                raise CheckpointError(
+                    f"the checkpoint's {prefix}{name} is missing or has another shape; it was "
+                    "written by another configuration (use its config or a new out)"
+                )
+            leaves.append(saved.to(leaf.dtype))
+        else:
+            if name not in scalars:
+                raise CheckpointError(f"the checkpoint has no {prefix}{name}")
+            leaves.append(scalars[name])
+    return tree_unflatten(leaves, spec)
+
+
+def _named(
+    template: dict[str, Tensor], tensors: dict[str, Tensor], prefix: str
+) -> dict[str, Tensor]:
+    """``{name: tensors[prefix + name]}`` in ``template``'s key order, shapes checked."""
+    out = {}
+    for name, fresh in template.items():
+        saved = tensors.get(prefix + name)
+        if saved is None or saved.shape != fresh.shape:
+            raise CheckpointError(
+                f"the checkpoint's {prefix}{name} is missing or has another shape; it was "
+                "written by another configuration (use its config or a new out)"
+            )
+        out[name] = saved.to(fresh.dtype)
+    return out
+
+
+def _slot_record(i: int, slot: Slot) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """One slot's tensors (inner weights, inner state, RNG) and JSON values."""
+    prefix = f"slots/{i}/"
+    params = {f"{prefix}params/{k}": v for k, v in slot.params.items()}
+    state, scalars = _flatten(slot.state, f"{prefix}state/")
+    tensors = {**params, **state, f"{prefix}gen": slot.gen.get_state()}
+    return tensors, {"t": slot.t, "episode": slot.episode, "state_scalars": scalars}
+
+
+def save_checkpoint(
+    out: Path,
+    weights: dict[str, Tensor],
+    meta_state: Any,
+    step: int,
+    cfg: MetaTrainConfig,
+    slots: dict[int, Slot],
+) -> Path | None:
+    """Write the whole meta-training state as one checkpoint set (rank 0; the other ranks send
+    their slots) and the learned optimizer to ``out/weights.safetensors``; returns the
+    manifest on rank 0.
+
+    The set is ``out/checkpoints/ckpt-<step>.{safetensors,json}`` (:mod:`selfmod.runs.checkpoint`:
+    tensors first, the manifest with every sha256 last); only the last :data:`KEEP` are kept.
+    """
+    records = {i: _slot_record(i, slot) for i, slot in slots.items()}
+    gathered = distributed.gather_objects(records)
+    if not distributed.is_main_process():
+        return None
+    tensors = {f"weights/{k}": v for k, v in weights.items()}
+    state_tensors, state_scalars = _flatten(meta_state, "meta_state/")
+    tensors.update(state_tensors)
+    slot_meta = {}
+    for rank_records in gathered:
+        for i, (slot_tensors, values) in rank_records.items():
+            tensors.update(slot_tensors)
+            slot_meta[str(i)] = values
+    meta = {
+        "kind": KIND,
         "config": cfg.model_dump(),
+        "weights": list(weights),  # the learned optimizer's names, in their order
+        "meta_state_scalars": state_scalars,
+        "slots": slot_meta,
     }
-    atomic_write_text(out / "checkpoint.json", json.dumps(manifest, indent=1))
+    tensors = {k: v.detach().clone() for k, v in tensors.items()}  # no shared storage
+    manifest = save_checkpoint_set(out, step, tensors, meta, keep=KEEP)
+    atomic_write_bytes(out / "weights.safetensors", save(dict(weights)))
+    return manifest
 
 
-def load_checkpoint(out: Path, meta_state_template) -> tuple[dict[str, Tensor], Any, int]:
-    """Load and verify (sha256) a checkpoint written by :func:`save_checkpoint`."""
-    manifest = json.loads((out / "checkpoint.json").read_text())
-    for name, digest in manifest["sha256"].items():
-        if hashlib.sha256((out / name).read_bytes()).hexdigest() != digest:
-            raise ValueError(f"checkpoint file {out / name} does not match its sha256")
-    weights = load_file(str(out / "weights.safetensors"))
-    tensors = load_file(str(out / "meta_state.safetensors"))
-    leaves, spec = torch.utils._pytree.tree_flatten(meta_state_template)
-    restored = [
-        tensors.get(f"leaf{i}", manifest["meta_state_scalars"].get(f"leaf{i}"))
-        for i in range(len(leaves))
-    ]
-    return weights, torch.utils._pytree.tree_unflatten(restored, spec), manifest["step"]
+def read_checkpoint(out: Path, cfg: MetaTrainConfig) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, manifest)`` of the newest complete checkpoint set in ``out``, verified (every
+    sha256, the manifest's own) and written by meta-train with ``cfg``'s :data:`RESUME_FIXED`
+    values; otherwise a one-line :class:`CheckpointError` saying what to do."""
+    tensors, manifest = load_latest(out)
+    meta = manifest["meta"]
+    if meta.get("kind") != KIND or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"the checkpoint in {out} was not written by selfmod meta-train")
+    saved = meta["config"]
+    for name in RESUME_FIXED:
+        if saved.get(name) != getattr(cfg, name):
+            raise CheckpointError(
+                f"{name} is {getattr(cfg, name)!r} but the checkpoint in {out} was written with "
+                f"{saved.get(name)!r}; resume with --set {name}={saved.get(name)!r} or start "
+                "a new out"
+            )
+    return tensors, manifest
+
+
+def load_checkpoint(
+    out: Path,
+    cfg: MetaTrainConfig,
+    weights: dict[str, Tensor],
+    meta_state: Any,
+    new_slot: Callable[[int, int], Slot],
+) -> tuple[dict[str, Tensor], Any, int, dict[int, Slot]]:
+    """``(weights, meta_state, step, slots)`` from the newest complete checkpoint set in
+    ``out``, verified (every sha256, the manifest's own) and checked against ``cfg``
+    (:data:`RESUME_FIXED` must match); ``weights`` and ``meta_state`` are the fresh ones, whose
+    structure and key order are kept. ``new_slot(i, episode)`` rebuilds slot ``i``'s task."""
+    tensors, manifest = read_checkpoint(out, cfg)
+    meta = manifest["meta"]
+    try:
+        restored = _named(weights, tensors, "weights/")
+        state = _unflatten(meta_state, tensors, meta["meta_state_scalars"], "meta_state/")
+        slots = {}
+        for i in range(cfg.meta_batch):
+            record = meta["slots"][str(i)]
+            slot = new_slot(i, record["episode"])
+            slot.params = _named(slot.params, tensors, f"slots/{i}/params/")
+            slot.state = _unflatten(
+                slot.state, tensors, record["state_scalars"], f"slots/{i}/state/"
+            )
+            slot.t = record["t"]
+            slot.gen.set_state(tensors[f"slots/{i}/gen"])
+            slots[i] = slot
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"the checkpoint in {out} is incomplete ({err!r})") from None
+    return restored, state, manifest["step"], slots

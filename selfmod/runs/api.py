@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from selfmod.introspect.problem import Problem
 from selfmod.runs.checkpoint import list_checkpoints
 from selfmod.runs.config import validate
 from selfmod.runs.files import atomic_write_bytes, atomic_write_text
+from selfmod.runs.lock import run_lock
 from selfmod.runs.recorder import RunRecorder
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -63,6 +65,11 @@ def make_config(config: Any = None, **defaults: Any) -> Any:
         return config
     values = {**defaults, **(config or {})}
     return validate(values)
+
+
+def with_run_id(cfg: Any) -> Any:
+    """``cfg`` with a fresh random ``run_id`` (a new run directory's identity)."""
+    return cfg.model_copy(update={"run_id": uuid.uuid4().hex})
 
 
 def device_of(cfg: Any) -> torch.device:
@@ -105,7 +112,9 @@ def build_run(
 ) -> tuple[Loop, RunRecorder | None]:
     """The loop with a recorder on ``run_dir`` (``None``: in memory), resumed if asked."""
     torch.use_deterministic_algorithms(cfg.deterministic)
-    recorder = RunRecorder(run_dir, cfg.keep_checkpoints) if run_dir is not None else None
+    recorder = (
+        RunRecorder(run_dir, cfg.keep_checkpoints, cfg.run_id) if run_dir is not None else None
+    )
     loop = Loop(
         problem,
         sources,
@@ -170,7 +179,7 @@ def summary_record(tuned: dict[str, Any], fixed: dict[str, Any] | None) -> dict[
 def ledger_rows(run_dir: Path) -> list[dict]:
     from selfmod.runs.ledger import Ledger
 
-    with Ledger(run_dir / "ledger.sqlite") as ledger:
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
         ledger.verify()
         return [e.__dict__ for e in ledger.entries() if e.kind != "cycle"]
 
@@ -220,28 +229,45 @@ def fit(
         run_dir = new_run_dir(cfg.out)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if resume:
+        cfg = _saved_config(run_dir, cfg)
+    else:
+        cfg = with_run_id(cfg)
         atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
-    run, recorder = build_run(problem, [source], cfg, run_dir, modifiers=modifiers, resume=resume)
-    atomic_write_text(run_dir / "status.json", json.dumps({"state": "running", "step": run.step}))
-    run.run(on_step)
-    fixed = None
-    if initial is not None:
-        fixed_problem = _problem(initial, loss, gy, metric, groups)
-        fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
-        fixed = Loop(
-            fixed_problem, [fixed_source], cfg, tune=False, device=run.device, dtype=run.dtype
+    with run_lock(run_dir):
+        run, recorder = build_run(
+            problem, [source], cfg, run_dir, modifiers=modifiers, resume=resume
         )
-        fixed.run()
-    finish(run_dir, run, fixed, cfg)
-    atomic_write_text(run_dir / "status.json", json.dumps({"state": "complete", "step": run.step}))
-    if recorder is not None:
-        recorder.close()
-        run.recorder = Recorder()  # the run directory is complete: nothing more goes in it
+        atomic_write_text(
+            run_dir / "status.json", json.dumps({"state": "running", "step": run.step})
+        )
+        run.run(on_step)
+        fixed = None
+        if initial is not None:
+            fixed_problem = _problem(initial, loss, gy, metric, groups)
+            fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
+            fixed = Loop(
+                fixed_problem, [fixed_source], cfg, tune=False, device=run.device, dtype=run.dtype
+            )
+            fixed.run()
+        finish(run_dir, run, fixed, cfg)
+        atomic_write_text(
+            run_dir / "status.json", json.dumps({"state": "complete", "step": run.step})
+        )
+        if recorder is not None:
+            recorder.close()
+            run.recorder = Recorder()  # the run directory is complete: nothing more goes in it
     module = problem.export(run.params, run.state.buffers)
-    return FitResult(
-        module, summary_record(run.summary(), fixed.summary() if fixed else None), run_dir, run
-    )
+    fixed_summary = fixed.summary() if fixed else None
+    return FitResult(module, summary_record(run.summary(), fixed_summary), run_dir, run)
+
+
+def _saved_config(run_dir: Path, cfg: Any) -> Any:
+    """The config of the run in ``run_dir`` (its ``run_id`` binds the checkpoints)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise SelfmodError(f"{run_dir} has no config.json: nothing to resume")
+    return validate(json.loads(path.read_text()))
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -280,7 +306,10 @@ class SelfModifier:
         self.problem = _problem(model, loss, gy, metric, groups)
         source = Source(_NoStream(), gx, gy, tx, ty)
         self.run_dir = None if run_dir is None else Path(run_dir)
-        if self.run_dir is not None and not resume:
+        if self.run_dir is not None and resume:
+            cfg = _saved_config(self.run_dir, cfg)
+        elif self.run_dir is not None:
+            cfg = with_run_id(cfg)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.json", cfg.model_dump_json(indent=1))
         self.run, self.recorder = build_run(

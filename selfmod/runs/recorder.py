@@ -16,10 +16,10 @@ from selfmod.runs.ledger import Ledger
 class RunRecorder(Recorder):
     """Ledger and checkpoints in ``run_dir``; keeps the last ``keep`` checkpoints."""
 
-    def __init__(self, run_dir: str | Path, keep: int = 3) -> None:
+    def __init__(self, run_dir: str | Path, keep: int = 3, run_id: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.ledger = Ledger(self.run_dir / "ledger.sqlite")
-        self.keep = keep
+        self.keep, self.run_id = keep, run_id or None
 
     def close(self) -> None:
         self.ledger.close()
@@ -35,7 +35,7 @@ class RunRecorder(Recorder):
     def checkpoint(self, run: Loop) -> None:
         tensors, meta = run.checkpoint()
         meta["ledger_head"] = list(self.ledger.head())
-        save_checkpoint(self.run_dir, run.step, tensors, meta, keep=self.keep)
+        save_checkpoint(self.run_dir, run.step, tensors, meta, keep=self.keep, run_id=self.run_id)
 
     def approved(self, run: Loop) -> list[tuple[int, dict[str, Any]]]:
         approvals = {e.payload.get("proposal") for e in self.ledger.entries("approval")}
@@ -48,7 +48,7 @@ class RunRecorder(Recorder):
     def resume(self, run: Loop, at_most: int | None = None) -> None:
         """Restore ``run`` from the newest complete checkpoint (``step <= at_most``); the
         ledger chain is verified against the head the checkpoint recorded."""
-        tensors, manifest = load_latest(self.run_dir, at_most)
+        tensors, manifest = load_latest(self.run_dir, at_most, run_id=self.run_id)
         meta = manifest["meta"]
         self.ledger.verify(tuple(meta["ledger_head"]))
         run.restore(tensors, meta)

@@ -228,26 +228,42 @@ def summary_rows(history: dict) -> list[tuple[str, str, str]]:
     ]
 
 
+def _e(x: Any) -> str:
+    """Text for HTML: every value from the run (history, ledger, config) goes through here."""
+    return html.escape(str(x), quote=True)
+
+
+def _row(*cells: Any) -> str:
+    return "<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>"
+
+
+# the decisions the page colours; any other value gets no class (never a value from the run)
+_DECISION_CLASSES = frozenset({"commit", "applied", "reject", "rollback", "pending"})
+
+
 def write_report(run_dir: Path, history: dict, entries: list[dict]) -> Path:
-    """Write ``run_dir/report.html`` atomically and return its path."""
-    summary = "".join(
-        f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
-        for a, b, c in summary_rows(history)
-    )
+    """Write ``run_dir/report.html`` atomically and return its path.
+
+    Every string from ``history.json``, the ledger or the config is HTML-escaped (``_e``):
+    a reason or modifier name such as ``<script>...`` is shown as text, never run."""
+    summary = "".join(_row(a, b, c) for a, b, c in summary_rows(history))
     mm = meta_metrics(history["tuned"]["probes"], history.get("shift_cycle"))
-    meta = "".join(
-        f"<tr><td>{k.replace('_', ' ')}</td><td>{_fmt(v)}</td></tr>" for k, v in mm.items()
-    )
-    changes = "".join(
-        f"<tr><td>{e['seq']}</td><td>{e['cycle']}</td><td>{e['step']}</td><td>{e['kind']}</td>"
-        f"<td>{html.escape(str(e['payload'].get('modifier', '')))}</td>"
-        f"<td class='{e['decision']}'>{e['decision']}</td><td>{html.escape(e['reason'])}</td></tr>"
-        for e in entries
-    )
+    meta = "".join(_row(str(k).replace("_", " "), _fmt(v)) for k, v in mm.items())
+
+    def change(e: dict) -> str:
+        decision = str(e["decision"])
+        cls = f' class="{decision}"' if decision in _DECISION_CLASSES else ""
+        return (
+            f"<tr><td>{_e(e['seq'])}</td><td>{_e(e['cycle'])}</td><td>{_e(e['step'])}</td>"
+            f"<td>{_e(e['kind'])}</td><td>{_e(e['payload'].get('modifier', ''))}</td>"
+            f"<td{cls}>{_e(decision)}</td><td>{_e(e['reason'])}</td></tr>"
+        )
+
+    changes = "".join(change(e) for e in entries)
 
     def fig(alt: str, png: str, half: bool = False) -> str:
         cls = ' class="half"' if half else ""
-        return f'<figure{cls}><img alt="{alt}" src="data:image/png;base64,{png}"></figure>'
+        return f'<figure{cls}><img alt="{_e(alt)}" src="data:image/png;base64,{png}"></figure>'
 
     cfg = history.get("config", {})
     modifiers = cfg.get("modifiers") or history["tuned_summary"].get("modifiers", [])
@@ -265,8 +281,9 @@ figure.half {{ max-width: 49%; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>{title}</h1>
-<p>{html.escape(str(run_dir))}: {cfg.get("steps")} steps, cycle every {cfg.get("cycle")} steps,
-modifiers {html.escape(", ".join(modifiers))}, approval {cfg.get("approval")}.</p>
+<p>{_e(run_dir)}: {_e(cfg.get("steps"))} steps, cycle every {_e(cfg.get("cycle"))} steps,
+modifiers {_e(", ".join(map(str, modifiers)))}, approval {_e(cfg.get("approval"))}.
+</p>
 <h2>Summary</h2>
 <table><tr><th></th><th>self-modifying</th><th>fixed configuration</th></tr>{summary}</table>
 <h2>Training</h2>

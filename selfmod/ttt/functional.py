@@ -247,6 +247,15 @@ def _ln(y: Tensor, ln: tuple[Tensor, Tensor] | None, eps: float = 1e-5) -> Tenso
     return y_hat if ln is None else y_hat * ln[0] + ln[1]
 
 
+def _check_ln_widths(k: Tensor, v: Tensor, ln: tuple[Tensor, Tensor] | None) -> None:
+    """``f(x) = x + LN(x W)`` adds the input to the output, so it needs ``d_v = d``."""
+    if ln is not None and k.shape[-1] != v.shape[-1]:
+        raise ValueError(
+            f"ln=(w, b) makes f(x) = x + LN(f_res(x)), which needs d_v = d (got key width "
+            f"d={k.shape[-1]}, value width d_v={v.shape[-1]}); pass ln=None for unequal widths"
+        )
+
+
 def _reconstruction(ln: tuple[Tensor, Tensor] | None) -> tuple[Objective, Readout]:
     """``l_s = 1/2 ||f(k_s) - v_s||^2`` with ``f(x) = y`` or, with ``ln``, ``f(x) = x + LN(y)``."""
     if ln is None:
@@ -415,10 +424,11 @@ _LN_BWD, _LN_ARGS = getattr(_LN_BWD, "_op", _LN_BWD), (None, None, [True, False,
 class _LinearScan(torch.autograd.Function):
     """Causal mini-batch TTT-Linear in dual form: the scan and its read, forward and reverse.
 
-    For mini-batches ``j = 0..n-1`` with keys ``K_j`` and queries ``Q_j`` ``(B, b, d)``,
-    augmented by a constant-1 feature when ``W`` has a bias row (``p = d + 1``, else ``p =
-    d``): ``Z_j = K_j W_j``; the inner-loss gradient at ``Z_j`` is ``G_j = e_j =
-    Z_j + R_j`` (plain) or ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j``
+    For mini-batches ``j = 0..n-1`` with keys ``K_j`` and queries ``Q_j`` ``(B, b, d_k)``,
+    augmented by a constant-1 feature when ``W (B, p, d)`` has a bias row (``p = d_k + 1``,
+    else ``p = d_k``; ``d = d_v`` is the value width, any width): ``Z_j = K_j W_j``; the
+    inner-loss gradient at ``Z_j`` is ``G_j = e_j = Z_j + R_j`` (plain) or
+    ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j``
     (``f(x) = x + LN(x W)``, the residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``;
     ``W_{j+1} = W_j - K_j^T E_j``; the read is ``Y_j = Q_j W_j - tril(Q_j K_j^T) E_j``
     ``(B, b, d)``. Only the recurrence runs block by block (5 ops per block forward, 8 in
@@ -434,14 +444,15 @@ class _LinearScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W0, K, Q, R, eta, w, first_order: bool):
-        # W0 (B, p, d), K, Q (B, n, b, d), R (B, n, b, d), eta (B, n, b), w (B, 1, d) | None
-        (B, n, b, d), p = K.shape, W0.shape[-2]
+        # W0 (B, p, d_v), K, Q (B, n, b, d_k), R (B, n, b, d_v), eta (B, n, b),
+        # w (B, 1, d_v) | None; p = d_k (+ 1 with a bias row)
+        (B, n, b, dk), (p, d) = K.shape, W0.shape[-2:]
         KQ = K.new_empty(B, n, 2 * b, p)  # [K_j; Q_j]: one product gives Z_j and Q_j W_j
-        KQ[:, :, :b, :d], KQ[:, :, b:, :d] = K, Q
-        if p > d:
-            KQ[..., d] = 1.0  # the bias feature
+        KQ[:, :, :b, :dk], KQ[:, :, b:, :dk] = K, Q
+        if p > dk:
+            KQ[..., dk] = 1.0  # the bias feature
         K, Q = KQ[:, :, :b], KQ[:, :, b:]  # (B, n, b, p)
-        ZQ = W0.new_empty(B, n, 2 * b, d)  # [Z_j; Q_j W_j], written by the loop
+        ZQ = W0.new_empty(B, n, 2 * b, d)  # [Z_j; Q_j W_j], written by the loop, d = d_v
         Ken = K * -eta.unsqueeze(-1)  # -eta K: W_{j+1} = W_j + Ken_j^T G_j, (B, n, b, p)
         if w is not None:  # w e = w R + w^2 LN(Z)
             Rw, w2, shape = (R * w.unsqueeze(1)).unbind(1), w * w, (d,)
@@ -463,7 +474,7 @@ class _LinearScan(torch.autograd.Function):
         A = (Q @ K.mT).tril()  # (B, n, b, b)
         Y = ZQ[:, :, b:] - (A * eta.unsqueeze(-2)) @ Gs  # the read, Q W - A E, (B, n, b, d)
         # W_1..W_{n-1} (B, p, d), never stacked; W_0 = W0 is saved with its version check
-        ctx.first_order, ctx.Ws, Ws[0] = first_order, Ws, None
+        ctx.first_order, ctx.dk, ctx.Ws, Ws[0] = first_order, dk, Ws, None
         ctx.save_for_backward(W0, KQ, Ken, R, eta, w, ZQ, Gs, A)
         return Y
 
@@ -471,7 +482,7 @@ class _LinearScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY):
         W0, KQ, Ken, R, eta, w, ZQ, Gs, A = ctx.saved_tensors
-        (B, n, b2, p), d, b = KQ.shape, Gs.shape[-1], Gs.shape[-2]
+        (B, n, b2, p), d, b, dk = KQ.shape, Gs.shape[-1], Gs.shape[-2], ctx.dk  # d = d_v
         K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (B, n, b, 1)
         # the read Y = Q W - A E, E = eta G: with P = dY G^T, dA = -tril(P) eta (per column),
         # dE = -A^T dY - K_j U_{j+1}, U_{j+1} = dL/dW_{j+1}, and -A^T dY . G = -colsum(A P)
@@ -546,10 +557,10 @@ class _LinearScan(torch.autograd.Function):
             torch.bmm(Ws[j], dzyT[j], out=wt[j])
         WTs, GUs = WTs.mT, GUs.mT  # (B, n, 2b | b, p)
         deta -= (K * GUs).sum(-1)  # dE . G, (B, n, b); (K U) . G = K . (G U^T)
-        # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K, on the d input features
-        K, Q, WTs, GUs = K[..., :d], Q[..., :d], WTs[..., :d], GUs[..., :d]
-        dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (B, n, b, d)
-        dQ = (dA @ K).add_(WTs[:, :, b:])  # (B, n, b, d)
+        # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K, on the d_k input features
+        K, Q, WTs, GUs = K[..., :dk], Q[..., :dk], WTs[..., :dk], GUs[..., :dk]
+        dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (B, n, b, d_k)
+        dQ = (dA @ K).add_(WTs[:, :, b:])  # (B, n, b, d_k)
         dW0 = U
         if w is None:  # dG = c
             return dW0, dK, dQ, cE, deta, None, None
@@ -643,6 +654,7 @@ def ttt_linear(
     """
     if impl not in ("scan", "loop"):
         raise ValueError(f"impl must be 'scan' or 'loop' (got {impl!r})")
+    _check_ln_widths(k, v, ln)
     if W0 is None:
         W0 = q.new_zeros(q.shape[-1], v.shape[-1])
     scan = impl == "scan" and causal and form == "dual" and steps == 1 and not return_losses
@@ -717,6 +729,7 @@ def ttt_mlp(
             "ttt_mlp needs initial weights: an all-zero MLP has zero gradient in its first "
             "layer; pass W0=init_mlp(d, d_v)"
         )
+    _check_ln_widths(k, v, ln)
     W1, b1, W2, b2 = W0
     objective, readout = _reconstruction(ln)
     return ttt_inner_loop(
