@@ -99,8 +99,17 @@ def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
     from selfmod.runs.ledger import Ledger
 
     _config_of(run_dir)
+    final = run_dir / "final.json"
+    head = None
+    if final.is_file():  # a finished run recorded its ledger's head: a cut tail shows
+        recorded = _json_file(final)
+        head = (
+            tuple(recorded["ledger_head"])
+            if isinstance(recorded, dict) and "ledger_head" in recorded
+            else None
+        )
     with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        n = ledger.verify()
+        n = ledger.verify(head)  # type: ignore[arg-type]
         rows = [e for e in ledger.entries() if e.kind != "cycle"]
         keyed = (
             "keyed (HMAC-SHA256)"

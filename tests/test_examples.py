@@ -21,3 +21,21 @@ def test_tune_learning_rates_lowers_the_validation_loss():
     assert len(losses) >= 2 and losses[-1] < losses[0] - 0.3
     first, last = ([float(x) for x in row.split(",")] for row in (lrs[0], lrs[-1]))
     assert min(last) > 5 * max(first)  # every tensor's rate moved up from 100x too small
+
+
+def test_your_own_model_is_tuned_by_fit(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "your_own_model.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    tuned, fixed = (
+        float(x) for x in re.search(r"test accuracy ([0-9.]+) .*: ([0-9.]+)", out.stdout).groups()
+    )
+    assert tuned > 0.95 and tuned >= fixed
+    assert "'rollback': 0" in out.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "summary.json").is_file() and (run_dir / "report.html").is_file()

@@ -20,6 +20,7 @@ from selfmod.arch.budget import (
     ramp,
 )
 from selfmod.arch.cost import Cost, compare, cost
+from selfmod.arch.dropout import ConcreteDropout, concrete_dropout
 from selfmod.arch.gates import (
     HardConcreteGate,
     StraightThroughGate,
@@ -79,6 +80,7 @@ __all__ = [
     "OPS",
     "BudgetState",
     "CollapseReport",
+    "ConcreteDropout",
     "Connections",
     "Cost",
     "GrowReLU",
@@ -104,6 +106,7 @@ __all__ = [
     "candidate_op",
     "collapse_report",
     "compare",
+    "concrete_dropout",
     "cost",
     "discretise",
     "diversity_penalty",

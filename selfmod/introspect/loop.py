@@ -128,13 +128,15 @@ class Loop:
         recorder: Recorder | None = None,
         tune: bool = True,
         lrs: Sequence[float] | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         cfg = self.config = config
         self.problem, self.sources, self.tune = problem, list(sources), tune
         self.recorder = recorder or Recorder()
-        self.device, self.dtype = torch.device(device), dtype
+        device = device_of(cfg) if device is None else torch.device(device)
+        dtype = DTYPES[cfg.dtype] if dtype is None else dtype
+        self.device, self.dtype = device, dtype
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -194,6 +196,7 @@ class Loop:
         self.step = 0
         self.cycle = 0
         self.average: float | None = None
+        self.first_loss: float | None = None  # the first base step's loss (divergence floor)
         self.last_loss = 0.0
         self.seconds = 0.0
         self.divergences = 0  # base steps whose loss jumped above DIVERGENCE_FACTOR x average
@@ -449,7 +452,7 @@ class Loop:
         per_step = [m for m in self.modifiers if m.per_step]
         try:
             params, opt_state, buffers, loss, grads = self.train_step(self.state, batch)
-            if self.average is not None and loss > verifier.DIVERGENCE_FACTOR * self.average:
+            if verifier.diverged(loss, self.average, self.first_loss):
                 self.divergences += 1
                 message = (
                     f"diverged at step {self.step}: loss {loss:.3g}, average {self.average:.3g}"
@@ -468,6 +471,7 @@ class Loop:
             return
         self.state = replace(state, params=params, opt_state=opt_state, buffers=buffers)
         self.average = loss if self.average is None else 0.9 * self.average + 0.1 * loss
+        self.first_loss = loss if self.first_loss is None else self.first_loss
         self.last_loss = loss
         self.step += 1
         if self.step % 50 == 0 or self.step == self.config.steps:
@@ -788,8 +792,8 @@ class Loop:
     # ------------------------------------------------------------------ checkpoints
 
     COUNTERS = (
-        "step", "cycle", "average", "last_loss", "seconds", "divergences", "shift_cycle",
-        "cycled_at", "source_id",
+        "step", "cycle", "average", "first_loss", "last_loss", "seconds", "divergences",
+        "shift_cycle", "cycled_at", "source_id",
     )  # fmt: skip
 
     def checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -816,9 +820,14 @@ class Loop:
 
     def restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         """Continue from :meth:`checkpoint`'s output (of a run of the same config)."""
+        rngs = {k: tensors.pop(k) for k in ("rng.controller", "rng.torch")}
+        tensors = {k: v.to(self.device) for k, v in tensors.items()}  # checkpoints are on the CPU
         self.state = self._read_state(tensors, meta["scalars"], "state")
         self.good = self._read_state(tensors, meta["scalars"], "good")
-        self.buffer = replay.Replay(**{f: tensors[f"replay.{f}"] for f in replay.Replay._fields})
+        saved = {f: tensors[f"replay.{f}"] for f in replay.Replay._fields}
+        saved.update({f: saved[f].cpu() for f in replay.Replay._fields if f not in ("x", "y")})
+        self.buffer = replay.Replay(**saved)
+        tensors.update(rngs)
         self.rng.set_state(tensors["rng.controller"])
         torch.set_rng_state(tensors["rng.torch"])
         random.setstate(_tuples(meta["python_random"]))
@@ -873,6 +882,21 @@ class Loop:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def device_of(cfg: Any) -> torch.device:
+    """``cfg.device`` (``"auto"``: CUDA when available), checked."""
+    name = cfg.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SelfmodError(
+            f"device must be 'cpu' or 'auto' here: CUDA is not available (got {name!r})"
+        )
+    return torch.device(name)
 
 
 def _registered(name: str, config: Any) -> Modifier | None:

@@ -6,9 +6,9 @@ one (a strict proposal, such as a meta-gradient step, must lower it), the parame
 and the accuracy on older sources' guard data drops by at most ``forgetting_delta``.
 
 A non-finite loss, gradient or meta-gradient, a loss above ``DIVERGENCE_FACTOR`` times its
-running average, or a model whose output no longer depends on its input (a step too large can
-leave a ReLU network so without a loss spike) rolls back to the last good state and halves the
-learning rates and the meta learning rate.
+running average (:func:`diverged`), or a model whose output no longer depends on its input (a
+step too large can leave a ReLU network so without a loss spike) rolls back to the last good
+state and halves the learning rates and the meta learning rate.
 """
 
 from __future__ import annotations
@@ -24,8 +24,20 @@ from selfmod import hypergrad, tree
 from selfmod.errors import NonFiniteError
 from selfmod.introspect.state import RunState
 
-#: a batch loss this many times its running average counts as divergence
+#: a batch loss this many times its running average counts as divergence ...
 DIVERGENCE_FACTOR = 5.0
+#: ... unless it is below this fraction of the run's first loss times the factor (near a loss
+#: of 0, a jump from 0.002 to 0.015 is noise, not divergence)
+DIVERGENCE_FLOOR = 0.1
+
+
+def diverged(loss: float, average: float | None, first: float | None) -> bool:
+    """Whether a finite batch ``loss`` is a divergence: above ``DIVERGENCE_FACTOR`` times its
+    running ``average``, floored at ``DIVERGENCE_FLOOR`` times the ``first`` loss."""
+    if average is None:
+        return False
+    floor = DIVERGENCE_FLOOR * first if first is not None and math.isfinite(first) else 0.0
+    return loss > DIVERGENCE_FACTOR * max(average, floor)
 
 
 def check(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from selfmod import arch
 from selfmod.data.streams import as_batches, materialize
 from selfmod.errors import SelfmodError
 from selfmod.introspect.config import TrainConfig
-from selfmod.introspect.loop import Loop, Recorder, Source, jsonable
+from selfmod.introspect.loop import DTYPES, Loop, Recorder, Source, device_of, jsonable
 from selfmod.introspect.modifiers import Modifier
 from selfmod.introspect.problem import Problem
 from selfmod.runs.checkpoint import list_checkpoints
@@ -44,8 +45,6 @@ from selfmod.runs.config import validate
 from selfmod.runs.files import atomic_write_bytes, atomic_write_text
 from selfmod.runs.lock import run_lock
 from selfmod.runs.recorder import RunRecorder
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -70,18 +69,6 @@ def make_config(config: Any = None, **defaults: Any) -> Any:
 def with_run_id(cfg: Any) -> Any:
     """``cfg`` with a fresh random ``run_id`` (a new run directory's identity)."""
     return cfg.model_copy(update={"run_id": uuid.uuid4().hex})
-
-
-def device_of(cfg: Any) -> torch.device:
-    """``cfg.device`` (``"auto"``: CUDA when available), checked."""
-    name = cfg.device
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SelfmodError(
-            f"device must be 'cpu' or 'auto' here: CUDA is not available (got {name!r})"
-        )
-    return torch.device(name)
 
 
 def metric_for(y: Tensor, metric: str | None) -> str:
@@ -111,6 +98,8 @@ def build_run(
     resume: bool = False,
 ) -> tuple[Loop, RunRecorder | None]:
     """The loop with a recorder on ``run_dir`` (``None``: in memory), resumed if asked."""
+    if cfg.deterministic and device_of(cfg).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     torch.use_deterministic_algorithms(cfg.deterministic)
     recorder = (
         RunRecorder(run_dir, cfg.keep_checkpoints, cfg.run_id) if run_dir is not None else None
@@ -145,6 +134,7 @@ def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, 
         "step": run.step,
         "sha256": hashlib.sha256(data).hexdigest(),
         "torch": torch.__version__,
+        "ledger_head": list(ledger_head(run_dir)),
     }
     atomic_write_text(run_dir / "final.json", json.dumps(final, indent=1))
     tuned = run.summary()
@@ -174,6 +164,14 @@ def summary_record(tuned: dict[str, Any], fixed: dict[str, Any] | None) -> dict[
     """``summary.json``: the tuned run's figures and the fixed baseline's (or ``null``)."""
     pick = lambda s: {k: s.get(k) for k in SUMMARY_KEYS}  # noqa: E731
     return {**pick(tuned), "fixed": pick(fixed) if fixed else None}
+
+
+def ledger_head(run_dir: Path) -> tuple[int, str]:
+    """``(seq, hash)`` of the ledger's last entry."""
+    from selfmod.runs.ledger import Ledger
+
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+        return ledger.head()
 
 
 def ledger_rows(run_dir: Path) -> list[dict]:
