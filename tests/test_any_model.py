@@ -184,7 +184,8 @@ def test_batchnorm_statistics_are_run_state(digits, tmp_path):
 
 def _cli(*args, cwd=HERE, harness=None):
     cmd = [sys.executable, harness, *args] if harness else [*SELFMOD, *args]
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, check=False)
 
 

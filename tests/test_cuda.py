@@ -36,7 +36,9 @@ def test_fit_on_cuda_learns(name, tmp_path):
     assert all(p.device.type == "cuda" for p in result.module.parameters())
 
 
-def test_builtin_run_grows_on_cuda_and_resumes_bitwise(tmp_path):
+def test_builtin_run_grows_on_cuda_and_resumes_bitwise(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
     cfg = TrainConfig(**{**SMALL, "steps": 200, "cycle": 50, "lr": 0.05, "keep_checkpoints": 10})
     run = Introspector(cfg, recorder=RunRecorder(tmp_path))
     run.run()

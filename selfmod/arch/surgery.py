@@ -105,9 +105,9 @@ def take_units(
                     f"fill for {slot.key} has size {fill.shape[dim]} along dim {dim}"
                     f"; the surgery adds {pos.numel() // r} units x repeat {r}"
                 )
-            out = out.index_copy(dim, pos, fill.to(out.dtype))
+            out = out.index_copy(dim, pos, fill.to(out.device, out.dtype))
     if scale is not None:
-        s = scale.to(out.dtype).repeat_interleave(r)
+        s = scale.to(out.device, out.dtype).repeat_interleave(r)
         shape = [1] * out.dim()
         shape[dim] = s.numel()
         out = out * s.reshape(shape)

@@ -98,9 +98,12 @@ def build_run(
     resume: bool = False,
 ) -> tuple[Loop, RunRecorder | None]:
     """The loop with a recorder on ``run_dir`` (``None``: in memory), resumed if asked."""
-    if cfg.deterministic and device_of(cfg).type == "cuda":
+    cuda = device_of(cfg).type == "cuda"
+    if cfg.deterministic and cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-    torch.use_deterministic_algorithms(cfg.deterministic)
+    # some CUDA kernels (adaptive pooling's backward, ...) have no deterministic version:
+    # there they warn and the run is reproducible only up to them
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=cuda)
     recorder = (
         RunRecorder(run_dir, cfg.keep_checkpoints, cfg.run_id) if run_dir is not None else None
     )
