@@ -67,7 +67,13 @@ def train(
 def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Continue a run from its newest complete checkpoint (bitwise, in deterministic mode);
     its model, data and loss are imported again from config.json."""
+    from selfmod.runs.api import completed
+
     cfg = _config_of(run_dir)
+    step = completed(run_dir, cfg)
+    if step is not None:
+        Console().print(f"{run_dir} is complete (step {step}); nothing to resume")
+        return
     _drive(cfg, run_dir, resume=True)
 
 

@@ -1,24 +1,62 @@
-"""Test harness: run the ``selfmod`` CLI and ``SIGKILL`` the process when the self-modifying
-loop is about to take base step N (``python tests/crash_at.py N train --set ...``); fault
-injection stays out of the library."""
+"""Test harness: run the ``selfmod`` CLI (or ``-c CODE``) and ``SIGKILL`` the process at a
+chosen point; fault injection stays out of the library.
+
+    python tests/crash_at.py step=N  train --set ...   # when the loop is about to take step N
+    python tests/crash_at.py write=TEXT meta-train ...  # halfway through writing a file whose
+                                                        # name contains TEXT (half its bytes in
+                                                        # the temp file, as kill -9 would leave)
+    python tests/crash_at.py write=TEXT -c CODE ARGS    # the same around Python code
+"""
 
 import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
-from selfmod import cli
-from selfmod.introspect.loop import Loop
+import selfmod.runs.files as files  # patched before any module binds atomic_write_bytes
 
-_step = int(sys.argv[1])
-_base_step = Loop.base_step
-
-
-def _base_step_or_die(self: Loop) -> None:
-    if self.step == _step and self.tune:
-        os.kill(os.getpid(), signal.SIGKILL)
-    _base_step(self)
+_where, _, _what = sys.argv[1].partition("=")
+_write = files.atomic_write_bytes
 
 
-Loop.base_step = _base_step_or_die  # type: ignore[method-assign]
-sys.argv = ["selfmod", *sys.argv[2:]]
-cli.main()
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_or_die(path, data: bytes) -> None:
+    path = Path(path)
+    if _what in path.name:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, _ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.write(fd, data[: len(data) // 2])
+        os.fsync(fd)
+        _die()
+    _write(path, data)
+
+
+if _where == "write":
+    files.atomic_write_bytes = _write_or_die
+elif _where == "step":
+    from selfmod.introspect.loop import Loop
+
+    _base_step = Loop.base_step
+
+    def _base_step_or_die(self: Loop) -> None:
+        if self.step == int(_what) and self.tune:
+            _die()
+        _base_step(self)
+
+    Loop.base_step = _base_step_or_die  # type: ignore[method-assign]
+else:
+    raise SystemExit(f"crash_at: expected step=N or write=TEXT (got {sys.argv[1]!r})")
+
+if sys.argv[2] == "-c":
+    code = sys.argv[3]
+    sys.argv = ["-c", *sys.argv[4:]]
+    exec(compile(code, "<crash_at -c>", "exec"), {"__name__": "__main__"})
+else:
+    from selfmod import cli
+
+    sys.argv = ["selfmod", *sys.argv[2:]]
+    cli.main()

@@ -205,7 +205,7 @@ def test_cli_kill_and_resume_is_byte_identical(model, optimizer, tmp_path):
     args = [a for s in sets for a in ("--set", s)]
     full = _cli("train", *args, "--set", f"out={tmp_path / 'a'}")
     assert full.returncode == 0, full.stderr
-    crashed = _cli("70", "train", *args, "--set", f"out={tmp_path / 'b'}", harness=CRASH_AT)
+    crashed = _cli("step=70", "train", *args, "--set", f"out={tmp_path / 'b'}", harness=CRASH_AT)
     assert crashed.returncode == -9, crashed.stderr
     (run_b,) = (tmp_path / "b").iterdir()
     resumed = _cli("resume", str(run_b))

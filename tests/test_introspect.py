@@ -202,7 +202,7 @@ def test_manual_approval_changes_nothing_until_approved(tmp_path):
         for k, v in {**FAST, "steps": 100, "approval": "manual", "out": tmp_path}.items()
     ]
     crashed = subprocess.run(
-        [sys.executable, CRASH_AT, "70", "train", *args],
+        [sys.executable, CRASH_AT, "step=70", "train", *args],
         capture_output=True,
         text=True,
         check=False,

@@ -114,17 +114,18 @@ A = [
 ]  # fmt: skip
 
 
-def _meta_cli(out, steps, *extra, resume=False, env=None):
-    import os
+def _meta_cli(out, steps, *extra, resume=False, crash_in=None):
+    """``selfmod meta-train``; with ``crash_in``, killed halfway through writing that file."""
     import subprocess
     import sys
+    from pathlib import Path
 
     args = [*A, "--set", f"meta_steps={steps}", "--set", f"out={out}", *extra]
+    harness = [str(Path(__file__).parent / "crash_at.py"), f"write={crash_in}"]
     return subprocess.run(
         [
             sys.executable,
-            "-m",
-            "selfmod.cli",
+            *(harness if crash_in else ["-m", "selfmod.cli"]),
             "meta-train",
             *args,
             *(["--resume"] if resume else []),
@@ -132,7 +133,6 @@ def _meta_cli(out, steps, *extra, resume=False, env=None):
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, **(env or {})},
         timeout=300,
     )
 
@@ -157,7 +157,7 @@ def test_meta_train_killed_during_any_checkpoint_file_write_still_resumes(
     # never resume; now the newest complete set (step 5) is used, and the result is the same
     out = tmp_path / "killed"
     shutil.copytree(meta_runs / "five", out)
-    killed = _meta_cli(out, 15, resume=True, env={"SELFMOD_CRASH_DURING_WRITE": crash_in})
+    killed = _meta_cli(out, 15, resume=True, crash_in=crash_in)
     assert killed.returncode == -9
     resumed = _meta_cli(out, 15, resume=True)
     assert resumed.returncode == 0, resumed.stderr

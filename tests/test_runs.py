@@ -48,11 +48,11 @@ def _selfmod(*args, env=None):
     )
 
 
-def _crash_at(step, *args):
-    """The CLI killed with SIGKILL at base ``step`` (tests/crash_at.py)."""
+def _crash_at(where, *args):
+    """The CLI (or ``-c CODE``) killed with SIGKILL at ``where`` (tests/crash_at.py)."""
     harness = str(Path(__file__).parent / "crash_at.py")
     return subprocess.run(
-        [sys.executable, harness, str(step), *args],
+        [sys.executable, harness, where, *args],
         capture_output=True,
         text=True,
         check=False,
@@ -138,21 +138,13 @@ for step in range(int(sys.argv[2])):
 
 def test_kill_9_during_a_checkpoint_write_leaves_the_last_complete_one(tmp_path):
     # deterministic worst moment: SIGKILL with half of checkpoint 3's tensors on disk
-    out = subprocess.run(
-        [sys.executable, "-c", WRITER, str(tmp_path), "5"],
-        check=False,
-        env={**os.environ, "SELFMOD_CRASH_DURING_WRITE": "ckpt-00000003.safe"},
-    )
+    out = _crash_at("write=ckpt-00000003.safe", "-c", WRITER, str(tmp_path), "5")
     assert out.returncode == -9
     tensors, manifest = load_latest(tmp_path)
     assert manifest["step"] == 2 and torch.equal(tensors["w"], torch.full((200_000,), 2.0))
     # and the manifest write of checkpoint 3: its tensors exist but it is not complete
     tmp2 = tmp_path / "b"
-    out = subprocess.run(
-        [sys.executable, "-c", WRITER, str(tmp2), "5"],
-        check=False,
-        env={**os.environ, "SELFMOD_CRASH_DURING_WRITE": "ckpt-00000003.json"},
-    )
+    out = _crash_at("write=ckpt-00000003.json", "-c", WRITER, str(tmp2), "5")
     assert out.returncode == -9
     assert load_latest(tmp2)[1]["step"] == 2
 
@@ -168,7 +160,7 @@ ONLINE = [
 def test_crash_at_step_k_then_resume_is_bitwise_identical(tmp_path, extra):
     full = _selfmod("train", *_sets([*SMALL, *extra, f"out={tmp_path / 'a'}"]))
     assert full.returncode == 0, full.stderr
-    crashed = _crash_at(77, "train", *_sets([*SMALL, *extra, f"out={tmp_path / 'b'}"]))
+    crashed = _crash_at("step=77", "train", *_sets([*SMALL, *extra, f"out={tmp_path / 'b'}"]))
     assert crashed.returncode == -9
     (run_b,) = (tmp_path / "b").iterdir()
     assert not (run_b / "final.safetensors").exists()

@@ -153,6 +153,11 @@ class Loop:
                 _to(src.guard_y, device, dtype),
                 _to(src.test_y, device, dtype),
             )
+        train = self.sources[0].train
+        if getattr(train, "resizable", False) and cfg.batch_size > len(train):  # type: ignore[arg-type]
+            raise SelfmodError(
+                f"batch_size must be <= the {len(train)} training examples (got {cfg.batch_size})"  # type: ignore[arg-type]
+            )
         reg = registry()
         if modifiers is not None:
             chosen, named = list(modifiers) if tune else [], True

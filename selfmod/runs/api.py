@@ -117,10 +117,25 @@ def build_run(
         dtype=DTYPES[cfg.dtype],
     )
     if resume:
-        if recorder is None or not list_checkpoints(run_dir):  # type: ignore[arg-type]
-            raise SelfmodError(f"{run_dir} has no checkpoint to resume from")
-        recorder.resume(loop)
+        if recorder is None:
+            raise SelfmodError("resume needs a run directory")
+        if list_checkpoints(run_dir):  # type: ignore[arg-type]
+            recorder.resume(loop)
+        else:  # killed before its first checkpoint: the config alone defines the run
+            loop._event("resume", "resume", "no checkpoint yet: the run starts again at step 0", {})
     return loop, recorder
+
+
+def completed(run_dir: Path, cfg: Any) -> int | None:
+    """The final step of a finished run in ``run_dir`` (``final.json`` at ``cfg.steps`` and
+    ``status.json`` saying complete, which is written last), else ``None``."""
+    try:
+        step = json.loads((run_dir / "final.json").read_text())["step"]
+        state = json.loads((run_dir / "status.json").read_text())["state"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    done = state == "complete" and isinstance(step, int) and step >= cfg.steps
+    return step if done else None
 
 
 def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, Any]:

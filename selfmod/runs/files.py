@@ -2,15 +2,12 @@
 
 A reader sees the old file or the new one, never a torn one, whenever the process dies.
 
-For crash tests, ``SELFMOD_CRASH_DURING_WRITE=<text>`` kills the process with ``SIGKILL``
-halfway through writing any file whose name contains ``<text>`` (after half the bytes reached
-the temp file), exactly what ``kill -9`` at the worst moment does.
+(Crash tests kill a process halfway through a write with ``tests/crash_at.py``.)
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
 from pathlib import Path
 
@@ -21,12 +18,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            crash = os.environ.get("SELFMOD_CRASH_DURING_WRITE")
-            if crash and crash in path.name:
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

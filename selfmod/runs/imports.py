@@ -110,9 +110,14 @@ def build_problem(cfg: Any) -> tuple[Any, list[Split]]:
     from selfmod.introspect.config import DATA, MODELS
     from selfmod.introspect.problem import Problem
 
-    splits = (
-        builtin_splits(cfg) if cfg.data in DATA else [load_data(cfg.data, cfg.guard_size, cfg.seed)]
-    )
+    try:
+        splits = (
+            builtin_splits(cfg)
+            if cfg.data in DATA
+            else [load_data(cfg.data, cfg.guard_size, cfg.seed)]
+        )
+    except ValueError as err:  # e.g. a guard set as large as the data
+        raise ConfigError(f"{err} (data = {cfg.data!r})") from None
     loss = load_loss(cfg.loss)
     first = splits[0]
     torch.manual_seed(cfg.seed)

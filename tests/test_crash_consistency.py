@@ -1,0 +1,61 @@
+"""kill -9 of ``selfmod train`` before base steps and halfway through writing each of its files,
+then ``selfmod resume``: every kill resumes byte-identical or is refused in one line; none is
+lost (``tests/kill_resume.py``; the README quotes a larger run of it). Also: a finished run is
+not run again, and a run killed before its first checkpoint starts again from step 0."""
+
+import subprocess
+import sys
+
+import pytest
+from kill_resume import _sets, points, reference, trial
+
+
+@pytest.mark.slow
+def test_kills_at_every_file_write_and_random_steps_lose_nothing(tmp_path):
+    expected = reference(tmp_path / "reference")
+    outcomes = {}
+    for i, where in enumerate(points(15, seed=1)):
+        outcomes[where] = trial(where, tmp_path / f"kill{i}", expected)
+    assert "lost" not in outcomes.values(), outcomes
+    assert outcomes["write=config.json"] == "refused"  # no config: nothing defines the run
+    identical = [w for w, o in outcomes.items() if o == "identical"]
+    assert len(identical) >= 13, outcomes
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    reference(tmp_path)
+    (run_dir,) = tmp_path.iterdir()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    out = subprocess.run(
+        [sys.executable, "-m", "selfmod.cli", "resume", str(run_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0 and "is complete (step 120); nothing to resume" in out.stdout
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after.keys() == before.keys()
+    assert all(after[k] == before[k] for k in before if k != ".lock")
+
+
+def test_batch_size_larger_than_the_training_set_is_one_line(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "selfmod.cli", "train", "--set", "data=digits",
+            "--set", "guard_size=1400", "--set", "batch_size=128", *_sets(tmp_path)[-2:],
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "batch_size must be <= the 38 training examples (got 128)" in out.stderr
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+    too_big = subprocess.run(
+        [sys.executable, "-m", "selfmod.cli", "train", "--set", "data=digits",
+         "--set", "guard_size=1700", *_sets(tmp_path)[-2:]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert too_big.returncode == 2 and "guard_size must be in [1, 1437]" in too_big.stderr
