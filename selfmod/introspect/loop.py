@@ -37,10 +37,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from selfmod import hypergrad, tree
 from selfmod.data.streams import Batches
 from selfmod.errors import DivergenceError, NonFiniteError, SelfmodError
-from selfmod.introspect import replay, verifier
+from selfmod.introspect import probes, replay, verifier
 from selfmod.introspect.hparams import HParamSpace
 from selfmod.introspect.modifiers import Context, Modifier, Proposal, registry
-from selfmod.introspect.modifiers.base import apply_plain, merge
+from selfmod.introspect.modifiers.base import RunFacts, apply_plain, merge
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import RunState, flatten, memory_template, unflatten
 
@@ -183,7 +183,7 @@ class Loop:
             }
         )
         hparams = {k: v.to(self.device, dtype) for k, v in hparams.items()}
-        facts = self._facts()
+        facts = RunFacts(cfg, getattr(train, "resizable", True))
         self.modifiers: list[Modifier] = []
         self.skipped: dict[str, str] = {}  # default modifiers that do not apply, and why
         for m in chosen:
@@ -220,19 +220,6 @@ class Loop:
         self._introduce_source(0)
 
     # ------------------------------------------------------------------ set-up
-
-    def _facts(self) -> Any:
-        """What ``Modifier.applies`` may read besides the problem: the config, and whether the
-        training data can change its batch size."""
-        cfg = self.config
-
-        class Facts:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(cfg, name)
-
-        facts = Facts()
-        facts._resizable = getattr(self.sources[0].train, "resizable", True)  # type: ignore[attr-defined]
-        return facts
 
     def _site_widths(self) -> list[int]:
         """The width (dim 1) of the input of every dropout site, from one guard example."""
@@ -556,11 +543,13 @@ class Loop:
         _, old = ev(p, b, *self.older_guard())
         _, test = self._test(self.sources[self.source_id])
         robust = shifted = math.nan
-        if gx.is_floating_point() and len(gy):
-            g = torch.Generator().manual_seed(self.config.seed + self.cycle)
-            noise = torch.randn(gx.shape, generator=g, dtype=gx.dtype).to(gx.device)
-            robust = ev(p, b, gx + 0.25 * gx.std() * noise, gy)[1]
-            shifted = ev(p, b, torch.roll(gx, 5, dims=-1), gy)[1]
+        if gx.is_floating_point():  # perturbations of real-valued inputs only (not tokens)
+
+            def metric(x: Tensor, y: Tensor) -> float:
+                return ev(p, b, x, y)[1]
+
+            robust = probes.robustness(metric, gx, gy, 0.25, self.config.seed + self.cycle)
+            shifted = probes.shifted(metric, gx, gy, 5)
         c = self.cost()
         return {
             "cycle": self.cycle,
@@ -880,6 +869,7 @@ class Loop:
             "divergences": self.divergences,
             "tensor_names": self.names,
             "modifiers": [m.name for m in self.modifiers],
+            "modifiers_skipped": dict(self.skipped),
             "decisions": {k: count[k] for k in ("commit", "reject", "rollback")},
             **{f"n_{k}": v for k, v in count.items()},
             **self.values(),

@@ -41,21 +41,23 @@ def loss_and_accuracy(
         return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
 
 
-def robustness(
-    apply: Apply, params: dict[str, Tensor], x: Tensor, y: Tensor, sigma: float, seed: int
-) -> float:
-    """Accuracy on ``x + sigma * std(x) * eps``, ``eps ~ N(0, I)`` drawn from its own ``seed``
+Metric = Callable[[Tensor, Tensor], float]
+
+
+def robustness(metric: Metric, x: Tensor, y: Tensor, sigma: float, seed: int) -> float:
+    """``metric`` on ``x + sigma * std(x) * eps``, ``eps ~ N(0, I)`` drawn from its own ``seed``
     (so probing never consumes the run's random stream)."""
     if len(y) == 0:
         return math.nan
     g = torch.Generator().manual_seed(seed)
-    noisy = x + sigma * x.std() * torch.randn(x.shape, generator=g, dtype=x.dtype)
-    return loss_and_accuracy(apply, params, noisy, y)[1]
+    eps = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+    return metric(x + sigma * x.std() * eps, y)
 
 
-def shifted(apply: Apply, params: dict[str, Tensor], x: Tensor, y: Tensor, shift: int) -> float:
-    """Accuracy on the guard signals rolled by ``shift`` samples (a self-made shifted set)."""
-    return loss_and_accuracy(apply, params, torch.roll(x, shift, dims=-1), y)[1]
+def shifted(metric: Metric, x: Tensor, y: Tensor, shift: int) -> float:
+    """``metric`` on the inputs rolled by ``shift`` along their last axis (a self-made shifted
+    set)."""
+    return metric(torch.roll(x, shift, dims=-1), y)
 
 
 def convergence(guard_loss: Sequence[float]) -> tuple[float, int]:

@@ -10,10 +10,9 @@ new field or modifier needs no resume code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
@@ -69,19 +68,6 @@ pytree.register_pytree_node(
 )
 
 
-def register_dataclass(cls: type) -> type:
-    """Make a frozen dataclass a pytree with named children (for :func:`flatten`)."""
-    if not is_dataclass(cls):
-        raise TypeError(f"{cls.__name__} is not a dataclass")
-    pytree.register_pytree_node(
-        cls,
-        _flatten_dataclass,
-        _unflatten_dataclass(cls),
-        flatten_with_keys_fn=_flatten_with_keys,
-    )
-    return cls
-
-
 def flatten(obj: Any, prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(tensors, scalars)`` keyed by each leaf's path (``"params['0.weight']"``)."""
     leaves, _ = pytree.tree_flatten_with_path(obj)
@@ -99,12 +85,8 @@ def flatten(obj: Any, prefix: str = "") -> tuple[dict[str, Tensor], dict[str, An
 def unflatten(
     template: Any, tensors: dict[str, Tensor], scalars: dict[str, Any], prefix: str = ""
 ) -> Any:
-    """The structure of ``template`` with every leaf read by name from :func:`flatten`'s output.
-
-    Dicts of tensors whose keys changed since the template was made (architecture changes
-    rename nothing, but a grown tensor has a new shape) are read as saved: shapes come from the
-    checkpoint, names from the template.
-    """
+    """The structure of ``template`` with every leaf read by name from :func:`flatten`'s output
+    (tensors as saved, shapes included: a grown layer comes back grown)."""
     leaves, spec = pytree.tree_flatten_with_path(template)
     out = []
     for path, leaf in leaves:
@@ -139,12 +121,3 @@ def _two_keys(text: str) -> tuple[str, str]:
     if len(parts) != 2:
         raise KeyError(f"unexpected memory entry {text!r}")
     return parts[0], parts[1]
-
-
-def empty_like_memory(memory: dict[str, Params]) -> dict[str, Params]:
-    return {k: dict(v) for k, v in memory.items()}
-
-
-def as_tensor_state(x: Any) -> Any:
-    """Optimizer states may hold Python numbers (step counts); checkpoints store tensors."""
-    return pytree.tree_map(lambda v: torch.as_tensor(v) if isinstance(v, int | float) else v, x)

@@ -34,6 +34,14 @@ if TYPE_CHECKING:
 Params = dict[str, Tensor]
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What ``Modifier.applies`` may read besides the problem and the hyperparameters."""
+
+    config: Any  # the run's TrainConfig
+    resizable_batches: bool  # the training data can be drawn at any batch size
+
+
 class NoSettings(BaseModel):
     """A modifier without settings of its own."""
 
@@ -156,7 +164,7 @@ class Modifier:
     def check_config(cls, config: Any) -> None:
         """Raise ``ValueError`` naming the fields when settings disagree with each other."""
 
-    def applies(self, problem: Problem, hparams: Params, config: Any) -> str | None:
+    def applies(self, problem: Problem, hparams: Params, facts: RunFacts) -> str | None:
         """``None`` if this modifier can act on the run, else why not (one line)."""
         missing = [k for k in self.needs if k not in hparams]
         if missing:

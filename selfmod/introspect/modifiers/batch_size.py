@@ -14,7 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from selfmod import tree
-from selfmod.introspect.modifiers.base import Context, Modifier, Params, Proposal, register
+from selfmod.introspect.modifiers.base import (
+    Context,
+    Modifier,
+    Params,
+    Proposal,
+    RunFacts,
+    register,
+)
 
 
 def noise_scale(grads: list[Params], batch_size: int) -> float:
@@ -52,8 +59,8 @@ class BatchSize(Modifier):
                 f"min_batch must be <= max_batch ({config.max_batch}) (got {config.min_batch})"
             )
 
-    def applies(self, problem: Any, hparams: dict[str, Tensor], config: Any) -> str | None:
-        if not getattr(config, "_resizable", True):
+    def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:
+        if not facts.resizable_batches:
             return "batch_size needs indexable train data (tensors or a Dataset), not batches"
         return None
 

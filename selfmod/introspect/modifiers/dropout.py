@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from selfmod.introspect.modifiers.base import register
+from selfmod.introspect.modifiers.base import RunFacts, register
 from selfmod.introspect.modifiers.hyper import RegularizerModifier
 
 
@@ -18,10 +18,10 @@ class Dropout(RegularizerModifier):
     key = "drop_logit"
     bounds = (-6.0, 0.0)
 
-    def applies(self, problem: Any, hparams: dict[str, Tensor], config: Any) -> str | None:
+    def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:
         if not problem.dropout_sites:
             return (
                 "dropout needs selfmod.arch.dropout.ConcreteDropout modules in the model "
                 "(the rates it learns are theirs)"
             )
-        return super().applies(problem, hparams, config)
+        return super().applies(problem, hparams, facts)

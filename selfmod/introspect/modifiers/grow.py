@@ -15,7 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from selfmod import arch
-from selfmod.introspect.modifiers.base import Context, Modifier, Params, Proposal, register
+from selfmod.introspect.modifiers.base import (
+    Context,
+    Modifier,
+    Params,
+    Proposal,
+    RunFacts,
+    register,
+)
 
 
 class GrowSettings(BaseModel):
@@ -37,7 +44,7 @@ class Grow(Modifier):
     order = 70
     Settings = GrowSettings
 
-    def applies(self, problem: Any, hparams: dict[str, Tensor], config: Any) -> str | None:
+    def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:
         return None if problem.groups else f"grow: {problem.groups_error}"
 
     def propose(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:

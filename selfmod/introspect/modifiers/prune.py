@@ -12,7 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from selfmod import arch
-from selfmod.introspect.modifiers.base import Context, Modifier, Params, Proposal, register
+from selfmod.introspect.modifiers.base import (
+    Context,
+    Modifier,
+    Params,
+    Proposal,
+    RunFacts,
+    register,
+)
 
 
 class PruneSettings(BaseModel):
@@ -27,7 +34,7 @@ class Prune(Modifier):
     order = 80
     Settings = PruneSettings
 
-    def applies(self, problem: Any, hparams: dict[str, Tensor], config: Any) -> str | None:
+    def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:
         return None if problem.groups else f"prune: {problem.groups_error}"
 
     def propose(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:
