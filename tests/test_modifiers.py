@@ -1,0 +1,84 @@
+"""The modifier protocol: a third-party modifier (defined here, not registered) gets the same
+guarantees as the built-ins: verified before commit, its memory checkpointed and resumed with
+no code of its own, a harmful proposal rejected with the run unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import user_models
+
+from selfmod.data import as_batches
+from selfmod.introspect import Context, Loop, Modifier, Proposal, registry
+from selfmod.introspect.loop import Source
+from selfmod.introspect.modifiers.base import merge
+from selfmod.introspect.problem import Problem
+from selfmod.runs.api import make_config
+from selfmod.runs.recorder import RunRecorder
+
+
+class Nudge(Modifier):
+    """Proposes every learning rate times ``factor``; counts its proposals in its memory."""
+
+    name = "nudge"
+    default = False
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def propose(self, ctx: Context, memory):
+        count = memory.get("count", torch.zeros(())) + 1
+        h = ctx.state.hparams["log_lr"] + math.log(self.factor)
+        return [Proposal(self.name, {"log_lr": h}, info={"count": int(count)})], {"count": count}
+
+
+def _loop(tmp_path, factor, recorder=None, steps=120):
+    x, y, xt, yt = user_models.digits()
+    cfg = make_config(
+        {"steps": steps, "cycle": 20, "lookahead": 4, "lr": 0.02, "guard_size": 200,
+         "replay_size": 200, "keep_checkpoints": 10, "compare_fixed": False}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    source = Source(as_batches((x[200:], y[200:]), 0), x[:200], y[:200], xt, yt)
+    problem = Problem(user_models.residual_mlp(), F.cross_entropy)
+    return Loop(problem, [source], cfg, modifiers=[Nudge(factor)], recorder=recorder)
+
+
+def test_a_third_party_modifier_is_verified_and_resumed_with_no_code_of_its_own(tmp_path):
+    assert "nudge" not in registry()
+    run = _loop(tmp_path, 1.5, RunRecorder(tmp_path))
+    run.run()
+    decisions = [d["decision"] for d in run.history["decisions"] if d["modifier"] == "nudge"]
+    assert len(decisions) == 6 and "commit" in decisions
+    assert int(run.state.memory["nudge"]["count"]) == 6
+    recorder = RunRecorder(tmp_path)
+    back = _loop(tmp_path, 1.5, recorder)
+    recorder.resume(back, at_most=60)
+    assert back.step == 60 and int(back.state.memory["nudge"]["count"]) == 3
+    back.run()
+    assert all(torch.equal(back.params[k], run.params[k]) for k in run.params)
+    assert torch.equal(back.hparams["log_lr"], run.hparams["log_lr"])
+
+
+def test_a_harmful_third_party_proposal_is_rejected_every_time(tmp_path):
+    run = _loop(tmp_path, 1000.0, steps=60)
+    run.run()
+    nudges = [d for d in run.history["decisions"] if d["modifier"] == "nudge"]
+    assert nudges and all(d["decision"] == "reject" for d in nudges)
+    assert torch.allclose(run.hparams["log_lr"].exp(), torch.full_like(run.hparams["log_lr"], 0.02))
+
+
+def test_proposals_round_trip_through_json_and_merge_by_group():
+    like = {"log_lr": torch.zeros(3), "log_wd": torch.zeros(())}
+    a = Proposal("lr", {"log_lr": torch.tensor([1.0, 2.0, 3.0])}, strict=True, group="g")
+    b = Proposal("weight_decay", {"log_wd": torch.tensor(-4.0)}, group="g")
+    joint = merge("g", [a, b])
+    assert joint.modifier == "g" and joint.strict and set(joint.hparams) == {"log_lr", "log_wd"}
+    back = Proposal.from_json(joint.to_json(), like)
+    assert [p.modifier for p in back.parts] == ["lr", "weight_decay"]
+    assert torch.equal(back.hparams["log_lr"], a.hparams["log_lr"]) and back.strict
+    grow = Proposal("grow", surgery={"add": [2, 0], "seed": 7})
+    assert Proposal.from_json(grow.to_json(), like).surgery == {"add": [2, 0], "seed": 7}
