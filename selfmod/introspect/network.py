@@ -25,27 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfmod import arch
+from selfmod.arch.dropout import concrete_dropout
 from selfmod.models import mlp
 
 Params = dict[str, Tensor]
-
-#: concrete-dropout temperature (Gal et al. 2017 use 0.1)
-TEMPERATURE = 0.1
-
-
-def concrete_dropout(h: Tensor, p: Tensor, u: Tensor) -> Tensor:
-    """Relaxed dropout, differentiable in the rate ``p``: the drop mask is
-    ``z = sigmoid((logit p + logit u) / t)``, the output ``h (1 - z) / (1 - p)``, with
-    ``1 - z = sigmoid(-(logit p + logit u) / t)``.
-
-    ``h (B, W, *rest)``, ``p ()``, ``u (B, W)`` uniform noise (one mask entry per unit, shared
-    along ``rest``). References: Gal, Hron & Kendall 2017.
-    """
-    eps = 1e-7
-    keep = torch.sigmoid((torch.logit(p, eps) + torch.logit(u, eps)) / -TEMPERATURE)  # (B, W)
-    if h.dim() > 2:
-        keep = keep.reshape(*keep.shape, *([1] * (h.dim() - 2)))
-    return h * keep / (1.0 - p)
 
 
 class FlatLinear(nn.Linear):

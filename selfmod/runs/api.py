@@ -210,6 +210,24 @@ def _problem(
     return Problem(model, loss, metric=metric_for(y_guard, metric), groups=groups)  # type: ignore[arg-type]
 
 
+def _prepare(
+    model: nn.Module,
+    loss: Callable[[Any, Tensor], Tensor],
+    guard: Any,
+    test: Any,
+    optimizer: str,
+    config: Any,
+    metric: str | None,
+    groups: Sequence[arch.UnitGroup] | None,
+) -> tuple[Any, Problem, tuple[Tensor, Tensor], tuple[Tensor | None, Tensor | None]]:
+    """``(config, problem, guard pair, test pair)`` of the public entry points (``fit`` and
+    ``SelfModifier`` train no fixed baseline unless ``compare_fixed`` is given)."""
+    cfg = make_config(config, optimizer=optimizer, compare_fixed=False)
+    gx, gy = materialize(guard)
+    tx, ty = materialize(test) if test is not None else (None, None)
+    return cfg, _problem(model, loss, gy, metric, groups), (gx, gy), (tx, ty)
+
+
 def fit(
     model: nn.Module,
     loss: Callable[[Any, Tensor], Tensor],
@@ -235,10 +253,9 @@ def fit(
     the ledger, checkpoints, summary and report go (default: a new folder under
     ``config.out``); ``resume=True`` continues the run in ``run_dir``.
     """
-    cfg = make_config(config, optimizer=optimizer, compare_fixed=False)
-    gx, gy = materialize(guard)
-    tx, ty = materialize(test) if test is not None else (None, None)
-    problem = _problem(model, loss, gy, metric, groups)
+    cfg, problem, (gx, gy), (tx, ty) = _prepare(
+        model, loss, guard, test, optimizer, config, metric, groups
+    )
     initial = _copy(model) if cfg.compare_fixed else None
     source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
     if run_dir is None:
@@ -316,10 +333,9 @@ class SelfModifier:
         run_dir: str | Path | None = None,
         resume: bool = False,
     ) -> None:
-        cfg = make_config(config, optimizer=optimizer, compare_fixed=False)
-        gx, gy = materialize(guard)
-        tx, ty = materialize(test) if test is not None else (None, None)
-        self.problem = _problem(model, loss, gy, metric, groups)
+        cfg, self.problem, (gx, gy), (tx, ty) = _prepare(
+            model, loss, guard, test, optimizer, config, metric, groups
+        )
         source = Source(_NoStream(), gx, gy, tx, ty)
         self.run_dir = None if run_dir is None else Path(run_dir)
         if self.run_dir is not None and resume:
