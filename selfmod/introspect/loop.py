@@ -144,46 +144,14 @@ class Loop:
         problem.module.to(device=self.device, dtype=dtype)
         params, buffers = problem.init()
         self.names = list(params)
-        for src in self.sources:
-            src.guard_x, src.test_x = (
-                _to(src.guard_x, device, dtype),
-                _to(src.test_x, device, dtype),
-            )
-            src.guard_y, src.test_y = (
-                _to(src.guard_y, device, dtype),
-                _to(src.test_y, device, dtype),
-            )
-        train = self.sources[0].train
-        if getattr(train, "resizable", False) and cfg.batch_size > len(train):  # type: ignore[arg-type]
-            raise SelfmodError(
-                f"batch_size must be <= the {len(train)} training examples (got {cfg.batch_size})"  # type: ignore[arg-type]
-            )
-        reg = registry()
-        if modifiers is not None:
-            chosen, named = list(modifiers) if tune else [], True
-        else:
-            names = self.config.modifiers
-            named = names is not None
-            names = names if named else [n for n, c in reg.items() if c.default]
-            chosen = [reg[n].from_config(cfg) for n in reg if n in names] if tune else []
+        self._place_data()
+        chosen, named = self._chosen_modifiers(modifiers) if tune else ([], False)
         sites = len(problem.dropout_sites)
         wants_dropout = cfg.dropout > 0 or any(m.name == "dropout" for m in chosen)
         self.use_dropout = bool(sites) and wants_dropout
         self.space = HParamSpace(cfg.optimizer, tuple(self.names), sites if self.use_dropout else 0)
-        if lrs is not None and len(lrs) != len(self.names):
-            raise ValueError(f"lrs needs one rate per tensor ({len(self.names)}; got {len(lrs)})")
-        hparams = self.space.init(
-            {
-                "lr": cfg.lr if lrs is None else list(lrs),
-                "momentum": max(cfg.momentum, 1e-3),
-                "beta1": cfg.beta1,
-                "beta2": cfg.beta2,
-                "weight_decay": max(cfg.weight_decay, 1e-7),
-                "dropout": min(max(cfg.dropout, 0.01), 0.95),
-            }
-        )
-        hparams = {k: v.to(self.device, dtype) for k, v in hparams.items()}
-        facts = RunFacts(cfg, getattr(train, "resizable", True))
+        hparams = self._initial_hparams(lrs)
+        facts = RunFacts(cfg, getattr(self.sources[0].train, "resizable", True))
         self.modifiers: list[Modifier] = []
         self.skipped: dict[str, str] = {}  # default modifiers that do not apply, and why
         for m in chosen:
@@ -220,6 +188,48 @@ class Loop:
         self._introduce_source(0)
 
     # ------------------------------------------------------------------ set-up
+
+    def _place_data(self) -> None:
+        """Guard and test sets on the run's device (floats in its dtype); the training data
+        is moved batch by batch. Refuses a batch size larger than the training set."""
+        for src in self.sources:
+            src.guard_x, src.guard_y = (
+                _to(t, self.device, self.dtype) for t in (src.guard_x, src.guard_y)
+            )
+            src.test_x, src.test_y = (
+                _to(t, self.device, self.dtype) for t in (src.test_x, src.test_y)
+            )
+        train, b = self.sources[0].train, self.config.batch_size
+        if getattr(train, "resizable", False) and b > len(train):  # type: ignore[arg-type]
+            n = len(train)  # type: ignore[arg-type]
+            raise SelfmodError(f"batch_size must be <= the {n} training examples (got {b})")
+
+    def _chosen_modifiers(self, given: Sequence[Modifier] | None) -> tuple[list[Modifier], bool]:
+        """``(modifiers, named)``: the given objects, the config's names, or (not named) every
+        registered default one (those that do not apply are skipped later)."""
+        if given is not None:
+            return list(given), True
+        reg, names = registry(), self.config.modifiers
+        named = names is not None
+        wanted = names if named else [n for n, c in reg.items() if c.default]
+        return [reg[n].from_config(self.config) for n in reg if n in wanted], named
+
+    def _initial_hparams(self, lrs: Sequence[float] | None) -> Params:
+        """The config's starting values (``lrs``: one learning rate per tensor instead)."""
+        cfg = self.config
+        if lrs is not None and len(lrs) != len(self.names):
+            raise ValueError(f"lrs needs one rate per tensor ({len(self.names)}; got {len(lrs)})")
+        hparams = self.space.init(
+            {
+                "lr": cfg.lr if lrs is None else list(lrs),
+                "momentum": max(cfg.momentum, 1e-3),
+                "beta1": cfg.beta1,
+                "beta2": cfg.beta2,
+                "weight_decay": max(cfg.weight_decay, 1e-7),
+                "dropout": min(max(cfg.dropout, 0.01), 0.95),
+            }
+        )
+        return {k: v.to(self.device, self.dtype) for k, v in hparams.items()}
 
     def _site_widths(self) -> list[int]:
         """The width (dim 1) of the input of every dropout site, from one guard example."""
