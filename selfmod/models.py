@@ -55,30 +55,67 @@ def mlp_forward(params: Params, x: Tensor) -> Tensor:
 def functionalize(module: nn.Module) -> tuple[Callable[[Params, Tensor], Tensor], Params]:
     """``(apply, params)`` with ``apply(params, x) == module(x)`` evaluated at ``params``.
 
-    For a plain ReLU MLP (``nn.Sequential`` of ``Linear`` and ``ReLU``) the returned ``apply``
-    is a direct chain of ``F.linear``/``relu`` calls, skipping ``functional_call``'s
-    per-call module patching (a measurable cost on the small models of meta-learning).
+    For an ``nn.Sequential`` of plain layers (:func:`direct_plan`) the returned ``apply`` is a
+    direct chain of ``F.linear``/``relu``/... calls, skipping ``functional_call``'s per-call
+    module patching (a measurable cost on the small models of meta-learning).
     """
     params = {k: v.detach().clone() for k, v in module.named_parameters()}
-    if isinstance(module, nn.Sequential) and all(
-        isinstance(m, nn.Linear | nn.ReLU) for m in module
-    ):
-        plan = [
-            (f"{i}.weight", f"{i}.bias") if isinstance(m, nn.Linear) else None
-            for i, m in enumerate(module)
-        ]
+    plan = direct_plan(module)
+    if plan is not None:
 
-        def apply_mlp(p: Params, x: Tensor) -> Tensor:
+        def apply_direct(p: Params, x: Tensor) -> Tensor:
             for step in plan:
-                x = torch.relu(x) if step is None else F.linear(x, p[step[0]], p.get(step[1]))
+                x = step(p, None, x)
             return x
 
-        return apply_mlp, params
+        return apply_direct, params
 
     def apply(p: Params, x: Tensor) -> Tensor:
         return functional_call(module, p, (x,))
 
     return apply, params
+
+
+Step = Callable[[Params, Params | None, Tensor], Tensor]
+
+
+def direct_plan(module: nn.Module) -> list[Step] | None:
+    """The forward pass of an ``nn.Sequential`` of ``Linear``, ``Conv1d`` (zero padding),
+    ``ReLU``, ``Flatten``, ``Unflatten`` and :class:`~selfmod.arch.dropout.ConcreteDropout`
+    as functional steps ``step(params, extra, x) -> x``, the same ops ``module(x)`` runs;
+    ``None`` for any other module. ``extra`` holds the dropout sites' ``rate`` and ``noise``
+    (training mode: none, the identity)."""
+    from selfmod.arch.dropout import ConcreteDropout, concrete_dropout
+
+    if not isinstance(module, nn.Sequential):
+        return None
+    steps: list[Step] = []
+    for name, m in module.named_children():
+        w, b = f"{name}.weight", f"{name}.bias"
+        kind = type(m)
+        if kind is nn.Linear:
+            steps.append(lambda p, e, x, w=w, b=b: F.linear(x, p[w], p.get(b)))
+        elif kind is nn.Conv1d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            args = (m.stride, m.padding, m.dilation, m.groups)
+            steps.append(lambda p, e, x, w=w, b=b, a=args: F.conv1d(x, p[w], p.get(b), *a))
+        elif kind is nn.ReLU and not m.inplace:
+            steps.append(lambda p, e, x: torch.relu(x))
+        elif kind is nn.Flatten:
+            steps.append(lambda p, e, x, d=(m.start_dim, m.end_dim): x.flatten(*d))
+        elif kind is nn.Unflatten:
+            steps.append(lambda p, e, x, d=m.dim, size=m.unflattened_size: x.unflatten(d, size))
+        elif kind is ConcreteDropout:
+            rate, noise = f"{name}.rate", f"{name}.noise"
+
+            def drop(p: Params, e: Params | None, x: Tensor, r=rate, n=noise) -> Tensor:
+                if not e or n not in e or e[n].numel() == 0:
+                    return x
+                return concrete_dropout(x, e[r], e[n][: x.shape[0], : x.shape[1]])
+
+            steps.append(drop)
+        else:
+            return None
+    return steps
 
 
 class FunctionalModel:
@@ -98,6 +135,7 @@ class FunctionalModel:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        self._plan = direct_plan(module)  # plain layers: direct calls, no module patching
 
     def init(self) -> tuple[Params, Params]:
         """Detached copies of the parameters and the persistent buffers."""
@@ -114,12 +152,25 @@ class FunctionalModel:
         extra: Params | None = None,
         **kwargs: Any,
     ) -> tuple[Any, Params]:
+        if self._plan is not None and not buffers and not args_or_hooks(self.module, args, kwargs):
+            x = args[0]
+            extra = extra if train else None  # eval mode: dropout is the identity
+            for step in self._plan:
+                x = step(params, extra, x)
+            return x, buffers
         tracking = train and update_buffers
         if tracking:
             buffers = {k: v.clone() for k, v in buffers.items()}  # updated in place below
         with _modes(self.module, train, tracking):
             out = functional_call(self.module, {**params, **buffers, **(extra or {})}, args, kwargs)
         return out, buffers
+
+
+def args_or_hooks(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a call needs the module itself: more than one input, or hooks to run."""
+    if len(args) != 1 or kwargs:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def persistent_buffers(module: nn.Module) -> Params:

@@ -34,7 +34,10 @@ def builtin_module(
     head); PyTorch's default initialisation, drawn in the order of :meth:`Network.module`."""
     net = Network(kind, depth, num_features, num_classes)  # type: ignore[arg-type]
     cnn = kind == "cnn"
-    layers: list[tuple[str, nn.Module]] = [("input", ChannelInput())] if cnn else []
+    # a CNN reads the signal (B, L) as one channel (B, 1, L)
+    layers: list[tuple[str, nn.Module]] = (
+        [("input", nn.Unflatten(1, (1, num_features)))] if cnn else []
+    )
     sizes = [1 if cnn else num_features, *[width] * depth]
     for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
         layer = (
@@ -52,13 +55,6 @@ def builtin_module(
     n_in = width * (net.lengths()[-1] if cnn else 1)
     layers.append((f"{2 * depth}", nn.Linear(n_in, num_classes)))
     return nn.Sequential(OrderedDict(layers))
-
-
-class ChannelInput(nn.Module):
-    """``x (B, L) -> (B, 1, L)``: MNIST-1D signals as one input channel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unsqueeze(1)
 
 
 def builtin_splits(cfg: Any) -> list[Split]:
