@@ -265,3 +265,40 @@ def test_beta2_is_a_modifier_in_one_file(digits, tmp_path):
     logit = math.log(0.999 / 0.001)
     moved = [abs(math.log(b / (1 - b)) - logit) for b in beta2]
     assert max(moved) <= 0.3 * len(beta2) + 1e-6  # trust region per cycle
+
+
+def test_a_dataset_and_a_dataloader_train_and_a_dataloader_run_resumes_bitwise(digits, tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from selfmod.introspect.loop import Loop
+
+    x, y = digits["train"]
+    # a map-style Dataset: indexed, so the batch-size modifier applies
+    result = _fit("residual", "sgd", {**digits, "train": TensorDataset(x, y)}, tmp_path / "ds")
+    assert (
+        result.summary["test_accuracy"] > 0.5 and "batch_size" in result.run.summary()["modifiers"]
+    )
+    # a DataLoader: its own batches (no batch-size modifier), its order re-seeded per epoch
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator()
+    )
+    cfg = make_config({**_config("sgd"), "compare_fixed": False, "steps": 100})
+
+    def run_of(recorder):
+        torch.manual_seed(0)
+        source = Source(as_batches(loader, 0), *digits["guard"], *digits["test"])
+        return Loop(
+            Problem(MODELS["residual"](), F.cross_entropy), [source], cfg, recorder=recorder
+        )
+
+    from selfmod.runs.recorder import RunRecorder
+
+    full = run_of(RunRecorder(tmp_path / "dl"))
+    assert "batch_size" in full.skipped  # it cannot resize a DataLoader's batches
+    full.run()
+    recorder = RunRecorder(tmp_path / "dl")
+    back = run_of(recorder)
+    recorder.resume(back, at_most=40)
+    assert back.step == 40
+    back.run()
+    assert all(torch.equal(back.params[k], full.params[k]) for k in full.params)
