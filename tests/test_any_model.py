@@ -302,3 +302,26 @@ def test_a_dataset_and_a_dataloader_train_and_a_dataloader_run_resumes_bitwise(d
     assert back.step == 40
     back.run()
     assert all(torch.equal(back.params[k], full.params[k]) for k in full.params)
+
+
+def test_regression_reports_the_loss_as_its_metric(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(1200, 3) * 4 - 2
+    y = (x[:, :1] * x[:, 1:2]).sin() + 0.3 * x[:, 2:]  # (N, 1) float targets
+    model = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    with torch.no_grad():
+        before = float(F.mse_loss(model(x[1000:]), y[1000:]))
+    result = fit(
+        model,
+        F.mse_loss,
+        (x[:800], y[:800]),
+        (x[800:1000], y[800:1000]),
+        test=(x[1000:], y[1000:]),
+        config={**_config("sgd"), "lr": 0.02, "batch_size": 64, "min_batch": 32},
+        run_dir=tmp_path / "run",
+    )
+    s = result.summary
+    assert s["metric_name"] == "loss" and s["test_accuracy"] is None
+    assert s["test_metric"] == s["test_loss"] < 0.5 * before
+    widths = result.run.summary()["widths"]
+    assert widths[0] >= 32  # an nn.Sequential of Linear layers: growth applies
