@@ -140,15 +140,18 @@ def test_nan_in_a_base_step_rolls_back_and_the_run_goes_on(name, digits):
     assert all(bool(torch.isfinite(v).all()) for v in run.params.values())
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_the_step_level_api_trains_exactly_as_fit(optimizer, digits, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "optimizer"),
+    [("residual", "sgd"), ("residual", "adamw"), ("cnn_bn", "adamw"), ("transformer", "sgd")],
+)
+def test_the_step_level_api_trains_exactly_as_fit(name, optimizer, digits, tmp_path):
     """The same batches through ``SelfModifier.step`` (a loop the caller owns) and through
     ``fit`` give bitwise the same model and decisions."""
     overrides = {"modifiers": ["lr", "weight_decay"]}
-    ran = _fit("residual", optimizer, digits, tmp_path / "fit", **overrides).run
+    ran = _fit(name, optimizer, digits, tmp_path / "fit", **overrides).run
     torch.manual_seed(0)
     sm = SelfModifier(
-        user_models.residual_mlp(),
+        MODELS[name](),
         F.cross_entropy,
         digits["guard"],
         test=digits["test"],
