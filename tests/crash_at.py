@@ -6,6 +6,8 @@ chosen point; fault injection stays out of the library.
                                                         # name contains TEXT (half its bytes in
                                                         # the temp file, as kill -9 would leave)
     python tests/crash_at.py write=TEXT -c CODE ARGS    # the same around Python code
+    python tests/crash_at.py time=SECONDS meta-train .. # after SECONDS of wall time, wherever
+                                                        # the process is (a file write too)
 """
 
 import os
@@ -37,6 +39,10 @@ def _write_or_die(path, data: bytes) -> None:
 
 if _where == "write":
     files.atomic_write_bytes = _write_or_die
+elif _where == "time":
+    import threading
+
+    threading.Timer(float(_what), _die).start()
 elif _where == "step":
     from selfmod.introspect.loop import Loop
 
@@ -49,7 +55,7 @@ elif _where == "step":
 
     Loop.base_step = _base_step_or_die  # type: ignore[method-assign]
 else:
-    raise SystemExit(f"crash_at: expected step=N or write=TEXT (got {sys.argv[1]!r})")
+    raise SystemExit(f"crash_at: expected step=N, write=TEXT or time=S (got {sys.argv[1]!r})")
 
 if sys.argv[2] == "-c":
     code = sys.argv[3]

@@ -1,9 +1,13 @@
-"""Crash consistency of ``selfmod train``: kill -9 at chosen points (before a base step, or
-halfway through writing any of the run's files), then ``selfmod resume``; each kill ends as
-*identical* (the final weights byte-for-byte those of an uninterrupted run), *refused* (one
-line, exit 2, nothing changed) or *lost* (anything else: must never happen).
+"""Crash consistency: kill -9 at chosen points, then resume; each kill ends as *identical*
+(the final weights byte-for-byte those of an uninterrupted run), *refused* (one line, exit 2,
+nothing changed) or *lost* (anything else: must never happen).
 
-    python tests/kill_resume.py 60      # 60 kills at seeded random points; prints the counts
+- ``selfmod train``: before a random base step, or halfway through writing any of its files;
+  resumed with ``selfmod resume DIR``;
+- ``selfmod meta-train``: after a random wall time (wherever it is, inside a checkpoint write
+  too), or halfway through any checkpoint file; resumed with ``--resume``.
+
+    python tests/kill_resume.py 60 20   # 60 kills of train, 20 of meta-train; prints counts
 
 Used by ``tests/test_crash_consistency.py`` with a few kills; the README quotes a larger run.
 """
@@ -79,18 +83,75 @@ def points(n: int, seed: int = 0) -> list[str]:
     return out[:n]
 
 
-def main(n: int) -> Counter:
+META = [
+    "checkpoint_every=5", "meta_batch=2", "unroll=5", "horizon=20", "width=8", "n_way=3",
+    "inner_batch=16", "meta_steps=15",
+]  # fmt: skip
+META_FILES = ["ckpt-00000005", "ckpt-00000010.safe", "ckpt-00000010.json", "ckpt-00000015"]
+
+
+def _meta_sets(out: Path) -> list[str]:
+    return [a for s in [*META, f"out={out}"] for a in ("--set", s)]
+
+
+def meta_reference(folder: Path) -> tuple[bytes, float]:
+    """The learned optimizer of an uninterrupted meta-train run, and its wall time."""
+    import time
+
+    start = time.perf_counter()
+    out = _run("-m", "selfmod.cli", "meta-train", *_meta_sets(folder))
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return (folder / "weights.safetensors").read_bytes(), time.perf_counter() - start
+
+
+def meta_trial(where: str, folder: Path, expected: bytes) -> str:
+    """One kill of meta-train at ``where`` (``time=S`` or ``write=NAME``) and a resume."""
+    killed = _run(CRASH_AT, where, "meta-train", *_meta_sets(folder))
+    if killed.returncode == 0:
+        return "not killed"
+    if killed.returncode != -9:
+        return "lost"
+    resumed = _run("-m", "selfmod.cli", "meta-train", *_meta_sets(folder), "--resume")
+    if resumed.returncode == 2 and resumed.stderr.count("\n") == 1:
+        return "refused"
+    weights = folder / "weights.safetensors"
+    if resumed.returncode == 0 and weights.is_file() and weights.read_bytes() == expected:
+        return "identical"
+    return "lost"
+
+
+def main(n: int, n_meta: int = 0, seed: int = 0) -> tuple[Counter, Counter]:
     counts: Counter = Counter()
+    meta: Counter = Counter()
+    rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         expected = reference(Path(tmp) / "reference")
-        for i, where in enumerate(points(n)):
-            folder = Path(tmp) / f"kill{i}"
-            outcome = trial(where, folder, expected)
+        for i, where in enumerate(points(n, seed)):
+            outcome = trial(where, Path(tmp) / f"kill{i}", expected)
             counts[outcome] += 1
-            print(f"{i + 1:3d}/{n} {where:28s} {outcome}", flush=True)
-    return counts
+            print(f"train {i + 1:3d}/{n} {where:28s} {outcome}", flush=True)
+        if n_meta:
+            weights, seconds = meta_reference(Path(tmp) / "meta-reference")
+            for i in range(n_meta):
+                where = (
+                    f"write={META_FILES[i % len(META_FILES)]}"
+                    if i < len(META_FILES)
+                    else f"time={rng.uniform(0.2, 1.0) * seconds:.2f}"
+                )
+                outcome = meta_trial(where, Path(tmp) / f"meta{i}", weights)
+                meta[outcome] += 1
+                print(f"meta-train {i + 1:3d}/{n_meta} {where:22s} {outcome}", flush=True)
+    return counts, meta
 
 
 if __name__ == "__main__":
-    c = main(int(sys.argv[1]) if len(sys.argv) > 1 else 40)
-    print(f"kills tried {sum(c.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+    args = [int(a) for a in sys.argv[1:3]]
+    train, meta = main(*(args or [40]))
+    for name, c in (("train", train), ("meta-train", meta)):
+        if c:
+            tried = sum(c.values())
+            print(
+                f"{name}: kills tried {tried}: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+            )

@@ -1,5 +1,5 @@
 """kill -9 of ``selfmod train`` before base steps and halfway through writing each of its files,
-then ``selfmod resume``: every kill resumes byte-identical or is refused in one line; none is
+and of ``selfmod meta-train`` in its checkpoint writes and at a random time, then resume: every kill resumes byte-identical or is refused in one line; none is
 lost (``tests/kill_resume.py``; the README quotes a larger run of it). Also: a finished run is
 not run again, and a run killed before its first checkpoint starts again from step 0."""
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from kill_resume import _sets, points, reference, trial
+from kill_resume import _sets, meta_reference, meta_trial, points, reference, trial
 
 
 @pytest.mark.slow
@@ -59,3 +59,13 @@ def test_batch_size_larger_than_the_training_set_is_one_line(tmp_path):
         check=False,
     )  # fmt: skip
     assert too_big.returncode == 2 and "guard_size must be in [1, 1437]" in too_big.stderr
+
+
+@pytest.mark.slow
+def test_meta_train_kills_in_checkpoint_writes_and_at_a_random_time_lose_nothing(tmp_path):
+    weights, seconds = meta_reference(tmp_path / "reference")
+    points = ["write=ckpt-00000005", "write=ckpt-00000010.json", f"time={0.8 * seconds:.2f}"]
+    outcomes = {w: meta_trial(w, tmp_path / f"kill{i}", weights) for i, w in enumerate(points)}
+    assert "lost" not in outcomes.values(), outcomes
+    assert outcomes["write=ckpt-00000005"] == "refused"  # no complete checkpoint yet: one line
+    assert outcomes["write=ckpt-00000010.json"] == "identical", outcomes
