@@ -1,7 +1,8 @@
 """kill -9 of ``selfmod train`` before base steps and halfway through writing each of its files,
-and of ``selfmod meta-train`` in its checkpoint writes and at a random time, then resume: every kill resumes byte-identical or is refused in one line; none is
-lost (``tests/kill_resume.py``; the README quotes a larger run of it). Also: a finished run is
-not run again, and a run killed before its first checkpoint starts again from step 0."""
+and of ``selfmod meta-train`` in its checkpoint writes and at a random time, then resume: every
+kill resumes byte-identical or is refused in one line; none is lost (``tests/kill_resume.py``;
+the README quotes a larger run of it). Also: a finished run is not run again, a run killed
+before its first checkpoint starts again from step 0, another run's checkpoints are refused."""
 
 import subprocess
 import sys
@@ -69,3 +70,27 @@ def test_meta_train_kills_in_checkpoint_writes_and_at_a_random_time_lose_nothing
     assert "lost" not in outcomes.values(), outcomes
     assert outcomes["write=ckpt-00000005"] == "refused"  # no complete checkpoint yet: one line
     assert outcomes["write=ckpt-00000010.json"] == "identical", outcomes
+
+
+def test_another_runs_checkpoints_are_not_resumed_under_this_runs_config(tmp_path):
+    import shutil
+
+    for name in ("a", "b"):
+        out = subprocess.run(
+            [sys.executable, "-m", "selfmod.cli", "train", *_sets(tmp_path / name)[:-2],
+             "--set", "steps=60", "--set", f"out={tmp_path / name}"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    (a,), (b,) = (tmp_path / "a").iterdir(), (tmp_path / "b").iterdir()
+    shutil.rmtree(b / "checkpoints")
+    shutil.copytree(a / "checkpoints", b / "checkpoints")
+    (b / "final.json").unlink()
+    out = subprocess.run(
+        [sys.executable, "-m", "selfmod.cli", "resume", str(b)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "run" in out.stderr and "checkpoint" in out.stderr
