@@ -19,6 +19,8 @@ def test_kills_at_every_file_write_and_random_steps_lose_nothing(tmp_path):
         outcomes[where] = trial(where, tmp_path / f"kill{i}", expected)
     assert "lost" not in outcomes.values(), outcomes
     assert outcomes["write=config.json"] == "refused"  # no config: nothing defines the run
+    resumed = [d for d in tmp_path.glob("kill*/*") if (d / "final.safetensors").is_file()]
+    assert resumed and not [t for d in resumed for t in d.rglob(".*.tmp")]  # torn writes cleaned
     identical = [w for w, o in outcomes.items() if o == "identical"]
     assert len(identical) >= 13, outcomes
 

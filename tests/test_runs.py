@@ -206,3 +206,16 @@ def test_rollback_cli_goes_back_to_a_cycle_and_resume_continues(tmp_path):
     assert (run / "final.safetensors").read_bytes() == final  # deterministic replay
     with Ledger(run / "ledger.sqlite") as ledger:
         assert any("manual rollback to cycle 2" in e.reason for e in ledger.entries("rollback"))
+
+
+def test_log_detects_rows_cut_from_the_end_of_a_finished_run(tmp_path):
+    out = _selfmod("train", *_sets([*SMALL, "steps=40", f"out={tmp_path}"]))
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = tmp_path.iterdir()
+    assert _selfmod("log", str(run_dir)).returncode == 0
+    db = sqlite3.connect(run_dir / "ledger.sqlite")
+    db.execute("DELETE FROM entries WHERE seq = (SELECT MAX(seq) FROM entries)")
+    db.commit()
+    db.close()
+    cut = _selfmod("log", str(run_dir))  # still a valid chain, but not the head final.json holds
+    assert cut.returncode == 2 and "truncated" in cut.stderr and cut.stderr.count("\n") == 1

@@ -18,6 +18,8 @@ class RunRecorder(Recorder):
 
     def __init__(self, run_dir: str | Path, keep: int = 3, run_id: str | None = None) -> None:
         self.run_dir = Path(run_dir)
+        for tmp in self.run_dir.glob(".*.tmp"):  # a write a kill interrupted (never read)
+            tmp.unlink(missing_ok=True)
         self.ledger = Ledger(self.run_dir / "ledger.sqlite")
         self.keep, self.run_id = keep, run_id or None
 
