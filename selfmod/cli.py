@@ -41,7 +41,22 @@ def _root() -> None:
     """Gradient-based self-modification for PyTorch."""
 
 
-@app.command()
+def _fields_help() -> str:
+    """The config fields with type, range and default, from the config model (cannot drift)."""
+    from selfmod.introspect.config import TrainConfig, described
+    from selfmod.validation import allowed
+
+    lines = ["Config fields (--set name=value, or in CONFIG.toml): name = default: allowed"]
+    words = described()
+    for name, field in TrainConfig.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        what = allowed(TrainConfig, name, words)
+        note = f"; {field.description}" if field.description and name not in words else ""
+        lines.append(f"{name} = {default!r}: {what}{note}")
+    return "\n\n".join(lines)
+
+
+@app.command(epilog=_fields_help())
 def train(
     config: Annotated[Path | None, typer.Argument(help="TOML config; defaults if omitted")] = None,
     set_: Annotated[
@@ -390,7 +405,13 @@ def _drive_locked(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # 
                 )
                 progress.update(task, completed=r.step, info=info)
 
-        run.run(on_step=tick)
+        try:
+            run.run(on_step=tick)
+        except KeyboardInterrupt:  # Ctrl-C: the run stops where it is; resume continues it
+            state = {"state": "interrupted", "step": run.step}
+            atomic_write_text(status, json.dumps(state))
+            console.print(f"interrupted at step {run.step}; selfmod resume {run_dir} continues")
+            raise typer.Exit(130) from None
         fixed = None
         if cfg.compare_fixed:
             t2 = progress.add_task("fixed configuration", total=cfg.steps, info="")

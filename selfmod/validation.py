@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -87,6 +88,7 @@ def validate(
     """
     if not isinstance(values, Mapping):
         raise ConfigError(f"a config must be a table of fields (got {type(values).__name__})")
+    values = {k: _as_list(model, k, v) for k, v in values.items()}
     for name, value in values.items():
         if name in model.model_fields and (why := _lenient(name, value)) is not None:
             raise ConfigError(why)
@@ -159,12 +161,40 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw.strip()
+        value = _plain(raw.strip())
     if _non_decimal(value, raw.strip()):
         raise ConfigError(
             f"--set {key.strip()}= integers must be written in decimal (got {raw.strip()!r})"
         )
     return key.strip(), value
+
+
+def _scalar(text: str) -> Any:
+    """One TOML scalar, or the text itself as a bare word."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _plain(raw: str) -> Any:
+    """The plain forms TOML refuses: ``[lr, grow]`` (bare words in a list) is a list."""
+    if raw.startswith("[") and raw.endswith("]") and "[" not in raw[1:-1]:
+        inner = raw[1:-1].strip()
+        return [_scalar(t.strip()) for t in inner.split(",")] if inner else []
+    return raw
+
+
+def _as_list(model: type[BaseModel], name: str, value: Any) -> Any:
+    """A list field given as ``a,b`` or one bare ``a`` (no brackets, which shells glob) is the
+    list of its comma-separated items."""
+    if not isinstance(value, str) or name not in model.model_fields:
+        return value
+    annotation = model.model_fields[name].annotation
+    kinds = (annotation, *typing.get_args(annotation))
+    if not any(typing.get_origin(k) is list for k in kinds):
+        return value
+    return [_scalar(t.strip()) for t in value.split(",") if t.strip()]
 
 
 _DECIMAL = re.compile(r"[+-]?(0|[1-9](_?[0-9])*)")

@@ -204,3 +204,49 @@ def test_train_writes_report_weights_ledger_and_summary(tmp_path):
     assert (run_dir / "report.html").is_file()
     bad = _selfmod("resume", str(tmp_path / "nope"))
     assert bad.returncode == 2 and "DIR must be a run directory" in bad.stderr
+
+
+def test_train_help_lists_every_config_field_with_its_range_and_default():
+    out = _selfmod("train", "--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for name in TrainConfig.model_fields:
+        assert f"{name} = " in text, name
+    assert "steps = 6000: an integer in [1, 1000000]" in text
+    assert "grow_fraction = 0.5: a number in (0, 4]" in text  # a modifier's own setting
+
+
+def test_plain_list_forms_need_no_toml_quotes():
+    assert load_config(None, ["modifiers=[lr,grow]"]).modifiers == ["lr", "grow"]
+    assert load_config(None, ["modifiers=lr,grow"]).modifiers == ["lr", "grow"]  # no brackets
+    assert load_config(None, ["modifiers=lr"]).modifiers == ["lr"]
+    with pytest.raises(ConfigError, match="modifiers must be a list of distinct names"):
+        load_config(None, ["modifiers=lr,magic"])
+
+
+def test_ctrl_c_leaves_an_interrupted_status_and_resume_continues(tmp_path):
+    import signal
+    import time
+
+    sets = ["steps=3000", "cycle=20", "lookahead=5", "compare_fixed=false", f"out={tmp_path}"]
+    proc = subprocess.Popen(
+        [*SELFMOD, "train", *[a for s in sets for a in ("--set", s)]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    status = None
+    for _ in range(600):  # until the loop has started (at most 60 s)
+        runs = list(tmp_path.iterdir())
+        if runs and (runs[0] / "checkpoints").is_dir():
+            status = runs[0] / "status.json"
+            break
+        time.sleep(0.1)
+    assert status is not None
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    state = json.loads(status.read_text())
+    assert state["state"] == "interrupted" and state["step"] > 0
+    assert "selfmod resume" in err

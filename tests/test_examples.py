@@ -39,3 +39,18 @@ def test_your_own_model_is_tuned_by_fit(tmp_path):
     assert "'rollback': 0" in out.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "summary.json").is_file() and (run_dir / "report.html").is_file()
+
+
+def test_every_config_file_the_readme_names_exists_and_loads():
+    from selfmod.meta.train import MetaTrainConfig
+    from selfmod.runs.config import load_config
+    from selfmod.validation import load
+
+    named = set(re.findall(r"configs/[\w.]+\.toml", (ROOT / "README.md").read_text()))
+    assert "configs/meta.toml" in named
+    for path in sorted(named):
+        assert (ROOT / path).is_file(), path
+        if "meta" in path:
+            assert load(MetaTrainConfig, ROOT / path) == MetaTrainConfig()
+        else:
+            load_config(ROOT / path)

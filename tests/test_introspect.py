@@ -163,6 +163,17 @@ def test_divergence_rolls_back_to_the_last_good_state():
     assert rollbacks and tree.is_finite(run.params)
 
 
+def test_the_fixed_baseline_never_changes_itself_and_is_reported_as_diverged():
+    spiking = Introspector(TrainConfig(**{**FAST, "lr": 10.0}), tune=False)
+    spiking.run()  # loss spikes: counted, never rolled back, the rates stay
+    assert spiking.divergences > 0 and not spiking.history["decisions"]
+    assert torch.allclose(spiking.hparams["log_lr"].exp(), torch.full((6,), 10.0))
+    nan = FaultyIntrospector(TrainConfig(**FAST), loss={25}, tune=False)
+    nan.run()  # a NaN ends it, reported as diverged, at its last finite parameters
+    assert nan.diverged_at == nan.step == 25 and not nan.history["decisions"]
+    assert tree.is_finite(nan.params) and nan.summary()["diverged_at"] == 25
+
+
 @pytest.mark.parametrize("safeguards", [True, False])
 def test_a_dead_hidden_layer_is_rolled_back_though_the_loss_did_not_spike(safeguards):
     cfg = TrainConfig(**{**FAST, "lr": 0.05, "modifiers": [], "safeguards": safeguards})

@@ -173,6 +173,7 @@ class Loop:
         self.last_loss = 0.0
         self.seconds = 0.0
         self.divergences = 0  # base steps whose loss jumped above DIVERGENCE_FACTOR x average
+        self.diverged_at: int | None = None  # the fixed baseline: where a NaN ended it
         self.applied: set[int] = set()
         self.shift_cycle: int | None = None
         self.cycled_at = -1  # the step whose cycle has run (step-level driving)
@@ -397,7 +398,7 @@ class Loop:
         """Train to ``config.steps``, cycling, checkpointing and logging; resumable."""
         cfg = self.config
         start = time.perf_counter() - self.seconds
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and self.diverged_at is None:
             if cfg.shift_step and self.step == cfg.shift_step and self.source_id == 0:
                 self._shift()
             if self.tune and self.step % cfg.cycle == 0 and self.cycled_at != self.step:
@@ -449,7 +450,9 @@ class Loop:
 
     def base_step(self) -> None:
         """One training step; a non-finite or diverging loss rolls back to the last good state,
-        halving the learning rates and the meta learning rate."""
+        halving the learning rates and the meta learning rate. The fixed-configuration baseline
+        (``tune=False``) never changes itself: a spike is counted, a non-finite loss or
+        gradient ends it as diverged (``diverged_at``), at its last finite parameters."""
         batch = self.pending.pop(0) if self.pending else self._next_batch()
         per_step = [m for m in self.modifiers if m.per_step]
         try:
@@ -459,15 +462,20 @@ class Loop:
                 message = (
                     f"diverged at step {self.step}: loss {loss:.3g}, average {self.average:.3g}"
                 )
-                if self.config.safeguards:
+                if self.config.safeguards and self.tune:
                     raise DivergenceError(message)
-                self._event("event", "divergence", f"{message}; safeguards off: goes on", {})
+                why = "safeguards off" if self.tune else "a fixed configuration"
+                self._event("event", "divergence", f"{message}; {why}: goes on", {})
             state = self.state
             for m in per_step:
                 state = m.on_step(state, dict(zip(self.names, grads, strict=True)), params)
         except (NonFiniteError, DivergenceError) as err:
             if not self.config.safeguards:
                 raise
+            if not self.tune:
+                self.diverged_at = self.step
+                self._event("event", "diverged", f"{err}; the fixed configuration stops", {})
+                return
             self._rollback(str(err))
             self.step += 1
             return
@@ -797,7 +805,7 @@ class Loop:
 
     COUNTERS = (
         "step", "cycle", "average", "first_loss", "last_loss", "seconds", "divergences",
-        "shift_cycle", "cycled_at", "source_id",
+        "diverged_at", "shift_cycle", "cycled_at", "source_id",
     )  # fmt: skip
 
     def checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -877,6 +885,7 @@ class Loop:
             "widths": self.widths(),
             "steps": self.step,
             "divergences": self.divergences,
+            "diverged_at": self.diverged_at,
             "tensor_names": self.names,
             "modifiers": [m.name for m in self.modifiers],
             "modifiers_skipped": dict(self.skipped),

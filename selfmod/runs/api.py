@@ -174,7 +174,7 @@ def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, 
 
 SUMMARY_KEYS = (
     "test_accuracy", "test_metric", "metric_name", "test_loss", "params", "flops", "seconds",
-    "widths", "decisions", "steps",
+    "widths", "decisions", "steps", "diverged_at",
 )  # fmt: skip
 
 

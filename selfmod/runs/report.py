@@ -218,6 +218,7 @@ def summary_rows(history: dict) -> list[tuple[str, str, str]]:
         row("weight decay", "weight_decay", lambda x: f"{x:.2g}"),
         row("dropout", "dropout", lambda xs: ", ".join(f"{x:.2f}" for x in xs)),
         row("batch size", "batch_size"),
+        row("diverged at step", "diverged_at"),
     ]
     return [r for r in rows if r is not None] + [
         (
