@@ -381,7 +381,9 @@ def _drive_locked(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # 
 
     torch.set_num_threads(cfg.threads)
     problem, splits = build_problem(cfg)
-    run, recorder = build_run(problem, sources_of(splits, cfg.seed), cfg, run_dir, resume=resume)
+    run, recorder = build_run(
+        problem, sources_of(splits, cfg.seed), cfg, run_dir, resume=resume, logs=console
+    )
     status = run_dir / "status.json"
     atomic_write_text(status, json.dumps({"state": "running", "step": run.step}))
     with Progress(

@@ -250,3 +250,25 @@ def test_ctrl_c_leaves_an_interrupted_status_and_resume_continues(tmp_path):
     state = json.loads(status.read_text())
     assert state["state"] == "interrupted" and state["step"] > 0
     assert "selfmod resume" in err
+
+
+def test_a_run_writes_csv_and_tensorboard_logs_and_a_line_per_decision(tmp_path):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sets = ["steps=120", "cycle=40", "lookahead=5", "compare_fixed=false", f"out={tmp_path}"]
+    out = _selfmod("train", *[a for s in sets for a in ("--set", s)])
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = tmp_path.iterdir()
+    with (run_dir / "scalars.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["step"]) for r in rows] == [50.0, 100.0, 120.0]
+    assert {"guard_loss", "test_acc", "lr/0", "widths/1", "batch_size"} <= set(rows[0])
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("guard_loss")] == [50, 100, 120]
+    assert float(rows[-1]["guard_loss"]) == pytest.approx(events.Scalars("guard_loss")[-1].value)
+    # one line per decision, readable when the output is a file (not a terminal)
+    assert "cycle 0 step 0 grow: commit (widths [8, 8] -> [12, 12])" in out.stderr
+    assert "step 50/120: guard loss" in out.stderr

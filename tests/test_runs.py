@@ -172,6 +172,8 @@ def test_crash_at_step_k_then_resume_is_bitwise_identical(tmp_path, extra):
     assert (run_a / "final.safetensors").read_bytes() == (run_b / "final.safetensors").read_bytes()
     ha, hb = (json.loads((r / "history.json").read_text()) for r in (run_a, run_b))
     assert ha["tuned"]["log"] == hb["tuned"]["log"]
+    # the standard logs too: the resumed run's CSV has no row twice and equals the other's
+    assert (run_a / "scalars.csv").read_text() == (run_b / "scalars.csv").read_text()
     if extra:  # the online modifier moved the rates between cycles, also after the resume
         online = [d for d in hb["tuned"]["decisions"] if d["modifier"] == "online_lr"]
         assert [d["cycle"] for d in online] == [1, 2, 3, 4, 5]

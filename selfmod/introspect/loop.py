@@ -95,6 +95,9 @@ class Recorder:
         """Approved, pending proposals ``(id, change)`` (manual approval), oldest first."""
         return []
 
+    def log(self, run: Loop, row: dict[str, Any]) -> None:
+        """A log point's row (losses, metrics, hyperparameters), every 50 base steps."""
+
 
 class _GradTap(hypergrad.FiniteMonitor):
     """A finiteness monitor that also keeps the last step's gradients (per-step modifiers)."""
@@ -531,17 +534,17 @@ class Loop:
         src = self.sources[self.source_id]
         gl, ga = self.problem.evaluate(self.params, self.state.buffers, *self.guard())
         _, ta = self._test(src)
-        self.history["log"].append(
-            {
-                "step": self.step,
-                "guard_loss": gl,
-                "guard_acc": ga,
-                "test_acc": ta,
-                "train_loss": self.last_loss,
-                "meta_lr": self.meta_lr,
-                **self.values(),
-            }
-        )
+        row = {
+            "step": self.step,
+            "guard_loss": gl,
+            "guard_acc": ga,
+            "test_acc": ta,
+            "train_loss": self.last_loss,
+            "meta_lr": self.meta_lr,
+            **self.values(),
+        }
+        self.history["log"].append(row)
+        self.recorder.log(self, row)
 
     def _test(self, src: Source) -> tuple[float, float]:
         if src.test_x is None or src.test_y is None:

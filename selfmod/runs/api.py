@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from safetensors.torch import save
 from torch import Tensor, nn
 
@@ -44,6 +45,7 @@ from selfmod.runs.checkpoint import list_checkpoints
 from selfmod.runs.config import validate
 from selfmod.runs.files import atomic_write_bytes, atomic_write_text
 from selfmod.runs.lock import run_lock
+from selfmod.runs.logs import Logs
 from selfmod.runs.recorder import RunRecorder
 
 
@@ -96,8 +98,10 @@ def build_run(
     *,
     modifiers: Sequence[Modifier] | None = None,
     resume: bool = False,
+    logs: Console | None = None,
 ) -> tuple[Loop, RunRecorder | None]:
-    """The loop with a recorder on ``run_dir`` (``None``: in memory), resumed if asked."""
+    """The loop with a recorder on ``run_dir`` (``None``: in memory), resumed if asked; with a
+    ``logs`` console, also the CSV, TensorBoard and console logs (:mod:`selfmod.runs.logs`)."""
     cuda = device_of(cfg).type == "cuda"
     if cfg.deterministic and cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
@@ -123,6 +127,8 @@ def build_run(
             recorder.resume(loop)
         else:  # killed before its first checkpoint: the config alone defines the run
             loop._event("resume", "resume", "no checkpoint yet: the run starts again at step 0", {})
+    if recorder is not None and logs is not None:
+        recorder.logs = Logs(run_dir, logs, start=loop.step)  # type: ignore[arg-type]
     return loop, recorder
 
 

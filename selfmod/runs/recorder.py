@@ -11,20 +11,30 @@ from typing import Any
 from selfmod.introspect.loop import Loop, Recorder
 from selfmod.runs.checkpoint import load_latest, save_checkpoint
 from selfmod.runs.ledger import Ledger
+from selfmod.runs.logs import Logs
 
 
 class RunRecorder(Recorder):
     """Ledger and checkpoints in ``run_dir``; keeps the last ``keep`` checkpoints."""
 
-    def __init__(self, run_dir: str | Path, keep: int = 3, run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep: int = 3,
+        run_id: str | None = None,
+        logs: Logs | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         for tmp in self.run_dir.glob(".*.tmp"):  # a write a kill interrupted (never read)
             tmp.unlink(missing_ok=True)
         self.ledger = Ledger(self.run_dir / "ledger.sqlite")
         self.keep, self.run_id = keep, run_id or None
+        self.logs = logs  # CSV, TensorBoard and console lines (the CLI's runs)
 
     def close(self) -> None:
         self.ledger.close()
+        if self.logs is not None:
+            self.logs.close()
 
     def record(
         self, run: Loop, kind: str, decision: str, reason: str, payload: dict[str, Any]
@@ -32,7 +42,13 @@ class RunRecorder(Recorder):
         e = self.ledger.append(
             kind, cycle=run.cycle, step=run.step, decision=decision, reason=reason, payload=payload
         )
+        if self.logs is not None and kind in ("proposal", "rollback"):
+            self.logs.decision(run.cycle, run.step, decision, reason, payload)
         return e.seq
+
+    def log(self, run: Loop, row: dict[str, Any]) -> None:
+        if self.logs is not None:
+            self.logs.log(run.step, row, run.config.steps)
 
     def checkpoint(self, run: Loop) -> None:
         tensors, meta = run.checkpoint()
