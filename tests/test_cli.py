@@ -272,3 +272,5 @@ def test_a_run_writes_csv_and_tensorboard_logs_and_a_line_per_decision(tmp_path)
     # one line per decision, readable when the output is a file (not a terminal)
     assert "cycle 0 step 0 grow: commit (widths [8, 8] -> [12, 12])" in out.stderr
     assert "step 50/120: guard loss" in out.stderr
+    # and the report shows every change's values before -> after
+    assert "widths [8, 8] -&gt; [12, 12]" in (run_dir / "report.html").read_text()

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 
 from selfmod.introspect.probes import meta_metrics
 from selfmod.runs.files import atomic_write_text
+from selfmod.runs.logs import changes as value_changes
 
 MARKS = {
     "commit": ("#1a7f37", "^"),
@@ -253,11 +254,14 @@ def write_report(run_dir: Path, history: dict, entries: list[dict]) -> Path:
 
     def change(e: dict) -> str:
         decision = str(e["decision"])
+        moved = value_changes(e["payload"].get("before", {}), e["payload"].get("after", {}))
         cls = f' class="{decision}"' if decision in _DECISION_CLASSES else ""
         return (
             f"<tr><td>{_e(e['seq'])}</td><td>{_e(e['cycle'])}</td><td>{_e(e['step'])}</td>"
             f"<td>{_e(e['kind'])}</td><td>{_e(e['payload'].get('modifier', ''))}</td>"
-            f"<td{cls}>{_e(decision)}</td><td>{_e(e['reason'])}</td></tr>"
+            f"<td{cls}>{_e(decision)}</td>"
+            f"<td>{_e(moved)}</td>"
+            f"<td>{_e(e['reason'])}</td></tr>"
         )
 
     changes = "".join(change(e) for e in entries)
@@ -302,7 +306,7 @@ modifiers {_e(", ".join(map(str, modifiers)))}, approval {_e(cfg.get("approval")
 <table>{meta}</table>
 <h2>Ledger ({len(entries)} entries besides per-cycle probes; hash chain verified)</h2>
 <table><tr><th>id</th><th>cycle</th><th>step</th><th>kind</th><th>modifier</th>
-<th>decision</th><th>reason</th></tr>{changes}</table>
+<th>decision</th><th>before -&gt; after</th><th>reason</th></tr>{changes}</table>
 </body></html>
 """
     path = Path(run_dir) / "report.html"
