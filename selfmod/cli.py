@@ -159,7 +159,9 @@ def approve(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     id_: Annotated[int, typer.Argument(metavar="ID", help="id of a pending change (selfmod log)")],
 ) -> None:
-    """Approve a pending change of a manual-approval run; it is applied at the next cycle."""
+    """Approve a pending change of a manual-approval run; the run applies it at its next cycle
+    (run with the run stopped; selfmod resume continues), unless it has expired by then
+    (approval_expiry)."""
     from selfmod.runs.ledger import Ledger
     from selfmod.runs.lock import run_lock
 
@@ -174,6 +176,14 @@ def approve(
             )
         if any(e.payload.get("proposal") == id_ for e in ledger.entries("approval")):
             raise SelfmodError(f"change {id_} is already approved")
+        done = {
+            e.payload.get("change", {}).get("proposal"): e
+            for e in ledger.entries("proposal")
+            if e.decision in ("applied", "expired")
+        }
+        if id_ in done:
+            e = done[id_]
+            raise SelfmodError(f"change {id_} was {e.decision} at cycle {e.cycle}: {e.reason}")
         e = pending[id_]
         ledger.append(
             "approval",

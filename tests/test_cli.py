@@ -58,6 +58,7 @@ BAD_VALUES = {
     "epsilon": ("-1", "epsilon must be a number in [0, 1] (got -1)"),
     "forgetting_delta": ("2", "forgetting_delta must be a number in [0, 1] (got 2)"),
     "approval": ("sometimes", "approval must be one of 'auto', 'manual' (got 'sometimes')"),
+    "approval_expiry": ("-1", "approval_expiry must be an integer in [0, 1000] (got -1)"),
     "guard_size": ("5", "guard_size must be an integer in [10, 2000] (got 5)"),
     "replay_size": ("5", "replay_size must be an integer in [10, 100000] (got 5)"),
     "checkpoint_every": ("0", "checkpoint_every must be an integer in [1, 100000] (got 0)"),

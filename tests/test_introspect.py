@@ -206,7 +206,7 @@ def test_growth_keeps_the_function_and_maps_the_optimizer_state():
     assert grown.opt_state[1].trace["2.weight"].shape == params["2.weight"].shape
 
 
-def test_manual_approval_changes_nothing_until_approved(tmp_path):
+def test_manual_approval_changes_nothing_until_approved_and_stale_changes_expire(tmp_path):
     cfg = TrainConfig(**{**FAST, "steps": 100, "approval": "manual"})
     args = [
         f"--set={k}={str(v).lower() if isinstance(v, bool) else v}"
@@ -234,14 +234,22 @@ def test_manual_approval_changes_nothing_until_approved(tmp_path):
             first["batch_size"],
         )
     run.recorder.close()
-    grow = next((e for e in pending if e.payload["modifier"] == "grow"), pending[0])
-    ok = subprocess.run(
-        [sys.executable, "-m", "selfmod.cli", "approve", str(run_dir), str(grow.seq)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    # the run resumes at cycle 3: a grow from cycle 2 is fresh, the cycle-0 one has expired
+    grows = {e.cycle: e for e in pending if e.payload["modifier"] == "grow"}
+    grow, stale = grows[2], grows[0]
+
+    def approve(seq):
+        return subprocess.run(
+            [sys.executable, "-m", "selfmod.cli", "approve", str(run_dir), str(seq)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    ok = approve(grow.seq)
     assert ok.returncode == 0, ok.stderr
+    late = approve(stale.seq)  # the run expired it at cycle 3, before the kill
+    assert late.returncode == 2 and f"change {stale.seq} was expired" in late.stderr
     again = subprocess.run(
         [sys.executable, "-m", "selfmod.cli", "approve", str(run_dir), "99999"],
         capture_output=True,
@@ -252,8 +260,11 @@ def test_manual_approval_changes_nothing_until_approved(tmp_path):
     run = _resumed(cfg, run_dir)
     run.run()
     applied = [d for d in run.history["decisions"] if d["decision"] == "applied"]
-    assert len(applied) == 1 and applied[0]["after"] == {**applied[0]["after"]}
-    assert applied[0]["after"] != applied[0]["before"]
+    assert len(applied) == 1 and applied[0]["reason"] == f"approved proposal {grow.seq} applied"
+    assert applied[0]["after"]["widths"] != applied[0]["before"]["widths"]
+    expired = [d for d in run.history["decisions"] if d["decision"] == "expired"]
+    assert any(f"proposal {stale.seq} from cycle 0 expired" in d["reason"] for d in expired)
+    assert all(d["before"] == d["after"] for d in expired)  # an expired change changes nothing
 
 
 def test_stream_position_and_replay_buffer():

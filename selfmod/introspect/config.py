@@ -96,7 +96,16 @@ class RunConfig(BaseModel):
     max_params: int = Field(1_000_000, ge=1, le=10**9, description="parameter budget")
     epsilon: float = Field(0.01, ge=0, le=1, description="relative guard-loss tolerance")
     forgetting_delta: float = Field(0.05, ge=0, le=1, description="max accuracy drop on old data")
-    approval: Literal["auto", "manual"] = "auto"
+    approval: Literal["auto", "manual"] = Field(
+        "auto", description="manual: verified changes wait for selfmod approve"
+    )
+    approval_expiry: int = Field(
+        1,
+        ge=0,
+        le=1000,
+        description="manual approval: a change proposed at cycle c is applied only at a cycle "
+        "<= c + 1 + approval_expiry; later it expires (the run has moved on)",
+    )
     safeguards: bool = Field(
         True,
         description="verify changes and roll back on NaN/divergence; false: commit every "

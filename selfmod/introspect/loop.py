@@ -69,7 +69,7 @@ class Decision:
     cycle: int
     step: int
     modifier: str
-    decision: str  # commit | reject | rollback | pending | applied
+    decision: str  # commit | reject | rollback | pending | applied | expired
     reason: str
     before: dict[str, Any]
     after: dict[str, Any]
@@ -91,8 +91,9 @@ class Recorder:
     def checkpoint(self, run: Loop) -> None:
         """Called at the start of every ``checkpoint_every``-th cycle."""
 
-    def approved(self, run: Loop) -> list[tuple[int, dict[str, Any]]]:
-        """Approved, pending proposals ``(id, change)`` (manual approval), oldest first."""
+    def pending(self, run: Loop) -> list[tuple[int, int, dict[str, Any], bool]]:
+        """Pending proposals ``(id, cycle, change, approved)`` (manual approval), oldest
+        first."""
         return []
 
     def log(self, run: Loop, row: dict[str, Any]) -> None:
@@ -759,28 +760,33 @@ class Loop:
             self.state = proposed
 
     def _apply_approved(self) -> None:
-        """Manual approval: apply every approved, not yet applied proposal, in order."""
+        """Manual approval: at the start of a cycle, apply every approved pending change, in
+        order, and expire the ones older than ``approval_expiry`` cycles past their next cycle
+        (approved or not: a change verified against an old state is not applied late)."""
         if self.config.approval != "manual":
             return
-        for seq, change in self.recorder.approved(self):
+        for seq, cycle, change, approved in self.recorder.pending(self):
             if seq in self.applied:
                 continue
+            late = self.cycle - cycle - 1 > self.config.approval_expiry
+            if not (late or approved):
+                continue
+            self.applied.add(seq)
             proposal = Proposal.from_json(change, self.hparams)
             before = self.values()
-            self.state = self.apply_proposal(proposal, self.state)
-            self.applied.add(seq)
-            self._record(
-                Decision(
-                    self.cycle,
-                    self.step,
-                    proposal.modifier,
-                    "applied",
-                    f"approved proposal {seq} applied",
-                    before,
-                    self.values(),
-                ),
-                extra={"proposal": seq},
+            if late:
+                decision = "expired"
+                reason = (
+                    f"proposal {seq} from cycle {cycle} expired "
+                    f"(approval_expiry {self.config.approval_expiry})"
+                )
+            else:
+                self.state = self.apply_proposal(proposal, self.state)
+                decision, reason = "applied", f"approved proposal {seq} applied"
+            d = Decision(
+                self.cycle, self.step, proposal.modifier, decision, reason, before, self.values()
             )
+            self._record(d, extra={"proposal": seq})
 
     # ------------------------------------------------------------------ records
 

@@ -55,12 +55,12 @@ class RunRecorder(Recorder):
         meta["ledger_head"] = list(self.ledger.head())
         save_checkpoint(self.run_dir, run.step, tensors, meta, keep=self.keep, run_id=self.run_id)
 
-    def approved(self, run: Loop) -> list[tuple[int, dict[str, Any]]]:
+    def pending(self, run: Loop) -> list[tuple[int, int, dict[str, Any], bool]]:
         approvals = {e.payload.get("proposal") for e in self.ledger.entries("approval")}
         return [
-            (e.seq, e.payload["change"])
+            (e.seq, e.cycle, e.payload["change"], e.seq in approvals)
             for e in self.ledger.entries("proposal")
-            if e.decision == "pending" and e.seq in approvals
+            if e.decision == "pending"
         ]
 
     def resume(self, run: Loop, at_most: int | None = None) -> None:
