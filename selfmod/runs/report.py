@@ -40,6 +40,14 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+#: line styles cycled over series that may coincide (two layers' dropout, two widths)
+STYLES = ("-", "--", ":", "-.")
+
+
+def _style(i: int) -> dict:
+    return {"linestyle": STYLES[i % len(STYLES)], "marker": "os^vD"[i % 5], "markersize": 3}
+
+
 def _axes(ylabel: str, xlabel: str = "base training step"):
     fig, ax = plt.subplots(figsize=(6.2, 3.3))
     ax.set_xlabel(xlabel)
@@ -54,14 +62,20 @@ def _shift(ax, history: dict) -> None:
         ax.axvline(step, color="#8250df", linestyle=":", label="data shift")
 
 
-def _compare(history: dict, key: str, ylabel: str) -> str:
+def _compare(history: dict, key: str, ylabel: str, train: bool = False) -> str:
+    """``key`` of the self-modifying and fixed runs; with ``train`` also their training
+    (minibatch) loss, dotted."""
     fig, ax = _axes(ylabel)
     for name, label, style in (
         ("tuned", "self-modifying", "-"),
         ("fixed", "fixed configuration", "--"),
     ):
         log = (history.get(name) or {}).get("log", [])
-        ax.plot([r["step"] for r in log], [r[key] for r in log], style, label=label)
+        steps = [r["step"] for r in log]
+        (line,) = ax.plot(steps, [r[key] for r in log], style, label=label)
+        if train and log and "train_loss" in log[0]:
+            ax.plot(steps, [r["train_loss"] for r in log], ":", color=line.get_color(),
+                    label=f"{label}, train batch loss")  # fmt: skip
     _shift(ax, history)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -89,14 +103,15 @@ def _hyper(history: dict) -> str:
     ax.plot(steps, [r["weight_decay"] for r in log], label="weight decay")
     if log and "dropout" in log[0]:
         for i in range(len(log[0]["dropout"])):
-            ax.plot(steps, [r["dropout"][i] for r in log], label=f"dropout, layer {i}")
+            ax.plot(steps, [r["dropout"][i] for r in log], label=f"dropout, site {i}", **_style(i))
     for key in ("momentum", "beta1", "beta2"):  # whichever the optimizer has
         if log and key in log[0]:
             ax.plot(steps, [1 - r[key] for r in log], label=f"1 - {key}")
     ax.set_yscale("log")
     ax.set_xlabel("base training step")
+    ax.set_ylabel("value (log scale)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 
 
@@ -106,7 +121,9 @@ def _widths(history: dict) -> str:
     fig, ax = _axes("hidden units")
     if log:
         for i in range(len(log[0]["widths"])):
-            ax.step(steps, [r["widths"][i] for r in log], where="post", label=f"layer {i}")
+            ax.step(
+                steps, [r["widths"][i] for r in log], where="post", label=f"layer {i}", **_style(i)
+            )
     if not (log and log[0]["widths"]):
         ax.text(0.5, 0.5, "no unit groups: the architecture is fixed", ha="center",
                 transform=ax.transAxes)  # fmt: skip
@@ -120,9 +137,10 @@ def _widths(history: dict) -> str:
         label="batch size",
     )
     ax2.set_ylabel("batch size")
-    if log and log[0]["widths"]:
-        ax.legend(fontsize=8, loc="upper left")
-    ax2.legend(fontsize=8, loc="lower right")
+    ax2.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.12, 1.0))
     return _png(fig)
 
 
@@ -149,8 +167,9 @@ def _probes(history: dict) -> str:
     ax.legend(fontsize=7)
     ax = axes[1]
     ax.plot(steps, [p["params"] for p in pr], label="parameters")
-    ax.plot(steps, [p["flops"] for p in pr], label="FLOPs / example")
+    ax.plot(steps, [p["flops"] for p in pr], "--", label="FLOPs / example")
     ax.set_yscale("log")
+    ax.set_ylabel("parameters, FLOPs / example")
     ax.set_xlabel("base training step")
     ax.grid(alpha=0.3, which="both")
     ax3 = ax.twinx()
@@ -240,7 +259,27 @@ def _row(*cells: Any) -> str:
 
 
 # the decisions the page colours; any other value gets no class (never a value from the run)
-_DECISION_CLASSES = frozenset({"commit", "applied", "reject", "rollback", "pending"})
+_DECISION_CLASSES = frozenset({"commit", "applied", "reject", "rollback", "pending", "expired"})
+
+#: what each meta-metric means, shown next to its value
+META_MEANING = {
+    "meta_convergence_rate": "mean per-cycle decrease of log guard loss until it first comes "
+    "within 5% of its best",
+    "converged_at_cycle": "the cycle where the guard loss first came within 5% of its best",
+    "adaptation_cycles": "cycles after a data shift until guard accuracy reaches 95% of its "
+    "post-shift best (- : no shift)",
+    "guard_loss_std": "standard deviation of the guard loss over the last half of the cycles",
+    "guard_loss_oscillation": "fraction of sign changes between successive guard-loss changes "
+    "over the last half (0: monotone, 1: up and down every cycle)",
+    "internal_vs_external_acc_gap": "mean |guard accuracy - test accuracy|: how well the "
+    "internal check predicts data it never sees",
+}
+
+GUARD_EXPLAINED = (
+    "The guard set is data held out of training (never trained on); every proposed change is "
+    "replayed over the next lookahead batches and kept only if its loss on the guard set does "
+    "not get worse (within epsilon) and every other invariant holds."
+)
 
 
 def write_report(run_dir: Path, history: dict, entries: list[dict]) -> Path:
@@ -250,7 +289,10 @@ def write_report(run_dir: Path, history: dict, entries: list[dict]) -> Path:
     a reason or modifier name such as ``<script>...`` is shown as text, never run."""
     summary = "".join(_row(a, b, c) for a, b, c in summary_rows(history))
     mm = meta_metrics(history["tuned"]["probes"], history.get("shift_cycle"))
-    meta = "".join(_row(str(k).replace("_", " "), _fmt(v)) for k, v in mm.items())
+    meta = "".join(
+        _row(str(k).replace("_", " "), _fmt(v), META_MEANING.get(k, "")) for k, v in mm.items()
+    )
+    config = "".join(_row(k, _fmt(v)) for k, v in history.get("config", {}).items())
 
     def change(e: dict) -> str:
         decision = str(e["decision"])
@@ -289,10 +331,11 @@ img {{ max-width: 100%; }}
 <p>{_e(run_dir)}: {_e(cfg.get("steps"))} steps, cycle every {_e(cfg.get("cycle"))} steps,
 modifiers {_e(", ".join(map(str, modifiers)))}, approval {_e(cfg.get("approval"))}.
 </p>
+<p>{_e(GUARD_EXPLAINED)}</p>
 <h2>Summary</h2>
 <table><tr><th></th><th>self-modifying</th><th>fixed configuration</th></tr>{summary}</table>
 <h2>Training</h2>
-{fig("guard loss", _compare(history, "guard_loss", "guard loss"), half=True)}
+{fig("guard and train loss", _compare(history, "guard_loss", "loss", train=True), half=True)}
 {fig("test accuracy", _compare(history, "test_acc", "test accuracy"), half=True)}
 <h2>Timeline of changes</h2>
 {fig("timeline", _timeline(history))}
@@ -303,10 +346,12 @@ modifiers {_e(", ".join(map(str, modifiers)))}, approval {_e(cfg.get("approval")
 <h2>Probes</h2>
 {fig("probes", _probes(history))}
 <h2>Meta-metrics</h2>
-<table>{meta}</table>
+<table><tr><th>meta-metric</th><th>value</th><th>what it means</th></tr>{meta}</table>
 <h2>Ledger ({len(entries)} entries besides per-cycle probes; hash chain verified)</h2>
 <table><tr><th>id</th><th>cycle</th><th>step</th><th>kind</th><th>modifier</th>
 <th>decision</th><th>before -&gt; after</th><th>reason</th></tr>{changes}</table>
+<h2>Configuration</h2>
+<table><tr><th>field</th><th>value</th></tr>{config}</table>
 </body></html>
 """
     path = Path(run_dir) / "report.html"
