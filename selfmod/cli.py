@@ -93,8 +93,15 @@ def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    x: Annotated[
+        str, typer.Option("--x", help="training curves against 'step' or 'seconds' (wall clock)")
+    ] = "step",
+) -> None:
     """Write RUN_DIR/report.html from the run's history and ledger."""
+    if x not in ("step", "seconds"):
+        raise SelfmodError(f"--x must be 'step' or 'seconds' (got {x!r})")
     from selfmod.runs.lock import run_lock
     from selfmod.runs.report import write_report
 
@@ -105,7 +112,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
             raise SelfmodError(f"{run_dir / 'history.json'} must hold a JSON object")
         rows = _ledger_rows(run_dir)
         try:
-            path = write_report(run_dir, history, rows)
+            path = write_report(run_dir, history, rows, x=x)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise SelfmodError(
                 f"{run_dir / 'history.json'} is not a history selfmod train writes "

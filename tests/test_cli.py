@@ -275,3 +275,10 @@ def test_a_run_writes_csv_and_tensorboard_logs_and_a_line_per_decision(tmp_path)
     assert "step 50/120: guard loss" in out.stderr
     # and the report shows every change's values before -> after
     assert "widths [8, 8] -&gt; [12, 12]" in (run_dir / "report.html").read_text()
+    # a wall-clock axis for the training curves, from the clock the history keeps
+    clock = json.loads((run_dir / "history.json").read_text())["tuned"]["clock"]
+    assert [c[0] for c in clock] == [50, 100, 120] and clock[0][1] < clock[-1][1]
+    again = _selfmod("report", str(run_dir), "--x", "seconds")
+    assert again.returncode == 0, again.stderr
+    bad = _selfmod("report", str(run_dir), "--x", "hours")
+    assert bad.returncode == 2 and "--x must be 'step' or 'seconds'" in bad.stderr

@@ -176,6 +176,7 @@ class Loop:
         self.first_loss: float | None = None  # the first base step's loss (divergence floor)
         self.last_loss = 0.0
         self.seconds = 0.0
+        self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
         self.divergences = 0  # base steps whose loss jumped above DIVERGENCE_FACTOR x average
         self.diverged_at: int | None = None  # the fixed baseline: where a NaN ended it
         self.applied: set[int] = set()
@@ -401,7 +402,7 @@ class Loop:
     def run(self, on_step: Callable[[Loop], None] | None = None) -> None:
         """Train to ``config.steps``, cycling, checkpointing and logging; resumable."""
         cfg = self.config
-        start = time.perf_counter() - self.seconds
+        start = self._clock = time.perf_counter() - self.seconds
         while self.step < cfg.steps and self.diverged_at is None:
             if cfg.shift_step and self.step == cfg.shift_step and self.source_id == 0:
                 self._shift()
@@ -545,6 +546,9 @@ class Loop:
             **self.values(),
         }
         self.history["log"].append(row)
+        # wall-clock seconds at this log point (kept apart: a resumed run's clock differs)
+        elapsed = time.perf_counter() - self._clock if self._clock is not None else self.seconds
+        self.history.setdefault("clock", []).append([self.step, elapsed])
         self.recorder.log(self, row)
 
     def _test(self, src: Source) -> tuple[float, float]:

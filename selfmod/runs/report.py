@@ -62,16 +62,19 @@ def _shift(ax, history: dict) -> None:
         ax.axvline(step, color="#8250df", linestyle=":", label="data shift")
 
 
-def _compare(history: dict, key: str, ylabel: str, train: bool = False) -> str:
+def _compare(history: dict, key: str, ylabel: str, train: bool = False, x: str = "step") -> str:
     """``key`` of the self-modifying and fixed runs; with ``train`` also their training
-    (minibatch) loss, dotted."""
-    fig, ax = _axes(ylabel)
+    (minibatch) loss, dotted. ``x = "seconds"``: against wall-clock time."""
+    fig, ax = _axes(ylabel, "wall-clock seconds" if x == "seconds" else "base training step")
     for name, label, style in (
         ("tuned", "self-modifying", "-"),
         ("fixed", "fixed configuration", "--"),
     ):
         log = (history.get(name) or {}).get("log", [])
         steps = [r["step"] for r in log]
+        if x == "seconds":
+            clock = dict((int(s), t) for s, t in (history.get(name) or {}).get("clock", []))
+            steps = [clock.get(s, math.nan) for s in steps]
         (line,) = ax.plot(steps, [r[key] for r in log], style, label=label)
         if train and log and "train_loss" in log[0]:
             ax.plot(steps, [r["train_loss"] for r in log], ":", color=line.get_color(),
@@ -282,7 +285,7 @@ GUARD_EXPLAINED = (
 )
 
 
-def write_report(run_dir: Path, history: dict, entries: list[dict]) -> Path:
+def write_report(run_dir: Path, history: dict, entries: list[dict], x: str = "step") -> Path:
     """Write ``run_dir/report.html`` atomically and return its path.
 
     Every string from ``history.json``, the ledger or the config is HTML-escaped (``_e``):
@@ -335,8 +338,8 @@ modifiers {_e(", ".join(map(str, modifiers)))}, approval {_e(cfg.get("approval")
 <h2>Summary</h2>
 <table><tr><th></th><th>self-modifying</th><th>fixed configuration</th></tr>{summary}</table>
 <h2>Training</h2>
-{fig("guard and train loss", _compare(history, "guard_loss", "loss", train=True), half=True)}
-{fig("test accuracy", _compare(history, "test_acc", "test accuracy"), half=True)}
+{fig("guard and train loss", _compare(history, "guard_loss", "loss", True, x), half=True)}
+{fig("test accuracy", _compare(history, "test_acc", "test accuracy", x=x), half=True)}
 <h2>Timeline of changes</h2>
 {fig("timeline", _timeline(history))}
 <h2>Hyperparameters</h2>
