@@ -256,3 +256,13 @@ def test_refusals_name_the_alternative():
         optim.Optimizer(named, optim.sgd, lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="clash"):
         optim.Optimizer(named, optim.sgd, {"lr": torch.tensor(0.0)}, lr=0.1)
+
+
+def test_onecycle_on_a_built_transform_is_refused_at_the_first_step():
+    module, x, y = _problem()
+    opt = optim.Optimizer(module.named_parameters(), optim.adam(1e-2))
+    with pytest.raises(ValueError, match="momentum or beta1"):  # torch's own check
+        lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=12)
+    lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=12, cycle_momentum=False)
+    with pytest.raises(TypeError, match=r"absolute learning rates.*build it from a factory"):
+        _train(module, opt, None, x, y, steps=1)

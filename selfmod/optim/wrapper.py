@@ -13,7 +13,7 @@ the step exactly as for ``torch.optim``. With a built transformation, whose hype
 closed over, the group's ``lr`` starts at 1.0 and multiplies the updates: schedulers that
 *multiply* the lr (StepLR, LambdaLR, ExponentialLR, ReduceLROnPlateau, CosineAnnealingLR with
 ``eta_min=0``) act as for torch; those given absolute rates (OneCycleLR, CyclicLR, ``eta_min``)
-need the factory form.
+need the factory form (OneCycleLR is refused at the first step).
 """
 
 from __future__ import annotations
@@ -176,7 +176,14 @@ class Optimizer(torch.optim.Optimizer):
         updates, self.functional_state = self.transform.update(
             grads, self.functional_state, params, self._group_hparams()
         )
-        alpha = 1.0 if self.reads_group else self.param_groups[0]["lr"]
+        group = self.param_groups[0]
+        if not self.reads_group and "max_lr" in group:
+            raise TypeError(
+                "OneCycleLR sets absolute learning rates, but this optimizer's lr multiplies a "
+                "built transformation's updates; build it from a factory, "
+                "Optimizer(params, optim.adam, lr=...)"
+            )
+        alpha = 1.0 if self.reads_group else group["lr"]
         for k, p in params.items():
             p.add_(updates[k], alpha=alpha)
         return loss
