@@ -9,7 +9,7 @@ then :mod:`selfmod.arch`, :mod:`selfmod.ttt`, :mod:`selfmod.data` / :mod:`selfmo
 from selfmod import hypergrad, optim, tree
 from selfmod.errors import DivergenceError, NonFiniteError, SelfmodError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "DivergenceError",
     "NonFiniteError",

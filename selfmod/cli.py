@@ -36,8 +36,44 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _show_version(value: bool) -> None:
+    """``--version``: this selfmod's version and torch's, then exit 0.
+
+    ``selfmod.__version__`` is the one source (pyproject reads it), so it names the code that
+    runs; installed metadata that says otherwise (a stale editable install) is pointed out.
+    """
+    if not value:
+        return
+    import importlib.metadata
+
+    import torch
+
+    import selfmod
+
+    try:
+        installed = importlib.metadata.version("selfmod")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        installed = None
+    running = getattr(selfmod, "__version__", None) or installed or "unknown"
+    stale = f" (installed metadata says {installed}: pip install -e . again)"
+    typer.echo(f"selfmod {running}{stale if installed not in (None, running) else ''}")
+    typer.echo(f"torch {torch.__version__}")
+    raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=_show_version,
+            is_eager=True,
+            help="Print the versions of selfmod and torch and exit.",
+        ),
+    ] = False,
+) -> None:
     """Gradient-based self-modification for PyTorch."""
 
 
