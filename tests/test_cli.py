@@ -53,6 +53,8 @@ BAD_VALUES = {
     "prune_fraction": ("1", "prune_fraction must be a number in (0, 1) (got 1)"),
     "max_width": ("0", "max_width must be an integer in [1, 8192] (got 0)"),
     "max_params": ("0", "max_params must be an integer in [1, 1000000000] (got 0)"),
+    "max_flops": ("-1", "max_flops must be an integer in [0, 1000000000000000] (got -1)"),
+    "max_memory": ("-1", "max_memory must be an integer in [0, 10000000000000] (got -1)"),
     "min_batch": ("0", "min_batch must be an integer in [1, 4000] (got 0)"),
     "max_batch": ("4001", "max_batch must be an integer in [1, 4000] (got 4001)"),
     "epsilon": ("-1", "epsilon must be a number in [0, 1] (got -1)"),

@@ -427,3 +427,27 @@ def test_schedule_runs_each_modifier_on_exactly_its_cycles(tmp_path):
     assert cycles["hypergradient"] == [0, 3]  # the lr modifier's meta-gradient step
     assert cycles["online_lr"] == [1, 2, 3, 4, 5]  # a record of the online steps per cycle
     assert [p["cycle"] for p in run.history["probes"]] == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    ("budget", "reason"),
+    [
+        ({"max_params": 600}, "parameter budget"),
+        ({"max_flops": 1200}, "FLOPs budget"),
+        ({"max_memory": 2500}, "memory budget"),
+    ],
+)
+def test_growth_past_a_params_flops_or_memory_budget_is_refused(budget, reason):
+    # the 8-wide MLP: 490 parameters, 954 FLOPs and 2,192 bytes (params + activations) per
+    # example; one growth step (+4 units per layer) passes all three budgets
+    cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 20, **budget})
+    run = Introspector(cfg)
+    c = run.cost()
+    assert (c.params, c.flops, c.activation_bytes + 4 * c.params) == (490, 954, 2192)
+    run.run()
+    (grow,) = [d for d in run.history["decisions"] if d["modifier"] == "grow"]
+    assert grow["decision"] == "reject" and grow["reason"].startswith(reason), grow
+    assert run.widths() == [8, 8]
+    free = Introspector(TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 20}))
+    free.run()
+    assert free.widths() == [12, 12]  # without the budget the same growth commits

@@ -94,6 +94,13 @@ class RunConfig(BaseModel):
     meta_lr: float = Field(0.5, gt=0, le=10, description="step on log hyperparameters")
     trust_region: float = Field(0.7, gt=0, le=10, description="max |change of log h| per cycle")
     max_params: int = Field(1_000_000, ge=1, le=10**9, description="parameter budget")
+    max_flops: int = Field(0, ge=0, le=10**15, description="FLOPs-per-example budget (0: none)")
+    max_memory: int = Field(
+        0,
+        ge=0,
+        le=10**13,
+        description="memory budget in bytes: parameters + activations per example (0: none)",
+    )
     epsilon: float = Field(0.01, ge=0, le=1, description="relative guard-loss tolerance")
     forgetting_delta: float = Field(0.05, ge=0, le=1, description="max accuracy drop on old data")
     approval: Literal["auto", "manual"] = Field(

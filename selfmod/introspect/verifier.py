@@ -2,8 +2,9 @@
 
 A proposal commits only if, replayed over the lookahead batches from the current state,
 everything stays finite, the guard loss is not worse than ``(1 + epsilon)`` times the current
-one (a strict proposal, such as a meta-gradient step, must lower it), the parameter budget holds
-and the accuracy on older sources' guard data drops by at most ``forgetting_delta``.
+one (a strict proposal, such as a meta-gradient step, must lower it), the parameter, FLOPs and
+memory budgets hold (:func:`over_budget`) and the accuracy on older sources' guard data drops
+by at most ``forgetting_delta``.
 
 A non-finite loss, gradient or meta-gradient, a loss above ``DIVERGENCE_FACTOR`` times its
 running average (:func:`diverged`), or a model whose output no longer depends on its input (a
@@ -50,9 +51,9 @@ def check(
     (its problem, lookahead batches, guard data and config); nothing of it is changed.
     """
     cfg = run.config
-    n = run.cost(proposed.params).params
-    if n > cfg.max_params:
-        return f"parameter budget: {n} > {cfg.max_params}", math.nan
+    why = over_budget(run.cost(proposed.params), cfg)
+    if why is not None:
+        return why, math.nan
     try:
         monitor = hypergrad.FiniteMonitor(start=run.step)
         p_new, _ = run.replay(proposed, monitor)
@@ -81,6 +82,21 @@ def check(
                 f"{old_cur:.3f} (delta {cfg.forgetting_delta})"
             ), value
     return None, value
+
+
+def over_budget(cost: Any, cfg: Any) -> str | None:
+    """Which budget a model of ``cost`` (:class:`selfmod.arch.Cost`) exceeds, if any:
+    ``max_params``, ``max_flops`` (per example), ``max_memory`` (bytes: 4 per parameter plus
+    the activations of one example, the probes' memory figure); 0 means no budget."""
+    memory = cost.activation_bytes + 4 * cost.params
+    for name, value, limit in (
+        ("parameter", cost.params, cfg.max_params),
+        ("FLOPs", cost.flops, cfg.max_flops),
+        ("memory", memory, cfg.max_memory),
+    ):
+        if limit and value > limit:
+            return f"{name} budget: {value:,} > {limit:,}"
+    return None
 
 
 def dead(run: Any) -> str | None:
