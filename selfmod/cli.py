@@ -428,7 +428,7 @@ def _drive_locked(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # 
 
     from selfmod.introspect.builtin import sources_of
     from selfmod.introspect.loop import Loop
-    from selfmod.runs.api import DTYPES, build_run, finish
+    from selfmod.runs.api import build_run, finish
     from selfmod.runs.imports import build_problem
     from selfmod.runs.report import summary_rows
 
@@ -471,14 +471,7 @@ def _drive_locked(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # 
         if cfg.compare_fixed:
             t2 = progress.add_task("fixed configuration", total=cfg.steps, info="")
             fixed_problem, fixed_splits = build_problem(cfg)
-            fixed = Loop(
-                fixed_problem,
-                sources_of(fixed_splits, cfg.seed),
-                cfg,
-                tune=False,
-                device=run.device,
-                dtype=DTYPES[cfg.dtype],
-            )
+            fixed = Loop(fixed_problem, sources_of(fixed_splits, cfg.seed), cfg, tune=False)
             fixed.run(on_step=lambda r: r.step % 10 == 0 and progress.update(t2, completed=r.step))
     history = finish(run_dir, run, fixed, cfg)
     if recorder is not None:

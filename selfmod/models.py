@@ -136,6 +136,13 @@ class FunctionalModel:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self._plan = direct_plan(module)  # plain layers: direct calls, no module patching
+        self._submodules = list(module.modules())  # scanned for hooks on the direct path
+
+    def _needs_module(self, args: tuple, kwargs: dict) -> bool:
+        """Whether a call needs the module itself: more than one input, or hooks to run."""
+        if len(args) != 1 or kwargs:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._submodules)
 
     def init(self) -> tuple[Params, Params]:
         """Detached copies of the parameters and the persistent buffers."""
@@ -152,7 +159,7 @@ class FunctionalModel:
         extra: Params | None = None,
         **kwargs: Any,
     ) -> tuple[Any, Params]:
-        if self._plan is not None and not buffers and not args_or_hooks(self.module, args, kwargs):
+        if self._plan is not None and not buffers and not self._needs_module(args, kwargs):
             x = args[0]
             extra = extra if train else None  # eval mode: dropout is the identity
             for step in self._plan:
@@ -164,13 +171,6 @@ class FunctionalModel:
         with _modes(self.module, train, tracking):
             out = functional_call(self.module, {**params, **buffers, **(extra or {})}, args, kwargs)
         return out, buffers
-
-
-def args_or_hooks(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """Whether a call needs the module itself: more than one input, or hooks to run."""
-    if len(args) != 1 or kwargs:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def persistent_buffers(module: nn.Module) -> Params:

@@ -186,17 +186,8 @@ class RunConfig(BaseModel):
     def _consistent(self) -> RunConfig:
         if self.lookahead > self.cycle:
             raise ValueError(f"lookahead must be <= cycle ({self.cycle}) (got {self.lookahead})")
-        for cls in registry().values():
+        for cls in registry().values():  # each modifier checks its settings against the run's
             cls.check_config(self)
-        lo, hi = getattr(self, "min_batch", 1), getattr(self, "max_batch", 4000)
-        if not lo <= self.batch_size <= hi:
-            raise ValueError(
-                f"batch_size must be in [min_batch, max_batch] = [{lo}, {hi}] "
-                f"(got {self.batch_size})"
-            )
-        max_width = getattr(self, "max_width", self.width)
-        if self.width > max_width:
-            raise ValueError(f"width must be <= max_width ({max_width}) (got {self.width})")
         return self
 
 

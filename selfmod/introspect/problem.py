@@ -65,10 +65,6 @@ class Problem:
         else:
             self.groups, self.groups_error = _find_groups(module)
 
-    @property
-    def higher_is_better(self) -> bool:
-        return self.metric == "accuracy"
-
     def init(self) -> tuple[Params, Params]:
         """Copies of the module's parameters and persistent buffers."""
         return self.model.init()
@@ -154,6 +150,14 @@ class Problem:
             [params[s.key].movedim(s.dim, 0).reshape(w, -1) for s in g.consumers], dim=1
         ).norm(dim=1)
         return fan_in * fan_out
+
+
+def default_metric(y: Tensor, metric: str | None = None) -> Literal["accuracy", "loss"]:
+    """``metric`` if given (not ``None`` or ``"auto"``), else ``"accuracy"`` for integer
+    targets ``y`` and ``"loss"`` for real-valued ones (regression)."""
+    if metric not in (None, "auto"):
+        return metric  # type: ignore[return-value]
+    return "loss" if y.is_floating_point() or y.is_complex() else "accuracy"
 
 
 def _find_groups(module: nn.Module) -> tuple[list[arch.UnitGroup], str | None]:

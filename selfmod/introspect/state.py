@@ -43,29 +43,22 @@ def _clone(x: Any) -> Any:
     return x.detach().clone() if isinstance(x, Tensor) else x
 
 
-def _flatten_dataclass(obj: Any) -> tuple[list[Any], pytree.Context]:
-    names = [f.name for f in fields(obj)]
-    return [getattr(obj, n) for n in names], names
+def _flatten(state: RunState) -> tuple[list[Any], pytree.Context]:
+    names = [f.name for f in fields(state)]
+    return [getattr(state, n) for n in names], names
 
 
-def _unflatten_dataclass(cls: type):
-    def build(values: list[Any], names: list[str]) -> Any:
-        return cls(**dict(zip(names, values, strict=True)))
-
-    return build
+def _unflatten(values: list[Any], names: list[str]) -> RunState:
+    return RunState(**dict(zip(names, values, strict=True)))
 
 
-def _flatten_with_keys(obj: Any):
-    values, names = _flatten_dataclass(obj)
+def _flatten_with_keys(state: RunState):
+    values, names = _flatten(state)
     return [(pytree.GetAttrKey(n), v) for n, v in zip(names, values, strict=True)], names
 
 
-pytree.register_pytree_node(
-    RunState,
-    _flatten_dataclass,
-    _unflatten_dataclass(RunState),
-    flatten_with_keys_fn=_flatten_with_keys,
-)
+# a pytree with named children: flatten() names each leaf by its field ("state.params['w']")
+pytree.register_pytree_node(RunState, _flatten, _unflatten, flatten_with_keys_fn=_flatten_with_keys)
 
 
 def flatten(obj: Any, prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -117,7 +110,7 @@ def memory_template(saved: dict[str, Tensor], prefix: str) -> dict[str, Params]:
 
 def _two_keys(text: str) -> tuple[str, str]:
     """``"['a']['b']"`` -> ``("a", "b")``."""
-    parts = [p for p in text.replace("']['", "\0").strip("[]'").split("\0")]
+    parts = text.replace("']['", "\0").strip("[]'").split("\0")
     if len(parts) != 2:
         raise KeyError(f"unexpected memory entry {text!r}")
     return parts[0], parts[1]

@@ -19,6 +19,7 @@ batches (see :mod:`selfmod.data.streams`). Guard and test data: a pair, a ``Data
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -38,9 +39,9 @@ from selfmod import arch
 from selfmod.data.streams import as_batches, materialize
 from selfmod.errors import SelfmodError
 from selfmod.introspect.config import TrainConfig
-from selfmod.introspect.loop import DTYPES, Loop, Recorder, Source, device_of, jsonable
+from selfmod.introspect.loop import Loop, Recorder, Source, device_of, jsonable
 from selfmod.introspect.modifiers import Modifier
-from selfmod.introspect.problem import Problem
+from selfmod.introspect.problem import Problem, default_metric
 from selfmod.runs.checkpoint import list_checkpoints
 from selfmod.runs.config import validate
 from selfmod.runs.files import atomic_write_bytes, atomic_write_text
@@ -71,13 +72,6 @@ def make_config(config: Any = None, **defaults: Any) -> Any:
 def with_run_id(cfg: Any) -> Any:
     """``cfg`` with a fresh random ``run_id`` (a new run directory's identity)."""
     return cfg.model_copy(update={"run_id": uuid.uuid4().hex})
-
-
-def metric_for(y: Tensor, metric: str | None) -> str:
-    """``"accuracy"`` for integer targets, else ``"loss"`` (unless given)."""
-    if metric not in (None, "auto"):
-        return metric  # type: ignore[return-value]
-    return "accuracy" if not y.is_floating_point() and not y.is_complex() else "loss"
 
 
 def new_run_dir(out: str | Path) -> Path:
@@ -111,15 +105,7 @@ def build_run(
     recorder = (
         RunRecorder(run_dir, cfg.keep_checkpoints, cfg.run_id) if run_dir is not None else None
     )
-    loop = Loop(
-        problem,
-        sources,
-        cfg,
-        modifiers=modifiers,
-        recorder=recorder,
-        device=device_of(cfg),
-        dtype=DTYPES[cfg.dtype],
-    )
+    loop = Loop(problem, sources, cfg, modifiers=modifiers, recorder=recorder)
     if resume:
         if recorder is None:
             raise SelfmodError("resume needs a run directory")
@@ -213,7 +199,7 @@ def _problem(
     metric: str | None,
     groups: Sequence[arch.UnitGroup] | None,
 ) -> Problem:
-    return Problem(model, loss, metric=metric_for(y_guard, metric), groups=groups)  # type: ignore[arg-type]
+    return Problem(model, loss, metric=default_metric(y_guard, metric), groups=groups)  # type: ignore[arg-type]
 
 
 def _prepare(
@@ -262,7 +248,7 @@ def fit(
     cfg, problem, (gx, gy), (tx, ty) = _prepare(
         model, loss, guard, test, optimizer, config, metric, groups
     )
-    initial = _copy(model) if cfg.compare_fixed else None
+    initial = copy.deepcopy(model) if cfg.compare_fixed else None
     source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
     if run_dir is None:
         run_dir = new_run_dir(cfg.out)
@@ -285,9 +271,7 @@ def fit(
         if initial is not None:
             fixed_problem = _problem(initial, loss, gy, metric, groups)
             fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
-            fixed = Loop(
-                fixed_problem, [fixed_source], cfg, tune=False, device=run.device, dtype=run.dtype
-            )
+            fixed = Loop(fixed_problem, [fixed_source], cfg, tune=False)
             fixed.run()
         finish(run_dir, run, fixed, cfg)
         atomic_write_text(
@@ -307,12 +291,6 @@ def _saved_config(run_dir: Path, cfg: Any) -> Any:
     if not path.is_file():
         raise SelfmodError(f"{run_dir} has no config.json: nothing to resume")
     return validate(json.loads(path.read_text()))
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 class SelfModifier:

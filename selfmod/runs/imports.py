@@ -108,7 +108,7 @@ def build_problem(cfg: Any) -> tuple[Any, list[Split]]:
     (the model is built after seeding torch with ``cfg.seed``)."""
     from selfmod.introspect.builtin import builtin_module, builtin_splits
     from selfmod.introspect.config import DATA, MODELS
-    from selfmod.introspect.problem import Problem
+    from selfmod.introspect.problem import Problem, default_metric
 
     try:
         splits = (
@@ -132,10 +132,7 @@ def build_problem(cfg: Any) -> tuple[Any, list[Split]]:
     else:
         module = load_model(cfg.model)
     check_fit(module, loss, first, cfg)
-    metric = cfg.metric
-    if metric == "auto":
-        metric = "loss" if first.y.is_floating_point() else "accuracy"
-    return Problem(module, loss, metric=metric), splits
+    return Problem(module, loss, metric=default_metric(first.y, cfg.metric)), splits
 
 
 def check_fit(model: nn.Module, loss: Callable, split: Split, cfg: Any) -> None:

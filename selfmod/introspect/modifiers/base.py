@@ -18,7 +18,6 @@ Register it with :func:`register` (the built-ins are registered on import of
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -232,7 +231,3 @@ def register(cls: type[Modifier]) -> type[Modifier]:
 def registry() -> dict[str, type[Modifier]]:
     """Every registered modifier class by name, in their ``order``."""
     return dict(sorted(_REGISTRY.items(), key=lambda item: item[1].order))
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, float | int) and math.isfinite(x)

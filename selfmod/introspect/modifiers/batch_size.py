@@ -54,9 +54,13 @@ class BatchSize(Modifier):
 
     @classmethod
     def check_config(cls, config: Any) -> None:
-        if config.min_batch > config.max_batch:
+        lo, hi = config.min_batch, config.max_batch
+        if lo > hi:
+            raise ValueError(f"min_batch must be <= max_batch ({hi}) (got {lo})")
+        if not lo <= config.batch_size <= hi:
             raise ValueError(
-                f"min_batch must be <= max_batch ({config.max_batch}) (got {config.min_batch})"
+                f"batch_size must be in [min_batch, max_batch] = [{lo}, {hi}] "
+                f"(got {config.batch_size})"
             )
 
     def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:

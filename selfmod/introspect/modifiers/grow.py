@@ -44,6 +44,13 @@ class Grow(Modifier):
     order = 70
     Settings = GrowSettings
 
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        if config.width > config.max_width:
+            raise ValueError(
+                f"width must be <= max_width ({config.max_width}) (got {config.width})"
+            )
+
     def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:
         return None if problem.groups else f"grow: {problem.groups_error}"
 
