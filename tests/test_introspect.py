@@ -316,6 +316,7 @@ def test_forgetting_budget_refuses_a_change_that_costs_accuracy_on_older_data():
             "shift_step": 80,
             "epsilon": 1.0,
             "forgetting_delta": 0.0,
+            "verify_on": "shared",  # all 50 old guard examples judge (the split halves them)
         }
     )
     splits = [
@@ -325,7 +326,7 @@ def test_forgetting_budget_refuses_a_change_that_costs_accuracy_on_older_data():
     run = Introspector(cfg, splits=splits)
     run.run()
     assert run.source_id == 1 and run.shift_cycle == 4
-    old = replay.split(run.buffer, replay.GUARD, exclude_source=1)
+    old = replay.split(run.buffer, (replay.GUARD, replay.PROPOSE), exclude_source=1)
     assert len(old[1]) == 50  # the guard set kept half its room for the old distribution
     current = _lookahead(run)
     reasons = []

@@ -10,6 +10,12 @@ batch-mean loss, so ``M`` is a mean over examples). Under the spectral-norm boun
 vectors of ``M``: ``||grad||_F^2 = c^2 sum_{i<=k} sigma_i^2``. (Under a Frobenius bound the
 maximiser is rank one, so ``k`` new units would be ``k`` copies of one direction.)
 
+With a plain ReLU, ``f'(0) = 0`` and zero-fan-in units never start learning. The dual form
+(:func:`gradmax_fan_in_plan`) gives new units zero fan-out (the function is unchanged) and
+fan-in ``v_i`` along the top right singular vectors of the same ``M``: for a unit in its linear
+regime the fan-out gradient is ``M v_i``, of norm ``sigma_i``, the largest possible for a
+unit-norm fan-in.
+
 Net2Net splitting (Chen et al. 2016): duplicate unit ``j`` (same fan-in) and split its fan-out
 between the two copies as ``(a, 1 - a)``; the sum is unchanged for any ``a``.
 
@@ -56,7 +62,7 @@ def linear_signals(
                     out.register_hook(lambda g: rec.__setitem__(1, g.detach()))
 
             hooks.append(m.register_forward_hook(hook))
-    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    p = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in params.items()}
     try:
         loss = loss_fn(functional_call(model, p, (x,)))
         weights = {n: p[f"{n}.weight"] for n in seen}
@@ -107,6 +113,37 @@ def gradmax_plan(
         )
     w_new = (u[:, :k] * scale).to(params[cons.key].dtype)  # (n_out, k)
     return grow_plan(group, group.width(params), {cons.key: w_new})
+
+
+def gradmax_fan_in_plan(
+    group: UnitGroup,
+    params: Mapping[str, Tensor],
+    out_grad: Tensor,
+    inputs: Tensor,
+    k: int,
+    scale: float = 1.0,
+) -> Surgery:
+    """Add ``k`` units with zero fan-out and fan-in ``scale * V[:, :k]^T`` (dual GradMax).
+
+    ``V (n_in, r)`` holds the right singular vectors of ``M = out_grad^T inputs``. The function
+    is unchanged; a new unit ``i`` in its linear regime gets the fan-out gradient ``M v_i`` of
+    norm ``scale * sigma_i``, the largest possible for fan-in of norm ``scale`` (works with
+    ``f'(0) = 0`` activations such as ReLU, where zero fan-in units get no gradient).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (got {k})")
+    _linear_consumer(group, params)
+    producer = group.producers[0]
+    if params[producer.key].dim() != 2 or producer.dim != 0:
+        raise ValueError("dual GradMax needs a Linear producer (2-D weight, units on dim 0)")
+    m = out_grad.transpose(0, 1) @ inputs  # (n_out, n_in)
+    _, _, vh = torch.linalg.svd(m, full_matrices=False)  # vh (r, n_in)
+    if k > vh.shape[0]:
+        raise ValueError(
+            f"GradMax can give at most rank(M) = {vh.shape[0]} directions (asked for {k})"
+        )
+    w_new = (vh[:k] * scale).to(params[producer.key].dtype)  # (k, n_in)
+    return grow_plan(group, group.width(params), {producer.key: w_new})
 
 
 def zero_plan(
@@ -160,20 +197,33 @@ def growth_criterion(
     threshold: float = 1.0,
     max_new: int = 8,
     max_width: int | None = None,
+    side: str = "fan_in",
+    producer_weight: Tensor | None = None,
 ) -> GrowthDecision:
     """How many units to add to the layer between ``producer`` and ``consumer``.
 
-    An existing unit ``j`` gets a fan-in gradient of norm ``g_j = ||dL/dW_P[j]||`` for a fan-out
-    of norm ``||W_C[:, j]||``; per unit of fan-out norm that is ``r_j = g_j / ||W_C[:, j]||``.
-    A GradMax unit along the ``i``-th direction gets ``sigma_i`` per unit of fan-out norm. Grow
-    the directions with ``sigma_i > threshold * mean_j r_j`` (at most ``max_new``): new units
-    would learn faster than the average existing one. ``max_width`` caps the layer's width
-    (``width + k <= max_width``).
+    ``side = "fan_in"`` (:func:`gradmax_plan`): an existing unit ``j`` gets a fan-in gradient
+    of norm ``g_j = ||dL/dW_P[j]||`` for a fan-out of norm ``||W_C[:, j]||``; per unit of
+    fan-out norm that is ``r_j = g_j / ||W_C[:, j]||``. A GradMax unit along the ``i``-th
+    direction gets ``sigma_i`` per unit of fan-out norm. ``side = "fan_out"``
+    (:func:`gradmax_fan_in_plan`, needs ``producer_weight``): ``r_j = ||dL/dW_C[:, j]|| /
+    ||W_P[j]||``, fan-out gradient per unit of fan-in norm, against a new unit's ``sigma_i``.
+    Grow the directions with ``sigma_i > threshold * mean_j r_j`` (at most ``max_new``): new
+    units would learn faster than the average existing one. ``max_width`` caps the layer's
+    width (``width + k <= max_width``).
     """
     _, sigma = gradmax_directions(signals_consumer.out_grad, signals_producer.inputs)
-    g = signals_producer.weight_grad.norm(dim=1)  # (width,)
-    fan_out = consumer_weight.norm(dim=0).clamp_min(1e-12)  # (width,)
-    ref = float((g / fan_out).mean())
+    if side == "fan_in":
+        g = signals_producer.weight_grad.norm(dim=1)  # (width,)
+        norm = consumer_weight.norm(dim=0).clamp_min(1e-12)  # (width,)
+    elif side == "fan_out":
+        if producer_weight is None:
+            raise ValueError('side="fan_out" needs producer_weight (the fan-in weights)')
+        g = signals_consumer.weight_grad.norm(dim=0)  # (width,)
+        norm = producer_weight.norm(dim=1).clamp_min(1e-12)  # (width,)
+    else:
+        raise ValueError(f'side must be "fan_in" or "fan_out" (got {side!r})')
+    ref = float((g / norm).mean())
     k = min(int((sigma > threshold * ref).sum()), max_new)
     if max_width is not None:
         if max_width < 1:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfmod.arch.dropout import ConcreteDropout
+from selfmod.arch.gates import HardConcreteGate
 from selfmod.data import Split, as_batches, hold_out, load_digits, load_mnist1d
 from selfmod.introspect.loop import Loop, Recorder, Source
 from selfmod.introspect.network import Network
@@ -27,11 +28,18 @@ from selfmod.introspect.problem import Problem
 
 
 def builtin_module(
-    kind: str, depth: int, num_features: int, width: int, num_classes: int = 10
+    kind: str,
+    depth: int,
+    num_features: int,
+    width: int,
+    num_classes: int = 10,
+    gates: bool = False,
 ) -> nn.Sequential:
     """``Linear(W) -> ReLU -> ConcreteDropout -> ... -> Linear(C)`` (``cnn``: the signal as one
     channel, ``Conv1d`` layers of ``W`` channels, kernel 5, stride 2, then ``Flatten`` and the
-    head); PyTorch's default initialisation, drawn in the order of :meth:`Network.module`."""
+    head); PyTorch's default initialisation, drawn in the order of :meth:`Network.module`.
+    ``gates``: a :class:`~selfmod.arch.HardConcreteGate` (``"gate{i}"``) after every dropout
+    site, for L0 pruning (their initialisation draws no random numbers)."""
     net = Network(kind, depth, num_features, num_classes)  # type: ignore[arg-type]
     cnn = kind == "cnn"
     # a CNN reads the signal (B, L) as one channel (B, 1, L)
@@ -50,11 +58,20 @@ def builtin_module(
             (f"{2 * i + 1}", nn.ReLU()),
             (f"drop{i}", ConcreteDropout()),
         ]
+        if gates:
+            layers.append((f"gate{i}", HardConcreteGate(d_out)))
     if cnn:
         layers.append(("flatten", nn.Flatten()))
     n_in = width * (net.lengths()[-1] if cnn else 1)
     layers.append((f"{2 * depth}", nn.Linear(n_in, num_classes)))
     return nn.Sequential(OrderedDict(layers))
+
+
+def uses_gates(cfg: Any) -> bool:
+    """Whether the built-in model gets L0 gates: pruning is on (named or by default) and by
+    ``prune_rule = "l0"``."""
+    pruning = cfg.modifiers is None or "prune" in cfg.modifiers
+    return bool(pruning and getattr(cfg, "prune_rule", "") == "l0")
 
 
 def builtin_splits(cfg: Any) -> list[Split]:
@@ -95,7 +112,8 @@ class Introspector(Loop):
         splits = list(splits) if splits is not None else builtin_splits(cfg)
         torch.manual_seed(cfg.seed)  # the initial weights, as before the loop seeds the rest
         x = splits[0].x
-        module = builtin_module(cfg.model, cfg.depth, x.shape[1], cfg.width)
+        gates = tune and uses_gates(cfg)  # the fixed baseline is the plain network
+        module = builtin_module(cfg.model, cfg.depth, x.shape[1], cfg.width, gates=gates)
         super().__init__(
             Problem(module, F.cross_entropy),
             sources_of(splits, cfg.seed),

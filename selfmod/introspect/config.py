@@ -91,6 +91,13 @@ class RunConfig(BaseModel):
     cycle: int = Field(100, ge=1, le=100_000, description="base steps between cycles")
     lookahead: int = Field(20, ge=1, le=1000, description="inner steps K of each meta-gradient")
     estimator: Literal["reverse", "checkpointed", "truncated", "forward"] = "reverse"
+    meta_horizon: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="learning rates' meta-gradient: also through the past ~N base steps "
+        "(first-order tangent discounted by 1 - 1/N; reverse or checkpointed); 0: the lookahead",
+    )
     meta_lr: float = Field(0.5, gt=0, le=10, description="step on log hyperparameters")
     trust_region: float = Field(0.7, gt=0, le=10, description="max |change of log h| per cycle")
     max_params: int = Field(1_000_000, ge=1, le=10**9, description="parameter budget")
@@ -119,6 +126,11 @@ class RunConfig(BaseModel):
         "proposal unchecked and let a non-finite loss end the run (for comparisons only)",
     )
     guard_size: int = Field(500, ge=10, le=2000, description="train examples held out as guard")
+    verify_on: Literal["held_out", "shared"] = Field(
+        "held_out",
+        description="held_out: half the guard proposes (probes, meta-gradients), the other half "
+        "verifies; shared: one guard set does both",
+    )
     replay_size: int = Field(1000, ge=10, le=100_000, description="replayed train examples kept")
     checkpoint_every: int = Field(1, ge=1, le=100_000, description="cycles between checkpoints")
     keep_checkpoints: int = Field(3, ge=1, le=1000)
@@ -182,10 +194,36 @@ class RunConfig(BaseModel):
         every = self.schedule.get(modifier, 1)
         return every if isinstance(every, int) else 1
 
+    @model_validator(mode="before")
+    @classmethod
+    def _budget(cls, values: Any) -> Any:
+        """``budget = {params = N, flops = N, memory = N}`` sets ``max_params``,
+        ``max_flops`` and ``max_memory`` (one table for the three invariants)."""
+        if not isinstance(values, dict) or "budget" not in values:
+            return values
+        table = values["budget"]
+        keys = {"params": "max_params", "flops": "max_flops", "memory": "max_memory"}
+        if not isinstance(table, dict) or any(k not in keys for k in table):
+            raise ValueError(
+                "budget must be a table with keys params, flops, memory "
+                "(e.g. budget = {params = 60000})"
+            )
+        out = {k: v for k, v in values.items() if k != "budget"}
+        for k, v in table.items():
+            if keys[k] in out and out[keys[k]] != v:
+                raise ValueError(f"budget.{k} and {keys[k]} disagree; set one of them")
+            out[keys[k]] = v
+        return out
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.lookahead > self.cycle:
             raise ValueError(f"lookahead must be <= cycle ({self.cycle}) (got {self.lookahead})")
+        if self.meta_horizon and self.estimator not in ("reverse", "checkpointed"):
+            raise ValueError(
+                f'meta_horizon needs estimator = "reverse" or "checkpointed" (got '
+                f"{self.estimator!r}); set meta_horizon = 0 for the others"
+            )
         for cls in registry().values():  # each modifier checks its settings against the run's
             cls.check_config(self)
         return self

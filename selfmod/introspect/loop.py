@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from selfmod import hypergrad, tree
+from selfmod import hypergrad, optim, tree
 from selfmod.data.streams import Batches
 from selfmod.errors import DivergenceError, NonFiniteError, SelfmodError
 from selfmod.introspect import probes, replay, verifier
@@ -166,7 +166,14 @@ class Loop:
                 raise SelfmodError(f"modifiers: {why}; remove {m.name!r} from modifiers")
             else:
                 self.skipped[m.name] = why
+        for m in self.modifiers:
+            hparams.update(
+                {k: v.to(self.device, self.dtype) for k, v in m.hparams_init(problem).items()}
+            )
+        self.penalties = [m for m in self.modifiers if type(m).penalty is not Modifier.penalty]
         self.opt = self.space.make_optimizer()
+        if cfg.meta_horizon:  # the first-order tangent of the params w.r.t. log lr
+            self.opt = optim.chain(self.opt, optim.sum_updates(1.0 - 1.0 / cfg.meta_horizon))
         self.state = RunState(
             params, buffers, self.opt.init(params), hparams, cfg.batch_size, {}, cfg.meta_lr
         )
@@ -292,11 +299,19 @@ class Loop:
         out["widths"] = self.widths(state.params)
         return out
 
-    def guard(self) -> tuple[Tensor, Tensor]:
-        return replay.split(self.buffer, replay.GUARD)
+    def guard(self, part: str = "all") -> tuple[Tensor, Tensor]:
+        """Guard data: ``"propose"`` (what probes and meta-gradients see), ``"verify"`` (what
+        only the verifier sees) or ``"all"``; with ``verify_on = "shared"`` they are one set."""
+        return replay.split(self.buffer, self._guard_codes(part))
 
-    def older_guard(self) -> tuple[Tensor, Tensor]:
-        return replay.split(self.buffer, replay.GUARD, exclude_source=self.source_id)
+    def older_guard(self, part: str = "verify") -> tuple[Tensor, Tensor]:
+        """The guard data of every source but the current one (the forgetting budget)."""
+        return replay.split(self.buffer, self._guard_codes(part), exclude_source=self.source_id)
+
+    def _guard_codes(self, part: str) -> tuple[int, ...]:
+        if part == "all" or self.config.verify_on == "shared":
+            return (replay.GUARD, replay.PROPOSE)
+        return {"propose": (replay.PROPOSE,), "verify": (replay.GUARD,)}[part]
 
     def due(self, m: Modifier) -> bool:
         """Whether per-cycle modifier ``m`` runs in this cycle (its ``schedule``)."""
@@ -308,7 +323,7 @@ class Loop:
         """``loss(params, hparams, batch)`` in training mode; with ``box`` BatchNorm statistics
         advance and the new buffers land in ``box["buffers"]`` (base steps), without it they
         stay as they are (estimators and replays)."""
-        problem, use_dropout = self.problem, self.use_dropout
+        problem, use_dropout, penalties = self.problem, self.use_dropout, self.penalties
 
         def loss(params: Params, hparams: Params, batch: Batch) -> Tensor:
             x, y, noise = batch
@@ -324,7 +339,11 @@ class Loop:
             )
             if box is not None:
                 box["buffers"] = new
-            return problem.loss(out, y)
+            value = problem.loss(out, y)
+            for m in penalties:
+                term = m.penalty(problem, params, hparams)
+                value = value if term is None else value + term
+            return value
 
         return loss
 
@@ -377,6 +396,7 @@ class Loop:
             s,
             self.config.guard_size,
             self.rng,
+            halves=self.config.verify_on == "held_out",
         )
 
     def _batch_loss(self, x: Tensor, y: Tensor) -> Tensor:
@@ -562,11 +582,11 @@ class Loop:
         """Guard and internal-train loss and metric, the gap, older-data metric, test metric,
         robustness to input noise, a self-made shifted set, parameters, FLOPs and memory."""
         p, b, ev = self.params, self.state.buffers, self.problem.evaluate
-        gx, gy = self.guard()
+        gx, gy = self.guard("propose")
         tx, ty = replay.split(self.buffer, replay.TRAIN)
         gl, ga = ev(p, b, gx, gy)
         tl, ta = ev(p, b, tx, ty)
-        _, old = ev(p, b, *self.older_guard())
+        _, old = ev(p, b, *self.older_guard("propose"))
         _, test = self._test(self.sources[self.source_id])
         robust = shifted = math.nan
         if gx.is_floating_point():  # perturbations of real-valued inputs only (not tokens)
@@ -647,7 +667,10 @@ class Loop:
             self._rollback(f"meta-gradient: {err}")
             self.cycle += 1
             return
-        for proposal in self.propose(g, probe):
+        proposals = self.propose(g, probe)
+        if proposals and cfg.verify_on == "held_out" and cfg.safeguards:
+            current = self.verify_baseline()
+        for proposal in proposals:
             self.verify_and_decide(proposal, current)
         self.good = self.state.clone()
         self.cycle += 1
@@ -673,14 +696,33 @@ class Loop:
                 s.params,
                 s.hparams,
                 self.pending,
-                self.guard(),
+                self.guard("propose"),
                 state=s.opt_state,
                 **opts,
             )
         g = dict(res.hparams)
+        if self.config.meta_horizon and "log_lr" in g:
+            g["log_lr"] = g["log_lr"] + self.horizon_term(res.params, s.opt_state)
         if not tree.is_finite(g):
             raise NonFiniteError("hypergradient", hint="meta learning rate backed off")
         return float(res.value), g
+
+    def horizon_term(self, dparams: Params | None, opt_state: Any) -> Tensor:
+        """``(T,)``: ``d guard / d theta_0 [i] . z[i]`` per tensor ``i``, the past base steps'
+        part of ``d guard / d log lr_i`` (:func:`selfmod.optim.sum_updates`: ``z`` is the
+        first-order tangent ``d theta_0 / d log lr``, discounted over ``meta_horizon`` steps)."""
+        if dparams is None:
+            raise SelfmodError("meta_horizon: the estimator gave no gradient w.r.t. the params")
+        z = opt_state[-1].total
+        return torch.stack([(dparams[n] * z[n]).sum() for n in self.names]).to(self.dtype)
+
+    def verify_baseline(self) -> float:
+        """The verifier's reference: the guard loss on the ``"verify"`` part after the
+        lookahead from the current state, without any change."""
+        p_cur, _ = self.replay(self.state, None)
+        with torch.no_grad():
+            batch = self.guard("verify")
+            return float(self.outer_loss(p_cur, self.hparams, batch, self.state.buffers))
 
     def batch_grads(self, n: int) -> list[Params]:
         """Gradients of the training loss on each of the first ``n`` lookahead batches."""

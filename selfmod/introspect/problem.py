@@ -59,6 +59,9 @@ class Problem:
         self.dropout_sites = [
             n for n, m in module.named_modules() if isinstance(m, ConcreteDropout)
         ]
+        self.gate_sites = [
+            n for n, m in module.named_modules() if isinstance(m, arch.HardConcreteGate)
+        ]
         self.groups_error: str | None = None
         if groups is not None:
             self.groups = list(groups)
@@ -134,6 +137,36 @@ class Problem:
                 mod.register_buffer(attr, value.detach().clone())
             sync_sizes(mod)
         return module
+
+    def layer_signals(
+        self, params: Params, buffers: Params, x: Tensor, y: Tensor
+    ) -> dict[str, arch.LayerSignals]:
+        """Every ``nn.Linear``'s input, output gradient and weight gradient on ``(x, y)`` in
+        eval mode (:func:`selfmod.arch.linear_signals`), by module name."""
+        with eval_mode(self.module), torch.enable_grad():
+            return arch.linear_signals(
+                self.module, {**params, **buffers}, lambda out: self.loss(out, y), x
+            )
+
+    def gate_keys(self) -> list[str | None]:
+        """Per unit group, the key of its :class:`~selfmod.arch.HardConcreteGate`'s
+        ``log_alpha`` (``None``: the group has no gate)."""
+        gates = {f"{n}.log_alpha" for n in self.gate_sites}
+        return [next((s.key for s in g.producers if s.key in gates), None) for g in self.groups]
+
+    def expected_gated_params(self, params: Params) -> Tensor:
+        """``sum_g c_g sum_j P(z_gj != 0)``: the gated groups' expected parameters, with
+        ``c_g`` the parameters of one unit of group ``g`` (its fan-in, bias, gate and fan-out
+        slices; a weight between two gated groups counts in both), differentiable in the
+        gates' ``log_alpha``. A 0-dim tensor (0 without gates)."""
+        total = torch.zeros(())
+        for group, key in zip(self.groups, self.gate_keys(), strict=True):
+            if key is None:
+                continue
+            w = group.width(params)
+            per_unit = sum(params[s.key].numel() for s in group.slots()) // w
+            total = total + per_unit * arch.expected_l0(params[key])
+        return total
 
     def widths(self, params: Params) -> list[int]:
         """Units per unit group (hidden layer)."""

@@ -2,9 +2,12 @@
 guard entries, resampled so that the guard set keeps older data.
 
 Every entry carries ``step`` (when it was seen), ``loss`` (the model's loss on it at insertion),
-``source`` (which data distribution it came from) and ``split`` (``TRAIN`` or ``GUARD``).
-Guard entries come from each source's held-out pool and are never trained on; train entries are
-a reservoir sample of the examples the model did train on (for the internal generalization gap).
+``source`` (which data distribution it came from) and ``split`` (``TRAIN``, ``GUARD`` or
+``PROPOSE``). Guard entries come from each source's held-out pool and are never trained on; with
+``halves`` they alternate between ``PROPOSE`` (the half that probes and meta-gradients see) and
+``GUARD`` (the half only the verifier sees), so a change is checked on data that did not propose
+it. Train entries are a reservoir sample of the examples the model did train on (for the
+internal generalization gap).
 
 Guard resampling keeps at most ``capacity // n_sources`` entries per source, evicting from
 the largest source first, so a new distribution never pushes the old one out of the guard set
@@ -18,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-TRAIN, GUARD = 0, 1
+TRAIN, GUARD, PROPOSE = 0, 1, 2
 
 
 class Replay(NamedTuple):
@@ -29,7 +32,7 @@ class Replay(NamedTuple):
     step: Tensor  # (N,) int64, base step when seen
     loss: Tensor  # (N,) float32, loss at insertion
     source: Tensor  # (N,) int64
-    split: Tensor  # (N,) int64, TRAIN or GUARD
+    split: Tensor  # (N,) int64, TRAIN, GUARD or PROPOSE
     seen: Tensor  # () int64, train examples offered so far (reservoir counter)
 
 
@@ -67,11 +70,18 @@ def add_guard(
     source: int,
     capacity: int,
     generator: torch.Generator,
+    halves: bool = False,
 ) -> Replay:
     """Add a source's held-out guard examples, then resample to at most ``capacity`` guard
-    entries with an equal share per source (evicting uniformly at random within a source)."""
+    entries with an equal share per source (evicting uniformly at random within a source).
+    With ``halves`` the new rows alternate ``PROPOSE``, ``GUARD``, ``PROPOSE``, ..."""
+    n = len(buf.y)
     buf = _cat(buf, x, y, step, loss, source, GUARD)
-    guard = buf.split == GUARD
+    if halves:
+        split = buf.split.clone()
+        split[n::2] = PROPOSE
+        buf = buf._replace(split=split)
+    guard = buf.split != TRAIN
     sources = buf.source[guard].unique().tolist()
     share = capacity // max(1, len(sources))
     keep = torch.ones(len(buf.y), dtype=torch.bool)
@@ -126,10 +136,15 @@ def add_train(
 
 
 def split(
-    buf: Replay, which: int, source: int | None = None, exclude_source: int | None = None
+    buf: Replay,
+    which: int | tuple[int, ...],
+    source: int | None = None,
+    exclude_source: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(x (n, D), y (n,))`` of one split, optionally of one source or all but one."""
-    mask = buf.split == which
+    """``(x (n, D), y (n,))`` of one split (or several), optionally of one source or all but
+    one."""
+    codes = (which,) if isinstance(which, int) else which
+    mask = torch.isin(buf.split, torch.tensor(codes, dtype=buf.split.dtype))
     if source is not None:
         mask &= buf.source == source
     if exclude_source is not None:

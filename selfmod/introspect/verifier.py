@@ -1,7 +1,9 @@
 """The invariants a change must keep, and the rollback policy.
 
 A proposal commits only if, replayed over the lookahead batches from the current state,
-everything stays finite, the guard loss is not worse than ``(1 + epsilon)`` times the current
+everything stays finite, the guard loss on the ``"verify"`` part of the guard (with
+``verify_on = "held_out"``, data that neither the probes nor the meta-gradient saw) is not
+worse than ``(1 + epsilon)`` times the current
 one (a strict proposal, such as a meta-gradient step, must lower it), the parameter, FLOPs and
 memory budgets hold (:func:`over_budget`) and the accuracy on older sources' guard data drops
 by at most ``forgetting_delta``.
@@ -61,7 +63,8 @@ def check(
     except NonFiniteError as err:
         return f"proposal diverged: {err}", math.nan
     with torch.no_grad():
-        value = float(run.outer_loss(p_new, proposed.hparams, run.guard(), proposed.buffers))
+        batch = run.guard("verify")
+        value = float(run.outer_loss(p_new, proposed.hparams, batch, proposed.buffers))
     if not math.isfinite(value):
         return "proposal gives a non-finite guard loss", value
     if not tree.is_finite(p_new):
@@ -102,7 +105,7 @@ def over_budget(cost: Any, cfg: Any) -> str | None:
 def dead(run: Any) -> str | None:
     """Why the model no longer depends on its input (``None``: it does): the same output for
     every guard example."""
-    x, _ = run.guard()
+    x, _ = run.guard("verify")
     if len(x) < 2:
         return None
     out = run.problem.predict(run.state.params, run.state.buffers, x)

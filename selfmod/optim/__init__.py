@@ -35,6 +35,7 @@ from selfmod.optim.transforms import (
     scale_by_adam,
     scale_by_learning_rate,
     scale_by_rms,
+    sum_updates,
     trace,
 )
 from selfmod.optim.wrapper import Optimizer
@@ -68,5 +69,6 @@ __all__ = [
     "scale_by_rms",
     "sgd",
     "sgd_hd",
+    "sum_updates",
     "trace",
 ]

@@ -159,6 +159,30 @@ def trace(momentum: HParam, nesterov: bool = False) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+class UpdateSumState(NamedTuple):
+    total: Params  # sum_k decay^k u_{t-k}, shaped like params
+
+
+def sum_updates(decay: float) -> GradientTransformation:
+    """Leave the updates unchanged and keep their discounted sum ``z <- decay z + u``.
+
+    With ``theta_{t+1} = theta_t + u_t`` and ``u_t`` proportional to tensor ``i``'s learning
+    rate ``eta_i``, ``d u_t[i] / d log eta_i = u_t[i]``; dropping the Hessian term of forward-mode
+    differentiation, ``d theta_t[i] / d log eta_i ~ z[i]`` over a horizon of about
+    ``1 / (1 - decay)`` steps (the first-order tangent of MARTHE, Donini et al. 2020).
+    """
+    check_range("decay", decay, 0.0, 1.0)
+
+    def init(params: Params) -> UpdateSumState:
+        return UpdateSumState(tree.zeros_like(params))
+
+    def update(updates, state, params=None, hparams=None):
+        total = {k: state.total[k] * decay + u for k, u in updates.items()}
+        return updates, UpdateSumState(total)
+
+    return GradientTransformation(init, update)
+
+
 class AdamState(NamedTuple):
     count: int  # steps taken
     mu: Params  # first moment, shaped like params

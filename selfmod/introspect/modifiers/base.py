@@ -170,6 +170,15 @@ class Modifier:
             return f"{self.name} needs the hyperparameter {missing[0]}, which this run lacks"
         return None
 
+    def hparams_init(self, problem: Problem) -> Params:
+        """Hyperparameters this modifier adds to the run (e.g. a penalty's weight), by key,
+        as 0-dim or 1-dim tensors; default none."""
+        return {}
+
+    def penalty(self, problem: Problem, params: Params, hparams: Params) -> Tensor | None:
+        """A term added to the training loss (differentiable in ``params``), or ``None``."""
+        return None
+
     def propose(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:
         """``(proposals, new memory)``."""
         return [], memory

@@ -1,11 +1,26 @@
-"""``prune``: remove units whose saliency ``||W_in[j]|| ||W_out[:, j]||`` is below 1e-3 of the
-layer's median (dead units), at most ``prune_fraction`` of a layer per cycle
-(:func:`selfmod.arch.prune_plan`: the optimizer state is re-indexed)."""
+"""``prune``: remove hidden units, verified like every change.
+
+``prune_rule = "l0"`` (default, where the model has :class:`~selfmod.arch.HardConcreteGate`
+modules; the built-in networks get one after every hidden layer): the gates' ``log_alpha``
+train with the weights on ``loss + lambda E[params_gated] / params`` (Louizos et al. 2018;
+:meth:`~selfmod.introspect.problem.Problem.expected_gated_params`), and the units whose
+deterministic gate is exactly 0 are removed at the next cycle. Their output is 0 in eval mode,
+so removing them keeps the function. ``lambda = l0_strength + mu``, where ``mu`` is the
+budget controller's multiplier (:func:`selfmod.arch.budget_update`) on the expected parameter
+count against ``max_params``: 0 while under the budget, rising while over it.
+
+``prune_rule = "saliency"`` (and models without gates): units whose saliency
+``||W_in[j]|| ||W_out[:, j]||`` is below 1e-3 of the layer's median (dead units).
+
+At most ``prune_fraction`` of a layer goes per cycle, and at least one unit stays
+(:func:`selfmod.arch.prune_plan`: the optimizer state is re-indexed). References: Louizos,
+Welling & Kingma 2018; Gallego-Posada et al. 2022 (the controller).
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,11 +36,22 @@ from selfmod.introspect.modifiers.base import (
     register,
 )
 
+#: the controller's step on the multiplier per cycle and its proportional gain
+BUDGET_LR, BUDGET_KP = 0.05, 0.5
+
 
 class PruneSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prune_fraction: float = Field(0.1, gt=0, lt=1, description="max units removed per cycle")
+    prune_rule: Literal["l0", "saliency"] = Field(
+        "l0",
+        description="l0: hard-concrete gates trained with an L0 penalty, closed units removed; "
+        "saliency: dead units (|fan-in| |fan-out| ~ 0)",
+    )
+    l0_strength: float = Field(
+        0.01, ge=0, le=10, description="l0: lambda in loss + lambda E[params_gated] / params"
+    )
 
 
 @register
@@ -37,7 +63,64 @@ class Prune(Modifier):
     def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:
         return None if problem.groups else f"prune: {problem.groups_error}"
 
+    def l0(self, problem: Any) -> bool:
+        return self.settings.prune_rule == "l0" and any(  # type: ignore[attr-defined]
+            k is not None for k in problem.gate_keys()
+        )
+
+    def hparams_init(self, problem: Any) -> Params:
+        if not self.l0(problem):
+            return {}
+        return {"l0_lambda": torch.tensor(float(self.settings.l0_strength))}  # type: ignore[attr-defined]
+
+    def penalty(self, problem: Any, params: Params, hparams: Params) -> Tensor | None:
+        if "l0_lambda" not in hparams:
+            return None
+        n = sum(v.numel() for v in params.values())
+        return hparams["l0_lambda"] * problem.expected_gated_params(params) / n
+
     def propose(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:
+        if not self.l0(ctx.problem):
+            return self.propose_saliency(ctx, memory)
+        s: Any = self.settings
+        params, problem = ctx.state.params, ctx.problem
+        drop = []
+        for group, key in zip(problem.groups, problem.gate_keys(), strict=True):
+            if key is None:
+                drop.append([])
+                continue
+            closed = torch.nonzero(arch.hard_concrete_eval(params[key]) == 0).squeeze(1)
+            w = group.width(params)
+            cap = min(int(s.prune_fraction * w), w - 1)
+            drop.append(closed[:cap].tolist())
+        h: Params = {}
+        budget = ctx.settings.max_params
+        if budget and "l0_lambda" in ctx.state.hparams:
+            state = arch.BudgetState(
+                memory.get("multiplier", torch.tensor(0.0)),
+                memory.get("integral", torch.tensor(0.0)),
+            )
+            with torch.no_grad():
+                dense = sum(v.numel() for v in params.values())
+                gated_dense = sum(
+                    sum(params[sl.key].numel() for sl in g.slots())
+                    for g, k in zip(problem.groups, problem.gate_keys(), strict=True)
+                    if k is not None
+                )
+                cost = dense - gated_dense + float(problem.expected_gated_params(params))
+            state = arch.budget_update(state, cost, budget, lr=BUDGET_LR, kp=BUDGET_KP)
+            memory = {"multiplier": state.multiplier, "integral": state.integral}
+            lam = torch.tensor(s.l0_strength + float(state.multiplier))
+            if not torch.equal(
+                lam.to(ctx.state.hparams["l0_lambda"]), ctx.state.hparams["l0_lambda"]
+            ):
+                h["l0_lambda"] = lam
+        if not any(drop) and not h:
+            return [], memory
+        surgery = {"remove": drop} if any(drop) else {}
+        return [Proposal(self.name, h, surgery=surgery)], memory
+
+    def propose_saliency(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:
         drop = []
         for i in range(len(ctx.problem.groups)):
             sal = ctx.problem.saliency(ctx.state.params, i)  # (W,)
@@ -49,6 +132,9 @@ class Prune(Modifier):
         return [Proposal(self.name, surgery={"remove": drop})], memory
 
     def apply(self, proposal: Proposal, state: Any, problem: Any) -> Any:
+        state = super().apply(proposal, state, problem)  # l0_lambda
+        if not proposal.surgery:
+            return state
         params, opt_state = state.params, state.opt_state
         for group, units in zip(problem.groups, proposal.surgery["remove"], strict=True):
             if units:

@@ -1,0 +1,315 @@
+"""The composed run (issue 15): growth by GradMax and its criterion, pruning by L0 gates under
+the budget controller, and verification on guard data that no proposal saw. Each modifier's
+proposal is checked against a hand computation; surgery keeps the function."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfmod import arch
+from selfmod.introspect import Introspector
+from selfmod.introspect.config import TrainConfig
+from selfmod.introspect.modifiers import Context
+from selfmod.introspect.modifiers.grow import Grow
+from selfmod.introspect.modifiers.prune import BUDGET_KP, BUDGET_LR, Prune
+
+FAST = dict(
+    steps=60,
+    cycle=20,
+    lookahead=5,
+    width=8,
+    max_width=32,
+    guard_size=100,
+    replay_size=200,
+    compare_fixed=False,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _context(run: Introspector) -> Context:
+    """The context of the run's next cycle, as the loop builds it (lookahead batches drawn)."""
+    run.pending = [run._next_batch() for _ in range(run.config.lookahead)]
+    return Context(
+        run.state, run.problem, run.cycle, run.probe(), {}, run.pending, run.config,
+        run.batch_grads, run.rng,
+    )  # fmt: skip
+
+
+def _eval_out(run: Introspector, state, x):
+    return run.problem.predict(state.params, state.buffers, x)
+
+
+# ----------------------------------------------------------------------------- growth
+
+
+def test_growth_criterion_proposal_matches_a_hand_computation_and_keeps_the_function():
+    cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "max_width": 64, "grow_threshold": 0.5})
+    run = Introspector(cfg)
+    run.run()  # 60 steps of training: the criterion has something to measure
+    ctx = _context(run)
+    grow = Grow.from_config(cfg)
+    (proposal,), memory = grow.propose(ctx, {})
+    # by hand: inputs of each hidden Linear and the loss gradient at the next Linear's output
+    x = torch.cat([b[0] for b in run.pending])
+    y = torch.cat([b[1] for b in run.pending])
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in run.params.items()}
+    h0 = x
+    a1 = torch.relu(h0 @ p["0.weight"].T + p["0.bias"])
+    o2 = a1 @ p["2.weight"].T + p["2.bias"]
+    o2.retain_grad()
+    a2 = torch.relu(o2)
+    o4 = a2 @ p["4.weight"].T + p["4.bias"]
+    o4.retain_grad()
+    F.cross_entropy(o4, y).backward()
+    expected = []
+    for prod, cons, h_in, delta in (("0", "2", h0, o2.grad), ("2", "4", a1, o4.grad)):
+        m = delta.T @ h_in  # (n_out, n_in)
+        sigma = torch.linalg.svdvals(m)
+        g = p[f"{cons}.weight"].grad.norm(dim=0)  # fan-out gradient per unit
+        ref = (g / p[f"{prod}.weight"].norm(dim=1)).mean()
+        width = p[f"{prod}.weight"].shape[0]
+        room = min(math.ceil(cfg.grow_fraction * width), cfg.max_width - width)
+        expected.append(min(int((sigma > cfg.grow_threshold * ref).sum()), room))
+    assert proposal.surgery["add"] == expected and any(expected), (proposal.surgery, expected)
+    # the new fan-in rows are the top right singular vectors of M (up to sign)
+    m0 = o2.grad.T @ h0
+    _, _, vh = torch.linalg.svd(m0, full_matrices=False)
+    k0 = expected[0]
+    if k0:
+        got = memory["fan_in.0"]
+        torch.testing.assert_close(got.abs(), vh[:k0].abs(), atol=1e-5, rtol=1e-4)
+    # applying it keeps the eval function to 1e-6 and re-indexes the optimizer state
+    state = run.state.clone()
+    state = type(state)(**{**state.__dict__, "memory": {"grow": memory}})
+    grown = grow.apply(proposal, state, run.problem)
+    gx, _ = run.guard()
+    torch.testing.assert_close(
+        _eval_out(run, grown, gx), _eval_out(run, run.state, gx), atol=1e-6, rtol=0
+    )
+    assert run.problem.widths(grown.params) == [
+        w + k for w, k in zip(run.widths(), expected, strict=True)
+    ]
+
+
+def test_growth_stops_when_no_direction_beats_the_existing_units_not_at_a_cap():
+    over = {**FAST, "modifiers": ["grow"], "steps": 100, "max_width": 4096}
+    picky = Introspector(TrainConfig(**over, grow_threshold=100.0))
+    picky.run()
+    assert not [d for d in picky.history["decisions"] if d["modifier"] == "grow"]
+    assert picky.widths() == [8, 8]  # room for 4,088 more units, none worth adding
+    fraction = Introspector(TrainConfig(**over, grow_threshold=100.0, grow_rule="fraction"))
+    fraction.run()
+    assert fraction.widths() == [62, 62]  # the fraction rule: 8 -> 12 -> 18 -> 27 -> 41 -> 62
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def _gated_run(**over) -> Introspector:
+    cfg = TrainConfig(**{**FAST, "modifiers": ["prune"], **over})
+    run = Introspector(cfg)
+    assert run.problem.gate_sites == ["gate0", "gate1"]
+    return run
+
+
+def test_l0_pruning_removes_exactly_the_closed_gates_and_keeps_the_function():
+    run = _gated_run()
+    # close three gates of layer 0 and one of layer 1 by hand
+    h = dict(run.state.params)
+    la0, la1 = h["gate0.log_alpha"].clone(), h["gate1.log_alpha"].clone()
+    la0[[1, 4, 6]] = -10.0
+    la1[[2]] = -10.0
+    h["gate0.log_alpha"], h["gate1.log_alpha"] = la0, la1
+    run.state = type(run.state)(**{**run.state.__dict__, "params": h})
+    assert int((arch.hard_concrete_eval(la0) == 0).sum()) == 3
+    prune = Prune.from_config(run.config.model_copy(update={"prune_fraction": 0.5}))
+    (proposal,), _ = prune.propose(_context(run), {})
+    assert proposal.surgery["remove"] == [[1, 4, 6], [2]]
+    pruned = prune.apply(proposal, run.state, run.problem)
+    assert run.problem.widths(pruned.params) == [5, 7]
+    gx, _ = run.guard()
+    torch.testing.assert_close(
+        _eval_out(run, pruned, gx), _eval_out(run, run.state, gx), atol=1e-6, rtol=0
+    )
+    # at most prune_fraction of a layer per cycle
+    capped = Prune.from_config(run.config.model_copy(update={"prune_fraction": 0.25}))
+    (p2,), _ = capped.propose(_context(run), {})
+    assert p2.surgery["remove"] == [[1, 4], [2]]  # int(0.25 * 8) = 2 per layer
+
+
+def test_the_l0_penalty_is_in_the_training_loss_and_closes_gates():
+    run = _gated_run(l0_strength=0.0)
+    loss = run.inner_loss(run.state.buffers)
+    batch = run._next_batch()
+    h = dict(run.hparams)
+    with torch.random.fork_rng():
+        base = loss(run.params, h, batch)
+    h["l0_lambda"] = torch.tensor(0.5)
+    with torch.random.fork_rng():
+        pen = loss(run.params, h, batch)
+    n = sum(v.numel() for v in run.params.values())
+    expected = 0.5 * run.problem.expected_gated_params(run.params) / n
+    torch.testing.assert_close(pen - base, expected, atol=1e-6, rtol=1e-5)
+    # a strong penalty trains gates shut and the prune modifier removes their units
+    strong = _gated_run(l0_strength=5.0, lr=0.3, steps=200, prune_fraction=0.5)
+    strong.run()
+    removed = [d for d in strong.history["decisions"] if d["modifier"] == "prune"]
+    assert any(d["decision"] == "commit" for d in removed), removed
+    assert sum(strong.widths()) < 16
+
+
+def test_the_budget_controller_raises_lambda_while_over_max_params():
+    run = _gated_run(max_params=300)  # the 8-wide MLP has 490 + 16 gate parameters
+    prune = Prune.from_config(run.config)
+    ctx = _context(run)
+    (proposal,), memory = prune.propose(ctx, {})
+    params = run.params
+    dense = sum(v.numel() for v in params.values())
+    gated = sum(sum(params[s.key].numel() for s in g.slots()) for g in run.problem.groups)
+    cost = dense - gated + float(run.problem.expected_gated_params(params))
+    v = cost / 300 - 1
+    assert v > 0
+    mu = BUDGET_LR * v + BUDGET_KP * v  # one PI step from 0
+    assert float(memory["multiplier"]) == pytest.approx(mu, rel=1e-6)
+    lam = float(proposal.hparams["l0_lambda"])
+    assert lam == pytest.approx(run.config.l0_strength + mu, rel=1e-6)
+    # under budget: no multiplier, no proposal
+    free = _gated_run(max_params=10**6)
+    assert Prune.from_config(free.config).propose(_context(free), {})[0] == []
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+class _Watch(Introspector):
+    """Records the guard rows the estimate and the verifier evaluate on."""
+
+    phase = "other"
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen: dict[str, set] = {"propose": set(), "verify": set()}
+
+    def outer_loss(self, params, hparams, batch, buffers):
+        if self.phase in self.seen:
+            self.seen[self.phase].update(map(tuple, batch[0].detach().tolist()))
+        return super().outer_loss(params, hparams, batch, buffers)
+
+    def estimate(self):
+        self.phase = "propose"
+        try:
+            return super().estimate()
+        finally:
+            self.phase = "other"
+
+    def verify_and_decide(self, proposal, current):
+        self.phase = "verify"
+        try:
+            return super().verify_and_decide(proposal, current)
+        finally:
+            self.phase = "other"
+
+    def verify_baseline(self):
+        self.phase = "verify"
+        try:
+            return super().verify_baseline()
+        finally:
+            self.phase = "other"
+
+
+@pytest.mark.parametrize("verify_on", ["held_out", "shared"])
+def test_the_verifier_never_sees_the_data_that_proposed(verify_on):
+    cfg = TrainConfig(**{**FAST, "modifiers": ["lr", "grow"], "verify_on": verify_on})
+    run = _Watch(cfg)
+    run.run()
+    propose, verify = run.seen["propose"], run.seen["verify"]
+    assert propose and verify
+    if verify_on == "held_out":
+        assert not propose & verify
+        px, _ = run.guard("propose")
+        vx, _ = run.guard("verify")
+        assert len(px) + len(vx) == len(run.guard("all")[0]) and abs(len(px) - len(vx)) <= 1
+    else:
+        assert propose == verify  # one guard set does both: the test can tell them apart
+
+
+def test_the_verifiers_reference_is_the_verify_half_after_the_lookahead():
+    cfg = TrainConfig(**{**FAST, "modifiers": ["lr"], "steps": 21})
+    run = Introspector(cfg)
+    run.run()
+    current = run.verify_baseline()
+    px, py = run.guard("propose")
+    vx, vy = run.guard("verify")
+    # the verifier's reference is the verify half's loss after the lookahead
+    p_cur, _ = run.replay(run.state, None)
+    with torch.no_grad():
+        ref = float(run.outer_loss(p_cur, run.hparams, (vx, vy), run.state.buffers))
+        other = float(run.outer_loss(p_cur, run.hparams, (px, py), run.state.buffers))
+    assert current == ref != other
+
+
+# ----------------------------------------------------------------------------- long horizon
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_horizon_term_completes_the_lookahead_to_the_full_reverse_unroll(momentum):
+    """For a training loss linear in the params (no Hessian term) the first-order tangent is
+    exact: lookahead meta-gradient + horizon term = the full reverse unroll of every step."""
+    from selfmod import hypergrad, optim
+
+    torch.manual_seed(0)
+    names = ["a", "b"]
+    params = {"a": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    c = {n: torch.randn_like(v) for n, v in params.items()}  # training loss sum c . theta
+    d = {n: torch.randn_like(v) for n, v in params.items()}  # guard loss sum d . theta^2
+    h = {"log_lr": torch.tensor([-2.0, -3.0], dtype=torch.float64)}
+
+    def lr(hp):
+        return {n: hp["log_lr"][i].exp() for i, n in enumerate(names)}
+
+    opt = optim.chain(optim.sgd(lr=lr, momentum=momentum), optim.sum_updates(1.0))
+
+    def inner(p, hp, batch):
+        return sum((c[n] * p[n]).sum() for n in names) * batch
+
+    def outer(p, hp, batch):
+        return sum((d[n] * p[n] ** 2).sum() for n in names)
+
+    n_past, k = 7, 4
+    batches = [torch.tensor(1.0 + 0.1 * i, dtype=torch.float64) for i in range(n_past + k)]
+    full = hypergrad.reverse(inner, outer, opt, params, h, batches, None)
+    p_mid, s_mid = hypergrad.run(
+        inner, opt, params, opt.init(params), h, batches[:n_past], create_graph=False
+    )
+    look = hypergrad.reverse(inner, outer, opt, p_mid, h, batches[n_past:], None, state=s_mid)
+    z = s_mid[-1].total
+    tail = torch.stack([(look.params[n] * z[n]).sum() for n in names])
+    torch.testing.assert_close(look.hparams["log_lr"] + tail, full.hparams["log_lr"])
+    assert not torch.allclose(look.hparams["log_lr"], full.hparams["log_lr"])  # the tail matters
+
+
+def test_meta_horizon_moves_the_learning_rates_by_the_horizon_term():
+    cfg = TrainConfig(**{**FAST, "modifiers": ["lr"], "steps": 41, "meta_horizon": 50})
+    run = Introspector(cfg)
+    seen = []
+    horizon = run.horizon_term
+
+    def spy(dparams, opt_state):
+        out = horizon(dparams, opt_state)
+        seen.append(out)
+        return out
+
+    run.horizon_term = spy
+    run.run()
+    assert len(seen) == 3 and float(seen[0].abs().sum()) == 0.0  # nothing trained before cycle 0
+    assert float(seen[1].abs().sum()) > 0
+    with pytest.raises(ValueError, match="meta_horizon needs estimator"):
+        TrainConfig(**{**FAST, "meta_horizon": 50, "estimator": "forward"})
