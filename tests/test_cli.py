@@ -38,7 +38,11 @@ BAD_VALUES = {
     "data": ("mnist", 'data must be "mnist1d" | "digits" | "package.module:callable"'),
     "loss": ("l1", 'loss must be "cross_entropy" | "mse" | "package.module:callable"'),
     "metric": ("f1", "metric must be one of 'auto', 'accuracy', 'loss' (got 'f1')"),
-    "optimizer": ("lion", "optimizer must be one of 'sgd', 'adam', 'adamw' (got 'lion')"),
+    "optimizer": (
+        "lion",
+        "optimizer must be 'sgd', 'adam', 'adamw' or 'learned:DIR' (DIR: a "
+        "folder written by selfmod meta-train) (got 'lion')",
+    ),
     "beta1": ("1", "beta1 must be a number in (0, 1) (got 1)"),
     "beta2": ("0", "beta2 must be a number in (0, 1) (got 0)"),
     "device": ("tpu", 'device must be "cpu", "cuda", "cuda:N", "auto" (got \'tpu\')'),

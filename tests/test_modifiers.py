@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 import user_models
 
 from selfmod.data import as_batches
 from selfmod.introspect import Context, Loop, Modifier, Proposal, registry
-from selfmod.introspect.loop import Source
+from selfmod.introspect.loop import Recorder, Source
 from selfmod.introspect.modifiers.base import merge
 from selfmod.introspect.problem import Problem
 from selfmod.runs.api import make_config
@@ -82,3 +83,69 @@ def test_proposals_round_trip_through_json_and_merge_by_group():
     assert torch.equal(back.hparams["log_lr"], a.hparams["log_lr"]) and back.strict
     grow = Proposal("grow", surgery={"add": [2, 0], "seed": 7})
     assert Proposal.from_json(grow.to_json(), like).surgery == {"add": [2, 0], "seed": 7}
+
+
+class _Changes(Recorder):
+    """Keeps every proposal's ``change`` (unconstrained values, as the ledger has them)."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, dict]] = []
+
+    def record(self, run, kind, decision, reason, payload):
+        if kind == "proposal":
+            self.changes.append((decision, payload["change"]))
+        return None
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_the_optimizer_as_modifiers_lr_betas_and_weight_decay_each_take_the_rprop_step(optimizer):
+    # issue 15 item 6: under Adam/AdamW the per-tensor rates, beta1, beta2 and weight decay are
+    # each moved by the Rprop step on their own meta-gradient, verified together and committed
+    torch.set_num_threads(1)
+    x, y, xt, yt = user_models.digits()
+    cfg = make_config(
+        {"steps": 80, "cycle": 20, "lookahead": 4, "lr": 0.003, "guard_size": 200,
+         "replay_size": 200, "compare_fixed": False, "optimizer": optimizer,
+         "modifiers": ["lr", "weight_decay", "beta1", "beta2"], "regularize": "hypergradient",
+         "beta1": 0.5, "beta2": 0.9}
+    )  # fmt: skip
+    source = Source(as_batches((x[200:], y[200:]), 0), x[:200], y[:200], xt, yt)
+    problem = Problem(user_models.residual_mlp(), F.cross_entropy)
+    recorder = _Changes()
+    run = Loop(problem, [source], cfg, recorder=recorder)
+    assert [m.name for m in run.modifiers] == ["lr", "weight_decay", "beta1", "beta2"]
+    seen: list[tuple[dict, dict, float]] = []  # (hparams, meta-gradient, meta_lr) per cycle
+    estimate = run.estimate
+
+    def spy():
+        value, g = estimate()
+        seen.append(({k: v.clone() for k, v in run.hparams.items()}, g, run.meta_lr))
+        return value, g
+
+    run.estimate = spy
+    run.run()
+    assert len(seen) == 4 and len(recorder.changes) == 4
+    keys = ("log_lr", "log_wd", "beta1_logit", "beta2_logit")
+    steps: dict[str, torch.Tensor] = {}
+    signs: dict[str, torch.Tensor] = {}
+    for (h, g, meta_lr), (_, change) in zip(seen, recorder.changes, strict=True):
+        parts = {p["modifier"]: p["hparams"] for p in change["parts"]}
+        assert set(parts) == {"lr", "weight_decay", "beta1", "beta2"}
+        for name, key in zip(("lr", "weight_decay", "beta1", "beta2"), keys, strict=True):
+            hi = min(meta_lr, cfg.trust_region)
+            sign = torch.sign(g[key])
+            if key in steps:  # Rprop by hand: x1.2 on the same sign, x0.5 on a flip
+                same, flip = sign * signs[key] > 0, sign * signs[key] < 0
+                factor = torch.where(same, 1.2, torch.where(flip, 0.5, 1.0))
+                step = (steps[key] * factor).clamp(1e-3 * hi, hi)
+            else:
+                step = torch.full_like(g[key], hi)
+            steps[key], signs[key] = step, sign
+            want = h[key] - step * sign
+            got = torch.tensor(parts[name][key]).reshape(want.shape)
+            assert torch.allclose(got, want, atol=1e-6), (name, got, want)
+    decisions = [d for d, _ in recorder.changes]
+    assert "commit" in decisions, decisions
+    committed = next(c for d, c in recorder.changes if d == "commit")
+    moved = {p["modifier"] for p in committed["parts"]}
+    assert moved == {"lr", "weight_decay", "beta1", "beta2"}

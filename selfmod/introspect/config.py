@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from selfmod.introspect.hparams import OPTIMIZERS
+from selfmod.introspect.hparams import OPTIMIZERS, OptimizerName
 from selfmod.introspect.modifiers import registry
 from selfmod.validation import check_out_dir
 
@@ -71,7 +71,7 @@ class RunConfig(BaseModel):
     metric: Literal["auto", "accuracy", "loss"] = Field(
         "auto", description="auto: accuracy for integer targets, else the loss"
     )
-    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description=", ".join(OPTIMIZERS))
+    optimizer: OptimizerName = Field("sgd", description=", ".join(OPTIMIZERS))
     width: int = Field(8, ge=1, le=4096, description="built-in models: initial units per layer")
     depth: int = Field(2, ge=1, le=8, description="built-in models: hidden layers")
     lr: float = Field(1e-3, gt=0, le=10, description="initial learning rate of every tensor")

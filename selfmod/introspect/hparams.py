@@ -4,7 +4,17 @@
 The space generates the ``hparams`` dict the optimizer reads through callables
 (``lr = exp(h["log_lr"][i])`` for tensor ``i``), and the natural-unit values the ledger and the
 report show. Optimizers: ``sgd`` (momentum, L2 weight decay), ``adam`` (L2 weight decay) and
-``adamw`` (decoupled weight decay), all from :mod:`selfmod.optim`.
+``adamw`` (decoupled weight decay), all from :mod:`selfmod.optim`, and ``learned:DIR``: a
+learned optimizer written by ``selfmod meta-train`` into ``DIR``
+(:mod:`selfmod.optim.saved`), its weights fixed, its update scaled per tensor by the run's
+learning rate and fed the L2-decayed gradient:
+
+    u_i = lr_i * f_w(g + wd * theta)_i        (theta_i <- theta_i + u_i)
+
+where ``f_w`` is the learned update (additive, descent built in) of tensor ``i``: ``lr_i`` is a
+multiplier of the learned step (``lr = 1`` runs the optimizer as meta-trained), which the
+``lr`` modifier tunes per tensor like any learning rate; ``weight_decay`` likewise. The space
+has no momentum or betas then (the learned rule has its own memory).
 """
 
 from __future__ import annotations
@@ -12,16 +22,35 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import AfterValidator
 from torch import Tensor
 
 from selfmod import optim
+from selfmod.optim.saved import load_learned
 
 Params = dict[str, Tensor]
-OPTIMIZERS = ("sgd", "adam", "adamw")
-OptimizerName = Literal["sgd", "adam", "adamw"]
+OPTIMIZERS = ("sgd", "adam", "adamw", "learned:DIR")
+#: ``optimizer = "learned:DIR"``: a learned optimizer from the meta-train output folder DIR
+LEARNED = "learned:"
+
+
+def check_optimizer(name: str) -> str:
+    """The config's ``optimizer`` value if well formed (the folder is read when the run is
+    built: :meth:`HParamSpace.make_optimizer`), else ``ValueError`` in one line."""
+    if name in OPTIMIZERS[:3] or (name.startswith(LEARNED) and name[len(LEARNED) :].strip()):
+        return name
+    raise ValueError(
+        "optimizer must be 'sgd', 'adam', 'adamw' or 'learned:DIR' (DIR: a folder written by "
+        f"selfmod meta-train) (got {name!r:.200})"
+    )
+
+
+#: the config field's type: one of :data:`OPTIMIZERS`, checked by :func:`check_optimizer`
+OptimizerName = Annotated[str, AfterValidator(check_optimizer)]
 #: Adam's sqrt(v + eps_root): a meta-gradient through sqrt at v = 0 would be infinite
 EPS_ROOT = 1e-16
 
@@ -60,7 +89,7 @@ class HParamSpace:
         out = [Entry("log_lr", "lr", "exp", t)]
         if self.optimizer == "sgd":
             out.append(Entry("mom_logit", "momentum", "sigmoid", 0))
-        else:
+        elif not self.optimizer.startswith(LEARNED):
             out += [Entry("beta1_logit", "beta1", "sigmoid", 0)]
             out += [Entry("beta2_logit", "beta2", "sigmoid", 0)]
         out.append(Entry("log_wd", "weight_decay", "exp", 0))
@@ -107,6 +136,9 @@ class HParamSpace:
 
         if self.optimizer == "sgd":
             return optim.sgd(lr=lr, momentum=_sigmoid("mom_logit"), weight_decay=wd)
+        if self.optimizer.startswith(LEARNED):
+            learned = load_learned(Path(self.optimizer[len(LEARNED) :]).expanduser())
+            return optim.chain(optim.add_decayed_weights(wd), learned.transform(), optim.scale(lr))
         make = optim.adam if self.optimizer == "adam" else optim.adamw
         return make(
             lr=lr,

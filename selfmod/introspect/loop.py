@@ -37,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from selfmod import hypergrad, optim, tree
 from selfmod.data.streams import Batches
 from selfmod.errors import DivergenceError, NonFiniteError, SelfmodError
-from selfmod.introspect import probes, replay, verifier
+from selfmod.introspect import probes, replay, shift, verifier
 from selfmod.introspect.hparams import HParamSpace
 from selfmod.introspect.modifiers import Context, Modifier, Proposal, registry
 from selfmod.introspect.modifiers.base import RunFacts, apply_plain, merge
@@ -803,6 +803,7 @@ class Loop:
         )
         self._record(d, proposal)
         if decision == "commit":
+            shift.record_commit(self, self.state, proposed, proposal.modifier)  # a meta-metric
             self.state = proposed
 
     def _apply_approved(self) -> None:
@@ -921,8 +922,13 @@ class Loop:
         return unflatten(template, tensors, scalars, prefix=p)
 
     def summary(self) -> dict[str, Any]:
-        """Test loss and metric, cost, widths, decisions, the final hyperparameters."""
+        """Test loss and metric, cost, widths, decisions, the final hyperparameters and the
+        meta-metrics that need no baseline (:func:`.probes.meta_metrics`; the final internal
+        gap is measured here, at the current parameters)."""
         tl, tm = self._test(self.sources[self.source_id])
+        p, b = self.params, self.state.buffers
+        gap = self.problem.evaluate(p, b, *self.guard())[0]
+        gap -= self.problem.evaluate(p, b, *replay.split(self.buffer, replay.TRAIN))[0]
         c = self.cost()
         decisions = self.history["decisions"]
         count = {
@@ -947,6 +953,9 @@ class Loop:
             "decisions": {k: count[k] for k in ("commit", "reject", "rollback")},
             **{f"n_{k}": v for k, v in count.items()},
             **self.values(),
+            "meta_metrics": probes.meta_metrics(
+                self.history["probes"], self.shift_cycle, self.history.get("self_shift", []), gap
+            ),
         }
 
 

@@ -6,22 +6,34 @@ sources' guard data, robustness (guard accuracy under Gaussian input noise ``x +
 a self-generated shifted benchmark (guard signals circularly shifted by ``shift`` samples),
 parameters, FLOPs and activation memory per example (:func:`selfmod.arch.cost`).
 
-Meta-metrics (over the probe history):
+Meta-metrics (:func:`meta_metrics`, :func:`against_fixed`; ``None`` where undefined), with
+``L(t)`` the guard loss (the replay buffer's guard part, eval mode) logged every 50 base steps
+and ``L_c`` the one probed at the start of cycle ``c``:
 
-- *meta-convergence rate*: the mean per-cycle decrease of ``log guard_loss`` until it first
-  comes within 5% of its best value, and the cycle where that happens;
+- *meta-convergence rate against the static baseline*: ``S_fixed / S_tuned``, where
+  ``L* = L_fixed(T)`` is the fixed configuration's final guard loss and ``S_run`` the first
+  logged step at which ``L_run(t) <= L*``; above 1 the self-modifying run reaches the static
+  run's final guard loss sooner (2: in half the steps); 0 when it never does. Also
+  ``S_tuned`` and ``S_fixed`` themselves, and (without the baseline) the mean per-cycle
+  decrease of ``log L_c`` until ``L_c`` first comes within 5% of its best, and that cycle;
 - *adaptation speed*: cycles after a distribution shift until the guard accuracy reaches 95%
   of the best value it attains after the shift (the new source may be harder than the old);
-- *introspective stability*: the standard deviation of the guard loss over the last half of
-  the cycles, and the fraction of sign changes of its successive differences (oscillation);
+- *introspective stability*: the standard deviation of ``L_c`` over the last half of the
+  cycles, and the fraction of sign changes of its successive differences (oscillation);
+- *internal generalization gap* ``G = guard loss - internal-train loss`` (the replay buffer's
+  guard and training parts): its value at the end of the run and its mean over the cycles;
 - *internal vs external gap*: the mean absolute difference between guard accuracy (internal)
-  and test accuracy (external validation).
+  and test accuracy (external validation);
+- *self-induced distribution shift* (:mod:`.shift`): ``1 - CKA`` between the replay buffer's
+  representations after the lookahead with and without each committed change; its mean
+  over commits, its sum, and its sum per modifier.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,10 +105,38 @@ def stability(guard_loss: Sequence[float]) -> tuple[float, float]:
     return t.std().item(), flips
 
 
+def _defined(x: float) -> float | None:
+    """``x``, or ``None`` for NaN and infinities (JSON has neither)."""
+    return x if math.isfinite(x) else None
+
+
+def self_shift(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregates of :mod:`.shift`'s per-commit records ``{modifier, shift, ...}``."""
+    finite = [(r["modifier"], float(r["shift"])) for r in records if _finite(r.get("shift"))]
+    by: dict[str, float] = {}
+    for name, value in finite:
+        by[name] = by.get(name, 0.0) + value
+    total = sum(v for _, v in finite)
+    return {
+        "self_induced_shift_mean": total / len(finite) if finite else None,
+        "self_induced_shift_total": total if finite else None,
+        "self_induced_shift_by_modifier": by,
+        "commits_measured": len(finite),
+    }
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
 def meta_metrics(
-    probes: Sequence[dict[str, float]], shift_cycle: int | None = None
-) -> dict[str, float]:
-    """The meta-metrics above from a list of per-cycle probe dicts."""
+    probes: Sequence[dict[str, float]],
+    shift_cycle: int | None = None,
+    shifts: Sequence[dict[str, Any]] = (),
+    final_gap: float = math.nan,
+) -> dict[str, Any]:
+    """The meta-metrics of the module docstring that need no baseline, from the per-cycle probe
+    dicts, the self-induced shift records and the gap at the end of the run."""
     gl = [p["guard_loss"] for p in probes]
     ga = [p["guard_acc"] for p in probes]
     rate, at = convergence(gl)
@@ -107,11 +147,45 @@ def meta_metrics(
         if math.isfinite(p.get("test_acc", math.nan))
     ]
     gap = sum(abs(a - b) for a, b in pairs) / len(pairs) if pairs else math.nan
+    gaps = [p["gap"] for p in probes if _finite(p.get("gap"))]
     return {
-        "meta_convergence_rate": rate,
-        "converged_at_cycle": float(at),
-        "adaptation_cycles": adaptation(ga, shift_cycle),
-        "guard_loss_std": std,
-        "guard_loss_oscillation": osc,
-        "internal_vs_external_acc_gap": gap,
+        "log_guard_decrease_per_cycle": _defined(rate),
+        "converged_at_cycle": at if len(gl) >= 2 else None,
+        "adaptation_cycles": _defined(adaptation(ga, shift_cycle)),
+        "guard_loss_std": _defined(std),
+        "guard_loss_oscillation": _defined(osc),
+        "gap_final": _defined(final_gap),
+        "gap_mean": sum(gaps) / len(gaps) if gaps else None,
+        "internal_vs_external_acc_gap": _defined(gap),
+        **self_shift(shifts),
+    }
+
+
+def first_step_at_or_below(log: Sequence[dict[str, Any]], target: float) -> int | None:
+    """The first logged ``step`` whose ``guard_loss <= target`` (``None``: never)."""
+    for row in log:
+        if _finite(row.get("guard_loss")) and row["guard_loss"] <= target:
+            return int(row["step"])
+    return None
+
+
+def against_fixed(
+    tuned_log: Sequence[dict[str, Any]], fixed_log: Sequence[dict[str, Any]] | None
+) -> dict[str, Any]:
+    """Meta-convergence rate against the static baseline (module docstring) from the two runs'
+    log rows ``{step, guard_loss, ...}``: ``S_fixed / S_tuned``, and both step counts."""
+    none = {
+        "meta_convergence_rate": None,
+        "steps_to_fixed_final": None,
+        "fixed_steps_to_final": None,
+    }
+    if not fixed_log or not tuned_log or not _finite(fixed_log[-1].get("guard_loss")):
+        return none
+    target = float(fixed_log[-1]["guard_loss"])
+    s_fixed = first_step_at_or_below(fixed_log, target)
+    s_tuned = first_step_at_or_below(tuned_log, target)
+    return {
+        "meta_convergence_rate": 0.0 if s_tuned is None else s_fixed / s_tuned,  # type: ignore[operator]
+        "steps_to_fixed_final": s_tuned,
+        "fixed_steps_to_final": s_fixed,
     }

@@ -48,7 +48,11 @@ def run_meta_train(
 
             meta_train(cfg, on_step=on_step, resume=resume)
         if main:
-            console.print(f"learned optimizer: {Path(cfg.out) / 'weights.safetensors'}")
+            out = Path(cfg.out)
+            console.print(
+                f"learned optimizer: {out / 'weights.safetensors'} "
+                f"(train with it: --set optimizer=learned:{out})"
+            )
     finally:
         if started_group:
             dist.destroy_process_group()

@@ -14,8 +14,10 @@ whole state (the learned optimizer, Adam's moments, every slot's inner weights, 
 position and RNG) as one set through :mod:`selfmod.runs.checkpoint` (``out/checkpoints``: the
 tensors, then one manifest with their sha256 and its own, written last; the previous set is
 kept until the new one is complete), and the learned optimizer alone to
-``out/weights.safetensors``. ``resume`` continues from the newest complete set exactly where
-it stopped: resuming any number of times gives the uninterrupted run's weights.
+``out/weights.safetensors`` with its description ``out/weights.json``
+(:mod:`selfmod.optim.saved`; a run uses it as ``optimizer = "learned:OUT"``). ``resume``
+continues from the newest complete set exactly where it stopped: resuming any number of times
+gives the uninterrupted run's weights.
 
 State is flattened by name (``torch.utils._pytree.keystr`` paths such as ``[1][0].mu['b0']``),
 never by position, so the order of a dict's keys never matters.
@@ -32,7 +34,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors.torch import save
 from torch import Tensor
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
 
@@ -45,6 +46,7 @@ from selfmod.optim.learned import (
     lstm_optimizer,
     mlp_optimizer,
 )
+from selfmod.optim.saved import save_learned
 from selfmod.runs.checkpoint import CheckpointError, load_latest
 from selfmod.runs.checkpoint import save_checkpoint as save_checkpoint_set
 from selfmod.runs.files import atomic_write_bytes
@@ -258,7 +260,7 @@ def save_checkpoint(
     slots: dict[int, Slot],
 ) -> Path | None:
     """Write the whole meta-training state as one checkpoint set (rank 0; the other ranks send
-    their slots) and the learned optimizer to ``out/weights.safetensors``; returns the
+    their slots) and the learned optimizer to ``out/weights.{safetensors,json}``; returns the
     manifest on rank 0.
 
     The set is ``out/checkpoints/ckpt-<step>.{safetensors,json}`` (:mod:`selfmod.runs.checkpoint`:
@@ -285,7 +287,9 @@ def save_checkpoint(
     }
     tensors = {k: v.detach().clone() for k, v in tensors.items()}  # no shared storage
     manifest = save_checkpoint_set(out, step, tensors, meta, keep=KEEP)
-    atomic_write_bytes(out / "weights.safetensors", save(dict(weights)))
+    save_learned(  # weights.safetensors + weights.json: loadable as optimizer = "learned:OUT"
+        out, cfg.optimizer, weights, atomic_write_bytes, meta_train=cfg.model_dump(), step=step
+    )
     return manifest
 
 

@@ -90,8 +90,11 @@ def lstm_optimizer(
     def init(params: Params) -> LSTMState:
         n = sum(v.numel() for v in params.values())
         like = next(iter(params.values()))
-        zeros = tuple(like.new_zeros(n, hidden) for _ in range(layers))
-        return LSTMState(zeros, zeros)
+
+        def zeros() -> tuple[Tensor, ...]:  # h and c apart: no shared storage in checkpoints
+            return tuple(like.new_zeros(n, hidden) for _ in range(layers))
+
+        return LSTMState(zeros(), zeros())
 
     def update(grads, state, params=None, hparams: HParams | None = None):
         if hparams is None:

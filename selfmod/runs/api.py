@@ -41,6 +41,7 @@ from selfmod.errors import SelfmodError
 from selfmod.introspect.config import TrainConfig
 from selfmod.introspect.loop import Loop, Recorder, Source, device_of, jsonable
 from selfmod.introspect.modifiers import Modifier
+from selfmod.introspect.probes import against_fixed
 from selfmod.introspect.problem import Problem, default_metric
 from selfmod.runs.checkpoint import list_checkpoints
 from selfmod.runs.config import validate
@@ -147,7 +148,7 @@ def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, 
         "ledger_head": list(ledger_head(run_dir)),
     }
     atomic_write_text(run_dir / "final.json", json.dumps(final, indent=1))
-    tuned = run.summary()
+    tuned = tuned_summary(run, fixed)
     history = {
         "tuned": run.history,
         "tuned_summary": tuned,
@@ -166,14 +167,24 @@ def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, 
 
 SUMMARY_KEYS = (
     "test_accuracy", "test_metric", "metric_name", "test_loss", "params", "flops", "seconds",
-    "widths", "decisions", "steps", "diverged_at",
+    "widths", "decisions", "steps", "diverged_at", "meta_metrics",
 )  # fmt: skip
+
+
+def tuned_summary(run: Loop, fixed: Loop | None) -> dict[str, Any]:
+    """``run.summary()`` with the meta-metrics against the fixed baseline added to its
+    ``meta_metrics`` (:func:`selfmod.introspect.probes.against_fixed`; ``None`` without one)."""
+    out = run.summary()
+    base = fixed.history["log"] if fixed is not None else None
+    out["meta_metrics"] = {**against_fixed(run.history["log"], base), **out["meta_metrics"]}
+    return out
 
 
 def summary_record(tuned: dict[str, Any], fixed: dict[str, Any] | None) -> dict[str, Any]:
     """``summary.json``: the tuned run's figures and the fixed baseline's (or ``null``)."""
     pick = lambda s: {k: s.get(k) for k in SUMMARY_KEYS}  # noqa: E731
-    return {**pick(tuned), "fixed": pick(fixed) if fixed else None}
+    base = {k: v for k, v in pick(fixed).items() if k != "meta_metrics"} if fixed else None
+    return {**pick(tuned), "fixed": base}
 
 
 def ledger_head(run_dir: Path) -> tuple[int, str]:
@@ -282,7 +293,7 @@ def fit(
             run.recorder = Recorder()  # the run directory is complete: nothing more goes in it
     module = problem.export(run.params, run.state.buffers)
     fixed_summary = fixed.summary() if fixed else None
-    return FitResult(module, summary_record(run.summary(), fixed_summary), run_dir, run)
+    return FitResult(module, summary_record(tuned_summary(run, fixed), fixed_summary), run_dir, run)
 
 
 def _saved_config(run_dir: Path, cfg: Any) -> Any:

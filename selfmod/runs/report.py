@@ -203,6 +203,8 @@ def _timeline(history: dict) -> str:
 
 
 def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
     if isinstance(x, float):
         if math.isnan(x):
             return "-"
@@ -252,6 +254,26 @@ def summary_rows(history: dict) -> list[tuple[str, str, str]]:
     ]
 
 
+def meta_rows(history: dict) -> list[tuple[str, str, str]]:
+    """``(meta-metric, value, meaning)`` rows: the summary's ``meta_metrics`` (a history
+    written before they were kept there: recomputed from its probes); a per-modifier table
+    gives one row per modifier."""
+    tuned = history["tuned"]
+    mm = history["tuned_summary"].get("meta_metrics") or meta_metrics(
+        tuned["probes"], history.get("shift_cycle"), tuned.get("self_shift", [])
+    )
+    rows = []
+    for k, v in mm.items():
+        label, meaning = str(k).replace("_", " "), META_MEANING.get(k, "")
+        if isinstance(v, dict):
+            rows += [(f"{label}: {name}", _fmt(x), meaning) for name, x in v.items()]
+            if not v:
+                rows.append((label, "-", meaning))
+        else:
+            rows.append((label, _fmt(v), meaning))
+    return rows
+
+
 def _e(x: Any) -> str:
     """Text for HTML: every value from the run (history, ledger, config) goes through here."""
     return html.escape(str(x), quote=True)
@@ -264,18 +286,32 @@ def _row(*cells: Any) -> str:
 # the decisions the page colours; any other value gets no class (never a value from the run)
 _DECISION_CLASSES = frozenset({"commit", "applied", "reject", "rollback", "pending", "expired"})
 
-#: what each meta-metric means, shown next to its value
+#: what each meta-metric means, shown next to its value (selfmod.introspect.probes)
 META_MEANING = {
-    "meta_convergence_rate": "mean per-cycle decrease of log guard loss until it first comes "
-    "within 5% of its best",
+    "meta_convergence_rate": "S_fixed / S_tuned: steps the fixed configuration takes to reach its "
+    "final guard loss over the steps this run takes to reach it (>1: faster; 0: never)",
+    "steps_to_fixed_final": "S_tuned: the first logged step where this run's guard loss is at or "
+    "below the fixed configuration's final guard loss (-: never)",
+    "fixed_steps_to_final": "S_fixed: the first logged step where the fixed configuration's guard "
+    "loss is at or below its own final value",
+    "log_guard_decrease_per_cycle": "mean per-cycle decrease of log guard loss until it first "
+    "comes within 5% of its best",
     "converged_at_cycle": "the cycle where the guard loss first came within 5% of its best",
     "adaptation_cycles": "cycles after a data shift until guard accuracy reaches 95% of its "
-    "post-shift best (- : no shift)",
+    "post-shift best (- : no shift, or never)",
     "guard_loss_std": "standard deviation of the guard loss over the last half of the cycles",
     "guard_loss_oscillation": "fraction of sign changes between successive guard-loss changes "
     "over the last half (0: monotone, 1: up and down every cycle)",
+    "gap_final": "internal generalization gap at the end: guard loss - internal-train loss "
+    "(replay buffer)",
+    "gap_mean": "the internal generalization gap averaged over the cycles",
     "internal_vs_external_acc_gap": "mean |guard accuracy - test accuracy|: how well the "
     "internal check predicts data it never sees",
+    "self_induced_shift_mean": "mean over commits of 1 - linear CKA between the replay buffer's "
+    "last-layer representations after the lookahead with and without the change",
+    "self_induced_shift_total": "the self-induced shift summed over every commit",
+    "self_induced_shift_by_modifier": "the self-induced shift summed per committed change",
+    "commits_measured": "commits whose self-induced shift was measured",
 }
 
 GUARD_EXPLAINED = (
@@ -291,10 +327,7 @@ def write_report(run_dir: Path, history: dict, entries: list[dict], x: str = "st
     Every string from ``history.json``, the ledger or the config is HTML-escaped (``_e``):
     a reason or modifier name such as ``<script>...`` is shown as text, never run."""
     summary = "".join(_row(a, b, c) for a, b, c in summary_rows(history))
-    mm = meta_metrics(history["tuned"]["probes"], history.get("shift_cycle"))
-    meta = "".join(
-        _row(str(k).replace("_", " "), _fmt(v), META_MEANING.get(k, "")) for k, v in mm.items()
-    )
+    meta = "".join(_row(*r) for r in meta_rows(history))
     config = "".join(_row(k, _fmt(v)) for k, v in history.get("config", {}).items())
 
     def change(e: dict) -> str:

@@ -3,6 +3,7 @@ its proposals are made and verified in a cycle. See :mod:`.base` for the protoco
 
 from selfmod.introspect.modifiers import (  # noqa: F401 - registers each
     batch_size,
+    beta1,
     beta2,
     dropout,
     grow,
