@@ -103,29 +103,64 @@ def train(
     be "package.module:callable"), next to a fixed-configuration run."""
     from selfmod.introspect.builtin import sources_of
     from selfmod.introspect.loop import Loop
-    from selfmod.runs.api import new_run_dir, with_run_id
+    from selfmod.runs import distributed
+    from selfmod.runs.api import on_main
     from selfmod.runs.imports import build_problem
 
-    cfg = with_run_id(load_config(config, set_))
+    cfg = load_config(config, set_)
     problem, splits = build_problem(cfg)  # imports and shapes checked before a run directory
     Loop(problem, sources_of(splits, cfg.seed), cfg)  # and the modifiers named
+    with distributed.session() as coll:
+        run_dir, cfg, resume = on_main(coll, lambda: _new_run(cfg))
+        if resume and on_main(coll, lambda: _completed(run_dir, cfg)):
+            return
+        _drive(cfg, run_dir, resume=resume, collective=coll)
+
+
+def _new_run(cfg: TrainConfig) -> tuple[Path, TrainConfig, bool]:  # type: ignore[valid-type]
+    """``(run_dir, config, resume)``: a new run directory with its config.json; under
+    ``torchrun --max-restarts``, a restarted job's own run directory (named in
+    ``out/.torchrun-<rdzv id>``), to resume."""
+    import os
+
+    from selfmod.runs.api import new_run_dir, with_run_id
+
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    marker = Path(cfg.out) / f".torchrun-{job}" if job else None
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if marker is not None and restarted and marker.is_file():
+        run_dir = Path(marker.read_text().strip())
+        return run_dir, _config_of(run_dir), True
+    cfg = with_run_id(cfg)
     run_dir = new_run_dir(cfg.out)
     atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
-    _drive(cfg, run_dir, resume=False)
+    if marker is not None:
+        atomic_write_text(marker, f"{run_dir}\n")
+    return run_dir, cfg, False
+
+
+def _completed(run_dir: Path, cfg: TrainConfig) -> bool:  # type: ignore[valid-type]
+    """Whether the run in ``run_dir`` is complete (then says so)."""
+    from selfmod.runs.api import completed
+
+    step = completed(run_dir, cfg)
+    if step is not None:
+        Console().print(f"{run_dir} is complete (step {step}); nothing to resume")
+    return step is not None
 
 
 @app.command()
 def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Continue a run from its newest complete checkpoint (bitwise, in deterministic mode);
     its model, data and loss are imported again from config.json."""
-    from selfmod.runs.api import completed
+    from selfmod.runs import distributed
+    from selfmod.runs.api import on_main
 
-    cfg = _config_of(run_dir)
-    step = completed(run_dir, cfg)
-    if step is not None:
-        Console().print(f"{run_dir} is complete (step {step}); nothing to resume")
-        return
-    _drive(cfg, run_dir, resume=True)
+    with distributed.session() as coll:
+        cfg = on_main(coll, lambda: _config_of(run_dir))
+        if on_main(coll, lambda: _completed(run_dir, cfg)):
+            return
+        _drive(cfg, run_dir, resume=True, collective=coll)
 
 
 @app.command()
@@ -368,6 +403,7 @@ def vs_search(
         TextColumn("{task.completed}/{task.total}"),
         TimeRemainingColumn(),
         console=console,
+        disable=not main,
     ) as progress:
         task = progress.add_task("vs-search", total=None)
 
@@ -415,15 +451,31 @@ def _ledger_rows(run_dir: Path) -> list[dict]:
     return ledger_rows(run_dir)
 
 
-def _drive(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # type: ignore[valid-type]
-    """Run (or resume) the run in ``run_dir``, holding its lock: one process per run."""
+def _drive(
+    cfg: TrainConfig,  # type: ignore[valid-type]
+    run_dir: Path,
+    *,
+    resume: bool,
+    collective: Any = None,
+) -> None:
+    """Run (or resume) the run in ``run_dir``, holding its lock: one job per run (under
+    ``torchrun``, rank 0 holds it and alone writes the run directory)."""
+    import contextlib
+
     from selfmod.runs.lock import run_lock
 
-    with run_lock(run_dir):
-        _drive_locked(cfg, run_dir, resume=resume)
+    main = collective is None or collective.main
+    with run_lock(run_dir) if main else contextlib.nullcontext():
+        _drive_locked(cfg, run_dir, resume=resume, collective=collective)
 
 
-def _drive_locked(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # type: ignore[valid-type]
+def _drive_locked(
+    cfg: TrainConfig,  # type: ignore[valid-type]
+    run_dir: Path,
+    *,
+    resume: bool,
+    collective: Any = None,
+) -> None:
     import torch
 
     from selfmod.introspect.builtin import sources_of
@@ -434,11 +486,19 @@ def _drive_locked(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # 
 
     torch.set_num_threads(cfg.threads)
     problem, splits = build_problem(cfg)
+    main = collective is None or collective.main
     run, recorder = build_run(
-        problem, sources_of(splits, cfg.seed), cfg, run_dir, resume=resume, logs=console
+        problem,
+        sources_of(splits, cfg.seed),
+        cfg,
+        run_dir,
+        resume=resume,
+        logs=console if main else None,
+        collective=collective,
     )
     status = run_dir / "status.json"
-    atomic_write_text(status, json.dumps({"state": "running", "step": run.step}))
+    if main:
+        atomic_write_text(status, json.dumps({"state": "running", "step": run.step}))
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -463,19 +523,25 @@ def _drive_locked(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> None:  # 
         try:
             run.run(on_step=tick)
         except KeyboardInterrupt:  # Ctrl-C: the run stops where it is; resume continues it
-            state = {"state": "interrupted", "step": run.step}
-            atomic_write_text(status, json.dumps(state))
-            console.print(f"interrupted at step {run.step}; selfmod resume {run_dir} continues")
+            if main:
+                state = {"state": "interrupted", "step": run.step}
+                atomic_write_text(status, json.dumps(state))
+                console.print(f"interrupted at step {run.step}; selfmod resume {run_dir} continues")
             raise typer.Exit(130) from None
+        if collective is not None:
+            collective.agree(run)
         fixed = None
         if cfg.compare_fixed:
             t2 = progress.add_task("fixed configuration", total=cfg.steps, info="")
             fixed_problem, fixed_splits = build_problem(cfg)
             fixed = Loop(fixed_problem, sources_of(fixed_splits, cfg.seed), cfg, tune=False)
+            fixed.collective = collective
             fixed.run(on_step=lambda r: r.step % 10 == 0 and progress.update(t2, completed=r.step))
-    history = finish(run_dir, run, fixed, cfg)
     if recorder is not None:
         recorder.close()
+    if not main:
+        return
+    history = finish(run_dir, run, fixed, cfg)
     atomic_write_text(status, json.dumps({"state": "complete", "step": run.step}))
     title = f"{cfg.data}, {cfg.model}: same steps and start" + (
         f" (data shift at step {cfg.shift_step})" if cfg.shift_step else ""

@@ -8,6 +8,9 @@ chosen point; fault injection stays out of the library.
     python tests/crash_at.py write=TEXT -c CODE ARGS    # the same around Python code
     python tests/crash_at.py time=SECONDS meta-train .. # after SECONDS of wall time, wherever
                                                         # the process is (a file write too)
+
+With ``step=N`` under ``torchrun`` and ``CRASH_RANK=R`` set, only rank R dies, and only in
+the job's first attempt (a ``--max-restarts`` restart runs to the end).
 """
 
 import os
@@ -23,6 +26,11 @@ _write = files.atomic_write_bytes
 
 
 def _die() -> None:
+    rank = os.environ.get("CRASH_RANK")
+    if rank is not None and (
+        os.environ.get("RANK") != rank or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    ):
+        return
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -122,6 +122,11 @@ class Loop:
     ``lrs`` starts each tensor at its own learning rate instead of ``config.lr``.
     """
 
+    #: several processes: an object with ``train_step(loop, state, batch)`` (a data-parallel
+    #: base step) and ``agree(loop)`` (called as every cycle starts), as
+    #: :class:`selfmod.runs.distributed.Collective`; ``None`` on one process
+    collective: Any = None
+
     def __init__(
         self,
         problem: Problem,
@@ -455,6 +460,8 @@ class Loop:
         return self.step
 
     def _cycle(self) -> None:
+        if self.collective is not None:
+            self.collective.agree(self)
         if self.cycle % self.config.checkpoint_every == 0:
             self.recorder.checkpoint(self)
         self.cycled_at = self.step
@@ -517,6 +524,8 @@ class Loop:
     ) -> tuple[Params, Any, Params, float, tuple[Tensor, ...]]:
         """``(params, opt_state, buffers, loss, grads)`` after one optimizer step on ``batch``;
         raises :class:`NonFiniteError` on a NaN or inf loss or gradient."""
+        if self.collective is not None:
+            return self.collective.train_step(self, state, batch)
         box: dict[str, Params] = {}
         monitor = _GradTap(start=self.step)
         with torch.no_grad():

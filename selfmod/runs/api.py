@@ -19,6 +19,7 @@ batches (see :mod:`selfmod.data.streams`). Guard and test data: a pair, a ``Data
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -43,6 +44,7 @@ from selfmod.introspect.loop import Loop, Recorder, Source, device_of, jsonable
 from selfmod.introspect.modifiers import Modifier
 from selfmod.introspect.probes import against_fixed
 from selfmod.introspect.problem import Problem, default_metric
+from selfmod.runs import distributed
 from selfmod.runs.checkpoint import list_checkpoints
 from selfmod.runs.config import validate
 from selfmod.runs.files import atomic_write_bytes, atomic_write_text
@@ -94,26 +96,38 @@ def build_run(
     modifiers: Sequence[Modifier] | None = None,
     resume: bool = False,
     logs: Console | None = None,
+    collective: distributed.Collective | None = None,
 ) -> tuple[Loop, RunRecorder | None]:
     """The loop with a recorder on ``run_dir`` (``None``: in memory), resumed if asked; with a
-    ``logs`` console, also the CSV, TensorBoard and console logs (:mod:`selfmod.runs.logs`)."""
+    ``logs`` console, also the CSV, TensorBoard and console logs (:mod:`selfmod.runs.logs`).
+
+    With a ``collective`` (several processes) only rank 0 records into ``run_dir`` and reads
+    the checkpoint; every other rank continues from rank 0's state (:mod:`.distributed`)."""
     cuda = device_of(cfg).type == "cuda"
     if cfg.deterministic and cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     # some CUDA kernels (adaptive pooling's backward, ...) have no deterministic version:
     # there they warn and the run is reproducible only up to them
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=cuda)
+    main = collective is None or collective.main
     recorder = (
-        RunRecorder(run_dir, cfg.keep_checkpoints, cfg.run_id) if run_dir is not None else None
+        RunRecorder(run_dir, cfg.keep_checkpoints, cfg.run_id)
+        if run_dir is not None and main
+        else None
     )
     loop = Loop(problem, sources, cfg, modifiers=modifiers, recorder=recorder)
-    if resume:
+    if resume and main:
         if recorder is None:
             raise SelfmodError("resume needs a run directory")
         if list_checkpoints(run_dir):  # type: ignore[arg-type]
             recorder.resume(loop)
         else:  # killed before its first checkpoint: the config alone defines the run
             loop._event("resume", "resume", "no checkpoint yet: the run starts again at step 0", {})
+    if collective is not None:
+        loop.recorder = distributed.RankRecorder(recorder, collective)
+        loop.collective = collective
+        if resume:
+            collective.share_run(loop)
     if recorder is not None and logs is not None:
         recorder.logs = Logs(run_dir, logs, start=loop.step)  # type: ignore[arg-type]
     return loop, recorder
@@ -261,39 +275,61 @@ def fit(
     )
     initial = copy.deepcopy(model) if cfg.compare_fixed else None
     source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
-    if run_dir is None:
-        run_dir = new_run_dir(cfg.out)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        cfg = _saved_config(run_dir, cfg)
-    else:
-        cfg = with_run_id(cfg)
-        atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
-    with run_lock(run_dir):
-        run, recorder = build_run(
-            problem, [source], cfg, run_dir, modifiers=modifiers, resume=resume
-        )
-        atomic_write_text(
-            run_dir / "status.json", json.dumps({"state": "running", "step": run.step})
-        )
-        run.run(on_step)
-        fixed = None
-        if initial is not None:
-            fixed_problem = _problem(initial, loss, gy, metric, groups)
-            fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
-            fixed = Loop(fixed_problem, [fixed_source], cfg, tune=False)
-            fixed.run()
-        finish(run_dir, run, fixed, cfg)
-        atomic_write_text(
-            run_dir / "status.json", json.dumps({"state": "complete", "step": run.step})
-        )
-        if recorder is not None:
-            recorder.close()
+    with distributed.session() as coll:
+        main = coll is None or coll.main
+        run_dir, cfg = on_main(coll, lambda: open_run_dir(run_dir, cfg, resume))
+        with run_lock(run_dir) if main else contextlib.nullcontext():
+            run, recorder = build_run(
+                problem, [source], cfg, run_dir, modifiers=modifiers, resume=resume,
+                collective=coll,
+            )  # fmt: skip
+            if main:
+                atomic_write_text(
+                    run_dir / "status.json", json.dumps({"state": "running", "step": run.step})
+                )
+            run.run(on_step)
+            if coll is not None:
+                coll.agree(run)
+            fixed = None
+            if initial is not None:
+                fixed_problem = _problem(initial, loss, gy, metric, groups)
+                fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
+                fixed = Loop(fixed_problem, [fixed_source], cfg, tune=False)
+                fixed.collective = coll
+                fixed.run()
+            if main:
+                finish(run_dir, run, fixed, cfg)
+                atomic_write_text(
+                    run_dir / "status.json", json.dumps({"state": "complete", "step": run.step})
+                )
+            if recorder is not None:
+                recorder.close()
             run.recorder = Recorder()  # the run directory is complete: nothing more goes in it
+            run.collective = None  # the process group ends here; the run is whole on every rank
+            if fixed is not None:
+                fixed.collective = None
     module = problem.export(run.params, run.state.buffers)
     fixed_summary = fixed.summary() if fixed else None
     return FitResult(module, summary_record(tuned_summary(run, fixed), fixed_summary), run_dir, run)
+
+
+def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Path, Any]:
+    """``(run_dir, config)``: a new run directory (default: under ``cfg.out``) with a fresh
+    ``run_id`` and its ``config.json`` written, or (``resume``) the saved config of
+    ``run_dir``."""
+    run_dir = new_run_dir(cfg.out) if run_dir is None else Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        return run_dir, _saved_config(run_dir, cfg)
+    cfg = with_run_id(cfg)
+    atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
+    return run_dir, cfg
+
+
+def on_main(collective: distributed.Collective | None, fn: Callable[[], Any]) -> Any:
+    """``fn()`` here on one process; under ``torchrun`` on rank 0 alone, its value (or its
+    one-line error) on every rank."""
+    return fn() if collective is None else collective.from_main(fn)
 
 
 def _saved_config(run_dir: Path, cfg: Any) -> Any:
