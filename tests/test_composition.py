@@ -51,7 +51,10 @@ def _eval_out(run: Introspector, state, x):
 
 
 def test_growth_criterion_proposal_matches_a_hand_computation_and_keeps_the_function():
-    cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "max_width": 64, "grow_threshold": 0.5})
+    cfg = TrainConfig(
+        **{**FAST, "modifiers": ["grow"], "max_width": 64, "grow_threshold": 0.5,
+           "grow_rule": "criterion"}
+    )  # fmt: skip
     run = Introspector(cfg)
     run.run()  # 60 steps of training: the criterion has something to measure
     ctx = _context(run)
@@ -101,7 +104,7 @@ def test_growth_criterion_proposal_matches_a_hand_computation_and_keeps_the_func
 
 def test_growth_stops_when_no_direction_beats_the_existing_units_not_at_a_cap():
     over = {**FAST, "modifiers": ["grow"], "steps": 100, "max_width": 4096}
-    picky = Introspector(TrainConfig(**over, grow_threshold=100.0))
+    picky = Introspector(TrainConfig(**over, grow_threshold=100.0, grow_rule="criterion"))
     picky.run()
     assert not [d for d in picky.history["decisions"] if d["modifier"] == "grow"]
     assert picky.widths() == [8, 8]  # room for 4,088 more units, none worth adding
@@ -114,7 +117,7 @@ def test_growth_stops_when_no_direction_beats_the_existing_units_not_at_a_cap():
 
 
 def _gated_run(**over) -> Introspector:
-    cfg = TrainConfig(**{**FAST, "modifiers": ["prune"], **over})
+    cfg = TrainConfig(**{**FAST, "modifiers": ["prune"], "prune_rule": "l0", **over})
     run = Introspector(cfg)
     assert run.problem.gate_sites == ["gate0", "gate1"]
     return run
@@ -313,3 +316,30 @@ def test_meta_horizon_moves_the_learning_rates_by_the_horizon_term():
     assert float(seen[1].abs().sum()) > 0
     with pytest.raises(ValueError, match="meta_horizon needs estimator"):
         TrainConfig(**{**FAST, "meta_horizon": 50, "estimator": "forward"})
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [{"params": 600}, {"flops": 1200}, {"memory": 2500}],
+)
+def test_a_change_over_budget_is_refused_with_the_state_bitwise_unchanged(budget):
+    from selfmod.introspect.modifiers import Proposal
+    from selfmod.introspect.state import flatten
+
+    cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 1, "budget": budget})
+    run = Introspector(cfg)
+    run.run()
+    _context(run)  # the lookahead batches a cycle would verify on
+    before_t, before_s = flatten(run.state, "state")
+    grow = Proposal("grow", surgery={"add": [4, 4], "seed": 0, "cycle": run.cycle})
+    current = run.verify_baseline()
+    run.verify_and_decide(grow, current)
+    decision = run.history["decisions"][-1]
+    name = {"params": "parameter", "flops": "FLOPs", "memory": "memory"}[next(iter(budget))]
+    assert decision["decision"] == "reject" and decision["reason"].startswith(f"{name} budget")
+    after_t, after_s = flatten(run.state, "state")
+    assert before_s == after_s and before_t.keys() == after_t.keys()
+    assert all(torch.equal(before_t[k], after_t[k]) for k in before_t)

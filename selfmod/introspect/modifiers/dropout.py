@@ -1,8 +1,9 @@
 """``dropout``: the rate of every :class:`~selfmod.arch.dropout.ConcreteDropout` site in the
-model, by the gap rule (``p`` in ``[0.0025, 0.5]``) or the meta-gradient of its logit."""
+model, by the gap rule (``p`` in ``[0.0025, max_dropout]``) or the meta-gradient of its logit."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor
@@ -16,7 +17,9 @@ class Dropout(RegularizerModifier):
     name = "dropout"
     order = 40
     key = "drop_logit"
-    bounds = (-6.0, 0.0)
+
+    def bounds(self) -> tuple[float, float]:
+        return -6.0, math.log(self.settings.max_dropout / (1 - self.settings.max_dropout))  # type: ignore[attr-defined]
 
     def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:
         if not problem.dropout_sites:

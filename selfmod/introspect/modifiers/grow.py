@@ -1,6 +1,6 @@
 """``grow``: add units to the hidden layers, function-preserving, verified like every change.
 
-``grow_rule = "criterion"`` (default): per layer, GradMax's singular values ``sigma_i`` of
+``grow_rule = "criterion"``: per layer, GradMax's singular values ``sigma_i`` of
 ``M = delta^T h_in`` on the lookahead batches (eval mode) against the existing units' mean
 gradient per unit of weight norm (:func:`selfmod.arch.growth_criterion`, ``side="fan_out"``);
 the directions with ``sigma_i > grow_threshold * mean_j r_j`` are added, at most
@@ -9,7 +9,8 @@ direction beats the existing units, not at a cap. New units get zero fan-out and
 the top right singular vectors (:func:`selfmod.arch.gradmax_fan_in_plan`).
 Layers that are not ``Linear -> Linear`` (convolutions) fall back to the fraction rule.
 
-``grow_rule = "fraction"``: ``ceil(grow_fraction * width)`` units every time, zero fan-out and
+``grow_rule = "fraction"`` (default; it gave the higher accuracy on validation seeds):
+``ceil(grow_fraction * width)`` units every time, zero fan-out and
 random fan-in (:func:`selfmod.arch.zero_plan`), up to ``max_width``.
 
 The optimizer state is re-indexed; the proposal commits only if the grown network's guard
@@ -42,8 +43,8 @@ class GrowSettings(BaseModel):
 
     grow_fraction: float = Field(0.5, gt=0, le=4, description="max units added per cycle, x width")
     max_width: int = Field(256, ge=1, le=8192, description="growth never goes beyond this")
-    grow_rule: Literal["criterion", "fraction"] = Field(
-        "criterion",
+    grow_rule: Literal["fraction", "criterion"] = Field(
+        "fraction",
         description="criterion: GradMax directions that beat the existing units' gradient; "
         "fraction: grow_fraction x width every time",
     )

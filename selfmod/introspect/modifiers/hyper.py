@@ -31,6 +31,12 @@ class GapSettings(BaseModel):
         "gap", description="dropout/weight decay steered by the generalization gap or by d/dh"
     )
     gap_target: float = Field(0.15, gt=0, le=10, description="wanted guard - train loss")
+    max_weight_decay: float = Field(
+        1e-3, gt=1e-7, le=1, description="regularize=gap: the largest weight decay it sets"
+    )
+    max_dropout: float = Field(
+        0.5, gt=0.0025, lt=1, description="regularize=gap: the largest dropout rate it sets"
+    )
     gap_gain: float = Field(
         0.0,
         ge=0,
@@ -88,8 +94,10 @@ class RegularizerModifier(MetaGradientModifier):
     """Weight decay or dropout: by the meta-gradient, or (``regularize = "gap"``) by the gap."""
 
     Settings = GapSettings
-    #: the gap rule's range of ``h[key]``
-    bounds: ClassVar[tuple[float, float]]
+
+    def bounds(self) -> tuple[float, float]:
+        """The gap rule's range of ``h[key]`` (unconstrained)."""
+        raise NotImplementedError
 
     def propose(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:
         s = self.settings
@@ -99,5 +107,5 @@ class RegularizerModifier(MetaGradientModifier):
         if not math.isfinite(gap):
             return [], memory
         step = gap_step(gap, s.gap_target, s.gap_gain, ctx.trust_region)  # type: ignore[attr-defined]
-        new = (ctx.state.hparams[self.key] + step).clamp(*self.bounds)
+        new = (ctx.state.hparams[self.key] + step).clamp(*self.bounds())
         return [Proposal(self.name, {self.key: new}, group=REGULARIZE, info={"gap": gap})], memory

@@ -1,7 +1,7 @@
 """``prune``: remove hidden units, verified like every change.
 
-``prune_rule = "l0"`` (default, where the model has :class:`~selfmod.arch.HardConcreteGate`
-modules; the built-in networks get one after every hidden layer): the gates' ``log_alpha``
+``prune_rule = "l0"`` (where the model has :class:`~selfmod.arch.HardConcreteGate` modules;
+the built-in networks then get one after every hidden layer): the gates' ``log_alpha``
 train with the weights on ``loss + lambda E[params_gated] / params`` (Louizos et al. 2018;
 :meth:`~selfmod.introspect.problem.Problem.expected_gated_params`), and the units whose
 deterministic gate is exactly 0 are removed at the next cycle. Their output is 0 in eval mode,
@@ -9,7 +9,7 @@ so removing them keeps the function. ``lambda = l0_strength + mu``, where ``mu``
 budget controller's multiplier (:func:`selfmod.arch.budget_update`) on the expected parameter
 count against ``max_params``: 0 while under the budget, rising while over it.
 
-``prune_rule = "saliency"`` (and models without gates): units whose saliency
+``prune_rule = "saliency"`` (default, and models without gates): units whose saliency
 ``||W_in[j]|| ||W_out[:, j]||`` is below 1e-3 of the layer's median (dead units).
 
 At most ``prune_fraction`` of a layer goes per cycle, and at least one unit stays
@@ -44,8 +44,8 @@ class PruneSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prune_fraction: float = Field(0.1, gt=0, lt=1, description="max units removed per cycle")
-    prune_rule: Literal["l0", "saliency"] = Field(
-        "l0",
+    prune_rule: Literal["saliency", "l0"] = Field(
+        "saliency",
         description="l0: hard-concrete gates trained with an L0 penalty, closed units removed; "
         "saliency: dead units (|fan-in| |fan-out| ~ 0)",
     )

@@ -14,4 +14,6 @@ class WeightDecay(RegularizerModifier):
     name = "weight_decay"
     order = 30
     key = "log_wd"
-    bounds = (math.log(1e-7), math.log(1e-3))
+
+    def bounds(self) -> tuple[float, float]:
+        return math.log(1e-7), math.log(self.settings.max_weight_decay)  # type: ignore[attr-defined]
