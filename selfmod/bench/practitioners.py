@@ -50,17 +50,13 @@ LR_RANGE = (1e-4, 3e-2)
 WD_RANGE = (1e-5, 3e-1)
 
 #: the self-modifying run's settings on every workload (steps, batch size and seed are the
-#: workload's). Chosen on the validation splits of seeds 10 and 11 (never the published seeds),
-#: see the README; re-run the benchmark unchanged when the library's defaults improve.
-SELFMOD_CONFIG: dict[str, Any] = {
-    "optimizer": "adamw",
-    "lr": 1e-3,
-    "weight_decay": 1e-2,
-    "modifiers": ["lr", "weight_decay"],
-    "cycle": 100,
-    "lookahead": 10,
-    "lr_mean": "free",
-}
+#: workload's): fit's defaults with AdamW from lr 1e-3 (every modifier that applies: learning
+#: rates per tensor, weight decay, batch size; growth and pruning where the model is an
+#: nn.Sequential). Chosen on validation with seed 10 (never the published seeds 0-4) over one
+#: alternative, only lr and weight decay with cycle 50, lookahead 10, weight decay 1e-2
+#: (validation: mnist1d 63.6% vs 60.2%, cancer 97.4% vs 96.5%, mnist 94.4% both, pylm 3.73 vs
+#: 3.65 bits per byte). Re-run the benchmark unchanged when the library's defaults improve.
+SELFMOD_CONFIG: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-3}
 
 
 class Budget(BaseModel):
@@ -646,13 +642,14 @@ def run_benchmark(
 
 
 def write_results(
-    budget: Budget, raw: dict[str, list[Result]], command: str, seconds: float
+    budget: Budget, raw: dict[str, list[Result]], command: str, seconds: float, note: str = ""
 ) -> str:
     """``practitioners.{md,json,png}`` and every run's figures (``practitioners_runs.json``)
-    into ``budget.out``; returns the markdown."""
+    into ``budget.out``; returns the markdown (``note`` goes under the protocol)."""
     works = {name: make_workload(name, budget.steps) for name in raw}
     summary = {"workloads": {n: summarize(works[n], raw[n]) for n in raw}}
-    text = markdown(summary, raw, works, budget, command, seconds, pbt_note(budget))
+    notes = f"{pbt_note(budget)} {note}".strip()
+    text = markdown(summary, raw, works, budget, command, seconds, notes)
     out = Path(budget.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "practitioners.md", text)
@@ -691,7 +688,9 @@ def load_runs(path: str | Path) -> tuple[dict[str, list[Result]], float]:
 
 
 def pbt_note(budget: Budget) -> str:
-    if "pbt" not in budget.contenders or budget.pbt == "off":
+    if "pbt" not in budget.contenders:
+        return ""
+    if budget.pbt == "off":
         return "PBT not run (pbt=off)."
     if not _pbt_on(budget):
         return "PBT not run: ray is not installed (pip install 'selfmod[pbt]')."
