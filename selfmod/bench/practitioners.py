@@ -568,6 +568,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(summary["workloads"])
     fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.2 * len(names)), squeeze=False)
@@ -591,6 +592,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                     label=NAMES[c],
                 )
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("wall seconds (tuning + one run, 1 core)" if col == 0 else "steps")
             ax.set_ylabel(entry["metric"].replace("_", " "))
             ax.set_title(name)
