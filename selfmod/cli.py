@@ -8,6 +8,7 @@ selfmod approve DIR ID                              approve a pending change (ma
 selfmod rollback DIR --to CYCLE                     go back to the checkpoint of a cycle
 selfmod meta-train [CONFIG.toml] [--set k=v]        meta-train a learned optimizer
 selfmod bench vs-search [--set k=v]                 selfmod against search and self-tuning
+selfmod bench practitioners [--set k=v]             selfmod against tuned AdamW, LR-free, TPE, PBT
 """
 
 from __future__ import annotations
@@ -412,6 +413,43 @@ def vs_search(
 
         text = run_benchmark(budget, command, tick)
     Console(width=140).print(text)
+
+
+@bench.command("practitioners")
+def practitioners(
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="workload=mnist1d|mnist|pylm|cancer (or a list), seeds=[0,1], tuning_seed, "
+            "steps (x each workload's), tpe_trials, grid_points, pbt=auto|on|off, "
+            "pbt_members, contenders, out",
+        ),
+    ] = None,
+) -> None:
+    """Self-modification against what practitioners use (a tuned AdamW grid, Schedule-Free
+    AdamW, Prodigy, D-Adaptation, Optuna TPE, Ray Tune PBT) on MNIST-1D, MNIST, Python bytes
+    and a tabular set; writes practitioners.{md,json,png}."""
+    from selfmod.bench.practitioners import load_budget, missing, run_benchmark
+
+    budget = load_budget(set_)
+    if need := missing(budget):
+        raise SelfmodError(f"{need} needed for this benchmark: pip install 'selfmod[bench]'")
+    command = "selfmod bench practitioners" + "".join(f" --set {s}" for s in set_ or [])
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("practitioners", total=None)
+
+        def tick(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, description=name)
+
+        text = run_benchmark(budget, command, tick)
+    Console(width=160).print(text)
 
 
 # ----------------------------------------------------------------------------- driving a run

