@@ -125,8 +125,26 @@ def configs(args) -> dict[str, tuple[str, dict[str, Any]]]:
     return table
 
 
+def cost_configs(args) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Extra rows of the cost table only (not trained): the causal layers' mini-batch size
+    and the TTT-MLP scan against its reference loop."""
+    return {
+        "ttt_linear (causal, b=16)": ("ttt_linear", dict(causal=True, mini_batch=16)),
+        "ttt_mlp (causal, b=16)": ("ttt_mlp", dict(causal=True, mini_batch=16)),
+        "ttt_mlp (causal, b=49)": ("ttt_mlp", dict(causal=True, mini_batch=49)),
+        "ttt_mlp (causal, b=16, loop)": (
+            "ttt_mlp",
+            dict(causal=True, mini_batch=16, impl="loop"),
+        ),
+        f"ttt_mlp (causal, b={args.mini_batch}, loop)": (
+            "ttt_mlp",
+            dict(causal=True, mini_batch=args.mini_batch, impl="loop"),
+        ),
+    }
+
+
 def build(args, name: str) -> SequenceClassifier:
-    mixer, kw = configs(args)[name]
+    mixer, kw = (configs(args) | cost_configs(args))[name]
     return SequenceClassifier(
         SIDE * SIDE, 10, mixer, dim=args.dim, depth=args.depth, heads=args.heads, **kw
     )
@@ -318,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cost_only:
         path = args.out.with_suffix(".json")
         log = json.loads(path.read_text()) if path.exists() else dict(runs={}, settings=None)
-        log["cost"] = cost_table(args, names)
+        log["cost"] = cost_table(args, names + list(cost_configs(args)))
         log["cost_settings"] = {k: getattr(args, k) for k in (*SETTINGS, "threads")}
         save(args, log)
         if log["settings"] is not None:
@@ -362,7 +380,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def merge(logs: list[dict]) -> dict:
     """One log from logs that differ only in their seeds: runs concatenated per configuration
-    in seed order, the first cost table, wall time the longest (they ran side by side)."""
+    in seed order, the first cost table, wall time the longest (they ran side by side). A log
+    of ``--cost-only`` (no settings) contributes its cost table only."""
+    costs = [g["cost"] for g in logs if g.get("cost")]
+    logs = [g for g in logs if g.get("settings") is not None]
     keys = [
         k for k in logs[0]["settings"] if k not in ("seeds", "out", "merge", "configs", "no_cost")
     ]
@@ -378,7 +399,7 @@ def merge(logs: list[dict]) -> dict:
         runs.sort(key=lambda r: r["seed"])
     merged["settings"]["seeds"] = sorted({s for g in logs for s in g["settings"]["seeds"]})
     merged["settings"]["configs"] = None
-    merged["cost"] = next((g["cost"] for g in logs if g.get("cost")), None)
+    merged["cost"] = costs[0] if costs else None
     merged["total_s"] = max(g.get("total_s", 0.0) for g in logs)
     merged["processes"] = len(logs)
     return merged

@@ -117,14 +117,11 @@ def test_mlp_scan_equals_loop_in_value_and_gradient(float64, N, mini_batch, per_
     assert torch.isfinite(second).all()
 
 
-def test_ttt_mlp_layer_scan_equals_loop(float64, monkeypatch):
+def test_ttt_mlp_layer_scan_equals_loop(float64):
     layer = TTTMLP(8, 2, mini_batch=5)
     x = torch.randn(2, 23, 8)
     y_scan = layer(x)
-    import selfmod.ttt.layers as layers
-
-    loop = layers.ttt_mlp
-    monkeypatch.setattr(layers, "ttt_mlp", lambda *a, **kw: loop(*a, impl="loop", **kw))
+    layer.impl = "loop"
     torch.testing.assert_close(y_scan, layer(x), rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="impl must be"):
         ttt_mlp(x, x, x, init_mlp(8), impl="fused")
@@ -157,12 +154,15 @@ def test_benchmark_runs_end_to_end_and_writes_valid_json(tmp_path):
     other = dict(log, settings=dict(log["settings"], seeds=[7]))
     other["runs"] = {n: [dict(r, seed=7) for r in rs] for n, rs in log["runs"].items()}
     (tmp_path / "b.json").write_text(json.dumps(other))
+    cost = dict(runs={}, settings=None, cost={"linear_attention": dict(step_s=0.1, saved_mib=2.0)})
+    (tmp_path / "c.json").write_text(json.dumps(cost))  # a --cost-only log
     merged = tmp_path / "merged.md"
-    bench.main(["--merge", str(out.with_suffix(".json")), str(tmp_path / "b.json"),
-                "--out", str(merged)])  # fmt: skip
+    bench.main(["--merge", *(str(p) for p in (out.with_suffix(".json"), tmp_path / "b.json",
+                tmp_path / "c.json")), "--out", str(merged)])  # fmt: skip
     mlog = json.loads(merged.with_suffix(".json").read_text())
     assert [r["seed"] for r in mlog["runs"]["linear_attention"]] == [0, 7]
-    assert mlog["settings"]["seeds"] == [0, 7]
+    assert mlog["settings"]["seeds"] == [0, 7] and mlog["cost"] == cost["cost"]
+    assert "| linear_attention | 0.100 | 2.0 |" in merged.read_text()
 
 
 def test_cost_worker_measures_time_and_saved_memory(capsys):

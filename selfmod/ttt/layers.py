@@ -351,11 +351,17 @@ class TTTLinear(_TTT):
 class TTTMLP(_TTT):
     """Causal TTT-MLP: ``f_res`` a 2-layer GELU MLP per head with hidden ``4 d_h``.
 
+    ``impl="scan"`` runs :func:`ttt_causal_scan` (the read batched over mini-batches after
+    the recurrence); ``"loop"`` the reference loop. Both are autograd, with equal results.
+
     References: arXiv 2407.04620 (TTT-MLP).
     """
 
-    def __init__(self, dim: int, heads: int = 4, **kwargs) -> None:
+    def __init__(
+        self, dim: int, heads: int = 4, impl: Literal["scan", "loop"] = "scan", **kwargs
+    ) -> None:
         super().__init__(dim, heads, **kwargs)
+        self.impl = impl
         W1, b1, W2, b2 = init_mlp(self.head_dim)
         self.W1, self.b1, self.W2, self.b2 = (
             nn.Parameter(t.expand(heads, *t.shape).clone()) for t in (W1, b1, W2, b2)
@@ -364,7 +370,7 @@ class TTTMLP(_TTT):
     def mix(self, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, ln: tuple[Tensor, Tensor]):
         return ttt_mlp(
             q, k, v, (self.W1, self.b1, self.W2, self.b2), eta, 1, self.mini_batch, True, ln=ln,
-            first_order=self.first_order, form=self.form,
+            first_order=self.first_order, form=self.form, impl=self.impl,
         )  # fmt: skip
 
 
