@@ -21,12 +21,12 @@ a fresh subprocess) comes first.
     python benchmarks/ttt_pixels.py --split val --seeds 100 101 --out /tmp/val.md  # selection
     python benchmarks/ttt_pixels.py --quick --out /tmp/q.md                        # smoke test
 
-The published run used one process per seed (the cost table in the first), then merged:
+The published run was split over processes side by side (one per seed, later one per seed
+and configuration, ``--configs``; the cost table alone with ``--cost-only``), then merged:
 
-    python benchmarks/ttt_pixels.py --seeds 0 --out /tmp/pix/s0.md
-    python benchmarks/ttt_pixels.py --seeds 1 --no-cost --out /tmp/pix/s1.md   # side by side
-    python benchmarks/ttt_pixels.py --seeds 2 --no-cost --out /tmp/pix/s2.md
-    python benchmarks/ttt_pixels.py --merge /tmp/pix/s0.json /tmp/pix/s1.json /tmp/pix/s2.json
+    python benchmarks/ttt_pixels.py --seeds 1 --no-cost --configs "mttt_mlp T=4" --out /tmp/a.md
+    python benchmarks/ttt_pixels.py --cost-only --out /tmp/cost.md
+    python benchmarks/ttt_pixels.py --merge /tmp/cost.json /tmp/a.json ...
 
 One thread (``--threads``): on the shared 2-core machine small ops run several times slower
 with 2 threads.
@@ -384,9 +384,8 @@ def merge(logs: list[dict]) -> dict:
     of ``--cost-only`` (no settings) contributes its cost table only."""
     costs = [g["cost"] for g in logs if g.get("cost")]
     logs = [g for g in logs if g.get("settings") is not None]
-    keys = [
-        k for k in logs[0]["settings"] if k not in ("seeds", "out", "merge", "configs", "no_cost")
-    ]
+    per_process = ("seeds", "out", "merge", "configs", "no_cost", "cost_only")
+    keys = [k for k in logs[0]["settings"] if k not in per_process]
     for other in logs[1:]:
         diff = [k for k in keys if other["settings"].get(k) != logs[0]["settings"][k]]
         if diff:
@@ -400,7 +399,10 @@ def merge(logs: list[dict]) -> dict:
     merged["settings"]["seeds"] = sorted({s for g in logs for s in g["settings"]["seeds"]})
     merged["settings"]["configs"] = None
     merged["cost"] = costs[0] if costs else None
-    merged["total_s"] = max(g.get("total_s", 0.0) for g in logs)
+    # a log cut off before its end has no total: the sum of its runs' seconds instead
+    merged["total_s"] = max(
+        g.get("total_s", sum(r["seconds"] for rs in g["runs"].values() for r in rs)) for g in logs
+    )
     merged["processes"] = len(logs)
     return merged
 
@@ -431,10 +433,9 @@ def write_report(args, log: dict) -> None:
         f"token's features zeroed (rate {s['mask_rate']:g}), identity decoder. "
         f"{held.capitalize()} accuracy (%), mean ± half-width of the 95% t-interval over seeds "
         f"{s['seeds']}. CPU, {s['threads']} thread per process, "
-        f"{log.get('processes', 1)} process(es) side by side, on a 2-core machine shared with "
-        f"other jobs; wall time {total / 60:.1f} min. `python benchmarks/ttt_pixels.py"
-        + ("" if s["split"] == "test" else " --split val")
-        + "`",
+        f"{log.get('processes', 1)} log(s) merged (runs split over processes side by side), on a "
+        f"2-core machine shared with other jobs; longest process {total / 60:.1f} min. "
+        "`python benchmarks/ttt_pixels.py" + ("" if s["split"] == "test" else " --split val") + "`",
         "",
         "| configuration | parameters | accuracy | per seed | train loss, last epoch | s / run |",
         "|---|---:|---|---|---|---:|",
