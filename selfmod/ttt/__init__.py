@@ -11,6 +11,7 @@ from selfmod.ttt.functional import (
     linear_attention,
     nadaraya_watson,
     softmax_attention,
+    ttt_causal_scan,
     ttt_inner_loop,
     ttt_linear,
     ttt_mlp,
@@ -22,6 +23,8 @@ from selfmod.ttt.layers import (
     MTTTLinear,
     SoftmaxAttention,
     TTTLinear,
+    gaussian_noise,
+    random_mask,
 )
 from selfmod.ttt.models import MIXERS, Block, CausalLM, SequenceClassifier, make_mixer
 
@@ -36,11 +39,14 @@ __all__ = [
     "SequenceClassifier",
     "SoftmaxAttention",
     "TTTLinear",
+    "gaussian_noise",
     "init_mlp",
     "linear_attention",
     "make_mixer",
     "nadaraya_watson",
+    "random_mask",
     "softmax_attention",
+    "ttt_causal_scan",
     "ttt_inner_loop",
     "ttt_linear",
     "ttt_mlp",

@@ -44,6 +44,7 @@ __all__ = [
     "linear_attention",
     "nadaraya_watson",
     "softmax_attention",
+    "ttt_causal_scan",
     "ttt_inner_loop",
     "ttt_linear",
     "ttt_mlp",
@@ -407,6 +408,76 @@ def ttt_inner_loop(
     return (out, torch.stack(block_losses, -2)) if return_losses else out
 
 
+def ttt_causal_scan(
+    params: InnerParams,
+    q: Tensor,
+    k: Tensor,
+    target: Tensor,
+    objective: Objective,
+    readout: Readout,
+    lr: float | Tensor = 1.0,
+    mini_batch: int = 16,
+    first_order: bool = False,
+) -> Tensor:
+    """Causal mini-batch TTT in dual form with only the recurrence in the Python loop.
+
+    The same outputs (and autograd gradients) as ``ttt_inner_loop(..., causal=True,
+    form="dual")`` for any inner model: mini-batch ``j`` takes its gradient factors
+    ``[(a_l, g_l)]`` at ``theta_j`` and steps ``theta_{j+1} = theta_j - sum_s eta_s a_s^T g_s``;
+    that is all the loop does. The dual-form read ``h W_j - (tril(h a^T) * eta) g`` of every
+    mini-batch then runs once, batched over the ``n`` mini-batches with ``theta_j`` stacked
+    ``(..., n, d_in, d_out)``, instead of ``n`` small reads inside the loop. Tokens are
+    zero-padded to whole mini-batches (rate 0, dropped at the end).
+
+    Shapes: ``q, k (..., N, d_in)``, ``target (..., N, d_t)``, ``lr`` a float or per-token
+    rates ``(..., N)`` -> ``(..., N, d_out)``.
+
+    References: arXiv 2407.04620, sections 2.5-2.7 (mini-batch TTT, dual form).
+    """
+    if mini_batch < 1:
+        raise ValueError(f"mini_batch must be >= 1 (got {mini_batch})")
+    N = k.shape[-2]
+    b = min(mini_batch, N)
+    pad = (-N) % b
+    n = (N + pad) // b
+    eta = torch.as_tensor(lr, dtype=q.dtype, device=q.device)
+    if eta.ndim == 0 or eta.shape[-1] == 1:  # one rate: padded tokens need their own 0
+        eta = eta.reshape(*eta.shape[:-1], 1) if eta.ndim else eta.reshape(1)
+        eta = eta.expand(*eta.shape[:-1], N)  # (..., N)
+    if pad:
+        q, k, target = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, target))
+        eta = F.pad(eta, (0, pad))
+    qb, kb, tb = (t.unflatten(-2, (n, b)) for t in (q, k, target))  # (..., n, b, .)
+    etab = eta.unflatten(-1, (n, b))  # (..., n, b)
+    thetas: list[InnerParams] = []
+    factor_list = []
+    for kj, tj, ej in zip(kb.unbind(-3), tb.unbind(-3), etab.unbind(-2), strict=True):
+        p = [(W.detach(), None if c is None else c.detach()) for W, c in params]
+        p = p if first_order else params
+        y, acts, pres = _forward(p, kj)  # (..., b, d_out)
+        g_y, _ = objective(y, kj, tj)
+        factors = _backward(p, acts, pres, g_y)  # [(a (..., b, d_in_l), g (..., b, d_out_l))]
+        thetas.append(params)
+        factor_list.append(factors)
+        params = _step(params, factors, ej)
+    # stack over mini-batches: W (..., n, d_in, d_out), bias (..., n, d_out), a, g (..., n, b, .)
+    stacked = [
+        (
+            torch.stack([t[i][0].expand(*kb.shape[:-3], *t[i][0].shape[-2:]) for t in thetas], -3),
+            None
+            if thetas[0][i][1] is None
+            else torch.stack([t[i][1].expand(*kb.shape[:-3], -1) for t in thetas], -2),
+        )
+        for i in range(len(params))
+    ]
+    factors = [
+        tuple(torch.stack([f[i][m] for f in factor_list], -3) for m in range(2))
+        for i in range(len(params))
+    ]
+    y = _dual_forward(stacked, qb, factors, etab).flatten(-3, -2)  # (..., N + pad, d_out)
+    return readout(y, q)[..., :N, :]  # per token, so on the flat sequence
+
+
 # ----------------------------------------------------------------------------------------------
 # Causal TTT-Linear as a scan with a hand-written backward pass
 # ----------------------------------------------------------------------------------------------
@@ -713,12 +784,18 @@ def ttt_mlp(
     first_order: bool = False,
     form: Literal["dual", "primal"] = "dual",
     return_losses: bool = False,
+    impl: Literal["scan", "loop"] = "scan",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """TTT with a 2-layer MLP ``f(x) = GELU(x W1 + b1) W2 + b2`` on ``1/2 ||f(k_s) - v_s||^2``.
 
     As :func:`ttt_linear` with the MLP's four tensors ``W0 = (W1, b1, W2, b2)`` as the inner
     weights (hidden width 4x by :func:`init_mlp`); the causal mini-batch form is still exact
     in dual form because each layer is affine in its own weights.
+
+    ``impl="scan"`` (default) runs the causal dual form (``causal=True, form="dual"``, one
+    step, a single or per-token rate, no ``return_losses``) through
+    :func:`ttt_causal_scan`, which reads all mini-batches in one batched pass after the
+    recurrence; ``"loop"`` is the reference. Both are plain autograd (differentiable twice).
 
     Shapes: ``q, k (..., N, d)``, ``v (..., N, d_v)``, ``W1 (..., d, h)``, ``W2 (..., h, d_v)``.
 
@@ -729,9 +806,17 @@ def ttt_mlp(
             "ttt_mlp needs initial weights: an all-zero MLP has zero gradient in its first "
             "layer; pass W0=init_mlp(d, d_v)"
         )
+    if impl not in ("scan", "loop"):
+        raise ValueError(f"impl must be 'scan' or 'loop' (got {impl!r})")
     _check_ln_widths(k, v, ln)
     W1, b1, W2, b2 = W0
     objective, readout = _reconstruction(ln)
+    scan = impl == "scan" and causal and form == "dual" and steps == 1 and not return_losses
+    if scan and isinstance(lr, float | int | Tensor):
+        b = k.shape[-2] if mini_batch is None else mini_batch
+        return ttt_causal_scan(
+            [(W1, b1), (W2, b2)], q, k, v, objective, readout, lr, b, first_order
+        )
     return ttt_inner_loop(
         [(W1, b1), (W2, b2)],
         q,

@@ -9,6 +9,7 @@ References: arXiv 2310.13807 (MTTT-Linear, MTTT-MLP); arXiv 2407.04620 (TTT-Line
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -33,6 +34,8 @@ __all__ = [
     "MTTTLinear",
     "SoftmaxAttention",
     "TTTLinear",
+    "gaussian_noise",
+    "random_mask",
 ]
 
 
@@ -54,6 +57,40 @@ def _head_dim(dim: int, heads: int, head_dim: int | None) -> int:
     return dim // heads
 
 
+# A hand-crafted test-time task's corruption of the layer input, (B, N, dim) -> (B, N, dim)
+Corruption = Callable[[Tensor], Tensor]
+
+
+def random_mask(rate: float) -> Corruption:
+    """Zero each input feature independently with probability ``rate`` (a fresh mask per call,
+    at test time too, from torch's global RNG): the masked-reconstruction task of MTTT's
+    hand-crafted baselines (MAE-style, per token and channel).
+
+    References: arXiv 2310.13807, section 5 (hand-crafted tasks); He et al. 2022 (MAE).
+    """
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"mask rate must be in (0, 1) (got {rate})")
+
+    def corrupt(x: Tensor) -> Tensor:
+        return x * (torch.rand_like(x) >= rate)
+
+    return corrupt
+
+
+def gaussian_noise(std: float) -> Corruption:
+    """``x + std * eps``, ``eps ~ N(0, I)`` afresh per call: the denoising task.
+
+    References: arXiv 2310.13807, section 5; Vincent et al. 2008 (denoising autoencoders).
+    """
+    if std <= 0.0:
+        raise ValueError(f"noise std must be > 0 (got {std})")
+
+    def corrupt(x: Tensor) -> Tensor:
+        return x + std * torch.randn_like(x)
+
+    return corrupt
+
+
 class _MTTT(nn.Module):
     """Shared MTTT machinery; subclasses define the inner model's initial weights.
 
@@ -73,6 +110,12 @@ class _MTTT(nn.Module):
     T = 0..4 stays finite on 3 seeds (``benchmarks/results/ttt_repro.md``); at
     initialisation a step's norm is 0.1-0.5, so the clip binds only on sharpened losses.
 
+    ``corruption`` replaces the learned task by a fixed, hand-crafted one (the paper's
+    baseline): per head, keys are the head's slice of ``corruption(x)``, queries and targets
+    its slice of ``x``, and the decoder is the identity, ``l_s(W) = 1/2 ||f(k_s; W) - x_s||^2``
+    (no ``theta_phi``, ``theta_psi``, ``theta_g``; e.g. :func:`random_mask`,
+    :func:`gaussian_noise`).
+
     References: arXiv 2310.13807, sections 4-5.
     """
 
@@ -90,6 +133,7 @@ class _MTTT(nn.Module):
         first_order: bool = False,
         max_lr: float = 0.1,
         inner_clip: float | None = 1.0,
+        corruption: Corruption | None = None,
     ) -> None:
         super().__init__()
         if learn_lr and not 0 < lr < max_lr:
@@ -104,9 +148,16 @@ class _MTTT(nn.Module):
         dh = _head_dim(dim, heads, head_dim)
         self.heads, self.head_dim, self.steps, self.inner = heads, dh, steps, inner
         self.first_order, self.max_lr, self.inner_clip = first_order, max_lr, inner_clip
-        self.phi = nn.Linear(dim, heads * dh, bias=False)  # theta_phi: keys ("corruption")
-        self.psi = nn.Linear(dim, heads * dh, bias=False)  # theta_psi: queries
-        self.decoder = nn.Parameter(torch.randn(heads, dh, dim) / math.sqrt(dh))  # theta_g
+        self.corruption = corruption
+        if corruption is None:
+            self.phi = nn.Linear(dim, heads * dh, bias=False)  # theta_phi: keys ("corruption")
+            self.psi = nn.Linear(dim, heads * dh, bias=False)  # theta_psi: queries
+            self.decoder = nn.Parameter(torch.randn(heads, dh, dim) / math.sqrt(dh))  # theta_g
+        elif heads * dh != dim:
+            raise ValueError(
+                f"a fixed task reconstructs each head's slice of the input, so heads * head_dim "
+                f"must equal dim (got {heads} * {dh} != {dim}); drop head_dim"
+            )
         self.out = nn.Linear(heads * dh, dim)  # h
         rates = torch.full((steps,), float(lr))  # one inner learning rate per step
         self.learn_lr = learn_lr
@@ -139,18 +190,30 @@ class _MTTT(nn.Module):
         """The inner learning rate of each step, ``(steps,)``."""
         return self.max_lr * torch.sigmoid(self.lr_logit) if self.learn_lr else self.lr
 
+    def task(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Queries, keys, targets and decoder of the inner task for ``x (B, N, dim)``.
+
+        Learned: ``q = theta_psi x``, ``k = theta_phi x`` ``(B, H, N, d_h)``, target ``x``
+        ``(B, 1, N, dim)`` for every head, decoder ``theta_g (H, d_h, dim)``. Fixed: the head
+        slices of ``x``, ``corruption(x)`` and ``x`` ``(B, H, N, d_h)``, decoder ``None``.
+        """
+        if self.corruption is not None:
+            xh = _split_heads(x, self.heads)  # (B, H, N, d_h)
+            return xh, _split_heads(self.corruption(x), self.heads), xh, None
+        k = _split_heads(self.phi(x), self.heads)  # (B, H, N, d_h)
+        q = _split_heads(self.psi(x), self.heads)  # (B, H, N, d_h)
+        return q, k, x.unsqueeze(1), self.decoder
+
     def forward(self, x: Tensor) -> Tensor:
         N = x.shape[1]
         lr = self.inner_lr()  # (steps,)
-        k = _split_heads(self.phi(x), self.heads)  # (B, H, N, d_h)
-        q = _split_heads(self.psi(x), self.heads)  # (B, H, N, d_h)
-        target = x.unsqueeze(1)  # (B, 1, N, dim): every head reconstructs the whole token
-        G = self.decoder  # (H, d_h, dim)
+        q, k, target, G = self.task(x)
         ln = tuple(self.decoder_ln) if self.decoder_ln is not None else None
 
         def objective(y: Tensor, kb: Tensor, tb: Tensor) -> tuple[Tensor, Tensor]:
-            err = _ln(y, ln) @ G - tb if ln is not None else y @ G - tb  # (B, H, n, dim)
-            g_z = err @ G.mT  # (B, H, n, d_h)
+            z = _ln(y, ln) if ln is not None else y  # (B, H, n, d_h)
+            err = z - tb if G is None else z @ G - tb  # (B, H, n, d_h | dim)
+            g_z = err if G is None else err @ G.mT  # (B, H, n, d_h)
             g_y = layer_norm_backward(y, g_z, ln[0]) if ln is not None else g_z
             return g_y, 0.5 * err.pow(2).sum(-1)
 
@@ -288,11 +351,17 @@ class TTTLinear(_TTT):
 class TTTMLP(_TTT):
     """Causal TTT-MLP: ``f_res`` a 2-layer GELU MLP per head with hidden ``4 d_h``.
 
+    ``impl="scan"`` runs :func:`ttt_causal_scan` (the read batched over mini-batches after
+    the recurrence); ``"loop"`` the reference loop. Both are autograd, with equal results.
+
     References: arXiv 2407.04620 (TTT-MLP).
     """
 
-    def __init__(self, dim: int, heads: int = 4, **kwargs) -> None:
+    def __init__(
+        self, dim: int, heads: int = 4, impl: Literal["scan", "loop"] = "scan", **kwargs
+    ) -> None:
         super().__init__(dim, heads, **kwargs)
+        self.impl = impl
         W1, b1, W2, b2 = init_mlp(self.head_dim)
         self.W1, self.b1, self.W2, self.b2 = (
             nn.Parameter(t.expand(heads, *t.shape).clone()) for t in (W1, b1, W2, b2)
@@ -301,7 +370,7 @@ class TTTMLP(_TTT):
     def mix(self, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, ln: tuple[Tensor, Tensor]):
         return ttt_mlp(
             q, k, v, (self.W1, self.b1, self.W2, self.b2), eta, 1, self.mini_batch, True, ln=ln,
-            first_order=self.first_order, form=self.form,
+            first_order=self.first_order, form=self.form, impl=self.impl,
         )  # fmt: skip
 
 
