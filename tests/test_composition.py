@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_introspect import FAST  # the small, fast run the loop's tests share
 
 from selfmod import arch
 from selfmod.introspect import Introspector
@@ -16,17 +17,6 @@ from selfmod.introspect.config import TrainConfig
 from selfmod.introspect.modifiers import Context
 from selfmod.introspect.modifiers.grow import Grow
 from selfmod.introspect.modifiers.prune import BUDGET_KP, BUDGET_LR, Prune
-
-FAST = dict(
-    steps=60,
-    cycle=20,
-    lookahead=5,
-    width=8,
-    max_width=32,
-    guard_size=100,
-    replay_size=200,
-    compare_fixed=False,
-)
 
 
 @pytest.fixture(autouse=True)
