@@ -6,9 +6,14 @@ templates; its downloading ``get_dataset`` is never called.
 
 from __future__ import annotations
 
+import os
+import random
+import tempfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,8 +73,33 @@ def hold_out(data: Dataset, guard_size: int, seed: int) -> Split:
     )
 
 
+def cache_dir() -> Path:
+    """Where generated datasets are kept between processes: ``$SELFMOD_CACHE``, else
+    ``$XDG_CACHE_HOME/selfmod``, else ``~/.cache/selfmod``."""
+    if os.environ.get("SELFMOD_CACHE"):
+        return Path(os.environ["SELFMOD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "selfmod"
+
+
+MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
 @lru_cache(maxsize=8)
 def _mnist1d_arrays(seed: int, num_samples: int, noise_scale: float, max_translation: int):
+    """The four arrays of ``make_dataset`` (a few seconds of generation), kept in
+    :func:`cache_dir` as a plain ``.npz`` (read without pickle) so other processes skip it;
+    a missing, unreadable or unwritable cache only means generating again. Either way the
+    global random generators are left as they were."""
+    from importlib.metadata import version
+
+    tag = f"{version('mnist1d')}-{seed}-{num_samples}-{noise_scale!r}-{max_translation}"
+    path = cache_dir() / f"mnist1d-{tag}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return tuple(f[k] for k in MNIST1D_KEYS)
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        pass
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -77,8 +107,22 @@ def _mnist1d_arrays(seed: int, num_samples: int, noise_scale: float, max_transla
     args.num_samples = num_samples
     args.corr_noise_scale = noise_scale
     args.max_translation = max_translation
-    data = make_dataset(args)
-    return data["x"], data["y"], data["x_test"], data["y_test"]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)  # it seeds Python's and numpy's global generators
+    finally:  # leave them as they were, as a cached load does
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    arrays = tuple(np.asarray(data[k]) for k in MNIST1D_KEYS)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **dict(zip(MNIST1D_KEYS, arrays, strict=True)))
+        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+    except OSError:
+        pass
+    return arrays
 
 
 def load_mnist1d(

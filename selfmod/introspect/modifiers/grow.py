@@ -51,6 +51,11 @@ class GrowSettings(BaseModel):
     grow_threshold: float = Field(
         1.0, gt=0, le=100, description="criterion: sigma_i > threshold x the units' mean"
     )
+    grow_strict: bool = Field(
+        False,
+        description="growth commits only if it lowers the verifying guard loss after the "
+        "lookahead (no epsilon tolerance): it stops when more units stop helping",
+    )
 
 
 def fan_in(group: arch.UnitGroup, params: Params) -> int:
@@ -107,7 +112,7 @@ class Grow(Modifier):
             return [], {}
         seed = int(torch.randint(0, 2**31 - 1, (), generator=ctx.rng))
         surgery = {"add": add, "seed": seed, "cycle": ctx.cycle}
-        return [Proposal(self.name, surgery=surgery, info=info)], {
+        return [Proposal(self.name, surgery=surgery, info=info, strict=s.grow_strict)], {
             "cycle": torch.tensor(ctx.cycle),
             **directions,
         }
