@@ -22,7 +22,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check selfmod tests benchmarks examples
 	$(VENV)/bin/ruff format --check selfmod tests benchmarks examples
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check selfmod tests benchmarks examples
