@@ -103,6 +103,26 @@ def test_growth_stops_when_no_direction_beats_the_existing_units_not_at_a_cap():
     assert fraction.widths() == [62, 62]  # the fraction rule: 8 -> 12 -> 18 -> 27 -> 41 -> 62
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_strict_growth_needs_a_lower_held_out_loss_where_plain_growth_has_a_tolerance(strict):
+    from selfmod.introspect import verifier
+
+    cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 1, "grow_strict": strict})
+    run = Introspector(cfg)
+    run.run()
+    ctx = _context(run)
+    (proposal,), _ = Grow.from_config(cfg).propose(ctx, {})
+    assert proposal.strict is strict
+    widths = run.widths()
+    grown = run.apply_proposal(proposal, run.state)
+    _, value = verifier.check(run, grown, math.inf, 0.0)  # the grown net's held-out loss
+    # the current loss 0.5% below it: inside epsilon (1%), but not lower
+    run.verify_and_decide(proposal, value / 1.005)
+    decision = run.history["decisions"][-1]
+    assert decision["decision"] == ("reject" if strict else "commit"), decision["reason"]
+    assert run.widths() == (widths if strict else [math.ceil(1.5 * w) for w in widths])
+
+
 # ----------------------------------------------------------------------------- pruning
 
 
