@@ -123,6 +123,38 @@ def test_strict_growth_needs_a_lower_held_out_loss_where_plain_growth_has_a_tole
     assert run.widths() == (widths if strict else [math.ceil(1.5 * w) for w in widths])
 
 
+def _mlp_params(w1: int, w2: int) -> int:
+    """Parameters of the built-in MLP 40-w1-w2-10 on MNIST-1D, by hand."""
+    return 40 * w1 + w1 + w1 * w2 + w2 + w2 * 10 + 10
+
+
+@pytest.mark.parametrize("margin", [0.5, 2.0])
+def test_priced_growth_must_lower_the_held_out_loss_by_its_price(margin):
+    from selfmod.introspect import verifier
+
+    price = 0.1
+    cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 1, "grow_price": price})
+    run = Introspector(cfg)
+    run.run()
+    ctx = _context(run)
+    (proposal,), _ = Grow.from_config(cfg).propose(ctx, {})
+    (w1, w2) = widths = run.widths()
+    grown_widths = [math.ceil(1.5 * w) for w in widths]
+    n, n_new = _mlp_params(w1, w2), _mlp_params(*grown_widths)
+    assert proposal.gain == pytest.approx(price * (n_new - n) / n, rel=1e-12)
+    grown = run.apply_proposal(proposal, run.state)
+    _, value = verifier.check(run, grown, math.inf, 0.0)
+    # the grown net's loss is below the current one by margin x the price
+    run.verify_and_decide(proposal, value / (1 - margin * proposal.gain))
+    decision = run.history["decisions"][-1]
+    if margin > 1:
+        assert decision["decision"] == "commit", decision["reason"]
+        assert run.widths() == grown_widths
+    else:
+        assert decision["decision"] == "reject" and "below" in decision["reason"]
+        assert run.widths() == widths
+
+
 # ----------------------------------------------------------------------------- pruning
 
 

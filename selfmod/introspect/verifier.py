@@ -49,7 +49,8 @@ def check(
     """``(why not, proposed guard loss)``: ``None`` when ``proposed`` keeps every invariant.
 
     The guard loss after the lookahead may exceed ``current`` by the factor
-    ``1 + tolerance``; with ``tolerance = 0`` it must be strictly lower. ``run`` is the loop
+    ``1 + tolerance``; with ``tolerance = 0`` it must be strictly lower, with a negative one
+    lower by that fraction. ``run`` is the loop
     (its problem, lookahead batches, guard data and config); nothing of it is changed.
     """
     cfg = run.config
@@ -70,6 +71,12 @@ def check(
     if not tree.is_finite(p_new):
         return "proposal gives non-finite params", value
     if value > current * (1 + tolerance) or (tolerance == 0 and value >= current):
+        if tolerance < 0:
+            return (
+                f"guard loss {value:.6g} not {-tolerance:.3g} below {current:.6g} "
+                f"(needs <= x{1 + tolerance:.6g})",
+                value,
+            )
         return (
             f"guard loss {value:.6g} worse than {current:.6g} (tolerance x{1 + tolerance:g})",
             value,

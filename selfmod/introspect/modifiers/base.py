@@ -53,7 +53,8 @@ class Proposal:
 
     ``hparams``: new values of some hyperparameters (unconstrained form); ``batch_size``: a new
     batch size; ``surgery``: what the modifier's ``apply`` needs for an architecture change
-    (JSON-able). ``strict``: the change must lower the guard loss (no ``epsilon`` tolerance).
+    (JSON-able). ``strict``: the change must lower the guard loss (no ``epsilon`` tolerance);
+    ``gain > 0``: it must lower it by at least that fraction (``guard' <= (1 - gain) guard``).
     ``info``: extra figures for the ledger (e.g. the noise scale behind a batch size).
     """
 
@@ -63,6 +64,7 @@ class Proposal:
     surgery: dict[str, Any] = field(default_factory=dict)
     strict: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    gain: float = 0.0
     #: proposals of one group in a cycle are verified together, as one change named ``group``
     group: str | None = None
     parts: tuple[Proposal, ...] = ()  # the proposals a joint one was merged from
@@ -78,6 +80,8 @@ class Proposal:
             out["surgery"] = self.surgery
         if self.strict:
             out["strict"] = True
+        if self.gain:
+            out["gain"] = self.gain
         if self.parts:
             out["parts"] = [p.to_json() for p in self.parts]
         return out
@@ -95,6 +99,7 @@ class Proposal:
             d.get("batch_size"),
             d.get("surgery", {}),
             d.get("strict", False),
+            gain=float(d.get("gain", 0.0)),
             parts=tuple(cls.from_json(p, like) for p in d.get("parts", [])),
         )
 
@@ -109,7 +114,8 @@ def merge(name: str, proposals: list[Proposal]) -> Proposal:
         h.update(p.hparams)
         info.update(p.info)
     strict = any(p.strict for p in proposals)
-    return Proposal(name, h, strict=strict, info=info, parts=tuple(proposals))
+    gain = max(p.gain for p in proposals)
+    return Proposal(name, h, strict=strict, info=info, gain=gain, parts=tuple(proposals))
 
 
 @dataclass

@@ -14,7 +14,10 @@ Layers that are not ``Linear -> Linear`` (convolutions) fall back to the fractio
 random fan-in (:func:`selfmod.arch.zero_plan`), up to ``max_width``.
 
 The optimizer state is re-indexed; the proposal commits only if the grown network's guard
-loss after the lookahead passes the invariants. References: Evci et al. 2022 (GradMax).
+loss after the lookahead passes the invariants. ``grow_price = c > 0`` puts a price on size:
+growing from ``P`` to ``P'`` parameters must lower the verifying guard loss by at least the
+fraction ``c (P' - P) / P``, so growth stops when more units no longer pay for themselves
+(``grow_strict``: by any amount). References: Evci et al. 2022 (GradMax).
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ class GrowSettings(BaseModel):
         False,
         description="growth commits only if it lowers the verifying guard loss after the "
         "lookahead (no epsilon tolerance): it stops when more units stop helping",
+    )
+    grow_price: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="growth commits only if it lowers the verifying guard loss by at least "
+        "grow_price x its relative increase in parameters (0: no price)",
     )
 
 
@@ -112,10 +122,15 @@ class Grow(Modifier):
             return [], {}
         seed = int(torch.randint(0, 2**31 - 1, (), generator=ctx.rng))
         surgery = {"add": add, "seed": seed, "cycle": ctx.cycle}
-        return [Proposal(self.name, surgery=surgery, info=info, strict=s.grow_strict)], {
-            "cycle": torch.tensor(ctx.cycle),
-            **directions,
-        }
+        memory = {"cycle": torch.tensor(ctx.cycle), **directions}
+        proposal = Proposal(self.name, surgery=surgery, info=info, strict=s.grow_strict)
+        if s.grow_price > 0:  # the price of the added parameters, in guard-loss fraction
+            state = replace(ctx.state, memory={**ctx.state.memory, self.name: memory})
+            grown = self.apply(proposal, state, ctx.problem)
+            n, n_new = (sum(v.numel() for v in p.values()) for p in (params, grown.params))
+            gain = s.grow_price * (n_new - n) / n
+            proposal = replace(proposal, gain=gain, info={**info, "required_gain": gain})
+        return [proposal], memory
 
     def criterion(self, ctx: Context, room: list[int]) -> tuple[list[int], Params, dict[str, Any]]:
         """Units to add per group by :func:`selfmod.arch.growth_criterion` on the lookahead
