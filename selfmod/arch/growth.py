@@ -84,9 +84,14 @@ def gradmax_directions(out_grad: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor
     ``inputs (B, n_in)``
     the producer layer's input. References: Evci et al. 2022, eq. 6.
     """
-    m = out_grad.transpose(0, 1) @ inputs  # (n_out, n_in)
-    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    u, s, _ = _gradmax_svd(out_grad, inputs)
     return u, s
+
+
+def _gradmax_svd(out_grad: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``U (n_out, r)``, ``sigma (r,)``, ``Vh (r, n_in)`` of ``M = out_grad^T inputs``."""
+    m = out_grad.transpose(0, 1) @ inputs  # (n_out, n_in)
+    return torch.linalg.svd(m, full_matrices=False)
 
 
 def gradmax_plan(
@@ -188,6 +193,7 @@ class GrowthDecision(NamedTuple):
     k: int  # units to add
     sigma: Tensor  # (r,) GradMax singular values
     reference: float  # the existing units' mean normalised fan-in gradient norm
+    fan_in: Tensor  # (r, n_in) right singular vectors: the fan-in directions, largest first
 
 
 def growth_criterion(
@@ -212,7 +218,7 @@ def growth_criterion(
     units would learn faster than the average existing one. ``max_width`` caps the layer's
     width (``width + k <= max_width``).
     """
-    _, sigma = gradmax_directions(signals_consumer.out_grad, signals_producer.inputs)
+    _, sigma, fan_in = _gradmax_svd(signals_consumer.out_grad, signals_producer.inputs)
     if side == "fan_in":
         g = signals_producer.weight_grad.norm(dim=1)  # (width,)
         norm = consumer_weight.norm(dim=0).clamp_min(1e-12)  # (width,)
@@ -229,7 +235,7 @@ def growth_criterion(
         if max_width < 1:
             raise ValueError(f"max_width must be >= 1 (got {max_width}); None for no cap")
         k = max(0, min(k, max_width - g.shape[0]))
-    return GrowthDecision(k, sigma, ref)
+    return GrowthDecision(k, sigma, ref, fan_in)
 
 
 def _linear_consumer(group: UnitGroup, params: Mapping[str, Tensor]):

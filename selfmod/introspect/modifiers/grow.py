@@ -161,9 +161,7 @@ class Grow(Modifier):
             ratios.append(round(float(d.sigma[0]) / max(d.reference, 1e-30), 4))
             add.append(d.k)
             if d.k > 0:
-                m = cons.out_grad.transpose(0, 1) @ prod.inputs  # (n_out, n_in)
-                _, _, vh = torch.linalg.svd(m, full_matrices=False)
-                directions[f"fan_in.{i}"] = vh[: d.k].detach().clone()  # (k, n_in)
+                directions[f"fan_in.{i}"] = d.fan_in[: d.k].detach().clone()  # (k, n_in)
         return add, directions, {"sigma1_over_mean": ratios}
 
     def apply(self, proposal: Proposal, state: Any, problem: Any) -> Any:
