@@ -251,6 +251,9 @@ def test_ctrl_c_leaves_an_interrupted_status_and_resume_continues(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a background job (``make test &``, an xdist worker) inherits SIGINT ignored, and so
+        # would the run: give it the terminal's default, as a Ctrl-C at a prompt finds it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     status = None
     for _ in range(600):  # until the loop has started (at most 60 s)
