@@ -385,3 +385,39 @@ def test_a_change_over_budget_is_refused_with_the_state_bitwise_unchanged(budget
     after_t, after_s = flatten(run.state, "state")
     assert before_s == after_s and before_t.keys() == after_t.keys()
     assert all(torch.equal(before_t[k], after_t[k]) for k in before_t)
+
+
+# ----------------------------------------------------------------------------- replays
+
+
+def test_a_state_is_replayed_once_per_cycle_and_the_current_one_is_kept(monkeypatch):
+    from selfmod import hypergrad
+    from selfmod.introspect import loop
+
+    run = Introspector(TrainConfig(**{**FAST, "steps": 1}))
+    run.run()
+    _context(run)
+    calls = []
+    real = hypergrad.run
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop.hypergrad, "run", counted)
+    first = run.replay(run.state, None)
+    again = run.replay(run.state, None)
+    assert len(calls) == 1 and again is first
+    others = [run.state.clone() for _ in range(loop.REPLAYS_KEPT + 1)]
+    for other in others:  # equal states, but other objects: replayed, and bitwise the same
+        params, _ = run.replay(other, None)
+        assert all(torch.equal(params[k], first[0][k]) for k in params)
+    assert len(calls) == 1 + len(others)
+    assert run.replay(run.state, None) is first and len(calls) == 1 + len(others)  # kept
+    run.replay(others[0], None)  # evicted by the later ones: replayed again
+    assert len(calls) == 2 + len(others)
+    run.replay(run.state, hypergrad.FiniteMonitor(start=run.step))  # a monitor sees every loss
+    assert len(calls) == 3 + len(others)
+    _context(run)  # the next cycle's batches
+    run.replay(run.state, None)
+    assert len(calls) == 4 + len(others)

@@ -51,6 +51,15 @@ Batch = tuple[Any, Tensor, Tensor]  # x (B, ...), y (B, ...), dropout noise (S, 
 # ----------------------------------------------------------------------------- records
 
 
+#: replays kept per cycle: the current state's and the latest others' (a model's copies each)
+REPLAYS_KEPT = 2
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """The same lookahead: the same batch list (by identity) and length, the same random state."""
+    return a[0] is b[0] and a[1] == b[1] and a[2] is b[2]
+
+
 @dataclass
 class Source:
     """One data distribution: its training batches, guard set and (optional) test set."""
@@ -365,14 +374,17 @@ class Loop:
         """``state`` trained over the lookahead batches (no graph): ``(params, opt_state)``.
 
         A replay is a pure function of the (immutable) ``state``, the lookahead batches and
-        the cycle's random state, so within a cycle each state is replayed once: the verifier,
-        the forgetting check and the self-shift meta-metric share it. With a ``monitor`` it
-        always runs (the monitor must see every loss).
+        the cycle's random state, so within a cycle the last ``REPLAYS_KEPT`` are kept: the
+        verifier, the forgetting check and the self-shift meta-metric share the current
+        state's and the proposal's. With a ``monitor`` it always runs (the monitor must see
+        every loss).
         """
-        key = (id(self.pending), len(self.pending), id(self._cycle_rng))
-        hit = self._replays.get(id(state))
-        if monitor is None and hit is not None and hit[0] is state and hit[1] == key:
-            return hit[2]
+        key = (self.pending, len(self.pending), self._cycle_rng)  # held: no id is reused
+        hit = self._replays.pop(id(state), None)
+        if hit is not None and hit[0] is state and _same(hit[1], key):
+            self._replays[id(state)] = hit  # the most recently used last
+            if monitor is None:
+                return hit[2]
         with self.cycle_randomness():
             result = hypergrad.run(
                 self.inner_loss(state.buffers),
@@ -385,6 +397,9 @@ class Loop:
                 monitor=monitor,
             )
         self._replays[id(state)] = (state, key, result)
+        while len(self._replays) > REPLAYS_KEPT:  # a model's copies, not one per proposal
+            oldest = next(k for k, v in self._replays.items() if v[0] is not self.state)
+            del self._replays[oldest]
         return result
 
     @contextlib.contextmanager
