@@ -37,8 +37,8 @@ def main() -> None:
     torch.set_num_threads(1)
     P.pin_one_core(0)
     rows: dict[str, dict[str, dict]] = {c: {} for c in CANDIDATES}
-    for name in args.workloads:
-        work = P.make_workload(name)
+    works = {name: P.make_workload(name) for name in args.workloads}
+    for name, work in works.items():
         P.train(work, 0, P.adamw(1e-3, 0.0), steps=5)  # warm-up, not timed
         plain = [P.train(work, s, P.adamw(1e-3, 0.0)).seconds for s in args.seeds]
         for cand, over in CANDIDATES.items():
@@ -50,8 +50,7 @@ def main() -> None:
             }
             print(json.dumps({"candidate": cand, "workload": name, **rows[cand][name]}), flush=True)
     as_good = {c: 0 for c in CANDIDATES}
-    for name in args.workloads:
-        work = P.make_workload(name)
+    for name, work in works.items():
         sign = 1.0 if work.higher_is_better else -1.0
         best = max(sign * rows[c][name]["val"] for c in CANDIDATES)
         for c in CANDIDATES:

@@ -4,6 +4,7 @@ proposal is checked against a hand computation; surgery keeps the function."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -248,26 +249,25 @@ class _Watch(Introspector):
             self.seen[self.phase].update(map(tuple, batch[0].detach().tolist()))
         return super().outer_loss(params, hparams, batch, buffers)
 
-    def estimate(self):
-        self.phase = "propose"
+    @contextlib.contextmanager
+    def _in(self, phase: str):
+        self.phase = phase
         try:
-            return super().estimate()
+            yield
         finally:
             self.phase = "other"
+
+    def estimate(self):
+        with self._in("propose"):
+            return super().estimate()
 
     def verify_and_decide(self, proposal, current):
-        self.phase = "verify"
-        try:
+        with self._in("verify"):
             return super().verify_and_decide(proposal, current)
-        finally:
-            self.phase = "other"
 
     def verify_baseline(self):
-        self.phase = "verify"
-        try:
+        with self._in("verify"):
             return super().verify_baseline()
-        finally:
-            self.phase = "other"
 
 
 @pytest.mark.parametrize("verify_on", ["held_out", "shared"])

@@ -141,8 +141,7 @@ def gradmax_fan_in_plan(
     producer = group.producers[0]
     if params[producer.key].dim() != 2 or producer.dim != 0:
         raise ValueError("dual GradMax needs a Linear producer (2-D weight, units on dim 0)")
-    m = out_grad.transpose(0, 1) @ inputs  # (n_out, n_in)
-    _, _, vh = torch.linalg.svd(m, full_matrices=False)  # vh (r, n_in)
+    _, _, vh = _gradmax_svd(out_grad, inputs)  # vh (r, n_in)
     if k > vh.shape[0]:
         raise ValueError(
             f"GradMax can give at most rank(M) = {vh.shape[0]} directions (asked for {k})"
