@@ -174,3 +174,21 @@ def test_cost_worker_measures_time_and_saved_memory(capsys):
     assert lin["step_s"] > 0 and lin["saved_mib"] > 0
     # two differentiated inner steps over 784 tokens keep more than one attention pass
     assert mlp["saved_mib"] > lin["saved_mib"]
+
+
+def test_inner_clip_flag_reaches_every_mttt_layer_and_rejects_bad_values(capsys):
+    bench = _bench()
+    for text, bound in (("none", None), ("None", None), ("2.5", 2.5)):
+        args = bench.parse_args(["--inner-clip", text])
+        assert args.inner_clip == bound
+        assert bench.build(args, "mttt_linear T=1").blocks[0].mixer.inner_clip == bound
+        assert bench.build(args, "mttt_mlp masked-task T=1").blocks[0].mixer.inner_clip == bound
+        # the cost subprocesses get the same bound back from the command line
+        again = bench.parse_args(bench.settings_argv(args))
+        assert again.inner_clip == bound
+    assert bench.parse_args([]).inner_clip == 1.0
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args(["--inner-clip", bad])
+        assert exit_info.value.code == 2
+    assert "--inner-clip: must be > 0 or 'none' (got -1)" in capsys.readouterr().err
