@@ -590,7 +590,8 @@ def _drive_locked(
     for row in summary_rows(history):
         table.add_row(*row)
     Console(width=120).print(table)
-    Console().print(f"run: {run_dir}\nreport: {run_dir / 'report.html'}")
+    report = run_dir / "report.html" if cfg.report else f"off (selfmod report {run_dir})"
+    Console().print(f"run: {run_dir}\nreport: {report}")
 
 
 def main() -> None:

@@ -81,6 +81,7 @@ BAD_VALUES = {
     "shift_noise": ("-1", "shift_noise must be a number in [0, 10] (got -1)"),
     "shift_translation": ("500", "shift_translation must be an integer in [0, 200] (got 500)"),
     "compare_fixed": ("maybe", "compare_fixed must be true or false (got 'maybe')"),
+    "report": ("maybe", "report must be true or false (got 'maybe')"),
     "safeguards": ("maybe", "safeguards must be true or false (got 'maybe')"),
     "deterministic": ("maybe", "deterministic must be true or false (got 'maybe')"),
     "grow_strict": ("2", "grow_strict must be true or false (got 2)"),
@@ -231,6 +232,18 @@ def test_train_help_lists_every_config_field_with_its_range_and_default():
         assert f"{name} = " in text, name
     assert "steps = 6000: an integer in [1, 1000000]" in text
     assert "grow_fraction = 0.5: a number in (0, 4]" in text  # a modifier's own setting
+
+
+def test_report_false_skips_the_html_until_selfmod_report_writes_it(tmp_path):
+    settings = ["steps=60", f"out={tmp_path}", "cycle=30", "max_width=16", "compare_fixed=false"]
+    out = _selfmod("train", *(a for s in [*settings, "report=false"] for a in ("--set", s)))
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = list(tmp_path.iterdir())
+    assert (run_dir / "summary.json").is_file() and (run_dir / "final.safetensors").is_file()
+    assert not (run_dir / "report.html").exists()
+    assert "report: off (selfmod report" in " ".join(out.stdout.split())
+    assert _selfmod("report", str(run_dir)).returncode == 0
+    assert "Timeline of changes" in (run_dir / "report.html").read_text()
 
 
 def test_plain_list_forms_need_no_toml_quotes():

@@ -343,7 +343,8 @@ def _worst(work: Workload) -> float:
 
 def fit_selfmod(work: Workload, seed: int, config: dict[str, Any] | None = None) -> Run:
     """One :func:`selfmod.introspect.fit` run with ``config`` (default :data:`SELFMOD_CONFIG`);
-    its wall time includes the run directory it writes: ledger, checkpoints, report."""
+    its wall time includes the run directory it writes (ledger, checkpoints, summary), not
+    the HTML report (``report = false``: no contender draws plots)."""
     from selfmod.introspect import fit
 
     config = dict(SELFMOD_CONFIG if config is None else config)
@@ -357,6 +358,7 @@ def fit_selfmod(work: Workload, seed: int, config: dict[str, Any] | None = None)
         "compare_fixed": False,
         "guard_size": min(2000, len(work.val[1])),
         "checkpoint_every": 1000,
+        "report": False,
         "min_batch": min(32, work.batch),  # the batch-size modifier's floor
     }
     start = time.perf_counter()

@@ -138,6 +138,11 @@ class RunConfig(BaseModel):
     shift_noise: float = Field(0.5, ge=0, le=10, description="noise scale after the shift")
     shift_translation: int = Field(60, ge=0, le=200, description="max translation after shift")
     compare_fixed: bool = Field(True, description="also train the fixed configuration")
+    report: bool = Field(
+        True,
+        description="write report.html when the run ends (matplotlib plots, about 2 s); false "
+        "for sweeps: selfmod report DIR writes it later from the run's history and ledger",
+    )
     deterministic: bool = Field(True, description="torch deterministic algorithms")
     device: str = Field(
         "cpu", pattern=r"^(cpu|cuda|auto|cuda:\d+)$", description='"cpu", "cuda", "cuda:N", "auto"'

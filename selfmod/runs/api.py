@@ -146,8 +146,8 @@ def completed(run_dir: Path, cfg: Any) -> int | None:
 
 
 def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, Any]:
-    """Final weights, ``history.json``, ``summary.json`` and ``report.html``; returns the
-    history written."""
+    """Final weights, ``history.json``, ``summary.json`` and (``cfg.report``) ``report.html``;
+    returns the history written."""
     from selfmod.runs.report import write_report
 
     data = save(
@@ -175,7 +175,8 @@ def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, 
     atomic_write_text(run_dir / "history.json", json.dumps(history, indent=1))
     summary = summary_record(tuned, history["fixed_summary"])
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
-    write_report(run_dir, history, ledger_rows(run_dir))
+    if cfg.report:
+        write_report(run_dir, history, ledger_rows(run_dir))
     return history
 
 
