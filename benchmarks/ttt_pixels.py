@@ -520,9 +520,21 @@ def write_report(args, log: dict) -> None:
             for n, c in log["cost"].items()
         ]
         lines.append("")
-    args.out.write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines) + "\n" + hand_written(args.out))
     print("\n".join(lines))
     plot(args, log, names, swept)
+
+
+def hand_written(path: Path) -> str:
+    """The sections of an existing report from the first heading that says ``(added by
+    hand`` to the end, so that rewriting the tables keeps them ("" if there are none)."""
+    if not path.exists():
+        return ""
+    lines = path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("## ") and "(added by hand" in line:
+            return "".join(lines[i:])
+    return ""
 
 
 def plot(args, log: dict, names: list[str], swept: list[str]) -> None:

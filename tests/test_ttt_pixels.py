@@ -192,3 +192,21 @@ def test_inner_clip_flag_reaches_every_mttt_layer_and_rejects_bad_values(capsys)
             bench.parse_args(["--inner-clip", bad])
         assert exit_info.value.code == 2
     assert "--inner-clip: must be > 0 or 'none' (got -1)" in capsys.readouterr().err
+
+
+def test_rewriting_the_report_keeps_the_sections_added_by_hand(tmp_path):
+    bench = _bench()
+    out = tmp_path / "pix.md"
+    run = dict(seed=0, acc=0.5, train_loss=[1.0], inner_before=None, inner_after=None,
+               seconds=1.0, params=10)  # fmt: skip
+    log = dict(settings=vars(bench.parse_args(["--out", str(out)])) | {"out": str(out)},
+               n_train=8, n_held=4, paper="paper", runs={"linear_attention": [run]})  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(log))
+    bench.main(["--report-only", "--out", str(out)])
+    assert bench.hand_written(out) == ""  # a generated report has no hand-written part
+    notes = "## Choice (added by hand)\n\nchosen on seeds 100, 101\n"
+    out.write_text(out.read_text().replace("| linear_attention |", "| was |") + notes)
+    bench.main(["--report-only", "--out", str(out)])
+    text = out.read_text()
+    assert text.endswith(notes) and text.count("added by hand") == 1
+    assert "| linear_attention |" in text and "| was |" not in text  # the tables are rewritten
