@@ -140,7 +140,7 @@ class RunConfig(BaseModel):
     compare_fixed: bool = Field(True, description="also train the fixed configuration")
     report: bool = Field(
         True,
-        description="write report.html when the run ends (matplotlib plots, about 2 s); false "
+        description="write report.html when the run ends (matplotlib plots, about 1 s); false "
         "for sweeps: selfmod report DIR writes it later from the run's history and ledger",
     )
     deterministic: bool = Field(True, description="torch deterministic algorithms")
