@@ -292,3 +292,65 @@ def test_adam_hd_adapts_and_trains():
     hd_loss, state = _train(optim.adam_hd(1e-5, hyper_lr=1e-5), 300)
     assert float(state.lr) > 1e-5
     assert hd_loss < plain_loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hyper", ["float", "tensor32", "tensor64", "callable"])
+@pytest.mark.parametrize("eps_root", [0.0, 1e-10])
+def test_adam_outside_autograd_is_bitwise_the_per_tensor_loop(dtype, hyper, eps_root, monkeypatch):
+    """Under no_grad, Adam's direction runs as one foreach call per operation; it must give
+    exactly the values of the per-tensor loop that autograd mode runs (the base step's fast
+    path may not change a run)."""
+    from selfmod.optim import transforms
+
+    calls = []
+    fast_path = transforms._adam_direction_foreach
+    monkeypatch.setattr(
+        transforms, "_adam_direction_foreach", lambda *a: calls.append(1) or fast_path(*a)
+    )
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"w1": (7, 5), "b1": (7,), "w2": (3, 7), "v": (1,)}
+    params = {k: torch.randn(s, generator=gen, dtype=dtype) for k, s in shapes.items()}
+    values = dict(b1=0.85, b2=0.995, eps=1e-6)
+    if hyper == "callable":  # hyperparameters read from hparams, as the loop does
+        hparams = {k: torch.tensor(v) for k, v in values.items()}
+        kw = {k: (lambda h, k=k: h[k]) for k in values}
+    else:
+        hparams = None
+        make = {"float": float, "tensor32": torch.tensor,
+                "tensor64": lambda v: torch.tensor(v, dtype=torch.float64)}[hyper]  # fmt: skip
+        kw = {k: make(v) for k, v in values.items()}
+    opt = optim.scale_by_adam(**kw, eps_root=eps_root)
+    fast = slow = opt.init(params)
+    for _ in range(3):
+        grads = {k: torch.randn(s, generator=gen, dtype=dtype) for k, s in shapes.items()}
+        grads["w1"][0] = 0.0  # exact zeros: v = 0 under the root
+        with torch.no_grad():
+            out_fast, fast = opt.update(grads, fast, params, hparams)
+        with torch.enable_grad():  # nothing requires grad: the per-tensor loop, same values
+            out_slow, slow = opt.update(grads, slow, params, hparams)
+        assert fast.count == slow.count
+        for k in shapes:
+            for a, b in ((out_fast[k], out_slow[k]), (fast.mu[k], slow.mu[k]),
+                         (fast.nu[k], slow.nu[k])):  # fmt: skip
+                assert a.dtype == b.dtype == dtype and torch.equal(a, b), k
+    assert len(calls) == 3  # the no_grad updates took the foreach path, the others not
+
+
+def test_adam_with_per_tensor_betas_or_a_scalar_param_keeps_the_loop_under_no_grad():
+    params = {"a": torch.randn(3), "b": torch.randn(2)}
+    b1 = {"a": torch.tensor(0.8), "b": torch.tensor(0.95)}
+    opt = optim.scale_by_adam(b1=b1)
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    with torch.no_grad():
+        _, state = opt.update(grads, opt.init(params), params)
+    torch.testing.assert_close(state.mu["a"], 0.2 * torch.ones(3))  # each tensor its own b1
+    torch.testing.assert_close(state.mu["b"], 0.05 * torch.ones(2))
+    # a 0-dim float32 param with a float64 beta: the loop's type promotion, kept under no_grad
+    opt = optim.scale_by_adam(b1=torch.tensor(0.9, dtype=torch.float64))
+    params = {"w": torch.randn(2), "t": torch.tensor(1.0)}
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    for grad_mode in (torch.no_grad(), torch.enable_grad()):
+        with grad_mode:
+            _, state = opt.update(grads, opt.init(params), params)
+        assert state.mu["t"].dtype == torch.float64 and state.mu["w"].dtype == torch.float32
