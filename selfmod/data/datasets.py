@@ -6,9 +6,10 @@ templates; its downloading ``get_dataset`` is never called.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -114,14 +115,12 @@ def _mnist1d_arrays(seed: int, num_samples: int, noise_scale: float, max_transla
         random.setstate(py_state)
         np.random.set_state(np_state)
     arrays = tuple(np.asarray(data[k]) for k in MNIST1D_KEYS)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **dict(zip(MNIST1D_KEYS, arrays, strict=True)))
-        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
-    except OSError:
-        pass
+    from selfmod.runs.files import atomic_write_bytes  # here: selfmod.runs imports this module
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **dict(zip(MNIST1D_KEYS, arrays, strict=True)))
+    with contextlib.suppress(OSError):  # an unwritable cache: generate again next time
+        atomic_write_bytes(path, buffer.getvalue())  # a reader sees the whole file or none
     return arrays
 
 

@@ -814,7 +814,7 @@ class Loop:
         cfg = self.config
         proposed = self.apply_proposal(proposal, self.state)
         before = self.values()
-        tol = -proposal.gain if proposal.gain > 0 else 0.0 if proposal.strict else cfg.epsilon
+        tol = proposal.tolerance(cfg.epsilon)
         if cfg.safeguards:
             reason, value = verifier.check(self, proposed, current, tol)
         else:

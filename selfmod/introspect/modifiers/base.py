@@ -69,6 +69,13 @@ class Proposal:
     group: str | None = None
     parts: tuple[Proposal, ...] = ()  # the proposals a joint one was merged from
 
+    def tolerance(self, epsilon: float) -> float:
+        """The verifier's tolerance: ``guard' <= (1 + tol) guard``; ``-gain`` for a priced
+        change, ``0`` (strictly lower) for a strict one, else the run's ``epsilon``."""
+        if self.gain > 0:
+            return -self.gain
+        return 0.0 if self.strict else epsilon
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-able form that :meth:`from_json` reads back (the ledger's ``change``)."""
         out: dict[str, Any] = {"modifier": self.modifier}
