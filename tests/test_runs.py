@@ -221,3 +221,26 @@ def test_log_detects_rows_cut_from_the_end_of_a_finished_run(tmp_path):
     db.close()
     cut = _selfmod("log", str(run_dir))  # still a valid chain, but not the head final.json holds
     assert cut.returncode == 2 and "truncated" in cut.stderr and cut.stderr.count("\n") == 1
+
+
+def test_runs_started_in_the_same_second_get_distinct_directories(tmp_path, monkeypatch):
+    import threading
+
+    from selfmod.runs import api
+
+    monkeypatch.setattr(api.time, "strftime", lambda fmt: "train-20260101-000000")
+    start, made = threading.Barrier(12), []
+
+    def claim() -> None:
+        start.wait()
+        made.append(api.new_run_dir(tmp_path / "runs"))
+
+    threads = [threading.Thread(target=claim) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 12 and all(d.is_dir() for d in made)
+    names = sorted(d.name for d in made)
+    assert names[0] == "train-20260101-000000"
+    assert set(names[1:]) == {f"train-20260101-000000-{i}" for i in range(1, 12)}

@@ -78,13 +78,18 @@ def with_run_id(cfg: Any) -> Any:
 
 
 def new_run_dir(out: str | Path) -> Path:
-    """A fresh ``out/train-YYYYmmdd-HHMMSS[-N]``."""
+    """A fresh ``out/train-YYYYmmdd-HHMMSS[-N]``, created here. The directory is claimed by
+    ``mkdir`` itself (no check first), so runs started in the same second by other processes
+    get distinct directories instead of failing with "File exists"."""
     stamp = time.strftime("train-%Y%m%d-%H%M%S")
+    Path(out).mkdir(parents=True, exist_ok=True)
     run_dir, suffix = Path(out) / stamp, 1
-    while run_dir.exists():
-        run_dir, suffix = Path(out) / f"{stamp}-{suffix}", suffix + 1
-    run_dir.mkdir(parents=True)
-    return run_dir
+    while True:
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            run_dir, suffix = Path(out) / f"{stamp}-{suffix}", suffix + 1
 
 
 def build_run(
