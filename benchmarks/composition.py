@@ -9,7 +9,9 @@ Pieces (off, on):
 - ``prune_rule``: dead-unit saliency vs L0 gates under the budget controller;
 - ``meta_horizon``: the learning rates' meta-gradient over the lookahead vs also through ~100
   past steps (first-order);
-- ``regularize``: weight decay and dropout by the gap rule vs by their meta-gradient.
+- ``regularize``: weight decay and dropout by the gap rule vs by their meta-gradient;
+- besides, ``prune_lowest`` (``prune_rule = "lowest"``): verified pruning of the least
+  salient units once a layer is at its growth ceiling.
 
 Workloads: ``mlp`` (``selfmod train``'s default job: MNIST-1D, 6,000 steps), ``cnn`` (the
 built-in 1-D CNN on MNIST-1D, shortened: 800 steps, at most 32 channels) and ``mnist`` (an MLP
@@ -51,8 +53,14 @@ PIECES: dict[str, tuple[Any, Any]] = {
 #: the pieces on in the composition (``selfmod train``'s defaults), chosen on seeds 100-102:
 #: verify_on alone had the best median there (71.9%; with meta_horizon 70.0%, off 69.8%)
 CHOSEN = ("verify_on",)
-#: besides: the runner-up composition, run on the published seeds before the choice was made
-CONFIGS = ("off", *PIECES, "composition", "verify_on+meta_horizon")
+#: settings that are not an (off, on) piece, usable in a configuration's name
+VARIANTS: dict[str, dict[str, Any]] = {
+    # verified pruning of the least salient units at the growth ceiling (settles on a reject)
+    "prune_lowest": {"prune_rule": "lowest"},
+}
+#: besides: the runner-up composition, run on the published seeds before the choice was made,
+#: and the default with verified pruning at the ceiling (not chosen: 70.5% on seeds 100-102)
+CONFIGS = ("off", *PIECES, "composition", "verify_on+meta_horizon", "verify_on+prune_lowest")
 
 WORKLOADS: dict[str, dict[str, Any]] = {
     "mlp": {},
@@ -123,7 +131,10 @@ def builtin_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
 def settings(name: str) -> dict[str, Any]:
     """The pieces' settings of configuration ``name`` (``off``, a piece, ``composition``)."""
     on = CHOSEN if name == "composition" else () if name == "off" else tuple(name.split("+"))
-    return {k: v[1] if k in on else v[0] for k, v in PIECES.items()}
+    out = {k: v[1] if k in on else v[0] for k, v in PIECES.items()}
+    for part in on:
+        out.update(VARIANTS.get(part, {}))
+    return out
 
 
 def one(job: tuple[str, str, int]) -> dict[str, Any]:
@@ -166,7 +177,12 @@ def table(rows: list[dict[str, Any]], workloads: list[str]) -> str:
             elif piece == "composition":
                 label = "composition: " + " + ".join(CHOSEN)
             elif "+" in piece:
-                label = " + ".join(f"{p} = {PIECES[p][1]}" for p in piece.split("+"))
+                label = " + ".join(
+                    f"{p} = {PIECES[p][1]}"
+                    if p in PIECES
+                    else ", ".join(f"{k} = {v}" for k, v in VARIANTS[p].items())
+                    for p in piece.split("+")
+                )
             else:
                 label = f"{piece} = {PIECES[piece][1]} alone"
                 label += " (the default: the chosen composition)" if (piece,) == CHOSEN else ""

@@ -62,7 +62,7 @@ BAD_VALUES = {
     "meta_horizon": ("-1", "meta_horizon must be an integer in [0, 1000000] (got -1)"),
     "grow_rule": ("cap", "grow_rule must be one of 'fraction', 'criterion' (got 'cap')"),
     "grow_threshold": ("0", "grow_threshold must be a number in (0, 100] (got 0)"),
-    "prune_rule": ("l1", "prune_rule must be one of 'saliency', 'l0' (got 'l1')"),
+    "prune_rule": ("l1", "prune_rule must be one of 'saliency', 'l0', 'lowest' (got 'l1')"),
     "l0_strength": ("-1", "l0_strength must be a number in [0, 10] (got -1)"),
     "max_weight_decay": ("0", "max_weight_decay must be a number in (1e-07, 1] (got 0)"),
     "max_dropout": ("1", "max_dropout must be a number in (0.0025, 1) (got 1)"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -230,6 +231,87 @@ def test_the_budget_controller_raises_lambda_while_over_max_params():
     # under budget: no multiplier, no proposal
     free = _gated_run(max_params=10**6)
     assert Prune.from_config(free.config).propose(_context(free), {})[0] == []
+
+
+def _at_ceiling(steps: int = 0, **over) -> Introspector:
+    """A run with the lowest rule whose layers are at max_width (20), after 20 base steps
+    without a cycle (``steps``: then run to there, cycling)."""
+    cfg = TrainConfig(
+        **{**FAST, "modifiers": ["grow", "prune"], "width": 20, "max_width": 20,
+           "steps": steps or 20, "prune_rule": "lowest", "prune_fraction": 0.25, **over}
+    )  # fmt: skip
+    run = Introspector(cfg)
+    if steps:
+        run.run()
+    else:
+        for _ in range(20):
+            run.base_step()
+    return run
+
+
+def test_lowest_pruning_removes_the_least_salient_units_at_the_ceiling_strictly():
+    run = _at_ceiling()
+    prune = Prune.from_config(run.config)
+    (proposal,), memory = prune.propose(_context(run), {})
+    assert proposal.strict  # it must lower the verifying guard loss, no epsilon
+    p = run.params
+    expected = []
+    for w_in, w_out in (("0.weight", "2.weight"), ("2.weight", "4.weight")):
+        sal = p[w_in].norm(dim=1) * p[w_out].norm(dim=0)  # ||fan-in_j|| ||fan-out_j||, (20,)
+        expected.append(sorted(torch.argsort(sal)[:5].tolist()))  # int(0.25 * 20) = 5
+    assert proposal.surgery["remove"] == expected
+    assert memory["tried"].tolist() == [20, 20]
+    pruned = prune.apply(proposal, run.state, run.problem)
+    assert run.problem.widths(pruned.params) == [15, 15]
+    # the committed prune is the layers' new ceiling: growth does not add the units back
+    assert pruned.memory["prune"]["ceiling"].tolist() == [15, 15]
+    grow = Grow.from_config(run.config)
+    run.state = pruned
+    assert grow.propose(_context(run), {}) == ([], {})
+    # below max_width without a ceiling, growth has room again and pruning waits
+    unbounded = replace(pruned, memory={})
+    run.state = unbounded
+    assert Prune.from_config(run.config).propose(_context(run), {})[0] == []
+    (grown,), _ = grow.propose(_context(run), {})
+    assert grown.surgery["add"] == [5, 5]
+
+
+def test_a_prune_that_did_not_commit_settles_the_layer():
+    run = _at_ceiling()
+    prune = Prune.from_config(run.config)
+    (_proposal,), memory = prune.propose(_context(run), {})
+    # the proposal was rejected: the widths are those it was proposed at
+    again, memory = prune.propose(_context(run), memory)
+    assert again == [] and memory["settled"].tolist() == [True, True]
+    assert prune.propose(_context(run), memory)[0] == []  # and it stays settled
+    # one layer settled, the other pruned: only the pruned one is proposed again
+    memory = {"tried": torch.tensor([20, 0]), "settled": torch.zeros(2, dtype=torch.bool)}
+    (p2,), memory = prune.propose(_context(run), memory)
+    assert p2.surgery["remove"][0] == [] and len(p2.surgery["remove"][1]) == 5
+    assert memory["settled"].tolist() == [True, False]
+
+
+def test_without_growth_lowest_pruning_proposes_at_any_width():
+    run = _at_ceiling(modifiers=["prune"], width=12, max_width=256)
+    (proposal,), _ = Prune.from_config(run.config).propose(_context(run), {})
+    assert [len(r) for r in proposal.surgery["remove"]] == [3, 3]  # int(0.25 * 12)
+
+
+def test_a_run_with_lowest_pruning_never_regrows_a_pruned_layer_nor_retries_a_settled_one():
+    run = _at_ceiling(width=8, max_width=16, steps=400, prune_fraction=0.2)
+    seen_reject, ceiling = False, None
+    prunes = [d for d in run.history["decisions"] if d["modifier"] == "prune"]
+    assert prunes  # the layers reached 16 and pruning was tried
+    for d in run.history["decisions"]:
+        if d["modifier"] == "prune":
+            assert not seen_reject, "a prune proposed after one was rejected"
+            seen_reject = d["decision"] == "reject"
+            if d["decision"] == "commit":
+                ceiling = d["after"]["widths"]
+        if d["modifier"] == "grow" and ceiling is not None and d["decision"] == "commit":
+            assert all(a <= c for a, c in zip(d["after"]["widths"], ceiling, strict=True))
+    if ceiling is not None:
+        assert all(w <= c for w, c in zip(run.widths(), ceiling, strict=True))
 
 
 # ----------------------------------------------------------------------------- verification

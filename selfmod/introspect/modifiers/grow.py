@@ -11,7 +11,8 @@ Layers that are not ``Linear -> Linear`` (convolutions) fall back to the fractio
 
 ``grow_rule = "fraction"`` (default; it gave the higher accuracy on validation seeds):
 ``ceil(grow_fraction * width)`` units every time, zero fan-out and
-random fan-in (:func:`selfmod.arch.zero_plan`), up to ``max_width``.
+random fan-in (:func:`selfmod.arch.zero_plan`), up to ``max_width`` (or the lower ceiling a
+verified ``prune_rule = "lowest"`` set for the layer).
 
 The optimizer state is re-indexed; the proposal commits only if the grown network's guard
 loss after the lookahead passes the invariants. ``grow_price = c > 0`` puts a price on size:
@@ -39,6 +40,7 @@ from selfmod.introspect.modifiers.base import (
     RunFacts,
     register,
 )
+from selfmod.introspect.modifiers.prune import growth_limits
 
 
 class GrowSettings(BaseModel):
@@ -112,7 +114,11 @@ class Grow(Modifier):
         s: Any = self.settings
         params = ctx.state.params
         widths = ctx.problem.widths(params)
-        room = [max(0, min(math.ceil(s.grow_fraction * w), s.max_width - w)) for w in widths]
+        limits = growth_limits(ctx.settings, widths, ctx.state.memory.get("prune", {}))
+        room = [
+            max(0, min(math.ceil(s.grow_fraction * w), limit - w))
+            for w, limit in zip(widths, limits, strict=True)
+        ]
         if not any(room):
             return [], {}
         add, directions, info = list(room), {}, {}
