@@ -290,6 +290,62 @@ def test_stream_position_and_replay_buffer():
     assert int((guard_sources == 0).sum()) == 20 and int((guard_sources == 1).sum()) == 20
 
 
+def _add_train_one_at_a_time(buf, x, y, loss, step, source, capacity, generator):
+    """Algorithm R offering one row at a time: the reference ``replay.add_train`` must match."""
+    seen = int(buf.seen)
+    train_idx = torch.nonzero(buf.split == replay.TRAIN).squeeze(1)
+    n_train, replaced, append = len(train_idx), {}, []
+    u = torch.rand(len(y), generator=generator, dtype=torch.float64)
+    for i in range(len(y)):
+        seen += 1
+        if n_train + len(append) < capacity:
+            append.append(i)
+        elif (j := int(u[i] * seen)) < capacity:
+            if j < n_train:
+                replaced[int(train_idx[j])] = i
+            else:
+                append[j - n_train] = i
+    x2, y2, loss2, step2, source2 = (t.clone() for t in (buf.x, buf.y, buf.loss, buf.step,
+                                                          buf.source))  # fmt: skip
+    for row, i in replaced.items():
+        x2[row], y2[row], loss2[row], step2[row], source2[row] = x[i], y[i], loss[i], step, source
+    out = replay.Replay(x2, y2, step2, loss2, source2, buf.split, torch.tensor(seen))
+    if append:
+        a = torch.tensor(append)
+        out = replay._cat(out, x[a], y[a], step, loss[a], source, replay.TRAIN)
+        out = out._replace(seen=torch.tensor(seen))
+    return out
+
+
+@pytest.mark.parametrize("capacity,batch", [(50, 20), (7, 20), (300, 64), (1, 5), (64, 64)])
+def test_the_train_reservoir_is_algorithm_r_one_offer_at_a_time(capacity, batch):
+    g, h = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    fast = ref = replay.empty(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    guard = torch.randn(6, 3)  # guard rows in between: train slots are not buffer rows
+    fast = ref = replay.add_guard(fast, guard, torch.zeros(6, dtype=torch.long),
+                                  torch.zeros(6), 0, 0, 6, torch.Generator())  # fmt: skip
+    data = torch.Generator().manual_seed(2)
+    for step in range(12):
+        x = torch.randn(batch, 3, generator=data)
+        y = torch.randint(0, 10, (batch,), generator=data)
+        loss = torch.rand(batch, generator=data)
+        fast = replay.add_train(fast, x, y, loss, step, step % 2, capacity, g)
+        ref = _add_train_one_at_a_time(ref, x, y, loss, step, step % 2, capacity, h)
+        for a, b in zip(fast, ref, strict=True):
+            assert torch.equal(a, b)
+    assert int((fast.split == replay.TRAIN).sum()) == capacity
+    assert int(fast.seen) == 12 * batch
+    # a smaller capacity than the rows held (nothing appended, only the first slots replaced)
+    x, y, loss = torch.randn(batch, 3), torch.arange(batch), torch.rand(batch)
+    small = max(1, capacity // 2)
+    for a, b in zip(
+        replay.add_train(fast, x, y, loss, 12, 0, small, g),
+        _add_train_one_at_a_time(ref, x, y, loss, 12, 0, small, h),
+        strict=True,
+    ):
+        assert torch.equal(a, b)  # fmt: skip
+
+
 def test_concrete_dropout_and_noise_scale():
     h = torch.ones(20000, 1)
     p = torch.tensor(0.3, requires_grad=True)

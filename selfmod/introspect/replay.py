@@ -103,34 +103,38 @@ def add_train(
     capacity: int,
     generator: torch.Generator,
 ) -> Replay:
-    """Offer trained-on examples to the train reservoir (algorithm R over all offered)."""
+    """Offer trained-on examples ``x (B, ...)`` to the train reservoir (algorithm R over all
+    offered): while there is room an offer is appended; after that the ``k``-th offer overall
+    replaces slot ``j = floor(u k)``, ``u ~ U[0, 1)``, if ``j < capacity`` (slots count the
+    train rows in buffer order, then this batch's appended ones; a later offer to the same
+    slot wins). Vectorised: the same buffer as offering the rows one at a time."""
     seen = int(buf.seen)
     train_idx = torch.nonzero(buf.split == TRAIN).squeeze(1)
-    n_train = len(train_idx)
-    replace: dict[int, int] = {}  # buffer row -> offered row
-    append: list[int] = []
-    u = torch.rand(len(y), generator=generator, dtype=torch.float64)
-    for i in range(len(y)):
-        seen += 1
-        if n_train + len(append) < capacity:
-            append.append(i)
-        else:
-            j = int(u[i] * seen)
-            if j < capacity:
-                slot = j if j < n_train else None
-                if slot is None:
-                    append[j - n_train] = i
-                else:
-                    replace[int(train_idx[slot])] = i
+    n_train, b = len(train_idx), len(y)
+    u = torch.rand(b, generator=generator, dtype=torch.float64)
+    n_fill = max(0, min(b, capacity - n_train))  # the first offers fill the room
+    append = torch.arange(n_fill)  # offered rows appended, by slot n_train + i
+    rows = offered = torch.zeros(0, dtype=torch.int64)  # buffer rows replaced, and by what
+    if n_fill < b:
+        k = torch.arange(seen + n_fill + 1, seen + b + 1, dtype=torch.float64)  # offer counts
+        slot = (u[n_fill:] * k).long()  # (b - n_fill,)
+        hit = slot < capacity
+        winner = torch.full((capacity,), -1, dtype=torch.int64)
+        winner.scatter_reduce_(0, slot[hit], torch.arange(n_fill, b)[hit], reduce="amax")
+        m = min(n_train, capacity)  # slots that are rows already in the buffer
+        old = winner[:m] >= 0
+        rows, offered = train_idx[:m][old], winner[:m][old]
+        new = winner[n_train : n_train + n_fill]
+        append = torch.where(new >= 0, new, append)
+    seen += b
     x2, y2, loss2 = buf.x.clone(), buf.y.clone(), buf.loss.clone()
     step2, source2 = buf.step.clone(), buf.source.clone()
-    for row, i in replace.items():
-        x2[row], y2[row], loss2[row] = x[i], y[i], loss[i].float()
-        step2[row], source2[row] = step, source
+    if len(rows):
+        x2[rows], y2[rows], loss2[rows] = x[offered], y[offered], loss[offered].float()
+        step2[rows], source2[rows] = step, source
     buf = Replay(x2, y2, step2, loss2, source2, buf.split, torch.tensor(seen))
-    if append:
-        a = torch.tensor(append)
-        buf = _cat(buf, x[a], y[a], step, loss[a], source, TRAIN)
+    if n_fill:
+        buf = _cat(buf, x[append], y[append], step, loss[append], source, TRAIN)
         buf = buf._replace(seen=torch.tensor(seen))
     return buf
 
