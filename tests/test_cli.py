@@ -85,6 +85,7 @@ BAD_VALUES = {
     "safeguards": ("maybe", "safeguards must be true or false (got 'maybe')"),
     "deterministic": ("maybe", "deterministic must be true or false (got 'maybe')"),
     "grow_strict": ("2", "grow_strict must be true or false (got 2)"),
+    "regularize_strict": ("2", "regularize_strict must be true or false (got 2)"),
     "grow_price": ("-1", "grow_price must be a number in [0, 100] (got -1)"),
     "out": ('""', "out must be a string"),
     "threads": ("0", "threads must be an integer in [1, 256] (got 0)"),

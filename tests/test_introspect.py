@@ -103,6 +103,27 @@ def test_trust_region_bounds_every_hyperparameter_step():
             )
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_strict_regularization_needs_a_lower_guard_loss_where_the_gap_rule_has_a_tolerance(
+    strict,
+):
+    from selfmod.introspect import verifier
+
+    cfg = TrainConfig(**{**FAST, "modifiers": ["weight_decay", "dropout"],
+                         "regularize_strict": strict})  # fmt: skip
+    run = Introspector(cfg)
+    _lookahead(run)
+    (proposal,) = run.propose({}, {"gap": 1.0})  # far above the target: both step up
+    assert proposal.modifier == "regularize" and proposal.strict is strict
+    changed = run.apply_proposal(proposal, run.state)
+    _, value = verifier.check(run, changed, math.inf, 0.0)
+    before = _run_state(run)
+    run.verify_and_decide(proposal, value / 1.005)  # 0.5% worse: inside epsilon, not lower
+    d = run.history["decisions"][-1]
+    assert d["decision"] == ("reject" if strict else "commit"), d
+    assert _equal(before, _run_state(run)) is strict
+
+
 def test_gap_rule_steps_by_sign_or_in_proportion_within_the_trust_region():
     # gain 0: +-trust_region / 2 by the sign of gap - target, however far off
     assert gap_step(10.0, 0.15, 0.0, 0.7) == 0.35

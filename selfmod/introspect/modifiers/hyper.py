@@ -37,6 +37,11 @@ class GapSettings(BaseModel):
     max_dropout: float = Field(
         0.5, gt=0.0025, lt=1, description="regularize=gap: the largest dropout rate it sets"
     )
+    regularize_strict: bool = Field(
+        False,
+        description="regularize=gap: a change commits only if it lowers the verifying guard "
+        "loss (no epsilon tolerance, which small steps can ratchet through to the caps)",
+    )
     gap_gain: float = Field(
         0.0,
         ge=0,
@@ -108,4 +113,8 @@ class RegularizerModifier(MetaGradientModifier):
             return [], memory
         step = gap_step(gap, s.gap_target, s.gap_gain, ctx.trust_region)  # type: ignore[attr-defined]
         new = (ctx.state.hparams[self.key] + step).clamp(*self.bounds())
-        return [Proposal(self.name, {self.key: new}, group=REGULARIZE, info={"gap": gap})], memory
+        strict = bool(s.regularize_strict)  # type: ignore[attr-defined]
+        proposal = Proposal(
+            self.name, {self.key: new}, strict=strict, group=REGULARIZE, info={"gap": gap}
+        )
+        return [proposal], memory
