@@ -229,14 +229,24 @@ def main(argv: list[str] | None = None) -> None:
             tmp.write_text(json.dumps({"pieces": PIECES, "chosen": CHOSEN, "runs": rows}, indent=1))
             tmp.replace(path)
     text = table(rows, list(WORKLOADS))
-    out.with_suffix(".md").write_text(
-        "# The composed run, piece by piece\n\n`python benchmarks/composition.py "
-        + " ".join(argv if argv is not None else sys.argv[1:])
-        + "`\n\n"
-        + text
-        + "\n"
+    command = "python benchmarks/composition.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
     )
+    md = out.with_suffix(".md")
+    md.write_text(preamble(md, command) + text + "\n")
     print(text)
+
+
+def preamble(md: Path, command: str) -> str:
+    """The text above the table: what ``md`` already has there (commands and notes written by
+    hand are kept), with ``command`` added to its list of commands if it is new."""
+    head = "# The composed run, piece by piece\n\n"
+    if md.exists():
+        old = md.read_text()
+        head = old[: old.index("| workload |")] if "| workload |" in old else head
+    if command not in head:
+        head = head.rstrip("\n") + f"\n\n    {command}\n\n"
+    return head
 
 
 if __name__ == "__main__":

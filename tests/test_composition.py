@@ -503,3 +503,29 @@ def test_a_state_is_replayed_once_per_cycle_and_the_current_one_is_kept(monkeypa
     _context(run)  # the next cycle's batches
     run.replay(run.state, None)
     assert len(calls) == 4 + len(others)
+
+
+def _composition_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "composition.py"
+    spec = importlib.util.spec_from_file_location("composition_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_composition_report_keeps_its_hand_written_notes_and_adds_new_commands(tmp_path):
+    bench = _composition_bench()
+    md = tmp_path / "composition.md"
+    assert bench.preamble(md, "python c.py --a").endswith("\n\n    python c.py --a\n\n")
+    notes = "# Title\n\nNotes by hand.\n\n    python c.py --a\n\n"
+    md.write_text(notes + "| workload | x |\n|---|\n")
+    assert bench.preamble(md, "python c.py --a") == notes
+    head = bench.preamble(md, "python c.py --b")
+    assert head.startswith("# Title\n\nNotes by hand.") and head.count("python c.py --b") == 1
+    # a variant's settings reach the run's configuration alongside the pieces'
+    s = bench.settings("verify_on+prune_lowest")
+    assert s["verify_on"] == "held_out" and s["prune_rule"] == "lowest"
+    assert bench.settings("prune_rule")["prune_rule"] == "l0"
