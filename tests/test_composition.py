@@ -529,3 +529,24 @@ def test_the_composition_report_keeps_its_hand_written_notes_and_adds_new_comman
     s = bench.settings("verify_on+prune_lowest")
     assert s["verify_on"] == "held_out" and s["prune_rule"] == "lowest"
     assert bench.settings("prune_rule")["prune_rule"] == "l0"
+
+
+def test_a_run_with_lowest_pruning_resumes_bitwise_with_its_ceilings_and_settled_layers(
+    tmp_path,
+):
+    from selfmod.runs.recorder import RunRecorder
+
+    over = {"width": 8, "max_width": 16, "prune_fraction": 0.2}
+    full = _at_ceiling(steps=400, **over)
+    memory = full.state.memory["prune"]
+    assert set(memory) >= {"tried", "settled"}  # pruning was tried, its memory is checkpointed
+    cfg = full.config
+    first = Introspector(cfg, recorder=RunRecorder(tmp_path, keep=50))
+    first.run()
+    back = Introspector(cfg, recorder=(recorder := RunRecorder(tmp_path, keep=50)))
+    recorder.resume(back, at_most=120)  # after growth reached 16 and pruning was proposed
+    assert back.step == 120
+    back.run()
+    assert all(torch.equal(back.params[k], full.params[k]) for k in full.params)
+    for k, v in memory.items():
+        assert torch.equal(back.state.memory["prune"][k], v), k
