@@ -25,8 +25,9 @@ CANDIDATES = {
     "cycle 25, lookahead 10 (the previous choice)": {"cycle": 25, "lookahead": 10},
     "cycle 50, lookahead 5": {"cycle": 50, "lookahead": 5},
     "cycle 100, lookahead 5": {"cycle": 100, "lookahead": 5},
+    "cycle 50, lookahead 5, rates' mean rising": {"cycle": 50, "lookahead": 5, "lr_mean": "rising"},
 }
-BASE = {"optimizer": "adamw", "lr": 3e-3}
+BASE = {"optimizer": "adamw", "lr": 3e-3, "lr_mean": "free"}
 
 
 def main() -> None:

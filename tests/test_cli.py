@@ -33,7 +33,7 @@ BAD_VALUES = {
     "regularize": ("l1", "regularize must be one of 'gap', 'hypergradient' (got 'l1')"),
     "gap_target": ("0", "gap_target must be a number in (0, 10] (got 0)"),
     "gap_gain": ("-1", "gap_gain must be a number in [0, 10] (got -1)"),
-    "lr_mean": ("mean", "lr_mean must be one of 'free', 'fixed' (got 'mean')"),
+    "lr_mean": ("mean", "lr_mean must be one of 'free', 'fixed', 'rising' (got 'mean')"),
     "model": ("rnn", 'model must be "mlp" | "cnn" | "package.module:callable" (returns an'),
     "data": ("mnist", 'data must be "mnist1d" | "digits" | "package.module:callable"'),
     "loss": ("l1", 'loss must be "cross_entropy" | "mse" | "package.module:callable"'),

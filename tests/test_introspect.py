@@ -159,6 +159,23 @@ def test_fixed_lr_mean_redistributes_the_rates_at_the_same_geometric_mean():
     torch.testing.assert_close(fixed, free - free.mean())  # same relative move
 
 
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_a_rising_lr_mean_takes_a_step_up_as_it_is_and_only_redistributes_a_step_down(direction):
+    from selfmod.introspect.modifiers.lr import LearningRates
+
+    current = torch.tensor([-3.0, -2.0, -4.0, -1.0])
+    step = direction * torch.tensor([0.5, 0.1, 0.3, -0.1])  # mean +-0.2
+    rising = LearningRates(lr_mean="rising").adjust(current, current + step)
+    if direction > 0:  # the level rises: the step as it is
+        torch.testing.assert_close(rising, current + step)
+    else:  # the level would fall: centred, the geometric mean kept
+        torch.testing.assert_close(rising, current + step - step.mean())
+        assert float(rising.mean()) == pytest.approx(float(current.mean()))
+    assert LearningRates().settings.lr_mean == "rising"  # the default
+    free = LearningRates(lr_mean="free").adjust(current, current + step)
+    torch.testing.assert_close(free, current + step)
+
+
 @pytest.mark.parametrize("where", ["loss", "grad", "hypergrad"])
 def test_nan_in_loss_gradient_or_hypergradient_rolls_back_and_the_run_goes_on(where):
     faults = {where: {1} if where == "hypergrad" else {25}}

@@ -107,7 +107,7 @@ def test_the_optimizer_as_modifiers_lr_betas_and_weight_decay_each_take_the_rpro
         {"steps": 80, "cycle": 20, "lookahead": 4, "lr": 0.003, "guard_size": 200,
          "replay_size": 200, "compare_fixed": False, "optimizer": optimizer,
          "modifiers": ["lr", "weight_decay", "beta1", "beta2"], "regularize": "hypergradient",
-         "beta1": 0.5, "beta2": 0.9}
+         "beta1": 0.5, "beta2": 0.9, "lr_mean": "free"}  # the plain Rprop step, by hand
     )  # fmt: skip
     source = Source(as_batches((x[200:], y[200:]), 0), x[:200], y[:200], xt, yt)
     problem = Problem(user_models.residual_mlp(), F.cross_entropy)

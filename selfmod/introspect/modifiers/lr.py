@@ -2,7 +2,10 @@
 
 With ``lr_mean = "fixed"`` the step on the log rates is centred (its mean removed): the
 meta-gradient only redistributes the rate between tensors at a fixed geometric mean, which a
-short lookahead cannot drag down (its short-horizon bias favours small rates).
+short lookahead cannot drag down (its short-horizon bias favours small rates). With
+``lr_mean = "rising"`` (the default) the mean may rise but not fall: the bias is one-sided (a
+short horizon favours smaller rates, Wu et al. 2018), so a step that raises the level is taken
+as it is and one that lowers it only redistributes. ``"free"``: every step as it is.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from selfmod.introspect.modifiers.hyper import MetaGradientModifier
 class LRSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    lr_mean: Literal["free", "fixed"] = Field(
-        "free", description="lr modifier: 'fixed' keeps the rates' geometric mean (redistributes)"
+    lr_mean: Literal["free", "fixed", "rising"] = Field(
+        "rising",
+        description="lr modifier: 'fixed' keeps the rates' geometric mean (redistributes); "
+        "'rising' lets it rise but not fall",
     )
 
 
@@ -32,7 +37,8 @@ class LearningRates(MetaGradientModifier):
     Settings = LRSettings
 
     def adjust(self, current: Tensor, new: Tensor) -> Tensor:
-        if self.settings.lr_mean == "fixed":  # type: ignore[attr-defined]
-            move = new - current
+        mode = self.settings.lr_mean  # type: ignore[attr-defined]
+        move = new - current
+        if mode == "fixed" or (mode == "rising" and bool(move.mean() < 0)):
             return current + move - move.mean()
         return new
