@@ -63,6 +63,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the same pruning in steps of 5% of a layer (smaller changes, each verified)
     "prune_lowest5": {"prune_rule": "lowest", "prune_fraction": 0.05},
 }
+#: a variant's setting in every configuration that does not name it: the rows measured before
+#: lr_rising existed ran with the rates' mean free, and keep their runs
+VARIANTS_OFF: dict[str, Any] = {"lr_mean": "free"}
 #: besides: the runner-up composition, run on the published seeds before the choice was made,
 #: and verified pruning at the ceiling (not chosen: 70.5% on seeds 100-102; with lr_rising, the
 #: CNN lost 1.5 points on seeds 106-108)
@@ -146,8 +149,7 @@ def builtin_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
 def settings(name: str) -> dict[str, Any]:
     """The pieces' settings of configuration ``name`` (``off``, a piece, ``composition``)."""
     on = CHOSEN if name == "composition" else () if name == "off" else tuple(name.split("+"))
-    out = {k: v[1] if k in on else v[0] for k, v in PIECES.items()}
-    out["lr_mean"] = "free"  # the rows measured before lr_rising was the default keep their runs
+    out = {k: v[1] if k in on else v[0] for k, v in PIECES.items()} | VARIANTS_OFF
     for part in on:
         out.update(VARIANTS.get(part, {}))
     return out

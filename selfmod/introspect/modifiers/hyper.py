@@ -113,7 +113,7 @@ class RegularizerModifier(MetaGradientModifier):
             return [], memory
         step = gap_step(gap, s.gap_target, s.gap_gain, ctx.trust_region)  # type: ignore[attr-defined]
         new = (ctx.state.hparams[self.key] + step).clamp(*self.bounds())
-        strict = bool(s.regularize_strict)  # type: ignore[attr-defined]
+        strict = s.regularize_strict  # type: ignore[attr-defined]
         proposal = Proposal(
             self.name, {self.key: new}, strict=strict, group=REGULARIZE, info={"gap": gap}
         )
