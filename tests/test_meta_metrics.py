@@ -49,22 +49,33 @@ def test_linear_cka_by_hand():
 
 def test_linear_cka_is_one_on_itself_and_invariant_to_rotation_and_scale():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(50, 6, generator=g)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)  # float64: exact to 1e-10
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
     assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
     assert linear_cka(x, (x.double() @ q) * 7.5) == pytest.approx(1.0, abs=1e-10)
     assert linear_cka(x, x + 3.0) == pytest.approx(1.0, abs=1e-10)  # centring
-    y = torch.randn(50, 4, generator=g)
+    y = torch.randn(50, 4, generator=g, dtype=torch.float64)
     assert linear_cka(x, y) == pytest.approx(linear_cka(y, x), abs=1e-12)
     assert 0.0 < linear_cka(x, y) < 0.5  # unrelated features: far from 1
     # not invariant to an anisotropic scaling (CKA's linear kernel sees it)
     assert linear_cka(x, x * torch.tensor([10.0, 1, 1, 1, 1, 0.1])) < 0.99
     # many features, few examples: the Gram-matrix path gives the same value
-    wide = torch.randn(5, 40, generator=g)
-    wide2 = wide @ torch.randn(40, 30, generator=g)
+    wide = torch.randn(5, 40, generator=g, dtype=torch.float64)
+    wide2 = wide @ torch.randn(40, 30, generator=g, dtype=torch.float64)
     xc, yc = wide.double() - wide.double().mean(0), wide2.double() - wide2.double().mean(0)
     want = (yc.T @ xc).pow(2).sum() / ((xc.T @ xc).norm() * (yc.T @ yc).norm())
     assert linear_cka(wide, wide2) == pytest.approx(float(want), abs=1e-10)
+
+
+@pytest.mark.parametrize("n, d", [(1500, 256), (40, 300)])  # feature and Gram paths
+def test_linear_cka_of_float32_inputs_agrees_with_float64_to_1e_7(n, d):
+    g = torch.Generator().manual_seed(1)
+    x = torch.relu(torch.randn(n, d, generator=g)) + 2.0  # features with a mean, as ReLUs'
+    y = x + 0.05 * torch.randn(n, d, generator=g)  # a small shift: 1 - CKA ~ 1e-3
+    exact = linear_cka(x.double(), y.double())
+    assert 1e-4 < 1 - exact < 1e-2
+    assert linear_cka(x, y) == pytest.approx(exact, abs=1e-7)
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- the shift
