@@ -176,6 +176,34 @@ def test_a_rising_lr_mean_takes_a_step_up_as_it_is_and_only_redistributes_a_step
     torch.testing.assert_close(free, current + step)
 
 
+@pytest.mark.parametrize(
+    "mods, schedule, regularize, want",
+    [
+        (["lr", "grow"], {}, "gap", [0, 1, 2, 3, 4]),  # lr is due every cycle
+        (["lr", "grow"], {"lr": 2}, "gap", [0, 2, 4]),  # only where lr is due
+        (["weight_decay", "grow", "batch_size"], {}, "gap", []),  # nobody reads it
+        (["weight_decay"], {}, "hypergradient", [0, 1, 2, 3, 4]),
+    ],
+)
+def test_the_meta_gradient_is_estimated_only_in_cycles_where_a_due_modifier_reads_it(
+    monkeypatch, mods, schedule, regularize, want
+):
+    cfg = {**FAST, "steps": 100, "modifiers": mods, "schedule": schedule, "regularize": regularize}
+    run = Introspector(TrainConfig(**cfg))
+    cycles, estimate = [], run.estimate
+
+    def counted():
+        cycles.append(run.cycle)
+        return estimate()
+
+    monkeypatch.setattr(run, "estimate", counted)
+    run.run()
+    assert cycles == want
+    decided = [d for d in run.history["decisions"] if d["decision"] in ("commit", "reject")]
+    assert decided  # every proposal was still verified against a finite baseline
+    assert all(math.isfinite(d["guard_current"]) for d in decided)
+
+
 @pytest.mark.parametrize("where", ["loss", "grad", "hypergrad"])
 def test_nan_in_loss_gradient_or_hypergradient_rolls_back_and_the_run_goes_on(where):
     faults = {where: {1} if where == "hypergrad" else {25}}

@@ -8,6 +8,9 @@ runs
     -> apply to a copy and replay the K lookahead steps -> verify (invariants)
     -> commit, queue for approval, or reject
 
+(the estimate only in a cycle where a due modifier reads the meta-gradient: ``lr``, ``momentum``,
+Adam's betas, or the regularizers with ``regularize = "hypergradient"``).
+
 Modifiers (:mod:`selfmod.introspect.modifiers`) only propose; the loop is the one place that
 changes the run. The invariants and the rollback policy are :mod:`.verifier`'s; a
 :class:`Recorder` (the run directory's ledger and checkpoints: :mod:`selfmod.runs.recorder`)
@@ -698,16 +701,19 @@ class Loop:
                 cfg.replay_size,
                 self.rng,
             )
-        try:
-            current, g = self.estimate()
-        except NonFiniteError as err:
-            if not cfg.safeguards:
-                raise
-            self._rollback(f"meta-gradient: {err}")
-            self.cycle += 1
-            return
+        estimated = any(m.reads_meta_gradient and self.due(m) for m in self.modifiers)
+        current, g = math.nan, {}
+        if estimated:  # else nobody reads it: the reverse unroll is skipped
+            try:
+                current, g = self.estimate()
+            except NonFiniteError as err:
+                if not cfg.safeguards:
+                    raise
+                self._rollback(f"meta-gradient: {err}")
+                self.cycle += 1
+                return
         proposals = self.propose(g, probe)
-        if proposals and cfg.verify_on == "held_out" and cfg.safeguards:
+        if proposals and (not estimated or (cfg.verify_on == "held_out" and cfg.safeguards)):
             current = self.verify_baseline()
         for proposal in proposals:
             self.verify_and_decide(proposal, current)

@@ -162,6 +162,9 @@ class Modifier:
     per_step: ClassVar[bool] = False
     #: hyperparameters (unconstrained keys) this modifier needs in the space
     needs: ClassVar[tuple[str, ...]] = ()
+    #: reads ``ctx.hypergrad``: a cycle in which no due modifier does skips the meta-gradient
+    #: (its reverse unroll through the lookahead); the built-ins that never read it say so
+    reads_meta_gradient: ClassVar[bool] = True
 
     def __init__(self, settings: BaseModel | None = None, **values: Any) -> None:
         self.settings = settings if settings is not None else self.Settings(**values)

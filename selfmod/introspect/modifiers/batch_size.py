@@ -49,6 +49,7 @@ class BatchSettings(BaseModel):
 @register
 class BatchSize(Modifier):
     name = "batch_size"
+    reads_meta_gradient = False
     order = 60
     Settings = BatchSettings
 

@@ -97,6 +97,7 @@ GATE_OPEN = math.log(0.9 / 0.1)
 @register
 class Grow(Modifier):
     name = "grow"
+    reads_meta_gradient = False
     order = 70
     Settings = GrowSettings
 

@@ -100,6 +100,10 @@ class RegularizerModifier(MetaGradientModifier):
 
     Settings = GapSettings
 
+    @property
+    def reads_meta_gradient(self) -> bool:  # type: ignore[override]
+        return self.settings.regularize == "hypergradient"  # type: ignore[attr-defined]
+
     def bounds(self) -> tuple[float, float]:
         """The gap rule's range of ``h[key]`` (unconstrained)."""
         raise NotImplementedError

@@ -51,6 +51,7 @@ class OnlineSettings(BaseModel):
 @register
 class OnlineLR(Modifier):
     name = "online_lr"
+    reads_meta_gradient = False
     order = 90
     Settings = OnlineSettings
     default = False

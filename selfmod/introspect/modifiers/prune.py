@@ -72,6 +72,7 @@ class PruneSettings(BaseModel):
 @register
 class Prune(Modifier):
     name = "prune"
+    reads_meta_gradient = False
     order = 80
     Settings = PruneSettings
 
