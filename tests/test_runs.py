@@ -101,6 +101,40 @@ def test_ledger_chain_verifies_and_detects_an_edited_row(tmp_path):
             ledger.verify(head)  # ... but not against the head a checkpoint recorded
 
 
+class _InterruptAt:
+    """A connection that raises ``KeyboardInterrupt`` (a Ctrl-C) right after running the SQL
+    statement that starts with ``at``."""
+
+    def __init__(self, db: sqlite3.Connection, at: str) -> None:
+        self.db, self.at = db, at
+
+    def execute(self, sql: str, *args):
+        out = self.db.execute(sql, *args)
+        if sql.startswith(self.at):
+            raise KeyboardInterrupt
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize("at, kept", [("INSERT", 5), ("COMMIT", 6)])
+def test_a_ctrl_c_inside_a_ledger_append_is_raised_as_it_is_and_the_chain_stays_valid(
+    tmp_path, at, kept
+):
+    path = tmp_path / "ledger.sqlite"
+    _ledger_with_entries(path)
+    with Ledger(path) as ledger:
+        db = ledger._db
+        ledger._db = _InterruptAt(db, at)  # type: ignore[assignment]
+        with pytest.raises(KeyboardInterrupt):  # not sqlite's "cannot rollback"
+            ledger.append("decision", cycle=9, step=9, decision="commit")
+        ledger._db = db
+        assert not db.in_transaction
+        assert ledger.verify() == kept  # before COMMIT: rolled back; after: kept, chained
+        assert ledger.append("decision", cycle=10, step=10).seq == kept + 1
+
+
 def test_ledger_detects_deleted_middle_row(tmp_path):
     path = tmp_path / "ledger.sqlite"
     _ledger_with_entries(path)

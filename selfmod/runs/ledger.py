@@ -248,7 +248,10 @@ class Ledger:
             )
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # an interrupt (Ctrl-C) can land after SQLite committed: nothing left to roll back,
+            # and a ROLLBACK then would raise over the interrupt
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
         return Entry(seq, cycle, step, kind, decision, reason, json.loads(text), prev, h)
 
