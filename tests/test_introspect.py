@@ -574,3 +574,40 @@ def test_growth_past_a_params_flops_or_memory_budget_is_refused(budget, reason):
     free = Introspector(TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 20}))
     free.run()
     assert free.widths() == [12, 12]  # without the budget the same growth commits
+
+
+def test_examples_counts_what_the_base_steps_drew_and_resumes_exactly(tmp_path, monkeypatch):
+    from selfmod.data.streams import IndexedBatches
+
+    drawn, next_batch = [], IndexedBatches.next
+
+    def counted(self, batch_size):
+        x, y = next_batch(self, batch_size)
+        drawn.append(len(y))
+        return x, y
+
+    monkeypatch.setattr(IndexedBatches, "next", counted)
+    cfg = TrainConfig(**{**FAST, "steps": 100, "modifiers": ["lr", "batch_size"]})
+    full = Introspector(cfg, recorder=RunRecorder(tmp_path / "a", keep=50))
+    full.run()
+    assert len(set(drawn)) > 1  # the batch size changed, so steps x batch would be wrong
+    assert full.summary()["examples"] == full.examples == sum(drawn)
+    back = Introspector(cfg, recorder=(recorder := RunRecorder(tmp_path / "a", keep=50)))
+    recorder.resume(back, at_most=50)
+    assert back.step < 100 and 0 < back.examples < full.examples
+    back.run()
+    assert back.examples == full.examples
+    # a checkpoint written before the counter existed resumes, the count unknown (None)
+    checkpoint = Introspector.checkpoint
+
+    def older(self):
+        tensors, meta = checkpoint(self)
+        return tensors, {k: v for k, v in meta.items() if k != "examples"}
+
+    monkeypatch.setattr(Introspector, "checkpoint", older)
+    Introspector(cfg, recorder=RunRecorder(tmp_path / "b", keep=50)).run()
+    monkeypatch.setattr(Introspector, "checkpoint", checkpoint)
+    old = Introspector(cfg, recorder=(recorder := RunRecorder(tmp_path / "b", keep=50)))
+    recorder.resume(old, at_most=50)
+    old.run()
+    assert old.step == 100 and old.examples is None and old.summary()["examples"] is None

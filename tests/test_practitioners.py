@@ -66,8 +66,27 @@ def test_every_contender_end_to_end_on_a_tiny_budget(tmp_path):
     assert raw["workloads"]["pylm"]["contenders"]["selfmod"]["steps"] == pylm
     assert (tmp_path / "practitioners.png").stat().st_size > 10_000
     assert "## pylm" in text and "| selfmod (one run) |" in text and "Target " in text
+    assert "x a plain run's examples" in text  # selfmod's batch-size changes, disclosed
     runs = json.loads((tmp_path / "practitioners_runs.json").read_text())
     assert runs["runs"]["cancer"]["adamw-grid"]["chosen"]["lr"] in P.GRID_LR
+
+
+def test_selfmod_run_reports_the_training_examples_it_drew(monkeypatch):
+    from selfmod.data.streams import IndexedBatches
+
+    drawn, next_batch = [], IndexedBatches.next
+
+    def counted(self, batch_size):
+        x, y = next_batch(self, batch_size)
+        drawn.append(len(y))
+        return x, y
+
+    monkeypatch.setattr(IndexedBatches, "next", counted)
+    work = P.make_workload("cancer", 0.5)  # 100 steps, batch 32
+    run = P.fit_selfmod(work, 0, {**P.SELFMOD_CONFIG, "cycle": 20})
+    assert run.extra["examples"] == sum(drawn) > 0
+    assert run.extra["examples"] >= run.steps * min(drawn)
+    assert run.extra["batch_size"] == drawn[-1]
 
 
 @pytest.mark.slow

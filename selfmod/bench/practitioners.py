@@ -392,6 +392,8 @@ def fit_selfmod(work: Workload, seed: int, config: dict[str, Any] | None = None)
         "decisions": result.summary.get("decisions"),
         "lr": [float(f"{v:.3g}") for v in values.get("lr", [])][:4],
         "weight_decay": values.get("weight_decay"),
+        "batch_size": result.run.state.batch_size,  # the last one (the batch-size modifier's)
+        "examples": result.run.examples,  # trained on: steps x batch for a plain run
     }
     return Run(val, test, result.run.step, seconds, _finite(jsonable(extra)))
 
@@ -563,20 +565,27 @@ def markdown(
             tests = [scale * run.test for run in by_name[key].runs]
             lines.append(
                 f"| {NAMES[key]} | {_spread(tests, fmt)} | {c['wall_s']:.1f} | "
-                f"{c['steps']:,} | {_chosen(by_name[key])} |"
+                f"{c['steps']:,} | {_chosen(by_name[key], work.batch)} |"
             )
         lines += ["", f"Target {verdict(entry)[1]}.", ""]
     return "\n".join(lines)
 
 
-def _chosen(r: Result) -> str:
+def _chosen(r: Result, batch: int) -> str:
+    """What a contender chose (``batch``: the workload's, the plain run's)."""
     if r.name in ("adamw-grid", "tpe-50"):
         return f"lr {r.chosen['lr']:.3g}, wd {r.chosen['weight_decay']:.3g}"
     if r.name == "pbt":
         return f"{len(r.chosen['schedule'])} segments, final lr {r.chosen['schedule'][-1][1]:.3g}"
     if r.name == "selfmod":
         lrs = [run.extra.get("lr", [None])[0] for run in r.runs]
-        return "final lr " + ", ".join(f"{v:.2g}" for v in lrs if v is not None)
+        text = "final lr " + ", ".join(f"{v:.2g}" for v in lrs if v is not None)
+        runs = [run for run in r.runs if "examples" in run.extra]
+        if runs:  # the batch-size modifier: more examples per step than a plain run's
+            seen = statistics.median(run.extra["examples"] / (run.steps * batch) for run in runs)
+            final = statistics.median(run.extra["batch_size"] for run in runs)
+            text += f"; final batch {final:g}, {seen:.2f}x a plain run's examples"
+        return text
     return "defaults"
 
 

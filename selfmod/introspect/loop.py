@@ -203,6 +203,9 @@ class Loop:
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
         self.divergences = 0  # base steps whose loss jumped above DIVERGENCE_FACTOR x average
         self.diverged_at: int | None = None  # the fixed baseline: where a NaN ended it
+        # training examples the base steps drew (a rolled-back step's too; None: resumed from a
+        # checkpoint written before this counter)
+        self.examples: int | None = 0
         self.applied: set[int] = set()
         self.shift_cycle: int | None = None
         self.cycled_at = -1  # the step whose cycle has run (step-level driving)
@@ -518,6 +521,8 @@ class Loop:
         (``tune=False``) never changes itself: a spike is counted, a non-finite loss or
         gradient ends it as diverged (``diverged_at``), at its last finite parameters."""
         batch = self.pending.pop(0) if self.pending else self._next_batch()
+        if self.examples is not None:
+            self.examples += len(batch[1])
         per_step = [m for m in self.modifiers if m.per_step]
         try:
             params, opt_state, buffers, loss, grads = self.train_step(self.state, batch)
@@ -906,8 +911,10 @@ class Loop:
 
     COUNTERS = (
         "step", "cycle", "average", "first_loss", "last_loss", "seconds", "divergences",
-        "diverged_at", "shift_cycle", "cycled_at", "source_id",
+        "diverged_at", "shift_cycle", "cycled_at", "source_id", "examples",
     )  # fmt: skip
+    #: counters added after checkpoints were first written: absent from older ones (None)
+    LATER_COUNTERS = ("examples",)
 
     def checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """``(tensors, meta)``: the whole run, flattened by name (see :mod:`.state`)."""
@@ -947,7 +954,7 @@ class Loop:
         st = meta["numpy_random"]
         np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
         for k in self.COUNTERS:
-            setattr(self, k, meta[k])
+            setattr(self, k, meta.get(k) if k in self.LATER_COUNTERS else meta[k])
         self.applied = set(meta["applied"])
         self.sources[self.source_id].train.seek(meta["stream"])
         self.history = meta["history"]
@@ -990,6 +997,7 @@ class Loop:
             "flops": c.flops,
             "widths": self.widths(),
             "steps": self.step,
+            "examples": self.examples,
             "divergences": self.divergences,
             "diverged_at": self.diverged_at,
             "tensor_names": self.names,

@@ -187,7 +187,7 @@ def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, 
 
 SUMMARY_KEYS = (
     "test_accuracy", "test_metric", "metric_name", "test_loss", "params", "flops", "seconds",
-    "widths", "decisions", "steps", "diverged_at", "meta_metrics",
+    "widths", "decisions", "steps", "examples", "diverged_at", "meta_metrics",
 )  # fmt: skip
 
 
