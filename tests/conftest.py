@@ -16,6 +16,23 @@ def float64():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture
+def drawn_batches(monkeypatch):
+    """The sizes of the training batches tensors data streams hand out, in order (an
+    independent count of the examples a run drew)."""
+    from selfmod.data.streams import IndexedBatches
+
+    drawn, next_batch = [], IndexedBatches.next
+
+    def counted(self, batch_size):
+        x, y = next_batch(self, batch_size)
+        drawn.append(len(y))
+        return x, y
+
+    monkeypatch.setattr(IndexedBatches, "next", counted)
+    return drawn
+
+
 def _worktree_first_on_pythonpath() -> None:
     """Subprocesses (``python -m selfmod.cli``) import this checkout, whatever their cwd."""
     import os

@@ -576,17 +576,10 @@ def test_growth_past_a_params_flops_or_memory_budget_is_refused(budget, reason):
     assert free.widths() == [12, 12]  # without the budget the same growth commits
 
 
-def test_examples_counts_what_the_base_steps_drew_and_resumes_exactly(tmp_path, monkeypatch):
-    from selfmod.data.streams import IndexedBatches
-
-    drawn, next_batch = [], IndexedBatches.next
-
-    def counted(self, batch_size):
-        x, y = next_batch(self, batch_size)
-        drawn.append(len(y))
-        return x, y
-
-    monkeypatch.setattr(IndexedBatches, "next", counted)
+def test_examples_counts_what_the_base_steps_drew_and_resumes_exactly(
+    tmp_path, monkeypatch, drawn_batches
+):
+    drawn = drawn_batches
     cfg = TrainConfig(**{**FAST, "steps": 100, "modifiers": ["lr", "batch_size"]})
     full = Introspector(cfg, recorder=RunRecorder(tmp_path / "a", keep=50))
     full.run()

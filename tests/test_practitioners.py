@@ -71,17 +71,8 @@ def test_every_contender_end_to_end_on_a_tiny_budget(tmp_path):
     assert runs["runs"]["cancer"]["adamw-grid"]["chosen"]["lr"] in P.GRID_LR
 
 
-def test_selfmod_run_reports_the_training_examples_it_drew(monkeypatch):
-    from selfmod.data.streams import IndexedBatches
-
-    drawn, next_batch = [], IndexedBatches.next
-
-    def counted(self, batch_size):
-        x, y = next_batch(self, batch_size)
-        drawn.append(len(y))
-        return x, y
-
-    monkeypatch.setattr(IndexedBatches, "next", counted)
+def test_selfmod_run_reports_the_training_examples_it_drew(drawn_batches):
+    drawn = drawn_batches
     work = P.make_workload("cancer", 0.5)  # 100 steps, batch 32
     run = P.fit_selfmod(work, 0, {**P.SELFMOD_CONFIG, "cycle": 20})
     assert run.extra["examples"] == sum(drawn) > 0
