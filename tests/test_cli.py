@@ -247,6 +247,18 @@ def test_report_false_skips_the_html_until_selfmod_report_writes_it(tmp_path):
     assert "Timeline of changes" in (run_dir / "report.html").read_text()
 
 
+def test_the_cli_and_the_summary_table_do_not_import_matplotlib():
+    # a run with report = false prints the summary table but draws nothing: matplotlib's import
+    # (0.45 s of every `selfmod train`) waits for write_report
+    code = (
+        "import sys, selfmod.cli; from selfmod.runs.report import summary_rows; "
+        "print('matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_plain_list_forms_need_no_toml_quotes():
     assert load_config(None, ["modifiers=[lr,grow]"]).modifiers == ["lr", "grow"]
     assert load_config(None, ["modifiers=lr,grow"]).modifiers == ["lr", "grow"]  # no brackets

@@ -15,11 +15,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from selfmod.introspect.probes import meta_metrics
 from selfmod.runs.files import atomic_write_text
 from selfmod.runs.logs import changes as value_changes
@@ -33,10 +28,21 @@ MARKS = {
 }
 
 
+def _pyplot() -> Any:
+    """matplotlib's ``pyplot`` on the Agg backend, imported on first use: the summary table
+    (:func:`summary_rows`) needs none, so a run with ``report = false`` never pays the import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -49,7 +55,7 @@ def _style(i: int) -> dict:
 
 
 def _axes(ylabel: str, xlabel: str = "base training step"):
-    fig, ax = plt.subplots(figsize=(6.2, 3.3))
+    fig, ax = _pyplot().subplots(figsize=(6.2, 3.3))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
@@ -87,7 +93,7 @@ def _compare(history: dict, key: str, ylabel: str, train: bool = False, x: str =
 def _hyper(history: dict) -> str:
     log = history["tuned"]["log"]
     steps = [r["step"] for r in log]
-    fig, axes = plt.subplots(1, 2, figsize=(12.4, 3.3))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(12.4, 3.3))
     ax = axes[0]
     names = (
         history["tuned_summary"].get("tensor_names")
@@ -150,7 +156,7 @@ def _widths(history: dict) -> str:
 def _probes(history: dict) -> str:
     pr = history["tuned"]["probes"]
     steps = [p["step"] for p in pr]
-    fig, axes = plt.subplots(1, 2, figsize=(12.4, 3.3))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(12.4, 3.3))
     ax = axes[0]
     for key, label in (
         ("guard_acc", "guard"),
@@ -186,7 +192,7 @@ def _probes(history: dict) -> str:
 def _timeline(history: dict) -> str:
     decisions = history["tuned"]["decisions"]
     mods = sorted({d["modifier"] for d in decisions}) or ["-"]
-    fig, ax = plt.subplots(figsize=(12.4, 0.6 + 0.45 * len(mods)))
+    fig, ax = _pyplot().subplots(figsize=(12.4, 0.6 + 0.45 * len(mods)))
     for decision, (color, marker) in MARKS.items():
         pts = [
             (d["step"], mods.index(d["modifier"])) for d in decisions if d["decision"] == decision
