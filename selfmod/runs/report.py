@@ -9,6 +9,7 @@ rollbacks marked, and the table of ledger entries.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
@@ -28,9 +29,10 @@ MARKS = {
 }
 
 
+@functools.cache
 def _pyplot() -> Any:
-    """matplotlib's ``pyplot`` on the Agg backend, imported on first use: the summary table
-    (:func:`summary_rows`) needs none, so a run with ``report = false`` never pays the import."""
+    """matplotlib's ``pyplot`` on the Agg backend, imported on first use (once): the summary
+    table (:func:`summary_rows`) needs none, so a run with ``report = false`` never pays it."""
     import matplotlib
 
     matplotlib.use("Agg")
