@@ -42,6 +42,8 @@ from torch import nn
 
 OUT = Path(__file__).parent / "results"
 
+#: ``selfmod train``'s modifiers when it names none (``factorize`` is added to them by name)
+DEFAULT_MODIFIERS = ["lr", "weight_decay", "dropout", "batch_size", "grow", "prune"]
 #: piece -> (off, on)
 PIECES: dict[str, tuple[Any, Any]] = {
     "verify_on": ("shared", "held_out"),
@@ -62,6 +64,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lr_rising": {"lr_mean": "rising"},
     # the same pruning in steps of 5% of a layer (smaller changes, each verified)
     "prune_lowest5": {"prune_rule": "lowest", "prune_fraction": 0.05},
+    # the hidden-to-hidden layer replaced by its rank-min(m, n)/4 SVD after half the steps
+    "factorize": {"modifiers": [*DEFAULT_MODIFIERS, "factorize"]},
 }
 #: a variant's setting in every configuration that does not name it: the rows measured before
 #: lr_rising existed ran with the rates' mean free, and keep their runs
@@ -78,6 +82,7 @@ CONFIGS = (
     "verify_on+lr_rising",
     "verify_on+lr_rising+prune_lowest",
     "verify_on+lr_rising+prune_lowest5",
+    "verify_on+lr_rising+factorize",
 )
 
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -87,14 +92,16 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 
 
-def user_mlp(width: int, gates: bool) -> nn.Sequential:
+def user_mlp(width: int, gates: bool, factorable: bool = False) -> nn.Sequential:
     """``784 -> W -> W -> 10`` with concrete dropout (and L0 gates) after each ReLU: a model
-    the library does not define."""
-    from selfmod.arch import ConcreteDropout, HardConcreteGate
+    the library does not define (``factorable``: its ``W -> W`` layer a
+    :class:`selfmod.arch.FactorableLinear`, the same function and initialisation)."""
+    from selfmod.arch import ConcreteDropout, FactorableLinear, HardConcreteGate
 
     layers: list[nn.Module] = []
     for d_in in (784, width):
-        layers += [nn.Linear(d_in, width), nn.ReLU(), ConcreteDropout()]
+        linear = FactorableLinear if factorable and d_in == width else nn.Linear
+        layers += [linear(d_in, width), nn.ReLU(), ConcreteDropout()]
         if gates:
             layers.append(HardConcreteGate(width))
     return nn.Sequential(*layers, nn.Linear(width, 10))
@@ -130,7 +137,8 @@ def mnist_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
     test, guard, train = slice(0, 1000), slice(1000, 1500), slice(1500, None)
     cfg = make_config({**config, "seed": seed})
     torch.manual_seed(seed)
-    problem = Problem(user_mlp(cfg.width, cfg.prune_rule == "l0"), F.cross_entropy)
+    factorable = "factorize" in (cfg.modifiers or ())
+    problem = Problem(user_mlp(cfg.width, cfg.prune_rule == "l0", factorable), F.cross_entropy)
     source = Source(as_batches((x[train], y[train]), seed), x[guard], y[guard], x[test], y[test])
     run = Loop(problem, [source], cfg)
     run.run()

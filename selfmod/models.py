@@ -80,12 +80,14 @@ Step = Callable[[Params, Params | None, Tensor], Tensor]
 
 
 def direct_plan(module: nn.Module) -> list[Step] | None:
-    """The forward pass of an ``nn.Sequential`` of ``Linear``, ``Conv1d`` (zero padding),
-    ``ReLU``, ``Flatten``, ``Unflatten`` and :class:`~selfmod.arch.dropout.ConcreteDropout`
+    """The forward pass of an ``nn.Sequential`` of ``Linear``,
+    :class:`~selfmod.arch.lowrank.FactorableLinear`, ``Conv1d`` (zero padding), ``ReLU``,
+    ``Flatten``, ``Unflatten`` and :class:`~selfmod.arch.dropout.ConcreteDropout`
     as functional steps ``step(params, extra, x) -> x``, the same ops ``module(x)`` runs;
     ``None`` for any other module. ``extra`` holds the dropout sites' ``rate`` and ``noise``
     (training mode: none, the identity)."""
     from selfmod.arch.dropout import ConcreteDropout, concrete_dropout
+    from selfmod.arch.lowrank import FactorableLinear, factorable_linear
 
     if not isinstance(module, nn.Sequential):
         return None
@@ -95,6 +97,11 @@ def direct_plan(module: nn.Module) -> list[Step] | None:
         kind = type(m)
         if kind is nn.Linear:
             steps.append(lambda p, e, x, w=w, b=b: F.linear(x, p[w], p.get(b)))
+        elif kind is FactorableLinear:
+            keys = (w, b, f"{name}.left", f"{name}.right")
+            steps.append(
+                lambda p, e, x, k=keys: factorable_linear(x, p[k[0]], p.get(k[1]), p[k[2]], p[k[3]])
+            )
         elif kind is nn.Conv1d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
             args = (m.stride, m.padding, m.dilation, m.groups)
             steps.append(lambda p, e, x, w=w, b=b, a=args: F.conv1d(x, p[w], p.get(b), *a))

@@ -161,6 +161,10 @@ def test_every_field_bad_value_exits_2_from_the_cli(field, tmp_path):
         (["--set", "colour=blue"], "error: unknown config field 'colour'"),
         (["--set", "steps"], "error: --set expects key=value"),
         (["missing.toml"], "error: config file 'missing.toml' does not exist"),
+        (
+            ["--set", "model=cnn", "--set", "modifiers=[factorize]"],
+            "error: modifiers: factorize: the model has no selfmod.arch.FactorableLinear layer",
+        ),
     ],
 )
 def test_cli_rejects_bad_input_with_exit_2_and_one_line(args, message, tmp_path):

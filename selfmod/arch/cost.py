@@ -1,6 +1,7 @@
 """Cost model: parameters, FLOPs per example and activation memory, as plain numbers.
 
 FLOPs count what runs on one example: ``Linear``: ``2 n_in n_out`` (+ ``n_out`` for the bias);
+a factored :class:`~selfmod.arch.lowrank.FactorableLinear`: ``2 r (n_in + n_out)``;
 ``Conv``: ``2 (C_in / groups) prod(k) C_out prod(L_out)`` (+ ``C_out prod(L_out)``). A
 multiply-add is 2 FLOPs; elementwise ops (activations, gates, pooling) are not counted.
 Activation memory is the bytes of every leaf module's output for one example (what a backward
@@ -17,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from selfmod.arch.lowrank import FactorableLinear
 
 
 class Cost(NamedTuple):
@@ -48,6 +51,12 @@ def cost(
             n_in, n_out = mod.weight.shape[1], mod.weight.shape[0]
             rows = out[0].numel() // n_out
             flops[0] += rows * (2 * n_in * n_out + (n_out if mod.bias is not None else 0))
+        elif isinstance(mod, FactorableLinear):
+            w, left, right = mod.weight, mod.left, mod.right
+            m = left.shape[0]
+            rows = out[0].numel() // m
+            mults = w.numel() if w.numel() else right.numel() + left.numel()
+            flops[0] += rows * (2 * mults + (m if mod.bias is not None else 0))
         elif isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             w = mod.weight  # (C_out, C_in / groups, *k)
             positions = out[0].numel() // w.shape[0]  # prod(L_out)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from selfmod.arch.dropout import ConcreteDropout
 from selfmod.arch.gates import HardConcreteGate, StraightThroughGate
+from selfmod.arch.lowrank import FactorableLinear
 from selfmod.arch.models import GrowReLU
 
 Params = dict[str, Tensor]
@@ -80,6 +81,8 @@ def take_units(
     ``x (..., n_old * repeat, ...) -> (..., len(index) * repeat, ...)``.
     """
     r, dim = slot.repeat, slot.dim
+    if x.shape[dim] == 0:  # holds no units (a factored layer's emptied weight): left as it is
+        return x
     index = torch.as_tensor(index, dtype=torch.long, device=x.device)
     n_old = x.shape[dim] // r
     if x.shape[dim] % r:
@@ -304,7 +307,7 @@ _PASS = (
     GrowReLU,
     ConcreteDropout,
 )
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, FactorableLinear)
 _GATES = {HardConcreteGate: "log_alpha", StraightThroughGate: "scores"}
 
 
@@ -314,6 +317,9 @@ def sequential_groups(model: nn.Sequential, prefix: str = "") -> list[UnitGroup]
 
     Each group: the layer's ``weight`` (dim 0), ``bias``, the following gate's parameter, and
     the next layer's ``weight`` (dim 1, ``repeat = in_features // channels`` after ``Flatten``).
+    A :class:`~selfmod.arch.lowrank.FactorableLinear` adds its ``left`` (dim 0) as a producer
+    and its ``right`` (dim 1) as a consumer (empty while it is dense, as its weight is once
+    factored: surgery leaves an empty slot as it is).
     Modules before the first layer (input reshaping, normalisation) are not part of any group.
     """
     groups: list[UnitGroup] = []
@@ -325,15 +331,18 @@ def sequential_groups(model: nn.Sequential, prefix: str = "") -> list[UnitGroup]
             if isinstance(m, nn.Conv1d | nn.Conv2d) and m.groups != 1:
                 raise ValueError(f"{full}: grouped convolutions are not supported by surgery")
             if producers:
-                fan_in = m.weight.shape[1]
+                fan_in = m.weight.shape[1] or m.right.shape[1]  # type: ignore[union-attr]
                 if fan_in % width:
                     raise ValueError(
                         f"{full}: {fan_in} inputs is not a multiple of the {width} units before it"
                     )
-                groups.append(
-                    UnitGroup(tuple(producers), (Slot(f"{full}.weight", 1, fan_in // width),))
-                )
+                consumers = [Slot(f"{full}.weight", 1, fan_in // width)]
+                if isinstance(m, FactorableLinear):  # its input units, once factored
+                    consumers.append(Slot(f"{full}.right", 1))
+                groups.append(UnitGroup(tuple(producers), tuple(consumers)))
             producers = [Slot(f"{full}.weight", 0)]
+            if isinstance(m, FactorableLinear):  # after weight: the fan-in once it is empty
+                producers.append(Slot(f"{full}.left", 0))
             if m.bias is not None:
                 producers.append(Slot(f"{full}.bias", 0))
             width = m.weight.shape[0]

@@ -21,6 +21,7 @@ from torch import nn
 
 from selfmod.arch.dropout import ConcreteDropout
 from selfmod.arch.gates import HardConcreteGate
+from selfmod.arch.lowrank import FactorableLinear
 from selfmod.data import Split, as_batches, hold_out, load_digits, load_mnist1d
 from selfmod.introspect.loop import Loop, Recorder, Source
 from selfmod.introspect.network import Network
@@ -34,12 +35,15 @@ def builtin_module(
     width: int,
     num_classes: int = 10,
     gates: bool = False,
+    factorable: bool = False,
 ) -> nn.Sequential:
     """``Linear(W) -> ReLU -> ConcreteDropout -> ... -> Linear(C)`` (``cnn``: the signal as one
     channel, ``Conv1d`` layers of ``W`` channels, kernel 5, stride 2, then ``Flatten`` and the
     head); PyTorch's default initialisation, drawn in the order of :meth:`Network.module`.
     ``gates``: a :class:`~selfmod.arch.HardConcreteGate` (``"gate{i}"``) after every dropout
-    site, for L0 pruning (their initialisation draws no random numbers)."""
+    site, for L0 pruning (their initialisation draws no random numbers). ``factorable``: the
+    MLP's hidden-to-hidden layers are :class:`~selfmod.arch.lowrank.FactorableLinear` (the same
+    function and random draws), for the ``factorize`` modifier."""
     net = Network(kind, depth, num_features, num_classes)  # type: ignore[arg-type]
     cnn = kind == "cnn"
     # a CNN reads the signal (B, L) as one channel (B, 1, L)
@@ -51,6 +55,8 @@ def builtin_module(
         layer = (
             nn.Conv1d(d_in, d_out, net.kernel_size, net.stride, net.kernel_size // 2)
             if cnn
+            else FactorableLinear(d_in, d_out)
+            if factorable and i > 0
             else nn.Linear(d_in, d_out)
         )
         layers += [
@@ -72,6 +78,17 @@ def uses_gates(cfg: Any) -> bool:
     ``prune_rule = "l0"``."""
     pruning = cfg.modifiers is None or "prune" in cfg.modifiers
     return bool(pruning and getattr(cfg, "prune_rule", "") == "l0")
+
+
+def uses_factorable(cfg: Any) -> bool:
+    """Whether the built-in MLP gets factorable hidden-to-hidden layers: the run has the
+    ``factorize`` modifier (named, or on by default when the run names none)."""
+    from selfmod.introspect.modifiers import registry
+
+    names = cfg.modifiers
+    if names is None:
+        names = [n for n, c in registry().items() if c.default]
+    return cfg.model == "mlp" and "factorize" in names
 
 
 def builtin_splits(cfg: Any) -> list[Split]:
@@ -113,7 +130,10 @@ class Introspector(Loop):
         torch.manual_seed(cfg.seed)  # the initial weights, as before the loop seeds the rest
         x = splits[0].x
         gates = tune and uses_gates(cfg)  # the fixed baseline is the plain network
-        module = builtin_module(cfg.model, cfg.depth, x.shape[1], cfg.width, gates=gates)
+        module = builtin_module(
+            cfg.model, cfg.depth, x.shape[1], cfg.width, gates=gates,
+            factorable=tune and uses_factorable(cfg),
+        )  # fmt: skip
         super().__init__(
             Problem(module, F.cross_entropy),
             sources_of(splits, cfg.seed),

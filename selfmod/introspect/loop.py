@@ -781,7 +781,8 @@ class Loop:
         for batch in self.pending[:n]:
             p = tree.detach(self.params, True)
             with torch.enable_grad(), self.cycle_randomness():
-                gs = torch.autograd.grad(loss_fn(p, self.hparams, batch), list(p.values()))
+                loss = loss_fn(p, self.hparams, batch)
+                gs = torch.autograd.grad(loss, list(p.values()), materialize_grads=True)
             out.append(dict(zip(p, gs, strict=True)))
         return out
 

@@ -177,7 +177,8 @@ class Problem:
         slot and its consumer slots)."""
         g = self.groups[i]
         w = g.width(params)
-        first = g.producers[0]
+        # the first producer that holds the fan-in (a factored layer's emptied weight does not)
+        first = next((s for s in g.producers if params[s.key].numel()), g.producers[0])
         fan_in = params[first.key].movedim(first.dim, 0).reshape(w, -1).norm(dim=1)
         fan_out = torch.cat(
             [params[s.key].movedim(s.dim, 0).reshape(w, -1) for s in g.consumers], dim=1

@@ -106,7 +106,7 @@ def load_data(spec: str, guard_size: int, seed: int) -> Split:
 def build_problem(cfg: Any) -> tuple[Any, list[Split]]:
     """``(problem, splits)`` of a config: its model, data and loss, built-in or imported
     (the model is built after seeding torch with ``cfg.seed``)."""
-    from selfmod.introspect.builtin import builtin_module, builtin_splits
+    from selfmod.introspect.builtin import builtin_module, builtin_splits, uses_factorable
     from selfmod.introspect.config import DATA, MODELS
     from selfmod.introspect.problem import Problem, default_metric
 
@@ -128,7 +128,10 @@ def build_problem(cfg: Any) -> tuple[Any, list[Split]]:
                 f"{cfg.data!r} gives inputs of shape {tuple(first.x.shape)}: name your own model"
             )
         classes = int(max(int(first.y.max()), int(first.y_test.max()))) + 1
-        module = builtin_module(cfg.model, cfg.depth, first.x.shape[1], cfg.width, classes)
+        module = builtin_module(
+            cfg.model, cfg.depth, first.x.shape[1], cfg.width, classes,
+            factorable=uses_factorable(cfg),
+        )  # fmt: skip
     else:
         module = load_model(cfg.model)
     check_fit(module, loss, first, cfg)

@@ -6,6 +6,7 @@ from selfmod.introspect.modifiers import (  # noqa: F401 - registers each
     beta1,
     beta2,
     dropout,
+    factorize,
     grow,
     lr,
     momentum,

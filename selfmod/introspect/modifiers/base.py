@@ -65,15 +65,20 @@ class Proposal:
     strict: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     gain: float = 0.0
+    #: a tolerance of its own instead of the run's ``epsilon`` (``guard' <= (1 + slack) guard``)
+    slack: float | None = None
     #: proposals of one group in a cycle are verified together, as one change named ``group``
     group: str | None = None
     parts: tuple[Proposal, ...] = ()  # the proposals a joint one was merged from
 
     def tolerance(self, epsilon: float) -> float:
         """The verifier's tolerance: ``guard' <= (1 + tol) guard``; ``-gain`` for a priced
-        change, ``0`` (strictly lower) for a strict one, else the run's ``epsilon``."""
+        change, its ``slack`` where it has one, ``0`` (strictly lower) for a strict one, else
+        the run's ``epsilon``."""
         if self.gain > 0:
             return -self.gain
+        if self.slack is not None:
+            return self.slack
         return 0.0 if self.strict else epsilon
 
     def to_json(self) -> dict[str, Any]:
@@ -89,6 +94,8 @@ class Proposal:
             out["strict"] = True
         if self.gain:
             out["gain"] = self.gain
+        if self.slack is not None:
+            out["slack"] = self.slack
         if self.parts:
             out["parts"] = [p.to_json() for p in self.parts]
         return out
@@ -107,6 +114,7 @@ class Proposal:
             d.get("surgery", {}),
             d.get("strict", False),
             gain=float(d.get("gain", 0.0)),
+            slack=d.get("slack"),
             parts=tuple(cls.from_json(p, like) for p in d.get("parts", [])),
         )
 

@@ -6,16 +6,19 @@ short lookahead cannot drag down (its short-horizon bias favours small rates). W
 ``lr_mean = "rising"`` (the default) the mean may rise but not fall: the bias is one-sided (a
 short horizon favours smaller rates, Wu et al. 2018), so a step that raises the level is taken
 as it is and one that lowers it only redistributes. ``"free"``: every step as it is.
+The rates of empty tensors (a :class:`~selfmod.arch.FactorableLinear`'s unused half) neither
+move nor count in the mean.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from selfmod.introspect.modifiers.base import register
+from selfmod.introspect.modifiers.base import Context, Params, Proposal, register
 from selfmod.introspect.modifiers.hyper import MetaGradientModifier
 
 
@@ -36,8 +39,20 @@ class LearningRates(MetaGradientModifier):
     key = "log_lr"
     Settings = LRSettings
 
+    def propose(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:
+        # the rates of empty tensors (a factorable layer's unused half) are not the run's rates
+        self.active = torch.tensor([v.numel() > 0 for v in ctx.state.params.values()])
+        return super().propose(ctx, memory)
+
     def adjust(self, current: Tensor, new: Tensor) -> Tensor:
         mode = self.settings.lr_mean  # type: ignore[attr-defined]
+        active = getattr(self, "active", None)
+        if active is not None and active.shape == current.shape and not bool(active.all()):
+            move = torch.where(active, new - current, 0.0)
+            mean = move.sum() / active.sum()
+            if mode == "fixed" or (mode == "rising" and bool(mean < 0)):
+                return current + torch.where(active, move - mean, 0.0)
+            return current + move
         move = new - current
         if mode == "fixed" or (mode == "rising" and bool(move.mean() < 0)):
             return current + move - move.mean()

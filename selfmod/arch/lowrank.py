@@ -1,0 +1,106 @@
+"""A linear layer that a run can factorize into a low-rank product, and the surgery that does it.
+
+:class:`FactorableLinear` holds ``weight (m, n)``, ``bias (m,)``, ``left (m, r)`` and
+``right (r, n)``. While it is dense, ``left`` and ``right`` are empty (``r = 0``) and it is an
+``nn.Linear``; once factored, ``weight`` is empty (``(m, 0)``) and
+
+    y = (x right^T) left^T + b        m n  ->  r (m + n) parameters.
+
+Its tensors keep their names through the change, so per-tensor learning rates, optimizer state
+and checkpoints address them as before; only their shapes change, as in growth and pruning.
+:func:`factorize` is the truncated SVD ``W ~ U_r S_r V_r^T`` with ``left = U_r S_r^(1/2)`` and
+``right = S_r^(1/2) V_r^T`` (the best rank-``r`` approximation in Frobenius norm, Eckart &
+Young 1936; at ``r = min(m, n)`` the function is kept exactly, to rounding). The new factors'
+optimizer state starts at zero; the emptied weight's goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+
+
+class FactorableLinear(nn.Module):
+    """``nn.Linear(in_features, out_features)`` that :func:`factorize` can turn into
+    ``x -> (x right^T) left^T + b``; initialised exactly as ``nn.Linear`` (the same random draws
+    in the same order), so a network built with it computes what the plain one does."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        dense = nn.Linear(in_features, out_features, bias)
+        self.weight = dense.weight  # (m, n); (m, 0) once factored
+        self.bias = dense.bias
+        self.left = nn.Parameter(torch.zeros(out_features, 0))  # (m, r)
+        self.right = nn.Parameter(torch.zeros(0, in_features))  # (r, n)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return factorable_linear(x, self.weight, self.bias, self.left, self.right)
+
+
+def factorable_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, left: Tensor, right: Tensor
+) -> Tensor:
+    """``x (..., n) -> (..., m)``: ``x W^T + b`` while ``W`` is dense, else
+    ``(x R^T) L^T + b``."""
+    if weight.numel() or not right.numel():
+        return F.linear(x, weight, bias)
+    return F.linear(F.linear(x, right), left, bias)
+
+
+def is_factored(params: Mapping[str, Tensor], prefix: str) -> bool:
+    """Whether the :class:`FactorableLinear` at ``prefix`` (``"2"`` for ``"2.weight"``) is
+    factored."""
+    return params[f"{prefix}.right"].numel() > 0 and params[f"{prefix}.weight"].numel() == 0
+
+
+def rank_of(params: Mapping[str, Tensor], prefix: str) -> int:
+    """The rank of the layer's product: ``r`` once factored, else ``min(m, n)`` (a bound)."""
+    if is_factored(params, prefix):
+        return params[f"{prefix}.right"].shape[0]
+    return min(params[f"{prefix}.weight"].shape)
+
+
+def factorized_params(params: Mapping[str, Tensor], prefix: str, rank: int) -> Params:
+    """``params`` with the dense layer at ``prefix`` replaced by its best rank-``rank``
+    factors (module docstring); ``weight (m, n) -> (m, 0)``, ``left (m, 0) -> (m, r)``,
+    ``right (0, n) -> (r, n)``. The SVD runs in float64."""
+    w = params[f"{prefix}.weight"]
+    if w.numel() == 0:
+        raise ValueError(f"{prefix} is already factored")
+    m, n = w.shape
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m} x {n} weight (got {rank})")
+    u, s, vh = torch.linalg.svd(w.detach().double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    out = dict(params)
+    out[f"{prefix}.left"] = (u[:, :rank] * root).to(w.dtype)
+    out[f"{prefix}.right"] = (root[:, None] * vh[:rank]).to(w.dtype)
+    out[f"{prefix}.weight"] = w.new_zeros(m, 0)
+    return out
+
+
+def factorized_state(state: Any, params: Mapping[str, Tensor], new: Mapping[str, Tensor],
+                     prefix: str) -> Any:  # fmt: skip
+    """The selfmod optimizer ``state`` after :func:`factorized_params` (``params`` before,
+    ``new`` after): every per-coordinate tensor of the layer's weight, left and right takes its
+    new shape, filled with zeros (the factors start without momentum)."""
+    from selfmod.arch.surgery import map_state  # surgery imports this module
+
+    keys = [f"{prefix}.{k}" for k in ("weight", "left", "right")]
+    shapes = {k: params[k].shape for k in keys}
+
+    def fn(key: str, x: Tensor) -> Tensor:
+        return x.new_zeros(new[key].shape)
+
+    return map_state(state, shapes, fn)
+
+
+def factorable_prefixes(module: nn.Module) -> list[str]:
+    """The names of the :class:`FactorableLinear` modules in ``module``, in order."""
+    return [n for n, m in module.named_modules() if isinstance(m, FactorableLinear)]
