@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from selfmod.errors import SelfmodError
-from selfmod.runs.config import TrainConfig, load_config, validate
+from selfmod.runs.config import TrainConfig, load_config, saved_config
 from selfmod.runs.files import atomic_write_text
 from selfmod.validation import ConfigError
 
@@ -462,7 +462,7 @@ def _config_of(run_dir: Path) -> TrainConfig:
     values = _json_file(path)
     if not isinstance(values, dict):
         raise SelfmodError(f"{path} must hold a JSON object of config fields (got {values!r:.40})")
-    return validate(values)
+    return saved_config(values)
 
 
 def _json_file(path: Path) -> Any:

@@ -56,6 +56,9 @@ BAD_VALUES = {
     "grow_fraction": ("5", "grow_fraction must be a number in (0, 4] (got 5)"),
     "prune_fraction": ("1", "prune_fraction must be a number in (0, 1) (got 1)"),
     "max_width": ("0", "max_width must be an integer in [1, 8192] (got 0)"),
+    "factorize_rank": ("1", "factorize_rank must be a number in (0, 1) (got 1)"),
+    "factorize_after": ("1", "factorize_after must be a number in [0, 1) (got 1)"),
+    "factorize_tolerance": ("2", "factorize_tolerance must be a number in [0, 1] (got 2)"),
     "max_params": ("0", "max_params must be an integer in [1, 1000000000] (got 0)"),
     "max_flops": ("-1", "max_flops must be an integer in [0, 1000000000000000] (got -1)"),
     "verify_on": ("both", "verify_on must be one of 'held_out', 'shared' (got 'both')"),
@@ -210,6 +213,8 @@ def test_train_writes_report_weights_ledger_and_summary(tmp_path):
         "0.bias",
         "2.weight",
         "2.bias",
+        "2.left",  # the factorable layer's factors (empty: 400 steps, no factorization)
+        "2.right",
         "4.weight",
         "4.bias",
     }

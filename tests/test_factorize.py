@@ -255,3 +255,15 @@ def test_the_built_in_mlp_is_factorable_exactly_when_the_run_has_factorize():
     assert not uses_factorable(named.model_copy(update={"model": "cnn"}))
     # naming none: the registry's defaults decide
     assert uses_factorable(TrainConfig(**FAST)) == registry()["factorize"].default
+
+
+def test_a_run_saved_before_factorize_was_a_default_resumes_without_it():
+    from selfmod.runs.config import saved_config
+
+    now = TrainConfig(**FAST).model_dump(mode="json")
+    assert now["modifiers"] is None and saved_config(now).modifiers is None  # defaults, as saved
+    old = {k: v for k, v in now.items() if not k.startswith("factorize_")}  # an older run
+    names = saved_config(old).modifiers
+    assert "factorize" not in names and {"lr", "grow", "prune"} <= set(names)
+    named = {**old, "modifiers": ["lr", "grow"]}  # a run that named its modifiers keeps them
+    assert saved_config(named).modifiers == ["lr", "grow"]

@@ -81,8 +81,8 @@ def test_without_safeguards_a_nan_ends_the_run_and_a_harmful_change_commits():
 
 
 def test_initial_learning_rates_per_tensor():
-    cfg = TrainConfig(**FAST)
-    lrs = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    cfg = TrainConfig(**FAST)  # 8 tensors: the factorable layer's left and right too
+    lrs = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     run = Introspector(cfg, lrs=lrs)
     assert torch.allclose(run.hparams["log_lr"].exp(), torch.tensor(lrs))
     with pytest.raises(ValueError, match="lrs needs one rate per tensor"):

@@ -46,7 +46,7 @@ from selfmod.introspect.probes import against_fixed
 from selfmod.introspect.problem import Problem, default_metric
 from selfmod.runs import distributed
 from selfmod.runs.checkpoint import list_checkpoints
-from selfmod.runs.config import validate
+from selfmod.runs.config import saved_config, validate
 from selfmod.runs.files import atomic_write_bytes, atomic_write_text
 from selfmod.runs.lock import run_lock
 from selfmod.runs.logs import Logs
@@ -343,7 +343,7 @@ def _saved_config(run_dir: Path, cfg: Any) -> Any:
     path = run_dir / "config.json"
     if not path.is_file():
         raise SelfmodError(f"{run_dir} has no config.json: nothing to resume")
-    return validate(json.loads(path.read_text()))
+    return saved_config(json.loads(path.read_text()))
 
 
 class SelfModifier:

@@ -15,7 +15,12 @@ from selfmod.introspect.config import TrainConfig, described
 from selfmod.validation import load_values
 from selfmod.validation import validate as validate_model
 
-__all__ = ["TrainConfig", "load_config", "validate"]
+__all__ = ["TrainConfig", "load_config", "saved_config", "validate"]
+
+#: modifiers that became defaults after runs were saved without them: a saved config that
+#: lacks the first of a modifier's fields (it predates the modifier) and names no modifiers
+#: ran without it, and resumes without it
+LATER_DEFAULTS = {"factorize": "factorize_rank"}
 
 
 def validate(values: dict[str, Any]) -> TrainConfig:  # type: ignore[valid-type]
@@ -25,3 +30,17 @@ def validate(values: dict[str, Any]) -> TrainConfig:  # type: ignore[valid-type]
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:  # type: ignore[valid-type]
     return validate(load_values(path, overrides))
+
+
+def saved_config(values: dict[str, Any]) -> TrainConfig:  # type: ignore[valid-type]
+    """The config of a saved run (its ``config.json``, every field written out): as
+    :func:`validate`, except that a run saved before a modifier became a default (its field is
+    missing) and naming no modifiers keeps the defaults it ran with."""
+    from selfmod.introspect.modifiers import registry
+
+    if values.get("modifiers") is None:
+        later = {m for m, field in LATER_DEFAULTS.items() if field not in values}
+        if later:
+            names = [n for n, c in registry().items() if c.default and n not in later]
+            values = {**values, "modifiers": names}
+    return validate(values)
