@@ -271,3 +271,20 @@ def test_a_run_saved_before_factorize_was_a_default_resumes_without_it():
     assert "factorize" not in names and {"lr", "grow", "prune"} <= set(names)
     named = {**old, "modifiers": ["lr", "grow"]}  # a run that named its modifiers keeps them
     assert saved_config(named).modifiers == ["lr", "grow"]
+
+
+def test_growth_by_the_criterion_reads_a_dense_factorable_layer_as_a_linear_one():
+    from selfmod.introspect.modifiers.grow import Grow
+
+    over = {"max_width": 64, "grow_threshold": 0.5, "grow_rule": "criterion"}
+    proposals = []
+    for modifiers in (["grow"], ["grow", "factorize"]):
+        cfg = TrainConfig(**{**FAST, "modifiers": modifiers, **over})
+        run = Introspector(cfg)
+        run.run()  # 60 steps, below max_width: nothing factorized
+        assert ("2.left" in run.params) == ("factorize" in modifiers)
+        (proposal,), memory = Grow.from_config(cfg).propose(_context(run), {})
+        proposals.append((proposal.surgery["add"], memory["fan_in.0"], memory["fan_in.1"]))
+    (add, d0, d1), (add_f, d0_f, d1_f) = proposals
+    assert add == add_f and any(add)  # the same GradMax decisions, not the fraction fallback
+    assert torch.equal(d0, d0_f) and torch.equal(d1, d1_f)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from selfmod.arch.lowrank import FactorableLinear
 from selfmod.arch.surgery import Surgery, UnitGroup, grow_plan
 
 Params = dict[str, Tensor]
@@ -48,12 +49,14 @@ class LayerSignals(NamedTuple):
 def linear_signals(
     model: nn.Module, params: Mapping[str, Tensor], loss_fn: Callable[[Tensor], Tensor], x: Tensor
 ) -> dict[str, LayerSignals]:
-    """Inputs, output gradients and weight gradients of every ``nn.Linear`` in ``model``,
-    evaluated at ``params`` on the batch ``x``; ``loss_fn(output) -> scalar``."""
+    """Inputs, output gradients and weight gradients of every ``nn.Linear`` in ``model`` (and
+    every dense :class:`~selfmod.arch.lowrank.FactorableLinear`), evaluated at ``params`` on the
+    batch ``x``; ``loss_fn(output) -> scalar``."""
     seen: dict[str, list] = {}
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
+        dense = isinstance(m, FactorableLinear) and params[f"{name}.weight"].numel() > 0
+        if isinstance(m, nn.Linear) or dense:
 
             def hook(mod, inp, out, name=name):
                 rec = [inp[0].detach(), None]

@@ -7,7 +7,8 @@ the directions with ``sigma_i > grow_threshold * mean_j r_j`` are added, at most
 ``ceil(grow_fraction * width)`` per cycle and up to ``max_width``. Growth stops when no
 direction beats the existing units, not at a cap. New units get zero fan-out and fan-in along
 the top right singular vectors (:func:`selfmod.arch.gradmax_fan_in_plan`).
-Layers that are not ``Linear -> Linear`` (convolutions) fall back to the fraction rule.
+Layers that are not ``Linear -> Linear`` (convolutions, a factored
+:class:`~selfmod.arch.FactorableLinear`) fall back to the fraction rule.
 
 ``grow_rule = "fraction"`` (default; it gave the higher accuracy on validation seeds):
 ``ceil(grow_fraction * width)`` units every time, zero fan-out and
@@ -79,8 +80,11 @@ def fan_in(group: arch.UnitGroup, params: Params) -> int:
 def linear_pair(group: arch.UnitGroup, params: Params) -> tuple[str, str] | None:
     """``(producer module, consumer module)`` names of a ``Linear -> Linear`` group, else
     ``None``."""
-    p, cons = group.producers[0], group.consumers
-    if len(cons) != 1 or cons[0].repeat != 1 or p.dim != 0 or cons[0].dim != 1:
+    p = group.producers[0]
+    cons = [c for c in group.consumers if params[c.key].numel()]  # a dense factorable: weight
+    if not params[p.key].numel() or len(cons) != 1:  # empty: a factored layer's weight
+        return None
+    if cons[0].repeat != 1 or p.dim != 0 or cons[0].dim != 1:
         return None
     if params[p.key].dim() != 2 or params[cons[0].key].dim() != 2:
         return None
