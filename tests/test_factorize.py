@@ -142,6 +142,10 @@ def test_the_proposal_matches_a_hand_computation_and_waits_for_growth_and_time()
     )
     wide = _at_cap(max_width=40)
     assert fact.propose(_context(wide), {})[0] == []
+    # once growth has reached the ceiling, a layer below it (a dead unit pruned) still counts
+    assert fact.propose(_context(_at_cap()), {})[1]["reached"].tolist() == [True, True]
+    (again,), _ = fact.propose(_context(wide), {"reached": torch.tensor([True, True])})
+    assert again.surgery == {"factorize": {"2": 5}}
     # a rank that would not save parameters is not proposed
     assert Factorize(factorize_rank=0.6).rank(20, 20) == 0  # 12 * 40 > 400
     assert Factorize(factorize_rank=0.45).rank(20, 20) == 9

@@ -3,7 +3,8 @@
 Applies to the model's :class:`~selfmod.arch.lowrank.FactorableLinear` layers (the built-in
 MLP's hidden-to-hidden layers when the run has ``factorize``). Once growth will not widen
 the layer's input and output units any more (both at their ceiling, as ``prune_rule =
-"lowest"`` reads it) and ``factorize_after`` of the steps are done, it proposes the truncated
+"lowest"`` reads it; once reached, a prune of a dead unit below it does not count) and
+``factorize_after`` of the steps are done, it proposes the truncated
 SVD of the layer at rank ``r = ceil(factorize_rank * min(m, n))``:
 
     W (m, n)  ->  left (m, r) right (r, n),   m n  ->  r (m + n) parameters,
@@ -34,6 +35,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfmod import arch
@@ -88,12 +90,16 @@ class Factorize(Modifier):
 
     def propose(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:
         s: Any = self.settings
-        if ctx.probe.get("step", 0) < s.factorize_after * ctx.settings.steps:
-            return [], memory
         problem, params = ctx.problem, ctx.state.params
         widths = problem.widths(params)
         limits = growth_limits(ctx.settings, widths, ctx.state.memory.get("prune", {}))
-        done = [w >= limit for w, limit in zip(widths, limits, strict=True)]
+        at = torch.tensor([w >= limit for w, limit in zip(widths, limits, strict=True)])
+        # growth has reached the ceiling once: pruning a dead unit below it does not reopen it
+        reached = memory.get("reached", torch.zeros(len(widths), dtype=torch.bool)) | at
+        memory = {**memory, "reached": reached}
+        if ctx.probe.get("step", 0) < s.factorize_after * ctx.settings.steps:
+            return [], memory
+        done = reached.tolist()
         ranks: dict[str, int] = {}
         for prefix in arch.factorable_prefixes(problem.module):
             key = f"{prefix}.weight"
