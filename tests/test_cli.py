@@ -101,7 +101,7 @@ BAD_COMBINATIONS = [
     (["lookahead=50", "cycle=20"], "lookahead must be <= cycle (20) (got 50)"),
     (["min_batch=64", "max_batch=32", "batch_size=32"], "min_batch must be <= max_batch (32)"),
     (["batch_size=300"], "batch_size must be in [min_batch, max_batch] = [32, 256] (got 300)"),
-    (["width=300"], "width must be <= max_width (256) (got 300)"),
+    (["width=400"], "width must be <= max_width (384) (got 400)"),
 ]
 
 

@@ -112,7 +112,7 @@ def _at_cap(**over) -> Introspector:
     steps done without a cycle."""
     cfg = TrainConfig(
         **{**FAST, "modifiers": ["lr", "grow", "factorize"], "width": 20, "max_width": 20,
-           "steps": 100, "factorize_after": 0.0, **over}
+           "steps": 100, "factorize_after": 0.0, "factorize_rank": 0.25, **over}
     )  # fmt: skip
     run = Introspector(cfg)
     for _ in range(20):
@@ -212,7 +212,8 @@ def test_a_run_factorizes_verified_and_resumes_bitwise_through_it(tmp_path):
 
     cfg = TrainConfig(
         **{**FAST, "modifiers": ["lr", "grow", "factorize"], "width": 8, "max_width": 16,
-           "steps": 160, "factorize_after": 0.25, "factorize_tolerance": 1.0}
+           "steps": 160, "factorize_after": 0.25, "factorize_tolerance": 1.0,
+           "factorize_rank": 0.25}
     )  # fmt: skip
     full = Introspector(cfg)
     full.run()

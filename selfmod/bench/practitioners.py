@@ -72,6 +72,7 @@ SELFMOD_CONFIG: dict[str, Any] = {
     "cycle": 50,
     "lookahead": 5,
     "lr_mean": "rising",
+    "max_width": 256,  # the growth cap it was chosen with (the library's default then: 384 now)
 }
 
 

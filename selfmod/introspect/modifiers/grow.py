@@ -48,7 +48,7 @@ class GrowSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     grow_fraction: float = Field(0.5, gt=0, le=4, description="max units added per cycle, x width")
-    max_width: int = Field(256, ge=1, le=8192, description="growth never goes beyond this")
+    max_width: int = Field(384, ge=1, le=8192, description="growth never goes beyond this")
     grow_rule: Literal["fraction", "criterion"] = Field(
         "fraction",
         description="criterion: GradMax directions that beat the existing units' gradient; "
