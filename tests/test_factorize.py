@@ -173,6 +173,9 @@ def test_apply_gives_the_factors_the_weights_rate_and_fresh_state():
     assert torch.equal(tensors["0.weight"], _momentum(run.state.opt_state)["0.weight"])
     assert run.problem.widths(state.params) == [20, 20]  # the units stay
     assert run.params["2.weight"].shape == (20, 20)  # pure: the run's state is untouched
+    # a second approved copy of the change (manual approval) leaves the factored layer alone
+    again = fact.apply(proposal, state, run.problem)
+    assert all(torch.equal(again.params[k], state.params[k]) for k in state.params)
 
 
 def _momentum(state) -> dict[str, torch.Tensor]:

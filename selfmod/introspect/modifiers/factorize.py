@@ -137,7 +137,10 @@ class Factorize(Modifier):
         log_lr = state.hparams["log_lr"].clone()
         names = list(params)
         for prefix, rank in proposal.surgery["factorize"].items():
-            new = arch.factorized_params(params, prefix, int(rank))
+            if arch.is_factored(params, prefix):  # a second approved copy of the change: no-op
+                continue
+            rank = min(int(rank), *params[f"{prefix}.weight"].shape)  # pruned since proposed
+            new = arch.factorized_params(params, prefix, rank)
             opt_state = arch.factorized_state(opt_state, params, new, prefix)
             params = new
             w = names.index(f"{prefix}.weight")
