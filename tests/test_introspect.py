@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -165,14 +166,15 @@ def test_a_rising_lr_mean_takes_a_step_up_as_it_is_and_only_redistributes_a_step
 
     current = torch.tensor([-3.0, -2.0, -4.0, -1.0])
     step = direction * torch.tensor([0.5, 0.1, 0.3, -0.1])  # mean +-0.2
-    rising = LearningRates(lr_mean="rising").adjust(current, current + step)
+    ctx = SimpleNamespace(state=SimpleNamespace(params={str(i): torch.ones(2) for i in range(4)}))
+    rising = LearningRates(lr_mean="rising").adjust(current, current + step, ctx)
     if direction > 0:  # the level rises: the step as it is
         torch.testing.assert_close(rising, current + step)
     else:  # the level would fall: centred, the geometric mean kept
         torch.testing.assert_close(rising, current + step - step.mean())
         assert float(rising.mean()) == pytest.approx(float(current.mean()))
     assert LearningRates().settings.lr_mean == "rising"  # the default
-    free = LearningRates(lr_mean="free").adjust(current, current + step)
+    free = LearningRates(lr_mean="free").adjust(current, current + step, ctx)
     torch.testing.assert_close(free, current + step)
 
 

@@ -49,7 +49,6 @@ from selfmod.arch.lowrank import (
     factorized_params,
     factorized_state,
     is_factored,
-    rank_of,
 )
 from selfmod.arch.mixed import (
     CollapseReport,
@@ -148,7 +147,6 @@ __all__ = [
     "prob_nonzero",
     "prune_plan",
     "ramp",
-    "rank_of",
     "rename_params",
     "rename_state",
     "sequential_groups",

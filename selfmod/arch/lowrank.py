@@ -8,10 +8,10 @@
 
 Its tensors keep their names through the change, so per-tensor learning rates, optimizer state
 and checkpoints address them as before; only their shapes change, as in growth and pruning.
-:func:`factorize` is the truncated SVD ``W ~ U_r S_r V_r^T`` with ``left = U_r S_r^(1/2)`` and
-``right = S_r^(1/2) V_r^T`` (the best rank-``r`` approximation in Frobenius norm, Eckart &
-Young 1936; at ``r = min(m, n)`` the function is kept exactly, to rounding). The new factors'
-optimizer state starts at zero; the emptied weight's goes.
+:func:`factorized_params` is the truncated SVD ``W ~ U_r S_r V_r^T`` with
+``left = U_r S_r^(1/2)`` and ``right = S_r^(1/2) V_r^T`` (the best rank-``r`` approximation in
+Frobenius norm, Eckart & Young 1936; at ``r = min(m, n)`` the function is kept exactly, to
+rounding). The new factors' optimizer state starts at zero; the emptied weight's goes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ Params = dict[str, Tensor]
 
 
 class FactorableLinear(nn.Module):
-    """``nn.Linear(in_features, out_features)`` that :func:`factorize` can turn into
+    """``nn.Linear(in_features, out_features)`` that :func:`factorized_params` turns into
     ``x -> (x right^T) left^T + b``; initialised exactly as ``nn.Linear`` (the same random draws
     in the same order), so a network built with it computes what the plain one does."""
 
@@ -57,13 +57,6 @@ def is_factored(params: Mapping[str, Tensor], prefix: str) -> bool:
     """Whether the :class:`FactorableLinear` at ``prefix`` (``"2"`` for ``"2.weight"``) is
     factored."""
     return params[f"{prefix}.right"].numel() > 0 and params[f"{prefix}.weight"].numel() == 0
-
-
-def rank_of(params: Mapping[str, Tensor], prefix: str) -> int:
-    """The rank of the layer's product: ``r`` once factored, else ``min(m, n)`` (a bound)."""
-    if is_factored(params, prefix):
-        return params[f"{prefix}.right"].shape[0]
-    return min(params[f"{prefix}.weight"].shape)
 
 
 def factorized_params(params: Mapping[str, Tensor], prefix: str, rank: int) -> Params:

@@ -83,11 +83,9 @@ def uses_gates(cfg: Any) -> bool:
 def uses_factorable(cfg: Any) -> bool:
     """Whether the built-in MLP gets factorable hidden-to-hidden layers: the run has the
     ``factorize`` modifier (named, or on by default when the run names none)."""
-    from selfmod.introspect.modifiers import registry
+    from selfmod.introspect.modifiers import default_names
 
-    names = cfg.modifiers
-    if names is None:
-        names = [n for n, c in registry().items() if c.default]
+    names = cfg.modifiers if cfg.modifiers is not None else default_names()
     return cfg.model == "mlp" and "factorize" in names
 
 

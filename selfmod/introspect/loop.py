@@ -42,7 +42,7 @@ from selfmod.data.streams import Batches
 from selfmod.errors import DivergenceError, NonFiniteError, SelfmodError
 from selfmod.introspect import probes, replay, shift, verifier
 from selfmod.introspect.hparams import HParamSpace
-from selfmod.introspect.modifiers import Context, Modifier, Proposal, registry
+from selfmod.introspect.modifiers import Context, Modifier, Proposal, default_names, registry
 from selfmod.introspect.modifiers.base import RunFacts, apply_plain, merge
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import RunState, flatten, memory_template, unflatten
@@ -246,7 +246,7 @@ class Loop:
             return list(given), True
         reg, names = registry(), self.config.modifiers
         named = names is not None
-        wanted = names if named else [n for n, c in reg.items() if c.default]
+        wanted = names if named else default_names()
         return [reg[n].from_config(self.config) for n in reg if n in wanted], named
 
     def _initial_hparams(self, lrs: Sequence[float] | None) -> Params:

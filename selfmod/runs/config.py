@@ -36,11 +36,10 @@ def saved_config(values: dict[str, Any]) -> TrainConfig:  # type: ignore[valid-t
     """The config of a saved run (its ``config.json``, every field written out): as
     :func:`validate`, except that a run saved before a modifier became a default (its field is
     missing) and naming no modifiers keeps the defaults it ran with."""
-    from selfmod.introspect.modifiers import registry
+    from selfmod.introspect.modifiers import default_names
 
     if values.get("modifiers") is None:
         later = {m for m, field in LATER_DEFAULTS.items() if field not in values}
         if later:
-            names = [n for n, c in registry().items() if c.default and n not in later]
-            values = {**values, "modifiers": names}
+            values = {**values, "modifiers": [n for n in default_names() if n not in later]}
     return validate(values)

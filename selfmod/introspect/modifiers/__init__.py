@@ -19,8 +19,17 @@ from selfmod.introspect.modifiers.base import (
     Modifier,
     NoSettings,
     Proposal,
+    default_names,
     register,
     registry,
 )
 
-__all__ = ["Context", "Modifier", "NoSettings", "Proposal", "register", "registry"]
+__all__ = [
+    "Context",
+    "Modifier",
+    "NoSettings",
+    "Proposal",
+    "default_names",
+    "register",
+    "registry",
+]

@@ -264,3 +264,8 @@ def register(cls: type[Modifier]) -> type[Modifier]:
 def registry() -> dict[str, type[Modifier]]:
     """Every registered modifier class by name, in their ``order``."""
     return dict(sorted(_REGISTRY.items(), key=lambda item: item[1].order))
+
+
+def default_names() -> list[str]:
+    """The modifiers a run that names none has (where they apply), in their ``order``."""
+    return [n for n, c in registry().items() if c.default]

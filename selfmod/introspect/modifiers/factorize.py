@@ -107,7 +107,7 @@ class Factorize(Modifier):
         ranks: dict[str, int] = {}
         for prefix in arch.factorable_prefixes(problem.module):
             key = f"{prefix}.weight"
-            if arch.is_factored(params, prefix) or not params[key].numel():
+            if not params[key].numel():  # factored already: its weight is empty
                 continue
             touching = [
                 i for i, g in enumerate(problem.groups) if any(sl.key == key for sl in g.slots())

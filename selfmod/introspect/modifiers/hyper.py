@@ -83,11 +83,11 @@ class MetaGradientModifier(Modifier):
             memory.get("step"), memory.get("sign"), g, ctx.meta_lr, ctx.trust_region
         )
         current = ctx.state.hparams[self.key]
-        new = self.adjust(current, current - step * sign)
+        new = self.adjust(current, current - step * sign, ctx)
         proposal = Proposal(self.name, {self.key: new}, strict=True, group=HYPERGRADIENT)
         return [proposal], {"step": step, "sign": sign}
 
-    def adjust(self, current: Tensor, new: Tensor) -> Tensor:
+    def adjust(self, current: Tensor, new: Tensor, ctx: Context) -> Tensor:
         """A last transformation of the proposed value (default: none)."""
         return new
 

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from selfmod.introspect.modifiers.base import Context, Params, Proposal, register
+from selfmod.introspect.modifiers.base import Context, register
 from selfmod.introspect.modifiers.hyper import MetaGradientModifier
 
 
@@ -39,15 +39,11 @@ class LearningRates(MetaGradientModifier):
     key = "log_lr"
     Settings = LRSettings
 
-    def propose(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:
-        # the rates of empty tensors (a factorable layer's unused half) are not the run's rates
-        self.active = torch.tensor([v.numel() > 0 for v in ctx.state.params.values()])
-        return super().propose(ctx, memory)
-
-    def adjust(self, current: Tensor, new: Tensor) -> Tensor:
+    def adjust(self, current: Tensor, new: Tensor, ctx: Context) -> Tensor:
         mode = self.settings.lr_mean  # type: ignore[attr-defined]
-        active = getattr(self, "active", None)
-        if active is not None and active.shape == current.shape and not bool(active.all()):
+        # the rates of empty tensors (a factorable layer's unused half) are not the run's rates
+        active = torch.tensor([v.numel() > 0 for v in ctx.state.params.values()])
+        if not bool(active.all()):
             move = torch.where(active, new - current, 0.0)
             mean = move.sum() / active.sum()
             if mode == "fixed" or (mode == "rising" and bool(mean < 0)):
