@@ -6,6 +6,7 @@ updates, state = opt.update(grads, state, params, hparams)
 params = optim.apply_updates(params, updates)
 """
 
+from selfmod.optim.adamw_hd import AdamWHD
 from selfmod.optim.aliases import adam, adamw, rmsprop, sgd
 from selfmod.optim.base import (
     EmptyState,
@@ -17,9 +18,12 @@ from selfmod.optim.base import (
 )
 from selfmod.optim.hypergradient import (
     HypergradientState,
+    OnlineLogLRState,
     adam_hd,
+    adamw_hd,
     hypergradient_descent,
     hyperoptimizer_stack,
+    normalized_hypergradient_descent,
     sgd_hd,
 )
 from selfmod.optim.transforms import (
@@ -42,16 +46,19 @@ from selfmod.optim.wrapper import Optimizer
 
 __all__ = [
     "AdamState",
+    "AdamWHD",
     "EmptyState",
     "GradientTransformation",
     "HParam",
     "HypergradientState",
+    "OnlineLogLRState",
     "Optimizer",
     "RmsState",
     "TraceState",
     "adam",
     "adam_hd",
     "adamw",
+    "adamw_hd",
     "add_decayed_weights",
     "apply_updates",
     "chain",
@@ -60,6 +67,7 @@ __all__ = [
     "hypergradient_descent",
     "hyperoptimizer_stack",
     "identity",
+    "normalized_hypergradient_descent",
     "per_key",
     "resolve",
     "rmsprop",

@@ -12,6 +12,7 @@ Chandra et al. 2022, "Gradient Descent: The Ultimate Optimizer".
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from selfmod import tree
 from selfmod.optim.base import GradientTransformation, Params, check_range
-from selfmod.optim.transforms import identity, scale_by_adam
+from selfmod.optim.transforms import add_decayed_weights, chain, identity, scale_by_adam
 
 
 class HypergradientState(NamedTuple):
@@ -130,3 +131,95 @@ def adam_hd(
 ) -> GradientTransformation:
     """Adam-HD (Baydin et al. 2018): hypergradient descent along Adam's direction."""
     return hypergradient_descent(lr, hyper_lr, scale_by_adam(b1, b2, eps), per_tensor)
+
+
+# ------------------------------------------------------------------ normalized, in log space
+
+#: normalized hypergradient descent keeps every learning rate in [1e-6, 10]
+LOG_LR_RANGE = (math.log(1e-6), math.log(10.0))
+
+
+def cosine_hypergradient(grads: Params, previous: Params) -> Tensor:
+    """``(T,)`` per tensor ``cos(g_i, -u_i)`` in ``[-1, 1]``: ``g`` this step's gradient, ``u``
+    the previous update ``theta_t - theta_{t-1}`` (so ``-dL/dlog alpha_i / (|g_i| |u_i|)``);
+    0 where either is zero. ``g . u < 0`` (the slope goes on) is positive: raise the rate."""
+    keys = list(grads)
+    g, u = [grads[k] for k in keys], [previous[k] for k in keys]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*g, *u)):
+        dots = torch.stack([torch.sum(a * b) for a, b in zip(g, u, strict=True)])
+        norms = torch.stack([a.norm() * b.norm() for a, b in zip(g, u, strict=True)])
+    else:  # a base step: fewer dispatches
+        dots = torch.stack(
+            [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g, u, strict=True)]
+        )
+        norms = torch.stack(torch._foreach_norm(g)) * torch.stack(torch._foreach_norm(u))
+    return (-dots / (norms + 1e-30)).clamp(-1.0, 1.0)
+
+
+def online_log_lr(log_lr: Tensor, grads: Params, previous: Params, max_step: float) -> Tensor:
+    """One step of normalized hypergradient descent on per-tensor log rates ``(T,)``:
+    ``log alpha_i + max_step * cos(g_i, -u_i)``, clamped to ``LOG_LR_RANGE``; unchanged when
+    there is no previous update or a tensor's shape changed since (surgery)."""
+    if not previous or any(previous[k].shape != g.shape for k, g in grads.items()):
+        return log_lr
+    cos = cosine_hypergradient(grads, previous).to(log_lr.dtype)
+    return (log_lr + max_step * cos).clamp(*LOG_LR_RANGE)
+
+
+class OnlineLogLRState(NamedTuple):
+    log_lr: Tensor  # (T,) per-tensor log learning rates, in the params' key order
+    previous: Params  # the last update u_{t-1} = theta_t - theta_{t-1}; {} before the first
+    inner: Any  # state of the direction transform
+
+
+def normalized_hypergradient_descent(
+    lr: float, max_step: float = 0.02, direction: GradientTransformation | None = None
+) -> GradientTransformation:
+    """``update_i = -alpha_i d_i`` with per-tensor rates learned online, scale-free:
+    ``log alpha_i <- log alpha_i + max_step cos(g_i, -u_{i,t-1})`` before each step (no rate moves
+    by more than ``max_step`` in log per step; each stays in [1e-6, 10]). ``d`` is ``direction``
+    (default the gradient) and may include decoupled weight decay. ``state.log_lr`` holds the
+    rates, in the params' key order. References: Baydin et al. 2018 (the hypergradient).
+    """
+    check_range("lr", lr, 1e-6, 10.0)
+    check_range("max_step", max_step, 0.0, 1.0, low_open=True)
+    direction = direction or identity()
+
+    def init(params: Params) -> OnlineLogLRState:
+        like = next(iter(params.values()))
+        log_lr = torch.full((len(params),), math.log(lr), dtype=like.dtype, device=like.device)
+        return OnlineLogLRState(log_lr, {}, direction.init(params))
+
+    def update(grads, state, params=None, hparams=None):
+        log_lr = online_log_lr(state.log_lr, grads, state.previous, max_step)
+        d, inner = direction.update(grads, state.inner, params, hparams)
+        keys = list(d)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (log_lr, *d.values())):
+            rates = log_lr.exp()
+            updates = {k: -rates[i] * d[k] for i, k in enumerate(keys)}
+        else:
+            out = torch._foreach_mul([d[k] for k in keys], (-log_lr.exp()).tolist())
+            updates = dict(zip(keys, out, strict=True))
+        return updates, OnlineLogLRState(log_lr, updates, inner)
+
+    return GradientTransformation(init, update)
+
+
+def adamw_hd(
+    lr: float = 1e-3,
+    weight_decay: float = 1e-2,
+    max_step: float = 0.02,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> GradientTransformation:
+    """AdamW whose per-tensor learning rates tune themselves by normalized hypergradient
+    descent: ``p_i <- p_i - alpha_i (adam_dir_i + wd p_i)``, ``alpha_i`` as in
+    :func:`normalized_hypergradient_descent` (the decay is decoupled, as in ``torch.optim.AdamW``,
+    and scaled by the learned rate). A drop-in with :class:`selfmod.optim.Optimizer`:
+    ``Optimizer(model.named_parameters(), adamw_hd())``."""
+    check_range("weight_decay", weight_decay, 0.0)
+    parts = [scale_by_adam(b1, b2, eps)]
+    if weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    return normalized_hypergradient_descent(lr, max_step, chain(*parts))

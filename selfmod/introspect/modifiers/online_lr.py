@@ -9,7 +9,6 @@ References: Baydin et al. 2018.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any
 
@@ -19,25 +18,16 @@ from torch import Tensor
 
 from selfmod.errors import NonFiniteError
 from selfmod.introspect.modifiers.base import Modifier, Params, register
+from selfmod.optim.hypergradient import LOG_LR_RANGE, online_log_lr
 
-#: online_lr keeps every learning rate in [1e-6, 10]
-LOG_LR_RANGE = (math.log(1e-6), math.log(10.0))
+__all__ = ["LOG_LR_RANGE", "OnlineLR", "online_lr_update"]
 
 
 def online_lr_update(log_lr: Tensor, grads: Params, prev: Params, max_step: float) -> Tensor:
     """Normalized hypergradient descent on per-tensor log learning rates ``(T,)``:
-    ``log alpha_i + max_step * cos(g_i, -u_i)`` with ``g`` this step's gradient and ``u`` the
-    previous update (``theta_t - theta_{t-1}``), clamped to ``LOG_LR_RANGE``.
-
-    ``g . u < 0`` (the last step went downhill and the slope goes on) raises the rate;
-    ``g . u > 0`` (overshoot) lowers it.
-    """
-    if not prev or any(prev[k].shape != g.shape for k, g in grads.items()):
-        return log_lr  # no previous update, or the architecture changed since
-    cos = torch.stack(
-        [-torch.sum(g * prev[k]) / (g.norm() * prev[k].norm() + 1e-30) for k, g in grads.items()]
-    )  # (T,)
-    return (log_lr + max_step * cos.clamp(-1.0, 1.0)).clamp(*LOG_LR_RANGE)
+    :func:`selfmod.optim.hypergradient.online_log_lr` (``log alpha_i + max_step * cos(g_i, -u_i)``
+    with ``u`` the previous update ``theta_t - theta_{t-1}``, clamped to ``LOG_LR_RANGE``)."""
+    return online_log_lr(log_lr, grads, prev, max_step)
 
 
 class OnlineSettings(BaseModel):
