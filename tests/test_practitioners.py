@@ -55,20 +55,52 @@ def test_every_contender_end_to_end_on_a_tiny_budget(tmp_path):
     ticks = []
     text = P.run_benchmark(budget, "test", lambda d, t, n: ticks.append((d, t, n)))
     contenders = [c for c in P.CONTENDERS if c != "pbt"]
-    assert ticks[-1][:2] == (12, 12)
+    assert ticks[-1][:2] == (14, 14)
     raw = json.loads((tmp_path / "practitioners.json").read_text())
     _check_schema(raw, ["cancer", "pylm"], contenders)
     cancer, n = raw["workloads"]["cancer"]["contenders"], P.make_workload("cancer", 0.1).steps
     assert cancer["adamw-grid"]["steps"] == 3 * n  # 2 grid points + 1 final run
     assert cancer["selfmod"]["steps"] == cancer["prodigy"]["steps"] == n
+    assert cancer["selfmod-hd"]["steps"] == n
     assert 3 * n <= cancer["tpe-50"]["steps"] <= 4 * n
     pylm = P.make_workload("pylm", 0.1).steps
     assert raw["workloads"]["pylm"]["contenders"]["selfmod"]["steps"] == pylm
     assert (tmp_path / "practitioners.png").stat().st_size > 10_000
-    assert "## pylm" in text and "| selfmod (one run) |" in text and "Target " in text
+    assert "## pylm" in text and "| selfmod (one run) |" in text
     assert "x a plain run's examples" in text  # selfmod's batch-size changes, disclosed
+    assert (
+        "| selfmod AdamWHD (one run) | " in text
+        and "lr 0.01 at start, cool-down 0.2; final" in text
+    )
+    assert "Target, selfmod (one run): " in text and "Target, selfmod AdamWHD (one run): " in text
     runs = json.loads((tmp_path / "practitioners_runs.json").read_text())
     assert runs["runs"]["cancer"]["adamw-grid"]["chosen"]["lr"] in P.GRID_LR
+
+
+def test_self_tuning_optimizer_run_is_the_plain_loop_with_its_learned_rates():
+    """selfmod-hd trains in the contenders' own loop; its extras are what the optimizer learned,
+    and the run is the same as one built by hand from ``AdamWHD``."""
+    from selfmod.optim import AdamWHD
+
+    work = P.make_workload("cancer", 0.25)
+    run = P.fit_selfmod_hd(work, 3)
+    seen = {}
+
+    def keep(opt):
+        seen["rates"] = [r for group in opt.rates() for r in group]
+        return {}
+
+    cool = lambda t: min(1.0, (work.steps - t) / (0.2 * work.steps))  # noqa: E731
+    again = P.train(work, 3, lambda ps: AdamWHD(ps, lr=1e-2), factor=cool, inspect=keep)
+    assert run.steps == work.steps and run.test == again.test and run.val == again.val
+    assert run.extra["rates"] == [float(f"{r:.3g}") for r in seen["rates"]]
+    assert len(run.extra["rates"]) == len(list(work.model().parameters()))
+    assert run.extra["skipped"] == 0 and any(r != 0.01 for r in run.extra["rates"])
+    plain = P.fit_selfmod_hd(work, 3, cooldown=0.0)
+    assert plain.extra["rates"] != run.extra["rates"]  # the cool-down changed the trajectory
+    assert [P.linear_cooldown(t, 100, 0.2) for t in (0, 79, 80, 90, 99)] == pytest.approx(
+        [1.0, 1.0, 1.0, 0.5, 0.05]
+    )
 
 
 def test_selfmod_run_reports_the_training_examples_it_drew(drawn_batches):
@@ -181,3 +213,9 @@ def test_verdict_reads_medians_tolerance_and_wall_time():
     assert not P.verdict(entry(0.90, 0.90, 0.89, me_s=3.0))[0]  # 0.15x the grid's time
     assert P.verdict(entry(2.01, 2.0, 2.2, hib=False))[0]  # bits per byte: lower is better
     assert "missed by" in P.verdict(entry(2.05, 2.0, 2.2, hib=False))[1]
+    # the other selfmod run is judged by its own row
+    both = entry(0.88, 0.90, 0.89)
+    both["contenders"]["selfmod-hd"] = {**both["contenders"]["selfmod"], "median": 0.9}
+    assert not P.verdict(both)[0] and P.verdict(both, "selfmod-hd")[0]
+    del both["contenders"]["selfmod-hd"]
+    assert P.verdict(both, "selfmod-hd") == (False, "selfmod-hd or the grid was not run")

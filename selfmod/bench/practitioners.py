@@ -39,7 +39,10 @@ from selfmod.validation import check_out_dir, load_values, validate
 
 CONTENDERS = (
     "adamw-grid", "schedulefree-adamw", "prodigy", "dadaptation", "tpe-50", "pbt", "selfmod",
+    "selfmod-hd",
 )  # fmt: skip
+#: the two selfmod runs: the introspective loop (``selfmod.fit``) and the self-tuning optimizer
+SELFMOD_RUNS = ("selfmod", "selfmod-hd")
 LR_FREE = ("schedulefree-adamw", "prodigy", "dadaptation")
 
 #: the AdamW grid (cosine decay, 5% linear warm-up): 4 x 3 = 12 points
@@ -66,6 +69,24 @@ WD_RANGE = (1e-5, 3e-1)
 #: The second and the last are as good on 3 workloads each; the tie went to the lower time, by
 #: 1% (within timing noise; tests ran on the other core meanwhile).
 #: Re-run the selection and the benchmark when the library's defaults change.
+
+#: ``selfmod-hd``: :class:`selfmod.optim.AdamWHD` (per-tensor rates by normalized hypergradient
+#: descent) in the contenders' own training loop, its learned rates multiplied by a linear
+#: cool-down to 0 over the last ``SELFMOD_HD_COOLDOWN`` of the steps. Chosen on validation seeds
+#: (never the published seeds 0-4). First, on seeds 10-12, an exploration of 27 settings
+#: (starting rate, max_step, weight decay, schedules, a held-out hypergradient): lr 1e-2 with no
+#: schedule, the one changing only the starting rate among those within the validation bars on
+#: three workloads; the rule written before seeds 13-17 (publish if the target is met on >= 3
+#: there) held. Published once, it met the target on two (MNIST-1D, Python). Then, by a rule
+#: written before they ran (the most workloads within the bars, ties to the incumbent), on seeds
+#: 10-17 against the other contenders' runs on the same seeds, four candidates (bars 63.65% /
+#: 94.30% / 3.603 / 98.25%, medians mnist1d / mnist / pylm / cancer):
+#:   lr 1e-2:                              64.35% / 94.10% / 3.564 / 97.81%  (2 workloads)
+#:   lr 1e-2, cool-down over the last 20%: 64.55% / 94.40% / 3.527 / 97.81%  (3, chosen)
+#:   lr 1e-2, cosine decay from step 0:    63.65% / 93.65% / 3.557 / 97.81%  (2)
+#:   lr 1e-2, max_step 0.01:               64.45% / 93.70% / 3.565 / 97.37%  (2)
+SELFMOD_HD_CONFIG: dict[str, Any] = {"lr": 1e-2}
+SELFMOD_HD_COOLDOWN = 0.2
 SELFMOD_CONFIG: dict[str, Any] = {
     "optimizer": "adamw",
     "lr": 3e-3,
@@ -177,6 +198,12 @@ def warmup_cosine(step: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
+def linear_cooldown(step: int, steps: int, fraction: float) -> float:
+    """The learning rate's factor at ``step``: 1, then linear to 0 over the last ``fraction`` of
+    the ``steps`` (a warm-up-stable-decay schedule without the warm-up)."""
+    return min(1.0, (steps - step) / max(1.0, fraction * steps))
+
+
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -191,12 +218,13 @@ def train(
     report: Callable[[int, float], None] | None = None,
     report_every: int = 0,
     steps: int | None = None,
+    inspect: Callable[[Any], dict[str, Any]] | None = None,
 ) -> Run:
     """Train a fresh ``work.model()`` (torch seeded with ``seed``) for ``steps`` (default the
     workload's); ``factor(step)`` scales every group's initial lr; ``hparams(step)`` may set
     ``lr`` and ``weight_decay`` from that step on (PBT's schedule); ``report(step, val)``
     every ``report_every`` steps may raise to stop (TPE's pruner: the run is returned
-    as it is, with ``extra["stopped"]``)."""
+    as it is, with ``extra["stopped"]``); ``inspect(optimizer)`` adds to ``extra`` at the end."""
     steps = work.steps if steps is None else steps
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -235,7 +263,9 @@ def train(
                 break
     _eval_mode(work, model, opt, modes)
     val, test = work.evaluate(model, work.val), work.evaluate(model, work.test)
-    return Run(val, test, done, time.perf_counter() - start, {"stopped": stopped})
+    seconds = time.perf_counter() - start
+    extra = {"stopped": stopped, **(inspect(opt) if inspect is not None else {})}
+    return Run(val, test, done, seconds, extra)
 
 
 def _eval_mode(work: Workload, model: nn.Module, opt: Any, modes: bool) -> None:
@@ -399,6 +429,30 @@ def fit_selfmod(work: Workload, seed: int, config: dict[str, Any] | None = None)
     return Run(val, test, result.run.step, seconds, _finite(jsonable(extra)))
 
 
+def fit_selfmod_hd(
+    work: Workload,
+    seed: int,
+    config: dict[str, Any] | None = None,
+    cooldown: float = SELFMOD_HD_COOLDOWN,
+) -> Run:
+    """One run of :class:`selfmod.optim.AdamWHD` (``config``, default
+    :data:`SELFMOD_HD_CONFIG`) in :func:`train`, the loop every other contender trains in, its
+    learned rates times :func:`linear_cooldown` over the last ``cooldown`` of the steps
+    (0: none)."""
+    from selfmod.optim import AdamWHD
+
+    config = dict(SELFMOD_HD_CONFIG if config is None else config)
+    factor = (lambda step: linear_cooldown(step, work.steps, cooldown)) if cooldown else None
+
+    def learned(opt: AdamWHD) -> dict[str, Any]:
+        rates = [r for group in opt.rates() for r in group]
+        return {"rates": [float(f"{r:.3g}") for r in rates], "skipped": opt.skipped}
+
+    return train(
+        work, seed, lambda params: AdamWHD(params, **config), factor=factor, inspect=learned
+    )
+
+
 def jsonable(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.tolist()
@@ -444,6 +498,9 @@ def run_workload(
 
             res.chosen, res.tune_seconds, res.tune_steps = pbt_search(work, budget)
             res.runs = [replay(work, s, res.chosen["schedule"]) for s in seeds]
+        elif contender == "selfmod-hd":
+            res.runs = [fit_selfmod_hd(work, s) for s in seeds]
+            res.chosen = {**SELFMOD_HD_CONFIG, "cooldown": SELFMOD_HD_COOLDOWN}
         else:
             res.runs = [fit_selfmod(work, s) for s in seeds]
             res.chosen = dict(SELFMOD_CONFIG)
@@ -490,14 +547,15 @@ def summarize(work: Workload, results: list[Result]) -> dict[str, Any]:
     }
 
 
-def verdict(entry: dict[str, Any]) -> tuple[bool, str]:
-    """The target on one workload: selfmod at least as good as the best learning-rate-free
-    optimizer, within ``tolerance`` of the AdamW grid, at <= 1/10 of the grid's wall time."""
+def verdict(entry: dict[str, Any], run: str = "selfmod") -> tuple[bool, str]:
+    """The target on one workload for the selfmod ``run`` (a key of :data:`SELFMOD_RUNS`): at
+    least as good as the best learning-rate-free optimizer, within ``tolerance`` of the AdamW
+    grid, at <= 1/10 of the grid's wall time."""
     c, hib, tol = entry["contenders"], entry["higher_is_better"], entry["tolerance"]
-    if "selfmod" not in c or "adamw-grid" not in c:
-        return False, "selfmod or the grid was not run"
+    if run not in c or "adamw-grid" not in c:
+        return False, f"{run} or the grid was not run"
     sign = 1.0 if hib else -1.0
-    me, grid = c["selfmod"], c["adamw-grid"]
+    me, grid = c[run], c["adamw-grid"]
     free = [c[k]["median"] for k in LR_FREE if k in c]
     best_free = (max if hib else min)(free) if free else math.nan
     vs_free = sign * (me["median"] - best_free)  # >= 0: as good
@@ -524,6 +582,7 @@ NAMES = {
     "tpe-50": "Optuna TPE (50)",
     "pbt": "Ray Tune PBT (4)",
     "selfmod": "selfmod (one run)",
+    "selfmod-hd": "selfmod AdamWHD (one run)",
 }
 
 
@@ -568,7 +627,11 @@ def markdown(
                 f"| {NAMES[key]} | {_spread(tests, fmt)} | {c['wall_s']:.1f} | "
                 f"{c['steps']:,} | {_chosen(by_name[key], work.batch)} |"
             )
-        lines += ["", f"Target {verdict(entry)[1]}.", ""]
+        lines.append("")
+        for run in SELFMOD_RUNS:
+            if run in entry["contenders"]:
+                lines.append(f"Target, {NAMES[run]}: {verdict(entry, run)[1]}.")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -587,6 +650,13 @@ def _chosen(r: Result, batch: int) -> str:
             final = statistics.median(run.extra["batch_size"] for run in runs)
             text += f"; final batch {final:g}, {seen:.2f}x a plain run's examples"
         return text
+    if r.name == "selfmod-hd":
+        first = r.runs[0].extra.get("rates", []) if r.runs else []
+        skipped = sum(run.extra.get("skipped", 0) for run in r.runs)
+        text = f"lr {r.chosen['lr']:g} at start, cool-down {r.chosen.get('cooldown', 0):g}"
+        if first:
+            text += f"; final rates {min(first):.2g}-{max(first):.2g} (first seed)"
+        return text + (f"; {skipped} steps skipped" if skipped else "")
     return "defaults"
 
 
@@ -613,8 +683,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                     [max(e[key], 1e-3)],
                     [e["median"]],
                     yerr=[[e["median"] - e["min"]], [e["max"] - e["median"]]],
-                    fmt="*" if c == "selfmod" else "o",
-                    markersize=12 if c == "selfmod" else 6,
+                    fmt="*" if c in SELFMOD_RUNS else "o",
+                    markersize=12 if c in SELFMOD_RUNS else 6,
                     color=colors(i),
                     capsize=3,
                     label=NAMES[c],
