@@ -215,3 +215,32 @@ def test_bad_arguments_are_named(kwargs, message):
         optim.AdamWHD(_net().parameters(), **kwargs)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: optim.AdamWHD(m.parameters(), lr=0.05),
+        lambda m: optim.Optimizer(m.named_parameters(), optim.adamw_hd(lr=0.05)),
+    ],
+    ids=["AdamWHD", "Optimizer"],
+)
+def test_step_with_a_closure_returns_its_loss_and_steps_as_without(make):
+    x, y = _data()
+    a, b = _net(), _net()
+    oa, ob = make(a), make(b)
+    for _ in range(3):
+        oa.zero_grad()
+        F.cross_entropy(a(x), y).backward()
+        oa.step()
+
+        def closure():
+            ob.zero_grad()
+            loss = F.cross_entropy(b(x), y)
+            loss.backward()
+            return loss
+
+        expected = F.cross_entropy(b(x), y).item()
+        assert ob.step(closure).item() == expected
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)

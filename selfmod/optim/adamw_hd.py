@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfmod.optim.base import check_range
+from selfmod.optim.base import check_range, run_closure
 from selfmod.optim.hypergradient import LOG_LR_RANGE
 
 
@@ -77,10 +77,7 @@ class AdamWHD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         live = [
             (group, [p for p in group["params"] if p.grad is not None])
             for group in self.param_groups

@@ -153,3 +153,12 @@ def apply_updates(params: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -
 def is_zero(value: HParam) -> bool:
     """True only for a constant 0 (a tensor or callable may become non-zero when learned)."""
     return isinstance(value, int | float) and value == 0
+
+
+def run_closure(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """``torch.optim``'s ``step(closure)`` convention: the loss the closure recomputes (with
+    autograd on, inside a ``no_grad`` step), or ``None`` without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

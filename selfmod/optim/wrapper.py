@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from selfmod.optim.base import GradientTransformation, HParam, HParams
+from selfmod.optim.base import GradientTransformation, HParam, HParams, run_closure
 
 Factory = Callable[..., GradientTransformation]
 
@@ -165,10 +165,7 @@ class Optimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         params = self._params()
         grads = {
             k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()
