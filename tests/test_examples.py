@@ -54,3 +54,19 @@ def test_every_config_file_the_readme_names_exists_and_loads():
             assert load(MetaTrainConfig, ROOT / path) == MetaTrainConfig()
         else:
             load_config(ROOT / path)
+
+
+def test_drop_in_optimizer_recovers_from_a_learning_rate_too_small():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "drop_in_optimizer.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    acc = dict(re.findall(r"^(.*): test accuracy ([0-9.]+)$", out, re.M))
+    picked, plain = float(acc["AdamW (lr 3e-3, picked by hand)"]), float(acc["AdamW (lr 1e-4)"])
+    tuned = float(acc["AdamWHD (from lr 1e-4)"])
+    assert tuned > plain + 0.05 and tuned > picked - 0.05  # near the hand-picked rate's
+    rates = [float(r) for r in re.findall(r"'([0-9.e+-]+)'", out)]
+    assert len(rates) == 4 and min(rates) >= 1e-4 and max(rates) > 1e-3  # rose, some > 10x
