@@ -244,3 +244,23 @@ def test_step_with_a_closure_returns_its_loss_and_steps_as_without(make):
         assert ob.step(closure).item() == expected
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_parameters_of_mixed_dtypes_step_like_each_alone():
+    """A float32 layer and a float64 layer in one group: each as in its own optimizer."""
+    x, y = _data()
+    a, b = _net(), _net()
+    b[2].float()
+    a[2].float()
+    mixed = optim.AdamWHD(a.parameters(), lr=0.05)
+    alone = [optim.AdamWHD(b[0].parameters(), lr=0.05), optim.AdamWHD(b[2].parameters(), lr=0.05)]
+    for _ in range(5):
+        for model, opts in ((a, [mixed]), (b, alone)):
+            for o in opts:
+                o.zero_grad()
+            F.cross_entropy(model[2](model[1](model[0](x)).float()), y).backward()
+            for o in opts:
+                o.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert pa.dtype == pb.dtype and torch.equal(pa, pb)
+    assert {p.dtype for p in a.parameters()} == {torch.float32, torch.float64}

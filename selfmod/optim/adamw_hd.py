@@ -107,7 +107,7 @@ class AdamWHD(torch.optim.Optimizer):
             ]
             measured += [*torch._foreach_norm(grads), *torch._foreach_norm(previous), *dots]
             plans.append((group, params, grads, previous))
-        values = torch.stack(measured).tolist()
+        values = torch.stack(measured).tolist()  # promotes mixed dtypes
         if not all(map(math.isfinite, values)):
             self._skip()
             return loss
