@@ -19,6 +19,7 @@ from torch import nn
 
 from selfmod.errors import SelfmodError
 from selfmod.introspect.loop import Loop
+from selfmod.meta.distributed import leave_process_group
 from selfmod.runs.distributed import _GlobalDropout
 from selfmod.runs.ledger import Ledger
 
@@ -83,7 +84,7 @@ def _rank(rank: int, world: int, store: str, out: str, diverge_at: int | None) -
             return
         torch.save(dict(result.run.params), Path(out, f"params-{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _decisions(run_dir: Path) -> list[tuple]:

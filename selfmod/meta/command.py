@@ -55,5 +55,5 @@ def run_meta_train(
             )
     finally:
         if started_group:
-            dist.destroy_process_group()
+            distributed.leave_process_group()
     return Path(cfg.out)

@@ -59,6 +59,7 @@ from selfmod.errors import SelfmodError
 from selfmod.hypergrad import FiniteMonitor
 from selfmod.introspect.loop import Loop, Recorder
 from selfmod.introspect.state import flatten
+from selfmod.meta.distributed import leave_process_group
 from selfmod.optim.base import apply_updates
 from selfmod.validation import ConfigError
 
@@ -93,7 +94,7 @@ def session() -> Iterator[Collective | None]:
         yield Collective() if dist.get_world_size() > 1 else None
     finally:
         if made:
-            dist.destroy_process_group()
+            leave_process_group()
 
 
 class Collective:
