@@ -8,35 +8,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_tune_learning_rates_lowers_the_validation_loss():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "tune_learning_rates.py")],
+def _example(name: str, cwd: Path | None = None) -> str:
+    """The standard output of ``examples/name`` run to completion (a failure raises)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name)],
         capture_output=True,
         text=True,
         check=True,
         timeout=300,
-    )
-    losses = [float(x) for x in re.findall(r"val loss ([0-9.]+)", out.stdout)]
-    lrs = re.findall(r"lrs \[([0-9.e, -]+)\]", out.stdout)
+        cwd=cwd,
+    ).stdout
+
+
+def test_tune_learning_rates_lowers_the_validation_loss():
+    out = _example("tune_learning_rates.py")
+    losses = [float(x) for x in re.findall(r"val loss ([0-9.]+)", out)]
+    lrs = re.findall(r"lrs \[([0-9.e, -]+)\]", out)
     assert len(losses) >= 2 and losses[-1] < losses[0] - 0.3
     first, last = ([float(x) for x in row.split(",")] for row in (lrs[0], lrs[-1]))
     assert min(last) > 5 * max(first)  # every tensor's rate moved up from 100x too small
 
 
 def test_your_own_model_is_tuned_by_fit(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "your_own_model.py")],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    out = _example("your_own_model.py", cwd=tmp_path)
     tuned, fixed = (
-        float(x) for x in re.search(r"test accuracy ([0-9.]+) .*: ([0-9.]+)", out.stdout).groups()
+        float(x) for x in re.search(r"test accuracy ([0-9.]+) .*: ([0-9.]+)", out).groups()
     )
     assert tuned > 0.95 and tuned >= fixed
-    assert "'rollback': 0" in out.stdout
+    assert "'rollback': 0" in out
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "summary.json").is_file() and (run_dir / "report.html").is_file()
 
@@ -57,13 +56,7 @@ def test_every_config_file_the_readme_names_exists_and_loads():
 
 
 def test_drop_in_optimizer_recovers_from_a_learning_rate_too_small():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "drop_in_optimizer.py")],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    ).stdout
+    out = _example("drop_in_optimizer.py")
     acc = dict(re.findall(r"^(.*): test accuracy ([0-9.]+)$", out, re.M))
     picked, plain = float(acc["AdamW (lr 3e-3, picked by hand)"]), float(acc["AdamW (lr 1e-4)"])
     tuned = float(acc["AdamWHD (from lr 1e-4)"])
