@@ -10,7 +10,8 @@ than ``max_step`` (in log) per step, and each stays in [1e-6, 10].
 Guard rail: a step whose gradient has a NaN or an infinity changes nothing (parameters and
 moments stay as they were), halves every rate and counts in ``skipped``, like
 ``torch.amp.GradScaler``'s skipped steps. The cost over ``torch.optim.AdamW`` (foreach) is one
-dot product and two norms per tensor and one host sync per step.
+dot product and two norms per tensor and one host sync per step, and one more buffer per
+parameter (the previous update, beside Adam's two moments).
 
 References: Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient Descent";
 Loshchilov & Hutter 2019 (AdamW).
