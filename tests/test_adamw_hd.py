@@ -143,6 +143,7 @@ def test_state_dict_round_trip_continues_bitwise():
     a = _net()
     opt = optim.AdamWHD(a.parameters(), lr=0.03, weight_decay=0.1)
     _steps(a, opt, 10)
+    opt.skipped = 2  # as if two steps had been refused
     saved_model = copy.deepcopy(a.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
     _steps(a, opt, 10, start=10)
@@ -154,6 +155,7 @@ def test_state_dict_round_trip_continues_bitwise():
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert opt.rates() == opt_b.rates()
+    assert opt_b.skipped == 2
 
 
 def test_a_scheduler_multiplies_the_learned_rates():

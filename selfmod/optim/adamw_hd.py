@@ -76,6 +76,15 @@ class AdamWHD(torch.optim.Optimizer):
             for group in self.param_groups
         ]
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"skipped"``, so a resumed run keeps the count."""
+        return {**super().state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.skipped = int(state_dict.pop("skipped", 0))
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = run_closure(closure)
