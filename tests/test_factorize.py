@@ -207,6 +207,7 @@ def test_empty_tensors_rates_neither_move_nor_count_in_the_mean():
 
 def test_a_run_factorizes_verified_and_resumes_bitwise_through_it(tmp_path):
     from selfmod.runs.recorder import RunRecorder
+    from selfmod.runs.report import summary_rows
 
     cfg = TrainConfig(
         **{**FAST, "modifiers": ["lr", "grow", "factorize"], "width": 8, "max_width": 16,
@@ -224,6 +225,17 @@ def test_a_run_factorizes_verified_and_resumes_bitwise_through_it(tmp_path):
     x = full.sources[0].test_x[:50]
     with torch.no_grad():
         assert torch.equal(module(x), full.problem.predict(full.params, full.state.buffers, x))
+    # what the report shows: no rate for an empty tensor (the factors before, the weight after)
+    names = full.names
+    left, right, weight = (names.index(f"2.{k}") for k in ("left", "right", "weight"))
+    assert Introspector(cfg).unused_tensors() == [left, right]  # dense: the factors are empty
+    after = [r["unused"] for r in full.history["log"] if r["step"] > decisions[0]["step"]]
+    assert after and all(u == [weight] for u in after)
+    summary = full.summary()
+    assert summary["unused_tensors"] == [weight]
+    shown = dict((r[0], r[1]) for r in summary_rows({"tuned_summary": summary}))
+    rates = shown["final learning rates"].split(", ")
+    assert len(rates) == len(names) - 1 == len(summary["lr"]) - 1
     first = Introspector(cfg, recorder=RunRecorder(tmp_path, keep=50))
     first.run()
     back = Introspector(cfg, recorder=(recorder := RunRecorder(tmp_path, keep=50)))

@@ -321,6 +321,11 @@ class Loop:
         out["widths"] = self.widths(state.params)
         return out
 
+    def unused_tensors(self) -> list[int]:
+        """Indices (into :attr:`names`, the rates' order) of tensors with no entries now: a
+        factorable layer's unused half, whose learning rate means nothing."""
+        return [i for i, k in enumerate(self.names) if self.state.params[k].numel() == 0]
+
     def guard(self, part: str = "all") -> tuple[Tensor, Tensor]:
         """Guard data: ``"propose"`` (what probes and meta-gradients see), ``"verify"`` (what
         only the verifier sees) or ``"all"``; with ``verify_on = "shared"`` they are one set."""
@@ -610,6 +615,7 @@ class Loop:
             "train_loss": self.last_loss,
             "meta_lr": self.meta_lr,
             **self.values(),
+            "unused": self.unused_tensors(),
         }
         self.history["log"].append(row)
         # wall-clock seconds at this log point (kept apart: a resumed run's clock differs)
@@ -1002,6 +1008,7 @@ class Loop:
             "divergences": self.divergences,
             "diverged_at": self.diverged_at,
             "tensor_names": self.names,
+            "unused_tensors": self.unused_tensors(),
             "modifiers": [m.name for m in self.modifiers],
             "modifiers_skipped": dict(self.skipped),
             "decisions": {k: count[k] for k in ("commit", "reject", "rollback")},

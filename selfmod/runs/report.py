@@ -104,7 +104,9 @@ def _hyper(history: dict) -> str:
         else []
     )
     for i, name in enumerate(names):
-        ax.plot(steps, [r["lr"][i] for r in log], label=name)
+        rates = [math.nan if i in r.get("unused", ()) else r["lr"][i] for r in log]
+        if any(not math.isnan(v) for v in rates):  # a gap while the tensor is empty
+            ax.plot(steps, rates, label=name)
     ax.set_yscale("log")
     ax.set_ylabel("learning rate")
     ax.set_xlabel("base training step")
@@ -222,14 +224,22 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _rates(summary: dict):
+    """Formats a run's final learning rates, leaving out those of tensors empty at the end
+    (``unused_tensors``: a factorable layer's unused half)."""
+    unused = set(summary.get("unused_tensors") or ())
+    return lambda xs: ", ".join(f"{x:.2g}" for i, x in enumerate(xs) if i not in unused)
+
+
 def summary_rows(history: dict) -> list[tuple[str, str, str]]:
     """``(quantity, self-modifying, fixed)`` rows for the console table and the report."""
     t, f = history["tuned_summary"], history.get("fixed_summary") or {}
 
-    def row(label: str, key: str, fmt=_fmt) -> tuple[str, str, str] | None:
+    def row(label: str, key: str, fmt=_fmt, fmt_fixed=None) -> tuple[str, str, str] | None:
         if t.get(key) is None:
             return None  # a quantity this run does not have (momentum under Adam, ...)
-        return label, fmt(t[key]), fmt(f[key]) if f.get(key) is not None else "-"
+        fixed = (fmt_fixed or fmt)(f[key]) if f.get(key) is not None else "-"
+        return label, fmt(t[key]), fixed
 
     def pct(x):
         return f"{100 * x:.1f}%"
@@ -244,7 +254,7 @@ def summary_rows(history: dict) -> list[tuple[str, str, str]]:
         row("hidden widths", "widths"),
         row("parameters", "params", lambda x: f"{x:,}"),
         row("FLOPs / example", "flops", lambda x: f"{x:,}"),
-        row("final learning rates", "lr", lambda xs: ", ".join(f"{x:.2g}" for x in xs)),
+        row("final learning rates", "lr", _rates(t), _rates(f)),
         row("momentum", "momentum", lambda x: f"{x:.3f}"),
         row("beta1", "beta1", lambda x: f"{x:.4f}"),
         row("beta2", "beta2", lambda x: f"{x:.4f}"),
