@@ -217,6 +217,11 @@ def test_bad_arguments_are_named(kwargs, message):
         optim.AdamWHD(_net().parameters(), **kwargs)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+    net = _net()  # the same argument given to one param group
+    groups = [{"params": net[0].parameters()}, {"params": net[2].parameters(), **kwargs}]
+    with pytest.raises(ValueError) as err:
+        optim.AdamWHD(groups)
+    assert message in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -47,12 +47,6 @@ class AdamWHD(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
         max_step: float = 0.02,
     ) -> None:
-        check_range("lr", lr, 1e-6, 10.0)
-        check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-        check_range("eps", eps, 0.0)
-        check_range("weight_decay", weight_decay, 0.0)
-        check_range("max_step", max_step, 0.0, 1.0, low_open=True)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -61,9 +55,20 @@ class AdamWHD(torch.optim.Optimizer):
             "max_step": max_step,
         }
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            group.setdefault("initial_lr", group["lr"])
         self.skipped = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, then every argument of the group checked (one line naming it) and its
+        starting rate kept as ``initial_lr``."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_range("lr", group["lr"], 1e-6, 10.0)
+        check_range("betas[0]", group["betas"][0], 0.0, 1.0, high_open=True)
+        check_range("betas[1]", group["betas"][1], 0.0, 1.0, high_open=True)
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("max_step", group["max_step"], 0.0, 1.0, low_open=True)
+        group.setdefault("initial_lr", group["lr"])
 
     def rates(self) -> list[list[float]]:
         """The learned learning rate of every tensor, group by group (``group["lr"] /
