@@ -4,7 +4,8 @@ learning rates. With ``u_{t-1} = theta_t - theta_{t-1} = -alpha d_{t-1}``,
 ``log alpha_i += online_lr_step * cos(g_t, -u_{t-1})``, so no rate moves by more than
 ``online_lr_step`` per step. The new rate applies from the next step. Its memory (the previous
 update) is part of the run state: rollbacks restore it, checkpoints keep it.
-References: Baydin et al. 2018.
+The rule is :func:`selfmod.optim.hypergradient.online_log_lr`, as in
+:class:`selfmod.optim.AdamWHD`. References: Baydin et al. 2018.
 """
 
 from __future__ import annotations
@@ -14,20 +15,10 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
 
 from selfmod.errors import NonFiniteError
 from selfmod.introspect.modifiers.base import Modifier, Params, register
-from selfmod.optim.hypergradient import LOG_LR_RANGE, online_log_lr
-
-__all__ = ["LOG_LR_RANGE", "OnlineLR", "online_lr_update"]
-
-
-def online_lr_update(log_lr: Tensor, grads: Params, prev: Params, max_step: float) -> Tensor:
-    """Normalized hypergradient descent on per-tensor log learning rates ``(T,)``:
-    :func:`selfmod.optim.hypergradient.online_log_lr` (``log alpha_i + max_step * cos(g_i, -u_i)``
-    with ``u`` the previous update ``theta_t - theta_{t-1}``, clamped to ``LOG_LR_RANGE``)."""
-    return online_log_lr(log_lr, grads, prev, max_step)
+from selfmod.optim.hypergradient import online_log_lr
 
 
 class OnlineSettings(BaseModel):
@@ -51,7 +42,7 @@ class OnlineLR(Modifier):
 
     def on_step(self, state: Any, grads: Params, new_params: Params) -> Any:
         prev = state.memory.get(self.name, {})
-        log_lr = online_lr_update(
+        log_lr = online_log_lr(
             state.hparams["log_lr"],
             grads,
             prev,
