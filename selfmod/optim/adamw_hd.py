@@ -94,10 +94,10 @@ class AdamWHD(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = run_closure(closure)
         live = [
-            (group, [p for p in group["params"] if p.grad is not None])
+            (group, params)
             for group in self.param_groups
+            if (params := [p for p in group["params"] if p.grad is not None])
         ]
-        live = [(group, params) for group, params in live if params]
         if not live:
             return loss
         # one host sync for every group: gradient norms (the finiteness check) and the cosines
