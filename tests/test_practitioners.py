@@ -117,8 +117,8 @@ def test_selfmod_run_reports_the_training_examples_it_drew(drawn_batches):
 def test_pbt_with_ray_end_to_end():
     from selfmod.bench.pbt import pbt_search, replay
 
-    budget = P.load_budget(["pbt_members=2", "steps=0.1"])
-    work = P.make_workload("cancer", budget.steps)
+    budget = P.load_budget(["pbt_members=2", "steps=0.1", "split=1"])  # Ray's workers too
+    work = P.make_workload("cancer", budget.steps, budget.split)
     chosen, seconds, steps = pbt_search(work, budget)
     schedule = chosen["schedule"]
     assert steps == 2 * work.steps and seconds > 0
@@ -137,6 +137,7 @@ def test_pbt_with_ray_end_to_end():
         ("tpe_trials=0", "tpe_trials must be an integer in [1, 500] (got 0)"),
         ("pbt=maybe", "pbt must be one of 'auto', 'on', 'off' (got 'maybe')"),
         ("magic=1", "unknown config field 'magic'"),
+        ("split=-1", "split must be an integer in [0, 2147483647] (got -1)"),
     ],
 )
 def test_bad_budget_is_one_line(override, message):
@@ -219,3 +220,43 @@ def test_verdict_reads_medians_tolerance_and_wall_time():
     assert not P.verdict(both)[0] and P.verdict(both, "selfmod-hd")[0]
     del both["contenders"]["selfmod-hd"]
     assert P.verdict(both, "selfmod-hd") == (False, "selfmod-hd or the grid was not run")
+
+
+def test_development_splits_hold_no_published_test_row():
+    train, val, test = W._split(569, 114, 114)
+    published, held = set(torch.cat([train, val]).tolist()), set(test.tolist())
+    for split in (1, 2):
+        parts = W._split(569, 114, 114, split)
+        rows = [set(p.tolist()) for p in parts]
+        assert set().union(*rows) == published and not set().union(*rows) & held
+        assert sum(map(len, rows)) == len(published)  # disjoint
+        assert [len(p) for p in parts] == [273, 91, 91]  # the published fractions of 455
+        again = W._split(569, 114, 114, split)
+        assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True))
+    assert not torch.equal(W._split(569, 114, 114, 1)[2], W._split(569, 114, 114, 2)[2])
+    # pylm: by file, from the published training and validation files only
+    pub = W.pylm_files()
+    dev = W.pylm_files(3)
+    assert set().union(*dev) == set(pub[0]) | set(pub[1]) and not set().union(*dev) & set(pub[2])
+    assert len(dev[1]) == len(dev[2]) == round(len(pub[0] + pub[1]) / 9)
+    # MNIST-1D: every development row is one of the published training or validation rows
+    work, dev_work = P.make_workload("mnist1d"), P.make_workload("mnist1d", split=1)
+    seen = {r.numpy().tobytes() for r in torch.cat([work.train[0], work.val[0]])}
+    for x, _ in (dev_work.train, dev_work.val, dev_work.test):
+        assert all(r.numpy().tobytes() in seen for r in x)
+    assert not any(r.numpy().tobytes() in seen for r in work.test[0])
+    assert [len(p[1]) for p in (dev_work.train, dev_work.val, dev_work.test)] == [2800, 400, 800]
+    assert "development split 1" in dev_work.describe and "development" not in work.describe
+
+
+@needs_bench
+def test_a_development_split_run_says_so(tmp_path):
+    budget = P.load_budget(
+        ["workload=cancer", "seeds=[0]", "steps=0.05", "contenders=[prodigy]", "split=4",
+         f"out='{tmp_path}'"]
+    )  # fmt: skip
+    text = P.run_benchmark(budget, "test")
+    assert "**Development split 4**" in text
+    assert "(273 train / 91 val / 91 test rows; development split 4)" in text
+    runs = json.loads((tmp_path / "practitioners_runs.json").read_text())
+    assert runs["budget"]["split"] == 4

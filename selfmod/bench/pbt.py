@@ -39,7 +39,7 @@ def _member(config: dict[str, Any]) -> None:
     from ray import tune
 
     torch.set_num_threads(1)
-    work = make_workload(config["workload"], config["scale"])
+    work = make_workload(config["workload"], config["scale"], config["split"])
     interval = max(1, work.steps // INTERVALS)
     torch.manual_seed(config["seed"])
     model = work.model()
@@ -122,7 +122,11 @@ def pbt_search(work: Workload, budget: Budget) -> tuple[dict[str, Any], float, i
             hyperparam_mutations=space,
             quantile_fraction=0.25,
         )
-        fixed = {"workload": work.name, "scale": work.steps / make_workload(work.name).steps}
+        fixed = {
+            "workload": work.name,
+            "scale": work.steps / make_workload(work.name).steps,
+            "split": budget.split,
+        }
         with tempfile.TemporaryDirectory() as storage:
             tuner = tune.Tuner(
                 tune.with_resources(_member, {"cpu": 1}),

