@@ -260,3 +260,19 @@ def test_a_development_split_run_says_so(tmp_path):
     assert "(273 train / 91 val / 91 test rows; development split 4)" in text
     runs = json.loads((tmp_path / "practitioners_runs.json").read_text())
     assert runs["budget"]["split"] == 4
+
+
+@needs_bench
+def test_development_splits_benchmark_tabulates_each_split(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "benchmarks/practitioners_dev.py", "--splits", "1", "2", "--seeds", "0",
+         "--workloads", "cancer", "--steps", "0.05", "--jobs", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (tmp_path / "practitioners_dev.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2 and all(line.count("|") == 8 for line in rows)
+    assert all(("met" in line or "missed" in line) for line in rows)
+    assert "Medians over all 2 runs: AdamW grid (12) " in text and "## cancer" in text
+    assert "## mnist1d" not in text
