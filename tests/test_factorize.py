@@ -54,6 +54,7 @@ def test_factorization_is_the_truncated_svd_and_keeps_the_function_at_full_rank(
     params, _ = problem.init()
     x = torch.randn(9, 6, dtype=torch.float64)
     full = arch.factorized_params(params, "2", 10)  # min(10, 12): exact
+    assert full["2.left"].is_contiguous() and full["2.right"].is_contiguous()  # as stored
     assert torch.allclose(_out(problem, full, x), _out(problem, params, x), atol=1e-10, rtol=0)
     assert full["2.weight"].shape == (10, 0) and arch.is_factored(full, "2")
     w = params["2.weight"]
@@ -242,6 +243,8 @@ def test_a_run_factorizes_verified_and_resumes_bitwise_through_it(tmp_path):
     recorder.resume(back, at_most=decisions[0]["step"] + cfg.cycle)  # after the commit
     assert arch.is_factored(back.params, "2")
     back.run()
+    # the factors are row-major, like the checkpoint's copies: the same layouts after resume
+    assert all(v.is_contiguous() for v in full.params.values())
     assert all(torch.equal(back.params[k], full.params[k]) for k in full.params)
 
 

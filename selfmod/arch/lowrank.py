@@ -72,8 +72,11 @@ def factorized_params(params: Mapping[str, Tensor], prefix: str, rank: int) -> P
     u, s, vh = torch.linalg.svd(w.detach().double(), full_matrices=False)
     root = s[:rank].sqrt()
     out = dict(params)
-    out[f"{prefix}.left"] = (u[:, :rank] * root).to(w.dtype)
-    out[f"{prefix}.right"] = (root[:, None] * vh[:rank]).to(w.dtype)
+    # row-major like every other tensor: LAPACK's factors are column-major, and a checkpoint
+    # stores them row-major, so a resumed run would multiply a different layout (on some CPUs,
+    # in another order of additions: not bitwise the run it resumes)
+    out[f"{prefix}.left"] = (u[:, :rank] * root).to(w.dtype).contiguous()
+    out[f"{prefix}.right"] = (root[:, None] * vh[:rank]).to(w.dtype).contiguous()
     out[f"{prefix}.weight"] = w.new_zeros(m, 0)
     return out
 

@@ -163,7 +163,8 @@ class Loop:
         np.random.seed(cfg.seed)
         self.rng = torch.Generator().manual_seed(cfg.seed)
         problem.module.to(device=self.device, dtype=dtype)
-        params, buffers = problem.init()
+        # row-major, as a checkpoint stores them: a resumed run computes with the same layouts
+        params, buffers = ({k: v.contiguous() for k, v in d.items()} for d in problem.init())
         self.names = list(params)
         self._place_data()
         chosen, named = self._chosen_modifiers(modifiers) if tune else ([], False)
