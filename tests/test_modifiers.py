@@ -72,6 +72,48 @@ def test_a_harmful_third_party_proposal_is_rejected_every_time(tmp_path):
     assert torch.allclose(run.hparams["log_lr"].exp(), torch.full_like(run.hparams["log_lr"], 0.02))
 
 
+class Relayout(Modifier):
+    """Surgery that keeps every value but hands the weights back column-major (as LAPACK's
+    factors or a transpose would): the layout a checkpoint cannot store."""
+
+    name = "relayout"
+    default = False
+
+    def propose(self, ctx: Context, memory):
+        return [Proposal(self.name, surgery={"layout": "column-major"})], memory
+
+    def apply(self, proposal, state, problem):
+        params = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in state.params.items()}
+        return state.with_(params=params)
+
+
+def test_a_modifier_that_returns_column_major_tensors_commits_row_major_and_resumes_bitwise(
+    tmp_path,
+):
+    x, y, xt, yt = user_models.digits()
+    cfg = make_config(
+        {"steps": 80, "cycle": 20, "lookahead": 4, "lr": 0.02, "guard_size": 200,
+         "replay_size": 200, "keep_checkpoints": 10, "compare_fixed": False}
+    )  # fmt: skip
+
+    def loop(recorder):
+        torch.manual_seed(0)
+        source = Source(as_batches((x[200:], y[200:]), 0), x[:200], y[:200], xt, yt)
+        problem = Problem(user_models.residual_mlp(), F.cross_entropy)
+        return Loop(problem, [source], cfg, modifiers=[Relayout()], recorder=recorder)
+
+    run = loop(RunRecorder(tmp_path))
+    run.run()
+    decisions = [d["decision"] for d in run.history["decisions"] if d["modifier"] == "relayout"]
+    assert "commit" in decisions
+    assert all(v.is_contiguous() for v in run.params.values())
+    recorder = RunRecorder(tmp_path)
+    back = loop(recorder)
+    recorder.resume(back, at_most=40)  # after a commit, from a row-major checkpoint
+    back.run()
+    assert all(torch.equal(back.params[k], run.params[k]) for k in run.params)
+
+
 def test_proposals_round_trip_through_json_and_merge_by_group():
     like = {"log_lr": torch.zeros(3), "log_wd": torch.zeros(())}
     a = Proposal("lr", {"log_lr": torch.tensor([1.0, 2.0, 3.0])}, strict=True, group="g")

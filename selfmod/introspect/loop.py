@@ -163,8 +163,7 @@ class Loop:
         np.random.seed(cfg.seed)
         self.rng = torch.Generator().manual_seed(cfg.seed)
         problem.module.to(device=self.device, dtype=dtype)
-        # row-major, as a checkpoint stores them: a resumed run computes with the same layouts
-        params, buffers = ({k: v.contiguous() for k, v in d.items()} for d in problem.init())
+        params, buffers = problem.init()
         self.names = list(params)
         self._place_data()
         chosen, named = self._chosen_modifiers(modifiers) if tune else ([], False)
@@ -194,7 +193,7 @@ class Loop:
             self.opt = optim.chain(self.opt, optim.sum_updates(1.0 - 1.0 / cfg.meta_horizon))
         self.state = RunState(
             params, buffers, self.opt.init(params), hparams, cfg.batch_size, {}, cfg.meta_lr
-        )
+        ).contiguous()
         self.step = 0
         self.cycle = 0
         self.average: float | None = None
@@ -818,14 +817,16 @@ class Loop:
         return [merge(s, groups[s]) if isinstance(s, str) else s for s in slots]
 
     def apply_proposal(self, proposal: Proposal, state: RunState) -> RunState:
-        """``state`` with ``proposal`` applied by its modifier (pure)."""
+        """``state`` with ``proposal`` applied by its modifier (pure), every tensor row-major
+        whatever layout the modifier returned (:meth:`RunState.contiguous`)."""
         if proposal.parts:
             for part in proposal.parts:
                 state = self.apply_proposal(part, state)
             return state
         by_name = {m.name: m for m in self.modifiers}
         m = by_name.get(proposal.modifier) or _registered(proposal.modifier, self.config)
-        return m.apply(proposal, state, self.problem) if m else apply_plain(proposal, state)
+        changed = m.apply(proposal, state, self.problem) if m else apply_plain(proposal, state)
+        return changed.contiguous()
 
     def verify_and_decide(self, proposal: Proposal, current: float) -> None:
         """Apply ``proposal`` to a copy, replay the lookahead, check every invariant; commit

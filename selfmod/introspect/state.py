@@ -38,9 +38,19 @@ class RunState:
     def with_(self, **changes: Any) -> RunState:
         return replace(self, **changes)
 
+    def contiguous(self) -> RunState:
+        """Every tensor row-major, as a checkpoint stores it, so that a resumed run computes
+        with the layouts of the run it resumes (a column-major factor can change the order of
+        a matmul's additions, and so the last bits); a no-op for tensors already row-major."""
+        return pytree.tree_map(_contiguous, self)
+
 
 def _clone(x: Any) -> Any:
     return x.detach().clone() if isinstance(x, Tensor) else x
+
+
+def _contiguous(x: Any) -> Any:
+    return x.contiguous() if isinstance(x, Tensor) else x
 
 
 def _flatten(state: RunState) -> tuple[list[Any], pytree.Context]:
