@@ -74,6 +74,7 @@ def main() -> None:
     torch.set_num_threads(1)
     P.pin_one_core(0)
     rows: dict[str, dict[str, dict]] = {c: {} for c in candidates}
+    kind: dict[str, tuple[float, float]] = {}  # workload: (sign, tolerance)
     for name in args.workloads:
         metrics: dict[str, list[float]] = {c: [] for c in candidates}
         ratios: dict[str, list[float]] = {c: [] for c in candidates}
@@ -85,7 +86,7 @@ def main() -> None:
                 runs = [run_candidate(args.run, over, work, s) for s in args.seeds]
                 metrics[cand] += [r.test if split else r.val for r in runs]
                 ratios[cand] += [r.seconds / p for r, p in zip(runs, plain, strict=True)]
-        work = P.make_workload(name)
+        kind[name] = (1.0 if work.higher_is_better else -1.0, work.tolerance)
         for cand in candidates:
             rows[cand][name] = {
                 "metric": statistics.median(metrics[cand]),
@@ -94,12 +95,10 @@ def main() -> None:
             }
             print(json.dumps({"candidate": cand, "workload": name, **rows[cand][name]}), flush=True)
     as_good = {c: 0 for c in candidates}
-    for name in args.workloads:
-        work = P.make_workload(name)
-        sign = 1.0 if work.higher_is_better else -1.0
+    for name, (sign, tolerance) in kind.items():
         best = max(sign * rows[c][name]["metric"] for c in candidates)
         for c in candidates:
-            as_good[c] += sign * rows[c][name]["metric"] >= best - work.tolerance
+            as_good[c] += sign * rows[c][name]["metric"] >= best - tolerance
     cost = {c: statistics.median(rows[c][n]["ratio"] for n in args.workloads) for c in candidates}
     order = list(candidates)
     if args.run == "selfmod":
@@ -115,7 +114,9 @@ def main() -> None:
             f"{rows[c][n]['metric']:.4g} ({rows[c][n]['ratio']:.1f}x)" for n in args.workloads
         )
         print(f"| {c} | {vals} | {as_good[c]} | {cost[c]:.2f} |")
-    print(f"\nchosen: {chosen}: {json.dumps(candidates[chosen])}")
+    over = candidates[chosen]
+    config = {**LOOP_BASE, **over} if args.run == "selfmod" else over
+    print(f"\nchosen: {chosen}: {json.dumps(config)}")
 
 
 if __name__ == "__main__":
