@@ -499,6 +499,12 @@ class Loop:
         self.seconds += time.perf_counter() - start
         return self.step
 
+    def finish_queued(self) -> None:
+        """Train the batches still queued, without a new cycle (the step-level API's end)."""
+        self.cycled_at = self.step
+        while self.inbox or self.pending:
+            self.base_step()
+
     def _cycle(self) -> None:
         if self.collective is not None:
             self.collective.agree(self)
@@ -516,7 +522,7 @@ class Loop:
             if m.name in self.state.memory
         }
         self.state = replace(self.state, memory={**self.state.memory, **memory})
-        self._event("event", "shift", f"data source 1 from step {self.step}", {})
+        self.event("event", "shift", f"data source 1 from step {self.step}", {})
 
     # ------------------------------------------------------------------ one base step
 
@@ -539,7 +545,7 @@ class Loop:
                 if self.config.safeguards and self.tune:
                     raise DivergenceError(message)
                 why = "safeguards off" if self.tune else "a fixed configuration"
-                self._event("event", "divergence", f"{message}; {why}: goes on", {})
+                self.event("event", "divergence", f"{message}; {why}: goes on", {})
             state = self.state
             for m in per_step:
                 state = m.on_step(state, dict(zip(self.names, grads, strict=True)), params)
@@ -548,7 +554,7 @@ class Loop:
                 raise
             if not self.tune:
                 self.diverged_at = self.step
-                self._event("event", "diverged", f"{err}; the fixed configuration stops", {})
+                self.event("event", "diverged", f"{err}; the fixed configuration stops", {})
                 return
             self._rollback(str(err))
             self.step += 1
@@ -694,7 +700,7 @@ class Loop:
         )
         probe = self.probe()
         self.history["probes"].append(probe)
-        self._event("cycle", "evaluate", "probes", probe)
+        self.event("cycle", "evaluate", "probes", probe)
         dead = verifier.dead(self) if cfg.safeguards else None
         if dead:
             self._rollback(dead)
@@ -913,7 +919,8 @@ class Loop:
         d.id = seq if seq is not None else len(self.history["decisions"]) + 1
         self.history["decisions"].append(d.__dict__.copy())
 
-    def _event(self, kind: str, decision: str, reason: str, payload: dict) -> None:
+    def event(self, kind: str, decision: str, reason: str, payload: dict) -> None:
+        """One ledger entry that is no decision (a shift, a resume, a divergence)."""
         self.recorder.record(self, kind, decision, reason, jsonable(payload))
 
     # ------------------------------------------------------------------ checkpoints

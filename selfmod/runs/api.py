@@ -127,7 +127,7 @@ def build_run(
         if list_checkpoints(run_dir):  # type: ignore[arg-type]
             recorder.resume(loop)
         else:  # killed before its first checkpoint: the config alone defines the run
-            loop._event("resume", "resume", "no checkpoint yet: the run starts again at step 0", {})
+            loop.event("resume", "resume", "no checkpoint yet: the run starts again at step 0", {})
     if collective is not None:
         loop.recorder = distributed.RankRecorder(recorder, collective)
         loop.collective = collective
@@ -404,9 +404,7 @@ class SelfModifier:
         """Train the batches still queued (without a cycle) and, with a run directory, write
         its final weights, ``summary.json`` and report; returns the summary."""
         run = self.run
-        run.cycled_at = run.step  # no new cycle for the leftovers
-        while run.inbox or run.pending:
-            run.base_step()
+        run.finish_queued()
         if self.run_dir is not None:
             finish(self.run_dir, run, None, run.config)
             atomic_write_text(

@@ -72,7 +72,7 @@ class RunRecorder(Recorder):
         run.restore(tensors, meta)
         seq = meta["ledger_head"][0]
         superseded = self.ledger.head()[0] - seq
-        run._event(
+        run.event(
             "resume",
             "resume",
             f"resumed from checkpoint at step {run.step}; the {superseded} entries "
