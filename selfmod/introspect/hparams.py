@@ -19,9 +19,10 @@ has no momentum or betas then (the learned rule has its own memory).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -56,9 +57,84 @@ EPS_ROOT = 1e-16
 
 
 @dataclass(frozen=True)
+class HParam:
+    """One tunable hyperparameter, declared once: ``natural = transform(h[key])``.
+
+    ``per``: one value (``"scalar"``), one per parameter tensor (``"tensor"``) or one per
+    dropout site (``"site"``). A run starts it at the config field ``name`` (where the config
+    has one; else the optimizer factory's default), clamped into ``bounds`` (``log 0`` and
+    ``logit 1`` are not numbers). ``optional``: in the space only when a chosen modifier
+    ``needs`` its key; otherwise the factory keeps its default, a constant.
+    """
+
+    key: str  # name in the hparams dict, e.g. "log_lr"
+    name: str  # natural name (logs, ledger, report, config), e.g. "lr"
+    transform: Literal["exp", "sigmoid"]
+    per: Literal["scalar", "tensor", "site"] = "scalar"
+    bounds: tuple[float, float] = (-math.inf, math.inf)
+    optional: bool = False
+
+    def value(self, h: Params, names: Sequence[str]) -> Tensor | Params:
+        """What the optimizer reads: ``{tensor name: lr_i}`` per tensor, else a tensor."""
+        if self.per == "tensor":
+            return {k: h[self.key][i].exp() for i, k in enumerate(names)}
+        return h[self.key].exp() if self.transform == "exp" else torch.sigmoid(h[self.key])
+
+
+LR = HParam("log_lr", "lr", "exp", per="tensor")
+MOMENTUM = HParam("mom_logit", "momentum", "sigmoid", bounds=(1e-3, 1.0))
+BETA1 = HParam("beta1_logit", "beta1", "sigmoid")
+BETA2 = HParam("beta2_logit", "beta2", "sigmoid")
+EPS = HParam("log_eps", "eps", "exp", optional=True)
+WEIGHT_DECAY = HParam("log_wd", "weight_decay", "exp", bounds=(1e-7, math.inf))
+DROPOUT = HParam("drop_logit", "dropout", "sigmoid", per="site", bounds=(0.01, 0.95))
+
+
+@dataclass(frozen=True)
+class Declared:
+    """An optimizer factory and which of its keyword arguments are hyperparameters (as optax's
+    ``inject_hyperparams`` reads them from the factory): each becomes a callable of
+    ``hparams``; ``fixed`` arguments are passed as they are."""
+
+    factory: Callable[..., optim.GradientTransformation]
+    hparams: dict[str, HParam]  # factory argument -> hyperparameter
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def default(self, hp: HParam) -> float:
+        """The factory's own default for ``hp`` (an optional entry's value when off)."""
+        arg = next(a for a, h in self.hparams.items() if h is hp)
+        return float(inspect.signature(self.factory).parameters[arg].default)
+
+
+def _learned(lr: Any, weight_decay: Any, *, folder: str) -> optim.GradientTransformation:
+    """``u_i = lr_i * f_w(g + wd * theta)_i`` (the module docstring)."""
+    learned = load_learned(Path(folder).expanduser())
+    return optim.chain(
+        optim.add_decayed_weights(weight_decay), learned.transform(), optim.scale(lr)
+    )
+
+
+_ADAM = {"lr": LR, "b1": BETA1, "b2": BETA2, "eps": EPS, "weight_decay": WEIGHT_DECAY}
+#: every optimizer a run can use, with its hyperparameters: the one place they are declared
+DECLARED: dict[str, Declared] = {
+    "sgd": Declared(optim.sgd, {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY}),
+    "adam": Declared(optim.adam, _ADAM, {"eps_root": EPS_ROOT}),
+    "adamw": Declared(optim.adamw, _ADAM, {"eps_root": EPS_ROOT}),
+}
+
+
+def declared(optimizer: str) -> Declared:
+    """The declaration of ``optimizer`` (``learned:DIR`` reads DIR when the run is built)."""
+    if optimizer.startswith(LEARNED):
+        folder = optimizer[len(LEARNED) :]
+        return Declared(_learned, {"lr": LR, "weight_decay": WEIGHT_DECAY}, {"folder": folder})
+    return DECLARED[optimizer]
+
+
+@dataclass(frozen=True)
 class Entry:
-    """One hyperparameter: ``natural = transform(h[key])``, ``h[key]`` of ``size`` entries
-    (``0``: a scalar)."""
+    """One hyperparameter of a run: ``natural = transform(h[key])``, ``h[key]`` of ``size``
+    entries (``0``: a scalar)."""
 
     key: str  # name in the hparams dict, e.g. "log_lr"
     name: str  # natural name for logs, e.g. "lr"
@@ -77,25 +153,39 @@ def unconstrained(transform: str, value: float) -> float:
 
 @dataclass(frozen=True)
 class HParamSpace:
-    """The hyperparameters of one run: the optimizer's and the dropout sites' rates."""
+    """The hyperparameters of one run: its optimizer's (:data:`DECLARED`) and the dropout
+    sites' rates; ``wanted``: the keys of optional entries that a chosen modifier needs."""
 
     optimizer: OptimizerName
     tensor_names: tuple[str, ...]
     dropout_sites: int  # 0: no learnable dropout
+    wanted: frozenset[str] = frozenset()
+
+    def declared(self) -> list[HParam]:
+        """The run's hyperparameters, in order: the optimizer's, then dropout."""
+        hps = [h for h in declared(self.optimizer).hparams.values()]
+        hps = [h for h in hps if not h.optional or h.key in self.wanted]
+        return hps + ([DROPOUT] if self.dropout_sites else [])
 
     @property
     def entries(self) -> tuple[Entry, ...]:
-        t = len(self.tensor_names)
-        out = [Entry("log_lr", "lr", "exp", t)]
-        if self.optimizer == "sgd":
-            out.append(Entry("mom_logit", "momentum", "sigmoid", 0))
-        elif not self.optimizer.startswith(LEARNED):
-            out += [Entry("beta1_logit", "beta1", "sigmoid", 0)]
-            out += [Entry("beta2_logit", "beta2", "sigmoid", 0)]
-        out.append(Entry("log_wd", "weight_decay", "exp", 0))
-        if self.dropout_sites:
-            out.append(Entry("drop_logit", "dropout", "sigmoid", self.dropout_sites))
-        return tuple(out)
+        sizes = {"scalar": 0, "tensor": len(self.tensor_names), "site": self.dropout_sites}
+        return tuple(Entry(h.key, h.name, h.transform, sizes[h.per]) for h in self.declared())
+
+    def start(self, config: Any, lrs: Sequence[float] | None = None) -> dict[str, Any]:
+        """Natural starting values: each entry's config field of its name (else the factory's
+        default), clamped into its bounds; ``lrs``: one learning rate per tensor instead."""
+        d = declared(self.optimizer)
+        out: dict[str, Any] = {}
+        for h in self.declared():
+            v = getattr(config, h.name) if hasattr(config, h.name) else d.default(h)
+            out[h.name] = min(max(v, h.bounds[0]), h.bounds[1])
+        if lrs is not None:
+            if len(lrs) != len(self.tensor_names):
+                n = len(self.tensor_names)
+                raise ValueError(f"lrs needs one rate per tensor ({n}; got {len(lrs)})")
+            out[LR.name] = list(lrs)
+        return out
 
     def init(self, values: dict[str, float | Sequence[float]]) -> Params:
         """``hparams`` from natural values, e.g. ``{"lr": 0.1, "momentum": 0.9, ...}``; a
@@ -125,32 +215,15 @@ class HParamSpace:
         return out
 
     def make_optimizer(self) -> optim.GradientTransformation:
-        """The optimizer with every hyperparameter a callable of ``hparams``."""
-        names = self.tensor_names
-
-        def lr(h: Params) -> Params:
-            return {k: h["log_lr"][i].exp() for i, k in enumerate(names)}
-
-        def wd(h: Params) -> Tensor:
-            return h["log_wd"].exp()
-
-        if self.optimizer == "sgd":
-            return optim.sgd(lr=lr, momentum=_sigmoid("mom_logit"), weight_decay=wd)
-        if self.optimizer.startswith(LEARNED):
-            learned = load_learned(Path(self.optimizer[len(LEARNED) :]).expanduser())
-            return optim.chain(optim.add_decayed_weights(wd), learned.transform(), optim.scale(lr))
-        make = optim.adam if self.optimizer == "adam" else optim.adamw
-        return make(
-            lr=lr,
-            b1=_sigmoid("beta1_logit"),
-            b2=_sigmoid("beta2_logit"),
-            weight_decay=wd,
-            eps_root=EPS_ROOT,
-        )
+        """The optimizer with every hyperparameter in the space a callable of ``hparams``."""
+        d, names = declared(self.optimizer), self.tensor_names
+        on = {h.key for h in self.declared()}
+        args = {a: _reader(h, names) for a, h in d.hparams.items() if h.key in on}
+        return d.factory(**args, **d.fixed)
 
 
-def _sigmoid(key: str) -> Callable[[Params], Tensor]:
-    def value(h: Params) -> Tensor:
-        return torch.sigmoid(h[key])
+def _reader(hp: HParam, names: Sequence[str]) -> Callable[[Params], Any]:
+    def value(h: Params) -> Any:
+        return hp.value(h, names)
 
     return value

@@ -72,6 +72,50 @@ def shifted(metric: Metric, x: Tensor, y: Tensor, shift: int) -> float:
     return metric(torch.roll(x, shift, dims=-1), y)
 
 
+def cycle_probe(
+    problem: Any,
+    state: Any,
+    guard: tuple[Tensor, Tensor],
+    train: tuple[Tensor, Tensor],
+    older: tuple[Tensor, Tensor],
+    test: tuple[float, float],
+    seed: int,
+    input_shape: tuple[int, ...],
+) -> dict[str, float]:
+    """One cycle's probes of the model at ``state``: guard (the proposing split) and
+    internal-train loss and metric, the gap, the metric on ``older`` sources' guard data,
+    ``test``'s metric, robustness to input noise (seeded by ``seed``), a self-made shifted
+    set, parameters, FLOPs and memory (4 bytes a parameter plus one example's activations)."""
+    p, b, ev = state.params, state.buffers, problem.evaluate
+    gx, gy = guard
+    gl, ga = ev(p, b, gx, gy)
+    tl, ta = ev(p, b, *train)
+    _, old = ev(p, b, *older)
+    robust = shift = math.nan
+    if gx.is_floating_point():  # perturbations of real-valued inputs only (not tokens)
+
+        def metric(x: Tensor, y: Tensor) -> float:
+            return ev(p, b, x, y)[1]
+
+        robust = robustness(metric, gx, gy, 0.25, seed)
+        shift = shifted(metric, gx, gy, 5)
+    c = problem.cost(p, input_shape)
+    return {
+        "guard_loss": gl,
+        "guard_acc": ga,
+        "train_loss": tl,
+        "train_acc": ta,
+        "gap": gl - tl if math.isfinite(tl) else math.nan,
+        "old_guard_acc": old,
+        "test_acc": test[1],
+        "robust_acc": robust,
+        "shifted_acc": shift,
+        "params": c.params,
+        "flops": c.flops,
+        "memory_bytes": c.activation_bytes + 4 * c.params,
+    }
+
+
 def convergence(guard_loss: Sequence[float]) -> tuple[float, int]:
     """``(rate, cycle)``: mean per-cycle decrease of log guard loss until within 5% of best."""
     xs = [v for v in guard_loss if math.isfinite(v) and v > 0]

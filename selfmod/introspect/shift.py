@@ -1,9 +1,9 @@
-"""Self-induced distribution shift: how far the run's own committed changes move the
-distribution of its internal representations.
+"""Representation shift per commit: how far each committed change moves the run's internal
+representations (not how reliable the run is when its actions change its data).
 
 For one committed change from state ``S`` to ``S'`` in a cycle with lookahead batches
 ``b_1..b_K`` (the ones the change was verified on), let ``theta_K`` and ``theta'_K`` be the
-parameters after replaying the K steps from ``S`` and from ``S'`` (:meth:`Loop.replay`: same
+parameters after replaying the K steps from ``S`` and from ``S'`` (:meth:`Lookahead.replay`: same
 batches, same random numbers), and ``R(theta) (n, d)`` the representations of the ``n``
 examples in the replay buffer (training and guard parts): the input of the model's last
 ``nn.Linear``, read with a forward hook in eval mode (the model's output where it has no
@@ -16,7 +16,8 @@ with linear CKA (:func:`linear_cka`). It is 0 for a change that leaves the traje
 the representations the next K steps learn) as well as directly (growth adds units, and with
 them dimensions, to the last hidden layer). CKA is invariant to orthogonal transforms and
 isotropic scaling of either representation, so a rotation or rescaling of the features is no
-shift. Each commit appends ``{cycle, step, modifier, shift}`` to ``run.history["self_shift"]``
+shift. The loop appends ``{cycle, step, modifier, shift}`` of each commit to its
+``history["self_shift"]``
 (checkpointed with the history); a joint proposal counts under its group's name
 (``hypergradient``, ``regularize``). References: Kornblith et al. 2019, "Similarity of neural
 network representations revisited".
@@ -93,35 +94,33 @@ def representations(problem: Any, params: Params, buffers: Params, x: Tensor) ->
     return out.reshape(len(out), -1)
 
 
-#: per run: the last committed state and its replayed representations (the next change's
-#: "before" within a cycle), held weakly so a finished run is not kept alive
+#: per lookahead (one a cycle): the last committed state and its replayed representations (the
+#: next change's "before" within the cycle), held weakly so an old cycle is not kept alive
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def replayed(run: Any, state: Any, x: Tensor) -> Tensor:
-    """Representations of ``x`` after ``state`` is replayed over the lookahead batches."""
-    last = _LAST.get(run)
-    if last is not None and last[0] is state and last[1] == (run.cycle, run.step):
-        return last[2]
-    params, _ = run.replay(state, None)
-    return representations(run.problem, params, state.buffers, x)
+def replayed(look: Any, state: Any, x: Tensor) -> Tensor:
+    """Representations of ``x`` after ``state`` is replayed over the lookahead ``look``."""
+    last = _LAST.get(look)
+    if last is not None and last[0] is state:
+        return last[1]
+    params, _ = look.replay(state)
+    return representations(look.problem, params, state.buffers, x)
 
 
-def record_commit(run: Any, before: Any, after: Any, modifier: str) -> float:
-    """Measure one committed change ``before -> after`` (module docstring) and append it to
-    ``run.history["self_shift"]``; returns the shift (NaN where a replay is non-finite)."""
-    x = run.buffer.x  # (n, ...): the replay buffer's training and guard examples
+def commit_shift(look: Any, x: Tensor, before: Any, after: Any) -> float:
+    """``1 - CKA`` between the representations of ``x`` (the replay buffer's examples) after
+    the lookahead ``look`` from ``before`` and from ``after`` (module docstring); NaN where a
+    replay is non-finite."""
     shift = math.nan
     try:
         with torch.no_grad():
-            r0 = replayed(run, before, x)
-            p1, _ = run.replay(after, None)
-            r1 = representations(run.problem, p1, after.buffers, x)
-        _LAST[run] = (after, (run.cycle, run.step), r1)
+            r0 = replayed(look, before, x)
+            p1, _ = look.replay(after)
+            r1 = representations(look.problem, p1, after.buffers, x)
+        _LAST[look] = (after, r1)
         if bool(torch.isfinite(r0).all()) and bool(torch.isfinite(r1).all()):
             shift = 1.0 - linear_cka(r0, r1)
     except (SelfmodError, FloatingPointError):
         pass  # safeguards off and a replay went non-finite: nothing to measure
-    entry = {"cycle": run.cycle, "step": run.step, "modifier": modifier, "shift": shift}
-    run.history.setdefault("self_shift", []).append(entry)
     return shift

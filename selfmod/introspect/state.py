@@ -124,3 +124,35 @@ def _two_keys(text: str) -> tuple[str, str]:
     if len(parts) != 2:
         raise KeyError(f"unexpected memory entry {text!r}")
     return parts[0], parts[1]
+
+
+@dataclass
+class Counters:
+    """The run's counters and clocks, saved in a checkpoint's JSON by field name."""
+
+    step: int = 0
+    cycle: int = 0
+    average: float | None = None  # running average of the base steps' loss
+    first_loss: float | None = None  # the first base step's loss (divergence floor)
+    last_loss: float = 0.0
+    seconds: float = 0.0
+    divergences: int = 0  # base steps whose loss jumped above DIVERGENCE_FACTOR x average
+    diverged_at: int | None = None  # the fixed baseline: where a NaN ended it
+    shift_cycle: int | None = None  # the cycle at which the data source changed
+    cycled_at: int = -1  # the step whose cycle has run (step-level driving)
+    source_id: int = 0  # the data source trained on
+    #: training examples the base steps drew (a rolled-back step's too; None: resumed from a
+    #: checkpoint written before this counter)
+    examples: int | None = 0
+
+    #: counters added after checkpoints were first written: absent from older ones (None)
+    LATER = ("examples",)
+
+    def saved(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def read(cls, meta: dict[str, Any]) -> Counters:
+        """From :meth:`saved`'s fields in ``meta`` (a later counter may be absent)."""
+        names = [f.name for f in fields(cls)]
+        return cls(**{k: meta.get(k) if k in cls.LATER else meta[k] for k in names})

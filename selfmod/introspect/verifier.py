@@ -20,11 +20,11 @@ import math
 from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from selfmod import hypergrad, tree
 from selfmod.errors import NonFiniteError
+from selfmod.introspect.lookahead import Lookahead
 from selfmod.introspect.state import RunState
 
 #: a batch loss this many times its running average counts as divergence ...
@@ -44,28 +44,30 @@ def diverged(loss: float, average: float | None, first: float | None) -> bool:
 
 
 def check(
-    run: Any, proposed: RunState, current: float, tolerance: float
+    look: Lookahead,
+    state: RunState,
+    proposed: RunState,
+    current: float,
+    tolerance: float,
+    limits: Any,
 ) -> tuple[str | None, float]:
     """``(why not, proposed guard loss)``: ``None`` when ``proposed`` keeps every invariant.
 
-    The guard loss after the lookahead may exceed ``current`` by the factor
+    The guard loss after the lookahead ``look`` may exceed ``current`` by the factor
     ``1 + tolerance``; with ``tolerance = 0`` it must be strictly lower, with a negative one
-    lower by that fraction. ``run`` is the loop
-    (its problem, lookahead batches, guard data and config); nothing of it is changed.
+    lower by that fraction. ``state``: the run's state now (the forgetting check's reference);
+    ``limits``: the budgets and ``forgetting_delta`` (the run's config). Nothing is changed.
     """
-    cfg = run.config
-    why = over_budget(run.cost(proposed.params), cfg)
+    why = over_budget(look.problem.cost(proposed.params, look.input_shape), limits)
     if why is not None:
         return why, math.nan
     try:
-        monitor = hypergrad.FiniteMonitor(start=run.step)
-        p_new, _ = run.replay(proposed, monitor)
+        monitor = hypergrad.FiniteMonitor(start=look.step)
+        p_new, _ = look.replay(proposed, monitor)
         monitor.check()
     except NonFiniteError as err:
         return f"proposal diverged: {err}", math.nan
-    with torch.no_grad():
-        batch = run.guard("verify")
-        value = float(run.outer_loss(p_new, proposed.hparams, batch, proposed.buffers))
+    value = look.guard_loss(p_new, proposed)
     if not math.isfinite(value):
         return "proposal gives a non-finite guard loss", value
     if not tree.is_finite(p_new):
@@ -81,15 +83,15 @@ def check(
             f"guard loss {value:.6g} worse than {current:.6g} (tolerance x{1 + tolerance:g})",
             value,
         )
-    ox, oy = run.older_guard()
-    if len(oy) and run.problem.metric == "accuracy":
-        p_cur, _ = run.replay(run.state, None)
-        _, old_cur = run.problem.evaluate(p_cur, run.state.buffers, ox, oy)
-        _, old_new = run.problem.evaluate(p_new, proposed.buffers, ox, oy)
-        if old_new < old_cur - cfg.forgetting_delta:
+    ox, oy = look.older
+    if len(oy) and look.problem.metric == "accuracy":
+        p_cur, _ = look.replay(state)
+        _, old_cur = look.problem.evaluate(p_cur, state.buffers, ox, oy)
+        _, old_new = look.problem.evaluate(p_new, proposed.buffers, ox, oy)
+        if old_new < old_cur - limits.forgetting_delta:
             return (
                 f"forgetting budget: accuracy on older data {old_new:.3f} vs "
-                f"{old_cur:.3f} (delta {cfg.forgetting_delta})"
+                f"{old_cur:.3f} (delta {limits.forgetting_delta})"
             ), value
     return None, value
 
@@ -109,13 +111,12 @@ def over_budget(cost: Any, cfg: Any) -> str | None:
     return None
 
 
-def dead(run: Any) -> str | None:
-    """Why the model no longer depends on its input (``None``: it does): the same output for
-    every guard example."""
-    x, _ = run.guard("verify")
+def dead(problem: Any, state: RunState, x: Tensor) -> str | None:
+    """Why the model at ``state`` no longer depends on its input (``None``: it does): the
+    same output for every example of ``x`` (the verifying guard data)."""
     if len(x) < 2:
         return None
-    out = run.problem.predict(run.state.params, run.state.buffers, x)
+    out = problem.predict(state.params, state.buffers, x)
     if not isinstance(out, Tensor) or not out.is_floating_point():
         return None
     if bool((out == out[:1]).all()):

@@ -166,7 +166,7 @@ class Collective:
         names = list(p)
         if hi > lo:
             with torch.enable_grad(), _GlobalDropout(lo, hi, n):
-                loss = loop.inner_loss(state.buffers, box)(p, state.hparams, part)
+                loss = loop.losses.train(state.buffers, box)(p, state.hparams, part)
                 grads = torch.autograd.grad(loss, tuple(p.values()), materialize_grads=True)
         else:  # more ranks than examples: this rank adds nothing
             loss = torch.zeros((), device=loop.device, dtype=loop.dtype)

@@ -194,6 +194,11 @@ class Modifier:
             return f"{self.name} needs the hyperparameter {missing[0]}, which this run lacks"
         return None
 
+    def widest(self) -> int:
+        """The widest a layer may become under this modifier (0: it changes no width); the
+        run draws its dropout noise at the widest, so that growth leaves the stream as it is."""
+        return 0
+
     def hparams_init(self, problem: Problem) -> Params:
         """Hyperparameters this modifier adds to the run (e.g. a penalty's weight), by key,
         as 0-dim or 1-dim tensors; default none."""

@@ -112,6 +112,9 @@ class Grow(Modifier):
                 f"width must be <= max_width ({config.max_width}) (got {config.width})"
             )
 
+    def widest(self) -> int:
+        return self.settings.max_width  # type: ignore[attr-defined]
+
     def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:
         return None if problem.groups else f"grow: {problem.groups_error}"
 

@@ -1,0 +1,105 @@
+"""Propose, apply, verify, decide: the steps of a cycle between the estimate and the commit.
+
+Each function takes what it reads explicitly and returns what it decides; the loop
+(:mod:`.loop`) alone applies the outcome to the run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+from selfmod.introspect import verifier
+from selfmod.introspect.lookahead import Lookahead
+from selfmod.introspect.modifiers import Context, Modifier, Proposal, registry
+from selfmod.introspect.modifiers.base import apply_plain, merge
+from selfmod.introspect.problem import Problem
+from selfmod.introspect.state import RunState
+
+
+def propose(
+    modifiers: Sequence[Modifier], ctx: Context, state: RunState
+) -> tuple[list[Proposal], RunState]:
+    """Every modifier's proposals (the due ones, in registry order) and ``state`` with each
+    one's new memory; proposals that share a ``group`` become one joint proposal at the place
+    of the first."""
+    slots: list[Proposal | str] = []
+    groups: dict[str, list[Proposal]] = {}
+    for m in modifiers:
+        proposals, memory = m.propose(ctx, state.memory.get(m.name, {}))
+        state = replace(state, memory={**state.memory, m.name: memory})
+        for p in proposals:
+            if p.group is None:
+                slots.append(p)
+                continue
+            if p.group not in groups:
+                groups[p.group] = []
+                slots.append(p.group)
+            groups[p.group].append(p)
+    return [merge(s, groups[s]) if isinstance(s, str) else s for s in slots], state
+
+
+def apply(
+    proposal: Proposal,
+    state: RunState,
+    modifiers: Sequence[Modifier],
+    problem: Problem,
+    config: Any,
+) -> RunState:
+    """``state`` with ``proposal`` applied by its modifier (pure; the run's own, else the
+    registered one), every tensor row-major whatever layout the modifier returned
+    (:meth:`RunState.contiguous`)."""
+    if proposal.parts:
+        for part in proposal.parts:
+            state = apply(part, state, modifiers, problem, config)
+        return state
+    m = {m.name: m for m in modifiers}.get(proposal.modifier)
+    if m is None and proposal.modifier in registry():
+        m = registry()[proposal.modifier].from_config(config)
+    changed = m.apply(proposal, state, problem) if m else apply_plain(proposal, state)
+    return changed.contiguous()
+
+
+def verdict(
+    proposal: Proposal,
+    look: Lookahead,
+    state: RunState,
+    proposed: RunState,
+    current: float,
+    config: Any,
+) -> tuple[str, str, float]:
+    """``(decision, reason, proposed guard loss)`` for ``proposed``, ``proposal`` applied to
+    ``state``: ``commit`` (``pending`` under manual approval) if it keeps every invariant
+    (:func:`.verifier.check`), else ``reject``; unchecked with safeguards off."""
+    tol = proposal.tolerance(config.epsilon)
+    if not config.safeguards:
+        return _kept(config), "committed unchecked (safeguards off)", math.nan
+    reason, value = verifier.check(look, state, proposed, current, tol, config)
+    if reason is not None:
+        return "reject", reason, value
+    ok = f"guard loss {value:.6g} vs {current:.6g} (tolerance x{1 + tol:g}); invariants hold"
+    return _kept(config), ok, value
+
+
+def _kept(config: Any) -> str:
+    return "pending" if config.approval == "manual" else "commit"
+
+
+def approvals(
+    pending: Callable[[], list[tuple[int, int, dict[str, Any], bool]]],
+    applied: set[int],
+    cycle: int,
+    expiry: int,
+) -> Iterator[tuple[int, int, dict[str, Any], bool]]:
+    """Manual approval: the pending changes ``(seq, cycle, change, late)`` to act on now, in
+    order: the approved ones, and the ones older than ``expiry`` cycles past their next cycle
+    (``late``: approved or not, a change verified against an old state is not applied late).
+    Those already in ``applied`` are skipped."""
+    for seq, made, change, approved in pending():
+        if seq in applied:
+            continue
+        late = cycle - made - 1 > expiry
+        if late or approved:
+            yield seq, made, change, late

@@ -1,0 +1,211 @@
+"""What a cycle's what-ifs need: the run's losses, the ``K`` lookahead batches, the cycle's
+random state and the replays of states over them.
+
+A replay (:meth:`Lookahead.replay`) is a pure function of an immutable
+:class:`~selfmod.introspect.state.RunState`, the lookahead batches and the random state at the
+cycle's start, so the estimate, the verifier's baseline and checks, and the meta-metrics share
+them; nothing here changes the run. The verifier (:mod:`.verifier`) and the self-shift metric
+(:mod:`.shift`) take a :class:`Lookahead` instead of the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from selfmod import hypergrad, optim, tree
+from selfmod.errors import NonFiniteError, SelfmodError
+from selfmod.introspect.feed import Batch
+from selfmod.introspect.problem import Problem
+from selfmod.introspect.state import RunState
+
+Params = dict[str, Tensor]
+#: replays kept per cycle: the current state's and the latest others' (a model's copies each)
+REPLAYS_KEPT = 2
+
+
+class Losses:
+    """The run's training loss (the model's loss plus every modifier's penalty, with the
+    learned dropout rates) and its guard loss (eval mode)."""
+
+    def __init__(self, problem: Problem, penalties: Sequence[Any], use_dropout: bool) -> None:
+        self.problem, self.penalties, self.use_dropout = problem, list(penalties), use_dropout
+
+    def train(self, buffers: Params, box: dict[str, Params] | None = None):
+        """``loss(params, hparams, batch)`` in training mode; with ``box`` BatchNorm statistics
+        advance and the new buffers land in ``box["buffers"]`` (base steps), without it they
+        stay as they are (estimators and replays)."""
+        problem, use_dropout, penalties = self.problem, self.use_dropout, self.penalties
+
+        def loss(params: Params, hparams: Params, batch: Batch) -> Tensor:
+            x, y, noise = batch
+            rates = torch.sigmoid(hparams["drop_logit"]) if use_dropout else None
+            out, new = problem.forward(
+                params,
+                buffers,
+                x,
+                train=True,
+                update_buffers=box is not None,
+                rates=rates,
+                noise=noise,
+            )
+            if box is not None:
+                box["buffers"] = new
+            value = problem.loss(out, y)
+            for m in penalties:
+                term = m.penalty(problem, params, hparams)
+                value = value if term is None else value + term
+            return value
+
+        return loss
+
+    def guard(
+        self, params: Params, hparams: Params, batch: tuple[Tensor, Tensor], buffers: Params
+    ) -> Tensor:
+        """The guard loss: eval mode, the run's buffers."""
+        out, _ = self.problem.forward(params, buffers, batch[0], train=False)
+        return self.problem.loss(out, batch[1])
+
+
+class Lookahead:
+    """One cycle's lookahead: ``batches`` (the ``K`` the run trains on next), the random state
+    ``rng_state`` at the cycle's start, the guard splits (``propose``, ``verify``) and the
+    guard data of older sources (``older``, the forgetting budget's).
+    ``current`` is the run's state, whose replay is kept while others come and go."""
+
+    def __init__(
+        self,
+        losses: Losses,
+        opt: optim.GradientTransformation,
+        batches: list[Batch],
+        rng_state: tuple[Tensor, Tensor | None],
+        device: torch.device,
+        *,
+        current: RunState,
+        step: int,
+        propose: tuple[Tensor, Tensor],
+        verify: tuple[Tensor, Tensor],
+        older: tuple[Tensor, Tensor],
+        input_shape: tuple[int, ...],
+    ) -> None:
+        self.losses, self.opt, self.batches = losses, opt, list(batches)
+        self.rng_state, self.device, self.current, self.step = rng_state, device, current, step
+        self.propose, self.verify, self.older = propose, verify, older
+        self.input_shape = input_shape  # one example's (the cost model's)
+        self.problem = losses.problem
+        self._replays: dict[int, tuple[RunState, tuple[Params, Any]]] = {}
+
+    @contextlib.contextmanager
+    def randomness(self) -> Iterator[None]:
+        """Every lookahead of a cycle (the estimate, each replay) draws the same random numbers
+        (a model's own ``nn.Dropout``), from the generator state at the cycle's start, and leaves
+        the run's generators as they were: verifying a change consumes no randomness."""
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(self.rng_state[0])
+            if cuda:
+                torch.cuda.set_rng_state(self.rng_state[1], self.device)
+            yield
+
+    def replay(self, state: RunState, monitor: Any = None) -> tuple[Params, Any]:
+        """``state`` trained over the lookahead batches (no graph): ``(params, opt_state)``.
+        The last ``REPLAYS_KEPT`` are kept; with a ``monitor`` it always runs (the monitor must
+        see every loss)."""
+        hit = self._replays.pop(id(state), None)
+        if hit is not None and hit[0] is state:
+            self._replays[id(state)] = hit  # the most recently used last
+            if monitor is None:
+                return hit[1]
+        with self.randomness():
+            result = hypergrad.run(
+                self.losses.train(state.buffers),
+                self.opt,
+                state.params,
+                state.opt_state,
+                state.hparams,
+                self.batches,
+                create_graph=False,
+                monitor=monitor,
+            )
+        self._replays[id(state)] = (state, result)
+        while len(self._replays) > REPLAYS_KEPT:  # a model's copies, not one per proposal
+            oldest = next(k for k, v in self._replays.items() if v[0] is not self.current)
+            del self._replays[oldest]
+        return result
+
+    def guard_loss(self, params: Params, state: RunState, part: str = "verify") -> float:
+        """The guard loss of ``params`` (with ``state``'s hyperparameters and buffers) on the
+        ``"verify"`` or ``"propose"`` split."""
+        batch = self.verify if part == "verify" else self.propose
+        with torch.no_grad():
+            return float(self.losses.guard(params, state.hparams, batch, state.buffers))
+
+    def baseline(self, state: RunState) -> float:
+        """The verifier's reference: the guard loss on the ``"verify"`` part after the
+        lookahead from ``state``, without any change."""
+        params, _ = self.replay(state)
+        return self.guard_loss(params, state)
+
+    def estimate(
+        self, state: RunState, estimator: str, meta_horizon: int = 0
+    ) -> tuple[float, Params]:
+        """``(guard loss after the lookahead, d it / d hparams)`` on the ``"propose"`` split by
+        ``estimator`` (:data:`selfmod.hypergrad.ESTIMATORS`); ``meta_horizon``: add the past
+        base steps' part of the learning rates' (:func:`horizon_term`)."""
+        est = hypergrad.ESTIMATORS[estimator]
+        k = len(self.batches)
+        opts = {
+            "checkpointed": {"segments": max(1, round(math.sqrt(k)))},
+            "truncated": {"window": max(1, k // 2)},
+        }.get(estimator, {})
+
+        def outer(params: Params, hparams: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
+            return self.losses.guard(params, hparams, batch, state.buffers)
+
+        with self.randomness(), sdpa_kernel([SDPBackend.MATH]):
+            res = est(
+                self.losses.train(state.buffers),
+                outer,
+                self.opt,
+                state.params,
+                state.hparams,
+                self.batches,
+                self.propose,
+                state=state.opt_state,
+                **opts,
+            )
+        g = dict(res.hparams)
+        if meta_horizon and "log_lr" in g:
+            term = horizon_term(res.params, state.opt_state, state.params)
+            g["log_lr"] = g["log_lr"] + term.to(g["log_lr"].dtype)
+        if not tree.is_finite(g):
+            raise NonFiniteError("hypergradient", hint="meta learning rate backed off")
+        return float(res.value), g
+
+    def batch_grads(self, state: RunState, n: int) -> list[Params]:
+        """Gradients of the training loss at ``state`` on each of the first ``n`` batches."""
+        out = []
+        loss_fn = self.losses.train(state.buffers)
+        for batch in self.batches[:n]:
+            p = tree.detach(state.params, True)
+            with torch.enable_grad(), self.randomness():
+                loss = loss_fn(p, state.hparams, batch)
+                gs = torch.autograd.grad(loss, list(p.values()), materialize_grads=True)
+            out.append(dict(zip(p, gs, strict=True)))
+        return out
+
+
+def horizon_term(dparams: Params | None, opt_state: Any, params: Params) -> Tensor:
+    """``(T,)``: ``d guard / d theta_0 [i] . z[i]`` per tensor ``i``, the past base steps'
+    part of ``d guard / d log lr_i`` (:func:`selfmod.optim.sum_updates`: ``z`` is the
+    first-order tangent ``d theta_0 / d log lr``, discounted over ``meta_horizon`` steps)."""
+    if dparams is None:
+        raise SelfmodError("meta_horizon: the estimator gave no gradient w.r.t. the params")
+    z = opt_state[-1].total
+    return torch.stack([(dparams[n] * z[n]).sum() for n in params])

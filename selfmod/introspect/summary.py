@@ -1,0 +1,72 @@
+"""The run's summary: test loss and metric, cost, widths, decisions, the final
+hyperparameters and the meta-metrics that need no baseline."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from selfmod.introspect import probes, replay
+from selfmod.introspect.feed import Source, guard
+from selfmod.introspect.problem import Problem
+from selfmod.introspect.state import Counters, RunState
+
+
+def test_metric(problem: Problem, state: RunState, src: Source) -> tuple[float, float]:
+    """``(loss, metric)`` of ``state`` on ``src``'s test set (NaN without one)."""
+    if src.test_x is None or src.test_y is None:
+        return math.nan, math.nan
+    return problem.evaluate(state.params, state.buffers, src.test_x, src.test_y)
+
+
+def summarize(
+    problem: Problem,
+    state: RunState,
+    src: Source,
+    buffer: replay.Replay,
+    input_shape: tuple[int, ...],
+    *,
+    counters: Counters,
+    history: dict[str, Any],
+    names: Sequence[str],
+    modifiers: Sequence[str],
+    skipped: dict[str, str],
+    values: dict[str, Any],
+) -> dict[str, Any]:
+    """The summary of a run at ``state`` (the final internal gap is measured here:
+    guard loss minus the replay buffer's training loss; :func:`.probes.meta_metrics`)."""
+    tl, tm = test_metric(problem, state, src)
+    p, b = state.params, state.buffers
+    gap = problem.evaluate(p, b, *guard(buffer, "all", True))[0]
+    gap -= problem.evaluate(p, b, *replay.split(buffer, replay.TRAIN))[0]
+    c = problem.cost(p, input_shape)
+    decisions = history["decisions"]
+    count = {
+        k: sum(d["decision"] == k for d in decisions)
+        for k in ("commit", "reject", "rollback", "pending")
+    }
+    return {
+        "test_accuracy": tm if problem.metric == "accuracy" else None,
+        "test_metric": tm,
+        "metric_name": problem.metric,
+        "test_loss": tl,
+        "seconds": counters.seconds,
+        "params": c.params,
+        "flops": c.flops,
+        "widths": problem.widths(p),
+        "steps": counters.step,
+        "examples": counters.examples,
+        "divergences": counters.divergences,
+        "diverged_at": counters.diverged_at,
+        "tensor_names": list(names),
+        "unused_tensors": [i for i, k in enumerate(names) if p[k].numel() == 0],
+        "modifiers": list(modifiers),
+        "modifiers_skipped": dict(skipped),
+        "decisions": {k: count[k] for k in ("commit", "reject", "rollback")},
+        **{f"n_{k}": v for k, v in count.items()},
+        **values,
+        "meta_metrics": probes.meta_metrics(
+            history["probes"], counters.shift_cycle, history.get("self_shift", []), gap
+        ),
+    }
