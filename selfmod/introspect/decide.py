@@ -92,14 +92,29 @@ def approvals(
     applied: set[int],
     cycle: int,
     expiry: int,
-) -> Iterator[tuple[int, int, dict[str, Any], bool]]:
-    """Manual approval: the pending changes ``(seq, cycle, change, late)`` to act on now, in
-    order: the approved ones, and the ones older than ``expiry`` cycles past their next cycle
-    (``late``: approved or not, a change verified against an old state is not applied late).
-    Those already in ``applied`` are skipped."""
+) -> Iterator[tuple[int, dict[str, Any], str, str]]:
+    """Manual approval: the pending changes to act on now, in order, as ``(seq, change,
+    decision, reason)``: the approved ones (``applied``) and the ones older than ``expiry``
+    cycles past their next cycle (``expired``: approved or not, a change verified against an
+    old state is not applied late). Those already in ``applied`` are skipped."""
     for seq, made, change, approved in pending():
         if seq in applied:
             continue
-        late = cycle - made - 1 > expiry
-        if late or approved:
-            yield seq, made, change, late
+        if cycle - made - 1 > expiry:
+            why = f"proposal {seq} from cycle {made} expired (approval_expiry {expiry})"
+            yield seq, change, "expired", why
+        elif approved:
+            yield seq, change, "applied", f"approved proposal {seq} applied"
+
+
+def per_step_changes(
+    modifiers: Sequence[Modifier], entries: Sequence[Any], good: RunState, state: RunState
+) -> Iterator[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """``(modifier, reason, before, after)`` of each per-step modifier's changes since the
+    last cycle (``good``: the state then), in natural units."""
+    for m in modifiers:
+        if m.per_step:
+            keys = [e for e in entries if e.key in m.needs]
+            why = getattr(m, "summary", f"{m.name}: per-step changes since the last cycle")
+            before = {e.name: e.natural(good.hparams[e.key]) for e in keys}
+            yield m.name, why, before, {e.name: e.natural(state.hparams[e.key]) for e in keys}

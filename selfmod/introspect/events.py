@@ -11,8 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 from torch import Tensor
+
+from selfmod.introspect.state import jsonable
+
+__all__ = ["Decision", "Recorder", "RunView", "jsonable", "payload"]
 
 
 @dataclass
@@ -81,16 +84,3 @@ def payload(d: Decision, change: dict[str, Any], info: dict[str, Any]) -> dict[s
             "info": info,
         }
     )
-
-
-def jsonable(x: Any) -> Any:
-    """Tensors, numpy values and tuples as JSON-able Python values."""
-    if isinstance(x, Tensor | np.ndarray):
-        return x.tolist()
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.integer | np.floating):
-        return x.item()
-    return x

@@ -21,7 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from selfmod import hypergrad, optim, tree
 from selfmod.errors import NonFiniteError, SelfmodError
-from selfmod.introspect.feed import Batch
+from selfmod.introspect import replay
+from selfmod.introspect.feed import Batch, guard
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import RunState
 
@@ -73,10 +74,39 @@ class Losses:
         return self.problem.loss(out, batch[1])
 
 
+class GradTap(hypergrad.FiniteMonitor):
+    """A finiteness monitor that also keeps the last step's gradients (per-step modifiers)."""
+
+    grads: tuple[Tensor, ...] = ()
+
+    def record(self, loss: Tensor, grads) -> None:
+        self.grads = tuple(g.detach() for g in grads)
+        super().record(loss, grads)
+
+
+def train_step(
+    losses: Losses, opt: optim.GradientTransformation, state: RunState, batch: Batch, step: int
+) -> tuple[Params, Any, Params, float, tuple[Tensor, ...]]:
+    """``(params, opt_state, buffers, loss, grads)`` after one optimizer step from ``state``
+    on ``batch`` (base step ``step``); :class:`NonFiniteError` on a NaN or inf loss or
+    gradient."""
+    box: dict[str, Params] = {}
+    monitor = GradTap(start=step)
+    with torch.no_grad():
+        params, opt_state = hypergrad.inner_step(
+            losses.train(state.buffers, box), opt, state.params, state.opt_state,
+            state.hparams, batch, create_graph=False, monitor=monitor,
+        )  # fmt: skip
+    loss = monitor.losses[0].item()
+    monitor.check()
+    return params, opt_state, box.get("buffers", state.buffers), loss, monitor.grads
+
+
 class Lookahead:
     """One cycle's lookahead: ``batches`` (the ``K`` the run trains on next), the random state
-    ``rng_state`` at the cycle's start, the guard splits (``propose``, ``verify``) and the
-    guard data of older sources (``older``, the forgetting budget's).
+    ``rng_state`` at the cycle's start, and the guard splits of the replay ``buffer``
+    (``propose``, ``verify``; ``shared``: one set) with the guard data of sources older than
+    ``source`` (``older``, the forgetting budget's).
     ``current`` is the run's state, whose replay is kept while others come and go."""
 
     def __init__(
@@ -89,14 +119,18 @@ class Lookahead:
         *,
         current: RunState,
         step: int,
-        propose: tuple[Tensor, Tensor],
-        verify: tuple[Tensor, Tensor],
-        older: tuple[Tensor, Tensor],
+        buffer: replay.Replay,
+        shared: bool,
+        source: int,
         input_shape: tuple[int, ...],
     ) -> None:
         self.losses, self.opt, self.batches = losses, opt, list(batches)
         self.rng_state, self.device, self.current, self.step = rng_state, device, current, step
-        self.propose, self.verify, self.older = propose, verify, older
+        self.propose, self.verify = (
+            guard(buffer, "propose", shared),
+            guard(buffer, "verify", shared),
+        )
+        self.older = guard(buffer, "verify", shared, exclude_source=source)
         self.input_shape = input_shape  # one example's (the cost model's)
         self.problem = losses.problem
         self._replays: dict[int, tuple[RunState, tuple[Params, Any]]] = {}

@@ -10,9 +10,13 @@ new field or modifier needs no resume code.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
@@ -104,6 +108,106 @@ def unflatten(
             value = scalars[name]
             out.append(type(leaf)(value) if isinstance(leaf, int | float | bool) else value)
     return pytree.tree_unflatten(out, spec)
+
+
+def read_state(
+    tensors: dict[str, Tensor],
+    scalars: dict[str, Any],
+    prefix: str,
+    names: Sequence[str],
+    opt_init: Callable[[Params], Any],
+) -> RunState:
+    """The :class:`RunState` saved under ``prefix`` (:func:`flatten`), its optimizer state's
+    structure from ``opt_init`` and its modifiers' memory from the saved names."""
+    params = {k: tensors[f"{prefix}.params['{k}']"] for k in names}
+    template = RunState(
+        params, _under(tensors, f"{prefix}.buffers"), opt_init(params),
+        _under(tensors, f"{prefix}.hparams"), 0, memory_template(tensors, prefix), 0.0,
+    )  # fmt: skip
+    return unflatten(template, tensors, scalars, prefix=prefix)
+
+
+def _under(tensors: dict[str, Tensor], head: str) -> Params:
+    """``{key: tensor}`` for names ``head['key']`` (one level)."""
+    out = {}
+    for name, t in tensors.items():
+        if name.startswith(head + "['") and name.endswith("']") and "']['" not in name[len(head) :]:
+            out[name[len(head) + 2 : -2]] = t
+    return out
+
+
+def save_run(
+    state: RunState,
+    good: RunState,
+    buffer: Any,
+    rng: torch.Generator,
+    counters: Counters,
+    applied: set[int],
+    stream: dict[str, int],
+    history: dict[str, Any],
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, meta)``: a whole run by name: its state, the last good one, the replay
+    buffer (a NamedTuple), the random generators, the counters, the approvals acted on, the
+    data stream's position and the history."""
+    tensors, scalars = flatten(state, "state")
+    t2, s2 = flatten(good, "good")
+    tensors, scalars = tensors | t2, scalars | s2
+    tensors.update({f"replay.{k}": v for k, v in buffer._asdict().items()})
+    tensors |= {"rng.controller": rng.get_state(), "rng.torch": torch.get_rng_state()}
+    meta = {**counters.saved(), "scalars": scalars, "applied": sorted(applied)}
+    return tensors, meta | {"stream": stream, **random_states(), "history": jsonable(history)}
+
+
+def load_run(
+    tensors: dict[str, Tensor],
+    meta: dict[str, Any],
+    names: Sequence[str],
+    opt_init: Callable[[Params], Any],
+    rng: torch.Generator,
+    device: torch.device,
+) -> tuple[RunState, RunState, dict[str, Tensor], Counters, set[int]]:
+    """Read :func:`save_run`'s output: ``(state, good, replay fields, counters, applied)``;
+    sets ``rng`` and the global random states as saved (the history and stream are in
+    ``meta``)."""
+    rngs = {k: tensors.pop(k) for k in ("rng.controller", "rng.torch")}
+    tensors = {k: v.to(device) for k, v in tensors.items()}  # checkpoints are on the CPU
+    state = read_state(tensors, meta["scalars"], "state", names, opt_init)
+    good = read_state(tensors, meta["scalars"], "good", names, opt_init)
+    replay = {k[len("replay.") :]: v for k, v in tensors.items() if k.startswith("replay.")}
+    replay |= {k: v.cpu() for k, v in replay.items() if k not in ("x", "y")}
+    rng.set_state(rngs["rng.controller"])
+    torch.set_rng_state(rngs["rng.torch"])
+    set_random_states(meta)
+    return state, good, replay, Counters.read(meta), set(meta["applied"])
+
+
+def random_states() -> dict[str, Any]:
+    """Python's and numpy's global random states, JSON-able (torch's is a tensor)."""
+    st = np.random.get_state()  # a tuple holding an array
+    return {"python_random": jsonable(random.getstate()), "numpy_random": jsonable(st)}
+
+
+def set_random_states(meta: dict[str, Any]) -> None:
+    """Restore :func:`random_states`'s output."""
+    random.setstate(_tuples(meta["python_random"]))
+    st = meta["numpy_random"]
+    np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
+
+
+def jsonable(x: Any) -> Any:
+    """JSON-able Python values: tuples as lists, tensors and numpy values as Python values,
+    keys as strings."""
+    if isinstance(x, Tensor | np.ndarray):
+        return x.tolist()
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    return x.item() if isinstance(x, np.integer | np.floating) else x
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
 def memory_template(saved: dict[str, Tensor], prefix: str) -> dict[str, Params]:

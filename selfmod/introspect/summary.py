@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from torch import Tensor
+
 from selfmod.introspect import probes, replay
 from selfmod.introspect.feed import Source, guard
 from selfmod.introspect.problem import Problem
@@ -18,6 +20,28 @@ def test_metric(problem: Problem, state: RunState, src: Source) -> tuple[float, 
     if src.test_x is None or src.test_y is None:
         return math.nan, math.nan
     return problem.evaluate(state.params, state.buffers, src.test_x, src.test_y)
+
+
+def log_row(
+    problem: Problem,
+    state: RunState,
+    guard_data: tuple[Tensor, Tensor],
+    src: Source,
+    step: int,
+    train_loss: float,
+) -> dict[str, Any]:
+    """A log point's losses and metrics at ``state``: the whole guard set's, the test set's
+    metric, the last base step's loss and the meta learning rate."""
+    gl, ga = problem.evaluate(state.params, state.buffers, *guard_data)
+    _, ta = test_metric(problem, state, src)
+    return {
+        "step": step,
+        "guard_loss": gl,
+        "guard_acc": ga,
+        "test_acc": ta,
+        "train_loss": train_loss,
+        "meta_lr": state.meta_lr,
+    }
 
 
 def summarize(
