@@ -23,6 +23,25 @@ class _NanGrad(torch.autograd.Function):
         return g * math.nan
 
 
+class _FaultyLosses:
+    """The run's losses, with a NaN loss or gradient while the run's base step is a faulty one."""
+
+    def __init__(self, losses, run) -> None:
+        self.losses, self.run = losses, run
+        self.problem, self.use_dropout = losses.problem, losses.use_dropout
+
+    def train(self, buffers, box=None):
+        f = self.losses.train(buffers, box)
+        if self.run._fault == "loss":
+            return lambda p, h, b: f(p, h, b) * math.nan
+        if self.run._fault == "grad":
+            return lambda p, h, b: f({k: _NanGrad.apply(v) for k, v in p.items()}, h, b)
+        return f
+
+    def guard(self, *args):
+        return self.losses.guard(*args)
+
+
 class Faults:
     """Mixin: ``loss``/``grad``: base steps with a NaN loss / gradient; ``hypergrad``: cycles
     whose meta-gradient is NaN."""
@@ -33,6 +52,7 @@ class Faults:
         self.fault_steps = {"loss": set(loss), "grad": set(grad)}
         self.fault_cycles = set(hypergrad)
         super().__init__(*args, **kwargs)
+        self.losses = _FaultyLosses(self.losses, self)
 
     def train_step(self, state, batch):
         self._fault = next((k for k, s in self.fault_steps.items() if self.step in s), None)
@@ -41,19 +61,15 @@ class Faults:
         finally:
             self._fault = None
 
-    def inner_loss(self, buffers, box=None):
-        f = super().inner_loss(buffers, box)
-        if self._fault == "loss":
-            return lambda p, h, b: f(p, h, b) * math.nan
-        if self._fault == "grad":
-            return lambda p, h, b: f({k: _NanGrad.apply(v) for k, v in p.items()}, h, b)
-        return f
-
-    def estimate(self):
-        current, g = super().estimate()
+    def look_ahead(self):
+        look = super().look_ahead()
         if self.cycle in self.fault_cycles:
-            raise NonFiniteError("hypergradient", hint="meta learning rate backed off")
-        return current, g
+
+            def estimate(*args, **kwargs):
+                raise NonFiniteError("hypergradient", hint="meta learning rate backed off")
+
+            look.estimate = estimate
+        return look
 
 
 class FaultyIntrospector(Faults, Introspector):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cycles
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,8 +113,7 @@ def test_fit_learns_and_writes_a_run_directory(name, optimizer, digits, tmp_path
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_harmful_change_is_rejected_and_the_state_is_bitwise_unchanged(name, digits, tmp_path):
     run = _fit(name, "sgd", digits, tmp_path).run
-    run.pending = [run._next_batch() for _ in range(run.config.lookahead)]
-    current, _ = run.estimate()
+    current, _ = cycles.estimate(run)
     before = (run.state.clone(), run.rng.get_state(), torch.get_rng_state())
     harmful = run.hparams["log_lr"] + math.log(1000.0)
     run.verify_and_decide(Proposal("lr", {"log_lr": harmful}, strict=True), current)

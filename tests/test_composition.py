@@ -8,6 +8,7 @@ import contextlib
 import math
 from dataclasses import replace
 
+import cycles
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,10 @@ def _one_thread():
 
 def _context(run: Introspector) -> Context:
     """The context of the run's next cycle, as the loop builds it (lookahead batches drawn)."""
-    run.pending = [run._next_batch() for _ in range(run.config.lookahead)]
+    look = run.look_ahead()
     return Context(
-        run.state, run.problem, run.cycle, run.probe(), {}, run.pending, run.config,
-        run.batch_grads, run.rng,
+        run.state, run.problem, run.cycle, run.probe(), {}, look.batches, run.config,
+        lambda k: look.batch_grads(run.state, k), run.rng,
     )  # fmt: skip
 
 
@@ -53,8 +54,8 @@ def test_growth_criterion_proposal_matches_a_hand_computation_and_keeps_the_func
     grow = Grow.from_config(cfg)
     (proposal,), memory = grow.propose(ctx, {})
     # by hand: inputs of each hidden Linear and the loss gradient at the next Linear's output
-    x = torch.cat([b[0] for b in run.pending])
-    y = torch.cat([b[1] for b in run.pending])
+    x = torch.cat([b[0] for b in ctx.pending])
+    y = torch.cat([b[1] for b in ctx.pending])
     p = {k: v.detach().clone().requires_grad_(True) for k, v in run.params.items()}
     h0 = x
     a1 = torch.relu(h0 @ p["0.weight"].T + p["0.bias"])
@@ -107,8 +108,6 @@ def test_growth_stops_when_no_direction_beats_the_existing_units_not_at_a_cap():
 
 @pytest.mark.parametrize("strict", [False, True])
 def test_strict_growth_needs_a_lower_held_out_loss_where_plain_growth_has_a_tolerance(strict):
-    from selfmod.introspect import verifier
-
     cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 1, "grow_strict": strict})
     run = Introspector(cfg)
     run.run()
@@ -116,8 +115,8 @@ def test_strict_growth_needs_a_lower_held_out_loss_where_plain_growth_has_a_tole
     (proposal,), _ = Grow.from_config(cfg).propose(ctx, {})
     assert proposal.strict is strict
     widths = run.widths()
-    grown = run.apply_proposal(proposal, run.state)
-    _, value = verifier.check(run, grown, math.inf, 0.0)  # the grown net's held-out loss
+    grown = cycles.apply(run, proposal)
+    _, value = cycles.check(run, grown, math.inf, 0.0)  # the grown net's held-out loss
     # the current loss 0.5% below it: inside epsilon (1%), but not lower
     run.verify_and_decide(proposal, value / 1.005)
     decision = run.history["decisions"][-1]
@@ -132,8 +131,6 @@ def _mlp_params(w1: int, w2: int) -> int:
 
 @pytest.mark.parametrize("margin", [0.5, 2.0])
 def test_priced_growth_must_lower_the_held_out_loss_by_its_price(margin):
-    from selfmod.introspect import verifier
-
     price = 0.1
     cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 1, "grow_price": price})
     run = Introspector(cfg)
@@ -144,8 +141,8 @@ def test_priced_growth_must_lower_the_held_out_loss_by_its_price(margin):
     grown_widths = [math.ceil(1.5 * w) for w in widths]
     n, n_new = _mlp_params(w1, w2), _mlp_params(*grown_widths)
     assert proposal.gain == pytest.approx(price * (n_new - n) / n, rel=1e-12)
-    grown = run.apply_proposal(proposal, run.state)
-    _, value = verifier.check(run, grown, math.inf, 0.0)
+    grown = cycles.apply(run, proposal)
+    _, value = cycles.check(run, grown, math.inf, 0.0)
     # the grown net's loss is below the current one by margin x the price
     run.verify_and_decide(proposal, value / (1 - margin * proposal.gain))
     decision = run.history["decisions"][-1]
@@ -194,8 +191,8 @@ def test_l0_pruning_removes_exactly_the_closed_gates_and_keeps_the_function():
 
 def test_the_l0_penalty_is_in_the_training_loss_and_closes_gates():
     run = _gated_run(l0_strength=0.0)
-    loss = run.inner_loss(run.state.buffers)
-    batch = run._next_batch()
+    loss = run.losses.train(run.state.buffers)
+    batch = run.feed.next_batch(run.state.batch_size, 0)
     h = dict(run.hparams)
     with torch.random.fork_rng():
         base = loss(run.params, h, batch)
@@ -326,10 +323,7 @@ class _Watch(Introspector):
         super().__init__(*a, **k)
         self.seen: dict[str, set] = {"propose": set(), "verify": set()}
 
-    def outer_loss(self, params, hparams, batch, buffers):
-        if self.phase in self.seen:
-            self.seen[self.phase].update(map(tuple, batch[0].detach().tolist()))
-        return super().outer_loss(params, hparams, batch, buffers)
+        self.losses = _WatchedLosses(self.losses, self)
 
     @contextlib.contextmanager
     def _in(self, phase: str):
@@ -339,17 +333,40 @@ class _Watch(Introspector):
         finally:
             self.phase = "other"
 
-    def estimate(self):
-        with self._in("propose"):
-            return super().estimate()
+    def look_ahead(self):
+        look = super().look_ahead()
+        estimate, baseline = look.estimate, look.baseline
+
+        def in_propose(*args):
+            with self._in("propose"):
+                return estimate(*args)
+
+        def in_verify(*args):
+            with self._in("verify"):
+                return baseline(*args)
+
+        look.estimate, look.baseline = in_propose, in_verify
+        return look
 
     def verify_and_decide(self, proposal, current):
         with self._in("verify"):
             return super().verify_and_decide(proposal, current)
 
-    def verify_baseline(self):
-        with self._in("verify"):
-            return super().verify_baseline()
+
+class _WatchedLosses:
+    """The run's losses; the guard loss records the rows it sees in the run's phase."""
+
+    def __init__(self, losses, run) -> None:
+        self.losses, self.run = losses, run
+        self.problem, self.use_dropout = losses.problem, losses.use_dropout
+
+    def train(self, *args, **kwargs):
+        return self.losses.train(*args, **kwargs)
+
+    def guard(self, params, hparams, batch, buffers):
+        if self.run.phase in self.run.seen:
+            self.run.seen[self.run.phase].update(map(tuple, batch[0].detach().tolist()))
+        return self.losses.guard(params, hparams, batch, buffers)
 
 
 @pytest.mark.parametrize("verify_on", ["held_out", "shared"])
@@ -372,14 +389,15 @@ def test_the_verifiers_reference_is_the_verify_half_after_the_lookahead():
     cfg = TrainConfig(**{**FAST, "modifiers": ["lr"], "steps": 21})
     run = Introspector(cfg)
     run.run()
-    current = run.verify_baseline()
+    look = run.look_ahead()
+    current = look.baseline(run.state)
     px, py = run.guard("propose")
     vx, vy = run.guard("verify")
     # the verifier's reference is the verify half's loss after the lookahead
-    p_cur, _ = run.replay(run.state, None)
+    p_cur, _ = look.replay(run.state)
     with torch.no_grad():
-        ref = float(run.outer_loss(p_cur, run.hparams, (vx, vy), run.state.buffers))
-        other = float(run.outer_loss(p_cur, run.hparams, (px, py), run.state.buffers))
+        ref = float(run.losses.guard(p_cur, run.hparams, (vx, vy), run.state.buffers))
+        other = float(run.losses.guard(p_cur, run.hparams, (px, py), run.state.buffers))
     assert current == ref != other
 
 
@@ -423,18 +441,20 @@ def test_the_horizon_term_completes_the_lookahead_to_the_full_reverse_unroll(mom
     assert not torch.allclose(look.hparams["log_lr"], full.hparams["log_lr"])  # the tail matters
 
 
-def test_meta_horizon_moves_the_learning_rates_by_the_horizon_term():
+def test_meta_horizon_moves_the_learning_rates_by_the_horizon_term(monkeypatch):
+    from selfmod.introspect import lookahead
+
     cfg = TrainConfig(**{**FAST, "modifiers": ["lr"], "steps": 41, "meta_horizon": 50})
     run = Introspector(cfg)
     seen = []
-    horizon = run.horizon_term
+    horizon = lookahead.horizon_term
 
-    def spy(dparams, opt_state):
-        out = horizon(dparams, opt_state)
+    def spy(dparams, opt_state, params):
+        out = horizon(dparams, opt_state, params)
         seen.append(out)
         return out
 
-    run.horizon_term = spy
+    monkeypatch.setattr(lookahead, "horizon_term", spy)
     run.run()
     assert len(seen) == 3 and float(seen[0].abs().sum()) == 0.0  # nothing trained before cycle 0
     assert float(seen[1].abs().sum()) > 0
@@ -456,10 +476,10 @@ def test_a_change_over_budget_is_refused_with_the_state_bitwise_unchanged(budget
     cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 1, "budget": budget})
     run = Introspector(cfg)
     run.run()
-    _context(run)  # the lookahead batches a cycle would verify on
+    look = run.look_ahead()  # the lookahead batches a cycle would verify on
     before_t, before_s = flatten(run.state, "state")
     grow = Proposal("grow", surgery={"add": [4, 4], "seed": 0, "cycle": run.cycle})
-    current = run.verify_baseline()
+    current = look.baseline(run.state)
     run.verify_and_decide(grow, current)
     decision = run.history["decisions"][-1]
     name = {"params": "parameter", "flops": "FLOPs", "memory": "memory"}[next(iter(budget))]
@@ -474,11 +494,11 @@ def test_a_change_over_budget_is_refused_with_the_state_bitwise_unchanged(budget
 
 def test_a_state_is_replayed_once_per_cycle_and_the_current_one_is_kept(monkeypatch):
     from selfmod import hypergrad
-    from selfmod.introspect import loop
+    from selfmod.introspect import lookahead
 
     run = Introspector(TrainConfig(**{**FAST, "steps": 1}))
     run.run()
-    _context(run)
+    look = run.look_ahead()
     calls = []
     real = hypergrad.run
 
@@ -486,22 +506,21 @@ def test_a_state_is_replayed_once_per_cycle_and_the_current_one_is_kept(monkeypa
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop.hypergrad, "run", counted)
-    first = run.replay(run.state, None)
-    again = run.replay(run.state, None)
+    monkeypatch.setattr(lookahead.hypergrad, "run", counted)
+    first = look.replay(run.state)
+    again = look.replay(run.state)
     assert len(calls) == 1 and again is first
-    others = [run.state.clone() for _ in range(loop.REPLAYS_KEPT + 1)]
+    others = [run.state.clone() for _ in range(lookahead.REPLAYS_KEPT + 1)]
     for other in others:  # equal states, but other objects: replayed, and bitwise the same
-        params, _ = run.replay(other, None)
+        params, _ = look.replay(other)
         assert all(torch.equal(params[k], first[0][k]) for k in params)
     assert len(calls) == 1 + len(others)
-    assert run.replay(run.state, None) is first and len(calls) == 1 + len(others)  # kept
-    run.replay(others[0], None)  # evicted by the later ones: replayed again
+    assert look.replay(run.state) is first and len(calls) == 1 + len(others)  # kept
+    look.replay(others[0])  # evicted by the later ones: replayed again
     assert len(calls) == 2 + len(others)
-    run.replay(run.state, hypergrad.FiniteMonitor(start=run.step))  # a monitor sees every loss
+    look.replay(run.state, hypergrad.FiniteMonitor(start=run.step))  # a monitor sees every loss
     assert len(calls) == 3 + len(others)
-    _context(run)  # the next cycle's batches
-    run.replay(run.state, None)
+    run.look_ahead().replay(run.state)  # the next cycle's batches
     assert len(calls) == 4 + len(others)
 
 

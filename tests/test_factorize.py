@@ -221,7 +221,9 @@ def test_a_run_factorizes_verified_and_resumes_bitwise_through_it(tmp_path):
     assert [d["decision"] for d in decisions] == ["commit"]
     assert decisions[0]["step"] >= 40  # factorize_after * steps
     assert arch.is_factored(full.params, "2") and full.params["2.left"].shape == (16, 4)
-    assert full.cost().params == sum(v.numel() for v in full.params.values())
+    assert full.problem.cost(full.params, full.input_shape).params == sum(
+        v.numel() for v in full.params.values()
+    )
     module = full.problem.export(full.params, full.state.buffers).eval()  # a plain nn.Module
     x = full.sources[0].test_x[:50]
     with torch.no_grad():

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import cycles
 import pytest
 import torch
 from faults import FaultyIntrospector
@@ -16,6 +17,7 @@ from selfmod import tree
 from selfmod.arch.dropout import concrete_dropout
 from selfmod.data import Stream
 from selfmod.introspect import Introspector, Proposal, replay, verifier
+from selfmod.introspect.lookahead import Lookahead
 from selfmod.introspect.modifiers.batch_size import noise_scale
 from selfmod.introspect.modifiers.hyper import gap_step
 from selfmod.runs.config import TrainConfig
@@ -46,14 +48,13 @@ def _run_state(run: Introspector):
         run.state.clone(),
         run.rng.get_state().clone(),
         torch.get_rng_state().clone(),
-        run.sources[run.source_id].train.position(),
+        run.sources[run.counters.source_id].train.position(),
     )
 
 
 def _lookahead(run: Introspector) -> float:
     """Queue the lookahead batches and estimate, as a cycle does; the current guard loss."""
-    run.pending = [run._next_batch() for _ in range(run.config.lookahead)]
-    return run.estimate()[0]
+    return cycles.estimate(run)[0]
 
 
 def _lr_step(run: Introspector, factor: float) -> Proposal:
@@ -90,9 +91,8 @@ def test_harmful_change_is_rejected_and_the_state_is_bitwise_unchanged():
 def test_trust_region_bounds_every_hyperparameter_step():
     cfg = TrainConfig(**{**FAST, "trust_region": 0.1, "meta_lr": 10.0})
     run = Introspector(cfg)
-    _lookahead(run)
-    _, g = run.estimate()
-    proposals = run.propose(g, {"gap": 0.0})
+    _, g = cycles.estimate(run)
+    proposals = cycles.propose(run, g, {"gap": 0.0})
     assert {p.modifier for p in proposals} >= {"hypergradient", "regularize", "grow"}
     for p in proposals:
         for k, v in p.hparams.items():
@@ -108,16 +108,14 @@ def test_trust_region_bounds_every_hyperparameter_step():
 def test_strict_regularization_needs_a_lower_guard_loss_where_the_gap_rule_has_a_tolerance(
     strict,
 ):
-    from selfmod.introspect import verifier
-
     cfg = TrainConfig(**{**FAST, "modifiers": ["weight_decay", "dropout"],
                          "regularize_strict": strict})  # fmt: skip
     run = Introspector(cfg)
     _lookahead(run)
-    (proposal,) = run.propose({}, {"gap": 1.0})  # far above the target: both step up
+    (proposal,) = cycles.propose(run, {}, {"gap": 1.0})  # far above the target: both step up
     assert proposal.modifier == "regularize" and proposal.strict is strict
-    changed = run.apply_proposal(proposal, run.state)
-    _, value = verifier.check(run, changed, math.inf, 0.0)
+    changed = cycles.apply(run, proposal)
+    _, value = cycles.check(run, changed, math.inf, 0.0)
     before = _run_state(run)
     run.verify_and_decide(proposal, value / 1.005)  # 0.5% worse: inside epsilon, not lower
     d = run.history["decisions"][-1]
@@ -139,7 +137,7 @@ def test_gap_rule_steps_by_sign_or_in_proportion_within_the_trust_region():
     run = Introspector(cfg)
     _lookahead(run)
     zero = {k: torch.zeros_like(v) for k, v in run.hparams.items()}
-    (change,) = [p for p in run.propose(zero, {"gap": 0.3}) if p.modifier == "regularize"]
+    (change,) = [p for p in cycles.propose(run, zero, {"gap": 0.3}) if p.modifier == "regularize"]
     moved = change.hparams["log_wd"] - run.hparams["log_wd"]
     assert float(moved) == pytest.approx(math.log(2.0), rel=1e-5)
     moved = change.hparams["drop_logit"] - run.hparams["drop_logit"]
@@ -150,9 +148,9 @@ def test_fixed_lr_mean_redistributes_the_rates_at_the_same_geometric_mean():
     proposals = {}
     for mean in ("free", "fixed"):
         run = Introspector(TrainConfig(**{**FAST, "lr_mean": mean, "modifiers": ["lr"]}))
-        _lookahead(run)
-        _, g = run.estimate()
-        (change,) = [p for p in run.propose(g, {"gap": 0.0}) if p.modifier == "hypergradient"]
+        _, g = cycles.estimate(run)
+        made = cycles.propose(run, g, {"gap": 0.0})
+        (change,) = [p for p in made if p.modifier == "hypergradient"]
         proposals[mean] = change.hparams["log_lr"] - run.hparams["log_lr"]
     free, fixed = proposals["free"], proposals["fixed"]
     assert abs(float(free.mean())) > 1e-3  # the meta-gradient moves the mean here
@@ -192,15 +190,15 @@ def test_the_meta_gradient_is_estimated_only_in_cycles_where_a_due_modifier_read
 ):
     cfg = {**FAST, "steps": 100, "modifiers": mods, "schedule": schedule, "regularize": regularize}
     run = Introspector(TrainConfig(**cfg))
-    cycles, estimate = [], run.estimate
+    estimated, estimate = [], Lookahead.estimate
 
-    def counted():
-        cycles.append(run.cycle)
-        return estimate()
+    def counted(look, *args):
+        estimated.append(run.cycle)
+        return estimate(look, *args)
 
-    monkeypatch.setattr(run, "estimate", counted)
+    monkeypatch.setattr(Lookahead, "estimate", counted)
     run.run()
-    assert cycles == want
+    assert estimated == want
     decided = [d for d in run.history["decisions"] if d["decision"] in ("commit", "reject")]
     assert decided  # every proposal was still verified against a finite baseline
     assert all(math.isfinite(d["guard_current"]) for d in decided)
@@ -219,7 +217,7 @@ def test_nan_in_loss_gradient_or_hypergradient_rolls_back_and_the_run_goes_on(wh
         == pytest.approx(rollbacks[0]["before"]["lr"][0] / 2, rel=0.3)
         or where == "hypergrad"
     )
-    assert run.meta_lr == pytest.approx(run.config.meta_lr / 2)
+    assert run.state.meta_lr == pytest.approx(run.config.meta_lr / 2)
     assert run.step == run.config.steps and tree.is_finite(run.params)
     assert len(run.history["probes"]) == 3  # every cycle still ran
 
@@ -234,7 +232,7 @@ def test_divergence_rolls_back_to_the_last_good_state():
 def test_the_fixed_baseline_never_changes_itself_and_is_reported_as_diverged():
     spiking = Introspector(TrainConfig(**{**FAST, "lr": 10.0}), tune=False)
     spiking.run()  # loss spikes: counted, never rolled back, the rates stay
-    assert spiking.divergences > 0 and not spiking.history["decisions"]
+    assert spiking.counters.divergences > 0 and not spiking.history["decisions"]
     assert torch.allclose(spiking.hparams["log_lr"].exp(), torch.full((6,), 10.0))
     nan = FaultyIntrospector(TrainConfig(**FAST), loss={25}, tune=False)
     nan.run()  # a NaN ends it, reported as diverged, at its last finite parameters
@@ -248,7 +246,7 @@ def test_a_dead_hidden_layer_is_rolled_back_though_the_loss_did_not_spike(safegu
     run = Introspector(cfg)
     run.run_cycle()  # the first probe: the untrained model, and the last good state
     good, lr = tree.clone(run.params), run.hparams["log_lr"].clone()
-    assert verifier.dead(run) is None
+    assert verifier.dead(run.problem, run.state, run.guard("verify")[0]) is None
     # the second hidden layer's units never fire: the output is the last layer's bias
     dead = {**run.params, "2.bias": run.params["2.bias"] * 0 - 10.0}
     run.state = run.state.with_(params=dead)
@@ -266,11 +264,12 @@ def test_growth_keeps_the_function_and_maps_the_optimizer_state():
     run = Introspector(TrainConfig(**FAST))
     run.run()
     x = run.guard()[0]
-    before = run.apply(run.params, x)
-    grown = run.apply_proposal(Proposal("grow", surgery={"add": [4, 8], "seed": 3}), run.state)
+    before = run.problem.predict(run.params, run.state.buffers, x)
+    grown = cycles.apply(run, Proposal("grow", surgery={"add": [4, 8], "seed": 3}))
     params = grown.params
-    assert run.widths(params) == [run.widths()[0] + 4, run.widths()[1] + 8]
-    torch.testing.assert_close(run.apply(params, x), before, rtol=0, atol=1e-5)
+    assert run.problem.widths(params) == [run.widths()[0] + 4, run.widths()[1] + 8]
+    after = run.problem.predict(params, run.state.buffers, x)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     assert grown.opt_state[1].trace["2.weight"].shape == params["2.weight"].shape
 
 
@@ -449,14 +448,14 @@ def test_forgetting_budget_refuses_a_change_that_costs_accuracy_on_older_data():
     ]
     run = Introspector(cfg, splits=splits)
     run.run()
-    assert run.source_id == 1 and run.shift_cycle == 4
+    assert run.counters.source_id == 1 and run.shift_cycle == 4
     old = replay.split(run.buffer, (replay.GUARD, replay.PROPOSE), exclude_source=1)
     assert len(old[1]) == 50  # the guard set kept half its room for the old distribution
     current = _lookahead(run)
     reasons = []
     for factor in (0.05, 0.2, 2.0, 3.0):  # check is pure: each starts from the same state
-        proposed = run.apply_proposal(_lr_step(run, factor), run.state)
-        reasons.append(verifier.check(run, proposed, current, 1.0)[0] or "")
+        proposed = cycles.apply(run, _lr_step(run, factor))
+        reasons.append(cycles.check(run, proposed, current, 1.0)[0] or "")
     assert any(r.startswith("forgetting budget: accuracy on older data") for r in reasons), reasons
 
 
@@ -567,7 +566,7 @@ def test_growth_past_a_params_flops_or_memory_budget_is_refused(budget, reason):
     # example; one growth step (+4 units per layer) passes all three budgets
     cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 20, **budget})
     run = Introspector(cfg)
-    c = run.cost()
+    c = run.problem.cost(run.params, run.input_shape)
     assert (c.params, c.flops, c.activation_bytes + 4 * c.params) == (490, 954, 2192)
     run.run()
     (grow,) = [d for d in run.history["decisions"] if d["modifier"] == "grow"]

@@ -13,6 +13,7 @@ import user_models
 
 from selfmod.data import as_batches
 from selfmod.introspect import Context, Loop, Modifier, Proposal, registry
+from selfmod.introspect.lookahead import Lookahead
 from selfmod.introspect.loop import Recorder, Source
 from selfmod.introspect.modifiers.base import merge
 from selfmod.introspect.problem import Problem
@@ -140,7 +141,9 @@ class _Changes(Recorder):
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
-def test_the_optimizer_as_modifiers_lr_betas_and_weight_decay_each_take_the_rprop_step(optimizer):
+def test_the_optimizer_as_modifiers_lr_betas_and_weight_decay_each_take_the_rprop_step(
+    optimizer, monkeypatch
+):
     # issue 15 item 6: under Adam/AdamW the per-tensor rates, beta1, beta2 and weight decay are
     # each moved by the Rprop step on their own meta-gradient, verified together and committed
     torch.set_num_threads(1)
@@ -157,14 +160,14 @@ def test_the_optimizer_as_modifiers_lr_betas_and_weight_decay_each_take_the_rpro
     run = Loop(problem, [source], cfg, recorder=recorder)
     assert [m.name for m in run.modifiers] == ["lr", "weight_decay", "beta1", "beta2"]
     seen: list[tuple[dict, dict, float]] = []  # (hparams, meta-gradient, meta_lr) per cycle
-    estimate = run.estimate
+    estimate = Lookahead.estimate
 
-    def spy():
-        value, g = estimate()
-        seen.append(({k: v.clone() for k, v in run.hparams.items()}, g, run.meta_lr))
+    def spy(look, *args):
+        value, g = estimate(look, *args)
+        seen.append(({k: v.clone() for k, v in run.hparams.items()}, g, run.state.meta_lr))
         return value, g
 
-    run.estimate = spy
+    monkeypatch.setattr(Lookahead, "estimate", spy)
     run.run()
     assert len(seen) == 4 and len(recorder.changes) == 4
     keys = ("log_lr", "log_wd", "beta1_logit", "beta2_logit")

@@ -2,6 +2,7 @@
 their function through growth and pruning (to 1e-6) with the optimizer state re-indexed, and
 train, grow and resume as a self-modifying run."""
 
+import cycles
 import pytest
 import torch
 from torch.func import functional_call
@@ -82,17 +83,19 @@ def test_growing_a_cnn_layer_keeps_its_function_and_optimizer_state(layer):
     run = _cnn_run(lr=0.05)
     x = _x(32)
     # one real momentum step so the state is not all zeros
-    g = torch.func.grad(lambda p: run.apply(p, x).square().mean())(run.params)
+    g = torch.func.grad(lambda p: run.problem.predict(p, run.state.buffers, x).square().mean())(
+        run.params
+    )
     _, opt_state = run.opt.update(g, run.state.opt_state, run.params, run.hparams)
     run.state = run.state.with_(opt_state=opt_state)
-    before = run.apply(run.params, x)
+    before = run.problem.predict(run.params, run.state.buffers, x)
     add = [0, 0]
     add[layer] = 5
-    grown = run.apply_proposal(Proposal("grow", surgery={"add": add, "seed": 3}), run.state)
+    grown = cycles.apply(run, Proposal("grow", surgery={"add": add, "seed": 3}))
     params, state = grown.params, grown.opt_state
-    assert run.widths(params)[layer] == 6 + 5
+    assert run.problem.widths(params)[layer] == 6 + 5
     assert (params[f"{2 * layer}.weight"][6:] != 0).any()  # new fan-in is random, not zero
-    assert (before - run.apply(params, x)).abs().max() < 1e-6
+    assert (before - run.problem.predict(params, run.state.buffers, x)).abs().max() < 1e-6
     old, new = tree.float_leaves(run.state.opt_state), tree.float_leaves(state)
     moved = [(a, b) for a, b in zip(old, new, strict=True) if a.shape != b.shape]
     assert len(moved) == 3  # the grown layer's weight, bias and fan-out momenta
@@ -113,13 +116,11 @@ def test_pruning_dead_cnn_channels_keeps_the_function():
     p["2.weight"][:, 2] = 0.0
     run.state = run.state.with_(params=p)
     x = _x(32)
-    before = run.apply(p, x)
-    params = run.apply_proposal(
-        Proposal("prune", surgery={"remove": [[2], [1, 4]]}), run.state
-    ).params
-    assert run.widths(params) == [5, 4]
+    before = run.problem.predict(p, run.state.buffers, x)
+    params = cycles.apply(run, Proposal("prune", surgery={"remove": [[2], [1, 4]]})).params
+    assert run.problem.widths(params) == [5, 4]
     assert params["4.weight"].shape == (10, 4 * 10)  # the head lost both channels' 10 columns
-    assert (before - run.apply(params, x)).abs().max() < 1e-6
+    assert (before - run.problem.predict(params, run.state.buffers, x)).abs().max() < 1e-6
 
 
 def test_cnn_saliency_and_active_channels():
@@ -147,7 +148,11 @@ def test_a_self_modifying_cnn_grows_learns_and_resumes(tmp_path):
     run.run()
     assert run.widths()[0] > 6  # grew
     guard_x, guard_y = run.guard()
-    acc = (run.apply(run.params, guard_x).argmax(1) == guard_y).float().mean()
+    acc = (
+        (run.problem.predict(run.params, run.state.buffers, guard_x).argmax(1) == guard_y)
+        .float()
+        .mean()
+    )
     assert acc > 0.3  # 10 classes: chance is 0.1
     recorder = RunRecorder(tmp_path / "run")
     back = Introspector(cfg, recorder=recorder)

@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 
+import cycles
 import pytest
 import torch
 from faults import FaultyIntrospector
@@ -72,8 +73,7 @@ def test_without_safeguards_a_nan_ends_the_run_and_a_harmful_change_commits():
 
     run = Introspector(TrainConfig(**{**FAST, "lr": 0.1, "steps": 100, "safeguards": False}))
     run.run()
-    run.pending = [run._next_batch() for _ in range(run.config.lookahead)]
-    current, _ = run.estimate()
+    current, _ = cycles.estimate(run)
     harmful = run.hparams["log_lr"] + math.log(100.0)
     run.verify_and_decide(Proposal("lr", {"log_lr": harmful}, strict=True), current)
     assert run.history["decisions"][-1]["decision"] == "commit"

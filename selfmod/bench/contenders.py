@@ -202,7 +202,7 @@ def train_point(
 
     def on_step(r: Introspector) -> None:
         if report is not None and r.step % work.eval_every == 0 and r.step < work.steps:
-            report(r.step, work.accuracies(r.apply, r.params)[0])
+            report(r.step, work.accuracies(_output(r), r.params)[0])
 
     start = time.perf_counter()
     diverged = pruned = False
@@ -215,8 +215,10 @@ def train_point(
             raise
         pruned = True
     seconds = time.perf_counter() - start
-    val, test = work.accuracies(run.apply, run.params)
-    return Trial(point, val, test, run.step, seconds, diverged or run.divergences > 0, pruned)
+    val, test = work.accuracies(_output(run), run.params)
+    return Trial(
+        point, val, test, run.step, seconds, diverged or run.counters.divergences > 0, pruned
+    )
 
 
 def _per_tensor(lr: Sequence[float]) -> list[float]:
@@ -402,7 +404,7 @@ def introspective(
 
     def on_step(r: Introspector) -> None:
         if r.step % work.eval_every == 0 and r.step < work.steps:
-            clock.record(out, r.step, lambda: work.accuracies(r.apply, r.params)[1])
+            clock.record(out, r.step, lambda: work.accuracies(_output(r), r.params)[1])
 
     try:
         run.run(on_step=on_step)
@@ -410,8 +412,8 @@ def introspective(
         out.diverged = 1
     out.seconds, out.steps = clock.total(), run.step
     if not safeguards:
-        out.diverged = max(out.diverged, int(run.divergences > 0))
-    out.val_acc, out.test_acc = work.accuracies(run.apply, run.params)
+        out.diverged = max(out.diverged, int(run.counters.divergences > 0))
+    out.val_acc, out.test_acc = work.accuracies(_output(run), run.params)
     out.curve.append((out.seconds, run.step, out.test_acc))
     decisions = run.history["decisions"]
     out.rollbacks = sum(d["decision"] == "rollback" for d in decisions)
@@ -425,3 +427,8 @@ def introspective(
         "widths": v["widths"],
     }
     return out
+
+
+def _output(run: Any) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """``(params, x) -> output``: the run's model in eval mode, with its buffers now."""
+    return lambda params, x: run.problem.predict(params, run.state.buffers, x)
