@@ -73,6 +73,8 @@ class HParam:
     per: Literal["scalar", "tensor", "site"] = "scalar"
     bounds: tuple[float, float] = (-math.inf, math.inf)
     optional: bool = False
+    #: how the report plots it: the value, or ``1 - value`` (a decay rate close to 1)
+    shown: Literal["value", "complement"] = "value"
 
     def value(self, h: Params, names: Sequence[str]) -> Tensor | Params:
         """What the optimizer reads: ``{tensor name: lr_i}`` per tensor, else a tensor."""
@@ -82,9 +84,9 @@ class HParam:
 
 
 LR = HParam("log_lr", "lr", "exp", per="tensor")
-MOMENTUM = HParam("mom_logit", "momentum", "sigmoid", bounds=(1e-3, 1.0))
-BETA1 = HParam("beta1_logit", "beta1", "sigmoid")
-BETA2 = HParam("beta2_logit", "beta2", "sigmoid")
+MOMENTUM = HParam("mom_logit", "momentum", "sigmoid", bounds=(1e-3, 1.0), shown="complement")
+BETA1 = HParam("beta1_logit", "beta1", "sigmoid", shown="complement")
+BETA2 = HParam("beta2_logit", "beta2", "sigmoid", shown="complement")
 EPS = HParam("log_eps", "eps", "exp", optional=True)
 WEIGHT_DECAY = HParam("log_wd", "weight_decay", "exp", bounds=(1e-7, math.inf))
 DROPOUT = HParam("drop_logit", "dropout", "sigmoid", per="site", bounds=(0.01, 0.95))
@@ -166,6 +168,10 @@ class HParamSpace:
         hps = [h for h in declared(self.optimizer).hparams.values()]
         hps = [h for h in hps if not h.optional or h.key in self.wanted]
         return hps + ([DROPOUT] if self.dropout_sites else [])
+
+    def described(self) -> list[dict[str, str]]:
+        """``[{"name", "per", "shown"}]`` of each hyperparameter (what the report plots)."""
+        return [{"name": h.name, "per": h.per, "shown": h.shown} for h in self.declared()]
 
     @property
     def entries(self) -> tuple[Entry, ...]:

@@ -396,5 +396,5 @@ class Loop:
             self.problem, self.state, src, self.buffer, self.input_shape,
             counters=self.counters, history=self.history, names=self.names,
             modifiers=[m.name for m in self.modifiers], skipped=self.skipped,
-            values=self.values(),
+            values=self.values(), space=self.space,
         )  # fmt: skip

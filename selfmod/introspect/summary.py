@@ -11,6 +11,7 @@ from torch import Tensor
 
 from selfmod.introspect import probes, replay
 from selfmod.introspect.feed import Source, guard
+from selfmod.introspect.hparams import HParamSpace
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import Counters, RunState
 
@@ -57,6 +58,7 @@ def summarize(
     modifiers: Sequence[str],
     skipped: dict[str, str],
     values: dict[str, Any],
+    space: HParamSpace,
 ) -> dict[str, Any]:
     """The summary of a run at ``state`` (the final internal gap is measured here:
     guard loss minus the replay buffer's training loss; :func:`.probes.meta_metrics`)."""
@@ -90,6 +92,7 @@ def summarize(
         "decisions": {k: count[k] for k in ("commit", "reject", "rollback")},
         **{f"n_{k}": v for k, v in count.items()},
         **values,
+        "hyperparameters": space.described(),
         "meta_metrics": probes.meta_metrics(
             history["probes"], counters.shift_cycle, history.get("self_shift", []), gap
         ),

@@ -113,13 +113,17 @@ def _hyper(history: dict) -> str:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     ax = axes[1]
-    ax.plot(steps, [r["weight_decay"] for r in log], label="weight decay")
-    if log and "dropout" in log[0]:
-        for i in range(len(log[0]["dropout"])):
-            ax.plot(steps, [r["dropout"][i] for r in log], label=f"dropout, site {i}", **_style(i))
-    for key in ("momentum", "beta1", "beta2"):  # whichever the optimizer has
-        if log and key in log[0]:
-            ax.plot(steps, [1 - r[key] for r in log], label=f"1 - {key}")
+    for h in _declared(history["tuned_summary"]):  # every hyperparameter but the rates
+        key, label = h["name"], h["name"].replace("_", " ")
+        if key == "lr" or not log or key not in log[0]:
+            continue
+        if h["per"] != "scalar":
+            for i in range(len(log[0][key])):
+                ax.plot(steps, [r[key][i] for r in log], label=f"{label}, site {i}", **_style(i))
+        elif h["shown"] == "complement":
+            ax.plot(steps, [1 - r[key] for r in log], label=f"1 - {label}")
+        else:
+            ax.plot(steps, [r[key] for r in log], label=label)
     ax.set_yscale("log")
     ax.set_xlabel("base training step")
     ax.set_ylabel("value (log scale)")
@@ -224,6 +228,28 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+#: what a run written before summaries listed their hyperparameters had
+_OLDER = [
+    {"name": n, "per": p, "shown": sh}
+    for n, p, sh in (
+        ("lr", "tensor", "value"), ("momentum", "scalar", "complement"),
+        ("beta1", "scalar", "complement"), ("beta2", "scalar", "complement"),
+        ("weight_decay", "scalar", "value"), ("dropout", "site", "value"),
+    )
+]  # fmt: skip
+
+
+def _declared(summary: dict) -> list[dict[str, str]]:
+    """The run's hyperparameters as its summary lists them (``hyperparameters``)."""
+    return summary.get("hyperparameters") or _OLDER
+
+
+def _fmt_hparam(h: dict[str, str]):
+    if h["per"] != "scalar":
+        return lambda xs: ", ".join(f"{x:.2f}" for x in xs)
+    return (lambda x: f"{x:.4f}") if h["shown"] == "complement" else (lambda x: f"{x:.2g}")
+
+
 def _rates(summary: dict):
     """Formats a run's final learning rates, leaving out those of tensors empty at the end
     (``unused_tensors``: a factorable layer's unused half)."""
@@ -255,11 +281,11 @@ def summary_rows(history: dict) -> list[tuple[str, str, str]]:
         row("parameters", "params", lambda x: f"{x:,}"),
         row("FLOPs / example", "flops", lambda x: f"{x:,}"),
         row("final learning rates", "lr", _rates(t), _rates(f)),
-        row("momentum", "momentum", lambda x: f"{x:.3f}"),
-        row("beta1", "beta1", lambda x: f"{x:.4f}"),
-        row("beta2", "beta2", lambda x: f"{x:.4f}"),
-        row("weight decay", "weight_decay", lambda x: f"{x:.2g}"),
-        row("dropout", "dropout", lambda xs: ", ".join(f"{x:.2f}" for x in xs)),
+        *(
+            row(h["name"].replace("_", " "), h["name"], _fmt_hparam(h))
+            for h in _declared(t)
+            if h["name"] != "lr"
+        ),
         row("batch size", "batch_size"),
         row("diverged at step", "diverged_at"),
     ]

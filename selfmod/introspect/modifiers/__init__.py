@@ -1,19 +1,10 @@
-"""The built-in modifiers, one file each, registered on import; each one's ``order`` says when
-its proposals are made and verified in a cycle. See :mod:`.base` for the protocol."""
+"""The built-in modifiers, one file each in this package, registered on import (every module
+here is imported, so a new modifier is one file); each one's ``order`` says when its proposals
+are made and verified in a cycle. See :mod:`.base` for the protocol."""
 
-from selfmod.introspect.modifiers import (  # noqa: F401 - registers each
-    batch_size,
-    beta1,
-    beta2,
-    dropout,
-    factorize,
-    grow,
-    lr,
-    momentum,
-    online_lr,
-    prune,
-    weight_decay,
-)
+import importlib
+import pkgutil
+
 from selfmod.introspect.modifiers.base import (
     Context,
     Modifier,
@@ -23,6 +14,10 @@ from selfmod.introspect.modifiers.base import (
     register,
     registry,
 )
+
+for _info in pkgutil.iter_modules(__path__):  # each registers its modifier
+    if _info.name not in ("base", "hyper"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "Context",
