@@ -35,7 +35,7 @@ from torch import nn
 from selfmod.bench.vs_search import _finite, _spread
 from selfmod.bench.workloads import WORKLOADS, Workload
 from selfmod.data import Stream
-from selfmod.runs.files import atomic_write_bytes, atomic_write_text
+from selfmod.files import atomic_write_bytes, atomic_write_text
 from selfmod.validation import check_out_dir, load_values, validate
 
 CONTENDERS = (

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfmod.bench import contenders as C
 from selfmod.data import hold_out, load_mnist1d
-from selfmod.runs.files import atomic_write_bytes, atomic_write_text
+from selfmod.files import atomic_write_bytes, atomic_write_text
 from selfmod.validation import check_out_dir, load_values, validate
 
 #: the self-modifying run's settings in this benchmark beyond the defaults. Chosen on the
