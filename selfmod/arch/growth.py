@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from selfmod.arch.lowrank import FactorableLinear
+from selfmod.arch.factorable import FactorableLinear
 from selfmod.arch.surgery import Surgery, UnitGroup, grow_plan
 
 Params = dict[str, Tensor]
@@ -50,7 +50,7 @@ def linear_signals(
     model: nn.Module, params: Mapping[str, Tensor], loss_fn: Callable[[Tensor], Tensor], x: Tensor
 ) -> dict[str, LayerSignals]:
     """Inputs, output gradients and weight gradients of every ``nn.Linear`` in ``model`` (and
-    every dense :class:`~selfmod.arch.lowrank.FactorableLinear`), evaluated at ``params`` on the
+    every dense :class:`~selfmod.arch.factorable.FactorableLinear`), evaluated at ``params`` on the
     batch ``x``; ``loss_fn(output) -> scalar``."""
     seen: dict[str, list] = {}
     hooks = []
