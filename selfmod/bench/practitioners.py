@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
+from selfmod.bench.budget import BenchBudget
 from selfmod.bench.training import (
     LR_RANGE,
     WD_RANGE,
@@ -44,7 +45,6 @@ from selfmod.bench.training import (
 from selfmod.bench.vs_search import _finite, _spread
 from selfmod.bench.workloads import WORKLOADS, Workload
 from selfmod.files import atomic_write_bytes, atomic_write_text
-from selfmod.validation import check_out_dir, load_values, validate
 
 CONTENDERS = (
     "adamw-grid", "schedulefree-adamw", "prodigy", "dadaptation", "tpe-50", "pbt", "selfmod",
@@ -110,16 +110,18 @@ SELFMOD_CONFIG: dict[str, Any] = {
 }
 
 
-class Budget(BaseModel):
-    """What one invocation runs (``--set key=value``); the defaults are the published table's."""
+class Budget(BenchBudget):
+    """What one invocation runs (``--set key=value``): the shared fields (``seeds``, ``out``) and
+    this benchmark's; the defaults are the published table's."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    described: ClassVar[dict[str, str]] = {
+        **BenchBudget.described,
+        "workload": "a list of distinct names from 'mnist1d', 'mnist', 'pylm', 'cancer'",
+        "contenders": "a list of distinct names from " + ", ".join(repr(c) for c in CONTENDERS),
+    }
 
     workload: list[Literal["mnist1d", "mnist", "pylm", "cancer"]] = Field(
         default_factory=lambda: list(WORKLOADS), min_length=1, max_length=4
-    )
-    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
-        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, max_length=100
     )
     tuning_seed: int = Field(100, ge=0, le=2**31 - 1, description="the tuners' seed")
     split: int = Field(
@@ -139,28 +141,13 @@ class Budget(BaseModel):
     contenders: list[Literal[CONTENDERS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(CONTENDERS), min_length=1, max_length=len(CONTENDERS)
     )
-    out: str = Field("benchmarks/results", min_length=1, description="folder for the results")
     jobs: int = Field(1, ge=1, le=4, description="workloads run in parallel, one core each")
-
-    @field_validator("out")
-    @classmethod
-    def _out(cls, value: str) -> str:
-        return check_out_dir(value)
-
-
-DESCRIBED = {
-    "seeds": "a list of 1 to 100 integers in [0, 2147483647]",
-    "workload": "a list of distinct names from 'mnist1d', 'mnist', 'pylm', 'cancer'",
-    "contenders": "a list of distinct names from " + ", ".join(repr(c) for c in CONTENDERS),
-}
 
 
 def load_budget(overrides: list[str] | None = None) -> Budget:
-    """A :class:`Budget` from ``key=value`` overrides; bad input is one ``ConfigError`` line."""
-    values = load_values(None, overrides)
-    if isinstance(values.get("workload"), str):  # --set workload=pylm: one name
-        values["workload"] = [values["workload"]]
-    return validate(Budget, values, DESCRIBED)
+    """A :class:`Budget` from ``key=value`` overrides (``workload=pylm``: one name); bad input is
+    one ``ConfigError`` line."""
+    return Budget.load(overrides)
 
 
 #: the module each contender imports, as pip names it
