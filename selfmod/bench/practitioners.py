@@ -306,8 +306,9 @@ def fit_selfmod_hd(
     cooldown: float = SELFMOD_HD_COOLDOWN,
 ) -> Run:
     """One run of :class:`selfmod.optim.AdamWHD` (``config``, default
-    :data:`SELFMOD_HD_CONFIG`) in :func:`train`, the loop every other contender trains in, its
-    learned rates times :func:`linear_cooldown` over the last ``cooldown`` of the steps
+    :data:`SELFMOD_HD_CONFIG`) in :func:`~selfmod.bench.training.train`, the loop every other
+    contender trains in, its learned rates times
+    :func:`~selfmod.bench.training.linear_cooldown` over the last ``cooldown`` of the steps
     (0: none)."""
     from selfmod.optim import AdamWHD
 
