@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 
 from selfmod.bench import practitioners as P
+from selfmod.files import atomic_write_text
 from selfmod.optim import AdamWHD, Optimizer, adamw_hd
-from selfmod.runs.files import atomic_write_text
 
 OPTIMIZERS: dict[str, Callable] = {
     "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-2),

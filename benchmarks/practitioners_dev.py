@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from selfmod.bench import practitioners as P
-from selfmod.runs.files import atomic_write_text
+from selfmod.files import atomic_write_text
 
 CONTENDERS = ["adamw-grid", "schedulefree-adamw", "prodigy", "dadaptation", "selfmod", "selfmod-hd"]
 

@@ -24,8 +24,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from selfmod.errors import SelfmodError
+from selfmod.files import atomic_write_text
 from selfmod.runs.config import TrainConfig, load_config, saved_config
-from selfmod.runs.files import atomic_write_text
 from selfmod.validation import ConfigError
 
 app = typer.Typer(
@@ -299,7 +299,7 @@ def rollback(
 
 def _rollback(run_dir: Path, to: int) -> int:
     """Move the checkpoints of cycles after ``to`` aside; return the target step."""
-    from selfmod.runs.checkpoint import FOLDER, CheckpointError, list_checkpoints, load_checkpoint
+    from selfmod.checkpoint import FOLDER, CheckpointError, list_checkpoints, load_checkpoint
     from selfmod.runs.ledger import Ledger
 
     kept: dict[int, tuple[Path, dict[str, Any]]] = {}

@@ -81,13 +81,13 @@ Step = Callable[[Params, Params | None, Tensor], Tensor]
 
 def direct_plan(module: nn.Module) -> list[Step] | None:
     """The forward pass of an ``nn.Sequential`` of ``Linear``,
-    :class:`~selfmod.arch.lowrank.FactorableLinear`, ``Conv1d`` (zero padding), ``ReLU``,
+    :class:`~selfmod.arch.factorable.FactorableLinear`, ``Conv1d`` (zero padding), ``ReLU``,
     ``Flatten``, ``Unflatten`` and :class:`~selfmod.arch.dropout.ConcreteDropout`
     as functional steps ``step(params, extra, x) -> x``, the same ops ``module(x)`` runs;
     ``None`` for any other module. ``extra`` holds the dropout sites' ``rate`` and ``noise``
     (training mode: none, the identity)."""
     from selfmod.arch.dropout import ConcreteDropout, concrete_dropout
-    from selfmod.arch.lowrank import FactorableLinear, factorable_linear
+    from selfmod.arch.factorable import FactorableLinear, factorable_linear
 
     if not isinstance(module, nn.Sequential):
         return None

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import selfmod.runs.files as files  # patched before any module binds atomic_write_bytes
+import selfmod.files as files  # patched before any module binds atomic_write_bytes
 
 _where, _, _what = sys.argv[1].partition("=")
 _write = files.atomic_write_bytes

@@ -36,12 +36,15 @@ def _plans(model, params, x, y, kind):
     if kind == "gradmax":
         sig = _signals(model, params, x, y)
         return [arch.gradmax_plan(g0, params, sig["2"].out_grad, sig["0"].inputs, k=3)]
+    if kind == "dual":
+        sig = _signals(model, params, x, y)
+        return [arch.gradmax_fan_in_plan(g0, params, sig["2"].out_grad, sig["0"].inputs, k=3)]
     if kind == "zero":
         return [arch.zero_plan(g1, params, k=2, generator=gen)]
     return [arch.split_plan(g0, params, torch.tensor([0, 3]), generator=gen)]
 
 
-@pytest.mark.parametrize("kind", ["gradmax", "zero", "split"])
+@pytest.mark.parametrize("kind", ["gradmax", "dual", "zero", "split"])
 @pytest.mark.parametrize("act", [arch.GrowReLU, torch.nn.ReLU])
 def test_growth_keeps_function(kind, act):
     model = _net(act)
@@ -94,6 +97,26 @@ def test_gradmax_maximises_new_fan_in_gradient():
         assert torch.func.grad(_loss(model, x, y))(other)["0.weight"][-k:].norm() <= grad.norm()
 
 
+def test_dual_gradmax_sets_fan_in_along_the_right_singular_vectors():
+    model = _net(torch.nn.ReLU)
+    params = tree.clone(dict(model.named_parameters()))
+    x, y = _batch()
+    sig = _signals(model, params, x, y)
+    g0 = arch.sequential_groups(model)[0]
+    args = (g0, params, sig["2"].out_grad, sig["0"].inputs)
+    plan = arch.gradmax_fan_in_plan(*args, k=2, scale=0.7)
+    new = arch.apply_params(plan, params)
+    vh = torch.linalg.svd(sig["2"].out_grad.T @ sig["0"].inputs, full_matrices=False)[2]
+    assert torch.equal(new["0.weight"][-2:], 0.7 * vh[:2])  # fan-in rows: scale * V[:, :k]^T
+    assert (new["2.weight"][:, -2:] == 0).all()  # zero fan-out: the function is kept
+    same = arch.apply_params(arch.gradmax_plan(*args, k=2, scale=0.7, side="fan_out"), params)
+    assert all(torch.equal(new[k], same[k]) for k in new)
+    with pytest.raises(ValueError, match="side must be"):
+        arch.gradmax_plan(*args, k=2, side="fan-in")
+    with pytest.raises(ValueError, match="at most rank"):
+        arch.gradmax_fan_in_plan(*args, k=99)
+
+
 def test_growth_with_nn_relu_gets_no_fan_in_gradient_which_growrelu_fixes():
     """Why GrowReLU exists: with nn.ReLU (f'(0) = 0) zero fan-in units never start learning."""
     x, y = _batch()
@@ -107,7 +130,7 @@ def test_growth_with_nn_relu_gets_no_fan_in_gradient_which_growrelu_fixes():
     assert norms[torch.nn.ReLU] == 0 and norms[arch.GrowReLU] > 0
 
 
-@pytest.mark.parametrize("kind", ["gradmax", "zero", "split"])
+@pytest.mark.parametrize("kind", ["gradmax", "dual", "zero", "split"])
 @pytest.mark.parametrize(
     "opt",
     [lambda: optim.adam(1e-2), lambda: optim.sgd(0.1, momentum=0.9)],

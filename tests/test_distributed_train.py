@@ -19,7 +19,7 @@ from torch import nn
 
 from selfmod.errors import SelfmodError
 from selfmod.introspect.loop import Loop
-from selfmod.meta.distributed import leave_process_group
+from selfmod.process_group import leave_process_group
 from selfmod.runs.distributed import _GlobalDropout
 from selfmod.runs.ledger import Ledger
 

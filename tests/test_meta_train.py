@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from selfmod.checkpoint import list_checkpoints
 from selfmod.meta.train import (
     MetaTrainConfig,
     _reset,
@@ -17,7 +18,6 @@ from selfmod.meta.train import (
     meta_train,
 )
 from selfmod.optim import adam, chain, clip_by_global_norm
-from selfmod.runs.checkpoint import list_checkpoints
 from selfmod.tasks import TemplateTasks
 from selfmod.validation import ConfigError, validate
 

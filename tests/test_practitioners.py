@@ -146,6 +146,12 @@ def test_bad_budget_is_one_line(override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_workload_is_one_name_or_a_comma_separated_list_like_every_list_field():
+    assert P.load_budget(["workload=pylm"]).workload == ["pylm"]
+    assert P.load_budget(["workload=mnist1d,pylm"]).workload == ["mnist1d", "pylm"]
+    assert P.load_budget(["seeds=3,4"]).seeds == [3, 4]
+
+
 def test_cli_bad_set_exits_2_with_one_line():
     r = subprocess.run(
         [sys.executable, "-m", "selfmod.cli", "bench", "practitioners", "--set", "seeds=[-1]"],

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selfmod.runs.checkpoint import (
+from selfmod.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
@@ -164,7 +164,7 @@ def test_checkpoint_roundtrip_sha_and_keep_last(tmp_path):
 
 WRITER = """
 import sys, torch
-from selfmod.runs.checkpoint import save_checkpoint
+from selfmod.checkpoint import save_checkpoint
 for step in range(int(sys.argv[2])):
     save_checkpoint(sys.argv[1], step, {"w": torch.full((200_000,), float(step))}, {"s": step})
 """

@@ -15,8 +15,7 @@ import sys
 import pytest
 import torch
 
-from selfmod.errors import SelfmodError
-from selfmod.runs.checkpoint import (
+from selfmod.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
@@ -24,6 +23,7 @@ from selfmod.runs.checkpoint import (
     manifest_digest,
     save_checkpoint,
 )
+from selfmod.errors import SelfmodError
 from selfmod.runs.ledger import GENESIS, Ledger, LedgerError, LedgerTamperedError, _digest
 from selfmod.runs.lock import RunLockedError, run_lock
 

@@ -21,6 +21,7 @@ from selfmod.arch.budget import (
 )
 from selfmod.arch.cost import Cost, compare, cost
 from selfmod.arch.dropout import ConcreteDropout, concrete_dropout
+from selfmod.arch.factorable import FactorableLinear, factorable_linear
 from selfmod.arch.gates import (
     HardConcreteGate,
     StraightThroughGate,
@@ -43,8 +44,6 @@ from selfmod.arch.growth import (
     zero_plan,
 )
 from selfmod.arch.lowrank import (
-    FactorableLinear,
-    factorable_linear,
     factorable_prefixes,
     factorized_params,
     factorized_state,

@@ -1,7 +1,7 @@
 """Cost model: parameters, FLOPs per example and activation memory, as plain numbers.
 
 FLOPs count what runs on one example: ``Linear``: ``2 n_in n_out`` (+ ``n_out`` for the bias);
-a factored :class:`~selfmod.arch.lowrank.FactorableLinear`: ``2 r (n_in + n_out)``;
+a factored :class:`~selfmod.arch.factorable.FactorableLinear`: ``2 r (n_in + n_out)``;
 ``Conv``: ``2 (C_in / groups) prod(k) C_out prod(L_out)`` (+ ``C_out prod(L_out)``). A
 multiply-add is 2 FLOPs; elementwise ops (activations, gates, pooling) are not counted.
 Activation memory is the bytes of every leaf module's output for one example (what a backward
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from selfmod.arch.lowrank import FactorableLinear
+from selfmod.arch.factorable import FactorableLinear
 
 
 class Cost(NamedTuple):

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from selfmod.arch.lowrank import FactorableLinear
+from selfmod.arch.factorable import FactorableLinear
 from selfmod.arch.surgery import Surgery, UnitGroup, grow_plan
 
 Params = dict[str, Tensor]
@@ -50,7 +50,7 @@ def linear_signals(
     model: nn.Module, params: Mapping[str, Tensor], loss_fn: Callable[[Tensor], Tensor], x: Tensor
 ) -> dict[str, LayerSignals]:
     """Inputs, output gradients and weight gradients of every ``nn.Linear`` in ``model`` (and
-    every dense :class:`~selfmod.arch.lowrank.FactorableLinear`), evaluated at ``params`` on the
+    every dense :class:`~selfmod.arch.factorable.FactorableLinear`), evaluated at ``params`` on the
     batch ``x``; ``loss_fn(output) -> scalar``."""
     seen: dict[str, list] = {}
     hooks = []
@@ -104,23 +104,41 @@ def gradmax_plan(
     inputs: Tensor,
     k: int,
     scale: float = 1.0,
+    side: str = "fan_in",
 ) -> Surgery:
-    """Add ``k`` units with zero fan-in and fan-out ``scale * U[:, :k]`` (GradMax).
+    """Add ``k`` units along the top singular vectors of ``M = out_grad^T inputs``
+    (``U (n_out, r)``, ``V (n_in, r)``) without changing the function (GradMax). ``side`` names
+    the new units' weights whose gradient is maximised, as in :func:`growth_criterion`:
 
-    The function is unchanged; the new fan-in weights' gradient norm is the largest possible
-    for fan-out weights of spectral norm ``scale``.
+    - ``"fan_in"``: zero fan-in, fan-out ``scale * U[:, :k]``; the new fan-in weights' gradient
+      norm is the largest possible for fan-out weights of spectral norm ``scale`` (needs
+      ``f'(0) = 1``, :class:`~selfmod.arch.models.GrowReLU`).
+    - ``"fan_out"`` (dual GradMax, :func:`gradmax_fan_in_plan`): zero fan-out, fan-in
+      ``scale * V[:, :k]^T``; a new unit ``i`` in its linear regime gets the fan-out gradient
+      ``M v_i`` of norm ``scale * sigma_i``, the largest possible for fan-in of norm ``scale``
+      (works with ``f'(0) = 0`` activations such as ReLU, where zero fan-in units get no
+      gradient). Needs a Linear producer.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1 (got {k})")
-    (cons,) = _linear_consumer(group, params)
-    u, _ = gradmax_directions(out_grad, inputs)
-    if k > u.shape[1]:
+    if side not in ("fan_in", "fan_out"):
+        raise ValueError(f'side must be "fan_in" or "fan_out" (got {side!r})')
+    (target,) = _linear_consumer(group, params)
+    if side == "fan_out":
+        target = group.producers[0]
+        if params[target.key].dim() != 2 or target.dim != 0:
+            raise ValueError("dual GradMax needs a Linear producer (2-D weight, units on dim 0)")
+    u, _, vh = _gradmax_svd(out_grad, inputs)  # u (n_out, r), vh (r, n_in)
+    if k > vh.shape[0]:
         raise ValueError(
-            f"GradMax can give at most rank(M) = {u.shape[1]} directions "
+            f"GradMax can give at most rank(M) = {vh.shape[0]} directions "
             f"(asked for {k}); grow by fewer units or use split_plan"
         )
-    w_new = (u[:, :k] * scale).to(params[cons.key].dtype)  # (n_out, k)
-    return grow_plan(group, group.width(params), {cons.key: w_new})
+    # the new units' fan-out columns (n_out, k), or their fan-in rows (k, n_in)
+    w_new = u[:, :k] if side == "fan_in" else vh[:k]
+    return grow_plan(
+        group, group.width(params), {target.key: (w_new * scale).to(params[target.key].dtype)}
+    )
 
 
 def gradmax_fan_in_plan(
@@ -131,26 +149,9 @@ def gradmax_fan_in_plan(
     k: int,
     scale: float = 1.0,
 ) -> Surgery:
-    """Add ``k`` units with zero fan-out and fan-in ``scale * V[:, :k]^T`` (dual GradMax).
-
-    ``V (n_in, r)`` holds the right singular vectors of ``M = out_grad^T inputs``. The function
-    is unchanged; a new unit ``i`` in its linear regime gets the fan-out gradient ``M v_i`` of
-    norm ``scale * sigma_i``, the largest possible for fan-in of norm ``scale`` (works with
-    ``f'(0) = 0`` activations such as ReLU, where zero fan-in units get no gradient).
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1 (got {k})")
-    _linear_consumer(group, params)
-    producer = group.producers[0]
-    if params[producer.key].dim() != 2 or producer.dim != 0:
-        raise ValueError("dual GradMax needs a Linear producer (2-D weight, units on dim 0)")
-    _, _, vh = _gradmax_svd(out_grad, inputs)  # vh (r, n_in)
-    if k > vh.shape[0]:
-        raise ValueError(
-            f"GradMax can give at most rank(M) = {vh.shape[0]} directions (asked for {k})"
-        )
-    w_new = (vh[:k] * scale).to(params[producer.key].dtype)  # (k, n_in)
-    return grow_plan(group, group.width(params), {producer.key: w_new})
+    """:func:`gradmax_plan` with ``side="fan_out"``: ``k`` units with zero fan-out and fan-in
+    ``scale * V[:, :k]^T`` (dual GradMax, for ReLU)."""
+    return gradmax_plan(group, params, out_grad, inputs, k, scale, side="fan_out")
 
 
 def zero_plan(

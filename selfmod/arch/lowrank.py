@@ -1,10 +1,6 @@
-"""A linear layer that a run can factorize into a low-rank product, and the surgery that does it.
-
-:class:`FactorableLinear` holds ``weight (m, n)``, ``bias (m,)``, ``left (m, r)`` and
-``right (r, n)``. While it is dense, ``left`` and ``right`` are empty (``r = 0``) and it is an
-``nn.Linear``; once factored, ``weight`` is empty (``(m, 0)``) and
-
-    y = (x right^T) left^T + b        m n  ->  r (m + n) parameters.
+"""Low-rank factorization of a :class:`~selfmod.arch.factorable.FactorableLinear`: the surgery
+that turns its dense ``weight (m, n)`` into ``left (m, r)`` and ``right (r, n)``, in the params
+and in the optimizer state.
 
 Its tensors keep their names through the change, so per-tensor learning rates, optimizer state
 and checkpoints address them as before; only their shapes change, as in growth and pruning.
@@ -20,37 +16,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfmod.arch.factorable import FactorableLinear
+from selfmod.arch.surgery import map_state
+
 Params = dict[str, Tensor]
-
-
-class FactorableLinear(nn.Module):
-    """``nn.Linear(in_features, out_features)`` that :func:`factorized_params` turns into
-    ``x -> (x right^T) left^T + b``; initialised exactly as ``nn.Linear`` (the same random draws
-    in the same order), so a network built with it computes what the plain one does."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        dense = nn.Linear(in_features, out_features, bias)
-        self.weight = dense.weight  # (m, n); (m, 0) once factored
-        self.bias = dense.bias
-        self.left = nn.Parameter(torch.zeros(out_features, 0))  # (m, r)
-        self.right = nn.Parameter(torch.zeros(0, in_features))  # (r, n)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return factorable_linear(x, self.weight, self.bias, self.left, self.right)
-
-
-def factorable_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, left: Tensor, right: Tensor
-) -> Tensor:
-    """``x (..., n) -> (..., m)``: ``x W^T + b`` while ``W`` is dense, else
-    ``(x R^T) L^T + b``."""
-    if weight.numel() or not right.numel():
-        return F.linear(x, weight, bias)
-    return F.linear(F.linear(x, right), left, bias)
 
 
 def is_factored(params: Mapping[str, Tensor], prefix: str) -> bool:
@@ -86,8 +57,6 @@ def factorized_state(state: Any, params: Mapping[str, Tensor], new: Mapping[str,
     """The selfmod optimizer ``state`` after :func:`factorized_params` (``params`` before,
     ``new`` after): every per-coordinate tensor of the layer's weight, left and right takes its
     new shape, filled with zeros (the factors start without momentum)."""
-    from selfmod.arch.surgery import map_state  # surgery imports this module
-
     keys = [f"{prefix}.{k}" for k in ("weight", "left", "right")]
     shapes = {k: params[k].shape for k in keys}
 

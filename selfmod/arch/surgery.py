@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from selfmod.arch.dropout import ConcreteDropout
+from selfmod.arch.factorable import FactorableLinear
 from selfmod.arch.gates import HardConcreteGate, StraightThroughGate
-from selfmod.arch.lowrank import FactorableLinear
 from selfmod.arch.models import GrowReLU
 
 Params = dict[str, Tensor]
@@ -317,7 +317,7 @@ def sequential_groups(model: nn.Sequential, prefix: str = "") -> list[UnitGroup]
 
     Each group: the layer's ``weight`` (dim 0), ``bias``, the following gate's parameter, and
     the next layer's ``weight`` (dim 1, ``repeat = in_features // channels`` after ``Flatten``).
-    A :class:`~selfmod.arch.lowrank.FactorableLinear` adds its ``left`` (dim 0) as a producer
+    A :class:`~selfmod.arch.factorable.FactorableLinear` adds its ``left`` (dim 0) as a producer
     and its ``right`` (dim 1) as a consumer (empty while it is dense, as its weight is once
     factored: surgery leaves an empty slot as it is).
     Modules before the first layer (input reshaping, normalisation) are not part of any group.

@@ -14,24 +14,28 @@ import os
 import random
 import tempfile
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from selfmod.bench.practitioners import (
-    LR_RANGE,
-    WD_RANGE,
-    Budget,
-    Run,
-    adamw,
-    make_workload,
-    train,
-)
+from selfmod.bench.training import LR_RANGE, WD_RANGE, Run, adamw, make_workload, train
 from selfmod.bench.workloads import Workload
 from selfmod.data import Stream
 
 #: PBT's perturbation intervals per run
 INTERVALS = 5
+
+
+class PBTBudget(Protocol):
+    """What :func:`pbt_search` reads of the benchmark's budget
+    (:class:`selfmod.bench.practitioners.Budget`)."""
+
+    @property
+    def tuning_seed(self) -> int: ...
+    @property
+    def split(self) -> int: ...
+    @property
+    def pbt_members(self) -> int: ...
 
 
 def _member(config: dict[str, Any]) -> None:
@@ -90,7 +94,7 @@ def _member(config: dict[str, Any]) -> None:
             )
 
 
-def pbt_search(work: Workload, budget: Budget) -> tuple[dict[str, Any], float, int]:
+def pbt_search(work: Workload, budget: PBTBudget) -> tuple[dict[str, Any], float, int]:
     """``(chosen, seconds, steps)``: chosen holds the best member's ``schedule``, a list of
     ``(from step, lr, weight_decay)``; seconds include starting and stopping Ray."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -18,25 +18,33 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from inspect import signature
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from torch import nn
+from pydantic import Field
 
+from selfmod.bench.budget import BenchBudget
+from selfmod.bench.training import (
+    LR_RANGE,
+    WD_RANGE,
+    Run,
+    adamw,
+    linear_cooldown,
+    lr_free,
+    make_workload,
+    pin_one_core,
+    train,
+    warmup_cosine,
+)
 from selfmod.bench.vs_search import _finite, _spread
 from selfmod.bench.workloads import WORKLOADS, Workload
-from selfmod.data import Stream
-from selfmod.runs.files import atomic_write_bytes, atomic_write_text
-from selfmod.validation import check_out_dir, load_values, validate
+from selfmod.files import atomic_write_bytes, atomic_write_text
 
 CONTENDERS = (
     "adamw-grid", "schedulefree-adamw", "prodigy", "dadaptation", "tpe-50", "pbt", "selfmod",
@@ -49,10 +57,6 @@ LR_FREE = ("schedulefree-adamw", "prodigy", "dadaptation")
 #: the AdamW grid (cosine decay, 5% linear warm-up): 4 x 3 = 12 points
 GRID_LR = (3e-4, 1e-3, 3e-3, 1e-2)
 GRID_WD = (0.0, 1e-2, 1e-1)
-#: TPE's and PBT's ranges (log)
-LR_RANGE = (1e-4, 3e-2)
-WD_RANGE = (1e-5, 3e-1)
-
 #: the self-modifying run's settings on every workload (steps, batch size and seed are the
 #: workload's): fit's defaults (every modifier that applies: learning rates per tensor, weight
 #: decay, batch size; growth and pruning where the model is an nn.Sequential) with AdamW from lr
@@ -106,16 +110,18 @@ SELFMOD_CONFIG: dict[str, Any] = {
 }
 
 
-class Budget(BaseModel):
-    """What one invocation runs (``--set key=value``); the defaults are the published table's."""
+class Budget(BenchBudget):
+    """What one invocation runs (``--set key=value``): the shared fields (``seeds``, ``out``) and
+    this benchmark's; the defaults are the published table's."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    described: ClassVar[dict[str, str]] = {
+        **BenchBudget.described,
+        "workload": "a list of distinct names from 'mnist1d', 'mnist', 'pylm', 'cancer'",
+        "contenders": "a list of distinct names from " + ", ".join(repr(c) for c in CONTENDERS),
+    }
 
     workload: list[Literal["mnist1d", "mnist", "pylm", "cancer"]] = Field(
         default_factory=lambda: list(WORKLOADS), min_length=1, max_length=4
-    )
-    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
-        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, max_length=100
     )
     tuning_seed: int = Field(100, ge=0, le=2**31 - 1, description="the tuners' seed")
     split: int = Field(
@@ -135,28 +141,13 @@ class Budget(BaseModel):
     contenders: list[Literal[CONTENDERS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(CONTENDERS), min_length=1, max_length=len(CONTENDERS)
     )
-    out: str = Field("benchmarks/results", min_length=1, description="folder for the results")
     jobs: int = Field(1, ge=1, le=4, description="workloads run in parallel, one core each")
-
-    @field_validator("out")
-    @classmethod
-    def _out(cls, value: str) -> str:
-        return check_out_dir(value)
-
-
-DESCRIBED = {
-    "seeds": "a list of 1 to 100 integers in [0, 2147483647]",
-    "workload": "a list of distinct names from 'mnist1d', 'mnist', 'pylm', 'cancer'",
-    "contenders": "a list of distinct names from " + ", ".join(repr(c) for c in CONTENDERS),
-}
 
 
 def load_budget(overrides: list[str] | None = None) -> Budget:
-    """A :class:`Budget` from ``key=value`` overrides; bad input is one ``ConfigError`` line."""
-    values = load_values(None, overrides)
-    if isinstance(values.get("workload"), str):  # --set workload=pylm: one name
-        values["workload"] = [values["workload"]]
-    return validate(Budget, values, DESCRIBED)
+    """A :class:`Budget` from ``key=value`` overrides (``workload=pylm``: one name); bad input is
+    one ``ConfigError`` line."""
+    return Budget.load(overrides)
 
 
 #: the module each contender imports, as pip names it
@@ -181,143 +172,6 @@ def missing(budget: Budget) -> str | None:
     if budget.pbt == "on" and "pbt" in budget.contenders and not ray_available():
         return "ray[tune] (pbt=on)"
     return None
-
-
-def pin_one_core(index: int = 0) -> None:
-    """One torch thread; the process on one core (the ``index``-th it may use, cyclically)
-    where the OS allows it."""
-    torch.set_num_threads(1)
-    if hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[index % len(cores)]})
-
-
-# ----------------------------------------------------------------------------- one run
-
-
-@dataclass
-class Run:
-    """One training: its validation and test metric, steps and wall seconds."""
-
-    val: float
-    test: float
-    steps: int
-    seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def warmup_cosine(step: int, steps: int) -> float:
-    """The learning rate's factor at ``step``: 5% linear warm-up, then cosine decay to 0."""
-    warm = max(1, steps // 20)
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-
-def linear_cooldown(step: int, steps: int, fraction: float) -> float:
-    """The learning rate's factor at ``step``: 1, then linear to 0 over the last ``fraction`` of
-    the ``steps`` (a warm-up-stable-decay schedule without the warm-up)."""
-    return min(1.0, (steps - step) / max(1.0, fraction * steps))
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def train(
-    work: Workload,
-    seed: int,
-    make_opt: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
-    *,
-    factor: Callable[[int], float] | None = None,
-    hparams: Callable[[int], dict[str, float] | None] | None = None,
-    report: Callable[[int, float], None] | None = None,
-    report_every: int = 0,
-    steps: int | None = None,
-    inspect: Callable[[Any], dict[str, Any]] | None = None,
-) -> Run:
-    """Train a fresh ``work.model()`` (torch seeded with ``seed``) for ``steps`` (default the
-    workload's); ``factor(step)`` scales every group's initial lr; ``hparams(step)`` may set
-    ``lr`` and ``weight_decay`` from that step on (PBT's schedule); ``report(step, val)``
-    every ``report_every`` steps may raise to stop (TPE's pruner: the run is returned
-    as it is, with ``extra["stopped"]``); ``inspect(optimizer)`` adds to ``extra`` at the end."""
-    steps = work.steps if steps is None else steps
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    model = work.model()
-    opt = make_opt(model.parameters())
-    base = [g["lr"] for g in opt.param_groups]
-    stream = Stream(seed, len(work.train[1]))
-    x, y = work.train
-    done, stopped = 0, False
-    modes = hasattr(opt, "train") and hasattr(opt, "eval")  # schedule-free's documented use
-    for step in range(steps):
-        if hparams is not None and (h := hparams(step)):
-            for g in opt.param_groups:
-                g.update(h)
-            base = [g["lr"] for g in opt.param_groups]
-        if factor is not None:
-            for g, b in zip(opt.param_groups, base, strict=True):
-                g["lr"] = b * factor(step)
-        model.train()
-        if modes:
-            opt.train()
-        idx = stream.next(work.batch)
-        loss = work.loss(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        done = step + 1
-        if report is not None and report_every and done % report_every == 0 and done < steps:
-            _eval_mode(work, model, opt, modes)
-            try:
-                report(done, work.evaluate(model, work.val))
-            except Exception as err:
-                if type(err).__name__ != "TrialPruned":
-                    raise
-                stopped = True
-                break
-    _eval_mode(work, model, opt, modes)
-    val, test = work.evaluate(model, work.val), work.evaluate(model, work.test)
-    seconds = time.perf_counter() - start
-    extra = {"stopped": stopped, **(inspect(opt) if inspect is not None else {})}
-    return Run(val, test, done, seconds, extra)
-
-
-def _eval_mode(work: Workload, model: nn.Module, opt: Any, modes: bool) -> None:
-    """Schedule-Free's ``optimizer.eval()`` (its averaged weights); with BatchNorm its README's
-    recipe: recompute the running statistics at those weights on 50 training batches."""
-    if not modes:
-        return
-    opt.eval()
-    if _has_batchnorm(model):
-        model.train()
-        x = work.train[0]
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for _ in range(50):
-                model(x[torch.randint(0, len(x), (work.batch,), generator=g)])
-
-
-def adamw(lr: float, weight_decay: float) -> Callable:
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def lr_free(name: str) -> Callable:
-    """The learning-rate-free optimizers at their defaults."""
-    if name == "schedulefree-adamw":
-        import schedulefree
-
-        return lambda params: schedulefree.AdamWScheduleFree(params)
-    if name == "prodigy":
-        import prodigyopt
-
-        return lambda params: prodigyopt.Prodigy(params, lr=1.0)
-    if name == "dadaptation":
-        import dadaptation
-
-        return lambda params: dadaptation.DAdaptAdam(params, lr=1.0)
-    raise ValueError(f"no learning-rate-free optimizer {name!r}")
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -452,8 +306,9 @@ def fit_selfmod_hd(
     cooldown: float = SELFMOD_HD_COOLDOWN,
 ) -> Run:
     """One run of :class:`selfmod.optim.AdamWHD` (``config``, default
-    :data:`SELFMOD_HD_CONFIG`) in :func:`train`, the loop every other contender trains in, its
-    learned rates times :func:`linear_cooldown` over the last ``cooldown`` of the steps
+    :data:`SELFMOD_HD_CONFIG`) in :func:`~selfmod.bench.training.train`, the loop every other
+    contender trains in, its learned rates times
+    :func:`~selfmod.bench.training.linear_cooldown` over the last ``cooldown`` of the steps
     (0: none)."""
     from selfmod.optim import AdamWHD
 
@@ -527,14 +382,6 @@ def run_workload(
 
 def _run_chunk(budget: Budget, names: list[str], core: int) -> dict[str, list[Result]]:
     return {name: run_workload(budget, name, core=core) for name in names}
-
-
-def make_workload(name: str, scale: float = 1.0, split: int = 0) -> Workload:
-    """Workload ``name`` with ``scale`` x its steps (at least 10) on ``split`` (0: the
-    published one; see :mod:`selfmod.bench.workloads`)."""
-    default = signature(WORKLOADS[name]).parameters["steps"].default
-    steps = max(10, round(default * scale))
-    return WORKLOADS[name](steps=steps, split=split)
 
 
 def _pbt_on(budget: Budget) -> bool:

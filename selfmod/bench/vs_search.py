@@ -21,15 +21,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from selfmod.bench import contenders as C
+from selfmod.bench.budget import BenchBudget
 from selfmod.data import hold_out, load_mnist1d
-from selfmod.runs.files import atomic_write_bytes, atomic_write_text
-from selfmod.validation import check_out_dir, load_values, validate
+from selfmod.files import atomic_write_bytes, atomic_write_text
 
 #: the self-modifying run's settings in this benchmark beyond the defaults. Chosen on the
 #: validation splits of seeds 10-13 (never the published seeds' test sets) among: cycle
@@ -47,15 +47,16 @@ SELFMOD_SETTINGS = {
 }
 
 
-class Budget(BaseModel):
-    """What one invocation runs (``--set key=value``); the defaults are the published table's."""
+class Budget(BenchBudget):
+    """What one invocation runs (``--set key=value``): the shared fields (``seeds``, ``out``) and
+    this benchmark's; the defaults are the published table's."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    described: ClassVar[dict[str, str]] = {
+        **BenchBudget.described,
+        "tpe_trials": "a list of 1 to 5 integers in [1, 500]",
+    }
 
     model: Literal["mlp", "cnn"] = Field("mlp", description="the workload's network")
-    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
-        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, max_length=100
-    )
     steps: int = Field(2000, ge=20, le=100_000, description="base steps per trial or run")
     tpe_trials: list[Annotated[int, Field(ge=1, le=500)]] = Field(
         default_factory=lambda: [20, 50],
@@ -72,24 +73,12 @@ class Budget(BaseModel):
     )
     large_lr: float = Field(10.0, gt=0, le=100, description="the divergence scenario's lr")
     guard_size: int = Field(500, ge=10, le=2000, description="validation examples")
-    out: str = Field("benchmarks/results", min_length=1, description="folder for the results")
     jobs: int = Field(1, ge=1, le=64, description="seeds run in parallel processes")
-
-    @field_validator("out")
-    @classmethod
-    def _out(cls, value: str) -> str:
-        return check_out_dir(value)
-
-
-DESCRIBED = {
-    "seeds": "a list of 1 to 100 integers in [0, 2147483647]",
-    "tpe_trials": "a list of 1 to 5 integers in [1, 500]",
-}
 
 
 def load_budget(overrides: list[str] | None = None) -> Budget:
     """A :class:`Budget` from ``key=value`` overrides; bad input is one ``ConfigError`` line."""
-    return validate(Budget, load_values(None, overrides), DESCRIBED)
+    return Budget.load(overrides)
 
 
 def run_seed(budget: Budget, seed: int, tick: Callable[[str], None] = lambda _: None) -> dict:

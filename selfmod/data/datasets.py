@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from selfmod.files import atomic_write_bytes
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -115,8 +117,6 @@ def _mnist1d_arrays(seed: int, num_samples: int, noise_scale: float, max_transla
         random.setstate(py_state)
         np.random.set_state(np_state)
     arrays = tuple(np.asarray(data[k]) for k in MNIST1D_KEYS)
-    from selfmod.runs.files import atomic_write_bytes  # here: selfmod.runs imports this module
-
     buffer = io.BytesIO()
     np.savez(buffer, **dict(zip(MNIST1D_KEYS, arrays, strict=True)))
     with contextlib.suppress(OSError):  # an unwritable cache: generate again next time

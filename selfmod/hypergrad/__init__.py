@@ -1,6 +1,7 @@
 """Meta-gradients: d (outer loss after training) / d (hyperparameters, initial params).
 
-One contract for every estimator::
+One contract for every estimator (:class:`Estimator`, its arguments declared once in
+:class:`MetaProblem`)::
 
     res = hypergrad.reverse(inner_loss, outer_loss, optimizer, params, hparams,
                             inner_batches, outer_batch)
@@ -25,12 +26,13 @@ estimator trains with the same masks (``forward`` shares each step's mask across
 run attention on the math backend (:func:`unroll.second_order`).
 """
 
+from selfmod.hypergrad.contract import Estimator, MetaProblem
 from selfmod.hypergrad.estimators import checkpointed, finite_difference, reverse, truncated
 from selfmod.hypergrad.forward import forward
 from selfmod.hypergrad.implicit import conjugate_gradient, implicit, neumann
 from selfmod.hypergrad.unroll import FiniteMonitor, HypergradResult, inner_step, run
 
-ESTIMATORS = {
+ESTIMATORS: dict[str, Estimator] = {
     "reverse": reverse,
     "checkpointed": checkpointed,
     "truncated": truncated,
@@ -41,8 +43,10 @@ ESTIMATORS = {
 
 __all__ = [
     "ESTIMATORS",
+    "Estimator",
     "FiniteMonitor",
     "HypergradResult",
+    "MetaProblem",
     "checkpointed",
     "conjugate_gradient",
     "finite_difference",

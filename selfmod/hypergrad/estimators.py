@@ -1,10 +1,8 @@
-"""Meta-gradient estimators: one contract, many ways to differentiate through training.
+"""Meta-gradient estimators by unrolling: reverse mode (full, truncated, checkpointed) and
+central finite differences.
 
-Every estimator has the signature
-
-    est(inner_loss, outer_loss, optimizer, params, hparams, inner_batches, outer_batch, **options)
-
-runs ``K = len(inner_batches)`` optimizer steps on ``inner_loss`` from ``params`` and returns a
+Each one, under the contract of :mod:`selfmod.hypergrad.contract`, runs
+``K = len(inner_batches)`` optimizer steps on ``inner_loss`` from ``params`` and returns a
 :class:`HypergradResult` holding ``value = outer_loss(params_K, hparams, outer_batch)`` and its
 gradients with respect to ``hparams`` and (where the method can) the initial ``params``.
 """
@@ -12,35 +10,27 @@ gradients with respect to ``hparams`` and (where the method can) the initial ``p
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from selfmod import tree
+from selfmod.hypergrad.contract import MetaProblem, estimator, prepare
 from selfmod.hypergrad.unroll import (
     FiniteMonitor,
     HypergradResult,
-    Loss,
     Params,
     grads_or_zeros,
     outer_value,
-    prepare,
     result,
     run,
 )
-from selfmod.optim.base import GradientTransformation
 
 
+@estimator
 def reverse(
-    inner_loss: Loss,
-    outer_loss: Loss,
-    optimizer: GradientTransformation,
-    params: Params,
-    hparams: Params,
-    inner_batches: Sequence[Any],
-    outer_batch: Any,
+    problem: MetaProblem,
     *,
     state: Any = None,
 ) -> HypergradResult:
@@ -49,28 +39,13 @@ def reverse(
     Exact; time about that of 3 training steps per step, memory O(K).
     ``state``: initial optimizer state (default ``optimizer.init(params)``).
     """
-    p0, h, batches = prepare(params, hparams, inner_batches)
-    return _reverse_tail(
-        inner_loss,
-        outer_loss,
-        optimizer,
-        p0,
-        h,
-        batches,
-        outer_batch,
-        window=len(batches),
-        state=state,
-    )
+    p0, h, batches = prepare(problem)
+    return _reverse_tail(problem, p0, h, batches, window=len(batches), state=state)
 
 
+@estimator
 def truncated(
-    inner_loss: Loss,
-    outer_loss: Loss,
-    optimizer: GradientTransformation,
-    params: Params,
-    hparams: Params,
-    inner_batches: Sequence[Any],
-    outer_batch: Any,
+    problem: MetaProblem,
     *,
     window: int,
     state: Any = None,
@@ -83,15 +58,12 @@ def truncated(
     """
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1 (got {window!r})")
-    p0, h, batches = prepare(params, hparams, inner_batches)
-    return _reverse_tail(
-        inner_loss, outer_loss, optimizer, p0, h, batches, outer_batch, window=window, state=state
-    )
+    p0, h, batches = prepare(problem)
+    return _reverse_tail(problem, p0, h, batches, window=window, state=state)
 
 
-def _reverse_tail(
-    inner_loss, outer_loss, optimizer, p0, h, batches, outer_batch, *, window, state
-) -> HypergradResult:
+def _reverse_tail(problem: MetaProblem, p0, h, batches, *, window, state) -> HypergradResult:
+    inner_loss, optimizer = problem.inner_loss, problem.optimizer
     state = optimizer.init(p0) if state is None else state
     head = max(len(batches) - window, 0)
     monitor = FiniteMonitor()
@@ -110,7 +82,7 @@ def _reverse_tail(
         inner_loss, optimizer, p_start, s, h, batches[head:], create_graph=True, monitor=monitor
     )
     monitor.check()
-    value = outer_value(outer_loss, p, h, outer_batch)
+    value = outer_value(problem.outer_loss, p, h, problem.outer_batch)
     grads = grads_or_zeros([value], [*h.values(), *p_start.values()])
     return result(
         value,
@@ -123,14 +95,9 @@ def _reverse_tail(
     )
 
 
+@estimator
 def checkpointed(
-    inner_loss: Loss,
-    outer_loss: Loss,
-    optimizer: GradientTransformation,
-    params: Params,
-    hparams: Params,
-    inner_batches: Sequence[Any],
-    outer_batch: Any,
+    problem: MetaProblem,
     *,
     segments: int,
     state: Any = None,
@@ -144,7 +111,8 @@ def checkpointed(
     """
     if not isinstance(segments, int) or segments < 1:
         raise ValueError(f"segments must be an int >= 1 (got {segments!r})")
-    p0, h, batches = prepare(params, hparams, inner_batches)
+    p0, h, batches = prepare(problem)
+    inner_loss, optimizer = problem.inner_loss, problem.optimizer
     K = len(batches)
     n_seg = max(min(segments, K), 1)
     bounds = [round(j * K / n_seg) for j in range(n_seg + 1)]  # segment edges, 0..K
@@ -163,7 +131,7 @@ def checkpointed(
     final_state = s
     rng_after = torch.get_rng_state()
     p_final = tree.detach(p, requires_grad=True)
-    value = outer_value(outer_loss, p_final, h, outer_batch)
+    value = outer_value(problem.outer_loss, p_final, h, problem.outer_batch)
     grads = grads_or_zeros([value], [*h.values(), *p_final.values()])
     h_grad, adj_p = grads[: len(h)], grads[len(h) :]
     adj_s: list[Tensor] | None = None  # outer loss does not read the final optimizer state
@@ -192,14 +160,9 @@ def checkpointed(
     return result(value, h, h_grad, p0, adj_p, p_final, final_state)
 
 
+@estimator
 def finite_difference(
-    inner_loss: Loss,
-    outer_loss: Loss,
-    optimizer: GradientTransformation,
-    params: Params,
-    hparams: Params,
-    inner_batches: Sequence[Any],
-    outer_batch: Any,
+    problem: MetaProblem,
     *,
     eps: float = 1e-6,
     wrt_params: bool = True,
@@ -209,7 +172,8 @@ def finite_difference(
     time: 2 unrolls per scalar, so for checking small problems (use float64)."""
     if not eps > 0:
         raise ValueError(f"eps must be > 0 (got {eps})")
-    p0, h, batches = prepare(params, hparams, inner_batches)
+    p0, h, batches = prepare(problem)
+    inner_loss, optimizer = problem.inner_loss, problem.optimizer
     p0, h = tree.detach(p0), tree.detach(h)
     rng = torch.get_rng_state()
 
@@ -220,7 +184,7 @@ def finite_difference(
         pk, _ = run(inner_loss, optimizer, p, s, hp, batches, create_graph=False, monitor=monitor)
         monitor.check()
         with torch.no_grad():
-            return float(outer_value(outer_loss, pk, hp, outer_batch))
+            return float(outer_value(problem.outer_loss, pk, hp, problem.outer_batch))
 
     def gradient(group: Params, call) -> list[Tensor]:
         out = []
@@ -240,5 +204,5 @@ def finite_difference(
     s = optimizer.init(p0) if state is None else state
     pk, s = run(inner_loss, optimizer, p0, s, h, batches, create_graph=False)
     with torch.no_grad():
-        value = outer_loss(pk, h, outer_batch)
+        value = problem.outer_loss(pk, h, problem.outer_batch)
     return result(value, h, hgrads, p0 if wrt_params else None, pgrads, pk, s)

@@ -14,7 +14,6 @@ Gradient-Based Hyperparameter Optimization").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,33 +21,27 @@ from torch import Tensor
 from torch.func import grad_and_value, jvp, vmap
 
 from selfmod import tree
+from selfmod.hypergrad.contract import MetaProblem, estimator, prepare
 from selfmod.hypergrad.unroll import (
     FiniteMonitor,
     HypergradResult,
-    Loss,
     Params,
     grads_or_zeros,
     outer_value,
-    prepare,
     result,
     second_order,
 )
-from selfmod.optim.base import GradientTransformation
 
 
+@estimator
 def forward(
-    inner_loss: Loss,
-    outer_loss: Loss,
-    optimizer: GradientTransformation,
-    params: Params,
-    hparams: Params,
-    inner_batches: Sequence[Any],
-    outer_batch: Any,
+    problem: MetaProblem,
     *,
     state: Any = None,
 ) -> HypergradResult:
     """Forward-mode (RTRL) hypergradient; ``result.params`` is ``None``."""
-    p, h, batches = prepare(params, hparams, inner_batches)
+    p, h, batches = prepare(problem)
+    inner_loss, optimizer = problem.inner_loss, problem.optimizer
     p, h = tree.detach(p), tree.detach(h)
     state = optimizer.init(p) if state is None else state
     s_leaves, rebuild = tree.partition(state)  # float leaves carry tangents
@@ -75,7 +68,7 @@ def forward(
     monitor.check()
     p_final = tree.detach(p, requires_grad=True)
     h_req = tree.detach(h, requires_grad=True)
-    value = outer_value(outer_loss, p_final, h_req, outer_batch)
+    value = outer_value(problem.outer_loss, p_final, h_req, problem.outer_batch)
     g = grads_or_zeros([value], [*h_req.values(), *p_final.values()])
     g_h, g_p = g[: len(h)], dict(zip(p_final.keys(), g[len(h) :], strict=True))
     # d value/d h = direct term + sum over params of <d value/d p_K, Z_K>, one entry per row.

@@ -13,38 +13,30 @@ References: Lorraine, Vicol & Duvenaud 2020; Pedregosa 2016; Rajeswaran et al. 2
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from selfmod import tree
+from selfmod.hypergrad.contract import MetaProblem, estimator, prepare
 from selfmod.hypergrad.unroll import (
     FiniteMonitor,
     HypergradResult,
-    Loss,
-    Params,
     grads_or_zeros,
     outer_value,
-    prepare,
     result,
     run,
     second_order,
 )
-from selfmod.optim.base import GradientTransformation
 
 Hvp = Callable[[list[Tensor]], list[Tensor]]
 
 
+@estimator
 def implicit(
-    inner_loss: Loss,
-    outer_loss: Loss,
-    optimizer: GradientTransformation,
-    params: Params,
-    hparams: Params,
-    inner_batches: Sequence[Any],
-    outer_batch: Any,
+    problem: MetaProblem,
     *,
     solver: Literal["cg", "neumann"] = "cg",
     iters: int = 20,
@@ -71,7 +63,8 @@ def implicit(
         raise ValueError(f"iters must be an int >= 1 (got {iters!r})")
     if damping < 0:
         raise ValueError(f"damping must be >= 0 (got {damping})")
-    p0, h, batches = prepare(params, hparams, inner_batches)
+    p0, h, batches = prepare(problem)
+    inner_loss, optimizer = problem.inner_loss, problem.optimizer
     if hessian_batch is None:
         if not batches:
             raise ValueError("implicit needs inner_batches or a hessian_batch")
@@ -91,7 +84,7 @@ def implicit(
     monitor.check()
 
     w = tree.detach(pk, requires_grad=True)
-    value = outer_value(outer_loss, w, h, outer_batch)
+    value = outer_value(problem.outer_loss, w, h, problem.outer_batch)
     g = grads_or_zeros([value], [*h.values(), *w.values()])
     direct, g_w = g[: len(h)], g[len(h) :]
 

@@ -7,7 +7,7 @@ Estimators differ only in how they differentiate the outer loss through a sequen
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,22 +156,6 @@ def run(
             monitor=monitor,
         )
     return params, state
-
-
-def prepare(
-    params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], inner_batches: Sequence[Any]
-) -> tuple[Params, HParams, list[Any]]:
-    """Validate the common arguments; return detached leaf copies that require grad."""
-    for name, group in (("params", params), ("hparams", hparams)):
-        if not isinstance(group, Mapping):
-            raise TypeError(f"{name} must be a dict[str, Tensor] (got {type(group).__name__})")
-        for k, v in group.items():
-            if not (isinstance(v, Tensor) and v.is_floating_point()):
-                raise TypeError(
-                    f"{name}[{k!r}] must be a floating-point tensor (got {type(v).__name__})"
-                )
-    batches = list(inner_batches)
-    return tree.detach(params, True), tree.detach(hparams, True), batches
 
 
 def outer_value(outer_loss: Loss, params: Params, hparams: HParams, batch: Any) -> Tensor:

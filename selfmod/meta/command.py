@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from selfmod.meta import distributed
 from selfmod.meta.train import MetaTrainConfig, meta_train, read_checkpoint
+from selfmod.process_group import leave_process_group
 from selfmod.validation import load
 
 
@@ -55,5 +56,5 @@ def run_meta_train(
             )
     finally:
         if started_group:
-            distributed.leave_process_group()
+            leave_process_group()
     return Path(cfg.out)

@@ -7,7 +7,6 @@ GPUs); on several machines add ``--nnodes M --node-rank R --rdzv-endpoint HOST:P
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -23,15 +22,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def leave_process_group() -> None:
-    """``dist.destroy_process_group()``, then a garbage collection. A reference cycle (an
-    exception's traceback, say) may still hold the gloo group; left to interpreter exit, its
-    threads' teardown aborted the process (SIGABRT, "terminate called without an active
-    exception") in about 1 run in 30 of a two-rank test, and in none of 120 with the collection."""
-    dist.destroy_process_group()
-    gc.collect()
 
 
 def shard(items: Sequence[T]) -> list[T]:

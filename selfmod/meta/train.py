@@ -11,7 +11,7 @@ A slot starts a new task after ``horizon`` inner steps. Meta-gradients are avera
 Slots are seeded by ``(seed, slot, episode)``, not by rank, so the result does not depend on the
 number of processes. Every ``checkpoint_every`` meta-steps rank 0 writes a checkpoint of the
 whole state (the learned optimizer, Adam's moments, every slot's inner weights, inner state,
-position and RNG) as one set through :mod:`selfmod.runs.checkpoint` (``out/checkpoints``: the
+position and RNG) as one set through :mod:`selfmod.checkpoint` (``out/checkpoints``: the
 tensors, then one manifest with their sha256 and its own, written last; the previous set is
 kept until the new one is complete), and the learned optimizer alone to
 ``out/weights.safetensors`` with its description ``out/weights.json``
@@ -38,6 +38,9 @@ from torch import Tensor
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
 
 from selfmod import hypergrad, optim
+from selfmod.checkpoint import CheckpointError, load_latest
+from selfmod.checkpoint import save_checkpoint as save_checkpoint_set
+from selfmod.files import atomic_write_bytes
 from selfmod.meta import distributed
 from selfmod.models import init_mlp_params, mlp_forward
 from selfmod.optim.learned import (
@@ -47,9 +50,6 @@ from selfmod.optim.learned import (
     mlp_optimizer,
 )
 from selfmod.optim.saved import save_learned
-from selfmod.runs.checkpoint import CheckpointError, load_latest
-from selfmod.runs.checkpoint import save_checkpoint as save_checkpoint_set
-from selfmod.runs.files import atomic_write_bytes
 from selfmod.tasks import TemplateTasks
 from selfmod.validation import check_out_dir
 
@@ -263,7 +263,7 @@ def save_checkpoint(
     their slots) and the learned optimizer to ``out/weights.{safetensors,json}``; returns the
     manifest on rank 0.
 
-    The set is ``out/checkpoints/ckpt-<step>.{safetensors,json}`` (:mod:`selfmod.runs.checkpoint`:
+    The set is ``out/checkpoints/ckpt-<step>.{safetensors,json}`` (:mod:`selfmod.checkpoint`:
     tensors first, the manifest with every sha256 last); only the last :data:`KEEP` are kept.
     """
     records = {i: _slot_record(i, slot) for i, slot in slots.items()}

@@ -37,17 +37,17 @@ from safetensors.torch import save
 from torch import Tensor, nn
 
 from selfmod import arch
+from selfmod.checkpoint import list_checkpoints
 from selfmod.data.streams import as_batches, materialize
 from selfmod.errors import SelfmodError
+from selfmod.files import atomic_write_bytes, atomic_write_text
 from selfmod.introspect.config import TrainConfig
 from selfmod.introspect.loop import Loop, Recorder, Source, device_of, jsonable
 from selfmod.introspect.modifiers import Modifier
 from selfmod.introspect.probes import against_fixed
 from selfmod.introspect.problem import Problem, default_metric
 from selfmod.runs import distributed
-from selfmod.runs.checkpoint import list_checkpoints
 from selfmod.runs.config import saved_config, validate
-from selfmod.runs.files import atomic_write_bytes, atomic_write_text
 from selfmod.runs.lock import run_lock
 from selfmod.runs.logs import Logs
 from selfmod.runs.recorder import RunRecorder

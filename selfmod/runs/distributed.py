@@ -59,8 +59,8 @@ from selfmod.errors import SelfmodError
 from selfmod.hypergrad import FiniteMonitor
 from selfmod.introspect.loop import Loop, Recorder
 from selfmod.introspect.state import flatten
-from selfmod.meta.distributed import leave_process_group
 from selfmod.optim.base import apply_updates
+from selfmod.process_group import leave_process_group
 from selfmod.validation import ConfigError
 
 T = TypeVar("T")

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from selfmod.checkpoint import load_latest, save_checkpoint
 from selfmod.introspect.loop import Loop, Recorder
-from selfmod.runs.checkpoint import load_latest, save_checkpoint
 from selfmod.runs.ledger import Ledger
 from selfmod.runs.logs import Logs
 

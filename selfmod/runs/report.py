@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from selfmod.files import atomic_write_text
 from selfmod.introspect.probes import meta_metrics
-from selfmod.runs.files import atomic_write_text
 from selfmod.runs.logs import changes as value_changes
 
 MARKS = {

@@ -31,7 +31,7 @@ from safetensors.torch import load, save
 from torch import Tensor
 
 from selfmod.errors import SelfmodError
-from selfmod.runs.files import atomic_write_bytes, atomic_write_text
+from selfmod.files import atomic_write_bytes, atomic_write_text
 
 FOLDER = "checkpoints"
 # the keys every manifest has, with their types (bool is excluded from int below)
