@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfmod.introspect import fit
+from selfmod.runs.api import fit
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
