@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from selfmod.checkpoint import load_latest, save_checkpoint
-from selfmod.introspect.loop import Loop, Recorder
+from selfmod.introspect.events import Recorder, RunView
+from selfmod.introspect.loop import Loop
 from selfmod.runs.ledger import Ledger
 from selfmod.runs.logs import Logs
 
@@ -37,7 +38,7 @@ class RunRecorder(Recorder):
             self.logs.close()
 
     def record(
-        self, run: Loop, kind: str, decision: str, reason: str, payload: dict[str, Any]
+        self, run: RunView, kind: str, decision: str, reason: str, payload: dict[str, Any]
     ) -> int | None:
         e = self.ledger.append(
             kind, cycle=run.cycle, step=run.step, decision=decision, reason=reason, payload=payload
@@ -46,16 +47,16 @@ class RunRecorder(Recorder):
             self.logs.decision(run.cycle, run.step, decision, reason, payload)
         return e.seq
 
-    def log(self, run: Loop, row: dict[str, Any]) -> None:
+    def log(self, run: RunView, row: dict[str, Any]) -> None:
         if self.logs is not None:
             self.logs.log(run.step, row, run.config.steps)
 
-    def checkpoint(self, run: Loop) -> None:
+    def checkpoint(self, run: RunView) -> None:
         tensors, meta = run.checkpoint()
         meta["ledger_head"] = list(self.ledger.head())
         save_checkpoint(self.run_dir, run.step, tensors, meta, keep=self.keep, run_id=self.run_id)
 
-    def pending(self, run: Loop) -> list[tuple[int, int, dict[str, Any], bool]]:
+    def pending(self, run: RunView) -> list[tuple[int, int, dict[str, Any], bool]]:
         approvals = {e.payload.get("proposal") for e in self.ledger.entries("approval")}
         return [
             (e.seq, e.cycle, e.payload["change"], e.seq in approvals)
