@@ -56,3 +56,15 @@ def test_gdas_cost_counts_only_the_op_that_runs():
     model = arch.SearchCNN1d(8, channels=2, cells=2, mode="gdas").eval()
     darts = arch.SearchCNN1d(8, channels=2, cells=2, mode="darts").eval()
     assert arch.cost(model, (8,)).flops < arch.cost(darts, (8,)).flops
+
+
+def test_a_token_model_is_costed_on_a_real_example():
+    """Integer inputs (token ids into an ``nn.Embedding``): the cost model runs the example it
+    is given, not zeros in the parameters' dtype, which an embedding cannot index with."""
+    model = nn.Sequential(nn.Embedding(11, 4), nn.Flatten(), nn.Linear(3 * 4, 5))
+    tokens = torch.tensor([[1, 7, 10]])  # (1, T): one example
+    c = arch.cost(model, tokens)
+    assert c.params == 11 * 4 + 3 * 4 * 5 + 5
+    assert c.flops == 2 * 12 * 5 + 5  # the embedding is a lookup: no FLOPs counted
+    float_input = nn.Sequential(nn.Linear(4, 3))
+    assert arch.cost(float_input, torch.randn(1, 4)) == arch.cost(float_input, (4,))

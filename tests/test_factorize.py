@@ -221,7 +221,7 @@ def test_a_run_factorizes_verified_and_resumes_bitwise_through_it(tmp_path):
     assert [d["decision"] for d in decisions] == ["commit"]
     assert decisions[0]["step"] >= 40  # factorize_after * steps
     assert arch.is_factored(full.params, "2") and full.params["2.left"].shape == (16, 4)
-    assert full.problem.cost(full.params, full.input_shape).params == sum(
+    assert full.problem.cost(full.params, full.example).params == sum(
         v.numel() for v in full.params.values()
     )
     module = full.problem.export(full.params, full.state.buffers).eval()  # a plain nn.Module

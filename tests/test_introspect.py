@@ -566,7 +566,7 @@ def test_growth_past_a_params_flops_or_memory_budget_is_refused(budget, reason):
     # example; one growth step (+4 units per layer) passes all three budgets
     cfg = TrainConfig(**{**FAST, "modifiers": ["grow"], "steps": 20, **budget})
     run = Introspector(cfg)
-    c = run.problem.cost(run.params, run.input_shape)
+    c = run.problem.cost(run.params, run.example)
     assert (c.params, c.flops, c.activation_bytes + 4 * c.params) == (490, 954, 2192)
     run.run()
     (grow,) = [d for d in run.history["decisions"] if d["modifier"] == "grow"]

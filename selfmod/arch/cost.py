@@ -35,10 +35,13 @@ class Cost(NamedTuple):
 
 
 def cost(
-    model: nn.Module, input_shape: Sequence[int], params: Mapping[str, Tensor] | None = None
+    model: nn.Module,
+    example: Sequence[int] | Tensor,
+    params: Mapping[str, Tensor] | None = None,
 ) -> Cost:
     """The :class:`Cost` of ``model`` (evaluated at ``params`` if given, e.g. after functional
-    surgery) on one example of shape ``input_shape`` (no batch dim)."""
+    surgery) on one example: ``example`` itself (a batch of one, ``(1, ...)``, any dtype: token
+    ids too), or its shape without the batch dim (then zeros in the parameters' dtype)."""
     params = dict(model.named_parameters()) if params is None else dict(params)
     like = next(iter(params.values()))
     flops = [0]
@@ -67,7 +70,11 @@ def cost(
     hooks = [m.register_forward_hook(hook) for m in leaves]
     try:
         with torch.no_grad():
-            x = torch.zeros((1, *input_shape), dtype=like.dtype, device=like.device)
+            x = (
+                example[:1]
+                if isinstance(example, Tensor)
+                else torch.zeros((1, *example), dtype=like.dtype, device=like.device)
+            )
             functional_call(model, params, (x,))
     finally:
         for h in hooks:

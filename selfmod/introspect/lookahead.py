@@ -122,7 +122,7 @@ class Lookahead:
         buffer: replay.Replay,
         shared: bool,
         source: int,
-        input_shape: tuple[int, ...],
+        example: Tensor,
     ) -> None:
         self.losses, self.opt, self.batches = losses, opt, list(batches)
         self.rng_state, self.device, self.current, self.step = rng_state, device, current, step
@@ -131,7 +131,7 @@ class Lookahead:
             guard(buffer, "verify", shared),
         )
         self.older = guard(buffer, "verify", shared, exclude_source=source)
-        self.input_shape = input_shape  # one example's (the cost model's)
+        self.example = example  # (1, ...): the cost model's input
         self.problem = losses.problem
         self._replays: dict[int, tuple[RunState, tuple[Params, Any]]] = {}
 

@@ -75,7 +75,7 @@ class Loop:
         self.pending: list[Batch] = []  # the lookahead batches not yet trained on
         self.lookahead: Lookahead | None = None  # the current cycle's
         g = self.sources[0]
-        self.input_shape = tuple(g.guard_x.shape[1:])  # one example's (the cost model's)
+        self.example = g.guard_x[:1]  # (1, ...): the cost model's input
         self.buffer = replay.empty(g.guard_x[:0], g.guard_y[:0])
         self.history: dict[str, list] = {"log": [], "probes": [], "decisions": []}
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
@@ -259,7 +259,7 @@ class Loop:
         test = test_metric(self.problem, s, self.sources[n.source_id])
         found = probes.cycle_probe(
             self.problem, s, self.guard("propose"), replay.split(self.buffer, replay.TRAIN),
-            older, test, self.config.seed + n.cycle, self.input_shape,
+            older, test, self.config.seed + n.cycle, self.example,
         )  # fmt: skip
         tail = {"batch_size": s.batch_size, "meta_lr": s.meta_lr}
         return {"cycle": n.cycle, "step": n.step, **found} | tail
@@ -320,7 +320,7 @@ class Loop:
         self.lookahead = Lookahead(
             self.losses, self.opt, self.pending, rng, self.device, current=self.state,
             step=n.step, buffer=self.buffer, shared=self.config.verify_on == "shared",
-            source=n.source_id, input_shape=self.input_shape,
+            source=n.source_id, example=self.example,
         )  # fmt: skip
         return self.lookahead
 
@@ -393,7 +393,7 @@ class Loop:
         """Test loss and metric, cost, decisions, meta-metrics (:func:`.summary.summarize`)."""
         src = self.sources[self.counters.source_id]
         return summarize(
-            self.problem, self.state, src, self.buffer, self.input_shape,
+            self.problem, self.state, src, self.buffer, self.example,
             counters=self.counters, history=self.history, names=self.names,
             modifiers=[m.name for m in self.modifiers], skipped=self.skipped,
             values=self.values(), space=self.space,

@@ -80,7 +80,7 @@ def cycle_probe(
     older: tuple[Tensor, Tensor],
     test: tuple[float, float],
     seed: int,
-    input_shape: tuple[int, ...],
+    example: Tensor,
 ) -> dict[str, float]:
     """One cycle's probes of the model at ``state``: guard (the proposing split) and
     internal-train loss and metric, the gap, the metric on ``older`` sources' guard data,
@@ -99,7 +99,7 @@ def cycle_probe(
 
         robust = robustness(metric, gx, gy, 0.25, seed)
         shift = shifted(metric, gx, gy, 5)
-    c = problem.cost(p, input_shape)
+    c = problem.cost(p, example)
     return {
         "guard_loss": gl,
         "guard_acc": ga,

@@ -119,10 +119,11 @@ class Problem:
                 return loss, loss
             return loss, float((out.argmax(-1) == y).float().mean())
 
-    def cost(self, params: Params, input_shape: Sequence[int]) -> arch.Cost:
-        """Parameters, FLOPs and activation bytes per example at ``params`` (eval mode)."""
+    def cost(self, params: Params, example: Tensor | Sequence[int]) -> arch.Cost:
+        """Parameters, FLOPs and activation bytes per example at ``params`` (eval mode), on
+        ``example`` (a real batch of one: integer inputs such as token ids work) or a shape."""
         with eval_mode(self.module):
-            return arch.cost(self.module, input_shape, params)
+            return arch.cost(self.module, example, params)
 
     def export(self, params: Params, buffers: Params) -> nn.Module:
         r"""A copy of the module holding ``params`` and ``buffers`` (in their current shapes:

@@ -50,7 +50,7 @@ def summarize(
     state: RunState,
     src: Source,
     buffer: replay.Replay,
-    input_shape: tuple[int, ...],
+    example: Tensor,
     *,
     counters: Counters,
     history: dict[str, Any],
@@ -66,7 +66,7 @@ def summarize(
     p, b = state.params, state.buffers
     gap = problem.evaluate(p, b, *guard(buffer, "all", True))[0]
     gap -= problem.evaluate(p, b, *replay.split(buffer, replay.TRAIN))[0]
-    c = problem.cost(p, input_shape)
+    c = problem.cost(p, example)
     decisions = history["decisions"]
     count = {
         k: sum(d["decision"] == k for d in decisions)

@@ -58,7 +58,7 @@ def check(
     lower by that fraction. ``state``: the run's state now (the forgetting check's reference);
     ``limits``: the budgets and ``forgetting_delta`` (the run's config). Nothing is changed.
     """
-    why = over_budget(look.problem.cost(proposed.params, look.input_shape), limits)
+    why = over_budget(look.problem.cost(proposed.params, look.example), limits)
     if why is not None:
         return why, math.nan
     try:

@@ -1,0 +1,36 @@
+"""A model with integer inputs (token ids through an ``nn.Embedding``) under the loop: every
+cycle's probes, the cost model and the summary work on its real examples."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfmod.data import as_batches
+from selfmod.introspect import Loop, Problem, Source
+from selfmod.runs.api import make_config
+
+
+class _Bag(nn.Module):
+    """``tokens (B, T) -> Embedding -> mean over T -> Linear``: a bag-of-tokens classifier."""
+
+    def __init__(self, vocab: int = 16, dim: int = 8, classes: int = 2) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Embedding(vocab, dim), nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(tokens).mean(1))  # (B, classes)
+
+
+def test_a_token_model_runs_its_cycles_and_is_costed():
+    torch.manual_seed(0)
+    x = torch.randint(0, 16, (600, 5))
+    y = (x < 8).sum(1).gt(2).long()  # more low tokens than high ones
+    source = Source(as_batches((x[200:], y[200:]), 0), x[:100], y[:100], x[100:200], y[100:200])
+    cfg = make_config({"steps": 60, "cycle": 20, "lookahead": 5, "lr": 0.1,
+                       "guard_size": 100, "compare_fixed": False}, optimizer="adamw")  # fmt: skip
+    run = Loop(Problem(_Bag(), F.cross_entropy), [source], cfg)
+    run.run()
+    assert len(run.history["probes"]) == 3
+    s = run.summary()
+    assert s["params"] == 16 * 8 + 8 * 2 + 2 and s["flops"] == 2 * 8 * 2 + 2
+    assert s["test_metric"] > 0.5
