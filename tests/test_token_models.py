@@ -34,3 +34,15 @@ def test_a_token_model_runs_its_cycles_and_is_costed():
     s = run.summary()
     assert s["params"] == 16 * 8 + 8 * 2 + 2 and s["flops"] == 2 * 8 * 2 + 2
     assert s["test_metric"] > 0.5
+
+
+def test_the_exported_model_is_in_eval_mode_and_predicts_as_the_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 2))
+    problem = Problem(model, F.cross_entropy)
+    params, buffers = problem.init()
+    exported = problem.export(params, buffers)
+    x = torch.randn(16, 3)
+    assert not exported.training  # dropout off: the same output twice, equal to the run's
+    torch.testing.assert_close(exported(x), problem.predict(params, buffers, x))
+    torch.testing.assert_close(exported(x), exported(x))

@@ -127,7 +127,8 @@ class Problem:
 
     def export(self, params: Params, buffers: Params) -> nn.Module:
         r"""A copy of the module holding ``params`` and ``buffers`` (in their current shapes:
-        grown or pruned layers get new ``nn.Parameter``\ s and sizes)."""
+        grown or pruned layers get new ``nn.Parameter``\ s and sizes), in eval mode: a trained
+        model, ready to predict (call ``.train()`` to train it further)."""
         module = copy.deepcopy(self.module)
         for key, value in {**params, **buffers}.items():
             owner, _, attr = key.rpartition(".")
@@ -137,7 +138,7 @@ class Problem:
             else:
                 mod.register_buffer(attr, value.detach().clone())
             sync_sizes(mod)
-        return module
+        return module.eval()
 
     def layer_signals(
         self, params: Params, buffers: Params, x: Tensor, y: Tensor
