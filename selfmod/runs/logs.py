@@ -33,19 +33,37 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def changes(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """``name before -> after`` for every value that differs, ``; ``-separated."""
+def changes(before: dict[str, Any], after: dict[str, Any], names: list[str] | None = None) -> str:
+    """``name before -> after`` for every value that differs, ``; ``-separated; with the
+    parameter tensors' ``names``, per-tensor learning rates by tensor (``lr[0.weight] ...``),
+    the changed ones only."""
     parts = []
     for key, new in after.items():
         old = before.get(key)
-        if old != new:
+        if old == new:
+            continue
+        per_tensor = names and isinstance(new, list) and isinstance(old, list)
+        if per_tensor and len(new) == len(old) == len(names):
+            parts += [
+                f"{key}[{n}] {_short(a)} -> {_short(b)}"
+                for n, a, b in zip(names, old, new, strict=True)
+                if a != b
+            ]
+        else:
             parts.append(f"{key} {_short(old)} -> {_short(new)}")
     return "; ".join(parts)
+
+
+def why(info: dict[str, Any]) -> str:
+    """What drove a proposal (its ``info``: a meta-gradient, a noise scale, a gap), short."""
+    return "; ".join(f"{k} {_short(v)}" for k, v in info.items())
 
 
 def _short(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
+    if isinstance(x, list) and len(x) > 8:
+        return "[" + ", ".join(_short(v) for v in x[:8]) + f", ... ({len(x)})]"
     if isinstance(x, list):
         return "[" + ", ".join(_short(v) for v in x) + "]"
     return str(x)

@@ -19,6 +19,7 @@ from typing import Any
 from selfmod.files import atomic_write_text
 from selfmod.introspect.probes import meta_metrics
 from selfmod.runs.logs import changes as value_changes
+from selfmod.runs.logs import why as proposal_why
 
 MARKS = {
     "commit": ("#1a7f37", "^"),
@@ -374,15 +375,19 @@ def write_report(run_dir: Path, history: dict, entries: list[dict], x: str = "st
     meta = "".join(_row(*r) for r in meta_rows(history))
     config = "".join(_row(k, _fmt(v)) for k, v in history.get("config", {}).items())
 
+    names = history.get("tuned_summary", {}).get("tensor_names")
+
     def change(e: dict) -> str:
-        decision = str(e["decision"])
-        moved = value_changes(e["payload"].get("before", {}), e["payload"].get("after", {}))
+        decision, p = str(e["decision"]), e["payload"]
+        moved = value_changes(p.get("before", {}), p.get("after", {}), names)
+        info = p.get("info")
         cls = f' class="{decision}"' if decision in _DECISION_CLASSES else ""
         return (
             f"<tr><td>{_e(e['seq'])}</td><td>{_e(e['cycle'])}</td><td>{_e(e['step'])}</td>"
             f"<td>{_e(e['kind'])}</td><td>{_e(e['payload'].get('modifier', ''))}</td>"
             f"<td{cls}>{_e(decision)}</td>"
             f"<td>{_e(moved)}</td>"
+            f"<td>{_e(proposal_why(info) if isinstance(info, dict) else '')}</td>"
             f"<td>{_e(e['reason'])}</td></tr>"
         )
 
@@ -429,7 +434,8 @@ modifiers {_e(", ".join(map(str, modifiers)))}, approval {_e(cfg.get("approval")
 <table><tr><th>meta-metric</th><th>value</th><th>what it means</th></tr>{meta}</table>
 <h2>Ledger ({len(entries)} entries besides per-cycle probes; hash chain verified)</h2>
 <table><tr><th>id</th><th>cycle</th><th>step</th><th>kind</th><th>modifier</th>
-<th>decision</th><th>before -&gt; after</th><th>reason</th></tr>{changes}</table>
+<th>decision</th><th>before -&gt; after</th><th>why proposed</th><th>reason</th></tr>
+{changes}</table>
 <h2>Configuration</h2>
 <table><tr><th>field</th><th>value</th></tr>{config}</table>
 </body></html>

@@ -84,7 +84,8 @@ class MetaGradientModifier(Modifier):
         )
         current = ctx.state.hparams[self.key]
         new = self.adjust(current, current - step * sign, ctx)
-        proposal = Proposal(self.name, {self.key: new}, strict=True, group=HYPERGRADIENT)
+        why = {f"d guard / d {self.key}": g}  # the ledger's and the report's "why"
+        proposal = Proposal(self.name, {self.key: new}, strict=True, group=HYPERGRADIENT, info=why)
         return [proposal], {"step": step, "sign": sign}
 
     def adjust(self, current: Tensor, new: Tensor, ctx: Context) -> Tensor:
