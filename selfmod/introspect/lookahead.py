@@ -105,9 +105,9 @@ def train_step(
 class Lookahead:
     """One cycle's lookahead: ``batches`` (the ``K`` the run trains on next), the random state
     ``rng_state`` at the cycle's start, and the guard splits of the replay ``buffer``
-    (``propose``, ``verify``; ``shared``: one set) with the guard data of sources older than
-    ``source`` (``older``, the forgetting budget's).
-    ``current`` is the run's state, whose replay is kept while others come and go."""
+    (``propose``, ``verify``; ``shared``: one set) with the guard data of every source but the
+    current one, ``source`` (``older``, the forgetting budget's). ``current`` is the run's
+    state, whose replay is kept while others come and go; ``step`` the base step now."""
 
     def __init__(
         self,
