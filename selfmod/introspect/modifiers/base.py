@@ -13,11 +13,14 @@ it. A modifier's own memory (e.g. Rprop step sizes) is a ``dict[str, Tensor]`` r
             return [Proposal(self.name, hparams={...})], memory
 
 Register it with :func:`register` (the built-ins are registered on import of
-:mod:`selfmod.introspect.modifiers`).
+:mod:`selfmod.introspect.modifiers`), or, from another package, name it in the entry-point group
+``selfmod.modifiers`` (``clip = "mypackage.clip:ClipThreshold"`` under
+``[project.entry-points."selfmod.modifiers"]``): the registry loads those when first read.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -249,6 +252,9 @@ def rprop_step(
 
 
 _REGISTRY: dict[str, type[Modifier]] = {}
+#: the entry-point group of third-party modifiers, loaded when the registry is first read
+ENTRY_POINTS = "selfmod.modifiers"
+_entry_points_loaded = False
 
 
 def register(cls: type[Modifier]) -> type[Modifier]:
@@ -261,8 +267,35 @@ def register(cls: type[Modifier]) -> type[Modifier]:
     return cls
 
 
+def load_entry_points() -> None:
+    """Register every modifier class named in the ``selfmod.modifiers`` entry-point group (once
+    per process; :func:`registry` calls it). One that fails to load is skipped with one line
+    (a ``RuntimeWarning``) naming it and why."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Modifier)):
+                raise TypeError(f"{cls!r} is not a Modifier subclass")
+            register(cls)
+        except Exception as err:  # a broken plugin must not stop the run: say which
+            why = f"{type(err).__name__}: {err}".splitlines()[0]
+            warnings.warn(
+                f"modifier entry point {ep.name} = {ep.value!r} ({ENTRY_POINTS}) not loaded: {why}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
 def registry() -> dict[str, type[Modifier]]:
-    """Every registered modifier class by name, in their ``order``."""
+    """Every registered modifier class by name, in their ``order`` (third-party ones from the
+    ``selfmod.modifiers`` entry points included)."""
+    load_entry_points()
     return dict(sorted(_REGISTRY.items(), key=lambda item: item[1].order))
 
 
