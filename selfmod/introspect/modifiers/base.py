@@ -15,7 +15,8 @@ it. A modifier's own memory (e.g. Rprop step sizes) is a ``dict[str, Tensor]`` r
 Register it with :func:`register` (the built-ins are registered on import of
 :mod:`selfmod.introspect.modifiers`), or, from another package, name it in the entry-point group
 ``selfmod.modifiers`` (``clip = "mypackage.clip:ClipThreshold"`` under
-``[project.entry-points."selfmod.modifiers"]``): the registry loads those when first read.
+``[project.entry-points."selfmod.modifiers"]``): the registry loads those when first read. Its
+``Settings`` are then set in the run's config as ``[modifiers.clip]``.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ class Context:
 
 class Modifier:
     """Base class of the modifiers. Subclasses set ``name`` and override ``propose``; those
-    with settings set ``Settings`` (a pydantic model whose fields join the run's config)."""
+    with settings set ``Settings`` (a pydantic model: the run config's ``[modifiers.NAME]``
+    table)."""
 
     name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]] = NoSettings
@@ -182,13 +184,17 @@ class Modifier:
 
     @classmethod
     def from_config(cls, config: Any) -> Modifier:
-        """Built from the run config's fields of the same names."""
-        names = cls.Settings.model_fields
-        return cls(cls.Settings(**{k: getattr(config, k) for k in names if hasattr(config, k)}))
+        """Built from the run config's table of this modifier (``config.settings_of(name)``,
+        validated by ``Settings``); defaults where the config has none of this class's."""
+        known = cls.name in registry() and hasattr(config, "settings_of")
+        settings = config.settings_of(cls.name) if known else None
+        return cls(settings if isinstance(settings, cls.Settings) else cls.Settings())
 
     @classmethod
     def check_config(cls, config: Any) -> None:
-        """Raise ``ValueError`` naming the fields when settings disagree with each other."""
+        """Raise ``ValueError`` naming the fields when this modifier's settings
+        (``config.settings_of(name)``) disagree with the run's; called only when the run has
+        this modifier (named, or by default when it names none)."""
 
     def applies(self, problem: Problem, hparams: Params, facts: RunFacts) -> str | None:
         """``None`` if this modifier can act on the run, else why not (one line)."""
