@@ -54,24 +54,35 @@ def allowed(model: type[BaseModel], name: str, described: Mapping[str, str] | No
     return f"{kind} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
-def lenient(name: str, value: Any) -> str | None:
+def dotted(*parts: Any) -> str:
+    """A nested field's name, ``modifiers.grow.max_width``; quoted (``repr``) when a part is
+    not a plain word, so that a key with a newline cannot break a one-line message."""
+    text = ".".join(str(p) for p in parts)
+    return text if _PLAIN.fullmatch(text) else repr(text)
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def lenient(name: str, value: Any, *inside: Any) -> str | None:
     """Why ``value`` of field ``name`` is refused before pydantic sees it (``None``: fine):
     a non-finite number anywhere inside it (named ``name.key`` inside a table), or a list that
     repeats an entry."""
+    where = dotted(name, *inside) if inside else name
     if isinstance(value, float) and not math.isfinite(value):
-        return f"{name} must be a finite number (got {value!r})"
+        return f"{where} must be a finite number (got {value!r})"
     if isinstance(value, Mapping):
         for k, v in value.items():
-            if (why := lenient(f"{name}.{k}", v)) is not None:
+            if (why := lenient(name, v, *inside, k)) is not None:
                 return why
     if isinstance(value, list):
         for v in value:
-            if (why := lenient(name, v)) is not None:
+            if (why := lenient(name, v, *inside)) is not None:
                 return why
         seen: list[Any] = []
         for v in value:
             if any(type(v) is type(u) and v == u for u in seen):
-                return f"{name} must not repeat an entry (got {v!r} twice in {value!r})"
+                return f"{where} must not repeat an entry (got {v!r} twice in {value!r})"
             seen.append(v)
     return None
 

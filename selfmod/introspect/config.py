@@ -6,9 +6,11 @@ The run's own fields are declared in small groups (``[run]``, ``[problem]``, ``[
 table. Each modifier's settings live in their own table, validated by that modifier's
 ``Settings`` model and read with :meth:`TrainConfig.settings_of`::
 
-    modifiers = ["lr", "grow"]         # or, with settings: [modifiers] use = ["lr", "grow"]
-    [verify]
+    steps = 6000                       # a run field at the top level ...
+    [verify]                           # ... or in its group's table
     epsilon = 0.01
+    [modifiers]
+    use = ["lr", "grow"]               # the chosen ones (no tables: modifiers = ["lr", "grow"])
     [modifiers.grow]
     every = 2                          # every 2nd cycle (per-step modifiers: "step")
     max_width = 384
@@ -31,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from selfmod.introspect.hparams import OPTIMIZERS, OptimizerName
 from selfmod.introspect.modifiers import default_names, registry
-from selfmod.validation import ConfigError, check_out_dir, lenient, split, validate
+from selfmod.validation import ConfigError, check_out_dir, dotted, lenient, split, validate
 
 #: most cycles between two runs of a per-cycle modifier
 MAX_EVERY = 1000
@@ -164,8 +166,7 @@ class VerifyFields(BaseModel):
 
 
 class BudgetFields(BaseModel):
-    """[budget]: invariants on the model's size and cost (also ``params``, ``flops``,
-    ``memory`` in the table)."""
+    """[budget]: invariants on the model's size and cost (also as params, flops, memory)."""
 
     model_config = _FIELDS
 
@@ -440,22 +441,24 @@ def canonical(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     def put_setting(modifier: str, key: str, value: Any, where: str) -> None:
         table = tables.setdefault(modifier, {})
         if key in table and table[key] != value:
-            raise ConfigError(f"{where} and modifiers.{modifier}.{key} disagree; set one of them")
+            raise ConfigError(
+                f"{where} and {dotted('modifiers', modifier, key)} disagree; set one of them"
+            )
         table[key] = value
 
     def put_table(prefix: str, name: str, table: Any) -> None:
         if name not in reg:
             raise ConfigError(
-                f"{prefix}.{name}: no modifier of that name ({prefix}.use names the chosen "
+                f"{dotted(prefix, name)}: no modifier of that name ({prefix}.use names the chosen "
                 f"ones, {prefix}.NAME holds one's settings); modifiers: {', '.join(reg)}"
             )
         table = table.model_dump() if isinstance(table, BaseModel) else table
         if not isinstance(table, Mapping):
             raise ConfigError(
-                f"{prefix}.{name} must be a table of {name}'s settings (got {table!r:.80})"
+                f"{dotted(prefix, name)} must be a table of {name}'s settings (got {table!r:.80})"
             )
         for k, v in table.items():
-            put_setting(name, k, v, f"{prefix}.{name}.{k}")
+            put_setting(name, k, v, dotted(prefix, name, k))
 
     for key, value in _nest(values).items():
         if key in GROUPS:
@@ -485,7 +488,7 @@ def canonical(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
                 put_setting(name, key, value, key)
     if len(use) > 1 and use[0] != use[1]:
         raise ConfigError("modifiers and modifiers.use disagree; set one of them")
-    if tables:
+    if tables or (use and isinstance(use[0], Mapping)):
         out["modifiers"] = {**({"use": use[0]} if use else {}), **tables}
     elif use:
         out["modifiers"] = use[0]
@@ -508,7 +511,7 @@ def _nest(values: Mapping[str, Any]) -> dict[str, Any]:
             if i == 0 and part == "modifiers" and not isinstance(child, Mapping):
                 child = {"use": child}
             if not isinstance(child, Mapping):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a table (in {key!r})")
+                raise ConfigError(f"{dotted(*parts[: i + 1])} is not a table (in {key!r})")
             node[part] = child = dict(child)
             node = child
         node[parts[-1]] = value
@@ -526,7 +529,7 @@ def _group(name: str, table: Any) -> dict[str, Any]:
     for key, value in table.items():
         field = aliases.get(key, key)
         if field not in fields:
-            raise ConfigError(f"unknown config field '{name}.{key}'; {name} has: {known}")
+            raise ConfigError(f"unknown config field {dotted(name, key)!r}; {name} has: {known}")
         if field in out and out[field] != value:
             raise ConfigError(f"{name}.{key} and {name}.{field} disagree; set one of them")
         out[field] = value

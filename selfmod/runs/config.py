@@ -105,7 +105,7 @@ def fields_help() -> str:
         "name=value or --set group.name=value): name = default: allowed"
     ]
     for group, model in GROUPS.items():
-        doc = (model.__doc__ or "").split(":", 1)[-1].split("(")[0].strip().rstrip(".")
+        doc = (model.__doc__ or "").split(":", 1)[-1].strip().rstrip(".")  # "[name]: doc"
         lines = [f"[{group}] {doc}"]
         lines += [_line(TrainConfig, name, words) for name in model.model_fields]
         paragraphs.append("\n\n".join(lines))
