@@ -322,6 +322,22 @@ def test_a_third_party_modifier_is_found_by_its_entry_point_and_configurable(
     assert saved_config(json.loads(cfg.model_dump_json())) == cfg
 
 
+def test_an_entry_point_that_fails_to_load_is_one_line_on_stderr(
+    tmp_path, monkeypatch, restore_registry
+):
+    import os
+    from pathlib import Path
+
+    _fake_distribution(tmp_path, monkeypatch)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}
+    code = "from selfmod.runs.config import load_config; load_config(None, ['modifiers=lr,clip'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "modifier entry point broken = 'fake_selfmod_missing:Nope'" in line
+
+
 # ----------------------------------------------------------------------------- saved configs
 
 

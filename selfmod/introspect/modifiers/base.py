@@ -261,6 +261,7 @@ _REGISTRY: dict[str, type[Modifier]] = {}
 #: the entry-point group of third-party modifiers, loaded when the registry is first read
 ENTRY_POINTS = "selfmod.modifiers"
 _entry_points_loaded = False
+_SHOWN: dict[Any, Any] = {}  # the entry-point lines already shown (warnings' registry)
 
 
 def register(cls: type[Modifier]) -> type[Modifier]:
@@ -291,10 +292,13 @@ def load_entry_points() -> None:
             register(cls)
         except Exception as err:  # a broken plugin must not stop the run: say which
             why = f"{type(err).__name__}: {err}".splitlines()[0]
-            warnings.warn(
+            warnings.warn_explicit(  # one line, without a source line under it
                 f"modifier entry point {ep.name} = {ep.value!r} ({ENTRY_POINTS}) not loaded: {why}",
                 RuntimeWarning,
-                stacklevel=2,
+                "selfmod modifiers",
+                0,
+                module="selfmod.modifiers",
+                registry=_SHOWN,
             )
 
 
