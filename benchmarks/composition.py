@@ -154,7 +154,8 @@ def mnist_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
     cfg = make_config({**config, "seed": seed})
     torch.manual_seed(seed)
     factorable = uses_factorable(cfg)  # as the built-in MLP: when the run has factorize
-    problem = Problem(user_mlp(cfg.width, cfg.prune_rule == "l0", factorable), F.cross_entropy)
+    gates = cfg.settings_of("prune").prune_rule == "l0"
+    problem = Problem(user_mlp(cfg.width, gates, factorable), F.cross_entropy)
     source = Source(as_batches((x[train], y[train]), seed), x[guard], y[guard], x[test], y[test])
     run = Loop(problem, [source], cfg)
     run.run()

@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SETS = {
-    "cycle": 50, "lookahead": 5, "width": 64, "max_width": 128, "batch_size": 256,
+    "cycle": 50, "lookahead": 5, "width": 64, "modifiers.grow.max_width": 128, "batch_size": 256,
     "guard_size": 200, "replay_size": 400, "compare_fixed": "false", "checkpoint_every": 1,
     "modifiers": '["lr","weight_decay","grow"]',
 }  # fmt: skip

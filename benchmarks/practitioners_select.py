@@ -32,12 +32,16 @@ import torch
 
 from selfmod.bench import practitioners as P
 
-LOOP_BASE = {"optimizer": "adamw", "lr": 3e-3, "lr_mean": "free"}
+LOOP_BASE = {"optimizer": "adamw", "lr": 3e-3, "modifiers.lr.lr_mean": "free"}
 LOOP = {
     "cycle 25, lookahead 10 (the previous choice)": {"cycle": 25, "lookahead": 10},
     "cycle 50, lookahead 5": {"cycle": 50, "lookahead": 5},
     "cycle 100, lookahead 5": {"cycle": 100, "lookahead": 5},
-    "cycle 50, lookahead 5, rates' mean rising": {"cycle": 50, "lookahead": 5, "lr_mean": "rising"},
+    "cycle 50, lookahead 5, rates' mean rising": {
+        "cycle": 50,
+        "lookahead": 5,
+        "modifiers.lr.lr_mean": "rising",
+    },
 }
 #: (config, cool-down): the published choice first
 HD = {

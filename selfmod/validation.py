@@ -54,32 +54,48 @@ def allowed(model: type[BaseModel], name: str, described: Mapping[str, str] | No
     return f"{kind} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
-def _lenient(name: str, value: Any) -> str | None:
+def dotted(*parts: Any) -> str:
+    """A nested field's name, ``modifiers.grow.max_width``; quoted (``repr``) when a part is
+    not a plain word, so that a key with a newline cannot break a one-line message."""
+    text = ".".join(str(p) for p in parts)
+    return text if _PLAIN.fullmatch(text) else repr(text)
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def lenient(name: str, value: Any, *inside: Any) -> str | None:
     """Why ``value`` of field ``name`` is refused before pydantic sees it (``None``: fine):
-    a non-finite number anywhere inside it, or a list that repeats an entry."""
+    a non-finite number anywhere inside it (named ``name.key`` inside a table), or a list that
+    repeats an entry."""
+    where = dotted(name, *inside) if inside else name
     if isinstance(value, float) and not math.isfinite(value):
-        return f"{name} must be a finite number (got {value!r})"
-    if isinstance(value, dict):
-        for v in value.values():
-            if (why := _lenient(name, v)) is not None:
+        return f"{where} must be a finite number (got {value!r})"
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if (why := lenient(name, v, *inside, k)) is not None:
                 return why
     if isinstance(value, list):
         for v in value:
-            if (why := _lenient(name, v)) is not None:
+            if (why := lenient(name, v, *inside)) is not None:
                 return why
         seen: list[Any] = []
         for v in value:
             if any(type(v) is type(u) and v == u for u in seen):
-                return f"{name} must not repeat an entry (got {v!r} twice in {value!r})"
+                return f"{where} must not repeat an entry (got {v!r} twice in {value!r})"
             seen.append(v)
     return None
 
 
 def validate(
-    model: type[M], values: dict[str, Any], described: Mapping[str, str] | None = None
+    model: type[M],
+    values: dict[str, Any],
+    described: Mapping[str, str] | None = None,
+    prefix: str = "",
 ) -> M:
     """``model`` validated strictly from ``values``, or a :class:`ConfigError` with one line for
-    the first problem.
+    the first problem; ``prefix`` comes before each field's name in it (a nested table's
+    fields: ``prefix="modifiers.grow."``).
 
     Strict: no conversions (``true`` or ``1.0`` is not an integer, ``"1"`` not a number), no
     ``inf``/``nan``, no repeated list entries. A cross-field rule (a ``model_validator`` raising
@@ -90,7 +106,7 @@ def validate(
         raise ConfigError(f"a config must be a table of fields (got {type(values).__name__})")
     values = {k: _as_list(model, k, v) for k, v in values.items()}
     for name, value in values.items():
-        if name in model.model_fields and (why := _lenient(name, value)) is not None:
+        if name in model.model_fields and (why := lenient(prefix + name, value)) is not None:
             raise ConfigError(why)
     try:
         return model.model_validate(dict(values), strict=True)
@@ -101,13 +117,15 @@ def validate(
         name = str(first["loc"][0])
         if first["type"] == "extra_forbidden":
             known = ", ".join(model.model_fields)
-            raise ConfigError(f"unknown config field {name!r}; known fields: {known}") from None
+            raise ConfigError(
+                f"unknown config field {prefix + name!r}; known fields: {known}"
+            ) from None
         if first["type"] == "value_error" and not (described and name in described):
             msg = str(first["msg"]).removeprefix("Value error, ")
             raise ConfigError(msg.splitlines()[0]) from None
         got = values.get(name, first.get("input"))
         raise ConfigError(
-            f"{name} must be {allowed(model, name, described)} (got {got!r:.200})"
+            f"{prefix}{name} must be {allowed(model, name, described)} (got {got!r:.200})"
         ) from None
 
 
@@ -194,7 +212,12 @@ def _as_list(model: type[BaseModel], name: str, value: Any) -> Any:
     kinds = (annotation, *typing.get_args(annotation))
     if not any(typing.get_origin(k) is list for k in kinds):
         return value
-    return [_scalar(t.strip()) for t in value.split(",") if t.strip()]
+    return split(value)
+
+
+def split(text: str) -> list[Any]:
+    """A list given as ``a,b`` (or one bare ``a``): its comma-separated items."""
+    return [_scalar(t.strip()) for t in text.split(",") if t.strip()]
 
 
 _DECIMAL = re.compile(r"[+-]?(0|[1-9](_?[0-9])*)")

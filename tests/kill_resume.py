@@ -24,8 +24,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 CRASH_AT = str(HERE / "crash_at.py")
 RUN = [
-    "steps=120", "cycle=20", "lookahead=5", "width=8", "max_width=32", "guard_size=100",
-    "replay_size=200", "compare_fixed=false", "keep_checkpoints=10",
+    "steps=120", "cycle=20", "lookahead=5", "width=8",
+    "modifiers.grow.max_width=32", "guard_size=100", "replay_size=200", "compare_fixed=false",
+    "keep_checkpoints=10",
 ]  # fmt: skip
 #: the files a run writes (name fragments), each a place to die in
 FILES = [

@@ -72,8 +72,8 @@ def test_growth_criterion_proposal_matches_a_hand_computation_and_keeps_the_func
         g = p[f"{cons}.weight"].grad.norm(dim=0)  # fan-out gradient per unit
         ref = (g / p[f"{prod}.weight"].norm(dim=1)).mean()
         width = p[f"{prod}.weight"].shape[0]
-        room = min(math.ceil(cfg.grow_fraction * width), cfg.max_width - width)
-        expected.append(min(int((sigma > cfg.grow_threshold * ref).sum()), room))
+        room = min(math.ceil(grow.settings.grow_fraction * width), grow.settings.max_width - width)
+        expected.append(min(int((sigma > grow.settings.grow_threshold * ref).sum()), room))
     assert proposal.surgery["add"] == expected and any(expected), (proposal.surgery, expected)
     # the new fan-in rows are the top right singular vectors of M (up to sign)
     m0 = o2.grad.T @ h0
@@ -174,7 +174,7 @@ def test_l0_pruning_removes_exactly_the_closed_gates_and_keeps_the_function():
     h["gate0.log_alpha"], h["gate1.log_alpha"] = la0, la1
     run.state = type(run.state)(**{**run.state.__dict__, "params": h})
     assert int((arch.hard_concrete_eval(la0) == 0).sum()) == 3
-    prune = Prune.from_config(run.config.model_copy(update={"prune_fraction": 0.5}))
+    prune = Prune(run.config.settings_of("prune").model_copy(update={"prune_fraction": 0.5}))
     (proposal,), _ = prune.propose(_context(run), {})
     assert proposal.surgery["remove"] == [[1, 4, 6], [2]]
     pruned = prune.apply(proposal, run.state, run.problem)
@@ -184,7 +184,7 @@ def test_l0_pruning_removes_exactly_the_closed_gates_and_keeps_the_function():
         _eval_out(run, pruned, gx), _eval_out(run, run.state, gx), atol=1e-6, rtol=0
     )
     # at most prune_fraction of a layer per cycle
-    capped = Prune.from_config(run.config.model_copy(update={"prune_fraction": 0.25}))
+    capped = Prune(run.config.settings_of("prune").model_copy(update={"prune_fraction": 0.25}))
     (p2,), _ = capped.propose(_context(run), {})
     assert p2.surgery["remove"] == [[1, 4], [2]]  # int(0.25 * 8) = 2 per layer
 
@@ -224,7 +224,7 @@ def test_the_budget_controller_raises_lambda_while_over_max_params():
     mu = BUDGET_LR * v + BUDGET_KP * v  # one PI step from 0
     assert float(memory["multiplier"]) == pytest.approx(mu, rel=1e-6)
     lam = float(proposal.hparams["l0_lambda"])
-    assert lam == pytest.approx(run.config.l0_strength + mu, rel=1e-6)
+    assert lam == pytest.approx(run.config.settings_of("prune").l0_strength + mu, rel=1e-6)
     # under budget: no multiplier, no proposal
     free = _gated_run(max_params=10**6)
     assert Prune.from_config(free.config).propose(_context(free), {})[0] == []

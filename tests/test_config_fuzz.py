@@ -21,6 +21,10 @@ from selfmod.runs.config import validate as validate_train
 from selfmod.validation import ConfigError
 from selfmod.validation import validate as validate_model
 
+#: the flat spelling of a modifier's setting is fuzzed too; its deprecation line is expected
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::selfmod.introspect.config.ConfigDeprecationWarning"
+)
 FUZZ = settings(
     max_examples=500,
     derandomize=True,
@@ -83,6 +87,8 @@ def _check(model: type[BaseModel], build) -> None:
         assert text and "\n" not in text and "\r" not in text, text
         return
     _in_range(model, cfg)
+    for table in getattr(cfg, "modifier_settings", {}).values():  # each modifier's table
+        _in_range(type(table), table)
 
 
 LOADERS = {
@@ -96,10 +102,21 @@ LOADERS = {
 }
 
 
+#: names beyond a loader's fields: the train config's group tables, modifier tables and their
+#: dotted and flat (deprecated) spellings
+MORE = {
+    "train": [
+        "verify", "verify.epsilon", "budget", "budget.params", "modifiers.use", "modifiers.grow",
+        "modifiers.grow.max_width", "modifiers.grow.every", "modifiers.online_lr.every",
+        "modifiers.magic.x", "modifier_settings.grow", "max_width", "regularize", "a..b",
+    ],
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("loader", sorted(LOADERS))
 def test_any_value_of_any_field_is_accepted_in_range_or_one_line(loader):
     model, from_values, _ = LOADERS[loader]
-    fields = st.sampled_from([*model.model_fields, "colour"])
+    fields = st.sampled_from([*model.model_fields, "colour", *MORE.get(loader, [])])
 
     @FUZZ
     @given(name=fields, value=values)
@@ -112,7 +129,7 @@ def test_any_value_of_any_field_is_accepted_in_range_or_one_line(loader):
 @pytest.mark.parametrize("loader", sorted(LOADERS))
 def test_any_set_override_is_accepted_in_range_or_one_line(loader):
     model, _, from_overrides = LOADERS[loader]
-    fields = st.sampled_from([*model.model_fields, "colour"])
+    fields = st.sampled_from([*model.model_fields, "colour", *MORE.get(loader, [])])
 
     @FUZZ
     @given(name=fields, text=texts)

@@ -286,7 +286,10 @@ def test_a_run_saved_before_factorize_was_a_default_resumes_without_it():
 
     now = TrainConfig(**FAST).model_dump(mode="json")
     assert now["modifiers"] is None and saved_config(now).modifiers is None  # defaults, as saved
-    old = {k: v for k, v in now.items() if not k.startswith("factorize_")}  # an older run
+    # an older run: its config.json flat (before the modifier tables), without factorize's fields
+    tables = now.pop("modifier_settings")
+    flat = {k: v for name, t in tables.items() if name != "factorize" for k, v in t.items()}
+    old = {**now, **flat}
     names = saved_config(old).modifiers
     assert "factorize" not in names and {"lr", "grow", "prune"} <= set(names)
     named = {**old, "modifiers": ["lr", "grow"]}  # a run that named its modifiers keeps them

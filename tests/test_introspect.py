@@ -99,7 +99,7 @@ def test_trust_region_bounds_every_hyperparameter_step():
             assert (v - run.hparams[k]).abs().max() <= 0.1 + 1e-6, p.modifier
         if p.modifier == "grow":
             assert all(
-                a <= math.ceil(cfg.grow_fraction * w)
+                a <= math.ceil(cfg.settings_of("grow").grow_fraction * w)
                 for a, w in zip(p.surgery["add"], run.widths(), strict=True)
             )
 

@@ -19,7 +19,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         "steps=300",
         "cycle=30",
         "lookahead=5",
-        "max_width=32",
+        "modifiers.grow.max_width=32",
         "shift_step=150",
         f"out={tmp_path / 'runs'}",
     ]

@@ -29,8 +29,9 @@ from selfmod.runs.lock import RunLockedError, run_lock
 
 SELFMOD = [sys.executable, "-m", "selfmod.cli"]
 SMALL = [
-    "steps=80", "cycle=20", "lookahead=5", "width=8", "max_width=32", "guard_size=100",
-    "replay_size=200", "compare_fixed=false", "keep_checkpoints=10",
+    "steps=80", "cycle=20", "lookahead=5", "width=8",
+    "modifiers.grow.max_width=32", "guard_size=100", "replay_size=200", "compare_fixed=false",
+    "keep_checkpoints=10",
 ]  # fmt: skip
 
 

@@ -169,7 +169,7 @@ class Workload:
             "batch_size": BATCH,
             "width": point.width,
             "model": self.model,
-            "max_width": max(point.width, self.space["width"][1]),
+            "modifiers.grow.max_width": max(point.width, self.space["width"][1]),
             "depth": DEPTH,
             "lr": point.lr[0],
             "momentum": point.momentum,

@@ -105,8 +105,8 @@ SELFMOD_CONFIG: dict[str, Any] = {
     "lr": 3e-3,
     "cycle": 50,
     "lookahead": 5,
-    "lr_mean": "rising",
-    "max_width": 256,  # the growth cap it was chosen with (the library's default then: 384 now)
+    "modifiers.lr.lr_mean": "rising",
+    "modifiers.grow.max_width": 256,  # the growth cap chosen with (the default then; 384 now)
 }
 
 
@@ -270,7 +270,7 @@ def fit_selfmod(work: Workload, seed: int, config: dict[str, Any] | None = None)
         "guard_size": min(2000, len(work.val[1])),
         "checkpoint_every": 1000,
         "report": False,
-        "min_batch": min(32, work.batch),  # the batch-size modifier's floor
+        "modifiers.batch_size.min_batch": min(32, work.batch),  # the modifier's floor
     }
     start = time.perf_counter()
     torch.manual_seed(seed)

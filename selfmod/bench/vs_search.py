@@ -41,8 +41,9 @@ from selfmod.files import atomic_write_bytes, atomic_write_text
 #: regularisation in 10 cycles.
 SELFMOD_SETTINGS = {
     "cycle": 200,
-    "gap_gain": 1.0,
-    "lr_mean": "fixed",
+    "modifiers.weight_decay.gap_gain": 1.0,
+    "modifiers.dropout.gap_gain": 1.0,
+    "modifiers.lr.lr_mean": "fixed",
     "modifiers": ["lr", "weight_decay", "dropout", "grow", "prune"],
 }
 

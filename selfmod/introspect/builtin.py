@@ -76,17 +76,13 @@ def builtin_module(
 def uses_gates(cfg: Any) -> bool:
     """Whether the built-in model gets L0 gates: pruning is on (named or by default) and by
     ``prune_rule = "l0"``."""
-    pruning = cfg.modifiers is None or "prune" in cfg.modifiers
-    return bool(pruning and getattr(cfg, "prune_rule", "") == "l0")
+    return "prune" in cfg.chosen() and cfg.settings_of("prune").prune_rule == "l0"
 
 
 def uses_factorable(cfg: Any) -> bool:
     """Whether the built-in MLP gets factorable hidden-to-hidden layers: the run has the
     ``factorize`` modifier (named, or on by default when the run names none)."""
-    from selfmod.introspect.modifiers import default_names
-
-    names = cfg.modifiers if cfg.modifiers is not None else default_names()
-    return cfg.model == "mlp" and "factorize" in names
+    return cfg.model == "mlp" and "factorize" in cfg.chosen()
 
 
 def builtin_splits(cfg: Any) -> list[Split]:

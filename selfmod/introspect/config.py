@@ -1,20 +1,39 @@
-"""The self-modifying run's configuration: the run's own fields (:class:`RunConfig`) plus every
-registered modifier's settings (each modifier's ``Settings`` model, declared in its own file),
-composed into one validated :class:`TrainConfig`.
+"""The self-modifying run's configuration, grouped by concern.
+
+The run's own fields are declared in small groups (``[run]``, ``[problem]``, ``[start]``,
+``[meta]``, ``[verify]``, ``[budget]``, ``[approve]``, ``[shift]``, ``[output]``) and read flat
+(``cfg.lr``, ``cfg.cycle``); a TOML file may set them at the top level or in their group's
+table. Each modifier's settings live in their own table, validated by that modifier's
+``Settings`` model and read with :meth:`TrainConfig.settings_of`::
+
+    steps = 6000                       # a run field at the top level ...
+    [verify]                           # ... or in its group's table
+    epsilon = 0.01
+    [modifiers]
+    use = ["lr", "grow"]               # the chosen ones (no tables: modifiers = ["lr", "grow"])
+    [modifiers.grow]
+    every = 2                          # every 2nd cycle (per-step modifiers: "step")
+    max_width = 384
+
+``--set`` takes the same dotted names: ``--set modifiers.grow.max_width=384``. A modifier's
+setting written flat (``max_width = 384``, the spelling before the tables) still works and
+prints one :class:`ConfigDeprecationWarning` naming the new spelling.
 
 Every field has a range; a bad value is reported in one line that names the field and what is
-allowed, e.g. ``steps must be an integer in [1, 1000000] (got -5)``.
+allowed, e.g. ``modifiers.grow.max_width must be an integer in [1, 8192] (got 0)``.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from selfmod.introspect.hparams import OPTIMIZERS, OptimizerName
-from selfmod.introspect.modifiers import registry
-from selfmod.validation import check_out_dir
+from selfmod.introspect.modifiers import default_names, registry
+from selfmod.validation import ConfigError, check_out_dir, dotted, lenient, split, validate
 
 #: most cycles between two runs of a per-cycle modifier
 MAX_EVERY = 1000
@@ -23,6 +42,10 @@ MODELS = ("mlp", "cnn")
 DATA = ("mnist1d", "digits")
 LOSSES = ("cross_entropy", "mse")
 IMPORT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """A config spelling that still works but will go (shown by default, once per spelling)."""
 
 
 def modifier_names() -> tuple[str, ...]:
@@ -41,18 +64,30 @@ def _named(builtins: tuple[str, ...], what: str) -> str:
     return " | ".join(f'"{b}"' for b in builtins) + f' | "package.module:callable" ({what})'
 
 
-class RunConfig(BaseModel):
-    """``selfmod train``: a model that tunes its own hyperparameters and architecture.
+_FIELDS = ConfigDict(extra="forbid", frozen=True)
 
-    The defaults train an MLP on MNIST-1D from a deliberately poor start (learning rate 100x too
-    small, 8 hidden units per layer, no regularization) so that the run has something to fix.
-    """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class RunFields(BaseModel):
+    """[run]: what is run, where and how reproducibly."""
+
+    model_config = _FIELDS
 
     seed: int = Field(0, ge=0, le=2**31 - 1, description="drives torch, numpy and Python RNGs")
     steps: int = Field(6000, ge=1, le=1_000_000, description="base training steps")
-    batch_size: int = Field(128, ge=1, le=4000, description="initial batch size")
+    compare_fixed: bool = Field(True, description="also train the fixed configuration")
+    deterministic: bool = Field(True, description="torch deterministic algorithms")
+    device: str = Field(
+        "cpu", pattern=r"^(cpu|cuda|auto|cuda:\d+)$", description='"cpu", "cuda", "cuda:N", "auto"'
+    )
+    dtype: Literal["float32", "float64"] = "float32"
+    threads: int = Field(1, ge=1, le=256, description="torch CPU threads (small models: 1)")
+
+
+class ProblemFields(BaseModel):
+    """[problem]: the model, its data and loss, and the initial shape."""
+
+    model_config = _FIELDS
+
     model: str = Field(
         "mlp",
         pattern=f"^(mlp|cnn)$|{IMPORT_PATTERN}",
@@ -71,23 +106,30 @@ class RunConfig(BaseModel):
     metric: Literal["auto", "accuracy", "loss"] = Field(
         "auto", description="auto: accuracy for integer targets, else the loss"
     )
-    optimizer: OptimizerName = Field("sgd", description=", ".join(OPTIMIZERS))
     width: int = Field(8, ge=1, le=4096, description="built-in models: initial units per layer")
     depth: int = Field(2, ge=1, le=8, description="built-in models: hidden layers")
+    batch_size: int = Field(128, ge=1, le=4000, description="initial batch size")
+
+
+class StartFields(BaseModel):
+    """[start]: the optimizer and the hyperparameters' starting values."""
+
+    model_config = _FIELDS
+
+    optimizer: OptimizerName = Field("sgd", description=", ".join(OPTIMIZERS))
     lr: float = Field(1e-3, gt=0, le=10, description="initial learning rate of every tensor")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd")
     beta1: float = Field(0.9, gt=0, lt=1, description="adam, adamw")
     beta2: float = Field(0.999, gt=0, lt=1, description="adam, adamw")
     weight_decay: float = Field(1e-5, ge=0, le=1, description="initial L2 coefficient")
     dropout: float = Field(0.02, ge=0, lt=1, description="initial concrete-dropout rate")
-    modifiers: list[str] | None = Field(
-        None, description="what the run may change; omitted: every default one that applies"
-    )
-    schedule: dict[str, int | str] = Field(
-        default_factory=dict,
-        description='when each modifier runs: N (every N-th cycle), "cycle" (= 1) or "step" '
-        "(per-step modifiers); omitted: every cycle, per-step ones every step",
-    )
+
+
+class MetaFields(BaseModel):
+    """[meta]: the cycle and its meta-gradient."""
+
+    model_config = _FIELDS
+
     cycle: int = Field(100, ge=1, le=100_000, description="base steps between cycles")
     lookahead: int = Field(20, ge=1, le=1000, description="inner steps K of each meta-gradient")
     estimator: Literal["reverse", "checkpointed", "truncated", "forward"] = "reverse"
@@ -100,6 +142,34 @@ class RunConfig(BaseModel):
     )
     meta_lr: float = Field(0.5, gt=0, le=10, description="step on log hyperparameters")
     trust_region: float = Field(0.7, gt=0, le=10, description="max |change of log h| per cycle")
+
+
+class VerifyFields(BaseModel):
+    """[verify]: what a change must keep to be committed."""
+
+    model_config = _FIELDS
+
+    safeguards: bool = Field(
+        True,
+        description="verify changes and roll back on NaN/divergence; false: commit every "
+        "proposal unchecked and let a non-finite loss end the run (for comparisons only)",
+    )
+    epsilon: float = Field(0.01, ge=0, le=1, description="relative guard-loss tolerance")
+    forgetting_delta: float = Field(0.05, ge=0, le=1, description="max accuracy drop on old data")
+    guard_size: int = Field(500, ge=10, le=2000, description="train examples held out as guard")
+    verify_on: Literal["held_out", "shared"] = Field(
+        "held_out",
+        description="held_out: half the guard proposes (probes, meta-gradients), the other half "
+        "verifies; shared: one guard set does both",
+    )
+    replay_size: int = Field(1000, ge=10, le=100_000, description="replayed train examples kept")
+
+
+class BudgetFields(BaseModel):
+    """[budget]: invariants on the model's size and cost (also as params, flops, memory)."""
+
+    model_config = _FIELDS
+
     max_params: int = Field(1_000_000, ge=1, le=10**9, description="parameter budget")
     max_flops: int = Field(0, ge=0, le=10**15, description="FLOPs-per-example budget (0: none)")
     max_memory: int = Field(
@@ -108,8 +178,13 @@ class RunConfig(BaseModel):
         le=10**13,
         description="memory budget in bytes: parameters + activations per example (0: none)",
     )
-    epsilon: float = Field(0.01, ge=0, le=1, description="relative guard-loss tolerance")
-    forgetting_delta: float = Field(0.05, ge=0, le=1, description="max accuracy drop on old data")
+
+
+class ApproveFields(BaseModel):
+    """[approve]: who commits a verified change."""
+
+    model_config = _FIELDS
+
     approval: Literal["auto", "manual"] = Field(
         "auto", description="manual: verified changes wait for selfmod approve"
     )
@@ -120,46 +195,92 @@ class RunConfig(BaseModel):
         description="manual approval: a change proposed at cycle c is applied only at a cycle "
         "<= c + 1 + approval_expiry; later it expires (the run has moved on)",
     )
-    safeguards: bool = Field(
-        True,
-        description="verify changes and roll back on NaN/divergence; false: commit every "
-        "proposal unchecked and let a non-finite loss end the run (for comparisons only)",
-    )
-    guard_size: int = Field(500, ge=10, le=2000, description="train examples held out as guard")
-    verify_on: Literal["held_out", "shared"] = Field(
-        "held_out",
-        description="held_out: half the guard proposes (probes, meta-gradients), the other half "
-        "verifies; shared: one guard set does both",
-    )
-    replay_size: int = Field(1000, ge=10, le=100_000, description="replayed train examples kept")
-    checkpoint_every: int = Field(1, ge=1, le=100_000, description="cycles between checkpoints")
-    keep_checkpoints: int = Field(3, ge=1, le=1000)
+
+
+class ShiftFields(BaseModel):
+    """[shift]: a change of data distribution mid-run (built-in MNIST-1D)."""
+
+    model_config = _FIELDS
+
     shift_step: int = Field(0, ge=0, le=1_000_000, description="step of a data shift (0: none)")
     shift_noise: float = Field(0.5, ge=0, le=10, description="noise scale after the shift")
     shift_translation: int = Field(60, ge=0, le=200, description="max translation after shift")
-    compare_fixed: bool = Field(True, description="also train the fixed configuration")
-    report: bool = Field(
-        True,
-        description="write report.html when the run ends (matplotlib plots, about 1 s); false "
-        "for sweeps: selfmod report DIR writes it later from the run's history and ledger",
-    )
-    deterministic: bool = Field(True, description="torch deterministic algorithms")
-    device: str = Field(
-        "cpu", pattern=r"^(cpu|cuda|auto|cuda:\d+)$", description='"cpu", "cuda", "cuda:N", "auto"'
-    )
-    dtype: Literal["float32", "float64"] = "float32"
+
+
+class OutputFields(BaseModel):
+    """[output]: the run directory and what is written to it."""
+
+    model_config = _FIELDS
+
     out: str = Field("runs", min_length=1, description="folder for run directories")
     run_id: str = Field(
         "",
         pattern=r"^[0-9a-f]{0,32}$",
         description="set when the run directory is made; binds its checkpoints to it",
     )
-    threads: int = Field(1, ge=1, le=256, description="torch CPU threads (small models: 1)")
+    checkpoint_every: int = Field(1, ge=1, le=100_000, description="cycles between checkpoints")
+    keep_checkpoints: int = Field(3, ge=1, le=1000)
+    report: bool = Field(
+        True,
+        description="write report.html when the run ends (matplotlib plots, about 1 s); false "
+        "for sweeps: selfmod report DIR writes it later from the run's history and ledger",
+    )
 
     @field_validator("out")
     @classmethod
     def _out(cls, value: str) -> str:
         return check_out_dir(value)
+
+
+#: the run's fields by concern: a TOML table of the group's name may set them
+GROUPS: dict[str, type[BaseModel]] = {
+    "run": RunFields,
+    "problem": ProblemFields,
+    "start": StartFields,
+    "meta": MetaFields,
+    "verify": VerifyFields,
+    "budget": BudgetFields,
+    "approve": ApproveFields,
+    "shift": ShiftFields,
+    "output": OutputFields,
+}
+#: ``budget = {params = N, flops = N, memory = N}``: the budget table's short names
+BUDGET_KEYS = {"params": "max_params", "flops": "max_flops", "memory": "max_memory"}
+
+
+class TrainConfig(
+    OutputFields,
+    ShiftFields,
+    ApproveFields,
+    BudgetFields,
+    VerifyFields,
+    MetaFields,
+    StartFields,
+    ProblemFields,
+    RunFields,
+):
+    """``selfmod train``: a model that tunes its own hyperparameters and architecture.
+
+    The defaults train an MLP on MNIST-1D from a deliberately poor start (learning rate 100x too
+    small, 8 hidden units per layer, no regularization) so that the run has something to fix.
+    """
+
+    model_config = _FIELDS
+
+    modifiers: list[str] | None = Field(
+        None, description="what the run may change; omitted: every default one that applies"
+    )
+    schedule: dict[str, int | str] = Field(
+        default_factory=dict,
+        description='when each modifier runs: N (every N-th cycle), "cycle" (= 1) or "step" '
+        "(per-step modifiers); omitted: every cycle, per-step ones every step; in TOML: "
+        "every = N in the modifier's table",
+    )
+    modifier_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="each registered modifier's validated Settings by name (its [modifiers.NAME] "
+        "table); read with settings_of(name)",
+    )
 
     @field_validator("modifiers", mode="before")
     @classmethod
@@ -182,46 +303,50 @@ class RunConfig(BaseModel):
         mods = registry()
         out: dict[str, int | str] = {}
         for name, every in value.items():
-            if name not in mods:
+            if name not in mods or (ok := _every(mods[name].per_step, every)) is None:
                 raise ValueError(schedule_allowed())
-            if mods[name].per_step:
-                ok = every == "step"
-            else:
-                every = 1 if every == "cycle" else every
-                ok = type(every) is int and 1 <= every <= MAX_EVERY
-            if not ok:
-                raise ValueError(schedule_allowed())
-            out[name] = every
+            out[name] = ok
         return out
-
-    def every(self, modifier: str) -> int:
-        """Cycles between two runs of a per-cycle ``modifier`` (its ``schedule``; default 1)."""
-        every = self.schedule.get(modifier, 1)
-        return every if isinstance(every, int) else 1
 
     @model_validator(mode="before")
     @classmethod
-    def _budget(cls, values: Any) -> Any:
-        """``budget = {params = N, flops = N, memory = N}`` sets ``max_params``,
-        ``max_flops`` and ``max_memory`` (one table for the three invariants)."""
-        if not isinstance(values, dict) or "budget" not in values:
+    def _tables(cls, values: Any) -> Any:
+        """Any spelling (:func:`canonical`) to the fields: the ``modifiers`` table's ``use`` to
+        ``modifiers``, its tables' ``every`` to ``schedule``, the rest of each table to
+        ``modifier_settings``, validated by that modifier's ``Settings``."""
+        if not isinstance(values, Mapping):
             return values
-        table = values["budget"]
-        keys = {"params": "max_params", "flops": "max_flops", "memory": "max_memory"}
-        if not isinstance(table, dict) or any(k not in keys for k in table):
-            raise ValueError(
-                "budget must be a table with keys params, flops, memory "
-                "(e.g. budget = {params = 60000})"
-            )
-        out = {k: v for k, v in values.items() if k != "budget"}
-        for k, v in table.items():
-            if keys[k] in out and out[keys[k]] != v:
-                raise ValueError(f"budget.{k} and {keys[k]} disagree; set one of them")
-            out[keys[k]] = v
+        out, flat = canonical(values)
+        tables = out.pop("modifiers", {})
+        if not isinstance(tables, Mapping):
+            out["modifiers"], tables = tables, {}
+        elif "use" in tables:
+            use = tables["use"]
+            out["modifiers"] = split(use) if isinstance(use, str) else use
+        settings, every = {}, {}
+        for name, table in tables.items():
+            if name != "use":
+                settings[name] = {k: v for k, v in table.items() if k != "every"}
+                if "every" in table:
+                    every[name] = _checked_every(name, table["every"])
+        if every:
+            given = out.get("schedule", {})
+            for name, n in every.items():
+                if isinstance(given, Mapping) and name in given and given[name] != n:
+                    raise ConfigError(
+                        f"modifiers.{name}.every and schedule.{name} disagree; set one of them"
+                    )
+            out["schedule"] = {**given, **every} if isinstance(given, Mapping) else given
+        for name, value in out.items():
+            if name in cls.model_fields and (why := lenient(name, value)) is not None:
+                raise ValueError(why)
+        out["modifier_settings"] = _validated(settings)
+        if flat:
+            deprecated(flat)
         return out
 
     @model_validator(mode="after")
-    def _consistent(self) -> RunConfig:
+    def _consistent(self) -> TrainConfig:
         if self.lookahead > self.cycle:
             raise ValueError(f"lookahead must be <= cycle ({self.cycle}) (got {self.lookahead})")
         if self.meta_horizon and self.estimator not in ("reverse", "checkpointed"):
@@ -229,31 +354,242 @@ class RunConfig(BaseModel):
                 f'meta_horizon needs estimator = "reverse" or "checkpointed" (got '
                 f"{self.estimator!r}); set meta_horizon = 0 for the others"
             )
-        for cls in registry().values():  # each modifier checks its settings against the run's
-            cls.check_config(self)
+        mods = registry()
+        for name in self.chosen():  # each chosen modifier checks its settings against the run's
+            mods[name].check_config(self)
         return self
 
+    def chosen(self) -> list[str]:
+        """The modifiers the run may have: ``modifiers``, or (naming none) every registered
+        default one (those that do not apply to the problem are skipped when the run starts)."""
+        return list(self.modifiers) if self.modifiers is not None else default_names()
 
-def _compose() -> type[RunConfig]:
-    """``RunConfig`` plus every registered modifier's settings fields (names must be unique,
-    or the same field shared by several modifiers)."""
-    fields: dict[str, Any] = {}
-    owners: dict[str, str] = {}
-    for name, cls in registry().items():
-        for field_name, info in cls.Settings.model_fields.items():
-            if field_name in RunConfig.model_fields:
-                raise ValueError(f"modifier {name}: setting {field_name!r} is a run field")
-            if field_name in fields and fields[field_name][1] is not info:
-                raise ValueError(
-                    f"modifier {name}: setting {field_name!r} is also {owners[field_name]}'s"
+    def every(self, modifier: str) -> int:
+        """Cycles between two runs of a per-cycle ``modifier`` (its ``every``; default 1)."""
+        every = self.schedule.get(modifier, 1)
+        return every if isinstance(every, int) else 1
+
+    def settings_of(self, modifier: str) -> BaseModel:
+        """``modifier``'s validated ``Settings`` (its ``[modifiers.NAME]`` table); a modifier
+        registered after this config was made has its defaults."""
+        if modifier in self.modifier_settings:
+            return self.modifier_settings[modifier]
+        cls = registry().get(modifier)
+        if cls is None:
+            raise KeyError(f"no modifier named {modifier!r}; modifiers: {', '.join(registry())}")
+        return cls.Settings()
+
+    def __getattr__(self, name: str) -> Any:
+        """A modifier's setting read flat (``cfg.max_width``): deprecated, use
+        :meth:`settings_of`."""
+        settings = self.__dict__.get("modifier_settings") if not name.startswith("_") else None
+        for modifier, values in (settings or {}).items():
+            if name in type(values).model_fields:
+                warnings.warn(
+                    f"cfg.{name} is deprecated; read cfg.settings_of({modifier!r}).{name}",
+                    DeprecationWarning,
+                    stacklevel=2,
                 )
-            fields[field_name] = (info.annotation, info)
-            owners[field_name] = name
-    return create_model("TrainConfig", __base__=RunConfig, **fields)  # type: ignore[call-overload]
+                return getattr(values, name)
+        return super().__getattr__(name)  # type: ignore[misc]
 
 
-TrainConfig = _compose()
-TrainConfig.__doc__ = RunConfig.__doc__
+def _every(per_step: bool, every: Any) -> int | str | None:
+    """A modifier's ``every`` normalized (``"cycle"`` is 1), or ``None`` if not allowed."""
+    if per_step:
+        return every if every == "step" else None
+    every = 1 if every == "cycle" else every
+    return every if type(every) is int and 1 <= every <= MAX_EVERY else None
+
+
+def owners() -> dict[str, list[str]]:
+    """Each modifier setting's name -> the modifiers whose ``Settings`` have it (the flat,
+    deprecated spelling sets it in each); names of run fields and groups are never flat
+    settings."""
+    out: dict[str, list[str]] = {}
+    for name, cls in registry().items():
+        for field in cls.Settings.model_fields:
+            if field not in TrainConfig.model_fields and field not in GROUPS:
+                out.setdefault(field, []).append(name)
+    return out
+
+
+def canonical(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``values`` in one spelling, the TOML one, and the flat modifier settings found (in
+    order).
+
+    Dotted keys (``verify.epsilon``, ``modifiers.grow.max_width``) are nested; group tables
+    (``[verify]``) flattened to the run's fields; each modifier's settings gathered in the
+    ``modifiers`` table (``{"use": [...], "grow": {"every": 2, "max_width": 384}}``), from there,
+    from ``modifier_settings`` (a saved config) or given flat (``max_width``, deprecated). The
+    ``modifiers`` value stays a plain list where no table is given. A value given twice in two
+    spellings must agree. Idempotent.
+    """
+    reg, flat_owners = registry(), owners()
+    out: dict[str, Any] = {}
+    tables: dict[str, dict[str, Any]] = {}
+    flat: list[str] = []
+    use: list[Any] = []  # [the chosen names], when given
+
+    origin: dict[str, str] = {}  # where each field was given
+
+    def put(field: str, value: Any, where: str) -> None:
+        if field in out and out[field] != value:
+            raise ConfigError(f"{where} and {origin[field]} disagree; set one of them")
+        out[field], origin[field] = value, where
+
+    def put_setting(modifier: str, key: str, value: Any, where: str) -> None:
+        table = tables.setdefault(modifier, {})
+        if key in table and table[key] != value:
+            raise ConfigError(
+                f"{where} and {dotted('modifiers', modifier, key)} disagree; set one of them"
+            )
+        table[key] = value
+
+    def put_table(prefix: str, name: str, table: Any) -> None:
+        if name not in reg:
+            raise ConfigError(
+                f"{dotted(prefix, name)}: no modifier of that name ({prefix}.use names the chosen "
+                f"ones, {prefix}.NAME holds one's settings); modifiers: {', '.join(reg)}"
+            )
+        table = table.model_dump() if isinstance(table, BaseModel) else table
+        if not isinstance(table, Mapping):
+            raise ConfigError(
+                f"{dotted(prefix, name)} must be a table of {name}'s settings (got {table!r:.80})"
+            )
+        for k, v in table.items():
+            put_setting(name, k, v, dotted(prefix, name, k))
+
+    for key, value in _nest(values).items():
+        if key in GROUPS:
+            for field, v in _group(key, value).items():
+                put(field, v, f"{key}.{field}")
+        elif key == "modifiers" and isinstance(value, Mapping):
+            for name, table in value.items():
+                if name == "use":
+                    use.append(table)
+                else:
+                    put_table("modifiers", name, table)
+        elif key == "modifiers":
+            use.append(value)
+        elif key == "modifier_settings":
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"modifier_settings must be a table of modifier = its settings table "
+                    f"(got {value!r:.80})"
+                )
+            for name, table in value.items():
+                put_table("modifier_settings", name, table)
+        elif key in TrainConfig.model_fields or key not in flat_owners:
+            put(key, value, key)  # a field, or unknown (the model refuses it by name)
+        else:
+            flat.append(key)
+            for name in flat_owners[key]:
+                put_setting(name, key, value, key)
+    if len(use) > 1 and use[0] != use[1]:
+        raise ConfigError("modifiers and modifiers.use disagree; set one of them")
+    if tables or (use and isinstance(use[0], Mapping)):
+        out["modifiers"] = {**({"use": use[0]} if use else {}), **tables}
+    elif use:
+        out["modifiers"] = use[0]
+    return out, flat
+
+
+def _nest(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys as nested tables: ``{"a.b": 1}`` -> ``{"a": {"b": 1}}``; a ``modifiers``
+    list given beside ``modifiers.NAME.KEY`` becomes the table's ``use``."""
+    out = {k: v for k, v in values.items() if "." not in k}
+    for key, value in values.items():
+        if "." not in key:
+            continue
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"config key {key!r} has an empty part")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part, {})
+            if i == 0 and part == "modifiers" and not isinstance(child, Mapping):
+                child = {"use": child}
+            if not isinstance(child, Mapping):
+                raise ConfigError(f"{dotted(*parts[: i + 1])} is not a table (in {key!r})")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _group(name: str, table: Any) -> dict[str, Any]:
+    """A group's table as fields (``[budget]`` also takes ``params``, ``flops``, ``memory``)."""
+    fields = GROUPS[name].model_fields
+    aliases = BUDGET_KEYS if name == "budget" else {}
+    known = ", ".join([*fields, *aliases])
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{name} must be a table of its fields: {known} (got {table!r:.80})")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        field = aliases.get(key, key)
+        if field not in fields:
+            raise ConfigError(f"unknown config field {dotted(name, key)!r}; {name} has: {known}")
+        if field in out and out[field] != value:
+            raise ConfigError(f"{name}.{key} and {name}.{field} disagree; set one of them")
+        out[field] = value
+    return out
+
+
+def _checked_every(modifier: str, value: Any) -> int | str:
+    """A table's ``every``, normalized, or one line saying what is allowed."""
+    ok = _every(registry()[modifier].per_step, value)
+    if ok is None:
+        allowed = (
+            '"step" (a per-step modifier)'
+            if registry()[modifier].per_step
+            else f'an integer in [1, {MAX_EVERY}] (every N-th cycle) or "cycle" (= 1)'
+        )
+        raise ConfigError(f"modifiers.{modifier}.every must be {allowed} (got {value!r:.80})")
+    return ok
+
+
+def _validated(tables: Mapping[str, Any]) -> dict[str, BaseModel]:
+    """Every registered modifier's ``Settings`` from its table (defaults where it has none)."""
+    reg = registry()
+    if not isinstance(tables, Mapping):
+        raise ConfigError("modifier_settings must be a table of modifier = its settings")
+    for name in tables:
+        if name not in reg:
+            raise ConfigError(
+                f"modifiers.{name}: no modifier of that name is registered; modifiers: "
+                + ", ".join(reg)
+            )
+    out: dict[str, BaseModel] = {}
+    for name, cls in reg.items():
+        table = tables.get(name, {})
+        if isinstance(table, cls.Settings):
+            out[name] = table
+        else:
+            table = table.model_dump() if isinstance(table, BaseModel) else dict(table)
+            out[name] = validate(cls.Settings, table, prefix=f"modifiers.{name}.")
+    return out
+
+
+_SHOWN: dict[Any, Any] = {}  # the deprecation lines already shown (warnings' registry)
+
+
+def deprecated(flat: list[str]) -> None:
+    """One :class:`ConfigDeprecationWarning` line naming the new spelling of ``flat`` keys."""
+    who = owners()
+    moves = "; ".join(
+        f"{key} -> " + " and ".join(f"modifiers.{m}.{key}" for m in who.get(key, []))
+        for key in dict.fromkeys(flat)
+    )
+    warnings.warn_explicit(
+        f"a modifier's setting given flat is deprecated, set it in the modifier's table "
+        f"([modifiers.NAME] in TOML, --set modifiers.NAME.KEY=value): {moves}",
+        ConfigDeprecationWarning,
+        "selfmod config",
+        0,
+        module="selfmod.config",
+        registry=_SHOWN,
+    )
 
 
 def described() -> dict[str, str]:
@@ -262,8 +598,8 @@ def described() -> dict[str, str]:
         "modifiers": "a list of distinct names from "
         + ", ".join(repr(m) for m in modifier_names()),
         "schedule": schedule_allowed(),
-        "model": RunConfig.model_fields["model"].description or "",
-        "data": RunConfig.model_fields["data"].description or "",
-        "loss": RunConfig.model_fields["loss"].description or "",
-        "device": RunConfig.model_fields["device"].description or "",
+        "model": ProblemFields.model_fields["model"].description or "",
+        "data": ProblemFields.model_fields["data"].description or "",
+        "loss": ProblemFields.model_fields["loss"].description or "",
+        "device": RunFields.model_fields["device"].description or "",
     }

@@ -13,11 +13,15 @@ it. A modifier's own memory (e.g. Rprop step sizes) is a ``dict[str, Tensor]`` r
             return [Proposal(self.name, hparams={...})], memory
 
 Register it with :func:`register` (the built-ins are registered on import of
-:mod:`selfmod.introspect.modifiers`).
+:mod:`selfmod.introspect.modifiers`), or, from another package, name it in the entry-point group
+``selfmod.modifiers`` (``clip = "mypackage.clip:ClipThreshold"`` under
+``[project.entry-points."selfmod.modifiers"]``): the registry loads those when first read. Its
+``Settings`` are then set in the run's config as ``[modifiers.clip]``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -158,7 +162,8 @@ class Context:
 
 class Modifier:
     """Base class of the modifiers. Subclasses set ``name`` and override ``propose``; those
-    with settings set ``Settings`` (a pydantic model whose fields join the run's config)."""
+    with settings set ``Settings`` (a pydantic model: the run config's ``[modifiers.NAME]``
+    table)."""
 
     name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]] = NoSettings
@@ -179,13 +184,17 @@ class Modifier:
 
     @classmethod
     def from_config(cls, config: Any) -> Modifier:
-        """Built from the run config's fields of the same names."""
-        names = cls.Settings.model_fields
-        return cls(cls.Settings(**{k: getattr(config, k) for k in names if hasattr(config, k)}))
+        """Built from the run config's table of this modifier (``config.settings_of(name)``,
+        validated by ``Settings``); defaults where the config has none of this class's."""
+        known = cls.name in registry() and hasattr(config, "settings_of")
+        settings = config.settings_of(cls.name) if known else None
+        return cls(settings if isinstance(settings, cls.Settings) else cls.Settings())
 
     @classmethod
     def check_config(cls, config: Any) -> None:
-        """Raise ``ValueError`` naming the fields when settings disagree with each other."""
+        """Raise ``ValueError`` naming the fields when this modifier's settings
+        (``config.settings_of(name)``) disagree with the run's; called only when the run has
+        this modifier (named, or by default when it names none)."""
 
     def applies(self, problem: Problem, hparams: Params, facts: RunFacts) -> str | None:
         """``None`` if this modifier can act on the run, else why not (one line)."""
@@ -254,6 +263,10 @@ def rprop_step(
 
 
 _REGISTRY: dict[str, type[Modifier]] = {}
+#: the entry-point group of third-party modifiers, loaded when the registry is first read
+ENTRY_POINTS = "selfmod.modifiers"
+_entry_points_loaded = False
+_SHOWN: dict[Any, Any] = {}  # the entry-point lines already shown (warnings' registry)
 
 
 def register(cls: type[Modifier]) -> type[Modifier]:
@@ -266,8 +279,38 @@ def register(cls: type[Modifier]) -> type[Modifier]:
     return cls
 
 
+def load_entry_points() -> None:
+    """Register every modifier class named in the ``selfmod.modifiers`` entry-point group (once
+    per process; :func:`registry` calls it). One that fails to load is skipped with one line
+    (a ``RuntimeWarning``) naming it and why."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Modifier)):
+                raise TypeError(f"{cls!r} is not a Modifier subclass")
+            register(cls)
+        except Exception as err:  # a broken plugin must not stop the run: say which
+            why = f"{type(err).__name__}: {err}".splitlines()[0]
+            warnings.warn_explicit(  # one line, without a source line under it
+                f"modifier entry point {ep.name} = {ep.value!r} ({ENTRY_POINTS}) not loaded: {why}",
+                RuntimeWarning,
+                "selfmod modifiers",
+                0,
+                module="selfmod.modifiers",
+                registry=_SHOWN,
+            )
+
+
 def registry() -> dict[str, type[Modifier]]:
-    """Every registered modifier class by name, in their ``order``."""
+    """Every registered modifier class by name, in their ``order`` (third-party ones from the
+    ``selfmod.modifiers`` entry points included)."""
+    load_entry_points()
     return dict(sorted(_REGISTRY.items(), key=lambda item: item[1].order))
 
 

@@ -55,13 +55,17 @@ class BatchSize(Modifier):
 
     @classmethod
     def check_config(cls, config: Any) -> None:
-        lo, hi = config.min_batch, config.max_batch
+        s = config.settings_of(cls.name)
+        lo, hi = s.min_batch, s.max_batch
         if lo > hi:
-            raise ValueError(f"min_batch must be <= max_batch ({hi}) (got {lo})")
+            raise ValueError(
+                f"modifiers.batch_size.min_batch must be <= modifiers.batch_size.max_batch "
+                f"({hi}) (got {lo})"
+            )
         if not lo <= config.batch_size <= hi:
             raise ValueError(
-                f"batch_size must be in [min_batch, max_batch] = [{lo}, {hi}] "
-                f"(got {config.batch_size})"
+                f"batch_size must be in [min_batch, max_batch] of modifiers.batch_size = "
+                f"[{lo}, {hi}] (got {config.batch_size})"
             )
 
     def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:

@@ -6,10 +6,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pydantic import Field
 from torch import Tensor
 
 from selfmod.introspect.modifiers.base import RunFacts, register
-from selfmod.introspect.modifiers.hyper import RegularizerModifier
+from selfmod.introspect.modifiers.hyper import GapSettings, RegularizerModifier
+
+
+class DropoutSettings(GapSettings):
+    max_dropout: float = Field(
+        0.5, gt=0.0025, lt=1, description="regularize=gap: the largest dropout rate it sets"
+    )
 
 
 @register
@@ -17,6 +24,7 @@ class Dropout(RegularizerModifier):
     name = "dropout"
     order = 40
     key = "drop_logit"
+    Settings = DropoutSettings
 
     def bounds(self) -> tuple[float, float]:
         return -6.0, math.log(self.settings.max_dropout / (1 - self.settings.max_dropout))  # type: ignore[attr-defined]

@@ -107,9 +107,10 @@ class Grow(Modifier):
 
     @classmethod
     def check_config(cls, config: Any) -> None:
-        if config.width > config.max_width:
+        cap = config.settings_of(cls.name).max_width
+        if config.width > cap:
             raise ValueError(
-                f"width must be <= max_width ({config.max_width}) (got {config.width})"
+                f"width must be <= modifiers.grow.max_width ({cap}) (got {config.width})"
             )
 
     def widest(self) -> int:

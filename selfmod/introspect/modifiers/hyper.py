@@ -23,20 +23,14 @@ HYPERGRADIENT, REGULARIZE = "hypergradient", "regularize"
 
 
 class GapSettings(BaseModel):
-    """How weight decay and dropout are steered (shared by both modifiers)."""
+    """How weight decay or dropout is steered (each modifier has its own table of these)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     regularize: Literal["gap", "hypergradient"] = Field(
-        "gap", description="dropout/weight decay steered by the generalization gap or by d/dh"
+        "gap", description="steered by the generalization gap or by the meta-gradient d/dh"
     )
     gap_target: float = Field(0.15, gt=0, le=10, description="wanted guard - train loss")
-    max_weight_decay: float = Field(
-        1e-3, gt=1e-7, le=1, description="regularize=gap: the largest weight decay it sets"
-    )
-    max_dropout: float = Field(
-        0.5, gt=0.0025, lt=1, description="regularize=gap: the largest dropout rate it sets"
-    )
     regularize_strict: bool = Field(
         False,
         description="regularize=gap: a change commits only if it lowers the verifying guard "

@@ -209,7 +209,7 @@ def growth_limits(config: Any, widths: list[int], prune_memory: Params) -> list[
     mods = getattr(config, "modifiers", None)
     if mods is not None and "grow" not in mods:
         return list(widths)
-    cap = int(getattr(config, "max_width", 0)) or max(widths)
+    cap = int(config.settings_of("grow").max_width) or max(widths)
     ceiling = prune_memory.get("ceiling")
     return [
         min(cap, int(ceiling[i])) if ceiling is not None and int(ceiling[i]) > 0 else cap

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import math
 
+from pydantic import Field
+
 from selfmod.introspect.modifiers.base import register
-from selfmod.introspect.modifiers.hyper import RegularizerModifier
+from selfmod.introspect.modifiers.hyper import GapSettings, RegularizerModifier
+
+
+class WeightDecaySettings(GapSettings):
+    max_weight_decay: float = Field(
+        1e-3, gt=1e-7, le=1, description="regularize=gap: the largest weight decay it sets"
+    )
 
 
 @register
@@ -14,6 +22,7 @@ class WeightDecay(RegularizerModifier):
     name = "weight_decay"
     order = 30
     key = "log_wd"
+    Settings = WeightDecaySettings
 
     def bounds(self) -> tuple[float, float]:
         return math.log(1e-7), math.log(self.settings.max_weight_decay)  # type: ignore[attr-defined]
