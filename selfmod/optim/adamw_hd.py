@@ -199,7 +199,11 @@ class AdamWHD(torch.optim.Optimizer):
         log rate in its own dtype (torch would cast it to a half-precision parameter's)."""
         state_dict = dict(state_dict)
         self.skipped = int(state_dict.pop("skipped", 0))
+        own = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, before in zip(self.param_groups, own, strict=True):
+            for key, value in before.items():  # what a torch.optim.AdamW checkpoint lacks
+                group.setdefault(key, value)
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]

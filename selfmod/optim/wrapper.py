@@ -222,6 +222,11 @@ class Optimizer(torch.optim.Optimizer):
                     "a built transformation's updates; build it from a factory, "
                     "Optimizer(params, optim.adam, lr=...)"
                 )
+            if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
+                raise RuntimeError(
+                    "selfmod.optim.Optimizer does not support sparse gradients; use "
+                    "torch.optim.SparseAdam"
+                )
             params = self._params(i)
             grads = {
                 n: _real(p.grad) if p.grad is not None else torch.zeros_like(params[n])
