@@ -743,6 +743,51 @@ def check_closure_returns_loss(entry):
     assert opt.step() is None
 
 
+def check_zero_rank_and_empty_parameters(entry):
+    """pytorch_optimizer's generic checks: a 0-dim parameter trains, a parameter with no
+    elements steps without error."""
+    scalar = Parameter(torch.tensor(2.0))
+    empty = Parameter(torch.zeros(0, 3))
+    opt = entry.make([scalar, empty], lr=0.1)
+    for _ in range(10):
+        opt.zero_grad()
+        (scalar**2 + empty.sum()).backward()
+        opt.step()
+    assert abs(scalar.item()) < 2.0 and empty.shape == (0, 3)
+
+
+def check_frozen_layer_trains(entry):
+    """pytorch_optimizer's test_no_gradients: with one layer frozen (no gradient ever), the rest
+    trains and the frozen layer stays as it was."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    frozen = [p.clone() for p in model[0].parameters()]
+    opt = entry.make(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    _assert_same_params(list(model[0].parameters()), frozen, rtol=0, atol=0)
+
+
+def check_bfloat16_trains(entry):
+    """pytorch_optimizer's low-precision checks: bfloat16 parameters train, state in bfloat16."""
+    weight, bias = _weight_bias(torch.bfloat16)
+    opt = entry.make([weight, bias], lr=1e-2)
+    start = _loss(weight, bias, torch.bfloat16).item()
+    for _ in range(20):
+        opt.step(_closure(opt, weight, bias))
+    assert _loss(weight, bias, torch.bfloat16).item() < start
+    assert weight.dtype == torch.bfloat16
+
+
 CHECKS = {
     name.removeprefix("check_"): fn for name, fn in globals().items() if name.startswith("check_")
 }
@@ -755,3 +800,58 @@ def test_battery(entry, check):
     if check in drop_in.skips:
         pytest.skip(drop_in.skips[check])
     CHECKS[check](drop_in)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("entry", ["torch.AdamW", "AdamWHD"])
+def test_cuda_step_never_waits_for_the_device_and_is_captured_in_a_graph(entry):
+    """On CUDA (AdamW with capturable=True as the control): no host sync in a step, under CUDA's
+    sync debug mode, through a non-finite gradient; a CUDA graph replays the step; parameters
+    on CPU and CUDA in one optimizer step as each alone."""
+    make = DROP_INS[entry].make
+    kwargs = {"capturable": True, "foreach": True}
+    weight, bias = (Parameter(t.cuda()) for t in _weight_bias())
+    opt = make([weight, bias], **kwargs)
+    for t in range(3):
+        opt.zero_grad()
+        _loss(weight, bias).backward()
+        if t == 1:
+            weight.grad[0, 0] = math.inf
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(weight).all()
+    # graph capture of the step, replayed against eager steps of a twin
+    w2, b2 = (Parameter(t.detach().clone()) for t in (weight, bias))
+    twin = make([w2, b2], **kwargs)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    grads = [torch.randn_like(weight), torch.randn_like(bias)]
+    weight.grad, bias.grad = (g.clone() for g in grads)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        opt.step()  # warm up on a side stream, as torch's capture tests do
+    torch.cuda.current_stream().wait_stream(stream)
+    w2.grad, b2.grad = (g.clone() for g in grads)
+    twin.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(3):
+        graph.replay()
+        twin.step()
+    _assert_same_params([weight, bias], [w2, b2])
+    # several devices in one group
+    cpu, gpu = Parameter(torch.randn(3)), Parameter(torch.randn(4, device="cuda"))
+    alone_cpu, alone_gpu = (Parameter(p.detach().clone()) for p in (cpu, gpu))
+    both = make([cpu, gpu], foreach=True)
+    alone = [make([alone_cpu], foreach=True), make([alone_gpu], foreach=True)]
+    for _ in range(3):
+        cpu.grad, gpu.grad = torch.randn(3), torch.randn(4, device="cuda")
+        alone_cpu.grad, alone_gpu.grad = cpu.grad.clone(), gpu.grad.clone()
+        both.step()
+        for o in alone:
+            o.step()
+    _assert_same_params([cpu, gpu], [alone_cpu, alone_gpu])

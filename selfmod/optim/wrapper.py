@@ -1,7 +1,8 @@
 """A ``torch.optim.Optimizer`` that runs any selfmod transformation on an ``nn.Module``.
 
 It holds no maths: ``step()`` reads ``.grad``, calls the pure ``update`` and adds the updates
-in place. The functional state lives in ``self.functional_state``. Two ways to build it:
+in place. The functional state of param group ``i`` lives in ``self.functional_states[i]``
+(``self.functional_state`` with one group). Two ways to build it:
 
     Optimizer(model.named_parameters(), optim.adam, lr=1e-3, betas=(0.9, 0.999))  # factory
     Optimizer(model.named_parameters(), optim.adam(1e-3))  # a built transformation
@@ -92,11 +93,11 @@ class Optimizer(torch.optim.Optimizer):
     ``state_dict()`` / ``load_state_dict()`` in torch's layout (per-parameter state, with their
     hooks), matched by parameter name where both sides have names.
 
-    Differences from ``torch.optim``: a group in which some parameters have a ``.grad`` gives
-    the others a zero gradient (stateful transforms still decay their state; a group where none
-    has one is skipped, as torch skips each); the per-parameter state is the transformation's
-    own (``"[0].mu"``, not ``"exp_avg"``), so a ``torch.optim`` checkpoint does not load into
-    it (``AdamWHD`` loads ``torch.optim.AdamW``'s); hyperparameters in a group are floats (a
+    Differences from ``torch.optim``: a parameter without a ``.grad`` is left alone and keeps
+    its state, as in torch, but state shared by its group (a step count) still advances; the
+    per-parameter state is the transformation's own (``"[0].mu"``, not ``"exp_avg"``), so a
+    ``torch.optim`` checkpoint does not load into it (``AdamWHD`` loads ``torch.optim.AdamW``'s);
+    hyperparameters in a group are floats (a
     tensor, per-tensor dict or learned callable goes into a built transformation); only the
     factory form pickles (a built transformation is a closure); it reads ``.grad`` without a
     host sync, but a transformation may read values on the host (``adamw_hd`` does, once per
@@ -228,24 +229,40 @@ class Optimizer(torch.optim.Optimizer):
                     "torch.optim.SparseAdam"
                 )
             params = self._params(i)
+            idle = {
+                n for n, p in zip(self._names[i], group["params"], strict=True) if p.grad is None
+            }
             grads = {
                 n: _real(p.grad) if p.grad is not None else torch.zeros_like(params[n])
                 for n, p in zip(self._names[i], group["params"], strict=True)
             }
-            updates, self.functional_states[i] = self.transform.update(
-                grads, self.functional_states[i], params, self._group_hparams(group)
+            before = self.functional_states[i]
+            updates, after = self.transform.update(
+                grads, before, params, self._group_hparams(group)
             )
+            self.functional_states[i] = self._keep(i, before, after, idle) if idle else after
             alpha = 1.0 if self.reads_group else group["lr"]
             for n, p in params.items():
-                p.add_(updates[n], alpha=alpha)
+                if n not in idle:
+                    p.add_(updates[n], alpha=alpha)
         return loss
 
-    def _leaves(self, i: int) -> list[tuple[str, str | None, Any]]:
+    def _keep(self, i: int, before: Any, after: Any, idle: set[str]) -> Any:
+        """``after``, with the state of the parameters in ``idle`` (no gradient this step) as it
+        was ``before``: torch leaves a parameter without a gradient alone."""
+        owners = [owner for _, owner, _ in self._leaves(i, after)]
+        old, _ = pytree.tree_flatten(before)
+        new, spec = pytree.tree_flatten(after)
+        kept = [o if owner in idle else n for o, n, owner in zip(old, new, owners, strict=True)]
+        return pytree.tree_unflatten(kept, spec)
+
+    def _leaves(self, i: int, state: Any = None) -> list[tuple[str, str | None, Any]]:
         """Group ``i``'s functional state as ``(key, parameter name or None, leaf)``: a leaf under
         a parameter's name is that parameter's (``"[0].mu"``), any other the group's."""
         names = set(self._names[i])
         out = []
-        for path, leaf in pytree.tree_flatten_with_path(self.functional_states[i])[0]:
+        state = self.functional_states[i] if state is None else state
+        for path, leaf in pytree.tree_flatten_with_path(state)[0]:
             owner = next(
                 (k.key for k in path if isinstance(k, pytree.MappingKey) and k.key in names), None
             )
