@@ -660,6 +660,27 @@ def check_torch_layout_both_ways(entry):
         _assert_same_params([w2, b2], [w3, b3], rtol=1e-9, atol=1e-12)
 
 
+def check_capturable_matches_default(entry):
+    """The device-side step (``capturable=True``: masks instead of host decisions) steps as
+    the default, through a non-finite gradient too."""
+    if "capturable" not in entry.stepped_flags:
+        pytest.skip(f"{entry.name} does not step with capturable=True on CPU")
+    for given in _inputs(entry):
+        results = []
+        for capturable in (False, True):
+            opt, weight, bias = _run(entry, {**given.kwargs, "capturable": capturable}, steps=3)
+            for t in range(3):
+                opt.zero_grad()
+                _loss(weight, bias).backward()
+                if t == 1:
+                    weight.grad[0, 0] = math.nan
+                opt.step()
+            results.append((opt, weight, bias))
+        (a, *pa), (b, *pb) = results
+        _assert_same_params(pa, pb, msg=given.desc)  # float32: Python vs tensor scalars
+        assert getattr(a, "skipped", 0) == getattr(b, "skipped", 0)
+
+
 def check_lr_zero(entry):
     """lr = 0 is allowed and leaves the parameters where they are (weight decay too)."""
     opt, weight, bias = _run(entry, {"lr": 0.0, "weight_decay": 0.1}, steps=0)
@@ -720,11 +741,13 @@ class _HostReads(TorchFunctionMode):
 def check_no_host_sync(entry):
     """The step never reads a tensor's value on the host, through a non-finite gradient too:
     on an accelerator it never waits (the GPU check also runs it under CUDA's sync debug
-    mode)."""
+    mode). With ``capturable`` where the entry takes it: on CPU without it, reading on the
+    host costs no wait, and AdamWHD does so to step with Python scalars."""
+    capturable = {"capturable": True} if "capturable" in entry.stepped_flags else {}
     for given in _inputs(entry):
         if any(isinstance(v, torch.Tensor | tuple) for v in given.kwargs.values()):
             continue  # a CPU tensor hyperparameter is read on the host, as torch does
-        opt, weight, bias = _run(entry, given.kwargs, steps=2)
+        opt, weight, bias = _run(entry, {**given.kwargs, **capturable}, steps=2)
         for t in range(3):
             _loss(weight, bias).backward()
             if t == 1:

@@ -22,7 +22,6 @@ Loshchilov & Hutter 2019 (AdamW).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,6 +48,11 @@ def _host(value: Any) -> Any:
 def _real(t: Tensor) -> Tensor:
     """Complex tensors as real views ``(..., 2)``, as torch's optimizers step them."""
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _cos(dot: float, norms: float) -> float:
+    """``dot / norms`` in [-1, 1]; 0 where a norm is 0 (no previous update or no gradient)."""
+    return min(1.0, max(-1.0, dot / (norms + 1e-30)))
 
 
 def _rate_dtype(p: Tensor) -> torch.dtype:
@@ -146,6 +150,7 @@ class AdamWHD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         first = self.param_groups[0]["params"][0]
         self._skipped = torch.zeros((), dtype=torch.int64, device=first.device)
+        self._ready: set[Tensor] = set()  # parameters whose state _state() has completed
 
     @property
     def skipped(self) -> int:
@@ -176,6 +181,7 @@ class AdamWHD(torch.optim.Optimizer):
                 group.setdefault(key, value)
         if "_skipped" not in self.__dict__:
             self._skipped = torch.zeros((), dtype=torch.int64)
+        self._ready = set()
 
     def rates(self) -> list[list[float]]:
         """The learned learning rate of every tensor, group by group (``group["lr"] /
@@ -199,6 +205,7 @@ class AdamWHD(torch.optim.Optimizer):
         log rate in its own dtype (torch would cast it to a half-precision parameter's)."""
         state_dict = dict(state_dict)
         self.skipped = int(state_dict.pop("skipped", 0))
+        self._ready = set()
         own = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, before in zip(self.param_groups, own, strict=True):
@@ -234,33 +241,56 @@ class AdamWHD(torch.optim.Optimizer):
             log_lr = math.log(start) if start > 0 else -math.inf
         if not isinstance(log_lr, Tensor) or log_lr.device != p.device or log_lr.dtype != rate:
             state["log_lr"] = torch.as_tensor(log_lr, dtype=rate).to(p.device)
+        self._ready.add(p)
         return state
 
     def _buckets(self) -> list[tuple[dict[str, Any], dict[str, list[Tensor]]]]:
         """Per group, the stepped tensors (real views) split by device and dtype (one tensor
         per bucket with ``foreach=False``)."""
-        keys = ["params", "grads", "exp_avg", "exp_avg_sq", "previous", "log_lr", "step"]
+        keys = ["exp_avg", "exp_avg_sq", "previous"]
         out = []
         for group in self.param_groups:
-            buckets: dict[Any, dict[str, list[Tensor]]] = defaultdict(
-                lambda: {k: [] for k in [*keys, "max_exp_avg_sq"]}
-            )
+            amsgrad = group["amsgrad"]
+            buckets: dict[Any, dict[str, list[Tensor]]] = {}
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(
                         "AdamWHD does not support sparse gradients; use torch.optim.SparseAdam"
                     )
-                state = self._state(p, group)
-                r = _real(p)
-                bucket = buckets[i if group["foreach"] is False else (r.device, r.dtype)]
-                bucket["params"].append(r)
-                bucket["grads"].append(_real(p.grad))
-                for k in keys[2:]:
-                    bucket[k].append(_real(state[k]))
-                if group["amsgrad"]:
-                    bucket["max_exp_avg_sq"].append(_real(state["max_exp_avg_sq"]))
+                state = self.state[p] if p in self._ready else self._state(p, group)
+                key = i if group["foreach"] is False else (p.device, p.dtype)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    names = [
+                        "params",
+                        "grads",
+                        *keys,
+                        "log_lr",
+                        "step",
+                        "max_exp_avg_sq",
+                        "states",
+                        "complex",
+                    ]
+                    bucket = buckets[key] = {k: [] for k in names}
+                tensors = [p, grad, *(state[k] for k in keys)]
+                if amsgrad:
+                    tensors.append(state["max_exp_avg_sq"])
+                is_complex = p.is_complex()
+                if is_complex:
+                    tensors = [torch.view_as_real(t) for t in tensors]
+                bucket["complex"].append(is_complex)
+                bucket["params"].append(tensors[0])
+                bucket["grads"].append(tensors[1])
+                for k, t in zip(keys, tensors[2:], strict=False):
+                    bucket[k].append(t)
+                if amsgrad:
+                    bucket["max_exp_avg_sq"].append(tensors[-1])
+                bucket["states"].append(state)
+                bucket["log_lr"].append(state["log_lr"])
+                bucket["step"].append(state["step"])
             out += [(group, bucket) for bucket in buckets.values()]
         return out
 
@@ -273,34 +303,40 @@ class AdamWHD(torch.optim.Optimizer):
         # first the measurements of every bucket, then one finiteness flag for all of them
         measured = []
         for _, b in buckets:
-            g_norm = torch.stack(torch._foreach_norm(b["grads"]))  # (n,)
-            u_norm = torch.stack(torch._foreach_norm(b["previous"]))  # (n,)
-            dots = torch.stack(
-                [
-                    torch.dot(g.reshape(-1), u.reshape(-1))
-                    for g, u in zip(b["grads"], b["previous"], strict=True)
-                ]
-            )  # (n,)
-            measured.append((g_norm, u_norm, dots))
+            dots = [
+                torch.dot(g.reshape(-1), u.reshape(-1))
+                for g, u in zip(b["grads"], b["previous"], strict=True)
+            ]
+            norms = [*torch._foreach_norm(b["grads"]), *torch._foreach_norm(b["previous"])]
+            measured.append(torch.stack([*norms, *dots]).view(3, -1))  # (3, n): |g|, |u|, g.u
         home = self._skipped.device
-        ok = torch.stack(
-            [torch.isfinite(torch.cat([gn, d])).all().to(home) for gn, _, d in measured]
-        ).all()  # () bool: False skips the whole step
-        self._skipped.add_((~ok).to(torch.int64))
-        for (group, b), (g_norm, u_norm, dots) in zip(buckets, measured, strict=True):
-            self._update(group, b, ok.to(g_norm.device), g_norm, u_norm, dots)
+        on_host = all(m.device.type == "cpu" for m in measured) and not any(
+            g["capturable"] for g, _ in buckets
+        )
+        if on_host:  # no device to wait for: decide here, and step with Python scalars
+            values = [m.tolist() for m in measured]
+            if all(math.isfinite(v) for rows in values for row in rows for v in row):
+                for (group, b), rows in zip(buckets, values, strict=True):
+                    self._update(group, b, True, rows)
+                return loss
+        flags = [torch.isfinite(m[[0, 2]]).all().to(home) for m in measured]
+        ok = flags[0] if len(flags) == 1 else torch.stack(flags).all()  # () bool: step or skip
+        self._skipped.add_(~ok)
+        for (group, b), m in zip(buckets, measured, strict=True):
+            self._update(group, b, ok.to(m.device), m)
         return loss
 
     def _update(
         self,
         group: dict[str, Any],
         b: dict[str, list[Tensor]],
-        ok: Tensor,
-        g_norm: Tensor,
-        u_norm: Tensor,
-        dots: Tensor,
+        ok: Tensor | bool,
+        measured: Tensor | list[list[float]],
     ) -> None:
-        """One bucket's step, masked by ``ok`` (a 0-dim bool on the bucket's device)."""
+        """One bucket's step from its ``(3, n)`` gradient norms, previous update norms and their
+        dot products. ``ok``: a 0-dim bool on the bucket's device that masks every change, or
+        ``True`` where the host knows the step goes ahead (``measured`` then as Python floats,
+        and the masks fold away)."""
         b1, b2 = (float(_host(beta)) for beta in group["betas"])
         sign = -1.0 if group["maximize"] else 1.0
         start = group["initial_lr"]
@@ -309,33 +345,53 @@ class AdamWHD(torch.optim.Optimizer):
         lr = _host(group["lr"])
         scale = lr / start if start > 0 else 0.0  # a scheduler's multiplier
         if isinstance(scale, Tensor):
-            scale = scale.to(ok.device).reshape(())
-
-        log_lr = torch.stack(b["log_lr"])  # (n,)
-        dtype = log_lr.dtype
-        cos = (-sign * dots.to(dtype) / (g_norm.to(dtype) * u_norm.to(dtype) + 1e-30)).clamp(
-            -1.0, 1.0
-        )  # 0 without a previous update or a gradient
-        learned = (log_lr + group["max_step"] * cos).clamp(low, high)
-        halved = (log_lr - math.log(2.0)).clamp_min(low)
-        log_lr = torch.where(ok, learned, halved)
-        torch._foreach_copy_(b["log_lr"], log_lr.unbind(0))
-        steps = torch.stack(b["step"]) + ok  # (n,) float32
-        torch._foreach_copy_(b["step"], steps.unbind(0))
-
-        t = steps.to(dtype).clamp_min(1.0)
-        rate = log_lr.exp() * scale * ok  # 0 on a skipped step
-        step_size = (-rate / (1 - b1**t)).unbind(0)
-        bias2 = (1 - b2**t).sqrt().unbind(0)
+            scale = scale.to(b["params"][0].device).reshape(())
+        go = ok is True
+        if go:  # on the host: per-tensor scalars as Python floats, no device to wait for
+            gn, un, dot = measured
+            n = len(gn)
+            state = torch.stack([*b["log_lr"], *b["step"]]).tolist()
+            logs, counts = state[:n], [c + 1.0 for c in state[n:]]
+            logs = [
+                min(high, max(low, lg + group["max_step"] * _cos(-sign * d, g * u)))
+                for lg, d, g, u in zip(logs, dot, gn, un, strict=True)
+            ]
+            like = b["log_lr"][0]
+            torch._foreach_copy_(b["log_lr"], torch.tensor(logs, dtype=like.dtype).unbind(0))
+            torch._foreach_add_(b["step"], 1.0)
+            rate = [math.exp(lg) * scale for lg in logs]
+            step_size = [-a / (1 - b1**c) for a, c in zip(rate, counts, strict=True)]
+            bias2 = [math.sqrt(1 - b2**c) for c in counts]
+            decay = [-a * group["weight_decay"] for a in rate]
+        else:
+            log_lr = torch.stack(b["log_lr"])  # (n,)
+            dtype = log_lr.dtype
+            g_norm, u_norm, dots = measured.to(dtype)
+            cos = (-sign * dots / (g_norm * u_norm + 1e-30)).clamp(-1.0, 1.0)  # 0 without u or g
+            learned = (log_lr + group["max_step"] * cos).clamp(low, high)
+            halved = (log_lr - math.log(2.0)).clamp_min(low)  # a skipped step halves the rates
+            log_lr = torch.where(ok, learned, halved)
+            torch._foreach_copy_(b["log_lr"], log_lr.unbind(0))
+            steps = torch.stack(b["step"]) + ok  # (n,) float32
+            torch._foreach_copy_(b["step"], steps.unbind(0))
+            t = steps.to(dtype).clamp_min(1.0)
+            rate_t = log_lr.exp() * scale * ok  # (n,), 0 on a skipped step
+            step_size = (-rate_t / (1 - b1**t)).unbind(0)
+            bias2 = (1 - b2**t).sqrt().unbind(0)
+            decay = (-rate_t * group["weight_decay"]).unbind(0)
 
         # moments: m <- b1' m + (1 - b1) g', with g' = 0 and b1' = 1 on a skipped step
-        grads = [torch.where(ok, g, 0.0) for g in b["grads"]]
+        grads = b["grads"] if go else [torch.where(ok, g, 0.0) for g in b["grads"]]
         if group["maximize"]:
-            torch._foreach_neg_(grads)
-        one = torch.ones((), dtype=dtype, device=ok.device)
-        torch._foreach_mul_(b["exp_avg"], torch.where(ok, b1, one).to(grads[0].dtype))
-        torch._foreach_add_(b["exp_avg"], grads, alpha=1 - b1)
-        torch._foreach_mul_(b["exp_avg_sq"], torch.where(ok, b2, one).to(grads[0].dtype))
+            grads = torch._foreach_neg(grads)
+        keep1 = b1 if go else torch.where(ok, b1, 1.0).to(grads[0].dtype)
+        keep2 = b2 if go else torch.where(ok, b2, 1.0).to(grads[0].dtype)
+        if go:
+            torch._foreach_lerp_(b["exp_avg"], grads, 1 - b1)
+        else:
+            torch._foreach_mul_(b["exp_avg"], keep1)
+            torch._foreach_add_(b["exp_avg"], grads, alpha=1 - b1)
+        torch._foreach_mul_(b["exp_avg_sq"], keep2)
         torch._foreach_addcmul_(b["exp_avg_sq"], grads, grads, value=1 - b2)
         second = b["exp_avg_sq"]
         if group["amsgrad"]:
@@ -349,9 +405,11 @@ class AdamWHD(torch.optim.Optimizer):
         update = torch._foreach_div(b["exp_avg"], denom)  # m_hat / (sqrt(v_hat) + eps), x bc1
         torch._foreach_mul_(update, step_size)
         if group["weight_decay"]:
-            decay = torch._foreach_mul(b["params"], (-rate * group["weight_decay"]).unbind(0))
-            torch._foreach_add_(update, decay)
+            torch._foreach_add_(update, torch._foreach_mul(b["params"], decay))
         torch._foreach_add_(b["params"], update)
-        # previous <- update, kept as it was on a skipped step (where the update is 0)
-        torch._foreach_mul_(b["previous"], (~ok).to(update[0].dtype))
-        torch._foreach_add_(b["previous"], update)
+        if go:  # the update is the new previous update (the old one is not needed)
+            for state, u, is_complex in zip(b["states"], update, b["complex"], strict=True):
+                state["previous"] = torch.view_as_complex(u) if is_complex else u
+        else:  # previous <- update, kept as it was on a skipped step (where the update is 0)
+            torch._foreach_mul_(b["previous"], (~ok).to(update[0].dtype))
+            torch._foreach_add_(b["previous"], update)
