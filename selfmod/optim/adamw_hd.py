@@ -9,11 +9,17 @@ than ``max_step`` (in log) per step, and each stays in ``[min(lr, 1e-6), max(lr,
 
 Guard rail: a step whose gradient has a NaN or an infinity changes nothing (parameters, moments
 and step counts stay as they were), halves every rate and counts in ``skipped``, like
-``torch.amp.GradScaler``'s skipped steps. The decision is made on the device (masks, not an
-``if``), so ``step()`` never waits for the accelerator, as ``torch.optim.AdamW`` doesn't.
-The cost over ``torch.optim.AdamW`` (foreach) is a masked copy of the gradients, one dot product
-and two norms per tensor, and one more buffer per parameter (the previous update, beside
-Adam's two moments).
+``torch.amp.GradScaler``'s skipped steps. On an accelerator (or with ``capturable=True``) the
+decision is made on the device, by masks rather than an ``if``, so ``step()`` never waits for
+the accelerator, as ``torch.optim.AdamW`` doesn't, and can be captured in a CUDA graph; on CPU,
+where reading a value waits for nothing, it decides on the host and steps with Python scalars
+(fewer kernels; the two agree to rounding). The cost over ``torch.optim.AdamW`` (foreach) is one
+dot product and two norms per tensor (and on the device path a masked copy of the gradients),
+and one more buffer per parameter (the previous update, beside Adam's two moments).
+
+Differences from ``torch.optim.AdamW`` that remain: the rates are per tensor, so a complex
+tensor is not stepped as its real and imaginary parts as two tensors; the skipped-step guard;
+``state["step"]`` lives on the parameter's device (as torch's capturable state does).
 
 References: Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient Descent";
 Loshchilov & Hutter 2019 (AdamW).
