@@ -106,6 +106,11 @@ def _adamw_inputs() -> list[OptimizerInput]:
     """torch's AdamW inputs on CPU (``optim_inputs_func_adamw``), from torch when importable."""
     if torch_tables is not None:
         return [_from_torch(i) for i in torch_tables.optim_inputs_func_adamw("cpu")]
+    return _adam_inputs()
+
+
+def _adam_inputs() -> list[OptimizerInput]:
+    """torch's AdamW inputs on CPU, as of 2.13."""
     return [
         OptimizerInput(None, {}, "default"),
         OptimizerInput(None, {"lr": 0.01}, "non-default lr"),
@@ -139,12 +144,14 @@ class DropIn:
 
 def _adamwhd_inputs() -> list[OptimizerInput]:
     return [
-        OptimizerInput(None, {}, "default"),
-        OptimizerInput(None, {"lr": 0.01}, "non-default lr"),
-        OptimizerInput(None, {"weight_decay": 0.1}, "nonzero weight_decay"),
-        OptimizerInput(None, {"weight_decay": 0.1, "maximize": True}, "maximize"),
-        OptimizerInput(None, {"weight_decay": 0.1, "amsgrad": True}, "amsgrad"),
+        *_adam_inputs(),
         OptimizerInput(None, {"lr": torch.tensor(0.001)}, "Tensor lr"),
+        OptimizerInput(None, {"lr": torch.tensor([[0.001]])}, "Tensor lr of shape [1, 1]"),
+        OptimizerInput(
+            None,
+            {"betas": (torch.tensor([[[0.9]]]), torch.tensor([[0.99]]))},
+            "Tensor betas of shapes [1, 1, 1] and [1, 1]",
+        ),
         OptimizerInput(None, {"betas": (torch.tensor(0.9), torch.tensor(0.99))}, "Tensor betas"),
         OptimizerInput(None, {"max_step": 0.2, "lr": 0.05}, "large max_step"),
     ]

@@ -51,11 +51,6 @@ def _host(value: Any) -> Any:
     return value
 
 
-def _real(t: Tensor) -> Tensor:
-    """Complex tensors as real views ``(..., 2)``, as torch's optimizers step them."""
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
 def _cos(dot: float, norms: float) -> float:
     """``dot / norms`` in [-1, 1]; 0 where a norm is 0 (no previous update or no gradient)."""
     return min(1.0, max(-1.0, dot / (norms + 1e-30)))
@@ -63,7 +58,7 @@ def _cos(dot: float, norms: float) -> float:
 
 def _rate_dtype(p: Tensor) -> torch.dtype:
     """float64 for double parameters, float32 otherwise (half precision included)."""
-    return torch.float64 if _real(p).dtype == torch.float64 else torch.float32
+    return torch.float64 if p.dtype.to_real() == torch.float64 else torch.float32
 
 
 def check_hyperparameters(
