@@ -179,8 +179,14 @@ def test_state_dict_is_torchs_layout_and_refuses_a_mismatch():
     assert sd["param_groups"][0]["params"] == [0, 1, 2, 3]
     assert sd["param_groups"][0]["param_names"] == names
     assert sd["param_groups"][0]["lr"] == 0.1
-    for i, p in enumerate(module.parameters()):  # the momentum buffer, per parameter
-        assert set(sd["state"][i]) == {"[1].trace"} and sd["state"][i]["[1].trace"].shape == p.shape
+    for i, p in enumerate(module.parameters()):  # the momentum buffer, per parameter, as torch's
+        assert set(sd["state"][i]) == {"momentum_buffer"}
+        assert sd["state"][i]["momentum_buffer"].shape == p.shape
+    torch_sgd = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    torch_sgd.load_state_dict(sd)  # and torch's SGD takes it
+    assert torch.equal(
+        torch_sgd.state[module[0].weight]["momentum_buffer"], sd["state"][0]["momentum_buffer"]
+    )
 
     adam = optim.Optimizer(module.named_parameters(), optim.adam, lr=0.1)
     with pytest.raises(ValueError, match="another transformation"):

@@ -20,6 +20,7 @@ need the factory form (OneCycleLR is refused at the first step).
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,6 +31,9 @@ from torch.utils import _pytree as pytree
 from selfmod.optim.base import GradientTransformation, HParam, HParams, run_closure
 
 Factory = Callable[..., GradientTransformation]
+
+#: torch.optim's state names for the fields of selfmod's transforms (``scale_by_adam``, ``trace``)
+TORCH_NAMES = {"mu": "exp_avg", "nu": "exp_avg_sq", "count": "step", "trace": "momentum_buffer"}
 
 
 def _reader(key: str) -> Callable[[HParams], Any]:
@@ -95,9 +99,9 @@ class Optimizer(torch.optim.Optimizer):
 
     Differences from ``torch.optim``: a parameter without a ``.grad`` is left alone and keeps
     its state, as in torch, but state shared by its group (a step count) still advances; the
-    per-parameter state is the transformation's own (``"[0].mu"``, not ``"exp_avg"``), so a
-    ``torch.optim`` checkpoint does not load into it (``AdamWHD`` loads ``torch.optim.AdamW``'s);
-    hyperparameters in a group are floats (a
+    per-parameter state is the transformation's, under torch's names where its fields have one
+    (``optim.adamw``'s loads from and into ``torch.optim.AdamW``; others keep their paths, such
+    as ``".log_lr"``); hyperparameters in a group are floats (a
     tensor, per-tensor dict or learned callable goes into a built transformation); only the
     factory form pickles (a built transformation is a closure); it reads ``.grad`` without a
     host sync, but a transformation may read values on the host (``adamw_hd`` does, once per
@@ -268,11 +272,20 @@ class Optimizer(torch.optim.Optimizer):
             )
             rest = [k for k in path if not (isinstance(k, pytree.MappingKey) and k.key == owner)]
             out.append((pytree.keystr(tuple(rest)), owner, leaf))
-        return out
+        # torch's name for a leaf whose field has one, where no other leaf takes that name
+        torch_names = [TORCH_NAMES.get(key.rsplit(".", 1)[-1]) for key, _, _ in out]
+        counts = Counter(
+            (name, owner) for name, (_, owner, _) in zip(torch_names, out, strict=True)
+        )
+        return [
+            (name if name and counts[name, owner] == 1 else key, owner, leaf)
+            for name, (key, owner, leaf) in zip(torch_names, out, strict=True)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout and hooks: ``{"state": {index: {key: leaf}}, "param_groups": [...]}``,
-        the keys being paths in the transformation's state (``"[0].mu"``); a leaf shared by the
+        the keys being torch's names where a field has one (``exp_avg``, ``exp_avg_sq``, ``step``,
+        ``momentum_buffer``), else paths in the transformation's state; a leaf shared by the
         group (a step count) is in each of its parameters' entries."""
         for i, group in enumerate(self.param_groups):
             leaves = self._leaves(i)
@@ -315,6 +328,8 @@ class Optimizer(torch.optim.Optimizer):
                                 f"expected {tuple(like.shape)}"
                             )
                         value = value.to(device=like.device, dtype=like.dtype, copy=True)
+                    elif isinstance(like, int) and not isinstance(like, bool):
+                        value = int(value)  # torch's step count, a float32 tensor
                     restored.append(value)
                 spec = pytree.tree_structure(self.functional_states[i])
                 self.functional_states[i] = pytree.tree_unflatten(restored, spec)
