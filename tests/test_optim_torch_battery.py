@@ -206,21 +206,22 @@ def _wrapper_inputs() -> list[OptimizerInput]:
         OptimizerInput(None, {"lr": 0.01}, "non-default lr"),
         OptimizerInput(None, {"weight_decay": 0.1}, "nonzero weight_decay"),
         OptimizerInput(None, {"betas": (0.8, 0.99), "eps": 1e-6}, "betas and eps"),
+        OptimizerInput(None, {"lr": torch.tensor([[0.001]])}, "Tensor lr of shape [1, 1]"),
     ]
 
 
 def _wrapper_errors() -> list[ErrorOptimizerInput]:
     return [
-        *[e for e in _all_optims_errors() if "lr" not in e.error_regex],
+        *_all_optims_errors(),
         ErrorOptimizerInput(
             OptimizerInput(None, {"lr": -1e-2}, "lr >= 0"),
             error_type=ValueError,
             error_regex=r"lr must be in \[0.0, inf\)",
         ),
         ErrorOptimizerInput(
-            OptimizerInput(None, {"lr": torch.tensor(0.01)}, "group hyperparameters are floats"),
+            OptimizerInput(None, {"lr": {"w": 0.1}}, "group hyperparameters are scalars"),
             error_type=TypeError,
-            error_regex="must be a float to live in the param group",
+            error_regex="must be a float or a 1-element tensor to live in the param group",
         ),
     ]
 
@@ -267,10 +268,7 @@ DROP_INS = {
         flags=dict.fromkeys(FLAGS, TypeError),
         stepped_flags=(),
         reference=({}, {}),
-        skips={
-            "tensor_lr": "group hyperparameters are floats; a tensor lr goes into a built "
-            "transformation, Optimizer(params, optim.adamw(lr=tensor))",
-        },
+        skips={},
     ),
 }
 

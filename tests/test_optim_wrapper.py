@@ -251,8 +251,10 @@ def test_refusals_name_the_alternative():
         optim.Optimizer(named, optim.sgd_hd, lr=0.1)
     with pytest.raises(TypeError, match="go with a factory"):
         optim.Optimizer(named, optim.sgd(0.1), lr=0.1)
-    with pytest.raises(TypeError, match="must be a float to live in the param group"):
-        optim.Optimizer(named, optim.sgd, lr=torch.tensor(0.1))
+    with pytest.raises(TypeError, match="must be a float or a 1-element tensor to live in the"):
+        optim.Optimizer(named, optim.sgd, lr={"0.weight": 0.1})
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        optim.Optimizer(named, optim.sgd, lr=torch.tensor([0.1, 0.1]))
     with pytest.raises(TypeError, match="no argument"):
         optim.Optimizer(named, optim.sgd, lr=0.1, dampening=0.1)
     with pytest.raises(TypeError, match="betas= has nowhere to go"):

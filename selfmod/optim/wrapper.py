@@ -36,6 +36,22 @@ Factory = Callable[..., GradientTransformation]
 TORCH_NAMES = {"mu": "exp_avg", "nu": "exp_avg_sq", "count": "step", "trace": "momentum_buffer"}
 
 
+def _scalar(key: str, value: Any, name: str) -> float:
+    """A param group's hyperparameter as the float the factory checks: a number, or a 1-element
+    tensor (which the group keeps, as torch keeps a tensor lr)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {key} must be 1-element (got shape {tuple(value.shape)})")
+        return float(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(
+            f"{key} must be a float or a 1-element tensor to live in the param group (got "
+            f"{type(value).__name__}); for per-tensor dicts or learned callables pass a built "
+            f"transformation, Optimizer(params, {name}({key}=...))"
+        )
+    return float(value)
+
+
 def _reader(key: str) -> Callable[[HParams], Any]:
     """The hyperparameter ``hparams[key]``: how the factory form reads its param group."""
     return lambda hparams: hparams[key]
@@ -70,16 +86,12 @@ def _inject(
         for n, p in sig.parameters.items()
         if n in hp and isinstance(p.default, int | float) and not isinstance(p.default, bool)
     }
-    for k, v in given.items():
-        if k in hp and (not isinstance(v, int | float) or isinstance(v, bool)):
-            raise TypeError(
-                f"{k} must be a float to live in the param group (got {type(v).__name__}); "
-                f"for tensors or learned callables pass a built transformation, "
-                f"Optimizer(params, {name}({k}=...))"
-            )
-    values.update({k: float(v) for k, v in given.items() if k in hp})
+    checked = {k: _scalar(k, v, name) for k, v in given.items() if k in hp}
     static = {k: v for k, v in given.items() if k not in hp}
-    factory(**static, **values)  # validates the floats (ranges, nesterov needs momentum, ...)
+    factory(**static, **{**values, **checked})  # its checks: ranges, nesterov needs momentum
+    values.update(
+        {k: v if isinstance(v, Tensor) else checked[k] for k, v in given.items() if k in hp}
+    )
     defaults = dict(values)
     if "b1" in defaults and "b2" in defaults:
         defaults["betas"] = (defaults.pop("b1"), defaults.pop("b2"))
@@ -101,8 +113,8 @@ class Optimizer(torch.optim.Optimizer):
     its state, as in torch, but state shared by its group (a step count) still advances; the
     per-parameter state is the transformation's, under torch's names where its fields have one
     (``optim.adamw``'s loads from and into ``torch.optim.AdamW``; others keep their paths, such
-    as ``".log_lr"``); hyperparameters in a group are floats (a
-    tensor, per-tensor dict or learned callable goes into a built transformation); only the
+    as ``".log_lr"``); hyperparameters in a group are floats or 1-element tensors (a
+    per-tensor dict or learned callable goes into a built transformation); only the
     factory form pickles (a built transformation is a closure); it reads ``.grad`` without a
     host sync, but a transformation may read values on the host (``adamw_hd`` does, once per
     step for its rates); ``foreach``, ``fused``, ``capturable``, ``differentiable`` and
@@ -159,15 +171,9 @@ class Optimizer(torch.optim.Optimizer):
             for k in keys:
                 v = group[k]
                 if k == "betas":
-                    values["b1"], values["b2"] = (float(b) for b in v)
-                    continue
-                if not isinstance(v, int | float) or isinstance(v, bool):
-                    raise TypeError(
-                        f"{k} must be a float to live in the param group (got "
-                        f"{type(v).__name__}); for tensors or learned callables pass a built "
-                        f"transformation"
-                    )
-                values[k] = v
+                    values["b1"], values["b2"] = (_scalar("betas", b, "betas") for b in v)
+                else:
+                    values[k] = _scalar(k, v, getattr(factory, "__name__", "the factory"))
             factory(**static, **values)  # its range checks, one line each
         start = sum(len(g) for g in self._names)
         names = group.get("param_names") or [str(start + i) for i in range(len(group["params"]))]
@@ -210,7 +216,11 @@ class Optimizer(torch.optim.Optimizer):
         """``hparams`` plus the param group's hyperparameters (``betas`` as ``b1``, ``b2``)."""
         if not self.reads_group:
             return self.hparams
-        values = {k: v for k, v in group.items() if k in self.defaults}
+        values = {
+            k: v.reshape(()) if isinstance(v, Tensor) else v  # a [1, 1] lr scales as a scalar
+            for k, v in group.items()
+            if k in self.defaults
+        }
         if "betas" in values:
             values["b1"], values["b2"] = values.pop("betas")
         return {**(self.hparams or {}), **values}
