@@ -108,9 +108,11 @@ class AdamWHD(torch.optim.Optimizer):
 
     Flags of ``torch.optim.AdamW``: ``maximize`` and ``amsgrad`` as torch's; ``foreach=False``
     steps tensor by tensor (lower peak memory), otherwise one foreach kernel per device and
-    dtype; every step is capturable (state on the parameters' devices, no host sync), so
-    ``capturable`` is accepted either way. ``fused=True`` and ``differentiable=True`` are
-    refused with a one-line ``RuntimeError`` naming the alternative.
+    dtype; the state lives on the parameters' devices and a step on an accelerator reads
+    nothing on the host, so it can be captured in a CUDA graph; ``capturable=True`` takes that
+    path on CPU too (by default CPU steps decide on the host, where nothing waits).
+    ``fused=True`` and ``differentiable=True`` are refused with a one-line ``RuntimeError``
+    naming the alternative.
 
     State per parameter in torch's layout (``step``, ``exp_avg``, ``exp_avg_sq``, with amsgrad
     ``max_exp_avg_sq``) plus ``log_lr`` and ``previous``: a ``torch.optim.AdamW`` checkpoint
