@@ -61,7 +61,11 @@ def _from_torch(item: Any) -> Any:
 
 
 def _all_optims_errors() -> list[ErrorOptimizerInput]:
-    """torch's errors for every optimizer (``get_error_inputs_for_all_optims``), as of 2.13."""
+    """torch's errors for every optimizer (``get_error_inputs_for_all_optims``): torch's own
+    table when importable, else a copy of it as of 2.13."""
+    if torch_tables is not None:
+        errors = torch_tables.get_error_inputs_for_all_optims("cpu", torch.float32)
+        return [_from_torch(e) for e in errors]
     p, q = Parameter(torch.randn(1, 1)), Parameter(torch.randn(1, 1))
     return [
         ErrorOptimizerInput(
