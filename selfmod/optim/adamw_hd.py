@@ -264,7 +264,8 @@ class AdamWHD(torch.optim.Optimizer):
                         "AdamWHD does not support sparse gradients; use torch.optim.SparseAdam"
                     )
                 state = self.state[p] if p in self._ready else self._state(p, group)
-                key = i if group["foreach"] is False else (p.device, p.dtype)
+                dtype = p.dtype
+                key = i if group["foreach"] is False else (p.device, dtype)
                 bucket = buckets.get(key)
                 if bucket is None:
                     names = [
@@ -281,7 +282,7 @@ class AdamWHD(torch.optim.Optimizer):
                 tensors = [p, grad, *(state[k] for k in keys)]
                 if amsgrad:
                     tensors.append(state["max_exp_avg_sq"])
-                is_complex = p.is_complex()
+                is_complex = dtype.is_complex
                 if is_complex:
                     tensors = [torch.view_as_real(t) for t in tensors]
                 bucket["complex"].append(is_complex)
