@@ -1,7 +1,8 @@
 """A ``torch.optim.Optimizer`` that runs any selfmod transformation on an ``nn.Module``.
 
 It holds no maths: ``step()`` reads ``.grad``, calls the pure ``update`` and adds the updates
-in place. The functional state lives in ``self.functional_state``. Two ways to build it:
+in place. The functional state of param group ``i`` lives in ``self.functional_states[i]``
+(``self.functional_state`` with one group). Two ways to build it:
 
     Optimizer(model.named_parameters(), optim.adam, lr=1e-3, betas=(0.9, 0.999))  # factory
     Optimizer(model.named_parameters(), optim.adam(1e-3))  # a built transformation
@@ -19,7 +20,8 @@ need the factory form (OneCycleLR is refused at the first step).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -30,6 +32,25 @@ from selfmod.optim.base import GradientTransformation, HParam, HParams, run_clos
 
 Factory = Callable[..., GradientTransformation]
 
+#: torch.optim's state names for the fields of selfmod's transforms (``scale_by_adam``, ``trace``)
+TORCH_NAMES = {"mu": "exp_avg", "nu": "exp_avg_sq", "count": "step", "trace": "momentum_buffer"}
+
+
+def _scalar(key: str, value: Any, name: str) -> float:
+    """A param group's hyperparameter as the float the factory checks: a number, or a 1-element
+    tensor (which the group keeps, as torch keeps a tensor lr)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {key} must be 1-element (got shape {tuple(value.shape)})")
+        return float(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(
+            f"{key} must be a float or a 1-element tensor to live in the param group (got "
+            f"{type(value).__name__}); for per-tensor dicts or learned callables pass a built "
+            f"transformation, Optimizer(params, {name}({key}=...))"
+        )
+    return float(value)
+
 
 def _reader(key: str) -> Callable[[HParams], Any]:
     """The hyperparameter ``hparams[key]``: how the factory form reads its param group."""
@@ -38,10 +59,11 @@ def _reader(key: str) -> Callable[[HParams], Any]:
 
 def _inject(
     factory: Factory, given: dict[str, Any]
-) -> tuple[dict[str, Any], GradientTransformation]:
+) -> tuple[dict[str, Any], dict[str, Any], GradientTransformation]:
     """Split ``factory``'s arguments into group entries (its float ``HParam`` arguments, with
     ``b1``/``b2`` stored as torch's ``betas``) and static ones; returns the group's defaults and
-    the transformation that reads those entries from ``hparams`` by name."""
+    the static arguments and the transformation that reads those entries from ``hparams``
+    by name."""
     name = getattr(factory, "__name__", repr(factory))
     sig = inspect.signature(factory, eval_str=True)
     hp = {n for n, p in sig.parameters.items() if p.annotation is HParam}
@@ -64,56 +86,50 @@ def _inject(
         for n, p in sig.parameters.items()
         if n in hp and isinstance(p.default, int | float) and not isinstance(p.default, bool)
     }
-    for k, v in given.items():
-        if k in hp and (not isinstance(v, int | float) or isinstance(v, bool)):
-            raise TypeError(
-                f"{k} must be a float to live in the param group (got {type(v).__name__}); "
-                f"for tensors or learned callables pass a built transformation, "
-                f"Optimizer(params, {name}({k}=...))"
-            )
-    values.update({k: float(v) for k, v in given.items() if k in hp})
+    checked = {k: _scalar(k, v, name) for k, v in given.items() if k in hp}
     static = {k: v for k, v in given.items() if k not in hp}
-    factory(**static, **values)  # validates the floats (ranges, nesterov needs momentum, ...)
+    factory(**static, **{**values, **checked})  # its checks: ranges, nesterov needs momentum
+    values.update(
+        {k: v if isinstance(v, Tensor) else checked[k] for k, v in given.items() if k in hp}
+    )
     defaults = dict(values)
     if "b1" in defaults and "b2" in defaults:
         defaults["betas"] = (defaults.pop("b1"), defaults.pop("b2"))
     transform = factory(**static, **{k: _reader(k) for k in values})
-    return defaults, transform
+    return defaults, static, transform
 
 
 class Optimizer(torch.optim.Optimizer):
     """``Optimizer(model.named_parameters(), optim.adam, lr=1e-3)`` then the usual loop.
 
-    Works with ``torch.optim.lr_scheduler``, ``state_dict()``/``load_state_dict()`` (state by
-    parameter name), ``torch.amp.GradScaler`` and ``zero_grad(set_to_none=True)``; holds one
-    param group (use per-tensor dict hyperparameters or one optimizer per group).
+    Behaves as ``torch.optim`` optimizers do: param groups with their own hyperparameters
+    (``[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]``, each group with its own
+    functional state), named or plain parameters, complex parameters stepped as real views,
+    ``torch.optim.lr_scheduler``, ``torch.amp.GradScaler``, ``zero_grad``, deep copies, and
+    ``state_dict()`` / ``load_state_dict()`` in torch's layout (per-parameter state, with their
+    hooks), matched by parameter name where both sides have names.
 
-    Pass named parameters so that per-tensor hyperparameters (dicts keyed by name) line up;
-    plain parameters are named ``"0"``, ``"1"``, ... A parameter whose ``.grad`` is ``None``
-    gets a zero gradient (stateful transforms still decay their state), unlike ``torch.optim``,
-    which skips it.
+    Differences from ``torch.optim``: a parameter without a ``.grad`` is left alone and keeps
+    its state, as in torch, but state shared by its group (a step count) still advances; the
+    per-parameter state is the transformation's, under torch's names where its fields have one
+    (``optim.adamw``'s loads from and into ``torch.optim.AdamW``; others keep their paths, such
+    as ``".log_lr"``); hyperparameters in a group are floats or 1-element tensors (a
+    per-tensor dict or learned callable goes into a built transformation); only the
+    factory form pickles (a built transformation is a closure); it reads ``.grad`` without a
+    host sync, but a transformation may read values on the host (``adamw_hd`` does, once per
+    step for its rates); ``foreach``, ``fused``, ``capturable``, ``differentiable`` and
+    ``maximize`` are not arguments (they would be the transformation's).
     """
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
         transform: GradientTransformation | Factory,
         hparams: HParams | None = None,
         **hyperparams: Any,
     ) -> None:
-        items = list(params)
-        if not items:
-            raise ValueError("optimizer got an empty parameter list")
-        if isinstance(items[0], Mapping):
-            raise TypeError(
-                "selfmod.optim.Optimizer takes one parameter list, not param group dicts; give "
-                "per-tensor hyperparameters as dicts keyed by parameter name, or use one "
-                "optimizer per group"
-            )
-        if isinstance(items[0], tuple):
-            names, tensors = [n for n, _ in items], [t for _, t in items]
-        else:
-            names, tensors = [str(i) for i in range(len(items))], items
+        # the hyperparameters first, as torch checks them before the parameters
+        self._recipe: tuple[Factory, dict[str, Any], list[str]] | None = None
         if isinstance(transform, GradientTransformation):
             if hyperparams:
                 raise TypeError(
@@ -123,7 +139,9 @@ class Optimizer(torch.optim.Optimizer):
             defaults: dict[str, Any] = {"lr": 1.0}
             self.reads_group = False  # group["lr"] multiplies the updates
         elif callable(transform):
-            defaults, transform = _inject(transform, hyperparams)
+            factory = transform
+            defaults, static, transform = _inject(factory, hyperparams)
+            self._recipe = (factory, static, list(defaults))
             self.reads_group = True  # update() reads every group entry from hparams
             clash = sorted(set(hparams or {}) & {*defaults, "b1", "b2"})
             if clash:
@@ -136,101 +154,240 @@ class Optimizer(torch.optim.Optimizer):
                 "transform must be a GradientTransformation (optim.adam(1e-3)) or a factory "
                 f"(optim.adam) (got {type(transform).__name__})"
             )
-        super().__init__(tensors, defaults)
         self.transform = transform
         self.hparams = hparams
-        self.names = names
-        self.functional_state = transform.init(self._params())
+        self.functional_states: list[Any] = []  # one per param group
+        self._names: list[list[str]] = []
+        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self.param_groups:
-            raise ValueError(
-                "selfmod.optim.Optimizer holds one param group (add_param_group got a second); "
-                "give per-tensor hyperparameters as dicts keyed by parameter name, or use one "
-                "optimizer per group"
-            )
+        """torch's, then the group's own hyperparameters checked by the factory and its
+        functional state initialised."""
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if self._recipe is not None:
+            factory, static, keys = self._recipe
+            values = {}
+            for k in keys:
+                v = group[k]
+                if k == "betas":
+                    values["b1"], values["b2"] = (_scalar("betas", b, "betas") for b in v)
+                else:
+                    values[k] = _scalar(k, v, getattr(factory, "__name__", "the factory"))
+            factory(**static, **values)  # its range checks, one line each
+        start = sum(len(g) for g in self._names)
+        names = group.get("param_names") or [str(start + i) for i in range(len(group["params"]))]
+        self._names.append(list(names))
+        self.functional_states.append(self.transform.init(self._params(-1)))
 
-    def _params(self) -> dict[str, Tensor]:
-        return dict(zip(self.names, self.param_groups[0]["params"], strict=True))
+    # one group: the attributes selfmod's surgery reads and rewrites
+    @property
+    def functional_state(self) -> Any:
+        return self.functional_states[self._single()]
 
-    def _group_hparams(self) -> HParams | None:
+    @functional_state.setter
+    def functional_state(self, value: Any) -> None:
+        self.functional_states[self._single()] = value
+
+    @property
+    def names(self) -> list[str]:
+        return self._names[self._single()]
+
+    @names.setter
+    def names(self, value: list[str]) -> None:
+        self._names[self._single()] = list(value)
+        if "param_names" in self.param_groups[0]:
+            self.param_groups[0]["param_names"] = list(value)
+
+    def _single(self) -> int:
+        if len(self.param_groups) != 1:
+            raise AttributeError(
+                f"this optimizer has {len(self.param_groups)} param groups; use "
+                f"functional_states[i] (and the names of group i)"
+            )
+        return 0
+
+    def _params(self, i: int) -> dict[str, Tensor]:
+        """Group ``i``'s parameters by name, complex ones as real views."""
+        params = self.param_groups[i]["params"]
+        return {n: _real(p) for n, p in zip(self._names[i], params, strict=True)}
+
+    def _group_hparams(self, group: dict[str, Any]) -> HParams | None:
         """``hparams`` plus the param group's hyperparameters (``betas`` as ``b1``, ``b2``)."""
         if not self.reads_group:
             return self.hparams
-        group = {k: v for k, v in self.param_groups[0].items() if k in self.defaults}
-        if "betas" in group:
-            group["b1"], group["b2"] = group.pop("betas")
-        return {**(self.hparams or {}), **group}
+        values = {
+            k: v.reshape(()) if isinstance(v, Tensor) else v  # a [1, 1] lr scales as a scalar
+            for k, v in group.items()
+            if k in self.defaults
+        }
+        if "betas" in values:
+            values["b1"], values["b2"] = values.pop("betas")
+        return {**(self.hparams or {}), **values}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = run_closure(closure)
-        params = self._params()
-        grads = {
-            k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()
-        }
-        updates, self.functional_state = self.transform.update(
-            grads, self.functional_state, params, self._group_hparams()
-        )
-        group = self.param_groups[0]
-        if not self.reads_group and "max_lr" in group:
-            raise TypeError(
-                "OneCycleLR sets absolute learning rates, but this optimizer's lr multiplies a "
-                "built transformation's updates; build it from a factory, "
-                "Optimizer(params, optim.adam, lr=...)"
+        for i, group in enumerate(self.param_groups):
+            if all(p.grad is None for p in group["params"]):
+                continue  # as torch skips parameters without a gradient
+            if not self.reads_group and "max_lr" in group:
+                raise TypeError(
+                    "OneCycleLR sets absolute learning rates, but this optimizer's lr multiplies "
+                    "a built transformation's updates; build it from a factory, "
+                    "Optimizer(params, optim.adam, lr=...)"
+                )
+            if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
+                raise RuntimeError(
+                    "selfmod.optim.Optimizer does not support sparse gradients; use "
+                    "torch.optim.SparseAdam"
+                )
+            params = self._params(i)
+            idle = {
+                n for n, p in zip(self._names[i], group["params"], strict=True) if p.grad is None
+            }
+            grads = {
+                n: _real(p.grad) if p.grad is not None else torch.zeros_like(params[n])
+                for n, p in zip(self._names[i], group["params"], strict=True)
+            }
+            before = self.functional_states[i]
+            updates, after = self.transform.update(
+                grads, before, params, self._group_hparams(group)
             )
-        alpha = 1.0 if self.reads_group else group["lr"]
-        for k, p in params.items():
-            p.add_(updates[k], alpha=alpha)
+            self.functional_states[i] = self._keep(i, before, after, idle) if idle else after
+            alpha = 1.0 if self.reads_group else group["lr"]
+            for n, p in params.items():
+                if n not in idle:
+                    p.add_(updates[n], alpha=alpha)
         return loss
 
+    def _keep(self, i: int, before: Any, after: Any, idle: set[str]) -> Any:
+        """``after``, with the state of the parameters in ``idle`` (no gradient this step) as it
+        was ``before``: torch leaves a parameter without a gradient alone."""
+        owners = [owner for _, owner, _ in self._leaves(i, after)]
+        old, _ = pytree.tree_flatten(before)
+        new, spec = pytree.tree_flatten(after)
+        kept = [o if owner in idle else n for o, n, owner in zip(old, new, owners, strict=True)]
+        return pytree.tree_unflatten(kept, spec)
+
+    def _leaves(self, i: int, state: Any = None) -> list[tuple[str, str | None, Any]]:
+        """Group ``i``'s functional state as ``(key, parameter name or None, leaf)``: a leaf under
+        a parameter's name is that parameter's (``"[0].mu"``), any other the group's."""
+        names = set(self._names[i])
+        out = []
+        state = self.functional_states[i] if state is None else state
+        for path, leaf in pytree.tree_flatten_with_path(state)[0]:
+            owner = next(
+                (k.key for k in path if isinstance(k, pytree.MappingKey) and k.key in names), None
+            )
+            rest = [k for k in path if not (isinstance(k, pytree.MappingKey) and k.key == owner)]
+            out.append((pytree.keystr(tuple(rest)), owner, leaf))
+        # torch's name for a leaf whose field has one, where no other leaf takes that name
+        torch_names = [TORCH_NAMES.get(key.rsplit(".", 1)[-1]) for key, _, _ in out]
+        counts = Counter(
+            (name, owner) for name, (_, owner, _) in zip(torch_names, out, strict=True)
+        )
+        return [
+            (name if name and counts[name, owner] == 1 else key, owner, leaf)
+            for name, (key, owner, leaf) in zip(torch_names, out, strict=True)
+        ]
+
     def state_dict(self) -> dict[str, Any]:
-        """``{"state": {path: leaf}, "param_groups": [group with "params" as names]}``; paths
-        such as ``"[0].mu['fc.weight']"`` name each parameter, so loading never relies on order."""
-        leaves, _ = pytree.tree_flatten_with_path(self.functional_state)
-        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        return {
-            "state": {pytree.keystr(path): leaf for path, leaf in leaves},
-            "param_groups": [{**group, "params": list(self.names)}],
-        }
+        """torch's layout and hooks: ``{"state": {index: {key: leaf}}, "param_groups": [...]}``,
+        the keys being torch's names where a field has one (``exp_avg``, ``exp_avg_sq``, ``step``,
+        ``momentum_buffer``), else paths in the transformation's state; a leaf shared by the
+        group (a step count) is in each of its parameters' entries."""
+        for i, group in enumerate(self.param_groups):
+            leaves = self._leaves(i)
+            shared = {key: leaf for key, owner, leaf in leaves if owner is None}
+            for name, p in zip(self._names[i], group["params"], strict=True):
+                own = {key: leaf for key, owner, leaf in leaves if owner == name}
+                self.state[p] = {**own, **shared}
+        try:
+            return super().state_dict()
+        finally:
+            self.state.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the functional state (matched by path, cast to this optimizer's devices and
-        dtypes) and the group's hyperparameters (a scheduler's current ``lr``, ...)."""
+        """torch's (hooks run, tensors cast to each parameter's device and dtype), matched by
+        parameter name where both have names, then the functional states rebuilt from it."""
         if "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError(
-                f"not a selfmod.optim.Optimizer state_dict (keys {sorted(state_dict)}); "
-                f"save it with this optimizer's state_dict()"
+                f"not an optimizer state_dict (keys {sorted(state_dict)}); save it with this "
+                f"optimizer's state_dict()"
             )
-        (saved_group,) = state_dict["param_groups"]
-        if set(saved_group["params"]) != set(self.names):
+        state_dict = _by_name(state_dict, self._names)
+        super().load_state_dict(state_dict)
+        try:
+            for i, group in enumerate(self.param_groups):
+                by_name = dict(zip(self._names[i], group["params"], strict=True))
+                first = self.state.get(group["params"][0], {})
+                restored = []
+                for key, owner, like in self._leaves(i):
+                    entry = self.state.get(by_name[owner], {}) if owner else first
+                    if key not in entry:
+                        raise ValueError(
+                            f"state_dict is from another transformation: no state {key!r} for "
+                            f"parameter {owner or self._names[i][0]!r} (has {sorted(entry)})"
+                        )
+                    value = entry[key]
+                    if isinstance(like, Tensor):
+                        if value.shape != like.shape:
+                            raise ValueError(
+                                f"state {key} of {owner!r} has shape {tuple(value.shape)}, "
+                                f"expected {tuple(like.shape)}"
+                            )
+                        value = value.to(device=like.device, dtype=like.dtype, copy=True)
+                    elif isinstance(like, int) and not isinstance(like, bool):
+                        value = int(value)  # torch's step count, a float32 tensor
+                    restored.append(value)
+                spec = pytree.tree_structure(self.functional_states[i])
+                self.functional_states[i] = pytree.tree_unflatten(restored, spec)
+        finally:
+            self.state.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's (defaults, state, groups) plus the functional states; the factory form
+        rebuilds its transformation on unpickling, a built one is kept as is (deep copies)."""
+        keep = ("hparams", "reads_group", "functional_states", "_names", "_recipe")
+        extra = {k: self.__dict__[k] for k in keep}
+        if self._recipe is None:
+            extra["transform"] = self.transform
+        return {**super().__getstate__(), **extra}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self._recipe is not None:
+            factory, static, keys = self._recipe
+            values = {"b1": 0.0, "b2": 0.0} if "betas" in keys else {}
+            values.update({k: 0.0 for k in keys if k != "betas"})
+            self.transform = factory(**static, **{k: _reader(k) for k in values})
+
+
+def _real(t: Tensor) -> Tensor:
+    """Complex tensors as real views ``(..., 2)``, as torch's optimizers step them."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _by_name(state_dict: dict[str, Any], names: list[list[str]]) -> dict[str, Any]:
+    """``state_dict`` with each saved group's parameters put in this optimizer's order, when
+    both name them the same (torch itself matches by position)."""
+    groups = []
+    for saved, ours in zip(state_dict.get("param_groups", []), names, strict=False):
+        saved_names = saved.get("param_names")
+        if saved_names and list(saved_names) != ours and sorted(saved_names) == sorted(ours):
+            index = dict(zip(saved_names, saved["params"], strict=True))
+            saved = {**saved, "params": [index[n] for n in ours], "param_names": list(ours)}
+        elif saved_names and sorted(saved_names) != sorted(ours):
             raise ValueError(
                 "state_dict parameter names do not match this optimizer's: missing "
-                f"{sorted(set(self.names) - set(saved_group['params']))}, unexpected "
-                f"{sorted(set(saved_group['params']) - set(self.names))}"
+                f"{sorted(set(ours) - set(saved_names))}, unexpected "
+                f"{sorted(set(saved_names) - set(ours))}"
             )
-        leaves, spec = pytree.tree_flatten_with_path(self.functional_state)
-        saved = state_dict["state"]
-        paths = [pytree.keystr(path) for path, _ in leaves]
-        if set(paths) != set(saved):
-            raise ValueError(
-                "state_dict is from another transformation: missing state "
-                f"{sorted(set(paths) - set(saved))[:5]}, unexpected "
-                f"{sorted(set(saved) - set(paths))[:5]}"
-            )
-        restored = []
-        for path, (_, like) in zip(paths, leaves, strict=True):
-            value = saved[path]
-            if isinstance(like, Tensor):
-                if value.shape != like.shape:
-                    raise ValueError(
-                        f"state {path} has shape {tuple(value.shape)}, expected {tuple(like.shape)}"
-                    )
-                value = value.to(device=like.device, dtype=like.dtype, copy=True)
-            restored.append(value)
-        self.functional_state = pytree.tree_unflatten(restored, spec)
-        self.param_groups[0].update({k: v for k, v in saved_group.items() if k != "params"})
+        groups.append(saved)
+    if not groups:
+        return state_dict
+    return {**state_dict, "param_groups": groups}
 
 
 __all__ = ["Optimizer"]
