@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from selfmod.errors import SelfmodError
-from selfmod.runs.config import TrainConfig, load_config, saved_config
+from selfmod.runs.config import TrainConfig, fields_help, load_config, saved_config
 from selfmod.runs.files import atomic_write_text
 from selfmod.validation import ConfigError
 
@@ -78,22 +78,7 @@ def _root(
     """Gradient-based self-modification for PyTorch."""
 
 
-def _fields_help() -> str:
-    """The config fields with type, range and default, from the config model (cannot drift)."""
-    from selfmod.introspect.config import TrainConfig, described
-    from selfmod.validation import allowed
-
-    lines = ["Config fields (--set name=value, or in CONFIG.toml): name = default: allowed"]
-    words = described()
-    for name, field in TrainConfig.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        what = allowed(TrainConfig, name, words)
-        note = f"; {field.description}" if field.description and name not in words else ""
-        lines.append(f"{name} = {default!r}: {what}{note}")
-    return "\n\n".join(lines)
-
-
-@app.command(epilog=_fields_help())
+@app.command(epilog=fields_help())
 def train(
     config: Annotated[Path | None, typer.Argument(help="TOML config; defaults if omitted")] = None,
     set_: Annotated[

@@ -15,7 +15,7 @@ from selfmod.introspect.config import TrainConfig, described
 from selfmod.validation import load_values
 from selfmod.validation import validate as validate_model
 
-__all__ = ["TrainConfig", "load_config", "saved_config", "validate"]
+__all__ = ["TrainConfig", "fields_help", "load_config", "saved_config", "validate"]
 
 #: modifiers that became defaults after runs were saved without them: a saved config that
 #: lacks the first of a modifier's fields (it predates the modifier) and names no modifiers
@@ -43,3 +43,18 @@ def saved_config(values: dict[str, Any]) -> TrainConfig:  # type: ignore[valid-t
         if later:
             values = {**values, "modifiers": [n for n in default_names() if n not in later]}
     return validate(values)
+
+
+def fields_help() -> str:
+    """The config fields with type, range and default, from the config model (cannot drift)."""
+    from selfmod.introspect.config import TrainConfig, described
+    from selfmod.validation import allowed
+
+    lines = ["Config fields (--set name=value, or in CONFIG.toml): name = default: allowed"]
+    words = described()
+    for name, field in TrainConfig.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        what = allowed(TrainConfig, name, words)
+        note = f"; {field.description}" if field.description and name not in words else ""
+        lines.append(f"{name} = {default!r}: {what}{note}")
+    return "\n\n".join(lines)
