@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from selfmod.bench.command import bench
 from selfmod.errors import SelfmodError
 from selfmod.runs.config import TrainConfig, fields_help, load_config, saved_config
 from selfmod.runs.files import atomic_write_text
@@ -355,86 +356,7 @@ def meta_train(
     run_meta_train(config, set_, resume_)
 
 
-bench = typer.Typer(help="Benchmarks that compare selfmod with its peers.")
 app.add_typer(bench, name="bench")
-
-
-@bench.command("vs-search")
-def vs_search(
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="model=mlp|cnn, seeds=[0,1], steps, tpe_trials=[20,50], random_trials, "
-            "grid_points, large_lr, guard_size, out, jobs",
-        ),
-    ] = None,
-) -> None:
-    """Self-modification against grid, random and Optuna TPE search, hypergradient descent and
-    a hyperoptimizer stack on MNIST-1D (an MLP, or with model=cnn a 1-D CNN); writes
-    vs_search.{md,json,png} (vs_search_cnn.* for the CNN)."""
-    from selfmod.bench.vs_search import load_budget, run_benchmark
-
-    budget = load_budget(set_)
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise SelfmodError(
-            "optuna is needed for this benchmark: pip install 'selfmod[bench]'"
-        ) from None
-    command = "selfmod bench vs-search" + "".join(f" --set {s}" for s in set_ or [])
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not main,
-    ) as progress:
-        task = progress.add_task("vs-search", total=None)
-
-        def tick(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, description=f"vs-search: {name}")
-
-        text = run_benchmark(budget, command, tick)
-    Console(width=140).print(text)
-
-
-@bench.command("practitioners")
-def practitioners(
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="workload=mnist1d|mnist|pylm|cancer (or a list), seeds=[0,1], tuning_seed, "
-            "steps (x each workload's), tpe_trials, grid_points, pbt=auto|on|off, "
-            "pbt_members, contenders, out",
-        ),
-    ] = None,
-) -> None:
-    """Self-modification against what practitioners use (a tuned AdamW grid, Schedule-Free
-    AdamW, Prodigy, D-Adaptation, Optuna TPE, Ray Tune PBT) on MNIST-1D, MNIST, Python bytes
-    and a tabular set; writes practitioners.{md,json,png}."""
-    from selfmod.bench.practitioners import load_budget, missing, run_benchmark
-
-    budget = load_budget(set_)
-    if need := missing(budget):
-        raise SelfmodError(f"{need} needed for this benchmark: pip install 'selfmod[bench]'")
-    command = "selfmod bench practitioners" + "".join(f" --set {s}" for s in set_ or [])
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("practitioners", total=None)
-
-        def tick(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, description=name)
-
-        text = run_benchmark(budget, command, tick)
-    Console(width=160).print(text)
 
 
 # ----------------------------------------------------------------------------- driving a run
