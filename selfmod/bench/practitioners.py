@@ -1,7 +1,7 @@
 """selfmod against what practitioners use, on four offline workloads
 (:mod:`selfmod.bench.workloads`): a tuned AdamW grid, Schedule-Free AdamW, Prodigy,
 D-Adaptation Adam, Optuna TPE, Ray Tune population-based training, and one self-modifying run
-through :func:`selfmod.introspect.fit`.
+through :func:`selfmod.runs.fit`.
 
 Protocol. Every trial and every run trains for the workload's ``steps`` at its batch size. The
 tuners (grid, TPE, PBT) tune on the validation split with the tuning seed (never a published
@@ -399,10 +399,10 @@ def _worst(work: Workload) -> float:
 
 
 def fit_selfmod(work: Workload, seed: int, config: dict[str, Any] | None = None) -> Run:
-    """One :func:`selfmod.introspect.fit` run with ``config`` (default :data:`SELFMOD_CONFIG`);
+    """One :func:`selfmod.runs.fit` run with ``config`` (default :data:`SELFMOD_CONFIG`);
     its wall time includes the run directory it writes (ledger, checkpoints, summary), not
     the HTML report (``report = false``: no contender draws plots)."""
-    from selfmod.introspect import fit
+    from selfmod.runs import fit
 
     config = dict(SELFMOD_CONFIG if config is None else config)
     optimizer = config.pop("optimizer")
