@@ -25,7 +25,7 @@ from rich.table import Table
 
 from selfmod.bench.command import bench
 from selfmod.errors import SelfmodError
-from selfmod.runs.config import TrainConfig, fields_help, load_config, saved_config
+from selfmod.runs.config import TrainConfig, fields_help, load_config
 from selfmod.runs.files import atomic_write_text
 from selfmod.validation import ConfigError
 
@@ -93,42 +93,21 @@ def train(
     from selfmod.runs import distributed
     from selfmod.runs.api import on_main
     from selfmod.runs.imports import build_problem
+    from selfmod.runs.rundir import start_run
 
     cfg = load_config(config, set_)
     problem, splits = build_problem(cfg)  # imports and shapes checked before a run directory
     Loop(problem, sources_of(splits, cfg.seed), cfg)  # and the modifiers named
     with distributed.session() as coll:
-        run_dir, cfg, resume = on_main(coll, lambda: _new_run(cfg))
+        run_dir, cfg, resume = on_main(coll, lambda: start_run(cfg))
         if resume and on_main(coll, lambda: _completed(run_dir, cfg)):
             return
         _drive(cfg, run_dir, resume=resume, collective=coll)
 
 
-def _new_run(cfg: TrainConfig) -> tuple[Path, TrainConfig, bool]:  # type: ignore[valid-type]
-    """``(run_dir, config, resume)``: a new run directory with its config.json; under
-    ``torchrun --max-restarts``, a restarted job's own run directory (named in
-    ``out/.torchrun-<rdzv id>``), to resume."""
-    import os
-
-    from selfmod.runs.api import new_run_dir, with_run_id
-
-    job = os.environ.get("TORCHELASTIC_RUN_ID")
-    marker = Path(cfg.out) / f".torchrun-{job}" if job else None
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if marker is not None and restarted and marker.is_file():
-        run_dir = Path(marker.read_text().strip())
-        return run_dir, _config_of(run_dir), True
-    cfg = with_run_id(cfg)
-    run_dir = new_run_dir(cfg.out)
-    atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
-    if marker is not None:
-        atomic_write_text(marker, f"{run_dir}\n")
-    return run_dir, cfg, False
-
-
 def _completed(run_dir: Path, cfg: TrainConfig) -> bool:  # type: ignore[valid-type]
     """Whether the run in ``run_dir`` is complete (then says so)."""
-    from selfmod.runs.api import completed
+    from selfmod.runs.rundir import completed
 
     step = completed(run_dir, cfg)
     if step is not None:
@@ -142,9 +121,10 @@ def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
     its model, data and loss are imported again from config.json."""
     from selfmod.runs import distributed
     from selfmod.runs.api import on_main
+    from selfmod.runs.rundir import config_of
 
     with distributed.session() as coll:
-        cfg = on_main(coll, lambda: _config_of(run_dir))
+        cfg = on_main(coll, lambda: config_of(run_dir))
         if on_main(coll, lambda: _completed(run_dir, cfg)):
             return
         _drive(cfg, run_dir, resume=True, collective=coll)
@@ -160,61 +140,36 @@ def report(
     """Write RUN_DIR/report.html from the run's history and ledger."""
     if x not in ("step", "seconds"):
         raise SelfmodError(f"--x must be 'step' or 'seconds' (got {x!r})")
-    from selfmod.runs.lock import run_lock
-    from selfmod.runs.report import write_report
+    from selfmod.runs.rundir import write_run_report
 
-    _config_of(run_dir)
-    with run_lock(run_dir):
-        history = _read_json(run_dir / "history.json")
-        if not isinstance(history, dict):
-            raise SelfmodError(f"{run_dir / 'history.json'} must hold a JSON object")
-        rows = _ledger_rows(run_dir)
-        try:
-            path = write_report(run_dir, history, rows, x=x)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-            raise SelfmodError(
-                f"{run_dir / 'history.json'} is not a history selfmod train writes "
-                f"({type(err).__name__}: {err}); rerun selfmod resume to rewrite it"
-            ) from None
-    Console().print(f"report: {path}")
+    Console().print(f"report: {write_run_report(run_dir, x)}")
 
 
 @app.command("log")
 def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """The table of changes (proposals, decisions, rollbacks); verifies the hash chain."""
-    from selfmod.runs.ledger import Ledger
+    from selfmod.runs.rundir import verified_log
 
-    _config_of(run_dir)
-    final = run_dir / "final.json"
-    head = None
-    if final.is_file():  # a finished run recorded its ledger's head: a cut tail shows
-        recorded = _json_file(final)
-        head = (
-            tuple(recorded["ledger_head"])
-            if isinstance(recorded, dict) and "ledger_head" in recorded
-            else None
-        )
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        n = ledger.verify(head)  # type: ignore[arg-type]
-        rows = [e for e in ledger.entries() if e.kind != "cycle"]
-        keyed = (
-            "keyed (HMAC-SHA256)"
-            if ledger.keyed
-            else "unkeyed (anyone who can write the run directory can recompute it)"
-        )
-    table = Table(title=f"{run_dir}: {n} ledger entries, hash chain verified")
+    log = verified_log(run_dir)
+    table = Table(title=f"{run_dir}: {log.n} ledger entries, hash chain verified")
     for col in ("id", "cycle", "step", "kind", "modifier", "decision", "reason"):
         table.add_column(col)
-    for e in rows:
-        table.add_row(
-            str(e.seq),
-            str(e.cycle),
-            str(e.step),
+    for e in log.rows:
+        cells = (
+            e.seq,
+            e.cycle,
+            e.step,
             e.kind,
-            str(e.payload.get("modifier", "")),
+            e.payload.get("modifier", ""),
             e.decision,
             e.reason,
         )
+        table.add_row(*map(str, cells))
+    keyed = (
+        "keyed (HMAC-SHA256)"
+        if log.keyed
+        else "unkeyed (anyone who can write the run directory can recompute it)"
+    )
     Console(width=200).print(table)
     Console(width=200).print(f"hash chain: {keyed}", soft_wrap=True)
 
@@ -227,37 +182,9 @@ def approve(
     """Approve a pending change of a manual-approval run; the run applies it at its next cycle
     (run with the run stopped; selfmod resume continues), unless it has expired by then
     (approval_expiry)."""
-    from selfmod.runs.ledger import Ledger
-    from selfmod.runs.lock import run_lock
+    from selfmod.runs import rundir
 
-    _config_of(run_dir)
-    with run_lock(run_dir), Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        ledger.verify()
-        pending = {e.seq: e for e in ledger.entries("proposal") if e.decision == "pending"}
-        if id_ not in pending:
-            ids = ", ".join(map(str, sorted(pending))) or "none"
-            raise SelfmodError(
-                f"ID must be a pending change of {run_dir} (got {id_}); pending: {ids}"
-            )
-        if any(e.payload.get("proposal") == id_ for e in ledger.entries("approval")):
-            raise SelfmodError(f"change {id_} is already approved")
-        done = {
-            e.payload.get("change", {}).get("proposal"): e
-            for e in ledger.entries("proposal")
-            if e.decision in ("applied", "expired")
-        }
-        if id_ in done:
-            e = done[id_]
-            raise SelfmodError(f"change {id_} was {e.decision} at cycle {e.cycle}: {e.reason}")
-        e = pending[id_]
-        ledger.append(
-            "approval",
-            cycle=e.cycle,
-            step=e.step,
-            decision="approved",
-            reason=f"change {id_} approved",
-            payload={"proposal": id_},
-        )
+    rundir.approve(run_dir, id_)
     Console().print(
         f"approved change {id_}; it is applied at the next cycle "
         f"(selfmod resume {run_dir} if the run is not running)"
@@ -273,72 +200,11 @@ def rollback(
 
     Verifies every kept checkpoint and the ledger (against the head each checkpoint recorded)
     before it moves anything; moves only checkpoint files, within the checkpoints folder."""
-    from selfmod.runs.lock import run_lock
+    from selfmod.runs import rundir
 
-    _config_of(run_dir)
-    with run_lock(run_dir):
-        target = _rollback(run_dir, to)
+    target = rundir.rollback(run_dir, to)
     Console().print(
         f"rolled back to cycle {to} (step {target}); continue with selfmod resume {run_dir}"
-    )
-
-
-def _rollback(run_dir: Path, to: int) -> int:
-    """Move the checkpoints of cycles after ``to`` aside; return the target step."""
-    from selfmod.runs.checkpoint import FOLDER, CheckpointError, list_checkpoints, load_checkpoint
-    from selfmod.runs.ledger import Ledger
-
-    kept: dict[int, tuple[Path, dict[str, Any]]] = {}
-    for path in list_checkpoints(run_dir):
-        _, manifest = load_checkpoint(path)  # every manifest verified before anything moves
-        cycle, head = manifest["meta"].get("cycle"), manifest["meta"].get("ledger_head")
-        if not isinstance(cycle, int) or isinstance(cycle, bool):
-            raise CheckpointError(f"checkpoint {path.name}: meta.cycle is missing or not an int")
-        if not _is_head(head):
-            raise CheckpointError(f"checkpoint {path.name}: meta.ledger_head is missing")
-        kept[cycle] = (path, manifest)
-    if to not in kept:
-        cycles = ", ".join(map(str, sorted(kept))) or "none"
-        raise SelfmodError(
-            f"--to must be a cycle with a kept checkpoint (got {to}); kept: {cycles}"
-        )
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        ledger.verify()
-        for _, manifest in kept.values():  # the target's head, and every later one's
-            ledger.verify(tuple(manifest["meta"]["ledger_head"]))
-    folder = run_dir / FOLDER
-    aside = folder / "rolled-back"
-    if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
-        raise SelfmodError(f"{aside} must be a folder, not a link or file; remove it")
-    aside.mkdir(exist_ok=True)
-    target = kept[to][1]["step"]
-    for cycle, (path, manifest) in kept.items():
-        if cycle > to:  # the manifest first: a checkpoint without it is simply incomplete
-            for f in (path, path.parent / manifest["file"]):
-                f.replace(aside / f.name)
-    for name in ("final.safetensors", "final.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    atomic_write_text(run_dir / "status.json", json.dumps({"state": "rolled back", "step": target}))
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        ledger.append(
-            "rollback",
-            cycle=to,
-            step=target,
-            decision="rollback",
-            reason=f"manual rollback to cycle {to} (step {target})",
-            payload={"modifier": "user", "to_cycle": to},
-        )
-    return target
-
-
-def _is_head(head: Any) -> bool:
-    """``[seq, hash]`` as a checkpoint manifest records the ledger head."""
-    return (
-        isinstance(head, list)
-        and len(head) == 2
-        and isinstance(head[0], int)
-        and not isinstance(head[0], bool)
-        and isinstance(head[1], str)
     )
 
 
@@ -360,40 +226,6 @@ app.add_typer(bench, name="bench")
 
 
 # ----------------------------------------------------------------------------- driving a run
-
-
-def _config_of(run_dir: Path) -> TrainConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise SelfmodError(f"DIR must be a run directory with config.json (got {str(run_dir)!r})")
-    values = _json_file(path)
-    if not isinstance(values, dict):
-        raise SelfmodError(f"{path} must hold a JSON object of config fields (got {values!r:.40})")
-    return saved_config(values)
-
-
-def _json_file(path: Path) -> Any:
-    """The JSON value in ``path``, or one line saying why it cannot be read."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as err:
-        raise SelfmodError(f"{path} is unreadable: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise SelfmodError(f"{path} is not UTF-8 text; restore it from a copy") from None
-    except ValueError as err:
-        raise SelfmodError(f"{path} is not valid JSON ({err}); restore it from a copy") from None
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise SelfmodError(f"{path} does not exist; finish the run first (selfmod resume)")
-    return _json_file(path)
-
-
-def _ledger_rows(run_dir: Path) -> list[dict]:
-    from selfmod.runs.api import ledger_rows
-
-    return ledger_rows(run_dir)
 
 
 def _drive(

@@ -24,8 +24,6 @@ import copy
 import hashlib
 import json
 import os
-import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +44,12 @@ from selfmod.introspect.probes import against_fixed
 from selfmod.introspect.problem import Problem, default_metric
 from selfmod.runs import distributed
 from selfmod.runs.checkpoint import list_checkpoints
-from selfmod.runs.config import saved_config, validate
+from selfmod.runs.config import validate
 from selfmod.runs.files import atomic_write_bytes, atomic_write_text
 from selfmod.runs.lock import run_lock
 from selfmod.runs.logs import Logs
 from selfmod.runs.recorder import RunRecorder
+from selfmod.runs.rundir import ledger_head, ledger_rows, open_run_dir
 
 
 @dataclass
@@ -70,26 +69,6 @@ def make_config(config: Any = None, **defaults: Any) -> Any:
         return config
     values = {**defaults, **(config or {})}
     return validate(values)
-
-
-def with_run_id(cfg: Any) -> Any:
-    """``cfg`` with a fresh random ``run_id`` (a new run directory's identity)."""
-    return cfg.model_copy(update={"run_id": uuid.uuid4().hex})
-
-
-def new_run_dir(out: str | Path) -> Path:
-    """A fresh ``out/train-YYYYmmdd-HHMMSS[-N]``, created here. The directory is claimed by
-    ``mkdir`` itself (no check first), so runs started in the same second by other processes
-    get distinct directories instead of failing with "File exists"."""
-    stamp = time.strftime("train-%Y%m%d-%H%M%S")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    run_dir, suffix = Path(out) / stamp, 1
-    while True:
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            run_dir, suffix = Path(out) / f"{stamp}-{suffix}", suffix + 1
 
 
 def build_run(
@@ -136,18 +115,6 @@ def build_run(
     if recorder is not None and logs is not None:
         recorder.logs = Logs(run_dir, logs, start=loop.step)  # type: ignore[arg-type]
     return loop, recorder
-
-
-def completed(run_dir: Path, cfg: Any) -> int | None:
-    """The final step of a finished run in ``run_dir`` (``final.json`` at ``cfg.steps`` and
-    ``status.json`` saying complete, which is written last), else ``None``."""
-    try:
-        step = json.loads((run_dir / "final.json").read_text())["step"]
-        state = json.loads((run_dir / "status.json").read_text())["state"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    done = state == "complete" and isinstance(step, int) and step >= cfg.steps
-    return step if done else None
 
 
 def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, Any]:
@@ -205,22 +172,6 @@ def summary_record(tuned: dict[str, Any], fixed: dict[str, Any] | None) -> dict[
     pick = lambda s: {k: s.get(k) for k in SUMMARY_KEYS}  # noqa: E731
     base = {k: v for k, v in pick(fixed).items() if k != "meta_metrics"} if fixed else None
     return {**pick(tuned), "fixed": base}
-
-
-def ledger_head(run_dir: Path) -> tuple[int, str]:
-    """``(seq, hash)`` of the ledger's last entry."""
-    from selfmod.runs.ledger import Ledger
-
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        return ledger.head()
-
-
-def ledger_rows(run_dir: Path) -> list[dict]:
-    from selfmod.runs.ledger import Ledger
-
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        ledger.verify()
-        return [e.__dict__ for e in ledger.entries() if e.kind != "cycle"]
 
 
 def _problem(
@@ -319,31 +270,10 @@ def fit(
     return FitResult(module, summary_record(tuned_summary(run, fixed), fixed_summary), run_dir, run)
 
 
-def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Path, Any]:
-    """``(run_dir, config)``: a new run directory (default: under ``cfg.out``) with a fresh
-    ``run_id`` and its ``config.json`` written, or (``resume``) the saved config of
-    ``run_dir``."""
-    run_dir = new_run_dir(cfg.out) if run_dir is None else Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        return run_dir, _saved_config(run_dir, cfg)
-    cfg = with_run_id(cfg)
-    atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
-    return run_dir, cfg
-
-
 def on_main(collective: distributed.Collective | None, fn: Callable[[], Any]) -> Any:
     """``fn()`` here on one process; under ``torchrun`` on rank 0 alone, its value (or its
     one-line error) on every rank."""
     return fn() if collective is None else collective.from_main(fn)
-
-
-def _saved_config(run_dir: Path, cfg: Any) -> Any:
-    """The config of the run in ``run_dir`` (its ``run_id`` binds the checkpoints)."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise SelfmodError(f"{run_dir} has no config.json: nothing to resume")
-    return saved_config(json.loads(path.read_text()))
 
 
 class SelfModifier:
@@ -374,13 +304,9 @@ class SelfModifier:
             model, loss, guard, test, optimizer, config, metric, groups
         )
         source = Source(_NoStream(), gx, gy, tx, ty)
-        self.run_dir = None if run_dir is None else Path(run_dir)
-        if self.run_dir is not None and resume:
-            cfg = _saved_config(self.run_dir, cfg)
-        elif self.run_dir is not None:
-            cfg = with_run_id(cfg)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.json", cfg.model_dump_json(indent=1))
+        self.run_dir = None
+        if run_dir is not None:
+            self.run_dir, cfg = open_run_dir(run_dir, cfg, resume)
         self.run, self.recorder = build_run(
             self.problem, [source], cfg, self.run_dir, modifiers=modifiers, resume=resume
         )
