@@ -13,8 +13,8 @@ selfmod bench practitioners [--set k=v]             selfmod against tuned AdamW,
 
 from __future__ import annotations
 
-import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,8 +25,7 @@ from rich.table import Table
 
 from selfmod.bench.command import bench
 from selfmod.errors import SelfmodError
-from selfmod.runs.config import TrainConfig, fields_help, load_config
-from selfmod.runs.files import atomic_write_text
+from selfmod.runs.config import fields_help, load_config
 from selfmod.validation import ConfigError
 
 app = typer.Typer(
@@ -36,14 +35,13 @@ app = typer.Typer(
     help="Gradient-based self-modification for PyTorch.",
 )
 console = Console(stderr=True)
+RunDir = Annotated[Path, typer.Argument(help="a run directory")]
+Config = Annotated[Path | None, typer.Argument(help="TOML config; defaults if omitted")]
 
 
 def _show_version(value: bool) -> None:
-    """``--version``: this selfmod's version and torch's, then exit 0.
-
-    ``selfmod.__version__`` is the one source (pyproject reads it), so it names the code that
-    runs; installed metadata that says otherwise (a stale editable install) is pointed out.
-    """
+    """``--version``: ``selfmod.__version__`` (what runs; stale installed metadata is pointed
+    out) and torch's, then exit 0."""
     if not value:
         return
     import importlib.metadata
@@ -63,25 +61,20 @@ def _show_version(value: bool) -> None:
     raise typer.Exit()
 
 
+_VERSION = typer.Option(
+    "--version", "-V", callback=_show_version, is_eager=True,
+    help="Print the versions of selfmod and torch and exit.",
+)  # fmt: skip
+
+
 @app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version",
-            "-V",
-            callback=_show_version,
-            is_eager=True,
-            help="Print the versions of selfmod and torch and exit.",
-        ),
-    ] = False,
-) -> None:
+def _root(version: Annotated[bool, _VERSION] = False) -> None:
     """Gradient-based self-modification for PyTorch."""
 
 
 @app.command(epilog=fields_help())
 def train(
-    config: Annotated[Path | None, typer.Argument(help="TOML config; defaults if omitted")] = None,
+    config: Config = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a field: --set steps=500")
     ] = None,
@@ -90,49 +83,108 @@ def train(
     be "package.module:callable"), next to a fixed-configuration run."""
     from selfmod.introspect.builtin import sources_of
     from selfmod.introspect.loop import Loop
-    from selfmod.runs import distributed
-    from selfmod.runs.api import on_main
-    from selfmod.runs.imports import build_problem
     from selfmod.runs.rundir import start_run
+    from selfmod.runs.session import from_config
 
     cfg = load_config(config, set_)
-    problem, splits = build_problem(cfg)  # imports and shapes checked before a run directory
-    Loop(problem, sources_of(splits, cfg.seed), cfg)  # and the modifiers named
-    with distributed.session() as coll:
-        run_dir, cfg, resume = on_main(coll, lambda: start_run(cfg))
-        if resume and on_main(coll, lambda: _completed(run_dir, cfg)):
-            return
-        _drive(cfg, run_dir, resume=resume, collective=coll)
-
-
-def _completed(run_dir: Path, cfg: TrainConfig) -> bool:  # type: ignore[valid-type]
-    """Whether the run in ``run_dir`` is complete (then says so)."""
-    from selfmod.runs.rundir import completed
-
-    step = completed(run_dir, cfg)
-    if step is not None:
-        Console().print(f"{run_dir} is complete (step {step}); nothing to resume")
-    return step is not None
+    made = from_config(cfg)  # imports and shapes checked before a run directory
+    Loop(made[0], sources_of(made[1], cfg.seed), cfg)  # and the modifiers named
+    _drive(lambda: start_run(cfg), made)
 
 
 @app.command()
-def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+def resume(run_dir: RunDir) -> None:
     """Continue a run from its newest complete checkpoint (bitwise, in deterministic mode);
     its model, data and loss are imported again from config.json."""
-    from selfmod.runs import distributed
-    from selfmod.runs.api import on_main
     from selfmod.runs.rundir import config_of
 
+    _drive(lambda: (run_dir, config_of(run_dir), True))
+
+
+def _drive(opened: Callable[[], tuple[Path, Any, bool]], made: Any = None) -> None:
+    """Open the run (``opened()`` on rank 0: run directory, config, resume?); unless it is
+    complete, drive it (:func:`selfmod.runs.session.drive`) with progress bars and print its
+    summary table. ``made``: a new run's problem, built from its config already."""
+    from selfmod.introspect.builtin import sources_of
+    from selfmod.runs import distributed
+    from selfmod.runs.rundir import completed
+    from selfmod.runs.session import Interrupted, drive, from_config, on_main
+
     with distributed.session() as coll:
-        cfg = on_main(coll, lambda: config_of(run_dir))
-        if on_main(coll, lambda: _completed(run_dir, cfg)):
+        run_dir, cfg, resume = on_main(coll, opened)
+        if resume and (step := on_main(coll, lambda: completed(run_dir, cfg))) is not None:
+            if coll is None or coll.main:
+                Console().print(f"{run_dir} is complete (step {step}); nothing to resume")
             return
-        _drive(cfg, run_dir, resume=True, collective=coll)
+        # a resumed run (a restarted torchrun job's too) is built from its saved config
+        problem, splits, baseline = from_config(cfg) if resume or made is None else made
+        bars: dict[str, Any] = {}
+        columns = (
+            TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("{task.fields[info]}"),
+        )
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), *columns, TimeRemainingColumn(),
+            console=console,
+        )  # fmt: skip
+
+        def start(r: Any) -> None:  # the run is built: errors before this print no bar
+            progress.start()
+            bars["run"] = progress.add_task(
+                "self-modifying", total=cfg.steps, completed=r.step, info=""
+            )
+
+        def tick(r: Any) -> None:
+            if r.step % 10 == 0 or r.step == cfg.steps:
+                last = r.history["log"][-1] if r.history["log"] else {}
+                acc = last.get("guard_acc", float("nan"))
+                widths = problem.widths(r.params) if last else None
+                info = f"width {widths} guard {problem.metric} {acc:.3f}" if last else ""
+                progress.update(bars["run"], completed=r.step, info=info)
+
+        def tick_fixed(r: Any) -> None:
+            if "fixed" not in bars:
+                bars["fixed"] = progress.add_task("fixed configuration", total=cfg.steps, info="")
+            if r.step % 10 == 0:
+                progress.update(bars["fixed"], completed=r.step)
+
+        try:
+            outcome = drive(
+                problem, sources_of(splits, cfg.seed), cfg, run_dir, resume=resume,
+                baseline=baseline, collective=coll, logs=console, on_start=start,
+                on_step=tick, on_baseline_step=tick_fixed,
+            )  # fmt: skip
+        except Interrupted as stop:  # Ctrl-C: the run stops where it is; resume continues it
+            if stop.main:
+                console.print(
+                    f"interrupted at step {stop.step}; selfmod resume {run_dir} continues"
+                )
+            raise typer.Exit(130) from None
+        finally:
+            if progress.live.is_started:  # stopping one never started prints a line
+                progress.stop()
+    if outcome.history is not None:  # rank 0
+        _summary(cfg, run_dir, outcome.history)
+
+
+def _summary(cfg: Any, run_dir: Path, history: dict[str, Any]) -> None:
+    """The table of the run against the fixed configuration, and where the run is."""
+    from selfmod.runs.report import summary_rows
+
+    shift = f" (data shift at step {cfg.shift_step})" if cfg.shift_step else ""
+    table = Table(title=f"{cfg.data}, {cfg.model}: same steps and start{shift}")
+    for col in ("", "self-modifying", "fixed configuration"):
+        table.add_column(col)
+    for row in summary_rows(history):
+        table.add_row(*row)
+    Console(width=120).print(table)
+    report = run_dir / "report.html" if cfg.report else f"off (selfmod report {run_dir})"
+    Console().print(f"run: {run_dir}\nreport: {report}")
 
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    run_dir: RunDir,
     x: Annotated[
         str, typer.Option("--x", help="training curves against 'step' or 'seconds' (wall clock)")
     ] = "step",
@@ -146,7 +198,7 @@ def report(
 
 
 @app.command("log")
-def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+def log_(run_dir: RunDir) -> None:
     """The table of changes (proposals, decisions, rollbacks); verifies the hash chain."""
     from selfmod.runs.rundir import verified_log
 
@@ -176,7 +228,7 @@ def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
 
 @app.command()
 def approve(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    run_dir: RunDir,
     id_: Annotated[int, typer.Argument(metavar="ID", help="id of a pending change (selfmod log)")],
 ) -> None:
     """Approve a pending change of a manual-approval run; the run applies it at its next cycle
@@ -193,8 +245,7 @@ def approve(
 
 @app.command()
 def rollback(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    to: Annotated[int, typer.Option("--to", help="cycle to go back to")],
+    run_dir: RunDir, to: Annotated[int, typer.Option("--to", help="cycle to go back to")]
 ) -> None:
     """Go back to the checkpoint taken at the start of cycle CYCLE; `resume` continues there.
 
@@ -210,7 +261,7 @@ def rollback(
 
 @app.command("meta-train")
 def meta_train(
-    config: Annotated[Path | None, typer.Argument(help="TOML config; defaults if omitted")] = None,
+    config: Config = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a field: --set meta_steps=50")
     ] = None,
@@ -223,114 +274,6 @@ def meta_train(
 
 
 app.add_typer(bench, name="bench")
-
-
-# ----------------------------------------------------------------------------- driving a run
-
-
-def _drive(
-    cfg: TrainConfig,  # type: ignore[valid-type]
-    run_dir: Path,
-    *,
-    resume: bool,
-    collective: Any = None,
-) -> None:
-    """Run (or resume) the run in ``run_dir``, holding its lock: one job per run (under
-    ``torchrun``, rank 0 holds it and alone writes the run directory)."""
-    import contextlib
-
-    from selfmod.runs.lock import run_lock
-
-    main = collective is None or collective.main
-    with run_lock(run_dir) if main else contextlib.nullcontext():
-        _drive_locked(cfg, run_dir, resume=resume, collective=collective)
-
-
-def _drive_locked(
-    cfg: TrainConfig,  # type: ignore[valid-type]
-    run_dir: Path,
-    *,
-    resume: bool,
-    collective: Any = None,
-) -> None:
-    import torch
-
-    from selfmod.introspect.builtin import sources_of
-    from selfmod.introspect.loop import Loop
-    from selfmod.runs.api import build_run, finish
-    from selfmod.runs.imports import build_problem
-    from selfmod.runs.report import summary_rows
-
-    torch.set_num_threads(cfg.threads)
-    problem, splits = build_problem(cfg)
-    main = collective is None or collective.main
-    run, recorder = build_run(
-        problem,
-        sources_of(splits, cfg.seed),
-        cfg,
-        run_dir,
-        resume=resume,
-        logs=console if main else None,
-        collective=collective,
-    )
-    status = run_dir / "status.json"
-    if main:
-        atomic_write_text(status, json.dumps({"state": "running", "step": run.step}))
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("self-modifying", total=cfg.steps, completed=run.step, info="")
-
-        def tick(r: Loop) -> None:
-            if r.step % 10 == 0 or r.step == cfg.steps:
-                last = r.history["log"][-1] if r.history["log"] else {}
-                info = (
-                    f"width {r.widths()} guard {problem.metric} "
-                    f"{last.get('guard_acc', float('nan')):.3f}"
-                    if last
-                    else ""
-                )
-                progress.update(task, completed=r.step, info=info)
-
-        try:
-            run.run(on_step=tick)
-        except KeyboardInterrupt:  # Ctrl-C: the run stops where it is; resume continues it
-            if main:
-                state = {"state": "interrupted", "step": run.step}
-                atomic_write_text(status, json.dumps(state))
-                console.print(f"interrupted at step {run.step}; selfmod resume {run_dir} continues")
-            raise typer.Exit(130) from None
-        if collective is not None:
-            collective.agree(run)
-        fixed = None
-        if cfg.compare_fixed:
-            t2 = progress.add_task("fixed configuration", total=cfg.steps, info="")
-            fixed_problem, fixed_splits = build_problem(cfg)
-            fixed = Loop(fixed_problem, sources_of(fixed_splits, cfg.seed), cfg, tune=False)
-            fixed.collective = collective
-            fixed.run(on_step=lambda r: r.step % 10 == 0 and progress.update(t2, completed=r.step))
-    if recorder is not None:
-        recorder.close()
-    if not main:
-        return
-    history = finish(run_dir, run, fixed, cfg)
-    atomic_write_text(status, json.dumps({"state": "complete", "step": run.step}))
-    title = f"{cfg.data}, {cfg.model}: same steps and start" + (
-        f" (data shift at step {cfg.shift_step})" if cfg.shift_step else ""
-    )
-    table = Table(title=title)
-    for col in ("", "self-modifying", "fixed configuration"):
-        table.add_column(col)
-    for row in summary_rows(history):
-        table.add_row(*row)
-    Console(width=120).print(table)
-    report = run_dir / "report.html" if cfg.report else f"off (selfmod report {run_dir})"
-    Console().print(f"run: {run_dir}\nreport: {report}")
 
 
 def main() -> None:

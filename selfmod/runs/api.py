@@ -19,37 +19,25 @@ batches (see :mod:`selfmod.data.streams`). Guard and test data: a pair, a ``Data
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
-import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from rich.console import Console
-from safetensors.torch import save
 from torch import Tensor, nn
 
 from selfmod import arch
 from selfmod.data.streams import as_batches, materialize
 from selfmod.errors import SelfmodError
 from selfmod.introspect.config import TrainConfig
-from selfmod.introspect.loop import Loop, Recorder, Source, device_of, jsonable
+from selfmod.introspect.loop import Loop, Source
 from selfmod.introspect.modifiers import Modifier
-from selfmod.introspect.probes import against_fixed
 from selfmod.introspect.problem import Problem, default_metric
 from selfmod.runs import distributed
-from selfmod.runs.checkpoint import list_checkpoints
 from selfmod.runs.config import validate
-from selfmod.runs.files import atomic_write_bytes, atomic_write_text
-from selfmod.runs.lock import run_lock
-from selfmod.runs.logs import Logs
-from selfmod.runs.recorder import RunRecorder
-from selfmod.runs.rundir import ledger_head, ledger_rows, open_run_dir
+from selfmod.runs.rundir import open_run_dir
+from selfmod.runs.session import build_run, drive, finish, on_main, summary_record, tuned_summary
 
 
 @dataclass
@@ -69,109 +57,6 @@ def make_config(config: Any = None, **defaults: Any) -> Any:
         return config
     values = {**defaults, **(config or {})}
     return validate(values)
-
-
-def build_run(
-    problem: Problem,
-    sources: Sequence[Source],
-    cfg: Any,
-    run_dir: Path | None,
-    *,
-    modifiers: Sequence[Modifier] | None = None,
-    resume: bool = False,
-    logs: Console | None = None,
-    collective: distributed.Collective | None = None,
-) -> tuple[Loop, RunRecorder | None]:
-    """The loop with a recorder on ``run_dir`` (``None``: in memory), resumed if asked; with a
-    ``logs`` console, also the CSV, TensorBoard and console logs (:mod:`selfmod.runs.logs`).
-
-    With a ``collective`` (several processes) only rank 0 records into ``run_dir`` and reads
-    the checkpoint; every other rank continues from rank 0's state (:mod:`.distributed`)."""
-    cuda = device_of(cfg).type == "cuda"
-    if cfg.deterministic and cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-    # some CUDA kernels (adaptive pooling's backward, ...) have no deterministic version:
-    # there they warn and the run is reproducible only up to them
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=cuda)
-    main = collective is None or collective.main
-    recorder = (
-        RunRecorder(run_dir, cfg.keep_checkpoints, cfg.run_id)
-        if run_dir is not None and main
-        else None
-    )
-    loop = Loop(problem, sources, cfg, modifiers=modifiers, recorder=recorder)
-    if resume and main:
-        if recorder is None:
-            raise SelfmodError("resume needs a run directory")
-        if list_checkpoints(run_dir):  # type: ignore[arg-type]
-            recorder.resume(loop)
-        else:  # killed before its first checkpoint: the config alone defines the run
-            loop.event("resume", "resume", "no checkpoint yet: the run starts again at step 0", {})
-    if collective is not None:
-        loop.recorder = distributed.RankRecorder(recorder, collective)
-        loop.collective = collective
-        if resume:
-            collective.share_run(loop)
-    if recorder is not None and logs is not None:
-        recorder.logs = Logs(run_dir, logs, start=loop.step)  # type: ignore[arg-type]
-    return loop, recorder
-
-
-def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, Any]:
-    """Final weights, ``history.json``, ``summary.json`` and (``cfg.report``) ``report.html``;
-    returns the history written."""
-    from selfmod.runs.report import write_report
-
-    data = save(
-        {k: v.detach().contiguous().cpu() for k, v in {**run.params, **run.state.buffers}.items()}
-    )
-    atomic_write_bytes(run_dir / "final.safetensors", data)
-    final = {
-        "file": "final.safetensors",
-        "step": run.step,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "torch": torch.__version__,
-        "ledger_head": list(ledger_head(run_dir)),
-    }
-    atomic_write_text(run_dir / "final.json", json.dumps(final, indent=1))
-    tuned = tuned_summary(run, fixed)
-    history = {
-        "tuned": run.history,
-        "tuned_summary": tuned,
-        "fixed": fixed.history if fixed else None,
-        "fixed_summary": fixed.summary() if fixed else None,
-        "shift_cycle": run.shift_cycle,
-        "config": cfg.model_dump(),
-    }
-    history = json.loads(json.dumps(jsonable(history)))
-    atomic_write_text(run_dir / "history.json", json.dumps(history, indent=1))
-    summary = summary_record(tuned, history["fixed_summary"])
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
-    if cfg.report:
-        write_report(run_dir, history, ledger_rows(run_dir))
-    return history
-
-
-SUMMARY_KEYS = (
-    "test_accuracy", "test_metric", "metric_name", "test_loss", "params", "flops", "seconds",
-    "widths", "decisions", "steps", "examples", "diverged_at", "meta_metrics",
-)  # fmt: skip
-
-
-def tuned_summary(run: Loop, fixed: Loop | None) -> dict[str, Any]:
-    """``run.summary()`` with the meta-metrics against the fixed baseline added to its
-    ``meta_metrics`` (:func:`selfmod.introspect.probes.against_fixed`; ``None`` without one)."""
-    out = run.summary()
-    base = fixed.history["log"] if fixed is not None else None
-    out["meta_metrics"] = {**against_fixed(run.history["log"], base), **out["meta_metrics"]}
-    return out
-
-
-def summary_record(tuned: dict[str, Any], fixed: dict[str, Any] | None) -> dict[str, Any]:
-    """``summary.json``: the tuned run's figures and the fixed baseline's (or ``null``)."""
-    pick = lambda s: {k: s.get(k) for k in SUMMARY_KEYS}  # noqa: E731
-    base = {k: v for k, v in pick(fixed).items() if k != "meta_metrics"} if fixed else None
-    return {**pick(tuned), "fixed": base}
 
 
 def _problem(
@@ -232,48 +117,20 @@ def fit(
     )
     initial = copy.deepcopy(model) if cfg.compare_fixed else None
     source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
+
+    def baseline() -> tuple[Problem, list[Source]]:  # the fixed run: the same start and data
+        fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
+        return _problem(initial, loss, gy, metric, groups), [fixed_source]  # type: ignore[arg-type]
+
     with distributed.session() as coll:
-        main = coll is None or coll.main
         run_dir, cfg = on_main(coll, lambda: open_run_dir(run_dir, cfg, resume))
-        with run_lock(run_dir) if main else contextlib.nullcontext():
-            run, recorder = build_run(
-                problem, [source], cfg, run_dir, modifiers=modifiers, resume=resume,
-                collective=coll,
-            )  # fmt: skip
-            if main:
-                atomic_write_text(
-                    run_dir / "status.json", json.dumps({"state": "running", "step": run.step})
-                )
-            run.run(on_step)
-            if coll is not None:
-                coll.agree(run)
-            fixed = None
-            if initial is not None:
-                fixed_problem = _problem(initial, loss, gy, metric, groups)
-                fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
-                fixed = Loop(fixed_problem, [fixed_source], cfg, tune=False)
-                fixed.collective = coll
-                fixed.run()
-            if main:
-                finish(run_dir, run, fixed, cfg)
-                atomic_write_text(
-                    run_dir / "status.json", json.dumps({"state": "complete", "step": run.step})
-                )
-            if recorder is not None:
-                recorder.close()
-            run.recorder = Recorder()  # the run directory is complete: nothing more goes in it
-            run.collective = None  # the process group ends here; the run is whole on every rank
-            if fixed is not None:
-                fixed.collective = None
+        run, fixed, _ = drive(
+            problem, [source], cfg, run_dir, resume=resume, modifiers=modifiers,
+            baseline=baseline if initial is not None else None, collective=coll, on_step=on_step,
+        )  # fmt: skip
     module = problem.export(run.params, run.state.buffers)
     fixed_summary = fixed.summary() if fixed else None
     return FitResult(module, summary_record(tuned_summary(run, fixed), fixed_summary), run_dir, run)
-
-
-def on_main(collective: distributed.Collective | None, fn: Callable[[], Any]) -> Any:
-    """``fn()`` here on one process; under ``torchrun`` on rank 0 alone, its value (or its
-    one-line error) on every rank."""
-    return fn() if collective is None else collective.from_main(fn)
 
 
 class SelfModifier:
@@ -333,9 +190,6 @@ class SelfModifier:
         run.finish_queued()
         if self.run_dir is not None:
             finish(self.run_dir, run, None, run.config)
-            atomic_write_text(
-                self.run_dir / "status.json", json.dumps({"state": "complete", "step": run.step})
-            )
         self.close()
         return summary_record(run.summary(), None)
 
