@@ -1,4 +1,4 @@
-"""Bring your own model and data: ``selfmod.introspect.fit`` tunes the learning rates and
+"""Bring your own model and data: ``selfmod.runs.fit`` tunes the learning rates and
 weight decay of a residual network on two interleaved spirals while it trains, each change
 verified on held-out data, logged and reversible. Uses only selfmod's public API.
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfmod.runs.api import fit
+from selfmod.runs import fit
 
 torch.manual_seed(0)
 torch.set_num_threads(1)

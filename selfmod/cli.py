@@ -13,8 +13,8 @@ selfmod bench practitioners [--set k=v]             selfmod against tuned AdamW,
 
 from __future__ import annotations
 
-import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,9 +23,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from selfmod.bench.command import bench
 from selfmod.errors import SelfmodError
-from selfmod.files import atomic_write_text
-from selfmod.runs.config import TrainConfig, load_config, saved_config
+from selfmod.runs.config import fields_help, load_config
 from selfmod.validation import ConfigError
 
 app = typer.Typer(
@@ -35,14 +35,13 @@ app = typer.Typer(
     help="Gradient-based self-modification for PyTorch.",
 )
 console = Console(stderr=True)
+RunDir = Annotated[Path, typer.Argument(help="a run directory")]
+Config = Annotated[Path | None, typer.Argument(help="TOML config; defaults if omitted")]
 
 
 def _show_version(value: bool) -> None:
-    """``--version``: this selfmod's version and torch's, then exit 0.
-
-    ``selfmod.__version__`` is the one source (pyproject reads it), so it names the code that
-    runs; installed metadata that says otherwise (a stale editable install) is pointed out.
-    """
+    """``--version``: ``selfmod.__version__`` (what runs; stale installed metadata is pointed
+    out) and torch's, then exit 0."""
     if not value:
         return
     import importlib.metadata
@@ -62,40 +61,20 @@ def _show_version(value: bool) -> None:
     raise typer.Exit()
 
 
+_VERSION = typer.Option(
+    "--version", "-V", callback=_show_version, is_eager=True,
+    help="Print the versions of selfmod and torch and exit.",
+)  # fmt: skip
+
+
 @app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version",
-            "-V",
-            callback=_show_version,
-            is_eager=True,
-            help="Print the versions of selfmod and torch and exit.",
-        ),
-    ] = False,
-) -> None:
+def _root(version: Annotated[bool, _VERSION] = False) -> None:
     """Gradient-based self-modification for PyTorch."""
 
 
-def _fields_help() -> str:
-    """The config fields with type, range and default, from the config model (cannot drift)."""
-    from selfmod.introspect.config import TrainConfig, described
-    from selfmod.validation import allowed
-
-    lines = ["Config fields (--set name=value, or in CONFIG.toml): name = default: allowed"]
-    words = described()
-    for name, field in TrainConfig.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        what = allowed(TrainConfig, name, words)
-        note = f"; {field.description}" if field.description and name not in words else ""
-        lines.append(f"{name} = {default!r}: {what}{note}")
-    return "\n\n".join(lines)
-
-
-@app.command(epilog=_fields_help())
+@app.command(epilog=fields_help())
 def train(
-    config: Annotated[Path | None, typer.Argument(help="TOML config; defaults if omitted")] = None,
+    config: Config = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a field: --set steps=500")
     ] = None,
@@ -104,69 +83,108 @@ def train(
     be "package.module:callable"), next to a fixed-configuration run."""
     from selfmod.introspect.builtin import sources_of
     from selfmod.introspect.loop import Loop
-    from selfmod.runs import distributed
-    from selfmod.runs.api import on_main
-    from selfmod.runs.imports import build_problem
+    from selfmod.runs.rundir import start_run
+    from selfmod.runs.session import from_config
 
     cfg = load_config(config, set_)
-    problem, splits = build_problem(cfg)  # imports and shapes checked before a run directory
-    Loop(problem, sources_of(splits, cfg.seed), cfg)  # and the modifiers named
-    with distributed.session() as coll:
-        run_dir, cfg, resume = on_main(coll, lambda: _new_run(cfg))
-        if resume and on_main(coll, lambda: _completed(run_dir, cfg)):
-            return
-        _drive(cfg, run_dir, resume=resume, collective=coll)
-
-
-def _new_run(cfg: TrainConfig) -> tuple[Path, TrainConfig, bool]:  # type: ignore[valid-type]
-    """``(run_dir, config, resume)``: a new run directory with its config.json; under
-    ``torchrun --max-restarts``, a restarted job's own run directory (named in
-    ``out/.torchrun-<rdzv id>``), to resume."""
-    import os
-
-    from selfmod.runs.api import new_run_dir, with_run_id
-
-    job = os.environ.get("TORCHELASTIC_RUN_ID")
-    marker = Path(cfg.out) / f".torchrun-{job}" if job else None
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if marker is not None and restarted and marker.is_file():
-        run_dir = Path(marker.read_text().strip())
-        return run_dir, _config_of(run_dir), True
-    cfg = with_run_id(cfg)
-    run_dir = new_run_dir(cfg.out)
-    atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
-    if marker is not None:
-        atomic_write_text(marker, f"{run_dir}\n")
-    return run_dir, cfg, False
-
-
-def _completed(run_dir: Path, cfg: TrainConfig) -> bool:  # type: ignore[valid-type]
-    """Whether the run in ``run_dir`` is complete (then says so)."""
-    from selfmod.runs.api import completed
-
-    step = completed(run_dir, cfg)
-    if step is not None:
-        Console().print(f"{run_dir} is complete (step {step}); nothing to resume")
-    return step is not None
+    made = from_config(cfg)  # imports and shapes checked before a run directory
+    Loop(made[0], sources_of(made[1], cfg.seed), cfg)  # and the modifiers named
+    _drive(lambda: start_run(cfg), made)
 
 
 @app.command()
-def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+def resume(run_dir: RunDir) -> None:
     """Continue a run from its newest complete checkpoint (bitwise, in deterministic mode);
     its model, data and loss are imported again from config.json."""
+    from selfmod.runs.rundir import config_of
+
+    _drive(lambda: (run_dir, config_of(run_dir), True))
+
+
+def _drive(opened: Callable[[], tuple[Path, Any, bool]], made: Any = None) -> None:
+    """Open the run (``opened()`` on rank 0: run directory, config, resume?); unless it is
+    complete, drive it (:func:`selfmod.runs.session.drive`) with progress bars and print its
+    summary table. ``made``: a new run's problem, built from its config already."""
+    from selfmod.introspect.builtin import sources_of
     from selfmod.runs import distributed
-    from selfmod.runs.api import on_main
+    from selfmod.runs.rundir import completed
+    from selfmod.runs.session import Interrupted, drive, from_config, on_main
 
     with distributed.session() as coll:
-        cfg = on_main(coll, lambda: _config_of(run_dir))
-        if on_main(coll, lambda: _completed(run_dir, cfg)):
+        run_dir, cfg, resume = on_main(coll, opened)
+        if resume and (step := on_main(coll, lambda: completed(run_dir, cfg))) is not None:
+            if coll is None or coll.main:
+                Console().print(f"{run_dir} is complete (step {step}); nothing to resume")
             return
-        _drive(cfg, run_dir, resume=True, collective=coll)
+        # a resumed run (a restarted torchrun job's too) is built from its saved config
+        problem, splits, baseline = from_config(cfg) if resume or made is None else made
+        bars: dict[str, Any] = {}
+        columns = (
+            TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("{task.fields[info]}"),
+        )
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), *columns, TimeRemainingColumn(),
+            console=console,
+        )  # fmt: skip
+
+        def start(r: Any) -> None:  # the run is built: errors before this print no bar
+            progress.start()
+            bars["run"] = progress.add_task(
+                "self-modifying", total=cfg.steps, completed=r.step, info=""
+            )
+
+        def tick(r: Any) -> None:
+            if r.step % 10 == 0 or r.step == cfg.steps:
+                last = r.history["log"][-1] if r.history["log"] else {}
+                acc = last.get("guard_acc", float("nan"))
+                widths = problem.widths(r.params) if last else None
+                info = f"width {widths} guard {problem.metric} {acc:.3f}" if last else ""
+                progress.update(bars["run"], completed=r.step, info=info)
+
+        def tick_fixed(r: Any) -> None:
+            if "fixed" not in bars:
+                bars["fixed"] = progress.add_task("fixed configuration", total=cfg.steps, info="")
+            if r.step % 10 == 0:
+                progress.update(bars["fixed"], completed=r.step)
+
+        try:
+            outcome = drive(
+                problem, sources_of(splits, cfg.seed), cfg, run_dir, resume=resume,
+                baseline=baseline, collective=coll, logs=console, on_start=start,
+                on_step=tick, on_baseline_step=tick_fixed,
+            )  # fmt: skip
+        except Interrupted as stop:  # Ctrl-C: the run stops where it is; resume continues it
+            if stop.main:
+                console.print(
+                    f"interrupted at step {stop.step}; selfmod resume {run_dir} continues"
+                )
+            raise typer.Exit(130) from None
+        finally:
+            if progress.live.is_started:  # stopping one never started prints a line
+                progress.stop()
+    if outcome.history is not None:  # rank 0
+        _summary(cfg, run_dir, outcome.history)
+
+
+def _summary(cfg: Any, run_dir: Path, history: dict[str, Any]) -> None:
+    """The table of the run against the fixed configuration, and where the run is."""
+    from selfmod.runs.report import summary_rows
+
+    shift = f" (data shift at step {cfg.shift_step})" if cfg.shift_step else ""
+    table = Table(title=f"{cfg.data}, {cfg.model}: same steps and start{shift}")
+    for col in ("", "self-modifying", "fixed configuration"):
+        table.add_column(col)
+    for row in summary_rows(history):
+        table.add_row(*row)
+    Console(width=120).print(table)
+    report = run_dir / "report.html" if cfg.report else f"off (selfmod report {run_dir})"
+    Console().print(f"run: {run_dir}\nreport: {report}")
 
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    run_dir: RunDir,
     x: Annotated[
         str, typer.Option("--x", help="training curves against 'step' or 'seconds' (wall clock)")
     ] = "step",
@@ -174,104 +192,51 @@ def report(
     """Write RUN_DIR/report.html from the run's history and ledger."""
     if x not in ("step", "seconds"):
         raise SelfmodError(f"--x must be 'step' or 'seconds' (got {x!r})")
-    from selfmod.runs.lock import run_lock
-    from selfmod.runs.report import write_report
+    from selfmod.runs.rundir import write_run_report
 
-    _config_of(run_dir)
-    with run_lock(run_dir):
-        history = _read_json(run_dir / "history.json")
-        if not isinstance(history, dict):
-            raise SelfmodError(f"{run_dir / 'history.json'} must hold a JSON object")
-        rows = _ledger_rows(run_dir)
-        try:
-            path = write_report(run_dir, history, rows, x=x)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-            raise SelfmodError(
-                f"{run_dir / 'history.json'} is not a history selfmod train writes "
-                f"({type(err).__name__}: {err}); rerun selfmod resume to rewrite it"
-            ) from None
-    Console().print(f"report: {path}")
+    Console().print(f"report: {write_run_report(run_dir, x)}")
 
 
 @app.command("log")
-def log_(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+def log_(run_dir: RunDir) -> None:
     """The table of changes (proposals, decisions, rollbacks); verifies the hash chain."""
-    from selfmod.runs.ledger import Ledger
+    from selfmod.runs.rundir import verified_log
 
-    _config_of(run_dir)
-    final = run_dir / "final.json"
-    head = None
-    if final.is_file():  # a finished run recorded its ledger's head: a cut tail shows
-        recorded = _json_file(final)
-        head = (
-            tuple(recorded["ledger_head"])
-            if isinstance(recorded, dict) and "ledger_head" in recorded
-            else None
-        )
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        n = ledger.verify(head)  # type: ignore[arg-type]
-        rows = [e for e in ledger.entries() if e.kind != "cycle"]
-        keyed = (
-            "keyed (HMAC-SHA256)"
-            if ledger.keyed
-            else "unkeyed (anyone who can write the run directory can recompute it)"
-        )
-    table = Table(title=f"{run_dir}: {n} ledger entries, hash chain verified")
+    log = verified_log(run_dir)
+    table = Table(title=f"{run_dir}: {log.n} ledger entries, hash chain verified")
     for col in ("id", "cycle", "step", "kind", "modifier", "decision", "reason"):
         table.add_column(col)
-    for e in rows:
-        table.add_row(
-            str(e.seq),
-            str(e.cycle),
-            str(e.step),
+    for e in log.rows:
+        cells = (
+            e.seq,
+            e.cycle,
+            e.step,
             e.kind,
-            str(e.payload.get("modifier", "")),
+            e.payload.get("modifier", ""),
             e.decision,
             e.reason,
         )
+        table.add_row(*map(str, cells))
+    keyed = (
+        "keyed (HMAC-SHA256)"
+        if log.keyed
+        else "unkeyed (anyone who can write the run directory can recompute it)"
+    )
     Console(width=200).print(table)
     Console(width=200).print(f"hash chain: {keyed}", soft_wrap=True)
 
 
 @app.command()
 def approve(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    run_dir: RunDir,
     id_: Annotated[int, typer.Argument(metavar="ID", help="id of a pending change (selfmod log)")],
 ) -> None:
     """Approve a pending change of a manual-approval run; the run applies it at its next cycle
     (run with the run stopped; selfmod resume continues), unless it has expired by then
     (approval_expiry)."""
-    from selfmod.runs.ledger import Ledger
-    from selfmod.runs.lock import run_lock
+    from selfmod.runs import rundir
 
-    _config_of(run_dir)
-    with run_lock(run_dir), Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        ledger.verify()
-        pending = {e.seq: e for e in ledger.entries("proposal") if e.decision == "pending"}
-        if id_ not in pending:
-            ids = ", ".join(map(str, sorted(pending))) or "none"
-            raise SelfmodError(
-                f"ID must be a pending change of {run_dir} (got {id_}); pending: {ids}"
-            )
-        if any(e.payload.get("proposal") == id_ for e in ledger.entries("approval")):
-            raise SelfmodError(f"change {id_} is already approved")
-        done = {
-            e.payload.get("change", {}).get("proposal"): e
-            for e in ledger.entries("proposal")
-            if e.decision in ("applied", "expired")
-        }
-        if id_ in done:
-            e = done[id_]
-            raise SelfmodError(f"change {id_} was {e.decision} at cycle {e.cycle}: {e.reason}")
-        e = pending[id_]
-        ledger.append(
-            "approval",
-            cycle=e.cycle,
-            step=e.step,
-            decision="approved",
-            reason=f"change {id_} approved",
-            payload={"proposal": id_},
-        )
+    rundir.approve(run_dir, id_)
     Console().print(
         f"approved change {id_}; it is applied at the next cycle "
         f"(selfmod resume {run_dir} if the run is not running)"
@@ -280,85 +245,23 @@ def approve(
 
 @app.command()
 def rollback(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    to: Annotated[int, typer.Option("--to", help="cycle to go back to")],
+    run_dir: RunDir, to: Annotated[int, typer.Option("--to", help="cycle to go back to")]
 ) -> None:
     """Go back to the checkpoint taken at the start of cycle CYCLE; `resume` continues there.
 
     Verifies every kept checkpoint and the ledger (against the head each checkpoint recorded)
     before it moves anything; moves only checkpoint files, within the checkpoints folder."""
-    from selfmod.runs.lock import run_lock
+    from selfmod.runs import rundir
 
-    _config_of(run_dir)
-    with run_lock(run_dir):
-        target = _rollback(run_dir, to)
+    target = rundir.rollback(run_dir, to)
     Console().print(
         f"rolled back to cycle {to} (step {target}); continue with selfmod resume {run_dir}"
     )
 
 
-def _rollback(run_dir: Path, to: int) -> int:
-    """Move the checkpoints of cycles after ``to`` aside; return the target step."""
-    from selfmod.checkpoint import FOLDER, CheckpointError, list_checkpoints, load_checkpoint
-    from selfmod.runs.ledger import Ledger
-
-    kept: dict[int, tuple[Path, dict[str, Any]]] = {}
-    for path in list_checkpoints(run_dir):
-        _, manifest = load_checkpoint(path)  # every manifest verified before anything moves
-        cycle, head = manifest["meta"].get("cycle"), manifest["meta"].get("ledger_head")
-        if not isinstance(cycle, int) or isinstance(cycle, bool):
-            raise CheckpointError(f"checkpoint {path.name}: meta.cycle is missing or not an int")
-        if not _is_head(head):
-            raise CheckpointError(f"checkpoint {path.name}: meta.ledger_head is missing")
-        kept[cycle] = (path, manifest)
-    if to not in kept:
-        cycles = ", ".join(map(str, sorted(kept))) or "none"
-        raise SelfmodError(
-            f"--to must be a cycle with a kept checkpoint (got {to}); kept: {cycles}"
-        )
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        ledger.verify()
-        for _, manifest in kept.values():  # the target's head, and every later one's
-            ledger.verify(tuple(manifest["meta"]["ledger_head"]))
-    folder = run_dir / FOLDER
-    aside = folder / "rolled-back"
-    if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
-        raise SelfmodError(f"{aside} must be a folder, not a link or file; remove it")
-    aside.mkdir(exist_ok=True)
-    target = kept[to][1]["step"]
-    for cycle, (path, manifest) in kept.items():
-        if cycle > to:  # the manifest first: a checkpoint without it is simply incomplete
-            for f in (path, path.parent / manifest["file"]):
-                f.replace(aside / f.name)
-    for name in ("final.safetensors", "final.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    atomic_write_text(run_dir / "status.json", json.dumps({"state": "rolled back", "step": target}))
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        ledger.append(
-            "rollback",
-            cycle=to,
-            step=target,
-            decision="rollback",
-            reason=f"manual rollback to cycle {to} (step {target})",
-            payload={"modifier": "user", "to_cycle": to},
-        )
-    return target
-
-
-def _is_head(head: Any) -> bool:
-    """``[seq, hash]`` as a checkpoint manifest records the ledger head."""
-    return (
-        isinstance(head, list)
-        and len(head) == 2
-        and isinstance(head[0], int)
-        and not isinstance(head[0], bool)
-        and isinstance(head[1], str)
-    )
-
-
 @app.command("meta-train")
 def meta_train(
-    config: Annotated[Path | None, typer.Argument(help="TOML config; defaults if omitted")] = None,
+    config: Config = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a field: --set meta_steps=50")
     ] = None,
@@ -370,228 +273,7 @@ def meta_train(
     run_meta_train(config, set_, resume_)
 
 
-bench = typer.Typer(help="Benchmarks that compare selfmod with its peers.")
 app.add_typer(bench, name="bench")
-
-
-@bench.command("vs-search")
-def vs_search(
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="model=mlp|cnn, seeds=[0,1], steps, tpe_trials=[20,50], random_trials, "
-            "grid_points, large_lr, guard_size, out, jobs",
-        ),
-    ] = None,
-) -> None:
-    """Self-modification against grid, random and Optuna TPE search, hypergradient descent and
-    a hyperoptimizer stack on MNIST-1D (an MLP, or with model=cnn a 1-D CNN); writes
-    vs_search.{md,json,png} (vs_search_cnn.* for the CNN)."""
-    from selfmod.bench.vs_search import load_budget, run_benchmark
-
-    budget = load_budget(set_)
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise SelfmodError(
-            "optuna is needed for this benchmark: pip install 'selfmod[bench]'"
-        ) from None
-    command = "selfmod bench vs-search" + "".join(f" --set {s}" for s in set_ or [])
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not main,
-    ) as progress:
-        task = progress.add_task("vs-search", total=None)
-
-        def tick(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, description=f"vs-search: {name}")
-
-        text = run_benchmark(budget, command, tick)
-    Console(width=140).print(text)
-
-
-@bench.command("practitioners")
-def practitioners(
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="workload=mnist1d|mnist|pylm|cancer (or a list), seeds=[0,1], tuning_seed, "
-            "steps (x each workload's), tpe_trials, grid_points, pbt=auto|on|off, "
-            "pbt_members, contenders, out",
-        ),
-    ] = None,
-) -> None:
-    """Self-modification against what practitioners use (a tuned AdamW grid, Schedule-Free
-    AdamW, Prodigy, D-Adaptation, Optuna TPE, Ray Tune PBT) on MNIST-1D, MNIST, Python bytes
-    and a tabular set; writes practitioners.{md,json,png}."""
-    from selfmod.bench.practitioners import load_budget, missing, run_benchmark
-
-    budget = load_budget(set_)
-    if need := missing(budget):
-        raise SelfmodError(f"{need} needed for this benchmark: pip install 'selfmod[bench]'")
-    command = "selfmod bench practitioners" + "".join(f" --set {s}" for s in set_ or [])
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("practitioners", total=None)
-
-        def tick(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, description=name)
-
-        text = run_benchmark(budget, command, tick)
-    Console(width=160).print(text)
-
-
-# ----------------------------------------------------------------------------- driving a run
-
-
-def _config_of(run_dir: Path) -> TrainConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise SelfmodError(f"DIR must be a run directory with config.json (got {str(run_dir)!r})")
-    values = _json_file(path)
-    if not isinstance(values, dict):
-        raise SelfmodError(f"{path} must hold a JSON object of config fields (got {values!r:.40})")
-    return saved_config(values)
-
-
-def _json_file(path: Path) -> Any:
-    """The JSON value in ``path``, or one line saying why it cannot be read."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as err:
-        raise SelfmodError(f"{path} is unreadable: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise SelfmodError(f"{path} is not UTF-8 text; restore it from a copy") from None
-    except ValueError as err:
-        raise SelfmodError(f"{path} is not valid JSON ({err}); restore it from a copy") from None
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise SelfmodError(f"{path} does not exist; finish the run first (selfmod resume)")
-    return _json_file(path)
-
-
-def _ledger_rows(run_dir: Path) -> list[dict]:
-    from selfmod.runs.api import ledger_rows
-
-    return ledger_rows(run_dir)
-
-
-def _drive(
-    cfg: TrainConfig,  # type: ignore[valid-type]
-    run_dir: Path,
-    *,
-    resume: bool,
-    collective: Any = None,
-) -> None:
-    """Run (or resume) the run in ``run_dir``, holding its lock: one job per run (under
-    ``torchrun``, rank 0 holds it and alone writes the run directory)."""
-    import contextlib
-
-    from selfmod.runs.lock import run_lock
-
-    main = collective is None or collective.main
-    with run_lock(run_dir) if main else contextlib.nullcontext():
-        _drive_locked(cfg, run_dir, resume=resume, collective=collective)
-
-
-def _drive_locked(
-    cfg: TrainConfig,  # type: ignore[valid-type]
-    run_dir: Path,
-    *,
-    resume: bool,
-    collective: Any = None,
-) -> None:
-    import torch
-
-    from selfmod.introspect.builtin import sources_of
-    from selfmod.introspect.loop import Loop
-    from selfmod.runs.api import build_run, finish
-    from selfmod.runs.imports import build_problem
-    from selfmod.runs.report import summary_rows
-
-    torch.set_num_threads(cfg.threads)
-    problem, splits = build_problem(cfg)
-    main = collective is None or collective.main
-    run, recorder = build_run(
-        problem,
-        sources_of(splits, cfg.seed),
-        cfg,
-        run_dir,
-        resume=resume,
-        logs=console if main else None,
-        collective=collective,
-    )
-    status = run_dir / "status.json"
-    if main:
-        atomic_write_text(status, json.dumps({"state": "running", "step": run.step}))
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("self-modifying", total=cfg.steps, completed=run.step, info="")
-
-        def tick(r: Loop) -> None:
-            if r.step % 10 == 0 or r.step == cfg.steps:
-                last = r.history["log"][-1] if r.history["log"] else {}
-                info = (
-                    f"width {r.widths()} guard {problem.metric} "
-                    f"{last.get('guard_acc', float('nan')):.3f}"
-                    if last
-                    else ""
-                )
-                progress.update(task, completed=r.step, info=info)
-
-        try:
-            run.run(on_step=tick)
-        except KeyboardInterrupt:  # Ctrl-C: the run stops where it is; resume continues it
-            if main:
-                state = {"state": "interrupted", "step": run.step}
-                atomic_write_text(status, json.dumps(state))
-                console.print(f"interrupted at step {run.step}; selfmod resume {run_dir} continues")
-            raise typer.Exit(130) from None
-        if collective is not None:
-            collective.agree(run)
-        fixed = None
-        if cfg.compare_fixed:
-            t2 = progress.add_task("fixed configuration", total=cfg.steps, info="")
-            fixed_problem, fixed_splits = build_problem(cfg)
-            fixed = Loop(fixed_problem, sources_of(fixed_splits, cfg.seed), cfg, tune=False)
-            fixed.collective = collective
-            fixed.run(on_step=lambda r: r.step % 10 == 0 and progress.update(t2, completed=r.step))
-    if recorder is not None:
-        recorder.close()
-    if not main:
-        return
-    history = finish(run_dir, run, fixed, cfg)
-    atomic_write_text(status, json.dumps({"state": "complete", "step": run.step}))
-    title = f"{cfg.data}, {cfg.model}: same steps and start" + (
-        f" (data shift at step {cfg.shift_step})" if cfg.shift_step else ""
-    )
-    table = Table(title=title)
-    for col in ("", "self-modifying", "fixed configuration"):
-        table.add_column(col)
-    for row in summary_rows(history):
-        table.add_row(*row)
-    Console(width=120).print(table)
-    report = run_dir / "report.html" if cfg.report else f"off (selfmod report {run_dir})"
-    Console().print(f"run: {run_dir}\nreport: {report}")
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ from selfmod.data import as_batches
 from selfmod.introspect import Proposal, registry
 from selfmod.introspect.loop import Source
 from selfmod.introspect.problem import Problem
-from selfmod.runs.api import SelfModifier, fit, make_config
+from selfmod.runs import SelfModifier, fit
+from selfmod.runs.api import make_config
 from selfmod.runs.ledger import Ledger
 
 HERE = Path(__file__).parent

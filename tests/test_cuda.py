@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import user_models
 
 from selfmod.introspect import Introspector
-from selfmod.runs.api import fit
+from selfmod.runs import fit
 from selfmod.runs.config import TrainConfig
 from selfmod.runs.recorder import RunRecorder
 

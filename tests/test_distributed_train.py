@@ -44,12 +44,13 @@ class _FaultyLoop(Faults, Loop):
 
 def _fit(out: Path, steps: int = CONFIG["steps"], diverge_at: int | None = None):
     """The built-in MLP on MNIST-1D through ``fit`` (run directory under ``out``)."""
-    import selfmod.runs.api as api
+    from unittest import mock
+
     from selfmod.introspect.builtin import builtin_module, builtin_splits
+    from selfmod.runs import fit, session
     from selfmod.runs.config import validate
 
     torch.set_num_threads(1)
-    api.Loop = _FaultyLoop  # test-only fault injection, as tests/faults.py does
     cfg = validate({**CONFIG, "steps": steps, "out": str(out), "compare_fixed": False})
     s = builtin_splits(cfg)[0]
     torch.manual_seed(cfg.seed)
@@ -61,15 +62,16 @@ def _fit(out: Path, steps: int = CONFIG["steps"], diverge_at: int | None = None)
             if loop.step == diverge_at and loop.collective.rank == 1:
                 loop.state.params["0.weight"][0, 0] += 1e-3
 
-    return api.fit(
-        model,
-        F.cross_entropy,
-        (s.x, s.y),
-        (s.guard_x, s.guard_y),
-        test=(s.x_test, s.y_test),
-        config=cfg,
-        on_step=on_step,
-    )
+    with mock.patch.object(session, "Loop", _FaultyLoop):  # test-only fault injection
+        return fit(
+            model,
+            F.cross_entropy,
+            (s.x, s.y),
+            (s.guard_x, s.guard_y),
+            test=(s.x_test, s.y_test),
+            config=cfg,
+            on_step=on_step,
+        )
 
 
 def _rank(rank: int, world: int, store: str, out: str, diverge_at: int | None) -> None:

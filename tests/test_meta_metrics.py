@@ -17,7 +17,8 @@ from selfmod.introspect.loop import Source
 from selfmod.introspect.probes import against_fixed, meta_metrics
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.shift import linear_cka, representations
-from selfmod.runs.api import fit, make_config
+from selfmod.runs import fit
+from selfmod.runs.api import make_config
 from selfmod.runs.imports import build_problem
 from selfmod.runs.report import META_MEANING
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfmod.runs.api import fit
+from selfmod.runs import fit
 from selfmod.runs.logs import changes, why
 
 

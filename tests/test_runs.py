@@ -260,14 +260,14 @@ def test_log_detects_rows_cut_from_the_end_of_a_finished_run(tmp_path):
 def test_runs_started_in_the_same_second_get_distinct_directories(tmp_path, monkeypatch):
     import threading
 
-    from selfmod.runs import api
+    from selfmod.runs import rundir
 
-    monkeypatch.setattr(api.time, "strftime", lambda fmt: "train-20260101-000000")
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "train-20260101-000000")
     start, made = threading.Barrier(12), []
 
     def claim() -> None:
         start.wait()
-        made.append(api.new_run_dir(tmp_path / "runs"))
+        made.append(rundir.new_run_dir(tmp_path / "runs"))
 
     threads = [threading.Thread(target=claim) for _ in range(12)]
     for t in threads:

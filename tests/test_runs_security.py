@@ -328,7 +328,7 @@ def test_unreadable_config_is_one_line(run, monkeypatch):
     # as root every file is readable: fail the read itself as an unprivileged user sees it
     from pathlib import Path
 
-    from selfmod import cli
+    from selfmod.runs.rundir import config_of
 
     real = Path.read_bytes
 
@@ -339,7 +339,7 @@ def test_unreadable_config_is_one_line(run, monkeypatch):
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
     with pytest.raises(SelfmodError, match=r"config\.json is unreadable: Permission denied"):
-        cli._config_of(run)
+        config_of(run)
 
 
 def test_report_with_a_broken_history_is_one_line(run):

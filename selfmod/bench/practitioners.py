@@ -256,7 +256,7 @@ def fit_selfmod(work: Workload, seed: int, config: dict[str, Any] | None = None)
     """One :func:`selfmod.introspect.fit` run with ``config`` (default :data:`SELFMOD_CONFIG`);
     its wall time includes the run directory it writes (ledger, checkpoints, summary), not
     the HTML report (``report = false``: no contender draws plots)."""
-    from selfmod.runs.api import fit
+    from selfmod.runs import fit
 
     config = dict(SELFMOD_CONFIG if config is None else config)
     optimizer = config.pop("optimizer")

@@ -19,38 +19,25 @@ batches (see :mod:`selfmod.data.streams`). Guard and test data: a pair, a ``Data
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
-import json
-import os
-import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from rich.console import Console
-from safetensors.torch import save
 from torch import Tensor, nn
 
 from selfmod import arch
-from selfmod.checkpoint import list_checkpoints
 from selfmod.data.streams import as_batches, materialize
 from selfmod.errors import SelfmodError
-from selfmod.files import atomic_write_bytes, atomic_write_text
 from selfmod.introspect.config import TrainConfig
-from selfmod.introspect.loop import Loop, Recorder, Source, device_of, jsonable
+from selfmod.introspect.loop import Loop, Source
 from selfmod.introspect.modifiers import Modifier
-from selfmod.introspect.probes import against_fixed
 from selfmod.introspect.problem import Problem, default_metric
 from selfmod.runs import distributed
-from selfmod.runs.config import saved_config, validate
-from selfmod.runs.lock import run_lock
-from selfmod.runs.logs import Logs
-from selfmod.runs.recorder import RunRecorder
+from selfmod.runs.config import validate
+from selfmod.runs.rundir import open_run_dir
+from selfmod.runs.session import build_run, drive, finish, on_main, summary_record, tuned_summary
 
 
 @dataclass
@@ -70,157 +57,6 @@ def make_config(config: Any = None, **defaults: Any) -> Any:
         return config
     values = {**defaults, **(config or {})}
     return validate(values)
-
-
-def with_run_id(cfg: Any) -> Any:
-    """``cfg`` with a fresh random ``run_id`` (a new run directory's identity)."""
-    return cfg.model_copy(update={"run_id": uuid.uuid4().hex})
-
-
-def new_run_dir(out: str | Path) -> Path:
-    """A fresh ``out/train-YYYYmmdd-HHMMSS[-N]``, created here. The directory is claimed by
-    ``mkdir`` itself (no check first), so runs started in the same second by other processes
-    get distinct directories instead of failing with "File exists"."""
-    stamp = time.strftime("train-%Y%m%d-%H%M%S")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    run_dir, suffix = Path(out) / stamp, 1
-    while True:
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            run_dir, suffix = Path(out) / f"{stamp}-{suffix}", suffix + 1
-
-
-def build_run(
-    problem: Problem,
-    sources: Sequence[Source],
-    cfg: Any,
-    run_dir: Path | None,
-    *,
-    modifiers: Sequence[Modifier] | None = None,
-    resume: bool = False,
-    logs: Console | None = None,
-    collective: distributed.Collective | None = None,
-) -> tuple[Loop, RunRecorder | None]:
-    """The loop with a recorder on ``run_dir`` (``None``: in memory), resumed if asked; with a
-    ``logs`` console, also the CSV, TensorBoard and console logs (:mod:`selfmod.runs.logs`).
-
-    With a ``collective`` (several processes) only rank 0 records into ``run_dir`` and reads
-    the checkpoint; every other rank continues from rank 0's state (:mod:`.distributed`)."""
-    cuda = device_of(cfg).type == "cuda"
-    if cfg.deterministic and cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-    # some CUDA kernels (adaptive pooling's backward, ...) have no deterministic version:
-    # there they warn and the run is reproducible only up to them
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=cuda)
-    main = collective is None or collective.main
-    recorder = (
-        RunRecorder(run_dir, cfg.keep_checkpoints, cfg.run_id)
-        if run_dir is not None and main
-        else None
-    )
-    loop = Loop(problem, sources, cfg, modifiers=modifiers, recorder=recorder)
-    if resume and main:
-        if recorder is None:
-            raise SelfmodError("resume needs a run directory")
-        if list_checkpoints(run_dir):  # type: ignore[arg-type]
-            recorder.resume(loop)
-        else:  # killed before its first checkpoint: the config alone defines the run
-            loop.event("resume", "resume", "no checkpoint yet: the run starts again at step 0", {})
-    if collective is not None:
-        loop.recorder = distributed.RankRecorder(recorder, collective)
-        loop.collective = collective
-        if resume:
-            collective.share_run(loop)
-    if recorder is not None and logs is not None:
-        recorder.logs = Logs(run_dir, logs, start=loop.step)  # type: ignore[arg-type]
-    return loop, recorder
-
-
-def completed(run_dir: Path, cfg: Any) -> int | None:
-    """The final step of a finished run in ``run_dir`` (``final.json`` at ``cfg.steps`` and
-    ``status.json`` saying complete, which is written last), else ``None``."""
-    try:
-        step = json.loads((run_dir / "final.json").read_text())["step"]
-        state = json.loads((run_dir / "status.json").read_text())["state"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    done = state == "complete" and isinstance(step, int) and step >= cfg.steps
-    return step if done else None
-
-
-def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, Any]:
-    """Final weights, ``history.json``, ``summary.json`` and (``cfg.report``) ``report.html``;
-    returns the history written."""
-    from selfmod.runs.report import write_report
-
-    data = save(
-        {k: v.detach().contiguous().cpu() for k, v in {**run.params, **run.state.buffers}.items()}
-    )
-    atomic_write_bytes(run_dir / "final.safetensors", data)
-    final = {
-        "file": "final.safetensors",
-        "step": run.step,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "torch": torch.__version__,
-        "ledger_head": list(ledger_head(run_dir)),
-    }
-    atomic_write_text(run_dir / "final.json", json.dumps(final, indent=1))
-    tuned = tuned_summary(run, fixed)
-    history = {
-        "tuned": run.history,
-        "tuned_summary": tuned,
-        "fixed": fixed.history if fixed else None,
-        "fixed_summary": fixed.summary() if fixed else None,
-        "shift_cycle": run.shift_cycle,
-        "config": cfg.model_dump(),
-    }
-    history = json.loads(json.dumps(jsonable(history)))
-    atomic_write_text(run_dir / "history.json", json.dumps(history, indent=1))
-    summary = summary_record(tuned, history["fixed_summary"])
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
-    if cfg.report:
-        write_report(run_dir, history, ledger_rows(run_dir))
-    return history
-
-
-SUMMARY_KEYS = (
-    "test_accuracy", "test_metric", "metric_name", "test_loss", "params", "flops", "seconds",
-    "widths", "decisions", "steps", "examples", "diverged_at", "meta_metrics",
-)  # fmt: skip
-
-
-def tuned_summary(run: Loop, fixed: Loop | None) -> dict[str, Any]:
-    """``run.summary()`` with the meta-metrics against the fixed baseline added to its
-    ``meta_metrics`` (:func:`selfmod.introspect.probes.against_fixed`; ``None`` without one)."""
-    out = run.summary()
-    base = fixed.history["log"] if fixed is not None else None
-    out["meta_metrics"] = {**against_fixed(run.history["log"], base), **out["meta_metrics"]}
-    return out
-
-
-def summary_record(tuned: dict[str, Any], fixed: dict[str, Any] | None) -> dict[str, Any]:
-    """``summary.json``: the tuned run's figures and the fixed baseline's (or ``null``)."""
-    pick = lambda s: {k: s.get(k) for k in SUMMARY_KEYS}  # noqa: E731
-    base = {k: v for k, v in pick(fixed).items() if k != "meta_metrics"} if fixed else None
-    return {**pick(tuned), "fixed": base}
-
-
-def ledger_head(run_dir: Path) -> tuple[int, str]:
-    """``(seq, hash)`` of the ledger's last entry."""
-    from selfmod.runs.ledger import Ledger
-
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        return ledger.head()
-
-
-def ledger_rows(run_dir: Path) -> list[dict]:
-    from selfmod.runs.ledger import Ledger
-
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        ledger.verify()
-        return [e.__dict__ for e in ledger.entries() if e.kind != "cycle"]
 
 
 def _problem(
@@ -281,69 +117,20 @@ def fit(
     )
     initial = copy.deepcopy(model) if cfg.compare_fixed else None
     source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
+
+    def baseline() -> tuple[Problem, list[Source]]:  # the fixed run: the same start and data
+        fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
+        return _problem(initial, loss, gy, metric, groups), [fixed_source]  # type: ignore[arg-type]
+
     with distributed.session() as coll:
-        main = coll is None or coll.main
         run_dir, cfg = on_main(coll, lambda: open_run_dir(run_dir, cfg, resume))
-        with run_lock(run_dir) if main else contextlib.nullcontext():
-            run, recorder = build_run(
-                problem, [source], cfg, run_dir, modifiers=modifiers, resume=resume,
-                collective=coll,
-            )  # fmt: skip
-            if main:
-                atomic_write_text(
-                    run_dir / "status.json", json.dumps({"state": "running", "step": run.step})
-                )
-            run.run(on_step)
-            if coll is not None:
-                coll.agree(run)
-            fixed = None
-            if initial is not None:
-                fixed_problem = _problem(initial, loss, gy, metric, groups)
-                fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
-                fixed = Loop(fixed_problem, [fixed_source], cfg, tune=False)
-                fixed.collective = coll
-                fixed.run()
-            if main:
-                finish(run_dir, run, fixed, cfg)
-                atomic_write_text(
-                    run_dir / "status.json", json.dumps({"state": "complete", "step": run.step})
-                )
-            if recorder is not None:
-                recorder.close()
-            run.recorder = Recorder()  # the run directory is complete: nothing more goes in it
-            run.collective = None  # the process group ends here; the run is whole on every rank
-            if fixed is not None:
-                fixed.collective = None
+        run, fixed, _ = drive(
+            problem, [source], cfg, run_dir, resume=resume, modifiers=modifiers,
+            baseline=baseline if initial is not None else None, collective=coll, on_step=on_step,
+        )  # fmt: skip
     module = problem.export(run.params, run.state.buffers)
     fixed_summary = fixed.summary() if fixed else None
     return FitResult(module, summary_record(tuned_summary(run, fixed), fixed_summary), run_dir, run)
-
-
-def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Path, Any]:
-    """``(run_dir, config)``: a new run directory (default: under ``cfg.out``) with a fresh
-    ``run_id`` and its ``config.json`` written, or (``resume``) the saved config of
-    ``run_dir``."""
-    run_dir = new_run_dir(cfg.out) if run_dir is None else Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        return run_dir, _saved_config(run_dir, cfg)
-    cfg = with_run_id(cfg)
-    atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
-    return run_dir, cfg
-
-
-def on_main(collective: distributed.Collective | None, fn: Callable[[], Any]) -> Any:
-    """``fn()`` here on one process; under ``torchrun`` on rank 0 alone, its value (or its
-    one-line error) on every rank."""
-    return fn() if collective is None else collective.from_main(fn)
-
-
-def _saved_config(run_dir: Path, cfg: Any) -> Any:
-    """The config of the run in ``run_dir`` (its ``run_id`` binds the checkpoints)."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise SelfmodError(f"{run_dir} has no config.json: nothing to resume")
-    return saved_config(json.loads(path.read_text()))
 
 
 class SelfModifier:
@@ -374,13 +161,9 @@ class SelfModifier:
             model, loss, guard, test, optimizer, config, metric, groups
         )
         source = Source(_NoStream(), gx, gy, tx, ty)
-        self.run_dir = None if run_dir is None else Path(run_dir)
-        if self.run_dir is not None and resume:
-            cfg = _saved_config(self.run_dir, cfg)
-        elif self.run_dir is not None:
-            cfg = with_run_id(cfg)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.json", cfg.model_dump_json(indent=1))
+        self.run_dir = None
+        if run_dir is not None:
+            self.run_dir, cfg = open_run_dir(run_dir, cfg, resume)
         self.run, self.recorder = build_run(
             self.problem, [source], cfg, self.run_dir, modifiers=modifiers, resume=resume
         )
@@ -407,9 +190,6 @@ class SelfModifier:
         run.finish_queued()
         if self.run_dir is not None:
             finish(self.run_dir, run, None, run.config)
-            atomic_write_text(
-                self.run_dir / "status.json", json.dumps({"state": "complete", "step": run.step})
-            )
         self.close()
         return summary_record(run.summary(), None)
 

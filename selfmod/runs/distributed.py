@@ -233,7 +233,7 @@ def fingerprint(loop: Loop) -> str:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     h.update(torch.get_rng_state().numpy().tobytes())
     h.update(loop.rng.get_state().numpy().tobytes())
-    counters = {k: getattr(loop, k) for k in ("step", "cycle", "source_id")}
+    counters = {k: getattr(loop.counters, k) for k in ("step", "cycle", "source_id")}
     h.update(json.dumps([counters, scalars, s2], sort_keys=True, default=str).encode())
     return h.hexdigest()
 

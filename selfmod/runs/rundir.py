@@ -1,0 +1,289 @@
+"""What one can do to a run directory from outside a run: open or make one, read its config
+and JSON files, verify its ledger, approve a pending change, roll back to a cycle.
+
+Plain functions of explicit inputs. Bad input (a folder that is not a run directory, a damaged
+file, an id that is not pending) is a :class:`RunDirError` or another
+:class:`~selfmod.errors.SelfmodError`: one line that says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from selfmod.errors import SelfmodError
+from selfmod.files import atomic_write_text
+from selfmod.runs.config import TrainConfig, saved_config
+from selfmod.runs.ledger import Ledger
+from selfmod.runs.lock import run_lock
+
+
+class RunDirError(SelfmodError):
+    """A run directory (or one of its files) that cannot be used as asked."""
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+def new_run_dir(out: str | Path) -> Path:
+    """A fresh ``out/train-YYYYmmdd-HHMMSS[-N]``, created here. The directory is claimed by
+    ``mkdir`` itself (no check first), so runs started in the same second by other processes
+    get distinct directories instead of failing with "File exists"."""
+    stamp = time.strftime("train-%Y%m%d-%H%M%S")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    run_dir, suffix = Path(out) / stamp, 1
+    while True:
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            run_dir, suffix = Path(out) / f"{stamp}-{suffix}", suffix + 1
+
+
+def with_run_id(cfg: Any) -> Any:
+    """``cfg`` with a fresh random ``run_id`` (a new run directory's identity)."""
+    return cfg.model_copy(update={"run_id": uuid.uuid4().hex})
+
+
+def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Path, Any]:
+    """``(run_dir, config)``: (``resume``) the saved config of ``run_dir``, or a new run
+    directory (default: under ``cfg.out``) with a fresh ``run_id`` and its ``config.json``."""
+    if resume:
+        if run_dir is None:
+            raise RunDirError("resume needs a run directory")
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.json").is_file():
+            raise RunDirError(f"{run_dir} has no config.json: nothing to resume")
+        return run_dir, config_of(run_dir)
+    run_dir = new_run_dir(cfg.out) if run_dir is None else Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = with_run_id(cfg)
+    atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
+    return run_dir, cfg
+
+
+def start_run(cfg: Any) -> tuple[Path, Any, bool]:
+    """``(run_dir, config, resume)`` of ``selfmod train``: a new run directory with its
+    config.json; under ``torchrun --max-restarts``, a restarted job's own run directory (named
+    in ``out/.torchrun-<rdzv id>``), to resume."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    marker = Path(cfg.out) / f".torchrun-{job}" if job else None
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if marker is not None and restarted and marker.is_file():
+        run_dir = Path(marker.read_text().strip())
+        return run_dir, config_of(run_dir), True
+    run_dir, cfg = open_run_dir(None, cfg, resume=False)
+    if marker is not None:
+        atomic_write_text(marker, f"{run_dir}\n")
+    return run_dir, cfg, False
+
+
+def write_status(run_dir: Path, state: str, step: int) -> None:
+    """``status.json``: what the run is doing (running, interrupted, complete, rolled back)."""
+    atomic_write_text(run_dir / "status.json", json.dumps({"state": state, "step": step}))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def config_of(run_dir: str | Path) -> TrainConfig:  # type: ignore[valid-type]
+    """The config of the run in ``run_dir`` (its ``config.json``)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise RunDirError(f"DIR must be a run directory with config.json (got {str(run_dir)!r})")
+    values = json_file(path)
+    if not isinstance(values, dict):
+        raise RunDirError(f"{path} must hold a JSON object of config fields (got {values!r:.40})")
+    return saved_config(values)
+
+
+def json_file(path: Path) -> Any:
+    """The JSON value in ``path``, or one line saying why it cannot be read."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise RunDirError(f"{path} is unreadable: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is not UTF-8 text; restore it from a copy") from None
+    except ValueError as err:
+        raise RunDirError(f"{path} is not valid JSON ({err}); restore it from a copy") from None
+
+
+def completed(run_dir: Path, cfg: Any) -> int | None:
+    """The final step of a finished run in ``run_dir`` (``final.json`` at ``cfg.steps`` and
+    ``status.json`` saying complete, which is written last), else ``None``."""
+    try:
+        step = json.loads((run_dir / "final.json").read_text())["step"]
+        state = json.loads((run_dir / "status.json").read_text())["state"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    done = state == "complete" and isinstance(step, int) and step >= cfg.steps
+    return step if done else None
+
+
+def ledger_head(run_dir: Path) -> tuple[int, str]:
+    """``(seq, hash)`` of the ledger's last entry."""
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+        return ledger.head()
+
+
+def ledger_rows(run_dir: Path) -> list[dict]:
+    """The ledger's entries but the per-cycle ones, as dicts, its hash chain verified."""
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+        ledger.verify()
+        return [e.__dict__ for e in ledger.entries() if e.kind != "cycle"]
+
+
+class Log(NamedTuple):
+    """The ledger of a run directory, verified: what ``selfmod log`` shows."""
+
+    n: int  # entries, every one verified
+    rows: list[Any]  # the ledger entries but the per-cycle ones
+    keyed: bool  # whether the chain is an HMAC (else anyone can recompute it)
+
+
+def verified_log(run_dir: Path) -> Log:
+    """The ledger of ``run_dir``, its hash chain verified; against the head a finished run
+    recorded in ``final.json`` too, so that a cut tail shows."""
+    config_of(run_dir)
+    final = run_dir / "final.json"
+    head = None
+    if final.is_file():
+        recorded = json_file(final)
+        head = (
+            tuple(recorded["ledger_head"])
+            if isinstance(recorded, dict) and "ledger_head" in recorded
+            else None
+        )
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+        n = ledger.verify(head)  # type: ignore[arg-type]
+        rows = [e for e in ledger.entries() if e.kind != "cycle"]
+        return Log(n, rows, ledger.keyed)
+
+
+def write_run_report(run_dir: Path, x: str = "step") -> Path:
+    """(Re)write ``run_dir/report.html`` from the run's history and ledger; returns its path."""
+    from selfmod.runs.report import write_report
+
+    config_of(run_dir)
+    with run_lock(run_dir):
+        path = run_dir / "history.json"
+        if not path.is_file():
+            raise RunDirError(f"{path} does not exist; finish the run first (selfmod resume)")
+        history = json_file(path)
+        if not isinstance(history, dict):
+            raise RunDirError(f"{path} must hold a JSON object")
+        rows = ledger_rows(run_dir)
+        try:
+            return write_report(run_dir, history, rows, x=x)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise RunDirError(
+                f"{path} is not a history selfmod train writes "
+                f"({type(err).__name__}: {err}); rerun selfmod resume to rewrite it"
+            ) from None
+
+
+# ----------------------------------------------------------------------------- changing
+
+
+def approve(run_dir: Path, id_: int) -> None:
+    """Approve pending change ``id_`` of a manual-approval run (an ``approval`` ledger entry;
+    the run applies it at its next cycle unless it has expired by then)."""
+    config_of(run_dir)
+    with run_lock(run_dir), Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+        ledger.verify()
+        pending = {e.seq: e for e in ledger.entries("proposal") if e.decision == "pending"}
+        if id_ not in pending:
+            ids = ", ".join(map(str, sorted(pending))) or "none"
+            raise RunDirError(
+                f"ID must be a pending change of {run_dir} (got {id_}); pending: {ids}"
+            )
+        if any(e.payload.get("proposal") == id_ for e in ledger.entries("approval")):
+            raise RunDirError(f"change {id_} is already approved")
+        done = {
+            e.payload.get("change", {}).get("proposal"): e
+            for e in ledger.entries("proposal")
+            if e.decision in ("applied", "expired")
+        }
+        if id_ in done:
+            e = done[id_]
+            raise RunDirError(f"change {id_} was {e.decision} at cycle {e.cycle}: {e.reason}")
+        e = pending[id_]
+        ledger.append(
+            "approval",
+            cycle=e.cycle,
+            step=e.step,
+            decision="approved",
+            reason=f"change {id_} approved",
+            payload={"proposal": id_},
+        )
+
+
+def rollback(run_dir: Path, to: int) -> int:
+    """Go back to the checkpoint taken at the start of cycle ``to``: move the checkpoints of
+    later cycles aside (within the checkpoints folder) and return the target step.
+
+    Every kept checkpoint and the ledger (against the head each checkpoint recorded) are
+    verified before anything moves."""
+    from selfmod.checkpoint import FOLDER, CheckpointError, list_checkpoints, load_checkpoint
+
+    config_of(run_dir)
+    with run_lock(run_dir):
+        kept: dict[int, tuple[Path, dict[str, Any]]] = {}
+        for path in list_checkpoints(run_dir):
+            _, manifest = load_checkpoint(path)  # every manifest verified before anything moves
+            cycle, head = manifest["meta"].get("cycle"), manifest["meta"].get("ledger_head")
+            if not isinstance(cycle, int) or isinstance(cycle, bool):
+                raise CheckpointError(
+                    f"checkpoint {path.name}: meta.cycle is missing or not an int"
+                )
+            if not is_head(head):
+                raise CheckpointError(f"checkpoint {path.name}: meta.ledger_head is missing")
+            kept[cycle] = (path, manifest)
+        if to not in kept:
+            cycles = ", ".join(map(str, sorted(kept))) or "none"
+            raise RunDirError(
+                f"--to must be a cycle with a kept checkpoint (got {to}); kept: {cycles}"
+            )
+        with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+            ledger.verify()
+            for _, manifest in kept.values():  # the target's head, and every later one's
+                ledger.verify(tuple(manifest["meta"]["ledger_head"]))
+        folder = run_dir / FOLDER
+        aside = folder / "rolled-back"
+        if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+            raise RunDirError(f"{aside} must be a folder, not a link or file; remove it")
+        aside.mkdir(exist_ok=True)
+        target = kept[to][1]["step"]
+        for cycle, (path, manifest) in kept.items():
+            if cycle > to:  # the manifest first: a checkpoint without it is simply incomplete
+                for f in (path, path.parent / manifest["file"]):
+                    f.replace(aside / f.name)
+        for name in ("final.safetensors", "final.json"):
+            (run_dir / name).unlink(missing_ok=True)
+        write_status(run_dir, "rolled back", target)
+        with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+            ledger.append(
+                "rollback",
+                cycle=to,
+                step=target,
+                decision="rollback",
+                reason=f"manual rollback to cycle {to} (step {target})",
+                payload={"modifier": "user", "to_cycle": to},
+            )
+        return target
+
+
+def is_head(head: Any) -> bool:
+    """``[seq, hash]`` as a checkpoint manifest records the ledger head."""
+    return (
+        isinstance(head, list)
+        and len(head) == 2
+        and isinstance(head[0], int)
+        and not isinstance(head[0], bool)
+        and isinstance(head[1], str)
+    )
