@@ -46,3 +46,35 @@ def test_the_exported_model_is_in_eval_mode_and_predicts_as_the_run():
     assert not exported.training  # dropout off: the same output twice, equal to the run's
     torch.testing.assert_close(exported(x), problem.predict(params, buffers, x))
     torch.testing.assert_close(exported(x), exported(x))
+
+
+def _self_modify(model: nn.Module, modifiers) -> object:
+    from selfmod.runs import SelfModifier
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 4)
+    y = (x[:, 0] > 0).long()
+    config = {"cycle": 20, "lookahead": 5, "lr": 0.05, "modifiers": modifiers}
+    sm = SelfModifier(model, F.cross_entropy, (x[:100], y[:100]), optimizer="adamw", config=config)
+    for i in range(100, 400, 16):
+        sm.step((x[i : i + 16], y[i : i + 16]))
+    sm.finish()
+    torch.testing.assert_close(model(x[:100]), sm.module()(x[:100]))  # the trained model
+    return sm
+
+
+def test_self_modifier_trains_the_model_it_was_given_in_place():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    first = model[0].weight
+    before = first.detach().clone()
+    _self_modify(model, ["lr", "weight_decay"])
+    assert model[0].weight is first  # the same Parameter: an optimizer holding it still works
+    assert not torch.equal(first.detach(), before)  # ... now trained
+    grown = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    sm = _self_modify(grown, ["lr", "grow"])
+    assert (
+        grown[0].out_features
+        == grown[0].weight.shape[0]
+        == sm.run.problem.widths(sm.run.params)[0]
+        > 8
+    )

@@ -129,16 +129,7 @@ class Problem:
         r"""A copy of the module holding ``params`` and ``buffers`` (in their current shapes:
         grown or pruned layers get new ``nn.Parameter``\ s and sizes), in eval mode: a trained
         model, ready to predict (call ``.train()`` to train it further)."""
-        module = copy.deepcopy(self.module)
-        for key, value in {**params, **buffers}.items():
-            owner, _, attr = key.rpartition(".")
-            mod = module.get_submodule(owner)
-            if key in params:
-                setattr(mod, attr, nn.Parameter(value.detach().clone()))
-            else:
-                mod.register_buffer(attr, value.detach().clone())
-            sync_sizes(mod)
-        return module.eval()
+        return write_into(copy.deepcopy(self.module), params, buffers).eval()
 
     def layer_signals(
         self, params: Params, buffers: Params, x: Tensor, y: Tensor
@@ -210,3 +201,22 @@ def _find_groups(module: nn.Module) -> tuple[list[arch.UnitGroup], str | None]:
     if not groups:
         return [], "the model has no hidden layer to grow or prune"
     return groups, None
+
+
+def write_into(module: nn.Module, params: Params, buffers: Params) -> nn.Module:
+    r"""``module`` holding ``params`` and ``buffers``, in place: a tensor of the same shape is
+    copied into the existing ``nn.Parameter`` (an optimizer holding it keeps working); a grown
+    or pruned one becomes a new ``nn.Parameter`` and the layer's sizes follow. Returns it."""
+    for key, value in {**params, **buffers}.items():
+        owner, _, attr = key.rpartition(".")
+        mod = module.get_submodule(owner)
+        old = getattr(mod, attr, None)
+        if isinstance(old, Tensor) and old.shape == value.shape and old.dtype == value.dtype:
+            with torch.no_grad():
+                old.copy_(value)
+        elif key in params:
+            setattr(mod, attr, nn.Parameter(value.detach().clone()))
+        else:
+            mod.register_buffer(attr, value.detach().clone())
+        sync_sizes(mod)
+    return module

@@ -33,7 +33,7 @@ from selfmod.errors import SelfmodError
 from selfmod.introspect.config import TrainConfig
 from selfmod.introspect.loop import Loop, Source
 from selfmod.introspect.modifiers import Modifier
-from selfmod.introspect.problem import Problem, default_metric
+from selfmod.introspect.problem import Problem, default_metric, write_into
 from selfmod.runs import distributed
 from selfmod.runs.config import validate
 from selfmod.runs.rundir import open_run_dir
@@ -184,10 +184,13 @@ class SelfModifier:
         return self.run.summary()
 
     def finish(self) -> dict[str, Any]:
-        """Train the batches still queued (without a cycle) and, with a run directory, write
-        its final weights, ``summary.json`` and report; returns the summary."""
+        """Train the batches still queued (without a cycle), write the trained parameters into
+        the model you passed (in place, in their final shapes, as an Accelerate-prepared model
+        is trained) and, with a run directory, its final weights, ``summary.json`` and
+        report; returns the summary."""
         run = self.run
         run.finish_queued()
+        write_into(self.problem.module, run.params, run.state.buffers)
         if self.run_dir is not None:
             finish(self.run_dir, run, None, run.config)
         self.close()
