@@ -585,18 +585,18 @@ def test_examples_counts_what_the_base_steps_drew_and_resumes_exactly(
     full = Introspector(cfg, recorder=RunRecorder(tmp_path / "a", keep=50))
     full.run()
     assert len(set(drawn)) > 1  # the batch size changed, so steps x batch would be wrong
-    assert full.summary()["examples"] == full.examples == sum(drawn)
+    assert full.summary()["examples"] == full.counters.examples == sum(drawn)
     back = Introspector(cfg, recorder=(recorder := RunRecorder(tmp_path / "a", keep=50)))
     recorder.resume(back, at_most=50)
-    assert back.step < 100 and 0 < back.examples < full.examples
+    assert back.step < 100 and 0 < back.counters.examples < full.counters.examples
     back.run()
-    assert back.examples == full.examples
+    assert back.counters.examples == full.counters.examples
     # a checkpoint written before the counter existed resumes, the count unknown (None)
     checkpoint = Introspector.checkpoint
 
     def older(self):
         tensors, meta = checkpoint(self)
-        return tensors, {k: v for k, v in meta.items() if k != "examples"}
+        return tensors, {k: v for k, v in meta.items() if k not in ("examples", "meta_seconds")}
 
     monkeypatch.setattr(Introspector, "checkpoint", older)
     Introspector(cfg, recorder=RunRecorder(tmp_path / "b", keep=50)).run()
@@ -604,4 +604,17 @@ def test_examples_counts_what_the_base_steps_drew_and_resumes_exactly(
     old = Introspector(cfg, recorder=(recorder := RunRecorder(tmp_path / "b", keep=50)))
     recorder.resume(old, at_most=50)
     old.run()
-    assert old.step == 100 and old.examples is None and old.summary()["examples"] is None
+    assert old.step == 100 and old.counters.examples is None and old.summary()["examples"] is None
+    assert math.isnan(old.summary()["meta_overhead"])  # its cycles' time is not known either
+
+
+def test_the_summary_splits_the_wall_time_between_training_and_self_modification():
+    run = Introspector(TrainConfig(**FAST))
+    run.run()
+    s = run.summary()
+    assert 0 < s["meta_seconds"] < s["seconds"]  # the cycles: probes, estimates, replays
+    assert s["base_seconds"] == pytest.approx(s["seconds"] - s["meta_seconds"])
+    assert s["meta_overhead"] == pytest.approx(s["meta_seconds"] / s["base_seconds"])
+    fixed = Introspector(TrainConfig(**FAST), tune=False)
+    fixed.run()
+    assert fixed.summary()["meta_seconds"] == 0.0  # no cycles, no self-modification

@@ -34,3 +34,6 @@ def test_the_report_says_why_each_change_was_proposed(tmp_path):
     html = (result.run_dir / "report.html").read_text()
     assert "why proposed" in html and "d guard / d log_lr" in html
     assert "lr[0.weight]" in html or "lr[2.weight]" in html  # rates by tensor name
+    assert "self-modification / training time" in html
+    s = result.summary  # summary.json's: the time of training and of self-modification apart
+    assert s["meta_seconds"] > 0 and s["meta_overhead"] == s["meta_seconds"] / s["base_seconds"]

@@ -85,7 +85,6 @@ class Loop:
     step = property(lambda self: self.counters.step, doc="base steps done")
     cycle = property(lambda self: self.counters.cycle, doc="cycles done")
     seconds = property(lambda self: self.counters.seconds, doc="wall-clock seconds trained")
-    examples = property(lambda self: self.counters.examples, doc="training examples drawn")
     diverged_at = property(lambda self: self.counters.diverged_at, doc="fixed baseline's NaN")
     shift_cycle = property(lambda self: self.counters.shift_cycle, doc="the data shift's cycle")
     params = property(lambda self: self.state.params)
@@ -153,12 +152,14 @@ class Loop:
         return self.tune and n.step % self.config.cycle == 0 and n.cycled_at != n.step
 
     def _cycle(self) -> None:
+        start, n = time.perf_counter(), self.counters  # a cycle's time is self-modification's
         if self.collective is not None:
             self.collective.agree(self)
-        if self.cycle % self.config.checkpoint_every == 0:
+        if n.cycle % self.config.checkpoint_every == 0:
             self.recorder.checkpoint(self)
-        self.counters.cycled_at = self.step
+        n.cycled_at = n.step
         self.run_cycle()
+        n.meta_seconds += time.perf_counter() - start
 
     def _introduce_source(self, s: int) -> None:
         self.counters.source_id = s
@@ -241,14 +242,13 @@ class Loop:
         self._record(Decision(n.cycle, n.step, "safeguard", "rollback", why, before, self.values()))
 
     def log_point(self) -> None:
-        """A log point's row (:func:`.summary.log_row`) in the history and to the recorder."""
+        """A log point's row (:func:`.summary.log_row`) in the history and to the recorder; its
+        wall-clock time apart, in ``history["clock"]`` (a resumed run's clock differs)."""
         n, src = self.counters, self.sources[self.counters.source_id]
         row = log_row(self.problem, self.state, self.guard(), src, n.step, n.last_loss)
         row |= self.values() | {"unused": self.unused_tensors()}
         self.history["log"].append(row)
-        # wall-clock seconds at this log point (kept apart: a resumed run's clock differs)
-        clock = self._clock
-        elapsed = time.perf_counter() - clock if clock is not None else n.seconds
+        elapsed = n.seconds if self._clock is None else time.perf_counter() - self._clock
         self.history.setdefault("clock", []).append([n.step, elapsed])
         self.recorder.log(self, row)
 

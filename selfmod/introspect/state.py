@@ -10,10 +10,11 @@ new field or modifier needs no resume code.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -248,9 +249,13 @@ class Counters:
     #: training examples the base steps drew (a rolled-back step's too; None: resumed from a
     #: checkpoint written before this counter)
     examples: int | None = 0
+    #: wall-clock seconds of the cycles (probes, estimates, replays, verification,
+    #: checkpoints): self-modification's own cost, within ``seconds``
+    meta_seconds: float = 0.0
 
-    #: counters added after checkpoints were first written: absent from older ones (None)
-    LATER = ("examples",)
+    #: counters added after checkpoints were first written, and their value when absent from
+    #: an older one (not known)
+    LATER: ClassVar[dict[str, Any]] = {"examples": None, "meta_seconds": math.nan}
 
     def saved(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -259,4 +264,4 @@ class Counters:
     def read(cls, meta: dict[str, Any]) -> Counters:
         """From :meth:`saved`'s fields in ``meta`` (a later counter may be absent)."""
         names = [f.name for f in fields(cls)]
-        return cls(**{k: meta.get(k) if k in cls.LATER else meta[k] for k in names})
+        return cls(**{k: meta.get(k, cls.LATER[k]) if k in cls.LATER else meta[k] for k in names})

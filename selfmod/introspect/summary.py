@@ -23,6 +23,15 @@ def test_metric(problem: Problem, state: RunState, src: Source) -> tuple[float, 
     return problem.evaluate(state.params, state.buffers, src.test_x, src.test_y)
 
 
+def overhead(seconds: float, meta_seconds: float) -> dict[str, float]:
+    """The wall time split: ``meta_seconds`` (the cycles: self-modification's own work),
+    ``base_seconds`` (the rest: training) and ``meta_overhead = meta / base`` (NaN where a run
+    resumed from a checkpoint that did not count it)."""
+    base = max(seconds - meta_seconds, 0.0)
+    share = meta_seconds / base if base > 0 else math.nan
+    return {"meta_seconds": meta_seconds, "base_seconds": base, "meta_overhead": share}
+
+
 def log_row(
     problem: Problem,
     state: RunState,
@@ -78,6 +87,7 @@ def summarize(
         "metric_name": problem.metric,
         "test_loss": tl,
         "seconds": counters.seconds,
+        **overhead(counters.seconds, counters.meta_seconds),
         "params": c.params,
         "flops": c.flops,
         "widths": problem.widths(p),

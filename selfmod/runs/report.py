@@ -278,6 +278,8 @@ def summary_rows(history: dict) -> list[tuple[str, str, str]]:
         else row(f"test {metric}", "test_metric", lambda x: f"{x:.4f}"),
         row("test loss", "test_loss", lambda x: f"{x:.3f}"),
         row("wall time (s)", "seconds", lambda x: f"{x:.1f}"),
+        row("of it self-modification (s)", "meta_seconds", lambda x: f"{x:.1f}"),
+        row("self-modification / training time", "meta_overhead", lambda x: f"{x:.2f}x"),
         row("hidden widths", "widths"),
         row("parameters", "params", lambda x: f"{x:,}"),
         row("FLOPs / example", "flops", lambda x: f"{x:,}"),
