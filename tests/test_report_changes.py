@@ -37,3 +37,17 @@ def test_the_report_says_why_each_change_was_proposed(tmp_path):
     assert "self-modification / training time" in html
     s = result.summary  # summary.json's: the time of training and of self-modification apart
     assert s["meta_seconds"] > 0 and s["meta_overhead"] == s["meta_seconds"] / s["base_seconds"]
+
+
+def test_fit_leaves_the_callers_random_state_and_determinism_setting_as_they_were(tmp_path):
+    x = torch.randn(300, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(4, 2)
+    torch.manual_seed(123)
+    expected = torch.rand(3)  # the caller's next draws, without a fit in between
+    torch.manual_seed(123)
+    torch.use_deterministic_algorithms(False)
+    fit(model, F.cross_entropy, (x[:200], y[:200]), (x[200:], y[200:]),
+        config={"steps": 20, "cycle": 10, "lookahead": 2, "out": str(tmp_path)})  # fmt: skip
+    assert not torch.are_deterministic_algorithms_enabled()  # the run set it for itself only
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream goes on as it would

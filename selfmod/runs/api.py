@@ -19,12 +19,16 @@ batches (see :mod:`selfmod.data.streams`). Guard and test data: a pair, a ``Data
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from selfmod import arch
@@ -122,7 +126,7 @@ def fit(
         fixed_source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
         return _problem(initial, loss, gy, metric, groups), [fixed_source]  # type: ignore[arg-type]
 
-    with distributed.session() as coll:
+    with distributed.session() as coll, global_state_kept():
         run_dir, cfg = on_main(coll, lambda: open_run_dir(run_dir, cfg, resume))
         run, fixed, _ = drive(
             problem, [source], cfg, run_dir, resume=resume, modifiers=modifiers,
@@ -131,6 +135,26 @@ def fit(
     module = problem.export(run.params, run.state.buffers)
     fixed_summary = fixed.summary() if fixed else None
     return FitResult(module, summary_record(tuned_summary(run, fixed), fixed_summary), run_dir, run)
+
+
+@contextlib.contextmanager
+def global_state_kept() -> Iterator[None]:
+    """Leave torch's, numpy's and Python's global random states and torch's deterministic
+    algorithms setting as they were: a run seeds and sets them for itself (``seed``,
+    ``deterministic``), and the caller's program goes on with its own."""
+    rngs = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    mode = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(rngs[0])
+        np.random.set_state(rngs[1])
+        random.setstate(rngs[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        torch.use_deterministic_algorithms(mode, warn_only=warn)
 
 
 class SelfModifier:
