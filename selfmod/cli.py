@@ -200,22 +200,18 @@ def report(
 @app.command("log")
 def log_(run_dir: RunDir) -> None:
     """The table of changes (proposals, decisions, rollbacks); verifies the hash chain."""
+    from selfmod.runs.logs import changes
     from selfmod.runs.rundir import verified_log
 
     log = verified_log(run_dir)
     table = Table(title=f"{run_dir}: {log.n} ledger entries, hash chain verified")
-    for col in ("id", "cycle", "step", "kind", "modifier", "decision", "reason"):
+    for col in ("id", "cycle", "step", "kind", "modifier", "decision", "before -> after"):
         table.add_column(col)
+    table.add_column("reason")
     for e in log.rows:
-        cells = (
-            e.seq,
-            e.cycle,
-            e.step,
-            e.kind,
-            e.payload.get("modifier", ""),
-            e.decision,
-            e.reason,
-        )
+        moved = changes(e.payload.get("before", {}), e.payload.get("after", {}))
+        cells = (e.seq, e.cycle, e.step, e.kind, e.payload.get("modifier", ""), e.decision)
+        cells += (moved, e.reason)
         table.add_row(*map(str, cells))
     keyed = (
         "keyed (HMAC-SHA256)"

@@ -298,6 +298,7 @@ def test_train_writes_report_weights_ledger_and_summary(tmp_path):
     assert "test accuracy" in out.stdout and "self-modifying" in out.stdout
     log = _selfmod("log", str(run_dir))
     assert log.returncode == 0 and "commit" in log.stdout
+    assert "before -> after" in log.stdout and " -> " in log.stdout.split("before -> after", 1)[1]
     (run_dir / "report.html").unlink()
     assert _selfmod("report", str(run_dir)).returncode == 0
     assert (run_dir / "report.html").is_file()
