@@ -618,3 +618,16 @@ def test_the_summary_splits_the_wall_time_between_training_and_self_modification
     fixed = Introspector(TrainConfig(**FAST), tune=False)
     fixed.run()
     assert fixed.summary()["meta_seconds"] == 0.0  # no cycles, no self-modification
+
+
+def test_a_change_the_lookahead_cannot_tell_apart_is_marked_as_accepted_by_rule():
+    run = Introspector(TrainConfig(**{**FAST, "modifiers": ["weight_decay"]}))
+    run.run()
+    current = cycles.estimate(run)[0]
+    same = Proposal("weight_decay", {"log_wd": run.hparams["log_wd"].clone()}, group="regularize")
+    run.verify_and_decide(same, run.lookahead.baseline(run.state))
+    d = run.history["decisions"][-1]
+    assert d["decision"] == "commit" and "accepted by rule" in d["reason"], d
+    bigger = Proposal("lr", {"log_lr": run.hparams["log_lr"] + 1.0})
+    run.verify_and_decide(bigger, current)
+    assert "accepted by rule" not in run.history["decisions"][-1]["reason"]

@@ -80,6 +80,8 @@ def verdict(
     if reason is not None:
         return "reject", reason, value
     ok = f"guard loss {value:.6g} vs {current:.6g} (tolerance x{1 + tol:g}); invariants hold"
+    if value == current:  # the lookahead cannot tell: the check could not have failed
+        ok += "; no effect within the lookahead: accepted by rule, not by its guard loss"
     return _kept(config), ok, value
 
 
