@@ -1,0 +1,159 @@
+"""Trust boundaries of a run directory (issue 36): it carries data, never code; it is not
+followed out through links; it resumes only the run it holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+SELFMOD = [sys.executable, "-m", "selfmod.cli"]
+SMALL = [
+    "steps=40", "cycle=20", "lookahead=5", "width=8", "modifiers.grow.max_width=16",
+    "guard_size=100", "replay_size=200", "compare_fixed=false", "report=false",
+]  # fmt: skip
+USER = ["model=user_models:residual_mlp", "data=user_models:digits", "guard_size=200"]
+
+
+def _selfmod(*args, cwd=None):
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFMOD_LEDGER")}
+    return subprocess.run(
+        [*SELFMOD, *args], capture_output=True, text=True, check=False, cwd=cwd,
+        env={**env, "PYTHONPATH": path}, timeout=300,
+    )  # fmt: skip
+
+
+def _one_line_exit_2(res, *messages):
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for message in messages:
+        assert message in lines[0], lines[0]
+
+
+def _train(out, *sets):
+    res = _selfmod("train", *[a for s in [*SMALL, *sets, f"out={out}"] for a in ("--set", s)])
+    assert res.returncode == 0, res.stderr
+    (run,) = Path(out).iterdir()
+    return run
+
+
+@pytest.fixture(scope="module")
+def builtin_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("builtin"))
+
+
+@pytest.fixture
+def run(builtin_run, tmp_path):
+    """A copy of a finished built-in run, made resumable again (its end files removed)."""
+    run = Path(shutil.copytree(builtin_run, tmp_path / "run"))
+    for name in ("status.json", "final.json", "final.safetensors"):
+        (run / name).unlink()
+    return run
+
+
+def _set_config(run, **values):
+    cfg = json.loads((run / "config.json").read_text())
+    cfg.update(values)
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+def net():
+    raise SystemExit(0)
+"""
+
+
+# --------------------------------------------------------------------------- no code
+
+
+@pytest.mark.parametrize(
+    ("field", "spec"),
+    [("model", "os:abort"), ("model", "faulthandler:_sigsegv"), ("model", "builtins:exit"),
+     ("data", "evil_mod:net"), ("loss", "evil_mod:net")],
+)  # fmt: skip
+def test_resume_never_imports_what_config_json_alone_names(run, tmp_path, field, spec):
+    marker = tmp_path / "marker"
+    (tmp_path / "evil_mod.py").write_text(EVIL.format(marker=str(marker)))
+    _set_config(run, **{field: spec})
+    res = _selfmod("resume", str(run), cwd=tmp_path)
+    _one_line_exit_2(res, f"{field} = {spec!r}", f"--allow-import {spec}")
+    assert not marker.exists()
+
+
+def test_resume_never_imports_a_module_inside_the_run_directory(run):
+    marker = run.parent / "marker"
+    (run / "evil_mod.py").write_text(EVIL.format(marker=str(marker)))
+    _set_config(run, model="evil_mod:net")
+    res = _selfmod("resume", ".", "--allow-import", "evil_mod:net", cwd=run)
+    _one_line_exit_2(res, "model = 'evil_mod:net'", "inside the run directory")
+    assert not marker.exists()
+
+
+def test_allow_import_names_the_spec_or_its_module(tmp_path):
+    from selfmod.runs.imports import Imports
+
+    imports = Imports.of(["pkg.mod:net", "other"], tmp_path)
+    assert imports.permits("pkg.mod:net") and imports.permits("other:f")
+    assert imports.permits("other.sub:f")
+    for spec in ("pkg.mod:data", "pkg:net", "otherwise:f", "os:abort"):
+        assert not imports.permits(spec), spec
+
+
+def test_resume_imports_what_the_user_allows_and_ends_identical(tmp_path):
+    full = _train(tmp_path / "a", *USER)
+    run = Path(shutil.copytree(full, tmp_path / "b" / full.name))
+    for name in ("status.json", "final.json", "final.safetensors"):
+        (run / name).unlink()
+    _one_line_exit_2(_selfmod("resume", str(run)), "model = 'user_models:residual_mlp'")
+    _one_line_exit_2(
+        _selfmod("resume", str(run), "--allow-import", "user_models:residual_mlp"),
+        "data = 'user_models:digits'",
+    )
+    res = _selfmod("resume", str(run), "--allow-import", "user_models")
+    assert res.returncode == 0, res.stderr
+    assert (run / "final.safetensors").read_bytes() == (full / "final.safetensors").read_bytes()
+
+
+def test_a_built_in_run_resumes_without_flags(run, builtin_run):
+    res = _selfmod("resume", str(run))
+    assert res.returncode == 0, res.stderr
+    final = (run / "final.safetensors").read_bytes()
+    assert final == (builtin_run / "final.safetensors").read_bytes()
+
+
+def test_pbt_member_state_round_trips_without_pickle(tmp_path):
+    from selfmod.bench.pbt import load_member_state, save_member_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    extra = {"step": 7, "schedule": [[0, 0.01, 0.1]], "stream": {"epoch": 1, "pos": 3}}
+    save_member_state(str(tmp_path), model, opt, extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.safetensors"]
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
+    assert load_member_state(str(tmp_path), model2, opt2) == extra
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    x = torch.randn(4, 3)
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        m(x).sum().backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    source = (HERE.parent / "selfmod" / "bench" / "pbt.py").read_text()
+    assert "torch.load" not in source and "weights_only" not in source
