@@ -157,3 +157,49 @@ def test_pbt_member_state_round_trips_without_pickle(tmp_path):
         assert torch.equal(a, b)
     source = (HERE.parent / "selfmod" / "bench" / "pbt.py").read_text()
     assert "torch.load" not in source and "weights_only" not in source
+
+
+# --------------------------------------------------------------------------- links, modes
+
+LINKED = ["scalars.csv", "ledger.sqlite", "checkpoints", "tensorboard", "config.json"]
+
+
+@pytest.mark.parametrize("name", LINKED)
+def test_resume_refuses_a_symlinked_file_and_touches_nothing_outside(run, tmp_path, name):
+    outside = tmp_path / "outside"
+    (run / name).rename(outside)
+    (run / name).symlink_to(outside)
+    before = sorted(p.name for p in outside.iterdir()) if outside.is_dir() else outside.read_bytes()
+    _one_line_exit_2(_selfmod("resume", str(run)), f"{run / name} is a symbolic link")
+    after = sorted(p.name for p in outside.iterdir()) if outside.is_dir() else outside.read_bytes()
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [("config.json", ["log"]), ("history.json", ["report"]), ("ledger.sqlite", ["log"]),
+     ("checkpoints", ["rollback", "--to", "1"]), ("config.json", ["approve", "1"])],
+)  # fmt: skip
+def test_readers_refuse_a_symlinked_file(builtin_run, tmp_path, name, command):
+    run = Path(shutil.copytree(builtin_run, tmp_path / "run"))
+    outside = tmp_path / "outside"
+    (run / name).rename(outside)
+    (run / name).symlink_to(outside)
+    res = _selfmod(command[0], str(run), *command[1:])
+    _one_line_exit_2(res, f"{run / name} is a symbolic link")
+
+
+def test_a_symlinked_checkpoint_inside_the_folder_is_refused(run, tmp_path):
+    first = sorted((run / "checkpoints").glob("*.json"))[0]
+    outside = tmp_path / first.name
+    first.rename(outside)
+    first.symlink_to(outside)
+    _one_line_exit_2(_selfmod("resume", str(run)), f"{first} is a symbolic link")
+
+
+def test_every_file_of_a_run_is_0600_and_every_folder_0700(builtin_run):
+    paths = [builtin_run, *builtin_run.rglob("*")]
+    assert {p.name for p in paths} >= {".lock", "ledger.sqlite", "scalars.csv", "tensorboard"}
+    for path in paths:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))

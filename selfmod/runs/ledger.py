@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from selfmod.errors import SelfmodError
+from selfmod.files import DIR_MODE, FILE_MODE
 
 GENESIS = hashlib.sha256(b"selfmod-ledger").hexdigest()
 
@@ -147,8 +148,18 @@ class Ledger:
                 f"ledger {self.path} does not exist; DIR must be a run directory with its "
                 "ledger.sqlite (it is never recreated: a missing ledger is lost history)"
             )
+        if self.path.is_symlink():
+            raise LedgerError(
+                f"ledger {self.path} is a symbolic link; a run's ledger must be its own file"
+            )
         if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            flags = os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.path, flags, FILE_MODE)  # 0600 before sqlite opens it
+            try:
+                os.fchmod(fd, FILE_MODE)  # one policy for every file of a run
+            finally:
+                os.close(fd)
         try:
             uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
             self._db = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)

@@ -38,7 +38,7 @@ from selfmod.runs import distributed
 from selfmod.runs.lock import run_lock
 from selfmod.runs.logs import Logs
 from selfmod.runs.recorder import RunRecorder
-from selfmod.runs.rundir import ledger_head, ledger_rows, write_status
+from selfmod.runs.rundir import check_links, ledger_head, ledger_rows, write_status
 
 #: the fixed baseline's problem and sources, made when the tuned run is done
 Baseline = Callable[[], tuple[Problem, Sequence[Source]]]
@@ -161,6 +161,8 @@ def drive(
     process group: nothing more goes into either."""
     main = collective is None or collective.main
     with run_lock(run_dir) if main else contextlib.nullcontext():
+        if main:
+            check_links(run_dir)
         run, recorder = build_run(
             problem, sources, cfg, run_dir, modifiers=modifiers, resume=resume, logs=logs,
             collective=collective,
