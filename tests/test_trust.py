@@ -203,3 +203,68 @@ def test_every_file_of_a_run_is_0600_and_every_folder_0700(builtin_run):
     for path in paths:
         mode = path.stat().st_mode & 0o777
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+
+
+# --------------------------------------------------------------------------- forged files
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("CREATE TRIGGER drop_some BEFORE INSERT ON entries WHEN NEW.seq % 3 = 0 "
+         "BEGIN SELECT RAISE(IGNORE); END", "trigger 'drop_some'"),
+        ("ALTER TABLE entries RENAME TO old_entries; "
+         "CREATE VIEW entries AS SELECT * FROM old_entries", "view 'entries'"),
+        ("ALTER TABLE entries ADD COLUMN note TEXT", "columns"),
+        ("CREATE TABLE extra (x)", "table 'extra'"),
+    ],
+    ids=["trigger", "view", "column", "table"],
+)  # fmt: skip
+def test_a_ledger_with_anything_but_its_own_schema_is_refused(run, sql, message):
+    import sqlite3
+
+    db = sqlite3.connect(run / "ledger.sqlite")
+    db.executescript(sql)
+    db.close()
+    for command in ("log", "resume"):
+        _one_line_exit_2(_selfmod(command, str(run)), "is not a selfmod ledger", message)
+
+
+def _forge_newest(run, edit_meta=None, edit_tensors=None):
+    """Edit the newest checkpoint as an attacker would, every sha256 recomputed."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    from selfmod.checkpoint import manifest_digest
+
+    path = sorted((run / "checkpoints").glob("ckpt-*.json"))[-1]
+    m = json.loads(path.read_text())
+    if edit_meta:
+        edit_meta(m["meta"])
+    if edit_tensors:
+        weights = path.with_suffix(".safetensors")
+        tensors = load(weights.read_bytes())
+        edit_tensors(tensors)
+        data = save(tensors)
+        weights.write_bytes(data)
+        m["sha256"], m["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    m["manifest_sha256"] = manifest_digest(m)
+    path.write_text(json.dumps(m))
+
+
+def _wider(tensors):
+    name = "state.params['0.weight']"
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 3, tensors[name].shape[1])
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [dict(edit_meta=lambda m: m.pop("scalars")), dict(edit_meta=lambda m: m.update(step="20")),
+     dict(edit_meta=lambda m: m.pop("ledger_head")), dict(edit_meta=lambda m: m.pop("stream")),
+     dict(edit_tensors=_wider)],
+    ids=["no-scalars", "string-step", "no-ledger-head", "no-stream", "wrong-shape"],
+)  # fmt: skip
+def test_a_forged_or_partial_manifest_is_one_line(run, forge):
+    _forge_newest(run, **forge)
+    _one_line_exit_2(_selfmod("resume", str(run)), "checkpoint ckpt-")

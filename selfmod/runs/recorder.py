@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from selfmod.checkpoint import load_latest, save_checkpoint
+from selfmod.checkpoint import CheckpointError, load_latest, save_checkpoint
 from selfmod.introspect.events import Recorder, RunView
 from selfmod.introspect.loop import Loop
 from selfmod.runs.ledger import Ledger
 from selfmod.runs.logs import Logs
+from selfmod.runs.rundir import is_head
 
 
 class RunRecorder(Recorder):
@@ -69,8 +70,25 @@ class RunRecorder(Recorder):
         ledger chain is verified against the head the checkpoint recorded."""
         tensors, manifest = load_latest(self.run_dir, at_most, run_id=self.run_id)
         meta = manifest["meta"]
+        name = f"checkpoint ckpt-{manifest['step']:08d}.json"
+        if not is_head(meta.get("ledger_head")):
+            raise CheckpointError(f"{name}: meta.ledger_head is missing or not [seq, hash]")
         self.ledger.verify(tuple(meta["ledger_head"]))
-        run.restore(tensors, meta)
+        try:  # a forged or partial manifest: a missing field, a wrong type or tensor shape
+            run.restore(tensors, meta)
+            ints = ("step", "cycle", "divergences", "cycled_at", "source_id")
+            bad = [k for k in ints if not _is_int(getattr(run.counters, k))]
+            if bad or run.step != manifest["step"]:
+                raise TypeError(f"counters {bad or ['step']} are not the step's integers")
+            for state in (run.state, run.good):  # the model runs on what was restored
+                run.problem.predict(state.params, state.buffers, run.example)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+            why = str(err).splitlines()[0] if str(err) else ""
+            raise CheckpointError(
+                f"{name} does not hold a run selfmod can continue ({type(err).__name__}: "
+                f"{why:.200}); its manifest is forged or damaged: selfmod rollback to an "
+                "earlier cycle or start the run again"
+            ) from None
         seq = meta["ledger_head"][0]
         superseded = self.ledger.head()[0] - seq
         run.event(
@@ -80,3 +98,7 @@ class RunRecorder(Recorder):
             f"after entry {seq} are superseded",
             {"from_seq": seq + 1},
         )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
