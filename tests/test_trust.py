@@ -268,3 +268,32 @@ def _wider(tensors):
 def test_a_forged_or_partial_manifest_is_one_line(run, forge):
     _forge_newest(run, **forge)
     _one_line_exit_2(_selfmod("resume", str(run)), "checkpoint ckpt-")
+
+
+# --------------------------------------------------------------------------- another run
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seed", 1), ("cycle", 10), ("width", 9), ("model", "cnn"), ("optimizer", "adamw"),
+     ("guard_size", 50), ("dtype", "float64"), ("steps", 60)],
+)  # fmt: skip
+def test_resume_refuses_an_edited_config_naming_the_field(run, field, value):
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg[field] != value
+    _set_config(run, **{field: value})
+    _one_line_exit_2(_selfmod("resume", str(run)), "config.json differs", f"in {field} (")
+    assert not (run / "final.safetensors").exists()
+
+
+def test_a_new_run_into_a_folder_holding_a_run_is_refused(builtin_run, tmp_path):
+    from selfmod.runs.rundir import RunDirError, config_of, open_run_dir
+
+    run = Path(shutil.copytree(builtin_run, tmp_path / "run"))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(RunDirError, match=r"already holds a run \(config\.json\); resume it"):
+        open_run_dir(run, config_of(run), resume=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert config_of(run) == config_of(builtin_run)
+    fresh, _ = open_run_dir(tmp_path / "empty", config_of(run), resume=False)
+    assert (fresh / "config.json").is_file()

@@ -78,7 +78,8 @@ def with_run_id(cfg: Any) -> Any:
 
 def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Path, Any]:
     """``(run_dir, config)``: (``resume``) the saved config of ``run_dir``, or a new run
-    directory (default: under ``cfg.out``) with a fresh ``run_id`` and its ``config.json``."""
+    directory (default: under ``cfg.out``) with a fresh ``run_id`` and its ``config.json``; a
+    folder that already holds a run is refused, never reused."""
     if resume:
         if run_dir is None:
             raise RunDirError("resume needs a run directory")
@@ -89,6 +90,12 @@ def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Pa
     run_dir = new_run_dir(cfg.out) if run_dir is None else Path(run_dir)
     run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     check_links(run_dir)
+    held = [n for n in ("config.json", "ledger.sqlite", "checkpoints") if (run_dir / n).exists()]
+    if held:  # never prune, resume or overwrite another run's files
+        raise RunDirError(
+            f"{run_dir} already holds a run ({held[0]}); resume it (resume=True, selfmod resume) "
+            "or give a new or empty run_dir"
+        )
     cfg = with_run_id(cfg)
     atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
     return run_dir, cfg
