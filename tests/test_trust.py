@@ -297,3 +297,30 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused(builtin_run, tmp_path)
     assert config_of(run) == config_of(builtin_run)
     fresh, _ = open_run_dir(tmp_path / "empty", config_of(run), resume=False)
     assert (fresh / "config.json").is_file()
+
+
+def test_fit_resume_with_another_config_is_refused_and_a_second_fit_too(tmp_path):
+    import torch.nn.functional as F
+
+    from selfmod.runs import fit
+    from selfmod.runs.rundir import RunDirError
+
+    torch.manual_seed(0)
+    x, y = torch.randn(300, 6), torch.randint(0, 3, (300,))
+    gx, gy = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    config = {"steps": 20, "cycle": 10, "lookahead": 3, "replay_size": 50, "report": False}
+
+    def run(config, resume):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        return fit(model, F.cross_entropy, (x, y), (gx, gy), config=config,
+                   run_dir=tmp_path / "run", resume=resume)  # fmt: skip
+
+    run(config, resume=False)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(RunDirError, match=r"differs in seed \(seed: 0 recorded, 1 given\)"):
+        run({**config, "seed": 1}, resume=True)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        run(config, resume=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert run(config, resume=True).run.step == 20  # the same config continues

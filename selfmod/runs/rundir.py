@@ -77,7 +77,8 @@ def with_run_id(cfg: Any) -> Any:
 
 
 def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Path, Any]:
-    """``(run_dir, config)``: (``resume``) the saved config of ``run_dir``, or a new run
+    """``(run_dir, config)``: (``resume``) the saved config of ``run_dir`` (``cfg``, if given,
+    must equal it but for ``run_id`` and ``out``), or a new run
     directory (default: under ``cfg.out``) with a fresh ``run_id`` and its ``config.json``; a
     folder that already holds a run is refused, never reused."""
     if resume:
@@ -86,7 +87,21 @@ def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Pa
         run_dir = Path(run_dir)
         if not (run_dir / "config.json").is_file():
             raise RunDirError(f"{run_dir} has no config.json: nothing to resume")
-        return run_dir, config_of(run_dir)
+        saved = config_of(run_dir)
+        if cfg is not None:  # the caller's config (fit, SelfModifier) is the run's, or refused
+            was, now = json.loads(saved.model_dump_json()), json.loads(cfg.model_dump_json())
+            fields = sorted(
+                k for k in was.keys() | now.keys()
+                if k not in ("run_id", "out") and was.get(k) != now.get(k)
+            )  # fmt: skip
+            if fields:
+                raise RunDirError(
+                    f"resume continues the run in {run_dir} as its config.json records it; the "
+                    f"config given differs in {', '.join(fields)} ({fields[0]}: "
+                    f"{was.get(fields[0])!r:.60} recorded, {now.get(fields[0])!r:.60} given): "
+                    "pass the run's config, or start a new run in a new run_dir"
+                )
+        return run_dir, saved
     run_dir = new_run_dir(cfg.out) if run_dir is None else Path(run_dir)
     run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     check_links(run_dir)
