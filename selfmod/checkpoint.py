@@ -31,7 +31,7 @@ from safetensors.torch import load, save
 from torch import Tensor
 
 from selfmod.errors import SelfmodError
-from selfmod.files import atomic_write_bytes, atomic_write_text
+from selfmod.files import atomic_write_bytes, atomic_write_text, private_dir, read_bytes
 
 FOLDER = "checkpoints"
 # the keys every manifest has, with their types (bool is excluded from int below)
@@ -88,7 +88,10 @@ def save_checkpoint(
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (got {keep}); the newest checkpoint is always kept")
     folder = Path(run_dir) / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        private_dir(folder)
+    except NotADirectoryError:
+        raise CheckpointError(f"{folder} is a symbolic link; it must be the run's folder") from None
     _remove_stale_temp_files(folder)
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     weights = folder / f"{_name(step)}.safetensors"
@@ -115,6 +118,8 @@ def save_checkpoint(
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Manifests, oldest first (complete or not: see :func:`load_checkpoint`)."""
     folder = Path(run_dir) / FOLDER
+    if folder.is_symlink():
+        raise CheckpointError(f"{folder} is a symbolic link; it must be the run's folder")
     return sorted(folder.glob("ckpt-*.json")) if folder.is_dir() else []
 
 
@@ -168,14 +173,14 @@ def load_checkpoint(
     manifest_path = Path(manifest_path)
     _plain_file(manifest_path, "checkpoint manifest")
     try:
-        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+        manifest = json.loads(read_bytes(manifest_path).decode("utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {manifest_path.name} is unreadable: {err}") from None
     check_manifest(manifest, manifest_path, run_id)
     data_path = manifest_path.parent / manifest["file"]
     _plain_file(data_path, "checkpoint file")
     try:
-        data = data_path.read_bytes()
+        data = read_bytes(data_path)
     except OSError as err:
         raise CheckpointError(f"checkpoint file {data_path.name} is unreadable: {err}") from None
     if hashlib.sha256(data).hexdigest() != manifest["sha256"]:

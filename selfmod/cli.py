@@ -1,7 +1,7 @@
 """``selfmod``: the command line.
 
 selfmod train [CONFIG.toml] [--set key=value ...]   a self-modifying run (and a fixed baseline)
-selfmod resume DIR                                  continue from the last complete checkpoint
+selfmod resume DIR [--allow-import M:F ...]         continue from the last complete checkpoint
 selfmod report DIR                                  (re)write DIR/report.html
 selfmod log DIR                                     the table of changes; verifies the ledger
 selfmod approve DIR ID                              approve a pending change (manual approval)
@@ -14,7 +14,7 @@ selfmod bench practitioners [--set k=v]             selfmod against tuned AdamW,
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -89,24 +89,42 @@ def train(
     cfg = load_config(config, set_)
     made = from_config(cfg)  # imports and shapes checked before a run directory
     Loop(made[0], sources_of(made[1], cfg.seed), cfg)  # and the modifiers named
-    _drive(lambda: start_run(cfg), made)
+    # a restarted torchrun job imports again what this command line names, nothing else
+    _drive(lambda: start_run(cfg), made, allowed=[cfg.model, cfg.data, cfg.loss])
+
+
+AllowImport = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-import",
+        metavar="MODULE[:CALLABLE]",
+        help="import this model, data or loss that config.json names (repeat for each; a "
+        "module or package name allows all of its callables); a run directory never runs "
+        "code on its own",
+    ),
+]
 
 
 @app.command()
-def resume(run_dir: RunDir) -> None:
-    """Continue a run from its newest complete checkpoint (bitwise, in deterministic mode);
-    its model, data and loss are imported again from config.json."""
+def resume(run_dir: RunDir, allow_import: AllowImport = None) -> None:
+    """Continue a run from its newest complete checkpoint (bitwise, in deterministic mode).
+    Built-in models, data and losses are built again from config.json; a
+    "package.module:callable" it names is imported only with --allow-import naming it."""
     from selfmod.runs.rundir import config_of
 
-    _drive(lambda: (run_dir, config_of(run_dir), True))
+    _drive(lambda: (run_dir, config_of(run_dir), True), allowed=allow_import or [])
 
 
-def _drive(opened: Callable[[], tuple[Path, Any, bool]], made: Any = None) -> None:
+def _drive(
+    opened: Callable[[], tuple[Path, Any, bool]], made: Any = None, allowed: Sequence[str] = ()
+) -> None:
     """Open the run (``opened()`` on rank 0: run directory, config, resume?); unless it is
     complete, drive it (:func:`selfmod.runs.session.drive`) with progress bars and print its
-    summary table. ``made``: a new run's problem, built from its config already."""
+    summary table. ``made``: a new run's problem, built from its config already; ``allowed``:
+    what a resumed run may import (:class:`selfmod.runs.imports.Imports`)."""
     from selfmod.introspect.builtin import sources_of
     from selfmod.runs import distributed
+    from selfmod.runs.imports import Imports
     from selfmod.runs.rundir import completed
     from selfmod.runs.session import Interrupted, drive, from_config, on_main
 
@@ -117,7 +135,8 @@ def _drive(opened: Callable[[], tuple[Path, Any, bool]], made: Any = None) -> No
                 Console().print(f"{run_dir} is complete (step {step}); nothing to resume")
             return
         # a resumed run (a restarted torchrun job's too) is built from its saved config
-        problem, splits, baseline = from_config(cfg) if resume or made is None else made
+        imports = Imports.of(allowed, run_dir) if resume else None
+        problem, splits, baseline = from_config(cfg, imports) if resume or made is None else made
         bars: dict[str, Any] = {}
         columns = (
             TextColumn("{task.completed}/{task.total} steps"),

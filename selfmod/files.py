@@ -2,6 +2,10 @@
 
 A reader sees the old file or the new one, never a torn one, whenever the process dies.
 
+One permission policy for what selfmod writes: files 0600, folders 0700 (:data:`FILE_MODE`,
+:data:`DIR_MODE`); :func:`open_private` and :func:`read_bytes` never follow a symbolic link
+in the final component (``O_NOFOLLOW``).
+
 (Crash tests kill a process halfway through a write with ``tests/crash_at.py``.)
 """
 
@@ -11,10 +15,37 @@ import os
 import tempfile
 from pathlib import Path
 
+FILE_MODE, DIR_MODE = 0o600, 0o700
+
+
+def private_opener(path: str | os.PathLike[str], flags: int) -> int:
+    """``open(..., opener=private_opener)``: never through a symlink; created 0600."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+
+
+def open_private(path: str | os.PathLike[str], mode: str = "r", **kwargs):
+    """``open(path, mode)`` that refuses a symlink (``OSError`` ELOOP) and creates 0600."""
+    return open(path, mode, opener=private_opener, **kwargs)
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of ``path``, never through a symlink (``OSError`` ELOOP)."""
+    with open_private(path, "rb") as f:
+        return f.read()
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a folder (made 0700 if missing); ``NotADirectoryError`` if it is a link."""
+    path = Path(path)
+    if path.is_symlink():
+        raise NotADirectoryError(20, "is a symbolic link, not a folder", str(path))
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    return path
+
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

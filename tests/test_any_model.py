@@ -212,7 +212,7 @@ def test_cli_kill_and_resume_is_byte_identical(model, optimizer, tmp_path):
     crashed = _cli("step=70", "train", *args, "--set", f"out={tmp_path / 'b'}", harness=CRASH_AT)
     assert crashed.returncode == -9, crashed.stderr
     (run_b,) = (tmp_path / "b").iterdir()
-    resumed = _cli("resume", str(run_b))
+    resumed = _cli("resume", str(run_b), "--allow-import", "user_models")
     assert resumed.returncode == 0, resumed.stderr
     (run_a,) = (tmp_path / "a").iterdir()
     assert (run_a / "final.safetensors").read_bytes() == (run_b / "final.safetensors").read_bytes()

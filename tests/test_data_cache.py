@@ -79,3 +79,37 @@ def test_an_unwritable_cache_still_loads(tmp_path, monkeypatch):
     first = _load()
     second = _load()
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def _poison(path, arrays, sha256=None):
+    x, y, xt, yt = arrays
+    values = {"x": x + 1.0, "y": y, "x_test": xt, "y_test": yt}
+    if sha256 is not None:
+        values["sha256"] = np.array(sha256)
+    np.savez(path, **values)
+
+
+@pytest.mark.parametrize("sha256", [None, "0" * 64, "stale"], ids=["none", "wrong", "stale"])
+def test_a_poisoned_cache_file_is_detected_and_generated_again(cache, sha256):
+    fresh = _load()
+    (path,) = cache.iterdir()
+    with np.load(path, allow_pickle=False) as f:
+        stale = str(f["sha256"])
+    _poison(path, fresh, stale if sha256 == "stale" else sha256)
+    again = _load()
+    assert all(np.array_equal(a, b) for a, b in zip(fresh, again, strict=True))
+    with np.load(path, allow_pickle=False) as f:  # and rewritten
+        assert np.array_equal(f["x"], fresh[0]) and str(f["sha256"]) == stale
+
+
+def test_a_cache_file_others_may_write_or_a_link_is_not_used(cache, tmp_path):
+    fresh = _load()
+    (path,) = cache.iterdir()
+    elsewhere = tmp_path / "elsewhere.npz"
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+    assert all(np.array_equal(a, b) for a, b in zip(fresh, _load(), strict=True))
+    assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o666)
+    _load()
+    assert path.stat().st_mode & 0o777 == 0o600  # generated again and rewritten 0600

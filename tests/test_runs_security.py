@@ -328,16 +328,17 @@ def test_unreadable_config_is_one_line(run, monkeypatch):
     # as root every file is readable: fail the read itself as an unprivileged user sees it
     from pathlib import Path
 
+    from selfmod.runs import rundir
     from selfmod.runs.rundir import config_of
 
-    real = Path.read_bytes
+    real = rundir.read_bytes
 
-    def read_bytes(self):
-        if self.name == "config.json":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+    def read_bytes(path):
+        if Path(path).name == "config.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(rundir, "read_bytes", read_bytes)
     with pytest.raises(SelfmodError, match=r"config\.json is unreadable: Permission denied"):
         config_of(run)
 

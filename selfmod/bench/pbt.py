@@ -5,11 +5,13 @@ schedule of hyperparameters is then replayed from scratch on each published seed
 
 Each member runs in a Ray worker process; the members time-share the one core the driver is
 pinned to (the workers inherit its affinity). Every checkpoint carries the member's
-schedule so far, so a member that copies another inherits its history too.
+schedule so far, so a member that copies another inherits its history too. A checkpoint is
+tensors (safetensors) and JSON, never a pickle: loading one runs no code.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -17,6 +19,7 @@ import time
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from selfmod.bench.training import LR_RANGE, WD_RANGE, Run, adamw, make_workload, train
 from selfmod.bench.workloads import Workload
@@ -38,6 +41,45 @@ class PBTBudget(Protocol):
     def pbt_members(self) -> int: ...
 
 
+def save_member_state(
+    folder: str, model: torch.nn.Module, opt: torch.optim.Optimizer, extra: dict[str, Any]
+) -> None:
+    """``folder/state.safetensors`` (the model's and the optimizer's tensors) and
+    ``folder/state.json`` (the optimizer's other state, its param groups and ``extra``)."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    plain: dict[str, dict[str, Any]] = {}
+    for idx, state in opt_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{idx}.{key}"] = value.detach().contiguous()
+            else:
+                plain.setdefault(str(idx), {})[key] = value
+    save_file(tensors, os.path.join(folder, "state.safetensors"))
+    meta = {"param_groups": opt_state["param_groups"], "opt_plain": plain, "extra": extra}
+    with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+
+
+def load_member_state(
+    folder: str, model: torch.nn.Module, opt: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore ``model`` and ``opt`` from :func:`save_member_state`'s files; returns ``extra``."""
+    tensors = load_file(os.path.join(folder, "state.safetensors"))
+    with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            idx, key = name[4:].split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["opt_plain"].items():
+        state.setdefault(int(idx), {}).update(values)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta["extra"]
+
+
 def _member(config: dict[str, Any]) -> None:
     """One PBT member (a Ray Tune function trainable)."""
     from ray import tune
@@ -53,10 +95,8 @@ def _member(config: dict[str, Any]) -> None:
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, schedule = state["step"], state["schedule"]
+            state = load_member_state(d, model, opt)
+        step, schedule = state["step"], [tuple(s) for s in state["schedule"]]
         stream = Stream(config["seed"], len(work.train[1]), **state["stream"])
     for g in opt.param_groups:  # this member's (maybe perturbed) hyperparameters
         g["lr"], g["weight_decay"] = config["lr"], config["weight_decay"]
@@ -78,15 +118,9 @@ def _member(config: dict[str, Any]) -> None:
             score = -1e9
         pos = stream.position()
         with tempfile.TemporaryDirectory() as d:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "schedule": schedule,
-                    "stream": {"epoch": pos["epoch"], "pos": pos["pos"]},
-                },
-                os.path.join(d, "state.pt"),
+            stream_at = {"epoch": pos["epoch"], "pos": pos["pos"]}
+            save_member_state(
+                d, model, opt, {"step": step, "schedule": schedule, "stream": stream_at}
             )
             tune.report(
                 {"score": score, "step": step, "val": val, "schedule": schedule},

@@ -7,9 +7,11 @@ templates; its downloading ``get_dataset`` is never called.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import random
+import stat
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,19 +90,49 @@ def cache_dir() -> Path:
 MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
 
 
+def _arrays_digest(arrays: tuple[np.ndarray, ...], num_samples: int) -> str:
+    """sha256 of the cached arrays (their dtypes, shapes and bytes); ``""`` if they are not
+    MNIST-1D's shapes (``(N, 40)`` signals, ``(N,)`` labels, ``num_samples`` in all)."""
+    x, y, xt, yt = arrays
+    fits = (
+        x.ndim == xt.ndim == 2 and y.ndim == yt.ndim == 1 and x.shape[1] == xt.shape[1] == 40
+        and len(x) == len(y) and len(xt) == len(yt) and len(x) + len(xt) == num_samples
+        and y.dtype.kind in "iu" and yt.dtype.kind in "iu"
+    )  # fmt: skip
+    if not fits:
+        return ""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _trusted_cache_file(path: Path) -> bool:
+    """A plain file (no link) of this user that nobody else may write: else it is ignored."""
+    st = os.lstat(path)
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 @lru_cache(maxsize=8)
 def _mnist1d_arrays(seed: int, num_samples: int, noise_scale: float, max_translation: int):
     """The four arrays of ``make_dataset`` (a few seconds of generation), kept in
     :func:`cache_dir` as a plain ``.npz`` (read without pickle) so other processes skip it;
-    a missing, unreadable or unwritable cache only means generating again. Either way the
+    a missing, unreadable or unwritable cache only means generating again. The file carries
+    the sha256 of its arrays: one whose checksum or shapes do not match, a link, or a file
+    another user owns or may write is generated again (and rewritten). Either way the
     global random generators are left as they were."""
     from importlib.metadata import version
 
     tag = f"{version('mnist1d')}-{seed}-{num_samples}-{noise_scale!r}-{max_translation}"
     path = cache_dir() / f"mnist1d-{tag}.npz"
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return tuple(f[k] for k in MNIST1D_KEYS)
+        if _trusted_cache_file(path):
+            with np.load(path, allow_pickle=False) as f:
+                arrays = tuple(f[k] for k in MNIST1D_KEYS)
+                digest = _arrays_digest(arrays, num_samples)
+                if digest and str(f["sha256"]) == digest:
+                    return arrays
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
         pass
     from mnist1d.data import get_dataset_args, make_dataset
@@ -118,7 +150,8 @@ def _mnist1d_arrays(seed: int, num_samples: int, noise_scale: float, max_transla
         np.random.set_state(np_state)
     arrays = tuple(np.asarray(data[k]) for k in MNIST1D_KEYS)
     buffer = io.BytesIO()
-    np.savez(buffer, **dict(zip(MNIST1D_KEYS, arrays, strict=True)))
+    digest = np.array(_arrays_digest(arrays, num_samples))
+    np.savez(buffer, **dict(zip(MNIST1D_KEYS, arrays, strict=True)), sha256=digest)
     with contextlib.suppress(OSError):  # an unwritable cache: generate again next time
         atomic_write_bytes(path, buffer.getvalue())  # a reader sees the whole file or none
     return arrays

@@ -3,14 +3,22 @@ imported from the current directory and ``PYTHONPATH``, checked to return the ri
 
 Every failure is one line naming the field and the fix (a :class:`ConfigError`, exit code 2 in
 the CLI): an import that fails, a callable that returns the wrong thing, shapes that do not fit.
+
+A run directory carries data, never code: a resumed run imports a ``"package.module:callable"``
+its ``config.json`` names only if the user allows it on the command line
+(``selfmod resume DIR --allow-import package.module:callable``, see :class:`Imports`), and never
+a module that resolves inside the run directory.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,12 +34,68 @@ LOSSES: dict[str, Callable[[Any, Tensor], Tensor]] = {
 }
 
 
-def load_object(field: str, spec: str) -> Any:
-    """The attribute named by ``"package.module:name"``; the current directory is searched."""
-    module_name, _, attr = spec.partition(":")
+@dataclass(frozen=True)
+class Imports:
+    """What a resumed run may import: the specs the user ``allowed`` on the command line
+    (``"package.module:callable"`` exactly, or a module or package name for all of its
+    callables), never a module inside ``run_dir``."""
+
+    allowed: frozenset[str]
+    run_dir: Path
+
+    @classmethod
+    def of(cls, allowed: Iterable[str], run_dir: str | os.PathLike[str]) -> Imports:
+        return cls(frozenset(allowed), Path(run_dir).resolve())
+
+    def permits(self, spec: str) -> bool:
+        module = spec.partition(":")[0]
+        return spec in self.allowed or any(
+            module == a or module.startswith(f"{a}.") for a in self.allowed if ":" not in a
+        )
+
+    def check(self, field: str, spec: str) -> None:
+        """One line naming the field and the fix unless ``spec`` may be imported."""
+        if not self.permits(spec):
+            raise ConfigError(
+                f"{field} = {spec!r} in {self.run_dir / 'config.json'} names code to import; "
+                f"a run directory never runs code on its own: resume with --allow-import {spec} "
+                "if you trust it"
+            )
+        top = spec.partition(":")[0].partition(".")[0]
+        _search_cwd()
+        try:
+            found = importlib.util.find_spec(top) if top else None  # locates, runs nothing
+        except (ImportError, ValueError):
+            found = None
+        places = [found.origin] if found is not None and found.has_location else []
+        places += list(getattr(found, "submodule_search_locations", None) or [])
+        for place in places:
+            if place and Path(place).resolve().is_relative_to(self.run_dir):
+                raise ConfigError(
+                    f"{field} = {spec!r} resolves to {place}, inside the run directory; a run "
+                    "directory never runs code: move the module out of it (onto PYTHONPATH)"
+                )
+
+
+def user_specs(cfg: Any) -> list[tuple[str, str]]:
+    """``(field, spec)`` of every model, data and loss of ``cfg`` that is not built in."""
+    from selfmod.introspect.config import DATA, MODELS
+
+    builtin = {"model": MODELS, "data": DATA, "loss": tuple(LOSSES)}
+    return [(f, getattr(cfg, f)) for f in builtin if getattr(cfg, f) not in builtin[f]]
+
+
+def _search_cwd() -> None:
+    """User modules are found in the current directory (then on ``PYTHONPATH``)."""
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
+
+
+def load_object(field: str, spec: str) -> Any:
+    """The attribute named by ``"package.module:name"``; the current directory is searched."""
+    module_name, _, attr = spec.partition(":")
+    _search_cwd()
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # any error while importing user code
@@ -103,12 +167,17 @@ def load_data(spec: str, guard_size: int, seed: int) -> Split:
     return hold_out(data, guard_size, seed)
 
 
-def build_problem(cfg: Any) -> tuple[Any, list[Split]]:
+def build_problem(cfg: Any, imports: Imports | None = None) -> tuple[Any, list[Split]]:
     """``(problem, splits)`` of a config: its model, data and loss, built-in or imported
-    (the model is built after seeding torch with ``cfg.seed``)."""
+    (the model is built after seeding torch with ``cfg.seed``). With ``imports`` (a resumed
+    run) every import is checked against it first, before any code runs."""
     from selfmod.introspect.builtin import builtin_module, builtin_splits, uses_factorable
     from selfmod.introspect.config import DATA, MODELS
     from selfmod.introspect.problem import Problem, default_metric
+
+    if imports is not None:
+        for field, spec in user_specs(cfg):
+            imports.check(field, spec)
 
     try:
         splits = (

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from selfmod.errors import SelfmodError
+from selfmod.files import DIR_MODE, FILE_MODE
 
 GENESIS = hashlib.sha256(b"selfmod-ledger").hexdigest()
 
@@ -43,6 +44,21 @@ CREATE TABLE IF NOT EXISTS entries (
 )
 """
 _META_SCHEMA = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+#: the ledger's tables and their columns: all a ledger may hold (no trigger, no view)
+_COLUMNS = {
+    "entries": (
+        "seq",
+        "cycle",
+        "step",
+        "kind",
+        "decision",
+        "reason",
+        "payload",
+        "prev_hash",
+        "hash",
+    ),
+    "meta": ("key", "value"),
+}
 KEY_ENV, KEY_FILE_ENV = "SELFMOD_LEDGER_KEY", "SELFMOD_LEDGER_KEY_FILE"
 _KEY_CHECK = b"selfmod-ledger-key-check"
 
@@ -147,8 +163,18 @@ class Ledger:
                 f"ledger {self.path} does not exist; DIR must be a run directory with its "
                 "ledger.sqlite (it is never recreated: a missing ledger is lost history)"
             )
+        if self.path.is_symlink():
+            raise LedgerError(
+                f"ledger {self.path} is a symbolic link; a run's ledger must be its own file"
+            )
         if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            flags = os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.path, flags, FILE_MODE)  # 0600 before sqlite opens it
+            try:
+                os.fchmod(fd, FILE_MODE)  # one policy for every file of a run
+            finally:
+                os.close(fd)
         try:
             uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
             self._db = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
@@ -172,9 +198,7 @@ class Ledger:
 
     def _read_keyed(self, create: bool) -> bool:
         """Whether the chain is keyed; a new ledger records it (and a check of the key)."""
-        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
-        if "entries" not in tables:
-            raise sqlite3.DatabaseError("no entries table")
+        tables = self._check_schema()
         meta = dict(self._db.execute("SELECT key, value FROM meta")) if "meta" in tables else {}
         if "keyed" not in meta:
             empty = self._db.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is None
@@ -195,6 +219,33 @@ class Ledger:
                 f"({KEY_ENV} / {KEY_FILE_ENV}); set the key this run was written with"
             )
         return keyed
+
+    def _check_schema(self) -> set[str]:
+        """The ledger's tables, once checked to be exactly its own: ``entries`` (and ``meta``)
+        with their columns, no other table, no trigger, no view (either could hide, change or
+        drop entries as they are written or read); else one line."""
+        objects = list(self._db.execute("SELECT type, name, tbl_name FROM sqlite_master"))
+        tables = {name for kind, name, _ in objects if kind == "table"}
+        extra = [
+            f"{kind} {name!r}"
+            for kind, name, table in objects
+            if not (
+                (kind == "table" and name in _COLUMNS)
+                or (kind == "index" and name.startswith("sqlite_autoindex_") and table in _COLUMNS)
+            )
+        ]
+        for table in sorted(tables & _COLUMNS.keys()):
+            columns = tuple(r[1] for r in self._db.execute(f"PRAGMA table_info({table})"))
+            if columns != _COLUMNS[table]:
+                extra.append(f"table {table!r} with columns {', '.join(columns)}")
+        if "entries" not in tables and not extra:
+            raise sqlite3.DatabaseError("no entries table")
+        if extra:
+            raise LedgerError(
+                f"ledger {self.path} is not a selfmod ledger: it holds {'; '.join(extra)} "
+                "(only the tables entries and meta, no trigger or view); restore it from a copy"
+            )
+        return tables
 
     def _mac(self, message: bytes) -> str:
         assert self._key is not None

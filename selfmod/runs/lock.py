@@ -7,6 +7,7 @@ written into the file so that the second process can say who holds it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
@@ -29,12 +30,14 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
     run_dir = Path(run_dir)
     path = run_dir / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as err:
         raise SelfmodError(
             f"cannot lock {run_dir}: {err.strerror} ({path}); DIR must be a writable run directory"
         ) from None
     try:
+        with contextlib.suppress(OSError):  # one policy for every file of a run: 0600
+            os.fchmod(fd, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

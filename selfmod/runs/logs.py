@@ -15,6 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from selfmod.files import FILE_MODE, open_private, private_dir
+
 CSV_NAME, TENSORBOARD = "scalars.csv", "tensorboard"
 
 
@@ -81,16 +83,20 @@ class Logs:
         self._keep_rows_up_to(start)
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD), purge_step=start or None)
+        folder = private_dir(self.run_dir / TENSORBOARD)
+        self._writer = SummaryWriter(str(folder), purge_step=start or None)
+        for path in folder.iterdir():  # its event files, made with the default permissions
+            if path.is_file() and not path.is_symlink():
+                path.chmod(FILE_MODE)
 
     def _keep_rows_up_to(self, step: int) -> None:
         if not self.csv_path.is_file():
             return
-        with self.csv_path.open(newline="") as f:
+        with open_private(self.csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
         self._columns = list(rows[0]) if rows else None
         kept = [r for r in rows if r.get("step") and _number(r["step"]) <= step]
-        with self.csv_path.open("w", newline="") as f:
+        with open_private(self.csv_path, "w", newline="") as f:
             if self._columns:
                 writer = csv.DictWriter(f, self._columns)
                 writer.writeheader()
@@ -101,9 +107,9 @@ class Logs:
         values = scalars(row)
         if self._columns is None:
             self._columns = list(values)
-            with self.csv_path.open("w", newline="") as f:
+            with open_private(self.csv_path, "w", newline="") as f:
                 csv.DictWriter(f, self._columns).writeheader()
-        with self.csv_path.open("a", newline="") as f:
+        with open_private(self.csv_path, "a", newline="") as f:
             writer = csv.DictWriter(f, self._columns, extrasaction="ignore")
             writer.writerow({k: values.get(k, math.nan) for k in self._columns})
         for key, value in values.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from selfmod.errors import SelfmodError
-from selfmod.files import atomic_write_text
+from selfmod.files import DIR_MODE, atomic_write_text, read_bytes
 from selfmod.runs.config import TrainConfig, saved_config
 from selfmod.runs.ledger import Ledger
 from selfmod.runs.lock import run_lock
@@ -28,6 +28,33 @@ class RunDirError(SelfmodError):
 
 # ----------------------------------------------------------------------------- opening
 
+#: what selfmod keeps in a run directory: none of them may be a symbolic link
+RUN_ENTRIES = (
+    "config.json", "status.json", "final.json", "final.safetensors", "history.json",
+    "summary.json", "report.html", "ledger.sqlite", "ledger.sqlite-journal",
+    "ledger.sqlite-wal", "ledger.sqlite-shm", "scalars.csv", ".lock", "checkpoints",
+    "tensorboard",
+)  # fmt: skip
+#: folders of a run directory whose entries may not be symbolic links either
+RUN_FOLDERS = ("checkpoints", "checkpoints/rolled-back", "tensorboard")
+
+
+def check_links(run_dir: str | Path) -> None:
+    """Raise (one line) if a file or folder selfmod reads or writes in ``run_dir`` is a
+    symbolic link: nothing is read or written outside a run directory through it."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / name for name in RUN_ENTRIES]
+    for sub in RUN_FOLDERS:
+        folder = run_dir / sub
+        if folder.is_dir() and not any(p.is_symlink() for p in (folder, folder.parent)):
+            paths += list(folder.iterdir())
+    for path in paths:
+        if path.is_symlink():
+            raise RunDirError(
+                f"{path} is a symbolic link; a run directory's files must be its own: replace "
+                "the link with the file itself or remove it"
+            )
+
 
 def new_run_dir(out: str | Path) -> Path:
     """A fresh ``out/train-YYYYmmdd-HHMMSS[-N]``, created here. The directory is claimed by
@@ -38,7 +65,7 @@ def new_run_dir(out: str | Path) -> Path:
     run_dir, suffix = Path(out) / stamp, 1
     while True:
         try:
-            run_dir.mkdir()
+            run_dir.mkdir(mode=DIR_MODE)
             return run_dir
         except FileExistsError:
             run_dir, suffix = Path(out) / f"{stamp}-{suffix}", suffix + 1
@@ -50,17 +77,40 @@ def with_run_id(cfg: Any) -> Any:
 
 
 def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Path, Any]:
-    """``(run_dir, config)``: (``resume``) the saved config of ``run_dir``, or a new run
-    directory (default: under ``cfg.out``) with a fresh ``run_id`` and its ``config.json``."""
+    """``(run_dir, config)``: (``resume``) the saved config of ``run_dir`` (``cfg``, if given,
+    must equal it but for ``run_id`` and ``out``), or a new run
+    directory (default: under ``cfg.out``) with a fresh ``run_id`` and its ``config.json``; a
+    folder that already holds a run is refused, never reused."""
     if resume:
         if run_dir is None:
             raise RunDirError("resume needs a run directory")
         run_dir = Path(run_dir)
         if not (run_dir / "config.json").is_file():
             raise RunDirError(f"{run_dir} has no config.json: nothing to resume")
-        return run_dir, config_of(run_dir)
+        saved = config_of(run_dir)
+        if cfg is not None:  # the caller's config (fit, SelfModifier) is the run's, or refused
+            was, now = json.loads(saved.model_dump_json()), json.loads(cfg.model_dump_json())
+            fields = sorted(
+                k for k in was.keys() | now.keys()
+                if k not in ("run_id", "out") and was.get(k) != now.get(k)
+            )  # fmt: skip
+            if fields:
+                raise RunDirError(
+                    f"resume continues the run in {run_dir} as its config.json records it; the "
+                    f"config given differs in {', '.join(fields)} ({fields[0]}: "
+                    f"{was.get(fields[0])!r:.60} recorded, {now.get(fields[0])!r:.60} given): "
+                    "pass the run's config, or start a new run in a new run_dir"
+                )
+        return run_dir, saved
     run_dir = new_run_dir(cfg.out) if run_dir is None else Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    check_links(run_dir)
+    held = [n for n in ("config.json", "ledger.sqlite", "checkpoints") if (run_dir / n).exists()]
+    if held:  # never prune, resume or overwrite another run's files
+        raise RunDirError(
+            f"{run_dir} already holds a run ({held[0]}); resume it (resume=True, selfmod resume) "
+            "or give a new or empty run_dir"
+        )
     cfg = with_run_id(cfg)
     atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
     return run_dir, cfg
@@ -93,6 +143,7 @@ def write_status(run_dir: Path, state: str, step: int) -> None:
 def config_of(run_dir: str | Path) -> TrainConfig:  # type: ignore[valid-type]
     """The config of the run in ``run_dir`` (its ``config.json``)."""
     path = Path(run_dir) / "config.json"
+    check_links(run_dir)
     if not path.is_file():
         raise RunDirError(f"DIR must be a run directory with config.json (got {str(run_dir)!r})")
     values = json_file(path)
@@ -102,9 +153,10 @@ def config_of(run_dir: str | Path) -> TrainConfig:  # type: ignore[valid-type]
 
 
 def json_file(path: Path) -> Any:
-    """The JSON value in ``path``, or one line saying why it cannot be read."""
+    """The JSON value in ``path`` (never through a symlink), or one line saying why it cannot
+    be read."""
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(read_bytes(path).decode("utf-8"))
     except OSError as err:
         raise RunDirError(f"{path} is unreadable: {err.strerror}") from None
     except UnicodeDecodeError:
@@ -117,8 +169,8 @@ def completed(run_dir: Path, cfg: Any) -> int | None:
     """The final step of a finished run in ``run_dir`` (``final.json`` at ``cfg.steps`` and
     ``status.json`` saying complete, which is written last), else ``None``."""
     try:
-        step = json.loads((run_dir / "final.json").read_text())["step"]
-        state = json.loads((run_dir / "status.json").read_text())["state"]
+        step = json.loads(read_bytes(run_dir / "final.json"))["step"]
+        state = json.loads(read_bytes(run_dir / "status.json"))["state"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     done = state == "complete" and isinstance(step, int) and step >= cfg.steps

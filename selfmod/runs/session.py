@@ -38,7 +38,7 @@ from selfmod.runs import distributed
 from selfmod.runs.lock import run_lock
 from selfmod.runs.logs import Logs
 from selfmod.runs.recorder import RunRecorder
-from selfmod.runs.rundir import ledger_head, ledger_rows, write_status
+from selfmod.runs.rundir import check_links, ledger_head, ledger_rows, write_status
 
 #: the fixed baseline's problem and sources, made when the tuned run is done
 Baseline = Callable[[], tuple[Problem, Sequence[Source]]]
@@ -67,16 +67,17 @@ def on_main(collective: distributed.Collective | None, fn: Callable[[], Any]) ->
     return fn() if collective is None else collective.from_main(fn)
 
 
-def from_config(cfg: Any) -> tuple[Problem, list[Any], Baseline | None]:
+def from_config(cfg: Any, imports: Any = None) -> tuple[Problem, list[Any], Baseline | None]:
     """``(problem, splits, baseline)`` of a config: its model, data and loss, built-in or
-    imported and checked (:func:`~selfmod.runs.imports.build_problem`, once), and with
+    imported and checked (:func:`~selfmod.runs.imports.build_problem`, once; a resumed run's
+    imports only as ``imports`` allows, an :class:`~selfmod.runs.imports.Imports`), and with
     ``compare_fixed`` the fixed baseline's: a copy of the same initial weights, the same data.
     Sets torch's CPU threads to ``cfg.threads`` first."""
     from selfmod.introspect.builtin import sources_of
     from selfmod.runs.imports import build_problem
 
     torch.set_num_threads(cfg.threads)
-    problem, splits = build_problem(cfg)
+    problem, splits = build_problem(cfg, imports)
     if not cfg.compare_fixed:
         return problem, splits, None
     start = copy.deepcopy(problem.module)  # before any loop moves it to its device and dtype
@@ -160,6 +161,8 @@ def drive(
     process group: nothing more goes into either."""
     main = collective is None or collective.main
     with run_lock(run_dir) if main else contextlib.nullcontext():
+        if main:
+            check_links(run_dir)
         run, recorder = build_run(
             problem, sources, cfg, run_dir, modifiers=modifiers, resume=resume, logs=logs,
             collective=collective,
