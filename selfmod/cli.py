@@ -40,8 +40,7 @@ Config = Annotated[Path | None, typer.Argument(help="TOML config; defaults if om
 
 
 def _show_version(value: bool) -> None:
-    """``--version``: ``selfmod.__version__`` (what runs; stale installed metadata is pointed
-    out) and torch's, then exit 0."""
+    """``--version``: the running selfmod's (stale installed metadata pointed out), torch's."""
     if not value:
         return
     import importlib.metadata
@@ -138,13 +137,10 @@ def _drive(
         imports = Imports.of(allowed, run_dir) if resume else None
         problem, splits, baseline = from_config(cfg, imports) if resume or made is None else made
         bars: dict[str, Any] = {}
-        columns = (
-            TextColumn("{task.completed}/{task.total} steps"),
-            TextColumn("{task.fields[info]}"),
-        )
         progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), *columns, TimeRemainingColumn(),
-            console=console,
+            TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), console=console,
         )  # fmt: skip
 
         def start(r: Any) -> None:  # the run is built: errors before this print no bar
@@ -229,14 +225,10 @@ def log_(run_dir: RunDir) -> None:
     table.add_column("reason")
     for e in log.rows:
         moved = changes(e.payload.get("before", {}), e.payload.get("after", {}))
-        cells = (e.seq, e.cycle, e.step, e.kind, e.payload.get("modifier", ""), e.decision)
-        cells += (moved, e.reason)
-        table.add_row(*map(str, cells))
-    keyed = (
-        "keyed (HMAC-SHA256)"
-        if log.keyed
-        else "unkeyed (anyone who can write the run directory can recompute it)"
-    )
+        cells = (e.seq, e.cycle, e.step, e.kind, e.payload.get("modifier", ""), e.decision, moved)
+        table.add_row(*map(str, cells), e.reason)
+    unkeyed = "unkeyed (anyone who can write the run directory can recompute it)"
+    keyed = "keyed (HMAC-SHA256)" if log.keyed else unkeyed
     Console(width=200).print(table)
     Console(width=200).print(f"hash chain: {keyed}", soft_wrap=True)
 
