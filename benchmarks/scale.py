@@ -40,8 +40,12 @@ def _rss_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def child(mode: str, millions: float, steps: int) -> dict:
-    """Train one configuration in this process; the measurement as a dict."""
+def child(mode: str, millions: float, steps: int, limit_gb: float) -> dict:
+    """Train one configuration in this process (its address space capped at ``limit_gb``, so
+    that a run too large fails alone instead of pushing the machine into swap); the
+    measurement as a dict."""
+    cap = int(limit_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -87,14 +91,17 @@ def child(mode: str, millions: float, steps: int) -> dict:
             "peak_mb": peak_mb, "examples": examples, "test_accuracy": acc}  # fmt: skip
 
 
-def measure(mode: str, millions: float, steps: int, limit: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, str(millions), str(steps)]
+def measure(mode: str, millions: float, steps: int, limit: int, limit_gb: float) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, str(millions), str(steps), str(limit_gb)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, check=False)
     except subprocess.TimeoutExpired:
         return {"mode": mode, "millions": millions, "failed": f"over {limit} s"}
     if out.returncode != 0:
-        why = "killed (out of memory?)" if out.returncode < 0 else out.stderr.strip()[-200:]
+        lines = out.stderr.strip().splitlines() or ["?"]
+        why = "killed" if out.returncode < 0 else lines[-1][-120:]
+        if "memory" in out.stderr:
+            why = f"out of memory under {limit_gb:g} GB"
         return {"mode": mode, "millions": millions, "failed": why}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -104,8 +111,9 @@ def table(rows: list[dict], steps: int) -> str:
         "# Cost of the loop at model sizes users have",
         "",
         f"Command: `python benchmarks/scale.py --steps {steps}`. MLP 40-W-W-10 on MNIST-1D, batch"
-        " 64, one thread, each measurement in its own process; peak memory is the resident size"
-        " above the process's start. `fit` uses the README's defaults (AdamW, lr 1e-3).",
+        " 64, one thread, each measurement in its own process (address space capped at"
+        " `--memory` GB); peak memory is the resident size above the process's start. `fit` uses"
+        " the README's defaults (AdamW, lr 1e-3).",
         "",
         "| params | plain AdamW s | fit s | wall ratio | plain MB | fit MB | memory ratio |"
         " examples plain / fit | test acc plain / fit |",
@@ -163,20 +171,21 @@ def main() -> None:
     ap.add_argument("--sizes", default="0.1,1,5,20", help="millions of parameters, comma list")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--limit", type=int, default=900, help="seconds per measurement")
+    ap.add_argument("--memory", type=float, default=14.0, help="GB of address space per run")
     ap.add_argument(
         "--child", nargs=3, metavar=("MODE", "MILLIONS", "STEPS"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
     if args.child:
-        mode, millions, steps = args.child
-        print(json.dumps(child(mode, float(millions), int(steps))))
+        mode, millions, steps, limit_gb = args.child
+        print(json.dumps(child(mode, float(millions), int(steps), float(limit_gb))))
         return
     rows, fit_ok = [], True
     for m in (float(s) for s in args.sizes.split(",")):
         for mode in ("plain", "fit"):
             if mode == "fit" and not fit_ok:
                 continue
-            r = measure(mode, m, args.steps, args.limit)
+            r = measure(mode, m, args.steps, args.limit, args.memory)
             fit_ok = fit_ok and "failed" not in r
             rows.append(r)
             print(json.dumps(r), flush=True)

@@ -294,7 +294,7 @@ def fit_selfmod(work: Workload, seed: int, config: dict[str, Any] | None = None)
         "lr": [float(f"{v:.3g}") for v in values.get("lr", [])][:4],
         "weight_decay": values.get("weight_decay"),
         "batch_size": result.run.state.batch_size,  # the last one (the batch-size modifier's)
-        "examples": result.run.examples,  # trained on: steps x batch for a plain run
+        "examples": result.run.counters.examples,  # trained on: steps x batch for a plain run
     }
     return Run(val, test, result.run.step, seconds, _finite(jsonable(extra)))
 
