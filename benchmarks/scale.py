@@ -172,9 +172,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--limit", type=int, default=900, help="seconds per measurement")
     ap.add_argument("--memory", type=float, default=14.0, help="GB of address space per run")
-    ap.add_argument(
-        "--child", nargs=3, metavar=("MODE", "MILLIONS", "STEPS"), help=argparse.SUPPRESS
-    )
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         mode, millions, steps, limit_gb = args.child
