@@ -7,7 +7,7 @@ Each function takes what it reads explicitly and returns what it decides; the lo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -90,7 +90,7 @@ def _kept(config: Any) -> str:
 
 
 def approvals(
-    pending: Callable[[], list[tuple[int, int, dict[str, Any], bool]]],
+    pending: list[tuple[int, int, dict[str, Any], bool]],
     applied: set[int],
     cycle: int,
     expiry: int,
@@ -99,7 +99,7 @@ def approvals(
     decision, reason)``: the approved ones (``applied``) and the ones older than ``expiry``
     cycles past their next cycle (``expired``: approved or not, a change verified against an
     old state is not applied late). Those already in ``applied`` are skipped."""
-    for seq, made, change, approved in pending():
+    for seq, made, change, approved in pending:
         if seq in applied:
             continue
         if cycle - made - 1 > expiry:

@@ -31,7 +31,7 @@ from selfmod.introspect.lookahead import Lookahead, train_step
 from selfmod.introspect.modifiers import Context, Modifier, Proposal
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import Counters, RunState, load_run, save_run
-from selfmod.introspect.summary import log_row, summarize, test_metric
+from selfmod.introspect.summary import log_row, summarize, test_metric, unused
 
 Params = dict[str, Tensor]
 __all__ = ["DTYPES", "Decision", "Loop", "Recorder", "Source", "device_of", "jsonable"]
@@ -101,7 +101,7 @@ class Loop:
 
     def unused_tensors(self) -> list[int]:
         """Indices of tensors with no entries now (a factorable layer's unused half)."""
-        return [i for i, k in enumerate(self.names) if self.state.params[k].numel() == 0]
+        return unused(self.names, self.state.params)
 
     def guard(self, part: str = "all") -> tuple[Tensor, Tensor]:
         """Guard data: ``"propose"``, ``"verify"`` or ``"all"`` (:func:`.feed.guard`)."""
@@ -347,7 +347,7 @@ class Loop:
         (:func:`.decide.approvals`), in order."""
         if self.config.approval != "manual":
             return
-        pending, n = (lambda: self.recorder.pending(self)), self.counters
+        pending, n = self.recorder.pending(self), self.counters
         for seq, change, decision, why in decide.approvals(
             pending, self.applied, n.cycle, self.config.approval_expiry
         ):

@@ -16,6 +16,12 @@ from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import Counters, RunState
 
 
+def unused(names: Sequence[str], params: dict[str, Tensor]) -> list[int]:
+    """Indices (into ``names``) of tensors with no entries: a factorable layer's unused half,
+    whose learning rate means nothing."""
+    return [i for i, k in enumerate(names) if params[k].numel() == 0]
+
+
 def test_metric(problem: Problem, state: RunState, src: Source) -> tuple[float, float]:
     """``(loss, metric)`` of ``state`` on ``src``'s test set (NaN without one)."""
     if src.test_x is None or src.test_y is None:
@@ -96,7 +102,7 @@ def summarize(
         "divergences": counters.divergences,
         "diverged_at": counters.diverged_at,
         "tensor_names": list(names),
-        "unused_tensors": [i for i, k in enumerate(names) if p[k].numel() == 0],
+        "unused_tensors": unused(names, p),
         "modifiers": list(modifiers),
         "modifiers_skipped": dict(skipped),
         "decisions": {k: count[k] for k in ("commit", "reject", "rollback")},
