@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from selfmod import arch
 from selfmod.data.streams import as_batches, materialize
+from selfmod.determinism import set_deterministic
 from selfmod.errors import SelfmodError
 from selfmod.introspect.config import TrainConfig
 from selfmod.introspect.loop import Loop, Source
@@ -154,7 +155,7 @@ def global_state_kept() -> Iterator[None]:
         random.setstate(rngs[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
-        torch.use_deterministic_algorithms(mode, warn_only=warn)
+        set_deterministic(mode, warn_only=warn)
 
 
 class SelfModifier:

@@ -28,6 +28,7 @@ from rich.console import Console
 from safetensors.torch import save
 
 from selfmod.checkpoint import list_checkpoints
+from selfmod.determinism import set_deterministic
 from selfmod.errors import SelfmodError
 from selfmod.files import atomic_write_bytes, atomic_write_text
 from selfmod.introspect.loop import Loop, Recorder, Source, device_of, jsonable
@@ -110,7 +111,7 @@ def build_run(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     # some CUDA kernels (adaptive pooling's backward, ...) have no deterministic version:
     # there they warn and the run is reproducible only up to them
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=cuda)
+    set_deterministic(cfg.deterministic, warn_only=cuda)
     main = collective is None or collective.main
     recorder = (
         RunRecorder(run_dir, cfg.keep_checkpoints, cfg.run_id)
