@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load, save_file
 from torch import Tensor
 
 from selfmod.errors import SelfmodError
-from selfmod.files import atomic_write_bytes, atomic_write_text, private_dir, read_bytes
+from selfmod.files import atomic_write_file, atomic_write_text, private_dir, read_bytes
 
 FOLDER = "checkpoints"
 # the keys every manifest has, with their types (bool is excluded from int below)
@@ -93,14 +93,15 @@ def save_checkpoint(
     except NotADirectoryError:
         raise CheckpointError(f"{folder} is a symbolic link; it must be the run's folder") from None
     _remove_stale_temp_files(folder)
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     weights = folder / f"{_name(step)}.safetensors"
-    atomic_write_bytes(weights, data)
+    # written as it is serialized: one copy of the tensors in memory, not a whole-file buffer
+    digest, size = atomic_write_file(weights, lambda tmp: save_file(cpu, tmp))
     manifest: dict[str, Any] = {
         "step": step,
         "file": weights.name,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
+        "sha256": digest,
+        "bytes": size,
         "torch": torch.__version__,
         "meta": meta,
     }

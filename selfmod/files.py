@@ -11,8 +11,10 @@ in the final component (``O_NOFOLLOW``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 FILE_MODE, DIR_MODE = 0o600, 0o700
@@ -61,6 +63,34 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_file(path: str | os.PathLike[str], fill: Callable[[str], None]) -> tuple[str, int]:
+    """Write ``path`` atomically through ``fill(temp_path)`` (a writer that takes a file name,
+    such as ``safetensors.torch.save_file``: no whole-file ``bytes`` in memory); returns the
+    written file's sha256 (hex) and size, read back in chunks."""
+    path = Path(path)
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fill(tmp)
+        digest, size = hashlib.sha256(), 0
+        with open(tmp, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return digest.hexdigest(), size
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

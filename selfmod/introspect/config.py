@@ -73,7 +73,17 @@ class RunFields(BaseModel):
     model_config = _FIELDS
 
     seed: int = Field(0, ge=0, le=2**31 - 1, description="drives torch, numpy and Python RNGs")
-    steps: int = Field(6000, ge=1, le=1_000_000, description="base training steps")
+    steps: int = Field(
+        6000,
+        ge=1,
+        le=1_000_000,
+        description="the training budget: base steps at the initial batch size (budget_unit)",
+    )
+    budget_unit: Literal["examples", "steps"] = Field(
+        "steps",
+        description="examples: steps x batch_size examples, however the batch size changes (a "
+        "larger batch spends it sooner); steps: that many base steps whatever the batch",
+    )
     compare_fixed: bool = Field(True, description="also train the fixed configuration")
     deterministic: bool = Field(True, description="torch deterministic algorithms")
     device: str = Field(
@@ -123,6 +133,11 @@ class StartFields(BaseModel):
     beta2: float = Field(0.999, gt=0, lt=1, description="adam, adamw")
     weight_decay: float = Field(1e-5, ge=0, le=1, description="initial L2 coefficient")
     dropout: float = Field(0.02, ge=0, lt=1, description="initial concrete-dropout rate")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "constant",
+        description="the rates' factor over the budget: cosine (5% warm-up, then decay to 0) or "
+        "constant; the modifiers tune the level",
+    )
 
 
 class MetaFields(BaseModel):
@@ -132,7 +147,18 @@ class MetaFields(BaseModel):
 
     cycle: int = Field(100, ge=1, le=100_000, description="base steps between cycles")
     lookahead: int = Field(20, ge=1, le=1000, description="inner steps K of each meta-gradient")
-    estimator: Literal["reverse", "checkpointed", "truncated", "forward"] = "reverse"
+    estimator: Literal["first_order", "reverse", "checkpointed", "truncated", "forward"] = Field(
+        "reverse",
+        description="first_order: from the verifier's own replay, no graph through the steps "
+        "(learning rates and weight decay only); the others: through the K steps",
+    )
+    meta_budget: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="self-modification's work at most this many times the base training's "
+        "examples (example-equivalents); a cycle due while over it is skipped; none: no cap",
+    )
     meta_horizon: int = Field(
         0,
         ge=0,

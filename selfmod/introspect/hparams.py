@@ -75,15 +75,21 @@ class HParam:
     optional: bool = False
     #: how the report plots it: the value, or ``1 - value`` (a decay rate close to 1)
     shown: Literal["value", "complement"] = "value"
+    #: a 0-dim log factor in ``hparams`` (when there) added to every entry: the schedule
+    scaled_by: str | None = None
 
     def value(self, h: Params, names: Sequence[str]) -> Tensor | Params:
         """What the optimizer reads: ``{tensor name: lr_i}`` per tensor, else a tensor."""
         if self.per == "tensor":
-            return {k: h[self.key][i].exp() for i, k in enumerate(names)}
+            v = h[self.key] + h[self.scaled_by] if self.scaled_by in h else h[self.key]
+            return {k: v[i].exp() for i, k in enumerate(names)}
         return h[self.key].exp() if self.transform == "exp" else torch.sigmoid(h[self.key])
 
 
-LR = HParam("log_lr", "lr", "exp", per="tensor")
+#: ``hparams[LR_SCHEDULE]``: the log of the schedule's factor on every learning rate now
+#: (:mod:`selfmod.introspect.schedule`); the rates the modifiers tune are the levels
+LR_SCHEDULE = "lr_schedule"
+LR = HParam("log_lr", "lr", "exp", per="tensor", scaled_by=LR_SCHEDULE)
 MOMENTUM = HParam("mom_logit", "momentum", "sigmoid", bounds=(1e-3, 1.0), shown="complement")
 BETA1 = HParam("beta1_logit", "beta1", "sigmoid", shown="complement")
 BETA2 = HParam("beta2_logit", "beta2", "sigmoid", shown="complement")

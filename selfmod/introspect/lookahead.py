@@ -22,11 +22,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from selfmod import hypergrad, optim, tree
 from selfmod.errors import NonFiniteError, SelfmodError
 from selfmod.introspect import replay
+from selfmod.introspect.budget import Cost
 from selfmod.introspect.feed import Batch, guard
+from selfmod.introspect.hparams import LR_SCHEDULE
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import RunState
 
 Params = dict[str, Tensor]
+#: the estimator that needs no graph through the steps (:meth:`Lookahead.first_order`)
+FIRST_ORDER = "first_order"
+#: an estimate through the K steps: forward, backward and the backward of the backward
+REVERSE_PASSES = 3.0
 #: replays kept per cycle: the current state's and the latest others' (a model's copies each)
 REPLAYS_KEPT = 2
 
@@ -133,7 +139,13 @@ class Lookahead:
         self.older = guard(buffer, "verify", shared, exclude_source=source)
         self.example = example  # (1, ...): the cost model's input
         self.problem = losses.problem
-        self._replays: dict[int, tuple[RunState, tuple[Params, Any]]] = {}
+        self.cost = Cost()  # the cycle's work, in example-equivalents (.budget)
+        self._replays: dict[tuple[int, ...], tuple[tuple, tuple[Params, Any]]] = {}
+
+    @property
+    def examples(self) -> int:
+        """The training examples of the ``K`` lookahead batches."""
+        return sum(len(b[1]) for b in self.batches)
 
     @contextlib.contextmanager
     def randomness(self) -> Iterator[None]:
@@ -151,11 +163,14 @@ class Lookahead:
         """``state`` trained over the lookahead batches (no graph): ``(params, opt_state)``.
         The last ``REPLAYS_KEPT`` are kept; with a ``monitor`` it always runs (the monitor must
         see every loss)."""
-        hit = self._replays.pop(id(state), None)
-        if hit is not None and hit[0] is state:
-            self._replays[id(state)] = hit  # the most recently used last
+        parts = _replayed(state)  # what a replay reads: a new memory is the same replay
+        key = tuple(map(id, parts))
+        hit = self._replays.pop(key, None)
+        if hit is not None and _same(hit[0], parts):
+            self._replays[key] = hit  # the most recently used last
             if monitor is None:
                 return hit[1]
+        self.cost.trained(self.examples)
         with self.randomness():
             result = hypergrad.run(
                 self.losses.train(state.buffers),
@@ -167,16 +182,22 @@ class Lookahead:
                 create_graph=False,
                 monitor=monitor,
             )
-        self._replays[id(state)] = (state, result)
+        self._replays[key] = (parts, result)
+        current = _replayed(self.current)
         while len(self._replays) > REPLAYS_KEPT:  # a model's copies, not one per proposal
-            oldest = next(k for k, v in self._replays.items() if v[0] is not self.current)
+            oldest = next(k for k, v in self._replays.items() if not _same(v[0], current))
             del self._replays[oldest]
         return result
+
+    def release(self) -> None:
+        """Drop the kept replays (a model's copies each) once the cycle has decided."""
+        self._replays.clear()
 
     def guard_loss(self, params: Params, state: RunState, part: str = "verify") -> float:
         """The guard loss of ``params`` (with ``state``'s hyperparameters and buffers) on the
         ``"verify"`` or ``"propose"`` split."""
         batch = self.verify if part == "verify" else self.propose
+        self.cost.evaluated(len(batch[1]))
         with torch.no_grad():
             return float(self.losses.guard(params, state.hparams, batch, state.buffers))
 
@@ -192,12 +213,16 @@ class Lookahead:
         """``(guard loss after the lookahead, d it / d hparams)`` on the ``"propose"`` split by
         ``estimator`` (:data:`selfmod.hypergrad.ESTIMATORS`); ``meta_horizon``: add the past
         base steps' part of the learning rates' (:func:`horizon_term`)."""
+        if estimator == FIRST_ORDER:
+            return self.first_order(state)
         est = hypergrad.ESTIMATORS[estimator]
         k = len(self.batches)
         opts = {
             "checkpointed": {"segments": max(1, round(math.sqrt(k)))},
             "truncated": {"window": max(1, k // 2)},
         }.get(estimator, {})
+
+        self.cost.trained(self.examples + len(self.propose[1]), REVERSE_PASSES)
 
         def outer(params: Params, hparams: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
             return self.losses.guard(params, hparams, batch, state.buffers)
@@ -222,17 +247,66 @@ class Lookahead:
             raise NonFiniteError("hypergradient", hint="meta learning rate backed off")
         return float(res.value), g
 
+    def first_order(self, state: RunState) -> tuple[float, Params]:
+        """``(guard loss after the lookahead, first-order d it / d hparams)`` on the
+        ``"propose"`` split, from the lookahead's own replay (the verifier's baseline: shared,
+        no graph through the steps, memory of one model's gradient).
+
+        With ``u_t`` held fixed (its dependence on the hyperparameters through the trajectory
+        dropped, as in hypergradient descent), every optimizer here steps in proportion to
+        each tensor's rate, so ``d theta_K / d log lr_i = (theta_K - theta_0)_i`` and
+        ``d guard / d log lr_i = <g_i, (theta_K - theta_0)_i>``, ``g = d guard / d theta_K``;
+        decoupled weight decay adds ``-lr_i wd theta_t`` a step, so ``d guard / d log wd``
+        ``~ -wd sum_i lr_i <g_i, sum_{t<K} theta_t,i>``, the sum taken along the straight line
+        from ``theta_0`` to ``theta_K`` (exact for ``K = 1``; for L2 decay inside the
+        gradient, the same first-order approximation). Hyperparameters that
+        act through the loss or the moments (dropout, betas, momentum, eps) get none: their
+        modifiers propose nothing under this estimator."""
+        end, _ = self.replay(state)
+        self.cost.trained(len(self.propose[1]))
+        p = tree.detach(end, True)
+        with torch.enable_grad():
+            loss = self.losses.guard(p, state.hparams, self.propose, state.buffers)
+            grads = torch.autograd.grad(loss, list(p.values()), materialize_grads=True)
+        g = dict(zip(p, grads, strict=True))
+        h, out = state.hparams, {}
+        with torch.no_grad():
+            moved = [(g[n] * (end[n] - state.params[n])).sum() for n in end]
+            out["log_lr"] = torch.stack(moved).to(h["log_lr"].dtype)
+            if "log_wd" in h:
+                lr, k = (h["log_lr"] + h.get(LR_SCHEDULE, 0.0)).exp(), len(self.batches)
+                # sum_t theta_t over t < K, the path taken as a straight line: K theta_mid
+                w = (k - 1) / (2 * k)
+                mid = [
+                    (g[n] * (state.params[n] + w * (end[n] - state.params[n]))).sum() for n in end
+                ]
+                wd = -k * h["log_wd"].exp() * (lr * torch.stack(mid)).sum()
+                out["log_wd"] = wd.to(h["log_wd"].dtype)
+        if not tree.is_finite(out):
+            raise NonFiniteError("hypergradient", hint="meta learning rate backed off")
+        return float(loss.detach()), out
+
     def batch_grads(self, state: RunState, n: int) -> list[Params]:
         """Gradients of the training loss at ``state`` on each of the first ``n`` batches."""
         out = []
         loss_fn = self.losses.train(state.buffers)
         for batch in self.batches[:n]:
+            self.cost.trained(len(batch[1]))
             p = tree.detach(state.params, True)
             with torch.enable_grad(), self.randomness():
                 loss = loss_fn(p, state.hparams, batch)
                 gs = torch.autograd.grad(loss, list(p.values()), materialize_grads=True)
             out.append(dict(zip(p, gs, strict=True)))
         return out
+
+
+def _replayed(state: RunState) -> tuple:
+    """What a replay of ``state`` reads (compared by identity: states are immutable)."""
+    return state.params, state.opt_state, state.hparams, state.buffers
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all(x is y for x, y in zip(a, b, strict=True))
 
 
 def horizon_term(dparams: Params | None, opt_state: Any, params: Params) -> Tensor:

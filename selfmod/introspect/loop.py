@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from selfmod.errors import DivergenceError, NonFiniteError
-from selfmod.introspect import build, decide, probes, replay, shift, verifier
+from selfmod.introspect import budget, build, decide, probes, replay, schedule, shift, verifier
 from selfmod.introspect.events import Decision, Recorder, jsonable, payload
 from selfmod.introspect.feed import DTYPES, Batch, Source, device_of, guard
 from selfmod.introspect.lookahead import Lookahead, train_step
@@ -63,13 +63,9 @@ class Loop:
         self.config, self.problem, self.sources, self.tune = config, problem, list(sources), tune
         self.recorder = recorder or Recorder()
         b = build.pieces(problem, self.sources, config, modifiers, tune, lrs, device, dtype)
-        self.device, self.dtype, self.rng, self.names, self.space = (
-            b.device, b.dtype, b.rng, b.names, b.space,
-        )  # fmt: skip
-        self.modifiers, self.skipped, self.losses, self.opt = (
-            b.modifiers, b.skipped, b.losses, b.opt,
-        )  # fmt: skip
-        self.state, self.feed, self.use_dropout = b.state, b.feed, b.losses.use_dropout
+        self.device, self.dtype, self.rng, self.names = b.device, b.dtype, b.rng, b.names
+        self.space, self.modifiers, self.skipped = b.space, b.modifiers, b.skipped
+        self.losses, self.opt, self.state, self.feed = b.losses, b.opt, b.state, b.feed
         self.counters = Counters()
         self.applied: set[int] = set()  # manual approval: the proposals acted on
         self.pending: list[Batch] = []  # the lookahead batches not yet trained on
@@ -79,6 +75,7 @@ class Loop:
         self.buffer = replay.empty(g.guard_x[:0], g.guard_y[:0])
         self.history: dict[str, list] = {"log": [], "probes": [], "decisions": []}
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
+        self.scheduled = False  # the rates follow config.lr_schedule (run(): the end is known)
         self.good = self.state.clone()
         self._introduce_source(0)
 
@@ -115,7 +112,8 @@ class Loop:
         """Train to ``config.steps``, cycling, checkpointing and logging; resumable."""
         cfg, n = self.config, self.counters
         start = self._clock = time.perf_counter() - n.seconds
-        while n.step < cfg.steps and n.diverged_at is None:
+        self.scheduled = True  # a known end: the rates follow cfg.lr_schedule over it
+        while not budget.spent(cfg, n.step, n.examples) and n.diverged_at is None:
             if cfg.shift_step and n.step == cfg.shift_step and n.source_id == 0:
                 self._shift()
             if self._boundary():
@@ -147,9 +145,12 @@ class Loop:
         while self.feed.inbox or self.pending:
             self.base_step()
 
-    def _boundary(self) -> bool:
-        n = self.counters
-        return self.tune and n.step % self.config.cycle == 0 and n.cycled_at != n.step
+    def _boundary(self) -> bool:  # a cycle's turn, unless over meta_budget (then skipped)
+        n, cfg = self.counters, self.config
+        due = self.tune and n.step % cfg.cycle == 0 and n.cycled_at != n.step
+        if due and not budget.meta_allowed(cfg, n.examples, n.meta_examples):
+            n.cycled_at, n.cycles_skipped, due = n.step, n.cycles_skipped + 1, False
+        return due
 
     def _cycle(self) -> None:
         start, n = time.perf_counter(), self.counters  # a cycle's time is self-modification's
@@ -160,6 +161,7 @@ class Loop:
         n.cycled_at = n.step
         self.run_cycle()
         n.meta_seconds += time.perf_counter() - start
+        n.meta_examples += self.lookahead.cost.total if self.lookahead else 0.0
 
     def _introduce_source(self, s: int) -> None:
         self.counters.source_id = s
@@ -170,10 +172,8 @@ class Loop:
             self.rng, halves=cfg.verify_on == "held_out",
         )  # fmt: skip
 
-    def _batch_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """``(n,)``: the batch's mean loss for every example (the replay buffer's note)."""
-        loss, _ = self.problem.evaluate(self.state.params, self.state.buffers, x, y)
-        return torch.full((len(y),), loss)
+    def _batch_loss(self, x: Tensor, y: Tensor) -> Tensor:  # (n,): the replay buffer's note
+        return replay.batch_loss(self.problem, self.state.params, self.state.buffers, x, y)
 
     def _shift(self) -> None:
         self._introduce_source(1)
@@ -190,6 +190,8 @@ class Loop:
         gradient ends it as diverged (``diverged_at``), at its last finite parameters."""
         n, cfg = self.counters, self.config
         batch = self.pending.pop(0) if self.pending else self._next_batch()
+        if self.scheduled:
+            self.state = schedule.at(self.state, cfg, n.step, n.examples)
         if n.examples is not None:
             n.examples += len(batch[1])
         try:
@@ -219,7 +221,7 @@ class Loop:
         n.first_loss = loss if n.first_loss is None else n.first_loss
         n.last_loss = loss
         n.step += 1
-        if n.step % 50 == 0 or n.step == cfg.steps:
+        if n.step % 50 == 0 or n.step == cfg.steps or budget.spent(cfg, n.step, n.examples):
             self.log_point()
 
     def _next_batch(self) -> Batch:
@@ -233,8 +235,9 @@ class Loop:
             return self.collective.train_step(self, state, batch)
         return train_step(self.losses, self.opt, state, batch, self.step)
 
-    def _rollback(self, reason: str) -> None:
+    def _rollback(self, reason: str, ends_cycle: bool = False) -> None:
         before, n, self.pending = self.values(), self.counters, []
+        n.cycle += ends_cycle
         self.state = verifier.rolled_back(self.good)
         self.good = self.state.clone()
         why = f"{reason}; restored the last good state, halved learning rates and meta_lr "
@@ -274,18 +277,16 @@ class Loop:
             self._record(Decision(n.cycle, n.step, name, "applied", why, before, after))
         look = self.look_ahead()
         probe = self.probe()
+        look.cost.evaluated(budget.PROBE_PASSES * len(self.buffer.y))
         self.history["probes"].append(probe)
         self.event("cycle", "evaluate", "probes", probe)
-        dead = cfg.safeguards and verifier.dead(self.problem, self.state, self.guard("verify")[0])
-        if dead:
-            self._rollback(dead)
-            n.cycle += 1
-            return
+        if dead := cfg.safeguards and verifier.dead(
+            self.problem, self.state, self.guard("verify")[0]
+        ):
+            return self._rollback(dead, ends_cycle=True)
         for x, y, _ in self.pending:  # the reservoir sees what the model is about to train on
-            loss, size = self._batch_loss(x, y), cfg.replay_size
-            self.buffer = replay.add_train(
-                self.buffer, x, y, loss, n.step, n.source_id, size, self.rng
-            )
+            loss, size, at = self._batch_loss(x, y), cfg.replay_size, (n.step, n.source_id)
+            self.buffer = replay.add_train(self.buffer, x, y, loss, *at, size, self.rng)
         due = [m for m in self.modifiers if self.due(m)]
         estimated = any(m.reads_meta_gradient for m in due)
         current, g = math.nan, {}
@@ -295,9 +296,7 @@ class Loop:
             except NonFiniteError as err:
                 if not cfg.safeguards:
                     raise
-                self._rollback(f"meta-gradient: {err}")
-                n.cycle += 1
-                return
+                return self._rollback(f"meta-gradient: {err}", ends_cycle=True)
         ctx = Context(
             self.state, self.problem, n.cycle, probe, g, look.batches, cfg,
             lambda k: look.batch_grads(self.state, k), self.rng,
@@ -308,6 +307,7 @@ class Loop:
             current = look.baseline(self.state)
         for proposal in proposals:
             self.verify_and_decide(proposal, current)
+        look.release()
         self.good = self.state.clone()
         n.cycle += 1
 

@@ -16,7 +16,7 @@ the largest source first, so a new distribution never pushes the old one out of 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -91,6 +91,12 @@ def add_guard(
             drop = idx[torch.randperm(len(idx), generator=generator)[: len(idx) - share]]
             keep[drop] = False
     return _keep(buf, keep)
+
+
+def batch_loss(problem: Any, params: Any, buffers: Any, x: Tensor, y: Tensor) -> Tensor:
+    """``(n,)``: the batch's mean loss at ``params``, noted for every example."""
+    loss, _ = problem.evaluate(params, buffers, x, y)
+    return torch.full((len(y),), loss)
 
 
 def add_train(

@@ -252,10 +252,16 @@ class Counters:
     #: wall-clock seconds of the cycles (probes, estimates, replays, verification,
     #: checkpoints): self-modification's own cost, within ``seconds``
     meta_seconds: float = 0.0
+    #: self-modification's work in example-equivalents (:mod:`.budget`), and the cycles
+    #: skipped because it was over ``meta_budget``
+    meta_examples: float = 0.0
+    cycles_skipped: int = 0
 
     #: counters added after checkpoints were first written, and their value when absent from
     #: an older one (not known)
-    LATER: ClassVar[dict[str, Any]] = {"examples": None, "meta_seconds": math.nan}
+    LATER: ClassVar[dict[str, Any]] = {
+        "examples": None, "meta_seconds": math.nan, "meta_examples": 0.0, "cycles_skipped": 0,
+    }  # fmt: skip
 
     def saved(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -99,6 +99,9 @@ def summarize(
         "widths": problem.widths(p),
         "steps": counters.step,
         "examples": counters.examples,
+        "meta_examples": counters.meta_examples,  # self-modification's work (.budget)
+        "meta_share": counters.meta_examples / counters.examples if counters.examples else None,
+        "cycles_skipped": counters.cycles_skipped,  # over meta_budget when due
         "divergences": counters.divergences,
         "diverged_at": counters.diverged_at,
         "tensor_names": list(names),

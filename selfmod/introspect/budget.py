@@ -1,0 +1,65 @@
+"""The run's compute budget: what the base training may draw, and self-modification's share.
+
+- ``budget_unit = "examples"``: ``steps x batch_size`` (the initial batch size)
+  bounds the training examples the base steps draw, so a batch-size modifier that grows the
+  batch trades steps for batch size inside the budget, never on top of it; ``"steps"`` (the
+  default for now): ``steps`` base steps whatever the batch.
+- ``meta_budget`` (default none: no cap): self-modification's own work (replays,
+  estimates, probes) is counted in example-equivalents (:class:`Cost`: one training
+  example's forward and backward pass is 1, a forward pass alone 1/3) and kept at most
+  ``meta_budget`` times the base steps' examples: a cycle whose turn comes while the run is
+  over its share is skipped (and counted), so expensive cycles come less often. The count is
+  deterministic (a resumed run skips the same cycles); the wall time of both parts is
+  measured too (``meta_seconds``, ``base_seconds``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: a forward pass alone, in training examples' forward-and-backward passes
+FORWARD = 1 / 3
+#: the probes' forward passes over the replay buffer (guard, train, noise, shift, older)
+PROBE_PASSES = 5
+
+
+def examples_budget(config: Any) -> int | None:
+    """The examples the base steps may draw (``None``: bounded by steps)."""
+    return config.steps * config.batch_size if config.budget_unit == "examples" else None
+
+
+def spent(config: Any, step: int, examples: int | None) -> bool:
+    """Whether the run's budget is spent at base step ``step`` having drawn ``examples``."""
+    limit = examples_budget(config)
+    if limit is None or examples is None:  # a run resumed from before the count: by steps
+        return step >= config.steps
+    return examples >= limit
+
+
+def progress(config: Any, step: int, examples: int | None) -> float:
+    """The fraction of the budget spent, in ``[0, 1]``."""
+    limit = examples_budget(config)
+    done = step / config.steps if limit is None or examples is None else examples / limit
+    return min(max(done, 0.0), 1.0)
+
+
+def meta_allowed(config: Any, examples: int | None, meta_examples: float) -> bool:
+    """Whether a cycle may run now: self-modification's work so far within ``meta_budget``
+    times the base steps' examples (always, where examples are not counted)."""
+    share = config.meta_budget
+    return share is None or examples is None or meta_examples <= share * examples
+
+
+class Cost:
+    """A cycle's self-modification work, in example-equivalents (the module docstring)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def trained(self, n: int, passes: float = 1.0) -> None:
+        """``n`` examples through ``passes`` forward-and-backward passes."""
+        self.total += n * passes
+
+    def evaluated(self, n: int) -> None:
+        """``n`` examples through a forward pass."""
+        self.total += n * FORWARD

@@ -1,0 +1,52 @@
+"""The learning rates' schedule over the run's budget: the modifiers tune each rate's *level*;
+the optimizer steps with ``level x factor(progress)``, the factor in ``hparams`` as its log
+(:data:`~selfmod.introspect.hparams.LR_SCHEDULE`), so that replays, estimates and verification
+use the rates of the steps they stand for.
+
+- ``"cosine"``: a linear warm-up over the first ``WARMUP`` of the budget, then a cosine decay
+  to 0 at its end (what a tuned AdamW sweep uses);
+- ``"constant"``: factor 1.
+
+A loop that the caller drives batch by batch (:class:`~selfmod.runs.SelfModifier`) has no known
+end: its rates are not scheduled (the caller's own scheduler may be).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from selfmod.introspect.budget import progress
+from selfmod.introspect.hparams import LR_SCHEDULE
+from selfmod.introspect.state import RunState
+
+WARMUP = 0.05
+#: the factor's floor: ``log 0`` is not a number, and a rate of exactly 0 is a wasted step
+FLOOR = 1e-3
+
+
+def factor(kind: str, progress: float) -> float:
+    """The schedule ``kind``'s factor at ``progress`` in ``[0, 1]`` of the budget."""
+    if kind == "constant":
+        return 1.0
+    if progress < WARMUP:
+        return max((progress + 1e-9) / WARMUP, FLOOR)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * (progress - WARMUP) / (1.0 - WARMUP)))
+    return max(cosine, FLOOR)
+
+
+def scheduled(state: RunState, value: float) -> RunState:
+    """``state`` with the schedule's factor ``value`` on every learning rate."""
+    if value == 1.0 and LR_SCHEDULE not in state.hparams:
+        return state
+    log = torch.tensor(math.log(value), dtype=state.hparams["log_lr"].dtype)
+    log = log.to(state.hparams["log_lr"].device)
+    return replace(state, hparams={**state.hparams, LR_SCHEDULE: log})
+
+
+def at(state: RunState, config: Any, step: int, examples: int | None) -> RunState:
+    """``state`` with ``config.lr_schedule``'s factor at the budget's progress now."""
+    return scheduled(state, factor(config.lr_schedule, progress(config, step, examples)))

@@ -1,0 +1,142 @@
+"""The run's compute budget (examples, self-modification's share), the learning-rate schedule
+over it, and the first-order meta-gradient that shares the verifier's replay."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import safetensors.torch
+import torch
+
+from selfmod.checkpoint import load_checkpoint, save_checkpoint
+from selfmod.introspect import Introspector
+from selfmod.introspect.budget import examples_budget
+from selfmod.introspect.hparams import LR_SCHEDULE
+from selfmod.introspect.schedule import WARMUP, factor
+from selfmod.runs.config import TrainConfig
+
+FAST = dict(
+    steps=60, cycle=20, lookahead=5, width=8, max_width=32, guard_size=100, replay_size=200,
+    compare_fixed=False, dtype="float64",
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_first_order_equals_reverse_over_one_step(optimizer):
+    """Over one lookahead step the update's own dependence on the rates is all there is: the
+    first-order d guard / d log lr and d guard / d log wd (decoupled) equal the reverse
+    unroll's to float64 precision."""
+    cfg = {**FAST, "lookahead": 1, "optimizer": optimizer, "momentum": 0.0, "lr": 0.05}
+    cfg |= {"weight_decay": 0.01}
+    run = Introspector(TrainConfig(**cfg, modifiers=["lr"]))
+    run.run_cycle()  # a first cycle: a real state, a real replay buffer
+    look = run.look_ahead()
+    v_first, g_first = look.estimate(run.state, "first_order")
+    v_rev, g_rev = look.estimate(run.state, "reverse")
+    assert v_first == pytest.approx(v_rev, rel=1e-12)
+    torch.testing.assert_close(g_first["log_lr"], g_rev["log_lr"], rtol=1e-9, atol=1e-12)
+    assert bool(g_first["log_lr"].abs().sum() > 0)
+    if optimizer == "adamw":  # decoupled decay: exact over one step
+        torch.testing.assert_close(g_first["log_wd"], g_rev["log_wd"], rtol=1e-9, atol=1e-14)
+
+
+def test_first_order_is_the_verifiers_baseline_replay_and_points_like_reverse():
+    """Over K steps the first-order estimate reuses the replay the verifier's baseline reads
+    (one replay for both), and its sign agrees with the full unroll's on most tensors."""
+    run = Introspector(TrainConfig(**{**FAST, "lookahead": 5, "optimizer": "adamw"}))
+    run.run_cycle()
+    look = run.look_ahead()
+    before = look.cost.total
+    _, g = look.estimate(run.state, "first_order")
+    after_estimate = look.cost.total
+    look.baseline(run.state)  # the replay is kept: no second replay is counted
+    assert look.cost.total - after_estimate == pytest.approx(len(look.verify[1]) / 3)
+    assert after_estimate - before == pytest.approx(look.examples + len(look.propose[1]))
+    _, g_rev = look.estimate(run.state, "reverse")
+    agree = (torch.sign(g["log_lr"]) == torch.sign(g_rev["log_lr"])).float().mean()
+    assert float(agree) >= 0.5
+
+
+def test_an_examples_budget_is_spent_sooner_by_a_larger_batch():
+    """``budget_unit = "examples"``: steps x the initial batch bounds the examples drawn, so a
+    batch the modifier grows buys fewer steps, never more examples than a plain run's."""
+    cfg = {**FAST, "steps": 80, "batch_size": 32, "modifiers": []}
+    cfg = TrainConfig(**cfg, budget_unit="examples")
+    run = Introspector(cfg)
+    run.state = replace(run.state, batch_size=128)  # as if the modifier had grown it
+    run.run()
+    limit = examples_budget(cfg)
+    assert limit == 80 * 32
+    assert limit <= run.counters.examples < limit + 128
+    assert run.step == 20  # steps traded for batch size
+    steps = Introspector(TrainConfig(**{**FAST, "steps": 80, "batch_size": 32, "modifiers": []}))
+    steps.state = replace(steps.state, batch_size=128)
+    steps.run()
+    assert steps.step == 80 and steps.counters.examples > limit  # "steps": on top
+
+
+@pytest.mark.parametrize("share", [0.05, 0.5])
+def test_self_modification_stays_within_its_meta_budget(share):
+    """A cycle whose turn comes while self-modification's work is over ``meta_budget`` times
+    the base steps' examples is skipped: the share holds at every cycle's start, and a
+    tighter budget runs fewer cycles; the summary reports the counts."""
+    cfg = TrainConfig(**{**FAST, "steps": 200, "meta_budget": share})
+    run = Introspector(cfg)
+    starts = []
+    run_cycle = run.run_cycle
+
+    def counted():
+        n = run.counters
+        starts.append((n.meta_examples, n.examples))
+        run_cycle()
+
+    run.run_cycle = counted
+    run.run()
+    assert all(meta <= share * ex for meta, ex in starts)
+    summary = run.summary()
+    assert summary["cycles_skipped"] + len(starts) == 200 // 20
+    assert summary["meta_examples"] == pytest.approx(run.counters.meta_examples)
+    if share == 0.05:
+        assert summary["cycles_skipped"] > 0
+    n = run.counters
+    assert summary["meta_share"] == pytest.approx(n.meta_examples / n.examples)
+
+
+def test_cosine_schedule_scales_every_rate_and_leaves_the_levels_to_the_modifiers():
+    """``lr_schedule = "cosine"``: warm-up to the level over the first 5%, then down to
+    (nearly) 0 at the budget's end; the optimizer reads level x factor."""
+    assert factor("cosine", WARMUP / 2) == pytest.approx(0.5, rel=1e-6)
+    assert factor("cosine", WARMUP) == pytest.approx(1.0)
+    assert factor("cosine", 1.0) < 0.01
+    assert factor("constant", 0.7) == 1.0
+    seen = []
+    cfg = TrainConfig(**{**FAST, "steps": 40, "lr_schedule": "cosine", "modifiers": []})
+    run = Introspector(cfg)
+    run.run(on_step=lambda r: seen.append(float(r.state.hparams[LR_SCHEDULE].exp())))
+    want = [factor("cosine", t / 40) for t in range(40)]
+    assert seen == pytest.approx(want, rel=1e-9)
+    assert run.values()["lr"] == pytest.approx([cfg.lr] * len(run.names))  # the levels
+
+
+def test_a_checkpoint_streamed_to_disk_is_the_same_file_as_one_serialized_in_memory(tmp_path):
+    tensors = {"a": torch.randn(300, 7), "b": torch.arange(5)}
+    path = save_checkpoint(tmp_path, 3, tensors, {"x": 1})
+    data = (tmp_path / "checkpoints" / path.name.replace(".json", ".safetensors")).read_bytes()
+    assert data == safetensors.torch.save(tensors)
+    loaded, manifest = load_checkpoint(path)
+    assert torch.equal(loaded["a"], tensors["a"]) and manifest["meta"] == {"x": 1}
+
+
+def test_budget_fields_are_validated_in_one_line():
+    for field, value in [("meta_budget", 0), ("budget_unit", "epochs"), ("lr_schedule", "x")]:
+        with pytest.raises(Exception) as err:
+            TrainConfig(**{field: value})
+        assert field in str(err.value).splitlines()[0] or field in str(err.value)
+    assert math.isfinite(TrainConfig(meta_budget=0.3).meta_budget)
