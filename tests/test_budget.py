@@ -140,3 +140,14 @@ def test_budget_fields_are_validated_in_one_line():
             TrainConfig(**{field: value})
         assert field in str(err.value).splitlines()[0] or field in str(err.value)
     assert math.isfinite(TrainConfig(meta_budget=0.3).meta_budget)
+
+
+def test_a_batch_below_the_default_batch_size_floor_skips_that_modifier_instead_of_refusing():
+    """Naming no modifiers, a batch of 16 (below the batch-size modifier's floor of 32) trains,
+    the modifier skipped and the summary saying why; naming it is still refused in one line."""
+    run = Introspector(TrainConfig(**{**FAST, "batch_size": 16, "steps": 20}))
+    run.run()
+    skipped = run.summary()["modifiers_skipped"]
+    assert "min_batch" in skipped["batch_size"] and run.counters.examples == 20 * 16
+    with pytest.raises(ValueError, match=r"batch_size must be in \[min_batch, max_batch\]"):
+        TrainConfig(**{**FAST, "batch_size": 16, "modifiers": ["batch_size"]})

@@ -63,7 +63,10 @@ BAD_VALUES = {
     "dtype": ("float16", "dtype must be one of 'float32', 'float64' (got 'float16')"),
     "cycle": ("0", "cycle must be an integer in [1, 100000] (got 0)"),
     "lookahead": ("2000", "lookahead must be an integer in [1, 1000] (got 2000)"),
-    "estimator": ("magic", "estimator must be one of 'reverse', 'checkpointed'"),
+    "estimator": ("magic", "estimator must be one of 'first_order', 'reverse', 'checkpointed'"),
+    "budget_unit": ("epochs", "budget_unit must be one of 'examples', 'steps' (got 'epochs')"),
+    "lr_schedule": ("linear", "lr_schedule must be one of 'cosine', 'constant' (got 'linear')"),
+    "meta_budget": ("0", "meta_budget must be a valid value in (0, 1000] (got 0)"),
     "meta_lr": ("0", "meta_lr must be a number in (0, 10] (got 0)"),
     "trust_region": ("11", "trust_region must be a number in (0, 10] (got 11)"),
     "modifiers.grow.grow_fraction": (
@@ -167,7 +170,10 @@ BAD_COMBINATIONS = [
         ["modifiers.batch_size.min_batch=64", "modifiers.batch_size.max_batch=32", "batch_size=32"],
         "modifiers.batch_size.min_batch must be <= modifiers.batch_size.max_batch (32)",
     ),
-    (["batch_size=300"], "batch_size must be in [min_batch, max_batch] of modifiers.batch_size"),
+    (
+        ["batch_size=300", 'modifiers=["batch_size"]'],
+        "batch_size must be in [min_batch, max_batch] of modifiers.batch_size",
+    ),
     (["width=400"], "width must be <= modifiers.grow.max_width (384) (got 400)"),
 ]
 

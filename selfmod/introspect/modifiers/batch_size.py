@@ -62,7 +62,7 @@ class BatchSize(Modifier):
                 f"modifiers.batch_size.min_batch must be <= modifiers.batch_size.max_batch "
                 f"({hi}) (got {lo})"
             )
-        if not lo <= config.batch_size <= hi:
+        if config.modifiers is not None and not lo <= config.batch_size <= hi:  # named
             raise ValueError(
                 f"batch_size must be in [min_batch, max_batch] of modifiers.batch_size = "
                 f"[{lo}, {hi}] (got {config.batch_size})"
@@ -71,6 +71,12 @@ class BatchSize(Modifier):
     def applies(self, problem: Any, hparams: dict[str, Tensor], facts: RunFacts) -> str | None:
         if not facts.resizable_batches:
             return "batch_size needs indexable train data (tensors or a Dataset), not batches"
+        s, b = self.settings, facts.config.batch_size
+        if not s.min_batch <= b <= s.max_batch:  # type: ignore[attr-defined]
+            return (
+                f"batch_size {b} is outside [min_batch, max_batch] = [{s.min_batch}, "  # type: ignore[attr-defined]
+                f"{s.max_batch}] (set modifiers.batch_size.min_batch / max_batch to use it)"  # type: ignore[attr-defined]
+            )
         return None
 
     def propose(self, ctx: Context, memory: Params) -> tuple[list[Proposal], Params]:
