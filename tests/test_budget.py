@@ -151,3 +151,48 @@ def test_a_batch_below_the_default_batch_size_floor_skips_that_modifier_instead_
     assert "min_batch" in skipped["batch_size"] and run.counters.examples == 20 * 16
     with pytest.raises(ValueError, match=r"batch_size must be in \[min_batch, max_batch\]"):
         TrainConfig(**{**FAST, "batch_size": 16, "modifiers": ["batch_size"]})
+
+
+def test_keep_best_returns_the_best_verified_state_when_the_run_ends_worse(tmp_path):
+    """Early stopping: with ``keep_best`` a run whose verify guard loss turned up ends with
+    the params of the cycle start where it was lowest (the ledger says so), and the record
+    survives a checkpoint; without the option, or ending no worse, the final params stay."""
+    cfg = {**FAST, "steps": 120, "modifiers": [], "optimizer": "sgd", "lr": 0.5}
+    plain = Introspector(TrainConfig(**cfg))
+    plain.run()
+    run = Introspector(TrainConfig(**cfg, keep_best=True))
+    events = []
+    run.event = lambda kind, decision, reason, payload: events.append((decision, payload))
+    run.run()
+    summary = run.summary()
+    best = summary["best_verified"]
+    verify = run.guard("verify")
+    final_plain, _ = plain.problem.evaluate(plain.params, plain.state.buffers, *verify)
+    final, _ = run.problem.evaluate(run.params, run.state.buffers, *verify)
+    assert best is not None and final == pytest.approx(best["guard_loss"], rel=1e-9)
+    assert final_plain > best["guard_loss"] * (1 + run.config.epsilon)  # it did turn up
+    assert events[-1][0] == "best state returned" and events[-1][1]["step"] == best["step"]
+    assert 0 < best["step"] < 100  # an earlier cycle's start, not the end
+    assert plain.summary()["best_verified"] is None  # off: nothing kept, the end returned
+    tensors, meta = run.checkpoint()
+    again = Introspector(TrainConfig(**cfg, keep_best=True))
+    again.restore(tensors, meta)
+    assert again.summary()["best_verified"] == best
+
+
+def test_best_offers_keep_the_lowest_and_return_it_only_past_epsilon():
+    from selfmod.introspect.best import Best
+
+    run = Introspector(TrainConfig(**{**FAST, "modifiers": []}))
+    verify = run.guard("verify")
+    first = Best().offer(run.problem, verify, 0, run.state)
+    run.run()
+    kept = first.offer(run.problem, verify, 60, run.state)
+    assert kept.step == 60 and kept.loss < first.loss  # trained: lower
+    state, why = first.returned(run.problem, verify, run.state, 0.01)
+    assert state is None and why == ""  # the end is better than step 0's
+    state, why = kept.returned(run.problem, verify, run.state, 0.01)
+    assert state is None  # the end is the best
+    worse = Best(kept.loss / 2, 7, first.params, first.buffers)
+    state, why = worse.returned(run.problem, verify, run.state, 0.01)
+    assert state is not None and state.params is first.params and "step 7" in why

@@ -189,6 +189,11 @@ class VerifyFields(BaseModel):
         "verifies; shared: one guard set does both",
     )
     replay_size: int = Field(1000, ge=10, le=100_000, description="replayed train examples kept")
+    keep_best: bool = Field(
+        False,
+        description="early stopping: end with the params of the cycle start whose verify guard "
+        "loss was lowest, if the final one is worse by more than epsilon (said in the ledger)",
+    )
 
 
 class BudgetFields(BaseModel):

@@ -120,3 +120,10 @@ def per_step_changes(
             why = getattr(m, "summary", f"{m.name}: per-step changes since the last cycle")
             before = {e.name: e.natural(good.hparams[e.key]) for e in keys}
             yield m.name, why, before, {e.name: e.natural(state.hparams[e.key]) for e in keys}
+
+
+def memory_reset(modifiers: Sequence[Modifier], state: RunState) -> RunState:
+    """``state`` with every modifier's memory as after a change of data distribution."""
+    memory = state.memory
+    reset = {m.name: m.reset(memory[m.name]) for m in modifiers if m.name in memory}
+    return replace(state, memory={**memory, **reset})

@@ -101,3 +101,22 @@ def guard(
     else:
         codes = {"propose": (replay.PROPOSE,), "verify": (replay.GUARD,)}[part]
     return replay.split(buffer, codes, exclude_source=exclude_source)
+
+
+def add_source(
+    buffer: replay.Replay,
+    problem: Any,
+    state: Any,
+    source: Source,
+    step: int,
+    index: int,
+    config: Any,
+    rng: torch.Generator,
+) -> replay.Replay:
+    """``buffer`` with data source ``index``'s guard data added at base ``step``, its loss at
+    ``state`` noted (split into proposing and verifying halves unless ``verify_on`` is
+    ``"shared"``)."""
+    x, y = source.guard_x, source.guard_y
+    loss = replay.batch_loss(problem, state.params, state.buffers, x, y)
+    halves = config.verify_on == "held_out"
+    return replay.add_guard(buffer, x, y, loss, step, index, config.guard_size, rng, halves=halves)

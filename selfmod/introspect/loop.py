@@ -24,14 +24,14 @@ import torch
 from torch import Tensor
 
 from selfmod.errors import DivergenceError, NonFiniteError
-from selfmod.introspect import budget, build, decide, probes, replay, schedule, shift, verifier
+from selfmod.introspect import best, budget, build, decide, replay, schedule, shift, verifier
 from selfmod.introspect.events import Decision, Recorder, jsonable, payload
-from selfmod.introspect.feed import DTYPES, Batch, Source, device_of, guard
+from selfmod.introspect.feed import DTYPES, Batch, Source, add_source, device_of, guard
 from selfmod.introspect.lookahead import Lookahead, train_step
 from selfmod.introspect.modifiers import Context, Modifier, Proposal
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import Counters, RunState, load_run, save_run
-from selfmod.introspect.summary import log_row, summarize, test_metric, unused
+from selfmod.introspect.summary import log_row, run_probe, summarize, unused
 
 Params = dict[str, Tensor]
 __all__ = ["DTYPES", "Decision", "Loop", "Recorder", "Source", "device_of", "jsonable"]
@@ -76,7 +76,7 @@ class Loop:
         self.history: dict[str, list] = {"log": [], "probes": [], "decisions": []}
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
         self.scheduled = False  # the rates follow config.lr_schedule (run(): the end is known)
-        self.good = self.state.clone()
+        self.good, self.best = self.state.clone(), best.Best()
         self._introduce_source(0)
 
     step = property(lambda self: self.counters.step, doc="base steps done")
@@ -122,7 +122,16 @@ class Loop:
             self.base_step()
             if on_step is not None:
                 on_step(self)
+        if cfg.keep_best and n.diverged_at is None:
+            self._end_at_best()
         n.seconds = time.perf_counter() - start
+
+    def _end_at_best(self) -> None:  # early stopping (.best)
+        verify, epsilon = self.guard("verify"), self.config.epsilon
+        kept, why = self.best.returned(self.problem, verify, self.state, epsilon)
+        if kept is not None:
+            self.state = kept
+            self.event("event", "best state returned", why, {"step": self.best.step})
 
     def push(self, batch: tuple[Any, Tensor]) -> int:
         """Take the caller's batch ``(x, y)``; train as far as the queued batches allow (a cycle
@@ -164,13 +173,8 @@ class Loop:
         n.meta_examples += self.lookahead.cost.total if self.lookahead else 0.0
 
     def _introduce_source(self, s: int) -> None:
-        self.counters.source_id = s
-        src, cfg = self.sources[s], self.config
-        loss = self._batch_loss(src.guard_x, src.guard_y)
-        self.buffer = replay.add_guard(
-            self.buffer, src.guard_x, src.guard_y, loss, self.step, s, cfg.guard_size,
-            self.rng, halves=cfg.verify_on == "held_out",
-        )  # fmt: skip
+        self.counters.source_id, at = s, (self.step, s, self.config, self.rng)
+        self.buffer = add_source(self.buffer, self.problem, self.state, self.sources[s], *at)
 
     def _batch_loss(self, x: Tensor, y: Tensor) -> Tensor:  # (n,): the replay buffer's note
         return replay.batch_loss(self.problem, self.state.params, self.state.buffers, x, y)
@@ -178,9 +182,7 @@ class Loop:
     def _shift(self) -> None:
         self._introduce_source(1)
         self.counters.shift_cycle = self.cycle
-        memory = self.state.memory
-        reset = {m.name: m.reset(memory[m.name]) for m in self.modifiers if m.name in memory}
-        self.state = replace(self.state, memory={**memory, **reset})
+        self.state = decide.memory_reset(self.modifiers, self.state)
         self.event("event", "shift", f"data source 1 from step {self.step}", {})
 
     def base_step(self) -> None:
@@ -256,37 +258,31 @@ class Loop:
         self.recorder.log(self, row)
 
     def probe(self) -> dict[str, float]:
-        """This cycle's probes (:func:`.probes.cycle_probe`) with the run's counters."""
-        s, n, shared = self.state, self.counters, self.config.verify_on == "shared"
-        older = guard(self.buffer, "propose", shared, n.source_id)
-        test = test_metric(self.problem, s, self.sources[n.source_id])
-        found = probes.cycle_probe(
-            self.problem, s, self.guard("propose"), replay.split(self.buffer, replay.TRAIN),
-            older, test, self.config.seed + n.cycle, self.example,
-        )  # fmt: skip
-        tail = {"batch_size": s.batch_size, "meta_lr": s.meta_lr}
-        return {"cycle": n.cycle, "step": n.step, **found} | tail
+        """This cycle's probes (:func:`.summary.run_probe`) with the run's counters."""
+        n, shared, seed = self.counters, self.config.verify_on == "shared", self.config.seed
+        src = self.sources[n.source_id]
+        return run_probe(self.problem, self.state, self.buffer, src, shared, n, seed)
 
     def run_cycle(self) -> None:
         """Evaluate, estimate, propose, verify, decide (the module docstring)."""
         cfg, n = self.config, self.counters
         self._apply_approved()
-        mods = self.modifiers if n.step > 0 else []
-        changes = decide.per_step_changes(mods, self.space.entries, self.good, self.state)
-        for name, why, before, after in changes:
-            self._record(Decision(n.cycle, n.step, name, "applied", why, before, after))
+        mods, at = self.modifiers if n.step > 0 else [], (n.cycle, n.step)
+        for change in decide.per_step_changes(mods, self.space.entries, self.good, self.state):
+            self._record(Decision(*at, change[0], "applied", *change[1:]))
         look = self.look_ahead()
+        if cfg.keep_best:  # early stopping's candidates: the states at cycles' starts
+            self.best = self.best.offer(self.problem, self.guard("verify"), n.step, self.state)
         probe = self.probe()
         look.cost.evaluated(budget.PROBE_PASSES * len(self.buffer.y))
         self.history["probes"].append(probe)
         self.event("cycle", "evaluate", "probes", probe)
-        if dead := cfg.safeguards and verifier.dead(
-            self.problem, self.state, self.guard("verify")[0]
-        ):
+        dead = cfg.safeguards and verifier.dead(self.problem, self.state, self.guard("verify")[0])
+        if dead:
             return self._rollback(dead, ends_cycle=True)
         for x, y, _ in self.pending:  # the reservoir sees what the model is about to train on
-            loss, size, at = self._batch_loss(x, y), cfg.replay_size, (n.step, n.source_id)
-            self.buffer = replay.add_train(self.buffer, x, y, loss, *at, size, self.rng)
+            at = (n.step, n.source_id, cfg.replay_size, self.rng)
+            self.buffer = replay.add_train(self.buffer, x, y, self._batch_loss(x, y), *at)
         due = [m for m in self.modifiers if self.due(m)]
         estimated = any(m.reads_meta_gradient for m in due)
         current, g = math.nan, {}
@@ -378,11 +374,14 @@ class Loop:
     def checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """``(tensors, meta)``: the whole run, flattened by name (:func:`.state.save_run`)."""
         stream = self.sources[self.counters.source_id].train.position()
-        s, n = self.state, self.counters
-        return save_run(s, self.good, self.buffer, self.rng, n, self.applied, stream, self.history)
+        s, n, b = self.state, self.counters, self.buffer
+        tensors, meta = save_run(s, self.good, b, self.rng, n, self.applied, stream, self.history)
+        best.save(self.best, tensors, meta)
+        return tensors, meta
 
     def restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         """Continue from :meth:`checkpoint`'s output (of a run of the same config)."""
+        self.best, tensors = best.load(tensors, meta)
         saved = load_run(tensors, meta, self.names, self.opt.init, self.rng, self.device)
         self.state, self.good, buffer, self.counters, self.applied = saved
         self.buffer = replay.Replay(**buffer)
@@ -396,5 +395,5 @@ class Loop:
             self.problem, self.state, src, self.buffer, self.example,
             counters=self.counters, history=self.history, names=self.names,
             modifiers=[m.name for m in self.modifiers], skipped=self.skipped,
-            values=self.values(), space=self.space,
+            values=self.values(), space=self.space, best=self.best.summary(),
         )  # fmt: skip

@@ -38,6 +38,29 @@ def overhead(seconds: float, meta_seconds: float) -> dict[str, float]:
     return {"meta_seconds": meta_seconds, "base_seconds": base, "meta_overhead": share}
 
 
+def run_probe(
+    problem: Any,
+    state: Any,
+    buffer: Any,
+    source: Any,
+    shared: bool,
+    counters: Any,
+    seed: int,
+) -> dict[str, float]:
+    """A run's cycle probes (:func:`.probes.cycle_probe`) with its counters: ``buffer`` the replay
+    buffer (:mod:`.replay`), ``source`` the data source trained on, ``shared``: one guard set
+    proposes and verifies; the cost model's input is the guard's first example."""
+    n = counters
+    older = guard(buffer, "propose", shared, n.source_id)
+    test = test_metric(problem, state, source)
+    found = probes.cycle_probe(
+        problem, state, guard(buffer, "propose", shared), replay.split(buffer, replay.TRAIN),
+        older, test, seed + n.cycle, source.guard_x[:1],
+    )  # fmt: skip
+    tail = {"batch_size": state.batch_size, "meta_lr": state.meta_lr}
+    return {"cycle": n.cycle, "step": n.step, **found} | tail
+
+
 def log_row(
     problem: Problem,
     state: RunState,
@@ -74,6 +97,7 @@ def summarize(
     skipped: dict[str, str],
     values: dict[str, Any],
     space: HParamSpace,
+    best: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The summary of a run at ``state`` (the final internal gap is measured here:
     guard loss minus the replay buffer's training loss; :func:`.probes.meta_metrics`)."""
@@ -102,6 +126,7 @@ def summarize(
         "meta_examples": counters.meta_examples,  # self-modification's work (.budget)
         "meta_share": counters.meta_examples / counters.examples if counters.examples else None,
         "cycles_skipped": counters.cycles_skipped,  # over meta_budget when due
+        "best_verified": best,  # keep_best: the best cycle start's step and verify guard loss
         "divergences": counters.divergences,
         "diverged_at": counters.diverged_at,
         "tensor_names": list(names),
