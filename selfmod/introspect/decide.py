@@ -76,7 +76,8 @@ def verdict(
     tol = proposal.tolerance(config.epsilon)
     if not config.safeguards:
         return _kept(config), "committed unchecked (safeguards off)", math.nan
-    reason, value = verifier.check(look, state, proposed, current, tol, config)
+    noise = proposal.beat_noise
+    reason, value = verifier.check(look, state, proposed, current, tol, config, noise)
     if reason is not None:
         return "reject", reason, value
     ok = f"guard loss {value:.6g} vs {current:.6g} (tolerance x{1 + tol:g}); invariants hold"

@@ -20,6 +20,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from selfmod import hypergrad, tree
@@ -50,6 +51,7 @@ def check(
     current: float,
     tolerance: float,
     limits: Any,
+    beat_noise: bool = False,
 ) -> tuple[str | None, float]:
     """``(why not, proposed guard loss)``: ``None`` when ``proposed`` keeps every invariant.
 
@@ -83,6 +85,13 @@ def check(
             f"guard loss {value:.6g} worse than {current:.6g} (tolerance x{1 + tolerance:g})",
             value,
         )
+    if beat_noise:
+        p_cur, _ = look.replay(state)
+        look.cost.evaluated(2 * len(look.verify[1]))
+        before, after = (p_cur, state.buffers), (p_new, proposed.buffers)
+        gained, noise = beats_noise(look.problem, look.verify, before, after)
+        if not gained > noise:
+            return f"guard loss fell by {gained:.3g}, not more than its noise {noise:.3g}", value
     ox, oy = look.older
     if len(oy) and look.problem.metric == "accuracy":
         p_cur, _ = look.replay(state)
@@ -94,6 +103,32 @@ def check(
                 f"{old_cur:.3f} (delta {limits.forgetting_delta})"
             ), value
     return None, value
+
+
+#: chunks of the verifying guard data whose paired loss differences give its noise
+NOISE_CHUNKS = 8
+
+
+def beats_noise(
+    problem: Any, verify: tuple[Tensor, Tensor], before: tuple[Any, Any], after: tuple[Any, Any]
+) -> tuple[float, float]:
+    """``(gain, noise)``: how much lower the loss of ``after`` (params, buffers) is than
+    ``before``'s on ``verify``, and that difference's standard error, from ``NOISE_CHUNKS``
+    equal chunks: ``d_c = L_c(before) - L_c(after)``, ``gain = mean d``,
+    ``noise = std d / sqrt(chunks)`` (``gain``: the chunks' mean weighted by their sizes, the
+    whole set's difference for a mean loss)."""
+    x, y = verify
+    k = min(NOISE_CHUNKS, len(y))
+    if k < 2:
+        return 0.0, math.inf
+    diffs, sizes = [], []
+    for i in torch.arange(len(y)).tensor_split(k):  # sizes within one of each other
+        lb, _ = problem.evaluate(*before, x[i], y[i])
+        la, _ = problem.evaluate(*after, x[i], y[i])
+        diffs.append(lb - la)
+        sizes.append(len(i))
+    d, w = torch.tensor(diffs, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64)
+    return float((d * w).sum() / w.sum()), float(d.std() / math.sqrt(k))
 
 
 def over_budget(cost: Any, cfg: Any) -> str | None:

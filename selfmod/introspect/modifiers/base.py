@@ -60,6 +60,9 @@ class Proposal:
     (JSON-able). ``strict``: the change must lower the guard loss (no ``epsilon`` tolerance);
     ``gain > 0``: it must lower it by at least that fraction (``guard' <= (1 - gain) guard``).
     ``info``: extra figures for the ledger (e.g. the noise scale behind a batch size).
+    ``beat_noise``: the guard loss must also fall by more than its noise (the standard error of
+    the paired differences over chunks of the verifying guard data:
+    :func:`~selfmod.introspect.verifier.beats_noise`).
     """
 
     modifier: str
@@ -74,6 +77,7 @@ class Proposal:
     #: proposals of one group in a cycle are verified together, as one change named ``group``
     group: str | None = None
     parts: tuple[Proposal, ...] = ()  # the proposals a joint one was merged from
+    beat_noise: bool = False
 
     def tolerance(self, epsilon: float) -> float:
         """The verifier's tolerance: ``guard' <= (1 + tol) guard``; ``-gain`` for a priced
@@ -96,6 +100,8 @@ class Proposal:
             out["surgery"] = self.surgery
         if self.strict:
             out["strict"] = True
+        if self.beat_noise:
+            out["beat_noise"] = True
         if self.gain:
             out["gain"] = self.gain
         if self.slack is not None:
@@ -120,6 +126,7 @@ class Proposal:
             gain=float(d.get("gain", 0.0)),
             slack=d.get("slack"),
             parts=tuple(cls.from_json(p, like) for p in d.get("parts", [])),
+            beat_noise=bool(d.get("beat_noise", False)),
         )
 
 
@@ -133,8 +140,10 @@ def merge(name: str, proposals: list[Proposal]) -> Proposal:
         h.update(p.hparams)
         info.update(p.info)
     strict = any(p.strict for p in proposals)
-    gain = max(p.gain for p in proposals)
-    return Proposal(name, h, strict=strict, info=info, gain=gain, parts=tuple(proposals))
+    gain, noise = max(p.gain for p in proposals), any(p.beat_noise for p in proposals)
+    return Proposal(
+        name, h, strict=strict, info=info, gain=gain, parts=tuple(proposals), beat_noise=noise
+    )
 
 
 @dataclass

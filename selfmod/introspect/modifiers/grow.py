@@ -62,6 +62,11 @@ class GrowSettings(BaseModel):
         description="growth commits only if it lowers the verifying guard loss after the "
         "lookahead (no epsilon tolerance): it stops when more units stop helping",
     )
+    grow_beats_noise: bool = Field(
+        False,
+        description="growth commits only if the verifying guard loss falls by more than its "
+        "noise (the standard error of the paired differences over chunks of the guard data)",
+    )
     grow_price: float = Field(
         0.0,
         ge=0,
@@ -138,7 +143,10 @@ class Grow(Modifier):
         seed = int(torch.randint(0, 2**31 - 1, (), generator=ctx.rng))
         surgery = {"add": add, "seed": seed, "cycle": ctx.cycle}
         memory = {"cycle": torch.tensor(ctx.cycle), **directions}
-        proposal = Proposal(self.name, surgery=surgery, info=info, strict=s.grow_strict)
+        proposal = Proposal(
+            self.name, surgery=surgery, info=info, strict=s.grow_strict,
+            beat_noise=s.grow_beats_noise,
+        )  # fmt: skip
         if s.grow_price > 0:  # the price of the added parameters, in guard-loss fraction
             state = replace(ctx.state, memory={**ctx.state.memory, self.name: memory})
             grown = self.apply(proposal, state, ctx.problem)
