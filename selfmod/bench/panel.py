@@ -17,8 +17,11 @@ The rule, written before any run of the panel:
    ``prodigy`` and ``schedulefree-adamw`` at their defaults; ``fit``: one
    :func:`selfmod.runs.fit` run with AdamW and the loop's defaults (only ``steps``,
    ``batch_size``, ``seed``, ``guard_size = min(2000, validation rows)`` and the switches that
-   write nothing, ``report``, ``deterministic``, ``compare_fixed``, are set) plus the
-   ``--fit-set`` overrides of its ``--tag``; the validation rows are its guard.
+   write nothing, ``report``, ``deterministic``, ``compare_fixed``, are set; where the
+   workload's batch is below 32, the batch-size modifier's default floor, that floor is lowered
+   to the batch, as fit refuses a batch below it: ``pylm``'s 16; amended at the first run,
+   before any ``pylm`` run) plus the ``--fit-set`` overrides of its ``--tag``; the validation
+   rows are its guard.
 4. Measurement: each training run in its own process, one torch thread, pinned to one core;
    from building the model to the final validation and test metrics (imports and data
    excluded): wall seconds and CPU seconds (user + system; with one thread, the wall time of a
@@ -67,6 +70,7 @@ CONTENDERS = ("adamw-1e-3", "adamw-sweep", "prodigy", "schedulefree-adamw", "fit
 BASELINES = CONTENDERS[:-1]
 SWEEP_LR = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 WEIGHT_DECAY = 0.01  # torch's AdamW default
+MIN_BATCH = 32  # the batch-size modifier's default floor: fit refuses a smaller batch
 FIELDS = ("seconds", "cpu_s", "peak_mb", "examples")
 LIMITS = {"cpu_s": 1.3, "examples": 1.3, "peak_mb": 2.0}
 CRITERIA = (
@@ -109,7 +113,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         config = {
             "steps": work.steps, "batch_size": work.batch, "seed": seed, "report": False,
             "deterministic": False, "compare_fixed": False,
-            "guard_size": min(2000, len(work.val[1])), **spec["fit_set"],
+            "guard_size": min(2000, len(work.val[1])),
+            **({"modifiers.batch_size.min_batch": work.batch} if work.batch < MIN_BATCH else {}),
+            **spec["fit_set"],
         }  # fmt: skip
         torch.manual_seed(seed)
         with tempfile.TemporaryDirectory() as tmp:
