@@ -35,7 +35,7 @@ OPTIMIZERS: dict[str, Callable] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--workloads", nargs="+", default=list(P.WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", default=list(P.PRACTITIONERS))
     parser.add_argument("--out", default="benchmarks/results/optimizer_step.md")
     args = parser.parse_args()
     P.pin_one_core(0)

@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--splits", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
-    ap.add_argument("--workloads", nargs="+", default=list(P.WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", default=list(P.PRACTITIONERS))
     ap.add_argument("--steps", type=float, default=1.0, help="x each workload's step budget")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results")

@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--run", choices=P.SELFMOD_RUNS, default="selfmod")
     ap.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
     ap.add_argument("--splits", type=int, nargs="+", default=None)
-    ap.add_argument("--workloads", nargs="+", default=list(P.WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", default=list(P.PRACTITIONERS))
     args = ap.parse_args()
     splits = args.splits or ([0] if args.run == "selfmod" else [1, 2, 3])
     candidates = LOOP if args.run == "selfmod" else HD

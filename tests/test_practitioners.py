@@ -282,3 +282,57 @@ def test_development_splits_benchmark_tabulates_each_split(tmp_path):
     assert all(("met" in line or "missed" in line) for line in rows)
     assert "Medians over all 2 runs: AdamW grid (12) " in text and "## cancer" in text
     assert "## mnist1d" not in text
+
+
+@pytest.mark.parametrize("name", ["diabetes", "seqdigits"])
+def test_panel_workloads_split_like_the_others_and_their_models_fit_the_data(name):
+    """The two workloads only the development panel runs: a development split is cut from the
+    published training and validation rows alone (no published test row), and the model maps
+    a batch to what the loss and the metric read."""
+    pub, dev = P.make_workload(name), P.make_workload(name, split=2)
+    sizes = [len(part[1]) for part in (pub.train, pub.val, pub.test)]
+    n, n_val, n_test = sum(sizes), sizes[1], sizes[2]
+    parts = [set(p.tolist()) for p in W._split(n, n_val, n_test, 2)]
+    published = W._split(n, n_val, n_test)
+    assert set().union(*parts) == set(torch.cat(published[:2]).tolist())  # no test row
+    assert [len(p) for p in parts] == [len(part[1]) for part in (dev.train, dev.val, dev.test)]
+    if name == "seqdigits":  # unscaled pixels: the rows themselves can be compared
+        key = lambda x: x.numpy().tobytes()  # noqa: E731
+        seen = {key(r) for r in torch.cat([pub.train[0], pub.val[0]])}
+        rows = {key(r) for part in (dev.train, dev.val, dev.test) for r in part[0]}
+        assert rows <= seen and not rows & {key(r) for r in pub.test[0]}
+    assert "development split 2" in dev.describe
+    torch.manual_seed(0)
+    model = pub.model()
+    out = model(pub.train[0][:5])
+    loss = pub.loss(out, pub.train[1][:5])
+    assert loss.ndim == 0 and loss.item() > 0
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert pub.tolerance == 0.02 if name == "diabetes" else pub.tolerance == 0.005
+
+
+def test_diabetes_is_standardized_regression_scored_by_mse():
+    work = P.make_workload("diabetes")
+    x, y = work.train
+    assert x.shape[1] == 10 and y.dtype == torch.float32 and y.ndim == 1
+    assert torch.allclose(x.mean(0), torch.zeros(10), atol=1e-5)  # the training rows' statistics
+    assert abs(float(y.mean())) < 1e-5 and abs(float(y.std()) - 1) < 1e-5
+    assert work.metric == "test_mse" and not work.higher_is_better
+    assert work.better(0.4, 0.5) and not work.better(0.5, 0.4)
+    pred = torch.zeros(len(y), 1)  # the mean: MSE = the (biased) variance of the target
+    assert work.score(pred, y) == pytest.approx(float(y.var(unbiased=False)), rel=1e-5)
+    assert work.loss(pred, y).item() == pytest.approx(work.score(pred, y), rel=1e-6)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        W.Workload("x", "", "r2", work.train, work.val, work.test, work.model, 1, 1)
+
+
+def test_sequence_digits_are_eight_rows_of_eight_pixels_for_a_recurrent_model():
+    work = P.make_workload("seqdigits")
+    x, y = work.train
+    assert x.shape[1:] == (8, 8) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert set(y.tolist()) == set(range(10))
+    model = work.model()
+    assert any(isinstance(m, torch.nn.GRU) for m in model.modules())
+    assert model(x[:3]).shape == (3, 10)
+    assert work.evaluate(model, work.val) < 0.5  # untrained: near chance

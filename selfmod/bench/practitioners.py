@@ -43,7 +43,7 @@ from selfmod.bench.training import (
     warmup_cosine,
 )
 from selfmod.bench.vs_search import _finite, _spread
-from selfmod.bench.workloads import WORKLOADS, Workload
+from selfmod.bench.workloads import PRACTITIONERS, Workload
 from selfmod.files import atomic_write_bytes, atomic_write_text
 
 CONTENDERS = (
@@ -121,7 +121,7 @@ class Budget(BenchBudget):
     }
 
     workload: list[Literal["mnist1d", "mnist", "pylm", "cancer"]] = Field(
-        default_factory=lambda: list(WORKLOADS), min_length=1, max_length=4
+        default_factory=lambda: list(PRACTITIONERS), min_length=1, max_length=4
     )
     tuning_seed: int = Field(100, ge=0, le=2**31 - 1, description="the tuners' seed")
     split: int = Field(

