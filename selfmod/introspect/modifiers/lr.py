@@ -7,7 +7,9 @@ short lookahead cannot drag down (its short-horizon bias favours small rates). W
 short horizon favours smaller rates, Wu et al. 2018), so a step that raises the level is taken
 as it is and one that lowers it only redistributes. ``"free"``: every step as it is.
 The rates of empty tensors (a :class:`~selfmod.arch.FactorableLinear`'s unused half) neither
-move nor count in the mean.
+move nor count in the mean. ``level_step > 0`` also moves every rate together by
+``exp(+-level_step)`` on the sign of the level's meta-gradient (their sum): the level, which a
+sweep tunes, in larger steps than the per-tensor ones; verified like the rest.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ class LRSettings(BaseModel):
         description="lr modifier: 'fixed' keeps the rates' geometric mean (redistributes); "
         "'rising' lets it rise but not fall",
     )
+    level_step: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="also move every rate together by exp(-level_step sign(dL/d log level)), "
+        "dL/d log level the sum of the per-tensor meta-gradients (the whole move within the "
+        "trust region); 0: off",
+    )
 
 
 @register
@@ -40,6 +50,18 @@ class LearningRates(MetaGradientModifier):
     Settings = LRSettings
 
     def adjust(self, current: Tensor, new: Tensor, ctx: Context) -> Tensor:
+        rates = self.rates(current, new, ctx)
+        level = self.settings.level_step  # type: ignore[attr-defined]
+        if not level:
+            return rates
+        active = torch.tensor([v.numel() > 0 for v in ctx.state.params.values()])
+        up = -torch.sign(ctx.hypergrad[self.key][active].sum())  # d guard / d log level
+        tr = ctx.trust_region
+        moved = (rates - current + torch.where(active, up * level, 0.0)).clamp(-tr, tr)
+        return current + moved
+
+    def rates(self, current: Tensor, new: Tensor, ctx: Context) -> Tensor:
+        """The per-tensor step under ``lr_mean`` (the module docstring)."""
         mode = self.settings.lr_mean  # type: ignore[attr-defined]
         # the rates of empty tensors (a factorable layer's unused half) are not the run's rates
         active = torch.tensor([v.numel() > 0 for v in ctx.state.params.values()])
