@@ -196,3 +196,22 @@ def test_best_offers_keep_the_lowest_and_return_it_only_past_epsilon():
     worse = Best(kept.loss / 2, 7, first.params, first.buffers)
     state, why = worse.returned(run.problem, verify, run.state, 0.01)
     assert state is not None and state.params is first.params and "step 7" in why
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_level_step_moves_every_rate_together_against_the_levels_meta_gradient(sign):
+    """``modifiers.lr.level_step``: on top of the per-tensor Rprop step, every rate moves by
+    ``exp(-level_step sign(sum g))``; the whole move stays within the trust region."""
+    import cycles
+
+    cfg = {**FAST, "modifiers": ["lr"], "modifiers.lr.lr_mean": "free", "trust_region": 1.0}
+    run = Introspector(TrainConfig(**cfg, **{"modifiers.lr.level_step": 0.6}))
+    n = len(run.names)
+    g = torch.full((n,), sign, dtype=torch.float64)
+    g[0] = -sign  # one tensor against the rest: the sum keeps the rest's sign
+    (proposal,) = cycles.propose(run, {"log_lr": g}, {})
+    move = proposal.hparams["log_lr"] - run.hparams["log_lr"]
+    rprop = -run.config.meta_lr * torch.sign(g)  # the per-tensor part
+    want = (rprop - sign * 0.6).clamp(-1.0, 1.0)
+    torch.testing.assert_close(move, want)
+    assert float(move.abs().max()) <= 1.0
