@@ -174,9 +174,10 @@ def test_keep_best_returns_the_best_verified_state_when_the_run_ends_worse(tmp_p
     assert events[-1][0] == "best state returned" and events[-1][1]["step"] == best["step"]
     assert 0 < best["step"] < 100  # an earlier cycle's start, not the end
     assert plain.summary()["best_verified"] is None  # off: nothing kept, the end returned
-    tensors, meta = run.checkpoint()
+    save_checkpoint(tmp_path, run.step, *run.checkpoint())  # the best may be the current state
+    (manifest,) = (tmp_path / "checkpoints").glob("*.json")
     again = Introspector(TrainConfig(**cfg, keep_best=True))
-    again.restore(tensors, meta)
+    again.restore(*load_checkpoint(manifest)[:1], load_checkpoint(manifest)[1]["meta"])
     assert again.summary()["best_verified"] == best
 
 

@@ -1,11 +1,12 @@
 """The best verified state, for early stopping (``keep_best``).
 
-At every cycle's start the run's guard loss on the ``"verify"`` part of the guard (data that
-neither the probes nor the meta-gradient read) is measured; the parameters and buffers with
-the lowest are kept (a model's copy, referenced: states are immutable). When the run ends, a
-final verify loss worse than the best by more than ``epsilon`` returns the best state's
-parameters and buffers instead (the optimizer state and hyperparameters stay the final ones),
-and the ledger and the summary say so. Saved in every checkpoint: a resumed run returns the same.
+At every log point (every 50 base steps, and the last) the run's guard loss on the
+``"verify"`` part of the guard (data that neither the probes nor the meta-gradient read) is
+measured; the parameters and buffers with the lowest are kept (a model's copy, referenced:
+states are immutable). When the run ends, a final verify loss worse than the best by more
+than ``epsilon`` returns the best state's parameters and buffers instead (the optimizer state
+and hyperparameters stay the final ones), and the ledger and the summary say so. Saved in
+every checkpoint: a resumed run returns the same.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def save(best: Best, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     ``meta`` (``best``: loss and step), in place."""
     if best.params is None:
         return
-    tensors.update({f"best.params.{k}": v for k, v in best.params.items()})
-    tensors.update({f"best.buffers.{k}": v for k, v in (best.buffers or {}).items()})
+    # copies: the best state may be the current one, and a checkpoint holds no shared storage
+    tensors.update({f"best.params.{k}": v.clone() for k, v in best.params.items()})
+    tensors.update({f"best.buffers.{k}": v.clone() for k, v in (best.buffers or {}).items()})
     meta["best"] = {"loss": best.loss, "step": best.step}
 
 

@@ -7,8 +7,9 @@
 - ``meta_budget`` (default none: no cap): self-modification's own work (replays,
   estimates, probes) is counted in example-equivalents (:class:`Cost`: one training
   example's forward and backward pass is 1, a forward pass alone 1/3) and kept at most
-  ``meta_budget`` times the base steps' examples: a cycle whose turn comes while the run is
-  over its share is skipped (and counted), so expensive cycles come less often. The count is
+  ``meta_budget`` times the run's examples budget: a cycle whose turn comes when the last
+  cycle's cost would take the run over its share is skipped (and counted); cycles are spent
+  early, where the first decisions (the rates' level) matter most. The count is
   deterministic (a resumed run skips the same cycles); the wall time of both parts is
   measured too (``meta_seconds``, ``base_seconds``).
 """
@@ -43,11 +44,18 @@ def progress(config: Any, step: int, examples: int | None) -> float:
     return min(max(done, 0.0), 1.0)
 
 
-def meta_allowed(config: Any, examples: int | None, meta_examples: float) -> bool:
-    """Whether a cycle may run now: self-modification's work so far within ``meta_budget``
-    times the base steps' examples (always, where examples are not counted)."""
+def meta_allowed(
+    config: Any, examples: int | None, meta_examples: float, last_cycle: float
+) -> bool:
+    """Whether a cycle may run now: self-modification's work so far plus the last cycle's (the
+    next one's estimate) within ``meta_budget`` times the run's examples budget (where the
+    run's end is unknown, or its budget is in steps, the examples drawn so far). Cycles come
+    as early as the share allows: the first decisions (the rates' level) matter most."""
     share = config.meta_budget
-    return share is None or examples is None or meta_examples <= share * examples
+    if share is None or examples is None:
+        return True
+    limit = examples_budget(config) or examples
+    return meta_examples + last_cycle <= share * limit
 
 
 class Cost:

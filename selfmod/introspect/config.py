@@ -152,6 +152,13 @@ class MetaFields(BaseModel):
         description="first_order: from the verifier's own replay, no graph through the steps "
         "(learning rates and weight decay only); the others: through the K steps",
     )
+    probe_rows: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="the cycle's probes, its test metric and the self-shift metric read at most "
+        "this many rows of each set (0: all); the verifier always reads its whole split",
+    )
     meta_budget: float | None = Field(
         None,
         gt=0,

@@ -157,7 +157,7 @@ class Loop:
     def _boundary(self) -> bool:  # a cycle's turn, unless over meta_budget (then skipped)
         n, cfg = self.counters, self.config
         due = self.tune and n.step % cfg.cycle == 0 and n.cycled_at != n.step
-        if due and not budget.meta_allowed(cfg, n.examples, n.meta_examples):
+        if due and not budget.meta_allowed(cfg, n.examples, n.meta_examples, n.last_cycle):
             n.cycled_at, n.cycles_skipped, due = n.step, n.cycles_skipped + 1, False
         return due
 
@@ -170,7 +170,8 @@ class Loop:
         n.cycled_at = n.step
         self.run_cycle()
         n.meta_seconds += time.perf_counter() - start
-        n.meta_examples += self.lookahead.cost.total if self.lookahead else 0.0
+        n.last_cycle = self.lookahead.cost.total if self.lookahead else 0.0
+        n.meta_examples += n.last_cycle
 
     def _introduce_source(self, s: int) -> None:
         self.counters.source_id, at = s, (self.step, s, self.config, self.rng)
@@ -255,13 +256,15 @@ class Loop:
         self.history["log"].append(row)
         elapsed = n.seconds if self._clock is None else time.perf_counter() - self._clock
         self.history.setdefault("clock", []).append([n.step, elapsed])
+        if self.config.keep_best:  # early stopping's candidates: every log point's state
+            self.best = self.best.offer(self.problem, self.guard("verify"), n.step, self.state)
         self.recorder.log(self, row)
 
     def probe(self) -> dict[str, float]:
         """This cycle's probes (:func:`.summary.run_probe`) with the run's counters."""
-        n, shared, seed = self.counters, self.config.verify_on == "shared", self.config.seed
-        src = self.sources[n.source_id]
-        return run_probe(self.problem, self.state, self.buffer, src, shared, n, seed)
+        n, cfg, src = self.counters, self.config, self.sources[self.counters.source_id]
+        at = (n, cfg.seed, cfg.probe_rows)
+        return run_probe(self.problem, self.state, self.buffer, src, cfg.verify_on == "shared", *at)
 
     def run_cycle(self) -> None:
         """Evaluate, estimate, propose, verify, decide (the module docstring)."""
@@ -271,10 +274,8 @@ class Loop:
         for change in decide.per_step_changes(mods, self.space.entries, self.good, self.state):
             self._record(Decision(*at, change[0], "applied", *change[1:]))
         look = self.look_ahead()
-        if cfg.keep_best:  # early stopping's candidates: the states at cycles' starts
-            self.best = self.best.offer(self.problem, self.guard("verify"), n.step, self.state)
         probe = self.probe()
-        look.cost.evaluated(budget.PROBE_PASSES * len(self.buffer.y))
+        look.cost.evaluated(budget.PROBE_PASSES * len(self.buffer.y[: cfg.probe_rows or None]))
         self.history["probes"].append(probe)
         self.event("cycle", "evaluate", "probes", probe)
         dead = cfg.safeguards and verifier.dead(self.problem, self.state, self.guard("verify")[0])
@@ -333,7 +334,7 @@ class Loop:
         )  # fmt: skip
         self._record(d, proposal)
         if decision == "commit":
-            moved = shift.commit_shift(look, self.buffer.x, self.state, proposed)  # meta-metric
+            moved = shift.commit_shift(look, self.buffer.x, self.state, proposed, cfg.probe_rows)
             entry = {"cycle": self.cycle, "step": self.step, "modifier": proposal.modifier}
             self.history.setdefault("self_shift", []).append({**entry, "shift": moved})
             self.state = look.current = proposed

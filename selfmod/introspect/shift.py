@@ -108,11 +108,11 @@ def replayed(look: Any, state: Any, x: Tensor) -> Tensor:
     return representations(look.problem, params, state.buffers, x)
 
 
-def commit_shift(look: Any, x: Tensor, before: Any, after: Any) -> float:
-    """``1 - CKA`` between the representations of ``x`` (the replay buffer's examples) after
-    the lookahead ``look`` from ``before`` and from ``after`` (module docstring); NaN where a
-    replay is non-finite."""
-    shift = math.nan
+def commit_shift(look: Any, x: Tensor, before: Any, after: Any, rows: int = 0) -> float:
+    """``1 - CKA`` between the representations of ``x`` (the replay buffer's examples; its
+    first ``rows`` where ``rows > 0``) after the lookahead ``look`` from ``before`` and from
+    ``after`` (module docstring); NaN where a replay is non-finite."""
+    shift, x = math.nan, x[: rows or None]
     try:
         with torch.no_grad():
             r0 = replayed(look, before, x)

@@ -22,11 +22,15 @@ def unused(names: Sequence[str], params: dict[str, Tensor]) -> list[int]:
     return [i for i, k in enumerate(names) if params[k].numel() == 0]
 
 
-def test_metric(problem: Problem, state: RunState, src: Source) -> tuple[float, float]:
-    """``(loss, metric)`` of ``state`` on ``src``'s test set (NaN without one)."""
+def test_metric(
+    problem: Problem, state: RunState, src: Source, rows: int = 0
+) -> tuple[float, float]:
+    """``(loss, metric)`` of ``state`` on ``src``'s test set (NaN without one); ``rows > 0``:
+    its first ``rows``."""
     if src.test_x is None or src.test_y is None:
         return math.nan, math.nan
-    return problem.evaluate(state.params, state.buffers, src.test_x, src.test_y)
+    x, y = (src.test_x[:rows], src.test_y[:rows]) if rows else (src.test_x, src.test_y)
+    return problem.evaluate(state.params, state.buffers, x, y)
 
 
 def overhead(seconds: float, meta_seconds: float) -> dict[str, float]:
@@ -46,16 +50,18 @@ def run_probe(
     shared: bool,
     counters: Any,
     seed: int,
+    rows: int = 0,
 ) -> dict[str, float]:
     """A run's cycle probes (:func:`.probes.cycle_probe`) with its counters: ``buffer`` the replay
     buffer (:mod:`.replay`), ``source`` the data source trained on, ``shared``: one guard set
-    proposes and verifies; the cost model's input is the guard's first example."""
-    n = counters
-    older = guard(buffer, "propose", shared, n.source_id)
-    test = test_metric(problem, state, source)
+    proposes and verifies; the cost model's input is the guard's first example; ``rows > 0``:
+    the first ``rows`` of each set only."""
+    n, cut = counters, (lambda pair: tuple(t[:rows] for t in pair) if rows else pair)
+    older = cut(guard(buffer, "propose", shared, n.source_id))
+    test = test_metric(problem, state, source, rows)
     found = probes.cycle_probe(
-        problem, state, guard(buffer, "propose", shared), replay.split(buffer, replay.TRAIN),
-        older, test, seed + n.cycle, source.guard_x[:1],
+        problem, state, cut(guard(buffer, "propose", shared)),
+        cut(replay.split(buffer, replay.TRAIN)), older, test, seed + n.cycle, source.guard_x[:1],
     )  # fmt: skip
     tail = {"batch_size": state.batch_size, "meta_lr": state.meta_lr}
     return {"cycle": n.cycle, "step": n.step, **found} | tail

@@ -234,7 +234,8 @@ def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, 
 SUMMARY_KEYS = (
     "test_accuracy", "test_metric", "metric_name", "test_loss", "params", "flops", "seconds",
     "meta_seconds", "base_seconds", "meta_overhead", "widths", "decisions", "steps", "examples",
-    "diverged_at", "meta_metrics",
+    "meta_examples", "meta_share", "cycles_skipped", "best_verified", "diverged_at",
+    "meta_metrics",
 )  # fmt: skip
 
 
