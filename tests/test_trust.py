@@ -323,4 +323,4 @@ def test_fit_resume_with_another_config_is_refused_and_a_second_fit_too(tmp_path
     with pytest.raises(RunDirError, match="already holds a run"):
         run(config, resume=False)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
-    assert run(config, resume=True).run.step == 20  # the same config continues
+    assert run(config, resume=True).run.counters.examples == 20 * 128  # continues to its end

@@ -55,6 +55,24 @@ class FitResult:
     run: Loop
 
 
+#: what ``fit`` and ``SelfModifier`` set beyond :class:`TrainConfig`'s defaults (which keep
+#: ``selfmod train``'s demonstration run as it was): chosen on the development panel by the
+#: rule written in :mod:`selfmod.bench.panel` (``benchmarks/results/panel_dev.md``)
+FIT_DEFAULTS: dict[str, Any] = {
+    "lr": 3e-3,
+    "estimator": "first_order",  # no graph through the lookahead: memory of one gradient
+    "budget_unit": "examples",  # a grown batch buys fewer steps, never more examples
+    "meta_budget": 0.3,  # self-modification's work <= 0.3 x the examples budget
+    "probe_rows": 256,
+    "lr_schedule": "cosine",
+    "keep_best": True,
+    "modifiers.lr.level_step": 0.7,
+    "modifiers.lr.lr_mean": "free",
+    "modifiers.grow.grow_beats_noise": True,
+    "compare_fixed": False,
+}
+
+
 def make_config(config: Any = None, **defaults: Any) -> Any:
     """A validated :class:`TrainConfig` from ``None``, a dict or a config (``defaults`` first,
     then the given values)."""
@@ -86,7 +104,7 @@ def _prepare(
 ) -> tuple[Any, Problem, tuple[Tensor, Tensor], tuple[Tensor | None, Tensor | None]]:
     """``(config, problem, guard pair, test pair)`` of the public entry points (``fit`` and
     ``SelfModifier`` train no fixed baseline unless ``compare_fixed`` is given)."""
-    cfg = make_config(config, optimizer=optimizer, compare_fixed=False)
+    cfg = make_config(config, **FIT_DEFAULTS, optimizer=optimizer)
     gx, gy = materialize(guard)
     tx, ty = materialize(test) if test is not None else (None, None)
     return cfg, _problem(model, loss, gy, metric, groups), (gx, gy), (tx, ty)
@@ -99,7 +117,7 @@ def fit(
     guard: Any,
     *,
     test: Any = None,
-    optimizer: str = "sgd",
+    optimizer: str = "adamw",
     config: dict[str, Any] | Any = None,
     modifiers: Sequence[Modifier] | None = None,
     groups: Sequence[arch.UnitGroup] | None = None,
@@ -112,7 +130,8 @@ def fit(
 
     ``loss(output, target) -> scalar``; ``metric``: ``"accuracy"`` or ``"loss"`` (default:
     accuracy for integer targets). ``config``: :class:`TrainConfig` fields (``steps``, ``lr``,
-    ``cycle``, ``modifiers``, ...; ``compare_fixed`` defaults to false here). ``modifiers``:
+    ``cycle``, ``modifiers``, ...) over :data:`FIT_DEFAULTS` (a cosine schedule over an
+    examples budget, self-modification within 0.3 of it, early stopping). ``modifiers``:
     modifier objects instead of the config's names (third-party ones too). ``run_dir``: where
     the ledger, checkpoints, summary and report go (default: a new folder under
     ``config.out``); ``resume=True`` continues the run in ``run_dir``.
@@ -174,7 +193,7 @@ class SelfModifier:
         guard: Any,
         *,
         test: Any = None,
-        optimizer: str = "sgd",
+        optimizer: str = "adamw",
         config: dict[str, Any] | Any = None,
         modifiers: Sequence[Modifier] | None = None,
         groups: Sequence[arch.UnitGroup] | None = None,
