@@ -13,7 +13,6 @@ selfmod bench practitioners [--set k=v]             selfmod against tuned AdamW,
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,9 +23,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from selfmod.bench.command import bench
+from selfmod.cli_errors import run as run_app
 from selfmod.errors import SelfmodError
 from selfmod.runs.config import fields_help, load_config
-from selfmod.validation import ConfigError
 
 app = typer.Typer(
     add_completion=False,
@@ -283,17 +282,10 @@ def meta_train(
 app.add_typer(bench, name="bench")
 
 
-def main() -> None:
-    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
-    try:
-        app()
-    except (ConfigError, SelfmodError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:  # a file the run needs is unreadable or unwritable (permissions, disk)
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
-        sys.exit(2)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: bad input (usage too) is one line on stderr and exit code 2, never a
+    traceback (:mod:`selfmod.cli_errors`); ``argv``: the arguments (default ``sys.argv[1:]``)."""
+    run_app(app, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -38,6 +39,9 @@ def allowed(model: type[BaseModel], name: str, described: Mapping[str, str] | No
     if getattr(field.annotation, "__origin__", None) is Literal:
         return "one of " + ", ".join(repr(a) for a in field.annotation.__args__)
     kind = _KIND.get(field.annotation, "a valid value")
+    pattern = next((m.pattern for m in field.metadata if getattr(m, "pattern", None)), None)
+    if pattern is not None:
+        return f"{kind} matching {pattern}"
     lo = hi = None
     lo_open = hi_open = False
     for m in field.metadata:
@@ -177,7 +181,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "\n" in raw or "\r" in raw:
         raise ConfigError(f"--set {key.strip()}= must be one line (got {raw!r:.80})")
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        value = toml(f"v = {raw.strip()}", f"--set {key.strip()}=")["v"]
     except tomllib.TOMLDecodeError:
         value = _plain(raw.strip())
     if _non_decimal(value, raw.strip()):
@@ -187,10 +191,68 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+#: deepest nesting of arrays and tables read from TOML (tomllib itself recurses without a limit)
+MAX_DEPTH = 32
+
+
+def toml(text: str, where: str) -> dict[str, Any]:
+    """``tomllib.loads(text)``, with what it cannot read as one :class:`ConfigError` naming
+    ``where``: nesting deeper than :data:`MAX_DEPTH` (tomllib's ``RecursionError``) and
+    integers of more digits than Python converts (``ValueError``). A syntax error stays a
+    ``tomllib.TOMLDecodeError``."""
+    depth = _depth(text)
+    if depth > MAX_DEPTH:
+        raise ConfigError(
+            f"{where} nests arrays or tables {depth} deep; at most {MAX_DEPTH} are read"
+        )
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        raise
+    except RecursionError:
+        raise ConfigError(
+            f"{where} nests arrays or tables too deeply; at most {MAX_DEPTH} are read"
+        ) from None
+    except ValueError:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise ConfigError(
+            f"{where} holds an integer of more than {sys.get_int_max_str_digits()} digits; "
+            "write a smaller number"
+        ) from None
+
+
+def _depth(text: str) -> int:
+    """The deepest run of unclosed ``[`` / ``{`` outside strings and comments: an upper
+    bound of the nesting TOML will build (table headers ``[a]`` count one)."""
+    depth = deepest = 0
+    quote = ""
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\" and quote[0] == '"':  # an escape in a basic string
+                i += 1
+            elif text.startswith(quote, i):
+                i += len(quote) - 1
+                quote = ""
+        elif c == "#":
+            while i < len(text) and text[i] != "\n":
+                i += 1
+        elif c in "\"'":
+            quote = c * 3 if text.startswith(c * 3, i) else c
+            i += len(quote) - 1
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        i += 1
+    return deepest
+
+
 def _scalar(text: str) -> Any:
     """One TOML scalar, or the text itself as a bare word."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        return toml(f"v = {text}", "a list item")["v"]
     except tomllib.TOMLDecodeError:
         return text
 
@@ -242,7 +304,7 @@ def load_values(path: str | Path | None, overrides: list[str] | None) -> dict[st
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            values = tomllib.loads(path.read_bytes().decode("utf-8"))
+            values = toml(path.read_bytes().decode("utf-8"), f"config file {str(path)!r}")
         except OSError as err:
             raise ConfigError(f"config file {str(path)!r} is unreadable: {err.strerror}") from None
         except UnicodeDecodeError:

@@ -32,14 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from selfmod import arch
-from selfmod.data.streams import as_batches, materialize
+from selfmod.data.streams import as_batches
 from selfmod.determinism import set_deterministic
 from selfmod.errors import SelfmodError
 from selfmod.introspect.config import TrainConfig
 from selfmod.introspect.loop import Loop, Source
 from selfmod.introspect.modifiers import Modifier
 from selfmod.introspect.problem import Problem, default_metric, write_into
-from selfmod.runs import distributed
+from selfmod.runs import arguments, distributed
 from selfmod.runs.config import validate
 from selfmod.runs.rundir import open_run_dir
 from selfmod.runs.session import build_run, drive, finish, on_main, summary_record, tuned_summary
@@ -101,13 +101,32 @@ def _prepare(
     config: Any,
     metric: str | None,
     groups: Sequence[arch.UnitGroup] | None,
+    modifiers: Any = None,
+    *more: Any,
+    train: Any = arguments.FROM_STEPS,
 ) -> tuple[Any, Problem, tuple[Tensor, Tensor], tuple[Tensor | None, Tensor | None]]:
     """``(config, problem, guard pair, test pair)`` of the public entry points (``fit`` and
-    ``SelfModifier`` train no fixed baseline unless ``compare_fixed`` is given)."""
+    ``SelfModifier`` train no fixed baseline unless ``compare_fixed`` is given), every argument
+    checked first (:mod:`selfmod.runs.arguments`: one line naming the argument and the fix);
+    ``train``: ``fit``'s training data, checked against the guard."""
+    arguments.check_arguments(loss, optimizer, config, modifiers, groups, metric, *more)
+    arguments.check_model(model)
     cfg = make_config(config, **FIT_DEFAULTS, optimizer=optimizer)
-    gx, gy = materialize(guard)
-    tx, ty = materialize(test) if test is not None else (None, None)
-    return cfg, _problem(model, loss, gy, metric, groups), (gx, gy), (tx, ty)
+    gx, gy = arguments.materialized("guard", guard)
+    arguments.check_pair("guard", gx, gy)
+    tx, ty = arguments.materialized("test", test) if test is not None else (None, None)
+    if tx is not None:
+        arguments.check_pair("test", tx, ty, like=(gx, gy))
+    if train is not arguments.FROM_STEPS:
+        arguments.check_train(train, (gx, gy))
+    problem = _problem(model, loss, gy, arguments.metric_for(metric, gy), groups)
+    found = arguments.probed(problem, loss, gx, gy)
+    arguments.check_labels("guard", gy, found)
+    if ty is not None:
+        arguments.check_labels("test", ty, found)
+    if arguments.is_pair(train):
+        arguments.check_labels("train", train[1], found)
+    return cfg, problem, (gx, gy), (tx, ty)
 
 
 def fit(
@@ -137,8 +156,9 @@ def fit(
     ``config.out``); ``resume=True`` continues the run in ``run_dir``.
     """
     cfg, problem, (gx, gy), (tx, ty) = _prepare(
-        model, loss, guard, test, optimizer, config, metric, groups
-    )
+        model, loss, guard, test, optimizer, config, metric, groups,
+        modifiers, run_dir, resume, on_step, train=train,
+    )  # fmt: skip
     initial = copy.deepcopy(model) if cfg.compare_fixed else None
     source = Source(as_batches(train, cfg.seed), gx, gy, tx, ty)
 
@@ -152,6 +172,7 @@ def fit(
             problem, [source], cfg, run_dir, resume=resume, modifiers=modifiers,
             baseline=baseline if initial is not None else None, collective=coll, on_step=on_step,
         )  # fmt: skip
+    arguments.check_trained(run)
     module = problem.export(run.params, run.state.buffers)
     fixed_summary = fixed.summary() if fixed else None
     return FitResult(module, summary_record(tuned_summary(run, fixed), fixed_summary), run_dir, run)
@@ -202,7 +223,7 @@ class SelfModifier:
         resume: bool = False,
     ) -> None:
         cfg, self.problem, (gx, gy), (tx, ty) = _prepare(
-            model, loss, guard, test, optimizer, config, metric, groups
+            model, loss, guard, test, optimizer, config, metric, groups, modifiers, run_dir, resume
         )
         source = Source(_NoStream(), gx, gy, tx, ty)
         self.run_dir = None
@@ -217,7 +238,12 @@ class SelfModifier:
         return self.run.step
 
     def step(self, batch: tuple[Any, Tensor]) -> int:
-        """Take one batch ``(x, y)``; returns the base steps done so far."""
+        """Take one batch ``(x, y)``; returns the base steps done so far. A batch unlike the
+        guard's (kinds, row shapes), of unequal lengths, non-finite or with labels outside the
+        model's classes is one :class:`~selfmod.runs.arguments.ArgumentError` line."""
+        guard = self.run.sources[0]
+        found = arguments.probed(self.problem)
+        arguments.check_batch(batch, (guard.guard_x, guard.guard_y), found)
         return self.run.push(batch)
 
     def module(self) -> nn.Module:
@@ -238,6 +264,7 @@ class SelfModifier:
         if self.run_dir is not None:
             finish(self.run_dir, run, None, run.config)
         self.close()
+        arguments.check_trained(run)
         return summary_record(run.summary(), None)
 
     def close(self) -> None:

@@ -125,6 +125,11 @@ def load_model(spec: str) -> nn.Module:
         raise ConfigError(
             f"model = {spec!r} must return a torch.nn.Module (got {type(model).__name__})"
         )
+    if not any(p.is_floating_point() for p in model.parameters()):
+        raise ConfigError(
+            f"model = {spec!r} returned {type(model).__name__} without a floating-point "
+            "parameter: nothing to train; name a callable that returns a model with parameters"
+        )
     return model
 
 

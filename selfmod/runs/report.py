@@ -49,6 +49,10 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+#: matplotlib settings of the report's figures: a parameter, module or modifier name is
+#: drawn as written (``$\\frac{1}$`` is not parsed as mathtext, which would raise on it)
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
 #: line styles cycled over series that may coincide (two layers' dropout, two widths)
 STYLES = ("-", "--", ":", "-.")
 
@@ -402,7 +406,8 @@ def write_report(run_dir: Path, history: dict, entries: list[dict], x: str = "st
     cfg = history.get("config", {})
     modifiers = cfg.get("modifiers") or history["tuned_summary"].get("modifiers", [])
     title = "selfmod train: a run that modifies itself"
-    page = f"""<!doctype html>
+    with _pyplot().rc_context(PLAIN_TEXT):  # names such as "$\\frac{1}$" are text, not TeX
+        page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 64rem; color: #222; }}
