@@ -70,7 +70,7 @@ def test_meta_train_kills_in_checkpoint_writes_and_at_a_random_time_lose_nothing
     points = ["write=ckpt-00000005", "write=ckpt-00000010.json", f"time={0.8 * seconds:.2f}"]
     outcomes = {w: meta_trial(w, tmp_path / f"kill{i}", weights) for i, w in enumerate(points)}
     assert "lost" not in outcomes.values(), outcomes
-    assert outcomes["write=ckpt-00000005"] == "refused"  # no complete checkpoint yet: one line
+    assert outcomes["write=ckpt-00000005"] == "identical"  # nothing checkpointed: starts again
     assert outcomes["write=ckpt-00000010.json"] == "identical", outcomes
 
 
