@@ -110,7 +110,8 @@ def test_another_runs_checkpoints_are_not_resumed_under_this_runs_config(tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("api", "where"), [("fit", "step=25"), ("step", "write=ckpt-00000020.json")]
+    ("api", "where"),
+    [pytest.param("fit", "step=25", marks=pytest.mark.slow), ("step", "write=ckpt-00000020.json")],
 )
 def test_fit_and_self_modifier_killed_resume_identical(tmp_path, api, where):
     expected = api_reference(tmp_path / "reference", api)
