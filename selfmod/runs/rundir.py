@@ -345,7 +345,14 @@ def approve(run_dir: Path, id_: int) -> None:
                 e = done[id_]
                 raise RunDirError(f"change {id_} was {e.decision} at cycle {e.cycle}: {e.reason}")
             e = pending[id_]
-            if e.seq > (kept := newest_head(run_dir, cfg)):
+            kept, cycle = newest_head(run_dir, cfg)
+            if cycle - e.cycle - 1 > cfg.approval_expiry:  # the next cycle expires it at once
+                raise RunDirError(
+                    f"change {id_} was expired at cycle {cycle}, where the run goes on: proposal "
+                    f"{id_} from cycle {e.cycle} is older than approval_expiry "
+                    f"{cfg.approval_expiry} cycles"
+                )
+            if e.seq > kept:
                 raise RunDirError(
                     f"change {id_} was proposed after the newest checkpoint (ledger entry "
                     f"{kept}): a resume goes back to before it and proposes again; resume, and "
@@ -357,16 +364,17 @@ def approve(run_dir: Path, id_: int) -> None:
             )  # fmt: skip
 
 
-def newest_head(run_dir: Path, cfg: Any) -> int:
-    """The ledger entry the newest complete checkpoint recorded (what a resume goes back to;
-    entries after it are superseded), a run without one: every entry."""
+def newest_head(run_dir: Path, cfg: Any) -> tuple[int, int]:
+    """``(ledger entry, cycle)`` the newest complete checkpoint recorded: where a resume goes
+    back to (entries after it are superseded); a run without one: every entry, cycle 0."""
     from selfmod.checkpoint import CheckpointError, load_latest
 
     try:
-        head = load_latest(run_dir, run_id=cfg.run_id)[1]["meta"].get("ledger_head")
+        meta = load_latest(run_dir, run_id=cfg.run_id)[1]["meta"]
     except CheckpointError:
-        head = None
-    return head[0] if is_head(head) else sys.maxsize
+        return sys.maxsize, 0
+    head, cycle = meta.get("ledger_head"), meta.get("cycle")
+    return (head[0] if is_head(head) else sys.maxsize), (cycle if is_int(cycle) else 0)
 
 
 def rollback(run_dir: Path, to: int) -> int:
