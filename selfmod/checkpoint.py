@@ -83,7 +83,8 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically, prune to the last ``keep``; return the manifest.
 
     ``run_id`` (optional) is stored in the manifest; :func:`load_checkpoint` with the same
-    ``run_id`` refuses a checkpoint of another run copied in.
+    ``run_id`` refuses a checkpoint of another run copied in, and pruning removes only this
+    run's own checkpoints.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (got {keep}); the newest checkpoint is always kept")
@@ -110,10 +111,21 @@ def save_checkpoint(
     manifest["manifest_sha256"] = manifest_digest(manifest)
     path = folder / f"{_name(step)}.json"
     atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
-    for old in list_checkpoints(run_dir)[:-keep]:
+    for old in [p for p in list_checkpoints(run_dir) if _written_by(p, run_id)][:-keep]:
         old.unlink(missing_ok=True)
         (folder / old.name.replace(".json", ".safetensors")).unlink(missing_ok=True)
     return path
+
+
+def _written_by(manifest: Path, run_id: str | None) -> bool:
+    """Whether ``manifest`` is a checkpoint of run ``run_id`` (any, without one): only its own
+    are pruned, never one of another run or one that cannot be read."""
+    if run_id is None:
+        return True
+    try:
+        return json.loads(read_bytes(manifest)).get("run_id") == run_id
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

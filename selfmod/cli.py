@@ -108,9 +108,9 @@ def resume(run_dir: RunDir, allow_import: AllowImport = None) -> None:
     """Continue a run from its newest complete checkpoint (bitwise, in deterministic mode).
     Built-in models, data and losses are built again from config.json; a
     "package.module:callable" it names is imported only with --allow-import naming it."""
-    from selfmod.runs.rundir import config_of
+    from selfmod.runs.rundir import cli_config
 
-    _drive(lambda: (run_dir, config_of(run_dir), True), allowed=allow_import or [])
+    _drive(lambda: (run_dir, cli_config(run_dir), True), allowed=allow_import or [])
 
 
 def _drive(

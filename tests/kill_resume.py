@@ -1,13 +1,16 @@
 """Crash consistency: kill -9 at chosen points, then resume; each kill ends as *identical*
 (the final weights byte-for-byte those of an uninterrupted run), *refused* (one line, exit 2,
-nothing changed) or *lost* (anything else: must never happen).
+nothing checkpointed; a fresh start then runs to the same end) or *lost* (anything else: must
+never happen; *different* counts a resume that ended with other weights, which is lost too).
 
 - ``selfmod train``: before a random base step, or halfway through writing any of its files;
   resumed with ``selfmod resume DIR``;
 - ``selfmod meta-train``: after a random wall time (wherever it is, inside a checkpoint write
-  too), or halfway through any checkpoint file; resumed with ``--resume``.
+  too), or halfway through any checkpoint file; resumed with ``--resume``;
+- ``fit(..., run_dir=DIR)`` and a loop of ``SelfModifier.step`` calls: before a random base
+  step or halfway through writing any of their files; resumed with ``resume=True``.
 
-    python tests/kill_resume.py 60 20   # 60 kills of train, 20 of meta-train; prints counts
+    python tests/kill_resume.py 25 3 40 40  # kills of train, meta-train, fit, SelfModifier
 
 Used by ``tests/test_crash_consistency.py`` with a few kills; the README quotes a larger run.
 """
@@ -122,15 +125,95 @@ def meta_trial(where: str, folder: Path, expected: bytes) -> str:
     return "lost"
 
 
-def main(n: int, n_meta: int = 0, seed: int = 0) -> tuple[Counter, Counter]:
-    counts: Counter = Counter()
-    meta: Counter = Counter()
+#: ``fit`` or a ``SelfModifier`` loop into ``argv[1]`` (``argv[2]``: "fit" or "step",
+#: ``argv[3]``: "1" to resume); bad input is one line and exit 2, as the CLI's
+API = """
+import sys
+import torch
+import torch.nn.functional as F
+from selfmod.errors import SelfmodError
+from selfmod.runs import SelfModifier, fit
+
+run_dir, api, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(400, 6, generator=g), torch.randint(0, 3, (400,), generator=g)
+guard = (torch.randn(60, 6, generator=g), torch.randint(0, 3, (60,), generator=g))
+config = {"steps": 40, "cycle": 10, "lookahead": 3, "replay_size": 50, "report": False,
+          "keep_checkpoints": 10, "batch_size": 32}
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+try:
+    if api == "fit":
+        fit(model, F.cross_entropy, (x, y), guard, config=config, run_dir=run_dir, resume=resume)
+    else:
+        sm = SelfModifier(model, F.cross_entropy, guard, config=config, run_dir=run_dir,
+                          resume=resume)
+        batches = [(x[(32 * i) % 352 :][:32], y[(32 * i) % 352 :][:32]) for i in range(40)]
+        for batch in batches[sm.steps_done :]:
+            sm.step(batch)
+        sm.finish()
+except SelfmodError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+"""
+#: the files fit and a SelfModifier loop write (name fragments), each a place to die in
+API_FILES = [
+    "config.json", "ckpt-00000000.safe", "ckpt-00000000.json", "ckpt-00000020.safe",
+    "ckpt-00000030.json", "final.safe", "final.json", "history.json",
+    "summary.json", "status.json",
+]  # fmt: skip
+
+
+def api_reference(folder: Path, api: str) -> bytes:
+    """The final weights of an uninterrupted ``fit`` (``api="fit"``) or SelfModifier loop."""
+    out = _run("-c", API, str(folder / "run"), api, "0")
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return (folder / "run" / "final.safetensors").read_bytes()
+
+
+def api_trial(where: str, folder: Path, api: str, expected: bytes) -> str:
+    """One kill of ``fit`` or a SelfModifier loop at ``where`` and a resume (``resume=True``);
+    a refusal is followed by a fresh start in a new folder, which must end identical."""
+    run_dir = folder / "run"
+    killed = _run(CRASH_AT, where, "-c", API, str(run_dir), api, "0")
+    if killed.returncode != -9:
+        return "lost" if killed.returncode != 0 else "not killed"
+    resumed = _run("-c", API, str(run_dir), api, "1")
+    final = run_dir / "final.safetensors"
+    if resumed.returncode == 2 and resumed.stderr.count("\n") == 1:
+        if list(run_dir.glob("checkpoints/ckpt-*.json")):
+            return "lost"  # refused although a checkpoint was complete
+        fresh = _run("-c", API, str(folder / "fresh"), api, "0")
+        ok = fresh.returncode == 0 and (folder / "fresh" / "final.safetensors").read_bytes()
+        return "refused" if ok == expected else "lost"
+    if resumed.returncode != 0 or not final.is_file():
+        return "lost"
+    return "identical" if final.read_bytes() == expected else "different"
+
+
+def api_points(n: int, seed: int = 0) -> list[str]:
+    """``n`` kill points of fit or SelfModifier: every file once, then random steps and files."""
+    rng = random.Random(seed)
+    out = [f"write={f}" for f in API_FILES]
+    while len(out) < n:
+        out.append(
+            f"step={rng.randrange(40)}" if rng.random() < 0.7 else f"write={rng.choice(API_FILES)}"
+        )
+    return out[:n]
+
+
+def main(
+    n: int, n_meta: int = 0, n_fit: int = 0, n_step: int = 0, seed: int = 0
+) -> dict[str, Counter]:
+    counts: dict[str, Counter] = {k: Counter() for k in ("train", "meta-train", "fit", "step")}
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        expected = reference(Path(tmp) / "reference")
+        if n:
+            expected = reference(Path(tmp) / "reference")
         for i, where in enumerate(points(n, seed)):
             outcome = trial(where, Path(tmp) / f"kill{i}", expected)
-            counts[outcome] += 1
+            counts["train"][outcome] += 1
             print(f"train {i + 1:3d}/{n} {where:28s} {outcome}", flush=True)
         if n_meta:
             weights, seconds = meta_reference(Path(tmp) / "meta-reference")
@@ -141,18 +224,28 @@ def main(n: int, n_meta: int = 0, seed: int = 0) -> tuple[Counter, Counter]:
                     else f"time={rng.uniform(0.2, 1.0) * seconds:.2f}"
                 )
                 outcome = meta_trial(where, Path(tmp) / f"meta{i}", weights)
-                meta[outcome] += 1
+                counts["meta-train"][outcome] += 1
                 print(f"meta-train {i + 1:3d}/{n_meta} {where:22s} {outcome}", flush=True)
-    return counts, meta
+        for api, k in (("fit", n_fit), ("step", n_step)):
+            if not k:
+                continue
+            expected = api_reference(Path(tmp) / f"{api}-reference", api)
+            for i, where in enumerate(api_points(k, seed)):
+                outcome = api_trial(where, Path(tmp) / f"{api}{i}", api, expected)
+                counts[api][outcome] += 1
+                print(f"{api} {i + 1:3d}/{k} {where:28s} {outcome}", flush=True)
+    return counts
 
 
 if __name__ == "__main__":
-    args = [int(a) for a in sys.argv[1:3]]
-    train, meta = main(*(args or [40]))
-    for name, c in (("train", train), ("meta-train", meta)):
+    args = [int(a) for a in sys.argv[1:5]]
+    counts = main(*(args or [40]))
+    names = {"step": "SelfModifier"}
+    for name, c in counts.items():
         if c:
-            tried = sum(c.values())
+            shown = {k: c.get(k, 0) for k in ("identical", "different", "lost", "refused")}
+            shown |= {k: v for k, v in c.items() if k not in shown}
             print(
-                f"{name}: kills tried {tried}: "
-                + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+                f"{names.get(name, name)}: kills {sum(c.values())}: "
+                + ", ".join(f"{k} {v}" for k, v in shown.items())
             )

@@ -1,5 +1,6 @@
 """kill -9 of ``selfmod train`` before base steps and halfway through writing each of its files,
-and of ``selfmod meta-train`` in its checkpoint writes and at a random time, then resume: every
+of ``selfmod meta-train`` in its checkpoint writes and at a random time, and of ``fit`` and a
+``SelfModifier`` loop at a step and in a checkpoint write, then resume: every
 kill resumes byte-identical or is refused in one line; none is lost (``tests/kill_resume.py``;
 the README quotes a larger run of it). Also: a finished run is not run again, a run killed
 before its first checkpoint starts again from step 0, another run's checkpoints are refused."""
@@ -8,7 +9,17 @@ import subprocess
 import sys
 
 import pytest
-from kill_resume import _sets, meta_reference, meta_trial, points, reference, trial
+from kill_resume import (
+    _sets,
+    api_points,
+    api_reference,
+    api_trial,
+    meta_reference,
+    meta_trial,
+    points,
+    reference,
+    trial,
+)
 
 
 @pytest.mark.slow
@@ -70,7 +81,7 @@ def test_meta_train_kills_in_checkpoint_writes_and_at_a_random_time_lose_nothing
     points = ["write=ckpt-00000005", "write=ckpt-00000010.json", f"time={0.8 * seconds:.2f}"]
     outcomes = {w: meta_trial(w, tmp_path / f"kill{i}", weights) for i, w in enumerate(points)}
     assert "lost" not in outcomes.values(), outcomes
-    assert outcomes["write=ckpt-00000005"] == "refused"  # no complete checkpoint yet: one line
+    assert outcomes["write=ckpt-00000005"] == "identical"  # nothing checkpointed: starts again
     assert outcomes["write=ckpt-00000010.json"] == "identical", outcomes
 
 
@@ -96,3 +107,22 @@ def test_another_runs_checkpoints_are_not_resumed_under_this_runs_config(tmp_pat
     )
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "run" in out.stderr and "checkpoint" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("api", "where"),
+    [pytest.param("fit", "step=25", marks=pytest.mark.slow), ("step", "write=ckpt-00000020.json")],
+)
+def test_fit_and_self_modifier_killed_resume_identical(tmp_path, api, where):
+    expected = api_reference(tmp_path / "reference", api)
+    assert api_trial(where, tmp_path / "kill", api, expected) == "identical"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", ["fit", "step"])
+def test_fit_and_self_modifier_kills_at_every_file_write_lose_nothing(tmp_path, api):
+    expected = api_reference(tmp_path / "reference", api)
+    outcomes = {w: api_trial(w, tmp_path / f"kill{i}", api, expected)
+                for i, w in enumerate(api_points(12, seed=1))}  # fmt: skip
+    assert set(outcomes.values()) <= {"identical", "refused"}, outcomes
+    assert outcomes["write=config.json"] == "refused"  # no config: nothing defines the run

@@ -132,6 +132,15 @@ def test_checkpoint_of_another_run_is_refused_and_skipped(tmp_path):
     assert load_latest(tmp_path)[1]["step"] == 2  # without a run id: not checked
 
 
+def test_a_run_prunes_only_its_own_checkpoints(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {}, run_id="other")
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, step, {"w": torch.ones(2)}, {}, keep=2, run_id="mine")
+    steps = [json.loads(p.read_text())["step"] for p in list_checkpoints(tmp_path)]
+    assert steps == [1, 3, 4]  # the other run's is kept, this run's oldest pruned
+    assert (tmp_path / "checkpoints" / "ckpt-00000001.safetensors").is_file()
+
+
 def test_stale_temp_files_are_removed_by_the_next_save(tmp_path):
     _one_checkpoint(tmp_path)
     stale = tmp_path / "checkpoints" / ".ckpt-00000002.safetensors.abc.tmp"

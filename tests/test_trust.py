@@ -324,3 +324,257 @@ def test_fit_resume_with_another_config_is_refused_and_a_second_fit_too(tmp_path
         run(config, resume=False)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
     assert run(config, resume=True).run.counters.examples == 20 * 128  # continues to its end
+
+
+# --------------------------------------------------------------------------- the run's data
+
+
+def _small_fit(run_dir, data, resume, stop_at=None, config=None):
+    """A 20-step fit on ``data`` (``(x, y)``); ``stop_at``: killed (an exception) there."""
+    import torch.nn.functional as F
+
+    from selfmod.runs import fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    gx, gy = torch.linspace(-1, 1, 360).reshape(60, 6), torch.arange(60) % 3
+
+    def stop(run):
+        if run.step == stop_at:
+            raise RuntimeError("killed")
+
+    config = config or {"steps": 20, "cycle": 10, "lookahead": 3, "replay_size": 50}
+    return fit(model, F.cross_entropy, data, (gx, gy), config={**config, "report": False},
+               run_dir=run_dir, resume=resume, on_step=stop)  # fmt: skip
+
+
+def _data(n=300, shift=0.0):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 6, generator=g) + shift, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_resume_on_other_data_is_refused_naming_data(tmp_path, monkeypatch, keyed):
+    from selfmod.errors import SelfmodError
+
+    if keyed:
+        monkeypatch.setenv("SELFMOD_LEDGER_KEY", "a secret")
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        _small_fit(run_dir, _data(), resume=False, stop_at=15)
+    x, y = _data()
+    for other in ((x + 1e-3, y), (x[:200], y[:200]), (x.double(), y)):
+        with pytest.raises(SelfmodError, match=r"the data differs .*\(data: sha256:") as err:
+            _small_fit(run_dir, other, resume=True)
+        assert "\n" not in str(err.value)
+    if keyed:  # the data entry and the checkpoints' record forged, the chain recomputed
+        _forge_data(run_dir, "sha256:" + "0" * 64)
+        with pytest.raises(SelfmodError, match="does not match its hash chain"):
+            _small_fit(run_dir, _data(), resume=True)
+        return
+    assert _small_fit(run_dir, _data(), resume=True).run.step == 20  # its own data continues
+
+
+def _forge_data(run_dir, value):
+    """Record ``value`` as the run's data in its ledger (every hash recomputed, plain sha256,
+    as one without the key would) and in its newest checkpoint."""
+    import sqlite3
+
+    from selfmod.runs.ledger import GENESIS, _digest
+
+    db = sqlite3.connect(run_dir / "ledger.sqlite")
+    prev = GENESIS
+    for seq, cycle, step, kind, decision, reason, payload, _, _ in db.execute(
+        "SELECT * FROM entries ORDER BY seq"
+    ).fetchall():
+        if decision == "data":
+            payload = json.dumps({"data": value}, sort_keys=True, separators=(",", ":"))
+        h = _digest(prev, seq, cycle, step, kind, decision, reason, payload)
+        db.execute(
+            "UPDATE entries SET payload=?, prev_hash=?, hash=? WHERE seq=?",
+            (payload, prev, h, seq),
+        )
+        prev = h
+    db.commit()
+    db.close()
+    _forge_newest(run_dir, edit_meta=lambda m: m.update(data=value))
+
+
+def test_selfmod_resume_of_a_fit_run_says_how_to_continue_it(tmp_path):
+    with pytest.raises(RuntimeError, match="killed"):
+        _small_fit(tmp_path / "run", _data(), resume=False, stop_at=15)
+    res = _selfmod("resume", str(tmp_path / "run"))
+    _one_line_exit_2(res, "is a run of fit()", "fit(..., run_dir=", "resume=True)")
+
+
+# --------------------------------------------------------------------------- forged claims
+
+
+def test_a_forged_completion_of_a_killed_run_is_not_believed(run, builtin_run):
+    (run / "status.json").write_text(json.dumps({"state": "complete", "step": 40}))
+    final = {"file": "final.safetensors", "step": 40, "sha256": "0" * 64, "ledger_head": [1, "x"]}
+    (run / "final.json").write_text(json.dumps(final))
+    res = _selfmod("resume", str(run))
+    assert res.returncode == 0 and "nothing to resume" not in res.stdout, res.stderr
+    final = (run / "final.safetensors").read_bytes()
+    assert final == (builtin_run / "final.safetensors").read_bytes()
+
+
+def test_a_final_json_of_wrong_types_is_one_line_or_ignored(builtin_run, tmp_path):
+    run = Path(shutil.copytree(builtin_run, tmp_path / "run"))
+    for final in ({"step": "40", "ledger_head": 5}, {"ledger_head": ["1", 2]}, [1, 2]):
+        (run / "final.json").write_text(json.dumps(final))
+        _one_line_exit_2(_selfmod("log", str(run)), "final.json")
+    res = _selfmod("resume", str(run))  # not complete as claimed: continued from its checkpoint
+    assert res.returncode == 0, res.stderr
+    assert (run / "final.safetensors").read_bytes() == (
+        builtin_run / "final.safetensors"
+    ).read_bytes()
+
+
+def _opt_wider(tensors):
+    name = next(k for k in tensors if k.startswith("state.opt_state") and k.endswith("weight']"))
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 2, *tensors[name].shape[1:])
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [dict(edit_meta=lambda m: m.pop("python_random")),
+     dict(edit_meta=lambda m: m.update(cycle="1")), dict(edit_tensors=_opt_wider)],
+    ids=["no-random", "string-cycle", "opt-shape"],
+)  # fmt: skip
+def test_more_forged_manifests_are_one_line(run, forge):
+    _forge_newest(run, **forge)
+    _one_line_exit_2(_selfmod("resume", str(run)), "checkpoint ckpt-")
+
+
+# --------------------------------------------------------------------------- approvals
+
+MANUAL = [*SMALL, "steps=160", "approval=manual"]
+
+
+def _crash(where, *args):
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFMOD_LEDGER")}
+    return subprocess.run(
+        [sys.executable, str(HERE / "crash_at.py"), where, *args], capture_output=True,
+        text=True, check=False, env={**env, "PYTHONPATH": path}, timeout=300,
+    )  # fmt: skip
+
+
+def _decisions(run):
+    history = json.loads((run / "history.json").read_text())
+    return [(d["cycle"], d["step"], d["modifier"], d["decision"]) for d in history["tuned"]
+            ["decisions"]]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def manual_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("manual"), *MANUAL[len(SMALL) :])
+
+
+def test_a_manual_approval_run_killed_before_any_approval_resumes_identical(manual_run, tmp_path):
+    sets = [a for s in [*MANUAL, f"out={tmp_path}"] for a in ("--set", s)]
+    assert _crash("step=70", "train", *sets).returncode == -9
+    (run,) = tmp_path.iterdir()
+    res = _selfmod("resume", str(run))
+    assert res.returncode == 0, res.stderr
+    assert _decisions(run) == _decisions(manual_run)  # no expiry twice, nothing lost
+    assert (run / "final.safetensors").read_bytes() == (
+        manual_run / "final.safetensors"
+    ).read_bytes()
+    # a finished run applies nothing more: approving is refused, not promised
+    from selfmod.runs.ledger import Ledger
+
+    with Ledger(run / "ledger.sqlite", create=False) as ledger:
+        pending = [e.seq for e in ledger.entries("proposal") if e.decision == "pending"]
+    _one_line_exit_2(_selfmod("approve", str(run), str(pending[-1])), "is complete (step 160)")
+
+
+@pytest.mark.slow
+def test_a_proposal_superseded_by_a_resume_cannot_be_approved(tmp_path):
+    from selfmod.runs.ledger import Ledger
+
+    sets = [a for s in [*MANUAL, f"out={tmp_path}"] for a in ("--set", s)]
+    assert _crash("step=70", "train", *sets).returncode == -9
+    (run,) = tmp_path.iterdir()
+    again = _crash("step=75", "resume", str(run))  # cycle 3 proposed again, then killed
+    assert again.returncode == -9, again.stderr
+    with Ledger(run / "ledger.sqlite", create=False) as ledger:
+        pending = [e for e in ledger.entries("proposal") if e.decision == "pending"]
+    old, new = [e for e in pending if e.cycle == 3 and e.payload["modifier"] == "grow"]
+    refused = _selfmod("approve", str(run), str(old.seq))  # the first resume went back on it
+    _one_line_exit_2(refused, f"change {old.seq} was superseded by a resume")
+    refused = _selfmod("approve", str(run), str(new.seq))  # the next resume goes back on it
+    _one_line_exit_2(refused, f"change {new.seq} was proposed after the newest checkpoint")
+    (kept,) = [e for e in pending if e.cycle == 2 and e.payload["modifier"] == "grow"]
+    assert _selfmod("approve", str(run), str(kept.seq)).returncode == 0
+    assert _selfmod("resume", str(run)).returncode == 0
+    applied = [d for d in _decisions(run) if d[3] == "applied"]
+    assert applied == [(3, 60, "grow", "applied")], applied
+
+
+# --------------------------------------------------------------------------- crash consistency
+
+
+def test_a_kill_inside_the_scalars_csv_rewrite_loses_no_row(tmp_path, monkeypatch):
+    import csv
+
+    from selfmod.runs.logs import Logs
+
+    rows = "step,loss\n50,1.0\n100,0.5\n150,0.25\n"
+    (tmp_path / "scalars.csv").write_text(rows)
+
+    def killed(self, rows):
+        raise KeyboardInterrupt  # as a kill halfway through the rewrite
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Logs(tmp_path, start=100)
+    assert (tmp_path / "scalars.csv").read_text() == rows
+    monkeypatch.undo()
+    Logs(tmp_path, start=100).close()
+    assert (tmp_path / "scalars.csv").read_text().splitlines() == ["step,loss", "50,1.0", "100,0.5"]
+
+
+def test_self_modifier_holds_the_run_lock_until_close(tmp_path):
+    import torch.nn.functional as F
+
+    from selfmod.runs import SelfModifier
+    from selfmod.runs.lock import RunLockedError, run_lock
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    guard = (torch.randn(30, 6), torch.arange(30) % 3)
+    sm = SelfModifier(model, F.cross_entropy, guard, config={"cycle": 5, "lookahead": 2},
+                      run_dir=tmp_path / "run")  # fmt: skip
+    with pytest.raises(RunLockedError), run_lock(tmp_path / "run"):
+        pass
+    sm.close()
+    with run_lock(tmp_path / "run"):
+        pass
+
+
+HOLDER = """
+import sys, time
+from selfmod.runs.lock import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_new_fit_takes_the_lock_before_it_writes_config_json(tmp_path):
+    from selfmod.runs.lock import RunLockedError
+
+    (tmp_path / "run").mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError):
+            _small_fit(tmp_path / "run", _data(), resume=False)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    finally:
+        proc.kill()
+        proc.wait()

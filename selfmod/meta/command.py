@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from selfmod.checkpoint import list_checkpoints
 from selfmod.meta import distributed
 from selfmod.meta.train import MetaTrainConfig, meta_train, read_checkpoint
 from selfmod.process_group import leave_process_group
@@ -27,8 +28,8 @@ def run_meta_train(
 ) -> Path:
     """Meta-train; returns the output folder. Initialises ``torch.distributed`` under torchrun."""
     cfg = load_meta_config(config, overrides)
-    if resume:  # a checkpoint that cannot be resumed is one line, before any progress output
-        read_checkpoint(Path(cfg.out), cfg)
+    if resume and list_checkpoints(cfg.out):  # a checkpoint that cannot be resumed is one
+        read_checkpoint(Path(cfg.out), cfg)  # line, before any progress output (none: anew)
     started_group = False
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

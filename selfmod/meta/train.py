@@ -17,7 +17,7 @@ kept until the new one is complete), and the learned optimizer alone to
 ``out/weights.safetensors`` with its description ``out/weights.json``
 (:mod:`selfmod.optim.saved`; a run uses it as ``optimizer = "learned:OUT"``). ``resume``
 continues from the newest complete set exactly where it stopped: resuming any number of times
-gives the uninterrupted run's weights.
+gives the uninterrupted run's weights (a run killed before its first set starts again).
 
 State is flattened by name (``torch.utils._pytree.keystr`` paths such as ``[1][0].mu['b0']``),
 never by position, so the order of a dict's keys never matters.
@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
 
 from selfmod import hypergrad, optim
-from selfmod.checkpoint import CheckpointError, load_latest
+from selfmod.checkpoint import CheckpointError, list_checkpoints, load_latest
 from selfmod.checkpoint import save_checkpoint as save_checkpoint_set
 from selfmod.files import atomic_write_bytes
 from selfmod.meta import distributed
@@ -147,6 +147,8 @@ def meta_train(
     out = Path(cfg.out)
     start_step = 0
     my_slots = distributed.shard(range(cfg.meta_batch))
+    if resume and not list_checkpoints(out):  # killed before its first checkpoint: start again
+        resume = False
     if resume:
         weights, meta_state, start_step, slots = load_checkpoint(
             out, cfg, weights, meta_state, lambda i, episode: _reset(i, episode, cfg, tasks, opt)

@@ -41,6 +41,7 @@ from selfmod.introspect.modifiers import Modifier
 from selfmod.introspect.problem import Problem, default_metric, write_into
 from selfmod.runs import arguments, distributed
 from selfmod.runs.config import validate
+from selfmod.runs.lock import run_lock
 from selfmod.runs.rundir import open_run_dir
 from selfmod.runs.session import build_run, drive, finish, on_main, summary_record, tuned_summary
 
@@ -167,7 +168,7 @@ def fit(
         return _problem(initial, loss, gy, metric, groups), [fixed_source]  # type: ignore[arg-type]
 
     with distributed.session() as coll, global_state_kept():
-        run_dir, cfg = on_main(coll, lambda: open_run_dir(run_dir, cfg, resume))
+        run_dir, cfg = on_main(coll, lambda: open_run_dir(run_dir, cfg, resume, by="fit"))
         run, fixed, _ = drive(
             problem, [source], cfg, run_dir, resume=resume, modifiers=modifiers,
             baseline=baseline if initial is not None else None, collective=coll, on_step=on_step,
@@ -226,12 +227,20 @@ class SelfModifier:
             model, loss, guard, test, optimizer, config, metric, groups, modifiers, run_dir, resume
         )
         source = Source(_NoStream(), gx, gy, tx, ty)
-        self.run_dir = None
-        if run_dir is not None:
-            self.run_dir, cfg = open_run_dir(run_dir, cfg, resume)
-        self.run, self.recorder = build_run(
-            self.problem, [source], cfg, self.run_dir, modifiers=modifiers, resume=resume
-        )
+        self.run_dir, self._lock = None, contextlib.ExitStack()  # the run lock, till close()
+        with contextlib.ExitStack() as failed:
+            failed.callback(self._lock.close)
+            if run_dir is not None:
+                if not resume:
+                    Path(run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+                if Path(run_dir).is_dir():
+                    self._lock.enter_context(run_lock(run_dir))
+                by = "SelfModifier"
+                self.run_dir, cfg = open_run_dir(run_dir, cfg, resume, by=by, locked=True)
+            self.run, self.recorder = build_run(
+                self.problem, [source], cfg, self.run_dir, modifiers=modifiers, resume=resume
+            )
+            failed.pop_all()
 
     @property
     def steps_done(self) -> int:
@@ -268,8 +277,10 @@ class SelfModifier:
         return summary_record(run.summary(), None)
 
     def close(self) -> None:
+        """Close the ledger and let go of the run directory's lock."""
         if self.recorder is not None:
             self.recorder.close()
+        self._lock.close()
 
 
 class _NoStream:

@@ -8,6 +8,7 @@ terminal (then a line per log point stands in for the progress bar).
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from selfmod.files import FILE_MODE, open_private, private_dir
+from selfmod.files import FILE_MODE, atomic_write_text, open_private, private_dir
 
 CSV_NAME, TENSORBOARD = "scalars.csv", "tensorboard"
 
@@ -96,11 +97,12 @@ class Logs:
             rows = list(csv.DictReader(f))
         self._columns = list(rows[0]) if rows else None
         kept = [r for r in rows if r.get("step") and _number(r["step"]) <= step]
-        with open_private(self.csv_path, "w", newline="") as f:
-            if self._columns:
-                writer = csv.DictWriter(f, self._columns)
-                writer.writeheader()
-                writer.writerows(kept)
+        text = io.StringIO(newline="")
+        if self._columns:
+            writer = csv.DictWriter(text, self._columns)
+            writer.writeheader()
+            writer.writerows(kept)
+        atomic_write_text(self.csv_path, text.getvalue())  # a kill here loses no row
 
     def log(self, step: int, row: dict[str, Any], total: int) -> None:
         """One log point: a CSV row, TensorBoard scalars, and (not a terminal) a line."""

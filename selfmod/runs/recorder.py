@@ -9,12 +9,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
 from selfmod.checkpoint import CheckpointError, load_latest, save_checkpoint
 from selfmod.introspect.events import Recorder, RunView
 from selfmod.introspect.loop import Loop
+from selfmod.runs.fingerprint import fingerprint
 from selfmod.runs.ledger import Ledger
 from selfmod.runs.logs import Logs
-from selfmod.runs.rundir import is_head
+from selfmod.runs.rundir import is_head, start_entry, superseded
 
 
 class RunRecorder(Recorder):
@@ -33,6 +37,27 @@ class RunRecorder(Recorder):
         self.ledger = Ledger(self.run_dir / "ledger.sqlite")
         self.keep, self.run_id = keep, run_id or None
         self.logs = logs  # CSV, TensorBoard and console lines (the CLI's runs)
+        self.data: str | None = None  # the run's data fingerprint, once :meth:`start` ran
+
+    def start(self, run: Loop) -> None:
+        """Bind the run to its data and config, or refuse another: the ledger's ``start``
+        entry records the config (:func:`~selfmod.runs.rundir.open_run_dir`) and a ``data``
+        entry the data's fingerprint (:func:`~selfmod.runs.fingerprint.fingerprint`), both in
+        the hash chain (keyed where a key is set); a run started again or resumed on other
+        data or under another config is refused in one line naming the field."""
+        self.data = fingerprint(run.sources)
+        self.ledger.verify()
+        start = start_entry(self.ledger)
+        if start is not None:
+            check_config(start.payload.get("config"), run.config, "the ledger's start entry")
+        recorded = next((e for e in self.ledger.entries("event") if e.decision == "data"), None)
+        if recorded is None:
+            self.ledger.append(
+                "event", cycle=run.cycle, step=run.step, decision="data",
+                reason="the run's data fingerprint", payload={"data": self.data},
+            )  # fmt: skip
+        else:
+            check_data(recorded.payload.get("data"), self.data, "the ledger's data entry")
 
     def close(self) -> None:
         self.ledger.close()
@@ -58,14 +83,25 @@ class RunRecorder(Recorder):
         meta["ledger_head"] = list(self.ledger.head())
         if (record := config_record(run.config)) is not None:  # what a resume must run under
             meta["config"] = record
+        if self.data is not None:
+            meta["data"] = self.data
         save_checkpoint(self.run_dir, run.step, tensors, meta, keep=self.keep, run_id=self.run_id)
 
     def pending(self, run: RunView) -> list[tuple[int, int, dict[str, Any], bool]]:
-        approvals = {e.payload.get("proposal") for e in self.ledger.entries("approval")}
+        """The pending changes of the run that goes on (not those of a segment a resume went
+        back on), each approved or not: an approval counts for the proposal and the cycle it
+        names."""
+        entries = self.ledger.entries()
+        gone = superseded(entries)
+        approvals = {
+            (e.payload.get("proposal"), e.payload.get("cycle", e.cycle))
+            for e in entries
+            if e.kind == "approval"
+        }
         return [
-            (e.seq, e.cycle, e.payload["change"], e.seq in approvals)
-            for e in self.ledger.entries("proposal")
-            if e.decision == "pending"
+            (e.seq, e.cycle, e.payload["change"], (e.seq, e.cycle) in approvals)
+            for e in entries
+            if e.kind == "proposal" and e.decision == "pending" and e.seq not in gone
         ]
 
     def resume(self, run: Loop, at_most: int | None = None) -> None:
@@ -78,8 +114,12 @@ class RunRecorder(Recorder):
             raise CheckpointError(f"{name}: meta.ledger_head is missing or not [seq, hash]")
         self.ledger.verify(tuple(meta["ledger_head"]))
         check_config(meta.get("config"), run.config, name)
+        if "data" in meta and self.data is not None:
+            check_data(meta["data"], self.data, name)
         try:  # a forged or partial manifest: a missing field, a wrong type or tensor shape
             run.restore(tensors, meta)
+            for state in (run.state, run.good):
+                check_shapes(state.opt_state, run.opt.init(state.params), "optimizer state")
             ints = ("step", "cycle", "divergences", "cycled_at", "source_id")
             bad = [k for k in ints if not _is_int(getattr(run.counters, k))]
             if bad or run.step != manifest["step"]:
@@ -101,6 +141,31 @@ class RunRecorder(Recorder):
             f"resumed from checkpoint at step {run.step}; the {superseded} entries "
             f"after entry {seq} are superseded",
             {"from_seq": seq + 1},
+        )
+
+
+def check_shapes(restored: Any, template: Any, what: str) -> None:
+    """``ValueError`` unless ``restored`` has ``template``'s structure and tensor shapes (an
+    optimizer-state tensor of another shape would fail, or broadcast, steps later)."""
+    got, _ = pytree.tree_flatten_with_path(restored)
+    want, _ = pytree.tree_flatten_with_path(template)
+    shapes = lambda leaves: [  # noqa: E731
+        (pytree.keystr(p), tuple(v.shape) if isinstance(v, Tensor) else None) for p, v in leaves
+    ]
+    for (name, a), (_, b) in zip(shapes(got), shapes(want), strict=False):
+        if a != b:
+            raise ValueError(f"{what} {name} has shape {a}, the run's is {b}")
+    if len(got) != len(want):
+        raise ValueError(f"{what} has {len(got)} entries, the run's {len(want)}")
+
+
+def check_data(recorded: Any, now: str, name: str) -> None:
+    """One line naming ``data`` unless ``now`` is the data fingerprint ``name`` recorded."""
+    if recorded != now:
+        raise CheckpointError(
+            f"the data differs from the data {name} recorded (data: {recorded!s:.23} then, "
+            f"{now:.23} now: other values, rows, shapes or dtypes); pass the run's own data, or "
+            "start a new run"
         )
 
 

@@ -8,8 +8,11 @@ file, an id that is not pending) is a :class:`RunDirError` or another
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Any, NamedTuple
 from selfmod.errors import SelfmodError
 from selfmod.files import DIR_MODE, atomic_write_text, read_bytes
 from selfmod.runs.config import TrainConfig, saved_config
-from selfmod.runs.ledger import Ledger
+from selfmod.runs.ledger import Entry, Ledger
 from selfmod.runs.lock import run_lock
 
 
@@ -35,6 +38,8 @@ RUN_ENTRIES = (
     "ledger.sqlite-wal", "ledger.sqlite-shm", "scalars.csv", ".lock", "checkpoints",
     "tensorboard",
 )  # fmt: skip
+#: what only a run holds: a new run is never made in a folder that has one of them
+RUN_HELD = ("config.json", "ledger.sqlite", "checkpoints")
 #: folders of a run directory whose entries may not be symbolic links either
 RUN_FOLDERS = ("checkpoints", "checkpoints/rolled-back", "tensorboard")
 
@@ -76,11 +81,15 @@ def with_run_id(cfg: Any) -> Any:
     return cfg.model_copy(update={"run_id": uuid.uuid4().hex})
 
 
-def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Path, Any]:
+def open_run_dir(
+    run_dir: str | Path | None, cfg: Any, resume: bool, *, by: str = "train", locked: bool = False
+) -> tuple[Path, Any]:
     """``(run_dir, config)``: (``resume``) the saved config of ``run_dir`` (``cfg``, if given,
     must equal it but for ``run_id`` and ``out``), or a new run
-    directory (default: under ``cfg.out``) with a fresh ``run_id`` and its ``config.json``; a
-    folder that already holds a run is refused, never reused."""
+    directory (default: under ``cfg.out``) with a fresh ``run_id``, its ledger's ``start``
+    entry (who made the run, ``by``, and its config) and then its ``config.json``, written
+    holding the run lock (``locked``: the caller holds it); a folder that already holds a run is
+    refused, never reused."""
     if resume:
         if run_dir is None:
             raise RunDirError("resume needs a run directory")
@@ -105,14 +114,21 @@ def open_run_dir(run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Pa
     run_dir = new_run_dir(cfg.out) if run_dir is None else Path(run_dir)
     run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     check_links(run_dir)
-    held = [n for n in ("config.json", "ledger.sqlite", "checkpoints") if (run_dir / n).exists()]
-    if held:  # never prune, resume or overwrite another run's files
-        raise RunDirError(
-            f"{run_dir} already holds a run ({held[0]}); resume it (resume=True, selfmod resume) "
-            "or give a new or empty run_dir"
-        )
-    cfg = with_run_id(cfg)
-    atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
+    with contextlib.nullcontext() if locked else run_lock(run_dir):
+        held = [n for n in RUN_HELD if (run_dir / n).exists()]
+        if held:  # never prune, resume or overwrite another run's files
+            raise RunDirError(
+                f"{run_dir} already holds a run ({held[0]}); resume it (resume=True, selfmod "
+                "resume) or give a new or empty run_dir"
+            )
+        cfg = with_run_id(cfg)
+        with Ledger(run_dir / "ledger.sqlite") as ledger:  # bound to the chain, keyed or not
+            record = json.loads(cfg.model_dump_json())
+            ledger.append(
+                "event", cycle=0, step=0, decision="start", reason=f"run started by {by}",
+                payload={"by": by, "config": record},
+            )  # fmt: skip
+        atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=1))
     return run_dir, cfg
 
 
@@ -166,15 +182,61 @@ def json_file(path: Path) -> Any:
 
 
 def completed(run_dir: Path, cfg: Any) -> int | None:
-    """The final step of a finished run in ``run_dir`` (``final.json`` at ``cfg.steps`` and
-    ``status.json`` saying complete, which is written last), else ``None``."""
+    """The final step of a finished run in ``run_dir``, else ``None``: ``status.json`` says
+    complete, ``final.json`` is at ``cfg.steps`` and names the sha256 of ``final.safetensors``,
+    and the ledger's last entry (its chain verified) is the run's ``complete`` entry for that
+    step and file. A forged claim (a killed run's ``status.json``, a ``final.json`` of wrong
+    types, final weights that are not the run's) is not completion: the run resumes."""
     try:
-        step = json.loads(read_bytes(run_dir / "final.json"))["step"]
+        final = json.loads(read_bytes(run_dir / "final.json"))
         state = json.loads(read_bytes(run_dir / "status.json"))["state"]
+        step, sha = final["step"], final["sha256"]
+        done = state == "complete" and is_int(step) and step >= cfg.steps and isinstance(sha, str)
+        weights = read_bytes(run_dir / "final.safetensors") if done else b""
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    done = state == "complete" and isinstance(step, int) and step >= cfg.steps
-    return step if done else None
+    if not done or hashlib.sha256(weights).hexdigest() != sha:
+        return None
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+        ledger.verify()
+        last = ledger.entries()[-1:]
+    end = last[0] if last else None
+    ok = end is not None and (end.kind, end.decision, end.step) == ("event", "complete", step)
+    return step if ok and end.payload.get("final_sha256") == sha else None  # type: ignore[union-attr]
+
+
+def start_entry(ledger: Ledger) -> Entry | None:
+    """The ledger's ``start`` entry (who made the run, its config; ``None`` in a run made
+    before runs recorded one)."""
+    return next((e for e in ledger.entries("event") if e.decision == "start"), None)
+
+
+def superseded(entries: list[Entry]) -> set[int]:
+    """The seqs of ``entries`` that a resume went back on: those after the checkpoint it
+    resumed from and before the resume entry itself (a proposal made there was never made in
+    the run that goes on)."""
+    spans = [(e.payload.get("from_seq"), e.seq) for e in entries if e.kind == "resume"]
+    spans = [(a, b) for a, b in spans if is_int(a)]
+    return {e.seq for e in entries if any(a <= e.seq < b for a, b in spans)}
+
+
+def cli_config(run_dir: Path) -> TrainConfig:  # type: ignore[valid-type]
+    """:func:`config_of` a run that ``selfmod resume`` can continue: one that ``fit`` or
+    ``SelfModifier`` made runs its caller's model, data and loss, which config.json cannot
+    name, and is refused in one line saying how to continue it."""
+    cfg = config_of(run_dir)
+    start = None
+    if (run_dir / "ledger.sqlite").is_file():
+        with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+            start = start_entry(ledger)
+    by = start.payload.get("by", "train") if start is not None else "train"
+    if by != "train":
+        raise RunDirError(
+            f"{run_dir} is a run of {by}() on its caller's model, data and loss, which "
+            f"config.json cannot name; continue it in Python: {by}(..., "
+            f"run_dir={str(run_dir)!r}, resume=True)"
+        )
+    return cfg
 
 
 def ledger_head(run_dir: Path) -> tuple[int, str]:
@@ -206,11 +268,13 @@ def verified_log(run_dir: Path) -> Log:
     head = None
     if final.is_file():
         recorded = json_file(final)
-        head = (
-            tuple(recorded["ledger_head"])
-            if isinstance(recorded, dict) and "ledger_head" in recorded
-            else None
-        )
+        claimed = recorded.get("ledger_head") if isinstance(recorded, dict) else None
+        if not is_head(claimed):
+            raise RunDirError(
+                f"{final}: ledger_head must be [seq, hash] (got {claimed!r:.40}); the file is "
+                "forged or damaged: selfmod resume rewrites it"
+            )
+        head = tuple(claimed)
     with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
         n = ledger.verify(head)  # type: ignore[arg-type]
         rows = [e for e in ledger.entries() if e.kind != "cycle"]
@@ -243,36 +307,74 @@ def write_run_report(run_dir: Path, x: str = "step") -> Path:
 
 
 def approve(run_dir: Path, id_: int) -> None:
-    """Approve pending change ``id_`` of a manual-approval run (an ``approval`` ledger entry;
-    the run applies it at its next cycle unless it has expired by then)."""
-    config_of(run_dir)
-    with run_lock(run_dir), Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        ledger.verify()
-        pending = {e.seq: e for e in ledger.entries("proposal") if e.decision == "pending"}
-        if id_ not in pending:
-            ids = ", ".join(map(str, sorted(pending))) or "none"
+    """Approve pending change ``id_`` of a manual-approval run (an ``approval`` ledger entry
+    naming the proposal and the cycle it was verified for; the run applies it at its next
+    cycle unless it has expired by then). A change a resume went back on, or one of a finished
+    run, cannot be approved: nothing would apply it."""
+    cfg = config_of(run_dir)
+    with run_lock(run_dir):
+        if (step := completed(run_dir, cfg)) is not None:
             raise RunDirError(
-                f"ID must be a pending change of {run_dir} (got {id_}); pending: {ids}"
+                f"the run in {run_dir} is complete (step {step}): no later cycle applies change "
+                f"{id_}; start a new run to try it"
             )
-        if any(e.payload.get("proposal") == id_ for e in ledger.entries("approval")):
-            raise RunDirError(f"change {id_} is already approved")
-        done = {
-            e.payload.get("change", {}).get("proposal"): e
-            for e in ledger.entries("proposal")
-            if e.decision in ("applied", "expired")
-        }
-        if id_ in done:
-            e = done[id_]
-            raise RunDirError(f"change {id_} was {e.decision} at cycle {e.cycle}: {e.reason}")
-        e = pending[id_]
-        ledger.append(
-            "approval",
-            cycle=e.cycle,
-            step=e.step,
-            decision="approved",
-            reason=f"change {id_} approved",
-            payload={"proposal": id_},
-        )
+        with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+            ledger.verify()
+            entries = ledger.entries()
+            gone = superseded(entries)
+            proposals = [e for e in entries if e.kind == "proposal"]
+            if any(e.seq == id_ and e.decision == "pending" for e in proposals) and id_ in gone:
+                raise RunDirError(
+                    f"change {id_} was superseded by a resume (the run went back to before it "
+                    "was proposed); approve the change the resumed run proposes (selfmod log)"
+                )
+            pending = {e.seq: e for e in proposals if e.decision == "pending" and e.seq not in gone}
+            if id_ not in pending:
+                ids = ", ".join(map(str, sorted(pending))) or "none"
+                raise RunDirError(
+                    f"ID must be a pending change of {run_dir} (got {id_}); pending: {ids}"
+                )
+            if any(e.payload.get("proposal") == id_ for e in entries if e.kind == "approval"):
+                raise RunDirError(f"change {id_} is already approved")
+            done = {
+                e.payload.get("change", {}).get("proposal"): e
+                for e in proposals
+                if e.decision in ("applied", "expired") and e.seq not in gone
+            }
+            if id_ in done:
+                e = done[id_]
+                raise RunDirError(f"change {id_} was {e.decision} at cycle {e.cycle}: {e.reason}")
+            e = pending[id_]
+            kept, cycle = newest_head(run_dir, cfg)
+            if cycle - e.cycle - 1 > cfg.approval_expiry:  # the next cycle expires it at once
+                raise RunDirError(
+                    f"change {id_} was expired at cycle {cycle}, where the run goes on: proposal "
+                    f"{id_} from cycle {e.cycle} is older than approval_expiry "
+                    f"{cfg.approval_expiry} cycles"
+                )
+            if e.seq > kept:
+                raise RunDirError(
+                    f"change {id_} was proposed after the newest checkpoint (ledger entry "
+                    f"{kept}): a resume goes back to before it and proposes again; resume, and "
+                    "approve the change it proposes once a later checkpoint is written"
+                )
+            ledger.append(
+                "approval", cycle=e.cycle, step=e.step, decision="approved",
+                reason=f"change {id_} approved", payload={"proposal": id_, "cycle": e.cycle},
+            )  # fmt: skip
+
+
+def newest_head(run_dir: Path, cfg: Any) -> tuple[int, int]:
+    """``(ledger entry, cycle)`` the newest complete checkpoint recorded: where a resume goes
+    back to (entries after it are superseded); a run without one: every entry, cycle 0."""
+    from selfmod.checkpoint import CheckpointError, load_latest
+
+    try:
+        meta = load_latest(run_dir, run_id=cfg.run_id)[1]["meta"]
+    except CheckpointError:
+        return sys.maxsize, 0
+    head, cycle = meta.get("ledger_head"), meta.get("cycle")
+    return (head[0] if is_head(head) else sys.maxsize), (cycle if is_int(cycle) else 0)
 
 
 def rollback(run_dir: Path, to: int) -> int:
@@ -328,6 +430,11 @@ def rollback(run_dir: Path, to: int) -> int:
                 payload={"modifier": "user", "to_cycle": to},
             )
         return target
+
+
+def is_int(value: Any) -> bool:
+    """An ``int`` that is no ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_head(head: Any) -> bool:

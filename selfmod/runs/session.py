@@ -36,6 +36,7 @@ from selfmod.introspect.modifiers import Modifier
 from selfmod.introspect.probes import against_fixed
 from selfmod.introspect.problem import Problem
 from selfmod.runs import distributed
+from selfmod.runs.ledger import Ledger
 from selfmod.runs.lock import run_lock
 from selfmod.runs.logs import Logs
 from selfmod.runs.recorder import RunRecorder
@@ -119,6 +120,8 @@ def build_run(
         else None
     )
     loop = Loop(problem, sources, cfg, modifiers=modifiers, recorder=recorder)
+    if recorder is not None:  # the data and config the run began on, or one line
+        recorder.start(loop)
     if resume and main:
         if recorder is None:
             raise SelfmodError("resume needs a run directory")
@@ -204,10 +207,16 @@ def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, 
         {k: v.detach().contiguous().cpu() for k, v in {**run.params, **run.state.buffers}.items()}
     )
     atomic_write_bytes(run_dir / "final.safetensors", data)
+    sha = hashlib.sha256(data).hexdigest()
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:  # what completion is
+        ledger.append(
+            "event", cycle=run.cycle, step=run.step, decision="complete",
+            reason=f"run complete at step {run.step}", payload={"final_sha256": sha},
+        )  # fmt: skip
     final = {
         "file": "final.safetensors",
         "step": run.step,
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": sha,
         "torch": torch.__version__,
         "ledger_head": list(ledger_head(run_dir)),
     }
