@@ -139,7 +139,8 @@ g = torch.Generator().manual_seed(0)
 x, y = torch.randn(400, 6, generator=g), torch.randint(0, 3, (400,), generator=g)
 guard = (torch.randn(60, 6, generator=g), torch.randint(0, 3, (60,), generator=g))
 config = {"steps": 40, "cycle": 10, "lookahead": 3, "replay_size": 50, "report": False,
-          "keep_checkpoints": 10, "batch_size": 32}
+          "keep_checkpoints": 10, "batch_size": 32,
+          "meta_budget": None}  # a cycle (and a checkpoint) every 10 steps: API_FILES
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
 try:

@@ -208,7 +208,10 @@ def test_cli_kill_and_resume_is_byte_identical(model, optimizer, tmp_path):
         "data=user_models:digits",
         f"optimizer={optimizer}",
         "compare_fixed=false",
-        *(f"{k}={v}" for k, v in _config(optimizer, guard_size=200).items()),
+        *(
+            f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in _config(optimizer, guard_size=200).items()
+        ),
     ]
     args = [a for s in sets for a in ("--set", s)]
     full = _cli("train", *args, "--set", f"out={tmp_path / 'a'}")

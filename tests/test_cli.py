@@ -146,6 +146,16 @@ BAD_VALUES = {
     "safeguards": ("maybe", "safeguards must be true or false (got 'maybe')"),
     "deterministic": ("maybe", "deterministic must be true or false (got 'maybe')"),
     "modifiers.grow.grow_strict": ("2", "modifiers.grow.grow_strict must be true or false (got 2)"),
+    "modifiers.grow.grow_beats_noise": (
+        "maybe",
+        "modifiers.grow.grow_beats_noise must be true or false (got 'maybe')",
+    ),
+    "modifiers.lr.level_step": (
+        "-1",
+        "modifiers.lr.level_step must be a number in [0, 10] (got -1)",
+    ),
+    "keep_best": ("maybe", "keep_best must be true or false (got 'maybe')"),
+    "probe_rows": ("-1", "probe_rows must be an integer in [0, 1000000] (got -1)"),
     "modifiers.dropout.regularize_strict": (
         "2",
         "modifiers.dropout.regularize_strict must be true or false (got 2)",
