@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,11 +52,6 @@ def test_tex_backslash_and_quote_names_are_drawn_as_text(tmp_path):
     assert done.run.step == CONFIG["steps"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a checkpoint names a parameter params['NAME'] on restore but repr() (double quotes) "
-    "when saved: a name with a single quote does not resume (selfmod/introspect/state.py)",
-)
 def test_quote_and_backslash_names_resume(tmp_path):
     train, guard, test = _data()
     cfg = {**CONFIG, "report": False}

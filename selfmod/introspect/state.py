@@ -10,6 +10,7 @@ new field or modifier needs no resume code.
 
 from __future__ import annotations
 
+import ast
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -120,7 +121,7 @@ def read_state(
 ) -> RunState:
     """The :class:`RunState` saved under ``prefix`` (:func:`flatten`), its optimizer state's
     structure from ``opt_init`` and its modifiers' memory from the saved names."""
-    params = {k: tensors[f"{prefix}.params['{k}']"] for k in names}
+    params = {k: tensors[f"{prefix}.params[{k!r}]"] for k in names}  # as pytree.keystr wrote
     template = RunState(
         params, _under(tensors, f"{prefix}.buffers"), opt_init(params),
         _under(tensors, f"{prefix}.hparams"), 0, memory_template(tensors, prefix), 0.0,
@@ -129,11 +130,18 @@ def read_state(
 
 
 def _under(tensors: dict[str, Tensor], head: str) -> Params:
-    """``{key: tensor}`` for names ``head['key']`` (one level)."""
+    """``{key: tensor}`` for names ``head[repr(key)]`` (one level, as ``pytree.keystr`` writes
+    a string key: any quotes or backslashes in it)."""
     out = {}
     for name, t in tensors.items():
-        if name.startswith(head + "['") and name.endswith("']") and "']['" not in name[len(head) :]:
-            out[name[len(head) + 2 : -2]] = t
+        if not (name.startswith(head + "[") and name.endswith("]")):
+            continue
+        try:
+            key = ast.literal_eval(name[len(head) + 1 : -1])
+        except (ValueError, SyntaxError):  # deeper than one level: not this one's
+            continue
+        if isinstance(key, str):
+            out[key] = t
     return out
 
 
