@@ -34,7 +34,15 @@ app = typer.Typer(
     help="Gradient-based self-modification for PyTorch.",
 )
 console = Console(stderr=True)
-RunDir = Annotated[Path, typer.Argument(help="a run directory")]
+
+
+def _resolved(run_dir: Path) -> Path:  # once, as the command takes it
+    from selfmod.runs.rundir import resolved
+
+    return resolved(run_dir)
+
+
+RunDir = Annotated[Path, typer.Argument(help="a run directory", callback=_resolved)]
 Config = Annotated[Path | None, typer.Argument(help="TOML config; defaults if omitted")]
 
 

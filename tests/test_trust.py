@@ -578,3 +578,17 @@ def test_a_new_fit_takes_the_lock_before_it_writes_config_json(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_run_directory_is_resolved_once_when_taken(tmp_path):
+    """A command or a run takes the real path of its run directory once: a link swapped in
+    afterwards does not redirect it."""
+    from selfmod.runs.rundir import resolved
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    taken = resolved(tmp_path / "link")
+    (tmp_path / "link").unlink()
+    (tmp_path / "link").symlink_to(tmp_path)  # swapped after the command took the path
+    assert taken == real.resolve() and taken.is_absolute()

@@ -44,6 +44,13 @@ RUN_HELD = ("config.json", "ledger.sqlite", "checkpoints")
 RUN_FOLDERS = ("checkpoints", "checkpoints/rolled-back", "tensorboard")
 
 
+def resolved(run_dir: str | Path) -> Path:
+    """``run_dir`` as an absolute path with every link resolved, once, when a command or a run
+    takes it: what it reads and writes after that cannot be redirected by a link swapped in
+    meanwhile (links inside the run are refused: :func:`check_links`)."""
+    return Path(run_dir).expanduser().resolve()
+
+
 def check_links(run_dir: str | Path) -> None:
     """Raise (one line) if a file or folder selfmod reads or writes in ``run_dir`` is a
     symbolic link: nothing is read or written outside a run directory through it."""
@@ -93,7 +100,7 @@ def open_run_dir(
     if resume:
         if run_dir is None:
             raise RunDirError("resume needs a run directory")
-        run_dir = Path(run_dir)
+        run_dir = resolved(run_dir)
         if not (run_dir / "config.json").is_file():
             raise RunDirError(f"{run_dir} has no config.json: nothing to resume")
         saved = config_of(run_dir)
@@ -111,7 +118,7 @@ def open_run_dir(
                     "pass the run's config, or start a new run in a new run_dir"
                 )
         return run_dir, saved
-    run_dir = new_run_dir(cfg.out) if run_dir is None else Path(run_dir)
+    run_dir = resolved(new_run_dir(cfg.out) if run_dir is None else run_dir)
     run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     check_links(run_dir)
     with contextlib.nullcontext() if locked else run_lock(run_dir):
