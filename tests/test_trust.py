@@ -343,7 +343,8 @@ def _small_fit(run_dir, data, resume, stop_at=None, config=None):
         if run.step == stop_at:
             raise RuntimeError("killed")
 
-    config = config or {"steps": 20, "cycle": 10, "lookahead": 3, "replay_size": 50}
+    config = config or {"steps": 20, "cycle": 10, "lookahead": 3, "replay_size": 50,
+                        "budget_unit": "steps"}  # fmt: skip
     return fit(model, F.cross_entropy, data, (gx, gy), config={**config, "report": False},
                run_dir=run_dir, resume=resume, on_step=stop)  # fmt: skip
 

@@ -145,15 +145,17 @@ class RunRecorder(Recorder):
 
 
 def check_shapes(restored: Any, template: Any, what: str) -> None:
-    """``ValueError`` unless ``restored`` has ``template``'s structure and tensor shapes (an
-    optimizer-state tensor of another shape would fail, or broadcast, steps later)."""
+    """``ValueError`` unless ``restored`` has ``template``'s structure and, for tensors keyed
+    by a parameter's name (Adam's moments, a momentum), its shapes: a per-parameter state of
+    another shape would fail, or broadcast, steps later. Unkeyed state (a learned optimizer's
+    memory across tensors, sized as it was when saved) keeps its own shape."""
     got, _ = pytree.tree_flatten_with_path(restored)
     want, _ = pytree.tree_flatten_with_path(template)
     shapes = lambda leaves: [  # noqa: E731
         (pytree.keystr(p), tuple(v.shape) if isinstance(v, Tensor) else None) for p, v in leaves
     ]
     for (name, a), (_, b) in zip(shapes(got), shapes(want), strict=False):
-        if a != b:
+        if a != b and ("['" in name or '["' in name):  # per parameter: ...['name']
             raise ValueError(f"{what} {name} has shape {a}, the run's is {b}")
     if len(got) != len(want):
         raise ValueError(f"{what} has {len(got)} entries, the run's {len(want)}")
