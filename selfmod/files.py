@@ -11,10 +11,11 @@ in the final component (``O_NOFOLLOW``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 FILE_MODE, DIR_MODE = 0o600, 0o700
@@ -45,14 +46,16 @@ def private_dir(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """A temp file beside ``path`` for the caller to fill; then fsync'd, renamed over ``path``
+    and the folder fsync'd (removed instead if the caller raises)."""
     path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -63,33 +66,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with _replacing(Path(path)) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def atomic_write_file(path: str | os.PathLike[str], fill: Callable[[str], None]) -> tuple[str, int]:
     """Write ``path`` atomically through ``fill(temp_path)`` (a writer that takes a file name,
     such as ``safetensors.torch.save_file``: no whole-file ``bytes`` in memory); returns the
     written file's sha256 (hex) and size, read back in chunks."""
-    path = Path(path)
-    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _replacing(Path(path)) as tmp:
         fill(tmp)
         digest, size = hashlib.sha256(), 0
         with open(tmp, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
                 size += len(chunk)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
     return digest.hexdigest(), size
 
 
