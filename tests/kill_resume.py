@@ -76,13 +76,14 @@ def trial(where: str, folder: Path, expected: bytes) -> str:
     return "lost"
 
 
-def points(n: int, seed: int = 0) -> list[str]:
-    """``n`` kill points: every file once, then seeded random base steps and files."""
+def points(n: int, seed: int = 0, files: list[str] = FILES, steps: int = 120) -> list[str]:
+    """``n`` kill points: every one of ``files`` once, then seeded random base steps (below
+    ``steps``) and files."""
     rng = random.Random(seed)
-    out = [f"write={f}" for f in FILES]
+    out = [f"write={f}" for f in files]
     while len(out) < n:
         out.append(
-            f"step={rng.randrange(120)}" if rng.random() < 0.7 else f"write={rng.choice(FILES)}"
+            f"step={rng.randrange(steps)}" if rng.random() < 0.7 else f"write={rng.choice(files)}"
         )
     return out[:n]
 
@@ -195,13 +196,7 @@ def api_trial(where: str, folder: Path, api: str, expected: bytes) -> str:
 
 def api_points(n: int, seed: int = 0) -> list[str]:
     """``n`` kill points of fit or SelfModifier: every file once, then random steps and files."""
-    rng = random.Random(seed)
-    out = [f"write={f}" for f in API_FILES]
-    while len(out) < n:
-        out.append(
-            f"step={rng.randrange(40)}" if rng.random() < 0.7 else f"write={rng.choice(API_FILES)}"
-        )
-    return out[:n]
+    return points(n, seed, API_FILES, 40)
 
 
 def main(
