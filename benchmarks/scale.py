@@ -1,6 +1,6 @@
-"""What the self-modifying loop costs at sizes users have: plain AdamW against ``fit`` with the
-README's defaults, from ~0.1M to ~20M parameters at the same step budget, each measurement in
-its own process, on two models (``--model``):
+"""What the self-modifying loop costs at sizes users have: plain AdamW against ``fit`` with
+its defaults (lr 1e-3, as plain AdamW's), from ~0.1M to ~20M parameters at the same step
+budget, each measurement in its own process, on two models (``--model``):
 
 - ``mlp``: an MLP 40-W-W-10 on MNIST-1D, batch 64; metric: test accuracy;
 - ``lm``: the byte-level causal Transformer of ``selfmod.bench.workloads`` (``pylm``) scaled by
@@ -199,7 +199,8 @@ def table(rows: list[dict], steps: int, model: str = "mlp") -> str:
         ", one thread, each measurement in its own process (address space capped at"
         " `--memory` GB); peak memory is the resident size above the process's resident size"
         " before the model is built; CPU ratio: user + system seconds (one thread: the wall time on"
-        " an idle core, for a shared machine). `fit` uses the README's defaults (AdamW, lr 1e-3).",
+        " an idle core, for a shared machine). `fit` uses its defaults but for the learning rate:"
+        " 1e-3, as plain AdamW's.",
         "",
         "| params | plain AdamW s | fit s | wall ratio | CPU ratio | plain MB | fit MB |"
         f" memory ratio | examples plain / fit | {metric} plain / fit |",
