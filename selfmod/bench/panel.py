@@ -63,6 +63,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from selfmod.bench.vs_search import _finite
 from selfmod.bench.workloads import WORKLOADS, Workload
 from selfmod.files import atomic_write_text
 
@@ -442,21 +443,10 @@ def run_panel(argv: list[str] | None = None, log: Callable[[str], None] | None =
     record["chosen"] = choose(record["workloads"])
     text = markdown(record)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(_jsonable(record), indent=1))
+    atomic_write_text(out, json.dumps(_finite(record), indent=1))
     atomic_write_text(out.with_suffix(".md"), text)
     log(f"panel: {minutes:.1f} min; wrote {out} and {out.with_suffix('.md').name}")
     return text
-
-
-def _jsonable(x: Any) -> Any:
-    """Non-finite floats as ``None``."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def parser() -> argparse.ArgumentParser:

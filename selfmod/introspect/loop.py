@@ -75,8 +75,7 @@ class Loop:
         self.buffer = replay.empty(g.guard_x[:0], g.guard_y[:0])
         self.history: dict[str, list] = {"log": [], "probes": [], "decisions": []}
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
-        self.scheduled = False  # the rates follow config.lr_schedule (run(): the end is known)
-        self.good, self.best = self.state.clone(), best.Best()
+        self.good, self.best, self.scheduled = self.state.clone(), best.Best(), False
         self._introduce_source(0)
 
     step = property(lambda self: self.counters.step, doc="base steps done")
@@ -112,7 +111,7 @@ class Loop:
         """Train to ``config.steps``, cycling, checkpointing and logging; resumable."""
         cfg, n = self.config, self.counters
         start = self._clock = time.perf_counter() - n.seconds
-        self.scheduled = True  # a known end: the rates follow cfg.lr_schedule over it
+        self.scheduled = True  # a known end: the rates follow cfg.lr_schedule, logs end there
         while not budget.spent(cfg, n.step, n.examples) and n.diverged_at is None:
             if cfg.shift_step and n.step == cfg.shift_step and n.source_id == 0:
                 self._shift()
@@ -224,7 +223,8 @@ class Loop:
         n.first_loss = loss if n.first_loss is None else n.first_loss
         n.last_loss = loss
         n.step += 1
-        if n.step % 50 == 0 or n.step == cfg.steps or budget.spent(cfg, n.step, n.examples):
+        ended = self.scheduled and budget.spent(cfg, n.step, n.examples)  # run(): its last
+        if n.step % 50 == 0 or n.step == cfg.steps or ended:
             self.log_point()
 
     def _next_batch(self) -> Batch:
@@ -240,12 +240,12 @@ class Loop:
 
     def _rollback(self, reason: str, ends_cycle: bool = False) -> None:
         before, n, self.pending = self.values(), self.counters, []
-        n.cycle += ends_cycle
         self.state = verifier.rolled_back(self.good)
         self.good = self.state.clone()
         why = f"{reason}; restored the last good state, halved learning rates and meta_lr "
         why += f"(now {self.state.meta_lr:.3g})"
         self._record(Decision(n.cycle, n.step, "safeguard", "rollback", why, before, self.values()))
+        n.cycle += ends_cycle  # recorded in the cycle it ends
 
     def log_point(self) -> None:
         """A log point's row (:func:`.summary.log_row`) in the history and to the recorder; its

@@ -105,8 +105,11 @@ def _prepare(
     modifiers: Any = None,
     *more: Any,
     train: Any = arguments.FROM_STEPS,
-) -> tuple[Any, Problem, tuple[Tensor, Tensor], tuple[Tensor | None, Tensor | None]]:
-    """``(config, problem, guard pair, test pair)`` of the public entry points (``fit`` and
+) -> tuple[
+    Any, Problem, tuple[Tensor, Tensor], tuple[Tensor | None, Tensor | None], arguments.Probe
+]:
+    """``(config, problem, guard pair, test pair, what the probe found)`` of the public entry
+    points (``fit`` and
     ``SelfModifier`` train no fixed baseline unless ``compare_fixed`` is given), every argument
     checked first (:mod:`selfmod.runs.arguments`: one line naming the argument and the fix);
     ``train``: ``fit``'s training data, checked against the guard."""
@@ -121,13 +124,13 @@ def _prepare(
     if train is not arguments.FROM_STEPS:
         arguments.check_train(train, (gx, gy))
     problem = _problem(model, loss, gy, arguments.metric_for(metric, gy), groups)
-    found = arguments.probed(problem, loss, gx, gy)
+    found = arguments.probe(problem, loss, gx, gy)
     arguments.check_labels("guard", gy, found)
     if ty is not None:
         arguments.check_labels("test", ty, found)
     if arguments.is_pair(train):
         arguments.check_labels("train", train[1], found)
-    return cfg, problem, (gx, gy), (tx, ty)
+    return cfg, problem, (gx, gy), (tx, ty), found
 
 
 def fit(
@@ -156,7 +159,7 @@ def fit(
     the ledger, checkpoints, summary and report go (default: a new folder under
     ``config.out``); ``resume=True`` continues the run in ``run_dir``.
     """
-    cfg, problem, (gx, gy), (tx, ty) = _prepare(
+    cfg, problem, (gx, gy), (tx, ty), _ = _prepare(
         model, loss, guard, test, optimizer, config, metric, groups,
         modifiers, run_dir, resume, on_step, train=train,
     )  # fmt: skip
@@ -223,7 +226,7 @@ class SelfModifier:
         run_dir: str | Path | None = None,
         resume: bool = False,
     ) -> None:
-        cfg, self.problem, (gx, gy), (tx, ty) = _prepare(
+        cfg, self.problem, (gx, gy), (tx, ty), self._probe = _prepare(
             model, loss, guard, test, optimizer, config, metric, groups, modifiers, run_dir, resume
         )
         source = Source(_NoStream(), gx, gy, tx, ty)
@@ -251,8 +254,7 @@ class SelfModifier:
         guard's (kinds, row shapes), of unequal lengths, non-finite or with labels outside the
         model's classes is one :class:`~selfmod.runs.arguments.ArgumentError` line."""
         guard = self.run.sources[0]
-        found = arguments.probed(self.problem)
-        arguments.check_batch(batch, (guard.guard_x, guard.guard_y), found)
+        arguments.check_batch(batch, (guard.guard_x, guard.guard_y), self._probe)
         return self.run.push(batch)
 
     def module(self) -> nn.Module:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -379,19 +378,6 @@ def probe(problem: Any, loss: Callable[[Any, Tensor], Tensor], gx: Tensor, gy: T
             ) from err
         _check_loss_value(loss, value)
     return Probe(classes, ignore)
-
-
-_FOUND: weakref.WeakKeyDictionary[Any, Probe] = weakref.WeakKeyDictionary()
-
-
-def probed(
-    problem: Any, loss: Any = None, gx: Tensor | None = None, gy: Tensor | None = None
-) -> Probe | None:
-    """:func:`probe` of ``problem`` once (given ``loss`` and the guard), then what it found
-    (``None``: never probed)."""
-    if loss is not None and gx is not None and gy is not None:
-        _FOUND[problem] = probe(problem, loss, gx, gy)
-    return _FOUND.get(problem)
 
 
 def metric_for(metric: str | None, gy: Tensor) -> str | None:

@@ -25,7 +25,7 @@ def _feed(h: Any, x: Any) -> None:
     if isinstance(x, Tensor):
         t = x.detach().cpu().contiguous()
         h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, not a copy of them
     elif isinstance(x, dict):
         h.update(f"dict {len(x)};".encode())
         for k in sorted(x, key=str):
