@@ -50,6 +50,14 @@ class Best:
         why = f"verify guard loss {final:.6g} at the end, {self.loss:.6g} at step {self.step}"
         return replace(state, params=self.params, buffers=self.buffers), why
 
+    def ended(
+        self, problem: Any, verify: tuple[Tensor, Tensor], state: RunState, config: Any
+    ) -> tuple[RunState, str]:
+        """``(the state the run ends with, why it is the best one)``: :meth:`returned` under
+        ``config.epsilon``, else ``(state, "")``."""
+        kept, why = self.returned(problem, verify, state, config.epsilon)
+        return (state, "") if kept is None else (kept, why)
+
     def summary(self) -> dict[str, Any] | None:
         return None if self.params is None else {"step": self.step, "guard_loss": self.loss}
 

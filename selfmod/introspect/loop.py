@@ -5,11 +5,10 @@ and reversible. Every ``cycle`` base steps it takes the next ``lookahead`` batch
     -> apply to a copy and replay the K lookahead steps -> verify (invariants)
     -> commit, queue for approval, or reject
 
-(the estimate only where a due modifier reads the meta-gradient). The loop drives and is the
-one place that changes the run; its pieces take explicit inputs: :mod:`.build`, :mod:`.feed`,
-:mod:`.lookahead`, :mod:`.decide`, :mod:`.verifier`, :mod:`.events`, :mod:`.state`,
-:mod:`.summary`. :meth:`Loop.run` pulls batches from the sources' streams; :meth:`Loop.push`
-takes the caller's (a loop the caller owns, as with Accelerate).
+(the estimate only where a due modifier reads the meta-gradient), after :mod:`.race` where set.
+The loop is the one place that changes the run; its pieces take explicit inputs (:mod:`.build`,
+:mod:`.feed`, :mod:`.lookahead`, :mod:`.decide`, :mod:`.verifier`, :mod:`.events`, ...).
+:meth:`Loop.run` pulls batches from the sources' streams; :meth:`Loop.push` takes the caller's.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from selfmod.errors import DivergenceError, NonFiniteError
-from selfmod.introspect import best, budget, build, decide, replay, schedule, shift, verifier
+from selfmod.introspect import best, budget, build, decide, race, replay, schedule, shift, verifier
 from selfmod.introspect.events import Decision, Recorder, jsonable, payload
 from selfmod.introspect.feed import DTYPES, Batch, Source, add_source, device_of, guard
 from selfmod.introspect.lookahead import Lookahead, train_step
@@ -70,9 +69,8 @@ class Loop:
         self.applied: set[int] = set()  # manual approval: the proposals acted on
         self.pending: list[Batch] = []  # the lookahead batches not yet trained on
         self.lookahead: Lookahead | None = None  # the current cycle's
-        g = self.sources[0]
-        self.example = g.guard_x[:1]  # (1, ...): the cost model's input
-        self.buffer = replay.empty(g.guard_x[:0], g.guard_y[:0])
+        g = self.sources[0]  # the cost model's input: one example (1, ...)
+        self.example, self.buffer = g.guard_x[:1], replay.empty(g.guard_x[:0], g.guard_y[:0])
         self.history: dict[str, list] = {"log": [], "probes": [], "decisions": []}
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
         self.good, self.best, self.scheduled = self.state.clone(), best.Best(), False
@@ -112,6 +110,8 @@ class Loop:
         cfg, n = self.config, self.counters
         start = self._clock = time.perf_counter() - n.seconds
         self.scheduled = True  # a known end: the rates follow cfg.lr_schedule, logs end there
+        if self.tune and cfg.level_race and not n.raced:
+            self._race()
         while not budget.spent(cfg, n.step, n.examples) and n.diverged_at is None:
             if cfg.shift_step and n.step == cfg.shift_step and n.source_id == 0:
                 self._shift()
@@ -121,20 +121,25 @@ class Loop:
             self.base_step()
             if on_step is not None:
                 on_step(self)
-        if cfg.keep_best and n.diverged_at is None:
-            self._end_at_best()
+        if cfg.keep_best and n.diverged_at is None:  # early stopping (.best)
+            self.state, why = self.best.ended(self.problem, self.guard("verify"), self.state, cfg)
+            if why:
+                self.event("event", "best state returned", why, {"step": self.best.step})
         n.seconds = time.perf_counter() - start
 
-    def _end_at_best(self) -> None:  # early stopping (.best)
-        verify, epsilon = self.guard("verify"), self.config.epsilon
-        kept, why = self.best.returned(self.problem, verify, self.state, epsilon)
-        if kept is not None:
-            self.state = kept
-            self.event("event", "best state returned", why, {"step": self.best.step})
+    def _race(self) -> None:  # the rates' level raced before the first cycle (.race)
+        start, n, cfg = time.perf_counter(), self.counters, self.config
+        self.pending, n.raced = [self._next_batch() for _ in range(race.steps(cfg))], True
+        r = race.run(self.state, self.pending, cfg, self.train_step, self.losses.guard, self.guard)
+        d = Decision(0, 0, "level_race", *r.decision, self.values(), self.values(r.state), *r.guard)
+        self._record(d, extra={"race": [e.__dict__ for e in r.entries]})
+        self.state = r.state if r.decision[0] == "commit" else self.state
+        n.meta_examples += r.cost
+        n.meta_seconds += time.perf_counter() - start
 
     def push(self, batch: tuple[Any, Tensor]) -> int:
         """Take the caller's batch ``(x, y)``; train as far as the queued batches allow (a cycle
-        waits for its ``lookahead`` batches). Returns the base steps done so far."""
+        waits for its ``lookahead`` batches); returns the base steps done so far."""
         start = time.perf_counter()
         self.feed.inbox.append(batch)
         while self.feed.inbox or self.pending:
@@ -155,7 +160,7 @@ class Loop:
 
     def _boundary(self) -> bool:  # a cycle's turn, unless over meta_budget (then skipped)
         n, cfg = self.counters, self.config
-        due = self.tune and n.step % cfg.cycle == 0 and n.cycled_at != n.step
+        due = self.tune and n.step % cfg.cycle == 0 and n.cycled_at != n.step and not self.pending
         if due and not budget.meta_allowed(cfg, n.examples, n.meta_examples, n.last_cycle):
             n.cycled_at, n.cycles_skipped, due = n.step, n.cycles_skipped + 1, False
         return due
@@ -175,9 +180,6 @@ class Loop:
     def _introduce_source(self, s: int) -> None:
         self.counters.source_id, at = s, (self.step, s, self.config, self.rng)
         self.buffer = add_source(self.buffer, self.problem, self.state, self.sources[s], *at)
-
-    def _batch_loss(self, x: Tensor, y: Tensor) -> Tensor:  # (n,): the replay buffer's note
-        return replay.batch_loss(self.problem, self.state.params, self.state.buffers, x, y)
 
     def _shift(self) -> None:
         self._introduce_source(1)
@@ -240,10 +242,8 @@ class Loop:
 
     def _rollback(self, reason: str, ends_cycle: bool = False) -> None:
         before, n, self.pending = self.values(), self.counters, []
-        self.state = verifier.rolled_back(self.good)
+        self.state, why = verifier.rolled_back(self.good, reason)
         self.good = self.state.clone()
-        why = f"{reason}; restored the last good state, halved learning rates and meta_lr "
-        why += f"(now {self.state.meta_lr:.3g})"
         self._record(Decision(n.cycle, n.step, "safeguard", "rollback", why, before, self.values()))
         n.cycle += ends_cycle  # recorded in the cycle it ends
 
@@ -282,8 +282,9 @@ class Loop:
         if dead:
             return self._rollback(dead, ends_cycle=True)
         for x, y, _ in self.pending:  # the reservoir sees what the model is about to train on
-            at = (n.step, n.source_id, cfg.replay_size, self.rng)
-            self.buffer = replay.add_train(self.buffer, x, y, self._batch_loss(x, y), *at)
+            s, at = self.state, (n.step, n.source_id, cfg.replay_size, self.rng)
+            loss = replay.batch_loss(self.problem, s.params, s.buffers, x, y)
+            self.buffer = replay.add_train(self.buffer, x, y, loss, *at)
         due = [m for m in self.modifiers if self.due(m)]
         estimated = any(m.reads_meta_gradient for m in due)
         current, g = math.nan, {}
@@ -302,15 +303,15 @@ class Loop:
         look.current = self.state
         if proposals and (not estimated or (cfg.verify_on == "held_out" and cfg.safeguards)):
             current = look.baseline(self.state)
-        for proposal in proposals:
-            self.verify_and_decide(proposal, current)
+        for proposal in proposals:  # each judged against the state the ones before it left
+            current = self.verify_and_decide(proposal, current)
         look.release()
         self.good = self.state.clone()
         n.cycle += 1
 
     def look_ahead(self) -> Lookahead:
-        """Queue the next ``lookahead`` batches (the base steps train on them next) and make
-        the cycle's :class:`~.lookahead.Lookahead` over them, from the random state now."""
+        """Queue the next ``lookahead`` batches (trained on next) and make the cycle's
+        :class:`~.lookahead.Lookahead` over them from the random state now."""
         n, cuda = self.counters, self.device.type == "cuda"
         self.pending = [self._next_batch() for _ in range(self.config.lookahead)]
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
@@ -321,23 +322,22 @@ class Loop:
         )  # fmt: skip
         return self.lookahead
 
-    def verify_and_decide(self, proposal: Proposal, current: float) -> None:
+    def verify_and_decide(self, proposal: Proposal, current: float) -> float:
         """Apply ``proposal`` to a copy, replay, verify (:func:`.decide.verdict`); the run changes
-        only on commit (queued under manual approval, else rejected)."""
-        look, cfg = self.lookahead, self.config
+        only on commit. Returns the guard loss the next one must keep (a commit's, else current)."""
+        look, cfg, state = self.lookahead, self.config, self.state
         assert look is not None, "verify_and_decide runs inside a cycle"
-        proposed, state = self._apply(proposal, self.state), self.state
+        proposed = self._apply(proposal, state)
         decision, reason, value = decide.verdict(proposal, look, state, proposed, current, cfg)
-        d = Decision(
-            self.cycle, self.step, proposal.modifier, decision, reason,
-            self.values(), self.values(proposed), current, value,
-        )  # fmt: skip
+        at, before, after = (self.cycle, self.step), self.values(), self.values(proposed)
+        d = Decision(*at, proposal.modifier, decision, reason, before, after, current, value)
         self._record(d, proposal)
         if decision == "commit":
             moved = shift.commit_shift(look, self.buffer.x, self.state, proposed, cfg.probe_rows)
-            entry = {"cycle": self.cycle, "step": self.step, "modifier": proposal.modifier}
-            self.history.setdefault("self_shift", []).append({**entry, "shift": moved})
+            entry = {"cycle": at[0], "step": at[1], "modifier": proposal.modifier, "shift": moved}
+            self.history.setdefault("self_shift", []).append(entry)
             self.state = look.current = proposed
+        return value if decision == "commit" else current
 
     def _apply_approved(self) -> None:
         """Manual approval: apply every approved pending change, expire the late ones

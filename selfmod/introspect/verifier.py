@@ -159,9 +159,11 @@ def dead(problem: Any, state: RunState, x: Tensor) -> str | None:
     return None
 
 
-def rolled_back(good: RunState) -> RunState:
-    """The rollback policy: the last good state with every learning rate and the meta
-    learning rate halved."""
+def rolled_back(good: RunState, reason: str) -> tuple[RunState, str]:
+    """``(state, why)``: the rollback policy, the last good state with every learning rate and
+    the meta learning rate halved, and the ledger's reason for it (``reason``: what happened)."""
     state = good.clone()
     h = {**state.hparams, "log_lr": state.hparams["log_lr"] - math.log(2.0)}
-    return replace(state, hparams=h, meta_lr=state.meta_lr * 0.5)
+    state = replace(state, hparams=h, meta_lr=state.meta_lr * 0.5)
+    why = f"{reason}; restored the last good state, halved learning rates and meta_lr "
+    return state, why + f"(now {state.meta_lr:.3g})"
