@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -172,6 +172,16 @@ class MetaFields(BaseModel):
         le=1_000_000,
         description="learning rates' meta-gradient: also through the past ~N base steps "
         "(first-order tangent discounted by 1 - 1/N; reverse or checkpointed); 0: the lookahead",
+    )
+    level_race: list[Annotated[float, Field(gt=0, le=1000)]] = Field(
+        [],
+        max_length=8,
+        description="factors of every learning rate raced against the unchanged level over "
+        "the first race_share of the steps, before the first cycle; the lowest guard loss wins "
+        "if the verifying split agrees; []: no race",
+    )
+    race_share: float = Field(
+        0.1, gt=0, le=0.5, description="level_race: each level trains this share of the steps"
     )
     meta_lr: float = Field(0.5, gt=0, le=10, description="step on log hyperparameters")
     trust_region: float = Field(0.7, gt=0, le=10, description="max |change of log h| per cycle")

@@ -265,12 +265,13 @@ class Counters:
     meta_examples: float = 0.0
     cycles_skipped: int = 0
     last_cycle: float = 0.0  # the last cycle's work: the next one's estimate
+    raced: bool = False  # the rates' level has been raced (``level_race``, :mod:`.race`)
 
     #: counters added after checkpoints were first written, and their value when absent from
     #: an older one (not known)
     LATER: ClassVar[dict[str, Any]] = {
         "examples": None, "meta_seconds": math.nan, "meta_examples": 0.0, "cycles_skipped": 0,
-        "last_cycle": 0.0,
+        "last_cycle": 0.0, "raced": True,
     }  # fmt: skip
 
     def saved(self) -> dict[str, Any]:
