@@ -159,8 +159,10 @@ def test_keep_best_returns_the_best_verified_state_when_the_run_ends_worse(tmp_p
     survives a checkpoint; without the option, or ending no worse, the final params stay."""
     cfg = {**FAST, "steps": 120, "modifiers": [], "optimizer": "sgd", "lr": 0.5}
     plain = Introspector(TrainConfig(**cfg))
+    plain.problem.metric = "loss"  # judged by its loss, as a regression is
     plain.run()
     run = Introspector(TrainConfig(**cfg, keep_best=True))
+    run.problem.metric = "loss"
     events = []
     run.event = lambda kind, decision, reason, payload: events.append((decision, payload))
     run.run()
@@ -181,22 +183,35 @@ def test_keep_best_returns_the_best_verified_state_when_the_run_ends_worse(tmp_p
     assert again.summary()["best_verified"] == best
 
 
-def test_best_offers_keep_the_lowest_and_return_it_only_past_epsilon():
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+def test_best_offers_keep_the_best_metric_and_return_it_only_past_epsilon(metric):
+    """A classifier's record is kept by accuracy (a lower loss at a lower accuracy does not
+    replace it) and returned when the end is more than ``epsilon`` below it; a run whose metric
+    is the loss, by the loss, returned past ``1 + epsilon`` times it."""
     from selfmod.introspect.best import Best
 
     run = Introspector(TrainConfig(**{**FAST, "modifiers": []}))
+    run.problem.metric = metric
     verify = run.guard("verify")
     first = Best().offer(run.problem, verify, 0, run.state)
     run.run()
     kept = first.offer(run.problem, verify, 60, run.state)
-    assert kept.step == 60 and kept.loss < first.loss  # trained: lower
+    assert kept.step == 60 and kept.loss < first.loss  # trained: lower loss, higher accuracy
+    assert (kept.accuracy >= first.accuracy) if metric == "accuracy" else kept.accuracy == -math.inf
     state, why = first.returned(run.problem, verify, run.state, 0.01)
     assert state is None and why == ""  # the end is better than step 0's
     state, why = kept.returned(run.problem, verify, run.state, 0.01)
     assert state is None  # the end is the best
-    worse = Best(kept.loss / 2, 7, first.params, first.buffers)
+    if metric == "accuracy":
+        confident = Best(kept.loss * 2, 7, first.params, first.buffers, kept.accuracy + 0.005)
+        assert confident.offer(run.problem, verify, 9, run.state) is confident  # accuracy first
+        assert confident.returned(run.problem, verify, run.state, 0.01)[0] is None  # within eps
+        worse = Best(kept.loss * 2, 7, first.params, first.buffers, kept.accuracy + 0.05)
+    else:
+        worse = Best(kept.loss / 2, 7, first.params, first.buffers)
     state, why = worse.returned(run.problem, verify, run.state, 0.01)
     assert state is not None and state.params is first.params and "step 7" in why
+    assert metric in why
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

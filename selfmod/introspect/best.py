@@ -1,12 +1,14 @@
 """The best verified state, for early stopping (``keep_best``).
 
-At every log point (every 50 base steps, and the last) the run's guard loss on the
-``"verify"`` part of the guard (data that neither the probes nor the meta-gradient read) is
-measured; the parameters and buffers with the lowest are kept (a model's copy, referenced:
-states are immutable). When the run ends, a final verify loss worse than the best by more
-than ``epsilon`` returns the best state's parameters and buffers instead (the optimizer state
-and hyperparameters stay the final ones), and the ledger and the summary say so. Saved in
-every checkpoint: a resumed run returns the same.
+At every log point (every 50 base steps, and the last) the run's metric on the ``"verify"``
+part of the guard (data that neither the probes nor the meta-gradient read) is measured; the
+parameters and buffers with the best are kept (a model's copy, referenced: states are
+immutable). The metric is the one the run reports: accuracy for a classifier (ties to the
+lower loss; a lower loss can come with a lower accuracy, as a classifier grows confident), the
+loss otherwise. When the run ends worse than the best by more than ``epsilon`` (accuracy:
+``epsilon`` below; loss: ``1 + epsilon`` times above), the best state's parameters and buffers
+are returned instead (the optimizer state and hyperparameters stay the final ones), and the
+ledger and the summary say so. Saved in every checkpoint: a resumed run returns the same.
 """
 
 from __future__ import annotations
@@ -24,31 +26,43 @@ Params = dict[str, Tensor]
 
 @dataclass(frozen=True)
 class Best:
-    """The lowest verify guard loss seen at a cycle's start, its base step, params, buffers."""
+    """The best verify guard metric seen at a log point (and its loss), its base step, params
+    and buffers (``accuracy = -inf``: a run whose metric is the loss)."""
 
     loss: float = math.inf
     step: int = -1
     params: Params | None = None
     buffers: Params | None = None
+    accuracy: float = -math.inf
 
     def offer(
         self, problem: Any, verify: tuple[Tensor, Tensor], step: int, state: RunState
     ) -> Best:
-        """This record, or ``state`` at ``step`` if its loss on ``verify`` is lower."""
-        loss, _ = problem.evaluate(state.params, state.buffers, *verify)
-        return Best(loss, step, state.params, state.buffers) if loss < self.loss else self
+        """This record, or ``state`` at ``step`` if it does better on ``verify``: a higher
+        accuracy (equal: a lower loss) for a classifier, else a lower loss."""
+        loss, metric = problem.evaluate(state.params, state.buffers, *verify)
+        acc = metric if problem.metric == "accuracy" else -math.inf
+        better = (acc, -loss) > (self.accuracy, -self.loss)
+        return Best(loss, step, state.params, state.buffers, acc) if better else self
 
     def returned(
         self, problem: Any, verify: tuple[Tensor, Tensor], state: RunState, epsilon: float
     ) -> tuple[RunState | None, str]:
-        """``(state with the best params and buffers, why)`` when ``state``'s loss on
-        ``verify`` is worse than the best by more than ``epsilon`` (relative); else
-        ``(None, "")``."""
-        final, _ = problem.evaluate(state.params, state.buffers, *verify)
-        if self.params is None or not final > self.loss * (1 + epsilon):
+        """``(state with the best params and buffers, why)`` when ``state`` does worse on
+        ``verify`` than the best by more than ``epsilon`` (accuracy: that much lower; loss:
+        relatively higher); else ``(None, "")``."""
+        final, metric = problem.evaluate(state.params, state.buffers, *verify)
+        if self.params is None:
             return None, ""
-        why = f"verify guard loss {final:.6g} at the end, {self.loss:.6g} at step {self.step}"
-        return replace(state, params=self.params, buffers=self.buffers), why
+        if problem.metric == "accuracy":
+            if not metric < self.accuracy - epsilon:
+                return None, ""
+            why = f"verify guard accuracy {metric:.4g} at the end, {self.accuracy:.4g} at step "
+        elif final > self.loss * (1 + epsilon):
+            why = f"verify guard loss {final:.6g} at the end, {self.loss:.6g} at step "
+        else:
+            return None, ""
+        return replace(state, params=self.params, buffers=self.buffers), why + str(self.step)
 
     def ended(
         self, problem: Any, verify: tuple[Tensor, Tensor], state: RunState, config: Any
@@ -59,7 +73,10 @@ class Best:
         return (state, "") if kept is None else (kept, why)
 
     def summary(self) -> dict[str, Any] | None:
-        return None if self.params is None else {"step": self.step, "guard_loss": self.loss}
+        if self.params is None:
+            return None
+        out = {"step": self.step, "guard_loss": self.loss}
+        return out | ({"guard_accuracy": self.accuracy} if self.accuracy > -math.inf else {})
 
 
 def save(best: Best, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
@@ -70,7 +87,8 @@ def save(best: Best, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     # copies: the best state may be the current one, and a checkpoint holds no shared storage
     tensors.update({f"best.params.{k}": v.clone() for k, v in best.params.items()})
     tensors.update({f"best.buffers.{k}": v.clone() for k, v in (best.buffers or {}).items()})
-    meta["best"] = {"loss": best.loss, "step": best.step}
+    acc = best.accuracy if best.accuracy > -math.inf else None  # JSON has no infinity
+    meta["best"] = {"loss": best.loss, "step": best.step, "accuracy": acc}
 
 
 def load(tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[Best, dict[str, Tensor]]:
@@ -87,4 +105,7 @@ def load(tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[Best, dict[s
     record = meta.get("best")
     if not isinstance(record, dict):
         return Best(), rest
-    return Best(float(record["loss"]), int(record["step"]), part["params"], part["buffers"]), rest
+    acc = record.get("accuracy")  # none: a run by its loss, or a checkpoint from before
+    acc = -math.inf if acc is None else float(acc)
+    at = float(record["loss"]), int(record["step"])
+    return Best(*at, part["params"], part["buffers"], acc), rest

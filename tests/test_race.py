@@ -1,0 +1,120 @@
+"""The learning rates' level raced at the run's start (``level_race``, :mod:`.race`)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from selfmod.introspect import Introspector
+from selfmod.introspect.race import Entry, verdict
+from selfmod.runs.config import TrainConfig
+
+FAST = dict(
+    steps=60, cycle=20, lookahead=5, width=8, guard_size=100, replay_size=200,
+    compare_fixed=False, dtype="float64", batch_size=32,
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _race(run: Introspector) -> dict:
+    (d,) = [d for d in run.history["decisions"] if d["modifier"] == "level_race"]
+    return d
+
+
+def test_a_rate_far_too_small_is_raised_by_the_race_and_the_run_keeps_its_budget():
+    """SGD from lr 1e-4: the race's x100 level wins on both guard splits and is committed
+    before the first cycle; the run still trains exactly its steps' examples (the race's
+    batches are trained by the base steps), and the race's work is counted as meta work."""
+    cfg = TrainConfig(**FAST, optimizer="sgd", lr=1e-4, modifiers=[], level_race=[100.0])
+    run = Introspector(cfg)
+    run.run()
+    d = _race(run)
+    assert d["decision"] == "commit" and "x100 won on both splits" in d["reason"]
+    assert run.hparams["log_lr"].exp().tolist() == pytest.approx([1e-2] * 6)
+    assert d["guard_proposed"] < d["guard_current"]  # the verifying split agreed
+    assert run.step == 60 and run.counters.examples == 60 * 32
+    h = round(0.1 * 60)
+    assert run.counters.meta_examples >= 2 * h * 32  # two levels over h batches each
+    assert run.summary()["meta_examples"] == pytest.approx(run.counters.meta_examples)
+
+
+def test_when_the_unchanged_level_wins_nothing_changes_and_no_randomness_is_consumed():
+    """A race the unchanged level wins (x1e-3 barely trains) is a rejection; the run then
+    ends exactly as the same run without a race (same batches, same random numbers)."""
+    base = {**FAST, "optimizer": "sgd", "lr": 0.1, "modifiers": [], "dropout": 0.2}
+    raced = Introspector(TrainConfig(**base, level_race=[1e-3], race_share=0.3))
+    raced.run_cycle = lambda: None  # cycles aside: the race alone differs
+    raced.run()
+    d = _race(raced)
+    assert d["decision"] == "reject" and "the unchanged level won" in d["reason"]
+    plain = Introspector(TrainConfig(**base))
+    plain.run_cycle = lambda: None
+    plain.run()
+    assert all(torch.equal(raced.params[k], plain.params[k]) for k in plain.params)
+
+
+def test_a_level_whose_steps_go_non_finite_scores_infinity_and_is_not_chosen():
+    """A level whose training step raises the run's non-finite error scores ``inf`` on both
+    splits; the race goes on, every level starts from the same random state, and the run's
+    random state is left as it was."""
+    from selfmod.errors import NonFiniteError
+    from selfmod.introspect.race import race
+
+    run = Introspector(TrainConfig(**FAST, optimizer="sgd", lr=0.05, modifiers=[]))
+    seen = []
+
+    def step(state, t, batch):
+        seen.append((float(state.hparams["log_lr"][0].exp()), t, torch.rand(()).item()))
+        if state.hparams["log_lr"][0].exp() > 1.0:
+            raise NonFiniteError("loss", hint="a test")
+        return state
+
+    def score(state):
+        return float(state.hparams["log_lr"][0]), 0.0
+
+    before = torch.get_rng_state()
+    entries = race(run.state, [None, None], [100.0, 0.5], step, score, torch.get_rng_state())
+    assert torch.equal(torch.get_rng_state(), before)
+    assert [(e.factor, e.propose, e.verify) for e in entries] == [
+        (1.0, pytest.approx(math.log(0.05)), 0.0),
+        (100.0, math.inf, math.inf),
+        (0.5, pytest.approx(math.log(0.025)), 0.0),
+    ]
+    assert seen[0][2] == seen[2][2] == seen[3][2]  # each level's first step: the same draw
+    assert verdict(entries)[0].factor == 0.5
+
+
+@pytest.mark.parametrize(
+    "entries, want",
+    [
+        ([Entry(1.0, 1.0, 1.0), Entry(3.0, 0.5, 0.9)], ("commit", 3.0)),
+        ([Entry(1.0, 1.0, 1.0), Entry(3.0, 0.5, 1.1)], ("reject", 3.0)),  # verify disagrees
+        ([Entry(1.0, 0.4, 1.0), Entry(3.0, 0.5, 0.1)], ("reject", 1.0)),  # x1 wins proposing
+        ([Entry(1.0, 0.5, 1.0), Entry(3.0, 0.5, 0.1)], ("reject", 1.0)),  # a tie keeps x1
+        ([Entry(1.0, math.inf, math.inf), Entry(0.3, 2.0, 2.0)], ("commit", 0.3)),
+    ],
+)
+def test_the_verdict_needs_the_verifying_split_to_agree(entries, want):
+    won, decision, _ = verdict(entries)
+    assert (decision, won.factor) == want
+
+
+def test_bad_race_settings_are_one_line_errors():
+    from selfmod.runs.config import validate
+    from selfmod.validation import ConfigError
+
+    for bad, field in [
+        ({"level_race": [-1.0]}, "level_race"),
+        ({"level_race": [2.0] * 9}, "level_race"),
+        ({"race_share": 0.0}, "race_share"),
+        ({"race_share": 0.6}, "race_share"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            validate(bad)
+        assert str(err.value).startswith(field) and "\n" not in str(err.value)
