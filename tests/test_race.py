@@ -44,6 +44,28 @@ def test_a_rate_far_too_small_is_raised_by_the_race_and_the_run_keeps_its_budget
     assert run.summary()["meta_examples"] == pytest.approx(run.counters.meta_examples)
 
 
+def test_an_adopted_winner_is_the_run_that_started_at_its_level():
+    """A committed winner's training is the run's own: the run ends as one that started at the
+    winning level without a race (same batches, schedule and random numbers), with the same
+    counters; only the losing level's steps are meta work."""
+    base = {**FAST, "optimizer": "adamw", "modifiers": [], "dropout": 0.2, "lr_schedule": "cosine"}
+    raced = Introspector(TrainConfig(**base, lr=1e-4, level_race=[30.0], race_share=0.2))
+    direct = Introspector(TrainConfig(**base, lr=3e-3))
+    for run in (raced, direct):
+        run.run_cycle = lambda: None
+        run.run()
+    assert _race(raced)["decision"] == "commit"
+    for k in direct.params:
+        # the rates agree to rounding (log 1e-4 + log 30 vs log 3e-3), amplified over 60 steps
+        torch.testing.assert_close(raced.params[k], direct.params[k], rtol=1e-4, atol=1e-7)
+    a, b = raced.counters, direct.counters
+    assert (a.step, a.examples) == (b.step, b.examples) == (60, 60 * 32)
+    assert a.last_loss == pytest.approx(b.last_loss, rel=1e-6)
+    h = round(0.2 * 60)
+    guard = sum(len(raced.guard(p)[1]) for p in ("propose", "verify"))
+    assert a.meta_examples == pytest.approx(h * 32 + 2 * guard / 3)  # the x1 level's steps
+
+
 def test_when_the_unchanged_level_wins_nothing_changes_and_no_randomness_is_consumed():
     """A race the unchanged level wins (x1e-3 barely trains) is a rejection; the run then
     ends exactly as the same run without a race (same batches, same random numbers)."""
@@ -73,19 +95,22 @@ def test_a_level_whose_steps_go_non_finite_scores_infinity_and_is_not_chosen():
         seen.append((float(state.hparams["log_lr"][0].exp()), t, torch.rand(()).item()))
         if state.hparams["log_lr"][0].exp() > 1.0:
             raise NonFiniteError("loss", hint="a test")
-        return state
+        return state, 0.0
 
     def score(state):
         return float(state.hparams["log_lr"][0]), 0.0
 
     before = torch.get_rng_state()
-    entries = race(run.state, [None, None], [100.0, 0.5], step, score, torch.get_rng_state())
+    rng = torch.get_rng_state()
+    entries, kept = race(run.state, [None, None], [100.0, 0.5, 0.7], step, score, rng)
     assert torch.equal(torch.get_rng_state(), before)
     assert [(e.factor, e.propose, e.verify) for e in entries] == [
         (1.0, pytest.approx(math.log(0.05)), 0.0),
         (100.0, math.inf, math.inf),
         (0.5, pytest.approx(math.log(0.025)), 0.0),
+        (0.7, pytest.approx(math.log(0.035)), 0.0),
     ]
+    assert kept is not None and kept.factor == 0.5 and kept.losses == [0.0, 0.0]
     assert seen[0][2] == seen[2][2] == seen[3][2]  # each level's first step: the same draw
     assert verdict(entries)[0].factor == 0.5
 

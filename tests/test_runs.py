@@ -190,7 +190,10 @@ ONLINE = [
 ]
 
 
-@pytest.mark.parametrize("extra", [[], ONLINE], ids=["cycle", "online"])
+RACE = ["level_race=[0.3,3]", "lr_schedule=cosine", "optimizer=adamw"]  # the level raced first
+
+
+@pytest.mark.parametrize("extra", [[], ONLINE, RACE], ids=["cycle", "online", "race"])
 def test_crash_at_step_k_then_resume_is_bitwise_identical(tmp_path, extra):
     full = _selfmod("train", *_sets([*SMALL, *extra, f"out={tmp_path / 'a'}"]))
     assert full.returncode == 0, full.stderr
@@ -208,7 +211,10 @@ def test_crash_at_step_k_then_resume_is_bitwise_identical(tmp_path, extra):
     assert ha["tuned"]["log"] == hb["tuned"]["log"]
     # the standard logs too: the resumed run's CSV has no row twice and equals the other's
     assert (run_a / "scalars.csv").read_text() == (run_b / "scalars.csv").read_text()
-    if extra:  # the online modifier moved the rates between cycles, also after the resume
+    if extra == RACE:
+        (race,) = [d for d in hb["tuned"]["decisions"] if d["modifier"] == "level_race"]
+        assert race["decision"] in ("commit", "reject") and race["step"] == 0
+    elif extra:  # the online modifier moved the rates between cycles, also after the resume
         online = [d for d in hb["tuned"]["decisions"] if d["modifier"] == "online_lr"]
         assert [d["cycle"] for d in online] == [1, 2, 3, 4, 5]
         assert all(d["before"]["lr"] != d["after"]["lr"] for d in online)

@@ -133,8 +133,7 @@ class Loop:
         r = race.run(self.state, self.pending, cfg, self.train_step, self.losses.guard, self.guard)
         d = Decision(0, 0, "level_race", *r.decision, self.values(), self.values(r.state), *r.guard)
         self._record(d, extra={"race": [e.__dict__ for e in r.entries]})
-        self.state = r.state if r.decision[0] == "commit" else self.state
-        n.meta_examples += r.cost
+        self.state, self.pending = race.settle(r, self.state, self.pending, n)  # winner: adopted
         n.meta_seconds += time.perf_counter() - start
 
     def push(self, batch: tuple[Any, Tensor]) -> int:

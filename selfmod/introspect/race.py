@@ -7,8 +7,11 @@ trains the unchanged state and copies of it with every rate times each factor ``
 schedule of those steps and the same random numbers. The level with the lowest guard loss on
 the *proposing* split wins; it is committed only if its guard loss on the *verifying* split
 (data the choice never read) is lower than the unchanged level's too, so the check can fail.
-The run then trains those ``h`` batches itself with the chosen level: the race costs
-``(1 + len(factors)) x h`` batches of meta work, with one candidate's copy alive at a time.
+A committed winner's training is the run's own (its ``h`` steps, losses and random numbers;
+logged from the first log point after them); otherwise the run trains those batches itself at
+the unchanged level. The race's work is ``len(factors) x h`` batches (and the unchanged
+level's ``h`` when it is not committed), with at most two copies of the state alive besides
+the run's (the best changed level so far and the one training).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from selfmod.introspect import schedule
 from selfmod.introspect.budget import FORWARD
 from selfmod.introspect.state import RunState
 
-#: ``(state, t, batch) -> state`` one base step of the race (the schedule at its ``t``-th step)
-Step = Callable[[RunState, int, Any], RunState]
+#: ``(state, t, batch) -> (state, loss)``: one base step of the race (the schedule at its
+#: ``t``-th step)
+Step = Callable[[RunState, int, Any], tuple[RunState, float]]
 #: ``state -> (guard loss on the proposing split, on the verifying split)``
 Score = Callable[[RunState], tuple[float, float]]
 
@@ -39,6 +43,17 @@ class Entry:
     factor: float
     propose: float
     verify: float
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A level's training over the race: its state after the batches, each step's loss and
+    the random state at its end."""
+
+    factor: float
+    state: RunState
+    losses: list[float]
+    rng: torch.Tensor
 
 
 def leveled(state: RunState, factor: float) -> RunState:
@@ -54,24 +69,30 @@ def race(
     step: Step,
     score: Score,
     rng_state: torch.Tensor,
-) -> list[Entry]:
+) -> tuple[list[Entry], Trained | None]:
     """Each level (``1`` and every ``factors``) trained from ``state`` over ``batches`` by
-    ``step``, every one from the random state ``rng_state``, and scored; the run's random
+    ``step``, every one from the random state ``rng_state``, and scored: ``(entries, the
+    training of the changed level with the lowest proposing guard loss)``. The run's random
     state is left as it was."""
-    out = []
+    out: list[Entry] = []
+    kept: Trained | None = None
     for f in [1.0, *(f for f in factors if f != 1.0)]:
-        s = leveled(state, f) if f != 1.0 else state
+        s, losses = (leveled(state, f) if f != 1.0 else state), []
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(rng_state)
             try:
                 for t, batch in enumerate(batches):
-                    s = step(s, t, batch)
+                    s, loss = step(s, t, batch)
+                    losses.append(loss)
                 propose, verify = score(s)
             except (NonFiniteError, DivergenceError):
                 propose = verify = math.inf
-        propose = propose if math.isfinite(propose) else math.inf
-        out.append(Entry(f, propose, verify if math.isfinite(verify) else math.inf))
-    return out
+            end = torch.get_rng_state()
+        entry = Entry(f, *(v if math.isfinite(v) else math.inf for v in (propose, verify)))
+        if f != 1.0 and entry.propose < min((e.propose for e in out[1:]), default=math.inf):
+            kept = Trained(f, s, losses, end)  # the one copy kept besides the one training
+        out.append(entry)
+    return out, kept
 
 
 def verdict(entries: Sequence[Entry]) -> tuple[Entry, str, str]:
@@ -98,10 +119,10 @@ def base_steps(train_step: Callable, config: Any, batch_size: int) -> Step:
     """The race's :data:`Step`: the schedule at the ``t``-th step's examples, then
     ``train_step(state, batch) -> (params, opt_state, buffers, loss, grads)`` (the run's)."""
 
-    def step(state: RunState, t: int, batch: Any) -> RunState:
+    def step(state: RunState, t: int, batch: Any) -> tuple[RunState, float]:
         state = schedule.at(state, config, t, t * batch_size)
-        params, opt_state, buffers, _, _ = train_step(state, batch)
-        return replace(state, params=params, opt_state=opt_state, buffers=buffers)
+        params, opt_state, buffers, loss, _ = train_step(state, batch)
+        return replace(state, params=params, opt_state=opt_state, buffers=buffers), loss
 
     return step
 
@@ -120,23 +141,25 @@ def guard_scores(guard: Callable, propose: Any, verify: Any) -> Score:
     return score
 
 
-def cost(entries: Sequence[Entry], batches: Sequence[Any], guard_rows: int) -> float:
+def cost(entries: Sequence[Entry], batches: Sequence[Any], guard_rows: int, adopted: bool) -> float:
     """The race's work in example-equivalents (:mod:`.budget`): every level trained over the
-    batches and evaluated on ``guard_rows`` guard rows."""
+    batches (but an ``adopted`` winner's: the run's own) and evaluated on ``guard_rows``."""
     trained = sum(len(b[1]) for b in batches)
-    return len(entries) * (trained + FORWARD * guard_rows)
+    return (len(entries) - adopted) * trained + len(entries) * FORWARD * guard_rows
 
 
 @dataclass(frozen=True)
 class Outcome:
     """A race's result: every level's :class:`Entry`, ``(decision, why)``, the verifying guard
-    losses ``(unchanged level, winner)``, the state with the winner's level (the run's on a
-    commit) and the race's work in example-equivalents."""
+    losses ``(unchanged level, winner)``, the state with the winner's level, the winner's
+    training (``None`` unless committed: then the run's own) and the race's work in
+    example-equivalents."""
 
     entries: list[Entry]
     decision: tuple[str, str]
     guard: tuple[float, float]
     state: RunState
+    trained: Trained | None
     cost: float
 
 
@@ -154,9 +177,31 @@ def run(
     splits, rng = (split("propose"), split("verify")), torch.get_rng_state()
     propose, verify = splits
     step = base_steps(train_step, config, state.batch_size)
-    entries = race(state, batches, config.level_race, step, guard_scores(guard, *splits), rng)
+    entries, kept = race(state, batches, config.level_race, step, guard_scores(guard, *splits), rng)
     won, decision, why = verdict(entries)
-    work = cost(entries, batches, len(propose[1]) + len(verify[1]))
-    return Outcome(
-        entries, (decision, why), (entries[0].verify, won.verify), leveled(state, won.factor), work
-    )
+    trained = kept if decision == "commit" else None
+    assert trained is None or trained.factor == won.factor, "the kept level is the winner"
+    work = cost(entries, batches, len(propose[1]) + len(verify[1]), trained is not None)
+    at = (entries[0].verify, won.verify)
+    return Outcome(entries, (decision, why), at, leveled(state, won.factor), trained, work)
+
+
+def settle(
+    outcome: Outcome, state: RunState, batches: list[Any], counters: Any
+) -> tuple[RunState, list[Any]]:
+    """``(state, batches still to train)`` after the race: a committed winner's training
+    adopted as the run's own (``counters`` advanced by its steps in place: steps, examples, the
+    losses' running average; the random state at its end set), else ``state`` with every
+    batch still to train. The race's work is added to ``counters.meta_examples``."""
+    n, trained = counters, outcome.trained
+    n.meta_examples += outcome.cost
+    if trained is None:
+        return state, batches
+    for loss, batch in zip(trained.losses, batches, strict=True):
+        n.step += 1
+        n.examples = None if n.examples is None else n.examples + len(batch[1])
+        n.average = loss if n.average is None else 0.9 * n.average + 0.1 * loss
+        n.first_loss = loss if n.first_loss is None else n.first_loss
+        n.last_loss = loss
+    torch.set_rng_state(trained.rng)
+    return trained.state, []
