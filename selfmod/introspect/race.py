@@ -7,11 +7,11 @@ trains the unchanged state and copies of it with every rate times each factor ``
 schedule of those steps and the same random numbers. The level with the lowest guard loss on
 the *proposing* split wins; it is committed only if its guard loss on the *verifying* split
 (data the choice never read) is lower than the unchanged level's too, so the check can fail.
-A committed winner's training is the run's own (its ``h`` steps, losses and random numbers;
-logged from the first log point after them); otherwise the run trains those batches itself at
-the unchanged level. The race's work is ``len(factors) x h`` batches (and the unchanged
-level's ``h`` when it is not committed), with at most two copies of the state alive besides
-the run's (the best changed level so far and the one training).
+The level the run goes on with (the committed winner, else the unchanged level) keeps its
+training as the run's own: its ``h`` steps, losses and random numbers (logged from the first
+log point after them). The race's work is the other levels' ``len(factors) x h`` batches, with
+at most two copies of the state alive besides the run's (the best changed level so far and the
+one training; the unchanged level trains last).
 """
 
 from __future__ import annotations
@@ -69,14 +69,15 @@ def race(
     step: Step,
     score: Score,
     rng_state: torch.Tensor,
-) -> tuple[list[Entry], Trained | None]:
+) -> tuple[list[Entry], dict[float, Trained]]:
     """Each level (``1`` and every ``factors``) trained from ``state`` over ``batches`` by
     ``step``, every one from the random state ``rng_state``, and scored: ``(entries, the
-    training of the changed level with the lowest proposing guard loss)``. The run's random
-    state is left as it was."""
+    finished trainings of the changed level with the lowest proposing guard loss and of the
+    unchanged level, by factor)``; ``entries[0]`` is the unchanged level's, trained last. The
+    run's random state is left as it was."""
     out: list[Entry] = []
-    kept: Trained | None = None
-    for f in [1.0, *(f for f in factors if f != 1.0)]:
+    kept: dict[float, Trained] = {}
+    for f in [*(f for f in factors if f != 1.0), 1.0]:
         s, losses = (leveled(state, f) if f != 1.0 else state), []
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(rng_state)
@@ -89,10 +90,12 @@ def race(
                 propose = verify = math.inf
             end = torch.get_rng_state()
         entry = Entry(f, *(v if math.isfinite(v) else math.inf for v in (propose, verify)))
-        if f != 1.0 and entry.propose < min((e.propose for e in out[1:]), default=math.inf):
-            kept = Trained(f, s, losses, end)  # the one copy kept besides the one training
+        if f == 1.0 and math.isfinite(entry.propose):  # trained last: beside the kept one
+            kept[f] = Trained(f, s, losses, end)
+        elif entry.propose < min((e.propose for e in out), default=math.inf):
+            kept = {f: Trained(f, s, losses, end)}  # the best changed level so far, alone
         out.append(entry)
-    return out, kept
+    return [out[-1], *out[:-1]], kept
 
 
 def verdict(entries: Sequence[Entry]) -> tuple[Entry, str, str]:
@@ -143,7 +146,7 @@ def guard_scores(guard: Callable, propose: Any, verify: Any) -> Score:
 
 def cost(entries: Sequence[Entry], batches: Sequence[Any], guard_rows: int, adopted: bool) -> float:
     """The race's work in example-equivalents (:mod:`.budget`): every level trained over the
-    batches (but an ``adopted`` winner's: the run's own) and evaluated on ``guard_rows``."""
+    batches (but the ``adopted`` one's: the run's own) and evaluated on ``guard_rows``."""
     trained = sum(len(b[1]) for b in batches)
     return (len(entries) - adopted) * trained + len(entries) * FORWARD * guard_rows
 
@@ -151,9 +154,9 @@ def cost(entries: Sequence[Entry], batches: Sequence[Any], guard_rows: int, adop
 @dataclass(frozen=True)
 class Outcome:
     """A race's result: every level's :class:`Entry`, ``(decision, why)``, the verifying guard
-    losses ``(unchanged level, winner)``, the state with the winner's level, the winner's
-    training (``None`` unless committed: then the run's own) and the race's work in
-    example-equivalents."""
+    losses ``(unchanged level, winner)``, the state with the winner's level, the training the
+    run goes on with (the committed winner's, else the unchanged level's; ``None`` if that one
+    failed: the run trains the batches itself) and the race's work in example-equivalents."""
 
     entries: list[Entry]
     decision: tuple[str, str]
@@ -179,8 +182,7 @@ def run(
     step = base_steps(train_step, config, state.batch_size)
     entries, kept = race(state, batches, config.level_race, step, guard_scores(guard, *splits), rng)
     won, decision, why = verdict(entries)
-    trained = kept if decision == "commit" else None
-    assert trained is None or trained.factor == won.factor, "the kept level is the winner"
+    trained = kept.get(won.factor if decision == "commit" else 1.0)  # none: the x1 level failed
     work = cost(entries, batches, len(propose[1]) + len(verify[1]), trained is not None)
     at = (entries[0].verify, won.verify)
     return Outcome(entries, (decision, why), at, leveled(state, won.factor), trained, work)
@@ -189,10 +191,10 @@ def run(
 def settle(
     outcome: Outcome, state: RunState, batches: list[Any], counters: Any
 ) -> tuple[RunState, list[Any]]:
-    """``(state, batches still to train)`` after the race: a committed winner's training
-    adopted as the run's own (``counters`` advanced by its steps in place: steps, examples, the
-    losses' running average; the random state at its end set), else ``state`` with every
-    batch still to train. The race's work is added to ``counters.meta_examples``."""
+    """``(state, batches still to train)`` after the race: the chosen level's training adopted
+    as the run's own (``counters`` advanced by its steps in place: steps, examples, the losses'
+    running average; the random state at its end set), or, where there is none, ``state`` with
+    every batch still to train. The race's work is added to ``counters.meta_examples``."""
     n, trained = counters, outcome.trained
     n.meta_examples += outcome.cost
     if trained is None:
