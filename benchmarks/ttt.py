@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ LAYERS = {
     "MTTT-MLP": "MTTTMLP(d, 1, steps=1)",
     "TTT-Linear (scan, b=16)": "TTTLinear(d, 1, mini_batch=16)",
     "TTT-Linear (autograd loop, b=16)": "TTTLinear(d, 1, mini_batch=16, impl='loop')",
+    "TTT-MLP (scan, b=16)": "TTTMLP(d, 1, mini_batch=16)",
     "linear attention": "LinearAttention(d, 1)",
     "linear attention (causal)": "LinearAttention(d, 1, causal=True)",
     "softmax attention (SDPA)": "SoftmaxAttention(d, 1)",
@@ -44,6 +46,7 @@ def worker(layer: str, n: int, d: int, threads: int) -> None:
 
     from selfmod.ttt import (  # noqa: F401  (used by eval)
         MTTTMLP,
+        TTTMLP,
         LinearAttention,
         MTTTLinear,
         SoftmaxAttention,
@@ -80,7 +83,14 @@ def interleaved(
 
     import torch
 
-    from selfmod.ttt import MTTTMLP, LinearAttention, MTTTLinear, SoftmaxAttention, TTTLinear
+    from selfmod.ttt import (
+        MTTTMLP,
+        TTTMLP,
+        LinearAttention,
+        MTTTLinear,
+        SoftmaxAttention,
+        TTTLinear,
+    )
 
     torch.set_num_threads(threads)
     ref = layers[0]
@@ -91,11 +101,7 @@ def interleaved(
         f"{threads})`, 2-core machine shared with other jobs. Per round, one forward+backward "
         f"of every layer in turn (after one warm-up each); median over {rounds} rounds of "
         f"the time and of the per-round ratio to {ref}. "
-        f"`python benchmarks/ttt.py --threads {threads} --interleaved "
-        + " ".join(map(str, sizes))
-        + f" --rounds {rounds} --layers "
-        + " ".join(f"'{x}'" for x in layers)
-        + "`",
+        f"`python benchmarks/ttt.py {shlex.join(sys.argv[1:])}`",
         "",
         "| N | "
         + " | ".join(layers)
@@ -113,6 +119,7 @@ def interleaved(
             MTTTLinear=MTTTLinear,
             SoftmaxAttention=SoftmaxAttention,
             TTTLinear=TTTLinear,
+            TTTMLP=TTTMLP,
         )
         modules = {name: eval(LAYERS[name], env) for name in layers}
         x = torch.randn(1, n, d, requires_grad=True)
