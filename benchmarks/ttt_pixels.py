@@ -154,11 +154,14 @@ def build(args, name: str) -> SequenceClassifier:
     )
 
 
-def train(args, data: Dataset, name: str, seed: int) -> dict[str, Any]:
-    """AdamW one-cycle training; test accuracy, per-epoch inner loss, seconds, parameters."""
+def train(args, data: Dataset, name: str, seed: int, models: list | None = None) -> dict[str, Any]:
+    """AdamW one-cycle training; test accuracy, per-epoch inner loss, seconds, parameters.
+    The trained model is appended to ``models`` when given."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build(args, name)
+    if models is not None:
+        models.append(model)
     mixer = model.blocks[0].mixer
     track = hasattr(mixer, "track_inner_loss")
     mixer.track_inner_loss = track
@@ -204,6 +207,92 @@ def train(args, data: Dataset, name: str, seed: int) -> dict[str, Any]:
         seconds=time.perf_counter() - start,
         params=sum(p.numel() for p in model.parameters()),
     )
+
+
+def equivalence_rows(model, x: torch.Tensor) -> dict[str, float]:
+    """How far a model's MTTT-Linear (T = 1) mixer is from linear attention, on images ``x``.
+
+    With one batch-GD step, per head, the layer reads ``q W0 + s (eta / N) q k^T v'``:
+    linear attention on the values ``v' = v - k W0 G G^T`` plus a read of its learned
+    ``W0``, with ``s = min(1, clip / ||u||)`` from the clip of the step
+    ``u = (eta / N) k^T v'`` (exact identities, ``tests/test_ttt.py``). Measured on the
+    mixer's own inputs (after the block's LayerNorm, unit scale): the step norms, and the
+    largest output differences from the same layer without the clip and from Theorem 1's
+    linear attention (``W0 = 0``, no clip), with the output's scale for reference.
+    """
+    mixer = model.blocks[0].mixer
+    seen: list[torch.Tensor] = []
+    hook = mixer.register_forward_pre_hook(lambda _, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    h = seen[0]  # (B, N, dim)
+    B, N, _ = h.shape
+    H, dh = mixer.heads, mixer.head_dim
+    clip, W0 = mixer.inner_clip, mixer.W0.detach().clone()
+    with torch.no_grad():
+        k = mixer.phi(h).view(B, N, H, dh).transpose(1, 2)  # (B, H, N, d_h)
+        G, eta = mixer.decoder, mixer.inner_lr()[0]
+        v_shift = h.unsqueeze(1) @ G.mT - k @ W0 @ G @ G.mT
+        norm = ((eta / N) * k.mT @ v_shift).flatten(2).norm(dim=-1)  # (B, H)
+        out = mixer(h)
+        mixer.inner_clip = None
+        unclipped = mixer(h)
+        mixer.W0.zero_()
+        theorem = mixer(h)  # W0 = 0, no clip: linear attention
+        mixer.W0.copy_(W0)
+        mixer.inner_clip = clip
+    return dict(
+        step_median=norm.median().item(),
+        step_max=norm.max().item(),
+        clipped=(norm > (clip or math.inf)).double().mean().item(),
+        diff_clip=(out - unclipped).abs().max().item(),
+        diff_theorem=(out - theorem).abs().max().item(),
+        out_scale=out.abs().max().item(),
+    )
+
+
+def equivalence(args, data: Dataset) -> None:
+    """``--equivalence``: :func:`equivalence_rows` for the benchmark's MTTT-Linear (T = 1) at
+    initialisation and after training on each seed, on the first 256 held-out images."""
+    x = data.x_test[:256]
+    name = "mttt_linear T=1"
+    head = "| seed | model | step norm median / max | steps clipped | max diff: no clip | " \
+        "max diff: linear attention (W0 = 0, no clip) | max output |"  # fmt: skip
+    lines = [
+        "# MTTT-Linear (T = 1) of the pixel benchmark against linear attention",
+        "",
+        f"The benchmark's layer ({name}: learned W0, learned inner rate from "
+        f"{args.inner_lr} (bound {args.max_lr}), step clipped to {args.inner_clip}; dim "
+        f"{args.dim}, {args.heads} heads, N = 784) on the first {len(x)} {args.split} images, "
+        "measured on the mixer's own input (after the block's LayerNorm, so unit scale). "
+        "Step norm: ||u|| per image and head; max diff: largest absolute difference of the "
+        "mixer's output from the same layer without the clip, and from Theorem 1's linear "
+        "attention (the same layer with W0 = 0 and no clip). "
+        f"`python benchmarks/ttt_pixels.py {' '.join(sys.argv[1:])}`",
+        "",
+        head,
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(seed: int, when: str, r: dict[str, float]) -> str:
+        return (
+            f"| {seed} | {when} | {r['step_median']:.3f} / {r['step_max']:.3f} | "
+            f"{100 * r['clipped']:.0f}% | {r['diff_clip']:.3g} | {r['diff_theorem']:.3g} | "
+            f"{r['out_scale']:.3g} |"
+        )
+
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        lines.append(row(seed, "init", equivalence_rows(build(args, name), x)))
+        models: list = []
+        run = train(args, data, name, seed, models)
+        lines.append(
+            row(seed, f"trained ({100 * run['acc']:.1f}%)", equivalence_rows(models[0], x))
+        )
+        print(lines[-2], lines[-1], sep="\n", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
 
 
 def cost_worker(args, name: str) -> None:
@@ -323,6 +412,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure the cost table only, into the JSON at --out (kept if it exists)",
     )
     p.add_argument("--quick", action="store_true", help="tiny budget: a smoke test")
+    p.add_argument(
+        "--equivalence",
+        action="store_true",
+        help="measure MTTT-Linear (T=1) against linear attention at init and trained, into --out",
+    )
     p.add_argument("--cost-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--report-only", action="store_true", help="rewrite md/png from the JSON")
     p.add_argument(
@@ -369,6 +463,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         keep = slice(None, None, len(data.x_test) // 50)  # 50 held-out images, all classes
         data = Dataset(data.x_train, data.y_train, data.x_test[keep], data.y_test[keep], 10)
+    if args.equivalence:
+        equivalence(args, data)
+        return
     log: dict[str, Any] = dict(
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         n_train=len(data.x_train),
