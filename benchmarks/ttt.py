@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ LAYERS = {
     "MTTT-MLP": "MTTTMLP(d, 1, steps=1)",
     "TTT-Linear (scan, b=16)": "TTTLinear(d, 1, mini_batch=16)",
     "TTT-Linear (autograd loop, b=16)": "TTTLinear(d, 1, mini_batch=16, impl='loop')",
+    "TTT-MLP (scan, b=16)": "TTTMLP(d, 1, mini_batch=16)",
     "linear attention": "LinearAttention(d, 1)",
     "linear attention (causal)": "LinearAttention(d, 1, causal=True)",
     "softmax attention (SDPA)": "SoftmaxAttention(d, 1)",
@@ -44,6 +46,7 @@ def worker(layer: str, n: int, d: int, threads: int) -> None:
 
     from selfmod.ttt import (  # noqa: F401  (used by eval)
         MTTTMLP,
+        TTTMLP,
         LinearAttention,
         MTTTLinear,
         SoftmaxAttention,
@@ -68,34 +71,48 @@ def worker(layer: str, n: int, d: int, threads: int) -> None:
 
 
 def interleaved(
-    sizes: list[int], layers: list[str], d: int, threads: int, rounds: int, out: Path
+    sizes: list[int],
+    layers: list[str],
+    d: int,
+    threads: int,
+    rounds: int,
+    out: Path,
+    clock: str = "wall",
 ) -> None:
     """Time ``layers`` in one process, one forward+backward each in turn per round.
 
     On a shared machine, load changes over seconds; running the compared layers back to back
     in every round and taking the median over rounds of each layer's time and of its ratio
-    to the first layer, per round, lets load hit them alike.
+    to the first layer, per round, lets load hit them alike. ``clock="thread"`` measures the
+    calling thread's CPU time instead of wall time: with one thread, all of a layer's work,
+    without the time the thread waits for a core that other jobs hold.
     """
     import statistics
 
     import torch
 
-    from selfmod.ttt import MTTTMLP, LinearAttention, MTTTLinear, SoftmaxAttention, TTTLinear
+    from selfmod.ttt import (
+        MTTTMLP,
+        TTTMLP,
+        LinearAttention,
+        MTTTLinear,
+        SoftmaxAttention,
+        TTTLinear,
+    )
 
     torch.set_num_threads(threads)
+    now = time.thread_time if clock == "thread" else time.perf_counter
     ref = layers[0]
     lines = [
         "# TTT layers: interleaved timings in one process",
         "",
         f"One sequence `x (1, N, {d})`, one head, float32, CPU, `torch.set_num_threads("
-        f"{threads})`, 2-core machine shared with other jobs. Per round, one forward+backward "
+        f"{threads})`, 2-core machine shared with other jobs; "
+        + ("the thread's CPU time" if clock == "thread" else "wall time")
+        + ". Per round, one forward+backward "
         f"of every layer in turn (after one warm-up each); median over {rounds} rounds of "
         f"the time and of the per-round ratio to {ref}. "
-        f"`python benchmarks/ttt.py --threads {threads} --interleaved "
-        + " ".join(map(str, sizes))
-        + f" --rounds {rounds} --layers "
-        + " ".join(f"'{x}'" for x in layers)
-        + "`",
+        f"`python benchmarks/ttt.py {shlex.join(sys.argv[1:])}`",
         "",
         "| N | "
         + " | ".join(layers)
@@ -113,16 +130,17 @@ def interleaved(
             MTTTLinear=MTTTLinear,
             SoftmaxAttention=SoftmaxAttention,
             TTTLinear=TTTLinear,
+            TTTMLP=TTTMLP,
         )
         modules = {name: eval(LAYERS[name], env) for name in layers}
         x = torch.randn(1, n, d, requires_grad=True)
         times: dict[str, list[float]] = {name: [] for name in layers}
         for r in range(rounds + 1):
             for name, module in modules.items():
-                t = time.perf_counter()
+                t = now()
                 module(x).square().mean().backward()
                 if r:  # round 0 warms up
-                    times[name].append(time.perf_counter() - t)
+                    times[name].append(now() - t)
         med = {name: statistics.median(v) for name, v in times.items()}
         ratios = {
             name: statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
@@ -199,10 +217,19 @@ def main() -> None:
         "(writes <out stem>_interleaved.md)",
     )
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="with --interleaved: wall time, or the thread's CPU time (one thread: robust to "
+        "other jobs' load)",
+    )
     args = parser.parse_args()
     if args.interleaved:
         out = args.out.with_name(args.out.stem + "_interleaved.md")
-        interleaved(args.interleaved, args.layers, args.dim, args.threads, args.rounds, out)
+        interleaved(
+            args.interleaved, args.layers, args.dim, args.threads, args.rounds, out, args.clock
+        )
         return
 
     table: dict[str, dict[int, dict]] = {layer: {} for layer in args.layers}

