@@ -61,10 +61,11 @@ def _config(optimizer: str, **overrides) -> dict:
         "guard_size": 200,
         "replay_size": 200,
         "keep_checkpoints": 10,
-        # the properties here are about any model, not fit's schedule or early stopping: a
-        # constant rate (as SelfModifier's, whose end is unknown) and the final state
+        # the properties here are about any model, not fit's schedule, race or early stopping:
+        # a constant rate (as SelfModifier's, whose end is unknown) and the final state
         "lr_schedule": "constant",
         "keep_best": False,
+        "level_race": [],
         **overrides,
     }
 
@@ -78,7 +79,7 @@ def _fit(name, optimizer, digits, tmp_path, **overrides):
         digits["guard"],
         test=digits["test"],
         optimizer=optimizer,
-        config=_config(optimizer, **overrides),
+        config=_config(optimizer, **{"modifiers": None, **overrides}),  # every one that applies
         run_dir=tmp_path / "run",
     )
 

@@ -183,7 +183,7 @@ def test_gap_and_undefined_meta_metrics():
 def test_summary_json_and_the_report_hold_every_meta_metric(tmp_path):
     x, y, xt, yt = user_models.digits()
     config = {"steps": 100, "cycle": 50, "lookahead": 4, "lr": 0.02, "guard_size": 200,
-              "replay_size": 200, "compare_fixed": True}  # fmt: skip
+              "replay_size": 200, "compare_fixed": True, "modifiers": None}  # fmt: skip
     result = fit(
         user_models.residual_mlp(), F.cross_entropy, (x[200:], y[200:]), (x[:200], y[:200]),
         test=(xt, yt), config=config, run_dir=tmp_path / "run",

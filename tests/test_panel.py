@@ -89,6 +89,21 @@ def test_rule_chooses_most_workloads_passed_then_criteria_then_the_defaults():
     summary["a"]["verdicts"]["fit:x"] = verdicts(7)
     summary["b"]["verdicts"]["fit:x"] = verdicts(3)
     assert panel.choose(summary) == "fit:before"  # a tie: the defaults
+    assert panel.choose(summary, {"fit:before"}) == "fit:x"  # rule 7: a reference is no candidate
+
+
+def test_references_are_the_settings_that_do_not_change_themselves():
+    """Rule 7: a ``fit`` setting with no modifier and no race is a reference; fit_set is read
+    over the defaults it ran with (runs recorded before them ran with every modifier on)."""
+    now = {"modifiers": [], "level_race": [0.1, 0.3]}
+    runs = [
+        {"contender": "fit", "tag": "old", "fit_set": {"lr": 0.01}},
+        {"contender": "fit", "tag": "old-fixed", "fit_set": {"modifiers": []}},
+        {"contender": "fit", "tag": "raced", "fit_set": {}, "fit_defaults": now},
+        {"contender": "fit", "tag": "fixed", "fit_set": {"level_race": []}, "fit_defaults": now},
+        {"contender": "prodigy", "tag": "", "fit_set": {}},
+    ]
+    assert panel.references(runs) == {"fit:old-fixed", "fit:fixed"}
 
 
 def test_published_split_and_a_different_protocol_are_refused(tmp_path):

@@ -29,7 +29,7 @@ def test_the_report_says_why_each_change_was_proposed(tmp_path):
         model, F.cross_entropy, (x[:500], y[:500]), (x[500:600], y[500:600]),
         test=(x[600:], y[600:]), optimizer="sgd", modifiers=None,
         config={"steps": 60, "cycle": 20, "lookahead": 5, "out": str(tmp_path),
-                "compare_fixed": False},
+                "compare_fixed": False, "modifiers": None},  # every modifier that applies
     )  # fmt: skip
     html = (result.run_dir / "report.html").read_text()
     assert "why proposed" in html and "d guard / d log_lr" in html

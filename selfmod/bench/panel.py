@@ -36,6 +36,12 @@ The rule, written before any run of the panel:
    (each peak floored at 1 MB). A workload passes when all seven are met.
 6. Choice between ``fit`` settings (tags): the most workloads passed; ties to the most criteria
    met over all workloads; then to the current defaults (tag ``before``).
+7. Amended after the runs of split 1, and said so in its table: only settings in which the
+   run changes its own hyperparameters or architecture (a modifier or the rates' race) are
+   candidates; the others (``modifiers = []`` and no ``level_race``: a fixed recipe, with or
+   without early stopping) are references. By rule 6 alone a reference was chosen (AdamW at
+   lr 1e-2 with a cosine schedule and no self-modification, 3 workloads of 6 passed): the
+   loop's settings did not pay on this panel, and the table says so beside the choice.
 
     python benchmarks/panel.py --jobs 2 --tag before
     python benchmarks/panel.py --contenders fit --fit-set cycle=100 --tag cycle100 --jobs 2
@@ -58,7 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -66,6 +72,7 @@ from typing import Any
 from selfmod.bench.vs_search import _finite
 from selfmod.bench.workloads import WORKLOADS, Workload
 from selfmod.files import atomic_write_text
+from selfmod.runs.api import FIT_DEFAULTS
 
 CONTENDERS = ("adamw-1e-3", "adamw-sweep", "prodigy", "schedulefree-adamw", "fit")
 BASELINES = CONTENDERS[:-1]
@@ -242,10 +249,29 @@ def criteria(work: Workload, rows: dict[str, Any], key: str) -> dict[str, Any]:
     return out
 
 
-def choose(summary: dict[str, Any]) -> str | None:
+def changes_itself(fit_set: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """Whether a ``fit`` setting (``fit_set`` over ``defaults``, fit's defaults when it ran)
+    changes the run's own hyperparameters or architecture: a modifier or the rates' race
+    (rule 7)."""
+    values = {**defaults, **fit_set}
+    return values.get("modifiers") != [] or bool(values.get("level_race"))
+
+
+def references(runs: list[dict[str, Any]]) -> set[str]:
+    """The ``fit`` rows of settings that do not change themselves (rule 7); a run recorded
+    before fit's defaults were kept with it ran under defaults with every modifier on."""
+    return {
+        key_of("fit", r["tag"])
+        for r in runs
+        if r["contender"] == "fit"
+        and not changes_itself(r.get("fit_set") or {}, r.get("fit_defaults", {}))
+    }
+
+
+def choose(summary: dict[str, Any], exclude: Collection[str] = ()) -> str | None:
     """The ``fit`` row the rule chooses: most workloads passed, then most criteria met, then
-    ``fit:before``."""
-    keys = sorted({k for w in summary.values() for k in w["verdicts"]})
+    ``fit:before``; rows in ``exclude`` (rule 7's references) are not candidates."""
+    keys = sorted({k for w in summary.values() for k in w["verdicts"]} - set(exclude))
     if not keys:
         return None
 
@@ -335,7 +361,14 @@ def markdown(record: dict[str, Any]) -> str:
             cells = ["" if v is None else str(sum(v[c][0] for c in CRITERIA)) for v in vs]
             passed = sum(bool(v and v["passed"]) for v in vs)
             lines.append(f"| {k} | " + " | ".join(cells) + f" | {passed} of {len(names)} |")
-        lines += ["", f"Chosen by the rule: `{choose(summary)}`.", ""]
+        refs = references(record.get("runs", []))
+        lines += [
+            "",
+            f"Chosen by the rule: `{choose(summary, refs)}` (rule 7: among settings that change "
+            f"themselves); by rule 6 alone: `{choose(summary)}`. References (no self-"
+            f"modification): {', '.join(f'`{k}`' for k in sorted(refs)) or 'none'}.",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -375,6 +408,7 @@ def jobs_of(args: argparse.Namespace, fit_set: dict[str, Any]) -> list[dict[str,
                         "workload": name, "split": args.split, "steps": args.steps, "seed": seed,
                         "contender": contender, "tag": args.tag if contender == "fit" else "",
                         "lr": lr, "fit_set": fit_set if contender == "fit" else {},
+                        **({"fit_defaults": FIT_DEFAULTS} if contender == "fit" else {}),
                     })  # fmt: skip
     return specs
 
@@ -440,7 +474,7 @@ def run_panel(argv: list[str] | None = None, log: Callable[[str], None] | None =
         )
         for n in names
     }
-    record["chosen"] = choose(record["workloads"])
+    record["chosen"] = choose(record["workloads"], references(record["runs"]))
     text = markdown(record)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(_finite(record), indent=1))

@@ -7,8 +7,8 @@ Protocol. Every trial and every run trains for the workload's ``steps`` at its b
 tuners (grid, TPE, PBT) tune on the validation split with the tuning seed (never a published
 one), then the chosen configuration (for PBT: the best member's schedule of hyperparameters) is
 trained once per published seed and evaluated on test. The learning-rate-free optimizers and
-selfmod run once per published seed at their defaults (selfmod: :data:`SELFMOD_CONFIG`, chosen
-beforehand on validation seeds). A contender's wall time on a seed is its tuning time plus that
+selfmod run once per published seed at their defaults (selfmod: :func:`selfmod.runs.fit`'s,
+chosen beforehand on the development panel). A contender's wall time on a seed is its tuning time plus that
 seed's run; its steps likewise (trials stopped early by TPE's pruner count the steps they ran).
 One torch thread, the process pinned to one core.
 """
@@ -58,23 +58,11 @@ LR_FREE = ("schedulefree-adamw", "prodigy", "dadaptation")
 GRID_LR = (3e-4, 1e-3, 3e-3, 1e-2)
 GRID_WD = (0.0, 1e-2, 1e-1)
 #: the self-modifying run's settings on every workload (steps, batch size and seed are the
-#: workload's): fit's defaults (every modifier that applies: learning rates per tensor, weight
-#: decay, batch size; growth and pruning where the model is an nn.Sequential) with AdamW from lr
-#: 3e-3, a cycle every 50 steps, 5-step meta-gradients. Chosen by
-#: ``benchmarks/practitioners_select.py`` on the validation split with validation seeds 10, 11,
-#: 12 (never the published seeds 0-4, never test), by a rule fixed before its runs: as good
-#: (within tolerance of the best candidate's median) on the most workloads, ties to the cheapest.
-#: Validation medians mnist1d / mnist / pylm (bits per byte) / cancer, and time per run over a
-#: plain AdamW run of the same steps (the selection re-run when ``lr_mean = "rising"`` became the
-#: library's default, the first three with the rates' mean free, as first chosen):
-#:   cycle 25, lookahead 10 (the previous choice): 65.2% / 94.6% / 3.476 / 97.4%, 13.0x
-#:   cycle 50, lookahead 5:                        66.6% / 95.0% / 3.545 / 97.4%,  4.84x
-#:   cycle 100, lookahead 5:                       66.0% / 95.2% / 3.561 / 97.4%,  3.10x
-#:   cycle 50, lookahead 5, mean rising (chosen):  66.2% / 94.8% / 3.531 / 97.4%,  4.80x
-#: The second and the last are as good on 3 workloads each; the tie went to the lower time, by
-#: 1% (within timing noise; tests ran on the other core meanwhile).
-#: Re-run the selection and the benchmark when the library's defaults change.
-
+#: workload's): :func:`selfmod.runs.fit`'s defaults (:data:`selfmod.runs.api.FIT_DEFAULTS`),
+#: chosen on the development panel (``benchmarks/panel.py``, development split 1, seeds 10-12,
+#: by the rule in :mod:`selfmod.bench.panel`), never on this benchmark's published split or
+#: seeds. The selection that chose this row's settings before (a cycle every 50 steps, 5-step
+#: meta-gradients, lr 3e-3; ``benchmarks/practitioners_select.py``) is in ``docs/decisions.md``.
 #: ``selfmod-hd``: :class:`selfmod.optim.AdamWHD` (per-tensor rates by normalized hypergradient
 #: descent) in the contenders' own training loop, its learned rates multiplied by a linear
 #: cool-down to 0 over the last ``SELFMOD_HD_COOLDOWN`` of the steps. Chosen on validation seeds
@@ -100,14 +88,7 @@ GRID_WD = (0.0, 1e-2, 1e-1)
 #:   lr 1e-2, max_step 0.01:               62.1% / 93.4% / 3.508 / 97.8%  (2)
 SELFMOD_HD_CONFIG: dict[str, Any] = {"lr": 1e-2}
 SELFMOD_HD_COOLDOWN = 0.2
-SELFMOD_CONFIG: dict[str, Any] = {
-    "optimizer": "adamw",
-    "lr": 3e-3,
-    "cycle": 50,
-    "lookahead": 5,
-    "modifiers.lr.lr_mean": "rising",
-    "modifiers.grow.max_width": 256,  # the growth cap chosen with (the default then; 384 now)
-}
+SELFMOD_CONFIG: dict[str, Any] = {"optimizer": "adamw"}
 
 
 class Budget(BenchBudget):

@@ -58,9 +58,18 @@ class FitResult:
 
 #: what ``fit`` and ``SelfModifier`` set beyond :class:`TrainConfig`'s defaults (which keep
 #: ``selfmod train``'s demonstration run as it was): chosen on the development panel by the
-#: rule written in :mod:`selfmod.bench.panel` (``benchmarks/results/panel_dev.md``)
+#: rule written in :mod:`selfmod.bench.panel`, among settings in which the run changes itself
+#: (``benchmarks/results/panel_dev.md``, tag ``down07-nomods``): AdamW from lr 1e-2 (torch's
+#: weight decay 0.01) on a cosine schedule over the examples budget; the rates' level raced
+#: against x0.1 and x0.3 over the first 7% of the steps; the best verified state returned.
+#: The per-cycle modifiers (rates per tensor, weight decay, batch size, growth, pruning) are
+#: named to be used: on the panel, at its budgets, they did not pay for their cost.
 FIT_DEFAULTS: dict[str, Any] = {
-    "lr": 3e-3,
+    "lr": 1e-2,
+    "weight_decay": 0.01,
+    "level_race": [0.1, 0.3],  # the run's first 7% decides the rates' level (.introspect.race)
+    "race_share": 0.07,
+    "modifiers": [],
     "estimator": "first_order",  # no graph through the lookahead: memory of one gradient
     "budget_unit": "examples",  # a grown batch buys fewer steps, never more examples
     "meta_budget": 0.3,  # self-modification's work <= 0.3 x the examples budget
@@ -72,6 +81,9 @@ FIT_DEFAULTS: dict[str, Any] = {
     "modifiers.grow.grow_beats_noise": True,
     "compare_fixed": False,
 }
+#: ``SelfModifier``'s: its batches come one at a time, so there is no race before them; the
+#: per-cycle modifiers do the tuning (every one that applies)
+STEP_DEFAULTS: dict[str, Any] = {**FIT_DEFAULTS, "level_race": [], "modifiers": None}
 
 
 def make_config(config: Any = None, **defaults: Any) -> Any:
@@ -105,6 +117,7 @@ def _prepare(
     modifiers: Any = None,
     *more: Any,
     train: Any = arguments.FROM_STEPS,
+    defaults: dict[str, Any] = FIT_DEFAULTS,
 ) -> tuple[
     Any, Problem, tuple[Tensor, Tensor], tuple[Tensor | None, Tensor | None], arguments.Probe
 ]:
@@ -115,7 +128,7 @@ def _prepare(
     ``train``: ``fit``'s training data, checked against the guard."""
     arguments.check_arguments(loss, optimizer, config, modifiers, groups, metric, *more)
     arguments.check_model(model)
-    cfg = make_config(config, **FIT_DEFAULTS, optimizer=optimizer)
+    cfg = make_config(config, **defaults, optimizer=optimizer)
     gx, gy = arguments.materialized("guard", guard)
     arguments.check_pair("guard", gx, gy)
     tx, ty = arguments.materialized("test", test) if test is not None else (None, None)
@@ -154,7 +167,8 @@ def fit(
     ``loss(output, target) -> scalar``; ``metric``: ``"accuracy"`` or ``"loss"`` (default:
     accuracy for integer targets). ``config``: :class:`TrainConfig` fields (``steps``, ``lr``,
     ``cycle``, ``modifiers``, ...) over :data:`FIT_DEFAULTS` (a cosine schedule over an
-    examples budget, self-modification within 0.3 of it, early stopping). ``modifiers``:
+    examples budget, the rates' level raced at the start, early stopping; the per-cycle
+    modifiers where named, ``{"modifiers": None}`` for every one that applies). ``modifiers``:
     modifier objects instead of the config's names (third-party ones too). ``run_dir``: where
     the ledger, checkpoints, summary and report go (default: a new folder under
     ``config.out``); ``resume=True`` continues the run in ``run_dir``.
@@ -227,8 +241,9 @@ class SelfModifier:
         resume: bool = False,
     ) -> None:
         cfg, self.problem, (gx, gy), (tx, ty), self._probe = _prepare(
-            model, loss, guard, test, optimizer, config, metric, groups, modifiers, run_dir, resume
-        )
+            model, loss, guard, test, optimizer, config, metric, groups, modifiers, run_dir,
+            resume, defaults=STEP_DEFAULTS,
+        )  # fmt: skip
         source = Source(_NoStream(), gx, gy, tx, ty)
         self.run_dir, self._lock = None, contextlib.ExitStack()  # the run lock, till close()
         with contextlib.ExitStack() as failed:
