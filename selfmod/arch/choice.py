@@ -185,6 +185,22 @@ def commit_params(
     return params, {**buffers, key(site, "chosen"): chosen}, dropped
 
 
+def committed_from_params(module: nn.Module, params: Mapping[str, Tensor]) -> Params:
+    """``{site.chosen: index}`` of every choice whose commit shows in ``params`` (some option's
+    tensors emptied): the option whose tensors are not, else the first without tensors. For
+    a model evaluated from its params alone (the cost model), never from its own buffers."""
+    out = {}
+    for site in choice_sites(module):
+        keys = option_keys(module, site, params)
+        if not any(ks and all(params[k].numel() == 0 for k in ks) for ks in keys.values()):
+            continue  # open
+        names = list(keys)
+        kept = [i for i, n in enumerate(names) if keys[n] and params[keys[n][0]].numel()]
+        index = kept[0] if kept else next(i for i, n in enumerate(names) if not keys[n])
+        out[key(site, "chosen")] = torch.tensor(index, dtype=torch.long)
+    return out
+
+
 def resolve(module: nn.Module) -> nn.Module:
     """``module`` with every committed :class:`Choice` replaced by its chosen option, in place
     (an exported model in its final shape); open choices stay. Returns it."""

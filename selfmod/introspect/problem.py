@@ -123,7 +123,8 @@ class Problem:
         """Parameters, FLOPs and activation bytes per example at ``params`` (eval mode), on
         ``example`` (a real batch of one: integer inputs such as token ids work) or a shape."""
         with eval_mode(self.module):
-            return arch.cost(self.module, example, params)
+            chosen = arch.choice.committed_from_params(self.module, params)
+            return arch.cost(self.module, example, params, chosen)
 
     def export(self, params: Params, buffers: Params) -> nn.Module:
         r"""A copy of the module holding ``params`` and ``buffers`` (in their current shapes:
