@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfmod import arch, optim
+from selfmod import arch, optim, ttt
 from selfmod.arch import Choice
 from selfmod.data import as_batches
 from selfmod.introspect import registry
@@ -198,3 +198,54 @@ def test_resume_through_a_commit_is_bitwise(tmp_path):
     assert all(torch.equal(back.params[k], run.params[k]) for k in run.params)
     assert all(torch.equal(back.state.buffers[k], run.state.buffers[k]) for k in run.state.buffers)
     assert torch.equal(back.hparams["log_lr"], run.hparams["log_lr"])
+
+
+# ----------------------------------------------------------------------------- TTT layers
+
+
+class Tokens(nn.Module):
+    """``x (B, 8, 4)`` -> a causal token mixer (a choice, or one TTT-Linear) -> mean -> 2."""
+
+    def __init__(self, mixer: nn.Module) -> None:
+        super().__init__()
+        self.embed, self.mixer, self.head = nn.Linear(4, 8), mixer, nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head((h + self.mixer(h)).mean(1))
+
+
+def test_a_ttt_inner_rate_buffer_gets_its_exact_gradient_through_the_guard_loss():
+    torch.manual_seed(0)
+    model = Tokens(ttt.TTTLinear(8, 2, mini_batch=4, tune_lr=True)).eval()
+    x, y = torch.randn(16, 8, 4), torch.randint(0, 2, (16,))
+    buffers = dict(model.named_buffers())
+
+    def guard(log_lr):
+        out = torch.func.functional_call(model, {**buffers, "mixer.log_inner_lr": log_lr}, (x,))
+        return F.cross_entropy(out, y)
+
+    at = buffers["mixer.log_inner_lr"].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(guard(at), at)
+    h = 1e-2
+    fd = (guard(at.detach() + h) - guard(at.detach() - h)) / (2 * h)
+    assert float(g) != 0 and abs(float(g) - float(fd)) < 1e-3 * max(1.0, abs(float(fd)))
+
+
+def test_a_mixer_choice_with_tuned_ttt_rates_runs_through_fit(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 8, 4, generator=g)
+    y = (x[:, :, 0].cumsum(1)[:, -1] > 0).long()
+    torch.manual_seed(0)
+    mixer = ttt.mixer_choice(["conv", "ttt_linear"], 8, 2, causal=True, mini_batch=4,
+                             tune_lr=True)  # fmt: skip
+    config = {**CONFIG, "steps": 200, "cycle": 25, "out": str(tmp_path),
+              "modifiers": ["lr", "choice", "inner_lr"], "meta_budget": None}  # fmt: skip
+    result = fit(Tokens(mixer), F.cross_entropy, (x[:800], y[:800]), (x[800:1000], y[800:1000]),
+                 test=(x[1000:], y[1000:]), config=config)  # fmt: skip
+    commits = [d["modifier"] for d in result.run.history["decisions"] if d["decision"] == "commit"]
+    assert "choice" in commits and "inner_lr" in commits  # the rate tuned while still open
+    buffers = result.run.state.buffers
+    assert int(buffers["mixer.chosen"]) in (0, 1)  # committed (by decide_by at the latest)
+    assert float(buffers["mixer.options.ttt_linear.log_inner_lr"]) < 0  # lr 1 at the start
+    assert result.summary["test_metric"] > 0.9
