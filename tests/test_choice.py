@@ -5,6 +5,11 @@ resume through a commit."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +25,7 @@ from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import RunState
 from selfmod.runs import fit
 from selfmod.runs.api import make_config
+from selfmod.runs.ledger import Ledger
 from selfmod.runs.recorder import RunRecorder
 
 
@@ -249,3 +255,21 @@ def test_a_mixer_choice_with_tuned_ttt_rates_runs_through_fit(tmp_path):
     assert int(buffers["mixer.chosen"]) in (0, 1)  # committed (by decide_by at the latest)
     assert float(buffers["mixer.options.ttt_linear.log_inner_lr"]) < 0  # lr 1 at the start
     assert result.summary["test_metric"] > 0.9
+
+
+def test_the_cli_makes_a_users_choice_and_ledgers_it(tmp_path):
+    here = Path(__file__).parent
+    sets = ["model=user_models:choice_mlp", "data=user_models:digits", "optimizer=adamw",
+            "lr=0.003", "steps=200", "cycle=50", "lookahead=5", "guard_size=200",
+            "compare_fixed=false", "report=false", f"out={tmp_path}"]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "selfmod.cli", "train", *(a for s in sets for a in ("--set", s))]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=here, check=False)
+    assert done.returncode == 0, done.stderr
+    (run,) = tmp_path.iterdir()
+    rows = Ledger(run / "ledger.sqlite", create=False).entries("proposal")
+    choices = [r for r in rows if r.payload.get("modifier") == "choice"]
+    assert choices and any("commit" in r.payload["change"].get("surgery", {}) for r in choices)
