@@ -122,6 +122,50 @@ BAD_VALUES = {
         "modifiers.dropout.max_dropout must be a number in (0.0025, 1) (got 1)",
     ),
     "max_memory": ("-1", "max_memory must be an integer in [0, 10000000000000] (got -1)"),
+    "modifiers.choice.choice_lr": (
+        "0",
+        "modifiers.choice.choice_lr must be a number in (0, 10] (got 0)",
+    ),
+    "modifiers.choice.relax": (
+        "darts2",
+        "modifiers.choice.relax must be one of 'darts', 'gdas', 'expected' (got 'darts2')",
+    ),
+    "modifiers.choice.tau": (
+        "0",
+        "modifiers.choice.tau must be a number in (0, 100] (got 0)",
+    ),
+    "modifiers.choice.confidence": (
+        "1",
+        "modifiers.choice.confidence must be a number in (0, 1) (got 1)",
+    ),
+    "modifiers.choice.decide_by": (
+        "0",
+        "modifiers.choice.decide_by must be a number in (0, 1] (got 0)",
+    ),
+    "modifiers.choice.entropy_weight": (
+        "-1",
+        "modifiers.choice.entropy_weight must be a number in [0, 10] (got -1)",
+    ),
+    "modifiers.choice.diversity_weight": (
+        "11",
+        "modifiers.choice.diversity_weight must be a number in [0, 10] (got 11)",
+    ),
+    "modifiers.choice.warmup": (
+        "1",
+        "modifiers.choice.warmup must be a number in [0, 1) (got 1)",
+    ),
+    "modifiers.choice.choice_rows": (
+        "0",
+        "modifiers.choice.choice_rows must be an integer in [1, 100000] (got 0)",
+    ),
+    "modifiers.choice.choice_slack": (
+        "2",
+        "modifiers.choice.choice_slack must be a number in [0, 1] (got 2)",
+    ),
+    "modifiers.inner_lr.inner_rows": (
+        "0",
+        "modifiers.inner_lr.inner_rows must be an integer in [1, 100000] (got 0)",
+    ),
     "modifiers.batch_size.min_batch": (
         "0",
         "modifiers.batch_size.min_batch must be an integer in [1, 4000] (got 0)",

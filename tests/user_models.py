@@ -77,6 +77,14 @@ def tiny_transformer() -> nn.Module:
     return TinyTransformer()
 
 
+def choice_mlp() -> nn.Module:
+    """``x (B, 64) -> Linear(32) -> a Choice of activation -> Linear(10)``: the run chooses."""
+    from selfmod.arch import Choice
+
+    act = Choice({"relu": nn.ReLU(), "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid()})
+    return nn.Sequential(nn.Linear(64, 32), act, nn.Linear(32, 10))
+
+
 def digits():
     """scikit-learn's bundled digits: ``(x_train, y_train, x_test, y_test)``."""
     d = load_digits(seed=0)

@@ -19,6 +19,7 @@ from selfmod.arch.budget import (
     gated_mlp_expected_params,
     ramp,
 )
+from selfmod.arch.choice import Choice, choice_sites, commit_params, resolve
 from selfmod.arch.cost import Cost, compare, cost
 from selfmod.arch.dropout import ConcreteDropout, concrete_dropout
 from selfmod.arch.factorable import FactorableLinear, factorable_linear
@@ -87,6 +88,7 @@ from selfmod.arch.surgery import (
 __all__ = [
     "OPS",
     "BudgetState",
+    "Choice",
     "CollapseReport",
     "ConcreteDropout",
     "Connections",
@@ -113,7 +115,9 @@ __all__ = [
     "budget_penalty",
     "budget_update",
     "candidate_op",
+    "choice_sites",
     "collapse_report",
+    "commit_params",
     "compare",
     "concrete_dropout",
     "cost",
@@ -148,6 +152,7 @@ __all__ = [
     "ramp",
     "rename_params",
     "rename_state",
+    "resolve",
     "sequential_groups",
     "split_plan",
     "straight_through_mask",

@@ -38,10 +38,12 @@ def cost(
     model: nn.Module,
     example: Sequence[int] | Tensor,
     params: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> Cost:
     """The :class:`Cost` of ``model`` (evaluated at ``params`` if given, e.g. after functional
     surgery) on one example: ``example`` itself (a batch of one, ``(1, ...)``, any dtype: token
-    ids too), or its shape without the batch dim (then zeros in the parameters' dtype)."""
+    ids too), or its shape without the batch dim (then zeros in the parameters' dtype);
+    ``buffers``: some of the model's buffers replaced for the call (not counted)."""
     params = dict(model.named_parameters()) if params is None else dict(params)
     like = next(iter(params.values()))
     flops = [0]
@@ -75,7 +77,7 @@ def cost(
                 if isinstance(example, Tensor)
                 else torch.zeros((1, *example), dtype=like.dtype, device=like.device)
             )
-            functional_call(model, params, (x,))
+            functional_call(model, {**params, **(buffers or {})}, (x,))
     finally:
         for h in hooks:
             h.remove()

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from selfmod.arch.choice import Choice
 from selfmod.arch.dropout import ConcreteDropout
 from selfmod.arch.factorable import FactorableLinear
 from selfmod.arch.gates import HardConcreteGate, StraightThroughGate
@@ -348,7 +349,7 @@ def sequential_groups(model: nn.Sequential, prefix: str = "") -> list[UnitGroup]
             width = m.weight.shape[0]
         elif type(m) in _GATES:
             producers.append(Slot(f"{full}.{_GATES[type(m)]}", 0))
-        elif isinstance(m, _PASS) or not producers:
+        elif isinstance(m, _PASS) or _elementwise_choice(m) or not producers:
             continue  # activations and such; anything before the first layer
         else:
             raise TypeError(
@@ -356,6 +357,11 @@ def sequential_groups(model: nn.Sequential, prefix: str = "") -> list[UnitGroup]
                 f"build the UnitGroup by hand"
             )
     return groups
+
+
+def _elementwise_choice(m: nn.Module) -> bool:
+    """A :class:`~selfmod.arch.choice.Choice` among activations and such: it keeps units."""
+    return isinstance(m, Choice) and all(isinstance(o, _PASS) for o in m.options.values())
 
 
 def operate(

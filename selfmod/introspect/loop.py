@@ -296,7 +296,7 @@ class Loop:
                 return self._rollback(f"meta-gradient: {err}", ends_cycle=True)
         ctx = Context(
             self.state, self.problem, n.cycle, probe, g, look.batches, cfg,
-            lambda k: look.batch_grads(self.state, k), self.rng,
+            lambda k: look.batch_grads(self.state, k), self.rng, look, n,
         )  # fmt: skip
         proposals, self.state = decide.propose(due, ctx, self.state)
         look.current = self.state

@@ -123,13 +123,16 @@ class Problem:
         """Parameters, FLOPs and activation bytes per example at ``params`` (eval mode), on
         ``example`` (a real batch of one: integer inputs such as token ids work) or a shape."""
         with eval_mode(self.module):
-            return arch.cost(self.module, example, params)
+            chosen = arch.choice.committed_from_params(self.module, params)
+            return arch.cost(self.module, example, params, chosen)
 
     def export(self, params: Params, buffers: Params) -> nn.Module:
         r"""A copy of the module holding ``params`` and ``buffers`` (in their current shapes:
         grown or pruned layers get new ``nn.Parameter``\ s and sizes), in eval mode: a trained
-        model, ready to predict (call ``.train()`` to train it further)."""
-        return write_into(copy.deepcopy(self.module), params, buffers).eval()
+        model, ready to predict (call ``.train()`` to train it further); a committed
+        :class:`~selfmod.arch.Choice` is replaced by its chosen option."""
+        model = write_into(copy.deepcopy(self.module), params, buffers)
+        return arch.resolve(model).eval()  # a committed Choice: its chosen option
 
     def layer_signals(
         self, params: Params, buffers: Params, x: Tensor, y: Tensor

@@ -2,8 +2,8 @@
 
 Sections: summary table (self-modifying vs fixed configuration), meta-metrics, training curves,
 hyperparameter trajectories (learning rate per tensor, weight decay, dropout, momentum), layer
-widths and batch size over time, probes, a timeline of changes with commits, rejections and
-rollbacks marked, and the table of ledger entries.
+widths and batch size over time, the choices' probabilities, probes, a timeline of changes with
+commits, rejections and rollbacks marked, and the table of ledger entries.
 """
 
 from __future__ import annotations
@@ -221,6 +221,23 @@ def _timeline(history: dict) -> str:
     return _png(fig)
 
 
+def choice_rows(entries: list[dict]) -> list[tuple[str, ...]]:
+    """Per ledger entry of the ``choice`` modifier and per choice in it: ``(cycle, step,
+    choice, decision, probabilities by option, committed option)``: the logits' history."""
+    rows = []
+    for e in entries:
+        p = e.get("payload", {})
+        info = p.get("info") if isinstance(p, dict) and p.get("modifier") == "choice" else None
+        for site, c in (info or {}).get("choice", {}).items():
+            if not isinstance(c, dict):
+                continue
+            pairs = zip(c.get("options", []), c.get("p", []), strict=False)
+            probs = ", ".join(f"{n} {v:.3f}" for n, v in pairs)
+            committed = c.get("option", "") if e["decision"] == "commit" else ""
+            rows.append((e["cycle"], e["step"], site or "(root)", e["decision"], probs, committed))
+    return rows
+
+
 def _fmt(x: Any) -> str:
     if x is None:
         return "-"
@@ -398,6 +415,13 @@ def write_report(run_dir: Path, history: dict, entries: list[dict], x: str = "st
         )
 
     changes = "".join(change(e) for e in entries)
+    choices = "".join(_row(*r) for r in choice_rows(entries))
+    if choices:
+        choices = (
+            "<h3>Choices (selfmod.arch.Choice): probabilities softmax(logits) as proposed</h3>"
+            "<table><tr><th>cycle</th><th>step</th><th>choice</th><th>decision</th>"
+            f"<th>p by option</th><th>committed</th></tr>{choices}</table>"
+        )
 
     def fig(alt: str, png: str, half: bool = False) -> str:
         cls = ' class="half"' if half else ""
@@ -435,6 +459,7 @@ modifiers {_e(", ".join(map(str, modifiers)))}, approval {_e(cfg.get("approval")
 {fig("learning rates and regularization", _hyper(history))}
 <h2>Architecture</h2>
 {fig("layer widths", _widths(history), half=True)}
+{choices}
 <h2>Probes</h2>
 {fig("probes", _probes(history))}
 <h2>Meta-metrics</h2>

@@ -19,6 +19,7 @@ from selfmod.ttt.functional import (
 from selfmod.ttt.layers import (
     MTTTMLP,
     TTTMLP,
+    ConvMixer,
     LinearAttention,
     MTTTLinear,
     SoftmaxAttention,
@@ -26,7 +27,14 @@ from selfmod.ttt.layers import (
     gaussian_noise,
     random_mask,
 )
-from selfmod.ttt.models import MIXERS, Block, CausalLM, SequenceClassifier, make_mixer
+from selfmod.ttt.models import (
+    MIXERS,
+    Block,
+    CausalLM,
+    SequenceClassifier,
+    make_mixer,
+    mixer_choice,
+)
 
 __all__ = [
     "MIXERS",
@@ -34,6 +42,7 @@ __all__ = [
     "TTTMLP",
     "Block",
     "CausalLM",
+    "ConvMixer",
     "LinearAttention",
     "MTTTLinear",
     "SequenceClassifier",
@@ -43,6 +52,7 @@ __all__ = [
     "init_mlp",
     "linear_attention",
     "make_mixer",
+    "mixer_choice",
     "nadaraya_watson",
     "random_mask",
     "softmax_attention",

@@ -30,6 +30,7 @@ from selfmod.ttt.functional import (
 __all__ = [
     "MTTTMLP",
     "TTTMLP",
+    "ConvMixer",
     "LinearAttention",
     "MTTTLinear",
     "SoftmaxAttention",
@@ -287,7 +288,9 @@ class _TTT(nn.Module):
     ``f(z) = z + LN(f_res(z))`` trained on ``1/2 ||f(k_s) - v_s||^2`` with token-dependent rate
     ``eta_s = lr * sigmoid(theta_lr . x_s) / d_h``; token ``t`` reads ``f(q_t; W_t)`` with
     ``W_t`` updated by the gradients of the tokens ``<= t`` of its mini-batch (taken at the
-    mini-batch's starting weights) and all earlier mini-batches.
+    mini-batch's starting weights) and all earlier mini-batches. ``tune_lr``: the base rate
+    ``lr`` becomes the persistent buffer ``log_inner_lr`` (``lr = exp``), which a run tunes by
+    its guard loss (:mod:`selfmod.introspect.modifiers.inner_lr`).
 
     References: arXiv 2407.04620, sections 2.3-2.7.
     """
@@ -301,11 +304,16 @@ class _TTT(nn.Module):
         lr: float = 1.0,
         first_order: bool = False,
         form: Literal["dual", "primal"] = "dual",
+        tune_lr: bool = False,
     ) -> None:
         super().__init__()
+        if tune_lr and lr <= 0:
+            raise ValueError(f"lr must be > 0 to be tuned in log space (got {lr})")
         dh = _head_dim(dim, heads, head_dim)
         self.heads, self.head_dim, self.mini_batch = heads, dh, mini_batch
         self.base_lr, self.first_order, self.form = lr, first_order, form
+        if tune_lr:  # a run's hyperparameter (modifier inner_lr): a buffer, not a parameter
+            self.register_buffer("log_inner_lr", torch.tensor(math.log(lr)))
         self.qkv = nn.Linear(dim, 3 * heads * dh, bias=False)  # theta_Q, theta_K, theta_V
         self.lr_proj = nn.Linear(dim, heads)  # theta_lr: token-dependent inner rate
         self.ln_weight = nn.Parameter(torch.ones(heads, 1, dh))
@@ -318,7 +326,8 @@ class _TTT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, -1))  # (B,H,N,d_h)
-        eta = self.base_lr * torch.sigmoid(self.lr_proj(x)).transpose(1, 2) / self.head_dim
+        base = self.log_inner_lr.exp() if hasattr(self, "log_inner_lr") else self.base_lr
+        eta = base * torch.sigmoid(self.lr_proj(x)).transpose(1, 2) / self.head_dim  # (B, H, N)
         z = self.mix(q, k, v, eta, (self.ln_weight, self.ln_bias))  # (B, H, N, d_h)
         return self.out(_merge_heads(z))  # (B, N, dim)
 
@@ -372,6 +381,27 @@ class TTTMLP(_TTT):
             q, k, v, (self.W1, self.b1, self.W2, self.b2), eta, 1, self.mini_batch, True, ln=ln,
             first_order=self.first_order, form=self.form, impl=self.impl,
         )  # fmt: skip
+
+
+class ConvMixer(nn.Module):
+    """A depthwise convolution over tokens, then GELU and a linear map:
+    ``y = W gelu(conv_k(x)) + b``, ``(B, N, dim) -> (B, N, dim)``; ``causal``: token ``t``
+    reads tokens ``t - k + 1 .. t`` (left padding), else a centred window.
+
+    References: Wu et al. 2019 (lightweight and dynamic convolutions).
+    """
+
+    def __init__(self, dim: int, heads: int = 4, kernel: int = 3, causal: bool = False) -> None:
+        super().__init__()
+        self.kernel, self.causal = kernel, causal
+        self.conv = nn.Conv1d(dim, dim, kernel, groups=dim)  # one filter per channel
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.kernel
+        pad = (k - 1, 0) if self.causal else ((k - 1) // 2, k // 2)
+        h = self.conv(nn.functional.pad(x.transpose(1, 2), pad))  # (B, dim, N)
+        return self.out(nn.functional.gelu(h.transpose(1, 2)))  # (B, N, dim)
 
 
 class LinearAttention(nn.Module):

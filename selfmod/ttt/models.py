@@ -5,22 +5,25 @@ References: arXiv 2310.13807 (MTTT in a ViT, raw-pixel sequences); arXiv 2407.04
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfmod.arch.choice import Choice
 from selfmod.ttt.layers import (
     MTTTMLP,
     TTTMLP,
+    ConvMixer,
     LinearAttention,
     MTTTLinear,
     SoftmaxAttention,
     TTTLinear,
 )
 
-__all__ = ["MIXERS", "Block", "CausalLM", "SequenceClassifier", "make_mixer"]
+__all__ = ["MIXERS", "Block", "CausalLM", "SequenceClassifier", "make_mixer", "mixer_choice"]
 
 # name -> (constructor, causal?)
 MIXERS: dict[str, tuple[type[nn.Module], bool]] = {
@@ -30,24 +33,39 @@ MIXERS: dict[str, tuple[type[nn.Module], bool]] = {
     "softmax_attention": (SoftmaxAttention, False),
     "ttt_linear": (TTTLinear, True),
     "ttt_mlp": (TTTMLP, True),
+    "conv": (ConvMixer, False),
 }
 
 
 def make_mixer(name: str, dim: int, heads: int, causal: bool = False, **kwargs: Any) -> nn.Module:
     """A token mixer ``(B, N, dim) -> (B, N, dim)`` by name (see :data:`MIXERS`).
 
-    Attention mixers take ``causal``; MTTT mixers are bidirectional only and TTT mixers causal
-    only, so asking for the other raises.
+    Attention and convolution mixers take ``causal``; MTTT mixers are bidirectional only and
+    TTT mixers causal only, so asking for the other raises.
     """
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
     cls, is_causal = MIXERS[name]
-    if cls in (LinearAttention, SoftmaxAttention):
+    if cls in (LinearAttention, SoftmaxAttention, ConvMixer):
         return cls(dim, heads, causal=causal, **kwargs)
     if causal != is_causal:
         kind = "causal" if is_causal else "bidirectional"
         raise ValueError(f"mixer {name!r} is {kind} only (got causal={causal})")
     return cls(dim, heads, **kwargs)
+
+
+def mixer_choice(
+    names: Sequence[str], dim: int, heads: int, causal: bool = False, **ttt: Any
+) -> Choice:
+    """A :class:`~selfmod.arch.Choice` among the token mixers ``names`` (:data:`MIXERS`), which
+    a run makes by its guard loss; ``ttt``: keyword arguments of the TTT mixers only (e.g.
+    ``mini_batch``, ``tune_lr=True``: their inner rate a hyperparameter the run tunes)."""
+    return Choice(
+        {
+            n: make_mixer(n, dim, heads, causal, **(ttt if n.startswith("ttt") else {}))
+            for n in names
+        }
+    )
 
 
 class Block(nn.Module):

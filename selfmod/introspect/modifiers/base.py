@@ -159,6 +159,10 @@ class Context:
     settings: Any  # the run's config (trust_region, meta_lr, epsilon, ...)
     batch_grads: Callable[[int], list[Params]]  # per-batch gradients of the first n pending
     rng: torch.Generator  # the run's generator (seeds for growth)
+    #: the cycle's :class:`~selfmod.introspect.lookahead.Lookahead` (its guard splits, and its
+    #: ``cost``, where a modifier's own passes count against ``meta_budget``); ``None`` outside
+    lookahead: Any = None
+    counters: Any = None  # the run's :class:`~selfmod.introspect.state.Counters` (read-only)
 
     @property
     def trust_region(self) -> float:

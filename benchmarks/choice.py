@@ -1,0 +1,283 @@
+"""Architecture chosen by gradients inside the run: one ``fit`` run with a
+:class:`selfmod.arch.Choice` against every option trained alone, same budget.
+
+Three workloads of different kinds (data from :mod:`selfmod.bench.workloads`):
+
+- ``act``: MNIST-1D, an MLP 40-128-128-10 whose two activations are each a choice among
+  ReLU, GELU, tanh and sigmoid (a fixed run: one activation in both layers);
+- ``mixer``: 8x8 digits read as 8 tokens of 8 pixels, one pre-LN block whose token mixer is a
+  choice among softmax attention, linear attention, TTT-Linear, TTT-MLP (their inner rate
+  tuned: ``tune_lr``) and a convolution, all causal; mean-pooled, linear head;
+- ``block``: breast cancer, an MLP 30-64-?-2 whose middle block is a choice among a two-layer
+  ReLU block, one linear layer, and a skip connection (the skip guard's case).
+
+Every run is :func:`selfmod.runs.fit` with its defaults (AdamW, lr 3e-3, meta budget 0.3) but
+``cycle = 50`` and ``lookahead = 10`` (:data:`LOOP`), the workload's steps and batch, the
+validation rows as guard; fixed runs have the option in the Choice's place.
+Cost: CPU seconds (one torch thread per process) and the examples trained plus
+self-modification's example-equivalents. Seeds: settings are chosen on development split 1
+with seeds 10 and 11 (``--dev``), then the published split and seeds 0, 1, 2 are run once.
+
+    python benchmarks/choice.py --dev --out /tmp/choice_dev   # choosing settings
+    python benchmarks/choice.py                               # the published table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selfmod.arch import Choice
+from selfmod.bench import workloads
+from selfmod.runs import fit
+from selfmod.ttt import make_mixer
+
+RESULTS = Path(__file__).parent / "results"
+DEV_SEEDS, SEEDS = (10, 11), (0, 1, 2)
+#: the choice modifier's settings of the published run (chosen on the development seeds)
+SETTINGS: dict[str, Any] = {}
+#: every run's loop settings beyond fit's defaults (fixed runs too): twice the cycles, half
+#: the lookahead, so the meta budget (0.3) buys a choice several cycles in these short runs
+LOOP: dict[str, Any] = {"cycle": 50, "lookahead": 10}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def activations() -> dict[str, nn.Module]:
+    return {"relu": nn.ReLU(), "gelu": nn.GELU(), "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid()}
+
+
+def act_model(option: str | None) -> nn.Module:
+    def act() -> nn.Module:
+        return Choice(activations()) if option is None else activations()[option]
+
+    return nn.Sequential(nn.Linear(40, 128), act(), nn.Linear(128, 128), act(), nn.Linear(128, 10))
+
+
+MIXERS = ("softmax_attention", "linear_attention", "ttt_linear", "ttt_mlp", "conv")
+
+
+class TokenModel(nn.Module):
+    """``x (B, 8, 8)`` rows as tokens: embed, ``x + mixer(LN x)``, ``x + MLP(LN x)``, mean,
+    linear head."""
+
+    def __init__(self, option: str | None, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(8, dim))
+        self.ln1, self.ln2, self.ln = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+        def mixer(name: str) -> nn.Module:
+            ttt = {"mini_batch": 8, "tune_lr": True} if name.startswith("ttt") else {}
+            return make_mixer(name, dim, heads, causal=True, **ttt)
+
+        self.mixer = Choice({n: mixer(n) for n in MIXERS}) if option is None else mixer(option)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x) + self.pos  # (B, 8, dim)
+        h = h + self.mixer(self.ln1(h))
+        h = h + self.mlp(self.ln2(h))
+        return self.head(self.ln(h).mean(1))  # (B, 10)
+
+
+def blocks() -> dict[str, nn.Module]:
+    return {
+        "mlp2": nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU()),
+        "linear": nn.Sequential(nn.Linear(64, 64), nn.ReLU()),
+        "skip": nn.Identity(),
+    }
+
+
+def block_model(option: str | None) -> nn.Module:
+    middle = Choice(blocks()) if option is None else blocks()[option]
+    return nn.Sequential(nn.Linear(30, 64), nn.ReLU(), middle, nn.Linear(64, 2))
+
+
+#: workload -> (data, model(option or None), options, steps)
+WORKLOADS: dict[str, tuple[Callable[..., workloads.Workload], Callable, tuple[str, ...], int]] = {
+    "act": (workloads.mnist1d, act_model, tuple(activations()), 1500),
+    "mixer": (workloads.seqdigits, TokenModel, MIXERS, 1200),
+    "block": (workloads.cancer, block_model, tuple(blocks()), 600),
+}
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def final_picks(result: Any) -> str:
+    """Each choice's committed option from the run's state (``name?``: still open)."""
+    run, out = result.run, []
+    for name, m in run.problem.module.named_modules():
+        if isinstance(m, Choice):
+            k = int(run.state.buffers[f"{name}.chosen" if name else "chosen"])
+            logits = run.state.buffers[f"{name}.logits" if name else "logits"]
+            out.append(m.names[k] if k >= 0 else m.names[int(logits.argmax())] + "?")
+    return "+".join(out)
+
+
+def one(job: tuple[str, str | None, int, int, dict[str, Any]]) -> dict[str, Any]:
+    """Train one run in this process: ``(workload, option or None for the choice, seed, split,
+    choice settings)``."""
+    name, option, seed, split, settings = job
+    torch.set_num_threads(1)
+    data, make, _, steps = WORKLOADS[name]
+    w = data(steps, split)
+    torch.manual_seed(seed)
+    model = make(option)
+    config = {
+        "steps": steps, "batch_size": w.batch, "seed": seed, "report": False,
+        "compare_fixed": False, "guard_size": min(2000, len(w.val[1])), **LOOP,
+        **{f"modifiers.choice.{k}": v for k, v in settings.items()},
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as out:
+        cpu, wall = time.process_time(), time.perf_counter()
+        result = fit(
+            model, w.loss, w.train, w.val, test=w.test, config={**config, "out": out}
+        )  # fmt: skip
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    s = result.summary
+    pick = option if option is not None else final_picks(result)
+    history = [
+        d for d in result.run.history["decisions"] if d["modifier"] in ("choice", "inner_lr")
+    ]
+    return {
+        "workload": name, "option": option or "choice", "seed": seed, "split": split,
+        "test": w.evaluate(result.module, w.test), "cpu": cpu, "wall": wall,
+        "examples": s["examples"], "meta_examples": s["meta_examples"], "pick": pick,
+        "decisions": [(d["step"], d["modifier"], d["decision"]) for d in history],
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """Markdown lines and a JSON summary: per workload, the fixed options' mean test accuracy
+    over seeds, the choice run's, its picks, cost ratios and where it picked wrong."""
+    lines, summary = [], {}
+    for name in WORKLOADS:
+        mine = [r for r in rows if r["workload"] == name]
+        if not mine:
+            continue
+        seeds = sorted({r["seed"] for r in mine})
+        options = WORKLOADS[name][2]
+
+        def at(option: str, seed: int, mine: list = mine) -> dict[str, Any]:
+            return next(r for r in mine if r["option"] == option and r["seed"] == seed)
+
+        fixed = {o: statistics.mean(at(o, s)["test"] for s in seeds) for o in options}
+        chosen = [at("choice", s) for s in seeds]
+        choice_mean = statistics.mean(r["test"] for r in chosen)
+        best = max(fixed, key=lambda o: fixed[o])
+        average = statistics.mean(fixed.values())
+        cpu_fixed = {s: statistics.mean(at(o, s)["cpu"] for o in options) for s in seeds}
+        work = {s: statistics.mean(at(o, s)["examples"] + at(o, s)["meta_examples"]
+                                   for o in options) for s in seeds}  # fmt: skip
+        cpu_ratio = statistics.mean(r["cpu"] / cpu_fixed[r["seed"]] for r in chosen)
+        work_ratio = statistics.mean(
+            (r["examples"] + r["meta_examples"]) / work[r["seed"]] for r in chosen
+        )
+        same_pick = []  # vs the fixed run of the option(s) it picked, per seed
+        for r in chosen:
+            picked = [p.rstrip("?") for p in r["pick"].split("+")]
+            if len(set(picked)) == 1:
+                same_pick.append(r["cpu"] / at(picked[0], r["seed"])["cpu"])
+        wrong = []
+        for r in chosen:
+            best_here = max(options, key=lambda o, s=r["seed"]: at(o, s)["test"])
+            gap = at(best_here, r["seed"])["test"] - r["test"]
+            if r["pick"].rstrip("?") != best_here and gap > 0:
+                wrong.append(f"seed {r['seed']}: {r['pick']} ({r['test']:.4f}) vs best fixed "
+                             f"{best_here} ({at(best_here, r['seed'])['test']:.4f}), "
+                             f"-{100 * gap:.2f} points")  # fmt: skip
+        summary[name] = {
+            "fixed": fixed, "choice": choice_mean, "best_fixed": best, "average_fixed": average,
+            "picks": [r["pick"] for r in chosen], "cpu_ratio_vs_mean_fixed": cpu_ratio,
+            "work_ratio_vs_mean_fixed": work_ratio,
+            "cpu_ratio_vs_picked_fixed": statistics.mean(same_pick) if same_pick else math.nan,
+            "at_least_best": choice_mean >= fixed[best],
+            "better_than_average": choice_mean > average,
+            "wrong": wrong,
+        }  # fmt: skip
+        lines += [
+            f"### {name}: {WORKLOADS[name][0].__name__} ({WORKLOADS[name][3]} steps)",
+            "",
+            "| run | test accuracy (mean over seeds) |",
+            "|---|---|",
+            *[f"| fixed {o} | {fixed[o]:.4f} |" for o in options],
+            f"| average fixed option | {average:.4f} |",
+            f"| **choice** (picks: {', '.join(r['pick'] for r in chosen)}) | "
+            f"**{choice_mean:.4f}** |",
+            "",
+            f"- at least the best fixed option ({best}, {fixed[best]:.4f}): "
+            f"{'yes' if choice_mean >= fixed[best] else 'no'} "
+            f"({100 * (choice_mean - fixed[best]):+.2f} points); better than the average fixed "
+            f"option: {'yes' if choice_mean > average else 'no'} "
+            f"({100 * (choice_mean - average):+.2f} points)",
+            f"- cost vs one fixed run (mean over options): CPU seconds x{cpu_ratio:.2f}, "
+            f"examples + meta example-equivalents x{work_ratio:.2f}; CPU vs the fixed run of "
+            f"the picked option x{summary[name]['cpu_ratio_vs_picked_fixed']:.2f}",
+            f"- picked wrong: {'; '.join(wrong) if wrong else 'never'}",
+            "",
+        ]
+    return lines, summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dev", action="store_true", help="development split 1, seeds 10 and 11")
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], help="choice settings, name=value (JSON)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "choice")
+    args = ap.parse_args(argv)
+    split = 1 if args.dev else 0
+    seeds = args.seeds or (DEV_SEEDS if args.dev else SEEDS)
+    settings = {**SETTINGS, **{k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}}
+    jobs = [
+        (name, option, seed, split, settings)
+        for name in args.workloads
+        for seed in seeds
+        for option in (None, *WORKLOADS[name][2])
+    ]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(one, jobs))
+    lines, summary = table(rows)
+    command = "python benchmarks/choice.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    head = [
+        "# Architecture chosen by gradients inside the run (benchmarks/choice.py)",
+        "",
+        f"Command: `{command.strip()}`; split {split}, seeds {list(seeds)}; choice settings "
+        f"{settings or 'the defaults'}; {time.perf_counter() - start:.0f} s on 2 CPU cores, one "
+        "torch thread per run.",
+        "",
+        (__doc__ or "").split("\n\n")[1],
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text("\n".join(head + lines) + "\n")
+    payload = {"command": command.strip(), "split": split, "seeds": list(seeds),
+               "settings": settings, "summary": summary, "runs": rows}  # fmt: skip
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
