@@ -254,7 +254,7 @@ def test_a_mixer_choice_with_tuned_ttt_rates_runs_through_fit(tmp_path):
     assert "choice" in commits and "inner_lr" in commits  # the rate tuned while still open
     buffers = result.run.state.buffers
     assert int(buffers["mixer.chosen"]) in (0, 1)  # committed (by decide_by at the latest)
-    assert float(buffers["mixer.options.ttt_linear.log_inner_lr"]) < 0  # lr 1 at the start
+    assert float(buffers["mixer.options.ttt_linear.log_inner_lr"]) != 0  # moved from lr 1
     assert result.summary["test_metric"] > 0.9
 
 
@@ -274,3 +274,24 @@ def test_the_cli_makes_a_users_choice_and_ledgers_it(tmp_path):
     rows = Ledger(run / "ledger.sqlite", create=False).entries("proposal")
     choices = [r for r in rows if r.payload.get("modifier") == "choice"]
     assert choices and any("commit" in r.payload["change"].get("surgery", {}) for r in choices)
+
+
+def test_fit_makes_the_choices_a_model_marks_without_being_told(tmp_path):
+    """``fit``'s defaults name no tuning modifier, but the choices a model marks are made: the
+    ``choice`` modifier for a ``Choice``, ``inner_lr`` for a TTT layer built with ``tune_lr``;
+    a model that marks none runs without either (no error for a modifier that cannot apply)."""
+    from selfmod.runs.api import marked
+
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert marked(plain) == []
+    act = Choice({"relu": nn.ReLU(), "tanh": nn.Tanh()})
+    assert marked(nn.Sequential(nn.Linear(4, 8), act, nn.Linear(8, 2))) == ["choice"]
+    mixer = ttt.mixer_choice(["conv", "ttt_linear"], 8, 2, causal=True, mini_batch=4, tune_lr=True)
+    assert marked(mixer) == ["choice", "inner_lr"]
+    x = torch.randn(600, 4)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), act, nn.Linear(8, 2))
+    config = {"steps": 60, "cycle": 20, "lookahead": 4, "report": False, "out": str(tmp_path)}
+    run = fit(model, F.cross_entropy, (x[:400], y[:400]), (x[400:], y[400:]), config=config).run
+    assert run.summary()["modifiers"] == ["choice"]

@@ -8,8 +8,9 @@ tuners (grid, TPE, PBT) tune on the validation split with the tuning seed (never
 one), then the chosen configuration (for PBT: the best member's schedule of hyperparameters) is
 trained once per published seed and evaluated on test. The learning-rate-free optimizers and
 selfmod run once per published seed at their defaults (selfmod: :func:`selfmod.runs.fit`'s,
-chosen beforehand on the development panel). A contender's wall time on a seed is its tuning time plus that
-seed's run; its steps likewise (trials stopped early by TPE's pruner count the steps they ran).
+chosen beforehand on the development panel). A contender's wall time on a seed is its tuning
+time plus that seed's run; its steps likewise (trials stopped early by TPE's pruner count the
+steps they ran).
 One torch thread, the process pinned to one core.
 """
 

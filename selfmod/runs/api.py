@@ -62,8 +62,9 @@ class FitResult:
 #: (``benchmarks/results/panel_dev.md``, tag ``down07-nomods``): AdamW from lr 1e-2 (torch's
 #: weight decay 0.01) on a cosine schedule over the examples budget; the rates' level raced
 #: against x0.1 and x0.3 over the first 7% of the steps; the best verified state returned.
-#: The per-cycle modifiers (rates per tensor, weight decay, batch size, growth, pruning) are
-#: named to be used: on the panel, at its budgets, they did not pay for their cost.
+#: The per-cycle tuning modifiers (rates per tensor, weight decay, batch size, growth, pruning)
+#: are named to be used: on the panel, at its budgets, they did not pay for their cost;
+#: ``modifiers = []`` here stands for the choices the model marks (:func:`marked`).
 FIT_DEFAULTS: dict[str, Any] = {
     "lr": 1e-2,
     "weight_decay": 0.01,
@@ -84,6 +85,20 @@ FIT_DEFAULTS: dict[str, Any] = {
 #: ``SelfModifier``'s: its batches come one at a time, so there is no race before them; the
 #: per-cycle modifiers do the tuning (every one that applies)
 STEP_DEFAULTS: dict[str, Any] = {**FIT_DEFAULTS, "level_race": [], "modifiers": None}
+
+
+def marked(model: nn.Module) -> list[str]:
+    """The modifiers of the choices ``model`` marks: ``choice`` for a
+    :class:`selfmod.arch.Choice`, ``inner_lr`` for a TTT layer built with ``tune_lr=True``
+    (``fit`` runs these by default, the per-cycle tuning modifiers only where named)."""
+    from selfmod.introspect.modifiers.choice import choice_sites
+    from selfmod.introspect.modifiers.inner_lr import sites
+
+    has = {
+        "choice": bool(choice_sites(model)),
+        "inner_lr": bool(sites(dict(model.named_buffers()))),
+    }
+    return [name for name, yes in has.items() if yes]
 
 
 def make_config(config: Any = None, **defaults: Any) -> Any:
@@ -128,6 +143,8 @@ def _prepare(
     ``train``: ``fit``'s training data, checked against the guard."""
     arguments.check_arguments(loss, optimizer, config, modifiers, groups, metric, *more)
     arguments.check_model(model)
+    if defaults.get("modifiers") == []:  # fit: the choices the model marks, where it has any
+        defaults = {**defaults, "modifiers": marked(model)}
     cfg = make_config(config, **defaults, optimizer=optimizer)
     gx, gy = arguments.materialized("guard", guard)
     arguments.check_pair("guard", gx, gy)
