@@ -123,6 +123,6 @@ def test_fit_and_self_modifier_killed_resume_identical(tmp_path, api, where):
 def test_fit_and_self_modifier_kills_at_every_file_write_lose_nothing(tmp_path, api):
     expected = api_reference(tmp_path / "reference", api)
     outcomes = {w: api_trial(w, tmp_path / f"kill{i}", api, expected)
-                for i, w in enumerate(api_points(12, seed=1))}  # fmt: skip
+                for i, w in enumerate(api_points(12, seed=1, api=api))}  # fmt: skip
     assert set(outcomes.values()) <= {"identical", "refused"}, outcomes
     assert outcomes["write=config.json"] == "refused"  # no config: nothing defines the run

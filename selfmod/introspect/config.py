@@ -646,6 +646,8 @@ def described() -> dict[str, str]:
         "modifiers": "a list of distinct names from "
         + ", ".join(repr(m) for m in modifier_names()),
         "schedule": schedule_allowed(),
+        "level_race": "a list of at most 8 numbers in (0, 1000] (factors of every rate; [] for "
+        "no race)",
         "model": ProblemFields.model_fields["model"].description or "",
         "data": ProblemFields.model_fields["data"].description or "",
         "loss": ProblemFields.model_fields["loss"].description or "",
