@@ -65,3 +65,26 @@ def test_report_renders_in_headless_chromium(tmp_path):
     os.environ.get("SELFMOD_KEEP_SCREENSHOT") and shutil.copy(
         shot, os.environ["SELFMOD_KEEP_SCREENSHOT"]
     )
+
+
+def test_a_run_without_cycles_writes_its_report_without_plot_warnings(tmp_path):
+    """fit's defaults on a run shorter than a cycle: no probes, so the probe plots are empty;
+    the report is written and matplotlib says nothing about empty legends."""
+    import warnings
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from selfmod.runs import fit
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = fit(model, F.cross_entropy, (x[:200], y[:200]), (x[200:], y[200:]),
+                     config={"steps": 40}, run_dir=tmp_path / "run")  # fmt: skip
+    assert (result.run_dir / "report.html").is_file()
+    assert not [w for w in seen if "legend" in str(w.message)]

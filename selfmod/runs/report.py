@@ -31,6 +31,12 @@ MARKS = {
 
 
 @functools.cache
+def _legend(ax, **kw) -> None:
+    """``ax.legend(**kw)`` when something is labelled (an empty plot gets none, and no warning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def _pyplot() -> Any:
     """matplotlib's ``pyplot`` on the Agg backend, imported on first use (once): the summary
     table (:func:`summary_rows`) needs none, so a run with ``report = false`` never pays it."""
@@ -93,7 +99,7 @@ def _compare(history: dict, key: str, ylabel: str, train: bool = False, x: str =
             ax.plot(steps, [r["train_loss"] for r in log], ":", color=line.get_color(),
                     label=f"{label}, train batch loss")  # fmt: skip
     _shift(ax, history)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return _png(fig)
 
 
@@ -116,7 +122,7 @@ def _hyper(history: dict) -> str:
     ax.set_ylabel("learning rate")
     ax.set_xlabel("base training step")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax, fontsize=7, ncol=2)
     ax = axes[1]
     for h in _declared(history["tuned_summary"]):  # every hyperparameter but the rates
         key, label = h["name"], h["name"].replace("_", " ")
@@ -133,7 +139,7 @@ def _hyper(history: dict) -> str:
     ax.set_xlabel("base training step")
     ax.set_ylabel("value (log scale)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 
 
@@ -186,7 +192,7 @@ def _probes(history: dict) -> str:
     ax.set_ylabel("accuracy")
     ax.set_xlabel("base training step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     ax = axes[1]
     ax.plot(steps, [p["params"] for p in pr], label="parameters")
     ax.plot(steps, [p["flops"] for p in pr], "--", label="FLOPs / example")
@@ -197,8 +203,8 @@ def _probes(history: dict) -> str:
     ax3 = ax.twinx()
     ax3.plot(steps, [p["gap"] for p in pr], color="#cf222e", label="gap: guard - train loss")
     ax3.set_ylabel("internal generalization gap")
-    ax.legend(fontsize=7, loc="upper left")
-    ax3.legend(fontsize=7, loc="lower right")
+    _legend(ax, fontsize=7, loc="upper left")
+    _legend(ax3, fontsize=7, loc="lower right")
     return _png(fig)
 
 
@@ -217,7 +223,7 @@ def _timeline(history: dict) -> str:
     ax.set_xlabel("base training step")
     ax.set_xlim(0, history.get("config", {}).get("steps", None))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _legend(ax, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 
 
