@@ -101,7 +101,7 @@ def test_a_level_whose_steps_go_non_finite_scores_infinity_and_is_not_chosen():
         return float(state.hparams["log_lr"][0]), 0.0
 
     before = torch.get_rng_state()
-    rng = torch.get_rng_state()
+    rng = (torch.get_rng_state(), None)
     entries, kept = race(run.state, [None, None], [100.0, 0.5, 0.7], step, score, rng)
     assert torch.equal(torch.get_rng_state(), before)
     assert [(e.factor, e.propose, e.verify) for e in entries] == [

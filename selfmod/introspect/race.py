@@ -31,6 +31,8 @@ from selfmod.introspect.state import RunState
 #: ``(state, t, batch) -> (state, loss)``: one base step of the race (the schedule at its
 #: ``t``-th step)
 Step = Callable[[RunState, int, Any], tuple[RunState, float]]
+#: the random state: the CPU generator's, and the CUDA device's where the run is on one
+RNG = tuple[torch.Tensor, torch.Tensor | None]
 #: ``state -> (guard loss on the proposing split, on the verifying split)``
 Score = Callable[[RunState], tuple[float, float]]
 
@@ -53,7 +55,23 @@ class Trained:
     factor: float
     state: RunState
     losses: list[float]
-    rng: torch.Tensor
+    rng: RNG
+
+
+CPU = torch.device("cpu")
+
+
+def get_rng(device: torch.device) -> RNG:
+    """The random state now (CPU, and ``device``'s if it is a CUDA one)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng(rng: RNG, device: torch.device) -> None:
+    """Set the random state :func:`get_rng` gave."""
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], device)
 
 
 def leveled(state: RunState, factor: float) -> RunState:
@@ -68,7 +86,8 @@ def race(
     factors: Sequence[float],
     step: Step,
     score: Score,
-    rng_state: torch.Tensor,
+    rng_state: RNG,
+    device: torch.device = CPU,
 ) -> tuple[list[Entry], dict[float, Trained]]:
     """Each level (``1`` and every ``factors``) trained from ``state`` over ``batches`` by
     ``step``, every one from the random state ``rng_state``, and scored: ``(entries, the
@@ -79,8 +98,8 @@ def race(
     kept: dict[float, Trained] = {}
     for f in [*(f for f in factors if f != 1.0), 1.0]:
         s, losses = (leveled(state, f) if f != 1.0 else state), []
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(rng_state)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            set_rng(rng_state, device)
             try:
                 for t, batch in enumerate(batches):
                     s, loss = step(s, t, batch)
@@ -88,7 +107,7 @@ def race(
                 propose, verify = score(s)
             except (NonFiniteError, DivergenceError):
                 propose = verify = math.inf
-            end = torch.get_rng_state()
+            end = get_rng(device)
         entry = Entry(f, *(v if math.isfinite(v) else math.inf for v in (propose, verify)))
         if f == 1.0 and math.isfinite(entry.propose):  # trained last: beside the kept one
             kept[f] = Trained(f, s, losses, end)
@@ -177,10 +196,12 @@ def run(
     """The race of ``config.level_race`` from ``state`` over ``batches`` (the run's
     ``train_step``, and its ``guard`` loss on ``split("propose")`` and ``split("verify")``),
     judged by :func:`verdict`."""
-    splits, rng = (split("propose"), split("verify")), torch.get_rng_state()
+    device = next(iter(state.params.values())).device
+    splits, rng = (split("propose"), split("verify")), get_rng(device)
     propose, verify = splits
     step = base_steps(train_step, config, state.batch_size)
-    entries, kept = race(state, batches, config.level_race, step, guard_scores(guard, *splits), rng)
+    score = guard_scores(guard, *splits)
+    entries, kept = race(state, batches, config.level_race, step, score, rng, device)
     won, decision, why = verdict(entries)
     trained = kept.get(won.factor if decision == "commit" else 1.0)  # none: the x1 level failed
     work = cost(entries, batches, len(propose[1]) + len(verify[1]), trained is not None)
@@ -205,5 +226,5 @@ def settle(
         n.average = loss if n.average is None else 0.9 * n.average + 0.1 * loss
         n.first_loss = loss if n.first_loss is None else n.first_loss
         n.last_loss = loss
-    torch.set_rng_state(trained.rng)
+    set_rng(trained.rng, next(iter(trained.state.params.values())).device)
     return trained.state, []
