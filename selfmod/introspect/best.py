@@ -51,9 +51,9 @@ class Best:
         """``(state with the best params and buffers, why)`` when ``state`` does worse on
         ``verify`` than the best by more than ``epsilon`` (accuracy: that much lower; loss:
         relatively higher); else ``(None, "")``."""
-        final, metric = problem.evaluate(state.params, state.buffers, *verify)
         if self.params is None:
             return None, ""
+        final, metric = problem.evaluate(state.params, state.buffers, *verify)
         if problem.metric == "accuracy":
             if not metric < self.accuracy - epsilon:
                 return None, ""
@@ -63,14 +63,6 @@ class Best:
         else:
             return None, ""
         return replace(state, params=self.params, buffers=self.buffers), why + str(self.step)
-
-    def ended(
-        self, problem: Any, verify: tuple[Tensor, Tensor], state: RunState, config: Any
-    ) -> tuple[RunState, str]:
-        """``(the state the run ends with, why it is the best one)``: :meth:`returned` under
-        ``config.epsilon``, else ``(state, "")``."""
-        kept, why = self.returned(problem, verify, state, config.epsilon)
-        return (state, "") if kept is None else (kept, why)
 
     def summary(self) -> dict[str, Any] | None:
         if self.params is None:

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from selfmod import hypergrad, optim, tree
+from selfmod.determinism import drawing_from
 from selfmod.errors import NonFiniteError, SelfmodError
 from selfmod.introspect import replay
 from selfmod.introspect.budget import Cost
@@ -152,11 +153,7 @@ class Lookahead:
         """Every lookahead of a cycle (the estimate, each replay) draws the same random numbers
         (a model's own ``nn.Dropout``), from the generator state at the cycle's start, and leaves
         the run's generators as they were: verifying a change consumes no randomness."""
-        cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.set_rng_state(self.rng_state[0])
-            if cuda:
-                torch.cuda.set_rng_state(self.rng_state[1], self.device)
+        with drawing_from(self.rng_state, self.device):
             yield
 
     def replay(self, state: RunState, monitor: Any = None) -> tuple[Params, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfmod.determinism import random_state
 from selfmod.errors import DivergenceError, NonFiniteError
 from selfmod.introspect import best, budget, build, decide, race, replay, schedule, shift, verifier
 from selfmod.introspect.events import Decision, Recorder, jsonable, payload
@@ -122,8 +123,10 @@ class Loop:
             if on_step is not None:
                 on_step(self)
         if cfg.keep_best and n.diverged_at is None:  # early stopping (.best)
-            self.state, why = self.best.ended(self.problem, self.guard("verify"), self.state, cfg)
-            if why:
+            verify = self.guard("verify")
+            kept, why = self.best.returned(self.problem, verify, self.state, cfg.epsilon)
+            if kept is not None:
+                self.state = kept
                 self.event("event", "best state returned", why, {"step": self.best.step})
         n.seconds = time.perf_counter() - start
 
@@ -220,10 +223,7 @@ class Loop:
             n.step += 1
             return
         self.state = replace(state, params=params, opt_state=opt_state, buffers=buffers)
-        n.average = loss if n.average is None else 0.9 * n.average + 0.1 * loss
-        n.first_loss = loss if n.first_loss is None else n.first_loss
-        n.last_loss = loss
-        n.step += 1
+        n.took(loss)
         ended = self.scheduled and budget.spent(cfg, n.step, n.examples)  # run(): its last
         if n.step % 50 == 0 or n.step == cfg.steps or ended:
             self.log_point()
@@ -311,9 +311,9 @@ class Loop:
     def look_ahead(self) -> Lookahead:
         """Queue the next ``lookahead`` batches (trained on next) and make the cycle's
         :class:`~.lookahead.Lookahead` over them from the random state now."""
-        n, cuda = self.counters, self.device.type == "cuda"
+        n = self.counters
         self.pending = [self._next_batch() for _ in range(self.config.lookahead)]
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+        rng = random_state(self.device)
         self.lookahead = Lookahead(
             self.losses, self.opt, self.pending, rng, self.device, current=self.state,
             step=n.step, buffer=self.buffer, shared=self.config.verify_on == "shared",

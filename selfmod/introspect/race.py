@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from selfmod.determinism import RNG, drawing_from, random_state, set_random_state
 from selfmod.errors import DivergenceError, NonFiniteError
 from selfmod.introspect import schedule
 from selfmod.introspect.budget import FORWARD
@@ -31,8 +32,6 @@ from selfmod.introspect.state import RunState
 #: ``(state, t, batch) -> (state, loss)``: one base step of the race (the schedule at its
 #: ``t``-th step)
 Step = Callable[[RunState, int, Any], tuple[RunState, float]]
-#: the random state: the CPU generator's, and the CUDA device's where the run is on one
-RNG = tuple[torch.Tensor, torch.Tensor | None]
 #: ``state -> (guard loss on the proposing split, on the verifying split)``
 Score = Callable[[RunState], tuple[float, float]]
 
@@ -61,19 +60,6 @@ class Trained:
 CPU = torch.device("cpu")
 
 
-def get_rng(device: torch.device) -> RNG:
-    """The random state now (CPU, and ``device``'s if it is a CUDA one)."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def set_rng(rng: RNG, device: torch.device) -> None:
-    """Set the random state :func:`get_rng` gave."""
-    torch.set_rng_state(rng[0])
-    if rng[1] is not None:
-        torch.cuda.set_rng_state(rng[1], device)
-
-
 def leveled(state: RunState, factor: float) -> RunState:
     """``state`` with every learning rate times ``factor``."""
     log_lr = state.hparams["log_lr"] + math.log(factor)
@@ -98,8 +84,7 @@ def race(
     kept: dict[float, Trained] = {}
     for f in [*(f for f in factors if f != 1.0), 1.0]:
         s, losses = (leveled(state, f) if f != 1.0 else state), []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            set_rng(rng_state, device)
+        with drawing_from(rng_state, device):
             try:
                 for t, batch in enumerate(batches):
                     s, loss = step(s, t, batch)
@@ -107,7 +92,7 @@ def race(
                 propose, verify = score(s)
             except (NonFiniteError, DivergenceError):
                 propose = verify = math.inf
-            end = get_rng(device)
+            end = random_state(device)
         entry = Entry(f, *(v if math.isfinite(v) else math.inf for v in (propose, verify)))
         if f == 1.0 and math.isfinite(entry.propose):  # trained last: beside the kept one
             kept[f] = Trained(f, s, losses, end)
@@ -197,7 +182,7 @@ def run(
     ``train_step``, and its ``guard`` loss on ``split("propose")`` and ``split("verify")``),
     judged by :func:`verdict`."""
     device = next(iter(state.params.values())).device
-    splits, rng = (split("propose"), split("verify")), get_rng(device)
+    splits, rng = (split("propose"), split("verify")), random_state(device)
     propose, verify = splits
     step = base_steps(train_step, config, state.batch_size)
     score = guard_scores(guard, *splits)
@@ -221,10 +206,7 @@ def settle(
     if trained is None:
         return state, batches
     for loss, batch in zip(trained.losses, batches, strict=True):
-        n.step += 1
         n.examples = None if n.examples is None else n.examples + len(batch[1])
-        n.average = loss if n.average is None else 0.9 * n.average + 0.1 * loss
-        n.first_loss = loss if n.first_loss is None else n.first_loss
-        n.last_loss = loss
-    set_rng(trained.rng, next(iter(trained.state.params.values())).device)
+        n.took(loss)
+    set_random_state(trained.rng, next(iter(trained.state.params.values())).device)
     return trained.state, []

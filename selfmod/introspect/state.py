@@ -274,6 +274,14 @@ class Counters:
         "last_cycle": 0.0, "raced": True,
     }  # fmt: skip
 
+    def took(self, loss: float) -> None:
+        """A base step that trained, with its ``loss``: the step counted, the losses' running
+        average (the divergence check's), the first and the last."""
+        self.average = loss if self.average is None else 0.9 * self.average + 0.1 * loss
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
+        self.step += 1
+
     def saved(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
