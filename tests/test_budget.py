@@ -32,7 +32,9 @@ def _one_thread():
 def test_first_order_equals_reverse_over_one_step(optimizer):
     """Over one lookahead step the update's own dependence on the rates is all there is: the
     first-order d guard / d log lr and d guard / d log wd (decoupled) equal the reverse
-    unroll's to float64 precision."""
+    unroll's up to Adam's ``eps_root``: the first-order replay steps by the fused kernel,
+    ``sqrt(v)``; the reverse unroll by the chain, ``sqrt(v + 1e-16)``, which moves a coordinate
+    by a relative ``1e-16 / 2v`` (under 1e-7 here)."""
     cfg = {**FAST, "lookahead": 1, "optimizer": optimizer, "momentum": 0.0, "lr": 0.05}
     cfg |= {"weight_decay": 0.01}
     run = Introspector(TrainConfig(**cfg, modifiers=["lr"]))
@@ -40,8 +42,8 @@ def test_first_order_equals_reverse_over_one_step(optimizer):
     look = run.look_ahead()
     v_first, g_first = look.estimate(run.state, "first_order")
     v_rev, g_rev = look.estimate(run.state, "reverse")
-    assert v_first == pytest.approx(v_rev, rel=1e-12)
-    torch.testing.assert_close(g_first["log_lr"], g_rev["log_lr"], rtol=1e-9, atol=1e-12)
+    assert v_first == pytest.approx(v_rev, rel=1e-9)
+    torch.testing.assert_close(g_first["log_lr"], g_rev["log_lr"], rtol=1e-6, atol=1e-12)
     assert bool(g_first["log_lr"].abs().sum() > 0)
     if optimizer == "adamw":  # decoupled decay: exact over one step
         torch.testing.assert_close(g_first["log_wd"], g_rev["log_wd"], rtol=1e-9, atol=1e-14)

@@ -354,3 +354,57 @@ def test_adam_with_per_tensor_betas_or_a_scalar_param_keeps_the_loop_under_no_gr
         with grad_mode:
             _, state = opt.update(grads, opt.init(params), params)
         assert state.mu["t"].dtype == torch.float64 and state.mu["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_fused_step_is_the_chain_to_rounding_and_leaves_its_inputs_alone(name):
+    """``optim.step`` outside autograd runs torch's fused kernel on copies: per-tensor rates
+    (two groups), weight decay, float64; five steps agree with ``update`` + ``apply_updates``
+    to rounding and with ``torch.optim``; the params and state passed in are not written."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"w": (6, 4), "b": (6,), "s": ()}
+    params = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    rates = {"w": 1e-2, "b": 3e-2, "s": 1e-2}
+    hparams = {"log_lr": torch.tensor([math.log(rates[k]) for k in shapes], dtype=torch.float64)}
+    lr = lambda h: {k: h["log_lr"][i].exp() for i, k in enumerate(shapes)}  # noqa: E731
+    opt = getattr(optim, name)(lr=lr, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.1)
+    assert opt.step is not None
+    fused, chained = (params, opt.init(params)), (params, opt.init(params))
+    torch_params = [torch.nn.Parameter(params[k].clone()) for k in shapes]
+    groups = [{"params": [p], "lr": rates[k]} for k, p in zip(shapes, torch_params, strict=True)]
+    theirs = getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW"}[name])(
+        groups, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1
+    )
+    for _ in range(5):
+        grads = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+        kept = {k: v.clone() for k, v in fused[0].items()}
+        at = 1 if name == "adam" else 0  # the AdamState's place in the chain's state
+        kept_mu = {k: v.clone() for k, v in fused[1][at].mu.items()}
+        with torch.no_grad():
+            before = fused
+            fused = optim.step(opt, grads, before[1], before[0], hparams)
+            updates, state = opt.update(grads, chained[1], chained[0], hparams)
+            chained = (optim.apply_updates(chained[0], updates), state)
+        for k in shapes:
+            assert torch.equal(before[0][k], kept[k]), "the params passed in were written"
+        assert all(torch.equal(before[1][at].mu[k], kept_mu[k]) for k in shapes)
+        for p, g in zip(torch_params, grads.values(), strict=True):
+            p.grad = g.clone()
+        theirs.step()
+        for k, p in zip(shapes, torch_params, strict=True):
+            torch.testing.assert_close(fused[0][k], chained[0][k], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(fused[0][k], p.detach(), rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(fused[1][at].nu[k], chained[1][at].nu[k])
+        assert fused[1][at].count == chained[1][at].count
+
+
+def test_fused_step_steps_aside_inside_autograd():
+    """Inside autograd ``optim.step`` is ``update`` + ``apply_updates``: differentiable in
+    the learning rate."""
+    params = {"w": torch.randn(3, 2, requires_grad=True)}
+    log_lr = torch.tensor(-3.0, requires_grad=True)
+    opt = optim.adamw(lr=lambda h: h["log_lr"].exp())
+    grads = {"w": torch.randn(3, 2)}
+    new, _ = optim.step(opt, grads, opt.init(params), params, {"log_lr": log_lr})
+    (d_lr,) = torch.autograd.grad(new["w"].sum(), log_lr)
+    assert torch.isfinite(d_lr) and float(d_lr) != 0.0

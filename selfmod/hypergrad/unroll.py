@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from selfmod import tree
 from selfmod.errors import NonFiniteError
-from selfmod.optim.base import FrozenHParams, GradientTransformation, apply_updates
+from selfmod.optim.base import FrozenHParams, GradientTransformation, apply_updates, step
 
 Params = dict[str, Tensor]
 HParams = dict[str, Tensor]
@@ -124,8 +124,7 @@ def inner_step(
         updates, state = optimizer.update(g, state, params, hparams)
         return apply_updates(params, updates), state
     with torch.no_grad():
-        updates, state = optimizer.update(g, state, params, hparams)
-        return apply_updates(tree.detach(params), updates), state
+        return step(optimizer, g, state, tree.detach(params), hparams)
 
 
 def run(

@@ -4,6 +4,9 @@ opt = optim.sgd(lr=lambda h: h["log_lr"].exp(), momentum=0.9)
 state = opt.init(params)
 updates, state = opt.update(grads, state, params, hparams)
 params = optim.apply_updates(params, updates)
+
+params, state = optim.step(opt, grads, state, params, hparams)  # both at once: fused where
+                                                                # the optimizer has a kernel
 """
 
 from selfmod.optim.adamw_hd import AdamWHD
@@ -15,6 +18,7 @@ from selfmod.optim.base import (
     apply_updates,
     per_key,
     resolve,
+    step,
 )
 from selfmod.optim.hypergradient import (
     HypergradientState,
@@ -77,6 +81,7 @@ __all__ = [
     "scale_by_rms",
     "sgd",
     "sgd_hd",
+    "step",
     "sum_updates",
     "trace",
 ]

@@ -1,9 +1,11 @@
 """The familiar optimizers, each a :func:`chain` of transforms, numerically equal to
-their ``torch.optim`` namesakes."""
+their ``torch.optim`` namesakes; Adam and AdamW also carry torch's fused kernel as their
+``step`` outside autograd (:mod:`.fused`)."""
 
 from __future__ import annotations
 
 from selfmod.optim.base import GradientTransformation, HParam, check_range, is_zero
+from selfmod.optim.fused import adam_step
 from selfmod.optim.transforms import (
     add_decayed_weights,
     chain,
@@ -41,8 +43,11 @@ def adam(
 ) -> GradientTransformation:
     """``torch.optim.Adam`` (weight decay as an L2 term added to the gradient)."""
     check_range("lr", lr, 0.0)
-    parts = [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]
-    return chain(*parts, scale_by_adam(b1, b2, eps, eps_root), scale_by_learning_rate(lr))
+    decay = [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]
+    wd = weight_decay if decay else 0.0
+    fused = adam_step(lr, b1, b2, eps, wd, decoupled=False, at=len(decay))
+    adam = chain(*decay, scale_by_adam(b1, b2, eps, eps_root), scale_by_learning_rate(lr))
+    return adam._replace(step=fused)
 
 
 def adamw(
@@ -60,7 +65,7 @@ def adamw(
         scale_by_adam(b1, b2, eps, eps_root),
         add_decayed_weights(weight_decay),
         scale_by_learning_rate(lr),
-    )
+    )._replace(step=adam_step(lr, b1, b2, eps, weight_decay, decoupled=True))
 
 
 def rmsprop(

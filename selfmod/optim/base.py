@@ -39,11 +39,23 @@ class UpdateFn(Protocol):
     ) -> tuple[Params, Any]: ...
 
 
+class StepFn(Protocol):
+    def __call__(
+        self, grads: Params, state: Any, params: Params, hparams: HParams | None = None
+    ) -> tuple[Params, Any] | None: ...
+
+
 class GradientTransformation(NamedTuple):
-    """A pure ``(init, update)`` pair. ``update`` never mutates its inputs."""
+    """A pure ``(init, update)`` pair. ``update`` never mutates its inputs.
+
+    ``step``, where an optimizer has one, is its fused whole step outside autograd:
+    ``(params, state)`` as :func:`apply_updates` after ``update`` would give them (to rounding),
+    or ``None`` where it does not apply; it too leaves its inputs as they were (:func:`step`).
+    """
 
     init: InitFn
     update: UpdateFn
+    step: StepFn | None = None
 
 
 class EmptyState(NamedTuple):
@@ -148,6 +160,22 @@ def apply_updates(params: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -
         return {k: params[k] + updates[k] for k in keys}
     summed = torch._foreach_add([params[k] for k in keys], [updates[k] for k in keys])
     return dict(zip(keys, summed, strict=True))
+
+
+def step(
+    opt: GradientTransformation,
+    grads: Params,
+    state: Any,
+    params: Params,
+    hparams: HParams | None = None,
+) -> tuple[Params, Any]:
+    """One optimizer step ``(params, state) -> (params + u, state')``: the optimizer's fused
+    ``step`` where it has one that applies, else ``update`` and :func:`apply_updates`."""
+    done = None if opt.step is None else opt.step(grads, state, params, hparams)
+    if done is not None:
+        return done
+    updates, state = opt.update(grads, state, params, hparams)
+    return apply_updates(params, updates), state
 
 
 def is_zero(value: HParam) -> bool:

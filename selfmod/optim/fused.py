@@ -1,0 +1,101 @@
+"""Adam's and AdamW's whole step in one pass over memory: torch's fused kernels, on copies.
+
+``update`` then ``apply_updates`` is about twelve ``foreach`` passes over a model's size and as
+many new tensors; a base step outside autograd needs none of that. The step here copies
+``params``, ``mu`` and ``nu`` (the inputs stay as they were: the contract is still pure) and runs
+``torch._fused_adamw_`` (``torch._fused_adam_`` for Adam's L2 decay, ``g <- g + wd p`` first)
+on the copies, which is the same maths in one pass::
+
+    m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+    p <- p (1 - lr wd) - lr m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps)
+
+The result equals the chain's to rounding (the kernel orders the operations differently),
+but for ``eps_root``: the chain's ``sqrt(v_hat + eps_root)`` keeps a derivative through the
+root finite at ``v = 0``; a step outside autograd takes no derivative, so the kernel's
+``sqrt(v_hat)`` stands (``torch.optim.AdamW``'s). A coordinate's step then differs by a
+relative ``eps_root / 2 v_hat`` (``eps_root = 1e-16``: 1e-4 at gradients of 1e-6, 1e-2 at 1e-7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfmod.optim.base import HParam, HParams, Params, resolve
+from selfmod.optim.transforms import AdamState
+
+
+def _floats(value: Any, keys: list[str]) -> list[float] | None:
+    """One float per key from a float, a 0-dim tensor or a per-key dict of those (one host
+    read for all the tensors); ``None`` where a value is not a scalar."""
+    values = [value[k] for k in keys] if isinstance(value, Mapping) else [value] * len(keys)
+    tensors = [v.detach() for v in values if isinstance(v, Tensor)]
+    if any(t.dim() for t in tensors):
+        return None
+    if len({t.dtype for t in tensors}) > 1:
+        tensors = [t.double() for t in tensors]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+
+
+def adam_step(
+    lr: HParam,
+    b1: HParam,
+    b2: HParam,
+    eps: HParam,
+    weight_decay: HParam,
+    decoupled: bool,
+    at: int = 0,
+):
+    """The fused step of :func:`selfmod.optim.adamw` (``decoupled``, else
+    :func:`selfmod.optim.adam`) with these hyperparameters, whose chain's state holds the
+    :class:`AdamState` at index ``at``:
+    ``step(grads, state, params, hparams) -> (params, state)``, or ``None`` where it does not
+    apply (inside autograd, a per-tensor ``b1``, ``b2`` or ``eps``, or tensors the kernel does
+    not take); the caller then runs ``update`` and ``apply_updates``. ``eps_root`` is not used
+    (the module docstring)."""
+
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+
+    def step(
+        grads: Params, state: Any, params: Params, hparams: HParams | None = None
+    ) -> tuple[Params, Any] | None:
+        if torch.is_grad_enabled():
+            return None
+        keys = list(grads)
+        shared = {n: resolve(v, hparams, n) for v, n in ((b1, "b1"), (b2, "b2"), (eps, "eps"))}
+        if any(isinstance(v, Mapping) for v in shared.values()):
+            return None
+        rates = _floats(resolve(lr, hparams, "lr"), keys)
+        decays = _floats(resolve(weight_decay, hparams, "weight_decay"), keys)
+        scalars = _floats(shared, list(shared))
+        if rates is None or decays is None or scalars is None:
+            return None
+        k1, k2, e = scalars
+        adam = state[at]
+        tensors = [params[k] for k in keys]
+        if not all(t.is_floating_point() and t.device == tensors[0].device for t in tensors):
+            return None
+        t = adam.count + 1
+        p = {k: params[k].clone() for k in keys}
+        mu = {k: adam.mu[k].clone() for k in keys}
+        nu = {k: adam.nu[k].clone() for k in keys}
+        groups: dict[tuple[float, float, torch.dtype], list[str]] = {}
+        for k, r, d in zip(keys, rates, decays, strict=True):
+            groups.setdefault((r, d, p[k].dtype), []).append(k)
+        for (r, d, _), ks in groups.items():
+            count = torch.full((), float(t), device=tensors[0].device)
+            kernel(
+                [p[k] for k in ks], [grads[k] for k in ks], [mu[k] for k in ks],
+                [nu[k] for k in ks], [], [count] * len(ks), lr=r, beta1=k1, beta2=k2,
+                weight_decay=d, eps=e, amsgrad=False, maximize=False,
+            )  # fmt: skip
+        return p, (*state[:at], AdamState(t, mu, nu), *state[at + 1 :])
+
+    return step
+
+
+__all__ = ["adam_step"]
