@@ -441,8 +441,10 @@ def _opt_wider(tensors):
 @pytest.mark.parametrize(
     "forge",
     [dict(edit_meta=lambda m: m.pop("python_random")),
-     dict(edit_meta=lambda m: m.update(cycle="1")), dict(edit_tensors=_opt_wider)],
-    ids=["no-random", "string-cycle", "opt-shape"],
+     dict(edit_meta=lambda m: m.update(cycle="1")), dict(edit_tensors=_opt_wider),
+     dict(edit_meta=lambda m: m.update(shared={"good.params['0.weight']": "state.nothing"})),
+     dict(edit_meta=lambda m: m.update(shared={"replay.x": "state.params['0.weight']"}))],
+    ids=["no-random", "string-cycle", "opt-shape", "shared-missing", "shared-not-good"],
 )  # fmt: skip
 def test_more_forged_manifests_are_one_line(run, forge):
     _forge_newest(run, **forge)

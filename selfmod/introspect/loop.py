@@ -74,7 +74,7 @@ class Loop:
         self.example, self.buffer = g.guard_x[:1], replay.empty(g.guard_x[:0], g.guard_y[:0])
         self.history: dict[str, list] = {"log": [], "probes": [], "decisions": []}
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
-        self.good, self.best, self.scheduled = self.state.clone(), best.Best(), False
+        self.good, self.best, self.scheduled = self.state.snapshot(), best.Best(), False
         self._introduce_source(0)
 
     step = property(lambda self: self.counters.step, doc="base steps done")
@@ -136,7 +136,7 @@ class Loop:
         r = race.run(self.state, self.pending, cfg, self.train_step, self.losses.guard, self.guard)
         d = Decision(0, 0, "level_race", *r.decision, self.values(), self.values(r.state), *r.guard)
         self._record(d, extra={"race": [e.__dict__ for e in r.entries]})
-        self.state, self.pending = race.settle(r, self.state, self.pending, n)  # winner: adopted
+        self.state, self.pending = race.settle(r, self.pending, n)  # x1's training: adopted
         n.meta_seconds += time.perf_counter() - start
 
     def push(self, batch: tuple[Any, Tensor]) -> int:
@@ -242,7 +242,7 @@ class Loop:
     def _rollback(self, reason: str, ends_cycle: bool = False) -> None:
         before, n, self.pending = self.values(), self.counters, []
         self.state, why = verifier.rolled_back(self.good, reason)
-        self.good = self.state.clone()
+        self.good = self.state.snapshot()
         self._record(Decision(n.cycle, n.step, "safeguard", "rollback", why, before, self.values()))
         n.cycle += ends_cycle  # recorded in the cycle it ends
 
@@ -305,7 +305,7 @@ class Loop:
         for proposal in proposals:  # each judged against the state the ones before it left
             current = self.verify_and_decide(proposal, current)
         look.release()
-        self.good = self.state.clone()
+        self.good = self.state.snapshot()
         n.cycle += 1
 
     def look_ahead(self) -> Lookahead:

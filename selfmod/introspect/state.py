@@ -41,6 +41,13 @@ class RunState:
         """A deep copy of every tensor (a snapshot that later in-place work cannot reach)."""
         return pytree.tree_map(_clone, self)
 
+    def snapshot(self) -> RunState:
+        """The state as it is now, kept for a rollback without a copy of the model: the
+        functional core never writes a tensor of a state in place (each step makes new ones),
+        so the snapshot shares them; only the buffers are copied (small, and a user's module
+        may write its own buffers in place in a forward)."""
+        return replace(self, buffers=pytree.tree_map(_clone, self.buffers))
+
     def with_(self, **changes: Any) -> RunState:
         return replace(self, **changes)
 
@@ -157,13 +164,18 @@ def save_run(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(tensors, meta)``: a whole run by name: its state, the last good one, the replay
     buffer (a NamedTuple), the random generators, the counters, the approvals acted on, the
-    data stream's position and the history."""
+    data stream's position and the history. A tensor the last good state shares with the state
+    (:meth:`RunState.snapshot`) is stored once: ``meta["shared"]`` maps its ``good.*`` name to
+    the ``state.*`` one."""
     tensors, scalars = flatten(state, "state")
     t2, s2 = flatten(good, "good")
-    tensors, scalars = tensors | t2, scalars | s2
+    by_id = {id(t): k for k, t in tensors.items()}
+    shared = {k: by_id[id(t)] for k, t in t2.items() if id(t) in by_id}  # a snapshot's
+    tensors |= {k: t for k, t in t2.items() if k not in shared}
+    scalars |= s2
     tensors.update({f"replay.{k}": v for k, v in buffer._asdict().items()})
     tensors |= {"rng.controller": rng.get_state(), "rng.torch": torch.get_rng_state()}
-    meta = {**counters.saved(), "scalars": scalars, "applied": sorted(applied)}
+    meta = {**counters.saved(), "scalars": scalars, "applied": sorted(applied), "shared": shared}
     return tensors, meta | {"stream": stream, **random_states(), "history": jsonable(history)}
 
 
@@ -180,6 +192,10 @@ def load_run(
     ``meta``)."""
     rngs = {k: tensors.pop(k) for k in ("rng.controller", "rng.torch")}
     tensors = {k: v.to(device) for k, v in tensors.items()}  # checkpoints are on the CPU
+    for kept, stored in meta.get("shared", {}).items():  # save_run's one copy of each
+        if not (kept.startswith("good.") and stored.startswith("state.")) or kept in tensors:
+            raise ValueError(f"meta.shared maps {kept!r} to {stored!r}: not good.* to state.*")
+        tensors[kept] = tensors[stored]
     state = read_state(tensors, meta["scalars"], "state", names, opt_init)
     good = read_state(tensors, meta["scalars"], "good", names, opt_init)
     replay = {k[len("replay.") :]: v for k, v in tensors.items() if k.startswith("replay.")}
