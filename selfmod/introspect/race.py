@@ -7,11 +7,12 @@ trains the unchanged state and copies of it with every rate times each factor ``
 schedule of those steps and the same random numbers. The level with the lowest guard loss on
 the *proposing* split wins; it is committed only if its guard loss on the *verifying* split
 (data the choice never read) is lower than the unchanged level's too, so the check can fail.
-The level the run goes on with (the committed winner, else the unchanged level) keeps its
-training as the run's own: its ``h`` steps, losses and random numbers (logged from the first
-log point after them). The race's work is the other levels' ``len(factors) x h`` batches, with
-at most two copies of the state alive besides the run's (the best changed level so far and the
-one training; the unchanged level trains last).
+The unchanged level trains last; where it stays, it keeps its training as the run's own: its
+``h`` steps, losses and random numbers (logged from the first log point after them), and the
+race's work is the other levels' ``len(factors) x h`` batches. A committed winner's training is
+not kept: the run trains it again from the start of the race, with the same batches and random
+numbers, so the same state (``h`` more base steps, only where a changed level wins). So the race
+holds one state besides the one training: its start, which the run's last good state shares.
 """
 
 from __future__ import annotations
@@ -74,14 +75,13 @@ def race(
     score: Score,
     rng_state: RNG,
     device: torch.device = CPU,
-) -> tuple[list[Entry], dict[float, Trained]]:
+) -> tuple[list[Entry], Trained | None]:
     """Each level (``1`` and every ``factors``) trained from ``state`` over ``batches`` by
     ``step``, every one from the random state ``rng_state``, and scored: ``(entries, the
-    finished trainings of the changed level with the lowest proposing guard loss and of the
-    unchanged level, by factor)``; ``entries[0]`` is the unchanged level's, trained last. The
-    run's random state is left as it was."""
+    unchanged level's finished training, None if it failed)``; ``entries[0]`` is the unchanged
+    level's, trained last. The run's random state is left as it was."""
     out: list[Entry] = []
-    kept: dict[float, Trained] = {}
+    kept: Trained | None = None
     for f in [*(f for f in factors if f != 1.0), 1.0]:
         s, losses = (leveled(state, f) if f != 1.0 else state), []
         with drawing_from(rng_state, device):
@@ -94,10 +94,8 @@ def race(
                 propose = verify = math.inf
             end = random_state(device)
         entry = Entry(f, *(v if math.isfinite(v) else math.inf for v in (propose, verify)))
-        if f == 1.0 and math.isfinite(entry.propose):  # trained last: beside the kept one
-            kept[f] = Trained(f, s, losses, end)
-        elif entry.propose < min((e.propose for e in out), default=math.inf):
-            kept = {f: Trained(f, s, losses, end)}  # the best changed level so far, alone
+        if f == 1.0 and math.isfinite(entry.propose):  # the others' states are dropped
+            kept = Trained(f, s, losses, end)
         out.append(entry)
     return [out[-1], *out[:-1]], kept
 
@@ -159,8 +157,9 @@ def cost(entries: Sequence[Entry], batches: Sequence[Any], guard_rows: int, adop
 class Outcome:
     """A race's result: every level's :class:`Entry`, ``(decision, why)``, the verifying guard
     losses ``(unchanged level, winner)``, the state with the winner's level, the training the
-    run goes on with (the committed winner's, else the unchanged level's; ``None`` if that one
-    failed: the run trains the batches itself) and the race's work in example-equivalents."""
+    run goes on with (the unchanged level's where it stays; ``None`` where a changed level
+    won or the unchanged one failed: the run trains the batches itself) and the race's work in
+    example-equivalents."""
 
     entries: list[Entry]
     decision: tuple[str, str]
@@ -180,7 +179,8 @@ def run(
 ) -> Outcome:
     """The race of ``config.level_race`` from ``state`` over ``batches`` (the run's
     ``train_step``, and its ``guard`` loss on ``split("propose")`` and ``split("verify")``),
-    judged by :func:`verdict`."""
+    judged by :func:`verdict`; a committed winner's training is not kept (the module
+    docstring)."""
     device = next(iter(state.params.values())).device
     splits, rng = (split("propose"), split("verify")), random_state(device)
     propose, verify = splits
@@ -188,23 +188,23 @@ def run(
     score = guard_scores(guard, *splits)
     entries, kept = race(state, batches, config.level_race, step, score, rng, device)
     won, decision, why = verdict(entries)
-    trained = kept.get(won.factor if decision == "commit" else 1.0)  # none: the x1 level failed
+    trained = None if decision == "commit" else kept  # none: trained again
     work = cost(entries, batches, len(propose[1]) + len(verify[1]), trained is not None)
     at = (entries[0].verify, won.verify)
-    return Outcome(entries, (decision, why), at, leveled(state, won.factor), trained, work)
+    chosen = leveled(state, won.factor) if decision == "commit" else state
+    return Outcome(entries, (decision, why), at, chosen, trained, work)
 
 
-def settle(
-    outcome: Outcome, state: RunState, batches: list[Any], counters: Any
-) -> tuple[RunState, list[Any]]:
+def settle(outcome: Outcome, batches: list[Any], counters: Any) -> tuple[RunState, list[Any]]:
     """``(state, batches still to train)`` after the race: the chosen level's training adopted
     as the run's own (``counters`` advanced by its steps in place: steps, examples, the losses'
-    running average; the random state at its end set), or, where there is none, ``state`` with
-    every batch still to train. The race's work is added to ``counters.meta_examples``."""
+    running average; the random state at its end set), or, where there is none, the state with
+    the chosen level and every batch still to train. The race's work is added to
+    ``counters.meta_examples``."""
     n, trained = counters, outcome.trained
     n.meta_examples += outcome.cost
     if trained is None:
-        return state, batches
+        return outcome.state, batches
     for loss, batch in zip(trained.losses, batches, strict=True):
         n.examples = None if n.examples is None else n.examples + len(batch[1])
         n.took(loss)
