@@ -156,8 +156,9 @@ class MetaFields(BaseModel):
         0,
         ge=0,
         le=1_000_000,
-        description="the cycle's probes, its test metric and the self-shift metric read at most "
-        "this many rows of each set (0: all); the verifier always reads its whole split",
+        description="the cycle's probes, its and the log points' test metric and the self-shift "
+        "metric read at most this many rows of each set (0: all); the verifier always reads its "
+        "whole split, the final summary the whole test set",
     )
     meta_budget: float | None = Field(
         None,

@@ -250,7 +250,8 @@ class Loop:
         """A log point's row (:func:`.summary.log_row`) in the history and to the recorder; its
         wall-clock time apart, in ``history["clock"]`` (a resumed run's clock differs)."""
         n, src = self.counters, self.sources[self.counters.source_id]
-        row = log_row(self.problem, self.state, self.guard(), src, n.step, n.last_loss)
+        at = (n.step, n.last_loss, self.config.probe_rows)
+        row = log_row(self.problem, self.state, self.guard(), src, *at)
         row |= self.values() | {"unused": self.unused_tensors()}
         self.history["log"].append(row)
         elapsed = n.seconds if self._clock is None else time.perf_counter() - self._clock

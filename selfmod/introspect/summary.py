@@ -74,11 +74,13 @@ def log_row(
     src: Source,
     step: int,
     train_loss: float,
+    rows: int = 0,
 ) -> dict[str, Any]:
     """A log point's losses and metrics at ``state``: the whole guard set's, the test set's
-    metric, the last base step's loss and the meta learning rate."""
+    metric (``rows > 0``: on its first ``rows``), the last base step's loss and the meta
+    learning rate."""
     gl, ga = problem.evaluate(state.params, state.buffers, *guard_data)
-    _, ta = test_metric(problem, state, src)
+    _, ta = test_metric(problem, state, src, rows)
     return {
         "step": step,
         "guard_loss": gl,

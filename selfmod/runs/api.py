@@ -203,14 +203,17 @@ def fit(
 
     with distributed.session() as coll, global_state_kept():
         run_dir, cfg = on_main(coll, lambda: open_run_dir(run_dir, cfg, resume, by="fit"))
-        run, fixed, _ = drive(
+        run, fixed, history = drive(
             problem, [source], cfg, run_dir, resume=resume, modifiers=modifiers,
             baseline=baseline if initial is not None else None, collective=coll, on_step=on_step,
         )  # fmt: skip
     arguments.check_trained(run)
     module = problem.export(run.params, run.state.buffers)
-    fixed_summary = fixed.summary() if fixed else None
-    return FitResult(module, summary_record(tuned_summary(run, fixed), fixed_summary), run_dir, run)
+    if history is not None:  # the main process: the summaries finish() wrote, not measured twice
+        summary = summary_record(history["tuned_summary"], history["fixed_summary"])
+    else:
+        summary = summary_record(tuned_summary(run, fixed), fixed.summary() if fixed else None)
+    return FitResult(module, summary, run_dir, run)
 
 
 @contextlib.contextmanager
