@@ -249,9 +249,8 @@ class Loop:
     def log_point(self) -> None:
         """A log point's row (:func:`.summary.log_row`) in the history and to the recorder; its
         wall-clock time apart, in ``history["clock"]`` (a resumed run's clock differs)."""
-        n, src = self.counters, self.sources[self.counters.source_id]
-        at = (n.step, n.last_loss, self.config.probe_rows)
-        row = log_row(self.problem, self.state, self.guard(), src, *at)
+        n, src, at = self.counters, self.sources[self.counters.source_id], self.config.probe_rows
+        row = log_row(self.problem, self.state, self.guard(), src, n.step, n.last_loss, at)
         row |= self.values() | {"unused": self.unused_tensors()}
         self.history["log"].append(row)
         elapsed = n.seconds if self._clock is None else time.perf_counter() - self._clock
@@ -397,4 +396,5 @@ class Loop:
             counters=self.counters, history=self.history, names=self.names,
             modifiers=[m.name for m in self.modifiers], skipped=self.skipped,
             values=self.values(), space=self.space, best=self.best.summary(),
+            rows=self.config.probe_rows,
         )  # fmt: skip

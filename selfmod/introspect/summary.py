@@ -22,6 +22,11 @@ def unused(names: Sequence[str], params: dict[str, Tensor]) -> list[int]:
     return [i for i, k in enumerate(names) if params[k].numel() == 0]
 
 
+def first(pair: tuple[Tensor, ...], rows: int) -> tuple[Tensor, ...]:
+    """Each tensor of ``pair`` cut to its first ``rows`` rows (``rows = 0``: whole)."""
+    return tuple(t[:rows] for t in pair) if rows else pair
+
+
 def test_metric(
     problem: Problem, state: RunState, src: Source, rows: int = 0
 ) -> tuple[float, float]:
@@ -29,8 +34,7 @@ def test_metric(
     its first ``rows``."""
     if src.test_x is None or src.test_y is None:
         return math.nan, math.nan
-    x, y = (src.test_x[:rows], src.test_y[:rows]) if rows else (src.test_x, src.test_y)
-    return problem.evaluate(state.params, state.buffers, x, y)
+    return problem.evaluate(state.params, state.buffers, *first((src.test_x, src.test_y), rows))
 
 
 def overhead(seconds: float, meta_seconds: float) -> dict[str, float]:
@@ -56,7 +60,7 @@ def run_probe(
     buffer (:mod:`.replay`), ``source`` the data source trained on, ``shared``: one guard set
     proposes and verifies; the cost model's input is the guard's first example; ``rows > 0``:
     the first ``rows`` of each set only."""
-    n, cut = counters, (lambda pair: tuple(t[:rows] for t in pair) if rows else pair)
+    n, cut = counters, (lambda pair: first(pair, rows))
     older = cut(guard(buffer, "propose", shared, n.source_id))
     test = test_metric(problem, state, source, rows)
     found = probes.cycle_probe(
@@ -106,13 +110,15 @@ def summarize(
     values: dict[str, Any],
     space: HParamSpace,
     best: dict[str, Any] | None = None,
+    rows: int = 0,
 ) -> dict[str, Any]:
-    """The summary of a run at ``state`` (the final internal gap is measured here:
-    guard loss minus the replay buffer's training loss; :func:`.probes.meta_metrics`)."""
+    """The summary of a run at ``state`` (the final internal gap is measured here: guard loss
+    minus the replay buffer's training loss, on the first ``rows`` of each when ``rows > 0``;
+    :func:`.probes.meta_metrics`). The test set is read whole."""
     tl, tm = test_metric(problem, state, src)
     p, b = state.params, state.buffers
-    gap = problem.evaluate(p, b, *guard(buffer, "all", True))[0]
-    gap -= problem.evaluate(p, b, *replay.split(buffer, replay.TRAIN))[0]
+    gap = problem.evaluate(p, b, *first(guard(buffer, "all", True), rows))[0]
+    gap -= problem.evaluate(p, b, *first(replay.split(buffer, replay.TRAIN), rows))[0]
     c = problem.cost(p, example)
     decisions = history["decisions"]
     count = {
