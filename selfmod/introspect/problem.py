@@ -29,8 +29,11 @@ from selfmod.models import FunctionalModel, eval_mode
 Params = dict[str, Tensor]
 Loss = Callable[[Any, Tensor], Tensor]
 
-#: guard and test sets are evaluated in chunks of this many examples
-EVAL_CHUNK = 4096
+#: guard and test sets are evaluated in chunks: a first of ``EVAL_FIRST`` examples, then chunks
+#: of about ``EVAL_OUTPUT`` output elements (at least ``EVAL_FIRST`` examples): a token model's
+#: logits are wide, so its chunks are short and an evaluation's activations stay near a step's
+EVAL_FIRST = 64
+EVAL_OUTPUT = 2**20
 
 
 class Problem:
@@ -96,13 +99,16 @@ class Problem:
         )
 
     def predict(self, params: Params, buffers: Params, x: Tensor) -> Any:
-        """Eval-mode output (no dropout, running statistics), in chunks, without grad."""
+        """Eval-mode output (no dropout, running statistics), in chunks sized by the first's
+        output (``EVAL_FIRST``, ``EVAL_OUTPUT``), without grad."""
         with torch.no_grad():
-            if len(x) <= EVAL_CHUNK:
-                return self.forward(params, buffers, x, train=False)[0]
-            outs = [
-                self.forward(params, buffers, x[i : i + EVAL_CHUNK], train=False)[0]
-                for i in range(0, len(x), EVAL_CHUNK)
+            head = self.forward(params, buffers, x[:EVAL_FIRST], train=False)[0]
+            if len(x) <= EVAL_FIRST:
+                return head
+            rows = max(EVAL_FIRST, EVAL_OUTPUT * len(head) // max(head.numel(), 1))
+            outs = [head] + [
+                self.forward(params, buffers, x[i : i + rows], train=False)[0]
+                for i in range(EVAL_FIRST, len(x), rows)
             ]
             return torch.cat(outs)
 
