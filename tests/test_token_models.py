@@ -78,3 +78,30 @@ def test_self_modifier_trains_the_model_it_was_given_in_place():
         == sm.run.problem.widths(sm.run.params)[0]
         > 8
     )
+
+
+def test_evaluation_chunks_follow_the_output_width():
+    """``Problem.predict`` sizes its chunks by the first chunk's output: a model with wide
+    per-example outputs (a token model's logits) runs short chunks, a narrow one few; the
+    outputs equal one forward over every example."""
+    from selfmod.introspect.problem import EVAL_FIRST, EVAL_OUTPUT
+
+    class Counted(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.emb, self.calls = nn.Embedding(16, width), []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls.append(len(x))
+            return self.emb(x)  # (B, T, width)
+
+    x = torch.randint(0, 16, (3000, 8))
+    for width, most in ((2048, EVAL_OUTPUT // (8 * 2048)), (2, len(x) - EVAL_FIRST)):
+        model = Counted(width)
+        problem = Problem(model, lambda out, y: out.mean())
+        params, buffers = problem.init()
+        out = problem.predict(params, buffers, x)
+        with torch.no_grad():
+            torch.testing.assert_close(out, model.emb(x), rtol=0, atol=0)
+        assert model.calls[0] == EVAL_FIRST and max(model.calls[1:]) == most
+        assert sum(model.calls) == len(x)
