@@ -82,7 +82,7 @@ class HParam:
         """What the optimizer reads: ``{tensor name: lr_i}`` per tensor, else a tensor."""
         if self.per == "tensor":
             v = h[self.key] + h[self.scaled_by] if self.scaled_by in h else h[self.key]
-            return {k: v[i].exp() for i, k in enumerate(names)}
+            return dict(zip(names, v.exp().unbind(), strict=True))
         return h[self.key].exp() if self.transform == "exp" else torch.sigmoid(h[self.key])
 
 

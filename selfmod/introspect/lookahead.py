@@ -81,14 +81,15 @@ class Losses:
         return self.problem.loss(out, batch[1])
 
 
-class GradTap(hypergrad.FiniteMonitor):
-    """A finiteness monitor that also keeps the last step's gradients (per-step modifiers)."""
+class GradTap:
+    """One base step's monitor: keeps its loss and gradients (the per-step modifiers read
+    them); :func:`train_step` checks them at once, with one host read each."""
 
+    loss: Tensor
     grads: tuple[Tensor, ...] = ()
 
     def record(self, loss: Tensor, grads) -> None:
-        self.grads = tuple(g.detach() for g in grads)
-        super().record(loss, grads)
+        self.loss, self.grads = loss.detach(), tuple(g.detach() for g in grads)
 
 
 def train_step(
@@ -98,14 +99,18 @@ def train_step(
     on ``batch`` (base step ``step``); :class:`NonFiniteError` on a NaN or inf loss or
     gradient."""
     box: dict[str, Params] = {}
-    monitor = GradTap(start=step)
+    monitor = GradTap()
     with torch.no_grad():
         params, opt_state = hypergrad.inner_step(
             losses.train(state.buffers, box), opt, state.params, state.opt_state,
             state.hparams, batch, create_graph=False, monitor=monitor,
         )  # fmt: skip
-    loss = monitor.losses[0].item()
-    monitor.check()
+        loss = monitor.loss.item()
+        grads = monitor.grads or (monitor.loss,)  # a model without parameters: the loss
+        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(list(grads)))).all())
+    hint = "lower the learning rate or clip gradients"
+    if not math.isfinite(loss) or not finite:
+        raise NonFiniteError("inner loss" if not math.isfinite(loss) else "gradient", step, hint)
     return params, opt_state, box.get("buffers", state.buffers), loss, monitor.grads
 
 

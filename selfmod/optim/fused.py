@@ -28,10 +28,9 @@ from selfmod.optim.base import HParam, HParams, Params, resolve
 from selfmod.optim.transforms import AdamState
 
 
-def _floats(value: Any, keys: list[str]) -> list[float] | None:
-    """One float per key from a float, a 0-dim tensor or a per-key dict of those (one host
-    read for all the tensors); ``None`` where a value is not a scalar."""
-    values = [value[k] for k in keys] if isinstance(value, Mapping) else [value] * len(keys)
+def _floats(values: list[Any]) -> list[float] | None:
+    """``values`` (floats and 0-dim tensors) as floats, with one host read for all the
+    tensors; ``None`` where one is not a scalar."""
     tensors = [v.detach() for v in values if isinstance(v, Tensor)]
     if any(t.dim() for t in tensors):
         return None
@@ -39,6 +38,17 @@ def _floats(value: Any, keys: list[str]) -> list[float] | None:
         tensors = [t.double() for t in tensors]
     read = iter(torch.stack(tensors).tolist() if tensors else [])
     return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+
+
+def _per_key(value: Any, keys: list[str]) -> list[Any]:
+    """One value per key from a per-key dict, else the value for every key."""
+    return [value[k] for k in keys] if isinstance(value, Mapping) else [value] * len(keys)
+
+
+def _copies(tensors: list[Tensor]) -> list[Tensor]:
+    """New tensors equal to ``tensors`` in one ``foreach`` dispatch (``x * 1`` is ``x`` bit for
+    bit, -0.0 and inf included): the kernel's targets, so that the inputs stay as they were."""
+    return torch._foreach_mul(tensors, 1.0)
 
 
 def adam_step(
@@ -65,24 +75,23 @@ def adam_step(
     ) -> tuple[Params, Any] | None:
         if torch.is_grad_enabled():
             return None
-        keys = list(grads)
-        shared = {n: resolve(v, hparams, n) for v, n in ((b1, "b1"), (b2, "b2"), (eps, "eps"))}
-        if any(isinstance(v, Mapping) for v in shared.values()):
+        keys, n = list(grads), len(grads)
+        shared = [resolve(v, hparams, name) for v, name in ((b1, "b1"), (b2, "b2"), (eps, "eps"))]
+        if any(isinstance(v, Mapping) for v in shared):
             return None
-        rates = _floats(resolve(lr, hparams, "lr"), keys)
-        decays = _floats(resolve(weight_decay, hparams, "weight_decay"), keys)
-        scalars = _floats(shared, list(shared))
-        if rates is None or decays is None or scalars is None:
-            return None
-        k1, k2, e = scalars
-        adam = state[at]
+        rates = _per_key(resolve(lr, hparams, "lr"), keys)
+        decays = _per_key(resolve(weight_decay, hparams, "weight_decay"), keys)
+        read = _floats([*shared, *rates, *decays])
         tensors = [params[k] for k in keys]
-        if not all(t.is_floating_point() and t.device == tensors[0].device for t in tensors):
+        if read is None or not all(
+            t.is_floating_point() and t.device == tensors[0].device for t in tensors
+        ):
             return None
-        t = adam.count + 1
-        p = {k: params[k].clone() for k in keys}
-        mu = {k: adam.mu[k].clone() for k in keys}
-        nu = {k: adam.nu[k].clone() for k in keys}
+        (k1, k2, e), rates, decays = read[:3], read[3 : 3 + n], read[3 + n :]
+        adam, t = state[at], state[at].count + 1
+        p = dict(zip(keys, _copies(tensors), strict=True))
+        mu = dict(zip(keys, _copies([adam.mu[k] for k in keys]), strict=True))
+        nu = dict(zip(keys, _copies([adam.nu[k] for k in keys]), strict=True))
         groups: dict[tuple[float, float, torch.dtype], list[str]] = {}
         for k, r, d in zip(keys, rates, decays, strict=True):
             groups.setdefault((r, d, p[k].dtype), []).append(k)
