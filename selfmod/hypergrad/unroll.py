@@ -106,10 +106,13 @@ def inner_step(
     *,
     create_graph: bool,
     monitor: FiniteMonitor | None = None,
+    fused: bool = False,
 ) -> tuple[Params, Any]:
     """One optimizer step on ``inner_loss``. With ``create_graph`` the step is part of the
     autograd graph (second order, attention on the math backend: :func:`second_order`);
-    without, it is a plain training step on detached tensors."""
+    without, it is a plain training step on detached tensors, by the optimizer's fused
+    ``step`` where ``fused`` (:func:`selfmod.optim.step`: the same maths in other rounding, so
+    an estimator that recomputes a step with a graph keeps ``fused=False``)."""
     if not create_graph:
         params = tree.detach(params, requires_grad=True)
     with torch.enable_grad(), second_order(create_graph):
@@ -124,7 +127,10 @@ def inner_step(
         updates, state = optimizer.update(g, state, params, hparams)
         return apply_updates(params, updates), state
     with torch.no_grad():
-        return step(optimizer, g, state, tree.detach(params), hparams)
+        if fused:
+            return step(optimizer, g, state, tree.detach(params), hparams)
+        updates, state = optimizer.update(g, state, params, hparams)
+        return apply_updates(tree.detach(params), updates), state
 
 
 def run(
@@ -137,8 +143,9 @@ def run(
     *,
     create_graph: bool,
     monitor: FiniteMonitor | None = None,
+    fused: bool = False,
 ) -> tuple[Params, Any]:
-    """``len(batches)`` inner steps from ``(params, state)``.
+    """``len(batches)`` inner steps from ``(params, state)`` (``fused``: :func:`inner_step`'s).
 
     Hyperparameter callables are evaluated once for the whole run (:class:`FrozenHParams`).
     """
@@ -153,6 +160,7 @@ def run(
             batch,
             create_graph=create_graph,
             monitor=monitor,
+            fused=fused,
         )
     return params, state
 

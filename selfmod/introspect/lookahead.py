@@ -103,7 +103,7 @@ def train_step(
     with torch.no_grad():
         params, opt_state = hypergrad.inner_step(
             losses.train(state.buffers, box), opt, state.params, state.opt_state,
-            state.hparams, batch, create_graph=False, monitor=monitor,
+            state.hparams, batch, create_graph=False, monitor=monitor, fused=True,
         )  # fmt: skip
         loss = monitor.loss.item()
         grads = monitor.grads or (monitor.loss,)  # a model without parameters: the loss
@@ -183,6 +183,7 @@ class Lookahead:
                 self.batches,
                 create_graph=False,
                 monitor=monitor,
+                fused=True,  # as the base steps that train these batches next
             )
         self._replays[key] = (parts, result)
         current = _replayed(self.current)

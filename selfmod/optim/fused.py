@@ -97,11 +97,14 @@ def adam_step(
             groups.setdefault((r, d, p[k].dtype), []).append(k)
         for (r, d, _), ks in groups.items():
             count = torch.full((), float(t), device=tensors[0].device)
-            kernel(
-                [p[k] for k in ks], [grads[k] for k in ks], [mu[k] for k in ks],
-                [nu[k] for k in ks], [], [count] * len(ks), lr=r, beta1=k1, beta2=k2,
-                weight_decay=d, eps=e, amsgrad=False, maximize=False,
-            )  # fmt: skip
+            try:
+                kernel(
+                    [p[k] for k in ks], [grads[k] for k in ks], [mu[k] for k in ks],
+                    [nu[k] for k in ks], [], [count] * len(ks), lr=r, beta1=k1, beta2=k2,
+                    weight_decay=d, eps=e, amsgrad=False, maximize=False,
+                )  # fmt: skip
+            except (NotImplementedError, RuntimeError):  # a device or dtype without the kernel
+                return None
         return p, (*state[:at], AdamState(t, mu, nu), *state[at + 1 :])
 
     return step
