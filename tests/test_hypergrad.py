@@ -377,3 +377,28 @@ def test_final_state_continues_training_where_the_unroll_stopped(problem, method
         torch.testing.assert_close(
             second.final_params[k], both.final_params[k], rtol=1e-12, atol=1e-14
         )
+
+
+def test_a_fused_inner_step_is_the_chains_step_to_rounding(monkeypatch):
+    """``inner_step(..., fused=True)`` (the loop's base step) steps AdamW by the fused kernel;
+    without ``fused`` the chain steps; the two agree to float64 rounding (``eps_root`` = 0)."""
+    calls, kernel = [], torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, 3, generator=gen, dtype=torch.float64)}
+    x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+
+    def loss(p, h, batch):
+        return (batch @ p["w"]).pow(2).mean()
+
+    opt = optim.adamw(lr=lambda h: h["log_lr"].exp(), weight_decay=0.1)
+    hparams = {"log_lr": torch.tensor(-3.0, dtype=torch.float64)}
+    out = {}
+    for fused in (False, True):
+        out[fused] = hypergrad.run(
+            loss, opt, params, opt.init(params), hparams, [x, x, x], create_graph=False,
+            fused=fused,
+        )  # fmt: skip
+    torch.testing.assert_close(out[True][0]["w"], out[False][0]["w"], rtol=1e-12, atol=1e-14)
+    assert not torch.equal(out[True][0]["w"], params["w"])
+    assert len(calls) == 3  # the fused run's three steps, none of the chain's
