@@ -59,7 +59,7 @@ from selfmod.errors import SelfmodError
 from selfmod.hypergrad import FiniteMonitor
 from selfmod.introspect.loop import Loop, Recorder
 from selfmod.introspect.state import flatten
-from selfmod.optim.base import apply_updates
+from selfmod.optim.base import step
 from selfmod.process_group import leave_process_group
 from selfmod.validation import ConfigError
 
@@ -189,9 +189,8 @@ class Collective:
         monitor.record(loss, grads)
         monitor.check()
         g = dict(zip(names, grads, strict=True))
-        with torch.no_grad():
-            updates, opt_state = loop.opt.update(g, state.opt_state, p, state.hparams)
-            params = apply_updates(tree.detach(p), updates)
+        with torch.no_grad():  # the fused step where the optimizer has one, as on one process
+            params, opt_state = step(loop.opt, g, state.opt_state, tree.detach(p), state.hparams)
         return params, opt_state, buffers, float(loss), grads
 
     def _same_generator(self, device: torch.device) -> None:
