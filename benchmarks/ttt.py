@@ -38,24 +38,22 @@ LAYERS = {
 RESULTS = Path(__file__).parent / "results"
 
 
+def build(layer: str, d: int):
+    """The layer named ``layer`` (:data:`LAYERS`) at width ``d``."""
+    from selfmod import ttt
+
+    return eval(LAYERS[layer], vars(ttt) | {"d": d})
+
+
 def worker(layer: str, n: int, d: int, threads: int) -> None:
     import resource
     import statistics
 
     import torch
 
-    from selfmod.ttt import (  # noqa: F401  (used by eval)
-        MTTTMLP,
-        TTTMLP,
-        LinearAttention,
-        MTTTLinear,
-        SoftmaxAttention,
-        TTTLinear,
-    )
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    module = eval(LAYERS[layer])
+    module = build(layer, d)
     x = torch.randn(1, n, d, requires_grad=True)
 
     def run() -> float:
@@ -91,15 +89,6 @@ def interleaved(
 
     import torch
 
-    from selfmod.ttt import (
-        MTTTMLP,
-        TTTMLP,
-        LinearAttention,
-        MTTTLinear,
-        SoftmaxAttention,
-        TTTLinear,
-    )
-
     torch.set_num_threads(threads)
     now = time.thread_time if clock == "thread" else time.perf_counter
     ref = layers[0]
@@ -123,16 +112,7 @@ def interleaved(
     ]
     for n in sizes:
         torch.manual_seed(0)
-        env = dict(
-            d=d,
-            MTTTMLP=MTTTMLP,
-            LinearAttention=LinearAttention,
-            MTTTLinear=MTTTLinear,
-            SoftmaxAttention=SoftmaxAttention,
-            TTTLinear=TTTLinear,
-            TTTMLP=TTTMLP,
-        )
-        modules = {name: eval(LAYERS[name], env) for name in layers}
+        modules = {name: build(name, d) for name in layers}
         x = torch.randn(1, n, d, requires_grad=True)
         times: dict[str, list[float]] = {name: [] for name in layers}
         for r in range(rounds + 1):
