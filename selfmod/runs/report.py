@@ -30,13 +30,13 @@ MARKS = {
 }
 
 
-@functools.cache
 def _legend(ax, **kw) -> None:
     """``ax.legend(**kw)`` when something is labelled (an empty plot gets none, and no warning)."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(**kw)
 
 
+@functools.cache
 def _pyplot() -> Any:
     """matplotlib's ``pyplot`` on the Agg backend, imported on first use (once): the summary
     table (:func:`summary_rows`) needs none, so a run with ``report = false`` never pays it."""
