@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfmod.optim.base import HParam, HParams, Params, resolve
+from selfmod.optim.base import HParam, HParams, Params, per_key, resolve
 from selfmod.optim.transforms import AdamState
 
 
@@ -38,11 +38,6 @@ def _floats(values: list[Any]) -> list[float] | None:
         tensors = [t.double() for t in tensors]
     read = iter(torch.stack(tensors).tolist() if tensors else [])
     return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
-
-
-def _per_key(value: Any, keys: list[str]) -> list[Any]:
-    """One value per key from a per-key dict, else the value for every key."""
-    return [value[k] for k in keys] if isinstance(value, Mapping) else [value] * len(keys)
 
 
 def _copies(tensors: list[Tensor]) -> list[Tensor]:
@@ -79,8 +74,9 @@ def adam_step(
         shared = [resolve(v, hparams, name) for v, name in ((b1, "b1"), (b2, "b2"), (eps, "eps"))]
         if any(isinstance(v, Mapping) for v in shared):
             return None
-        rates = _per_key(resolve(lr, hparams, "lr"), keys)
-        decays = _per_key(resolve(weight_decay, hparams, "weight_decay"), keys)
+        rate, decay = resolve(lr, hparams, "lr"), resolve(weight_decay, hparams, "weight_decay")
+        rates = [per_key(rate, k, "lr") for k in keys]
+        decays = [per_key(decay, k, "weight_decay") for k in keys]
         read = _floats([*shared, *rates, *decays])
         tensors = [params[k] for k in keys]
         if read is None or not all(
