@@ -105,3 +105,22 @@ def test_evaluation_chunks_follow_the_output_width():
             torch.testing.assert_close(out, model.emb(x), rtol=0, atol=0)
         assert model.calls[0] == EVAL_FIRST and max(model.calls[1:]) == most
         assert sum(model.calls) == len(x)
+
+
+def test_a_structured_output_is_evaluated_in_one_pass():
+    """A model returning a tuple cannot be joined across chunks: ``predict`` returns the one
+    forward's output over every example."""
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.lin(x), x.sum(-1)
+
+    x = torch.randn(300, 3)
+    problem = Problem(Pair(), lambda out, y: F.cross_entropy(out[0], y))
+    params, buffers = problem.init()
+    logits, total = problem.predict(params, buffers, x)
+    assert logits.shape == (300, 2) and torch.equal(total, x.sum(-1))
