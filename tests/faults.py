@@ -54,10 +54,10 @@ class Faults:
         super().__init__(*args, **kwargs)
         self.losses = _FaultyLosses(self.losses, self)
 
-    def train_step(self, state, batch):
+    def train_step(self, state, batch, donate=False):
         self._fault = next((k for k, s in self.fault_steps.items() if self.step in s), None)
         try:
-            return super().train_step(state, batch)
+            return super().train_step(state, batch, donate)
         finally:
             self._fault = None
 

@@ -408,3 +408,24 @@ def test_fused_step_steps_aside_inside_autograd():
     new, _ = optim.step(opt, grads, opt.init(params), params, {"log_lr": log_lr})
     (d_lr,) = torch.autograd.grad(new["w"].sum(), log_lr)
     assert torch.isfinite(d_lr) and float(d_lr) != 0.0
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_donated_step_is_the_same_step_written_in_place(name):
+    """``donate=True``: a fused step writes the params and moments it is given and returns
+    them, with the values of the out-of-place step bit for bit; an optimizer without a fused
+    step (SGD) steps out of place as always."""
+    gen = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(5, 3, generator=gen), "b": torch.randn(5, generator=gen)}
+    opt = getattr(optim, name)(lr=1e-2, weight_decay=0.1)
+    kept, donated = (params, opt.init(params)), tree.clone(params)
+    donated = (donated, opt.init(donated))
+    with torch.no_grad():
+        for _ in range(3):
+            grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+            before = dict(donated[0])
+            kept = optim.step(opt, grads, kept[1], kept[0])
+            donated = optim.step(opt, grads, donated[1], donated[0], donate=True)
+            for k in params:
+                assert torch.equal(donated[0][k], kept[0][k])
+                assert (donated[0][k] is before[k]) == (name != "sgd")

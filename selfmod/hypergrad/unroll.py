@@ -107,12 +107,15 @@ def inner_step(
     create_graph: bool,
     monitor: FiniteMonitor | None = None,
     fused: bool = False,
+    donate: bool = False,
 ) -> tuple[Params, Any]:
     """One optimizer step on ``inner_loss``. With ``create_graph`` the step is part of the
     autograd graph (second order, attention on the math backend: :func:`second_order`);
     without, it is a plain training step on detached tensors, by the optimizer's fused
     ``step`` where ``fused`` (:func:`selfmod.optim.step`: the same maths in other rounding, so
-    an estimator that recomputes a step with a graph keeps ``fused=False``)."""
+    an estimator that recomputes a step with a graph keeps ``fused=False``). ``donate`` (with
+    ``fused``): the caller gives up ``params`` and ``state``, which the step may then write in
+    place (:func:`selfmod.optim.step`)."""
     if not create_graph:
         params = tree.detach(params, requires_grad=True)
     with torch.enable_grad(), second_order(create_graph):
@@ -128,7 +131,7 @@ def inner_step(
         return apply_updates(params, updates), state
     with torch.no_grad():
         if fused:
-            return step(optimizer, g, state, tree.detach(params), hparams)
+            return step(optimizer, g, state, tree.detach(params), hparams, donate=donate)
         updates, state = optimizer.update(g, state, params, hparams)
         return apply_updates(tree.detach(params), updates), state
 

@@ -93,17 +93,23 @@ class GradTap:
 
 
 def train_step(
-    losses: Losses, opt: optim.GradientTransformation, state: RunState, batch: Batch, step: int
+    losses: Losses,
+    opt: optim.GradientTransformation,
+    state: RunState,
+    batch: Batch,
+    step: int,
+    donate: bool = False,
 ) -> tuple[Params, Any, Params, float, tuple[Tensor, ...]]:
     """``(params, opt_state, buffers, loss, grads)`` after one optimizer step from ``state``
     on ``batch`` (base step ``step``); :class:`NonFiniteError` on a NaN or inf loss or
-    gradient."""
+    gradient. ``donate``: nothing else holds ``state``'s parameters and optimizer state, so
+    the step may write them in place (then they hold the new values, also on an error)."""
     box: dict[str, Params] = {}
     monitor = GradTap()
     with torch.no_grad():
         params, opt_state = hypergrad.inner_step(
             losses.train(state.buffers, box), opt, state.params, state.opt_state,
-            state.hparams, batch, create_graph=False, monitor=monitor, fused=True,
+            state.hparams, batch, create_graph=False, monitor=monitor, fused=True, donate=donate,
         )  # fmt: skip
         loss = monitor.loss.item()
         grads = monitor.grads or (monitor.loss,)  # a model without parameters: the loss

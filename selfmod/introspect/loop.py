@@ -46,6 +46,9 @@ class Loop:
     #: several processes: ``train_step(loop, state, batch)`` (data-parallel) and ``agree(loop)``
     #: (as every cycle starts), as :class:`selfmod.runs.distributed.Collective`; else ``None``
     collective: Any = None
+    #: base steps write the state's tensors in place where the last step made them and nothing
+    #: held them since (copy-on-write): ``on_step`` clones what it keeps. ``False``: out of place
+    donate: bool = True
 
     def __init__(
         self,
@@ -75,6 +78,7 @@ class Loop:
         self.history: dict[str, list] = {"log": [], "probes": [], "decisions": []}
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
         self.good, self.best, self.scheduled = self.state.snapshot(), best.Best(), False
+        self._owned = False  # whether only the state holds its tensors (``donate``)
         self._introduce_source(0)
 
     step = property(lambda self: self.counters.step, doc="base steps done")
@@ -93,10 +97,6 @@ class Loop:
 
     def widths(self) -> list[int]:
         return self.problem.widths(self.state.params)
-
-    def unused_tensors(self) -> list[int]:
-        """Indices of tensors with no entries now (a factorable layer's unused half)."""
-        return unused(self.names, self.state.params)
 
     def guard(self, part: str = "all") -> tuple[Tensor, Tensor]:
         """Guard data: ``"propose"``, ``"verify"`` or ``"all"`` (:func:`.feed.guard`)."""
@@ -126,7 +126,7 @@ class Loop:
             verify = self.guard("verify")
             kept, why = self.best.returned(self.problem, verify, self.state, cfg.epsilon)
             if kept is not None:
-                self.state = kept
+                self.state, self._owned = kept, False
                 self.event("event", "best state returned", why, {"step": self.best.step})
         n.seconds = time.perf_counter() - start
 
@@ -136,7 +136,7 @@ class Loop:
         r = race.run(self.state, self.pending, cfg, self.train_step, self.losses.guard, self.guard)
         d = Decision(0, 0, "level_race", *r.decision, self.values(), self.values(r.state), *r.guard)
         self._record(d, extra={"race": [e.__dict__ for e in r.entries]})
-        self.state, self.pending = race.settle(r, self.pending, n)  # x1's training: adopted
+        (self.state, self.pending), self._owned = race.settle(r, self.pending, n), False  # x1's
         n.meta_seconds += time.perf_counter() - start
 
     def push(self, batch: tuple[Any, Tensor]) -> int:
@@ -198,10 +198,11 @@ class Loop:
         batch = self.pending.pop(0) if self.pending else self._next_batch()
         if self.scheduled:
             self.state = schedule.at(self.state, cfg, n.step, n.examples)
-        if n.examples is not None:
-            n.examples += len(batch[1])
+        n.examples = None if n.examples is None else n.examples + len(batch[1])
+        per_step = [m for m in self.modifiers if m.per_step]  # they read the old parameters
+        donate = self.donate and self._owned and self.tune and cfg.safeguards and not per_step
         try:
-            params, opt_state, buffers, loss, grads = self.train_step(self.state, batch)
+            params, opt_state, buffers, loss, grads = self.train_step(self.state, batch, donate)
             if verifier.diverged(loss, n.average, n.first_loss):
                 n.divergences += 1
                 message = f"diverged at step {n.step}: loss {loss:.3g}, average {n.average:.3g}"
@@ -210,7 +211,7 @@ class Loop:
                 why = "safeguards off" if self.tune else "a fixed configuration"
                 self.event("event", "divergence", f"{message}; {why}: goes on", {})
             state = self.state
-            for m in (m for m in self.modifiers if m.per_step):
+            for m in per_step:
                 state = m.on_step(state, dict(zip(self.names, grads, strict=True)), params)
         except (NonFiniteError, DivergenceError) as err:
             if not cfg.safeguards:
@@ -223,6 +224,7 @@ class Loop:
             n.step += 1
             return
         self.state = replace(state, params=params, opt_state=opt_state, buffers=buffers)
+        self._owned = True
         n.took(loss)
         ended = self.scheduled and budget.spent(cfg, n.step, n.examples)  # run(): its last
         if n.step % 50 == 0 or n.step == cfg.steps or ended:
@@ -232,17 +234,17 @@ class Loop:
         return self.feed.next_batch(self.state.batch_size, self.counters.source_id)
 
     def train_step(
-        self, state: RunState, batch: Batch
+        self, state: RunState, batch: Batch, donate: bool = False
     ) -> tuple[Params, Any, Params, float, tuple[Tensor, ...]]:
         """One optimizer step (:func:`.lookahead.train_step`; else the collective's)."""
         if self.collective is not None:
             return self.collective.train_step(self, state, batch)
-        return train_step(self.losses, self.opt, state, batch, self.step)
+        return train_step(self.losses, self.opt, state, batch, self.step, donate)
 
     def _rollback(self, reason: str, ends_cycle: bool = False) -> None:
         before, n, self.pending = self.values(), self.counters, []
         self.state, why = verifier.rolled_back(self.good, reason)
-        self.good = self.state.snapshot()
+        self.good, self._owned = self.state.snapshot(), False
         self._record(Decision(n.cycle, n.step, "safeguard", "rollback", why, before, self.values()))
         n.cycle += ends_cycle  # recorded in the cycle it ends
 
@@ -251,12 +253,13 @@ class Loop:
         wall-clock time apart, in ``history["clock"]`` (a resumed run's clock differs)."""
         n, src, at = self.counters, self.sources[self.counters.source_id], self.config.probe_rows
         row = log_row(self.problem, self.state, self.guard(), src, n.step, n.last_loss, at)
-        row |= self.values() | {"unused": self.unused_tensors()}
+        row |= self.values() | {"unused": unused(self.names, self.state.params)}  # no entries
         self.history["log"].append(row)
         elapsed = n.seconds if self._clock is None else time.perf_counter() - self._clock
         self.history.setdefault("clock", []).append([n.step, elapsed])
         if self.config.keep_best:  # early stopping's candidates: every log point's state
             self.best = self.best.offer(self.problem, self.guard("verify"), n.step, self.state)
+            self._owned = False
         self.recorder.log(self, row)
 
     def probe(self) -> dict[str, float]:
@@ -305,19 +308,17 @@ class Loop:
         for proposal in proposals:  # each judged against the state the ones before it left
             current = self.verify_and_decide(proposal, current)
         look.release()
-        self.good = self.state.snapshot()
+        self.good, self._owned = self.state.snapshot(), False
         n.cycle += 1
 
     def look_ahead(self) -> Lookahead:
         """Queue the next ``lookahead`` batches (trained on next) and make the cycle's
         :class:`~.lookahead.Lookahead` over them from the random state now."""
-        n = self.counters
         self.pending = [self._next_batch() for _ in range(self.config.lookahead)]
-        rng = random_state(self.device)
         self.lookahead = Lookahead(
-            self.losses, self.opt, self.pending, rng, self.device, current=self.state,
-            step=n.step, buffer=self.buffer, shared=self.config.verify_on == "shared",
-            source=n.source_id, example=self.example,
+            self.losses, self.opt, self.pending, random_state(self.device), self.device,
+            current=self.state, step=self.step, buffer=self.buffer, example=self.example,
+            shared=self.config.verify_on == "shared", source=self.counters.source_id,
         )  # fmt: skip
         return self.lookahead
 
@@ -386,15 +387,14 @@ class Loop:
         self.state, self.good, buffer, self.counters, self.applied = saved
         self.buffer = replay.Replay(**buffer)
         self.sources[self.counters.source_id].train.seek(meta["stream"])
-        self.history, self.pending, self.feed.inbox = meta["history"], [], []
+        self.history, self.pending, self.feed.inbox, self._owned = meta["history"], [], [], False
 
     def summary(self) -> dict[str, Any]:
         """Test loss and metric, cost, decisions, meta-metrics (:func:`.summary.summarize`)."""
-        src = self.sources[self.counters.source_id]
+        src, n = self.sources[self.counters.source_id], self.counters
         return summarize(
-            self.problem, self.state, src, self.buffer, self.example,
-            counters=self.counters, history=self.history, names=self.names,
-            modifiers=[m.name for m in self.modifiers], skipped=self.skipped,
-            values=self.values(), space=self.space, best=self.best.summary(),
-            rows=self.config.probe_rows,
+            self.problem, self.state, src, self.buffer, self.example, counters=n,
+            history=self.history, names=self.names, modifiers=[m.name for m in self.modifiers],
+            skipped=self.skipped, values=self.values(), space=self.space,
+            best=self.best.summary(), rows=self.config.probe_rows,
         )  # fmt: skip

@@ -41,7 +41,13 @@ class UpdateFn(Protocol):
 
 class StepFn(Protocol):
     def __call__(
-        self, grads: Params, state: Any, params: Params, hparams: HParams | None = None
+        self,
+        grads: Params,
+        state: Any,
+        params: Params,
+        hparams: HParams | None = None,
+        *,
+        donate: bool = False,
     ) -> tuple[Params, Any] | None: ...
 
 
@@ -50,7 +56,9 @@ class GradientTransformation(NamedTuple):
 
     ``step``, where an optimizer has one, is its fused whole step outside autograd:
     ``(params, state)`` as :func:`apply_updates` after ``update`` would give them (to rounding),
-    or ``None`` where it does not apply; it too leaves its inputs as they were (:func:`step`).
+    or ``None`` where it does not apply; it too leaves its inputs as they were (:func:`step`),
+    unless the caller donates them (``donate=True``: it may write ``params`` and ``state`` in
+    place and return them, as JAX's buffer donation).
     """
 
     init: InitFn
@@ -168,10 +176,17 @@ def step(
     state: Any,
     params: Params,
     hparams: HParams | None = None,
+    *,
+    donate: bool = False,
 ) -> tuple[Params, Any]:
     """One optimizer step ``(params, state) -> (params + u, state')``: the optimizer's fused
-    ``step`` where it has one that applies, else ``update`` and :func:`apply_updates`."""
-    done = None if opt.step is None else opt.step(grads, state, params, hparams)
+    ``step`` where it has one that applies, else ``update`` and :func:`apply_updates`.
+
+    ``donate``: the caller gives up ``params`` and ``state`` (nothing else holds them), so a
+    fused step may write them in place and return them, saving a copy of the parameters and
+    of the moments a step; the values are the same bit for bit. Where no fused step applies,
+    the step is out of place as always (donation permits, it does not require)."""
+    done = None if opt.step is None else opt.step(grads, state, params, hparams, donate=donate)
     if done is not None:
         return done
     updates, state = opt.update(grads, state, params, hparams)

@@ -2,7 +2,8 @@
 
 ``update`` then ``apply_updates`` is about twelve ``foreach`` passes over a model's size and as
 many new tensors; a base step outside autograd needs none of that. The step here copies
-``params``, ``mu`` and ``nu`` (the inputs stay as they were: the contract is still pure) and runs
+``params``, ``mu`` and ``nu`` (the inputs stay as they were: the contract is still pure; a
+caller that donates them, ``donate=True``, has them written in place instead) and runs
 ``torch._fused_adamw_`` (``torch._fused_adam_`` for Adam's L2 decay, ``g <- g + wd p`` first)
 on the copies, which is the same maths in one pass::
 
@@ -60,13 +61,19 @@ def adam_step(
     :class:`AdamState` at index ``at``:
     ``step(grads, state, params, hparams) -> (params, state)``, or ``None`` where it does not
     apply (inside autograd, a per-tensor ``b1``, ``b2`` or ``eps``, or tensors the kernel does
-    not take); the caller then runs ``update`` and ``apply_updates``. ``eps_root`` is not used
-    (the module docstring)."""
+    not take); the caller then runs ``update`` and ``apply_updates``. ``donate=True``: the
+    kernel writes ``params`` and the moments in place and returns them. ``eps_root`` is not
+    used (the module docstring)."""
 
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
 
     def step(
-        grads: Params, state: Any, params: Params, hparams: HParams | None = None
+        grads: Params,
+        state: Any,
+        params: Params,
+        hparams: HParams | None = None,
+        *,
+        donate: bool = False,
     ) -> tuple[Params, Any] | None:
         if torch.is_grad_enabled():
             return None
@@ -85,13 +92,14 @@ def adam_step(
             return None
         (k1, k2, e), rates, decays = read[:3], read[3 : 3 + n], read[3 + n :]
         adam, t = state[at], state[at].count + 1
-        p = dict(zip(keys, _copies(tensors), strict=True))
-        mu = dict(zip(keys, _copies([adam.mu[k] for k in keys]), strict=True))
-        nu = dict(zip(keys, _copies([adam.nu[k] for k in keys]), strict=True))
+        own = (lambda xs: xs) if donate else _copies  # the kernel's targets
+        p = dict(zip(keys, own(tensors), strict=True))
+        mu = dict(zip(keys, own([adam.mu[k] for k in keys]), strict=True))
+        nu = dict(zip(keys, own([adam.nu[k] for k in keys]), strict=True))
         groups: dict[tuple[float, float, torch.dtype], list[str]] = {}
         for k, r, d in zip(keys, rates, decays, strict=True):
             groups.setdefault((r, d, p[k].dtype), []).append(k)
-        for (r, d, _), ks in groups.items():
+        for i, ((r, d, _), ks) in enumerate(groups.items()):
             count = torch.full((), float(t), device=tensors[0].device)
             try:
                 kernel(
@@ -100,6 +108,8 @@ def adam_step(
                     weight_decay=d, eps=e, amsgrad=False, maximize=False,
                 )  # fmt: skip
             except (NotImplementedError, RuntimeError):  # a device or dtype without the kernel
+                if donate and i:  # donated tensors already written: no way back to update
+                    raise
                 return None
         return p, (*state[:at], AdamState(t, mu, nu), *state[at + 1 :])
 
