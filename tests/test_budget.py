@@ -233,3 +233,22 @@ def test_level_step_moves_every_rate_together_against_the_levels_meta_gradient(s
     want = (rprop - sign * 0.6).clamp(-1.0, 1.0)
     torch.testing.assert_close(move, want)
     assert float(move.abs().max()) <= 1.0
+
+
+@pytest.mark.parametrize("verify_on", ["held_out", "shared"])
+def test_a_log_points_guard_scores_come_from_one_pass_and_match_passes_of_their_own(verify_on):
+    """A log point reads the guard set once: the whole set's loss and accuracy are a pass over
+    it, the verifying split's equal a pass over that split alone to rounding (shared: the
+    same set)."""
+    from selfmod.introspect.summary import guard_scores
+
+    run = Introspector(TrainConfig(**{**FAST, "modifiers": [], "verify_on": verify_on}))
+    run.run()
+    passes, predict = [], run.problem.predict
+    run.problem.predict = lambda *a: passes.append(len(a[-1])) or predict(*a)
+    whole, verified = guard_scores(run.problem, run.state, run.buffer, verify_on == "shared")
+    assert passes == [len(run.guard()[1])]  # the whole guard set, once
+    assert whole == run.problem.evaluate(run.params, run.state.buffers, *run.guard())
+    alone = run.problem.evaluate(run.params, run.state.buffers, *run.guard("verify"))
+    assert verified == pytest.approx(alone, rel=1e-6)
+    assert (verified == whole) == (verify_on == "shared")

@@ -21,6 +21,7 @@ from selfmod.introspect.modifiers import Proposal
 from selfmod.introspect.modifiers.factorize import Factorize
 from selfmod.introspect.modifiers.lr import LearningRates
 from selfmod.introspect.problem import Problem
+from selfmod.introspect.summary import unused
 
 
 @pytest.fixture(autouse=True)
@@ -231,7 +232,8 @@ def test_a_run_factorizes_verified_and_resumes_bitwise_through_it(tmp_path):
     # what the report shows: no rate for an empty tensor (the factors before, the weight after)
     names = full.names
     left, right, weight = (names.index(f"2.{k}") for k in ("left", "right", "weight"))
-    assert Introspector(cfg).unused_tensors() == [left, right]  # dense: the factors are empty
+    fresh = Introspector(cfg)
+    assert unused(fresh.names, fresh.params) == [left, right]  # dense: the factors are empty
     after = [r["unused"] for r in full.history["log"] if r["step"] > decisions[0]["step"]]
     assert after and all(u == [weight] for u in after)
     summary = full.summary()

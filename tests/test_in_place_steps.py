@@ -58,7 +58,7 @@ def test_in_place_steps_give_the_same_run_and_leave_kept_states_alone():
     for k, v in copied.params.items():
         assert torch.equal(donated.params[k], v), k
     mine, theirs = tree_leaves(donated.state.opt_state), tree_leaves(copied.state.opt_state)
-    assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
     strip = lambda h: [{k: v for k, v in d.items() if k != "seconds"} for d in h]  # noqa: E731
     assert strip(donated.history["decisions"]) == strip(copied.history["decisions"])
     assert len(donated.history["decisions"]) > 1  # the race and the cycles decided something

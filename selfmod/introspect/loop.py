@@ -31,7 +31,7 @@ from selfmod.introspect.lookahead import Lookahead, train_step
 from selfmod.introspect.modifiers import Context, Modifier, Proposal
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import Counters, RunState, load_run, save_run
-from selfmod.introspect.summary import log_row, run_probe, summarize, unused
+from selfmod.introspect.summary import guard_scores, log_row, run_probe, summarize, unused
 
 Params = dict[str, Tensor]
 __all__ = ["DTYPES", "Decision", "Loop", "Recorder", "Source", "device_of", "jsonable"]
@@ -123,10 +123,9 @@ class Loop:
             if on_step is not None:
                 on_step(self)
         if cfg.keep_best and n.diverged_at is None:  # early stopping (.best)
-            verify = self.guard("verify")
-            kept, why = self.best.returned(self.problem, verify, self.state, cfg.epsilon)
-            if kept is not None:
-                self.state, self._owned = kept, False
+            k, why = self.best.returned(self.problem, self.guard("verify"), self.state, cfg.epsilon)
+            if k is not None:
+                self.state, self._owned = k, False
                 self.event("event", "best state returned", why, {"step": self.best.step})
         n.seconds = time.perf_counter() - start
 
@@ -249,16 +248,17 @@ class Loop:
         n.cycle += ends_cycle  # recorded in the cycle it ends
 
     def log_point(self) -> None:
-        """A log point's row (:func:`.summary.log_row`) in the history and to the recorder; its
-        wall-clock time apart, in ``history["clock"]`` (a resumed run's clock differs)."""
+        """A log point's row (:func:`.summary.log_row`): history, recorder; its clock apart."""
         n, src, at = self.counters, self.sources[self.counters.source_id], self.config.probe_rows
-        row = log_row(self.problem, self.state, self.guard(), src, n.step, n.last_loss, at)
+        shared, s = self.config.verify_on == "shared", self.state
+        whole, verified = guard_scores(self.problem, s, self.buffer, shared)  # one pass
+        row = log_row(self.problem, s, whole, src, n.step, n.last_loss, at)
         row |= self.values() | {"unused": unused(self.names, self.state.params)}  # no entries
         self.history["log"].append(row)
         elapsed = n.seconds if self._clock is None else time.perf_counter() - self._clock
         self.history.setdefault("clock", []).append([n.step, elapsed])
         if self.config.keep_best:  # early stopping's candidates: every log point's state
-            self.best = self.best.offer(self.problem, self.guard("verify"), n.step, self.state)
+            self.best = self.best.offer(self.problem, self.guard("verify"), n.step, s, verified)
             self._owned = False
         self.recorder.log(self, row)
 

@@ -120,7 +120,10 @@ class Problem:
         """``(loss, metric)`` on ``x (n, ...)``, ``y (n, ...)``; NaN for an empty set."""
         if len(y) == 0:
             return math.nan, math.nan
-        out = self.predict(params, buffers, x)
+        return self.score(self.predict(params, buffers, x), y)
+
+    def score(self, out: Any, y: Tensor) -> tuple[float, float]:
+        """``(loss, metric)`` of outputs ``out`` (:meth:`predict`'s) against ``y``."""
         with torch.no_grad():
             loss = float(self.loss(out, y))
             if self.metric == "loss":

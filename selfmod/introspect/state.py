@@ -43,9 +43,10 @@ class RunState:
 
     def snapshot(self) -> RunState:
         """The state as it is now, kept for a rollback without a copy of the model: the
-        functional core never writes a tensor of a state in place (each step makes new ones),
-        so the snapshot shares them; only the buffers are copied (small, and a user's module
-        may write its own buffers in place in a forward)."""
+        functional core makes new tensors at each step, and the loop's base steps write a
+        state's tensors in place only where nothing else holds them (``Loop.donate``: taking a
+        snapshot counts), so the snapshot shares them; only the buffers are copied (small, and
+        a user's module may write its own buffers in place in a forward)."""
         return replace(self, buffers=pytree.tree_map(_clone, self.buffers))
 
     def with_(self, **changes: Any) -> RunState:

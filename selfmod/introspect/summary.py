@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from selfmod.introspect import probes, replay
@@ -71,19 +72,40 @@ def run_probe(
     return {"cycle": n.cycle, "step": n.step, **found} | tail
 
 
+def guard_scores(
+    problem: Problem, state: RunState, buffer: replay.Replay, shared: bool
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``((loss, metric) on the whole guard set, on its verifying split)`` at ``state``, from
+    one pass over the guard set (``shared``: one set, both the same). The verifying split's
+    rows are read from the whole set's outputs, so its figures equal a pass of its own to
+    rounding (other chunks); an output that is not a tensor takes a pass of its own."""
+    x, y = guard(buffer, "all", shared)
+    out = problem.predict(state.params, state.buffers, x) if len(y) else None
+    whole = problem.score(out, y) if len(y) else (math.nan, math.nan)
+    if shared:
+        return whole, whole
+    codes = torch.tensor((replay.GUARD, replay.PROPOSE), dtype=buffer.split.dtype)
+    is_verify = buffer.split[torch.isin(buffer.split, codes)] == replay.GUARD  # (len(y),)
+    if not isinstance(out, Tensor) or not bool(is_verify.any()):
+        return whole, problem.evaluate(
+            state.params, state.buffers, *guard(buffer, "verify", shared)
+        )
+    return whole, problem.score(out[is_verify], y[is_verify])
+
+
 def log_row(
     problem: Problem,
     state: RunState,
-    guard_data: tuple[Tensor, Tensor],
+    guard_score: tuple[float, float],
     src: Source,
     step: int,
     train_loss: float,
     rows: int = 0,
 ) -> dict[str, Any]:
-    """A log point's losses and metrics at ``state``: the whole guard set's, the test set's
-    metric (``rows > 0``: on its first ``rows``), the last base step's loss and the meta
-    learning rate."""
-    gl, ga = problem.evaluate(state.params, state.buffers, *guard_data)
+    """A log point's losses and metrics at ``state``: the whole guard set's ``guard_score``
+    (:func:`guard_scores`), the test set's metric (``rows > 0``: on its first ``rows``), the
+    last base step's loss and the meta learning rate."""
+    gl, ga = guard_score
     _, ta = test_metric(problem, state, src, rows)
     return {
         "step": step,
