@@ -343,21 +343,15 @@ def test_stream_position_and_replay_buffer():
     g = torch.Generator().manual_seed(0)
     buf = replay.empty(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
     for i in range(10):
-        buf = replay.add_train(
-            buf, torch.randn(20, 3), torch.arange(20), torch.zeros(20), i, 0, 50, g
-        )
+        buf = replay.add_train(buf, torch.randn(20, 3), torch.arange(20), i, 0, 50, g)
     assert int((buf.split == replay.TRAIN).sum()) == 50 and int(buf.seen) == 200
-    buf = replay.add_guard(
-        buf, torch.randn(40, 3), torch.zeros(40, dtype=torch.long), torch.zeros(40), 0, 0, 40, g
-    )
-    buf = replay.add_guard(
-        buf, torch.randn(40, 3), torch.zeros(40, dtype=torch.long), torch.zeros(40), 5, 1, 40, g
-    )
+    buf = replay.add_guard(buf, torch.randn(40, 3), torch.zeros(40, dtype=torch.long), 0, 0, 40, g)
+    buf = replay.add_guard(buf, torch.randn(40, 3), torch.zeros(40, dtype=torch.long), 5, 1, 40, g)
     guard_sources = buf.source[buf.split == replay.GUARD]
     assert int((guard_sources == 0).sum()) == 20 and int((guard_sources == 1).sum()) == 20
 
 
-def _add_train_one_at_a_time(buf, x, y, loss, step, source, capacity, generator):
+def _add_train_one_at_a_time(buf, x, y, step, source, capacity, generator):
     """Algorithm R offering one row at a time: the reference ``replay.add_train`` must match."""
     seen = int(buf.seen)
     train_idx = torch.nonzero(buf.split == replay.TRAIN).squeeze(1)
@@ -372,14 +366,13 @@ def _add_train_one_at_a_time(buf, x, y, loss, step, source, capacity, generator)
                 replaced[int(train_idx[j])] = i
             else:
                 append[j - n_train] = i
-    x2, y2, loss2, step2, source2 = (t.clone() for t in (buf.x, buf.y, buf.loss, buf.step,
-                                                          buf.source))  # fmt: skip
+    x2, y2, step2, source2 = (t.clone() for t in (buf.x, buf.y, buf.step, buf.source))
     for row, i in replaced.items():
-        x2[row], y2[row], loss2[row], step2[row], source2[row] = x[i], y[i], loss[i], step, source
-    out = replay.Replay(x2, y2, step2, loss2, source2, buf.split, torch.tensor(seen))
+        x2[row], y2[row], step2[row], source2[row] = x[i], y[i], step, source
+    out = replay.Replay(x2, y2, step2, source2, buf.split, torch.tensor(seen))
     if append:
         a = torch.tensor(append)
-        out = replay._cat(out, x[a], y[a], step, loss[a], source, replay.TRAIN)
+        out = replay._cat(out, x[a], y[a], step, source, replay.TRAIN)
         out = out._replace(seen=torch.tensor(seen))
     return out
 
@@ -389,25 +382,24 @@ def test_the_train_reservoir_is_algorithm_r_one_offer_at_a_time(capacity, batch)
     g, h = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     fast = ref = replay.empty(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
     guard = torch.randn(6, 3)  # guard rows in between: train slots are not buffer rows
-    fast = ref = replay.add_guard(fast, guard, torch.zeros(6, dtype=torch.long),
-                                  torch.zeros(6), 0, 0, 6, torch.Generator())  # fmt: skip
+    fast = ref = replay.add_guard(fast, guard, torch.zeros(6, dtype=torch.long), 0, 0, 6,
+                                  torch.Generator())  # fmt: skip
     data = torch.Generator().manual_seed(2)
     for step in range(12):
         x = torch.randn(batch, 3, generator=data)
         y = torch.randint(0, 10, (batch,), generator=data)
-        loss = torch.rand(batch, generator=data)
-        fast = replay.add_train(fast, x, y, loss, step, step % 2, capacity, g)
-        ref = _add_train_one_at_a_time(ref, x, y, loss, step, step % 2, capacity, h)
+        fast = replay.add_train(fast, x, y, step, step % 2, capacity, g)
+        ref = _add_train_one_at_a_time(ref, x, y, step, step % 2, capacity, h)
         for a, b in zip(fast, ref, strict=True):
             assert torch.equal(a, b)
     assert int((fast.split == replay.TRAIN).sum()) == capacity
     assert int(fast.seen) == 12 * batch
     # a smaller capacity than the rows held (nothing appended, only the first slots replaced)
-    x, y, loss = torch.randn(batch, 3), torch.arange(batch), torch.rand(batch)
+    x, y = torch.randn(batch, 3), torch.arange(batch)
     small = max(1, capacity // 2)
     for a, b in zip(
-        replay.add_train(fast, x, y, loss, 12, 0, small, g),
-        _add_train_one_at_a_time(ref, x, y, loss, 12, 0, small, h),
+        replay.add_train(fast, x, y, 12, 0, small, g),
+        _add_train_one_at_a_time(ref, x, y, 12, 0, small, h),
         strict=True,
     ):
         assert torch.equal(a, b)  # fmt: skip
@@ -631,3 +623,16 @@ def test_a_change_the_lookahead_cannot_tell_apart_is_marked_as_accepted_by_rule(
     bigger = Proposal("lr", {"log_lr": run.hparams["log_lr"] + 1.0})
     run.verify_and_decide(bigger, current)
     assert "accepted by rule" not in run.history["decisions"][-1]["reason"]
+
+
+def test_a_checkpoint_with_the_old_replay_loss_column_resumes_without_it():
+    """0.2's checkpoints hold a per-entry loss in the replay buffer, which nothing read: a
+    restore drops it and continues with the same buffer."""
+    run = Introspector(TrainConfig(**{**FAST, "steps": 40, "keep_best": True}))
+    run.run()
+    tensors, meta = run.checkpoint()
+    again = Introspector(TrainConfig(**{**FAST, "steps": 40, "keep_best": True}))
+    again.restore({**tensors, "replay.loss": torch.zeros(len(run.buffer.y))}, meta)
+    assert again.buffer._fields == run.buffer._fields and "loss" not in again.buffer._fields
+    for a, b in zip(again.buffer, run.buffer, strict=True):
+        assert torch.equal(a, b)

@@ -105,18 +105,14 @@ def guard(
 
 def add_source(
     buffer: replay.Replay,
-    problem: Any,
-    state: Any,
     source: Source,
     step: int,
     index: int,
     config: Any,
     rng: torch.Generator,
 ) -> replay.Replay:
-    """``buffer`` with data source ``index``'s guard data added at base ``step``, its loss at
-    ``state`` noted (split into proposing and verifying halves unless ``verify_on`` is
-    ``"shared"``)."""
+    """``buffer`` with data source ``index``'s guard data added at base ``step`` (split into
+    proposing and verifying halves unless ``verify_on`` is ``"shared"``)."""
     x, y = source.guard_x, source.guard_y
-    loss = replay.batch_loss(problem, state.params, state.buffers, x, y)
     halves = config.verify_on == "held_out"
-    return replay.add_guard(buffer, x, y, loss, step, index, config.guard_size, rng, halves=halves)
+    return replay.add_guard(buffer, x, y, step, index, config.guard_size, rng, halves=halves)

@@ -180,7 +180,7 @@ class Loop:
 
     def _introduce_source(self, s: int) -> None:
         self.counters.source_id, at = s, (self.step, s, self.config, self.rng)
-        self.buffer = add_source(self.buffer, self.problem, self.state, self.sources[s], *at)
+        self.buffer = add_source(self.buffer, self.sources[s], *at)
 
     def _shift(self) -> None:
         self._introduce_source(1)
@@ -284,9 +284,8 @@ class Loop:
         if dead:
             return self._rollback(dead, ends_cycle=True)
         for x, y, _ in self.pending:  # the reservoir sees what the model is about to train on
-            s, at = self.state, (n.step, n.source_id, cfg.replay_size, self.rng)
-            loss = replay.batch_loss(self.problem, s.params, s.buffers, x, y)
-            self.buffer = replay.add_train(self.buffer, x, y, loss, *at)
+            at = (n.step, n.source_id, cfg.replay_size, self.rng)
+            self.buffer = replay.add_train(self.buffer, x, y, *at)
         due = [m for m in self.modifiers if self.due(m)]
         estimated = any(m.reads_meta_gradient for m in due)
         current, g = math.nan, {}

@@ -1,13 +1,12 @@
 """Internal data: a replay buffer of seen examples with metadata, split into internal-train and
 guard entries, resampled so that the guard set keeps older data.
 
-Every entry carries ``step`` (when it was seen), ``loss`` (the model's loss on it at insertion),
-``source`` (which data distribution it came from) and ``split`` (``TRAIN``, ``GUARD`` or
-``PROPOSE``). Guard entries come from each source's held-out pool and are never trained on; with
-``halves`` they alternate between ``PROPOSE`` (the half that probes and meta-gradients see) and
-``GUARD`` (the half only the verifier sees), so a change is checked on data that did not propose
-it. Train entries are a reservoir sample of the examples the model did train on (for the
-internal generalization gap).
+Every entry carries ``step`` (when it was seen), ``source`` (which data distribution it came
+from) and ``split`` (``TRAIN``, ``GUARD`` or ``PROPOSE``). Guard entries come from each
+source's held-out pool and are never trained on; with ``halves`` they alternate between
+``PROPOSE`` (the half that probes and meta-gradients see) and ``GUARD`` (the half only the
+verifier sees), so a change is checked on data that did not propose it. Train entries are a
+reservoir sample of the examples the model did train on (for the internal generalization gap).
 
 Guard resampling keeps at most ``capacity // n_sources`` entries per source, evicting from
 the largest source first, so a new distribution never pushes the old one out of the guard set
@@ -16,7 +15,7 @@ the largest source first, so a new distribution never pushes the old one out of 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,7 +29,6 @@ class Replay(NamedTuple):
     x: Tensor  # (N, ...) as the model's input
     y: Tensor  # (N, ...) as the loss's target
     step: Tensor  # (N,) int64, base step when seen
-    loss: Tensor  # (N,) float32, loss at insertion
     source: Tensor  # (N,) int64
     split: Tensor  # (N,) int64, TRAIN, GUARD or PROPOSE
     seen: Tensor  # () int64, train examples offered so far (reservoir counter)
@@ -41,16 +39,15 @@ def empty(x_like: Tensor, y_like: Tensor) -> Replay:
     z = torch.zeros(0, dtype=torch.int64)
     x = torch.zeros((0, *x_like.shape[1:]), dtype=x_like.dtype, device=x_like.device)
     y = torch.zeros((0, *y_like.shape[1:]), dtype=y_like.dtype, device=y_like.device)
-    return Replay(x, y, z, torch.zeros(0), z, z, torch.tensor(0))
+    return Replay(x, y, z, z, z, torch.tensor(0))
 
 
-def _cat(buf: Replay, x, y, step, loss, source, split) -> Replay:
+def _cat(buf: Replay, x, y, step, source, split) -> Replay:
     n = len(y)
     return Replay(
         torch.cat([buf.x, x]),
         torch.cat([buf.y, y]),
         torch.cat([buf.step, torch.full((n,), step, dtype=torch.int64)]),
-        torch.cat([buf.loss, loss.float()]),
         torch.cat([buf.source, torch.full((n,), source, dtype=torch.int64)]),
         torch.cat([buf.split, torch.full((n,), split, dtype=torch.int64)]),
         buf.seen,
@@ -65,7 +62,6 @@ def add_guard(
     buf: Replay,
     x: Tensor,
     y: Tensor,
-    loss: Tensor,
     step: int,
     source: int,
     capacity: int,
@@ -76,7 +72,7 @@ def add_guard(
     entries with an equal share per source (evicting uniformly at random within a source).
     With ``halves`` the new rows alternate ``PROPOSE``, ``GUARD``, ``PROPOSE``, ..."""
     n = len(buf.y)
-    buf = _cat(buf, x, y, step, loss, source, GUARD)
+    buf = _cat(buf, x, y, step, source, GUARD)
     if halves:
         split = buf.split.clone()
         split[n::2] = PROPOSE
@@ -93,17 +89,10 @@ def add_guard(
     return _keep(buf, keep)
 
 
-def batch_loss(problem: Any, params: Any, buffers: Any, x: Tensor, y: Tensor) -> Tensor:
-    """``(n,)``: the batch's mean loss at ``params``, noted for every example."""
-    loss, _ = problem.evaluate(params, buffers, x, y)
-    return torch.full((len(y),), loss)
-
-
 def add_train(
     buf: Replay,
     x: Tensor,
     y: Tensor,
-    loss: Tensor,
     step: int,
     source: int,
     capacity: int,
@@ -133,14 +122,12 @@ def add_train(
         new = winner[n_train : n_train + n_fill]
         append = torch.where(new >= 0, new, append)
     seen += b
-    x2, y2, loss2 = buf.x.clone(), buf.y.clone(), buf.loss.clone()
-    step2, source2 = buf.step.clone(), buf.source.clone()
+    x2, y2, step2, source2 = buf.x.clone(), buf.y.clone(), buf.step.clone(), buf.source.clone()
     if len(rows):
-        x2[rows], y2[rows], loss2[rows] = x[offered], y[offered], loss[offered].float()
-        step2[rows], source2[rows] = step, source
-    buf = Replay(x2, y2, step2, loss2, source2, buf.split, torch.tensor(seen))
+        x2[rows], y2[rows], step2[rows], source2[rows] = x[offered], y[offered], step, source
+    buf = Replay(x2, y2, step2, source2, buf.split, torch.tensor(seen))
     if n_fill:
-        buf = _cat(buf, x[append], y[append], step, loss[append], source, TRAIN)
+        buf = _cat(buf, x[append], y[append], step, source, TRAIN)
         buf = buf._replace(seen=torch.tensor(seen))
     return buf
 

@@ -200,6 +200,7 @@ def load_run(
     state = read_state(tensors, meta["scalars"], "state", names, opt_init)
     good = read_state(tensors, meta["scalars"], "good", names, opt_init)
     replay = {k[len("replay.") :]: v for k, v in tensors.items() if k.startswith("replay.")}
+    replay.pop("loss", None)  # a column 0.2's checkpoints hold (no code read it)
     replay |= {k: v.cpu() for k, v in replay.items() if k not in ("x", "y")}
     rng.set_state(rngs["rng.controller"])
     torch.set_rng_state(rngs["rng.torch"])
