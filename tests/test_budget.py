@@ -252,3 +252,19 @@ def test_a_log_points_guard_scores_come_from_one_pass_and_match_passes_of_their_
     alone = run.problem.evaluate(run.params, run.state.buffers, *run.guard("verify"))
     assert verified == pytest.approx(alone, rel=1e-6)
     assert (verified == whole) == (verify_on == "shared")
+
+
+@pytest.mark.parametrize("log_every,steps", [(40, [40, 80, 100]), (50, [50, 100])])
+def test_log_points_come_every_log_every_steps_and_at_the_end(log_every, steps):
+    """``log_every`` sets the log points' interval (the last step always logs), and with it
+    early stopping's candidates."""
+    cfg = {**FAST, "modifiers": [], "steps": 100, "log_every": log_every, "keep_best": True}
+    run = Introspector(TrainConfig(**cfg))
+    run.run()
+    assert [r["step"] for r in run.history["log"]] == steps
+    assert run.best.step in steps
+
+
+def test_a_log_interval_under_one_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="log_every"):
+        TrainConfig(**{**FAST, "log_every": 0})

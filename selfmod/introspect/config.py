@@ -268,6 +268,14 @@ class OutputFields(BaseModel):
         description="set when the run directory is made; binds its checkpoints to it",
     )
     checkpoint_every: int = Field(1, ge=1, le=100_000, description="cycles between checkpoints")
+    log_every: int = Field(
+        50,
+        ge=1,
+        le=1_000_000,
+        description="base steps between log points (and the last step): each reads the guard "
+        "set and probe_rows test rows and offers early stopping a candidate; on a long run of a "
+        "model whose forward is costly, a longer interval saves that evaluation",
+    )
     keep_checkpoints: int = Field(3, ge=1, le=1000)
     report: bool = Field(
         True,

@@ -68,7 +68,7 @@ class Recorder:
         return []
 
     def log(self, run: RunView, row: dict[str, Any]) -> None:
-        """A log point's row (losses, metrics, hyperparameters), every 50 base steps."""
+        """A log point's row (losses, metrics, hyperparameters), every ``log_every`` steps."""
 
 
 def payload(d: Decision, change: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:

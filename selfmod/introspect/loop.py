@@ -226,7 +226,7 @@ class Loop:
         self._owned = True
         n.took(loss)
         ended = self.scheduled and budget.spent(cfg, n.step, n.examples)  # run(): its last
-        if n.step % 50 == 0 or n.step == cfg.steps or ended:
+        if n.step % cfg.log_every == 0 or n.step == cfg.steps or ended:
             self.log_point()
 
     def _next_batch(self) -> Batch:

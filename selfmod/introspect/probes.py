@@ -7,8 +7,8 @@ a self-generated shifted benchmark (guard signals circularly shifted by ``shift`
 parameters, FLOPs and activation memory per example (:func:`selfmod.arch.cost`).
 
 Meta-metrics (:func:`meta_metrics`, :func:`against_fixed`; ``None`` where undefined), with
-``L(t)`` the guard loss (the replay buffer's guard part, eval mode) logged every 50 base steps
-and ``L_c`` the one probed at the start of cycle ``c``:
+``L(t)`` the guard loss (the replay buffer's guard part, eval mode) logged every ``log_every``
+steps and ``L_c`` the one probed at the start of cycle ``c``:
 
 - *meta-convergence rate against the static baseline*: ``S_fixed / S_tuned``, where
   ``L* = L_fixed(T)`` is the fixed configuration's final guard loss and ``S_run`` the first
