@@ -46,8 +46,9 @@ class Best:
         """This record, or ``state`` at ``step`` if it does better on ``verify``: a higher
         accuracy (equal: a lower loss) for a classifier, else a lower loss. ``scored``:
         ``state``'s ``(loss, metric)`` on ``verify`` where the caller has it."""
-        at = (state.params, state.buffers, *verify)
-        loss, metric = problem.evaluate(*at) if scored is None else scored
+        if scored is None:
+            scored = problem.evaluate(state.params, state.buffers, *verify)
+        loss, metric = scored
         acc = metric if problem.metric == "accuracy" else -math.inf
         better = (acc, -loss) > (self.accuracy, -self.loss)
         return Best(loss, step, state.params, state.buffers, acc) if better else self

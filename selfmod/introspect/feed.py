@@ -96,11 +96,14 @@ def guard(
     ``"verify"`` (what only the verifier sees) or ``"all"``; ``shared``
     (``verify_on = "shared"``): one set does both. ``exclude_source``: leave that source out
     (the older sources' data of the forgetting budget)."""
+    return replay.split(buffer, guard_codes(part, shared), exclude_source=exclude_source)
+
+
+def guard_codes(part: str, shared: bool) -> tuple[int, ...]:
+    """The replay splits that make guard part ``part`` (:func:`guard`)."""
     if part == "all" or shared:
-        codes: tuple[int, ...] = (replay.GUARD, replay.PROPOSE)
-    else:
-        codes = {"propose": (replay.PROPOSE,), "verify": (replay.GUARD,)}[part]
-    return replay.split(buffer, codes, exclude_source=exclude_source)
+        return (replay.GUARD, replay.PROPOSE)
+    return {"propose": (replay.PROPOSE,), "verify": (replay.GUARD,)}[part]
 
 
 def add_source(

@@ -253,7 +253,7 @@ class Loop:
         shared, s = self.config.verify_on == "shared", self.state
         whole, verified = guard_scores(self.problem, s, self.buffer, shared)  # one pass
         row = log_row(self.problem, s, whole, src, n.step, n.last_loss, at)
-        row |= self.values() | {"unused": unused(self.names, self.state.params)}  # no entries
+        row |= self.values() | {"unused": unused(self.names, s.params)}  # tensors with no entries
         self.history["log"].append(row)
         elapsed = n.seconds if self._clock is None else time.perf_counter() - self._clock
         self.history.setdefault("clock", []).append([n.step, elapsed])

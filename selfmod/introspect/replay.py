@@ -139,11 +139,23 @@ def split(
     exclude_source: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(x (n, D), y (n,))`` of one split (or several), optionally of one source or all but
-    one."""
+    one (the rows :func:`rows` picks)."""
+    mask = rows(buf, which, source, exclude_source)
+    return buf.x[mask], buf.y[mask]
+
+
+def rows(
+    buf: Replay,
+    which: int | tuple[int, ...],
+    source: int | None = None,
+    exclude_source: int | None = None,
+) -> Tensor:
+    """``(N,)`` bool: the entries of split ``which`` (or of several), optionally of one source
+    or all but one."""
     codes = (which,) if isinstance(which, int) else which
     mask = torch.isin(buf.split, torch.tensor(codes, dtype=buf.split.dtype))
     if source is not None:
         mask &= buf.source == source
     if exclude_source is not None:
         mask &= buf.source != exclude_source
-    return buf.x[mask], buf.y[mask]
+    return mask

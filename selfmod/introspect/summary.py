@@ -7,11 +7,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from selfmod.introspect import probes, replay
-from selfmod.introspect.feed import Source, guard
+from selfmod.introspect.feed import Source, guard, guard_codes
 from selfmod.introspect.hparams import HParamSpace
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import Counters, RunState
@@ -84,12 +83,10 @@ def guard_scores(
     whole = problem.score(out, y) if len(y) else (math.nan, math.nan)
     if shared:
         return whole, whole
-    codes = torch.tensor((replay.GUARD, replay.PROPOSE), dtype=buffer.split.dtype)
-    is_verify = buffer.split[torch.isin(buffer.split, codes)] == replay.GUARD  # (len(y),)
-    if not isinstance(out, Tensor) or not bool(is_verify.any()):
-        return whole, problem.evaluate(
-            state.params, state.buffers, *guard(buffer, "verify", shared)
-        )
+    in_all, in_verify = (replay.rows(buffer, guard_codes(p, False)) for p in ("all", "verify"))
+    is_verify = in_verify[in_all]  # (len(y),): the whole set's rows that verify
+    if not isinstance(out, Tensor) or not bool(is_verify.any()):  # a pass of its own
+        return whole, problem.evaluate(state.params, state.buffers, *guard(buffer, "verify", False))
     return whole, problem.score(out[is_verify], y[is_verify])
 
 
