@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from selfmod.checkpoint import load_checkpoint, save_checkpoint
-from selfmod.introspect import Introspector
+from selfmod.introspect import Introspector, replay
 from selfmod.introspect.budget import examples_budget
 from selfmod.introspect.hparams import LR_SCHEDULE
 from selfmod.introspect.schedule import WARMUP, factor
@@ -177,6 +177,10 @@ def test_keep_best_returns_the_best_verified_state_when_the_run_ends_worse(tmp_p
     assert final_plain > best["guard_loss"] * (1 + run.config.epsilon)  # it did turn up
     assert events[-1][0] == "best state returned" and events[-1][1]["step"] == best["step"]
     assert 0 < best["step"] < 100  # an earlier cycle's start, not the end
+    last, before = run.history["log"][-1], run.history["log"][-2]
+    assert last["step"] == before["step"] == run.step  # the returned state's row, logged again
+    whole = run.problem.evaluate(run.params, run.state.buffers, *run.guard())
+    assert last["guard_loss"] == pytest.approx(whole[0], rel=1e-9) != before["guard_loss"]
     assert plain.summary()["best_verified"] is None  # off: nothing kept, the end returned
     save_checkpoint(tmp_path, run.step, *run.checkpoint())  # the best may be the current state
     (manifest,) = (tmp_path / "checkpoints").glob("*.json")
@@ -214,6 +218,27 @@ def test_best_offers_keep_the_best_metric_and_return_it_only_past_epsilon(metric
     state, why = worse.returned(run.problem, verify, run.state, 0.01)
     assert state is not None and state.params is first.params and "step 7" in why
     assert metric in why
+    scored = run.problem.evaluate(run.params, run.state.buffers, *verify)
+    run.problem.evaluate = None  # the caller's figures: no pass of its own
+    assert worse.returned(run.problem, verify, run.state, 0.01, scored) == (state, why)
+
+
+def test_the_runs_end_reads_the_guard_scores_of_its_last_log_point():
+    """The last log point scores the final state on the guard set; the summary's internal gap
+    (the whole guard set's loss minus the replay's training rows') reads that figure, so the
+    summary passes over the test set and the training rows only."""
+    run = Introspector(TrainConfig(**{**FAST, "modifiers": [], "keep_best": True}))
+    run.run()
+    assert run.history["log"][-1]["step"] == run.step
+    params, buffers = run.params, run.state.buffers
+    guard_loss = run.problem.evaluate(params, buffers, *run.guard())[0]
+    train = replay.split(run.buffer, replay.TRAIN)
+    gap = guard_loss - run.problem.evaluate(params, buffers, *train)[0]
+    passes, predict = [], run.problem.predict
+    run.problem.predict = lambda *a: passes.append(len(a[-1])) or predict(*a)
+    summary = run.summary()
+    assert sum(passes) == len(run.sources[0].test_y) + len(train[1])  # no guard pass
+    assert summary["meta_metrics"]["gap_final"] == pytest.approx(gap, rel=1e-9)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

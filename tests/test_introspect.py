@@ -405,6 +405,26 @@ def test_the_train_reservoir_is_algorithm_r_one_offer_at_a_time(capacity, batch)
         assert torch.equal(a, b)  # fmt: skip
 
 
+@pytest.mark.parametrize("capacity", [30, 100, 500])
+def test_offering_a_cycles_batches_at_once_equals_offering_them_in_turn(capacity):
+    """The loop offers a cycle's queued batches to the reservoir in one call: the same buffer,
+    bit for bit, as one call per batch (the same random numbers, drawn in the same order)."""
+    data = torch.Generator().manual_seed(3)
+    start = replay.empty(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    start = replay.add_train(start, torch.randn(40, 3, generator=data), torch.arange(40), 0, 0,
+                             capacity, torch.Generator())  # fmt: skip
+    batches = [(torch.randn(b, 3, generator=data), torch.randint(0, 9, (b,), generator=data))
+               for b in (16, 16, 7, 32)]  # fmt: skip
+    g, h = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    in_turn = start
+    for x, y in batches:
+        in_turn = replay.add_train(in_turn, x, y, 5, 1, capacity, g)
+    x, y = (torch.cat(t) for t in zip(*batches, strict=True))
+    at_once = replay.add_train(start, x, y, 5, 1, capacity, h)
+    for a, b in zip(at_once, in_turn, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_concrete_dropout_and_noise_scale():
     h = torch.ones(20000, 1)
     p = torch.tensor(0.3, requires_grad=True)

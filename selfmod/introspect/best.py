@@ -54,14 +54,22 @@ class Best:
         return Best(loss, step, state.params, state.buffers, acc) if better else self
 
     def returned(
-        self, problem: Any, verify: tuple[Tensor, Tensor], state: RunState, epsilon: float
+        self,
+        problem: Any,
+        verify: tuple[Tensor, Tensor],
+        state: RunState,
+        epsilon: float,
+        scored: tuple[float, float] | None = None,
     ) -> tuple[RunState | None, str]:
         """``(state with the best params and buffers, why)`` when ``state`` does worse on
         ``verify`` than the best by more than ``epsilon`` (accuracy: that much lower; loss:
-        relatively higher); else ``(None, "")``."""
+        relatively higher); else ``(None, "")``. ``scored``: ``state``'s ``(loss, metric)`` on
+        ``verify`` where the caller has it (the run's last log point)."""
         if self.params is None:
             return None, ""
-        final, metric = problem.evaluate(state.params, state.buffers, *verify)
+        if scored is None:
+            scored = problem.evaluate(state.params, state.buffers, *verify)
+        final, metric = scored
         if problem.metric == "accuracy":
             if not metric < self.accuracy - epsilon:
                 return None, ""

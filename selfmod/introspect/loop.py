@@ -79,6 +79,7 @@ class Loop:
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
         self.good, self.best, self.scheduled = self.state.snapshot(), best.Best(), False
         self._owned = False  # whether only the state holds its tensors (``donate``)
+        self._scored: tuple | None = None  # the state's guard_scores, from its log point
         self._introduce_source(0)
 
     step = property(lambda self: self.counters.step, doc="base steps done")
@@ -123,10 +124,12 @@ class Loop:
             if on_step is not None:
                 on_step(self)
         if cfg.keep_best and n.diverged_at is None:  # early stopping (.best)
-            k, why = self.best.returned(self.problem, self.guard("verify"), self.state, cfg.epsilon)
+            at, verify = self._scored and self._scored[1], self.guard("verify")
+            k, why = self.best.returned(self.problem, verify, self.state, cfg.epsilon, at)
             if k is not None:
                 self.state, self._owned = k, False
                 self.event("event", "best state returned", why, {"step": self.best.step})
+                self.log_point()  # the returned state's row
         n.seconds = time.perf_counter() - start
 
     def _race(self) -> None:  # the rates' level raced before the first cycle (.race)
@@ -172,7 +175,7 @@ class Loop:
             self.collective.agree(self)
         if n.cycle % self.config.checkpoint_every == 0:
             self.recorder.checkpoint(self)
-        n.cycled_at = n.step
+        n.cycled_at, self._scored = n.step, None  # the cycle may change the state
         self.run_cycle()
         n.meta_seconds += time.perf_counter() - start
         n.last_cycle = self.lookahead.cost.total if self.lookahead else 0.0
@@ -184,7 +187,7 @@ class Loop:
 
     def _shift(self) -> None:
         self._introduce_source(1)
-        self.counters.shift_cycle = self.cycle
+        self.counters.shift_cycle, self._scored = self.cycle, None
         self.state = decide.memory_reset(self.modifiers, self.state)
         self.event("event", "shift", f"data source 1 from step {self.step}", {})
 
@@ -202,13 +205,9 @@ class Loop:
         donate = self.donate and self._owned and self.tune and cfg.safeguards and not per_step
         try:
             params, opt_state, buffers, loss, grads = self.train_step(self.state, batch, donate)
-            if verifier.diverged(loss, n.average, n.first_loss):
-                n.divergences += 1
-                message = f"diverged at step {n.step}: loss {loss:.3g}, average {n.average:.3g}"
-                if cfg.safeguards and self.tune:
-                    raise DivergenceError(message)
+            if spike := verifier.spike(loss, n, stops=cfg.safeguards and self.tune):
                 why = "safeguards off" if self.tune else "a fixed configuration"
-                self.event("event", "divergence", f"{message}; {why}: goes on", {})
+                self.event("event", "divergence", f"{spike}; {why}: goes on", {})
             state = self.state
             for m in per_step:
                 state = m.on_step(state, dict(zip(self.names, grads, strict=True)), params)
@@ -223,7 +222,7 @@ class Loop:
             n.step += 1
             return
         self.state = replace(state, params=params, opt_state=opt_state, buffers=buffers)
-        self._owned = True
+        self._owned, self._scored = True, None
         n.took(loss)
         ended = self.scheduled and budget.spent(cfg, n.step, n.examples)  # run(): its last
         if n.step % cfg.log_every == 0 or n.step == cfg.steps or ended:
@@ -243,7 +242,7 @@ class Loop:
     def _rollback(self, reason: str, ends_cycle: bool = False) -> None:
         before, n, self.pending = self.values(), self.counters, []
         self.state, why = verifier.rolled_back(self.good, reason)
-        self.good, self._owned = self.state.snapshot(), False
+        self.good, self._owned, self._scored = self.state.snapshot(), False, None
         self._record(Decision(n.cycle, n.step, "safeguard", "rollback", why, before, self.values()))
         n.cycle += ends_cycle  # recorded in the cycle it ends
 
@@ -252,6 +251,7 @@ class Loop:
         n, src, at = self.counters, self.sources[self.counters.source_id], self.config.probe_rows
         shared, s = self.config.verify_on == "shared", self.state
         whole, verified = guard_scores(self.problem, s, self.buffer, shared)  # one pass
+        self._scored = (whole, verified)
         row = log_row(self.problem, s, whole, src, n.step, n.last_loss, at)
         row |= self.values() | {"unused": unused(self.names, s.params)}  # tensors with no entries
         self.history["log"].append(row)
@@ -283,7 +283,8 @@ class Loop:
         dead = cfg.safeguards and verifier.dead(self.problem, self.state, self.guard("verify")[0])
         if dead:
             return self._rollback(dead, ends_cycle=True)
-        for x, y, _ in self.pending:  # the reservoir sees what the model is about to train on
+        if self.pending:  # the reservoir sees what the model trains on next, in one offer
+            x, y = (torch.cat([b[i] for b in self.pending]) for i in (0, 1))
             at = (n.step, n.source_id, cfg.replay_size, self.rng)
             self.buffer = replay.add_train(self.buffer, x, y, *at)
         due = [m for m in self.modifiers if self.due(m)]
@@ -381,7 +382,7 @@ class Loop:
 
     def restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         """Continue from :meth:`checkpoint`'s output (of a run of the same config)."""
-        self.best, tensors = best.load(tensors, meta)
+        (self.best, tensors), self._scored = best.load(tensors, meta), None
         saved = load_run(tensors, meta, self.names, self.opt.init, self.rng, self.device)
         self.state, self.good, buffer, self.counters, self.applied = saved
         self.buffer = replay.Replay(**buffer)
@@ -395,5 +396,5 @@ class Loop:
             self.problem, self.state, src, self.buffer, self.example, counters=n,
             history=self.history, names=self.names, modifiers=[m.name for m in self.modifiers],
             skipped=self.skipped, values=self.values(), space=self.space,
-            best=self.best.summary(), rows=self.config.probe_rows,
+            best=self.best.summary(), rows=self.config.probe_rows, scored=self._scored,
         )  # fmt: skip

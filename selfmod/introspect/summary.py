@@ -130,14 +130,16 @@ def summarize(
     space: HParamSpace,
     best: dict[str, Any] | None = None,
     rows: int = 0,
+    scored: tuple[tuple[float, float], Any] | None = None,
 ) -> dict[str, Any]:
-    """The summary of a run at ``state`` (the final internal gap is measured here: guard loss
-    minus the replay buffer's training loss, on the first ``rows`` of each when ``rows > 0``;
-    :func:`.probes.meta_metrics`). The test set is read whole."""
+    """The summary of a run at ``state`` (the final internal gap is measured here: the whole
+    guard set's loss minus the replay buffer's training loss on its first ``rows`` when
+    ``rows > 0``; :func:`.probes.meta_metrics`). The test set is read whole. ``scored``:
+    :func:`guard_scores` at ``state`` where the caller has them (the run's last log point)."""
     tl, tm = test_metric(problem, state, src)
     p, b = state.params, state.buffers
-    gap = problem.evaluate(p, b, *first(guard(buffer, "all", True), rows))[0]
-    gap -= problem.evaluate(p, b, *first(replay.split(buffer, replay.TRAIN), rows))[0]
+    whole = scored[0] if scored is not None else problem.evaluate(p, b, *guard(buffer, "all", True))
+    gap = whole[0] - problem.evaluate(p, b, *first(replay.split(buffer, replay.TRAIN), rows))[0]
     c = problem.cost(p, example)
     decisions = history["decisions"]
     count = {

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from selfmod import hypergrad, tree
-from selfmod.errors import NonFiniteError
+from selfmod.errors import DivergenceError, NonFiniteError
 from selfmod.introspect.lookahead import Lookahead
 from selfmod.introspect.state import RunState
 
@@ -42,6 +42,20 @@ def diverged(loss: float, average: float | None, first: float | None) -> bool:
         return False
     floor = DIVERGENCE_FLOOR * first if first is not None and math.isfinite(first) else 0.0
     return loss > DIVERGENCE_FACTOR * max(average, floor)
+
+
+def spike(loss: float, counters: Any, stops: bool) -> str | None:
+    """A base step's divergence (:func:`diverged`), counted in ``counters.divergences``:
+    ``DivergenceError`` where it ``stops`` the step (the run rolls back), else its message
+    (``None``: no divergence)."""
+    n = counters
+    if not diverged(loss, n.average, n.first_loss):
+        return None
+    n.divergences += 1
+    message = f"diverged at step {n.step}: loss {loss:.3g}, average {n.average:.3g}"
+    if stops:
+        raise DivergenceError(message)
+    return message
 
 
 def check(
