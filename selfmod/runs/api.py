@@ -59,17 +59,18 @@ class FitResult:
 #: what ``fit`` and ``SelfModifier`` set beyond :class:`TrainConfig`'s defaults (which keep
 #: ``selfmod train``'s demonstration run as it was): chosen on the development panel by the
 #: rule written in :mod:`selfmod.bench.panel`, among settings in which the run changes itself
-#: (``benchmarks/results/panel_dev.md``, tag ``down07-nomods``): AdamW from lr 1e-2 (torch's
-#: weight decay 0.01) on a cosine schedule over the examples budget; the rates' level raced
-#: against x0.1 and x0.3 over the first 7% of the steps; the best verified state returned.
+#: (``benchmarks/results/panel_dev.md``, tag ``down07-nomods``; the race's length then by the
+#: same rule, ``panel_dev_lean.md``, tag ``lean-race04``): AdamW from lr 1e-2 (torch's weight
+#: decay 0.01) on a cosine schedule over the examples budget; the rates' level raced against
+#: x0.1 and x0.3 over the first 4% of the steps; the best verified state returned.
 #: The per-cycle tuning modifiers (rates per tensor, weight decay, batch size, growth, pruning)
 #: are named to be used: on the panel, at its budgets, they did not pay for their cost;
 #: ``modifiers = []`` here stands for the choices the model marks (:func:`marked`).
 FIT_DEFAULTS: dict[str, Any] = {
     "lr": 1e-2,
     "weight_decay": 0.01,
-    "level_race": [0.1, 0.3],  # the run's first 7% decides the rates' level (.introspect.race)
-    "race_share": 0.07,
+    "level_race": [0.1, 0.3],  # the run's first 4% decides the rates' level (.introspect.race)
+    "race_share": 0.04,
     "modifiers": [],
     "estimator": "first_order",  # no graph through the lookahead: memory of one gradient
     "budget_unit": "examples",  # a grown batch buys fewer steps, never more examples
