@@ -98,25 +98,65 @@ def test_a_level_whose_steps_go_non_finite_scores_infinity_and_is_not_chosen():
             raise NonFiniteError("loss", hint="a test")
         return state, 0.0
 
-    def score(state):
-        return float(state.hparams["log_lr"][0]), 0.0
+    def score(state, split):
+        return float(state.hparams["log_lr"][0]) if split == "propose" else 0.0
 
     before = torch.get_rng_state()
     rng = (torch.get_rng_state(), None)
     entries, kept = race(run.state, [None, None], [100.0, 0.5, 0.7], step, score, rng)
     assert torch.equal(torch.get_rng_state(), before)
-    assert [(e.factor, e.propose, e.verify) for e in entries] == [
+    assert [(e.factor, e.propose, e.verify) for e in entries] == [  # nearest to x1 first
         (1.0, pytest.approx(math.log(0.05)), 0.0),
-        (100.0, math.inf, math.inf),
-        (0.5, pytest.approx(math.log(0.025)), 0.0),
         (0.7, pytest.approx(math.log(0.035)), 0.0),
+        (0.5, pytest.approx(math.log(0.025)), 0.0),
+        (100.0, math.inf, math.inf),
     ]
     assert kept is not None and kept.factor == 1.0  # only the unchanged level's training
     assert kept.losses == [0.0, 0.0]
     firsts = [(lr, draw) for lr, t, draw in seen if t == 0]  # the x1 level trains last
-    assert [lr for lr, _ in firsts] == pytest.approx([5.0, 0.025, 0.035, 0.05])
+    assert [lr for lr, _ in firsts] == pytest.approx([0.035, 0.025, 5.0, 0.05])
     assert len({draw for _, draw in firsts}) == 1  # each level's first step: the same draw
     assert verdict(entries)[0].factor == 0.5
+
+
+@pytest.mark.parametrize(
+    "losses, read",
+    [
+        ({1.0: 1.0, 0.3: 2.0, 0.1: 3.0}, [0.3]),  # x1 leads: only the nearest level is read
+        ({1.0: 1.0, 0.3: 2.0, 0.1: 1.5}, [0.3, 0.1]),  # the farther one led it
+        ({1.0: 2.0, 0.3: 1.0, 0.1: 3.0}, [0.3, 1.0]),  # x1 trails: the verdict needs both
+        ({1.0: 1.0, 0.3: 1.0, 0.1: 3.0}, [0.3]),  # a tie keeps x1
+    ],
+)
+def test_the_verifying_split_is_read_only_where_the_verdict_may_need_it(losses, read):
+    """Each level's proposing guard loss is read; its verifying one only for a changed level
+    that leads the ones trained before it (nearest to x1 first) and for x1 where it does not
+    lead. The verdict is the one every split read would give, and the race's counted work
+    counts the verifying rows it read."""
+    from selfmod.introspect.race import cost, race
+
+    run = Introspector(TrainConfig(**FAST, optimizer="sgd", lr=0.1, modifiers=[]))
+    reads = []
+
+    def factor(state):
+        return round(float((state.hparams["log_lr"] - run.state.hparams["log_lr"])[0].exp()), 6)
+
+    def score(state, split):
+        f = factor(state)
+        if split == "verify":
+            reads.append(f)
+            return losses[f] + 0.5  # the verifying split agrees
+        return losses[f]
+
+    rng = (torch.get_rng_state(), None)
+    entries, _ = race(run.state, [None], [0.1, 0.3], lambda s, t, b: (s, 0.0), score, rng)
+    assert reads == read
+    everything = [Entry(e.factor, e.propose, losses[e.factor] + 0.5) for e in entries]
+    (won, decision, _), (won_all, decision_all, _) = verdict(entries), verdict(everything)
+    assert (won.factor, decision) == (won_all.factor, decision_all)
+    assert cost(entries, [(None, torch.zeros(4))], (10, 20), True) == pytest.approx(
+        2 * 4 + (3 * 10 + 20 * len(read)) / 3
+    )
 
 
 @pytest.mark.parametrize(

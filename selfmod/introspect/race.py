@@ -7,6 +7,9 @@ trains the unchanged state and copies of it with every rate times each factor ``
 schedule of those steps and the same random numbers. The level with the lowest guard loss on
 the *proposing* split wins; it is committed only if its guard loss on the *verifying* split
 (data the choice never read) is lower than the unchanged level's too, so the check can fail.
+The verifying split is read only where the verdict may need it: for a changed level that leads
+the ones before it, and for the unchanged level where it does not lead (the changed levels
+train nearest to the unchanged one first, so a farther one that loses is not read).
 The unchanged level trains last; where it stays, it keeps its training as the run's own: its
 ``h`` steps, losses and random numbers (logged from the first log point after them), and the
 race's work is the other levels' ``len(factors) x h`` batches. A committed winner's training is
@@ -33,14 +36,14 @@ from selfmod.introspect.state import RunState
 #: ``(state, t, batch) -> (state, loss)``: one base step of the race (the schedule at its
 #: ``t``-th step)
 Step = Callable[[RunState, int, Any], tuple[RunState, float]]
-#: ``state -> (guard loss on the proposing split, on the verifying split)``
-Score = Callable[[RunState], tuple[float, float]]
+#: ``(state, split) -> guard loss`` on ``"propose"`` or ``"verify"``
+Score = Callable[[RunState, str], float]
 
 
 @dataclass(frozen=True)
 class Entry:
     """One candidate level: its factor on every rate and its guard losses after the race
-    (``inf`` when it diverged)."""
+    (``inf`` when it diverged; ``verify`` NaN where the verdict did not need it)."""
 
     factor: float
     propose: float
@@ -82,22 +85,32 @@ def race(
     level's, trained last. The run's random state is left as it was."""
     out: list[Entry] = []
     kept: Trained | None = None
-    for f in [*(f for f in factors if f != 1.0), 1.0]:
+    lead = math.inf  # the lowest proposing guard loss of a changed level so far
+    changed = sorted((f for f in factors if f != 1.0), key=lambda f: abs(math.log(f)))
+    for f in [*changed, 1.0]:
         s, losses = (leveled(state, f) if f != 1.0 else state), []
         with drawing_from(rng_state, device):
             try:
                 for t, batch in enumerate(batches):
                     s, loss = step(s, t, batch)
                     losses.append(loss)
-                propose, verify = score(s)
+                propose = _finite_or_inf(score(s, "propose"))
+                needed = propose < lead if f != 1.0 else propose > lead  # the verdict may read it
+                verify = _finite_or_inf(score(s, "verify")) if needed else math.nan
             except (NonFiniteError, DivergenceError):
                 propose = verify = math.inf
             end = random_state(device)
-        entry = Entry(f, *(v if math.isfinite(v) else math.inf for v in (propose, verify)))
-        if f == 1.0 and math.isfinite(entry.propose):  # the others' states are dropped
+        entry = Entry(f, propose, verify)
+        if f != 1.0:
+            lead = min(lead, propose)
+        elif math.isfinite(entry.propose):  # the others' states are dropped
             kept = Trained(f, s, losses, end)
         out.append(entry)
     return [out[-1], *out[:-1]], kept
+
+
+def _finite_or_inf(loss: float) -> float:
+    return loss if math.isfinite(loss) else math.inf
 
 
 def verdict(entries: Sequence[Entry]) -> tuple[Entry, str, str]:
@@ -134,23 +147,25 @@ def base_steps(train_step: Callable, config: Any, batch_size: int) -> Step:
 
 def guard_scores(guard: Callable, propose: Any, verify: Any) -> Score:
     """The race's :data:`Score`: ``guard(params, hparams, batch, buffers)`` (the run's guard
-    loss) on the proposing and the verifying split."""
+    loss) on the proposing or the verifying split."""
+    splits = {"propose": propose, "verify": verify}
 
-    def score(state: RunState) -> tuple[float, float]:
+    def score(state: RunState, split: str) -> float:
         with torch.no_grad():
-            return tuple(  # type: ignore[return-value]
-                float(guard(state.params, state.hparams, split, state.buffers))
-                for split in (propose, verify)
-            )
+            return float(guard(state.params, state.hparams, splits[split], state.buffers))
 
     return score
 
 
-def cost(entries: Sequence[Entry], batches: Sequence[Any], guard_rows: int, adopted: bool) -> float:
+def cost(
+    entries: Sequence[Entry], batches: Sequence[Any], rows: tuple[int, int], adopted: bool
+) -> float:
     """The race's work in example-equivalents (:mod:`.budget`): every level trained over the
-    batches (but the ``adopted`` one's: the run's own) and evaluated on ``guard_rows``."""
+    batches (but the ``adopted`` one's: the run's own) and evaluated on the proposing split's
+    ``rows[0]`` rows, and on the verifying split's ``rows[1]`` where it was read."""
     trained = sum(len(b[1]) for b in batches)
-    return (len(entries) - adopted) * trained + len(entries) * FORWARD * guard_rows
+    read = sum(rows[0] + (rows[1] if not math.isnan(e.verify) else 0) for e in entries)
+    return (len(entries) - adopted) * trained + FORWARD * read
 
 
 @dataclass(frozen=True)
@@ -189,7 +204,7 @@ def run(
     entries, kept = race(state, batches, config.level_race, step, score, rng, device)
     won, decision, why = verdict(entries)
     trained = None if decision == "commit" else kept  # none: trained again
-    work = cost(entries, batches, len(propose[1]) + len(verify[1]), trained is not None)
+    work = cost(entries, batches, (len(propose[1]), len(verify[1])), trained is not None)
     at = (entries[0].verify, won.verify)
     chosen = leveled(state, won.factor) if decision == "commit" else state
     return Outcome(entries, (decision, why), at, chosen, trained, work)
