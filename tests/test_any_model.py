@@ -116,6 +116,25 @@ def test_fit_learns_and_writes_a_run_directory(name, optimizer, digits, tmp_path
     assert (result.run_dir / "report.html").stat().st_size > 10_000
 
 
+def test_fit_reads_the_test_set_once_at_the_end_unless_log_points_are_asked_to(digits, tmp_path):
+    """fit's log points score the guard set only (``log_test = false``, its default): the test
+    set is read whole by the summary, once; ``log_test = true`` adds each log point's read (the
+    report's test curve). The training is the same either way."""
+    runs = {}
+    for name, over in (("default", {}), ("logged", {"log_test": True})):
+        torch.manual_seed(0)
+        config = _config("adamw", modifiers=[], steps=60, log_every=20, **over)
+        runs[name] = fit(MODELS["residual"](), F.cross_entropy, digits["train"], digits["guard"],
+                         test=digits["test"], optimizer="adamw", config=config,
+                         run_dir=tmp_path / name)  # fmt: skip
+    default, logged = (runs[k] for k in ("default", "logged"))
+    assert [math.isnan(r["test_acc"]) for r in default.run.history["log"]] == [True] * 3
+    assert all(0 <= r["test_acc"] <= 1 for r in logged.run.history["log"])
+    assert default.summary["test_accuracy"] == logged.summary["test_accuracy"]
+    for k, v in default.run.params.items():
+        assert torch.equal(v, logged.run.params[k])
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_harmful_change_is_rejected_and_the_state_is_bitwise_unchanged(name, digits, tmp_path):
     run = _fit(name, "sgd", digits, tmp_path).run

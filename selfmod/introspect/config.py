@@ -276,6 +276,12 @@ class OutputFields(BaseModel):
         "set and probe_rows test rows and offers early stopping a candidate; on a long run of a "
         "model whose forward is costly, a longer interval saves that evaluation",
     )
+    log_test: bool = Field(
+        True,
+        description="log points also read the test set (its first probe_rows rows): the "
+        "report's test curve; false: only the summary reads it, whole, at the end (fit's "
+        "default: the test set is for the final figure, and each log point's read costs a pass)",
+    )
     keep_checkpoints: int = Field(3, ge=1, le=1000)
     report: bool = Field(
         True,

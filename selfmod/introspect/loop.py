@@ -248,16 +248,16 @@ class Loop:
 
     def log_point(self) -> None:
         """A log point's row (:func:`.summary.log_row`): history, recorder; its clock apart."""
-        n, src, at = self.counters, self.sources[self.counters.source_id], self.config.probe_rows
-        shared, s = self.config.verify_on == "shared", self.state
-        whole, verified = guard_scores(self.problem, s, self.buffer, shared)  # one pass
-        self._scored = (whole, verified)
-        row = log_row(self.problem, s, whole, src, n.step, n.last_loss, at)
+        n, cfg, s = self.counters, self.config, self.state
+        src = self.sources[n.source_id] if cfg.log_test else None  # the test set, if logged
+        whole, verified = guard_scores(self.problem, s, self.buffer, cfg.verify_on == "shared")
+        self._scored = (whole, verified)  # one pass
+        row = log_row(self.problem, s, whole, src, n.step, n.last_loss, cfg.probe_rows)
         row |= self.values() | {"unused": unused(self.names, s.params)}  # tensors with no entries
         self.history["log"].append(row)
         elapsed = n.seconds if self._clock is None else time.perf_counter() - self._clock
         self.history.setdefault("clock", []).append([n.step, elapsed])
-        if self.config.keep_best:  # early stopping's candidates: every log point's state
+        if cfg.keep_best:  # early stopping's candidates: every log point's state
             self.best = self.best.offer(self.problem, self.guard("verify"), n.step, s, verified)
             self._owned = False
         self.recorder.log(self, row)

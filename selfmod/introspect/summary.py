@@ -94,16 +94,17 @@ def log_row(
     problem: Problem,
     state: RunState,
     guard_score: tuple[float, float],
-    src: Source,
+    src: Source | None,
     step: int,
     train_loss: float,
     rows: int = 0,
 ) -> dict[str, Any]:
     """A log point's losses and metrics at ``state``: the whole guard set's ``guard_score``
-    (:func:`guard_scores`), the test set's metric (``rows > 0``: on its first ``rows``), the
-    last base step's loss and the meta learning rate."""
+    (:func:`guard_scores`), the metric on ``src``'s test set (``rows > 0``: on its first
+    ``rows``; NaN with ``src = None``: the test set is not logged), the last base step's loss
+    and the meta learning rate."""
     gl, ga = guard_score
-    _, ta = test_metric(problem, state, src, rows)
+    _, ta = test_metric(problem, state, src, rows) if src is not None else (math.nan, math.nan)
     return {
         "step": step,
         "guard_loss": gl,

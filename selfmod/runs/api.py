@@ -78,6 +78,7 @@ FIT_DEFAULTS: dict[str, Any] = {
     "probe_rows": 256,
     "lr_schedule": "cosine",
     "keep_best": True,
+    "log_test": False,  # the test set read once, at the end (log points: the guard set)
     "modifiers.lr.level_step": 0.7,
     "modifiers.lr.lr_mean": "free",
     "modifiers.grow.grow_beats_noise": True,
