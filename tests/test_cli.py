@@ -185,6 +185,7 @@ BAD_VALUES = {
     "replay_size": ("5", "replay_size must be an integer in [10, 100000] (got 5)"),
     "checkpoint_every": ("0", "checkpoint_every must be an integer in [1, 100000] (got 0)"),
     "log_every": ("0", "log_every must be an integer in [1, 1000000] (got 0)"),
+    "log_test": ("maybe", "log_test must be true or false (got 'maybe')"),
     "keep_checkpoints": ("0", "keep_checkpoints must be an integer in [1, 1000] (got 0)"),
     "shift_step": ("-1", "shift_step must be an integer in [0, 1000000] (got -1)"),
     "shift_noise": ("-1", "shift_noise must be a number in [0, 10] (got -1)"),
