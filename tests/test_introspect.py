@@ -624,7 +624,10 @@ def test_the_summary_splits_the_wall_time_between_training_and_self_modification
     run = Introspector(TrainConfig(**FAST))
     run.run()
     s = run.summary()
-    assert 0 < s["meta_seconds"] < s["seconds"]  # the cycles: probes, estimates, replays
+    assert 0 < s["meta_seconds"] < s["seconds"]  # the cycles and the log points
+    logs = len(run.history["log"])
+    run.log_point()  # a log point's time is self-modification's, not training's
+    assert run.counters.meta_seconds > s["meta_seconds"] and len(run.history["log"]) == logs + 1
     assert s["base_seconds"] == pytest.approx(s["seconds"] - s["meta_seconds"])
     assert s["meta_overhead"] == pytest.approx(s["meta_seconds"] / s["base_seconds"])
     fixed = Introspector(TrainConfig(**FAST), tune=False)

@@ -247,20 +247,20 @@ class Loop:
         n.cycle += ends_cycle  # recorded in the cycle it ends
 
     def log_point(self) -> None:
-        """A log point's row (:func:`.summary.log_row`): history, recorder; its clock apart."""
-        n, cfg, s = self.counters, self.config, self.state
-        src = self.sources[n.source_id] if cfg.log_test else None  # the test set, if logged
-        whole, verified = guard_scores(self.problem, s, self.buffer, cfg.verify_on == "shared")
-        self._scored = (whole, verified)  # one pass
+        """A log point's row (:func:`.summary.log_row`); its time counts as ``meta_seconds``."""
+        start, n, cfg, s = time.perf_counter(), self.counters, self.config, self.state
+        src, shared = self.sources[n.source_id] if cfg.log_test else None, cfg.verify_on == "shared"
+        self._scored = whole, verified = guard_scores(self.problem, s, self.buffer, shared)
         row = log_row(self.problem, s, whole, src, n.step, n.last_loss, cfg.probe_rows)
         row |= self.values() | {"unused": unused(self.names, s.params)}  # tensors with no entries
         self.history["log"].append(row)
-        elapsed = n.seconds if self._clock is None else time.perf_counter() - self._clock
+        elapsed = n.seconds if self._clock is None else start - self._clock
         self.history.setdefault("clock", []).append([n.step, elapsed])
         if cfg.keep_best:  # early stopping's candidates: every log point's state
             self.best = self.best.offer(self.problem, self.guard("verify"), n.step, s, verified)
             self._owned = False
         self.recorder.log(self, row)
+        n.meta_seconds += time.perf_counter() - start if self.tune else 0.0  # a fixed run: none
 
     def probe(self) -> dict[str, float]:
         """This cycle's probes (:func:`.summary.run_probe`) with the run's counters."""

@@ -275,8 +275,9 @@ class Counters:
     #: training examples the base steps drew (a rolled-back step's too; None: resumed from a
     #: checkpoint written before this counter)
     examples: int | None = 0
-    #: wall-clock seconds of the cycles (probes, estimates, replays, verification,
-    #: checkpoints): self-modification's own cost, within ``seconds``
+    #: wall-clock seconds of the race, the cycles (probes, estimates, replays, verification,
+    #: checkpoints) and the log points (guard passes, early stopping's offers):
+    #: self-modification's own cost, within ``seconds``
     meta_seconds: float = 0.0
     #: self-modification's work in example-equivalents (:mod:`.budget`), and the cycles
     #: skipped because it was over ``meta_budget``

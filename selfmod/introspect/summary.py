@@ -38,9 +38,10 @@ def test_metric(
 
 
 def overhead(seconds: float, meta_seconds: float) -> dict[str, float]:
-    """The wall time split: ``meta_seconds`` (the cycles: self-modification's own work),
-    ``base_seconds`` (the rest: training) and ``meta_overhead = meta / base`` (NaN where a run
-    resumed from a checkpoint that did not count it)."""
+    """The wall time split: ``meta_seconds`` (the race, the cycles and the log points:
+    self-modification's own work), ``base_seconds`` (the rest: training) and
+    ``meta_overhead = meta / base`` (NaN where a run resumed from a checkpoint that did not
+    count it)."""
     base = max(seconds - meta_seconds, 0.0)
     share = meta_seconds / base if base > 0 else math.nan
     return {"meta_seconds": meta_seconds, "base_seconds": base, "meta_overhead": share}
