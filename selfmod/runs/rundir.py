@@ -246,12 +246,6 @@ def cli_config(run_dir: Path) -> TrainConfig:  # type: ignore[valid-type]
     return cfg
 
 
-def ledger_head(run_dir: Path) -> tuple[int, str]:
-    """``(seq, hash)`` of the ledger's last entry."""
-    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
-        return ledger.head()
-
-
 def ledger_rows(run_dir: Path) -> list[dict]:
     """The ledger's entries but the per-cycle ones, as dicts, its hash chain verified."""
     with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:

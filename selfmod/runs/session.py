@@ -40,7 +40,7 @@ from selfmod.runs.ledger import Ledger
 from selfmod.runs.lock import run_lock
 from selfmod.runs.logs import Logs
 from selfmod.runs.recorder import RunRecorder
-from selfmod.runs.rundir import check_links, ledger_head, ledger_rows, write_status
+from selfmod.runs.rundir import check_links, ledger_rows, write_status
 
 #: the fixed baseline's problem and sources, made when the tuned run is done
 Baseline = Callable[[], tuple[Problem, Sequence[Source]]]
@@ -213,12 +213,13 @@ def finish(run_dir: Path, run: Loop, fixed: Loop | None, cfg: Any) -> dict[str, 
             "event", cycle=run.cycle, step=run.step, decision="complete",
             reason=f"run complete at step {run.step}", payload={"final_sha256": sha},
         )  # fmt: skip
+        head = ledger.head()  # the entry just appended: the final weights' place in the chain
     final = {
         "file": "final.safetensors",
         "step": run.step,
         "sha256": sha,
         "torch": torch.__version__,
-        "ledger_head": list(ledger_head(run_dir)),
+        "ledger_head": list(head),
     }
     atomic_write_text(run_dir / "final.json", json.dumps(final, indent=1))
     tuned = tuned_summary(run, fixed)
