@@ -88,3 +88,27 @@ def test_a_run_without_cycles_writes_its_report_without_plot_warnings(tmp_path):
                      config={"steps": 40}, run_dir=tmp_path / "run")  # fmt: skip
     assert (result.run_dir / "report.html").is_file()
     assert not [w for w in seen if "legend" in str(w.message)]
+
+
+@pytest.mark.parametrize("log_test, curve", [(False, "guard accuracy"), (True, "test accuracy")])
+def test_the_reports_metric_curve_is_the_test_sets_only_where_log_points_read_it(
+    log_test, curve, tmp_path
+):
+    """With a test set, fit's log points leave it alone by default (``log_test = false``): the
+    report's metric curve is then the guard set's, not an empty test curve."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from selfmod.runs import fit
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    result = fit(model, F.cross_entropy, (x[:200], y[:200]), (x[200:300], y[200:300]),
+                 test=(x[300:], y[300:]), config={"steps": 40, "log_test": log_test},
+                 run_dir=tmp_path / "run")  # fmt: skip
+    page = (result.run_dir / "report.html").read_text()
+    assert f'alt="{curve}"' in page
+    assert result.summary["test_accuracy"] > 0.5

@@ -81,6 +81,10 @@ def _shift(ax, history: dict) -> None:
         ax.axvline(step, color="#8250df", linestyle=":", label="data shift")
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
 def _compare(history: dict, key: str, ylabel: str, train: bool = False, x: str = "step") -> str:
     """``key`` of the self-modifying and fixed runs; with ``train`` also their training
     (minibatch) loss, dotted. ``x = "seconds"``: against wall-clock time."""
@@ -435,6 +439,11 @@ def write_report(run_dir: Path, history: dict, entries: list[dict], x: str = "st
 
     cfg = history.get("config", {})
     modifiers = cfg.get("modifiers") or history["tuned_summary"].get("modifiers", [])
+    # the run's metric at its log points: on the test set, or where they left it alone
+    # (log_test = false: the summary reads it once, at the end), on the guard set
+    metric = history["tuned_summary"].get("metric_name") or "accuracy"
+    logged = any(_is_number(r.get("test_acc")) for r in history["tuned"]["log"])
+    curve = ("test_acc", f"test {metric}") if logged else ("guard_acc", f"guard {metric}")
     title = "selfmod train: a run that modifies itself"
     with _pyplot().rc_context(PLAIN_TEXT):  # names such as "$\\frac{1}$" are text, not TeX
         page = f"""<!doctype html>
@@ -458,7 +467,7 @@ modifiers {_e(", ".join(map(str, modifiers)))}, approval {_e(cfg.get("approval")
 <table><tr><th></th><th>self-modifying</th><th>fixed configuration</th></tr>{summary}</table>
 <h2>Training</h2>
 {fig("guard and train loss", _compare(history, "guard_loss", "loss", True, x), half=True)}
-{fig("test accuracy", _compare(history, "test_acc", "test accuracy", x=x), half=True)}
+{fig(curve[1], _compare(history, *curve, x=x), half=True)}
 <h2>Timeline of changes</h2>
 {fig("timeline", _timeline(history))}
 <h2>Hyperparameters</h2>
