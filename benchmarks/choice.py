@@ -11,7 +11,8 @@ Three workloads of different kinds (data from :mod:`selfmod.bench.workloads`):
 - ``block``: breast cancer, an MLP 30-64-?-2 whose middle block is a choice among a two-layer
   ReLU block, one linear layer, and a skip connection (the skip guard's case).
 
-Every run is :func:`selfmod.runs.fit` with its defaults (AdamW, lr 3e-3, meta budget 0.3) but
+Every run is :func:`selfmod.runs.fit` with its defaults (:data:`selfmod.runs.api.FIT_DEFAULTS`:
+AdamW from lr 1e-2, the rates' level raced, early stopping, meta budget 0.3) but
 ``cycle = 50`` and ``lookahead = 10`` (:data:`LOOP`), the workload's steps and batch, the
 validation rows as guard; fixed runs have the option in the Choice's place.
 Cost: CPU seconds (one torch thread per process) and the examples trained plus
