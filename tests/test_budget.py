@@ -239,6 +239,10 @@ def test_the_runs_end_reads_the_guard_scores_of_its_last_log_point():
     summary = run.summary()
     assert sum(passes) == len(run.sources[0].test_y) + len(train[1])  # no guard pass
     assert summary["meta_metrics"]["gap_final"] == pytest.approx(gap, rel=1e-9)
+    passes.clear()
+    run.state = replace(run.state)  # another state (a cycle's, say): its figures are not known
+    run.summary()
+    assert sum(passes) == len(run.sources[0].test_y) + len(train[1]) + len(run.guard()[1])
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -79,7 +80,7 @@ class Loop:
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
         self.good, self.best, self.scheduled = self.state.snapshot(), best.Best(), False
         self._owned = False  # whether only the state holds its tensors (``donate``)
-        self._scored: tuple | None = None  # the state's guard_scores, from its log point
+        self._scored: tuple | None = None  # the last log point's (state, held weakly, scores)
         self._introduce_source(0)
 
     step = property(lambda self: self.counters.step, doc="base steps done")
@@ -124,8 +125,8 @@ class Loop:
             if on_step is not None:
                 on_step(self)
         if cfg.keep_best and n.diverged_at is None:  # early stopping (.best)
-            at, verify = self._scored and self._scored[1], self.guard("verify")
-            k, why = self.best.returned(self.problem, verify, self.state, cfg.epsilon, at)
+            at, verify = self._scores_now(), self.guard("verify")
+            k, why = self.best.returned(self.problem, verify, self.state, cfg.epsilon, at and at[1])
             if k is not None:
                 self.state, self._owned = k, False
                 self.event("event", "best state returned", why, {"step": self.best.step})
@@ -175,7 +176,7 @@ class Loop:
             self.collective.agree(self)
         if n.cycle % self.config.checkpoint_every == 0:
             self.recorder.checkpoint(self)
-        n.cycled_at, self._scored = n.step, None  # the cycle may change the state
+        n.cycled_at = n.step
         self.run_cycle()
         n.meta_seconds += time.perf_counter() - start
         n.last_cycle = self.lookahead.cost.total if self.lookahead else 0.0
@@ -187,7 +188,7 @@ class Loop:
 
     def _shift(self) -> None:
         self._introduce_source(1)
-        self.counters.shift_cycle, self._scored = self.cycle, None
+        self.counters.shift_cycle = self.cycle
         self.state = decide.memory_reset(self.modifiers, self.state)
         self.event("event", "shift", f"data source 1 from step {self.step}", {})
 
@@ -222,7 +223,7 @@ class Loop:
             n.step += 1
             return
         self.state = replace(state, params=params, opt_state=opt_state, buffers=buffers)
-        self._owned, self._scored = True, None
+        self._owned = True
         n.took(loss)
         ended = self.scheduled and budget.spent(cfg, n.step, n.examples)  # run(): its last
         if n.step % cfg.log_every == 0 or n.step == cfg.steps or ended:
@@ -242,7 +243,7 @@ class Loop:
     def _rollback(self, reason: str, ends_cycle: bool = False) -> None:
         before, n, self.pending = self.values(), self.counters, []
         self.state, why = verifier.rolled_back(self.good, reason)
-        self.good, self._owned, self._scored = self.state.snapshot(), False, None
+        self.good, self._owned = self.state.snapshot(), False
         self._record(Decision(n.cycle, n.step, "safeguard", "rollback", why, before, self.values()))
         n.cycle += ends_cycle  # recorded in the cycle it ends
 
@@ -250,7 +251,8 @@ class Loop:
         """A log point's row (:func:`.summary.log_row`); its time counts as ``meta_seconds``."""
         start, n, cfg, s = time.perf_counter(), self.counters, self.config, self.state
         src, shared = self.sources[n.source_id] if cfg.log_test else None, cfg.verify_on == "shared"
-        self._scored = whole, verified = guard_scores(self.problem, s, self.buffer, shared)
+        whole, verified = guard_scores(self.problem, s, self.buffer, shared)
+        self._scored = weakref.ref(s), whole, verified  # of this state object only
         row = log_row(self.problem, s, whole, src, n.step, n.last_loss, cfg.probe_rows)
         row |= self.values() | {"unused": unused(self.names, s.params)}  # tensors with no entries
         self.history["log"].append(row)
@@ -261,6 +263,10 @@ class Loop:
             self._owned = False
         self.recorder.log(self, row)
         n.meta_seconds += time.perf_counter() - start if self.tune else 0.0  # a fixed run: none
+
+    def _scores_now(self) -> tuple[Any, Any] | None:  # the last log point's, if of this state
+        at = self._scored
+        return at[1:] if at is not None and at[0]() is self.state else None
 
     def probe(self) -> dict[str, float]:
         """This cycle's probes (:func:`.summary.run_probe`) with the run's counters."""
@@ -382,7 +388,7 @@ class Loop:
 
     def restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         """Continue from :meth:`checkpoint`'s output (of a run of the same config)."""
-        (self.best, tensors), self._scored = best.load(tensors, meta), None
+        self.best, tensors = best.load(tensors, meta)
         saved = load_run(tensors, meta, self.names, self.opt.init, self.rng, self.device)
         self.state, self.good, buffer, self.counters, self.applied = saved
         self.buffer = replay.Replay(**buffer)
@@ -396,5 +402,5 @@ class Loop:
             self.problem, self.state, src, self.buffer, self.example, counters=n,
             history=self.history, names=self.names, modifiers=[m.name for m in self.modifiers],
             skipped=self.skipped, values=self.values(), space=self.space,
-            best=self.best.summary(), rows=self.config.probe_rows, scored=self._scored,
+            best=self.best.summary(), rows=self.config.probe_rows, scored=self._scores_now(),
         )  # fmt: skip

@@ -156,7 +156,7 @@ def _defined(x: float) -> float | None:
 
 def self_shift(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Aggregates of :mod:`.shift`'s per-commit records ``{modifier, shift, ...}``."""
-    finite = [(r["modifier"], float(r["shift"])) for r in records if _finite(r.get("shift"))]
+    finite = [(r["modifier"], float(r["shift"])) for r in records if finite_number(r.get("shift"))]
     by: dict[str, float] = {}
     for name, value in finite:
         by[name] = by.get(name, 0.0) + value
@@ -169,7 +169,9 @@ def self_shift(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _finite(x: Any) -> bool:
+def finite_number(x: Any) -> bool:
+    """Whether ``x`` is an int or float other than NaN and infinity (a JSON field may be
+    None)."""
     return isinstance(x, int | float) and math.isfinite(x)
 
 
@@ -191,7 +193,7 @@ def meta_metrics(
         if math.isfinite(p.get("test_acc", math.nan))
     ]
     gap = sum(abs(a - b) for a, b in pairs) / len(pairs) if pairs else math.nan
-    gaps = [p["gap"] for p in probes if _finite(p.get("gap"))]
+    gaps = [p["gap"] for p in probes if finite_number(p.get("gap"))]
     return {
         "log_guard_decrease_per_cycle": _defined(rate),
         "converged_at_cycle": at if len(gl) >= 2 else None,
@@ -208,7 +210,7 @@ def meta_metrics(
 def first_step_at_or_below(log: Sequence[dict[str, Any]], target: float) -> int | None:
     """The first logged ``step`` whose ``guard_loss <= target`` (``None``: never)."""
     for row in log:
-        if _finite(row.get("guard_loss")) and row["guard_loss"] <= target:
+        if finite_number(row.get("guard_loss")) and row["guard_loss"] <= target:
             return int(row["step"])
     return None
 
@@ -223,7 +225,7 @@ def against_fixed(
         "steps_to_fixed_final": None,
         "fixed_steps_to_final": None,
     }
-    if not fixed_log or not tuned_log or not _finite(fixed_log[-1].get("guard_loss")):
+    if not fixed_log or not tuned_log or not finite_number(fixed_log[-1].get("guard_loss")):
         return none
     target = float(fixed_log[-1]["guard_loss"])
     s_fixed = first_step_at_or_below(fixed_log, target)

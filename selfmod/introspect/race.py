@@ -145,7 +145,7 @@ def base_steps(train_step: Callable, config: Any, batch_size: int) -> Step:
     return step
 
 
-def guard_scores(guard: Callable, propose: Any, verify: Any) -> Score:
+def split_scorer(guard: Callable, propose: Any, verify: Any) -> Score:
     """The race's :data:`Score`: ``guard(params, hparams, batch, buffers)`` (the run's guard
     loss) on the proposing or the verifying split."""
     splits = {"propose": propose, "verify": verify}
@@ -200,7 +200,7 @@ def run(
     splits, rng = (split("propose"), split("verify")), random_state(device)
     propose, verify = splits
     step = base_steps(train_step, config, state.batch_size)
-    score = guard_scores(guard, *splits)
+    score = split_scorer(guard, *splits)
     entries, kept = race(state, batches, config.level_race, step, score, rng, device)
     won, decision, why = verdict(entries)
     trained = None if decision == "commit" else kept  # none: trained again

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from selfmod.files import atomic_write_text
-from selfmod.introspect.probes import meta_metrics
+from selfmod.introspect.probes import finite_number, meta_metrics
 from selfmod.runs.logs import changes as value_changes
 from selfmod.runs.logs import why as proposal_why
 
@@ -79,10 +79,6 @@ def _shift(ax, history: dict) -> None:
     step = history.get("config", {}).get("shift_step", 0)
     if step:
         ax.axvline(step, color="#8250df", linestyle=":", label="data shift")
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v)
 
 
 def _compare(history: dict, key: str, ylabel: str, train: bool = False, x: str = "step") -> str:
@@ -442,7 +438,7 @@ def write_report(run_dir: Path, history: dict, entries: list[dict], x: str = "st
     # the run's metric at its log points: on the test set, or where they left it alone
     # (log_test = false: the summary reads it once, at the end), on the guard set
     metric = history["tuned_summary"].get("metric_name") or "accuracy"
-    logged = any(_is_number(r.get("test_acc")) for r in history["tuned"]["log"])
+    logged = any(finite_number(r.get("test_acc")) for r in history["tuned"]["log"])
     curve = ("test_acc", f"test {metric}") if logged else ("guard_acc", f"guard {metric}")
     title = "selfmod train: a run that modifies itself"
     with _pyplot().rc_context(PLAIN_TEXT):  # names such as "$\\frac{1}$" are text, not TeX
