@@ -223,6 +223,32 @@ def test_best_offers_keep_the_best_metric_and_return_it_only_past_epsilon(metric
     assert worse.returned(run.problem, verify, run.state, 0.01, scored) == (state, why)
 
 
+def test_early_stopping_never_returns_a_state_of_another_architecture():
+    """A committed change of structure (here one more row in one tensor, as growth makes)
+    starts the record again: the changed state replaces a better record of the old shapes,
+    and a record of the old shapes is never returned to a state of the new ones."""
+    from selfmod.introspect.best import Best
+
+    run = Introspector(TrainConfig(**{**FAST, "modifiers": []}))
+    run.problem.metric = "loss"
+    verify = run.guard("verify")
+    run.run()
+    kept = Best().offer(run.problem, verify, 60, run.state)
+    worse = (kept.loss * 10, -math.inf)
+    same = replace(run.state, params=dict(run.state.params))
+    assert kept.offer(run.problem, verify, 80, same, worse) is kept  # same shapes: by score
+    state, why = kept.returned(run.problem, verify, same, 0.01, worse)
+    assert state is not None and state.params is kept.params and "step 60" in why
+    name, value = next(iter(run.state.params.items()))
+    grown = replace(run.state, params={**run.state.params, name: torch.cat([value, value[:1]])})
+    assert kept.fits(same) and not kept.fits(grown)
+    again = kept.offer(run.problem, verify, 80, grown, worse)
+    assert again.step == 80 and again.params is grown.params and again.loss == worse[0]
+    assert kept.returned(run.problem, verify, grown, 0.01, worse) == (None, "")
+    extra = replace(run.state, buffers={**run.state.buffers, "gate": torch.ones(3)})
+    assert not kept.fits(extra)  # a buffer more (a choice's or a mask's) counts too
+
+
 def test_the_runs_end_reads_the_guard_scores_of_its_last_log_point():
     """The last log point scores the final state on the guard set; the summary's internal gap
     (the whole guard set's loss minus the replay's training rows') reads that figure, so the

@@ -9,7 +9,12 @@ accuracy, as a classifier grows confident), the loss otherwise. When the run end
 best by more than ``epsilon`` (accuracy: ``epsilon`` below; loss: ``1 + epsilon`` times above),
 the best state's parameters and buffers are returned instead (the optimizer state and
 hyperparameters stay the final ones), and the ledger and the summary say so. Saved in every
-checkpoint: a resumed run returns the same."""
+checkpoint: a resumed run returns the same.
+
+Only states of the run's current architecture compete: a committed change of structure
+(growth, pruning, factorization, a choice's commit: another set of parameter or buffer names or
+shapes) starts the record again from the first log point after it, so early stopping never
+returns a state that silently undoes a verified architecture change."""
 
 from __future__ import annotations
 
@@ -44,14 +49,21 @@ class Best:
         scored: tuple[float, float] | None = None,
     ) -> Best:
         """This record, or ``state`` at ``step`` if it does better on ``verify``: a higher
-        accuracy (equal: a lower loss) for a classifier, else a lower loss. ``scored``:
+        accuracy (equal: a lower loss) for a classifier, else a lower loss; ``state`` whatever
+        its score where the record is of another architecture (:meth:`fits`). ``scored``:
         ``state``'s ``(loss, metric)`` on ``verify`` where the caller has it."""
         if scored is None:
             scored = problem.evaluate(state.params, state.buffers, *verify)
         loss, metric = scored
         acc = metric if problem.metric == "accuracy" else -math.inf
-        better = (acc, -loss) > (self.accuracy, -self.loss)
+        better = (acc, -loss) > (self.accuracy, -self.loss) or not self.fits(state)
         return Best(loss, step, state.params, state.buffers, acc) if better else self
+
+    def fits(self, state: RunState) -> bool:
+        """Whether the record is of ``state``'s architecture (the same parameter and buffer
+        names and shapes), or empty."""
+        mine = self.params, self.buffers or {}
+        return self.params is None or _shapes(*mine) == _shapes(state.params, state.buffers)
 
     def returned(
         self,
@@ -65,7 +77,7 @@ class Best:
         ``verify`` than the best by more than ``epsilon`` (accuracy: that much lower; loss:
         relatively higher); else ``(None, "")``. ``scored``: ``state``'s ``(loss, metric)`` on
         ``verify`` where the caller has it (the run's last log point)."""
-        if self.params is None:
+        if self.params is None or not self.fits(state):
             return None, ""
         if scored is None:
             scored = problem.evaluate(state.params, state.buffers, *verify)
@@ -85,6 +97,10 @@ class Best:
             return None
         out = {"step": self.step, "guard_loss": self.loss}
         return out | ({"guard_accuracy": self.accuracy} if self.accuracy > -math.inf else {})
+
+
+def _shapes(*parts: Params) -> list[dict[str, tuple[int, ...]]]:
+    return [{k: tuple(v.shape) for k, v in part.items()} for part in parts]
 
 
 def save(best: Best, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
