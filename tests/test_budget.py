@@ -14,7 +14,7 @@ from selfmod.checkpoint import load_checkpoint, save_checkpoint
 from selfmod.introspect import Introspector, replay
 from selfmod.introspect.budget import examples_budget
 from selfmod.introspect.hparams import LR_SCHEDULE
-from selfmod.introspect.schedule import WARMUP, factor
+from selfmod.introspect.schedule import COOLDOWN, WARMUP, factor
 from selfmod.runs.config import TrainConfig
 
 FAST = dict(
@@ -125,6 +125,16 @@ def test_cosine_schedule_scales_every_rate_and_leaves_the_levels_to_the_modifier
     want = [factor("cosine", t / 40) for t in range(40)]
     assert seen == pytest.approx(want, rel=1e-9)
     assert run.values()["lr"] == pytest.approx([cfg.lr] * len(run.names))  # the levels
+
+
+@pytest.mark.parametrize("at", [WARMUP / 2, WARMUP, 0.5, 1 - COOLDOWN, 1 - COOLDOWN / 2, 1.0])
+def test_wsd_schedule_holds_the_level_then_cools_down_linearly(at):
+    """``lr_schedule = "wsd"``: the cosine's warm-up, then the full level until the last
+    ``COOLDOWN`` of the budget, then linearly down to the floor at its end; at or above the
+    cosine everywhere (more steps at the full rate)."""
+    want = min(at / WARMUP, 1.0, (1 - at) / COOLDOWN)
+    assert factor("wsd", at) == pytest.approx(max(want, 1e-3), rel=1e-6)
+    assert factor("wsd", at) >= factor("cosine", at) - 1e-12
 
 
 def test_a_checkpoint_streamed_to_disk_is_the_same_file_as_one_serialized_in_memory(tmp_path):

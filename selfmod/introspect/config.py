@@ -133,10 +133,11 @@ class StartFields(BaseModel):
     beta2: float = Field(0.999, gt=0, lt=1, description="adam, adamw")
     weight_decay: float = Field(1e-5, ge=0, le=1, description="initial L2 coefficient")
     dropout: float = Field(0.02, ge=0, lt=1, description="initial concrete-dropout rate")
-    lr_schedule: Literal["cosine", "constant"] = Field(
+    lr_schedule: Literal["cosine", "wsd", "constant"] = Field(
         "constant",
-        description="the rates' factor over the budget: cosine (5% warm-up, then decay to 0) or "
-        "constant; the modifiers tune the level",
+        description="the rates' factor over the budget: cosine (5% warm-up, then decay to 0), "
+        "wsd (5% warm-up, constant, linear decay to 0 over the last 20%) or constant; the "
+        "modifiers tune the level",
     )
 
 

@@ -5,6 +5,9 @@ use the rates of the steps they stand for.
 
 - ``"cosine"``: a linear warm-up over the first ``WARMUP`` of the budget, then a cosine decay
   to 0 at its end (what a tuned AdamW sweep uses);
+- ``"wsd"``: warm-up, stable, decay: the same warm-up, then factor 1, then a linear decay to 0
+  over the last ``COOLDOWN`` of the budget (Hu et al. 2024; Hägele et al. 2024): more steps at
+  the full rate than the cosine's, the same cool-down to its end;
 - ``"constant"``: factor 1.
 
 A loop that the caller drives batch by batch (:class:`~selfmod.runs.SelfModifier`) has no known
@@ -24,6 +27,7 @@ from selfmod.introspect.hparams import LR_SCHEDULE
 from selfmod.introspect.state import RunState
 
 WARMUP = 0.05
+COOLDOWN = 0.2
 #: the factor's floor: ``log 0`` is not a number, and a rate of exactly 0 is a wasted step
 FLOOR = 1e-3
 
@@ -34,6 +38,8 @@ def factor(kind: str, progress: float) -> float:
         return 1.0
     if progress < WARMUP:
         return max((progress + 1e-9) / WARMUP, FLOOR)
+    if kind == "wsd":
+        return max(min(1.0, (1.0 - progress) / COOLDOWN), FLOOR)
     cosine = 0.5 * (1.0 + math.cos(math.pi * (progress - WARMUP) / (1.0 - WARMUP)))
     return max(cosine, FLOOR)
 

@@ -60,8 +60,9 @@ class FitResult:
 #: ``selfmod train``'s demonstration run as it was): chosen on the development panel by the
 #: rule written in :mod:`selfmod.bench.panel`, among settings in which the run changes itself
 #: (``benchmarks/results/panel_dev.md``, tag ``down07-nomods``; the race's length then by the
-#: same rule, ``panel_dev_lean.md``, tag ``lean-race04``): AdamW from lr 1e-2 (torch's weight
-#: decay 0.01) on a cosine schedule over the examples budget; the rates' level raced against
+#: same rule, ``panel_dev_lean.md``, tag ``lean-race04``; the schedule, ``panel_dev_wsd.md``, tag
+#: ``wsd``): AdamW from lr 1e-2 (torch's weight decay 0.01) on a warm-up, stable, decay schedule
+#: over the examples budget (cool-down over the last 20%); the rates' level raced against
 #: x0.1 and x0.3 over the first 4% of the steps; the best verified state returned.
 #: The per-cycle tuning modifiers (rates per tensor, weight decay, batch size, growth, pruning)
 #: are named to be used: on the panel, at its budgets, they did not pay for their cost;
@@ -76,7 +77,7 @@ FIT_DEFAULTS: dict[str, Any] = {
     "budget_unit": "examples",  # a grown batch buys fewer steps, never more examples
     "meta_budget": 0.3,  # self-modification's work <= 0.3 x the examples budget
     "probe_rows": 256,
-    "lr_schedule": "cosine",
+    "lr_schedule": "wsd",
     "keep_best": True,
     "log_test": False,  # the test set read once, at the end (log points: the guard set)
     "modifiers.lr.level_step": 0.7,
@@ -185,8 +186,8 @@ def fit(
 
     ``loss(output, target) -> scalar``; ``metric``: ``"accuracy"`` or ``"loss"`` (default:
     accuracy for integer targets). ``config``: :class:`TrainConfig` fields (``steps``, ``lr``,
-    ``cycle``, ``modifiers``, ...) over :data:`FIT_DEFAULTS` (a cosine schedule over an
-    examples budget, the rates' level raced at the start, early stopping; the per-cycle
+    ``cycle``, ``modifiers``, ...) over :data:`FIT_DEFAULTS` (a warm-up, stable, decay schedule
+    over an examples budget, the rates' level raced at the start, early stopping; the per-cycle
     modifiers where named, ``{"modifiers": None}`` for every one that applies). ``modifiers``:
     modifier objects instead of the config's names (third-party ones too). ``run_dir``: where
     the ledger, checkpoints, summary and report go (default: a new folder under
