@@ -66,7 +66,7 @@ BAD_VALUES = {
     "lookahead": ("2000", "lookahead must be an integer in [1, 1000] (got 2000)"),
     "estimator": ("magic", "estimator must be one of 'first_order', 'reverse', 'checkpointed'"),
     "budget_unit": ("epochs", "budget_unit must be one of 'examples', 'steps' (got 'epochs')"),
-    "lr_schedule": ("linear", "lr_schedule must be one of 'cosine', 'constant' (got 'linear')"),
+    "lr_schedule": ("linear", "lr_schedule must be one of 'cosine', 'wsd', 'constant' (got 'linear')"),
     "meta_budget": ("0", "meta_budget must be a valid value in (0, 1000] (got 0)"),
     "level_race": ("[0.5,-2]", "level_race must be a list of at most 8 numbers in (0, 1000]"),
     "race_share": ("0.9", "race_share must be a number in (0, 0.5] (got 0.9)"),
