@@ -330,6 +330,24 @@ def test_log_points_come_every_log_every_steps_and_at_the_end(log_every, steps):
     assert run.best.step in steps
 
 
+@pytest.mark.parametrize("share", [0.05, 0.01])
+def test_log_share_spaces_log_points_so_their_guard_reads_stay_within_it(share):
+    """``log_share``: the log points' guard passes (a forward pass, a third of a training
+    example per row) cost at most that share of the base training's examples: the interval
+    is the smallest number of steps whose examples pay for one pass, at least ``log_every``;
+    the last step logs whatever the interval."""
+    cfg = {**FAST, "modifiers": [], "steps": 100, "log_every": 10, "log_share": share}
+    run = Introspector(TrainConfig(**cfg))
+    rows, batch = len(run.guard()[1]), run.config.batch_size
+    interval = next(k for k in range(1, 10_000) if rows / 3 <= share * k * batch)
+    run.run()
+    logged = [r["step"] for r in run.history["log"]]
+    assert logged == [*range(max(10, interval), 100, max(10, interval)), 100]
+    assert len(logged) * rows / 3 <= share * 100 * batch + rows / 3  # the last one aside
+    plain = Introspector(TrainConfig(**{**cfg, "log_share": 0}))
+    assert plain.log_every == 10
+
+
 def test_a_log_interval_under_one_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="log_every"):
         TrainConfig(**{**FAST, "log_every": 0})

@@ -1,15 +1,15 @@
 """The best verified state, for early stopping (``keep_best``).
 
-At every log point (every ``log_every`` base steps, and the last) the run's metric on the
-``"verify"`` part of the guard (data that neither the probes nor the meta-gradient read) is
-measured; the parameters and buffers with the best are kept (a model's copy, referenced: the
-loop's base steps never write a state something else holds). The metric is the one the run
-reports: accuracy for a classifier (ties to the lower loss; a lower loss can come with a lower
-accuracy, as a classifier grows confident), the loss otherwise. When the run ends worse than the
-best by more than ``epsilon`` (accuracy: ``epsilon`` below; loss: ``1 + epsilon`` times above),
-the best state's parameters and buffers are returned instead (the optimizer state and
-hyperparameters stay the final ones), and the ledger and the summary say so. Saved in every
-checkpoint: a resumed run returns the same.
+At every log point (every ``log_every`` base steps or the longer ``log_share`` interval, and
+the last) the run's metric on the ``"verify"`` part of the guard (data that neither the probes
+nor the meta-gradient read) is measured; the parameters and buffers with the best are kept (a
+model's copy, referenced: the loop's base steps never write a state something else holds). The
+metric is the one the run reports: accuracy for a classifier (ties to the lower loss; a lower
+loss can come with a lower accuracy, as a classifier grows confident), the loss otherwise. When
+the run ends worse than the best by more than ``epsilon`` (accuracy: ``epsilon`` below; loss:
+``1 + epsilon`` times above), the best state's parameters and buffers are returned instead (the
+optimizer state and hyperparameters stay the final ones), and the ledger and the summary say
+so. Saved in every checkpoint: a resumed run returns the same.
 
 Only states of the run's current architecture compete: a committed change of structure
 (growth, pruning, factorization, a choice's commit: another set of parameter or buffer names or

@@ -16,12 +16,23 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 #: a forward pass alone, in training examples' forward-and-backward passes
 FORWARD = 1 / 3
 #: the probes' forward passes over the replay buffer (guard, train, noise, shift, older)
 PROBE_PASSES = 5
+
+
+def log_interval(config: Any, guard_rows: int) -> int:
+    """Base steps between log points: ``log_every``, or more where ``log_share`` caps their
+    guard reads at that share of the base training, ``FORWARD x guard_rows <= log_share x
+    interval x batch_size`` (deterministic: a resumed run logs at the same steps)."""
+    if not config.log_share:
+        return config.log_every
+    need = math.ceil(FORWARD * guard_rows / (config.log_share * config.batch_size))
+    return max(config.log_every, need)
 
 
 def examples_budget(config: Any) -> int | None:

@@ -277,6 +277,15 @@ class OutputFields(BaseModel):
         "set and probe_rows test rows and offers early stopping a candidate; on a long run of a "
         "model whose forward is costly, a longer interval saves that evaluation",
     )
+    log_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="cap on the log points' guard reads, as a share of the base training's "
+        "examples (a guard row's forward pass counts a third of a training example): the "
+        "interval grows past log_every where the guard set is large against the batch; 0: "
+        "every log_every steps",
+    )
     log_test: bool = Field(
         True,
         description="log points also read the test set (its first probe_rows rows): the "

@@ -80,6 +80,7 @@ FIT_DEFAULTS: dict[str, Any] = {
     "lr_schedule": "wsd",
     "keep_best": True,
     "log_test": False,  # the test set read once, at the end (log points: the guard set)
+    "log_share": 0.05,  # log points' guard passes <= 5% of the base training
     "modifiers.lr.level_step": 0.7,
     "modifiers.lr.lr_mean": "free",
     "modifiers.grow.grow_beats_noise": True,
