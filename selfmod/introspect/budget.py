@@ -12,6 +12,8 @@
   early, where the first decisions (the rates' level) matter most. The count is
   deterministic (a resumed run skips the same cycles); the wall time of both parts is
   measured too (``meta_seconds``, ``base_seconds``).
+- ``log_share`` (default 0: off): the log points' guard passes cost at most that share of the
+  base training (:func:`log_interval`).
 """
 
 from __future__ import annotations
