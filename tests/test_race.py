@@ -67,6 +67,21 @@ def test_a_committed_winner_is_the_run_that_started_at_its_level():
     assert a.meta_examples == pytest.approx(2 * h * 32 + 2 * guard / 3)  # both levels' steps
 
 
+def test_each_read_takes_at_most_as_many_guard_rows_as_a_level_trained_on():
+    """A one-step race of batch 8 against a guard set of 100 rows: each level is scored on 8
+    rows of a split, so the race's counted work is the other level's 8 examples and at most
+    four reads of 8 rows (a third each), not the splits' 50 rows."""
+    cfg = {**FAST, "batch_size": 8, "race_share": 0.02, "optimizer": "adamw", "modifiers": []}
+    run = Introspector(TrainConfig(**cfg, level_race=[0.3]))
+    assert min(len(run.guard(p)[1]) for p in ("propose", "verify")) > 8
+    run.run_cycle = lambda: None  # the race's work alone
+    run.run()
+    d = _race(run)
+    reads = 3 if d["decision"] == "reject" and "unchanged level won" in d["reason"] else 4
+    extra = 0 if d["decision"] == "reject" else 8  # a committed winner trains again
+    assert run.counters.meta_examples == pytest.approx(8 + extra + reads * 8 / 3)
+
+
 def test_when_the_unchanged_level_wins_nothing_changes_and_no_randomness_is_consumed():
     """A race the unchanged level wins (x1e-3 barely trains) is a rejection; the run then
     ends exactly as the same run without a race (same batches, same random numbers)."""

@@ -9,7 +9,10 @@ the *proposing* split wins; it is committed only if its guard loss on the *verif
 (data the choice never read) is lower than the unchanged level's too, so the check can fail.
 The verifying split is read only where the verdict may need it: for a changed level that leads
 the ones before it, and for the unchanged level where it does not lead (the changed levels
-train nearest to the unchanged one first, so a farther one that loses is not read).
+train nearest to the unchanged one first, so a farther one that loses is not read). Each read
+takes at most as many rows of its split as a level trained on (the first ones; the splits are
+in random order), so that on a short run with a large guard set a read costs no more than a
+third of a level's training.
 The unchanged level trains last; where it stays, it keeps its training as the run's own: its
 ``h`` steps, losses and random numbers (logged from the first log point after them), and the
 race's work is the other levels' ``len(factors) x h`` batches. A committed winner's training is
@@ -197,8 +200,9 @@ def run(
     judged by :func:`verdict`; a committed winner's training is not kept (the module
     docstring)."""
     device = next(iter(state.params.values())).device
-    splits, rng = (split("propose"), split("verify")), random_state(device)
-    propose, verify = splits
+    rows = sum(len(b[1]) for b in batches)  # a level's training examples: each read's cap
+    splits = tuple(tuple(t[:rows] for t in split(part)) for part in ("propose", "verify"))
+    rng, (propose, verify) = random_state(device), splits
     step = base_steps(train_step, config, state.batch_size)
     score = split_scorer(guard, *splits)
     entries, kept = race(state, batches, config.level_race, step, score, rng, device)
