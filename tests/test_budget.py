@@ -345,7 +345,7 @@ def test_log_share_spaces_log_points_so_their_guard_reads_stay_within_it(share):
     assert logged == [*range(max(10, interval), 100, max(10, interval)), 100]
     assert len(logged) * rows / 3 <= share * 100 * batch + rows / 3  # the last one aside
     plain = Introspector(TrainConfig(**{**cfg, "log_share": 0}))
-    assert plain.log_every == 10
+    assert plain.log_interval == 10
 
 
 def test_a_log_interval_under_one_is_refused_naming_the_field():

@@ -82,7 +82,7 @@ class Loop:
         self._owned = False  # whether only the state holds its tensors (``donate``)
         self._scored: tuple | None = None  # the last log point's (state, held weakly, scores)
         self._introduce_source(0)
-        self.log_every = budget.log_interval(config, len(self.guard()[1]))  # log points' steps
+        self.log_interval = budget.log_interval(config, len(self.guard()[1]))  # steps apart
 
     step = property(lambda self: self.counters.step, doc="base steps done")
     cycle = property(lambda self: self.counters.cycle, doc="cycles done")
@@ -227,7 +227,7 @@ class Loop:
         self._owned = True
         n.took(loss)
         ended = self.scheduled and budget.spent(cfg, n.step, n.examples)  # run(): its last
-        if n.step % self.log_every == 0 or n.step == cfg.steps or ended:
+        if n.step % self.log_interval == 0 or n.step == cfg.steps or ended:
             self.log_point()
 
     def _next_batch(self) -> Batch:
