@@ -10,7 +10,9 @@ from types import SimpleNamespace
 import cycles
 import pytest
 import torch
+import torch.nn.functional as F
 from faults import FaultyIntrospector
+from torch import nn
 from torch.utils import _pytree as pytree
 
 from selfmod import tree
@@ -227,6 +229,32 @@ def test_divergence_rolls_back_to_the_last_good_state():
     run.run()
     rollbacks = [d for d in run.history["decisions"] if d["decision"] == "rollback"]
     assert rollbacks and tree.is_finite(run.params)
+
+
+def test_after_a_rollback_the_restored_state_is_not_judged_by_the_later_losses():
+    """A spike late in a run rolls back to an earlier good state, whose losses are higher than
+    the trained state's running average. The divergence check starts its average again from
+    the restored state's losses, so the run trains on: one rollback, not one per step to the
+    end with the rates halved each time."""
+    from selfmod.runs import SelfModifier
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    config = {"lr": 0.05, "cycle": 1000, "steps": 1000, "modifiers": [], "batch_size": 32}
+    sm = SelfModifier(model, F.cross_entropy, (x[:200], y[:200]), config=config)
+    for i in range(60):  # the average falls far below the first loss
+        rows = torch.arange(32) + (i * 32) % 480
+        sm.step((x[rows], y[rows]))
+    assert sm.run.counters.average < 0.1 * sm.run.counters.first_loss
+    sm.step((x[:32] * 30, 1 - y[:32]))  # a spike: labels flipped, inputs scaled up
+    for i in range(30):
+        rows = torch.arange(32) + (i * 32) % 480
+        sm.step((x[rows], y[rows]))
+    rollbacks = [d for d in sm.run.history["decisions"] if d["decision"] == "rollback"]
+    assert len(rollbacks) == 1, [d["reason"] for d in rollbacks[:3]]
+    sm.close()
 
 
 def test_the_fixed_baseline_never_changes_itself_and_is_reported_as_diverged():

@@ -244,6 +244,7 @@ class Loop:
     def _rollback(self, reason: str, ends_cycle: bool = False) -> None:
         before, n, self.pending = self.values(), self.counters, []
         self.state, why = verifier.rolled_back(self.good, reason)
+        n.average = None  # the divergence check's average starts again at the restored state
         self.good, self._owned = self.state.snapshot(), False
         self._record(Decision(n.cycle, n.step, "safeguard", "rollback", why, before, self.values()))
         n.cycle += ends_cycle  # recorded in the cycle it ends
