@@ -4,8 +4,10 @@ unchanged, NaN anywhere rolls back and the run goes on, manual approval changes 
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import cycles
 import pytest
@@ -231,11 +233,9 @@ def test_divergence_rolls_back_to_the_last_good_state():
     assert rollbacks and tree.is_finite(run.params)
 
 
-def test_after_a_rollback_the_restored_state_is_not_judged_by_the_later_losses():
-    """A spike late in a run rolls back to an earlier good state, whose losses are higher than
-    the trained state's running average. The divergence check starts its average again from
-    the restored state's losses, so the run trains on: one rollback, not one per step to the
-    end with the rates halved each time."""
+def _spiking_run() -> tuple[Any, Callable[[int], None]]:
+    """A ``SelfModifier`` trained 60 steps (its losses' average far below the first loss) and
+    ``train(k)``: ``k`` more steps on the data."""
     from selfmod.runs import SelfModifier
 
     torch.manual_seed(0)
@@ -244,14 +244,43 @@ def test_after_a_rollback_the_restored_state_is_not_judged_by_the_later_losses()
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
     config = {"lr": 0.05, "cycle": 1000, "steps": 1000, "modifiers": [], "batch_size": 32}
     sm = SelfModifier(model, F.cross_entropy, (x[:200], y[:200]), config=config)
-    for i in range(60):  # the average falls far below the first loss
-        rows = torch.arange(32) + (i * 32) % 480
-        sm.step((x[rows], y[rows]))
+
+    def train(k: int) -> None:
+        for i in range(k):
+            rows = torch.arange(32) + (i * 32) % 480
+            sm.step((x[rows], y[rows]))
+
+    train(60)
     assert sm.run.counters.average < 0.1 * sm.run.counters.first_loss
-    sm.step((x[:32] * 30, 1 - y[:32]))  # a spike: labels flipped, inputs scaled up
-    for i in range(30):
-        rows = torch.arange(32) + (i * 32) % 480
-        sm.step((x[rows], y[rows]))
+    sm.spike = lambda: sm.step((x[:32] * 30, 1 - y[:32]))  # labels flipped, inputs scaled
+    return sm, train
+
+
+def test_one_spiking_batch_is_counted_and_trained_on_and_two_in_a_row_roll_back():
+    """Near a loss of 0 one batch with a few confident mistakes is far above the average: it
+    is counted (and said in the ledger) but rolls nothing back; a second spike in a row is a
+    divergence and rolls back."""
+    sm, train = _spiking_run()
+    sm.spike()
+    train(5)
+    assert sm.run.counters.divergences == 1
+    assert not [d for d in sm.run.history["decisions"] if d["decision"] == "rollback"]
+    sm.spike()
+    sm.spike()
+    (rollback,) = [d for d in sm.run.history["decisions"] if d["decision"] == "rollback"]
+    assert "the second step in a row" in rollback["reason"]
+    sm.close()
+
+
+def test_after_a_rollback_the_restored_state_is_not_judged_by_the_later_losses():
+    """A divergence late in a run rolls back to an earlier good state, whose losses are higher
+    than the trained state's running average. The divergence check starts its average again
+    from the restored state's losses, so the run trains on: one rollback, not one every other
+    step to the end with the rates halved each time."""
+    sm, train = _spiking_run()
+    sm.spike()
+    sm.spike()  # a divergence: back to the start, whose losses are far above the average
+    train(30)
     rollbacks = [d for d in sm.run.history["decisions"] if d["decision"] == "rollback"]
     assert len(rollbacks) == 1, [d["reason"] for d in rollbacks[:3]]
     sm.close()

@@ -8,10 +8,12 @@ one (a strict proposal, such as a meta-gradient step, must lower it), the parame
 memory budgets hold (:func:`over_budget`) and the accuracy on older sources' guard data drops
 by at most ``forgetting_delta``.
 
-A non-finite loss, gradient or meta-gradient, a loss above ``DIVERGENCE_FACTOR`` times its
-running average (:func:`diverged`), or a model whose output no longer depends on its input (a
-step too large can leave a ReLU network so without a loss spike) rolls back to the last good
-state and halves the learning rates and the meta learning rate.
+A non-finite loss, gradient or meta-gradient, a divergence (two base steps in a row whose loss
+is above ``DIVERGENCE_FACTOR`` times its running average, :func:`diverged`: one such batch, a
+few confident mistakes near a loss of 0, is counted and trained on), or a model whose output
+no longer depends on its input (a step too large can leave a ReLU network so without a loss
+spike) rolls back to the last good state and halves the learning rates and the meta learning
+rate; the running average then starts again from the restored state's losses.
 """
 
 from __future__ import annotations
@@ -45,16 +47,17 @@ def diverged(loss: float, average: float | None, first: float | None) -> bool:
 
 
 def spike(loss: float, counters: Any, stops: bool) -> str | None:
-    """A base step's divergence (:func:`diverged`), counted in ``counters.divergences``:
-    ``DivergenceError`` where it ``stops`` the step (the run rolls back), else its message
-    (``None``: no divergence)."""
-    n = counters
-    if not diverged(loss, n.average, n.first_loss):
+    """A base step's spike (:func:`diverged`), counted in ``counters.divergences``: the second
+    in a row raises ``DivergenceError`` where it ``stops`` the step (the run rolls back); else
+    its message (``None``: no spike)."""
+    n, again = counters, counters.spiked
+    n.spiked = diverged(loss, n.average, n.first_loss)
+    if not n.spiked:
         return None
     n.divergences += 1
     message = f"diverged at step {n.step}: loss {loss:.3g}, average {n.average:.3g}"
-    if stops:
-        raise DivergenceError(message)
+    if stops and again:
+        raise DivergenceError(f"{message}, the second step in a row")
     return message
 
 
