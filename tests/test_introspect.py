@@ -256,19 +256,19 @@ def _spiking_run() -> tuple[Any, Callable[[int], None]]:
     return sm, train
 
 
-def test_one_spiking_batch_is_counted_and_trained_on_and_two_in_a_row_roll_back():
+def test_one_spiking_batch_is_counted_and_trained_on_and_a_second_soon_after_rolls_back():
     """Near a loss of 0 one batch with a few confident mistakes is far above the average: it
-    is counted (and said in the ledger) but rolls nothing back; a second spike in a row is a
-    divergence and rolls back."""
+    is counted (and said in the ledger) but rolls nothing back; a second spike within
+    ``SPIKE_WINDOW`` steps (a loss that keeps spiking) is a divergence and rolls back."""
     sm, train = _spiking_run()
     sm.spike()
-    train(5)
-    assert sm.run.counters.divergences == 1
+    train(verifier.SPIKE_WINDOW + 1)
+    sm.spike()  # a lone spike again: the last one is out of the window
+    assert sm.run.counters.divergences == 2
     assert not [d for d in sm.run.history["decisions"] if d["decision"] == "rollback"]
     sm.spike()
-    sm.spike()
     (rollback,) = [d for d in sm.run.history["decisions"] if d["decision"] == "rollback"]
-    assert "the second step in a row" in rollback["reason"]
+    assert "1 step(s) after the last spike" in rollback["reason"]
     sm.close()
 
 

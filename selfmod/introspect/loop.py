@@ -194,9 +194,9 @@ class Loop:
         self.event("event", "shift", f"data source 1 from step {self.step}", {})
 
     def base_step(self) -> None:
-        """One training step; a non-finite loss or a divergence (a spiking loss two steps in a
-        row, :func:`.verifier.spike`) rolls back to the last good state, halving the learning
-        rates and the meta learning rate. The fixed-configuration baseline
+        """One training step; a non-finite loss or a divergence (a second spiking loss within
+        ``SPIKE_WINDOW`` steps, :func:`.verifier.spike`) rolls back to the last good state,
+        halving the learning rates and the meta learning rate. The fixed-configuration baseline
         (``tune=False``) never changes itself: a spike is counted, a non-finite loss or
         gradient ends it as diverged (``diverged_at``), at its last finite parameters."""
         n, cfg = self.counters, self.config
@@ -209,7 +209,7 @@ class Loop:
         try:
             params, opt_state, buffers, loss, grads = self.train_step(self.state, batch, donate)
             if spike := verifier.spike(loss, n, stops=cfg.safeguards and self.tune):
-                why = "a second in a row rolls back" if cfg.safeguards else "safeguards off"
+                why = "a second one soon after rolls back" if cfg.safeguards else "safeguards off"
                 why = why if self.tune else "a fixed configuration"
                 self.event("event", "divergence", f"{spike}; {why}: goes on", {})
             state = self.state
@@ -246,7 +246,7 @@ class Loop:
     def _rollback(self, reason: str, ends_cycle: bool = False) -> None:
         before, n, self.pending = self.values(), self.counters, []
         self.state, why = verifier.rolled_back(self.good, reason)
-        n.average, n.spiked = None, False  # the divergence check starts again from here
+        n.average, n.spiked_at = None, None  # the divergence check starts again from here
         self.good, self._owned = self.state.snapshot(), False
         self._record(Decision(n.cycle, n.step, "safeguard", "rollback", why, before, self.values()))
         n.cycle += ends_cycle  # recorded in the cycle it ends

@@ -285,19 +285,19 @@ class Counters:
     cycles_skipped: int = 0
     last_cycle: float = 0.0  # the last cycle's work: the next one's estimate
     raced: bool = False  # the rates' level has been raced (``level_race``, :mod:`.race`)
-    spiked: bool = False  # the last base step's loss was a spike (two in a row: a divergence)
+    spiked_at: int | None = None  # the last base step whose loss spiked (:func:`.verifier.spike`)
 
     #: counters added after checkpoints were first written, and their value when absent from
     #: an older one (not known)
     LATER: ClassVar[dict[str, Any]] = {
         "examples": None, "meta_seconds": math.nan, "meta_examples": 0.0, "cycles_skipped": 0,
-        "last_cycle": 0.0, "raced": True, "spiked": False,
+        "last_cycle": 0.0, "raced": True, "spiked_at": None,
     }  # fmt: skip
 
     def took(self, loss: float) -> None:
         """A base step that trained, with its ``loss``: the step counted, the losses' running
         average (the divergence check's; a spiking loss left out), the first and the last."""
-        if not self.spiked:
+        if self.spiked_at != self.step:
             self.average = loss if self.average is None else 0.9 * self.average + 0.1 * loss
         self.first_loss = loss if self.first_loss is None else self.first_loss
         self.last_loss = loss

@@ -8,9 +8,10 @@ one (a strict proposal, such as a meta-gradient step, must lower it), the parame
 memory budgets hold (:func:`over_budget`) and the accuracy on older sources' guard data drops
 by at most ``forgetting_delta``.
 
-A non-finite loss, gradient or meta-gradient, a divergence (two base steps in a row whose loss
-is above ``DIVERGENCE_FACTOR`` times its running average, :func:`diverged`: one such batch, a
-few confident mistakes near a loss of 0, is counted and trained on), or a model whose output
+A non-finite loss, gradient or meta-gradient, a divergence (a second base step within
+``SPIKE_WINDOW`` steps whose loss is above ``DIVERGENCE_FACTOR`` times its running average,
+:func:`diverged`: one such batch alone, a few confident mistakes near a loss of 0, is counted
+and trained on), or a model whose output
 no longer depends on its input (a step too large can leave a ReLU network so without a loss
 spike) rolls back to the last good state and halves the learning rates and the meta learning
 rate; the running average then starts again from the restored state's losses.
@@ -35,6 +36,9 @@ DIVERGENCE_FACTOR = 5.0
 #: ... unless it is below this fraction of the run's first loss times the factor (near a loss
 #: of 0, a jump from 0.002 to 0.015 is noise, not divergence)
 DIVERGENCE_FLOOR = 0.1
+#: a spike this many base steps or fewer after the last one is a divergence (a loss that keeps
+#: spiking, every step or every other); a lone one is a hard batch
+SPIKE_WINDOW = 50
 
 
 def diverged(loss: float, average: float | None, first: float | None) -> bool:
@@ -47,17 +51,17 @@ def diverged(loss: float, average: float | None, first: float | None) -> bool:
 
 
 def spike(loss: float, counters: Any, stops: bool) -> str | None:
-    """A base step's spike (:func:`diverged`), counted in ``counters.divergences``: the second
-    in a row raises ``DivergenceError`` where it ``stops`` the step (the run rolls back); else
-    its message (``None``: no spike)."""
-    n, again = counters, counters.spiked
-    n.spiked = diverged(loss, n.average, n.first_loss)
-    if not n.spiked:
+    """A base step's spike (:func:`diverged`), counted in ``counters.divergences`` and its step
+    kept in ``counters.spiked_at``: one within ``SPIKE_WINDOW`` steps of the last raises
+    ``DivergenceError`` where it ``stops`` the step (the run rolls back); else its message
+    (``None``: no spike)."""
+    n, last = counters, counters.spiked_at
+    if not diverged(loss, n.average, n.first_loss):
         return None
-    n.divergences += 1
+    n.divergences, n.spiked_at = n.divergences + 1, n.step
     message = f"diverged at step {n.step}: loss {loss:.3g}, average {n.average:.3g}"
-    if stops and again:
-        raise DivergenceError(f"{message}, the second step in a row")
+    if stops and last is not None and n.step - last <= SPIKE_WINDOW:
+        raise DivergenceError(f"{message}, {n.step - last} step(s) after the last spike")
     return message
 
 
