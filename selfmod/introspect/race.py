@@ -32,7 +32,7 @@ import torch
 
 from selfmod.determinism import RNG, drawing_from, random_state, set_random_state
 from selfmod.errors import DivergenceError, NonFiniteError
-from selfmod.introspect import schedule
+from selfmod.introspect import replay, schedule
 from selfmod.introspect.budget import FORWARD
 from selfmod.introspect.state import RunState
 
@@ -201,7 +201,7 @@ def run(
     docstring)."""
     device = next(iter(state.params.values())).device
     rows = sum(len(b[1]) for b in batches)  # a level's training examples: each read's cap
-    splits = tuple(tuple(t[:rows] for t in split(part)) for part in ("propose", "verify"))
+    splits = tuple(replay.first(split(part), rows) for part in ("propose", "verify"))
     rng, (propose, verify) = random_state(device), splits
     step = base_steps(train_step, config, state.batch_size)
     score = split_scorer(guard, *splits)

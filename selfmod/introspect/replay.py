@@ -144,6 +144,11 @@ def split(
     return buf.x[mask], buf.y[mask]
 
 
+def first(pair: tuple[Tensor, ...], rows: int) -> tuple[Tensor, ...]:
+    """Each tensor of ``pair`` cut to its first ``rows`` rows (``rows = 0``: whole)."""
+    return tuple(t[:rows] for t in pair) if rows else pair
+
+
 def rows(
     buf: Replay,
     which: int | tuple[int, ...],

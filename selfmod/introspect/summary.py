@@ -22,11 +22,6 @@ def unused(names: Sequence[str], params: dict[str, Tensor]) -> list[int]:
     return [i for i, k in enumerate(names) if params[k].numel() == 0]
 
 
-def first(pair: tuple[Tensor, ...], rows: int) -> tuple[Tensor, ...]:
-    """Each tensor of ``pair`` cut to its first ``rows`` rows (``rows = 0``: whole)."""
-    return tuple(t[:rows] for t in pair) if rows else pair
-
-
 def test_metric(
     problem: Problem, state: RunState, src: Source, rows: int = 0
 ) -> tuple[float, float]:
@@ -34,7 +29,9 @@ def test_metric(
     its first ``rows``."""
     if src.test_x is None or src.test_y is None:
         return math.nan, math.nan
-    return problem.evaluate(state.params, state.buffers, *first((src.test_x, src.test_y), rows))
+    return problem.evaluate(
+        state.params, state.buffers, *replay.first((src.test_x, src.test_y), rows)
+    )
 
 
 def overhead(seconds: float, meta_seconds: float) -> dict[str, float]:
@@ -61,7 +58,7 @@ def run_probe(
     buffer (:mod:`.replay`), ``source`` the data source trained on, ``shared``: one guard set
     proposes and verifies; the cost model's input is the guard's first example; ``rows > 0``:
     the first ``rows`` of each set only."""
-    n, cut = counters, (lambda pair: first(pair, rows))
+    n, cut = counters, (lambda pair: replay.first(pair, rows))
     older = cut(guard(buffer, "propose", shared, n.source_id))
     test = test_metric(problem, state, source, rows)
     found = probes.cycle_probe(
@@ -141,7 +138,10 @@ def summarize(
     tl, tm = test_metric(problem, state, src)
     p, b = state.params, state.buffers
     whole = scored[0] if scored is not None else problem.evaluate(p, b, *guard(buffer, "all", True))
-    gap = whole[0] - problem.evaluate(p, b, *first(replay.split(buffer, replay.TRAIN), rows))[0]
+    gap = (
+        whole[0]
+        - problem.evaluate(p, b, *replay.first(replay.split(buffer, replay.TRAIN), rows))[0]
+    )
     c = problem.cost(p, example)
     decisions = history["decisions"]
     count = {

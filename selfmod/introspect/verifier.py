@@ -11,10 +11,10 @@ by at most ``forgetting_delta``.
 A non-finite loss, gradient or meta-gradient, a divergence (a second base step within
 ``SPIKE_WINDOW`` steps whose loss is above ``DIVERGENCE_FACTOR`` times its running average,
 :func:`diverged`: one such batch alone, a few confident mistakes near a loss of 0, is counted
-and trained on), or a model whose output
-no longer depends on its input (a step too large can leave a ReLU network so without a loss
-spike) rolls back to the last good state and halves the learning rates and the meta learning
-rate; the running average then starts again from the restored state's losses.
+and trained on), or a model whose output no longer depends on its input (a step too large can
+leave a ReLU network so without a loss spike) rolls back to the last good state and halves the
+learning rates and the meta learning rate; the running average then starts again from the
+restored state's losses.
 """
 
 from __future__ import annotations
