@@ -457,3 +457,19 @@ def test_messages_name_the_fix():
         fit(_model("class"), F.cross_entropy, (data["train"][0], data["train"][1][:-1]), guard,
             config=CONFIG)  # fmt: skip
     assert isinstance(ArgumentError("x"), TypeError | ValueError)  # as the errors it replaced
+
+
+def test_finite_data_whose_sum_overflows_is_not_called_non_finite():
+    """The finite check reads one sum and, where the sum is not finite, every entry: values
+    near the dtype's largest pass, one NaN or inf among them does not."""
+    from selfmod.errors import SelfmodError
+    from selfmod.runs.arguments import check_pair
+
+    y = torch.arange(4)
+    for dtype in (torch.float32, torch.float16, torch.complex64):
+        big = torch.full((4, 3), torch.finfo(torch.float16 if dtype == torch.float16 else
+                                             torch.float32).max / 2).to(dtype)  # fmt: skip
+        check_pair("train", big, y)  # the sum overflows; every entry is finite
+        for bad in (math.nan, math.inf):
+            with pytest.raises(SelfmodError, match=r"^train: x has 1 non-finite value"):
+                check_pair("train", _nan_at(big, bad), y)

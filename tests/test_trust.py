@@ -365,7 +365,7 @@ def test_a_resume_on_other_data_is_refused_naming_data(tmp_path, monkeypatch, ke
         _small_fit(run_dir, _data(), resume=False, stop_at=15)
     x, y = _data()
     for other in ((x + 1e-3, y), (x[:200], y[:200]), (x.double(), y)):
-        with pytest.raises(SelfmodError, match=r"the data differs .*\(data: sha256:") as err:
+        with pytest.raises(SelfmodError, match=r"the data differs .*\(data: sha256-rows:") as err:
             _small_fit(run_dir, other, resume=True)
         assert "\n" not in str(err.value)
     if keyed:  # the data entry and the checkpoints' record forged, the chain recomputed
@@ -374,6 +374,61 @@ def test_a_resume_on_other_data_is_refused_naming_data(tmp_path, monkeypatch, ke
             _small_fit(run_dir, _data(), resume=True)
         return
     assert _small_fit(run_dir, _data(), resume=True).run.step == 20  # its own data continues
+
+
+def test_a_large_tensor_is_fingerprinted_by_its_sampled_rows(tmp_path, monkeypatch):
+    """Above ``WHOLE_BYTES`` a tensor is hashed by rows evenly spaced from its first to its
+    last: another order or a changed sampled row is refused, the same data resumes."""
+    import selfmod.runs.fingerprint as fingerprint
+    from selfmod.errors import SelfmodError
+
+    monkeypatch.setattr(fingerprint, "WHOLE_BYTES", 24 * 40)  # 40 of the 300 rows of 6 floats
+    x, y = _data()
+    rows = fingerprint.sampled_rows(x)
+    assert len(rows) == 40 and torch.equal(rows[0], x[0]) and torch.equal(rows[-1], x[-1])
+    small = x[:40]  # at most the budget: whole
+    assert fingerprint.sampled_rows(small) is small
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        _small_fit(run_dir, (x, y), resume=False, stop_at=15)
+    edited = x.clone()
+    edited[-1, 0] += 1.0  # the last row is always sampled
+    for other in ((x.flip(0), y.flip(0)), (edited, y)):
+        with pytest.raises(SelfmodError, match="the data differs"):
+            _small_fit(run_dir, other, resume=True)
+    assert _small_fit(run_dir, (x, y), resume=True).run.step == 20
+
+
+def test_a_fingerprint_recorded_whole_is_checked_whole(tmp_path, monkeypatch):
+    """A run whose ledger holds a ``sha256:`` fingerprint (every byte hashed, as before the
+    sample) resumes on its data and is refused on other data."""
+    import selfmod.runs.fingerprint as fingerprint
+    from selfmod.errors import SelfmodError
+    from selfmod.runs.ledger import Ledger
+
+    monkeypatch.setattr(fingerprint, "WHOLE_BYTES", 24 * 40)  # the sample would differ
+    whole = fingerprint.fingerprint(
+        _small_fit(tmp_path / "done", _data(), False).run.sources, "sha256:"
+    )
+    assert whole.startswith("sha256:") and whole != fingerprint.fingerprint(
+        _small_fit(tmp_path / "done2", _data(), False).run.sources
+    )
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        _small_fit(run_dir, _data(), resume=False, stop_at=15)
+    _forge_data(run_dir, whole)  # as an old ledger holds it; the checkpoint's head follows
+    with Ledger(run_dir / "ledger.sqlite", create=False) as ledger:
+        hashes = {e.seq: e.hash for e in ledger.entries()}
+    _forge_newest(
+        run_dir,
+        edit_meta=lambda m: m.update(
+            ledger_head=[m["ledger_head"][0], hashes[m["ledger_head"][0]]]
+        ),
+    )
+    x, y = _data()
+    with pytest.raises(SelfmodError, match=r"\(data: sha256:"):
+        _small_fit(run_dir, (x + 1e-3, y), resume=True)
+    assert _small_fit(run_dir, _data(), resume=True).run.step == 20
 
 
 def _forge_data(run_dir, value):

@@ -244,13 +244,24 @@ def check_pair(where: str, x: Any, y: Any, like: tuple[Tensor, Tensor] | None = 
                     f"{tuple(g.shape[1:])}; pass rows of the same shape",
                 )
     for name, t in (("x", x), ("y", y)):
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise _fail(
                 where,
                 f"{name} has {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf); "
                 "remove or impute them before training",
             )
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (integers always are), by one reduction that
+    allocates nothing of ``t``'s size: the sum of a real tensor is NaN or inf iff an entry is,
+    or the sum overflows (then the per-entry test decides)."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    if t.numel() and bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def check_train(train: Any, guard: tuple[Tensor, Tensor]) -> None:

@@ -45,12 +45,12 @@ class RunRecorder(Recorder):
         entry the data's fingerprint (:func:`~selfmod.runs.fingerprint.fingerprint`), both in
         the hash chain (keyed where a key is set); a run started again or resumed on other
         data or under another config is refused in one line naming the field."""
-        self.data = fingerprint(run.sources)
         self.ledger.verify()
         start = start_entry(self.ledger)
         if start is not None:
             check_config(start.payload.get("config"), run.config, "the ledger's start entry")
         recorded = next((e for e in self.ledger.entries("event") if e.decision == "data"), None)
+        self.data = fingerprint(run.sources, like=recorded and recorded.payload.get("data"))
         if recorded is None:
             self.ledger.append(
                 "event", cycle=run.cycle, step=run.step, decision="data",
