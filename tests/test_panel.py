@@ -112,3 +112,30 @@ def test_published_split_and_a_different_protocol_are_refused(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({"protocol": {"split": 2, "steps": 1.0}}))
     with pytest.raises(SystemExit, match="pass another --out"):
         panel.run_panel(["--out", str(tmp_path / "p.json")])
+
+
+def test_repeats_give_the_median_times_and_the_first_repeats_metrics():
+    """Rule 8: a seed's repeated runs count once, at the medians of their times and peaks; a
+    sweep's points still add up; the specs spread the repeats in rounds."""
+    work = make_workload("diabetes", 0.05)
+
+    def run(contender, cpu, repeat=0, lr=None, test=0.5):
+        return {"contender": contender, "tag": "", "seed": 10, "lr": lr, "repeat": repeat,
+                "val": test, "test": test, "seconds": cpu, "cpu_s": cpu, "peak_mb": cpu,
+                "examples": 100}  # fmt: skip
+
+    runs = [run("adamw-1e-3", c, i, test=0.5 + i) for i, c in enumerate((3.0, 1.0, 2.0, 9.0))]
+    runs += [run("adamw-sweep", 1.0, lr=lr, test=lr) for lr in (0.1, 0.2)]
+    rows = panel.summarize(work, runs)["rows"]
+    assert rows["adamw-1e-3"]["cpu_s"] == 2.5 and rows["adamw-1e-3"]["peak_mb"] == 2.5
+    assert rows["adamw-1e-3"]["test"] == 0.5  # the first repeat's
+    assert rows["adamw-sweep"]["cpu_s"] == 2.0 and rows["adamw-sweep"]["test"] == 0.1
+
+    args = panel.parser().parse_args(
+        ["--workloads", "diabetes", "cancer", "--contenders", "prodigy", "fit", "--repeat", "3"]
+    )
+    specs = panel.jobs_of(args, {})
+    assert [s["repeat"] for s in specs] == [0] * 12 + [1] * 6 + [2] * 6
+    assert {s["contender"] for s in specs if s["repeat"]} == {"fit"}
+    with pytest.raises(SystemExit, match="--repeat takes a count >= 1"):
+        panel.run_panel(["--repeat", "0"])
