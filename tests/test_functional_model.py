@@ -2,6 +2,7 @@
 statistics are returned, never written behind the caller's back; plain ``nn.Sequential`` models
 run as direct functional calls that equal the module's own forward bitwise."""
 
+import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -60,3 +61,58 @@ def test_plain_sequential_runs_directly_and_equals_the_module_bitwise():
     fm(params, buffers, x, train=True, extra=extra)  # hooks need the module: they still run
     hook.remove()
     assert seen == [torch.Size([9, 5, 6])]
+
+
+class _TiedLM(nn.Module):
+    """An embedding whose weight the output layer shares, a GRU, BatchNorm over features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.rnn = nn.GRU(6, 6, batch_first=True)
+        self.norm = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.fail = False
+
+    def forward(self, x):
+        h, _ = self.rnn(self.embed(x))
+        if self.fail:
+            raise RuntimeError("inside forward")
+        return self.head(self.norm(h.transpose(1, 2)).transpose(1, 2))
+
+
+def test_a_module_runs_at_the_given_tensors_as_functional_call_runs_it():
+    """Through the module (no direct plan): the same outputs as ``functional_call`` bitwise,
+    tied weights swapped together, the module's own tensors back after every call (an error
+    inside the forward included), and a replaced submodule's new tensors used."""
+    torch.manual_seed(0)
+    m = _TiedLM()
+    own = {k: v for k, v in m.state_dict(keep_vars=True).items()}
+    fm = FunctionalModel(m)
+    params, buffers = fm.init()
+    assert "head.weight" not in params  # named once, as named_parameters names it
+    params = {k: v + 0.1 * torch.randn_like(v) for k, v in params.items()}
+    x = torch.randint(0, 11, (3, 5))
+    for train in (True, False):
+        out, new = fm(params, buffers, x, train=train, update_buffers=True)
+        m.train(train)
+        clones = {k: v.clone() for k, v in buffers.items()}
+        assert torch.equal(out, functional_call(m, {**params, **clones}, (x,)))
+        assert all(torch.equal(new[k], clones[k]) for k in buffers)  # the same statistics
+        m.train(True)
+    assert all(t is own[k] for k, t in m.state_dict(keep_vars=True).items())
+    assert m.head.weight is m.embed.weight
+    m.fail = True
+    with pytest.raises(RuntimeError, match="inside forward"):
+        fm(params, buffers, x, train=True)
+    assert all(t is own[k] for k, t in m.state_dict(keep_vars=True).items())
+    m.fail = False
+    m.norm = nn.BatchNorm1d(6)  # replaced, the same names: the next call uses the new one
+    out, _ = fm(params, buffers, x, train=False)
+    m.eval()
+    assert torch.equal(out, functional_call(m, {**params, **buffers}, (x,)))
+    m.head = nn.Linear(6, 11)  # replaced (untied, with a bias): the next call sees it
+    params = {**params, "head.weight": torch.randn(11, 6), "head.bias": torch.randn(11)}
+    out, _ = fm(params, buffers, x, train=False)
+    assert torch.equal(out, functional_call(m, {**params, **buffers}, (x,)))
