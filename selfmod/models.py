@@ -188,8 +188,8 @@ class FunctionalModel:
 class TensorSlots:
     """Where ``module``'s parameters and buffers live, to call it at other tensors of the same
     names as :func:`torch.func.functional_call` does (``strict=False``, tied weights swapped
-    together), without its per-call search of the module tree (70-190 us a call on the
-    panel's models, against a forward pass of 30-2,500 us).
+    together), without its per-call search of the module tree (25-53 us a call on the
+    panel's CNN, GRU and Transformer: ``benchmarks/forward_call.py``).
 
     ``slots[name]``: every ``(table, attr)`` holding that tensor, ``table`` its owner's
     ``_parameters`` or ``_buffers`` dict (a tied tensor's other places under the name
