@@ -177,10 +177,12 @@ class FunctionalModel:
         if tracking:
             buffers = {k: v.clone() for k, v in buffers.items()}  # updated in place below
         values = {**params, **buffers, **(extra or {})}
-        if self._slots is None or not self._slots.holds(values):
+        fits = self._slots is not None and self._slots.holds(values)
+        if not fits:  # the first call, or the module changed: its slots found again
             self._slots = TensorSlots(self.module)
+            fits = self._slots.holds(values)  # else a name that is no parameter or buffer
         with _modes(self.module, train, tracking, self._slots.modules):
-            if not self._slots.holds(values):  # a name that is no parameter or buffer
+            if not fits:
                 return functional_call(self.module, values, args, kwargs), buffers
             return self._slots.call(values, args, kwargs), buffers
 

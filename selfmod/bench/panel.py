@@ -433,9 +433,7 @@ def jobs_of(args: argparse.Namespace, fit_set: dict[str, Any]) -> list[dict[str,
     specs = []
     for repeat in range(args.repeat):  # rounds: the repeats spread over the invocation
         for name in args.workloads:
-            for contender in args.contenders if repeat == 0 else TIMED:
-                if contender not in args.contenders:
-                    continue
+            for contender in [c for c in args.contenders if repeat == 0 or c in TIMED]:
                 for seed in args.seeds:
                     for lr in SWEEP_LR if contender == "adamw-sweep" else (None,):
                         specs.append({
@@ -491,9 +489,8 @@ def run_panel(argv: list[str] | None = None, log: Callable[[str], None] | None =
         done[0] += 1
         what = got.get("failed") or f"test {got['test']:.4g}, {got['seconds']:.1f} s"
         lr = f" lr {spec['lr']:g}" if spec["contender"] == "adamw-sweep" else ""
-        again = f" repeat {spec['repeat']}" if spec["repeat"] else ""
         row = f"{spec['workload']} {key_of(spec['contender'], spec['tag'])}{lr} seed {spec['seed']}"
-        row += again
+        row += f" repeat {spec['repeat']}" if spec["repeat"] else ""
         log(f"[{done[0]}/{len(specs)} {time.perf_counter() - start:.0f} s] {row}: {what}")
         return {**spec, **got}
 
