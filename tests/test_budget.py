@@ -137,6 +137,29 @@ def test_wsd_schedule_holds_the_level_then_cools_down_linearly(at):
     assert factor("wsd", at) >= factor("cosine", at) - 1e-12
 
 
+def test_wsd_schedule_keeps_its_factor_tensor_through_the_stable_phase():
+    """``wsd``'s factor tensor is made where the factor changes and kept while it holds (the
+    stable phase: the same object, so a fused step need not read its rates again), and the
+    rates read are the schedule's at every step, also after the tensor is written in place."""
+    cfg = TrainConfig(**{**FAST, "steps": 100, "lr_schedule": "wsd", "modifiers": []})
+    run, seen, ids = Introspector(cfg), [], []
+
+    def look(r) -> None:
+        t = r.state.hparams[LR_SCHEDULE]
+        seen.append(float(t.exp()))
+        ids.append(id(t))
+        if r.step == 50:
+            with torch.no_grad():
+                t.add_(math.log(0.5))  # written in place: the next step must make it again
+
+    run.run(on_step=look)
+    want = [factor("wsd", t / 100) for t in range(100)]
+    assert seen == pytest.approx(want, rel=1e-9)
+    stable = [ids[t] for t in range(100) if WARMUP * 100 <= t < 49]
+    assert len(stable) > 30 and len(set(stable)) == 1
+    assert ids[50] != ids[48]  # written in place at step 50: a new tensor for step 51
+
+
 def test_a_checkpoint_streamed_to_disk_is_the_same_file_as_one_serialized_in_memory(tmp_path):
     tensors = {"a": torch.randn(300, 7), "b": torch.arange(5)}
     path = save_checkpoint(tmp_path, 3, tensors, {"x": 1})

@@ -398,6 +398,41 @@ def test_fused_step_is_the_chain_to_rounding_and_leaves_its_inputs_alone(name):
         assert fused[1][at].count == chained[1][at].count
 
 
+def test_fused_step_reads_its_rates_again_exactly_when_they_can_have_changed():
+    """A fused step keeps the floats it read while ``hparams`` holds the same tensors and
+    every hyperparameter is a number or a callable marked ``of_hparams_only``; a tensor
+    written in place, a new tensor, or an unmarked callable reading state of its own is read
+    again: each step equals the step of a fresh optimizer, bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    params = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(4, generator=gen)}
+    outside = [1.0]  # state of the caller's that the unmarked callable reads
+    marked = optim.of_hparams_only(lambda h: h["log_lr"].exp())
+    forms = {
+        "marked": optim.adamw(lr=marked, weight_decay=0.1),
+        "unmarked": optim.adamw(lr=lambda h: h["log_lr"].exp() * outside[0], weight_decay=0.1),
+    }
+    h = {"log_lr": torch.tensor(math.log(1e-2))}
+    runs = {k: (params, opt.init(params)) for k, opt in forms.items()}
+    with torch.no_grad():
+        for t in range(6):
+            if t == 2:
+                h["log_lr"].add_(math.log(3.0))  # written in place
+            if t == 4:
+                h = {"log_lr": torch.tensor(math.log(2e-3))}  # a new tensor
+            if t == 5:
+                outside[0] = 0.5
+            grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+            for k, opt in forms.items():
+                p, s = runs[k]
+                fresh = {"marked": optim.adamw(lr=marked, weight_decay=0.1), "unmarked": (
+                    optim.adamw(lr=lambda h: h["log_lr"].exp() * outside[0], weight_decay=0.1)
+                )}[k]  # fmt: skip
+                want, _ = optim.step(fresh, grads, s, p, h)
+                runs[k] = optim.step(opt, grads, s, p, h)
+                for name in params:
+                    assert torch.equal(runs[k][0][name], want[name]), (k, t, name)
+
+
 def test_fused_step_steps_aside_inside_autograd():
     """Inside autograd ``optim.step`` is ``update`` + ``apply_updates``: differentiable in
     the learning rate."""

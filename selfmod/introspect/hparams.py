@@ -235,6 +235,7 @@ class HParamSpace:
 
 
 def _reader(hp: HParam, names: Sequence[str]) -> Callable[[Params], Any]:
+    @optim.of_hparams_only
     def value(h: Params) -> Any:
         return hp.value(h, names)
 

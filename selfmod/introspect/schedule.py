@@ -44,12 +44,38 @@ def factor(kind: str, progress: float) -> float:
     return max(cosine, FLOOR)
 
 
+class _Made:
+    """The factor tensor made last and the value it was made with: a state that holds that
+    very tensor, not written in place since, holds the factor already (the stable phase of
+    ``"wsd"``, most of a run: no new tensor and no new hyperparameters a step)."""
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+        self.value, self.version = math.nan, None
+
+    def holds(self, tensor: torch.Tensor, value: float) -> bool:
+        same = tensor is self.tensor and value == self.value and self.version is not None
+        return same and tensor._version == self.version
+
+    def make(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        self.tensor = torch.tensor(math.log(value), dtype=dtype).to(device)
+        self.value = value  # an inference tensor keeps no version: never taken as unchanged
+        self.version = None if self.tensor.is_inference() else self.tensor._version
+        return self.tensor
+
+
+_made = _Made()
+
+
 def scheduled(state: RunState, value: float) -> RunState:
     """``state`` with the schedule's factor ``value`` on every learning rate."""
     if value == 1.0 and LR_SCHEDULE not in state.hparams:
         return state
-    log = torch.tensor(math.log(value), dtype=state.hparams["log_lr"].dtype)
-    log = log.to(state.hparams["log_lr"].device)
+    now = state.hparams.get(LR_SCHEDULE)
+    if now is not None and _made.holds(now, value):  # the factor it has: no new tensor
+        return state
+    level = state.hparams["log_lr"]
+    log = _made.make(value, level.dtype, level.device)
     return replace(state, hparams={**state.hparams, LR_SCHEDULE: log})
 
 

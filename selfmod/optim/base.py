@@ -111,6 +111,24 @@ def resolve(
     return resolved if then is None else then(resolved)
 
 
+def of_hparams_only(fn: Callable[[HParams], Any]) -> Callable[[HParams], Any]:
+    """Mark ``fn``, a hyperparameter's callable, as a function of its ``hparams`` argument
+    alone (no clock, counter or other state of its own): a fused step may then keep the value
+    it read while ``hparams`` holds the same, unwritten tensors (:mod:`selfmod.optim.fused`).
+    An unmarked callable is called every step."""
+    fn.of_hparams_only = True  # type: ignore[attr-defined]
+    return fn
+
+
+def kept_while_hparams_are(value: HParam) -> bool:
+    """Whether ``value``'s result changes only with ``hparams``: a number, or a callable
+    marked :func:`of_hparams_only` (a tensor or a dict given as a constant may be written by
+    its owner between steps)."""
+    if isinstance(value, int | float):
+        return True
+    return callable(value) and getattr(value, "of_hparams_only", False) is True
+
+
 def negate(value: Scalar | Mapping[str, Scalar]) -> Scalar | dict[str, Scalar]:
     """``-value`` for a scalar or every entry of a per-tensor dict."""
     if isinstance(value, Mapping):

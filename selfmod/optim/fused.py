@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfmod.optim.base import HParam, HParams, Params, per_key, resolve
+from selfmod.optim.base import (
+    HParam,
+    HParams,
+    Params,
+    kept_while_hparams_are,
+    per_key,
+    resolve,
+)
 from selfmod.optim.transforms import AdamState
 
 
@@ -39,6 +46,43 @@ def _floats(values: list[Any]) -> list[float] | None:
         tensors = [t.double() for t in tensors]
     read = iter(torch.stack(tensors).tolist() if tensors else [])
     return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+
+
+class HostRead:
+    """The last host read of a function of ``(keys, hparams)``, kept while ``keys`` and every
+    value of ``hparams`` are the same: the same tensor objects, none written in place since
+    (their version counters), or equal non-tensor values. Where a step's hyperparameters are
+    functions of ``hparams`` alone (numbers, callables marked
+    :func:`~selfmod.optim.base.of_hparams_only`: the loop's), their floats are then the same;
+    reading them again costs a dozen small tensor operations and, on a GPU, a wait for the
+    device, every step."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.held: list[Any] = []  # the tensors of ``key``: their ids stay theirs
+        self.value: Any = None
+
+    def get(self, keys: list[str], hparams: HParams | None, read: Any) -> Any:
+        values = list(hparams.values()) if hparams is not None else []
+        key = (
+            tuple(keys),
+            tuple(hparams or ()),
+            tuple(_stamp(v) for v in values),
+        )
+        if key != self.key or any(k is None for k in key[2]):
+            self.value = read(keys, hparams)
+            self.key, self.held = key, values
+        return self.value
+
+
+def _stamp(value: Any) -> Any:
+    """What identifies ``value``'s contents now: a tensor's id and version (``None`` for an
+    inference tensor, which keeps no version: never taken as unchanged), else the value."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.is_inference():
+        return None
+    return id(value), value._version
 
 
 def _copies(tensors: list[Tensor]) -> list[Tensor]:
@@ -66,6 +110,20 @@ def adam_step(
     used (the module docstring)."""
 
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    # the hyperparameters' floats, read again only when hparams change (where every one is a
+    # constant or a function of hparams alone)
+    last = HostRead() if all(map(kept_while_hparams_are, (lr, b1, b2, eps, weight_decay))) else None
+
+    def hyperparameters(keys: list[str], hparams: HParams | None) -> list[float] | None:
+        """``[b1, b2, eps, lr per key..., weight decay per key...]`` as floats, or ``None``
+        where one is per tensor where it must be shared, or not a scalar."""
+        shared = [resolve(v, hparams, name) for v, name in ((b1, "b1"), (b2, "b2"), (eps, "eps"))]
+        if any(isinstance(v, Mapping) for v in shared):
+            return None
+        rate, decay = resolve(lr, hparams, "lr"), resolve(weight_decay, hparams, "weight_decay")
+        rates = [per_key(rate, k, "lr") for k in keys]
+        decays = [per_key(decay, k, "weight_decay") for k in keys]
+        return _floats([*shared, *rates, *decays])
 
     def step(
         grads: Params,
@@ -78,13 +136,11 @@ def adam_step(
         if torch.is_grad_enabled():
             return None
         keys, n = list(grads), len(grads)
-        shared = [resolve(v, hparams, name) for v, name in ((b1, "b1"), (b2, "b2"), (eps, "eps"))]
-        if any(isinstance(v, Mapping) for v in shared):
-            return None
-        rate, decay = resolve(lr, hparams, "lr"), resolve(weight_decay, hparams, "weight_decay")
-        rates = [per_key(rate, k, "lr") for k in keys]
-        decays = [per_key(decay, k, "weight_decay") for k in keys]
-        read = _floats([*shared, *rates, *decays])
+        read = (
+            hyperparameters(keys, hparams)
+            if last is None
+            else last.get(keys, hparams, hyperparameters)
+        )
         tensors = [params[k] for k in keys]
         if read is None or not all(
             t.is_floating_point() and t.device == tensors[0].device for t in tensors
