@@ -45,23 +45,25 @@ def factor(kind: str, progress: float) -> float:
 
 
 class _Made:
-    """The factor tensor made last and the value it was made with: a state that holds that
-    very tensor, not written in place since, holds the factor already (the stable phase of
-    ``"wsd"``, most of a run: no new tensor and no new hyperparameters a step)."""
+    """The factor tensor made last, with the value it was made with and its version then: a
+    state that holds that very tensor, not written in place since, holds the factor already
+    (the stable phase of ``"wsd"``, most of a run: no new tensor and no new hyperparameters a
+    step). The three are replaced as one tuple, so a thread never sees one's with another's."""
 
     def __init__(self) -> None:
-        self.tensor: torch.Tensor | None = None
-        self.value, self.version = math.nan, None
+        self.last: tuple[torch.Tensor, float, int | None] | None = None
 
     def holds(self, tensor: torch.Tensor, value: float) -> bool:
-        same = tensor is self.tensor and value == self.value and self.version is not None
-        return same and tensor._version == self.version
+        last = self.last
+        if last is None or tensor is not last[0] or value != last[1] or last[2] is None:
+            return False
+        return tensor._version == last[2]
 
     def make(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        self.tensor = torch.tensor(math.log(value), dtype=dtype).to(device)
-        self.value = value  # an inference tensor keeps no version: never taken as unchanged
-        self.version = None if self.tensor.is_inference() else self.tensor._version
-        return self.tensor
+        made = torch.tensor(math.log(value), dtype=dtype).to(device)
+        # an inference tensor keeps no version: never taken as unchanged
+        self.last = (made, value, None if made.is_inference() else made._version)
+        return made
 
 
 _made = _Made()

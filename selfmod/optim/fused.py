@@ -58,21 +58,19 @@ class HostRead:
     device, every step."""
 
     def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
-        self.held: list[Any] = []  # the tensors of ``key``: their ids stay theirs
-        self.value: Any = None
+        # (key, the tensors of key: their ids stay theirs, value), replaced whole: a thread
+        # sharing the step never sees one read's key with another's value
+        self.last: tuple[tuple[Any, ...], list[Any], Any] | None = None
 
     def get(self, keys: list[str], hparams: HParams | None, read: Any) -> Any:
         values = list(hparams.values()) if hparams is not None else []
-        key = (
-            tuple(keys),
-            tuple(hparams or ()),
-            tuple(_stamp(v) for v in values),
-        )
-        if key != self.key or any(k is None for k in key[2]):
-            self.value = read(keys, hparams)
-            self.key, self.held = key, values
-        return self.value
+        key = (tuple(keys), tuple(hparams or ()), tuple(_stamp(v) for v in values))
+        last = self.last
+        if last is not None and last[0] == key and all(k is not None for k in key[2]):
+            return last[2]
+        value = read(keys, hparams)
+        self.last = (key, values, value)
+        return value
 
 
 def _stamp(value: Any) -> Any:
