@@ -21,6 +21,11 @@ with seeds 10 and 11 (``--dev``), then the published split and seeds 0, 1, 2 are
 
     python benchmarks/choice.py --dev --out /tmp/choice_dev   # choosing settings
     python benchmarks/choice.py                               # the published table
+
+``--selection 0.1 0.2`` runs no choice: every option alone over 10% and 20% of the steps and
+in full, the pick by the validation metric, scored by the test accuracy of the picked option's
+full run (what a race of options with separate weights would pick; at the full share, the
+ceiling of any pick made from this validation set).
 """
 
 from __future__ import annotations
@@ -131,13 +136,15 @@ def final_picks(result: Any) -> str:
     return "+".join(out)
 
 
-def one(job: tuple[str, str | None, int, int, dict[str, Any]]) -> dict[str, Any]:
+def one(job: tuple[Any, ...]) -> dict[str, Any]:
     """Train one run in this process: ``(workload, option or None for the choice, seed, split,
-    choice settings)``."""
-    name, option, seed, split, settings = job
+    choice settings[, share of the workload's steps])``."""
+    name, option, seed, split, settings, *more = job
     torch.set_num_threads(1)
     data, make, _, steps = WORKLOADS[name]
     w = data(steps, split)
+    share = more[0] if more else 1.0
+    steps = max(1, round(share * steps))
     torch.manual_seed(seed)
     model = make(option)
     config = {
@@ -156,9 +163,13 @@ def one(job: tuple[str, str | None, int, int, dict[str, Any]]) -> dict[str, Any]
     history = [
         d for d in result.run.history["decisions"] if d["modifier"] in ("choice", "inner_lr")
     ]
+    module = result.module.eval()
+    with torch.no_grad():
+        val_loss = float(w.loss(module(w.val[0]), w.val[1]))
     return {
         "workload": name, "option": option or "choice", "seed": seed, "split": split,
-        "test": w.evaluate(result.module, w.test), "cpu": cpu, "wall": wall,
+        "share": share, "val": w.evaluate(module, w.val), "val_loss": val_loss,
+        "test": w.evaluate(module, w.test), "cpu": cpu, "wall": wall,
         "examples": s["examples"], "meta_examples": s["meta_examples"], "pick": pick,
         "decisions": [(d["step"], d["modifier"], d["decision"]) for d in history],
     }  # fmt: skip
@@ -239,6 +250,45 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     return lines, summary
 
 
+def selection(rows: list[dict[str, Any]], shares: list[float]) -> list[str]:
+    """Markdown lines: every option trained alone over a share of the steps, the one with the
+    best validation metric (ties: the lower validation loss) picked, and the test accuracy of
+    that option's full run; at share 1 the pick of full runs (K runs' cost), the ceiling of
+    any choice read from this validation set."""
+    lines = ["## Picking by validation after a share of the steps", ""]
+    for name in WORKLOADS:
+        mine = [r for r in rows if r["workload"] == name]
+        if not mine:
+            continue
+        options, seeds = WORKLOADS[name][2], sorted({r["seed"] for r in mine})
+
+        def at(option: str, seed: int, share: float, mine: list = mine) -> dict[str, Any]:
+            return next(
+                r for r in mine if (r["option"], r["seed"], r["share"]) == (option, seed, share)
+            )
+
+        lines += [f"### {name}", "", "| share | picks | test of the picks' full runs "
+                  "(mean) | minus best fixed | minus average fixed | examples x |",
+                  "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+        best = max(statistics.mean(at(o, s, 1.0)["test"] for s in seeds) for o in options)
+        average = statistics.mean(at(o, s, 1.0)["test"] for o in options for s in seeds)
+        for share in [*shares, 1.0]:
+
+            def score(option: str, seed: int, share: float = share) -> tuple[float, float]:
+                r = at(option, seed, share)
+                return r["val"], -r["val_loss"]
+
+            picks = [max(options, key=lambda o, s=s: score(o, s)) for s in seeds]
+            test = statistics.mean(at(p, s, 1.0)["test"] for p, s in zip(picks, seeds, strict=True))
+            cost = 1 + share * (len(options) - 1)  # the winner's share trained on, as the race's
+            lines.append(
+                f"| {share:g} | {', '.join(picks)} | {test:.4f} | {100 * (test - best):+.2f} | "
+                f"{100 * (test - average):+.2f} | {cost:.2f} |"
+            )
+        lines.append("")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dev", action="store_true", help="development split 1, seeds 10 and 11")
@@ -247,6 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], help="choice settings, name=value (JSON)")
     ap.add_argument("--out", type=Path, default=RESULTS / "choice")
+    ap.add_argument(
+        "--selection", type=float, nargs="+", default=None, metavar="SHARE",
+        help="instead of the choice: every option alone over each SHARE of the steps and in "
+        "full, picked by validation",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     split = 1 if args.dev else 0
     seeds = args.seeds or (DEV_SEEDS if args.dev else SEEDS)
@@ -257,10 +312,21 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds
         for option in (None, *WORKLOADS[name][2])
     ]
+    if args.selection:
+        jobs = [
+            (name, option, seed, split, settings, share)
+            for name in args.workloads
+            for seed in seeds
+            for option in WORKLOADS[name][2]
+            for share in sorted({*args.selection, 1.0})
+        ]
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(one, jobs))
-    lines, summary = table(rows)
+    if args.selection:
+        lines, summary = selection(rows, args.selection), {}
+    else:
+        lines, summary = table(rows)
     command = "python benchmarks/choice.py " + " ".join(sys.argv[1:] if argv is None else argv)
     head = [
         "# Architecture chosen by gradients inside the run (benchmarks/choice.py)",
