@@ -113,10 +113,14 @@ def _problem(model: str, millions: float) -> tuple:
     return lambda: ByteLM(d, layers, 4, CONTEXT), lm_loss, train, guard, test, bpb
 
 
-def child(model: str, mode: str, millions: float, steps: int, limit_gb: float) -> dict:
+def child(
+    model: str, mode: str, millions: float, steps: int, limit_gb: float, autocast: str = "off"
+) -> dict:
     """Train one configuration in this process (its address space capped at ``limit_gb``, so
     that a run too large fails alone instead of pushing the machine into swap); the
-    measurement as a dict."""
+    measurement as a dict. ``autocast="bf16"``: the forward under ``torch.autocast`` in
+    bfloat16, the loss on its output in float32 (``fit``: its ``autocast`` setting); the test
+    metric of both in float32."""
     cap = int(limit_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     import torch
@@ -136,7 +140,9 @@ def child(model: str, mode: str, millions: float, steps: int, limit_gb: float) -
         g = torch.Generator().manual_seed(0)
         for _ in range(steps):
             i = torch.randint(0, len(x), (batch,), generator=g)
-            loss = loss_fn(net(x[i]), y[i])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
+                out = net(x[i])
+            loss = loss_fn(out.float(), y[i])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -147,14 +153,16 @@ def child(model: str, mode: str, millions: float, steps: int, limit_gb: float) -
                 net, loss_fn, (x, y), guard, test=test, optimizer="adamw",
                 metric="accuracy" if model == "mlp" else "loss",
                 config={"steps": steps, "lr": 1e-3, "batch_size": batch, "out": out,
-                        "report": False},
+                        "report": False, "autocast": autocast},
             )  # fmt: skip
         metric, examples = summary_metric(model, result.summary), result.summary["examples"]
     seconds, cpu_s = time.perf_counter() - start, _cpu_s() - cpu
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_kb) / 1024
     if mode == "fit":  # the summary's figure is the module's, to rounding (not timed)
         scored = score(result.module)
-        assert abs(scored - metric) < 1e-4, f"summary {metric} but the module scores {scored}"
+        if autocast == "off":
+            assert abs(scored - metric) < 1e-4, f"summary {metric} but the module scores {scored}"
+        metric = scored  # in float32, as the plain run's
     return {"model": model, "mode": mode, "millions": millions, "params": params,
             "seconds": seconds, "cpu_s": cpu_s, "peak_mb": peak_mb, "examples": examples,
             METRIC[model]: metric}  # fmt: skip
@@ -176,10 +184,16 @@ def _cpu_s() -> float:
 
 
 def measure(
-    model: str, mode: str, millions: float, steps: int, limit: int, limit_gb: float
+    model: str,
+    mode: str,
+    millions: float,
+    steps: int,
+    limit: int,
+    limit_gb: float,
+    autocast: str = "off",
 ) -> dict:
     cmd = [sys.executable, __file__, "--child", model, mode, str(millions), str(steps),
-           str(limit_gb)]  # fmt: skip
+           str(limit_gb), autocast]  # fmt: skip
     failed = {"model": model, "mode": mode, "millions": millions}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, check=False)
@@ -202,19 +216,27 @@ MODELS = {
 }
 
 
-def table(rows: list[dict], steps: int, model: str = "mlp") -> str:
+def table(rows: list[dict], steps: int, model: str = "mlp", autocast: str = "off") -> str:
     metric = "test acc" if model == "mlp" else "test bits/byte"
+    flag = " --autocast bf16" if autocast == "bf16" else ""
+    how = (
+        " Every forward (both runs') under `torch.autocast` in bfloat16, the loss and the"
+        " test metric in float32."
+        if autocast == "bf16"
+        else ""
+    )
     fmt = ".3f"
     key = METRIC[model]
     lines = [
         "# Cost of the loop at model sizes users have",
         "",
-        f"Command: `python benchmarks/scale.py --model {model} --steps {steps}`. {MODELS[model]}"
+        f"Command: `python benchmarks/scale.py --model {model} --steps {steps}{flag}`."
+        f" {MODELS[model]}"
         ", one thread, each measurement in its own process (address space capped at"
         " `--memory` GB); peak memory is the resident size above the process's resident size"
         " before the model is built; CPU ratio: user + system seconds (one thread: the wall time on"
         " an idle core, for a shared machine). `fit` uses its defaults but for the learning rate:"
-        " 1e-3, as plain AdamW's.",
+        f" 1e-3, as plain AdamW's.{how}",
         "",
         "| params | plain AdamW s | fit s | wall ratio | CPU ratio | plain MB | fit MB |"
         f" memory ratio | examples plain / fit | {metric} plain / fit |",
@@ -284,27 +306,35 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=900, help="seconds per measurement")
     ap.add_argument("--memory", type=float, default=14.0, help="GB of address space per run")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
-    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--autocast", choices=("off", "bf16"), default="off",
+        help="bf16: every forward under torch.autocast in bfloat16 (results: *_bf16.*)",
+    )  # fmt: skip
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        model, mode, millions, steps, limit_gb = args.child
-        print(json.dumps(child(model, mode, float(millions), int(steps), float(limit_gb))))
+        model, mode, millions, steps, limit_gb, autocast = args.child
+        print(
+            json.dumps(child(model, mode, float(millions), int(steps), float(limit_gb), autocast))
+        )
         return
     rows, fit_ok = [], True
     for m in (float(s) for s in args.sizes.split(",")):
         for mode in ("plain", "fit"):
             if mode == "fit" and not fit_ok:
                 continue
-            r = measure(args.model, mode, m, args.steps, args.limit, args.memory)
+            r = measure(args.model, mode, m, args.steps, args.limit, args.memory, args.autocast)
             fit_ok = fit_ok and "failed" not in r
             rows.append(r)
             print(json.dumps(r), flush=True)
-    stem = "scale" if args.model == "mlp" else "scale_lm"
+    stem = ("scale" if args.model == "mlp" else "scale_lm") + (
+        "_bf16" if args.autocast == "bf16" else ""
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
-    (args.out / f"{stem}.md").write_text(table(rows, args.steps, args.model))
+    (args.out / f"{stem}.md").write_text(table(rows, args.steps, args.model, args.autocast))
     plot(rows, args.out / f"{stem}.png", args.model)
-    print(table(rows, args.steps, args.model))
+    print(table(rows, args.steps, args.model, args.autocast))
 
 
 if __name__ == "__main__":

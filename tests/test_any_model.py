@@ -357,3 +357,25 @@ def test_regression_reports_the_loss_as_its_metric(tmp_path):
     assert s["test_metric"] == s["test_loss"] < 0.5 * before
     widths = result.run.summary()["widths"]
     assert widths[0] >= 32  # an nn.Sequential of Linear layers: growth applies
+
+
+def test_autocast_bf16_runs_the_forward_in_bfloat16_and_keeps_float32_state(digits, tmp_path):
+    """``autocast = "bf16"``: the model's layers compute in bfloat16 during training (a forward
+    hook sees their outputs), the run learns, and what it returns (parameters, the module's
+    output, the summary's loss) is float32; with ``dtype = "float64"`` it is one line."""
+    torch.manual_seed(0)
+    model = MODELS["transformer"]()
+    seen: set[torch.dtype] = set()
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    result = fit(
+        model, F.cross_entropy, digits["train"], digits["guard"], test=digits["test"],
+        optimizer="adamw", config=_config("adamw", autocast="bf16"), run_dir=tmp_path / "run",
+    )  # fmt: skip
+    assert torch.bfloat16 in seen
+    assert result.summary["test_accuracy"] > 0.5 and math.isfinite(result.summary["test_loss"])
+    assert all(p.dtype == torch.float32 for p in result.module.parameters())
+    with torch.no_grad():
+        assert result.module.eval()(digits["test"][0][:4]).dtype == torch.float32
+    with pytest.raises(Exception, match='autocast = "bf16" needs dtype = "float32"'):
+        make_config({"autocast": "bf16", "dtype": "float64"})

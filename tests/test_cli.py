@@ -219,6 +219,7 @@ BAD_VALUES = {
     ),
     "out": ('""', "out must be a string"),
     "threads": ("0", "threads must be an integer in [1, 256] (got 0)"),
+    "autocast": ('"fp16"', "autocast must be one of 'off', 'bf16' (got 'fp16')"),
     "schedule": ("{grow=0}", "schedule must be a table of modifier = N (every N-th cycle"),
     "modifiers.online_lr.online_lr_step": (
         "0",
@@ -238,6 +239,7 @@ BAD_COMBINATIONS = [
         "batch_size must be in [min_batch, max_batch] of modifiers.batch_size",
     ),
     (["width=400"], "width must be <= modifiers.grow.max_width (384) (got 400)"),
+    (['autocast="bf16"', 'dtype="float64"'], 'autocast = "bf16" needs dtype = "float32"'),
 ]
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from selfmod import optim
 from selfmod.errors import SelfmodError
-from selfmod.introspect.feed import DTYPES, Feed, Source, device_of, place
+from selfmod.introspect.feed import AUTOCAST, DTYPES, Feed, Source, device_of, place
 from selfmod.introspect.hparams import HParamSpace
 from selfmod.introspect.lookahead import Losses
 from selfmod.introspect.modifiers import Modifier, default_names, registry
@@ -129,6 +129,7 @@ def pieces(
     np.random.seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
     problem.module.to(device=device, dtype=dtype)
+    problem.autocast = AUTOCAST[cfg.autocast]
     params, buffers = problem.init()
     names = list(params)
     place(sources, device, dtype, cfg.batch_size)

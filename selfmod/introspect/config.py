@@ -90,6 +90,11 @@ class RunFields(BaseModel):
         "cpu", pattern=r"^(cpu|cuda|auto|cuda:\d+)$", description='"cpu", "cuda", "cuda:N", "auto"'
     )
     dtype: Literal["float32", "float64"] = "float32"
+    autocast: Literal["off", "bf16"] = Field(
+        "off",
+        description="bf16: the model's forward under torch.autocast in bfloat16 (CPU or CUDA), "
+        "its output, the loss, the parameters and the optimizer in float32",
+    )
     threads: int = Field(1, ge=1, le=256, description="torch CPU threads (small models: 1)")
 
 
@@ -422,6 +427,11 @@ class TrainConfig(
     def _consistent(self) -> TrainConfig:
         if self.lookahead > self.cycle:
             raise ValueError(f"lookahead must be <= cycle ({self.cycle}) (got {self.lookahead})")
+        if self.autocast != "off" and self.dtype != "float32":
+            raise ValueError(
+                f'autocast = "{self.autocast}" needs dtype = "float32" (got {self.dtype!r}): '
+                'autocast lowers float32 operations; set autocast = "off" for float64'
+            )
         if self.meta_horizon and self.estimator not in ("reverse", "checkpointed"):
             raise ValueError(
                 f'meta_horizon needs estimator = "reverse" or "checkpointed" (got '

@@ -16,6 +16,8 @@ from selfmod.introspect import replay
 
 Batch = tuple[Any, Tensor, Tensor]  # x (B, ...), y (B, ...), dropout noise (S, B, W) or (0,)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: ``config.autocast`` -> the forward's autocast dtype (``None``: no autocast)
+AUTOCAST = {"off": None, "bf16": torch.bfloat16}
 
 
 @dataclass

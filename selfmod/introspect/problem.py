@@ -36,6 +36,15 @@ EVAL_FIRST = 64
 EVAL_OUTPUT = 2**20
 
 
+def _widened(out: Any, params: Params) -> Any:
+    """An autocast forward's floating-point output tensors in the parameters' dtype: the loss
+    and the metrics are computed in it, not in bfloat16."""
+    dtype = next(iter(params.values())).dtype if params else torch.float32
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, out
+    )
+
+
 class Problem:
     """A model, its loss and metric, and the structure the modifiers need.
 
@@ -59,6 +68,8 @@ class Problem:
             raise ValueError(f"metric must be 'accuracy' or 'loss' (got {metric!r})")
         self.module, self.loss, self.metric = module, loss, metric
         self.model = FunctionalModel(module)
+        #: the forward's autocast dtype (``config.autocast``, set by the run), else ``None``
+        self.autocast: torch.dtype | None = None
         self.dropout_sites = [
             n for n, m in module.named_modules() if isinstance(m, ConcreteDropout)
         ]
@@ -94,9 +105,16 @@ class Problem:
             for i, site in enumerate(self.dropout_sites):
                 extra[f"{site}.rate"] = rates[i]
                 extra[f"{site}.noise"] = noise[i]
-        return self.model(
-            params, buffers, x, train=train, update_buffers=update_buffers, extra=extra
-        )
+        if self.autocast is None:
+            return self.model(
+                params, buffers, x, train=train, update_buffers=update_buffers, extra=extra
+            )
+        kind = next(iter(params.values())).device.type if params else "cpu"
+        with torch.autocast(kind, dtype=self.autocast):
+            out, new = self.model(
+                params, buffers, x, train=train, update_buffers=update_buffers, extra=extra
+            )
+        return _widened(out, params), new
 
     def predict(self, params: Params, buffers: Params, x: Tensor) -> Any:
         """Eval-mode output (no dropout, running statistics), in chunks sized by the first's
