@@ -379,3 +379,19 @@ def test_autocast_bf16_runs_the_forward_in_bfloat16_and_keeps_float32_state(digi
         assert result.module.eval()(digits["test"][0][:4]).dtype == torch.float32
     with pytest.raises(Exception, match='autocast = "bf16" needs dtype = "float32"'):
         make_config({"autocast": "bf16", "dtype": "float64"})
+
+
+def test_autocast_bf16_runs_through_a_second_order_estimator(digits, tmp_path):
+    """``estimator = "reverse"`` (the step differentiated twice) under bfloat16 autocast: the
+    cycles estimate and commit; ``"forward"`` with autocast is one line naming the others."""
+    torch.manual_seed(0)
+    config = _config("adamw", autocast="bf16", estimator="reverse", steps=80)
+    result = fit(
+        MODELS["residual"](), F.cross_entropy, digits["train"], digits["guard"],
+        test=digits["test"], optimizer="adamw", config={**config, "modifiers": ["lr"]},
+        run_dir=tmp_path / "run",
+    )  # fmt: skip
+    decided = [d for d in result.run.history["decisions"] if d["modifier"] == "hypergradient"]
+    assert decided and math.isfinite(result.summary["test_loss"])
+    with pytest.raises(Exception, match='does not combine with estimator = "forward"'):
+        make_config({"autocast": "bf16", "estimator": "forward"})

@@ -240,6 +240,7 @@ BAD_COMBINATIONS = [
     ),
     (["width=400"], "width must be <= modifiers.grow.max_width (384) (got 400)"),
     (['autocast="bf16"', 'dtype="float64"'], 'autocast = "bf16" needs dtype = "float32"'),
+    (['autocast="bf16"', 'estimator="forward"'], 'does not combine with estimator = "forward"'),
 ]
 
 

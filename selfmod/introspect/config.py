@@ -432,6 +432,12 @@ class TrainConfig(
                 f'autocast = "{self.autocast}" needs dtype = "float32" (got {self.dtype!r}): '
                 'autocast lowers float32 operations; set autocast = "off" for float64'
             )
+        if self.autocast != "off" and self.estimator == "forward":
+            raise ValueError(
+                f'autocast = "{self.autocast}" does not combine with estimator = "forward" '
+                "(forward-mode derivatives through an autocast step mix dtypes in torch): use "
+                '"first_order", "reverse", "checkpointed" or "truncated"'
+            )
         if self.meta_horizon and self.estimator not in ("reverse", "checkpointed"):
             raise ValueError(
                 f'meta_horizon needs estimator = "reverse" or "checkpointed" (got '
