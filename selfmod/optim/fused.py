@@ -74,11 +74,12 @@ class HostRead:
 
 
 def _stamp(value: Any) -> Any:
-    """What identifies ``value``'s contents now: a tensor's id and version (``None`` for an
-    inference tensor, which keeps no version: never taken as unchanged), else the value."""
-    if not isinstance(value, Tensor):
+    """What identifies ``value``'s contents now: a tensor's id and version, a number itself;
+    ``None`` (never taken as unchanged) for an inference tensor, which keeps no version, and
+    for anything else (a container's contents may change under the same object)."""
+    if isinstance(value, int | float):
         return value
-    if value.is_inference():
+    if not isinstance(value, Tensor) or value.is_inference():
         return None
     return id(value), value._version
 
