@@ -25,6 +25,7 @@ import torch
 from selfmod.introspect.budget import progress
 from selfmod.introspect.hparams import LR_SCHEDULE
 from selfmod.introspect.state import RunState
+from selfmod.optim.fused import stamp
 
 WARMUP = 0.05
 COOLDOWN = 0.2
@@ -45,24 +46,23 @@ def factor(kind: str, progress: float) -> float:
 
 
 class _Made:
-    """The factor tensor made last, with the value it was made with and its version then: a
+    """The factor tensor made last, the value it was made with and its :func:`stamp` then: a
     state that holds that very tensor, not written in place since, holds the factor already
     (the stable phase of ``"wsd"``, most of a run: no new tensor and no new hyperparameters a
     step). The three are replaced as one tuple, so a thread never sees one's with another's."""
 
     def __init__(self) -> None:
-        self.last: tuple[torch.Tensor, float, int | None] | None = None
+        self.last: tuple[torch.Tensor, float, Any] | None = None  # the tensor: its id stays its
 
     def holds(self, tensor: torch.Tensor, value: float) -> bool:
         last = self.last
-        if last is None or tensor is not last[0] or value != last[1] or last[2] is None:
+        if last is None or value != last[1] or last[2] is None:  # None: an inference tensor
             return False
-        return tensor._version == last[2]
+        return stamp(tensor) == last[2]
 
     def make(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         made = torch.tensor(math.log(value), dtype=dtype).to(device)
-        # an inference tensor keeps no version: never taken as unchanged
-        self.last = (made, value, None if made.is_inference() else made._version)
+        self.last = (made, value, stamp(made))
         return made
 
 

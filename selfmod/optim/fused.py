@@ -19,7 +19,7 @@ relative ``eps_root / 2 v_hat`` (``eps_root = 1e-16``: 1e-4 at gradients of 1e-6
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -62,9 +62,14 @@ class HostRead:
         # sharing the step never sees one read's key with another's value
         self.last: tuple[tuple[Any, ...], list[Any], Any] | None = None
 
-    def get(self, keys: list[str], hparams: HParams | None, read: Any) -> Any:
+    def get(
+        self,
+        keys: list[str],
+        hparams: HParams | None,
+        read: Callable[[list[str], HParams | None], Any],
+    ) -> Any:
         values = list(hparams.values()) if hparams is not None else []
-        key = (tuple(keys), tuple(hparams or ()), tuple(_stamp(v) for v in values))
+        key = (tuple(keys), tuple(hparams or ()), tuple(stamp(v) for v in values))
         last = self.last
         if last is not None and last[0] == key and all(k is not None for k in key[2]):
             return last[2]
@@ -73,7 +78,7 @@ class HostRead:
         return value
 
 
-def _stamp(value: Any) -> Any:
+def stamp(value: Any) -> Any:
     """What identifies ``value``'s contents now: a tensor's id and version, a number itself;
     ``None`` (never taken as unchanged) for an inference tensor, which keeps no version, and
     for anything else (a container's contents may change under the same object)."""
