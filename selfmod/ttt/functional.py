@@ -515,58 +515,60 @@ class _LinearScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W0, K, Q, R, eta, w, first_order: bool):
-        # W0 (B, p, d_v), K, Q (B, n, b, d_k), R (B, n, b, d_v), eta (B, n, b),
-        # w (B, 1, d_v) | None; p = d_k (+ 1 with a bias row)
-        (B, n, b, dk), (p, d) = K.shape, W0.shape[-2:]
-        KQ = K.new_empty(B, n, 2 * b, p)  # [K_j; Q_j]: one product gives Z_j and Q_j W_j
+        # W0 (B, p, d_v), K, Q (n, B, b, d_k), R (n, B, b, d_v), eta (n, B, b),
+        # w (B, 1, d_v) | None; p = d_k (+ 1 with a bias row). Blocks lead: block j of every
+        # stacked tensor is one contiguous slice, so the loops and the batched products after
+        # them read and write it without copies
+        (n, B, b, dk), (p, d) = K.shape, W0.shape[-2:]
+        KQ = K.new_empty(n, B, 2 * b, p)  # [K_j; Q_j]: one product gives Z_j and Q_j W_j
         KQ[:, :, :b, :dk], KQ[:, :, b:, :dk] = K, Q
         if p > dk:
             KQ[..., dk] = 1.0  # the bias feature
-        K, Q = KQ[:, :, :b], KQ[:, :, b:]  # (B, n, b, p)
-        ZQ = W0.new_empty(B, n, 2 * b, d)  # [Z_j; Q_j W_j], written by the loop, d = d_v
-        Ken = K * -eta.unsqueeze(-1)  # -eta K: W_{j+1} = W_j + Ken_j^T G_j, (B, n, b, p)
+        K, Q = KQ[:, :, :b], KQ[:, :, b:]  # (n, B, b, p)
+        ZQ = W0.new_empty(n, B, 2 * b, d)  # [Z_j; Q_j W_j], written by the loop, d = d_v
+        Ken = K * -eta.unsqueeze(-1)  # -eta K: W_{j+1} = W_j + Ken_j^T G_j, (n, B, b, p)
         if w is not None:  # w e = w R + w^2 LN(Z)
-            Rw, w2, shape = (R * w.unsqueeze(1)).unbind(1), w * w, (d,)
-        Ws = W0.new_empty(B, n + 1, p, d)  # W_0..W_n, W_n unused
-        Ws[:, 0] = W0
-        Gs = W0.new_empty(B, n, b, d)
+            Rw, w2, shape = (R * w).unbind(0), w * w, (d,)
+        Ws = W0.new_empty(n + 1, B, p, d)  # W_0..W_n, W_n unused
+        Ws[0] = W0
+        Gs = W0.new_empty(n, B, b, d)
         # inference mode skips the autograd and version-counter bookkeeping of each small op
         # (about 0.5 us of the 2-3 us each costs here); every write goes into normal tensors
         with torch.inference_mode():
             for j, (KQj, ZQj, Z, KeT, W, Wn, Gj) in enumerate(
-                zip(KQ.unbind(1), ZQ.unbind(1), ZQ[:, :, :b].unbind(1), Ken.mT.unbind(1),
-                    Ws[:, :n].unbind(1), Ws[:, 1:].unbind(1), Gs.unbind(1), strict=True)
+                zip(KQ.unbind(0), ZQ.unbind(0), ZQ[:, :, :b].unbind(0), Ken.mT.unbind(0),
+                    Ws[:n].unbind(0), Ws[1:].unbind(0), Gs.unbind(0), strict=True)
             ):  # fmt: skip
                 torch.bmm(KQj, W, out=ZQj)  # Z = K_j W_j, (B, b, d), above Q_j W_j
                 if w is None:
-                    G = torch.add(Z, R[:, j], out=Gj)
+                    G = torch.add(Z, R[j], out=Gj)
                 else:
                     zh, mean, rstd = torch.native_layer_norm(Z, shape, None, None, _LN_EPS)
                     G = _LN_BWD(torch.addcmul(Rw[j], zh, w2), Z, shape, mean, rstd, *_LN_ARGS)[0]
                     Gj.copy_(G)
                 torch.baddbmm(W, KeT, G, out=Wn)  # W_{j+1}, (B, p, d)
-        A = (Q @ K.mT).tril()  # (B, n, b, b)
-        Y = ZQ[:, :, b:] - (A * eta.unsqueeze(-2)) @ Gs  # the read, Q W - A E, (B, n, b, d)
+        A = (Q @ K.mT).tril()  # (n, B, b, b)
+        Y = ZQ[:, :, b:] - (A * eta.unsqueeze(-2)) @ Gs  # the read, Q W - A E, (n, B, b, d)
         ctx.first_order, ctx.dk = first_order, dk
-        ctx.save_for_backward(KQ, Ken, R, eta, w, ZQ, Gs, A, Ws)  # Ws[:, 0] copies W0
+        ctx.save_for_backward(KQ, Ken, R, eta, w, ZQ, Gs, A, Ws)  # Ws[0] copies W0
         return Y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY):
         KQ, Ken, R, eta, w, ZQ, Gs, A, Ws = ctx.saved_tensors
-        (B, n, b2, p), d, b, dk = KQ.shape, Gs.shape[-1], Gs.shape[-2], ctx.dk  # d = d_v
-        K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (B, n, b, 1)
+        (n, B, b2, p), d, b, dk = KQ.shape, Gs.shape[-1], Gs.shape[-2], ctx.dk  # d = d_v
+        K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (n, B, b, 1)
         # the read Y = Q W - A E, E = eta G: with P = dY G^T, dA = -tril(P) eta (per column),
         # dE = -A^T dY - K_j U_{j+1}, U_{j+1} = dL/dW_{j+1}, and -A^T dY . G = -colsum(A P)
-        P = gY @ Gs.mT  # (B, n, b, b)
+        P = gY @ Gs.mT  # (n, B, b, b)
         dA = -(P * eta.unsqueeze(-2)).tril()
-        deta = -(A * P).sum(-2)  # the read's part of dE . G, (B, n, b)
+        deta = -(A * P).sum(-2)  # the read's part of dE . G, (n, B, b)
         # c_j = eta_j dE_j = cE_j + Ken_j U_{j+1}, cE = -eta A^T dY: d loss / d G_j, computed
         # in place (in DZY without LayerNorm, where dZ = c)
-        cE = (A.mT * -etas) @ gY  # (B, n, b, d)
+        cE = (A.mT * -etas) @ gY  # (n, B, b, d)
         # U_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
-        DZY = gY.new_empty(B, n, b2, d)
+        DZY = gY.new_empty(n, B, b2, d)
         DZY[:, :, b:] = gY
         if w is None:
             DZY[:, :, :b] = cE
@@ -580,44 +582,44 @@ class _LinearScan(torch.autograd.Function):
             # here for all blocks (x_4 = y_1 stored once); in the loop, the four means are one
             # (b, d) x (d, 4b) product masked to its diagonals (the mask holds the 1 / d), and
             # c' = LN'^T c, needed for dR and dw only, is batched after it.
-            Zs, w1, shape = ZQ[:, :, :b], w.unsqueeze(1), (d,)  # (B, n, b, d), (B, 1, 1, d)
+            Zs, w1, shape = ZQ[:, :, :b], w, (d,)  # (n, B, b, d), (B, 1, d)
             zh, mean, rstd = torch.native_layer_norm(Zs, shape, None, None, _LN_EPS)
             r2, w2 = rstd * rstd, w1 * w1
-            gh = w1 * torch.addcmul(R, zh, w1)  # w e, (B, n, b, d)
-            Bq = (gh * zh).mean(-1, keepdim=True)  # (B, n, b, 1)
+            gh = w1 * torch.addcmul(R, zh, w1)  # w e, (n, B, b, d)
+            Bq = (gh * zh).mean(-1, keepdim=True)  # (n, B, b, 1)
             gh -= gh.mean(-1, keepdim=True)
             w2zh = w2 * zh
             u = _LN_BWD(w2zh, Zs, shape, mean, rstd, *_LN_ARGS)[0].addcmul_(rstd, gh)  # -x_1 s
             # LN'^T w^2 = (w^2 - mean(w^2) - z_hat mean(w^2 z_hat)) / s
             mw, cw = -rstd * w2zh.mean(-1, keepdim=True), w2 - w2.mean(-1, keepdim=True)
             del gh, w2zh
-            a = r2 * (w2 - Bq)  # (B, n, b, d)
+            a = r2 * (w2 - Bq)  # (n, B, b, d)
             # [x_1, x_2, x_3, x_4 = y_1, y_2, y_3, y_4] per block, in buffers of at most
             # _XY_BYTES: the allocator maps larger ones afresh on every call, and their page
             # faults cost more than the arithmetic here
             step = max(1, _XY_BYTES // (7 * b * d * B * Gs.element_size()))
             Xs, Ys = [], []
             for s in range(0, n, step):
-                t, XY = slice(s, s + step), Gs.new_empty(B, min(step, n - s), 7, b, d)
-                torch.mul(u[:, t], -rstd[:, t], out=XY[:, :, 0])
+                t, XY = slice(s, s + step), Gs.new_empty(min(step, n - s), B, 7, b, d)
+                torch.mul(u[t], -rstd[t], out=XY[:, :, 0])
                 XY[:, :, 1] = 1.0
-                torch.mul(zh[:, t], mw[:, t], out=XY[:, :, 2]).addcmul_(rstd[:, t], cw)
-                XY[:, :, 3] = zh[:, t]
-                torch.neg(a[:, t], out=XY[:, :, 4])
-                XY[:, :, 5] = -rstd[:, t]
-                y4 = torch.mul(Gs[:, t], -rstd[:, t], out=XY[:, :, 6])
-                y4.addcmul_(zh[:, t], r2[:, t] * (2 * Bq[:, t] - w2))
-                Xs += XY[:, :, :4].flatten(2, 3).mT.unbind(1)  # (B, d, 4b)
-                Ys += XY[:, :, 3:].flatten(2, 3).unbind(1)  # (B, 4b, d)
+                torch.mul(zh[t], mw[t], out=XY[:, :, 2]).addcmul_(rstd[t], cw)
+                XY[:, :, 3] = zh[t]
+                torch.neg(a[t], out=XY[:, :, 4])
+                XY[:, :, 5] = -rstd[t]
+                y4 = torch.mul(Gs[t], -rstd[t], out=XY[:, :, 6])
+                y4.addcmul_(zh[t], r2[t] * (2 * Bq[t] - w2))
+                Xs += XY[:, :, :4].flatten(2, 3).mT.unbind(0)  # (B, d, 4b)
+                Ys += XY[:, :, 3:].flatten(2, 3).unbind(0)  # (B, 4b, d)
             del u
             mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 4) / d  # (b, 4b)
-            a = a.unbind(1)  # (B, b, d)
-        dzy, dz = DZY.unbind(1), DZY[:, :, :b].unbind(1)
-        Us = Gs.new_empty(B, n + 1, p, d)  # U_1..U_n (U_{j+1} at j); U_0 = dL/dW_0 at 0
-        Us[:, n] = 0.0
-        KQT, cs, Ken, U = KQ.mT.unbind(1), cE.unbind(1), Ken.unbind(1), Us.unbind(1)
+            a = a.unbind(0)  # (B, b, d)
+        dzy, dz = DZY.unbind(0), DZY[:, :, :b].unbind(0)
+        Us = Gs.new_empty(n + 1, B, p, d)  # U_1..U_n (U_{j+1} at j); U_0 = dL/dW_0 at 0
+        Us[n] = 0.0
+        KQT, cs, Ken, U = KQ.mT.unbind(0), cE.unbind(0), Ken.unbind(0), Us.unbind(0)
         if ctx.first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
-            KQT, dzy = Q.mT.unbind(1), gY.unbind(1)
+            KQT, dzy = Q.mT.unbind(0), gY.unbind(0)
         with torch.inference_mode():  # as in the forward
             for j in range(n - 1, -1, -1):
                 c = cs[j].baddbmm_(Ken[j], U[j + 1])  # d loss / d G_j, (B, b, d)
@@ -626,19 +628,19 @@ class _LinearScan(torch.autograd.Function):
                     torch.mul(c, a[j], out=dz[j]).baddbmm_(T, Ys[j])  # dZ_j, (B, b, d)
                 torch.baddbmm(U[j + 1], KQT[j], dzy[j], out=U[j])  # U_j, (B, p, d)
         # the products with U_{j+1} and W_j, batched: G_j U_{j+1}^T (E U^T for dK, K U . G
-        # for deta) and [dZ_j; dY_j] W_j^T (dK, dQ), (B, n, b | 2b, p)
-        GUs, WTs = Gs @ Us[:, 1:].mT, DZY @ Ws[:, :n].mT
-        deta -= (K * GUs).sum(-1)  # dE . G, (B, n, b); (K U) . G = K . (G U^T)
+        # for deta) and [dZ_j; dY_j] W_j^T (dK, dQ), (n, B, b | 2b, p)
+        GUs, WTs = Gs @ Us[1:].mT, DZY @ Ws[:n].mT
+        deta -= (K * GUs).sum(-1)  # dE . G, (n, B, b); (K U) . G = K . (G U^T)
         # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K, on the d_k input features
         K, Q, WTs, GUs = K[..., :dk], Q[..., :dk], WTs[..., :dk], GUs[..., :dk]
-        dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (B, n, b, d_k)
-        dQ = (dA @ K).add_(WTs[:, :, b:])  # (B, n, b, d_k)
-        dW0 = Us[:, 0]
+        dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (n, B, b, d_k)
+        dQ = (dA @ K).add_(WTs[:, :, b:])  # (n, B, b, d_k)
+        dW0 = Us[0]
         if w is None:  # dG = c
             return dW0, dK, dQ, cE, deta, None, None
-        dG = _LN_BWD(cE, Zs, shape, mean, rstd, *_LN_ARGS)[0]  # LN'(Z)^T c, (B, n, b, d)
-        dR = dG * w1  # (B, n, b, d)
-        dw = (dG * torch.addcmul(R, zh, w1, value=2.0)).sum((1, 2)).unsqueeze(1)  # (B, 1, d)
+        dG = _LN_BWD(cE, Zs, shape, mean, rstd, *_LN_ARGS)[0]  # LN'(Z)^T c, (n, B, b, d)
+        dR = dG * w1  # (n, B, b, d)
+        dw = (dG * torch.addcmul(R, zh, w1, value=2.0)).sum((0, 2)).unsqueeze(1)  # (B, 1, d)
         return dW0, dK, dQ, dR, deta, dw, None
 
 
@@ -675,17 +677,17 @@ def _ttt_linear_scan(
     pad = (-N) % b
     n, d, p = (N + pad) // b, k.shape[-1], W.shape[-2]
 
-    def blocks(t: Tensor, width: int) -> Tensor:  # (..., N, width) -> (B, n, b, width)
+    def blocks(t: Tensor, width: int) -> Tensor:  # (..., N, width) -> (n, B, b, width)
         t = F.pad(t, (0, 0, 0, pad)) if pad else t
-        return t.expand(*lead, N + pad, width).reshape(-1, n, b, width)
+        return t.expand(*lead, N + pad, width).reshape(-1, n, b, width).transpose(0, 1)
 
     Kb, Qb, Rb = blocks(k, d), blocks(q, d), blocks(R, dv)
     eb = eta.expand(*lead, N)
-    eb = (F.pad(eb, (0, pad)) if pad else eb).reshape(-1, n, b)  # (B, n, b)
+    eb = (F.pad(eb, (0, pad)) if pad else eb).reshape(-1, n, b).transpose(0, 1)  # (n, B, b)
     w = None if ln is None else ln[0].expand(*lead, 1, dv).reshape(-1, 1, dv)  # (B, 1, d_v)
     W = W.expand(*lead, p, dv).reshape(-1, p, dv)  # (B, p, d_v)
-    Y = _LinearScan.apply(W, Kb, Qb, Rb, eb, w, first_order)  # (B, n, b, d_v)
-    Y = Y.reshape(*lead, N + pad, dv)[..., :N, :]
+    Y = _LinearScan.apply(W, Kb, Qb, Rb, eb, w, first_order)  # (n, B, b, d_v)
+    Y = Y.transpose(0, 1).reshape(*lead, N + pad, dv)[..., :N, :]
     return Y if ln is None else x + _ln(Y, ln)
 
 
