@@ -26,23 +26,23 @@ import time
 from pathlib import Path
 
 LAYERS = {
-    "MTTT-Linear": "MTTTLinear(d, 1, steps=1)",
-    "MTTT-MLP": "MTTTMLP(d, 1, steps=1)",
-    "TTT-Linear (scan, b=16)": "TTTLinear(d, 1, mini_batch=16)",
-    "TTT-Linear (autograd loop, b=16)": "TTTLinear(d, 1, mini_batch=16, impl='loop')",
-    "TTT-MLP (scan, b=16)": "TTTMLP(d, 1, mini_batch=16)",
-    "linear attention": "LinearAttention(d, 1)",
-    "linear attention (causal)": "LinearAttention(d, 1, causal=True)",
-    "softmax attention (SDPA)": "SoftmaxAttention(d, 1)",
+    "MTTT-Linear": "MTTTLinear(d, h, steps=1)",
+    "MTTT-MLP": "MTTTMLP(d, h, steps=1)",
+    "TTT-Linear (scan, b=16)": "TTTLinear(d, h, mini_batch=16)",
+    "TTT-Linear (autograd loop, b=16)": "TTTLinear(d, h, mini_batch=16, impl='loop')",
+    "TTT-MLP (scan, b=16)": "TTTMLP(d, h, mini_batch=16)",
+    "linear attention": "LinearAttention(d, h)",
+    "linear attention (causal)": "LinearAttention(d, h, causal=True)",
+    "softmax attention (SDPA)": "SoftmaxAttention(d, h)",
 }
 RESULTS = Path(__file__).parent / "results"
 
 
-def build(layer: str, d: int):
-    """The layer named ``layer`` (:data:`LAYERS`) at width ``d``."""
+def build(layer: str, d: int, heads: int = 1):
+    """The layer named ``layer`` (:data:`LAYERS`) at width ``d`` with ``heads`` heads."""
     from selfmod import ttt
 
-    return eval(LAYERS[layer], vars(ttt) | {"d": d})
+    return eval(LAYERS[layer], vars(ttt) | {"d": d, "h": heads})
 
 
 def worker(layer: str, n: int, d: int, threads: int) -> None:
@@ -76,6 +76,8 @@ def interleaved(
     rounds: int,
     out: Path,
     clock: str = "wall",
+    batch: int = 1,
+    heads: int = 1,
 ) -> None:
     """Time ``layers`` in one process, one forward+backward each in turn per round.
 
@@ -83,11 +85,14 @@ def interleaved(
     in every round and taking the median over rounds of each layer's time and of its ratio
     to the first layer, per round, lets load hit them alike. ``clock="thread"`` measures the
     calling thread's CPU time instead of wall time: with one thread, all of a layer's work,
-    without the time the thread waits for a core that other jobs hold.
+    without the time the thread waits for a core that other jobs hold. The warm-up round
+    also counts each layer's matrix-product FLOPs (``FlopCounterMode``: forward and
+    backward), so that a time ratio can be read against the ratio of arithmetic.
     """
     import statistics
 
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(threads)
     now = time.thread_time if clock == "thread" else time.perf_counter
@@ -95,8 +100,8 @@ def interleaved(
     lines = [
         "# TTT layers: interleaved timings in one process",
         "",
-        f"One sequence `x (1, N, {d})`, one head, float32, CPU, `torch.set_num_threads("
-        f"{threads})`, 2-core machine shared with other jobs; "
+        f"`x ({batch}, N, {d})`, {heads} head(s) of width {d // heads}, float32, CPU, "
+        f"`torch.set_num_threads({threads})`, 2-core machine shared with other jobs; "
         + ("the thread's CPU time" if clock == "thread" else "wall time")
         + ". Per round, one forward+backward "
         f"of every layer in turn (after one warm-up each); median over {rounds} rounds of "
@@ -107,20 +112,27 @@ def interleaved(
         + " | ".join(layers)
         + " | "
         + " | ".join(f"{x} / {ref}" for x in layers[1:])
+        + " | "
+        + " | ".join(f"{x} / {ref}, matmul FLOPs" for x in layers[1:])
         + " |",
-        "|---|" + "---|" * (2 * len(layers) - 1),
+        "|---|" + "---|" * (3 * len(layers) - 2),
     ]
     for n in sizes:
         torch.manual_seed(0)
-        modules = {name: build(name, d) for name in layers}
-        x = torch.randn(1, n, d, requires_grad=True)
+        modules = {name: build(name, d, heads) for name in layers}
+        x = torch.randn(batch, n, d, requires_grad=True)
         times: dict[str, list[float]] = {name: [] for name in layers}
+        flops: dict[str, int] = {}
         for r in range(rounds + 1):
             for name, module in modules.items():
+                if not r:  # round 0 warms up and counts the arithmetic
+                    with FlopCounterMode(display=False) as counter:
+                        module(x).square().mean().backward()
+                    flops[name] = counter.get_total_flops()
+                    continue
                 t = now()
                 module(x).square().mean().backward()
-                if r:  # round 0 warms up
-                    times[name].append(now() - t)
+                times[name].append(now() - t)
         med = {name: statistics.median(v) for name, v in times.items()}
         ratios = {
             name: statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
@@ -131,6 +143,8 @@ def interleaved(
             + " | ".join(f"{med[name]:.3g}" for name in layers)
             + " | "
             + " | ".join(f"{ratios[name]:.2f}" for name in layers[1:])
+            + " | "
+            + " | ".join(f"{flops[name] / flops[ref]:.2f}" for name in layers[1:])
             + " |"
         )
         print(row, flush=True)
@@ -198,6 +212,10 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
+        "--batch", type=int, default=1, help="with --interleaved: sequences per batch"
+    )
+    parser.add_argument("--heads", type=int, default=1, help="with --interleaved: heads")
+    parser.add_argument(
         "--clock",
         choices=["wall", "thread"],
         default="wall",
@@ -208,7 +226,15 @@ def main() -> None:
     if args.interleaved:
         out = args.out.with_name(args.out.stem + "_interleaved.md")
         interleaved(
-            args.interleaved, args.layers, args.dim, args.threads, args.rounds, out, args.clock
+            args.interleaved,
+            args.layers,
+            args.dim,
+            args.threads,
+            args.rounds,
+            out,
+            args.clock,
+            args.batch,
+            args.heads,
         )
         return
 
