@@ -482,7 +482,20 @@ def ttt_causal_scan(
 # ----------------------------------------------------------------------------------------------
 
 _LN_EPS = 1e-5
-_XY_BYTES = 1 << 24  # the largest buffer of per-block vectors in the scan's backward
+# the largest buffer of per-block tensors in the scan (W_j, dL/dW_j, the backward's LayerNorm
+# vectors): glibc maps a block over 32 MiB afresh on every call, and the page faults of a
+# stack of W_j cost more than the arithmetic on it; buffers under that are reused
+_XY_BYTES = 1 << 24
+
+
+def _stacked_in_buffers(n: int, shape: tuple[int, ...], like: Tensor):
+    """``n`` blocks of ``shape`` in buffers of at most ``_XY_BYTES``: (the buffers
+    ``(m, *shape)`` in block order, the ``n`` per-block views)."""
+    step = max(1, _XY_BYTES // (math.prod(shape) * like.element_size()))
+    buffers = [like.new_empty(min(step, n - s), *shape) for s in range(0, n, step)]
+    return buffers, [block for buffer in buffers for block in buffer.unbind(0)]
+
+
 # _LN_BWD(g, z, shape, mean, rstd, *_LN_ARGS)[0] = LN'(z)^T g = (g - mean(g) - z_hat
 # mean(g z_hat)) / sigma, the LayerNorm VJP (it is symmetric), from its native kernel; the
 # overload's underlying builtin skips a Python wrapper that costs about as much as the kernel
@@ -529,15 +542,16 @@ class _LinearScan(torch.autograd.Function):
         Ken = K * -eta.unsqueeze(-1)  # -eta K: W_{j+1} = W_j + Ken_j^T G_j, (n, B, b, p)
         if w is not None:  # w e = w R + w^2 LN(Z)
             Rw, w2, shape = (R * w).unbind(0), w * w, (d,)
-        Ws = W0.new_empty(n + 1, B, p, d)  # W_0..W_n, W_n unused
-        Ws[0] = W0
+        Wbuf, Ws = _stacked_in_buffers(n, (B, p, d), W0)  # W_0..W_{n-1}
+        Ws[0].copy_(W0)
+        Ws = [*Ws, W0.new_empty(B, p, d)]  # and W_n, unused
         Gs = W0.new_empty(n, B, b, d)
         # inference mode skips the autograd and version-counter bookkeeping of each small op
         # (about 0.5 us of the 2-3 us each costs here); every write goes into normal tensors
         with torch.inference_mode():
             for j, (KQj, ZQj, Z, KeT, W, Wn, Gj) in enumerate(
                 zip(KQ.unbind(0), ZQ.unbind(0), ZQ[:, :, :b].unbind(0), Ken.mT.unbind(0),
-                    Ws[:n].unbind(0), Ws[1:].unbind(0), Gs.unbind(0), strict=True)
+                    Ws[:n], Ws[1:], Gs.unbind(0), strict=True)
             ):  # fmt: skip
                 torch.bmm(KQj, W, out=ZQj)  # Z = K_j W_j, (B, b, d), above Q_j W_j
                 if w is None:
@@ -550,15 +564,20 @@ class _LinearScan(torch.autograd.Function):
         A = (Q @ K.mT).tril()  # (n, B, b, b)
         Y = ZQ[:, :, b:] - (A * eta.unsqueeze(-2)) @ Gs  # the read, Q W - A E, (n, B, b, d)
         ctx.first_order, ctx.dk = first_order, dk
-        ctx.save_for_backward(KQ, Ken, R, eta, w, ZQ, Gs, A, Ws)  # Ws[0] copies W0
+        ctx.save_for_backward(KQ, Ken, R, eta, w, ZQ, Gs, A, *Wbuf)  # Wbuf[0][0] copies W0
         return Y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY):
-        KQ, Ken, R, eta, w, ZQ, Gs, A, Ws = ctx.saved_tensors
+        KQ, Ken, R, eta, w, ZQ, Gs, A, *Wbuf = ctx.saved_tensors
         (n, B, b2, p), d, b, dk = KQ.shape, Gs.shape[-1], Gs.shape[-2], ctx.dk  # d = d_v
         K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (n, B, b, 1)
+        # [dZ_j; dY_j] per block: dY is copied in once (it arrives in the caller's layout,
+        # which every product below would otherwise copy again)
+        DZY = gY.new_empty(n, B, b2, d)
+        DZY[:, :, b:] = gY
+        gY = DZY[:, :, b:]
         # the read Y = Q W - A E, E = eta G: with P = dY G^T, dA = -tril(P) eta (per column),
         # dE = -A^T dY - K_j U_{j+1}, U_{j+1} = dL/dW_{j+1}, and -A^T dY . G = -colsum(A P)
         P = gY @ Gs.mT  # (n, B, b, b)
@@ -568,8 +587,6 @@ class _LinearScan(torch.autograd.Function):
         # in place (in DZY without LayerNorm, where dZ = c)
         cE = (A.mT * -etas) @ gY  # (n, B, b, d)
         # U_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
-        DZY = gY.new_empty(n, B, b2, d)
-        DZY[:, :, b:] = gY
         if w is None:
             DZY[:, :, :b] = cE
             cE = DZY[:, :, :b]
@@ -582,7 +599,8 @@ class _LinearScan(torch.autograd.Function):
             # here for all blocks (x_4 = y_1 stored once); in the loop, the four means are one
             # (b, d) x (d, 4b) product masked to its diagonals (the mask holds the 1 / d), and
             # c' = LN'^T c, needed for dR and dw only, is batched after it.
-            Zs, w1, shape = ZQ[:, :, :b], w, (d,)  # (n, B, b, d), (B, 1, d)
+            # Z made contiguous once: the three LayerNorm kernels below would each copy it
+            Zs, w1, shape = ZQ[:, :, :b].contiguous(), w, (d,)  # (n, B, b, d), (B, 1, d)
             zh, mean, rstd = torch.native_layer_norm(Zs, shape, None, None, _LN_EPS)
             r2, w2 = rstd * rstd, w1 * w1
             gh = w1 * torch.addcmul(R, zh, w1)  # w e, (n, B, b, d)
@@ -615,9 +633,10 @@ class _LinearScan(torch.autograd.Function):
             mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 4) / d  # (b, 4b)
             a = a.unbind(0)  # (B, b, d)
         dzy, dz = DZY.unbind(0), DZY[:, :, :b].unbind(0)
-        Us = Gs.new_empty(n + 1, B, p, d)  # U_1..U_n (U_{j+1} at j); U_0 = dL/dW_0 at 0
-        Us[n] = 0.0
-        KQT, cs, Ken, U = KQ.mT.unbind(0), cE.unbind(0), Ken.unbind(0), Us.unbind(0)
+        Ubuf, U = _stacked_in_buffers(n, (B, p, d), Gs)  # U_1..U_n, U_{j+1} at j
+        U[-1].zero_()
+        U = [Gs.new_empty(B, p, d), *U]  # U[j] = U_j; U_0 = dL/dW_0
+        KQT, cs, Ken = KQ.mT.unbind(0), cE.unbind(0), Ken.unbind(0)
         if ctx.first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
             KQT, dzy = Q.mT.unbind(0), gY.unbind(0)
         with torch.inference_mode():  # as in the forward
@@ -629,13 +648,17 @@ class _LinearScan(torch.autograd.Function):
                 torch.baddbmm(U[j + 1], KQT[j], dzy[j], out=U[j])  # U_j, (B, p, d)
         # the products with U_{j+1} and W_j, batched: G_j U_{j+1}^T (E U^T for dK, K U . G
         # for deta) and [dZ_j; dY_j] W_j^T (dK, dQ), (n, B, b | 2b, p)
-        GUs, WTs = Gs @ Us[1:].mT, DZY @ Ws[:n].mT
+        GUs, WTs, s = Gs.new_empty(n, B, b, p), DZY.new_empty(n, B, b2, p), 0
+        for Wm, Um in zip(Wbuf, Ubuf, strict=True):  # buffers of the same blocks
+            t, s = slice(s, s + len(Wm)), s + len(Wm)
+            torch.bmm(Gs[t].flatten(0, 1), Um.mT.flatten(0, 1), out=GUs[t].flatten(0, 1))
+            torch.bmm(DZY[t].flatten(0, 1), Wm.mT.flatten(0, 1), out=WTs[t].flatten(0, 1))
         deta -= (K * GUs).sum(-1)  # dE . G, (n, B, b); (K U) . G = K . (G U^T)
         # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K, on the d_k input features
         K, Q, WTs, GUs = K[..., :dk], Q[..., :dk], WTs[..., :dk], GUs[..., :dk]
         dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (n, B, b, d_k)
         dQ = (dA @ K).add_(WTs[:, :, b:])  # (n, B, b, d_k)
-        dW0 = Us[0]
+        dW0 = U[0]
         if w is None:  # dG = c
             return dW0, dK, dQ, cE, deta, None, None
         dG = _LN_BWD(cE, Zs, shape, mean, rstd, *_LN_ARGS)[0]  # LN'(Z)^T c, (n, B, b, d)
