@@ -482,26 +482,157 @@ def ttt_causal_scan(
 # ----------------------------------------------------------------------------------------------
 
 _LN_EPS = 1e-5
-# the largest buffer of per-block tensors in the scan (W_j, dL/dW_j, the backward's LayerNorm
-# vectors): glibc maps a block over 32 MiB afresh on every call, and the page faults of a
-# stack of W_j cost more than the arithmetic on it; buffers under that are reused
+# the most bytes of any per-segment tensor of the scan: the blocks are taken in segments whose
+# largest tensor (the backward's 7 LayerNorm vectors per token) stays under this, so that
+# every temporary of the scan is a block the allocator reuses from call to call (glibc maps a
+# block over 32 MiB afresh on every call, and at 8,192 tokens and more those page faults cost
+# more than the arithmetic on them); only the inputs and outputs are whole-sequence tensors
 _XY_BYTES = 1 << 24
-
-
-def _stacked_in_buffers(n: int, shape: tuple[int, ...], like: Tensor):
-    """``n`` blocks of ``shape`` in buffers of at most ``_XY_BYTES``: (the buffers
-    ``(m, *shape)`` in block order, the ``n`` per-block views)."""
-    step = max(1, _XY_BYTES // (math.prod(shape) * like.element_size()))
-    buffers = [like.new_empty(min(step, n - s), *shape) for s in range(0, n, step)]
-    return buffers, [block for buffer in buffers for block in buffer.unbind(0)]
-
-
 # _LN_BWD(g, z, shape, mean, rstd, *_LN_ARGS)[0] = LN'(z)^T g = (g - mean(g) - z_hat
 # mean(g z_hat)) / sigma, the LayerNorm VJP (it is symmetric), from its native kernel; the
 # overload's underlying builtin skips a Python wrapper that costs about as much as the kernel
 # on one (b, d) block
 _LN_BWD = torch.ops.aten.native_layer_norm_backward.default
 _LN_BWD, _LN_ARGS = getattr(_LN_BWD, "_op", _LN_BWD), (None, None, [True, False, False])
+
+
+def _segments(n: int, B: int, b: int, d: int, like: Tensor) -> list[slice]:
+    """The blocks ``0..n-1`` in consecutive segments of at most ``_XY_BYTES`` per tensor."""
+    step = max(1, _XY_BYTES // (7 * b * d * B * like.element_size()))
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _scan_segment(W, K, Q, R, eta, w, Y):
+    """The forward scan over one segment of ``m`` blocks from ``W = W_s (B, p, d)``.
+
+    ``K, Q (m, B, b, d_k)``, ``R (m, B, b, d)``, ``eta (m, B, b)``; writes the read into
+    ``Y (m, B, b, d)`` and returns what the backward needs: ``[K_j; Q_j]`` with the bias
+    feature ``(m, B, 2b, p)``, ``-eta K (m, B, b, p)``, ``[Z_j; Q_j W_j] (m, B, 2b, d)``,
+    ``G (m, B, b, d)``, ``tril(Q K^T) (m, B, b, b)`` and ``W_s..W_{s+m} (m + 1, B, p, d)``.
+    """
+    (m, B, b, dk), (p, d) = K.shape, W.shape[-2:]
+    KQ = K.new_empty(m, B, 2 * b, p)  # [K_j; Q_j]: one product gives Z_j and Q_j W_j
+    KQ[:, :, :b, :dk], KQ[:, :, b:, :dk] = K, Q
+    if p > dk:
+        KQ[..., dk] = 1.0  # the bias feature
+    K, Q = KQ[:, :, :b], KQ[:, :, b:]  # (m, B, b, p)
+    ZQ = W.new_empty(m, B, 2 * b, d)  # [Z_j; Q_j W_j], written by the loop, d = d_v
+    Ken = K * -eta.unsqueeze(-1)  # -eta K: W_{j+1} = W_j + Ken_j^T G_j, (m, B, b, p)
+    if w is not None:  # w e = w R + w^2 LN(Z)
+        Rw, w2, shape = (R * w).unbind(0), w * w, (d,)
+    Ws = W.new_empty(m + 1, B, p, d)
+    Ws[0] = W
+    Gs = W.new_empty(m, B, b, d)
+    # inference mode skips the autograd and version-counter bookkeeping of each small op
+    # (about 0.5 us of the 2-3 us each costs here); every write goes into normal tensors
+    with torch.inference_mode():
+        for j, (KQj, ZQj, Z, KeT, W, Wn, Gj) in enumerate(
+            zip(KQ.unbind(0), ZQ.unbind(0), ZQ[:, :, :b].unbind(0), Ken.mT.unbind(0),
+                Ws[:m].unbind(0), Ws[1:].unbind(0), Gs.unbind(0), strict=True)
+        ):  # fmt: skip
+            torch.bmm(KQj, W, out=ZQj)  # Z = K_j W_j, (B, b, d), above Q_j W_j
+            if w is None:
+                G = torch.add(Z, R[j], out=Gj)
+            else:
+                zh, mean, rstd = torch.native_layer_norm(Z, shape, None, None, _LN_EPS)
+                G = _LN_BWD(torch.addcmul(Rw[j], zh, w2), Z, shape, mean, rstd, *_LN_ARGS)[0]
+                Gj.copy_(G)
+            torch.baddbmm(W, KeT, G, out=Wn)  # W_{j+1}, (B, p, d)
+    A = (Q @ K.mT).tril()  # (m, B, b, b)
+    torch.sub(ZQ[:, :, b:], (A * eta.unsqueeze(-2)) @ Gs, out=Y)  # the read, Q W - A E
+    return KQ, Ken, ZQ, Gs, A, Ws
+
+
+def _reverse_segment(U, gY, R, eta, w, KQ, Ken, ZQ, Gs, A, Ws, dk, first_order, out):
+    """The reverse scan over one segment from ``U = dL/dW_{s+m} (B, p, d)``; returns
+    ``dL/dW_s`` and the segment's ``dw`` term ``(B, 1, d)`` (or None without LayerNorm).
+
+    ``gY (m, B, b, d)`` the read's cotangent, ``R``, ``eta`` and the saved tensors as
+    :func:`_scan_segment` gives them; ``out = (dK, dQ, dR, deta)`` of the segment are written.
+    """
+    (m, B, b2, p), d, b = KQ.shape, Gs.shape[-1], Gs.shape[-2]  # d = d_v
+    K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (m, B, b, 1)
+    dK, dQ, dR, deta = out
+    # [dZ_j; dY_j] per block: dY is copied in once (it arrives in the caller's layout,
+    # which every product below would otherwise copy again)
+    DZY = gY.new_empty(m, B, b2, d)
+    DZY[:, :, b:] = gY
+    gY = DZY[:, :, b:]
+    # the read Y = Q W - A E, E = eta G: with P = dY G^T, dA = -tril(P) eta (per column),
+    # dE = -A^T dY - K_j U_{j+1}, U_{j+1} = dL/dW_{j+1}, and -A^T dY . G = -colsum(A P)
+    P = gY @ Gs.mT  # (m, B, b, b)
+    dA = -(P * eta.unsqueeze(-2)).tril()
+    torch.sum(A * P, -2, out=deta).neg_()  # the read's part of dE . G, (m, B, b)
+    # c_j = eta_j dE_j = cE_j + Ken_j U_{j+1}, cE = -eta A^T dY: d loss / d G_j, computed
+    # in place (in DZY without LayerNorm, where dZ = c)
+    cE = (A.mT * -etas) @ gY  # (m, B, b, d)
+    # U_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
+    if w is None:
+        DZY[:, :, :b] = cE
+        cE = DZY[:, :, :b]
+    else:
+        # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, z_hat = LN(Z),
+        # g_h = w e, B = mean(g_h z_hat)): dZ = a * c + sum_k mean(c x_k) y_k, with
+        # a = (w^2 - B) / s^2 and [x_k] = [u, 1, LN'^T w^2, z_hat],
+        # [y_k] = [z_hat, -a, -1 / s, (2 B - w^2) z_hat / s^2 - G / s],
+        # u = -(LN'^T (w^2 z_hat) / s + (g_h - mean g_h) / s^2). All x, y are computed
+        # here for the segment's blocks (x_4 = y_1 stored once); in the loop, the four means
+        # are one (b, d) x (d, 4b) product masked to its diagonals (the mask holds the 1 / d),
+        # and c' = LN'^T c, needed for dR and dw only, is batched after it.
+        # Z made contiguous once: the three LayerNorm kernels below would each copy it
+        Zs, shape = ZQ[:, :, :b].contiguous(), (d,)  # (m, B, b, d)
+        zh, mean, rstd = torch.native_layer_norm(Zs, shape, None, None, _LN_EPS)
+        r2, w2 = rstd * rstd, w * w
+        gh = w * torch.addcmul(R, zh, w)  # w e, (m, B, b, d)
+        Bq = (gh * zh).mean(-1, keepdim=True)  # (m, B, b, 1)
+        gh -= gh.mean(-1, keepdim=True)
+        w2zh = w2 * zh
+        u = _LN_BWD(w2zh, Zs, shape, mean, rstd, *_LN_ARGS)[0].addcmul_(rstd, gh)  # -x_1 s
+        # LN'^T w^2 = (w^2 - mean(w^2) - z_hat mean(w^2 z_hat)) / s
+        mw, cw = -rstd * w2zh.mean(-1, keepdim=True), w2 - w2.mean(-1, keepdim=True)
+        del gh, w2zh
+        a = r2 * (w2 - Bq)  # (m, B, b, d)
+        # [x_1, x_2, x_3, x_4 = y_1, y_2, y_3, y_4] per block
+        XY = Gs.new_empty(m, B, 7, b, d)
+        torch.mul(u, -rstd, out=XY[:, :, 0])
+        XY[:, :, 1] = 1.0
+        torch.mul(zh, mw, out=XY[:, :, 2]).addcmul_(rstd, cw)
+        XY[:, :, 3] = zh
+        torch.neg(a, out=XY[:, :, 4])
+        XY[:, :, 5] = -rstd
+        torch.mul(Gs, -rstd, out=XY[:, :, 6]).addcmul_(zh, r2 * (2 * Bq - w2))
+        Xs, Ys = XY[:, :, :4].flatten(2, 3).mT.unbind(0), XY[:, :, 3:].flatten(2, 3).unbind(0)
+        del u
+        mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 4) / d  # (b, 4b)
+        a = a.unbind(0)  # (B, b, d)
+    dzy, dz = DZY.unbind(0), DZY[:, :, :b].unbind(0)
+    Us = Gs.new_empty(m + 1, B, p, d)  # U_s..U_{s+m}
+    Us[m] = U
+    KQT, cs, Kens, U = KQ.mT.unbind(0), cE.unbind(0), Ken.unbind(0), Us.unbind(0)
+    if first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
+        KQT, dzy = Q.mT.unbind(0), gY.unbind(0)
+    with torch.inference_mode():  # as in the forward
+        for j in range(m - 1, -1, -1):
+            c = cs[j].baddbmm_(Kens[j], U[j + 1])  # d loss / d G_j, (B, b, d)
+            if w is not None:
+                T = torch.bmm(c, Xs[j]).mul_(mask)  # mean(c x_k) on the diagonals
+                torch.mul(c, a[j], out=dz[j]).baddbmm_(T, Ys[j])  # dZ_j, (B, b, d)
+            torch.baddbmm(U[j + 1], KQT[j], dzy[j], out=U[j])  # U_j, (B, p, d)
+    # the products with U_{j+1} and W_j, batched: G_j U_{j+1}^T (E U^T for dK, K U . G
+    # for deta) and [dZ_j; dY_j] W_j^T (dK, dQ), (m, B, b | 2b, p)
+    GUs, WTs = Gs @ Us[1:].mT, DZY @ Ws[:m].mT
+    deta -= (K * GUs).sum(-1)  # dE . G, (m, B, b); (K U) . G = K . (G U^T)
+    # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K, on the d_k input features
+    K, Q, WTs, GUs = K[..., :dk], Q[..., :dk], WTs[..., :dk], GUs[..., :dk]
+    torch.matmul(dA.mT, Q, out=dK).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)
+    torch.matmul(dA, K, out=dQ).add_(WTs[:, :, b:])
+    if w is None:  # dG = c
+        dR.copy_(cE)
+        return U[0], None
+    dG = _LN_BWD(cE, Zs, shape, mean, rstd, *_LN_ARGS)[0]  # LN'(Z)^T c, (m, B, b, d)
+    torch.mul(dG, w, out=dR)
+    dw = (dG * torch.addcmul(R, zh, w, value=2.0)).sum((0, 2)).unsqueeze(1)  # (B, 1, d)
+    return U[0], dw
 
 
 class _LinearScan(torch.autograd.Function):
@@ -520,151 +651,42 @@ class _LinearScan(torch.autograd.Function):
     ``G_j U_{j+1}^T`` and ``[dZ_j; dY_j] W_j^T`` run batched after it. Both loops run in
     inference mode (no autograd bookkeeping per op; at ``b = 16``, ``d = 64`` each op is a
     few microseconds of dispatch over about a thousand numbers). Everything elementwise is
-    batched over all blocks, before or after the loops. The forward keeps ``Z``, ``G`` and
-    the ``W_j``; the backward runs the loop in reverse with the hand-derived VJP of
-    ``Z -> G`` (second derivatives of the inner loss included: per token, a diagonal plus a
-    rank-4 map), so it is exact but not itself differentiable.
+    batched over the blocks of a segment (:func:`_segments`), before or after the loops.
+    Blocks lead every stacked tensor ``(m, B, ...)``, so block ``j`` is one contiguous slice.
+    The forward keeps ``Z``, ``G`` and the ``W_j``; the backward runs the loop in reverse with
+    the hand-derived VJP of ``Z -> G`` (second derivatives of the inner loss included: per
+    token, a diagonal plus a rank-4 map), so it is exact but not itself differentiable.
     """
 
     @staticmethod
     def forward(ctx, W0, K, Q, R, eta, w, first_order: bool):
         # W0 (B, p, d_v), K, Q (n, B, b, d_k), R (n, B, b, d_v), eta (n, B, b),
-        # w (B, 1, d_v) | None; p = d_k (+ 1 with a bias row). Blocks lead: block j of every
-        # stacked tensor is one contiguous slice, so the loops and the batched products after
-        # them read and write it without copies
-        (n, B, b, dk), (p, d) = K.shape, W0.shape[-2:]
-        KQ = K.new_empty(n, B, 2 * b, p)  # [K_j; Q_j]: one product gives Z_j and Q_j W_j
-        KQ[:, :, :b, :dk], KQ[:, :, b:, :dk] = K, Q
-        if p > dk:
-            KQ[..., dk] = 1.0  # the bias feature
-        K, Q = KQ[:, :, :b], KQ[:, :, b:]  # (n, B, b, p)
-        ZQ = W0.new_empty(n, B, 2 * b, d)  # [Z_j; Q_j W_j], written by the loop, d = d_v
-        Ken = K * -eta.unsqueeze(-1)  # -eta K: W_{j+1} = W_j + Ken_j^T G_j, (n, B, b, p)
-        if w is not None:  # w e = w R + w^2 LN(Z)
-            Rw, w2, shape = (R * w).unbind(0), w * w, (d,)
-        Wbuf, Ws = _stacked_in_buffers(n, (B, p, d), W0)  # W_0..W_{n-1}
-        Ws[0].copy_(W0)
-        Ws = [*Ws, W0.new_empty(B, p, d)]  # and W_n, unused
-        Gs = W0.new_empty(n, B, b, d)
-        # inference mode skips the autograd and version-counter bookkeeping of each small op
-        # (about 0.5 us of the 2-3 us each costs here); every write goes into normal tensors
-        with torch.inference_mode():
-            for j, (KQj, ZQj, Z, KeT, W, Wn, Gj) in enumerate(
-                zip(KQ.unbind(0), ZQ.unbind(0), ZQ[:, :, :b].unbind(0), Ken.mT.unbind(0),
-                    Ws[:n], Ws[1:], Gs.unbind(0), strict=True)
-            ):  # fmt: skip
-                torch.bmm(KQj, W, out=ZQj)  # Z = K_j W_j, (B, b, d), above Q_j W_j
-                if w is None:
-                    G = torch.add(Z, R[j], out=Gj)
-                else:
-                    zh, mean, rstd = torch.native_layer_norm(Z, shape, None, None, _LN_EPS)
-                    G = _LN_BWD(torch.addcmul(Rw[j], zh, w2), Z, shape, mean, rstd, *_LN_ARGS)[0]
-                    Gj.copy_(G)
-                torch.baddbmm(W, KeT, G, out=Wn)  # W_{j+1}, (B, p, d)
-        A = (Q @ K.mT).tril()  # (n, B, b, b)
-        Y = ZQ[:, :, b:] - (A * eta.unsqueeze(-2)) @ Gs  # the read, Q W - A E, (n, B, b, d)
+        # w (B, 1, d_v) | None; p = d_k (+ 1 with a bias row)
+        (n, B, b, dk), d = K.shape, W0.shape[-1]
+        Y, W, saved = W0.new_empty(n, B, b, d), W0, []  # Y (n, B, b, d_v)
+        ctx.segments = _segments(n, B, b, d, W0)
+        for t in ctx.segments:
+            saved += _scan_segment(W, K[t], Q[t], R[t], eta[t], w, Y[t])
+            W = saved[-1][-1]  # W_{s+m}, (B, p, d)
         ctx.first_order, ctx.dk = first_order, dk
-        ctx.save_for_backward(KQ, Ken, R, eta, w, ZQ, Gs, A, *Wbuf)  # Wbuf[0][0] copies W0
+        ctx.save_for_backward(R, eta, w, *saved)
         return Y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY):
-        KQ, Ken, R, eta, w, ZQ, Gs, A, *Wbuf = ctx.saved_tensors
-        (n, B, b2, p), d, b, dk = KQ.shape, Gs.shape[-1], Gs.shape[-2], ctx.dk  # d = d_v
-        K, Q, etas = KQ[:, :, :b], KQ[:, :, b:], eta.unsqueeze(-1)  # (n, B, b, 1)
-        # [dZ_j; dY_j] per block: dY is copied in once (it arrives in the caller's layout,
-        # which every product below would otherwise copy again)
-        DZY = gY.new_empty(n, B, b2, d)
-        DZY[:, :, b:] = gY
-        gY = DZY[:, :, b:]
-        # the read Y = Q W - A E, E = eta G: with P = dY G^T, dA = -tril(P) eta (per column),
-        # dE = -A^T dY - K_j U_{j+1}, U_{j+1} = dL/dW_{j+1}, and -A^T dY . G = -colsum(A P)
-        P = gY @ Gs.mT  # (n, B, b, b)
-        dA = -(P * eta.unsqueeze(-2)).tril()
-        deta = -(A * P).sum(-2)  # the read's part of dE . G, (n, B, b)
-        # c_j = eta_j dE_j = cE_j + Ken_j U_{j+1}, cE = -eta A^T dY: d loss / d G_j, computed
-        # in place (in DZY without LayerNorm, where dZ = c)
-        cE = (A.mT * -etas) @ gY  # (n, B, b, d)
-        # U_j = U_{j+1} + K_j^T dZ_j + Q_j^T dY_j: one product on [dZ_j; dY_j]
-        if w is None:
-            DZY[:, :, :b] = cE
-            cE = DZY[:, :, :b]
-        else:
-            # VJP of G = LN'(Z)^T (w e) at cotangent c, per row (s = sigma, z_hat = LN(Z),
-            # g_h = w e, B = mean(g_h z_hat)): dZ = a * c + sum_k mean(c x_k) y_k, with
-            # a = (w^2 - B) / s^2 and [x_k] = [u, 1, LN'^T w^2, z_hat],
-            # [y_k] = [z_hat, -a, -1 / s, (2 B - w^2) z_hat / s^2 - G / s],
-            # u = -(LN'^T (w^2 z_hat) / s + (g_h - mean g_h) / s^2). All x, y are computed
-            # here for all blocks (x_4 = y_1 stored once); in the loop, the four means are one
-            # (b, d) x (d, 4b) product masked to its diagonals (the mask holds the 1 / d), and
-            # c' = LN'^T c, needed for dR and dw only, is batched after it.
-            # Z made contiguous once: the three LayerNorm kernels below would each copy it
-            Zs, w1, shape = ZQ[:, :, :b].contiguous(), w, (d,)  # (n, B, b, d), (B, 1, d)
-            zh, mean, rstd = torch.native_layer_norm(Zs, shape, None, None, _LN_EPS)
-            r2, w2 = rstd * rstd, w1 * w1
-            gh = w1 * torch.addcmul(R, zh, w1)  # w e, (n, B, b, d)
-            Bq = (gh * zh).mean(-1, keepdim=True)  # (n, B, b, 1)
-            gh -= gh.mean(-1, keepdim=True)
-            w2zh = w2 * zh
-            u = _LN_BWD(w2zh, Zs, shape, mean, rstd, *_LN_ARGS)[0].addcmul_(rstd, gh)  # -x_1 s
-            # LN'^T w^2 = (w^2 - mean(w^2) - z_hat mean(w^2 z_hat)) / s
-            mw, cw = -rstd * w2zh.mean(-1, keepdim=True), w2 - w2.mean(-1, keepdim=True)
-            del gh, w2zh
-            a = r2 * (w2 - Bq)  # (n, B, b, d)
-            # [x_1, x_2, x_3, x_4 = y_1, y_2, y_3, y_4] per block, in buffers of at most
-            # _XY_BYTES: the allocator maps larger ones afresh on every call, and their page
-            # faults cost more than the arithmetic here
-            step = max(1, _XY_BYTES // (7 * b * d * B * Gs.element_size()))
-            Xs, Ys = [], []
-            for s in range(0, n, step):
-                t, XY = slice(s, s + step), Gs.new_empty(min(step, n - s), B, 7, b, d)
-                torch.mul(u[t], -rstd[t], out=XY[:, :, 0])
-                XY[:, :, 1] = 1.0
-                torch.mul(zh[t], mw[t], out=XY[:, :, 2]).addcmul_(rstd[t], cw)
-                XY[:, :, 3] = zh[t]
-                torch.neg(a[t], out=XY[:, :, 4])
-                XY[:, :, 5] = -rstd[t]
-                y4 = torch.mul(Gs[t], -rstd[t], out=XY[:, :, 6])
-                y4.addcmul_(zh[t], r2[t] * (2 * Bq[t] - w2))
-                Xs += XY[:, :, :4].flatten(2, 3).mT.unbind(0)  # (B, d, 4b)
-                Ys += XY[:, :, 3:].flatten(2, 3).unbind(0)  # (B, 4b, d)
-            del u
-            mask = torch.eye(b, dtype=Gs.dtype, device=Gs.device).repeat(1, 4) / d  # (b, 4b)
-            a = a.unbind(0)  # (B, b, d)
-        dzy, dz = DZY.unbind(0), DZY[:, :, :b].unbind(0)
-        Ubuf, U = _stacked_in_buffers(n, (B, p, d), Gs)  # U_1..U_n, U_{j+1} at j
-        U[-1].zero_()
-        U = [Gs.new_empty(B, p, d), *U]  # U[j] = U_j; U_0 = dL/dW_0
-        KQT, cs, Ken = KQ.mT.unbind(0), cE.unbind(0), Ken.unbind(0)
-        if ctx.first_order:  # U_j = U_{j+1} + Q_j^T dY_j: no second-order path through Z_j
-            KQT, dzy = Q.mT.unbind(0), gY.unbind(0)
-        with torch.inference_mode():  # as in the forward
-            for j in range(n - 1, -1, -1):
-                c = cs[j].baddbmm_(Ken[j], U[j + 1])  # d loss / d G_j, (B, b, d)
-                if w is not None:
-                    T = torch.bmm(c, Xs[j]).mul_(mask)  # mean(c x_k) on the diagonals
-                    torch.mul(c, a[j], out=dz[j]).baddbmm_(T, Ys[j])  # dZ_j, (B, b, d)
-                torch.baddbmm(U[j + 1], KQT[j], dzy[j], out=U[j])  # U_j, (B, p, d)
-        # the products with U_{j+1} and W_j, batched: G_j U_{j+1}^T (E U^T for dK, K U . G
-        # for deta) and [dZ_j; dY_j] W_j^T (dK, dQ), (n, B, b | 2b, p)
-        GUs, WTs, s = Gs.new_empty(n, B, b, p), DZY.new_empty(n, B, b2, p), 0
-        for Wm, Um in zip(Wbuf, Ubuf, strict=True):  # buffers of the same blocks
-            t, s = slice(s, s + len(Wm)), s + len(Wm)
-            torch.bmm(Gs[t].flatten(0, 1), Um.mT.flatten(0, 1), out=GUs[t].flatten(0, 1))
-            torch.bmm(DZY[t].flatten(0, 1), Wm.mT.flatten(0, 1), out=WTs[t].flatten(0, 1))
-        deta -= (K * GUs).sum(-1)  # dE . G, (n, B, b); (K U) . G = K . (G U^T)
-        # dK = dZ W^T - E U^T + dA^T Q, dQ = dY W^T + dA K, on the d_k input features
-        K, Q, WTs, GUs = K[..., :dk], Q[..., :dk], WTs[..., :dk], GUs[..., :dk]
-        dK = (dA.mT @ Q).add_(WTs[:, :, :b]).addcmul_(GUs, etas, value=-1.0)  # (n, B, b, d_k)
-        dQ = (dA @ K).add_(WTs[:, :, b:])  # (n, B, b, d_k)
-        dW0 = U[0]
-        if w is None:  # dG = c
-            return dW0, dK, dQ, cE, deta, None, None
-        dG = _LN_BWD(cE, Zs, shape, mean, rstd, *_LN_ARGS)[0]  # LN'(Z)^T c, (n, B, b, d)
-        dR = dG * w1  # (n, B, b, d)
-        dw = (dG * torch.addcmul(R, zh, w1, value=2.0)).sum((0, 2)).unsqueeze(1)  # (B, 1, d)
-        return dW0, dK, dQ, dR, deta, dw, None
+        R, eta, w, *saved = ctx.saved_tensors
+        (n, B, b, d), dk = R.shape, ctx.dk
+        dK, dQ = gY.new_empty(n, B, b, dk), gY.new_empty(n, B, b, dk)
+        dR, deta = gY.new_empty(n, B, b, d), gY.new_empty(n, B, b)
+        U, dw = gY.new_zeros(saved[-1].shape[1:]), None  # U_n = dL/dW_n = 0, (B, p, d)
+        for i, t in reversed(list(enumerate(ctx.segments))):
+            out = (dK[t], dQ[t], dR[t], deta[t])
+            U, dw_t = _reverse_segment(
+                U, gY[t], R[t], eta[t], w, *saved[6 * i : 6 * i + 6], dk, ctx.first_order, out
+            )
+            dw = dw_t if dw is None else dw + dw_t
+        return U, dK, dQ, dR, deta, dw, None
 
 
 def _ttt_linear_scan(
