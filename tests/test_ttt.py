@@ -359,10 +359,10 @@ def test_scan_default_call_with_unequal_widths_as_reported(float64, dv):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_scan_with_one_buffer_per_block_equals_loop(float64, monkeypatch, first_order):
-    # the scan keeps W_j, dL/dW_j and the backward's per-block LayerNorm vectors in buffers of
-    # at most _XY_BYTES; long sequences use several: force one per block
-    monkeypatch.setattr(ttt_functional, "_XY_BYTES", 1)
+def test_scan_with_one_block_per_segment_equals_loop(float64, monkeypatch, first_order):
+    # the scan runs in segments of blocks whose tensors are at most _SEGMENT_BYTES (W_s and
+    # dL/dW_s carried across); long sequences use several: force one block per segment
+    monkeypatch.setattr(ttt_functional, "_SEGMENT_BYTES", 1)
     _assert_scan_equals_loop((2, 3), 19, 5, True, True, first_order, True)
 
 

@@ -487,7 +487,7 @@ _LN_EPS = 1e-5
 # every temporary of the scan is a block the allocator reuses from call to call (glibc maps a
 # block over 32 MiB afresh on every call, and at 8,192 tokens and more those page faults cost
 # more than the arithmetic on them); only the inputs and outputs are whole-sequence tensors
-_XY_BYTES = 1 << 24
+_SEGMENT_BYTES = 1 << 24
 # _LN_BWD(g, z, shape, mean, rstd, *_LN_ARGS)[0] = LN'(z)^T g = (g - mean(g) - z_hat
 # mean(g z_hat)) / sigma, the LayerNorm VJP (it is symmetric), from its native kernel; the
 # overload's underlying builtin skips a Python wrapper that costs about as much as the kernel
@@ -497,8 +497,8 @@ _LN_BWD, _LN_ARGS = getattr(_LN_BWD, "_op", _LN_BWD), (None, None, [True, False,
 
 
 def _segments(n: int, B: int, b: int, d: int, like: Tensor) -> list[slice]:
-    """The blocks ``0..n-1`` in consecutive segments of at most ``_XY_BYTES`` per tensor."""
-    step = max(1, _XY_BYTES // (7 * b * d * B * like.element_size()))
+    """The blocks ``0..n-1`` in consecutive segments of at most ``_SEGMENT_BYTES`` per tensor."""
+    step = max(1, _SEGMENT_BYTES // (7 * b * d * B * like.element_size()))
     return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
@@ -679,12 +679,15 @@ class _LinearScan(torch.autograd.Function):
         (n, B, b, d), dk = R.shape, ctx.dk
         dK, dQ = gY.new_empty(n, B, b, dk), gY.new_empty(n, B, b, dk)
         dR, deta = gY.new_empty(n, B, b, d), gY.new_empty(n, B, b)
-        U, dw = gY.new_zeros(saved[-1].shape[1:]), None  # U_n = dL/dW_n = 0, (B, p, d)
+        per = len(saved) // len(ctx.segments)  # the tensors _scan_segment returns
+        Ws = saved[-1]  # the last segment's W_s..W_n, (m + 1, B, p, d)
+        U, dw = Ws.new_zeros(Ws.shape[1:]), None  # U_n = dL/dW_n = 0, (B, p, d)
         for i, t in reversed(list(enumerate(ctx.segments))):
             out = (dK[t], dQ[t], dR[t], deta[t])
             U, dw_t = _reverse_segment(
-                U, gY[t], R[t], eta[t], w, *saved[6 * i : 6 * i + 6], dk, ctx.first_order, out
-            )
+                U, gY[t], R[t], eta[t], w, *saved[per * i : per * (i + 1)], dk, ctx.first_order,
+                out,
+            )  # fmt: skip
             dw = dw_t if dw is None else dw + dw_t
         return U, dK, dQ, dR, deta, dw, None
 
