@@ -223,6 +223,11 @@ def main() -> None:
         "other jobs' load)",
     )
     args = parser.parse_args()
+    if args.batch < 1 or args.heads < 1 or args.dim % args.heads:
+        parser.error(
+            f"--batch and --heads must be >= 1 and --heads must divide --dim (got --batch "
+            f"{args.batch}, --heads {args.heads}, --dim {args.dim})"
+        )
     if args.interleaved:
         out = args.out.with_name(args.out.stem + "_interleaved.md")
         interleaved(
