@@ -1,7 +1,8 @@
 """Choices made by the run (``selfmod.arch.Choice`` and the ``choice`` modifier): one-line errors
 for bad choices, sampling and argmax, a commit that keeps the chosen branch's function and
-optimizer state exactly, a run that converges to the clearly better option, and a bitwise
-resume through a commit."""
+optimizer state exactly, a run that converges to the clearly better option by gradient
+(``race = 0``; the options' race: ``test_option_race.py``), and a bitwise resume through a
+commit."""
 
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ def test_commit_keeps_the_chosen_branch_function_and_optimizer_state_exactly():
 CONFIG = {
     "steps": 400, "cycle": 50, "lookahead": 5, "batch_size": 64, "guard_size": 300,
     "replay_size": 300, "keep_checkpoints": 20, "compare_fixed": False, "report": False,
-    "modifiers": ["lr", "choice"], "meta_budget": 0.5,
+    "modifiers": ["lr", "choice"], "meta_budget": 0.5, "modifiers.choice.race": 0,
 }  # fmt: skip
 
 

@@ -128,6 +128,14 @@ BAD_VALUES = {
         "modifiers.dropout.max_dropout must be a number in (0.0025, 1) (got 1)",
     ),
     "max_memory": ("-1", "max_memory must be an integer in [0, 10000000000000] (got -1)"),
+    "modifiers.choice.race": (
+        "0.3",
+        "modifiers.choice.race must be a number in [0, 0.25] (got 0.3)",
+    ),
+    "modifiers.choice.race_keep": (
+        "1",
+        "modifiers.choice.race_keep must be an integer in [2, 8] (got 1)",
+    ),
     "modifiers.choice.choice_lr": (
         "0",
         "modifiers.choice.choice_lr must be a number in (0, 10] (got 0)",

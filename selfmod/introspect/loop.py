@@ -23,9 +23,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfmod.arch.choice import choice_sites, key
 from selfmod.determinism import random_state
 from selfmod.errors import DivergenceError, NonFiniteError
-from selfmod.introspect import best, budget, build, decide, race, replay, schedule, shift, verifier
+from selfmod.introspect import (
+    best,
+    budget,
+    build,
+    decide,
+    option_race,
+    race,
+    replay,
+    schedule,
+    shift,
+    verifier,
+)
 from selfmod.introspect.events import Decision, Recorder, jsonable, payload
 from selfmod.introspect.feed import DTYPES, Batch, Source, add_source, device_of, guard
 from selfmod.introspect.lookahead import Lookahead, train_step
@@ -114,6 +126,8 @@ class Loop:
         cfg, n = self.config, self.counters
         start = self._clock = time.perf_counter() - n.seconds
         self.scheduled = True  # a known end: the rates follow cfg.lr_schedule, logs end there
+        if self.tune and not n.options_raced:
+            self._option_race()
         if self.tune and cfg.level_race and not n.raced:
             self._race()
         while not budget.spent(cfg, n.step, n.examples) and n.diverged_at is None:
@@ -136,11 +150,50 @@ class Loop:
 
     def _race(self) -> None:  # the rates' level raced before the first cycle (.race)
         start, n, cfg = time.perf_counter(), self.counters, self.config
-        self.pending, n.raced = [self._next_batch() for _ in range(race.steps(cfg))], True
-        r = race.run(self.state, self.pending, cfg, self.train_step, self.losses.guard, self.guard)
-        d = Decision(0, 0, "level_race", *r.decision, self.values(), self.values(r.state), *r.guard)
+        h, queued = race.steps(cfg), self.pending  # queued: a rejected option race's batches
+        batches = queued[:h] + [self._next_batch() for _ in range(h - len(queued[:h]))]
+        n.raced, guard = True, self.losses.guard
+        r = race.run(self.state, batches, cfg, self.train_step, guard, self.guard, n.step)
+        d = Decision(0, n.step, "level_race", *r.decision, self.values(), self.values(r.state),
+                     *r.guard)  # fmt: skip
         self._record(d, extra={"race": [e.__dict__ for e in r.entries]})
-        (self.state, self.pending), self._owned = race.settle(r, self.pending, n), False  # x1's
+        self.state, rest = race.settle(r, batches, n)  # the unchanged level's training, kept
+        self.pending, self._owned = rest + queued[h:], False
+        n.meta_seconds += time.perf_counter() - start
+
+    def _option_race(self) -> None:  # the choices' options raced first (.option_race)
+        start, n, cfg, module = time.perf_counter(), self.counters, self.config, self.problem.module
+        n.options_raced = True
+        chooser = next((m for m in self.modifiers if m.name == "choice"), None)
+        sites = [c for c in choice_sites(module) if int(self.state.buffers[key(c, "chosen")]) < 0]
+        share = getattr(getattr(chooser, "settings", None), "race", 0)
+        if not sites or not share:
+            return
+        names = [module.get_submodule(c).names for c in sites]
+        found, why = option_race.candidates(names)
+        if not found:
+            self.event("event", "no option race", why, {"choices": sites})
+            return
+        candidates = [option_race.Candidate(name, dict(zip(sites, ks, strict=True)))
+                      for name, ks in found]  # fmt: skip
+
+        def commit(state: RunState, picks: dict[str, int]) -> RunState:
+            return chooser.apply(Proposal("choice", surgery={"commit": picks}), state, self.problem)
+
+        h = max(1, round(share * cfg.steps))
+        batches = [self._next_batch() for _ in range(2 * h)]
+        step = race.base_steps(self.train_step, cfg, self.state.batch_size, n.step)
+        keep = chooser.settings.race_keep
+        r = option_race.run(self.state, candidates, commit, batches, keep, step,
+                            self.problem, self.guard)  # fmt: skip
+        after = r.trained.state if r.trained is not None else self.state
+        info = {c: {"options": names[j], "option": names[j][k]} for j, (c, k) in
+                enumerate(r.picks.items())}  # fmt: skip
+        proposal = Proposal("choice", surgery={"commit": r.picks}, info={"choice": info})
+        d = Decision(0, n.step, "choice", *r.decision, self.values(), self.values(after), *r.guard)
+        self._record(d, proposal, extra={"race": [e.__dict__ for e in r.entries]})
+        self.state, self.pending = race.adopt(self.state, r.trained, r.cost, batches, n)
+        self._owned = False
         n.meta_seconds += time.perf_counter() - start
 
     def push(self, batch: tuple[Any, Tensor]) -> int:

@@ -136,12 +136,13 @@ def steps(config: Any) -> int:
     return max(1, round(config.race_share * config.steps))
 
 
-def base_steps(train_step: Callable, config: Any, batch_size: int) -> Step:
-    """The race's :data:`Step`: the schedule at the ``t``-th step's examples, then
-    ``train_step(state, batch) -> (params, opt_state, buffers, loss, grads)`` (the run's)."""
+def base_steps(train_step: Callable, config: Any, batch_size: int, start: int = 0) -> Step:
+    """The race's :data:`Step`: the schedule at the run's ``start + t``-th step's examples,
+    then ``train_step(state, batch) -> (params, opt_state, buffers, loss, grads)`` (the
+    run's)."""
 
     def step(state: RunState, t: int, batch: Any) -> tuple[RunState, float]:
-        state = schedule.at(state, config, t, t * batch_size)
+        state = schedule.at(state, config, start + t, (start + t) * batch_size)
         params, opt_state, buffers, loss, _ = train_step(state, batch)
         return replace(state, params=params, opt_state=opt_state, buffers=buffers), loss
 
@@ -194,16 +195,17 @@ def run(
     train_step: Callable,
     guard: Callable,
     split: Callable[[str], Any],
+    start: int = 0,
 ) -> Outcome:
-    """The race of ``config.level_race`` from ``state`` over ``batches`` (the run's
-    ``train_step``, and its ``guard`` loss on ``split("propose")`` and ``split("verify")``),
-    judged by :func:`verdict`; a committed winner's training is not kept (the module
-    docstring)."""
+    """The race of ``config.level_race`` from ``state`` (the run's step ``start``) over
+    ``batches`` (the run's ``train_step``, and its ``guard`` loss on ``split("propose")`` and
+    ``split("verify")``), judged by :func:`verdict`; a committed winner's training is not kept
+    (the module docstring)."""
     device = next(iter(state.params.values())).device
     rows = sum(len(b[1]) for b in batches)  # a level's training examples: each read's cap
     splits = tuple(replay.first(split(part), rows) for part in ("propose", "verify"))
     rng, (propose, verify) = random_state(device), splits
-    step = base_steps(train_step, config, state.batch_size)
+    step = base_steps(train_step, config, state.batch_size, start)
     score = split_scorer(guard, *splits)
     entries, kept = race(state, batches, config.level_race, step, score, rng, device)
     won, decision, why = verdict(entries)
@@ -220,10 +222,18 @@ def settle(outcome: Outcome, batches: list[Any], counters: Any) -> tuple[RunStat
     running average; the random state at its end set), or, where there is none, the state with
     the chosen level and every batch still to train. The race's work is added to
     ``counters.meta_examples``."""
-    n, trained = counters, outcome.trained
-    n.meta_examples += outcome.cost
+    return adopt(outcome.state, outcome.trained, outcome.cost, batches, counters)
+
+
+def adopt(
+    state: RunState, trained: Trained | None, work: float, batches: list[Any], counters: Any
+) -> tuple[RunState, list[Any]]:
+    """:func:`settle` of a race that started from ``state``, whose ``trained`` (or ``None``)
+    is the run's own over ``batches`` and whose work was ``work`` example-equivalents."""
+    n = counters
+    n.meta_examples += work
     if trained is None:
-        return outcome.state, batches
+        return state, batches
     for loss, batch in zip(trained.losses, batches, strict=True):
         n.examples = None if n.examples is None else n.examples + len(batch[1])
         n.took(loss)

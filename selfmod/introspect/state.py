@@ -285,13 +285,15 @@ class Counters:
     cycles_skipped: int = 0
     last_cycle: float = 0.0  # the last cycle's work: the next one's estimate
     raced: bool = False  # the rates' level has been raced (``level_race``, :mod:`.race`)
+    #: the choices' options have been raced (``modifiers.choice.race``, :mod:`.option_race`)
+    options_raced: bool = False
     spiked_at: int | None = None  # the last base step whose loss spiked (:func:`.verifier.spike`)
 
     #: counters added after checkpoints were first written, and their value when absent from
     #: an older one (not known)
     LATER: ClassVar[dict[str, Any]] = {
         "examples": None, "meta_seconds": math.nan, "meta_examples": 0.0, "cycles_skipped": 0,
-        "last_cycle": 0.0, "raced": True, "spiked_at": None,
+        "last_cycle": 0.0, "raced": True, "spiked_at": None, "options_raced": True,
     }  # fmt: skip
 
     def took(self, loss: float) -> None:

@@ -1,5 +1,14 @@
-"""``choice``: make the model's :class:`~selfmod.arch.choice.Choice`\\ s by the guard loss, then
+"""``choice``: make the model's :class:`~selfmod.arch.choice.Choice`\\ s by the guard data, then
 commit each one, verified like every change.
+
+By default (``race > 0``) the options are first raced at the run's start, each on its own
+weights (:mod:`selfmod.introspect.option_race`, run by the loop before the first cycle): the
+winner is committed and its training kept, so no cycle finds a choice open. On development
+seeds of ``benchmarks/choice.py`` the race picked the best option on all three workloads where
+the gradient choice below lost 5.3 points on one (its options trained on shared weights;
+``benchmarks/results/choice_dev.md``). Where there is no race (``race = 0``; choices whose
+combinations of options are too many; :class:`~selfmod.runs.SelfModifier`, whose batches come
+one at a time), the choice is made by gradient:
 
 While a choice is open, each base step runs one option sampled from ``p = softmax(alpha)``
 (the module's training mode: a step costs one option), so every option's weights train in
@@ -69,6 +78,15 @@ BETAS = (0.5, 0.9)
 class ChoiceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    race: float = Field(
+        0.1,
+        ge=0,
+        le=0.25,
+        description="before the first cycle, every option trains this share of the steps on its "
+        "own weights, the best two twice as long, and the best on the guard loss is committed "
+        "if the verifying split agrees (selfmod.introspect.option_race); 0: no race",
+    )
+    race_keep: int = Field(2, ge=2, le=8, description="race: the options that train twice as long")
     choice_lr: float = Field(0.5, gt=0, le=10, description="Adam step on the logits per cycle")
     relax: Literal["darts", "gdas", "expected"] = Field(
         "expected",

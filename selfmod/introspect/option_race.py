@@ -1,0 +1,229 @@
+"""The options of the model's choices raced at the run's start (``modifiers.choice.race``).
+
+A choice made by gradient trains its options on shared weights: the rest of the network learns
+a compromise among them, and the guard loss then ranks the options by how well each one fits
+that compromise, not by how well each trains alone (on development seeds of
+``benchmarks/choice.py`` the shared network ranked the mixer's best option last at every cycle,
+and an activation choice that picked the best option still ended 5-7 points under it). So
+before the first cycle the run trains one copy of its state per candidate, each with every
+open choice committed to the candidate's option (:func:`selfmod.introspect.modifiers.choice.
+commit`: its own weights from the same start), by successive halving::
+
+    rung 1: every candidate over the first h batches        (h = race x steps)
+    rung 2: the ``keep`` best on the proposing guard split over the next h batches
+    winner: the finalist best on both guard splits (the mean of the two)
+
+"best": the higher guard accuracy, ties to the lower guard loss, for a problem whose metric is
+accuracy (:func:`rank`); else the lower guard loss. Ranked by loss, development seeds preferred
+the option that learns fastest early (relu over gelu, TTT-MLP over the convolution) and lost
+1.6 and 0.9 points to the best option; ranked by accuracy, they found it on both seeds of all
+three workloads
+
+with the same batches, schedule and random numbers for every candidate. The committed
+winner's training is kept as the run's own (its ``2h`` steps); its work is ``K h + keep h -
+2h`` batches beyond the run's, against ``K`` runs for every option trained alone. One option
+must be taken, so the final pick reads both guard splits; a race whose every candidate
+diverged leaves the run at its start with the choices open (made by gradient, as without a
+race). On development seeds a verdict that rejected a pick the verifying split disputed,
+falling back to the gradient choice, cost 11 points on one seed of the activation choice.
+
+Candidates: where every open choice has the same option names (an activation choice at each
+layer), the option at every choice (``K`` candidates, the fixed runs' architectures); else each
+combination of options, at most :data:`MAX_CANDIDATES` (more: no race).
+
+Reference: Jamieson & Talwalkar 2016, Li et al. 2018 (successive halving, Hyperband).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from selfmod.determinism import RNG, drawing_from, random_state
+from selfmod.errors import DivergenceError, NonFiniteError
+from selfmod.introspect import replay
+from selfmod.introspect.budget import FORWARD
+from selfmod.introspect.race import Step, Trained
+from selfmod.introspect.state import RunState
+
+#: the most candidates a race trains (combinations of options of unlike choices)
+MAX_CANDIDATES = 8
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One architecture: ``picks`` (choice site -> option index), named by its options."""
+
+    name: str
+    picks: dict[str, int]
+
+
+#: ``(state, split) -> (loss, metric)`` on the guard's ``"propose"`` or ``"verify"`` split
+Evaluate = Callable[[RunState, str], tuple[float, float]]
+
+
+@dataclass
+class Entry:
+    """A candidate's guard ``(loss, metric)`` on the proposing split after each rung it trained
+    (``(inf, nan)``: it diverged), and on the verifying split after the last (``None``: not a
+    finalist)."""
+
+    name: str
+    propose: list[tuple[float, float]] = field(default_factory=list)
+    verify: tuple[float, float] | None = None
+
+
+def rank(loss: float, metric: float, by: str) -> tuple[float, ...]:
+    """The sort key of a guard score, lowest first: ``by = "accuracy"``: the higher accuracy,
+    ties to the lower loss (on a few hundred guard rows accuracy ties often); else the loss."""
+    return (-metric, loss) if by == "accuracy" else (loss,)
+
+
+def candidates(options: Sequence[Sequence[str]]) -> tuple[list[tuple[str, tuple[int, ...]]], str]:
+    """``(candidates, why none)``: each candidate ``(name, option index per choice)`` for
+    choices with the given option names, in order (module docstring); none where the
+    combinations are more than :data:`MAX_CANDIDATES`."""
+    if all(list(o) == list(options[0]) for o in options):
+        return [(n, (i,) * len(options)) for i, n in enumerate(options[0])], ""
+    combos = list(itertools.product(*(range(len(o)) for o in options)))
+    if len(combos) > MAX_CANDIDATES:
+        return [], (
+            f"{len(combos)} combinations of the choices' options (more than {MAX_CANDIDATES}): "
+            "the choices are made by gradient"
+        )
+    name = "+".join
+    return [(name(o[i] for o, i in zip(options, c, strict=True)), c) for c in combos], ""
+
+
+def race(
+    start: RunState,
+    candidates: Sequence[Candidate],
+    commit: Callable[[RunState, dict[str, int]], RunState],
+    batches: Sequence[Any],
+    keep: int,
+    step: Step,
+    evaluate: Evaluate,
+    by: str,
+    rng_state: RNG,
+    device: Any,
+) -> tuple[list[Entry], Trained | None, int | None, tuple[str, str]]:
+    """Successive halving of ``candidates`` from ``start`` (module docstring): each
+    ``commit(start, picks)`` trained over the first half of ``batches`` by ``step``, the
+    ``keep`` best by :func:`rank` (``by``: the problem's metric) continued over the second
+    half, the finalist best on both guard splits the winner. Returns ``(entries, the winner's
+    training over every batch or None, its index or None, (decision, reason))``."""
+    h = len(batches) // 2
+    entries = [Entry(c.name) for c in candidates]
+    failed = (math.inf, math.nan)
+
+    def train(s: RunState, t0: int, part: Sequence[Any], rng: RNG) -> Trained | None:
+        losses = []
+        with drawing_from(rng, device):
+            try:
+                for t, batch in enumerate(part, t0):
+                    s, loss = step(s, t, batch)
+                    losses.append(loss)
+            except (NonFiniteError, DivergenceError):
+                return None
+            return Trained(1.0, s, losses, random_state(device))
+
+    def scored(i: int, done: Trained | None, split: str = "propose") -> bool:
+        got = evaluate(done.state, split) if done is not None else failed
+        got = got if math.isfinite(got[0]) else failed
+        if split == "propose":
+            entries[i].propose.append(got)
+        else:
+            entries[i].verify = got
+        return got is not failed
+
+    alive: list[tuple[int, Trained]] = []  # rung 1's best ``keep``
+    for i, c in enumerate(candidates):
+        done = train(commit(start, c.picks), 0, batches[:h], rng_state)
+        if scored(i, done) and done is not None:
+            alive.append((i, done))
+            alive = sorted(alive, key=lambda a: rank(*entries[a[0]].propose[0], by))[:keep]
+    finals: list[tuple[int, Trained]] = []
+    for i, first in alive:
+        done = train(first.state, h, batches[h:], first.rng)
+        if scored(i, done) and done is not None and scored(i, done, "verify"):
+            finals.append((i, Trained(1.0, done.state, first.losses + done.losses, done.rng)))
+    why = "guard (loss, metric) proposing after each rung, verifying after the last: " + "; ".join(
+        f"{e.name}: " + " / ".join(f"({v[0]:.4g}, {v[1]:.4g})" for v in e.propose)
+        + (f", verifying ({e.verify[0]:.4g}, {e.verify[1]:.4g})" if e.verify else "")
+        for e in entries
+    )  # fmt: skip
+    if not finals:
+        return entries, None, None, ("reject", f"every candidate diverged; {why}")
+
+    def whole(i: int) -> tuple[float, ...]:  # both splits (halves of the guard set)
+        (lp, mp), (lv, mv) = entries[i].propose[-1], entries[i].verify  # type: ignore[misc]
+        return rank((lp + lv) / 2, (mp + mv) / 2, by)
+
+    i, won = min(finals, key=lambda f: whole(f[0]))
+    lead = min(finals, key=lambda f: rank(*entries[f[0]].propose[-1], by))[0]
+    agree = "the splits agree" if lead == i else f"{entries[lead].name} led on the proposing split"
+    return entries, won, i, ("commit", f"{entries[i].name} won on both splits ({agree}); {why}")
+
+
+def cost(
+    entries: Sequence[Entry], batches: Sequence[Any], rows: tuple[int, int], adopted: bool
+) -> float:
+    """The race's work in example-equivalents: every candidate's training over the rungs it
+    ran (but the adopted winner's: the run's own) and its guard reads (``rows``: a proposing
+    and a verifying read's rows)."""
+    h = len(batches) // 2
+    per_rung = (sum(len(b[1]) for b in batches[:h]), sum(len(b[1]) for b in batches[h:]))
+    trained = sum(per_rung[r] for e in entries for r in range(len(e.propose)))
+    reads = sum(rows[0] * len(e.propose) + (rows[1] if e.verify else 0) for e in entries)
+    return trained - adopted * sum(per_rung) + FORWARD * reads
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A race's result: every candidate's :class:`Entry`, ``(decision, why)``, the verifying
+    guard losses ``(the best other finalist's, the winner's)``, the winner's picks (site ->
+    option index; ``{}`` where none), its training over the batches (``None`` unless
+    committed) and the race's work in example-equivalents."""
+
+    entries: list[Entry]
+    decision: tuple[str, str]
+    guard: tuple[float, float]
+    picks: dict[str, int]
+    trained: Trained | None
+    cost: float
+
+
+def run(
+    state: RunState,
+    candidates: Sequence[Candidate],
+    commit: Callable[[RunState, dict[str, int]], RunState],
+    batches: Sequence[Any],
+    keep: int,
+    step: Step,
+    problem: Any,
+    split: Callable[[str], Any],
+) -> Outcome:
+    """:func:`race` of ``candidates`` from ``state`` over ``batches`` (two rungs of half of
+    them), scored by ``problem.evaluate`` (its loss and metric) on ``split("propose")`` and
+    ``split("verify")``, each read at most a rung's training rows (as the level race's)."""
+    device = next(iter(state.params.values())).device
+    rows = sum(len(b[1]) for b in batches[: len(batches) // 2])
+    splits = {part: replay.first(split(part), rows) for part in ("propose", "verify")}
+
+    def evaluate(s: RunState, part: str) -> tuple[float, float]:
+        return problem.evaluate(s.params, s.buffers, *splits[part])
+
+    entries, won, i, decision = race(
+        state, candidates, commit, batches, keep, step, evaluate, problem.metric,
+        random_state(device), device,
+    )  # fmt: skip
+    verified = [(j, e.verify[0]) for j, e in enumerate(entries) if e.verify is not None]
+    mine = next((v for j, v in verified if j == i), math.nan)
+    other = min((v for j, v in verified if j != i), default=math.nan)
+    work = cost(entries, batches, (len(splits["propose"][1]), len(splits["verify"][1])),
+                won is not None)  # fmt: skip
+    picks = candidates[i].picks if won is not None and i is not None else {}
+    return Outcome(entries, decision, (other, mine), picks, won, work)

@@ -1,0 +1,186 @@
+"""The options of a model's choices raced at the run's start (``modifiers.choice.race``,
+:mod:`selfmod.introspect.option_race`): the candidates, a race that commits the clearly better
+option and keeps its training as the run's own (the same state as a run that started with it),
+its work counted, a bitwise resume after it, and choices too many to race made by gradient."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfmod.arch import Choice
+from selfmod.data import as_batches
+from selfmod.determinism import random_state
+from selfmod.errors import NonFiniteError
+from selfmod.introspect import registry
+from selfmod.introspect.loop import Loop, Source
+from selfmod.introspect.option_race import MAX_CANDIDATES, Candidate, candidates, race
+from selfmod.introspect.problem import Problem
+from selfmod.introspect.state import RunState
+from selfmod.runs import fit
+from selfmod.runs.api import make_config
+from selfmod.runs.recorder import RunRecorder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+class Abs(nn.Module):
+    def forward(self, x):
+        return x.abs()
+
+
+def abs_task(n: int = 3000):
+    """Class 1 iff ``sum_i<4 |x_i| > 3.2``: an ``abs`` unit fits it; tanh or sigmoid units hardly
+    do in a layer of 16."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return x, (x[:, :4].abs().sum(1) > 3.2).long()
+
+
+def options() -> dict[str, nn.Module]:
+    return {"tanh": nn.Tanh(), "abs": Abs(), "sigmoid": nn.Sigmoid()}
+
+
+def act_model(chosen: int = -1, seed: int = 1) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), Choice(options()), nn.Linear(16, 2))
+    model[1].chosen.fill_(chosen)
+    return model
+
+
+STEPS, RACE, BATCH = 200, 0.1, 32
+CONFIG = {
+    "steps": STEPS, "cycle": 50, "lookahead": 5, "batch_size": BATCH, "guard_size": 300,
+    "replay_size": 300, "compare_fixed": False, "optimizer": "adamw", "lr": 1e-2,
+    "modifiers": ["choice"], "meta_budget": None, "modifiers.choice.race": RACE,
+}  # fmt: skip
+
+
+def _loop(model: nn.Module, recorder=None, **config) -> Loop:
+    cfg = make_config({**CONFIG, **config})
+    x, y = abs_task()
+    torch.manual_seed(0)
+    source = Source(as_batches((x[500:2000], y[500:2000]), 0), x[:500], y[:500],
+                    x[2500:], y[2500:])  # fmt: skip
+    mods = [registry()["choice"].from_config(cfg)]
+    return Loop(Problem(model, F.cross_entropy), [source], cfg, modifiers=mods, recorder=recorder)
+
+
+def test_candidates_are_one_option_everywhere_for_alike_choices_else_the_combinations():
+    same, why = candidates([["relu", "gelu"], ["relu", "gelu"]])
+    assert same == [("relu", (0, 0)), ("gelu", (1, 1))] and why == ""
+    mixed, _ = candidates([["a", "b"], ["c", "d", "e"]])
+    assert [n for n, _ in mixed] == ["a+c", "a+d", "a+e", "b+c", "b+d", "b+e"]
+    assert mixed[4] == ("b+d", (1, 1))
+    many, why = candidates([["a", "b", "c"], ["d", "e", "f"]])
+    assert many == [] and "9 combinations" in why and str(MAX_CANDIDATES) in why
+
+
+def test_the_race_commits_the_clearly_better_option_and_keeps_its_training():
+    """``abs`` wins the race before the first cycle; its two rungs' training is the run's own,
+    so the run ends exactly as one that started with ``abs`` committed (same batches, schedule
+    and random numbers) and trains exactly its steps' examples; the race's work is counted."""
+    raced, direct = _loop(act_model()), _loop(act_model(chosen=1), **{"modifiers.choice.race": 0})
+    for run in (raced, direct):
+        run.run_cycle = lambda: None  # the race alone
+        run.run()
+    (d,) = [d for d in raced.history["decisions"] if d["modifier"] == "choice"]
+    assert (d["step"], d["decision"]) == (0, "commit") and d["reason"].startswith("abs won")
+    assert int(raced.state.buffers["1.chosen"]) == 1
+    shared = [k for k in direct.params if not k.startswith("1.")]
+    assert all(torch.equal(raced.params[k], direct.params[k]) for k in shared)
+    assert raced.step == direct.step == STEPS
+    assert raced.counters.examples == direct.counters.examples == STEPS * BATCH
+    h = round(RACE * STEPS)
+    # rung 1: three candidates over h batches, rung 2: two more over h; the winner's 2h kept
+    assert raced.counters.meta_examples >= (3 + 2 - 2) * h * BATCH
+    assert direct.counters.meta_examples == 0
+
+
+def test_fit_exports_the_raced_choice_and_learns(tmp_path):
+    x, y = abs_task()
+    config = {k: v for k, v in CONFIG.items() if k != "modifiers"}
+    result = fit(
+        act_model(), F.cross_entropy, (x[:2000], y[:2000]), (x[2000:2500], y[2000:2500]),
+        test=(x[2500:], y[2500:]), config={**config, "steps": 400, "out": str(tmp_path)},
+    )  # fmt: skip
+    assert isinstance(result.module[1], Abs)
+    assert result.summary["test_metric"] > 0.9
+
+
+def test_resume_after_the_race_is_bitwise(tmp_path):
+    run = _loop(act_model(), RunRecorder(tmp_path), keep_checkpoints=20)
+    run.run()
+    at = 50  # the race's 40 steps, then the first cycle's checkpoint
+    recorder = RunRecorder(tmp_path)
+    back = _loop(act_model(), recorder, keep_checkpoints=20)
+    recorder.resume(back, at_most=at)
+    assert 0 < back.step <= at and int(back.state.buffers["1.chosen"]) == 1
+    back.run()
+    races = [d for d in back.history["decisions"] if d["modifier"] == "choice" and not d["step"]]
+    assert len(races) <= 1  # not raced again
+    assert all(torch.equal(back.params[k], run.params[k]) for k in run.params)
+    assert all(torch.equal(back.state.buffers[k], run.state.buffers[k]) for k in run.state.buffers)
+
+
+def test_choices_with_too_many_combinations_are_made_by_gradient():
+    torch.manual_seed(1)
+    pair = {"tanh": nn.Tanh(), "abs": Abs(), "sigmoid": nn.Sigmoid()}
+    other = {"relu": nn.ReLU(), "gelu": nn.GELU(), "elu": nn.ELU()}
+    model = nn.Sequential(nn.Linear(8, 16), Choice(pair), nn.Linear(16, 16), Choice(other),
+                          nn.Linear(16, 2))  # fmt: skip
+    run = _loop(model, steps=150)
+    run.run()
+    choices = [d for d in run.history["decisions"] if d["modifier"] == "choice"]
+    assert choices and not any("rung" in d["reason"] for d in choices)  # the cycles', no race
+    assert run.counters.examples == 150 * BATCH
+
+
+def test_rungs_rank_by_accuracy_then_loss_and_the_winner_reads_both_splits():
+    """A stub race: rung 1 keeps the two best by guard accuracy (a tie broken by the lower
+    loss; a diverged candidate out), rung 2 continues them over the second half of the
+    batches, and the finalist best on both splits wins even where the proposing split alone
+    prefers the other."""
+    names = ["a", "b", "c", "d"]
+    # (rung 1 proposing, rung 2 proposing, verifying): (loss, accuracy)
+    scores = {
+        "a": [(0.5, 0.9), (0.4, 0.95), (0.2, 0.80)],
+        "b": [(0.3, 0.9), (0.3, 0.93), (0.2, 0.95)],
+        "c": [(0.1, 0.8)],  # lowest loss, lower accuracy: out
+        "d": [],  # diverges
+    }
+    steps: dict[str, list[int]] = {n: [] for n in names}
+
+    def commit(state, picks):
+        return replace(state, buffers={"who": torch.tensor(picks["x"])})
+
+    def step(state, t, batch):
+        who = names[int(state.buffers["who"])]
+        if who == "d":
+            raise NonFiniteError("inner loss", t, "")
+        steps[who].append(t)
+        return state, 0.0
+
+    def evaluate(state, split):
+        who, rung = names[int(state.buffers["who"])], len(steps[names[int(state.buffers["who"])]])
+        return scores[who][2] if split == "verify" else scores[who][0 if rung == 2 else 1]
+
+    start = RunState({"w": torch.zeros(1)}, {"who": torch.tensor(-1)}, (), {}, 1, {}, 0.5)
+    cands = [Candidate(n, {"x": i}) for i, n in enumerate(names)]
+    cpu = torch.device("cpu")
+    entries, won, i, (decision, why) = race(
+        start, cands, commit, list(range(4)), 2, step, evaluate, "accuracy", random_state(cpu), cpu
+    )  # fmt: skip
+    assert [len(e.propose) for e in entries] == [2, 2, 1, 1]
+    assert steps == {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3], "c": [0, 1], "d": []}
+    assert math.isinf(entries[3].propose[0][0]) and entries[2].verify is None
+    assert decision == "commit" and names[i] == "b" and "a led on the proposing split" in why
+    assert won is not None and won.losses == [0.0] * 4
