@@ -1,5 +1,6 @@
-"""Architecture chosen by gradients inside the run: one ``fit`` run with a
-:class:`selfmod.arch.Choice` against every option trained alone, same budget.
+"""Architecture chosen inside the run: one ``fit`` run with a :class:`selfmod.arch.Choice`
+against every option trained alone, same budget. The choice is made by the options' race at
+the run's start (``modifiers.choice.race``, the default) or, with ``--set race=0``, by gradient.
 
 Three workloads of different kinds (data from :mod:`selfmod.bench.workloads`):
 
@@ -172,6 +173,8 @@ def one(job: tuple[Any, ...]) -> dict[str, Any]:
         "test": w.evaluate(module, w.test), "cpu": cpu, "wall": wall,
         "examples": s["examples"], "meta_examples": s["meta_examples"], "pick": pick,
         "decisions": [(d["step"], d["modifier"], d["decision"]) for d in history],
+        "race": next((d["reason"] for d in history if d["modifier"] == "choice"
+                      and "rung" in d["reason"]), None),
     }  # fmt: skip
 
 
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         lines, summary = table(rows)
     command = "python benchmarks/choice.py " + " ".join(sys.argv[1:] if argv is None else argv)
     head = [
-        "# Architecture chosen by gradients inside the run (benchmarks/choice.py)",
+        "# Architecture chosen inside the run (benchmarks/choice.py)",
         "",
         f"Command: `{command.strip()}`; split {split}, seeds {list(seeds)}; choice settings "
         f"{settings or 'the defaults'}; {time.perf_counter() - start:.0f} s on 2 CPU cores, one "
