@@ -114,6 +114,8 @@ def test_fit_exports_the_raced_choice_and_learns(tmp_path):
     )  # fmt: skip
     assert isinstance(result.module[1], Abs)
     assert result.summary["test_metric"] > 0.9
+    report = (result.run_dir / "report.html").read_text()
+    assert "race, guard metric: abs 0." in report and "tanh 0." in report  # every candidate
 
 
 def test_resume_after_the_race_is_bitwise(tmp_path):

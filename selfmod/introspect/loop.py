@@ -187,8 +187,9 @@ class Loop:
         r = option_race.run(self.state, candidates, commit, batches, keep, step,
                             self.problem, self.guard)  # fmt: skip
         after = r.trained.state if r.trained is not None else self.state
-        info = {c: {"options": names[j], "option": names[j][k]} for j, (c, k) in
-                enumerate(r.picks.items())}  # fmt: skip
+        metric = {e.name: e.propose[-1][1] for e in r.entries}  # after its last rung
+        info = {c: {"options": names[j], "option": names[j][k], "race": metric}
+                for j, (c, k) in enumerate(r.picks.items())}  # fmt: skip
         proposal = Proposal("choice", surgery={"commit": r.picks}, info={"choice": info})
         d = Decision(0, n.step, "choice", *r.decision, self.values(), self.values(after), *r.guard)
         self._record(d, proposal, extra={"race": [e.__dict__ for e in r.entries]})

@@ -229,7 +229,8 @@ def _timeline(history: dict) -> str:
 
 def choice_rows(entries: list[dict]) -> list[tuple[str, ...]]:
     """Per ledger entry of the ``choice`` modifier and per choice in it: ``(cycle, step,
-    choice, decision, probabilities by option, committed option)``: the logits' history."""
+    choice, decision, probabilities by option, committed option)``: the logits' history; for
+    the options' race, each candidate's guard metric after the last rung it trained."""
     rows = []
     for e in entries:
         p = e.get("payload", {})
@@ -239,6 +240,9 @@ def choice_rows(entries: list[dict]) -> list[tuple[str, ...]]:
                 continue
             pairs = zip(c.get("options", []), c.get("p", []), strict=False)
             probs = ", ".join(f"{n} {v:.3f}" for n, v in pairs)
+            if isinstance(c.get("race"), dict):
+                raced = ", ".join(f"{n} {_fmt(v)}" for n, v in c["race"].items())
+                probs = f"race, guard metric: {raced}"
             committed = c.get("option", "") if e["decision"] == "commit" else ""
             rows.append((e["cycle"], e["step"], site or "(root)", e["decision"], probs, committed))
     return rows
@@ -424,7 +428,8 @@ def write_report(run_dir: Path, history: dict, entries: list[dict], x: str = "st
     choices = "".join(_row(*r) for r in choice_rows(entries))
     if choices:
         choices = (
-            "<h3>Choices (selfmod.arch.Choice): probabilities softmax(logits) as proposed</h3>"
+            "<h3>Choices (selfmod.arch.Choice): probabilities softmax(logits) as proposed, or "
+            "the options' race</h3>"
             "<table><tr><th>cycle</th><th>step</th><th>choice</th><th>decision</th>"
             f"<th>p by option</th><th>committed</th></tr>{choices}</table>"
         )
