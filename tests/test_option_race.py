@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from user_models import Abs, abs_task
 
 from selfmod.arch import Choice
 from selfmod.data import as_batches
@@ -30,19 +31,6 @@ from selfmod.runs.recorder import RunRecorder
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-class Abs(nn.Module):
-    def forward(self, x):
-        return x.abs()
-
-
-def abs_task(n: int = 3000):
-    """Class 1 iff ``sum_i<4 |x_i| > 3.2``: an ``abs`` unit fits it; tanh or sigmoid units hardly
-    do in a layer of 16."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 8, generator=g)
-    return x, (x[:, :4].abs().sum(1) > 3.2).long()
 
 
 def options() -> dict[str, nn.Module]:

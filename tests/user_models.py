@@ -85,6 +85,21 @@ def choice_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), act, nn.Linear(32, 10))
 
 
+class Abs(nn.Module):
+    """``|x|``: the activation an :func:`abs_task` needs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs()
+
+
+def abs_task(n: int = 3000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 1 iff ``sum_i<4 |x_i| > 3.2``: an ``abs`` unit fits it; tanh or sigmoid units hardly
+    do in a layer of 16. ``x (n, 8)``, ``y (n,)``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return x, (x[:, :4].abs().sum(1) > 3.2).long()
+
+
 def digits():
     """scikit-learn's bundled digits: ``(x_train, y_train, x_test, y_test)``."""
     d = load_digits(seed=0)
