@@ -72,16 +72,26 @@ def test_candidates_are_one_option_everywhere_for_alike_choices_else_the_combina
     assert many == [] and "9 combinations" in why and str(MAX_CANDIDATES) in why
 
 
-def test_the_race_commits_the_clearly_better_option_and_keeps_its_training():
-    """``abs`` wins the race before the first cycle; its two rungs' training is the run's own,
-    so the run ends exactly as one that started with ``abs`` committed (same batches, schedule
-    and random numbers) and trains exactly its steps' examples; the race's work is counted."""
-    raced, direct = _loop(act_model()), _loop(act_model(chosen=1), **{"modifiers.choice.race": 0})
+@pytest.mark.parametrize(
+    ("level_race", "level"), [([], None), ([0.3], "reject"), ([3.0], "commit")]
+)
+def test_the_race_commits_the_clearly_better_option_and_is_the_run_of_it(level_race, level):
+    """``abs`` wins the race before the first cycle, and the run ends bitwise as the one that
+    started with ``abs`` committed (same batches, schedule and random numbers): without a level
+    race its two rungs' training is the run's own; with one, the level is raced from the start
+    with ``abs`` as in that run, and the winner's training kept where the level stays
+    (``reject``) or trained again at the new level (``commit``). Both train exactly their
+    steps' examples; the race's work is counted."""
+    set_level = {"level_race": level_race, "race_share": 0.04}
+    raced = _loop(act_model(), **set_level)
+    direct = _loop(act_model(chosen=1), **set_level, **{"modifiers.choice.race": 0})
     for run in (raced, direct):
-        run.run_cycle = lambda: None  # the race alone
+        run.run_cycle = lambda: None  # the races alone
         run.run()
     (d,) = [d for d in raced.history["decisions"] if d["modifier"] == "choice"]
     assert (d["step"], d["decision"]) == (0, "commit") and d["reason"].startswith("abs won")
+    levels = [d["decision"] for d in raced.history["decisions"] if d["modifier"] == "level_race"]
+    assert levels == ([level] if level else [])
     assert int(raced.state.buffers["1.chosen"]) == 1
     shared = [k for k in direct.params if not k.startswith("1.")]
     assert all(torch.equal(raced.params[k], direct.params[k]) for k in shared)
@@ -89,8 +99,8 @@ def test_the_race_commits_the_clearly_better_option_and_keeps_its_training():
     assert raced.counters.examples == direct.counters.examples == STEPS * BATCH
     h = round(RACE * STEPS)
     # rung 1: three candidates over h batches, rung 2: two more over h; the winner's 2h kept
-    assert raced.counters.meta_examples >= (3 + 2 - 2) * h * BATCH
-    assert direct.counters.meta_examples == 0
+    race_work = raced.counters.meta_examples - direct.counters.meta_examples
+    assert race_work >= (3 + 2 - 2) * h * BATCH + (2 * h * BATCH if level == "commit" else 0)
 
 
 def test_fit_exports_the_raced_choice_and_learns(tmp_path):

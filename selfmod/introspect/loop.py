@@ -92,6 +92,7 @@ class Loop:
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
         self.good, self.best, self.scheduled = self.state.snapshot(), best.Best(), False
         self._owned = False  # whether only the state holds its tensors (``donate``)
+        self._winner: Any = None  # the options' race's winner, while the level race runs
         self._scored: tuple | None = None  # the last log point's (state, held weakly, scores)
         self._introduce_source(0)
         self.log_interval = budget.log_interval(config, len(self.guard()[1]))  # steps apart
@@ -150,15 +151,25 @@ class Loop:
 
     def _race(self) -> None:  # the rates' level raced before the first cycle (.race)
         start, n, cfg = time.perf_counter(), self.counters, self.config
-        h, queued = race.steps(cfg), self.pending  # queued: a rejected option race's batches
+        h, queued = race.steps(cfg), self.pending  # queued: the options' race's batches
         batches = queued[:h] + [self._next_batch() for _ in range(h - len(queued[:h]))]
         n.raced, guard = True, self.losses.guard
         r = race.run(self.state, batches, cfg, self.train_step, guard, self.guard, n.step)
         d = Decision(0, n.step, "level_race", *r.decision, self.values(), self.values(r.state),
                      *r.guard)  # fmt: skip
         self._record(d, extra={"race": [e.__dict__ for e in r.entries]})
-        self.state, rest = race.settle(r, batches, n)  # the unchanged level's training, kept
-        self.pending, self._owned = rest + queued[h:], False
+        winner, self._winner = self._winner, None  # the options' race's, not yet the run's
+        if winner is not None and r.trained is not None and len(winner.losses) >= len(batches):
+            # the level stays: the unchanged level's training is the first steps of the
+            # winner's (same state, batches and random numbers); the winner's, longer, is kept
+            n.meta_examples += r.cost + sum(len(b[1]) for b in batches)
+            self.state, self.pending = race.adopt(self.state, winner, 0.0, queued, n)
+        else:
+            if winner is not None:  # trained again at the chosen level
+                n.meta_examples += sum(len(b[1]) for b in queued[: len(winner.losses)])
+            self.state, rest = race.settle(r, batches, n)  # the unchanged level's training, kept
+            self.pending = rest + queued[h:]
+        self._owned = False
         n.meta_seconds += time.perf_counter() - start
 
     def _option_race(self) -> None:  # the choices' options raced first (.option_race)
@@ -193,8 +204,14 @@ class Loop:
         proposal = Proposal("choice", surgery={"commit": r.picks}, info={"choice": info})
         d = Decision(0, n.step, "choice", *r.decision, self.values(), self.values(after), *r.guard)
         self._record(d, proposal, extra={"race": [e.__dict__ for e in r.entries]})
-        self.state, self.pending = race.adopt(self.state, r.trained, r.cost, batches, n)
-        self._owned = False
+        self.pending, self._owned = batches, False
+        if r.trained is None:  # every candidate diverged: the choices stay open
+            n.meta_examples += r.cost
+        elif cfg.level_race and not n.raced:  # the level is raced first, as in a fixed run
+            self.state, self._winner = commit(self.state, r.picks), r.trained
+            n.meta_examples += r.cost
+        else:
+            self.state, self.pending = race.adopt(self.state, r.trained, r.cost, batches, n)
         n.meta_seconds += time.perf_counter() - start
 
     def push(self, batch: tuple[Any, Tensor]) -> int:
