@@ -79,7 +79,10 @@ MIXERS = ("softmax_attention", "linear_attention", "ttt_linear", "ttt_mlp", "con
 
 class TokenModel(nn.Module):
     """``x (B, 8, 8)`` rows as tokens: embed, ``x + mixer(LN x)``, ``x + MLP(LN x)``, mean,
-    linear head."""
+    linear head. A fixed option's model builds every mixer and keeps its own, so that it
+    starts from the weights the choice's model starts from (paired runs: a choice that picks
+    an option is compared with that option's run from the same start, as on ``act`` and
+    ``block``, whose options are built alike)."""
 
     def __init__(self, option: str | None, dim: int = 32, heads: int = 4) -> None:
         super().__init__()
@@ -91,7 +94,8 @@ class TokenModel(nn.Module):
             ttt = {"mini_batch": 8, "tune_lr": True} if name.startswith("ttt") else {}
             return make_mixer(name, dim, heads, causal=True, **ttt)
 
-        self.mixer = Choice({n: mixer(n) for n in MIXERS}) if option is None else mixer(option)
+        mixers = {n: mixer(n) for n in MIXERS}  # every one built: the same starting weights
+        self.mixer = Choice(mixers) if option is None else mixers[option]
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.head = nn.Linear(dim, 10)
 
@@ -212,14 +216,17 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             picked = [p.rstrip("?") for p in r["pick"].split("+")]
             if len(set(picked)) == 1:
                 same_pick.append(r["cpu"] / at(picked[0], r["seed"])["cpu"])
-        wrong = []
+        wrong, under = [], []  # a pick not the seed's best; the best picked, trained worse
         for r in chosen:
             best_here = max(options, key=lambda o, s=r["seed"]: at(o, s)["test"])
             gap = at(best_here, r["seed"])["test"] - r["test"]
-            if r["pick"].rstrip("?") != best_here and gap > 0:
-                wrong.append(f"seed {r['seed']}: {r['pick']} ({r['test']:.4f}) vs best fixed "
-                             f"{best_here} ({at(best_here, r['seed'])['test']:.4f}), "
-                             f"-{100 * gap:.2f} points")  # fmt: skip
+            if gap <= 0:
+                continue
+            line = (f"seed {r['seed']}: {r['pick']} ({r['test']:.4f}) vs best fixed "
+                    f"{best_here} ({at(best_here, r['seed'])['test']:.4f}), "
+                    f"-{100 * gap:.2f} points")  # fmt: skip
+            same = {p.rstrip("?") for p in r["pick"].split("+")} == {best_here}
+            (under if same else wrong).append(line)
         summary[name] = {
             "fixed": fixed, "choice": choice_mean, "best_fixed": best, "average_fixed": average,
             "picks": [r["pick"] for r in chosen], "cpu_ratio_vs_mean_fixed": cpu_ratio,
@@ -227,7 +234,7 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             "cpu_ratio_vs_picked_fixed": statistics.mean(same_pick) if same_pick else math.nan,
             "at_least_best": choice_mean >= fixed[best],
             "better_than_average": choice_mean > average,
-            "wrong": wrong,
+            "wrong": wrong, "best_picked_but_under": under,
         }  # fmt: skip
         lines += [
             f"### {name}: {WORKLOADS[name][0].__name__} ({WORKLOADS[name][3]} steps)",
@@ -248,6 +255,8 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             f"examples + meta example-equivalents x{work_ratio:.2f}; CPU vs the fixed run of "
             f"the picked option x{summary[name]['cpu_ratio_vs_picked_fixed']:.2f}",
             f"- picked wrong: {'; '.join(wrong) if wrong else 'never'}",
+            f"- picked the seed's best option and ended under its fixed run: "
+            f"{'; '.join(under) if under else 'never'}",
             "",
         ]
     return lines, summary
@@ -301,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", nargs="*", default=[], help="choice settings, name=value (JSON)")
     ap.add_argument("--out", type=Path, default=RESULTS / "choice")
     ap.add_argument(
+        "--tables-from", type=Path, default=None, metavar="JSON",
+        help="write the tables of a saved run's JSON again (to --out), training nothing",
+    )  # fmt: skip
+    ap.add_argument(
         "--selection", type=float, nargs="+", default=None, metavar="SHARE",
         help="instead of the choice: every option alone over each SHARE of the steps and in "
         "full, picked by validation",
@@ -324,19 +337,24 @@ def main(argv: list[str] | None = None) -> None:
             for share in sorted({*args.selection, 1.0})
         ]
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(one, jobs))
+    command = "python benchmarks/choice.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.tables_from:  # the saved run's rows, command and time
+        saved = json.loads(args.tables_from.read_text())
+        rows, command, split, seeds = (saved[k] for k in ("runs", "command", "split", "seeds"))
+        settings, seconds = saved["settings"], saved.get("seconds", math.nan)
+    else:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(one, jobs))
+        seconds = time.perf_counter() - start
     if args.selection:
         lines, summary = selection(rows, args.selection), {}
     else:
         lines, summary = table(rows)
-    command = "python benchmarks/choice.py " + " ".join(sys.argv[1:] if argv is None else argv)
     head = [
         "# Architecture chosen inside the run (benchmarks/choice.py)",
         "",
         f"Command: `{command.strip()}`; split {split}, seeds {list(seeds)}; choice settings "
-        f"{settings or 'the defaults'}; {time.perf_counter() - start:.0f} s on 2 CPU cores, one "
-        "torch thread per run.",
+        f"{settings or 'the defaults'}; {seconds:.0f} s on 2 CPU cores, one torch thread per run.",
         "",
         (__doc__ or "").split("\n\n")[1],
         "",
@@ -344,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(head + lines) + "\n")
     payload = {"command": command.strip(), "split": split, "seeds": list(seeds),
-               "settings": settings, "summary": summary, "runs": rows}  # fmt: skip
+               "settings": settings, "seconds": seconds, "summary": summary,
+               "runs": rows}  # fmt: skip
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     print("\n".join(lines))
 
