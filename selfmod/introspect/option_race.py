@@ -172,7 +172,8 @@ def race(
     i, won = min(finals, key=lambda f: whole(f[0]))
     lead = min(finals, key=lambda f: rank(*entries[f[0]].propose[-1], by))[0]
     agree = "the splits agree" if lead == i else f"{entries[lead].name} led on the proposing split"
-    return entries, won, i, ("commit", f"{entries[i].name} won on both splits ({agree}); {why}")
+    verdict = f"{entries[i].name} won on the whole guard set ({agree}); {why}"
+    return entries, won, i, ("commit", verdict)
 
 
 def cost(
