@@ -26,7 +26,8 @@ rates' level is raced too (``level_race``, :mod:`.race`), that race runs next fr
 start with the winner committed, as in a run of the winner alone: where it keeps the level,
 the winner's training is the run's (the unchanged level's is its first steps), else the run
 trains again from the start at the new level. Either way the run is, bitwise, the run that
-started with the winner committed (on development seeds the run kept the winner's training
+started with the winner committed, but for its log points: none falls inside the race's
+steps, so early stopping (``keep_best``) cannot return a state from them (on development seeds the run kept the winner's training
 but raced the level after it, and ended 0.35-1.4 points under the fixed run of the option it
 picked on three seeds of four on the mixer). One option
 must be taken, so the final pick reads both guard splits; a race whose every candidate
