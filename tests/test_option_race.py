@@ -52,12 +52,12 @@ CONFIG = {
 }  # fmt: skip
 
 
-def _loop(model: nn.Module, recorder=None, **config) -> Loop:
+def _loop(model: nn.Module, recorder=None, train_rows: int = 1500, **config) -> Loop:
     cfg = make_config({**CONFIG, **config})
     x, y = abs_task()
     torch.manual_seed(0)
-    source = Source(as_batches((x[500:2000], y[500:2000]), 0), x[:500], y[:500],
-                    x[2500:], y[2500:])  # fmt: skip
+    train = (x[500 : 500 + train_rows], y[500 : 500 + train_rows])
+    source = Source(as_batches(train, 0), x[:500], y[:500], x[2500:], y[2500:])
     mods = [registry()["choice"].from_config(cfg)]
     return Loop(Problem(model, F.cross_entropy), [source], cfg, modifiers=mods, recorder=recorder)
 
@@ -81,8 +81,11 @@ def test_the_race_commits_the_clearly_better_option_and_is_the_run_of_it(level_r
     race its two rungs' training is the run's own; with one, the level is raced from the start
     with ``abs`` as in that run, and the winner's training kept where the level stays
     (``reject``) or trained again at the new level (``commit``). Both train exactly their
-    steps' examples; the race's work is counted."""
-    set_level = {"level_race": level_race, "race_share": 0.04}
+    steps' examples; early stopping's record is the same (the race's states offered at the
+    run's log points inside it); the race's work is counted."""
+    # early stopping with log points every 10 steps: four inside the race's 40 steps
+    set_level = {"level_race": level_race, "race_share": 0.04, "keep_best": True,
+                 "log_every": 10, "log_share": 0}  # fmt: skip
     raced = _loop(act_model(), **set_level)
     direct = _loop(act_model(chosen=1), **set_level, **{"modifiers.choice.race": 0})
     for run in (raced, direct):
@@ -93,6 +96,7 @@ def test_the_race_commits_the_clearly_better_option_and_is_the_run_of_it(level_r
     levels = [d["decision"] for d in raced.history["decisions"] if d["modifier"] == "level_race"]
     assert levels == ([level] if level else [])
     assert int(raced.state.buffers["1.chosen"]) == 1
+    assert raced.best.step == direct.best.step and raced.best.step > 0
     shared = [k for k in direct.params if not k.startswith("1.")]
     assert all(torch.equal(raced.params[k], direct.params[k]) for k in shared)
     assert raced.step == direct.step == STEPS
@@ -101,6 +105,21 @@ def test_the_race_commits_the_clearly_better_option_and_is_the_run_of_it(level_r
     # rung 1: three candidates over h batches, rung 2: two more over h; the winner's 2h kept
     race_work = raced.counters.meta_examples - direct.counters.meta_examples
     assert race_work >= (3 + 2 - 2) * h * BATCH + (2 * h * BATCH if level == "commit" else 0)
+
+
+def test_early_stopping_can_return_a_state_from_inside_the_race():
+    """64 training rows at lr 0.1 overfit: the verifying guard metric is best at step 30, inside
+    the race's 40 steps. The winner's states were offered at the run's log points there, so
+    the raced run returns the same state as the run that started with ``abs``."""
+    setting = {"race_share": 0.04, "keep_best": True, "log_every": 10, "log_share": 0, "lr": 0.1}
+    raced = _loop(act_model(), train_rows=64, **setting)
+    direct = _loop(act_model(chosen=1), train_rows=64, **setting, **{"modifiers.choice.race": 0})
+    for run in (raced, direct):
+        run.run_cycle = lambda: None
+        run.run()
+    assert 0 < direct.best.step < 2 * round(RACE * STEPS)  # inside the race
+    assert raced.best.step == direct.best.step
+    assert all(torch.equal(raced.params[k], direct.params[k]) for k in direct.params)
 
 
 def test_fit_exports_the_raced_choice_and_learns(tmp_path):

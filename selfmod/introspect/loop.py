@@ -164,6 +164,7 @@ class Loop:
             # winner's (same state, batches and random numbers); the winner's, longer, is kept
             n.meta_examples += r.cost + sum(len(b[1]) for b in batches)
             self.state, self.pending = race.adopt(self.state, winner, 0.0, queued, n)
+            self.best = winner.best or self.best
         else:
             if winner is not None:  # trained again at the chosen level
                 n.meta_examples += sum(len(b[1]) for b in queued[: len(winner.losses)])
@@ -196,7 +197,7 @@ class Loop:
         step = race.base_steps(self.train_step, cfg, self.state.batch_size, n.step)
         keep = chooser.settings.race_keep
         r = option_race.run(self.state, candidates, commit, batches, keep, step,
-                            self.problem, self.guard)  # fmt: skip
+                            self.problem, self.guard, self._offer(n.step))  # fmt: skip
         after = r.trained.state if r.trained is not None else self.state
         metric = {e.name: e.propose[-1][1] for e in r.entries}  # after its last rung
         info = {c: {"options": names[j], "option": names[j][k], "race": metric}
@@ -212,7 +213,22 @@ class Loop:
             n.meta_examples += r.cost
         else:
             self.state, self.pending = race.adopt(self.state, r.trained, r.cost, batches, n)
+            self.best = r.trained.best or self.best
         n.meta_seconds += time.perf_counter() - start
+
+    def _offer(self, start: int) -> option_race.Offer | None:
+        """A race's offers to early stopping (``keep_best``): the state after ``t`` steps from
+        step ``start`` where the run would take a log point, scored on the verifying split."""
+        if not self.config.keep_best:
+            return None
+        verify, every = self.guard("verify"), self.log_interval
+
+        def offer(record: Any, t: int, state: RunState) -> Any:
+            if (start + t) % every:
+                return record
+            return (record or best.Best()).offer(self.problem, verify, start + t, state)
+
+        return offer
 
     def push(self, batch: tuple[Any, Tensor]) -> int:
         """Take the caller's batch ``(x, y)``; train as far as the queued batches allow (a cycle

@@ -26,8 +26,9 @@ rates' level is raced too (``level_race``, :mod:`.race`), that race runs next fr
 start with the winner committed, as in a run of the winner alone: where it keeps the level,
 the winner's training is the run's (the unchanged level's is its first steps), else the run
 trains again from the start at the new level. Either way the run is, bitwise, the run that
-started with the winner committed, but for its log points: none falls inside the race's
-steps, so early stopping (``keep_best``) cannot return a state from them (on development seeds the run kept the winner's training
+started with the winner committed: early stopping's record (``keep_best``) is offered each
+candidate's state at the run's log points inside the race, and the winner's is the run's (the
+log's rows start after the race) (on development seeds the run kept the winner's training
 but raced the level after it, and ended 0.35-1.4 points under the fixed run of the option it
 picked on three seeds of four on the mixer). One option
 must be taken, so the final pick reads both guard splits; a race whose every candidate
@@ -71,6 +72,8 @@ class Candidate:
 
 #: ``(state, split) -> (loss, metric)`` on the guard's ``"propose"`` or ``"verify"`` split
 Evaluate = Callable[[RunState, str], tuple[float, float]]
+#: ``(record, t, state) -> record``: early stopping's record offered ``state`` after ``t`` steps
+Offer = Callable[[Any, int, RunState], Any]
 
 
 @dataclass
@@ -117,26 +120,30 @@ def race(
     by: str,
     rng_state: RNG,
     device: Any,
+    offer: Offer | None = None,
 ) -> tuple[list[Entry], Trained | None, int | None, tuple[str, str]]:
     """Successive halving of ``candidates`` from ``start`` (module docstring): each
     ``commit(start, picks)`` trained over the first half of ``batches`` by ``step``, the
     ``keep`` best by :func:`rank` (``by``: the problem's metric) continued over the second
-    half, the finalist best on both guard splits the winner. Returns ``(entries, the winner's
-    training over every batch or None, its index or None, (decision, reason))``."""
+    half, the finalist best on both guard splits the winner. ``offer(record, t, state)``:
+    early stopping's record after ``t`` steps of a candidate (the run's log points inside the
+    race), kept in its :class:`Trained`. Returns ``(entries, the winner's training over every
+    batch or None, its index or None, (decision, reason))``."""
     h = len(batches) // 2
     entries = [Entry(c.name) for c in candidates]
     failed = (math.inf, math.nan)
 
-    def train(s: RunState, t0: int, part: Sequence[Any], rng: RNG) -> Trained | None:
+    def train(s: RunState, t0: int, part: Sequence[Any], rng: RNG, best: Any) -> Trained | None:
         losses = []
         with drawing_from(rng, device):
             try:
                 for t, batch in enumerate(part, t0):
                     s, loss = step(s, t, batch)
                     losses.append(loss)
+                    best = offer(best, t + 1, s) if offer is not None else best
             except (NonFiniteError, DivergenceError):
                 return None
-            return Trained(1.0, s, losses, random_state(device))
+            return Trained(1.0, s, losses, random_state(device), best)
 
     def scored(i: int, done: Trained | None, split: str = "propose") -> bool:
         got = evaluate(done.state, split) if done is not None else failed
@@ -149,15 +156,16 @@ def race(
 
     alive: list[tuple[int, Trained]] = []  # rung 1's best ``keep``
     for i, c in enumerate(candidates):
-        done = train(commit(start, c.picks), 0, batches[:h], rng_state)
+        done = train(commit(start, c.picks), 0, batches[:h], rng_state, None)
         if scored(i, done) and done is not None:
             alive.append((i, done))
             alive = sorted(alive, key=lambda a: rank(*entries[a[0]].propose[0], by))[:keep]
     finals: list[tuple[int, Trained]] = []
     for i, first in alive:
-        done = train(first.state, h, batches[h:], first.rng)
+        done = train(first.state, h, batches[h:], first.rng, first.best)
         if scored(i, done) and done is not None and scored(i, done, "verify"):
-            finals.append((i, Trained(1.0, done.state, first.losses + done.losses, done.rng)))
+            both = Trained(1.0, done.state, first.losses + done.losses, done.rng, done.best)
+            finals.append((i, both))
     why = "guard (loss, metric) proposing after each rung, verifying after the last: " + "; ".join(
         f"{e.name}: " + " / ".join(f"({v[0]:.4g}, {v[1]:.4g})" for v in e.propose)
         + (f", verifying ({e.verify[0]:.4g}, {e.verify[1]:.4g})" if e.verify else "")
@@ -214,6 +222,7 @@ def run(
     step: Step,
     problem: Any,
     split: Callable[[str], Any],
+    offer: Offer | None = None,
 ) -> Outcome:
     """:func:`race` of ``candidates`` from ``state`` over ``batches`` (two rungs of half of
     them), scored by ``problem.evaluate`` (its loss and metric) on ``split("propose")`` and
@@ -227,7 +236,7 @@ def run(
 
     entries, won, i, decision = race(
         state, candidates, commit, batches, keep, step, evaluate, problem.metric,
-        random_state(device), device,
+        random_state(device), device, offer,
     )  # fmt: skip
     verified = [(j, e.verify[0]) for j, e in enumerate(entries) if e.verify is not None]
     mine = next((v for j, v in verified if j == i), math.nan)

@@ -56,12 +56,14 @@ class Entry:
 @dataclass(frozen=True)
 class Trained:
     """A level's training over the race: its state after the batches, each step's loss and
-    the random state at its end."""
+    the random state at its end; ``best``: early stopping's record over the log points inside
+    the race (:class:`~selfmod.introspect.best.Best`; ``None``: none was kept)."""
 
     factor: float
     state: RunState
     losses: list[float]
     rng: RNG
+    best: Any = None
 
 
 CPU = torch.device("cpu")
