@@ -92,7 +92,6 @@ class Loop:
         self._clock: float | None = None  # perf_counter() at which this run's clock reads 0
         self.good, self.best, self.scheduled = self.state.snapshot(), best.Best(), False
         self._owned = False  # whether only the state holds its tensors (``donate``)
-        self._winner: Any = None  # the options' race's winner, while the level race runs
         self._scored: tuple | None = None  # the last log point's (state, held weakly, scores)
         self._introduce_source(0)
         self.log_interval = budget.log_interval(config, len(self.guard()[1]))  # steps apart
@@ -127,10 +126,11 @@ class Loop:
         cfg, n = self.config, self.counters
         start = self._clock = time.perf_counter() - n.seconds
         self.scheduled = True  # a known end: the rates follow cfg.lr_schedule, logs end there
-        if self.tune and not n.options_raced:
-            self._option_race()
+        winner = self._option_race() if self.tune and not n.options_raced else None
         if self.tune and cfg.level_race and not n.raced:
-            self._race()
+            self._race(winner)
+        elif winner is not None:
+            self._adopt(winner)
         while not budget.spent(cfg, n.step, n.examples) and n.diverged_at is None:
             if cfg.shift_step and n.step == cfg.shift_step and n.source_id == 0:
                 self._shift()
@@ -149,7 +149,9 @@ class Loop:
                 self.log_point()  # the returned state's row
         n.seconds = time.perf_counter() - start
 
-    def _race(self) -> None:  # the rates' level raced before the first cycle (.race)
+    def _race(self, winner: race.Trained | None = None) -> None:  # the rates' level (.race)
+        """The rates' level raced before the first cycle; ``winner``: the options' race's
+        training, not yet the run's (:meth:`_option_race`)."""
         start, n, cfg = time.perf_counter(), self.counters, self.config
         h, queued = race.steps(cfg), self.pending  # queued: the options' race's batches
         batches = queued[:h] + [self._next_batch() for _ in range(h - len(queued[:h]))]
@@ -158,13 +160,11 @@ class Loop:
         d = Decision(0, n.step, "level_race", *r.decision, self.values(), self.values(r.state),
                      *r.guard)  # fmt: skip
         self._record(d, extra={"race": [e.__dict__ for e in r.entries]})
-        winner, self._winner = self._winner, None  # the options' race's, not yet the run's
         if winner is not None and r.trained is not None and len(winner.losses) >= len(batches):
             # the level stays: the unchanged level's training is the first steps of the
             # winner's (same state, batches and random numbers); the winner's, longer, is kept
             n.meta_examples += r.cost + sum(len(b[1]) for b in batches)
-            self.state, self.pending = race.adopt(self.state, winner, 0.0, queued, n)
-            self.best = winner.best or self.best
+            self._adopt(winner)
         else:
             if winner is not None:  # trained again at the chosen level
                 n.meta_examples += sum(len(b[1]) for b in queued[: len(winner.losses)])
@@ -173,19 +173,23 @@ class Loop:
         self._owned = False
         n.meta_seconds += time.perf_counter() - start
 
-    def _option_race(self) -> None:  # the choices' options raced first (.option_race)
+    def _option_race(self) -> race.Trained | None:  # the choices' options (.option_race)
+        """The options of the model's open choices raced before the level race and the first
+        cycle. Returns the winner's training, to be adopted (:meth:`_adopt`) or trained again
+        at another level (:meth:`_race`); meanwhile the state is the start with the winner
+        committed and the race's batches are pending. ``None``: no race or no winner."""
         start, n, cfg, module = time.perf_counter(), self.counters, self.config, self.problem.module
         n.options_raced = True
         chooser = next((m for m in self.modifiers if m.name == "choice"), None)
         sites = [c for c in choice_sites(module) if int(self.state.buffers[key(c, "chosen")]) < 0]
         share = getattr(getattr(chooser, "settings", None), "race", 0)
         if not sites or not share:
-            return
+            return None
         names = [module.get_submodule(c).names for c in sites]
         found, why = option_race.candidates(names)
         if not found:
             self.event("event", "no option race", why, {"choices": sites})
-            return
+            return None
         candidates = [option_race.Candidate(name, dict(zip(sites, ks, strict=True)))
                       for name, ks in found]  # fmt: skip
 
@@ -206,15 +210,18 @@ class Loop:
         d = Decision(0, n.step, "choice", *r.decision, self.values(), self.values(after), *r.guard)
         self._record(d, proposal, extra={"race": [e.__dict__ for e in r.entries]})
         self.pending, self._owned = batches, False
-        if r.trained is None:  # every candidate diverged: the choices stay open
-            n.meta_examples += r.cost
-        elif cfg.level_race and not n.raced:  # the level is raced first, as in a fixed run
-            self.state, self._winner = commit(self.state, r.picks), r.trained
-            n.meta_examples += r.cost
-        else:
-            self.state, self.pending = race.adopt(self.state, r.trained, r.cost, batches, n)
-            self.best = r.trained.best or self.best
+        n.meta_examples += r.cost  # the winner's training not counted: the run's own, or below
+        if r.trained is not None:
+            self.state = commit(self.state, r.picks)
         n.meta_seconds += time.perf_counter() - start
+        return r.trained
+
+    def _adopt(self, winner: race.Trained) -> None:
+        """The options' race winner's training as the run's own over the pending batches, and
+        its early-stopping record."""
+        n = self.counters
+        self.state, self.pending = race.adopt(self.state, winner, 0.0, self.pending, n)
+        self.best, self._owned = winner.best or self.best, False
 
     def _offer(self, start: int) -> option_race.Offer | None:
         """A race's offers to early stopping (``keep_best``): the state after ``t`` steps from

@@ -7,34 +7,36 @@ that compromise, not by how well each trains alone (on development seeds of
 and an activation choice that picked the best option still ended 5-7 points under it). So
 before the first cycle the run trains one copy of its state per candidate, each with every
 open choice committed to the candidate's option (:func:`selfmod.introspect.modifiers.choice.
-commit`: its own weights from the same start), by successive halving::
+commit`: its own weights from the same start), with the same batches, schedule and random
+numbers, by successive halving::
 
     rung 1: every candidate over the first h batches        (h = race x steps)
     rung 2: the ``keep`` best on the proposing guard split over the next h batches
     winner: the finalist best on both guard splits (the mean of the two)
 
-"best": the higher guard accuracy, ties to the lower guard loss, for a problem whose metric is
-accuracy (:func:`rank`); else the lower guard loss. Ranked by loss, development seeds preferred
-the option that learns fastest early (relu over gelu, TTT-MLP over the convolution) and lost
-1.6 and 0.9 points to the best option; ranked by accuracy, they found it on both seeds of all
-three workloads
+"Best" (:func:`rank`): the higher guard accuracy, ties to the lower guard loss, for a problem
+whose metric is accuracy; else the lower guard loss. Ranked by loss, development seeds
+preferred the option that learns fastest early (relu over gelu, TTT-MLP over the convolution)
+and lost 1.6 and 0.9 points to the best option; ranked by accuracy, they found it on both
+seeds of all three workloads. One option must be taken, so the final pick reads both guard
+splits (a verdict that rejected a pick the verifying split disputed, falling back to the
+gradient choice, cost 11 points on one development seed of the activation choice). A race
+whose every candidate diverged leaves the run at its start with the choices open (made by
+gradient, as without a race).
 
-with the same batches, schedule and random numbers for every candidate. The committed
-winner's training is kept as the run's own (its ``2h`` steps); its work is ``K h + keep h -
-2h`` batches beyond the run's, against ``K`` runs for every option trained alone. Where the
-rates' level is raced too (``level_race``, :mod:`.race`), that race runs next from the run's
-start with the winner committed, as in a run of the winner alone: where it keeps the level,
-the winner's training is the run's (the unchanged level's is its first steps), else the run
-trains again from the start at the new level. Either way the run is, bitwise, the run that
-started with the winner committed: early stopping's record (``keep_best``) is offered each
-candidate's state at the run's log points inside the race, and the winner's is the run's (the
-log's rows start after the race) (on development seeds the run kept the winner's training
-but raced the level after it, and ended 0.35-1.4 points under the fixed run of the option it
-picked on three seeds of four on the mixer). One option
-must be taken, so the final pick reads both guard splits; a race whose every candidate
-diverged leaves the run at its start with the choices open (made by gradient, as without a
-race). On development seeds a verdict that rejected a pick the verifying split disputed,
-falling back to the gradient choice, cost 11 points on one seed of the activation choice.
+The race's work is ``K h + keep h - 2h`` batches beyond the run's, against ``K`` runs for
+every option trained alone. The run is, bitwise, the run that started with the winner
+committed:
+
+- without a level race, the winner's ``2h`` steps are the run's own;
+- with one (``level_race``, :mod:`.race`), that race runs next from the run's start with the
+  winner committed, as in a run of the winner alone; where it keeps the level, the winner's
+  training is the run's (the unchanged level's training is its first steps), else the run
+  trains again from the start at the new level (on development seeds, racing the level after
+  the options' race instead left the mixer's runs 0.35-1.4 points under the fixed run of the
+  option they picked on three seeds of four);
+- early stopping's record (``keep_best``) is offered each candidate's states at the run's log
+  points inside the race, and the winner's is kept (the log's rows start after the race).
 
 Candidates: where every open choice has the same option names (an activation choice at each
 layer), the option at every choice (``K`` candidates, the fixed runs' architectures); else each

@@ -83,8 +83,8 @@ class ChoiceSettings(BaseModel):
         ge=0,
         le=0.25,
         description="before the first cycle, every option trains this share of the steps on its "
-        "own weights, the best two twice as long, and the best on the guard loss is committed "
-        "if the verifying split agrees (selfmod.introspect.option_race); 0: no race",
+        "own weights, the race_keep best by guard accuracy twice as long, and the finalist best "
+        "on the whole guard set is committed (selfmod.introspect.option_race); 0: no race",
     )
     race_keep: int = Field(2, ge=2, le=8, description="race: the options that train twice as long")
     choice_lr: float = Field(0.5, gt=0, le=10, description="Adam step on the logits per cycle")
