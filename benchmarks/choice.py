@@ -141,6 +141,11 @@ def final_picks(result: Any) -> str:
     return "+".join(out)
 
 
+def options_in(pick: str) -> set[str]:
+    """The options a run's picks name (``"gelu+gelu?"`` -> ``{"gelu"}``)."""
+    return {p.rstrip("?") for p in pick.split("+")}
+
+
 def one(job: tuple[Any, ...]) -> dict[str, Any]:
     """Train one run in this process: ``(workload, option or None for the choice, seed, split,
     choice settings[, share of the workload's steps])``."""
@@ -213,9 +218,8 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
         )
         same_pick = []  # vs the fixed run of the option(s) it picked, per seed
         for r in chosen:
-            picked = [p.rstrip("?") for p in r["pick"].split("+")]
-            if len(set(picked)) == 1:
-                same_pick.append(r["cpu"] / at(picked[0], r["seed"])["cpu"])
+            if len(picked := options_in(r["pick"])) == 1:
+                same_pick.append(r["cpu"] / at(next(iter(picked)), r["seed"])["cpu"])
         wrong, under = [], []  # a pick not the seed's best; the best picked, trained worse
         for r in chosen:
             best_here = max(options, key=lambda o, s=r["seed"]: at(o, s)["test"])
@@ -225,8 +229,7 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             line = (f"seed {r['seed']}: {r['pick']} ({r['test']:.4f}) vs best fixed "
                     f"{best_here} ({at(best_here, r['seed'])['test']:.4f}), "
                     f"-{100 * gap:.2f} points")  # fmt: skip
-            same = {p.rstrip("?") for p in r["pick"].split("+")} == {best_here}
-            (under if same else wrong).append(line)
+            (under if options_in(r["pick"]) == {best_here} else wrong).append(line)
         summary[name] = {
             "fixed": fixed, "choice": choice_mean, "best_fixed": best, "average_fixed": average,
             "picks": [r["pick"] for r in chosen], "cpu_ratio_vs_mean_fixed": cpu_ratio,
