@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
 import sys
 import tempfile
@@ -182,6 +183,8 @@ def one(job: tuple[Any, ...]) -> dict[str, Any]:
         "test": w.evaluate(module, w.test), "cpu": cpu, "wall": wall,
         "examples": s["examples"], "meta_examples": s["meta_examples"], "pick": pick,
         "decisions": [(d["step"], d["modifier"], d["decision"]) for d in history],
+        # this process's peak resident memory (one run per process), MiB
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "race": next((d["reason"] for d in history if d["modifier"] == "choice"
                       and "rung" in d["reason"]), None),
     }  # fmt: skip
@@ -213,6 +216,13 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
         work = {s: statistics.mean(at(o, s)["examples"] + at(o, s)["meta_examples"]
                                    for o in options) for s in seeds}  # fmt: skip
         cpu_ratio = statistics.mean(r["cpu"] / cpu_fixed[r["seed"]] for r in chosen)
+        wall_fixed = {s: statistics.mean(at(o, s)["wall"] for o in options) for s in seeds}
+        wall_ratio = statistics.mean(r["wall"] / wall_fixed[r["seed"]] for r in chosen)
+        rss = math.nan  # peak memory against the mean fixed run's (runs that recorded it)
+        if all("peak_rss_mib" in r for r in mine):
+            rss_fixed = {s: statistics.mean(at(o, s)["peak_rss_mib"] for o in options)
+                         for s in seeds}  # fmt: skip
+            rss = statistics.mean(r["peak_rss_mib"] / rss_fixed[r["seed"]] for r in chosen)
         work_ratio = statistics.mean(
             (r["examples"] + r["meta_examples"]) / work[r["seed"]] for r in chosen
         )
@@ -237,7 +247,8 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             "cpu_ratio_vs_picked_fixed": statistics.mean(same_pick) if same_pick else math.nan,
             "at_least_best": choice_mean >= fixed[best],
             "better_than_average": choice_mean > average,
-            "wrong": wrong, "best_picked_but_under": under,
+            "wrong": wrong, "best_picked_but_under": under, "rss_ratio_vs_mean_fixed": rss,
+            "wall_ratio_vs_mean_fixed": wall_ratio,
         }  # fmt: skip
         lines += [
             f"### {name}: {WORKLOADS[name][0].__name__} ({WORKLOADS[name][3]} steps)",
@@ -255,8 +266,10 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             f"option: {'yes' if choice_mean > average else 'no'} "
             f"({100 * (choice_mean - average):+.2f} points)",
             f"- cost vs one fixed run (mean over options): CPU seconds x{cpu_ratio:.2f}, "
+            f"wall seconds x{wall_ratio:.2f}, "
             f"examples + meta example-equivalents x{work_ratio:.2f}; CPU vs the fixed run of "
-            f"the picked option x{summary[name]['cpu_ratio_vs_picked_fixed']:.2f}",
+            f"the picked option x{summary[name]['cpu_ratio_vs_picked_fixed']:.2f}"
+            + (f"; peak resident memory x{rss:.2f}" if not math.isnan(rss) else ""),
             f"- picked wrong: {'; '.join(wrong) if wrong else 'never'}",
             f"- picked the seed's best option and ended under its fixed run: "
             f"{'; '.join(under) if under else 'never'}",
@@ -346,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         rows, command, split, seeds = (saved[k] for k in ("runs", "command", "split", "seeds"))
         settings, seconds = saved["settings"], saved.get("seconds", math.nan)
     else:
-        with ProcessPoolExecutor(args.jobs) as pool:
+        with ProcessPoolExecutor(args.jobs, max_tasks_per_child=1) as pool:  # peak RSS per run
             rows = list(pool.map(one, jobs))
         seconds = time.perf_counter() - start
     if args.selection:
