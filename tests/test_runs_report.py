@@ -112,3 +112,25 @@ def test_the_reports_metric_curve_is_the_test_sets_only_where_log_points_read_it
     page = (result.run_dir / "report.html").read_text()
     assert f'alt="{curve}"' in page
     assert result.summary["test_accuracy"] > 0.5
+
+
+def test_log_axes_are_labelled_in_plain_text_where_names_are_not_parsed_as_tex():
+    """The report draws names as written (``PLAIN_TEXT``: no mathtext), so a log axis's ticks
+    must not be mathtext either: matplotlib's default would print ``$\\mathdefault{10^{-2}}$``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from selfmod.runs.report import PLAIN_TEXT, log_scale
+
+    with plt.rc_context(PLAIN_TEXT):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1, 2], [1e-5, 2e-3, 3e-2])
+        log_scale(ax)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True)]
+        plt.close(fig)
+    shown = [t.replace("\N{MINUS SIGN}", "-") for t in labels if t]
+    assert ax.get_yscale() == "log" and "1e-03" in shown, shown
+    assert not [t for t in shown if "$" in t or "mathdefault" in t], shown

@@ -49,8 +49,10 @@ def _pyplot() -> Any:
 
 
 def _png(fig) -> str:
+    """``fig`` as a base64 PNG, laid out once (``bbox_inches="tight"`` would draw it twice)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
     _pyplot().close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -58,6 +60,17 @@ def _png(fig) -> str:
 #: matplotlib settings of the report's figures: a parameter, module or modifier name is
 #: drawn as written (``$\\frac{1}$`` is not parsed as mathtext, which would raise on it)
 PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
+def log_scale(ax) -> None:
+    """``ax``'s y axis on a log scale, its ticks labelled as plain text (``2e-02``): the
+    default labels are mathtext, which :data:`PLAIN_TEXT` would print as written."""
+    from matplotlib import ticker
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
+
 
 #: line styles cycled over series that may coincide (two layers' dropout, two widths)
 STYLES = ("-", "--", ":", "-.")
@@ -118,7 +131,7 @@ def _hyper(history: dict) -> str:
         rates = [math.nan if i in r.get("unused", ()) else r["lr"][i] for r in log]
         if any(not math.isnan(v) for v in rates):  # a gap while the tensor is empty
             ax.plot(steps, rates, label=name)
-    ax.set_yscale("log")
+    log_scale(ax)
     ax.set_ylabel("learning rate")
     ax.set_xlabel("base training step")
     ax.grid(alpha=0.3, which="both")
@@ -135,7 +148,7 @@ def _hyper(history: dict) -> str:
             ax.plot(steps, [1 - r[key] for r in log], label=f"1 - {label}")
         else:
             ax.plot(steps, [r[key] for r in log], label=label)
-    ax.set_yscale("log")
+    log_scale(ax)
     ax.set_xlabel("base training step")
     ax.set_ylabel("value (log scale)")
     ax.grid(alpha=0.3, which="both")
@@ -196,7 +209,7 @@ def _probes(history: dict) -> str:
     ax = axes[1]
     ax.plot(steps, [p["params"] for p in pr], label="parameters")
     ax.plot(steps, [p["flops"] for p in pr], "--", label="FLOPs / example")
-    ax.set_yscale("log")
+    log_scale(ax)
     ax.set_ylabel("parameters, FLOPs / example")
     ax.set_xlabel("base training step")
     ax.grid(alpha=0.3, which="both")
