@@ -26,14 +26,14 @@ from kill_resume import (
 def test_kills_at_every_file_write_and_random_steps_lose_nothing(tmp_path):
     expected = reference(tmp_path / "reference")
     outcomes = {}
-    for i, where in enumerate(points(15, seed=1)):
+    for i, where in enumerate(points(13, seed=1)):  # every file, then a random step
         outcomes[where] = trial(where, tmp_path / f"kill{i}", expected)
     assert "lost" not in outcomes.values(), outcomes
     assert outcomes["write=config.json"] == "refused"  # no config: nothing defines the run
     resumed = [d for d in tmp_path.glob("kill*/*") if (d / "final.safetensors").is_file()]
     assert resumed and not [t for d in resumed for t in d.rglob(".*.tmp")]  # torn writes cleaned
     identical = [w for w, o in outcomes.items() if o == "identical"]
-    assert len(identical) >= 13, outcomes
+    assert len(identical) >= 11, outcomes
 
 
 def test_resume_of_a_finished_run_changes_nothing(tmp_path):
@@ -123,6 +123,6 @@ def test_fit_and_self_modifier_killed_resume_identical(tmp_path, api, where):
 def test_fit_and_self_modifier_kills_at_every_file_write_lose_nothing(tmp_path, api):
     expected = api_reference(tmp_path / "reference", api)
     outcomes = {w: api_trial(w, tmp_path / f"kill{i}", api, expected)
-                for i, w in enumerate(api_points(12, seed=1, api=api))}  # fmt: skip
+                for i, w in enumerate(api_points(11, seed=1, api=api))}  # fmt: skip
     assert set(outcomes.values()) <= {"identical", "refused"}, outcomes
     assert outcomes["write=config.json"] == "refused"  # no config: nothing defines the run
