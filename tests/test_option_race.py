@@ -5,6 +5,7 @@ its work counted, a bitwise resume after it, and choices too many to race made b
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -97,6 +98,7 @@ def test_the_race_commits_the_clearly_better_option_and_is_the_run_of_it(level_r
     assert levels == ([level] if level else [])
     assert int(raced.state.buffers["1.chosen"]) == 1
     assert raced.best.step == direct.best.step and raced.best.step > 0
+    assert _rows(raced) == _rows(direct)  # the log points inside the race too
     shared = [k for k in direct.params if not k.startswith("1.")]
     assert all(torch.equal(raced.params[k], direct.params[k]) for k in shared)
     assert raced.step == direct.step == STEPS
@@ -105,6 +107,32 @@ def test_the_race_commits_the_clearly_better_option_and_is_the_run_of_it(level_r
     # rung 1: three candidates over h batches, rung 2: two more over h; the winner's 2h kept
     race_work = raced.counters.meta_examples - direct.counters.meta_examples
     assert race_work >= (3 + 2 - 2) * h * BATCH + (2 * h * BATCH if level == "commit" else 0)
+
+
+def _rows(run: Loop) -> str:
+    """The run's log rows, comparable (NaN equals NaN); every log point's step is there (the
+    last twice where early stopping returned a state: its row)."""
+    steps = [r["step"] for r in run.history["log"]]
+    assert sorted(set(steps)) == list(range(run.log_interval, run.step + 1, run.log_interval))
+    return json.dumps(run.history["log"], sort_keys=True)
+
+
+def test_a_level_race_that_keeps_the_level_logs_as_the_run_without_it():
+    """The unchanged level's training is the run's own (``x10`` loses): its log rows inside the
+    race (steps 10 and 20 of its 20) and early stopping's offers there are those of the run
+    with no level race, which logs them as it trains; the runs end bitwise alike."""
+    setting = {"race_share": 0.1, "keep_best": True, "log_every": 10, "log_share": 0,
+               "lr": 0.1, "modifiers.choice.race": 0}  # fmt: skip
+    raced = _loop(act_model(chosen=1), train_rows=64, level_race=[10.0], **setting)
+    plain = _loop(act_model(chosen=1), train_rows=64, level_race=[], **setting)
+    for run in (raced, plain):
+        run.run_cycle = lambda: None
+        run.run()
+    levels = [d["decision"] for d in raced.history["decisions"] if d["modifier"] == "level_race"]
+    assert levels == ["reject"]
+    assert _rows(raced) == _rows(plain)
+    assert raced.best.step == plain.best.step
+    assert all(torch.equal(raced.params[k], plain.params[k]) for k in plain.params)
 
 
 def test_early_stopping_can_return_a_state_from_inside_the_race():

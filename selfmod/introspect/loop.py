@@ -156,7 +156,8 @@ class Loop:
         h, queued = race.steps(cfg), self.pending  # queued: the options' race's batches
         batches = queued[:h] + [self._next_batch() for _ in range(h - len(queued[:h]))]
         n.raced, guard = True, self.losses.guard
-        r = race.run(self.state, batches, cfg, self.train_step, guard, self.guard, n.step)
+        r = race.run(self.state, batches, cfg, self.train_step, guard, self.guard, n.step,
+                     self._log_points(n.step))  # fmt: skip
         d = Decision(0, n.step, "level_race", *r.decision, self.values(), self.values(r.state),
                      *r.guard)  # fmt: skip
         self._record(d, extra={"race": [e.__dict__ for e in r.entries]})
@@ -170,6 +171,8 @@ class Loop:
                 n.meta_examples += sum(len(b[1]) for b in queued[: len(winner.losses)])
             self.state, rest = race.settle(r, batches, n)  # the unchanged level's training, kept
             self.pending = rest + queued[h:]
+            if r.trained is not None:
+                self._take(r.trained.seen)
         self._owned = False
         n.meta_seconds += time.perf_counter() - start
 
@@ -201,7 +204,7 @@ class Loop:
         step = race.base_steps(self.train_step, cfg, self.state.batch_size, n.step)
         keep = chooser.settings.race_keep
         r = option_race.run(self.state, candidates, commit, batches, keep, step,
-                            self.problem, self.guard, self._offer(n.step))  # fmt: skip
+                            self.problem, self.guard, self._log_points(n.step))  # fmt: skip
         after = r.trained.state if r.trained is not None else self.state
         metric = {e.name: e.propose[-1][1] for e in r.entries}  # after its last rung
         info = {c: {"options": names[j], "option": names[j][k], "race": metric}
@@ -217,25 +220,41 @@ class Loop:
         return r.trained
 
     def _adopt(self, winner: race.Trained) -> None:
-        """The options' race winner's training as the run's own over the pending batches, and
-        its early-stopping record."""
+        """The options' race winner's training as the run's own over the pending batches, with
+        what the run's log points saw of it."""
         n = self.counters
         self.state, self.pending = race.adopt(self.state, winner, 0.0, self.pending, n)
-        self.best, self._owned = winner.best or self.best, False
+        self._take(winner.seen)
+        self._owned = False
 
-    def _offer(self, start: int) -> option_race.Offer | None:
-        """A race's offers to early stopping (``keep_best``): the state after ``t`` steps from
-        step ``start`` where the run would take a log point, scored on the verifying split."""
-        if not self.config.keep_best:
-            return None
-        verify, every = self.guard("verify"), self.log_interval
+    def _log_points(self, start: int) -> race.Offer:
+        """A race's log points: after ``t`` steps from step ``start``, where the run would take
+        one, a training's state gives a log row and is offered to early stopping's record
+        (``keep_best``), as :meth:`log_point` does; the run takes them where it adopts the
+        training (:meth:`_take`)."""
+        verify, every, keep = self.guard("verify"), self.log_interval, self.config.keep_best
 
-        def offer(record: Any, t: int, state: RunState) -> Any:
+        def offer(seen: race.Seen | None, t: int, state: RunState, loss: float) -> race.Seen:
+            seen = seen or race.Seen()
             if (start + t) % every:
-                return record
-            return (record or best.Best()).offer(self.problem, verify, start + t, state)
+                return seen
+            row, _, verified, elapsed = self._row(state, start + t, loss)
+            at = (self.problem, verify, start + t, state, verified)
+            record = (seen.best or best.Best()).offer(*at) if keep else None
+            return race.Seen(record, (*seen.rows, (row, elapsed)))
 
         return offer
+
+    def _take(self, seen: race.Seen | None) -> None:
+        """What a race's log points saw of the training the run adopted: its rows logged (the
+        history, the recorder) and its early-stopping record kept."""
+        if seen is None:
+            return
+        for row, elapsed in seen.rows:
+            self.history["log"].append(row)
+            self.history.setdefault("clock", []).append([row["step"], elapsed])
+            self.recorder.log(self, row)
+        self.best = seen.best or self.best
 
     def push(self, batch: tuple[Any, Tensor]) -> int:
         """Take the caller's batch ``(x, y)``; train as far as the queued batches allow (a cycle
@@ -348,19 +367,28 @@ class Loop:
     def log_point(self) -> None:
         """A log point's row (:func:`.summary.log_row`); its time counts as ``meta_seconds``."""
         start, n, cfg, s = time.perf_counter(), self.counters, self.config, self.state
-        src, shared = self.sources[n.source_id] if cfg.log_test else None, cfg.verify_on == "shared"
-        whole, verified = guard_scores(self.problem, s, self.buffer, shared)
+        row, whole, verified, elapsed = self._row(s, n.step, n.last_loss)
         self._scored = weakref.ref(s), whole, verified  # of this state object only
-        row = log_row(self.problem, s, whole, src, n.step, n.last_loss, cfg.probe_rows)
-        row |= self.values() | {"unused": unused(self.names, s.params)}  # tensors with no entries
         self.history["log"].append(row)
-        elapsed = n.seconds if self._clock is None else start - self._clock
         self.history.setdefault("clock", []).append([n.step, elapsed])
         if cfg.keep_best:  # early stopping's candidates: every log point's state
             self.best = self.best.offer(self.problem, self.guard("verify"), n.step, s, verified)
             self._owned = False
         self.recorder.log(self, row)
         n.meta_seconds += time.perf_counter() - start if self.tune else 0.0  # a fixed run: none
+
+    def _row(
+        self, s: RunState, step: int, loss: float
+    ) -> tuple[dict[str, Any], tuple[float, float], tuple[float, float], float]:
+        """``(log row, (loss, metric) on the whole guard set, on its verifying split, seconds on
+        the run's clock)`` of state ``s`` after ``step`` steps, the last of loss ``loss``."""
+        n, cfg = self.counters, self.config
+        src, shared = self.sources[n.source_id] if cfg.log_test else None, cfg.verify_on == "shared"
+        whole, verified = guard_scores(self.problem, s, self.buffer, shared)
+        row = log_row(self.problem, s, whole, src, step, loss, cfg.probe_rows)
+        row |= self.values(s) | {"unused": unused(self.names, s.params)}  # tensors with no entries
+        elapsed = n.seconds if self._clock is None else time.perf_counter() - self._clock
+        return row, whole, verified, elapsed
 
     def _scores_now(self) -> tuple[Any, Any] | None:  # the last log point's, if of this state
         at = self._scored

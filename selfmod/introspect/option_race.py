@@ -35,8 +35,8 @@ committed:
   trains again from the start at the new level (on development seeds, racing the level after
   the options' race instead left the mixer's runs 0.35-1.4 points under the fixed run of the
   option they picked on three seeds of four);
-- early stopping's record (``keep_best``) is offered each candidate's states at the run's log
-  points inside the race, and the winner's is kept (the log's rows start after the race).
+- the run's log points inside the race see each candidate's states (:class:`.race.Seen`: the
+  log rows and early stopping's record), and the winner's are kept.
 
 Candidates: where every open choice has the same option names (an activation choice at each
 layer), the option at every choice (``K`` candidates, the fixed runs' architectures); else each
@@ -57,7 +57,7 @@ from selfmod.determinism import RNG, drawing_from, random_state
 from selfmod.errors import DivergenceError, NonFiniteError
 from selfmod.introspect import replay
 from selfmod.introspect.budget import FORWARD
-from selfmod.introspect.race import Step, Trained
+from selfmod.introspect.race import Offer, Step, Trained
 from selfmod.introspect.state import RunState
 
 #: the most candidates a race trains (combinations of options of unlike choices)
@@ -74,8 +74,6 @@ class Candidate:
 
 #: ``(state, split) -> (loss, metric)`` on the guard's ``"propose"`` or ``"verify"`` split
 Evaluate = Callable[[RunState, str], tuple[float, float]]
-#: ``(record, t, state) -> record``: early stopping's record offered ``state`` after ``t`` steps
-Offer = Callable[[Any, int, RunState], Any]
 
 
 @dataclass
@@ -127,25 +125,25 @@ def race(
     """Successive halving of ``candidates`` from ``start`` (module docstring): each
     ``commit(start, picks)`` trained over the first half of ``batches`` by ``step``, the
     ``keep`` best by :func:`rank` (``by``: the problem's metric) continued over the second
-    half, the finalist best on both guard splits the winner. ``offer(record, t, state)``:
-    early stopping's record after ``t`` steps of a candidate (the run's log points inside the
-    race), kept in its :class:`Trained`. Returns ``(entries, the winner's training over every
-    batch or None, its index or None, (decision, reason))``."""
+    half, the finalist best on both guard splits the winner. ``offer``: the run's log points,
+    given each step of a candidate (what they saw kept in its :class:`Trained`). Returns
+    ``(entries, the winner's training over every batch or None, its index or None, (decision,
+    reason))``."""
     h = len(batches) // 2
     entries = [Entry(c.name) for c in candidates]
     failed = (math.inf, math.nan)
 
-    def train(s: RunState, t0: int, part: Sequence[Any], rng: RNG, best: Any) -> Trained | None:
+    def train(s: RunState, t0: int, part: Sequence[Any], rng: RNG, seen: Any) -> Trained | None:
         losses = []
         with drawing_from(rng, device):
             try:
                 for t, batch in enumerate(part, t0):
                     s, loss = step(s, t, batch)
                     losses.append(loss)
-                    best = offer(best, t + 1, s) if offer is not None else best
+                    seen = offer(seen, t + 1, s, loss) if offer is not None else seen
             except (NonFiniteError, DivergenceError):
                 return None
-            return Trained(1.0, s, losses, random_state(device), best)
+            return Trained(1.0, s, losses, random_state(device), seen)
 
     def scored(i: int, done: Trained | None, split: str = "propose") -> bool:
         got = evaluate(done.state, split) if done is not None else failed
@@ -164,9 +162,9 @@ def race(
             alive = sorted(alive, key=lambda a: rank(*entries[a[0]].propose[0], by))[:keep]
     finals: list[tuple[int, Trained]] = []
     for i, first in alive:
-        done = train(first.state, h, batches[h:], first.rng, first.best)
+        done = train(first.state, h, batches[h:], first.rng, first.seen)
         if scored(i, done) and done is not None and scored(i, done, "verify"):
-            both = Trained(1.0, done.state, first.losses + done.losses, done.rng, done.best)
+            both = Trained(1.0, done.state, first.losses + done.losses, done.rng, done.seen)
             finals.append((i, both))
     why = "guard (loss, metric) proposing after each rung, verifying after the last: " + "; ".join(
         f"{e.name}: " + " / ".join(f"({v[0]:.4g}, {v[1]:.4g})" for v in e.propose)

@@ -14,11 +14,12 @@ takes at most as many rows of its split as a level trained on (the first ones; t
 in random order), so that on a short run with a large guard set a read costs no more than a
 third of a level's training.
 The unchanged level trains last; where it stays, it keeps its training as the run's own: its
-``h`` steps, losses and random numbers (logged from the first log point after them), and the
-race's work is the other levels' ``len(factors) x h`` batches. A committed winner's training is
-not kept: the run trains it again from the start of the race, with the same batches and random
-numbers, so the same state (``h`` more base steps, only where a changed level wins). So the race
-holds one state besides the one training: its start, which the run's last good state shares.
+``h`` steps, losses and random numbers, and the rows of the run's log points inside them
+(offered to early stopping: :class:`Seen`); the race's work is the other levels'
+``len(factors) x h`` batches. A committed winner's training is not kept: the run trains it
+again from the start of the race, with the same batches and random numbers, so the same state
+(``h`` more base steps, only where a changed level wins). So the race holds one state besides
+the one training: its start, which the run's last good state shares.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ from selfmod.introspect.state import RunState
 Step = Callable[[RunState, int, Any], tuple[RunState, float]]
 #: ``(state, split) -> guard loss`` on ``"propose"`` or ``"verify"``
 Score = Callable[[RunState, str], float]
+#: ``(seen, t, state, loss) -> seen``: what the run's log points see of a training after its
+#: ``t``-th step of loss ``loss`` (the run's :class:`Seen`, ``None`` before the first)
+Offer = Callable[[Any, int, RunState, float], Any]
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the run's log points inside a race saw of one training: early stopping's record
+    (:class:`~selfmod.introspect.best.Best`, ``None`` where none is kept) and the log rows
+    ``(row, seconds on the run's clock)``, in step order; the run takes them where it adopts
+    the training as its own, so its log and record are those of a run without the race."""
+
+    best: Any = None
+    rows: tuple[tuple[dict[str, Any], float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,14 +71,14 @@ class Entry:
 @dataclass(frozen=True)
 class Trained:
     """A level's training over the race: its state after the batches, each step's loss and
-    the random state at its end; ``best``: early stopping's record over the log points inside
-    the race (:class:`~selfmod.introspect.best.Best`; ``None``: none was kept)."""
+    the random state at its end; ``seen``: what the run's log points inside the race saw of it
+    (:class:`Seen`; ``None``: none was offered)."""
 
     factor: float
     state: RunState
     losses: list[float]
     rng: RNG
-    best: Any = None
+    seen: Seen | None = None
 
 
 CPU = torch.device("cpu")
@@ -83,22 +98,25 @@ def race(
     score: Score,
     rng_state: RNG,
     device: torch.device = CPU,
+    offer: Offer | None = None,
 ) -> tuple[list[Entry], Trained | None]:
     """Each level (``1`` and every ``factors``) trained from ``state`` over ``batches`` by
     ``step``, every one from the random state ``rng_state``, and scored: ``(entries, the
     unchanged level's finished training, None if it failed)``; ``entries[0]`` is the unchanged
-    level's, trained last. The run's random state is left as it was."""
+    level's, trained last, after each of whose steps ``offer`` is called (the only training
+    the run may keep). The run's random state is left as it was."""
     out: list[Entry] = []
     kept: Trained | None = None
     lead = math.inf  # the lowest proposing guard loss of a changed level so far
     changed = sorted((f for f in factors if f != 1.0), key=lambda f: abs(math.log(f)))
     for f in [*changed, 1.0]:
-        s, losses = (leveled(state, f) if f != 1.0 else state), []
+        s, losses, seen = (leveled(state, f) if f != 1.0 else state), [], None
         with drawing_from(rng_state, device):
             try:
                 for t, batch in enumerate(batches):
                     s, loss = step(s, t, batch)
                     losses.append(loss)
+                    seen = offer(seen, t + 1, s, loss) if offer and f == 1.0 else seen
                 propose = _finite_or_inf(score(s, "propose"))
                 needed = propose < lead if f != 1.0 else propose > lead  # the verdict may read it
                 verify = _finite_or_inf(score(s, "verify")) if needed else math.nan
@@ -109,7 +127,7 @@ def race(
         if f != 1.0:
             lead = min(lead, propose)
         elif math.isfinite(entry.propose):  # the others' states are dropped
-            kept = Trained(f, s, losses, end)
+            kept = Trained(f, s, losses, end, seen)
         out.append(entry)
     return [out[-1], *out[:-1]], kept
 
@@ -198,18 +216,20 @@ def run(
     guard: Callable,
     split: Callable[[str], Any],
     start: int = 0,
+    offer: Offer | None = None,
 ) -> Outcome:
     """The race of ``config.level_race`` from ``state`` (the run's step ``start``) over
     ``batches`` (the run's ``train_step``, and its ``guard`` loss on ``split("propose")`` and
     ``split("verify")``), judged by :func:`verdict`; a committed winner's training is not kept
-    (the module docstring)."""
+    (the module docstring); ``offer``: the run's log points, given the unchanged level's
+    steps."""
     device = next(iter(state.params.values())).device
     rows = sum(len(b[1]) for b in batches)  # a level's training examples: each read's cap
     splits = tuple(replay.first(split(part), rows) for part in ("propose", "verify"))
     rng, (propose, verify) = random_state(device), splits
     step = base_steps(train_step, config, state.batch_size, start)
     score = split_scorer(guard, *splits)
-    entries, kept = race(state, batches, config.level_race, step, score, rng, device)
+    entries, kept = race(state, batches, config.level_race, step, score, rng, device, offer)
     won, decision, why = verdict(entries)
     trained = None if decision == "commit" else kept  # none: trained again
     work = cost(entries, batches, (len(propose[1]), len(verify[1])), trained is not None)

@@ -76,7 +76,7 @@ class RunRecorder(Recorder):
 
     def log(self, run: RunView, row: dict[str, Any]) -> None:
         if self.logs is not None:
-            self.logs.log(run.step, row, run.config.steps)
+            self.logs.log(row["step"], row, run.config.steps)  # a race's rows: after it
 
     def checkpoint(self, run: RunView) -> None:
         tensors, meta = run.checkpoint()
