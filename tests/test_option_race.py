@@ -161,6 +161,10 @@ def test_fit_exports_the_raced_choice_and_learns(tmp_path):
     assert result.summary["test_metric"] > 0.9
     report = (result.run_dir / "report.html").read_text()
     assert "race, guard metric: abs 0." in report and "tanh 0." in report  # every candidate
+    history = json.loads((result.run_dir / "history.json").read_text())
+    steps = [row["step"] for row in history["tuned"]["log"]]  # the log points inside the race too
+    race_steps = 2 * round(RACE * 400)
+    assert steps[0] < race_steps and steps == sorted(set(steps)) and steps[-1] == 400, steps
 
 
 def test_resume_after_the_race_is_bitwise(tmp_path):
