@@ -251,9 +251,7 @@ class Loop:
         if seen is None:
             return
         for row, elapsed in seen.rows:
-            self.history["log"].append(row)
-            self.history.setdefault("clock", []).append([row["step"], elapsed])
-            self.recorder.log(self, row)
+            self._write(row, elapsed)
         self.best = seen.best or self.best
 
     def push(self, batch: tuple[Any, Tensor]) -> int:
@@ -369,13 +367,17 @@ class Loop:
         start, n, cfg, s = time.perf_counter(), self.counters, self.config, self.state
         row, whole, verified, elapsed = self._row(s, n.step, n.last_loss)
         self._scored = weakref.ref(s), whole, verified  # of this state object only
-        self.history["log"].append(row)
-        self.history.setdefault("clock", []).append([n.step, elapsed])
         if cfg.keep_best:  # early stopping's candidates: every log point's state
             self.best = self.best.offer(self.problem, self.guard("verify"), n.step, s, verified)
             self._owned = False
-        self.recorder.log(self, row)
+        self._write(row, elapsed)
         n.meta_seconds += time.perf_counter() - start if self.tune else 0.0  # a fixed run: none
+
+    def _write(self, row: dict[str, Any], elapsed: float) -> None:
+        """A log row into the history (with its time on the run's clock) and the recorder."""
+        self.history["log"].append(row)
+        self.history.setdefault("clock", []).append([row["step"], elapsed])
+        self.recorder.log(self, row)
 
     def _row(
         self, s: RunState, step: int, loss: float
