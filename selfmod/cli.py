@@ -164,6 +164,12 @@ def _drive(
                 info = f"width {widths} guard {problem.metric} {acc:.3f}" if last else ""
                 progress.update(bars["run"], completed=r.step, info=info)
 
+        def tick_race(r: Any, name: str, done: int, total: int) -> None:
+            if name not in bars:
+                bars[name] = progress.add_task(name, total=total, info="")
+            if done % 10 == 0 or done == total:
+                progress.update(bars[name], completed=done)
+
         def tick_fixed(r: Any) -> None:
             if "fixed" not in bars:
                 bars["fixed"] = progress.add_task("fixed configuration", total=cfg.steps, info="")
@@ -174,7 +180,7 @@ def _drive(
             outcome = drive(
                 problem, sources_of(splits, cfg.seed), cfg, run_dir, resume=resume,
                 baseline=baseline, collective=coll, logs=console, on_start=start,
-                on_step=tick, on_baseline_step=tick_fixed,
+                on_step=tick, on_baseline_step=tick_fixed, on_race_step=tick_race,
             )  # fmt: skip
         except Interrupted as stop:  # Ctrl-C: the run stops where it is; resume continues it
             if stop.main:

@@ -12,7 +12,7 @@ import torch
 
 from selfmod.checkpoint import load_checkpoint, save_checkpoint
 from selfmod.introspect import Introspector, replay
-from selfmod.introspect.budget import examples_budget
+from selfmod.introspect.budget import examples_budget, longest
 from selfmod.introspect.hparams import LR_SCHEDULE
 from selfmod.introspect.schedule import COOLDOWN, WARMUP, factor
 from selfmod.runs.config import TrainConfig
@@ -109,6 +109,14 @@ def test_self_modification_stays_within_its_meta_budget(share):
         assert summary["cycles_skipped"] > 0
     n = run.counters
     assert summary["meta_share"] == pytest.approx(n.meta_examples / n.examples)
+
+
+def test_longest_is_the_most_steps_whose_work_fits_the_room():
+    def work(t: int) -> float:
+        return 10 * t + 5
+
+    assert [longest(20, work, room) for room in (4, 15, 95, 104.9, 1e9)] == [0, 1, 9, 9, 20]
+    assert longest(0, work, 1e9) == 0
 
 
 def test_cosine_schedule_scales_every_rate_and_leaves_the_levels_to_the_modifiers():

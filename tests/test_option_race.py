@@ -19,13 +19,15 @@ from selfmod.arch import Choice
 from selfmod.data import as_batches
 from selfmod.determinism import random_state
 from selfmod.errors import NonFiniteError
-from selfmod.introspect import registry
-from selfmod.introspect.loop import Loop, Source
+from selfmod.introspect import option_race, registry
+from selfmod.introspect import race as level_race
+from selfmod.introspect.loop import Loop, Recorder, Source
 from selfmod.introspect.option_race import MAX_CANDIDATES, Candidate, candidates, race
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import RunState
 from selfmod.runs import fit
 from selfmod.runs.api import make_config
+from selfmod.runs.ledger import Ledger
 from selfmod.runs.recorder import RunRecorder
 
 
@@ -165,6 +167,91 @@ def test_fit_exports_the_raced_choice_and_learns(tmp_path):
     steps = [row["step"] for row in history["tuned"]["log"]]  # the log points inside the race too
     race_steps = 2 * round(RACE * 400)
     assert steps[0] < race_steps and steps == sorted(set(steps)) and steps[-1] == 400, steps
+
+
+class Events(Recorder):
+    """The ledger's events, kept: ``(decision, reason, payload)``."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, dict]] = []
+
+    def record(self, run, kind, decision, reason, payload):
+        if kind == "event":
+            self.rows.append((decision, reason, payload))
+
+    def titled(self, title: str) -> list[tuple[str, str, dict]]:
+        return [row for row in self.rows if row[0].startswith(title)]
+
+
+def _raced(**config) -> tuple[Loop, Events]:
+    """A choice model's run of the races alone (no cycle), and its events."""
+    events = Events()
+    run = _loop(act_model(), events, **config)
+    run.run_cycle = lambda: None
+    run.run()
+    return run, events
+
+
+@pytest.mark.parametrize("levels", [[], [3.0]])
+def test_the_races_work_at_most_is_planned_and_a_meta_budget_shortens_or_skips_them(levels):
+    """Uncapped, the races' work is at most what :func:`option_race.planned` and
+    :func:`race.planned` foresee (a level race may commit another level, and the run then
+    trains the winner's batches again). Under ``meta_budget`` the options' race is shortened
+    to fit it (a ledger event), the run's self-modification stays within it, and a budget
+    below one step's work leaves the choice open, to the gradient."""
+    setting = {"level_race": levels, "race_share": 0.1}
+    free, events = _raced(**setting)
+    h, rows = round(RACE * STEPS), (len(free.guard("propose")[1]), len(free.guard("verify")[1]))
+    most = option_race.planned(h, BATCH, 3, 2, rows, bool(levels))
+    most += level_race.planned(round(0.1 * STEPS), BATCH, 1, rows) if levels else 0.0
+    assert 0 < free.counters.meta_examples <= most
+    assert not events.titled("options' race") and not events.titled("level race")
+
+    share = 0.6 * most / (STEPS * BATCH)  # room for about 60% of the races' length
+    capped, events = _raced(**setting, meta_budget=share)
+    ((_, why, values),) = events.titled("options' race shortened to")
+    assert 0 < values["steps"] < h == values["asked"] and "meta_budget" in why
+    assert capped.counters.meta_examples <= share * STEPS * BATCH
+    assert int(capped.state.buffers["1.chosen"]) >= 0  # raced, committed
+    assert capped.counters.examples == STEPS * BATCH
+
+    tiny, events = _raced(**setting, meta_budget=1e-3)
+    assert events.titled("options' race not run")
+    assert int(tiny.state.buffers["1.chosen"]) == -1  # open: the cycles' gradient choice
+    assert tiny.counters.meta_examples <= 1e-3 * STEPS * BATCH
+
+
+def test_each_step_of_the_races_is_reported_to_on_race_step():
+    """``run(on_race_step=...)`` hears of every step of both races, counted up to their totals:
+    ``(3 candidates + 2 finalists) x h`` and ``(1 + 1 level) x h_level``."""
+    heard: dict[str, list[tuple[int, int]]] = {}
+    run = _loop(act_model(), level_race=[3.0], race_share=0.05)
+    run.run_cycle = lambda: None
+    run.run(
+        on_race_step=lambda r, name, done, total: heard.setdefault(name, []).append((done, total))
+    )
+    h, h_level = round(RACE * STEPS), round(0.05 * STEPS)
+    assert list(heard) == ["options' race", "level race"]
+    for name, total in [("options' race", 5 * h), ("level race", 2 * h_level)]:
+        assert heard[name] == [(t, total) for t in range(1, total + 1)], name
+
+
+def test_fits_default_meta_budget_makes_room_for_the_options_race(tmp_path):
+    """``fit``'s default ``meta_budget`` (0.3) grows by the options' race's most: its training,
+    ``race x (K + race_keep)``, and its guard reads; so the default race runs its length. A
+    budget the caller sets is kept, and the race shortened to fit it."""
+    x, y = abs_task()
+    config = {k: v for k, v in CONFIG.items() if k not in ("modifiers", "meta_budget")}
+    data = ((x[:2000], y[:2000]), (x[2000:2500], y[2000:2500]))
+    for given in [{}, {"meta_budget": 0.5}]:
+        run_config = {**config, **given, "steps": 100, "out": str(tmp_path)}
+        result = fit(act_model(), F.cross_entropy, *data, config=run_config)
+        budget = result.run.config.meta_budget
+        assert budget == given["meta_budget"] if given else budget > 0.3 + RACE * (3 + 2)
+        events = Ledger(result.run_dir / "ledger.sqlite", create=False).entries("event")
+        shortened = [e for e in events if e.decision.startswith("options' race shortened")]
+        assert bool(shortened) == bool(given)
+        assert int(result.run.state.buffers["1.chosen"]) >= 0  # raced, committed
 
 
 def test_resume_after_the_race_is_bitwise(tmp_path):

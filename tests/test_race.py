@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from selfmod.introspect import Introspector
-from selfmod.introspect.race import Entry, verdict
+from selfmod.introspect.events import Recorder
+from selfmod.introspect.race import Entry, planned, verdict
 from selfmod.runs.config import TrainConfig
 
 FAST = dict(
@@ -42,6 +43,41 @@ def test_a_rate_far_too_small_is_raised_by_the_race_and_the_run_keeps_its_budget
     h = round(0.1 * 60)
     assert run.counters.meta_examples >= h * 32  # the unchanged level over h batches
     assert run.summary()["meta_examples"] == pytest.approx(run.counters.meta_examples)
+
+
+class Events(Recorder):
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, dict]] = []
+
+    def record(self, run, kind, decision, reason, payload):
+        if kind == "event":
+            self.rows.append((decision, reason, payload))
+
+
+@pytest.mark.parametrize("room", [0.6, 1e-3])
+def test_a_race_over_the_meta_budget_is_shortened_or_not_run(room):
+    """With ``meta_budget`` under the race's work at most (:func:`.race.planned`), the race runs
+    the most steps that fit (``room = 0.6``: fewer than asked) or none (the rate stays); a
+    ledger event says which, and the run's self-modification stays within its budget."""
+    steps, batch, h = FAST["steps"], FAST["batch_size"], round(0.1 * FAST["steps"])
+    rows = (FAST["guard_size"] // 2,) * 2
+    share = room * planned(h, batch, 1, rows) / (steps * batch)
+    events = Events()
+    config = TrainConfig(**FAST, optimizer="sgd", lr=1e-4, modifiers=[], level_race=[100.0],
+                         meta_budget=share)  # fmt: skip
+    run = Introspector(config, recorder=events)
+    run.run_cycle = lambda: None  # the race alone
+    run.run()
+    ((title, why, values),) = events.rows
+    assert "meta_budget" in why and values["asked"] == h
+    assert run.counters.meta_examples <= share * steps * batch
+    races = [d for d in run.history["decisions"] if d["modifier"] == "level_race"]
+    if room == 1e-3:
+        assert title == "level race not run" and values["steps"] == 0 and not races
+        assert run.hparams["log_lr"].exp().tolist() == pytest.approx([1e-4] * 6)
+    else:
+        assert title == f"level race shortened to {values['steps']} steps"
+        assert 0 < values["steps"] < h and len(races) == 1
 
 
 def test_a_committed_winner_is_the_run_that_started_at_its_level():

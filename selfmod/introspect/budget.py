@@ -12,6 +12,9 @@
   early, where the first decisions (the rates' level) matter most. The count is
   deterministic (a resumed run skips the same cycles); the wall time of both parts is
   measured too (``meta_seconds``, ``base_seconds``).
+- The races at the run's start (:mod:`.option_race`, :mod:`.race`) spend the same share,
+  first: each is shortened to the most steps whose work, at most, fits what is left
+  (:func:`meta_room`, :func:`longest`), and does not run where not one step fits.
 - ``log_share`` (default 0: off): the log points' guard passes cost at most that share of the
   base training (:func:`log_interval`).
 """
@@ -19,6 +22,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 #: a forward pass alone, in training examples' forward-and-backward passes
@@ -69,6 +73,26 @@ def meta_allowed(
         return True
     limit = examples_budget(config) or examples
     return meta_examples + last_cycle <= share * limit
+
+
+def meta_room(config: Any, meta_examples: float) -> float:
+    """The example-equivalents self-modification may still spend: ``meta_budget`` times the
+    examples budget (a budget in steps: ``steps x batch_size``) less ``meta_examples``, its
+    work so far; ``inf`` without a cap."""
+    if config.meta_budget is None:
+        return math.inf
+    limit = examples_budget(config) or config.steps * config.batch_size
+    return config.meta_budget * limit - meta_examples
+
+
+def longest(steps: int, work: Callable[[int], float], room: float) -> int:
+    """The most steps ``t <= steps`` whose ``work(t)`` (non-decreasing in ``t``) is at most
+    ``room``; ``0`` where not even one step's is."""
+    lo, hi = 0, steps
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if work(mid) <= room else (lo, mid - 1)
+    return lo
 
 
 class Cost:

@@ -171,7 +171,8 @@ class MetaFields(BaseModel):
         gt=0,
         le=1000,
         description="self-modification's work at most this many times the base training's "
-        "examples (example-equivalents); a cycle due while over it is skipped; none: no cap",
+        "examples (example-equivalents); a cycle due while over it is skipped, a race at the "
+        "start shortened to fit it; none: no cap",
     )
     meta_horizon: int = Field(
         0,

@@ -93,6 +93,7 @@ class Loop:
         self.good, self.best, self.scheduled = self.state.snapshot(), best.Best(), False
         self._owned = False  # whether only the state holds its tensors (``donate``)
         self._scored: tuple | None = None  # the last log point's (state, held weakly, scores)
+        self._on_race: Callable[[Loop, str, int, int], None] | None = None  # run()'s
         self._introduce_source(0)
         self.log_interval = budget.log_interval(config, len(self.guard()[1]))  # steps apart
 
@@ -121,9 +122,17 @@ class Loop:
         """Whether per-cycle modifier ``m`` runs in this cycle (its ``schedule``)."""
         return not m.per_step and self.cycle % self.config.every(m.name) == 0
 
-    def run(self, on_step: Callable[[Loop], None] | None = None) -> None:
-        """Train to ``config.steps``, cycling, checkpointing and logging; resumable."""
+    def run(
+        self,
+        on_step: Callable[[Loop], None] | None = None,
+        on_race_step: Callable[[Loop, str, int, int], None] | None = None,
+    ) -> None:
+        """Train to ``config.steps``, cycling, checkpointing and logging; resumable.
+        ``on_step(loop)`` after each base step; ``on_race_step(loop, race, done, total)``
+        after each of a race's steps (``race``: ``"options' race"`` or ``"level race"``;
+        ``total``: its steps if no candidate diverges)."""
         cfg, n = self.config, self.counters
+        self._on_race = on_race_step
         start = self._clock = time.perf_counter() - n.seconds
         self.scheduled = True  # a known end: the rates follow cfg.lr_schedule, logs end there
         winner = self._option_race() if self.tune and not n.options_raced else None
@@ -153,10 +162,18 @@ class Loop:
         """The rates' level raced before the first cycle; ``winner``: the options' race's
         training, not yet the run's (:meth:`_option_race`)."""
         start, n, cfg = time.perf_counter(), self.counters, self.config
-        h, queued = race.steps(cfg), self.pending  # queued: the options' race's batches
-        batches = queued[:h] + [self._next_batch() for _ in range(h - len(queued[:h]))]
+        queued = self.pending  # the options' race's batches
+        redone = sum(len(b[1]) for b in queued[: len(winner.losses)]) if winner else 0
+        h = self._race_length("level race", race.steps(cfg), self._level_race_work, redone)
         n.raced, guard = True, self.losses.guard
-        r = race.run(self.state, batches, cfg, self.train_step, guard, self.guard, n.step,
+        if not h:
+            if winner is not None:
+                self._adopt(winner)
+            return
+        batches = queued[:h] + [self._next_batch() for _ in range(h - len(queued[:h]))]
+        levels = len(cfg.level_race) + 1
+        train = self._race_steps("level race", levels * h)
+        r = race.run(self.state, batches, cfg, train, guard, self.guard, n.step,
                      self._log_points(n.step))  # fmt: skip
         d = Decision(0, n.step, "level_race", *r.decision, self.values(), self.values(r.state),
                      *r.guard)  # fmt: skip
@@ -199,10 +216,13 @@ class Loop:
         def commit(state: RunState, picks: dict[str, int]) -> RunState:
             return chooser.apply(Proposal("choice", surgery={"commit": picks}), state, self.problem)
 
-        h = max(1, round(share * cfg.steps))
+        keep, asked = chooser.settings.race_keep, max(1, round(share * cfg.steps))
+        h = self._race_length("options' race", asked, self._option_race_work(len(found), keep))
+        if not h:
+            return None
         batches = [self._next_batch() for _ in range(2 * h)]
-        step = race.base_steps(self.train_step, cfg, self.state.batch_size, n.step)
-        keep = chooser.settings.race_keep
+        train = self._race_steps("options' race", (len(found) + keep) * h)
+        step = race.base_steps(train, cfg, self.state.batch_size, n.step)
         r = option_race.run(self.state, candidates, commit, batches, keep, step,
                             self.problem, self.guard, self._log_points(n.step))  # fmt: skip
         after = r.trained.state if r.trained is not None else self.state
@@ -218,6 +238,55 @@ class Loop:
             self.state = commit(self.state, r.picks)
         n.meta_seconds += time.perf_counter() - start
         return r.trained
+
+    def _race_steps(self, name: str, total: int) -> Callable[..., Any]:
+        """:meth:`train_step`, telling ``run``'s ``on_race_step`` of each step of race
+        ``name`` (``total`` steps)."""
+        report = self._on_race
+        if report is None:
+            return self.train_step
+        done = 0
+
+        def step(state: RunState, batch: Batch) -> Any:
+            nonlocal done
+            out = self.train_step(state, batch)
+            done += 1
+            report(self, name, done, total)
+            return out
+
+        return step
+
+    def _guard_rows(self) -> tuple[int, int]:
+        return len(self.guard("propose")[1]), len(self.guard("verify")[1])
+
+    def _level_race_work(self, h: int) -> float:
+        """The level race's most work over ``h`` steps (:func:`.race.planned`)."""
+        levels = len(self.config.level_race)
+        return race.planned(h, self.state.batch_size, levels, self._guard_rows())
+
+    def _option_race_work(self, k: int, keep: int) -> Callable[[int], float]:
+        """The options' race's most work over rungs of ``t`` steps (``k`` candidates, ``keep``
+        finalists), with the level race after it at its full length where there is one."""
+        cfg, rows, level = self.config, self._guard_rows(), bool(self.config.level_race)
+        after = self._level_race_work(race.steps(cfg)) if level else 0.0
+        batch = self.state.batch_size
+        return lambda t: option_race.planned(t, batch, k, keep, rows, level) + after
+
+    def _race_length(
+        self, name: str, asked: int, work: Callable[[int], float], reserved: float = 0.0
+    ) -> int:
+        """The most steps, at most ``asked``, of race ``name`` whose ``work`` fits what is left
+        of ``meta_budget`` after ``reserved`` example-equivalents (:func:`.budget.longest`); a
+        ledger event where that is fewer (0: the race does not run)."""
+        room = budget.meta_room(self.config, self.counters.meta_examples) - reserved
+        h = budget.longest(asked, work, room)
+        if h < asked:
+            said = f"shortened to {h} steps" if h else "not run"
+            why = (f"{asked} steps would spend up to {work(asked) + reserved:.4g} example-"
+                   f"equivalents of self-modification, {max(room + reserved, 0):.4g} are left of "
+                   "meta_budget; a larger meta_budget gives it its length")  # fmt: skip
+            self.event("event", f"{name} {said}", why, {"asked": asked, "steps": h})
+        return h
 
     def _adopt(self, winner: race.Trained) -> None:
         """The options' race winner's training as the run's own over the pending batches, with

@@ -25,8 +25,11 @@ whose every candidate diverged leaves the run at its start with the choices open
 gradient, as without a race).
 
 The race's work is ``K h + keep h - 2h`` batches beyond the run's, against ``K`` runs for
-every option trained alone. The run is, bitwise, the run that started with the winner
-committed:
+every option trained alone (``2h`` more where a level race after it commits another level and
+the run trains the winner's batches again). It counts against ``meta_budget``: the loop
+shortens ``h`` so that the most it may spend (:func:`planned`) fits (:mod:`.budget`).
+
+The run is, bitwise, the run that started with the winner committed:
 
 - without a level race, the winner's ``2h`` steps are the run's own;
 - with one (``level_race``, :mod:`.race`), that race runs next from the run's start with the
@@ -196,6 +199,18 @@ def cost(
     trained = sum(per_rung[r] for e in entries for r in range(len(e.propose)))
     reads = sum(rows[0] * len(e.propose) + (rows[1] if e.verify else 0) for e in entries)
     return trained - adopted * sum(per_rung) + FORWARD * reads
+
+
+def planned(h: int, batch: int, k: int, keep: int, rows: tuple[int, int], retrained: bool) -> float:
+    """The most work, in example-equivalents, of a race of ``k`` candidates and ``keep``
+    finalists over two rungs of ``h`` batches of ``batch`` examples, with guard splits of
+    ``rows`` (proposing, verifying; each read at most a rung's rows, as :func:`run` reads
+    them): :func:`cost` where every candidate trains its rungs, and, where ``retrained`` (a
+    level race follows, which may commit another level), the winner's ``2h`` batches too."""
+    rung = h * batch
+    propose, verify = (min(r, rung) for r in rows)
+    trained = (k + keep - 2 * (not retrained)) * rung
+    return trained + FORWARD * (k * propose + keep * (propose + verify))
 
 
 @dataclass(frozen=True)

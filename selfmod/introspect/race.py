@@ -20,6 +20,8 @@ The unchanged level trains last; where it stays, it keeps its training as the ru
 again from the start of the race, with the same batches and random numbers, so the same state
 (``h`` more base steps, only where a changed level wins). So the race holds one state besides
 the one training: its start, which the run's last good state shares.
+The race counts against ``meta_budget``: the loop shortens ``h`` so that the most it may spend
+(:func:`planned`) fits, or runs no race where not one step does (:mod:`.budget`).
 """
 
 from __future__ import annotations
@@ -154,6 +156,17 @@ def verdict(entries: Sequence[Entry]) -> tuple[Entry, str, str]:
 def steps(config: Any) -> int:
     """The race's length in base steps: ``race_share`` of the run's steps, at least 1."""
     return max(1, round(config.race_share * config.steps))
+
+
+def planned(h: int, batch: int, levels: int, rows: tuple[int, int]) -> float:
+    """The most work, in example-equivalents, of a race of ``levels`` changed levels over
+    ``h`` batches of ``batch`` examples with guard splits of ``rows`` (proposing, verifying):
+    every level's training (the unchanged one's too, where a changed level wins and the run
+    trains the batches again) and both splits read after each (each read at most ``h x
+    batch`` rows, as :func:`run` reads them)."""
+    trained = h * batch
+    reads = sum(min(r, trained) for r in rows)
+    return (levels + 1) * (trained + FORWARD * reads)
 
 
 def base_steps(train_step: Callable, config: Any, batch_size: int, start: int = 0) -> Step:

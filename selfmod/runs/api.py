@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -105,6 +106,27 @@ def marked(model: nn.Module) -> list[str]:
     return [name for name, yes in has.items() if yes]
 
 
+def race_share(model: nn.Module, config: Any, guard_rows: int) -> float:
+    """The share of the examples budget that the options' race of ``model``'s choices may
+    spend at most, rounded up to a hundredth: its training with a level race after it,
+    ``race x (K + race_keep)`` for ``K`` candidates, and its guard reads (each at most
+    ``guard_rows``; :func:`selfmod.introspect.option_race.planned`); 0 where the run has no
+    such race. ``fit`` adds it to its default ``meta_budget``, so that the race runs its length
+    and the cycles keep the share they have in a run without choices."""
+    from selfmod.introspect.modifiers.choice import choice_sites
+    from selfmod.introspect.option_race import candidates, planned
+
+    if "choice" not in (config.modifiers or []):
+        return 0.0
+    settings = config.settings_of("choice")
+    found, _ = candidates([model.get_submodule(c).names for c in choice_sites(model)])
+    if not found or not settings.race:
+        return 0.0
+    h, rows = max(1, round(settings.race * config.steps)), (guard_rows, guard_rows)
+    most = planned(h, config.batch_size, len(found), settings.race_keep, rows, True)
+    return math.ceil(100 * most / (config.steps * config.batch_size)) / 100
+
+
 def make_config(config: Any = None, **defaults: Any) -> Any:
     """A validated :class:`TrainConfig` from ``None``, a dict or a config (``defaults`` first,
     then the given values)."""
@@ -152,6 +174,10 @@ def _prepare(
     cfg = make_config(config, **defaults, optimizer=optimizer)
     gx, gy = arguments.materialized("guard", guard)
     arguments.check_pair("guard", gx, gy)
+    extra = race_share(model, cfg, len(gy)) if isinstance(config, dict | None) else 0.0
+    if extra and defaults.get("meta_budget") and "meta_budget" not in (config or {}):
+        defaults = {**defaults, "meta_budget": defaults["meta_budget"] + extra}
+        cfg = make_config(config, **defaults, optimizer=optimizer)
     tx, ty = arguments.materialized("test", test) if test is not None else (None, None)
     if tx is not None:
         arguments.check_pair("test", tx, ty, like=(gx, gy))

@@ -153,6 +153,7 @@ def drive(
     on_start: Callable[[Loop], None] | None = None,
     on_step: Callable[[Loop], None] | None = None,
     on_baseline_step: Callable[[Loop], None] | None = None,
+    on_race_step: Callable[[Loop, str, int, int], None] | None = None,
 ) -> Outcome:
     """Run (or ``resume``) the run in ``run_dir`` to ``cfg.steps``, holding its lock: one job
     per run (under ``torchrun``, rank 0 holds it and alone writes the run directory).
@@ -160,9 +161,10 @@ def drive(
     Then the fixed baseline (``baseline``: its problem and sources, from the same start) and
     the final files (:func:`finish`). ``on_start(run)`` once the run is built (resumed: at its
     step), ``on_step(run)`` after each of its base steps, ``on_baseline_step(fixed)`` after
-    each of the baseline's. Ctrl-C in the run leaves ``status.json`` interrupted and raises
-    :class:`Interrupted`. The returned loops are detached from the directory and the
-    process group: nothing more goes into either."""
+    each of the baseline's, ``on_race_step(run, race, done, total)`` after each step of a race
+    at the run's start (:meth:`Loop.run`). Ctrl-C in the run leaves ``status.json``
+    interrupted and raises :class:`Interrupted`. The returned loops are detached from the
+    directory and the process group: nothing more goes into either."""
     main = collective is None or collective.main
     with run_lock(run_dir) if main else contextlib.nullcontext():
         if main:
@@ -176,7 +178,7 @@ def drive(
         if on_start is not None:
             on_start(run)
         try:
-            run.run(on_step=on_step)
+            run.run(on_step=on_step, on_race_step=on_race_step)
         except KeyboardInterrupt:  # the run stops where it is; resume continues it
             if main:
                 write_status(run_dir, "interrupted", run.step)

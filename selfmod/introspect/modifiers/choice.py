@@ -84,7 +84,8 @@ class ChoiceSettings(BaseModel):
         le=0.25,
         description="before the first cycle, every option trains this share of the steps on its "
         "own weights, the race_keep best by guard accuracy twice as long, and the finalist best "
-        "on the whole guard set is committed (selfmod.introspect.option_race); 0: no race",
+        "on the whole guard set is committed (selfmod.introspect.option_race); shortened to fit "
+        "meta_budget; 0: no race",
     )
     race_keep: int = Field(2, ge=2, le=8, description="race: the options that train twice as long")
     choice_lr: float = Field(0.5, gt=0, le=10, description="Adam step on the logits per cycle")
