@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from events import Events
 from torch import nn
 from user_models import Abs, abs_task
 
@@ -21,7 +22,7 @@ from selfmod.determinism import random_state
 from selfmod.errors import NonFiniteError
 from selfmod.introspect import option_race, registry
 from selfmod.introspect import race as level_race
-from selfmod.introspect.loop import Loop, Recorder, Source
+from selfmod.introspect.loop import Loop, Source
 from selfmod.introspect.option_race import MAX_CANDIDATES, Candidate, candidates, race
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import RunState
@@ -167,20 +168,6 @@ def test_fit_exports_the_raced_choice_and_learns(tmp_path):
     steps = [row["step"] for row in history["tuned"]["log"]]  # the log points inside the race too
     race_steps = 2 * round(RACE * 400)
     assert steps[0] < race_steps and steps == sorted(set(steps)) and steps[-1] == 400, steps
-
-
-class Events(Recorder):
-    """The ledger's events, kept: ``(decision, reason, payload)``."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, dict]] = []
-
-    def record(self, run, kind, decision, reason, payload):
-        if kind == "event":
-            self.rows.append((decision, reason, payload))
-
-    def titled(self, title: str) -> list[tuple[str, str, dict]]:
-        return [row for row in self.rows if row[0].startswith(title)]
 
 
 def _raced(**config) -> tuple[Loop, Events]:

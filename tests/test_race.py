@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from events import Events
 
 from selfmod.introspect import Introspector
-from selfmod.introspect.events import Recorder
 from selfmod.introspect.race import Entry, planned, verdict
 from selfmod.runs.config import TrainConfig
 
@@ -43,15 +43,6 @@ def test_a_rate_far_too_small_is_raised_by_the_race_and_the_run_keeps_its_budget
     h = round(0.1 * 60)
     assert run.counters.meta_examples >= h * 32  # the unchanged level over h batches
     assert run.summary()["meta_examples"] == pytest.approx(run.counters.meta_examples)
-
-
-class Events(Recorder):
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, dict]] = []
-
-    def record(self, run, kind, decision, reason, payload):
-        if kind == "event":
-            self.rows.append((decision, reason, payload))
 
 
 @pytest.mark.parametrize("room", [0.6, 1e-3])
