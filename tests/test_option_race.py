@@ -230,14 +230,14 @@ def test_fits_default_meta_budget_makes_room_for_the_options_race(tmp_path):
     x, y = abs_task()
     config = {k: v for k, v in CONFIG.items() if k not in ("modifiers", "meta_budget")}
     data = ((x[:2000], y[:2000]), (x[2000:2500], y[2000:2500]))
-    for given in [{}, {"meta_budget": 0.5}]:
+    for given in [{}, {"modifiers": None}, {"meta_budget": 0.5}]:  # None: every modifier
         run_config = {**config, **given, "steps": 100, "out": str(tmp_path)}
         result = fit(act_model(), F.cross_entropy, *data, config=run_config)
-        budget = result.run.config.meta_budget
-        assert budget == given["meta_budget"] if given else budget > 0.3 + RACE * (3 + 2)
+        budget, kept = result.run.config.meta_budget, "meta_budget" in given
+        assert budget == given["meta_budget"] if kept else budget > 0.3 + RACE * (3 + 2)
         events = Ledger(result.run_dir / "ledger.sqlite", create=False).entries("event")
         shortened = [e for e in events if e.decision.startswith("options' race shortened")]
-        assert bool(shortened) == bool(given)
+        assert bool(shortened) == kept
         assert int(result.run.state.buffers["1.chosen"]) >= 0  # raced, committed
 
 

@@ -116,7 +116,7 @@ def race_share(model: nn.Module, config: Any, guard_rows: int) -> float:
     from selfmod.introspect.modifiers.choice import choice_sites
     from selfmod.introspect.option_race import candidates, planned
 
-    if "choice" not in (config.modifiers or []):
+    if config.modifiers is not None and "choice" not in config.modifiers:  # None: every one
         return 0.0
     settings = config.settings_of("choice")
     found, _ = candidates([model.get_submodule(c).names for c in choice_sites(model)])
