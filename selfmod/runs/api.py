@@ -176,7 +176,7 @@ def _prepare(
     arguments.check_pair("guard", gx, gy)
     extra = race_share(model, cfg, len(gy)) if isinstance(config, dict | None) else 0.0
     if extra and defaults.get("meta_budget") and "meta_budget" not in (config or {}):
-        defaults = {**defaults, "meta_budget": defaults["meta_budget"] + extra}
+        defaults = {**defaults, "meta_budget": round(defaults["meta_budget"] + extra, 6)}
         cfg = make_config(config, **defaults, optimizer=optimizer)
     tx, ty = arguments.materialized("test", test) if test is not None else (None, None)
     if tx is not None:
