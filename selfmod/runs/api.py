@@ -118,8 +118,8 @@ def race_share(model: nn.Module, config: Any, guard_rows: int) -> float:
 
     if config.modifiers is not None and "choice" not in config.modifiers:  # None: every one
         return 0.0
-    settings = config.settings_of("choice")
-    found, _ = candidates([model.get_submodule(c).names for c in choice_sites(model)])
+    settings, sites = config.settings_of("choice"), choice_sites(model)
+    found, _ = candidates([model.get_submodule(c).names for c in sites]) if sites else ([], "")
     if not found or not settings.race:
         return 0.0
     h, rows = max(1, round(settings.race * config.steps)), (guard_rows, guard_rows)
