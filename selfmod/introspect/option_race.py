@@ -157,14 +157,17 @@ def race(
             entries[i].verify = got
         return got is not failed
 
+    # the states held at once: the start, rung 1's best ``keep`` so far and the one training
     alive: list[tuple[int, Trained]] = []  # rung 1's best ``keep``
     for i, c in enumerate(candidates):
         done = train(commit(start, c.picks), 0, batches[:h], rng_state, None)
         if scored(i, done) and done is not None:
             alive.append((i, done))
             alive = sorted(alive, key=lambda a: rank(*entries[a[0]].propose[0], by))[:keep]
+        del done  # not held while the next candidate trains, unless among the best
     finals: list[tuple[int, Trained]] = []
-    for i, first in alive:
+    while alive:  # a finalist's first rung is let go once its second starts
+        i, first = alive.pop(0)
         done = train(first.state, h, batches[h:], first.rng, first.seen)
         if scored(i, done) and done is not None and scored(i, done, "verify"):
             both = Trained(1.0, done.state, first.losses + done.losses, done.rng, done.seen)
