@@ -95,6 +95,23 @@ def longest(steps: int, work: Callable[[int], float], room: float) -> int:
     return lo
 
 
+def race_steps(
+    config: Any, meta_examples: float, asked: int, work: Callable[[int], float], reserved: float
+) -> tuple[int, str]:
+    """``(steps, why)``: the most steps, at most ``asked``, of a race whose most ``work`` fits
+    what is left of ``meta_budget`` after ``reserved`` example-equivalents (:func:`longest`);
+    ``why`` says so where that is fewer (0: the race does not run), else ``""``."""
+    room = meta_room(config, meta_examples) - reserved
+    steps = longest(asked, work, room)
+    if steps == asked:
+        return steps, ""
+    most, left = work(asked) + reserved, max(room + reserved, 0)
+    return steps, (
+        f"{asked} steps would spend up to {most:.4g} example-equivalents of self-modification, "
+        f"{left:.4g} are left of meta_budget; a larger meta_budget gives it its length"
+    )
+
+
 class Cost:
     """A cycle's self-modification work, in example-equivalents (the module docstring)."""
 

@@ -278,13 +278,9 @@ class Loop:
         """The most steps, at most ``asked``, of race ``name`` whose ``work`` fits what is left
         of ``meta_budget`` after ``reserved`` example-equivalents (:func:`.budget.longest`); a
         ledger event where that is fewer (0: the race does not run)."""
-        room = budget.meta_room(self.config, self.counters.meta_examples) - reserved
-        h = budget.longest(asked, work, room)
-        if h < asked:
+        h, why = budget.race_steps(self.config, self.counters.meta_examples, asked, work, reserved)
+        if why:
             said = f"shortened to {h} steps" if h else "not run"
-            why = (f"{asked} steps would spend up to {work(asked) + reserved:.4g} example-"
-                   f"equivalents of self-modification, {max(room + reserved, 0):.4g} are left of "
-                   "meta_budget; a larger meta_budget gives it its length")  # fmt: skip
             self.event("event", f"{name} {said}", why, {"asked": asked, "steps": h})
         return h
 
