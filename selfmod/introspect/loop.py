@@ -162,9 +162,9 @@ class Loop:
         """The rates' level raced before the first cycle; ``winner``: the options' race's
         training, not yet the run's (:meth:`_option_race`)."""
         start, n, cfg = time.perf_counter(), self.counters, self.config
-        queued = self.pending  # the options' race's batches
-        redone = sum(len(b[1]) for b in queued[: len(winner.losses)]) if winner else 0
-        h = self._race_length("level race", race.steps(cfg), self._level_race_work, redone)
+        queued = self.pending  # the options' race's batches; the winner's, trained again if
+        redone = sum(len(b[1]) for b in queued[: len(winner.losses)]) if winner else 0  # x1 loses
+        h = self._race_length("level race", race.steps(cfg), self._level_race_work(), redone)
         n.raced, guard = True, self.losses.guard
         if not h:
             if winner is not None:
@@ -184,8 +184,7 @@ class Loop:
             n.meta_examples += r.cost + sum(len(b[1]) for b in batches)
             self._adopt(winner)
         else:
-            if winner is not None:  # trained again at the chosen level
-                n.meta_examples += sum(len(b[1]) for b in queued[: len(winner.losses)])
+            n.meta_examples += redone  # the winner's training, trained again at the new level
             self.state, rest = race.settle(r, batches, n)  # the unchanged level's training, kept
             self.pending = rest + queued[h:]
             if r.trained is not None:
@@ -216,7 +215,7 @@ class Loop:
         def commit(state: RunState, picks: dict[str, int]) -> RunState:
             return chooser.apply(Proposal("choice", surgery={"commit": picks}), state, self.problem)
 
-        keep, asked = chooser.settings.race_keep, max(1, round(share * cfg.steps))
+        keep, asked = chooser.settings.race_keep, option_race.rung_steps(share, cfg.steps)
         h = self._race_length("options' race", asked, self._option_race_work(len(found), keep))
         if not h:
             return None
@@ -259,16 +258,16 @@ class Loop:
     def _guard_rows(self) -> tuple[int, int]:
         return len(self.guard("propose")[1]), len(self.guard("verify")[1])
 
-    def _level_race_work(self, h: int) -> float:
-        """The level race's most work over ``h`` steps (:func:`.race.planned`)."""
-        levels = len(self.config.level_race)
-        return race.planned(h, self.state.batch_size, levels, self._guard_rows())
+    def _level_race_work(self) -> Callable[[int], float]:
+        """The level race's most work over ``t`` steps (:func:`.race.planned`)."""
+        levels, batch, rows = len(self.config.level_race), self.state.batch_size, self._guard_rows()
+        return lambda t: race.planned(t, batch, levels, rows)
 
     def _option_race_work(self, k: int, keep: int) -> Callable[[int], float]:
         """The options' race's most work over rungs of ``t`` steps (``k`` candidates, ``keep``
         finalists), with the level race after it at its full length where there is one."""
         cfg, rows, level = self.config, self._guard_rows(), bool(self.config.level_race)
-        after = self._level_race_work(race.steps(cfg)) if level else 0.0
+        after = self._level_race_work()(race.steps(cfg)) if level else 0.0
         batch = self.state.batch_size
         return lambda t: option_race.planned(t, batch, k, keep, rows, level) + after
 

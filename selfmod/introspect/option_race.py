@@ -204,6 +204,12 @@ def cost(
     return trained - adopted * sum(per_rung) + FORWARD * reads
 
 
+def rung_steps(share: float, steps: int) -> int:
+    """A rung's length ``h`` in base steps: ``share`` (``modifiers.choice.race``) of a run's
+    ``steps``, at least 1."""
+    return max(1, round(share * steps))
+
+
 def planned(h: int, batch: int, k: int, keep: int, rows: tuple[int, int], retrained: bool) -> float:
     """The most work, in example-equivalents, of a race of ``k`` candidates and ``keep``
     finalists over two rungs of ``h`` batches of ``batch`` examples, with guard splits of

@@ -114,7 +114,7 @@ def race_share(model: nn.Module, config: Any, guard_rows: int) -> float:
     such race. ``fit`` adds it to its default ``meta_budget``, so that the race runs its length
     and the cycles keep the share they have in a run without choices."""
     from selfmod.introspect.modifiers.choice import choice_sites
-    from selfmod.introspect.option_race import candidates, planned
+    from selfmod.introspect.option_race import candidates, planned, rung_steps
 
     if config.modifiers is not None and "choice" not in config.modifiers:  # None: every one
         return 0.0
@@ -122,7 +122,7 @@ def race_share(model: nn.Module, config: Any, guard_rows: int) -> float:
     found, _ = candidates([model.get_submodule(c).names for c in sites]) if sites else ([], "")
     if not found or not settings.race:
         return 0.0
-    h, rows = max(1, round(settings.race * config.steps)), (guard_rows, guard_rows)
+    h, rows = rung_steps(settings.race, config.steps), (guard_rows, guard_rows)
     most = planned(h, config.batch_size, len(found), settings.race_keep, rows, True)
     return math.ceil(100 * most / (config.steps * config.batch_size)) / 100
 
