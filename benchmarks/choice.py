@@ -27,6 +27,11 @@ with seeds 10 and 11 (``--dev``), then the published split and seeds 0, 1, 2 are
 in full, the pick by the validation metric, scored by the test accuracy of the picked option's
 full run (what a race of options with separate weights would pick; at the full share, the
 ceiling of any pick made from this validation set).
+
+``--pool A.json B.json ...`` trains nothing: the tables of saved runs of different seeds taken
+together, and how sure the verdict is (the choice minus the best fixed option with a 95%
+interval from resampling the seeds, the best option chosen again in each resample). A results
+file's section from ``## Reading (added by hand)`` on is kept when its tables are written again.
 """
 
 from __future__ import annotations
@@ -278,6 +283,59 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     return lines, summary
 
 
+#: bootstrap resamples of the seeds for :func:`pooled`'s intervals
+RESAMPLES = 10_000
+
+
+def pooled(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """Markdown lines and a JSON summary of how sure the target's verdict is, over the seeds in
+    ``rows``. Per workload: the choice's mean test accuracy minus the best fixed option's
+    (``d = mean_s choice_s - max_o mean_s fixed_{o,s}``), with a 95% percentile interval from
+    resampling the seeds with replacement (:data:`RESAMPLES` times; the best option chosen again
+    in each resample, so the interval counts the luck of which option looks best), the share of
+    resamples with ``d >= 0``, and the same for the pick a validation set makes with every
+    option trained in full (each seed's option of the best validation accuracy, ties to the
+    lower validation loss: ``K`` runs' cost)."""
+    lines = [
+        "## How sure the verdict is (seeds resampled)",
+        "",
+        "| workload | seeds | choice minus best fixed (points) | 95% interval | resamples "
+        "with choice >= best | full runs picked by validation minus best | its 95% interval |",
+        "|---|---:|---:|---|---:|---:|---|",
+    ]
+    summary: dict[str, Any] = {}
+    gen = torch.Generator().manual_seed(0)
+    for name in WORKLOADS:
+        mine = [r for r in rows if r["workload"] == name and r.get("share", 1.0) == 1.0]
+        if not mine:
+            continue
+        options, seeds = WORKLOADS[name][2], sorted({r["seed"] for r in mine})
+        test = {(r["option"], r["seed"]): r for r in mine}
+        fixed = torch.tensor([[test[o, s]["test"] for s in seeds] for o in options])  # (K, S)
+        choice = torch.tensor([test["choice", s]["test"] for s in seeds])  # (S,)
+        picked = [max(options, key=lambda o, s=s: (test[o, s]["val"], -test[o, s]["val_loss"]))
+                  for s in seeds]  # fmt: skip
+        by_val = torch.tensor([test[p, s]["test"] for p, s in zip(picked, seeds, strict=True)])
+        idx = torch.randint(len(seeds), (RESAMPLES, len(seeds)), generator=gen)  # (R, S)
+        best = fixed[:, idx].mean(-1).amax(0)  # (R,)
+        gaps = {"choice": choice[idx].mean(-1) - best, "by_val": by_val[idx].mean(-1) - best}
+        whole = fixed.mean(-1).amax()
+        out = {}
+        for key, pick in (("choice", choice), ("by_val", by_val)):
+            low, high = torch.quantile(gaps[key].double(), torch.tensor([0.025, 0.975]).double())
+            out[key] = {"gap": float(pick.mean() - whole), "interval": [float(low), float(high)],
+                        "share_at_least": float((gaps[key] >= 0).double().mean())}  # fmt: skip
+        summary[name] = {"seeds": seeds, **out}
+        c, v = out["choice"], out["by_val"]
+        lines.append(
+            f"| {name} | {len(seeds)} | {100 * c['gap']:+.2f} | "
+            f"[{100 * c['interval'][0]:+.2f}, {100 * c['interval'][1]:+.2f}] | "
+            f"{c['share_at_least']:.2f} | {100 * v['gap']:+.2f} | "
+            f"[{100 * v['interval'][0]:+.2f}, {100 * v['interval'][1]:+.2f}] |"
+        )
+    return [*lines, ""], summary
+
+
 def selection(rows: list[dict[str, Any]], shares: list[float]) -> list[str]:
     """Markdown lines: every option trained alone over a share of the steps, the one with the
     best validation metric (ties: the lower validation loss) picked, and the test accuracy of
@@ -317,6 +375,33 @@ def selection(rows: list[dict[str, Any]], shares: list[float]) -> list[str]:
     return lines
 
 
+def saved_runs(paths: list[Path]) -> tuple[list[dict[str, Any]], str, int, list[int], Any, float]:
+    """``(rows, commands, split, seeds, settings, seconds)`` of saved runs taken together; they
+    must share the split and the settings and name no seed twice (``SystemExit`` otherwise)."""
+    saved = [json.loads(p.read_text()) for p in paths]
+    for key in ("split", "settings"):
+        if len({json.dumps(s[key]) for s in saved}) > 1:
+            raise SystemExit(f"--pool: the runs differ in {key}; pool runs of one {key}")
+    seeds = [seed for s in saved for seed in s["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit("--pool: a seed is in two runs; pool runs of different seeds")
+    commands = "`; `".join(s["command"] for s in saved)
+    rows = [r for s in saved for r in s["runs"]]
+    seconds = sum(s.get("seconds", math.nan) for s in saved)
+    return rows, commands, saved[0]["split"], sorted(seeds), saved[0]["settings"], seconds
+
+
+#: where a results file's hand-written reading starts; a rewrite of the file keeps it
+BY_HAND = "\n## Reading (added by hand)\n"
+
+
+def by_hand(md: Path) -> str:
+    """The hand-written section of the results file ``md`` (from :data:`BY_HAND` to its end;
+    ``""`` if none), which writing the tables again carries over."""
+    text = md.read_text() if md.exists() else ""
+    return text[text.index(BY_HAND) :] if BY_HAND in text else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dev", action="store_true", help="development split 1, seeds 10 and 11")
@@ -333,6 +418,11 @@ def main(argv: list[str] | None = None) -> None:
         "--selection", type=float, nargs="+", default=None, metavar="SHARE",
         help="instead of the choice: every option alone over each SHARE of the steps and in "
         "full, picked by validation",
+    )  # fmt: skip
+    ap.add_argument(
+        "--pool", type=Path, nargs="+", default=None, metavar="JSON",
+        help="the tables of several saved runs' JSON together (one split, no seed twice) and "
+        "how sure their verdict is, to --out, training nothing",
     )  # fmt: skip
     args = ap.parse_args(argv)
     split = 1 if args.dev else 0
@@ -353,11 +443,14 @@ def main(argv: list[str] | None = None) -> None:
             for share in sorted({*args.selection, 1.0})
         ]
     start = time.perf_counter()
-    command = "python benchmarks/choice.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    own = "python benchmarks/choice.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = own
     if args.tables_from:  # the saved run's rows, command and time
         saved = json.loads(args.tables_from.read_text())
         rows, command, split, seeds = (saved[k] for k in ("runs", "command", "split", "seeds"))
         settings, seconds = saved["settings"], saved.get("seconds", math.nan)
+    elif args.pool:
+        rows, command, split, seeds, settings, seconds = saved_runs(args.pool)
     else:
         with ProcessPoolExecutor(args.jobs, max_tasks_per_child=1) as pool:  # peak RSS per run
             rows = list(pool.map(one, jobs))
@@ -366,17 +459,22 @@ def main(argv: list[str] | None = None) -> None:
         lines, summary = selection(rows, args.selection), {}
     else:
         lines, summary = table(rows)
+    if args.pool:
+        more, summary["resampled"] = pooled(rows)
+        lines += more
     head = [
         "# Architecture chosen inside the run (benchmarks/choice.py)",
         "",
-        f"Command: `{command.strip()}`; split {split}, seeds {list(seeds)}; choice settings "
+        (f"Pooled by `{own.strip()}` from the runs of " if args.pool else "Command: ")
+        + f"`{command.strip()}`; split {split}, seeds {list(seeds)}; choice settings "
         f"{settings or 'the defaults'}; {seconds:.0f} s on 2 CPU cores, one torch thread per run.",
         "",
         (__doc__ or "").split("\n\n")[1],
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text("\n".join(head + lines) + "\n")
+    md = args.out.with_suffix(".md")
+    md.write_text("\n".join(head + lines) + "\n" + by_hand(md))
     payload = {"command": command.strip(), "split": split, "seeds": list(seeds),
                "settings": settings, "seconds": seconds, "summary": summary,
                "runs": rows}  # fmt: skip
