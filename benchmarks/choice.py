@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         (f"Pooled by `{own.strip()}` from the runs of " if args.pool else "Command: ")
         + f"`{command.strip()}`; split {split}, seeds {list(seeds)}; choice settings "
-        f"{settings or 'the defaults'}; {seconds:.0f} s on 2 CPU cores, one torch thread per run.",
+        f"{settings or 'the defaults'}; {seconds:.0f} s{' in all' if args.pool else ''} on 2 "
+        "CPU cores, one torch thread per run.",
         "",
         (__doc__ or "").split("\n\n")[1],
         "",
