@@ -13,12 +13,14 @@ Three workloads of different kinds (data from :mod:`selfmod.bench.workloads`):
   ReLU block, one linear layer, and a skip connection (the skip guard's case).
 
 Every run is :func:`selfmod.runs.fit` with its defaults (:data:`selfmod.runs.api.FIT_DEFAULTS`:
-AdamW from lr 1e-2, the rates' level raced, early stopping, meta budget 0.3) but
+AdamW from lr 1e-2, the rates' level raced, early stopping, meta budget 0.3 plus, for a model
+with choices, the options' race's most: :func:`selfmod.runs.api.race_share`) but
 ``cycle = 50`` and ``lookahead = 10`` (:data:`LOOP`), the workload's steps and batch, the
 validation rows as guard; fixed runs have the option in the Choice's place.
 Cost: CPU seconds (one torch thread per process) and the examples trained plus
 self-modification's example-equivalents. Seeds: settings are chosen on development split 1
-with seeds 10 and 11 (``--dev``), then the published split and seeds 0, 1, 2 are run once.
+(``--dev``: seeds 10 and 11 unless ``--seeds``; 10-17 so far), then each published seed of
+split 0 is run once (0-8 and 20-25 so far, taken together by ``--pool``).
 
     python benchmarks/choice.py --dev --out /tmp/choice_dev   # choosing settings
     python benchmarks/choice.py                               # the published table
