@@ -382,3 +382,44 @@ def test_log_share_spaces_log_points_so_their_guard_reads_stay_within_it(share):
 def test_a_log_interval_under_one_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="log_every"):
         TrainConfig(**{**FAST, "log_every": 0})
+
+
+def test_a_run_over_its_meta_budget_still_checkpoints_and_resumes_bitwise(tmp_path):
+    """A meta budget smaller than one cycle's probes runs no cycle (the first one's work is
+    its probes at least, so it is not run on an estimate of 0), yet every cycle's turn still
+    writes its checkpoint; a run killed after one resumes from it to the uninterrupted end."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from selfmod.runs import fit
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 6, generator=g), torch.randint(0, 3, (400,), generator=g)
+    guard = (torch.randn(60, 6, generator=g), torch.randint(0, 3, (60,), generator=g))
+    config = {"steps": 40, "cycle": 10, "lookahead": 3, "replay_size": 50, "report": False,
+              "keep_checkpoints": 10, "batch_size": 32, "meta_budget": 1e-3}  # fmt: skip
+
+    def run(folder, resume=False, trained=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        on_step = (lambda loop: trained.append(loop.step)) if trained is not None else None
+        return fit(model, F.cross_entropy, (x, y), guard, config=config, run_dir=folder,
+                   resume=resume, on_step=on_step)  # fmt: skip
+
+    whole = run(tmp_path / "whole")
+    assert whole.summary["meta_examples"] == 0 and whole.summary["cycles_skipped"] >= 3
+    steps = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "whole").rglob("ckpt-*.json"))
+    assert {10, 20, 30} <= set(steps)
+    crashed = tmp_path / "crashed"
+    run(crashed)
+    for p in crashed.rglob("*"):  # as if killed just after the step-20 checkpoint
+        late = p.name.startswith("ckpt-") and int(p.name.split("-")[1].split(".")[0]) > 20
+        if p.is_file() and (late or p.name.startswith(("final.", "summary."))):
+            p.unlink()
+    trained: list[int] = []
+    resumed = run(crashed, resume=True, trained=trained)
+    assert trained == list(range(21, 41))  # from the step-20 checkpoint, not from the start
+    assert resumed.summary["cycles_skipped"] == whole.summary["cycles_skipped"]
+    want = load_file(tmp_path / "whole" / "final.safetensors")
+    got = load_file(crashed / "final.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

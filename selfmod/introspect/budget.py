@@ -8,8 +8,9 @@
   estimates, probes) is counted in example-equivalents (:class:`Cost`: one training
   example's forward and backward pass is 1, a forward pass alone 1/3) and kept at most
   ``meta_budget`` times the run's examples budget: a cycle whose turn comes when the last
-  cycle's cost would take the run over its share is skipped (and counted); cycles are spent
-  early, where the first decisions (the rates' level) matter most. The count is
+  cycle's cost (the first cycle's: its probes') would take the run over its share is skipped
+  and counted, and its checkpoint still written; cycles are spent early, where the first
+  decisions (the rates' level) matter most. The count is
   deterministic (a resumed run skips the same cycles); the wall time of both parts is
   measured too (``meta_seconds``, ``base_seconds``).
 - The races at the run's start (:mod:`.option_race`, :mod:`.race`) spend the same share,

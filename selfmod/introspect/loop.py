@@ -143,8 +143,8 @@ class Loop:
         while not budget.spent(cfg, n.step, n.examples) and n.diverged_at is None:
             if cfg.shift_step and n.step == cfg.shift_step and n.source_id == 0:
                 self._shift()
+            n.seconds = time.perf_counter() - start  # a checkpoint's, at a cycle's turn
             if self._boundary():
-                n.seconds = time.perf_counter() - start
                 self._cycle()
             self.base_step()
             if on_step is not None:
@@ -339,11 +339,18 @@ class Loop:
         while self.feed.inbox or self.pending:
             self.base_step()
 
-    def _boundary(self) -> bool:  # a cycle's turn, unless over meta_budget (then skipped)
+    def _boundary(self) -> bool:
+        """Whether a cycle runs now: its turn, unless the next cycle's work (the last one's, at
+        least its probes') would take the run over ``meta_budget``. A cycle skipped so still
+        writes the checkpoint of its turn: a run over its meta budget stays resumable."""
         n, cfg = self.counters, self.config
         due = self.tune and n.step % cfg.cycle == 0 and n.cycled_at != n.step and not self.pending
-        if due and not budget.meta_allowed(cfg, n.examples, n.meta_examples, n.last_cycle):
+        probes = budget.FORWARD * budget.PROBE_PASSES * len(self.buffer.y[: cfg.probe_rows or None])
+        next_cycle = max(n.last_cycle, probes)  # the first cycle: its probes at least
+        if due and not budget.meta_allowed(cfg, n.examples, n.meta_examples, next_cycle):
             n.cycled_at, n.cycles_skipped, due = n.step, n.cycles_skipped + 1, False
+            if n.cycles_skipped % cfg.checkpoint_every == 0:
+                self.recorder.checkpoint(self)
         return due
 
     def _cycle(self) -> None:
