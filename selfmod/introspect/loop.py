@@ -345,13 +345,16 @@ class Loop:
         writes the checkpoint of its turn: a run over its meta budget stays resumable."""
         n, cfg = self.counters, self.config
         due = self.tune and n.step % cfg.cycle == 0 and n.cycled_at != n.step and not self.pending
+        if not due:
+            return False
         probes = budget.FORWARD * budget.PROBE_PASSES * len(self.buffer.y[: cfg.probe_rows or None])
         next_cycle = max(n.last_cycle, probes)  # the first cycle: its probes at least
-        if due and not budget.meta_allowed(cfg, n.examples, n.meta_examples, next_cycle):
-            n.cycled_at, n.cycles_skipped, due = n.step, n.cycles_skipped + 1, False
-            if n.cycles_skipped % cfg.checkpoint_every == 0:
-                self.recorder.checkpoint(self)
-        return due
+        if budget.meta_allowed(cfg, n.examples, n.meta_examples, next_cycle):
+            return True
+        n.cycled_at, n.cycles_skipped = n.step, n.cycles_skipped + 1
+        if n.cycles_skipped % cfg.checkpoint_every == 0:
+            self.recorder.checkpoint(self)
+        return False
 
     def _cycle(self) -> None:
         start, n = time.perf_counter(), self.counters  # a cycle's time is self-modification's
