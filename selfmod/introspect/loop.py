@@ -347,7 +347,7 @@ class Loop:
         due = self.tune and n.step % cfg.cycle == 0 and n.cycled_at != n.step and not self.pending
         if not due:
             return False
-        probes = budget.FORWARD * budget.PROBE_PASSES * len(self.buffer.y[: cfg.probe_rows or None])
+        probes = budget.FORWARD * budget.PROBE_PASSES * self._probe_rows()
         next_cycle = max(n.last_cycle, probes)  # the first cycle: its probes at least
         if budget.meta_allowed(cfg, n.examples, n.meta_examples, next_cycle):
             return True
@@ -470,6 +470,9 @@ class Loop:
         at = self._scored
         return at[1:] if at is not None and at[0]() is self.state else None
 
+    def _probe_rows(self) -> int:  # the replay rows a cycle's probes read
+        return len(self.buffer.y[: self.config.probe_rows or None])
+
     def probe(self) -> dict[str, float]:
         """This cycle's probes (:func:`.summary.run_probe`) with the run's counters."""
         n, cfg, src = self.counters, self.config, self.sources[self.counters.source_id]
@@ -485,7 +488,7 @@ class Loop:
             self._record(Decision(*at, change[0], "applied", *change[1:]))
         look = self.look_ahead()
         probe = self.probe()
-        look.cost.evaluated(budget.PROBE_PASSES * len(self.buffer.y[: cfg.probe_rows or None]))
+        look.cost.evaluated(budget.PROBE_PASSES * self._probe_rows())
         self.history["probes"].append(probe)
         self.event("cycle", "evaluate", "probes", probe)
         dead = cfg.safeguards and verifier.dead(self.problem, self.state, self.guard("verify")[0])
