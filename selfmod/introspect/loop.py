@@ -143,7 +143,6 @@ class Loop:
         while not budget.spent(cfg, n.step, n.examples) and n.diverged_at is None:
             if cfg.shift_step and n.step == cfg.shift_step and n.source_id == 0:
                 self._shift()
-            n.seconds = time.perf_counter() - start  # a checkpoint's, at a cycle's turn
             if self._boundary():
                 self._cycle()
             self.base_step()
@@ -162,8 +161,9 @@ class Loop:
         """The rates' level raced before the first cycle; ``winner``: the options' race's
         training, not yet the run's (:meth:`_option_race`)."""
         start, n, cfg = time.perf_counter(), self.counters, self.config
-        queued = self.pending  # the options' race's batches; the winner's, trained again if
-        redone = sum(len(b[1]) for b in queued[: len(winner.losses)]) if winner else 0  # x1 loses
+        queued = self.pending  # the options' race's batches
+        # the winner's examples, trained again where the level race commits another level
+        redone = sum(len(b[1]) for b in queued[: len(winner.losses)]) if winner else 0
         h = self._race_length("level race", race.steps(cfg), self._level_race_work(), redone)
         n.raced, guard = True, self.losses.guard
         if not h:
@@ -347,6 +347,8 @@ class Loop:
         due = self.tune and n.step % cfg.cycle == 0 and n.cycled_at != n.step and not self.pending
         if not due:
             return False
+        if self._clock is not None:  # the run's time so far, for the checkpoint of this turn
+            n.seconds = time.perf_counter() - self._clock
         probes = budget.FORWARD * budget.PROBE_PASSES * self._probe_rows()
         next_cycle = max(n.last_cycle, probes)  # the first cycle: its probes at least
         if budget.meta_allowed(cfg, n.examples, n.meta_examples, next_cycle):
