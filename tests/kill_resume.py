@@ -24,6 +24,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import warm
+
 HERE = Path(__file__).parent
 CRASH_AT = str(HERE / "crash_at.py")
 RUN = [
@@ -43,15 +45,20 @@ def _sets(out: Path) -> list[str]:
     return [a for s in [*RUN, f"out={out}"] for a in ("--set", s)]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``python ARGS``: forked from a server that has imported torch (:mod:`warm`), or with
+    ``fresh`` a whole new interpreter."""
+    if not fresh:
+        return warm.run(args, timeout=600)
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, check=False, timeout=600
     )
 
 
 def reference(folder: Path) -> bytes:
-    """The final weights of an uninterrupted run."""
-    out = _run("-m", "selfmod.cli", "train", *_sets(folder))
+    """The final weights of an uninterrupted run, in a whole new interpreter: the killed and
+    resumed runs, forked from a warm one, must end on its bytes."""
+    out = _run("-m", "selfmod.cli", "train", *_sets(folder), fresh=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
     (run_dir,) = folder.iterdir()

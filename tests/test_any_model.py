@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import user_models
+import warm
 from faults import FaultyLoop
 
 from selfmod.data import as_batches
@@ -211,10 +211,9 @@ def test_batchnorm_statistics_are_run_state(digits, tmp_path):
 
 
 def _cli(*args, cwd=HERE, harness=None):
-    cmd = [sys.executable, harness, *args] if harness else [*SELFMOD, *args]
+    cmd = [harness, *args] if harness else [*SELFMOD[1:], *args]
     path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, check=False)
+    return warm.run(cmd, cwd=cwd, env={**os.environ, "PYTHONPATH": path})
 
 
 CLI_RUNS = [("residual_mlp", "sgd"), ("digit_cnn", "adamw"), ("tiny_transformer", "adamw")]

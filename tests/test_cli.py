@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import warm
 from safetensors.torch import load_file
 
 from selfmod.runs.config import TrainConfig, load_config
@@ -16,7 +17,7 @@ SELFMOD = [sys.executable, "-m", "selfmod.cli"]
 
 
 def _selfmod(*args, cwd=None):
-    return subprocess.run([*SELFMOD, *args], capture_output=True, text=True, cwd=cwd, check=False)
+    return warm.run([*SELFMOD[1:], *args], cwd=cwd)
 
 
 # Every field with a value outside its range, and the words the error must contain (a

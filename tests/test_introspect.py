@@ -2,8 +2,6 @@
 unchanged, NaN anywhere rolls back and the run goes on, manual approval changes nothing."""
 
 import math
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +11,7 @@ import cycles
 import pytest
 import torch
 import torch.nn.functional as F
+import warm
 from faults import FaultyIntrospector
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -336,12 +335,7 @@ def test_manual_approval_changes_nothing_until_approved_and_stale_changes_expire
         f"--set={k}={str(v).lower() if isinstance(v, bool) else v}"
         for k, v in {**FAST, "steps": 100, "approval": "manual", "out": tmp_path}.items()
     ]
-    crashed = subprocess.run(
-        [sys.executable, CRASH_AT, "step=70", "train", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    crashed = warm.run([CRASH_AT, "step=70", "train", *args])
     assert crashed.returncode == -9, crashed.stderr
     (run_dir,) = tmp_path.iterdir()
     with Ledger(run_dir / "ledger.sqlite") as ledger:
@@ -363,23 +357,13 @@ def test_manual_approval_changes_nothing_until_approved_and_stale_changes_expire
     grow, stale = grows[2], grows[0]
 
     def approve(seq):
-        return subprocess.run(
-            [sys.executable, "-m", "selfmod.cli", "approve", str(run_dir), str(seq)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        return warm.run(["-m", "selfmod.cli", "approve", str(run_dir), str(seq)])
 
     ok = approve(grow.seq)
     assert ok.returncode == 0, ok.stderr
     late = approve(stale.seq)  # the run expired it at cycle 3, before the kill
     assert late.returncode == 2 and f"change {stale.seq} was expired" in late.stderr
-    again = subprocess.run(
-        [sys.executable, "-m", "selfmod.cli", "approve", str(run_dir), "99999"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    again = warm.run(["-m", "selfmod.cli", "approve", str(run_dir), "99999"])
     assert again.returncode == 2 and "ID must be a pending change" in again.stderr
     run = _resumed(cfg, run_dir)
     run.run()

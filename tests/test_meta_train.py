@@ -116,25 +116,14 @@ A = [
 
 def _meta_cli(out, steps, *extra, resume=False, crash_in=None):
     """``selfmod meta-train``; with ``crash_in``, killed halfway through writing that file."""
-    import subprocess
-    import sys
     from pathlib import Path
+
+    import warm
 
     args = [*A, "--set", f"meta_steps={steps}", "--set", f"out={out}", *extra]
     harness = [str(Path(__file__).parent / "crash_at.py"), f"write={crash_in}"]
-    return subprocess.run(
-        [
-            sys.executable,
-            *(harness if crash_in else ["-m", "selfmod.cli"]),
-            "meta-train",
-            *args,
-            *(["--resume"] if resume else []),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    program = harness if crash_in else ["-m", "selfmod.cli"]
+    return warm.run([*program, "meta-train", *args, *(["--resume"] if resume else [])], timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -261,16 +250,9 @@ def test_meta_train_config_errors_are_one_line(field, value, message):
 
 
 def _cli(*args, cwd=None):
-    import subprocess
-    import sys
+    import warm
 
-    return subprocess.run(
-        [sys.executable, "-m", "selfmod.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        check=False,
-    )
+    return warm.run(["-m", "selfmod.cli", *args], cwd=cwd)
 
 
 def test_meta_train_cli_rejects_bad_values_with_exit_2(tmp_path):

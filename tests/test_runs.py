@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm
 from safetensors.torch import load_file
 
 from selfmod.checkpoint import (
@@ -38,14 +39,7 @@ SMALL = [
 
 
 def _selfmod(*args, env=None):
-    return subprocess.run(
-        [*SELFMOD, *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
+    return warm.run([*SELFMOD[1:], *args], env={**os.environ, **(env or {})}, timeout=300)
 
 
 def _crash_at(where, *args):

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import warm
 
 from selfmod.checkpoint import (
     CheckpointError,
@@ -36,15 +37,9 @@ SMALL = [
 
 
 def _selfmod(*args, env=None):
-    return subprocess.run(
-        [*SELFMOD, *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("SELFMOD_LEDGER")},
-             **(env or {})},
-        timeout=300,
-    )  # fmt: skip
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SELFMOD_LEDGER")},
+           **(env or {})}  # fmt: skip
+    return warm.run([*SELFMOD[1:], *args], env=env, timeout=300)
 
 
 def _one_line_exit_2(res, message):

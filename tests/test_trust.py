@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm
 
 HERE = Path(__file__).parent
 SELFMOD = [sys.executable, "-m", "selfmod.cli"]
@@ -25,10 +26,7 @@ USER = ["model=user_models:residual_mlp", "data=user_models:digits", "guard_size
 def _selfmod(*args, cwd=None):
     path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELFMOD_LEDGER")}
-    return subprocess.run(
-        [*SELFMOD, *args], capture_output=True, text=True, check=False, cwd=cwd,
-        env={**env, "PYTHONPATH": path}, timeout=300,
-    )  # fmt: skip
+    return warm.run([*SELFMOD[1:], *args], cwd=cwd, env={**env, "PYTHONPATH": path}, timeout=300)
 
 
 def _one_line_exit_2(res, *messages):
