@@ -48,3 +48,11 @@ def test_the_cli_gives_the_same_one_line_error_and_a_timeout_kills_the_child(tmp
     assert warm.run(["-c", "print(1)"]).stdout == "1\n"  # the server goes on after a timeout
     with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
         warm.run(["-c", "pass"], env={**os.environ, "OMP_NUM_THREADS": "7"})
+
+
+def test_a_child_takes_this_process_environment_and_folder_as_they_are_now(tmp_path, monkeypatch):
+    warm.run(["-c", "pass"])  # the server has started before the change
+    monkeypatch.setenv("WARM_LATER", "set after the server started")
+    monkeypatch.chdir(tmp_path)
+    out = warm.run(["-c", "import os; print(os.getcwd()); print(os.environ['WARM_LATER'])"])
+    assert out.stdout.splitlines() == [os.path.realpath(tmp_path), "set after the server started"]

@@ -28,8 +28,9 @@ from pathlib import Path
 
 #: imported once by the server; nothing of selfmod, which each child imports itself
 PRELOAD = ["torch", "torch.func", "numpy", "safetensors.torch", "rich.console", "typer", "pydantic"]
-#: read when torch is imported: a child cannot take another value of these
-IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "TORCH_", "PYTORCH_", "CUDA_")
+#: read by torch when it is imported (its threads, its devices, its own settings): a caller
+#: cannot give a child another value of these
+IMPORT_TIME_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_", "PYTORCH_", "CUDA_")
 
 _server: subprocess.Popen | None = None
 
@@ -43,18 +44,19 @@ def run(
 ) -> subprocess.CompletedProcess:
     """``subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=...)``
     forked from the warm server. ``args``: ``-m MODULE ...``, ``-c CODE ...`` or
-    ``SCRIPT ...``; ``env``: the child's whole environment (its ``PYTHONPATH`` entries go first
-    on ``sys.path``, as at an interpreter's start)."""
-    if env is not None:
+    ``SCRIPT ...``; ``cwd``: the child's working folder (default this process's, now);
+    ``env``: its whole environment (default this process's, now; its ``PYTHONPATH`` entries go
+    first on ``sys.path``, as at an interpreter's start)."""
+    if env is not None:  # the caller's changes to this process's environment
         changed = {k for k in {*env, *os.environ} if env.get(k) != os.environ.get(k)}
         if late := sorted(k for k in changed if k.startswith(IMPORT_TIME_ENV)):
             raise ValueError(f"warm.run: {late} are read when torch is imported; use subprocess")
-    server = _started()
-    command = [sys.executable, *args]
+    env = dict(os.environ if env is None else env)  # as subprocess: this process's, now
+    server, command = _started(), [sys.executable, *args]
     with tempfile.TemporaryDirectory(prefix="warm-") as folder:
         out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        request = {"args": list(args), "out": out, "err": err, "cwd": cwd and str(cwd)}
-        server.stdin.write(json.dumps({**request, "env": env and dict(env)}) + "\n")
+        request = {"args": list(args), "out": out, "err": err, "cwd": str(cwd or os.getcwd())}
+        server.stdin.write(json.dumps({**request, "env": env}) + "\n")
         server.stdin.flush()
         pid = int(server.stdout.readline())
         ready, _, _ = select.select([server.stdout], [], [], timeout)
@@ -121,19 +123,17 @@ def _exit(main, request: dict) -> None:
     os._exit(int(code))
 
 
-def _become(args: list[str], out: str, err: str, cwd: str | None, env: dict | None) -> None:
+def _become(args: list[str], out: str, err: str, cwd: str, env: dict[str, str]) -> None:
     """In the forked child: stdin from /dev/null, stdout and stderr into ``out`` and ``err``,
     then ``python ARGS``; an uncaught exception and ``SystemExit`` end it as they end Python."""
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, 0), (2, err, 0)):
         opened = os.open(path, flags | (os.O_WRONLY | os.O_CREAT | os.O_TRUNC if fd else 0))
         os.dup2(opened, fd)
         os.close(opened)
-    if cwd is not None:
-        os.chdir(cwd)
-    if env is not None:
-        os.environ.clear()
-        os.environ.update(env)
-        sys.path[1:1] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.path[1:1] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     globals_ = {"__name__": "__main__"}
     if args[0] == "-m":
         import runpy
