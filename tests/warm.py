@@ -14,8 +14,10 @@ each one's time.
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import os
+import runpy
 import select
 import signal
 import subprocess
@@ -65,8 +67,8 @@ def run(
             server.stdout.readline()
             raise subprocess.TimeoutExpired(command, timeout)
         code = int(server.stdout.readline())
-        read = lambda p: Path(p).read_text(errors="replace")  # noqa: E731
-        return subprocess.CompletedProcess(command, code, read(out), read(err))
+        output = (Path(f).read_text(errors="replace") for f in (out, err))
+        return subprocess.CompletedProcess(command, code, *output)
 
 
 def _started() -> subprocess.Popen:
@@ -83,8 +85,6 @@ def _started() -> subprocess.Popen:
 def _serve() -> None:
     """The server: one JSON request a line on stdin; for each, the child's pid and then its exit
     status (``-N`` for a signal) on stdout; the forked child runs the request and exits."""
-    import importlib
-
     for name in PRELOAD:
         importlib.import_module(name)
     protocol = sys.stdout
@@ -108,9 +108,10 @@ def _exit(main, request: dict) -> None:
         main(**request)
         code = 0
     except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else stop.code is not None
-        if not isinstance(stop.code, int | None):
-            print(stop.code, file=sys.stderr)
+        code = 0 if stop.code is None else stop.code
+        if not isinstance(code, int):  # a message: printed, and status 1
+            print(code, file=sys.stderr)
+            code = 1
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -120,32 +121,28 @@ def _exit(main, request: dict) -> None:
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(int(code))
+    os._exit(code)
 
 
 def _become(args: list[str], out: str, err: str, cwd: str, env: dict[str, str]) -> None:
     """In the forked child: stdin from /dev/null, stdout and stderr into ``out`` and ``err``,
     then ``python ARGS``; an uncaught exception and ``SystemExit`` end it as they end Python."""
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, 0), (2, err, 0)):
-        opened = os.open(path, flags | (os.O_WRONLY | os.O_CREAT | os.O_TRUNC if fd else 0))
+    write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, write), (2, err, write)):
+        opened = os.open(path, flags)
         os.dup2(opened, fd)
         os.close(opened)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
     sys.path[1:1] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    globals_ = {"__name__": "__main__"}
     if args[0] == "-m":
-        import runpy
-
         sys.argv, sys.path[0] = [args[1], *args[2:]], os.getcwd()
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
     elif args[0] == "-c":
         sys.argv, sys.path[0] = ["-c", *args[2:]], ""
-        exec(compile(args[1], "<string>", "exec"), globals_)
+        exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
     else:
-        import runpy
-
         sys.argv, sys.path[0] = list(args), str(Path(args[0]).resolve().parent)
         runpy.run_path(args[0], run_name="__main__")
 
