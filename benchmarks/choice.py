@@ -20,7 +20,9 @@ validation rows as guard; fixed runs have the option in the Choice's place.
 Cost: CPU seconds (one torch thread per process) and the examples trained plus
 self-modification's example-equivalents. Seeds: settings are chosen on development split 1
 (``--dev``: seeds 10 and 11 unless ``--seeds``; 10-17 so far), then each published seed of
-split 0 is run once (0-8 and 20-25 so far, taken together by ``--pool``).
+split 0 is run once (0-8 and 20-25 so far, taken together by ``--pool``). With ``--draw``
+each seed also draws its own train / validation / test partition (the workloads' ``draw``,
+with the seed), so that the best option is the task's, not one fixed test set's.
 
     python benchmarks/choice.py --dev --out /tmp/choice_dev   # choosing settings
     python benchmarks/choice.py                               # the published table
@@ -156,11 +158,12 @@ def options_in(pick: str) -> set[str]:
 
 def one(job: tuple[Any, ...]) -> dict[str, Any]:
     """Train one run in this process: ``(workload, option or None for the choice, seed, split,
-    choice settings[, share of the workload's steps])``."""
-    name, option, seed, split, settings, *more = job
+    draw, choice settings[, share of the workload's steps])``; ``draw``: the seed's own
+    partition of the data, else the split's fixed one."""
+    name, option, seed, split, draw, settings, *more = job
     torch.set_num_threads(1)
     data, make, _, steps = WORKLOADS[name]
-    w = data(steps, split)
+    w = data(steps, split, draw=seed if draw else None)
     share = more[0] if more else 1.0
     steps = max(1, round(share * steps))
     torch.manual_seed(seed)
@@ -186,7 +189,7 @@ def one(job: tuple[Any, ...]) -> dict[str, Any]:
         val_loss = float(w.loss(module(w.val[0]), w.val[1]))
     return {
         "workload": name, "option": option or "choice", "seed": seed, "split": split,
-        "share": share, "val": w.evaluate(module, w.val), "val_loss": val_loss,
+        "draw": draw, "share": share, "val": w.evaluate(module, w.val), "val_loss": val_loss,
         "test": w.evaluate(module, w.test), "cpu": cpu, "wall": wall,
         "examples": s["examples"], "meta_examples": s["meta_examples"], "pick": pick,
         "decisions": [(d["step"], d["modifier"], d["decision"]) for d in history],
@@ -215,6 +218,8 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             return next(r for r in mine if r["option"] == option and r["seed"] == seed)
 
         fixed = {o: statistics.mean(at(o, s)["test"] for s in seeds) for o in options}
+        # what the validation (guard) rows favour: a choice reads them, never the test rows
+        val = {o: statistics.mean(at(o, s)["val"] for s in seeds) for o in (*options, "choice")}
         chosen = [at("choice", s) for s in seeds]
         choice_mean = statistics.mean(r["test"] for r in chosen)
         best = max(fixed, key=lambda o: fixed[o])
@@ -255,17 +260,18 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             "at_least_best": choice_mean >= fixed[best],
             "better_than_average": choice_mean > average,
             "wrong": wrong, "best_picked_but_under": under, "rss_ratio_vs_mean_fixed": rss,
+            "val_fixed": {o: val[o] for o in options}, "val_choice": val["choice"],
             "wall_ratio_vs_mean_fixed": wall_ratio,
         }  # fmt: skip
         lines += [
             f"### {name}: {WORKLOADS[name][0].__name__} ({WORKLOADS[name][3]} steps)",
             "",
-            "| run | test accuracy (mean over seeds) |",
-            "|---|---|",
-            *[f"| fixed {o} | {fixed[o]:.4f} |" for o in options],
-            f"| average fixed option | {average:.4f} |",
+            "| run | test accuracy (mean over seeds) | validation accuracy (mean) |",
+            "|---|---|---|",
+            *[f"| fixed {o} | {fixed[o]:.4f} | {val[o]:.4f} |" for o in options],
+            f"| average fixed option | {average:.4f} | |",
             f"| **choice** (picks: {', '.join(r['pick'] for r in chosen)}) | "
-            f"**{choice_mean:.4f}** |",
+            f"**{choice_mean:.4f}** | {val['choice']:.4f} |",
             "",
             f"- at least the best fixed option ({best}, {fixed[best]:.4f}): "
             f"{'yes' if choice_mean >= fixed[best] else 'no'} "
@@ -379,10 +385,11 @@ def selection(rows: list[dict[str, Any]], shares: list[float]) -> list[str]:
 
 def saved_runs(paths: list[Path]) -> tuple[list[dict[str, Any]], str, int, list[int], Any, float]:
     """``(rows, commands, split, seeds, settings, seconds)`` of saved runs taken together; they
-    must share the split and the settings and name no seed twice (``SystemExit`` otherwise)."""
+    must share the split, the partitions' kind (``draw``) and the settings and name no seed
+    twice (``SystemExit`` otherwise)."""
     saved = [json.loads(p.read_text()) for p in paths]
-    for key in ("split", "settings"):
-        if len({json.dumps(s[key]) for s in saved}) > 1:
+    for key in ("split", "draw", "settings"):
+        if len({json.dumps(s.get(key, False)) for s in saved}) > 1:
             raise SystemExit(f"--pool: the runs differ in {key}; pool runs of one {key}")
     seeds = [seed for s in saved for seed in s["seeds"]]
     if len(set(seeds)) < len(seeds):
@@ -410,6 +417,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument(
+        "--draw", action="store_true",
+        help="each seed on its own train / validation / test partition, drawn with the seed",
+    )  # fmt: skip
     ap.add_argument("--set", nargs="*", default=[], help="choice settings, name=value (JSON)")
     ap.add_argument("--out", type=Path, default=RESULTS / "choice")
     ap.add_argument(
@@ -431,14 +442,14 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seeds or (DEV_SEEDS if args.dev else SEEDS)
     settings = {**SETTINGS, **{k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}}
     jobs = [
-        (name, option, seed, split, settings)
+        (name, option, seed, split, args.draw, settings)
         for name in args.workloads
         for seed in seeds
         for option in (None, *WORKLOADS[name][2])
     ]
     if args.selection:
         jobs = [
-            (name, option, seed, split, settings, share)
+            (name, option, seed, split, args.draw, settings, share)
             for name in args.workloads
             for seed in seeds
             for option in WORKLOADS[name][2]
@@ -457,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         with ProcessPoolExecutor(args.jobs, max_tasks_per_child=1) as pool:  # peak RSS per run
             rows = list(pool.map(one, jobs))
         seconds = time.perf_counter() - start
+    draw = bool(rows) and all(r.get("draw", False) for r in rows)
     if args.selection:
         lines, summary = selection(rows, args.selection), {}
     else:
@@ -468,7 +480,9 @@ def main(argv: list[str] | None = None) -> None:
         "# Architecture chosen inside the run (benchmarks/choice.py)",
         "",
         (f"Pooled by `{own.strip()}` from the runs of " if args.pool else "Command: ")
-        + f"`{command.strip()}`; split {split}, seeds {list(seeds)}; choice settings "
+        + f"`{command.strip()}`; split {split}"
+        + (", each seed on its own partition drawn with the seed" if draw else "")
+        + f", seeds {list(seeds)}; choice settings "
         f"{settings or 'the defaults'}; {seconds:.0f} s{' in all' if args.pool else ''} on 2 "
         "CPU cores, one torch thread per run.",
         "",
@@ -478,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     md = args.out.with_suffix(".md")
     md.write_text("\n".join(head + lines) + "\n" + by_hand(md))
-    payload = {"command": command.strip(), "split": split, "seeds": list(seeds),
+    payload = {"command": command.strip(), "split": split, "draw": draw, "seeds": list(seeds),
                "settings": settings, "seconds": seconds, "summary": summary,
                "runs": rows}  # fmt: skip
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")

@@ -66,17 +66,26 @@ def test_the_interval_counts_the_luck_of_which_option_looks_best(bench):
 
 
 def test_pooling_refuses_a_seed_in_two_runs_and_keeps_the_hand_written_reading(bench, tmp_path):
-    def saved(name, seeds):
+    def saved(name, seeds, draw=False):
         path = tmp_path / f"{name}.json"
-        rows = _rows(bench, seeds, lambda o, s: 0.97)
+        rows = [{**r, "draw": draw} for r in _rows(bench, seeds, lambda o, s: 0.97)]
         payload = {"command": f"python benchmarks/choice.py --seeds {seeds[0]}", "split": 0,
-                   "seeds": list(seeds), "settings": {}, "seconds": 1.0, "runs": rows}  # fmt: skip
+                   "draw": draw, "seeds": list(seeds), "settings": {}, "seconds": 1.0,
+                   "runs": rows}  # fmt: skip
         path.write_text(json.dumps(payload))
         return path
 
-    a, b, again = saved("a", [0, 1]), saved("b", [2, 3]), saved("c", [1, 4])
+    a, b, again, drawn = (
+        saved("a", [0, 1]),
+        saved("b", [2, 3]),
+        saved("c", [1, 4]),
+        saved("d", [5, 6], draw=True),
+    )
     with pytest.raises(SystemExit, match="--pool: a seed is in two runs"):
         bench.main(["--pool", str(a), str(again), "--out", str(tmp_path / "x")])
+    # runs on the fixed partition and on partitions drawn per seed measure different things
+    with pytest.raises(SystemExit, match="--pool: the runs differ in draw"):
+        bench.main(["--pool", str(a), str(drawn), "--out", str(tmp_path / "x")])
     out = tmp_path / "pooled"
     reading = "\n## Reading (added by hand)\n\nBy hand.\n"
     out.with_suffix(".md").write_text("# old tables\n" + reading)
@@ -85,3 +94,4 @@ def test_pooling_refuses_a_seed_in_two_runs_and_keeps_the_hand_written_reading(b
     assert "# old tables" not in text and text.endswith(reading)
     assert "--seeds 0" in text and "--seeds 2" in text and "| block | 4 |" in text
     assert json.loads(out.with_suffix(".json").read_text())["seeds"] == [0, 1, 2, 3]
+    assert "validation accuracy (mean)" in text and "drawn with the seed" not in text

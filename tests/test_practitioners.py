@@ -255,6 +255,38 @@ def test_development_splits_hold_no_published_test_row():
     assert "development split 1" in dev_work.describe and "development" not in work.describe
 
 
+def test_drawn_partitions_are_the_published_sizes_redrawn_from_their_pool():
+    """``draw``: a partition per seed, reproducible, disjoint, in the published sizes; on split
+    0 from every row (MNIST-1D's official test rows too), on a development split from the
+    published training and validation rows only."""
+    n, n_val, n_test = 569, 114, 114
+    published = W._split(n, n_val, n_test)
+    for split, pool in ((0, set(range(n))), (2, set(torch.cat(published[:2]).tolist()))):
+        sizes = [len(p) for p in W._split(n, n_val, n_test, split)]
+        parts = W._split(n, n_val, n_test, split, draw=5)
+        rows = [set(p.tolist()) for p in parts]
+        assert set().union(*rows) == pool and sum(map(len, rows)) == len(pool)  # disjoint
+        assert [len(p) for p in parts] == sizes
+        again, other = W._split(n, n_val, n_test, split, 5), W._split(n, n_val, n_test, split, 6)
+        assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True))
+        assert not torch.equal(parts[2], other[2]) and not torch.equal(parts[2], published[2])
+    assert not torch.equal(W._split(n, n_val, n_test, 1, 5)[2], W._split(n, n_val, n_test, 2, 5)[2])
+    with pytest.raises(ValueError, match="draw=-1"):
+        W._split(n, n_val, n_test, 0, -1)
+    fixed, drawn = W.mnist1d(10), W.mnist1d(10, draw=0)
+    key = lambda x: x.numpy().tobytes()  # noqa: E731
+    official = {key(r) for r in fixed.test[0]}
+    rows = [{key(r) for r in part[0]} for part in (drawn.train, drawn.val, drawn.test)]
+    assert [len(p[1]) for p in (drawn.train, drawn.val, drawn.test)] == [3500, 500, 1000]
+    assert rows[0] & official and rows[2] - official  # the 5,000 pooled, then cut
+    assert "partition drawn with seed 0" in drawn.describe
+    cancer = W.cancer(10, draw=3)  # standardized by its own training rows
+    assert torch.allclose(cancer.train[0].mean(0), torch.zeros(30), atol=1e-5)
+    files, fixed_files = W.pylm_files(0, draw=1), W.pylm_files()
+    assert {f for part in files for f in part} == {f for part in fixed_files for f in part}
+    assert [len(f) for f in files] == [len(f) for f in fixed_files] and files != fixed_files
+
+
 @needs_bench
 def test_a_development_split_run_says_so(tmp_path):
     budget = P.load_budget(

