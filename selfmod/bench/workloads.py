@@ -116,9 +116,12 @@ def bits_per_byte(logits: Tensor, targets: Tensor) -> float:
     return float(nats) / math.log(2)
 
 
-def draw_seed(split: int, draw: int) -> int:
-    """The shuffling seed of partition ``draw`` on ``split``: apart from the development
-    splits' own seeds ``1, 2, ...`` and from every other ``(split, draw)``."""
+def draw_seed(split: int, draw: int | None) -> int:
+    """The shuffling seed of a re-cut partition: development split ``split``'s own (``split``)
+    without ``draw``; with it, one apart from every development split's and every other
+    ``(split, draw)``."""
+    if draw is None:
+        return split
     if draw < 0:
         raise ValueError(f"draw={draw}: a partition's seed is a non-negative integer")
     return 1_000_003 * (split + 1) + draw
@@ -132,12 +135,9 @@ def _split(
     the same sizes (from all ``n`` rows on split 0; see the module's text)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     train, val, test = perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
-    fractions = (n_val / n, n_test / n)
-    if split:
-        pool = torch.cat([train, val])
-        return develop(pool, fractions, split if draw is None else draw_seed(split, draw))
-    if draw is not None:
-        return develop(perm, fractions, draw_seed(split, draw))
+    if split or draw is not None:  # a development split's rows, or all of them, cut anew
+        pool = torch.cat([train, val]) if split else perm
+        return develop(pool, (n_val / n, n_test / n), draw_seed(split, draw))
     return train, val, test
 
 
@@ -185,8 +185,7 @@ def mnist1d(steps: int = 600, split: int = 0, draw: int | None = None) -> Worklo
     n = len(x) + len(d["y_test"])
     fractions = (500 / n, len(d["y_test"]) / n)
     if split:  # the 4,000 cut like the published 3,500 / 500 / 1,000 of 5,000
-        seed = split if draw is None else draw_seed(split, draw)
-        tr, va, te = develop(torch.arange(len(x)), fractions, seed)
+        tr, va, te = develop(torch.arange(len(x)), fractions, draw_seed(split, draw))
         test = (x[te], y[te])
     elif draw is not None:  # the 5,000 cut 3,500 / 500 / 1,000
         x = torch.cat([x, torch.as_tensor(d["x_test"], dtype=torch.float32)])
@@ -320,8 +319,7 @@ def pylm_files(
     ``draw``: the same shares drawn with that seed (from every file on split 0)."""
     train, val, test = split_files(stdlib_files())
     if split:
-        seed = split if draw is None else draw_seed(split, draw)
-        return split_files(train + val, seed=seed, fractions=(1 / 9, 1 / 9))
+        return split_files(train + val, seed=draw_seed(split, draw), fractions=(1 / 9, 1 / 9))
     if draw is not None:
         return split_files(train + val + test, seed=draw_seed(split, draw))
     return train, val, test
