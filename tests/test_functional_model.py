@@ -116,3 +116,42 @@ def test_a_module_runs_at_the_given_tensors_as_functional_call_runs_it():
     params = {**params, "head.weight": torch.randn(11, 6), "head.bias": torch.randn(11)}
     out, _ = fm(params, buffers, x, train=False)
     assert torch.equal(out, functional_call(m, {**params, **buffers}, (x,)))
+
+
+class _FrozenNorm(nn.Module):
+    """A model whose ``train`` keeps its BatchNorm in eval mode (a common override)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.norm, self.seen = nn.Linear(4, 4), nn.BatchNorm1d(4), []
+
+    def train(self, mode: bool = True) -> "_FrozenNorm":
+        super().train(mode)
+        self.norm.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((self.training, self.lin.training, self.norm.training))
+        return self.norm(self.lin(x))
+
+
+def test_each_call_runs_in_its_mode_and_leaves_every_flag_as_it_was():
+    m = _FrozenNorm()
+    m.eval()
+    m.lin.train()  # mixed flags: each one must come back as it was
+    fm = FunctionalModel(m)
+    params, buffers = fm.init()
+    x = torch.randn(8, 4)
+    fm(params, buffers, x, train=True)
+    fm(params, buffers, x, train=False)
+    assert m.seen == [(True, True, False), (False, False, False)]  # the override had its say
+    assert (m.training, m.lin.training, m.norm.training) == (False, True, False)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.GELU())  # no override: flags set directly
+    plain[1].eval()
+    fm = FunctionalModel(plain)
+    p, b = fm.init()
+    seen = []
+    plain[1].register_forward_hook(lambda mod, i, o: seen.append(mod.training))
+    fm(p, b, x, train=True)
+    fm(p, b, x, train=False)
+    assert seen == [True, False] and plain.training and not plain[1].training
