@@ -49,11 +49,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
 from selfmod.arch import Choice
@@ -201,6 +203,29 @@ def one(job: tuple[Any, ...]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- tables
+
+
+def run_all(jobs: list[tuple[Any, ...]], workers: int) -> list[dict[str, Any]]:
+    """:func:`one` of every job, each in a fresh process (its own peak memory), ``workers`` at a
+    time; the rows in the jobs' order, a progress bar on stderr as they finish."""
+    rows: list[dict[str, Any]] = [{}] * len(jobs)
+    with (
+        ProcessPoolExecutor(workers, max_tasks_per_child=1) as pool,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        ) as bar,
+    ):
+        task = bar.add_task("choice benchmark", total=len(jobs))
+        index = {pool.submit(one, job): i for i, job in enumerate(jobs)}
+        for done in as_completed(index):
+            r = rows[index[done]] = done.result()
+            what = f"{r['workload']} {r['option']} seed {r['seed']}: test {r['test']:.4f}"
+            bar.update(task, advance=1, description=what)
+    return rows
 
 
 def table(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
@@ -465,8 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.pool:
         rows, command, split, seeds, settings, seconds = saved_runs(args.pool)
     else:
-        with ProcessPoolExecutor(args.jobs, max_tasks_per_child=1) as pool:  # peak RSS per run
-            rows = list(pool.map(one, jobs))
+        rows = run_all(jobs, args.jobs)
         seconds = time.perf_counter() - start
     draw = bool(rows) and all(r.get("draw", False) for r in rows)
     if args.selection:

@@ -4,8 +4,9 @@ kept when the tables are written again. Synthetic rows; nothing is trained."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("choice_bench", ROOT / "benchmarks" / "choice.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # importable by name in its worker processes
+    yield importlib.import_module("choice")
+    sys.path.remove(str(ROOT / "benchmarks"))
+    del sys.modules["choice"]
 
 
 def _rows(bench, seeds, test_of):
@@ -95,3 +96,10 @@ def test_pooling_refuses_a_seed_in_two_runs_and_keeps_the_hand_written_reading(b
     assert "--seeds 0" in text and "--seeds 2" in text and "| block | 4 |" in text
     assert json.loads(out.with_suffix(".json").read_text())["seeds"] == [0, 1, 2, 3]
     assert "validation accuracy (mean)" in text and "drawn with the seed" not in text
+
+
+def test_runs_come_back_in_the_jobs_order_with_progress_on_stderr(bench, capfd):
+    jobs = [("block", o, 0, 1, False, {}, 0.01) for o in ("linear", "skip")]  # a few steps each
+    rows = bench.run_all(jobs, 2)
+    assert [(r["option"], r["share"]) for r in rows] == [("linear", 0.01), ("skip", 0.01)]
+    assert "2/2" in capfd.readouterr().err
