@@ -207,7 +207,8 @@ def one(job: tuple[Any, ...]) -> dict[str, Any]:
 
 def run_all(jobs: list[tuple[Any, ...]], workers: int) -> list[dict[str, Any]]:
     """:func:`one` of every job, each in a fresh process (its own peak memory), ``workers`` at a
-    time; the rows in the jobs' order, a progress bar on stderr as they finish."""
+    time; the rows in the jobs' order, a progress bar on stderr as they finish (a line per run
+    where stderr is not a terminal)."""
     rows: list[dict[str, Any]] = [{}] * len(jobs)
     with (
         ProcessPoolExecutor(workers, max_tasks_per_child=1) as pool,
@@ -225,6 +226,8 @@ def run_all(jobs: list[tuple[Any, ...]], workers: int) -> list[dict[str, Any]]:
             r = rows[index[done]] = done.result()
             what = f"{r['workload']} {r['option']} seed {r['seed']}: test {r['test']:.4f}"
             bar.update(task, advance=1, description=what)
+            if not bar.console.is_terminal:  # a log: the bar is drawn only at the end
+                bar.console.print(f"{bar.tasks[0].completed:.0f}/{len(jobs)} {what}")
     return rows
 
 
