@@ -222,12 +222,12 @@ def run_all(jobs: list[tuple[Any, ...]], workers: int) -> list[dict[str, Any]]:
     ):
         task = bar.add_task("choice benchmark", total=len(jobs))
         index = {pool.submit(one, job): i for i, job in enumerate(jobs)}
-        for done in as_completed(index):
+        for n, done in enumerate(as_completed(index), 1):
             r = rows[index[done]] = done.result()
             what = f"{r['workload']} {r['option']} seed {r['seed']}: test {r['test']:.4f}"
-            bar.update(task, advance=1, description=what)
+            bar.update(task, completed=n, description=what)
             if not bar.console.is_terminal:  # a log: the bar is drawn only at the end
-                bar.console.print(f"{bar.tasks[0].completed:.0f}/{len(jobs)} {what}")
+                bar.console.print(f"{n}/{len(jobs)} {what}")
     return rows
 
 

@@ -1,6 +1,7 @@
 """``benchmarks/choice.py``'s pooled verdict: saved runs taken together, the choice against the
 best fixed option with an interval from resampling the seeds, and the hand-written reading
-kept when the tables are written again. Synthetic rows; nothing is trained."""
+kept when the tables are written again (synthetic rows, nothing trained); and its runner, on two
+runs of a few steps."""
 
 from __future__ import annotations
 
