@@ -269,19 +269,11 @@ def test_choices_with_too_many_combinations_are_made_by_gradient():
     assert run.counters.examples == 150 * BATCH
 
 
-def test_rungs_rank_by_accuracy_then_loss_and_the_winner_reads_both_splits():
-    """A stub race: rung 1 keeps the two best by guard accuracy (a tie broken by the lower
-    loss; a diverged candidate out), rung 2 continues them over the second half of the
-    batches, and the finalist best on both splits wins even where the proposing split alone
-    prefers the other."""
-    names = ["a", "b", "c", "d"]
-    # (rung 1 proposing, rung 2 proposing, verifying): (loss, accuracy)
-    scores = {
-        "a": [(0.5, 0.9), (0.4, 0.95), (0.2, 0.80)],
-        "b": [(0.3, 0.9), (0.3, 0.93), (0.2, 0.95)],
-        "c": [(0.1, 0.8)],  # lowest loss, lower accuracy: out
-        "d": [],  # diverges
-    }
+def _stub_race(scores: dict[str, list[tuple[float, float]]], rows: tuple[int, int]):
+    """A race of stub candidates named by ``scores``' keys: each one's guard ``(loss,
+    accuracy)`` after rung 1 and rung 2 on the proposing split, then on the verifying split (no
+    scores: it diverges). Returns ``race``'s result and the steps each candidate trained."""
+    names = list(scores)
     steps: dict[str, list[int]] = {n: [] for n in names}
 
     def commit(state, picks):
@@ -289,23 +281,51 @@ def test_rungs_rank_by_accuracy_then_loss_and_the_winner_reads_both_splits():
 
     def step(state, t, batch):
         who = names[int(state.buffers["who"])]
-        if who == "d":
+        if not scores[who]:
             raise NonFiniteError("inner loss", t, "")
         steps[who].append(t)
         return state, 0.0
 
     def evaluate(state, split):
-        who, rung = names[int(state.buffers["who"])], len(steps[names[int(state.buffers["who"])]])
-        return scores[who][2] if split == "verify" else scores[who][0 if rung == 2 else 1]
+        who = names[int(state.buffers["who"])]
+        return scores[who][2] if split == "verify" else scores[who][len(steps[who]) // 2 - 1]
 
     start = RunState({"w": torch.zeros(1)}, {"who": torch.tensor(-1)}, (), {}, 1, {}, 0.5)
     cands = [Candidate(n, {"x": i}) for i, n in enumerate(names)]
     cpu = torch.device("cpu")
-    entries, won, i, (decision, why) = race(
-        start, cands, commit, list(range(4)), 2, step, evaluate, "accuracy", random_state(cpu), cpu
+    got = race(
+        start, cands, commit, list(range(4)), 2, step, evaluate, "accuracy", random_state(cpu),
+        cpu, rows=rows,
     )  # fmt: skip
+    return got, steps
+
+
+def test_rungs_rank_by_accuracy_then_loss_and_the_winner_reads_both_splits():
+    """A stub race: rung 1 keeps the two best by guard accuracy (a tie broken by the lower
+    loss; a diverged candidate out), rung 2 continues them over the second half of the
+    batches, and the finalist best on both splits wins even where the proposing split alone
+    prefers the other; the verdict gives its margin in guard rows."""
+    (entries, won, i, (decision, why)), steps = _stub_race(
+        {
+            "a": [(0.5, 0.9), (0.4, 0.95), (0.2, 0.80)],
+            "b": [(0.3, 0.9), (0.3, 0.93), (0.2, 0.95)],
+            "c": [(0.1, 0.8)],  # lowest loss, lower accuracy: out
+            "d": [],  # diverges
+        },
+        rows=(20, 40),
+    )
     assert [len(e.propose) for e in entries] == [2, 2, 1, 1]
     assert steps == {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3], "c": [0, 1], "d": []}
     assert math.isinf(entries[3].propose[0][0]) and entries[2].verify is None
-    assert decision == "commit" and names[i] == "b" and "a led on the proposing split" in why
+    assert decision == "commit" and entries[i].name == "b" and "a led on the proposing split" in why
+    assert "by 6 of 60 rows over a" in why  # 0.93 x 20 + 0.95 x 40 against 0.95 x 20 + 0.8 x 40
     assert won is not None and won.losses == [0.0] * 4
+
+
+def test_a_finalist_level_on_guard_accuracy_wins_by_the_lower_loss_and_says_so():
+    (entries, _, i, (decision, why)), _ = _stub_race(
+        {"a": [(0.5, 0.9), (0.4, 0.95), (0.3, 0.9)], "b": [(0.3, 0.9), (0.3, 0.95), (0.2, 0.9)]},
+        rows=(20, 20),
+    )
+    assert decision == "commit" and entries[i].name == "b"
+    assert "b won on the whole guard set, level with a on 40 rows, by the lower guard loss" in why

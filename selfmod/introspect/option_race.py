@@ -124,12 +124,14 @@ def race(
     rng_state: RNG,
     device: Any,
     offer: Offer | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[list[Entry], Trained | None, int | None, tuple[str, str]]:
     """Successive halving of ``candidates`` from ``start`` (module docstring): each
     ``commit(start, picks)`` trained over the first half of ``batches`` by ``step``, the
     ``keep`` best by :func:`rank` (``by``: the problem's metric) continued over the second
     half, the finalist best on both guard splits the winner. ``offer``: the run's log points,
-    given each step of a candidate (what they saw kept in its :class:`Trained`). Returns
+    given each step of a candidate (what they saw kept in its :class:`Trained`). ``rows``: the
+    guard splits' rows (proposing, verifying), for the verdict's margin in rows. Returns
     ``(entries, the winner's training over every batch or None, its index or None, (decision,
     reason))``."""
     h = len(batches) // 2
@@ -187,7 +189,23 @@ def race(
     i, won = min(finals, key=lambda f: whole(f[0]))
     lead = min(finals, key=lambda f: rank(*entries[f[0]].propose[-1], by))[0]
     agree = "the splits agree" if lead == i else f"{entries[lead].name} led on the proposing split"
-    verdict = f"{entries[i].name} won on the whole guard set ({agree}); {why}"
+    others = [f for f in finals if f[0] != i]
+    margin = ""
+    if by == "accuracy" and rows is not None and others:  # how close a call, in guard rows
+        j = min(others, key=lambda f: whole(f[0]))[0]
+        (_, mp), (_, mv) = entries[i].propose[-1], entries[i].verify  # type: ignore[misc]
+        (_, op), (_, ov) = entries[j].propose[-1], entries[j].verify  # type: ignore[misc]
+        ahead, n, name = (
+            round((mp - op) * rows[0] + (mv - ov) * rows[1]),
+            sum(rows),
+            entries[j].name,
+        )
+        margin = (
+            f" by {ahead} of {n} rows over {name}" if ahead > 0
+            else f", level with {name} on {n} rows, by the lower guard loss" if ahead == 0
+            else f", {-ahead} of {n} rows behind {name} but ahead on the splits' mean accuracy"
+        )  # fmt: skip
+    verdict = f"{entries[i].name} won on the whole guard set{margin} ({agree}); {why}"
     return entries, won, i, ("commit", verdict)
 
 
@@ -258,14 +276,14 @@ def run(
     def evaluate(s: RunState, part: str) -> tuple[float, float]:
         return problem.evaluate(s.params, s.buffers, *splits[part])
 
+    sizes = (len(splits["propose"][1]), len(splits["verify"][1]))
     entries, won, i, decision = race(
         state, candidates, commit, batches, keep, step, evaluate, problem.metric,
-        random_state(device), device, offer,
+        random_state(device), device, offer, sizes,
     )  # fmt: skip
     verified = [(j, e.verify[0]) for j, e in enumerate(entries) if e.verify is not None]
     mine = next((v for j, v in verified if j == i), math.nan)
     other = min((v for j, v in verified if j != i), default=math.nan)
-    work = cost(entries, batches, (len(splits["propose"][1]), len(splits["verify"][1])),
-                won is not None)  # fmt: skip
+    work = cost(entries, batches, sizes, won is not None)
     picks = candidates[i].picks if won is not None and i is not None else {}
     return Outcome(entries, decision, (other, mine), picks, won, work)
