@@ -137,6 +137,10 @@ BAD_VALUES = {
         "1",
         "modifiers.choice.race_keep must be an integer in [2, 8] (got 1)",
     ),
+    "modifiers.choice.race_reads": (
+        "0",
+        "modifiers.choice.race_reads must be an integer in [1, 8] (got 0)",
+    ),
     "modifiers.choice.choice_lr": (
         "0",
         "modifiers.choice.choice_lr must be a number in (0, 10] (got 0)",

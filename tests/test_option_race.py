@@ -329,3 +329,43 @@ def test_a_finalist_level_on_guard_accuracy_wins_by_the_lower_loss_and_says_so()
     )
     assert decision == "commit" and entries[i].name == "b"
     assert "b won on the whole guard set, level with a on 40 rows, by the lower guard loss" in why
+
+
+def test_a_rung_read_several_times_is_scored_by_the_mean_of_its_reads():
+    """Two candidates whose guard accuracy swings: read at each rung's end alone, a wins; read
+    twice a rung (at three quarters of it and at its end), b's steadier figures win."""
+    curves = {  # after steps 1-8; rung 1 is steps 1-4, rung 2 steps 5-8
+        "a": [0.0, 0.0, 0.9, 0.5, 0.0, 0.0, 0.5, 0.9],
+        "b": [0.0, 0.0, 0.6, 0.6, 0.0, 0.0, 0.8, 0.8],
+    }
+    names = list(curves)
+    steps = {n: 0 for n in names}
+
+    def commit(state, picks):
+        return replace(state, buffers={"who": torch.tensor(picks["x"])})
+
+    def step(state, t, batch):
+        steps[names[int(state.buffers["who"])]] = t + 1
+        return state, 0.0
+
+    def evaluate(state, split):
+        who = names[int(state.buffers["who"])]
+        return 1.0, curves[who][steps[who] - 1]
+
+    start = RunState({"w": torch.zeros(1)}, {"who": torch.tensor(-1)}, (), {}, 1, {}, 0.5)
+    cands = [Candidate(n, {"x": i}) for i, n in enumerate(names)]
+    cpu = torch.device("cpu")
+    won = {}
+    for reads in (1, 2):
+        entries, _, i, _ = race(
+            start, cands, commit, list(range(8)), 2, step, evaluate, "accuracy",
+            random_state(cpu), cpu, reads=reads,
+        )  # fmt: skip
+        won[reads] = entries[i].name
+        if reads == 2:
+            assert [e.propose for e in entries] == [
+                [(1.0, 0.7), (1.0, 0.7)],
+                [(1.0, 0.6), (1.0, 0.8)],
+            ]
+            assert [e.verify for e in entries] == [(1.0, 0.7), (1.0, 0.8)]
+    assert won == {1: "a", 2: "b"}

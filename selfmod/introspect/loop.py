@@ -216,14 +216,17 @@ class Loop:
             return chooser.apply(Proposal("choice", surgery={"commit": picks}), state, self.problem)
 
         keep, asked = chooser.settings.race_keep, option_race.rung_steps(share, cfg.steps)
-        h = self._race_length("options' race", asked, self._option_race_work(len(found), keep))
+        reads = chooser.settings.race_reads
+        h = self._race_length(
+            "options' race", asked, self._option_race_work(len(found), keep, reads)
+        )
         if not h:
             return None
         batches = [self._next_batch() for _ in range(2 * h)]
         train = self._race_steps("options' race", (len(found) + keep) * h)
         step = race.base_steps(train, cfg, self.state.batch_size, n.step)
-        r = option_race.run(self.state, candidates, commit, batches, keep, step,
-                            self.problem, self.guard, self._log_points(n.step))  # fmt: skip
+        r = option_race.run(self.state, candidates, commit, batches, keep, step, self.problem,
+                            self.guard, self._log_points(n.step), reads)  # fmt: skip
         after = r.trained.state if r.trained is not None else self.state
         metric = {e.name: e.propose[-1][1] for e in r.entries}  # after its last rung
         info = {c: {"options": names[j], "option": names[j][k], "race": metric}
@@ -263,13 +266,14 @@ class Loop:
         levels, batch, rows = len(self.config.level_race), self.state.batch_size, self._guard_rows()
         return lambda t: race.planned(t, batch, levels, rows)
 
-    def _option_race_work(self, k: int, keep: int) -> Callable[[int], float]:
+    def _option_race_work(self, k: int, keep: int, reads: int) -> Callable[[int], float]:
         """The options' race's most work over rungs of ``t`` steps (``k`` candidates, ``keep``
-        finalists), with the level race after it at its full length where there is one."""
+        finalists, ``reads`` guard reads a rung), with the level race after it at its full
+        length where there is one."""
         cfg, rows, level = self.config, self._guard_rows(), bool(self.config.level_race)
         after = self._level_race_work()(race.steps(cfg)) if level else 0.0
         batch = self.state.batch_size
-        return lambda t: option_race.planned(t, batch, k, keep, rows, level) + after
+        return lambda t: option_race.planned(t, batch, k, keep, rows, level, reads) + after
 
     def _race_length(
         self, name: str, asked: int, work: Callable[[int], float], reserved: float = 0.0

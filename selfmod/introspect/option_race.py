@@ -83,7 +83,7 @@ Evaluate = Callable[[RunState, str], tuple[float, float]]
 class Entry:
     """A candidate's guard ``(loss, metric)`` on the proposing split after each rung it trained
     (``(inf, nan)``: it diverged), and on the verifying split after the last (``None``: not a
-    finalist)."""
+    finalist); each the mean of the rung's reads (:func:`race`'s ``reads``)."""
 
     name: str
     propose: list[tuple[float, float]] = field(default_factory=list)
@@ -125,33 +125,46 @@ def race(
     device: Any,
     offer: Offer | None = None,
     rows: tuple[int, int] | None = None,
+    reads: int = 1,
 ) -> tuple[list[Entry], Trained | None, int | None, tuple[str, str]]:
     """Successive halving of ``candidates`` from ``start`` (module docstring): each
     ``commit(start, picks)`` trained over the first half of ``batches`` by ``step``, the
     ``keep`` best by :func:`rank` (``by``: the problem's metric) continued over the second
     half, the finalist best on both guard splits the winner. ``offer``: the run's log points,
     given each step of a candidate (what they saw kept in its :class:`Trained`). ``rows``: the
-    guard splits' rows (proposing, verifying), for the verdict's margin in rows. Returns
+    guard splits' rows (proposing, verifying), for the verdict's margin in rows. ``reads``: a
+    rung's guard figures are the mean of this many reads at even steps over its second half, the
+    last at its end (fewer reads of one state's luck; 1: the end alone). Returns
     ``(entries, the winner's training over every batch or None, its index or None, (decision,
     reason))``."""
     h = len(batches) // 2
     entries = [Entry(c.name) for c in candidates]
     failed = (math.inf, math.nan)
 
-    def train(s: RunState, t0: int, part: Sequence[Any], rng: RNG, seen: Any) -> Trained | None:
-        losses = []
+    def train(
+        s: RunState, t0: int, part: Sequence[Any], rng: RNG, seen: Any, splits: Sequence[str]
+    ) -> tuple[Trained | None, dict[str, list[tuple[float, float]]]]:
+        """The rung's training, and the guard reads of ``splits`` before its end."""
+        losses, early = [], {p: [] for p in splits}
+        at = {round(len(part) * (1 - j / (2 * reads))) for j in range(1, reads)} - {0}
         with drawing_from(rng, device):
             try:
-                for t, batch in enumerate(part, t0):
+                for n, (t, batch) in enumerate(enumerate(part, t0), 1):
                     s, loss = step(s, t, batch)
                     losses.append(loss)
                     seen = offer(seen, t + 1, s, loss) if offer is not None else seen
+                    for p in splits if n in at else ():
+                        early[p].append(evaluate(s, p))
             except (NonFiniteError, DivergenceError):
-                return None
-            return Trained(1.0, s, losses, random_state(device), seen)
+                return None, early
+            return Trained(1.0, s, losses, random_state(device), seen), early
 
-    def scored(i: int, done: Trained | None, split: str = "propose") -> bool:
+    def scored(
+        i: int, done: Trained | None, split: str = "propose", early: Sequence[Any] = ()
+    ) -> bool:
         got = evaluate(done.state, split) if done is not None else failed
+        if early and got is not failed:  # the mean of the rung's reads
+            got = tuple(sum(v) / (len(early) + 1) for v in zip(*early, got, strict=True))
         got = got if math.isfinite(got[0]) else failed
         if split == "propose":
             entries[i].propose.append(got)
@@ -162,16 +175,21 @@ def race(
     # the states held at once: the start, rung 1's best ``keep`` so far and the one training
     alive: list[tuple[int, Trained]] = []  # rung 1's best ``keep``
     for i, c in enumerate(candidates):
-        done = train(commit(start, c.picks), 0, batches[:h], rng_state, None)
-        if scored(i, done) and done is not None:
+        done, early = train(commit(start, c.picks), 0, batches[:h], rng_state, None, ["propose"])
+        if scored(i, done, "propose", early["propose"]) and done is not None:
             alive.append((i, done))
             alive = sorted(alive, key=lambda a: rank(*entries[a[0]].propose[0], by))[:keep]
         del done  # not held while the next candidate trains, unless among the best
     finals: list[tuple[int, Trained]] = []
+    both_splits = ["propose", "verify"]
     while alive:  # a finalist's first rung is let go once its second starts
         i, first = alive.pop(0)
-        done = train(first.state, h, batches[h:], first.rng, first.seen)
-        if scored(i, done) and done is not None and scored(i, done, "verify"):
+        done, early = train(first.state, h, batches[h:], first.rng, first.seen, both_splits)
+        if (
+            scored(i, done, "propose", early["propose"])
+            and done is not None
+            and scored(i, done, "verify", early["verify"])
+        ):
             both = Trained(1.0, done.state, first.losses + done.losses, done.rng, done.seen)
             finals.append((i, both))
     why = "guard (loss, metric) proposing after each rung, verifying after the last: " + "; ".join(
@@ -210,16 +228,20 @@ def race(
 
 
 def cost(
-    entries: Sequence[Entry], batches: Sequence[Any], rows: tuple[int, int], adopted: bool
+    entries: Sequence[Entry],
+    batches: Sequence[Any],
+    rows: tuple[int, int],
+    adopted: bool,
+    reads: int = 1,
 ) -> float:
     """The race's work in example-equivalents: every candidate's training over the rungs it
     ran (but the adopted winner's: the run's own) and its guard reads (``rows``: a proposing
-    and a verifying read's rows)."""
+    and a verifying read's rows; ``reads`` of each per rung, as :func:`race`)."""
     h = len(batches) // 2
     per_rung = (sum(len(b[1]) for b in batches[:h]), sum(len(b[1]) for b in batches[h:]))
     trained = sum(per_rung[r] for e in entries for r in range(len(e.propose)))
-    reads = sum(rows[0] * len(e.propose) + (rows[1] if e.verify else 0) for e in entries)
-    return trained - adopted * sum(per_rung) + FORWARD * reads
+    read = sum(rows[0] * len(e.propose) + (rows[1] if e.verify else 0) for e in entries)
+    return trained - adopted * sum(per_rung) + FORWARD * reads * read
 
 
 def rung_steps(share: float, steps: int) -> int:
@@ -228,16 +250,19 @@ def rung_steps(share: float, steps: int) -> int:
     return max(1, round(share * steps))
 
 
-def planned(h: int, batch: int, k: int, keep: int, rows: tuple[int, int], retrained: bool) -> float:
+def planned(
+    h: int, batch: int, k: int, keep: int, rows: tuple[int, int], retrained: bool, reads: int = 1
+) -> float:
     """The most work, in example-equivalents, of a race of ``k`` candidates and ``keep``
     finalists over two rungs of ``h`` batches of ``batch`` examples, with guard splits of
     ``rows`` (proposing, verifying; each read at most a rung's rows, as :func:`run` reads
     them): :func:`cost` where every candidate trains its rungs, and, where ``retrained`` (a
-    level race follows, which may commit another level), the winner's ``2h`` batches too."""
+    level race follows, which may commit another level), the winner's ``2h`` batches too;
+    ``reads`` guard reads per rung."""
     rung = h * batch
     propose, verify = (min(r, rung) for r in rows)
     trained = (k + keep - 2 * (not retrained)) * rung
-    return trained + FORWARD * (k * propose + keep * (propose + verify))
+    return trained + FORWARD * reads * (k * propose + keep * (propose + verify))
 
 
 @dataclass(frozen=True)
@@ -265,10 +290,12 @@ def run(
     problem: Any,
     split: Callable[[str], Any],
     offer: Offer | None = None,
+    reads: int = 1,
 ) -> Outcome:
     """:func:`race` of ``candidates`` from ``state`` over ``batches`` (two rungs of half of
     them), scored by ``problem.evaluate`` (its loss and metric) on ``split("propose")`` and
-    ``split("verify")``, each read at most a rung's training rows (as the level race's)."""
+    ``split("verify")``, each read at most a rung's training rows (as the level race's),
+    ``reads`` times a rung (:func:`race`)."""
     device = next(iter(state.params.values())).device
     rows = sum(len(b[1]) for b in batches[: len(batches) // 2])
     splits = {part: replay.first(split(part), rows) for part in ("propose", "verify")}
@@ -279,11 +306,11 @@ def run(
     sizes = (len(splits["propose"][1]), len(splits["verify"][1]))
     entries, won, i, decision = race(
         state, candidates, commit, batches, keep, step, evaluate, problem.metric,
-        random_state(device), device, offer, sizes,
+        random_state(device), device, offer, sizes, reads,
     )  # fmt: skip
     verified = [(j, e.verify[0]) for j, e in enumerate(entries) if e.verify is not None]
     mine = next((v for j, v in verified if j == i), math.nan)
     other = min((v for j, v in verified if j != i), default=math.nan)
-    work = cost(entries, batches, sizes, won is not None)
+    work = cost(entries, batches, sizes, won is not None, reads)
     picks = candidates[i].picks if won is not None and i is not None else {}
     return Outcome(entries, decision, (other, mine), picks, won, work)

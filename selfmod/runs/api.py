@@ -123,7 +123,8 @@ def race_share(model: nn.Module, config: Any, guard_rows: int) -> float:
     if not found or not settings.race:
         return 0.0
     h, rows = rung_steps(settings.race, config.steps), (guard_rows, guard_rows)
-    most = planned(h, config.batch_size, len(found), settings.race_keep, rows, True)
+    k, keep, reads = len(found), settings.race_keep, settings.race_reads
+    most = planned(h, config.batch_size, k, keep, rows, True, reads)
     return math.ceil(100 * most / (config.steps * config.batch_size)) / 100
 
 

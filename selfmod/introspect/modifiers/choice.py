@@ -88,6 +88,13 @@ class ChoiceSettings(BaseModel):
         "meta_budget; 0: no race",
     )
     race_keep: int = Field(2, ge=2, le=8, description="race: the options that train twice as long")
+    race_reads: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="race: a rung's guard figures are the mean of this many reads at even steps "
+        "over it, the last at its end (1: the end alone)",
+    )
     choice_lr: float = Field(0.5, gt=0, le=10, description="Adam step on the logits per cycle")
     relax: Literal["darts", "gdas", "expected"] = Field(
         "expected",
