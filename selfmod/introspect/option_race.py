@@ -146,7 +146,7 @@ def race(
     ) -> tuple[Trained | None, dict[str, list[tuple[float, float]]]]:
         """The rung's training, and the guard reads of ``splits`` before its end."""
         losses, early = [], {p: [] for p in splits}
-        at = {round(len(part) * (1 - j / (2 * reads))) for j in range(1, reads)} - {0}
+        at = {round(len(part) * (1 - j / (2 * reads))) for j in range(1, reads)} - {0, len(part)}
         with drawing_from(rng, device):
             try:
                 for n, (t, batch) in enumerate(enumerate(part, t0), 1):

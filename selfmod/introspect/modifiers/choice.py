@@ -93,7 +93,7 @@ class ChoiceSettings(BaseModel):
         ge=1,
         le=8,
         description="race: a rung's guard figures are the mean of this many reads at even steps "
-        "over it, the last at its end (1: the end alone)",
+        "over its second half, the last at its end (1: the end alone)",
     )
     choice_lr: float = Field(0.5, gt=0, le=10, description="Adam step on the logits per cycle")
     relax: Literal["darts", "gdas", "expected"] = Field(
