@@ -200,24 +200,23 @@ def race(
     if not finals:
         return entries, None, None, ("reject", f"every candidate diverged; {why}")
 
+    def last(i: int) -> tuple[tuple[float, float], tuple[float, float]]:  # (propose, verify)
+        return entries[i].propose[-1], entries[i].verify  # type: ignore[return-value]
+
     def whole(i: int) -> tuple[float, ...]:  # both splits (halves of the guard set)
-        (lp, mp), (lv, mv) = entries[i].propose[-1], entries[i].verify  # type: ignore[misc]
+        (lp, mp), (lv, mv) = last(i)
         return rank((lp + lv) / 2, (mp + mv) / 2, by)
 
     i, won = min(finals, key=lambda f: whole(f[0]))
     lead = min(finals, key=lambda f: rank(*entries[f[0]].propose[-1], by))[0]
     agree = "the splits agree" if lead == i else f"{entries[lead].name} led on the proposing split"
-    others = [f for f in finals if f[0] != i]
-    margin = ""
+    others, margin = [f[0] for f in finals if f[0] != i], ""
     if by == "accuracy" and rows is not None and others:  # how close a call, in guard rows
-        j = min(others, key=lambda f: whole(f[0]))[0]
-        (_, mp), (_, mv) = entries[i].propose[-1], entries[i].verify  # type: ignore[misc]
-        (_, op), (_, ov) = entries[j].propose[-1], entries[j].verify  # type: ignore[misc]
-        ahead, n, name = (
-            round((mp - op) * rows[0] + (mv - ov) * rows[1]),
-            sum(rows),
-            entries[j].name,
+        j = min(others, key=whole)
+        ahead = round(
+            sum((a[1] - b[1]) * r for a, b, r in zip(last(i), last(j), rows, strict=True))
         )
+        n, name = sum(rows), entries[j].name
         margin = (
             f" by {ahead} of {n} rows over {name}" if ahead > 0
             else f", level with {name} on {n} rows, by the lower guard loss" if ahead == 0
