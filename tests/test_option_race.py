@@ -23,6 +23,7 @@ from selfmod.errors import NonFiniteError
 from selfmod.introspect import option_race, registry
 from selfmod.introspect import race as level_race
 from selfmod.introspect.loop import Loop, Source
+from selfmod.introspect.modifiers.choice import ChoiceSettings
 from selfmod.introspect.option_race import MAX_CANDIDATES, Candidate, candidates, race
 from selfmod.introspect.problem import Problem
 from selfmod.introspect.state import RunState
@@ -189,7 +190,8 @@ def test_the_races_work_at_most_is_planned_and_a_meta_budget_shortens_or_skips_t
     setting = {"level_race": levels, "race_share": 0.1}
     free, events = _raced(**setting)
     h, rows = round(RACE * STEPS), (len(free.guard("propose")[1]), len(free.guard("verify")[1]))
-    most = option_race.planned(h, BATCH, 3, 2, rows, bool(levels))
+    reads = ChoiceSettings().race_reads  # the default's guard reads a rung
+    most = option_race.planned(h, BATCH, 3, 2, rows, bool(levels), reads)
     most += level_race.planned(round(0.1 * STEPS), BATCH, 1, rows) if levels else 0.0
     assert 0 < free.counters.meta_examples <= most
     assert not events.titled("options' race") and not events.titled("level race")

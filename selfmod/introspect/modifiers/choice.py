@@ -89,7 +89,7 @@ class ChoiceSettings(BaseModel):
     )
     race_keep: int = Field(2, ge=2, le=8, description="race: the options that train twice as long")
     race_reads: int = Field(
-        1,
+        3,
         ge=1,
         le=8,
         description="race: a rung's guard figures are the mean of this many reads at even steps "
