@@ -335,7 +335,8 @@ def test_a_finalist_level_on_guard_accuracy_wins_by_the_lower_loss_and_says_so()
 
 def test_a_rung_read_several_times_is_scored_by_the_mean_of_its_reads():
     """Two candidates whose guard accuracy swings: read at each rung's end alone, a wins; read
-    twice a rung (at three quarters of it and at its end), b's steadier figures win."""
+    twice a rung (at three quarters of it and at its end), b's steadier figures win, and the
+    verdict says its figures are means."""
     curves = {  # after steps 1-8; rung 1 is steps 1-4, rung 2 steps 5-8
         "a": [0.0, 0.0, 0.9, 0.5, 0.0, 0.0, 0.5, 0.9],
         "b": [0.0, 0.0, 0.6, 0.6, 0.0, 0.0, 0.8, 0.8],
@@ -359,11 +360,12 @@ def test_a_rung_read_several_times_is_scored_by_the_mean_of_its_reads():
     cpu = torch.device("cpu")
     won = {}
     for reads in (1, 2):
-        entries, _, i, _ = race(
+        entries, _, i, (_, why) = race(
             start, cands, commit, list(range(8)), 2, step, evaluate, "accuracy",
             random_state(cpu), cpu, reads=reads,
         )  # fmt: skip
         won[reads] = entries[i].name
+        assert ("each the mean of 2 reads" in why) == (reads == 2)  # the ledger says so
         if reads == 2:
             assert [e.propose for e in entries] == [
                 [(1.0, 0.7), (1.0, 0.7)],

@@ -192,7 +192,9 @@ def race(
         ):
             both = Trained(1.0, done.state, first.losses + done.losses, done.rng, done.seen)
             finals.append((i, both))
-    why = "guard (loss, metric) proposing after each rung, verifying after the last: " + "; ".join(
+    each = f", each the mean of {reads} reads," if reads > 1 else ""
+    why = f"guard (loss, metric){each} proposing after each rung, verifying after the last: "
+    why += "; ".join(
         f"{e.name}: " + " / ".join(f"({v[0]:.4g}, {v[1]:.4g})" for v in e.propose)
         + (f", verifying ({e.verify[0]:.4g}, {e.verify[1]:.4g})" if e.verify else "")
         for e in entries
