@@ -14,6 +14,10 @@ numbers, by successive halving::
     rung 2: the ``keep`` best on the proposing guard split over the next h batches
     winner: the finalist best on both guard splits (the mean of the two)
 
+A rung's guard figures are the mean of ``reads`` reads over its second half, the last at its
+end (``modifiers.choice.race_reads``, 3): one state's read swings by a few guard rows from one
+log point to the next, and options whose runs end points apart were called by such swings.
+
 "Best" (:func:`rank`): the higher guard accuracy, ties to the lower guard loss, for a problem
 whose metric is accuracy; else the lower guard loss. Ranked by loss, development seeds
 preferred the option that learns fastest early (relu over gelu, TTT-MLP over the convolution)
