@@ -271,11 +271,10 @@ def test_choices_with_too_many_combinations_are_made_by_gradient():
     assert run.counters.examples == 150 * BATCH
 
 
-def _stub_race(scores: dict[str, list[tuple[float, float]]], rows: tuple[int, int]):
-    """A race of stub candidates named by ``scores``' keys: each one's guard ``(loss,
-    accuracy)`` after rung 1 and rung 2 on the proposing split, then on the verifying split (no
-    scores: it diverges). Returns ``race``'s result and the steps each candidate trained."""
-    names = list(scores)
+def _race_of(names, score, batches: int, rows=None, reads: int = 1, diverges=()):
+    """A race of stub candidates ``names`` over ``batches`` batches: each one's guard ``(loss,
+    accuracy)`` is ``score(name, steps it has trained, split)``; those in ``diverges`` raise at
+    their first step. Returns ``race``'s result and the steps each candidate trained."""
     steps: dict[str, list[int]] = {n: [] for n in names}
 
     def commit(state, picks):
@@ -283,23 +282,35 @@ def _stub_race(scores: dict[str, list[tuple[float, float]]], rows: tuple[int, in
 
     def step(state, t, batch):
         who = names[int(state.buffers["who"])]
-        if not scores[who]:
+        if who in diverges:
             raise NonFiniteError("inner loss", t, "")
         steps[who].append(t)
         return state, 0.0
 
     def evaluate(state, split):
         who = names[int(state.buffers["who"])]
-        return scores[who][2] if split == "verify" else scores[who][len(steps[who]) // 2 - 1]
+        return score(who, len(steps[who]), split)
 
     start = RunState({"w": torch.zeros(1)}, {"who": torch.tensor(-1)}, (), {}, 1, {}, 0.5)
     cands = [Candidate(n, {"x": i}) for i, n in enumerate(names)]
     cpu = torch.device("cpu")
     got = race(
-        start, cands, commit, list(range(4)), 2, step, evaluate, "accuracy", random_state(cpu),
-        cpu, rows=rows,
+        start, cands, commit, list(range(batches)), 2, step, evaluate, "accuracy",
+        random_state(cpu), cpu, rows=rows, reads=reads,
     )  # fmt: skip
     return got, steps
+
+
+def _stub_race(scores: dict[str, list[tuple[float, float]]], rows: tuple[int, int]):
+    """:func:`_race_of` over four batches (rungs of two), each candidate's guard ``(loss,
+    accuracy)`` given by ``scores``: after rung 1 and rung 2 on the proposing split, then on the
+    verifying split (no scores: it diverges)."""
+
+    def score(who, trained, split):
+        return scores[who][2] if split == "verify" else scores[who][trained // 2 - 1]
+
+    diverges = {n for n, s in scores.items() if not s}
+    return _race_of(list(scores), score, 4, rows, diverges=diverges)
 
 
 def test_rungs_rank_by_accuracy_then_loss_and_the_winner_reads_both_splits():
@@ -341,28 +352,11 @@ def test_a_rung_read_several_times_is_scored_by_the_mean_of_its_reads():
         "a": [0.0, 0.0, 0.9, 0.5, 0.0, 0.0, 0.5, 0.9],
         "b": [0.0, 0.0, 0.6, 0.6, 0.0, 0.0, 0.8, 0.8],
     }
-    names = list(curves)
-    steps = {n: 0 for n in names}
-
-    def commit(state, picks):
-        return replace(state, buffers={"who": torch.tensor(picks["x"])})
-
-    def step(state, t, batch):
-        steps[names[int(state.buffers["who"])]] = t + 1
-        return state, 0.0
-
-    def evaluate(state, split):
-        who = names[int(state.buffers["who"])]
-        return 1.0, curves[who][steps[who] - 1]
-
-    start = RunState({"w": torch.zeros(1)}, {"who": torch.tensor(-1)}, (), {}, 1, {}, 0.5)
-    cands = [Candidate(n, {"x": i}) for i, n in enumerate(names)]
-    cpu = torch.device("cpu")
     won = {}
     for reads in (1, 2):
-        entries, _, i, (_, why) = race(
-            start, cands, commit, list(range(8)), 2, step, evaluate, "accuracy",
-            random_state(cpu), cpu, reads=reads,
+        (entries, _, i, (_, why)), _ = _race_of(
+            list(curves), lambda who, trained, split: (1.0, curves[who][trained - 1]), 8,
+            reads=reads,
         )  # fmt: skip
         won[reads] = entries[i].name
         assert ("each the mean of 2 reads" in why) == (reads == 2)  # the ledger says so
