@@ -22,6 +22,7 @@ from selfmod.determinism import random_state
 from selfmod.errors import NonFiniteError
 from selfmod.introspect import option_race, registry
 from selfmod.introspect import race as level_race
+from selfmod.introspect.budget import FORWARD
 from selfmod.introspect.loop import Loop, Source
 from selfmod.introspect.modifiers.choice import ChoiceSettings
 from selfmod.introspect.option_race import MAX_CANDIDATES, Candidate, candidates, race
@@ -367,3 +368,22 @@ def test_a_rung_read_several_times_is_scored_by_the_mean_of_its_reads():
             ]
             assert [e.verify for e in entries] == [(1.0, 0.7), (1.0, 0.8)]
     assert won == {1: "a", 2: "b"}
+
+
+@pytest.mark.parametrize(("batches", "reads"), [(4, 3), (6, 3), (16, 3), (16, 1)])
+def test_the_race_is_charged_the_guard_reads_it_made(batches, reads):
+    """:func:`option_race.cost` charges every candidate's training but the adopted winner's and
+    each guard read the race made, also where a rung is too short to hold ``reads`` reads apart
+    (rungs of two and three steps)."""
+    made = {"propose": 0, "verify": 0}
+
+    def score(who, trained, split):
+        made[split] += 1
+        return 1.0, {"a": 0.9, "b": 0.8, "c": 0.7}[who]
+
+    (entries, won, _, _), _ = _race_of(["a", "b", "c"], score, batches, reads=reads)
+    rows, size, h = (20, 40), 8, batches // 2
+    trained = (3 + 2 - 2) * h * size  # three over rung 1, two over rung 2, less the run's own
+    expected = trained + FORWARD * (rows[0] * made["propose"] + rows[1] * made["verify"])
+    charged = option_race.cost(entries, [(None, [0] * size)] * batches, rows, True, reads)
+    assert won is not None and charged == pytest.approx(expected)

@@ -94,6 +94,13 @@ class Entry:
     verify: tuple[float, float] | None = None
 
 
+def read_steps(n: int, reads: int) -> set[int]:
+    """The steps, counted from 1, after which a rung of ``n`` steps is read: its end, and up to
+    ``reads - 1`` more at even steps over its second half (fewer where the rung is too short to
+    hold them apart: ``n = 2, reads = 3`` gives ``{1, 2}``)."""
+    return {round(n * (1 - j / (2 * reads))) for j in range(1, reads)} - {0} | {n}
+
+
 def rank(loss: float, metric: float, by: str) -> tuple[float, ...]:
     """The sort key of a guard score, lowest first: ``by = "accuracy"``: the higher accuracy,
     ties to the lower loss (on a few hundred guard rows accuracy ties often); else the loss."""
@@ -150,7 +157,7 @@ def race(
     ) -> tuple[Trained | None, dict[str, list[tuple[float, float]]]]:
         """The rung's training, and the guard reads of ``splits`` before its end."""
         losses, early = [], {p: [] for p in splits}
-        at = {round(len(part) * (1 - j / (2 * reads))) for j in range(1, reads)} - {0, len(part)}
+        at = read_steps(len(part), reads) - {len(part)}  # the end's read is scored's
         with drawing_from(rng, device):
             try:
                 for n, (t, batch) in enumerate(enumerate(part, t0), 1):
@@ -241,12 +248,16 @@ def cost(
 ) -> float:
     """The race's work in example-equivalents: every candidate's training over the rungs it
     ran (but the adopted winner's: the run's own) and its guard reads (``rows``: a proposing
-    and a verifying read's rows; ``reads`` of each per rung, as :func:`race`)."""
+    and a verifying read's rows; :func:`read_steps` of each a rung, as :func:`race` reads)."""
     h = len(batches) // 2
     per_rung = (sum(len(b[1]) for b in batches[:h]), sum(len(b[1]) for b in batches[h:]))
+    n_reads = (len(read_steps(h, reads)), len(read_steps(len(batches) - h, reads)))
     trained = sum(per_rung[r] for e in entries for r in range(len(e.propose)))
-    read = sum(rows[0] * len(e.propose) + (rows[1] if e.verify else 0) for e in entries)
-    return trained - adopted * sum(per_rung) + FORWARD * reads * read
+    read = sum(
+        rows[0] * sum(n_reads[: len(e.propose)]) + (rows[1] * n_reads[1] if e.verify else 0)
+        for e in entries
+    )
+    return trained - adopted * sum(per_rung) + FORWARD * read
 
 
 def rung_steps(share: float, steps: int) -> int:
