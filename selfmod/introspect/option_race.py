@@ -157,7 +157,7 @@ def race(
     ) -> tuple[Trained | None, dict[str, list[tuple[float, float]]]]:
         """The rung's training, and the guard reads of ``splits`` before its end."""
         losses, early = [], {p: [] for p in splits}
-        at = read_steps(len(part), reads) - {len(part)}  # the end's read is scored's
+        at = read_steps(len(part), reads) - {len(part)}  # the end is read by scored()
         with drawing_from(rng, device):
             try:
                 for n, (t, batch) in enumerate(enumerate(part, t0), 1):
