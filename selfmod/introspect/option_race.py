@@ -98,7 +98,7 @@ def read_steps(n: int, reads: int) -> set[int]:
     """The steps, counted from 1, after which a rung of ``n`` steps is read: its end, and up to
     ``reads - 1`` more at even steps over its second half (fewer where the rung is too short to
     hold them apart: ``n = 2, reads = 3`` gives ``{1, 2}``)."""
-    return {round(n * (1 - j / (2 * reads))) for j in range(1, reads)} - {0} | {n}
+    return ({round(n * (1 - j / (2 * reads))) for j in range(1, reads)} - {0}) | {n}
 
 
 def rank(loss: float, metric: float, by: str) -> tuple[float, ...]:
